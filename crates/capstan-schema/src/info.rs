@@ -1,0 +1,175 @@
+//! What a provider says about itself in the handshake (schema: `ProviderInfo`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::provider_capnp;
+
+/// A provider's description of itself, returned by `hello`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderInfo {
+    pub name: String,
+    pub version: String,
+    /// The protocol version chosen for the connection; 0 if none is shared.
+    pub protocol: u32,
+    pub min_protocol: u32,
+    pub max_protocol: u32,
+    pub resource_types: Vec<ResourceTypeInfo>,
+    /// 0 means the provider sets no limit of its own.
+    pub max_concurrency: u32,
+}
+
+/// One resource type a provider serves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceTypeInfo {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub inputs: Vec<InputInfo>,
+    pub outputs: Vec<OutputInfo>,
+    pub stateful: bool,
+}
+
+/// One input of a resource type.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputInfo {
+    pub name: String,
+    pub required: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+/// One output of a resource type.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputInfo {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+impl ProviderInfo {
+    /// The resource type called `name`, if the provider serves it.
+    pub fn resource_type(&self, name: &str) -> Option<&ResourceTypeInfo> {
+        self.resource_types.iter().find(|t| t.name == name)
+    }
+
+    /// Reads the handshake from the wire.
+    pub fn read(reader: provider_capnp::provider_info::Reader<'_>) -> capnp::Result<Self> {
+        let mut resource_types = Vec::new();
+        for t in reader.get_resource_types()? {
+            let mut inputs = Vec::new();
+            for i in t.get_inputs()? {
+                inputs.push(InputInfo {
+                    name: i.get_name()?.to_string()?,
+                    required: i.get_required(),
+                    description: i.get_description()?.to_string()?,
+                });
+            }
+            let mut outputs = Vec::new();
+            for o in t.get_outputs()? {
+                outputs.push(OutputInfo {
+                    name: o.get_name()?.to_string()?,
+                    description: o.get_description()?.to_string()?,
+                });
+            }
+            resource_types.push(ResourceTypeInfo {
+                name: t.get_name()?.to_string()?,
+                description: t.get_description()?.to_string()?,
+                inputs,
+                outputs,
+                stateful: t.get_stateful(),
+            });
+        }
+        Ok(ProviderInfo {
+            name: reader.get_name()?.to_string()?,
+            version: reader.get_version()?.to_string()?,
+            protocol: reader.get_protocol(),
+            min_protocol: reader.get_min_protocol(),
+            max_protocol: reader.get_max_protocol(),
+            resource_types,
+            max_concurrency: reader.get_max_concurrency(),
+        })
+    }
+
+    /// Writes the handshake to the wire.
+    pub fn write(&self, mut builder: provider_capnp::provider_info::Builder<'_>) {
+        builder.set_name(&self.name[..]);
+        builder.set_version(&self.version[..]);
+        builder.set_protocol(self.protocol);
+        builder.set_min_protocol(self.min_protocol);
+        builder.set_max_protocol(self.max_protocol);
+        builder.set_max_concurrency(self.max_concurrency);
+        let mut types = builder.init_resource_types(self.resource_types.len() as u32);
+        for (n, t) in self.resource_types.iter().enumerate() {
+            let mut tb = types.reborrow().get(n as u32);
+            tb.set_name(&t.name[..]);
+            tb.set_description(&t.description[..]);
+            tb.set_stateful(t.stateful);
+            let mut inputs = tb.reborrow().init_inputs(t.inputs.len() as u32);
+            for (k, i) in t.inputs.iter().enumerate() {
+                let mut ib = inputs.reborrow().get(k as u32);
+                ib.set_name(&i.name[..]);
+                ib.set_required(i.required);
+                ib.set_description(&i.description[..]);
+            }
+            let mut outputs = tb.init_outputs(t.outputs.len() as u32);
+            for (k, o) in t.outputs.iter().enumerate() {
+                let mut ob = outputs.reborrow().get(k as u32);
+                ob.set_name(&o.name[..]);
+                ob.set_description(&o.description[..]);
+            }
+        }
+    }
+}
+
+/// Picks the protocol version for a connection: the highest both ranges contain.
+pub fn negotiate_protocol(ours: (u32, u32), theirs: (u32, u32)) -> Option<u32> {
+    let low = ours.0.max(theirs.0);
+    let high = ours.1.min(theirs.1);
+    (low <= high && high > 0).then_some(high)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_picks_the_highest_shared_version() {
+        assert_eq!(negotiate_protocol((1, 3), (2, 5)), Some(3));
+        assert_eq!(negotiate_protocol((1, 1), (1, 1)), Some(1));
+        assert_eq!(negotiate_protocol((1, 1), (2, 3)), None);
+    }
+
+    #[test]
+    fn provider_info_round_trips_through_the_wire() {
+        let info = ProviderInfo {
+            name: "p".into(),
+            version: "1.2.3".into(),
+            protocol: 1,
+            min_protocol: 1,
+            max_protocol: 1,
+            max_concurrency: 4,
+            resource_types: vec![ResourceTypeInfo {
+                name: "file".into(),
+                description: "a file".into(),
+                inputs: vec![InputInfo {
+                    name: "path".into(),
+                    required: true,
+                    description: String::new(),
+                }],
+                outputs: vec![OutputInfo {
+                    name: "hash".into(),
+                    description: "sha".into(),
+                }],
+                stateful: true,
+            }],
+        };
+        let mut message = capnp::message::Builder::new_default();
+        info.write(message.init_root());
+        let reader = message
+            .get_root_as_reader::<provider_capnp::provider_info::Reader>()
+            .unwrap();
+        assert_eq!(ProviderInfo::read(reader).unwrap(), info);
+    }
+}

@@ -1,0 +1,186 @@
+@0x8cece573ae0ab347;
+# Capstan provider protocol: the contract between the Capstan core and a provider process.
+#
+# A provider is a long-lived process that manages resources of one or more types. It offers a
+# `Provider` as the bootstrap capability of a two-party Cap'n Proto RPC connection over a Unix
+# socket. The core starts it with the connection already made (systemd's socket-activation
+# convention: LISTEN_FDS=1, LISTEN_PID=<its pid>, the socket is fd 3), or connects to a socket
+# a standing provider listens on.
+#
+# One connection carries every operation of a deployment run, concurrently. A call's result
+# arrives when the operation has finished; while it runs, progress flows through the
+# operation's `ProgressSink`.
+#
+# Evolution rules (see `schema/EVOLUTION.md`): this file only ever grows. Fields, methods,
+# union variants and enum values are added with new ordinal numbers; none is removed, renumbered
+# or changed in type. A reader meeting an enum value or union variant it does not know treats
+# it as documented at that type. Breaking changes need a new `protocolVersion`, negotiated in
+# `hello`.
+
+using Progress = import "progress.capnp";
+
+const protocolVersion :UInt32 = 1;
+# The newest protocol version this schema describes.
+
+interface Provider {
+  hello @0 (core :CoreInfo) -> (provider :ProviderInfo);
+  # The handshake. The core calls it first and calls nothing else until it returns. The provider
+  # picks the highest protocol version both sides support and describes itself.
+
+  create @1 (request :OperationRequest) -> (result :OperationResult);
+  # Creates a resource from `request.inputs`.
+
+  read @2 (request :OperationRequest) -> (result :OperationResult);
+  # Reports the current outputs of an existing resource, from `previousInputs` and
+  # `previousOutputs`. Must not change anything.
+
+  update @3 (request :OperationRequest) -> (result :OperationResult);
+  # Changes an existing resource from its previous inputs/outputs to `inputs`.
+
+  delete @4 (request :OperationRequest) -> (result :OperationResult);
+  # Deletes an existing resource, described by `previousInputs` and `previousOutputs`. A
+  # successful result carries no outputs.
+
+  shutdown @5 ();
+  # Asks the provider to stop: cancel what is in flight, release what it holds, and exit once
+  # the core closes the connection. The core follows up with SIGTERM and then SIGKILL if the
+  # process does not exit within its grace period.
+}
+
+struct CoreInfo {
+  name @0 :Text;
+  # The host program, e.g. "capstan".
+  version @1 :Text;
+  minProtocol @2 :UInt32;
+  maxProtocol @3 :UInt32;
+  # The range of protocol versions the core speaks.
+}
+
+struct ProviderInfo {
+  name @0 :Text;
+  version @1 :Text;
+  protocol @2 :UInt32;
+  # The version chosen for this connection, or 0 if the two ranges do not overlap (the core
+  # then closes the connection with a clear error).
+  minProtocol @3 :UInt32;
+  maxProtocol @4 :UInt32;
+  # The range the provider speaks, so an error can say who must upgrade.
+  resourceTypes @5 :List(ResourceType);
+  maxConcurrency @6 :UInt32;
+  # How many operations the provider is willing to run at once; 0 means no limit of its own.
+  # The core never sends more concurrent operations than this.
+}
+
+struct ResourceType {
+  name @0 :Text;
+  description @1 :Text;
+  inputs @2 :List(InputSpec);
+  outputs @3 :List(OutputSpec);
+  # Known before any operation runs, so the core can check references between resources.
+  stateful @4 :Bool;
+  # True when the resource exists outside the deployment's state (a file, a machine): deleting
+  # it matters. False for pure values.
+}
+
+struct InputSpec {
+  name @0 :Text;
+  required @1 :Bool;
+  description @2 :Text;
+}
+
+struct OutputSpec {
+  name @0 :Text;
+  description @1 :Text;
+}
+
+struct TraceContext {
+  # W3C trace-context compatible identifiers of the operation (`traceparent` is
+  # "00-<traceId as 32 hex>-<spanId as 16 hex>-<flags as 2 hex>").
+  traceIdHigh @0 :UInt64;
+  traceIdLow @1 :UInt64;
+  spanId @2 :UInt64;
+  # The core's span for this operation; the provider's spans are its children.
+  sampled @3 :Bool;
+}
+
+struct OperationRequest {
+  resourceType @0 :Text;
+  address @1 :Text;
+  # The resource's address in the deployment, e.g. "web.db". For messages and logs; stable
+  # across runs.
+  inputs @2 :Text;
+  # A JSON object. Set for create and update; for read and delete, the same as previousInputs.
+  previousInputs @3 :Text;
+  previousOutputs @4 :Text;
+  # JSON objects recorded after the last successful operation; empty text on create.
+  progress @5 :Progress.ProgressSink;
+  # Where this operation's progress goes. Always set by the core.
+  trace @6 :TraceContext;
+  capabilities @7 :List(NamedCapability);
+  # Handles returned by other resources' operations that this resource's inputs refer to.
+  scheduler @8 :Scheduler;
+  # Reserved for nested deployments (a later protocol addition); null for now.
+}
+
+struct NamedCapability {
+  name @0 :Text;
+  handle @1 :ResourceHandle;
+}
+
+interface ResourceHandle {
+  # A live reference to something a provider created or manages. A provider returns handles in
+  # an operation's result; the core keeps them for the run and can pass them to other
+  # operations, in the same provider or another. Providers may return interfaces that extend
+  # this one.
+  describe @0 () -> (info :HandleInfo);
+}
+
+struct HandleInfo {
+  kind @0 :Text;
+  # What the handle refers to, e.g. "file", "machine".
+  address @1 :Text;
+  # The resource that created it.
+  summary @2 :Text;
+  # A JSON value describing it, for display.
+}
+
+interface Scheduler {
+  # The capability through which an operation will ask the core for more work (nested
+  # deployments). Its methods are added by a later protocol version; it has none yet.
+}
+
+struct OperationResult {
+  union {
+    success @0 :Success;
+    failure @1 :OperationError;
+  }
+
+  struct Success {
+    outputs @0 :Text;
+    # A JSON object with the resource's outputs ("{}" when it has none).
+    capabilities @1 :List(NamedCapability);
+    # Handles to what was created, kept by the core for the rest of the run.
+  }
+}
+
+struct OperationError {
+  kind @0 :ErrorKind;
+  message @1 :Text;
+  # One line a user can act on.
+  details @2 :Text;
+  # Longer context: the last lines of a command's output, a backtrace. May be empty.
+}
+
+enum ErrorKind {
+  # What the core may do about a failure. Unknown values are read as `permanent`.
+  permanent @0;
+  # Will fail again the same way; a person must change something.
+  invalidInput @1;
+  # The inputs are wrong: the deployment must change.
+  transient @2;
+  # May succeed if retried (a network blip, a busy lock).
+  cancelled @3;
+  # The operation stopped because it was cancelled.
+  internal @4;
+  # A bug in the provider, such as a panic.
+}
