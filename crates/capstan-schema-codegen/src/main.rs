@@ -27,7 +27,11 @@ fn main() {
         }
         eprintln!(
             "{} {}",
-            if unchanged { "unchanged  " } else { "regenerated" },
+            if unchanged {
+                "unchanged  "
+            } else {
+                "regenerated"
+            },
             path.display()
         );
     }

@@ -22,7 +22,9 @@ fn checked_in_bindings_match_the_schema() {
     let drifted: Vec<String> = files
         .iter()
         .filter(|file| {
-            std::fs::read_to_string(dir.join(&file.name)).ok().as_deref()
+            std::fs::read_to_string(dir.join(&file.name))
+                .ok()
+                .as_deref()
                 != Some(file.contents.as_str())
         })
         .map(|file| file.name.clone())

@@ -30,6 +30,27 @@ pub use info::{ProviderInfo, ResourceTypeInfo};
 pub use progress::{Level, LogStream, ProgressEvent, ProgressKind};
 pub use trace::TraceContext;
 
+/// Which of the four operations is running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OperationKind {
+    Create,
+    Read,
+    Update,
+    Delete,
+}
+
+impl OperationKind {
+    /// "create", "read", "update" or "delete".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::Create => "create",
+            OperationKind::Read => "read",
+            OperationKind::Update => "update",
+            OperationKind::Delete => "delete",
+        }
+    }
+}
+
 /// The newest protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The oldest protocol version this crate still speaks.

@@ -284,7 +284,8 @@ impl ProgressEvent {
 
     /// A rough size of the event on the wire, for batching.
     pub fn approximate_size(&self) -> usize {
-        let fields = |f: &[(String, String)]| f.iter().map(|(a, b)| a.len() + b.len() + 24).sum::<usize>();
+        let fields =
+            |f: &[(String, String)]| f.iter().map(|(a, b)| a.len() + b.len() + 24).sum::<usize>();
         48 + match &self.kind {
             ProgressKind::SpanStart {
                 name,

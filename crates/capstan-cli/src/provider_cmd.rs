@@ -1,0 +1,383 @@
+//! `capstan provider …`: talk to one provider directly.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use capstan_host::{
+    describe_handle, CallError, HostOptions, OperationCall, ProviderCommand, ProviderConnection,
+    ProviderLog, ProviderSource,
+};
+use capstan_schema::{OperationKind, ProgressEvent, ProgressKind};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::output::Stdout;
+
+#[derive(Subcommand)]
+pub enum ProviderCmd {
+    /// Print a provider's handshake (name, version, resource types, inputs, outputs) as JSON.
+    ///
+    /// Example: capstan provider describe -- capstan-provider-testing
+    Describe {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Run one operation on a provider, show its progress live (on stderr), and print the
+    /// outputs as JSON (on stdout).
+    ///
+    /// Example: capstan provider call --type chatty --inputs '{"count": 20}' -- capstan-provider-testing
+    Call(CallArgs),
+}
+
+/// Which provider to talk to.
+#[derive(Args)]
+pub struct Target {
+    /// Connect to a provider already listening at this Unix socket instead of starting one.
+    #[arg(long, value_name = "PATH", conflicts_with = "command")]
+    socket: Option<PathBuf>,
+    /// The provider executable and its arguments, after `--`.
+    #[arg(
+        last = true,
+        value_name = "EXE [ARGS]...",
+        required_unless_present = "socket"
+    )]
+    command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Op {
+    Create,
+    Read,
+    Update,
+    Delete,
+}
+
+#[derive(Args)]
+pub struct CallArgs {
+    /// The operation to run.
+    #[arg(long, value_enum, default_value = "create")]
+    op: Op,
+    /// The resource type, as listed by `capstan provider describe`.
+    #[arg(long = "type", value_name = "TYPE")]
+    resource_type: String,
+    /// The inputs, a JSON object.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    inputs: String,
+    /// Previous inputs (for read, update, delete), a JSON object; defaults to --inputs.
+    #[arg(long, value_name = "JSON")]
+    previous_inputs: Option<String>,
+    /// Previous outputs (for read, update, delete), a JSON object.
+    #[arg(long, value_name = "JSON")]
+    previous_outputs: Option<String>,
+    /// The resource address shown in messages.
+    #[arg(long, default_value = "cli")]
+    address: String,
+    /// Cancel the operation if it takes longer than this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+    /// Print progress events and the result as JSON lines on stdout instead.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    target: Target,
+}
+
+fn source(target: &Target) -> anyhow::Result<ProviderSource> {
+    if let Some(socket) = &target.socket {
+        return Ok(ProviderSource::Socket(socket.clone()));
+    }
+    let Some((program, args)) = target.command.split_first() else {
+        bail!("give the provider to run after `--`, or --socket PATH");
+    };
+    Ok(ProviderSource::Command(ProviderCommand::new(
+        program.clone(),
+        args.iter().cloned(),
+    )))
+}
+
+fn provider_name(target: &Target) -> String {
+    match (&target.socket, target.command.first()) {
+        (Some(socket), _) => socket.display().to_string(),
+        (None, Some(program)) => PathBuf::from(program)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "provider".into()),
+        (None, None) => "provider".into(),
+    }
+}
+
+fn parse_json(flag: &str, text: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(text).with_context(|| format!("{flag} is not valid JSON: {text}"))
+}
+
+/// Shows the provider's own stderr as it arrives.
+fn spawn_log_printer(json: bool) -> tokio::sync::mpsc::Sender<ProviderLog> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ProviderLog>(256);
+    tokio::task::spawn_local(async move {
+        while let Some(log) = rx.recv().await {
+            if json {
+                eprintln!(
+                    "{}",
+                    json!({"type": "provider_log", "provider": log.provider, "line": log.line})
+                );
+            } else {
+                eprintln!("  provider {}: {}", log.provider, log.line);
+            }
+        }
+    });
+    tx
+}
+
+impl ProviderCmd {
+    pub async fn run(self, mut stdout: Stdout) -> anyhow::Result<ExitCode> {
+        match self {
+            ProviderCmd::Describe { target } => {
+                let name = provider_name(&target);
+                let logs = spawn_log_printer(false);
+                let provider = ProviderConnection::launch(
+                    &name,
+                    &source(&target)?,
+                    HostOptions::default(),
+                    Some(logs),
+                )
+                .await?;
+                stdout.line(&serde_json::to_string_pretty(provider.info())?);
+                provider.shutdown().await;
+                Ok(ExitCode::SUCCESS)
+            }
+            ProviderCmd::Call(args) => call(args, stdout).await,
+        }
+    }
+}
+
+async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
+    let inputs = parse_json("--inputs", &args.inputs)?;
+    let previous_inputs = match &args.previous_inputs {
+        Some(text) => Some(parse_json("--previous-inputs", text)?),
+        None => None,
+    };
+    let previous_outputs = match &args.previous_outputs {
+        Some(text) => Some(parse_json("--previous-outputs", text)?),
+        None => None,
+    };
+    let kind = match args.op {
+        Op::Create => OperationKind::Create,
+        Op::Read => OperationKind::Read,
+        Op::Update => OperationKind::Update,
+        Op::Delete => OperationKind::Delete,
+    };
+    if kind != OperationKind::Create && previous_outputs.is_none() {
+        bail!(
+            "--op {} needs --previous-outputs (the outputs recorded by the create)",
+            kind.as_str()
+        );
+    }
+    let name = provider_name(&args.target);
+    let logs = spawn_log_printer(args.json);
+    let provider = ProviderConnection::launch(
+        &name,
+        &source(&args.target)?,
+        HostOptions::default(),
+        Some(logs),
+    )
+    .await?;
+    if provider.info().resource_type(&args.resource_type).is_none() {
+        let known: Vec<String> = provider
+            .info()
+            .resource_types
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        provider.shutdown().await;
+        bail!(
+            "provider `{name}` has no resource type `{}`; it serves: {}",
+            args.resource_type,
+            known.join(", ")
+        );
+    }
+
+    let mut call = OperationCall::new(kind, &args.resource_type, &args.address, inputs);
+    call.previous_inputs = previous_inputs;
+    call.previous_outputs = previous_outputs;
+    call.timeout = args.timeout.map(Duration::from_secs_f64);
+    let stdout = Rc::new(RefCell::new(stdout));
+    let renderer = Rc::new(RefCell::new(Renderer::new(args.json, stdout.clone())));
+    let observer = {
+        let renderer = renderer.clone();
+        Rc::new(move |events: Vec<ProgressEvent>| {
+            let mut renderer = renderer.borrow_mut();
+            for event in &events {
+                renderer.event(event);
+            }
+            async {}
+        })
+    };
+    let started = Instant::now();
+    let outcome = provider.call(call, observer).await;
+    let elapsed = started.elapsed();
+    let code = match outcome {
+        Ok(success) => {
+            let mut handles = Vec::new();
+            for (name, handle) in &success.capabilities {
+                let described = describe_handle(handle).await;
+                handles.push(match described {
+                    Ok((kind, address, summary)) => {
+                        json!({"name": name, "kind": kind, "address": address, "summary": summary})
+                    }
+                    Err(e) => json!({"name": name, "error": e.to_string()}),
+                });
+            }
+            let mut out = stdout.borrow_mut();
+            if args.json {
+                out.line(&json!({"type": "result", "ok": true, "outputs": success.outputs, "capabilities": handles, "elapsed_seconds": elapsed.as_secs_f64()}).to_string());
+            } else {
+                eprintln!(
+                    "{} {} `{}` done in {:.2?}",
+                    kind.as_str(),
+                    args.resource_type,
+                    args.address,
+                    elapsed
+                );
+                for handle in &handles {
+                    eprintln!("  capability {handle}");
+                }
+                out.line(&serde_json::to_string_pretty(&success.outputs)?);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            if args.json {
+                let kind = error.kind().map(|k| k.as_str()).unwrap_or("provider");
+                stdout.borrow_mut().line(&json!({"type": "result", "ok": false, "error": error.to_string(), "kind": kind}).to_string());
+            }
+            eprintln!("error: {error}");
+            if let CallError::Failed { error, .. } = &error {
+                if !error.details.is_empty() {
+                    eprintln!("{}", error.details);
+                }
+            }
+            ExitCode::from(1)
+        }
+    };
+    provider.shutdown().await;
+    Ok(code)
+}
+
+/// Turns progress into lines a person can follow (on stderr), or JSON lines (on stdout).
+struct Renderer {
+    json: bool,
+    stdout: Rc<RefCell<Stdout>>,
+    spans: HashMap<u64, String>,
+    started: Instant,
+    color: bool,
+}
+
+impl Renderer {
+    fn new(json: bool, stdout: Rc<RefCell<Stdout>>) -> Self {
+        let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        Renderer {
+            json,
+            stdout,
+            spans: HashMap::new(),
+            started: Instant::now(),
+            color,
+        }
+    }
+
+    fn span_name(&self, id: u64) -> &str {
+        self.spans.get(&id).map(|s| s.as_str()).unwrap_or("")
+    }
+
+    fn event(&mut self, event: &ProgressEvent) {
+        if self.json {
+            let mut value = serde_json::to_value(event).unwrap_or(Value::Null);
+            if let Some(object) = value.as_object_mut() {
+                object.insert("type".into(), json!("progress"));
+            }
+            self.stdout.borrow_mut().line(&value.to_string());
+            return;
+        }
+        let at = self.started.elapsed().as_secs_f64();
+        let (dim, reset) = if self.color {
+            ("\x1b[2m", "\x1b[0m")
+        } else {
+            ("", "")
+        };
+        let fields = |fields: &[(String, String)]| {
+            fields
+                .iter()
+                .map(|(k, v)| format!(" {k}={v}"))
+                .collect::<String>()
+        };
+        let line = match &event.kind {
+            ProgressKind::SpanStart {
+                id,
+                name,
+                fields: f,
+                ..
+            } => {
+                self.spans.insert(*id, name.clone());
+                format!("▶ {name}{}", fields(f))
+            }
+            ProgressKind::SpanEnd { id } => {
+                let name = self.spans.remove(id).unwrap_or_default();
+                format!("■ {name}")
+            }
+            ProgressKind::Event {
+                span,
+                level,
+                message,
+                fields: f,
+                ..
+            } => {
+                format!(
+                    "{} {}{message}{}",
+                    level.as_str(),
+                    prefix(self.span_name(*span)),
+                    fields(f)
+                )
+            }
+            ProgressKind::Log { span, line, .. } => {
+                format!("│ {}{line}", prefix(self.span_name(*span)))
+            }
+            ProgressKind::Counter {
+                span,
+                done,
+                expected,
+                unit,
+            } => {
+                let bar = if *expected > 0 {
+                    let filled = (*done * 20 / expected).min(20) as usize;
+                    format!("[{}{}] ", "#".repeat(filled), "-".repeat(20 - filled))
+                } else {
+                    String::new()
+                };
+                let of = if *expected > 0 {
+                    format!("/{expected}")
+                } else {
+                    String::new()
+                };
+                format!("{}{bar}{done}{of} {unit}", prefix(self.span_name(*span)))
+            }
+            ProgressKind::Phase { span, name } => {
+                format!("phase {}{name}", prefix(self.span_name(*span)))
+            }
+        };
+        eprintln!("{dim}[{at:7.3}s]{reset} {line}");
+    }
+}
+
+fn prefix(span: &str) -> String {
+    if span.is_empty() {
+        String::new()
+    } else {
+        format!("{span}: ")
+    }
+}

@@ -1,0 +1,534 @@
+//! A connection to one provider: handshake, concurrent operations, crash reporting, shutdown.
+
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use capstan_schema::provider_capnp::{
+    operation_request, operation_result, provider, resource_handle,
+};
+use capstan_schema::{OperationError, OperationKind, ProviderInfo, TraceContext};
+use futures::{AsyncRead, AsyncWrite};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+use crate::error::{CallError, ExitDescription, LaunchError, OutputTail};
+use crate::process::{ProviderCommand, ProviderLog, ProviderProcess, StopReport};
+use crate::sink::{ProgressObserver, SinkServer};
+
+/// Where a provider comes from.
+#[derive(Clone, Debug)]
+pub enum ProviderSource {
+    /// Start this executable, one process for the whole run.
+    Command(ProviderCommand),
+    /// Connect to a provider already listening at this Unix socket (a standing service).
+    Socket(PathBuf),
+}
+
+/// Timeouts and limits for talking to providers.
+#[derive(Clone, Debug)]
+pub struct HostOptions {
+    /// How long the handshake may take.
+    pub handshake_timeout: Duration,
+    /// After `shutdown`, how long a provider may take to exit before SIGTERM.
+    pub shutdown_grace: Duration,
+    /// After SIGTERM, how long before SIGKILL.
+    pub term_grace: Duration,
+    /// The largest message accepted from a provider, in 8-byte words; a larger one closes
+    /// that provider's connection.
+    pub max_message_words: usize,
+    /// Bytes of progress a provider may have in flight before it must wait for the host.
+    pub stream_window: usize,
+    /// How many lines of a provider's output to keep for error messages.
+    pub output_tail_lines: usize,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions {
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(2),
+            term_grace: Duration::from_secs(2),
+            max_message_words: capstan_schema::DEFAULT_MAX_MESSAGE_WORDS,
+            stream_window: 64 * 1024,
+            output_tail_lines: 20,
+        }
+    }
+}
+
+/// One operation to run.
+pub struct OperationCall {
+    pub kind: OperationKind,
+    pub resource_type: String,
+    pub address: String,
+    pub inputs: Value,
+    pub previous_inputs: Option<Value>,
+    pub previous_outputs: Option<Value>,
+    /// Capabilities from other resources, by the name this resource knows them under.
+    pub capabilities: Vec<(String, resource_handle::Client)>,
+    pub trace: TraceContext,
+    /// Cancel the operation (the provider sees it) and fail after this long.
+    pub timeout: Option<Duration>,
+}
+
+impl OperationCall {
+    /// A call with no previous state, capabilities or timeout.
+    pub fn new(kind: OperationKind, resource_type: &str, address: &str, inputs: Value) -> Self {
+        OperationCall {
+            kind,
+            resource_type: resource_type.to_string(),
+            address: address.to_string(),
+            inputs,
+            previous_inputs: None,
+            previous_outputs: None,
+            capabilities: Vec::new(),
+            trace: TraceContext::random(),
+            timeout: None,
+        }
+    }
+}
+
+/// A successful operation.
+pub struct OperationSuccess {
+    /// The resource's outputs (a JSON object).
+    pub outputs: Value,
+    /// Capabilities the provider returned, by name; they stay valid while the connection to
+    /// the provider that made them is open.
+    pub capabilities: Vec<(String, resource_handle::Client)>,
+}
+
+/// A live connection to a provider.
+pub struct ProviderConnection {
+    name: String,
+    info: ProviderInfo,
+    client: provider::Client,
+    process: Option<ProviderProcess>,
+    /// Set to the reason once the RPC connection has ended.
+    closed: watch::Receiver<Option<String>>,
+    disconnector: Option<capnp_rpc::Disconnector<capnp_rpc::rpc_twoparty_capnp::Side>>,
+    limit: Option<Arc<Semaphore>>,
+    options: HostOptions,
+}
+
+/// How a provider was shut down.
+#[derive(Clone, Debug, Default)]
+pub struct ShutdownReport {
+    /// Whether the provider acknowledged `shutdown` in time.
+    pub acknowledged: bool,
+    /// For a provider process: how it ended.
+    pub process: Option<StopReport>,
+}
+
+struct Rpc {
+    client: provider::Client,
+    closed: watch::Receiver<Option<String>>,
+    disconnector: capnp_rpc::Disconnector<Side>,
+}
+
+fn start_rpc<R, W>(reader: R, writer: W, options: &HostOptions) -> Rpc
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let mut network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(reader),
+        futures::io::BufWriter::new(writer),
+        Side::Client,
+        capstan_schema::reader_options(options.max_message_words),
+    );
+    network.set_window_size(options.stream_window);
+    let mut system = RpcSystem::new(Box::new(network), None);
+    let client: provider::Client = system.bootstrap(Side::Server);
+    let disconnector = system.get_disconnector();
+    let (closed_tx, closed) = watch::channel(None);
+    tokio::task::spawn_local(async move {
+        let reason = match system.await {
+            Ok(()) => "the provider closed the connection".to_string(),
+            Err(e) => e.to_string(),
+        };
+        let _ = closed_tx.send(Some(reason));
+    });
+    Rpc {
+        client,
+        closed,
+        disconnector,
+    }
+}
+
+impl ProviderConnection {
+    /// Starts or connects to a provider and completes the handshake. Must run inside a
+    /// `tokio::task::LocalSet`. `logs` receives what the provider writes outside operations.
+    pub async fn launch(
+        name: &str,
+        source: &ProviderSource,
+        options: HostOptions,
+        logs: Option<mpsc::Sender<ProviderLog>>,
+    ) -> Result<Self, LaunchError> {
+        match source {
+            ProviderSource::Command(command) => {
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|source| {
+                    LaunchError::Spawn {
+                        provider: name.to_string(),
+                        path: PathBuf::from(&command.program),
+                        source,
+                    }
+                })?;
+                let process = ProviderProcess::spawn(
+                    name,
+                    command,
+                    theirs.into(),
+                    logs,
+                    options.output_tail_lines,
+                )?;
+                let stream = to_tokio(ours).map_err(|source| LaunchError::Spawn {
+                    provider: name.to_string(),
+                    path: PathBuf::from(&command.program),
+                    source,
+                })?;
+                let (reader, writer) = stream.into_split();
+                let rpc = start_rpc(reader.compat(), writer.compat_write(), &options);
+                Self::handshake(name, rpc, Some(process), options).await
+            }
+            ProviderSource::Socket(path) => {
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|source| LaunchError::Connect {
+                        provider: name.to_string(),
+                        socket: path.clone(),
+                        source,
+                    })?;
+                let (reader, writer) = stream.into_split();
+                let rpc = start_rpc(reader.compat(), writer.compat_write(), &options);
+                Self::handshake(name, rpc, None, options).await
+            }
+        }
+    }
+
+    /// Connects over an existing byte stream (in-memory tests, embedding).
+    pub async fn from_stream<R, W>(
+        name: &str,
+        reader: R,
+        writer: W,
+        options: HostOptions,
+    ) -> Result<Self, LaunchError>
+    where
+        R: AsyncRead + Unpin + 'static,
+        W: AsyncWrite + Unpin + 'static,
+    {
+        let rpc = start_rpc(reader, writer, &options);
+        Self::handshake(name, rpc, None, options).await
+    }
+
+    async fn handshake(
+        name: &str,
+        rpc: Rpc,
+        process: Option<ProviderProcess>,
+        options: HostOptions,
+    ) -> Result<Self, LaunchError> {
+        let ours = (
+            capstan_schema::MIN_PROTOCOL_VERSION,
+            capstan_schema::PROTOCOL_VERSION,
+        );
+        let mut request = rpc.client.hello_request();
+        {
+            let mut core = request.get().init_core();
+            core.set_name("capstan");
+            core.set_version(env!("CARGO_PKG_VERSION"));
+            core.set_min_protocol(ours.0);
+            core.set_max_protocol(ours.1);
+        }
+        let hello = async {
+            let response = request.send().promise.await?;
+            ProviderInfo::read(response.get()?.get_provider()?)
+        };
+        let exited = async {
+            match &process {
+                Some(p) => p.exited().await,
+                None => std::future::pending().await,
+            }
+        };
+        let tail = || {
+            process
+                .as_ref()
+                .map(|p| p.tail.snapshot())
+                .unwrap_or_default()
+        };
+        let info = tokio::select! {
+            result = tokio::time::timeout(options.handshake_timeout, hello) => result,
+            _ = exited => {
+                let p = process.as_ref().expect("only a process can exit");
+                let (status, tail) = p.describe_exit(Duration::from_secs(1)).await;
+                return Err(LaunchError::ExitedEarly { provider: name.to_string(), status, tail });
+            }
+        };
+        let info = match info {
+            Err(_) => {
+                return Err(LaunchError::HandshakeTimeout {
+                    provider: name.to_string(),
+                    after: options.handshake_timeout,
+                    tail: tail(),
+                })
+            }
+            Ok(Err(e)) => {
+                // A provider that died or spoke garbage: prefer the exit status if it ended.
+                if let Some(p) = &process {
+                    if let Some(status) = p.wait_exit(Duration::from_millis(500)).await {
+                        p.wait_output(Duration::from_millis(250)).await;
+                        return Err(LaunchError::ExitedEarly {
+                            provider: name.to_string(),
+                            status: ExitDescription::from_status(Some(status)),
+                            tail: p.tail.snapshot(),
+                        });
+                    }
+                }
+                return Err(LaunchError::Protocol {
+                    provider: name.to_string(),
+                    message: e.to_string(),
+                    tail: tail(),
+                });
+            }
+            Ok(Ok(info)) => info,
+        };
+        if info.protocol == 0 || info.protocol < ours.0 || info.protocol > ours.1 {
+            return Err(LaunchError::Incompatible {
+                provider: name.to_string(),
+                theirs: (info.min_protocol, info.max_protocol),
+                ours,
+            });
+        }
+        let limit = (info.max_concurrency > 0)
+            .then(|| Arc::new(Semaphore::new(info.max_concurrency as usize)));
+        Ok(ProviderConnection {
+            name: name.to_string(),
+            info,
+            client: rpc.client,
+            process,
+            closed: rpc.closed,
+            disconnector: Some(rpc.disconnector),
+            limit,
+            options,
+        })
+    }
+
+    /// The name the deployment gave this provider.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the provider said in the handshake.
+    pub fn info(&self) -> &ProviderInfo {
+        &self.info
+    }
+
+    /// The provider process's id, if the host started it.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.pid as u32)
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed.borrow().is_some()
+    }
+
+    /// Runs one operation; its progress goes to `observer` as it happens, all of it before
+    /// this returns. Many calls may run at once; at most the provider's declared limit are
+    /// sent at a time. Dropping the returned future cancels the operation in the provider.
+    pub async fn call(
+        &self,
+        call: OperationCall,
+        observer: Rc<dyn ProgressObserver>,
+    ) -> Result<OperationSuccess, CallError> {
+        let _permit = match &self.limit {
+            Some(limit) => Some(limit.clone().acquire_owned().await.expect("never closed")),
+            None => None,
+        };
+        if self.is_closed() {
+            return Err(self.connection_lost(&call.address).await);
+        }
+        let sink = capnp_rpc::new_client(SinkServer { observer });
+        let address = call.address.clone();
+        let timeout = call.timeout;
+        let send = async {
+            macro_rules! send {
+                ($request:ident) => {{
+                    let mut request = self.client.$request();
+                    fill_request(request.get().init_request(), &call, sink);
+                    let response = request.send().promise.await?;
+                    read_result(response.get()?.get_result()?)
+                }};
+            }
+            match call.kind {
+                OperationKind::Create => send!(create_request),
+                OperationKind::Read => send!(read_request),
+                OperationKind::Update => send!(update_request),
+                OperationKind::Delete => send!(delete_request),
+            }
+        };
+        let outcome = match timeout {
+            Some(after) => match tokio::time::timeout(after, send).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    return Err(CallError::Timeout {
+                        provider: self.name.clone(),
+                        address,
+                        after,
+                    })
+                }
+            },
+            None => send.await,
+        };
+        match outcome {
+            Ok(Ok(success)) => Ok(success),
+            Ok(Err(error)) => Err(CallError::Failed { address, error }),
+            Err(e) if e.kind == capnp::ErrorKind::Disconnected || self.is_closed() => {
+                Err(self.connection_lost(&address).await)
+            }
+            Err(e) => Err(CallError::BadResponse {
+                provider: self.name.clone(),
+                address,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// The error for an operation whose provider went away: its exit status and last output
+    /// if the host started it, else the connection's error.
+    async fn connection_lost(&self, address: &str) -> CallError {
+        if let Some(process) = &self.process {
+            let (status, tail) = process.describe_exit(Duration::from_secs(1)).await;
+            if status != ExitDescription::Unknown {
+                return CallError::ProviderExited {
+                    provider: self.name.clone(),
+                    address: address.to_string(),
+                    status,
+                    tail,
+                };
+            }
+        }
+        let mut closed = self.closed.clone();
+        let reason = match tokio::time::timeout(
+            Duration::from_millis(100),
+            closed.wait_for(|c| c.is_some()),
+        )
+        .await
+        {
+            Ok(Ok(reason)) => reason.clone().unwrap_or_default(),
+            _ => "the connection failed".to_string(),
+        };
+        CallError::Disconnected {
+            provider: self.name.clone(),
+            address: address.to_string(),
+            reason,
+        }
+    }
+
+    /// The last lines the provider process wrote.
+    pub fn output_tail(&self) -> OutputTail {
+        self.process
+            .as_ref()
+            .map(|p| p.tail.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Stops the provider: asks it to shut down, closes the connection, then (for a process
+    /// the host started) waits, sends SIGTERM, waits, sends SIGKILL.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        let mut report = ShutdownReport::default();
+        if !self.is_closed() {
+            let polite = self.client.shutdown_request().send().promise;
+            report.acknowledged = tokio::time::timeout(self.options.shutdown_grace, polite)
+                .await
+                .is_ok_and(|r| r.is_ok());
+        }
+        if let Some(disconnector) = self.disconnector.take() {
+            let _ = tokio::time::timeout(self.options.shutdown_grace, disconnector).await;
+        }
+        if let Some(process) = &self.process {
+            report.process = Some(
+                process
+                    .stop(
+                        &self.name,
+                        self.options.shutdown_grace,
+                        self.options.term_grace,
+                    )
+                    .await,
+            );
+        }
+        report
+    }
+}
+
+fn to_tokio(stream: std::os::unix::net::UnixStream) -> std::io::Result<tokio::net::UnixStream> {
+    stream.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(stream)
+}
+
+fn fill_request(
+    mut builder: operation_request::Builder<'_>,
+    call: &OperationCall,
+    sink: capstan_schema::progress_capnp::progress_sink::Client,
+) {
+    builder.set_resource_type(&call.resource_type[..]);
+    builder.set_address(&call.address[..]);
+    builder.set_inputs(&call.inputs.to_string()[..]);
+    if let Some(previous) = &call.previous_inputs {
+        builder.set_previous_inputs(&previous.to_string()[..]);
+    }
+    if let Some(previous) = &call.previous_outputs {
+        builder.set_previous_outputs(&previous.to_string()[..]);
+    }
+    builder.set_progress(sink);
+    call.trace.write(builder.reborrow().init_trace());
+    let mut caps = builder.init_capabilities(call.capabilities.len() as u32);
+    for (n, (name, client)) in call.capabilities.iter().enumerate() {
+        let mut entry = caps.reborrow().get(n as u32);
+        entry.set_name(&name[..]);
+        entry.set_handle(client.clone());
+    }
+}
+
+fn read_result(
+    reader: operation_result::Reader<'_>,
+) -> capnp::Result<Result<OperationSuccess, OperationError>> {
+    use operation_result::Which;
+    match reader.which() {
+        Ok(Which::Success(success)) => {
+            let success = success?;
+            let text = success.get_outputs()?.to_str()?;
+            let outputs = if text.trim().is_empty() {
+                Value::Object(Default::default())
+            } else {
+                serde_json::from_str(text)
+                    .map_err(|e| capnp::Error::failed(format!("outputs are not valid JSON: {e}")))?
+            };
+            let mut capabilities = Vec::new();
+            for named in success.get_capabilities()? {
+                capabilities.push((named.get_name()?.to_string()?, named.get_handle()?));
+            }
+            Ok(Ok(OperationSuccess {
+                outputs,
+                capabilities,
+            }))
+        }
+        Ok(Which::Failure(failure)) => Ok(Err(OperationError::read(failure?)?)),
+        Err(_) => Err(capnp::Error::failed(
+            "the result is of a kind this capstan does not know; upgrade capstan".into(),
+        )),
+    }
+}
+
+/// Asks a handle what it refers to: `(kind, address, summary)`.
+pub async fn describe_handle(
+    handle: &resource_handle::Client,
+) -> Result<(String, String, String), capnp::Error> {
+    let response = handle.describe_request().send().promise.await?;
+    let info = response.get()?.get_info()?;
+    Ok((
+        info.get_kind()?.to_string()?,
+        info.get_address()?.to_string()?,
+        info.get_summary()?.to_string()?,
+    ))
+}

@@ -1,0 +1,260 @@
+//! The trait a provider author implements for each resource type, and its type-erased form.
+
+use std::future::Future;
+
+use capstan_schema::info::{InputInfo, OutputInfo};
+use capstan_schema::{OperationError, ResourceTypeInfo};
+use futures::future::LocalBoxFuture;
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::Operation;
+
+/// What a resource type looks like from outside: its name, inputs and outputs. Sent to the
+/// core in the handshake, so the core can check a deployment before anything runs.
+///
+/// ```
+/// # use capstan_provider::ResourceType;
+/// let file = ResourceType::new("file")
+///     .description("A file with the given content")
+///     .required("path", "Where the file goes")
+///     .optional("mode", "Octal permission bits, e.g. \"0644\"")
+///     .output("path", "The absolute path written")
+///     .stateful(true);
+/// ```
+#[derive(Clone, Debug)]
+pub struct ResourceType(pub(crate) ResourceTypeInfo);
+
+impl ResourceType {
+    /// A type with no inputs or outputs yet, not stateful.
+    pub fn new(name: impl Into<String>) -> Self {
+        ResourceType(ResourceTypeInfo {
+            name: name.into(),
+            ..Default::default()
+        })
+    }
+
+    /// A one-line description.
+    pub fn description(mut self, text: impl Into<String>) -> Self {
+        self.0.description = text.into();
+        self
+    }
+
+    /// An input the deployment must set.
+    pub fn required(mut self, name: impl Into<String>, description: impl Into<String>) -> Self {
+        self.0.inputs.push(InputInfo {
+            name: name.into(),
+            required: true,
+            description: description.into(),
+        });
+        self
+    }
+
+    /// An input the deployment may set.
+    pub fn optional(mut self, name: impl Into<String>, description: impl Into<String>) -> Self {
+        self.0.inputs.push(InputInfo {
+            name: name.into(),
+            required: false,
+            description: description.into(),
+        });
+        self
+    }
+
+    /// An output other resources may refer to.
+    pub fn output(mut self, name: impl Into<String>, description: impl Into<String>) -> Self {
+        self.0.outputs.push(OutputInfo {
+            name: name.into(),
+            description: description.into(),
+        });
+        self
+    }
+
+    /// Whether the resource exists outside the deployment's state (so deleting it matters).
+    pub fn stateful(mut self, stateful: bool) -> Self {
+        self.0.stateful = stateful;
+        self
+    }
+}
+
+/// The inputs and outputs recorded after a resource's last successful operation.
+#[derive(Clone, Debug)]
+pub struct Prior<I, O> {
+    pub inputs: I,
+    pub outputs: O,
+}
+
+/// One resource type of a provider. Implement `create`; the others have defaults: `read`
+/// returns the recorded outputs, `update` creates afresh, `delete` does nothing (right for
+/// pure values; a stateful resource overrides it).
+///
+/// Every method may be cancelled: when the core cancels the call, `op.cancelled()` fires, and
+/// if the method has not returned within the provider's grace period its future is dropped.
+pub trait Resource: 'static {
+    /// The inputs, deserialized from the deployment's JSON.
+    type Inputs: DeserializeOwned + 'static;
+    /// The outputs, serialized to JSON for the core and other resources.
+    type Outputs: Serialize + DeserializeOwned + 'static;
+
+    /// Name, inputs and outputs of this type.
+    fn resource_type() -> ResourceType;
+
+    /// Creates the resource.
+    fn create(
+        &self,
+        op: &Operation,
+        inputs: Self::Inputs,
+    ) -> impl Future<Output = Result<Self::Outputs, OperationError>>;
+
+    /// Reports the resource's current outputs without changing anything.
+    fn read(
+        &self,
+        op: &Operation,
+        prior: Prior<Self::Inputs, Self::Outputs>,
+    ) -> impl Future<Output = Result<Self::Outputs, OperationError>> {
+        let _ = op;
+        async move { Ok(prior.outputs) }
+    }
+
+    /// Changes the resource to match new inputs.
+    fn update(
+        &self,
+        op: &Operation,
+        prior: Prior<Self::Inputs, Self::Outputs>,
+        inputs: Self::Inputs,
+    ) -> impl Future<Output = Result<Self::Outputs, OperationError>> {
+        let _ = prior;
+        self.create(op, inputs)
+    }
+
+    /// Deletes the resource.
+    fn delete(
+        &self,
+        op: &Operation,
+        prior: Prior<Self::Inputs, Self::Outputs>,
+    ) -> impl Future<Output = Result<(), OperationError>> {
+        let _ = (op, prior);
+        async { Ok(()) }
+    }
+}
+
+/// An operation's arguments as JSON, before they are turned into a resource's types.
+pub(crate) enum Call {
+    Create {
+        inputs: Value,
+    },
+    Read {
+        prior_inputs: Value,
+        prior_outputs: Value,
+    },
+    Update {
+        prior_inputs: Value,
+        prior_outputs: Value,
+        inputs: Value,
+    },
+    Delete {
+        prior_inputs: Value,
+        prior_outputs: Value,
+    },
+}
+
+/// `Resource` with its types erased to JSON, so a provider can hold many in one table.
+pub(crate) trait ErasedResource {
+    fn info(&self) -> &ResourceTypeInfo;
+    fn call<'a>(
+        &'a self,
+        op: &'a Operation,
+        call: Call,
+    ) -> LocalBoxFuture<'a, Result<Value, OperationError>>;
+}
+
+pub(crate) struct Erased<R> {
+    resource: R,
+    info: ResourceTypeInfo,
+}
+
+impl<R: Resource> Erased<R> {
+    pub(crate) fn new(resource: R) -> Self {
+        Erased {
+            resource,
+            info: R::resource_type().0,
+        }
+    }
+}
+
+fn decode<T: DeserializeOwned>(
+    op: &Operation,
+    what: &str,
+    value: Value,
+) -> Result<T, OperationError> {
+    serde_json::from_value(value).map_err(|e| {
+        OperationError::invalid_input(format!(
+            "{} `{}`: invalid {what}: {e}",
+            op.resource_type(),
+            op.address()
+        ))
+    })
+}
+
+fn encode<T: Serialize>(op: &Operation, outputs: &T) -> Result<Value, OperationError> {
+    serde_json::to_value(outputs).map_err(|e| {
+        OperationError::internal(format!(
+            "{} `{}`: outputs cannot be written as JSON: {e}",
+            op.resource_type(),
+            op.address()
+        ))
+    })
+}
+
+impl<R: Resource> ErasedResource for Erased<R> {
+    fn info(&self) -> &ResourceTypeInfo {
+        &self.info
+    }
+
+    fn call<'a>(
+        &'a self,
+        op: &'a Operation,
+        call: Call,
+    ) -> LocalBoxFuture<'a, Result<Value, OperationError>> {
+        async move {
+            let prior = |inputs: Value, outputs: Value| -> Result<_, OperationError> {
+                Ok(Prior {
+                    inputs: decode(op, "recorded inputs", inputs)?,
+                    outputs: decode(op, "recorded outputs", outputs)?,
+                })
+            };
+            match call {
+                Call::Create { inputs } => {
+                    let inputs = decode(op, "inputs", inputs)?;
+                    encode(op, &self.resource.create(op, inputs).await?)
+                }
+                Call::Read {
+                    prior_inputs,
+                    prior_outputs,
+                } => {
+                    let prior = prior(prior_inputs, prior_outputs)?;
+                    encode(op, &self.resource.read(op, prior).await?)
+                }
+                Call::Update {
+                    prior_inputs,
+                    prior_outputs,
+                    inputs,
+                } => {
+                    let prior = prior(prior_inputs, prior_outputs)?;
+                    let inputs = decode(op, "inputs", inputs)?;
+                    encode(op, &self.resource.update(op, prior, inputs).await?)
+                }
+                Call::Delete {
+                    prior_inputs,
+                    prior_outputs,
+                } => {
+                    let prior = prior(prior_inputs, prior_outputs)?;
+                    self.resource.delete(op, prior).await?;
+                    Ok(Value::Object(Default::default()))
+                }
+            }
+        }
+        .boxed_local()
+    }
+}

@@ -1,0 +1,295 @@
+//! Where a provider's connections come from: a socket inherited by socket activation (from the
+//! Capstan host, or from systemd), or a socket path it listens on as a standing service.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use capstan_schema::provider_capnp::provider;
+use futures::{AsyncRead, AsyncWrite};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio_util::sync::CancellationToken;
+
+/// The first file descriptor passed by socket activation (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// The environment variable naming a socket path to listen on, when not socket-activated.
+pub const LISTEN_ENV: &str = "CAPSTAN_PROVIDER_LISTEN";
+
+/// Where a provider accepts the core's connections.
+#[derive(Debug)]
+pub enum Endpoint {
+    /// A socket passed in as fd 3: either one already-connected stream (how the Capstan host
+    /// starts a provider: serve it, exit when it closes) or a listening socket (systemd
+    /// socket activation with `Accept=no`: serve every connection).
+    Inherited(OwnedFd),
+    /// A Unix socket path to create and listen on (a standing service). A missing parent
+    /// directory is created private (0700); the socket is 0600 and removed on exit.
+    Listen(PathBuf),
+}
+
+/// Why a provider could not serve.
+#[derive(Debug)]
+pub enum ServeError {
+    /// Neither socket activation nor a listen path was given.
+    NoEndpoint,
+    /// A socket operation failed.
+    Io(String, std::io::Error),
+    /// Something else already listens at the path.
+    InUse(PathBuf),
+}
+
+impl std::error::Error for ServeError {}
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServeError::NoEndpoint => write!(
+                f,
+                "this program is a Capstan provider and talks Cap'n Proto on a socket, not on \
+                 the terminal.\n  Try it with:   capstan provider describe -- {exe}\n  \
+                 Or serve at a path: {LISTEN_ENV}=/run/user/$UID/my-provider.sock {exe}",
+                exe = std::env::args().next().unwrap_or_else(|| "PROVIDER".into())
+            ),
+            ServeError::Io(what, e) => write!(f, "{what}: {e}"),
+            ServeError::InUse(path) => write!(
+                f,
+                "another process is already listening at {}; stop it or choose another path",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl Endpoint {
+    /// Reads the endpoint from the environment: `LISTEN_FDS`/`LISTEN_PID` (socket activation)
+    /// first, then `CAPSTAN_PROVIDER_LISTEN`. Consumes the variables so child processes do not
+    /// inherit them.
+    pub fn from_env() -> Result<Endpoint, ServeError> {
+        let fds = std::env::var("LISTEN_FDS").ok();
+        let pid = std::env::var("LISTEN_PID").ok();
+        let for_us = pid
+            .as_deref()
+            .is_some_and(|p| p.trim().parse::<u32>().ok() == Some(std::process::id()));
+        if let (Some(fds), true) = (fds, for_us) {
+            // SAFETY: remove_var is only unsound with concurrent environment access; this
+            // runs before the provider starts any thread of its own.
+            unsafe {
+                std::env::remove_var("LISTEN_FDS");
+                std::env::remove_var("LISTEN_PID");
+                std::env::remove_var("LISTEN_FDNAMES");
+            }
+            let count: i32 = fds.trim().parse().unwrap_or(0);
+            if count >= 1 {
+                // SAFETY: socket activation hands this process fd 3 to own.
+                let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
+                set_cloexec(fd.as_raw_fd());
+                return Ok(Endpoint::Inherited(fd));
+            }
+        }
+        if let Some(path) = std::env::var_os(LISTEN_ENV) {
+            return Ok(Endpoint::Listen(PathBuf::from(path)));
+        }
+        Err(ServeError::NoEndpoint)
+    }
+}
+
+fn set_cloexec(fd: RawFd) {
+    // SAFETY: plain fcntl on a descriptor this process owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+        }
+    }
+}
+
+fn is_listening(fd: RawFd) -> bool {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && value != 0
+}
+
+/// Builds the RPC system for one connection, offering `bootstrap`.
+pub(crate) fn rpc_system<R, W>(
+    reader: R,
+    writer: W,
+    bootstrap: provider::Client,
+    max_message_words: usize,
+) -> RpcSystem<Side>
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(reader),
+        futures::io::BufWriter::new(writer),
+        Side::Server,
+        capstan_schema::reader_options(max_message_words),
+    );
+    RpcSystem::new(Box::new(network), Some(bootstrap.client))
+}
+
+fn stream_system(
+    stream: UnixStream,
+    bootstrap: provider::Client,
+    max_message_words: usize,
+) -> RpcSystem<Side> {
+    let (reader, writer) = stream.into_split();
+    rpc_system(
+        reader.compat(),
+        writer.compat_write(),
+        bootstrap,
+        max_message_words,
+    )
+}
+
+/// Removes the socket file it names when dropped.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn bind_private(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
+    let io = |what: String| move |e| ServeError::Io(what, e);
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            std::fs::create_dir_all(parent)
+                .map_err(io(format!("cannot create {}", parent.display())))?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("cannot make {} private", parent.display())))?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::InUse(path.to_path_buf()));
+        }
+        // A stale socket from a provider that did not clean up.
+        std::fs::remove_file(path)
+            .map_err(io(format!("cannot remove stale {}", path.display())))?;
+    }
+    // Bind with a umask that leaves the socket 0600 from its first instant.
+    // SAFETY: umask only swaps the process's file-creation mask.
+    let old_mask = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    unsafe { libc::umask(old_mask) };
+    let listener = bound.map_err(io(format!("cannot listen at {}", path.display())))?;
+    Ok((listener, SocketFile(path.to_path_buf())))
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    bootstrap: provider::Client,
+    max_message_words: usize,
+    stop: CancellationToken,
+) -> Result<(), ServeError> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = accepted
+                    .map_err(|e| ServeError::Io("accepting a connection".into(), e))?;
+                let system = stream_system(stream, bootstrap.clone(), max_message_words);
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = system.await {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                });
+            }
+            () = stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Serves `endpoint` until its connection closes (inherited stream) or a SIGTERM/SIGINT
+/// arrives (listening socket). SIGTERM also cancels every operation in flight.
+pub(crate) async fn serve_endpoint(
+    endpoint: Endpoint,
+    bootstrap: provider::Client,
+    max_message_words: usize,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        let shutdown = shutdown.clone();
+        tokio::task::spawn_local(async move {
+            wait_for_signal().await;
+            tracing::debug!("signal received: stopping");
+            shutdown.cancel();
+            stop.cancel();
+        });
+    }
+    match endpoint {
+        Endpoint::Inherited(fd) if is_listening(fd.as_raw_fd()) => {
+            let listener = std::os::unix::net::UnixListener::from(fd);
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| ServeError::Io("inherited listening socket".into(), e))?;
+            let listener = UnixListener::from_std(listener)
+                .map_err(|e| ServeError::Io("inherited listening socket".into(), e))?;
+            accept_loop(listener, bootstrap, max_message_words, stop).await
+        }
+        Endpoint::Inherited(fd) => {
+            let stream = std::os::unix::net::UnixStream::from(fd);
+            stream
+                .set_nonblocking(true)
+                .map_err(|e| ServeError::Io("inherited socket".into(), e))?;
+            let stream = UnixStream::from_std(stream)
+                .map_err(|e| ServeError::Io("inherited socket".into(), e))?;
+            let system = stream_system(stream, bootstrap, max_message_words);
+            tokio::select! {
+                ended = system => {
+                    if let Err(e) = ended {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                }
+                () = stop.cancelled() => {}
+            }
+            Ok(())
+        }
+        Endpoint::Listen(path) => {
+            let (listener, _socket_file) = bind_private(&path)?;
+            tracing::info!("listening at {}", path.display());
+            accept_loop(listener, bootstrap, max_message_words, stop).await
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Points fd 1 at fd 2, so that nothing in the provider process (its own code, a dependency,
+/// capnp-rpc's task reaper) can write to stdout. The protocol is on its own socket; stdout is
+/// never needed, and the host shows stderr as the provider's log.
+pub(crate) fn redirect_stdout_to_stderr() {
+    // SAFETY: dup2 on the process's standard descriptors.
+    unsafe {
+        libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
+    }
+}

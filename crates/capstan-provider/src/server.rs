@@ -1,0 +1,339 @@
+//! The `Provider` capability: reads each request, runs the resource's method in its own task,
+//! and writes the result. Everything that can go wrong in provider code (bad JSON, a panic, a
+//! cancelled call) becomes an `OperationError` in the result; the RPC connection never sees it.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capnp::capability::Rc as CapRc;
+use capstan_schema::info::negotiate_protocol;
+use capstan_schema::provider_capnp::{
+    operation_request, operation_result, provider, resource_handle,
+};
+use capstan_schema::{OperationError, ProviderInfo, TraceContext};
+use futures::FutureExt;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::bridge::Registration;
+use crate::operation::Operation;
+use crate::progress::{pump, Gated, ProgressQueue};
+use crate::resource::{Call, ErasedResource};
+use capstan_schema::OperationKind;
+
+pub(crate) struct ProviderServer {
+    pub(crate) info: ProviderInfo,
+    pub(crate) resources: HashMap<String, Rc<dyn ErasedResource>>,
+    pub(crate) limit: Option<Arc<Semaphore>>,
+    pub(crate) cancel_grace: Duration,
+    /// Fires on `shutdown()` (or SIGTERM): every operation's token is a child of it.
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// A request read off the wire into owned values.
+struct Request {
+    resource_type: String,
+    address: String,
+    inputs: String,
+    previous_inputs: String,
+    previous_outputs: String,
+    progress: capstan_schema::progress_capnp::progress_sink::Client,
+    trace: TraceContext,
+    capabilities: Vec<(String, resource_handle::Client)>,
+}
+
+impl Request {
+    fn read(reader: operation_request::Reader<'_>) -> capnp::Result<Self> {
+        let mut capabilities = Vec::new();
+        for named in reader.get_capabilities()? {
+            capabilities.push((named.get_name()?.to_string()?, named.get_handle()?));
+        }
+        Ok(Request {
+            resource_type: reader.get_resource_type()?.to_string()?,
+            address: reader.get_address()?.to_string()?,
+            inputs: reader.get_inputs()?.to_string()?,
+            previous_inputs: reader.get_previous_inputs()?.to_string()?,
+            previous_outputs: reader.get_previous_outputs()?.to_string()?,
+            progress: reader.get_progress()?,
+            trace: TraceContext::read(reader.get_trace()?),
+            capabilities,
+        })
+    }
+}
+
+struct Success {
+    outputs: Value,
+    capabilities: Vec<(String, resource_handle::Client)>,
+}
+
+fn parse_json(what: &str, text: &str, request: &Request) -> Result<Value, OperationError> {
+    if text.trim().is_empty() {
+        return Err(OperationError::invalid_input(format!(
+            "{} `{}`: the request carries no {what}",
+            request.resource_type, request.address
+        )));
+    }
+    serde_json::from_str(text).map_err(|e| {
+        OperationError::invalid_input(format!(
+            "{} `{}`: {what} are not valid JSON: {e}",
+            request.resource_type, request.address
+        ))
+    })
+}
+
+fn build_call(kind: OperationKind, request: &Request) -> Result<Call, OperationError> {
+    let prior_inputs = || {
+        if request.previous_inputs.trim().is_empty() {
+            parse_json("inputs", &request.inputs, request)
+        } else {
+            parse_json("previous inputs", &request.previous_inputs, request)
+        }
+    };
+    let prior_outputs = || parse_json("previous outputs", &request.previous_outputs, request);
+    Ok(match kind {
+        OperationKind::Create => Call::Create {
+            inputs: parse_json("inputs", &request.inputs, request)?,
+        },
+        OperationKind::Read => Call::Read {
+            prior_inputs: prior_inputs()?,
+            prior_outputs: prior_outputs()?,
+        },
+        OperationKind::Update => Call::Update {
+            prior_inputs: prior_inputs()?,
+            prior_outputs: prior_outputs()?,
+            inputs: parse_json("inputs", &request.inputs, request)?,
+        },
+        OperationKind::Delete => Call::Delete {
+            prior_inputs: prior_inputs()?,
+            prior_outputs: prior_outputs()?,
+        },
+    })
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic without a message)".to_string())
+}
+
+impl ProviderServer {
+    async fn run(&self, kind: OperationKind, request: Request) -> Result<Success, OperationError> {
+        let resource = self
+            .resources
+            .get(&request.resource_type)
+            .cloned()
+            .ok_or_else(|| {
+                let mut known: Vec<&str> = self.resources.keys().map(|k| k.as_str()).collect();
+                known.sort();
+                OperationError::invalid_input(format!(
+                    "provider `{}` has no resource type `{}` (it serves: {})",
+                    self.info.name,
+                    request.resource_type,
+                    known.join(", ")
+                ))
+            })?;
+        let call = build_call(kind, &request)?;
+        let _permit = match &self.limit {
+            Some(limit) => Some(limit.clone().acquire_owned().await.expect("never closed")),
+            None => None,
+        };
+        if self.shutdown.is_cancelled() {
+            return Err(OperationError::cancelled(format!(
+                "provider `{}` is shutting down",
+                self.info.name
+            )));
+        }
+
+        let queue = Arc::new(ProgressQueue::new());
+        let pump = tokio::task::spawn_local(pump(queue.clone(), request.progress));
+        let cancel = self.shutdown.child_token();
+        let op = Operation {
+            kind,
+            resource_type: request.resource_type,
+            address: request.address,
+            trace: request.trace,
+            cancel: cancel.clone(),
+            queue: queue.clone(),
+            capabilities: request.capabilities,
+            returned: RefCell::new(Vec::new()),
+        };
+        let grace = self.cancel_grace;
+        let registration = Registration::new(queue.clone());
+        let root_span = registration.root_span();
+        let work = async move {
+            // Keep the operation routable for as long as its code runs, even past a
+            // cancelled call.
+            let _registration = registration;
+            let method = async {
+                let outputs = resource.call(&op, call).await?;
+                Ok(Success {
+                    outputs,
+                    capabilities: op.take_returned(),
+                })
+            };
+            let deadline = async {
+                op.cancel.cancelled().await;
+                tokio::time::sleep(grace).await;
+            };
+            tokio::select! {
+                result = method => result,
+                () = deadline => Err(OperationError::cancelled(format!(
+                    "{} `{}` was cancelled and did not stop within {grace:?}",
+                    op.resource_type, op.address
+                ))),
+            }
+        }
+        .instrument(root_span);
+        let task = tokio::task::spawn_local(Gated::new(work.boxed_local(), queue.clone()));
+
+        // If the core drops this call, this future is dropped: tell the operation.
+        let cancel_on_drop = cancel.drop_guard();
+        let outcome = task.await;
+        cancel_on_drop.disarm();
+
+        let result = match outcome {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => Err(OperationError::internal(format!(
+                "provider `{}` panicked during {}: {}",
+                self.info.name,
+                kind.as_str(),
+                panic_message(e.into_panic())
+            ))),
+            Err(_) => Err(OperationError::cancelled(
+                "the operation's task was aborted",
+            )),
+        };
+        queue.close();
+        match pump.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("progress stream failed: {e}"),
+            Err(e) => tracing::warn!("progress pump ended abnormally: {e}"),
+        }
+        result
+    }
+
+    async fn operation(
+        &self,
+        kind: OperationKind,
+        request: capnp::Result<operation_request::Reader<'_>>,
+        results: operation_result::Builder<'_>,
+    ) -> Result<(), capnp::Error> {
+        let outcome = match request.and_then(Request::read) {
+            Ok(request) => self.run(kind, request).await,
+            Err(e) => Err(OperationError::invalid_input(format!(
+                "malformed {} request: {e}",
+                kind.as_str()
+            ))),
+        };
+        match outcome {
+            Ok(success) => {
+                let mut s = results.init_success();
+                s.set_outputs(&success.outputs.to_string()[..]);
+                let mut caps = s.init_capabilities(success.capabilities.len() as u32);
+                for (n, (name, client)) in success.capabilities.into_iter().enumerate() {
+                    let mut entry = caps.reborrow().get(n as u32);
+                    entry.set_name(&name[..]);
+                    entry.set_handle(client);
+                }
+            }
+            Err(error) => error.write(results.init_failure()),
+        }
+        Ok(())
+    }
+}
+
+/// Generates the four operation methods, which differ only in their kind and types.
+macro_rules! operation_methods {
+    ($($method:ident => $kind:ident, $params:ident, $results:ident;)*) => {$(
+        async fn $method(
+            self: CapRc<Self>,
+            params: provider::$params,
+            mut results: provider::$results,
+        ) -> Result<(), capnp::Error> {
+            let params = params.get()?;
+            self.operation(
+                OperationKind::$kind,
+                params.get_request(),
+                results.get().init_result(),
+            )
+            .await
+        }
+    )*};
+}
+
+impl provider::Server for ProviderServer {
+    async fn hello(
+        self: CapRc<Self>,
+        params: provider::HelloParams,
+        mut results: provider::HelloResults,
+    ) -> Result<(), capnp::Error> {
+        let core = params.get()?.get_core()?;
+        let mut info = self.info.clone();
+        info.protocol = negotiate_protocol(
+            (info.min_protocol, info.max_protocol),
+            (core.get_min_protocol(), core.get_max_protocol()),
+        )
+        .unwrap_or(0);
+        info.write(results.get().init_provider());
+        Ok(())
+    }
+
+    operation_methods! {
+        create => Create, CreateParams, CreateResults;
+        read => Read, ReadParams, ReadResults;
+        update => Update, UpdateParams, UpdateResults;
+        delete => Delete, DeleteParams, DeleteResults;
+    }
+
+    async fn shutdown(
+        self: CapRc<Self>,
+        _params: provider::ShutdownParams,
+        _results: provider::ShutdownResults,
+    ) -> Result<(), capnp::Error> {
+        tracing::debug!("shutdown requested by the core");
+        self.shutdown.cancel();
+        Ok(())
+    }
+}
+
+/// A handle with fixed information, made by [`Operation::return_handle`].
+pub(crate) struct HandleServer {
+    kind: String,
+    address: String,
+    summary: String,
+}
+
+impl HandleServer {
+    pub(crate) fn client(
+        kind: String,
+        address: String,
+        summary: String,
+    ) -> resource_handle::Client {
+        capnp_rpc::new_client(HandleServer {
+            kind,
+            address,
+            summary,
+        })
+    }
+}
+
+impl resource_handle::Server for HandleServer {
+    async fn describe(
+        self: CapRc<Self>,
+        _params: resource_handle::DescribeParams,
+        mut results: resource_handle::DescribeResults,
+    ) -> Result<(), capnp::Error> {
+        let mut info = results.get().init_info();
+        info.set_kind(&self.kind[..]);
+        info.set_address(&self.address[..]);
+        info.set_summary(&self.summary[..]);
+        Ok(())
+    }
+}

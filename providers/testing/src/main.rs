@@ -1,0 +1,507 @@
+//! `capstan-provider-testing`: a provider whose resource types exist to exercise the core.
+//!
+//! | type | does |
+//! | --- | --- |
+//! | `noop` | echoes `value`; returns a unique `id`; describes any capabilities handed in |
+//! | `handle` | returns a capability (`handle`) that describes itself |
+//! | `sleep` | sleeps `ms` milliseconds, reporting phases and a counter |
+//! | `fail` | fails with the given `kind` and `message` |
+//! | `panic` | panics |
+//! | `crash` | kills its own process (`mode`: `exit`, `abort`, `sigkill`) |
+//! | `hang` | never finishes; on cancellation writes `cancelMarker` (if given) |
+//! | `chatty` | emits `count` progress events through tracing or explicit log lines |
+//! | `big` | returns an output of `bytes` bytes (for message-size limits) |
+//! | `corrupt` | writes garbage bytes onto its own RPC socket |
+//!
+//! Options: `--listen PATH` serves as a standing service at PATH; `--max-concurrency N`
+//! declares a limit; `--protocol MIN:MAX` claims other protocol versions (to test refusal);
+//! `--stderr-lines N` writes N lines to stderr at start-up.
+
+use std::os::fd::RawFd;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use capstan_host::describe_handle;
+use capstan_provider::{
+    Endpoint, ErrorKind, LogStream, Operation, OperationError, Provider, Resource, ResourceType,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// A duplicate of the inherited connection socket, for `corrupt`.
+static RAW_SOCKET: AtomicI32 = AtomicI32::new(-1);
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn unique_id() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+// ---- noop ----------------------------------------------------------------------------------
+
+struct Noop;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoopIn {
+    #[serde(default)]
+    value: Value,
+}
+
+#[derive(Serialize, Deserialize)]
+struct NoopOut {
+    value: Value,
+    id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    handles: Vec<Value>,
+}
+
+impl Resource for Noop {
+    type Inputs = NoopIn;
+    type Outputs = NoopOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("noop")
+            .description("Does nothing; echoes its input")
+            .optional("value", "Any JSON value, echoed as the output `value`")
+            .output("value", "The input `value`")
+            .output("id", "Unique per create")
+    }
+
+    async fn create(&self, op: &Operation, inputs: NoopIn) -> Result<NoopOut, OperationError> {
+        let mut handles = Vec::new();
+        for (name, handle) in op.capabilities() {
+            let (kind, address, summary) = describe_handle(handle).await.map_err(|e| {
+                OperationError::transient(format!("capability `{name}` did not answer: {e}"))
+            })?;
+            handles
+                .push(json!({"name": name, "kind": kind, "address": address, "summary": summary}));
+        }
+        Ok(NoopOut {
+            value: inputs.value,
+            id: unique_id(),
+            handles,
+        })
+    }
+}
+
+// ---- handle --------------------------------------------------------------------------------
+
+struct Handle;
+
+impl Resource for Handle {
+    type Inputs = NoopIn;
+    type Outputs = NoopOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("handle")
+            .description("Returns a capability named `handle` describing `value`")
+            .optional("value", "Put in the handle's summary")
+            .output("value", "The input `value`")
+            .output("id", "Unique per create")
+    }
+
+    async fn create(&self, op: &Operation, inputs: NoopIn) -> Result<NoopOut, OperationError> {
+        op.return_handle(
+            "handle",
+            "testing-handle",
+            json!({"value": inputs.value, "pid": std::process::id()}),
+        );
+        Ok(NoopOut {
+            value: inputs.value,
+            id: unique_id(),
+            handles: Vec::new(),
+        })
+    }
+}
+
+// ---- sleep ---------------------------------------------------------------------------------
+
+struct Sleep;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SleepIn {
+    ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SleepOut {
+    slept_ms: u64,
+}
+
+impl Resource for Sleep {
+    type Inputs = SleepIn;
+    type Outputs = SleepOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("sleep")
+            .description("Sleeps, reporting progress every tenth of the time")
+            .required("ms", "Milliseconds to sleep")
+            .output("slept_ms", "The time slept")
+    }
+
+    async fn create(&self, op: &Operation, inputs: SleepIn) -> Result<SleepOut, OperationError> {
+        op.phase("sleeping").await;
+        let step = Duration::from_millis(inputs.ms) / 10;
+        for done in 0..10u64 {
+            op.progress(done, 10, "steps").await;
+            tokio::select! {
+                () = tokio::time::sleep(step) => {}
+                () = op.cancelled() => return Err(OperationError::cancelled("sleep cancelled")),
+            }
+        }
+        op.progress(10, 10, "steps").await;
+        Ok(SleepOut {
+            slept_ms: inputs.ms,
+        })
+    }
+}
+
+// ---- fail / panic / crash ------------------------------------------------------------------
+
+struct Fail;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailIn {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+impl Resource for Fail {
+    type Inputs = FailIn;
+    type Outputs = Value;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("fail")
+            .description("Always fails")
+            .optional(
+                "kind",
+                "permanent | invalid_input | transient | cancelled | internal",
+            )
+            .optional("message", "The error message")
+    }
+
+    async fn create(&self, _op: &Operation, inputs: FailIn) -> Result<Value, OperationError> {
+        let kind = match inputs.kind.as_deref().unwrap_or("permanent") {
+            "invalid_input" => ErrorKind::InvalidInput,
+            "transient" => ErrorKind::Transient,
+            "cancelled" => ErrorKind::Cancelled,
+            "internal" => ErrorKind::Internal,
+            _ => ErrorKind::Permanent,
+        };
+        Err(OperationError::new(
+            kind,
+            inputs.message.unwrap_or_else(|| "failed as asked".into()),
+        )
+        .with_details("details: line 1\ndetails: line 2"))
+    }
+}
+
+struct Panic;
+
+impl Resource for Panic {
+    type Inputs = FailIn;
+    type Outputs = Value;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("panic")
+            .description("Panics in the middle of the operation")
+            .optional("message", "The panic message")
+    }
+
+    async fn create(&self, _op: &Operation, inputs: FailIn) -> Result<Value, OperationError> {
+        tokio::task::yield_now().await;
+        panic!(
+            "{}",
+            inputs.message.unwrap_or_else(|| "testing panic".into())
+        );
+    }
+}
+
+struct Crash;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CrashIn {
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    code: Option<i32>,
+}
+
+impl Resource for Crash {
+    type Inputs = CrashIn;
+    type Outputs = Value;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("crash")
+            .description("Ends the provider process mid-operation")
+            .optional("mode", "exit (default) | abort | sigkill")
+            .optional("code", "Exit status for mode exit (default 3)")
+    }
+
+    async fn create(&self, op: &Operation, inputs: CrashIn) -> Result<Value, OperationError> {
+        op.phase("about to crash").await;
+        eprintln!("testing provider: crashing on purpose ({})", op.address());
+        match inputs.mode.as_deref().unwrap_or("exit") {
+            // SAFETY: raise/abort end this process, as asked.
+            "sigkill" => unsafe {
+                libc::raise(libc::SIGKILL);
+            },
+            "abort" => std::process::abort(),
+            _ => std::process::exit(inputs.code.unwrap_or(3)),
+        }
+        unreachable!("the process is gone")
+    }
+}
+
+// ---- hang ----------------------------------------------------------------------------------
+
+struct Hang;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HangIn {
+    #[serde(default)]
+    cancel_marker: Option<String>,
+    #[serde(default)]
+    ignore_cancel: bool,
+}
+
+impl Resource for Hang {
+    type Inputs = HangIn;
+    type Outputs = Value;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("hang")
+            .description("Never finishes; notices cancellation")
+            .optional(
+                "cancelMarker",
+                "A file written when the operation sees its cancellation",
+            )
+            .optional(
+                "ignoreCancel",
+                "Keep hanging after cancellation (tests the grace period)",
+            )
+    }
+
+    async fn create(&self, op: &Operation, inputs: HangIn) -> Result<Value, OperationError> {
+        op.phase("hanging").await;
+        op.cancelled().await;
+        if let Some(marker) = &inputs.cancel_marker {
+            let _ = std::fs::write(marker, format!("cancelled {}\n", op.address()));
+        }
+        if inputs.ignore_cancel {
+            std::future::pending::<()>().await;
+        }
+        Err(OperationError::cancelled("hang cancelled"))
+    }
+}
+
+// ---- chatty --------------------------------------------------------------------------------
+
+struct Chatty;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChattyIn {
+    #[serde(default = "default_count")]
+    count: u64,
+    #[serde(default)]
+    via: Option<String>,
+    #[serde(default)]
+    delay_ms: u64,
+}
+
+fn default_count() -> u64 {
+    1000
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChattyOut {
+    count: u64,
+}
+
+impl Resource for Chatty {
+    type Inputs = ChattyIn;
+    type Outputs = ChattyOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("chatty")
+            .description("Emits many progress events inside a span")
+            .optional("count", "How many events (default 1000)")
+            .optional("via", "tracing (default) | log")
+            .optional("delay_ms", "Pause between events")
+            .output("count", "How many were emitted")
+    }
+
+    async fn create(&self, op: &Operation, inputs: ChattyIn) -> Result<ChattyOut, OperationError> {
+        let via_log = inputs.via.as_deref() == Some("log");
+        let span = tracing::info_span!("chatter", count = inputs.count);
+        let _entered = span.enter();
+        for n in 0..inputs.count {
+            if via_log {
+                op.log(LogStream::Stdout, format!("line {n}")).await;
+            } else {
+                tracing::info!(n, "event {n}");
+                if n % 256 == 255 {
+                    op.ready().await;
+                }
+            }
+            if inputs.delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(inputs.delay_ms)).await;
+            }
+            if n % 100 == 99 {
+                op.progress(n + 1, inputs.count, "events").await;
+            }
+            if op.is_cancelled() {
+                return Err(OperationError::cancelled("chatty cancelled"));
+            }
+        }
+        Ok(ChattyOut {
+            count: inputs.count,
+        })
+    }
+}
+
+// ---- big / corrupt -------------------------------------------------------------------------
+
+struct Big;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BigIn {
+    bytes: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BigOut {
+    data: String,
+}
+
+impl Resource for Big {
+    type Inputs = BigIn;
+    type Outputs = BigOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("big")
+            .description("Returns a large output")
+            .required("bytes", "Size of the output `data`")
+            .output("data", "`bytes` characters")
+    }
+
+    async fn create(&self, _op: &Operation, inputs: BigIn) -> Result<BigOut, OperationError> {
+        Ok(BigOut {
+            data: "x".repeat(inputs.bytes),
+        })
+    }
+}
+
+struct Corrupt;
+
+impl Resource for Corrupt {
+    type Inputs = Value;
+    type Outputs = Value;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("corrupt").description("Writes garbage onto its own connection")
+    }
+
+    async fn create(&self, _op: &Operation, _inputs: Value) -> Result<Value, OperationError> {
+        let fd: RawFd = RAW_SOCKET.load(Ordering::Relaxed);
+        if fd < 0 {
+            return Err(OperationError::permanent(
+                "corrupt needs a socket-activated connection",
+            ));
+        }
+        let garbage = [0xffu8; 64];
+        // SAFETY: writes to a descriptor this process owns.
+        unsafe {
+            libc::write(fd, garbage.as_ptr().cast(), garbage.len());
+        }
+        std::future::pending().await
+    }
+}
+
+// ---- main ----------------------------------------------------------------------------------
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: capstan-provider-testing [--listen PATH] [--max-concurrency N] \
+         [--protocol MIN:MAX] [--stderr-lines N]\n\
+         Normally started by capstan: capstan provider describe -- capstan-provider-testing"
+    );
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let mut provider = Provider::new("testing", env!("CARGO_PKG_VERSION"))
+        .resource(Noop)
+        .resource(Handle)
+        .resource(Sleep)
+        .resource(Fail)
+        .resource(Panic)
+        .resource(Crash)
+        .resource(Hang)
+        .resource(Chatty)
+        .resource(Big)
+        .resource(Corrupt)
+        .cancel_grace(Duration::from_secs(2));
+    let mut listen = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--listen" => listen = args.next(),
+            "--max-concurrency" => match args.next().and_then(|n| n.parse().ok()) {
+                Some(n) => provider = provider.max_concurrency(n),
+                None => return usage(),
+            },
+            "--protocol" => {
+                let range = args.next().unwrap_or_default();
+                let parsed = range
+                    .split_once(':')
+                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+                match parsed {
+                    Some((min, max)) => provider = provider.protocol_range(min, max),
+                    None => return usage(),
+                }
+            }
+            "--stderr-lines" => {
+                let n: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                for k in 0..n {
+                    eprintln!("testing provider: start-up line {k}");
+                }
+            }
+            "-h" | "--help" => {
+                usage();
+                return ExitCode::SUCCESS;
+            }
+            _ => return usage(),
+        }
+    }
+    let endpoint = match listen {
+        Some(path) => Endpoint::Listen(path.into()),
+        None => match Endpoint::from_env() {
+            Ok(endpoint) => endpoint,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    if let Endpoint::Inherited(fd) = &endpoint {
+        use std::os::fd::AsRawFd;
+        // SAFETY: duplicates a descriptor this process owns.
+        let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+        RAW_SOCKET.store(dup, Ordering::Relaxed);
+    }
+    provider.serve_at(endpoint)
+}
