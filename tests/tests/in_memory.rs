@@ -256,10 +256,7 @@ fn handshake_describes_the_provider() {
         let echo = info.resource_type("echo").expect("echo is served");
         assert_eq!(echo.outputs[0].name, "value");
         assert!(!echo.inputs[0].required);
-        assert_eq!(
-            info.resource_type("flood").unwrap().inputs[0].required,
-            true
-        );
+        assert!(info.resource_type("flood").unwrap().inputs[0].required);
     });
 }
 

@@ -8,13 +8,14 @@ use std::time::Duration;
 use capstan_schema::OperationError;
 
 /// How a provider process ended, in words.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum ExitDescription {
     /// Exited with this code.
     Code(i32),
     /// Killed by this signal.
     Signal(i32),
     /// Still running, or its status could not be learned in time.
+    #[default]
     Unknown,
 }
 

@@ -418,12 +418,6 @@ pub struct StopReport {
     pub leaked_processes: bool,
 }
 
-impl Default for ExitDescription {
-    fn default() -> Self {
-        ExitDescription::Unknown
-    }
-}
-
 fn spawn_reader(
     provider: &str,
     stream: LogStream,

@@ -96,7 +96,7 @@ impl ProgressQueue {
         let mut batch = Vec::with_capacity(state.items.len().min(MAX_BATCH_ITEMS));
         let mut bytes = 0;
         while let Some(event) = state.items.front() {
-            if batch.len() == MAX_BATCH_ITEMS || (bytes > 0 && bytes >= MAX_BATCH_BYTES) {
+            if batch.len() == MAX_BATCH_ITEMS || bytes >= MAX_BATCH_BYTES {
                 break;
             }
             bytes += event.approximate_size();
@@ -125,16 +125,20 @@ impl ProgressQueue {
 
 /// Drains `queue` into `sink` until the queue is closed and empty, then calls `finish()`.
 /// Returns the first error the stream hit; after an error it keeps draining (and discarding)
-/// so producers never wait on a dead stream.
+/// so producers never wait on a dead stream. An operation that reported nothing skips
+/// `finish()`: with no stream there is no stream error to surface, and a no-op saves a
+/// round trip.
 pub(crate) async fn pump(
     queue: Arc<ProgressQueue>,
     sink: progress_sink::Client,
 ) -> Result<(), capnp::Error> {
     let mut failure = None;
+    let mut pushed = false;
     while let Some(batch) = futures::future::poll_fn(|cx| queue.poll_batch(cx)).await {
         if failure.is_some() {
             continue;
         }
+        pushed = true;
         let mut request = sink.push_request();
         {
             let mut items = request.get().init_items(batch.len() as u32);
@@ -145,6 +149,9 @@ pub(crate) async fn pump(
         if let Err(e) = request.send().await {
             failure = Some(e);
         }
+    }
+    if !pushed {
+        return Ok(());
     }
     let finished = sink.finish_request().send().promise.await;
     match (failure, finished) {

@@ -1,0 +1,453 @@
+//! `capstan-bench`: measures Capstan against baselines taken in the same run.
+//!
+//! `capstan-bench rpc [--json] [--quick]` prints, each beside its baseline:
+//! - sequential no-op `create` round trip through the host vs. a raw 64-byte Unix-socket
+//!   ping-pong between two processes;
+//! - no-op operations per second with 64 in flight;
+//! - progress events per second from the `chatty` provider through the host vs. raw
+//!   one-item `-> stream` calls between two processes;
+//! - the host's peak memory while a slow observer holds a flood of progress back;
+//! - provider spawn + handshake time.
+//!
+//! Run from a release build: `cargo build --release && target/release/capstan-bench rpc`.
+
+use std::cell::Cell;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use capnp::capability::Rc as CapRc;
+use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use capstan_host::{
+    HostOptions, OperationCall, ProgressObserver, ProviderCommand, ProviderConnection,
+    ProviderSource,
+};
+use capstan_schema::progress_capnp::progress_sink;
+use capstan_schema::{OperationKind, ProgressEvent, ProgressKind};
+use serde_json::json;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+struct Sizes {
+    raw_pings: u32,
+    host_calls: u32,
+    inflight_calls: u32,
+    events: u64,
+    spawns: u32,
+}
+
+fn testing_provider() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let path = exe.with_file_name("capstan-provider-testing");
+    if !path.exists() {
+        eprintln!(
+            "error: {} not found; build it with `cargo build --release`",
+            path.display()
+        );
+        std::process::exit(2);
+    }
+    path
+}
+
+fn source() -> ProviderSource {
+    ProviderSource::Command(ProviderCommand::new(
+        testing_provider(),
+        Vec::<String>::new(),
+    ))
+}
+
+fn local<F: std::future::Future>(f: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tokio::task::LocalSet::new().block_on(&runtime, f)
+}
+
+fn noop(n: u64) -> OperationCall {
+    OperationCall::new(OperationKind::Create, "noop", "bench", json!({"value": n}))
+}
+
+// ---- raw baselines (child processes of this binary) ----------------------------------------
+
+fn raw_rtt_us(pings: u32) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("ping.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["raw-echo", path.to_str().unwrap()])
+        .spawn()
+        .expect("spawn echo child");
+    let (mut stream, _) = listener.accept().expect("accept");
+    let mut buf = [7u8; 64];
+    for _ in 0..100 {
+        stream.write_all(&buf).unwrap();
+        stream.read_exact(&mut buf).unwrap();
+    }
+    let start = Instant::now();
+    for _ in 0..pings {
+        stream.write_all(&buf).unwrap();
+        stream.read_exact(&mut buf).unwrap();
+    }
+    let elapsed = start.elapsed();
+    drop(stream);
+    let _ = child.wait();
+    elapsed.as_secs_f64() * 1e6 / pings as f64
+}
+
+fn raw_echo_child(path: &str) {
+    let mut stream = UnixStream::connect(path).expect("connect");
+    let mut buf = [0u8; 64];
+    while stream.read_exact(&mut buf).is_ok() {
+        if stream.write_all(&buf).is_err() {
+            break;
+        }
+    }
+}
+
+struct CountingSink(Rc<Cell<u64>>);
+
+impl progress_sink::Server for CountingSink {
+    async fn push(
+        self: CapRc<Self>,
+        params: progress_sink::PushParams,
+    ) -> Result<(), capnp::Error> {
+        let items = params.get()?.get_items()?;
+        for item in items {
+            if ProgressEvent::read(item)?.is_some() {
+                self.0.set(self.0.get() + 1);
+            }
+        }
+        Ok(())
+    }
+    async fn finish(
+        self: CapRc<Self>,
+        _: progress_sink::FinishParams,
+        _: progress_sink::FinishResults,
+    ) -> Result<(), capnp::Error> {
+        Ok(())
+    }
+}
+
+/// Raw `-> stream` calls, one event each, from a child process to a sink in this one.
+fn raw_stream_events_per_s(events: u64) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("stream.sock");
+    local(async {
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let child = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "raw-stream-sender",
+                path.to_str().unwrap(),
+                &events.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn sender");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (r, w) = stream.into_split();
+        let count = Rc::new(Cell::new(0));
+        let sink: progress_sink::Client = capnp_rpc::new_client(CountingSink(count.clone()));
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(r.compat()),
+            futures::io::BufWriter::new(w.compat_write()),
+            Side::Server,
+            Default::default(),
+        );
+        tokio::task::spawn_local(RpcSystem::new(Box::new(network), Some(sink.client)));
+        let output = child.wait_with_output().await.expect("sender output");
+        let rate: f64 = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("sender prints a rate");
+        assert_eq!(count.get(), events, "the sink saw every event");
+        rate
+    })
+}
+
+fn raw_stream_sender(path: &str, events: u64) {
+    let rate = local(async {
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .expect("connect");
+        let (r, w) = stream.into_split();
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(r.compat()),
+            futures::io::BufWriter::new(w.compat_write()),
+            Side::Client,
+            Default::default(),
+        );
+        let mut system = RpcSystem::new(Box::new(network), None);
+        let sink: progress_sink::Client = system.bootstrap(Side::Server);
+        tokio::task::spawn_local(system);
+        let start = Instant::now();
+        for n in 0..events {
+            let event = ProgressEvent::now(ProgressKind::Event {
+                span: 1,
+                level: capstan_schema::Level::Info,
+                message: format!("event {n}"),
+                target: "capstan_provider_testing".into(),
+                fields: vec![("n".into(), n.to_string())],
+            });
+            let mut request = sink.push_request();
+            event.write(request.get().init_items(1).get(0));
+            request.send().await.expect("push");
+        }
+        sink.finish_request().send().promise.await.expect("finish");
+        events as f64 / start.elapsed().as_secs_f64()
+    });
+    println!("{rate}");
+}
+
+// ---- through the host ----------------------------------------------------------------------
+
+fn host_rtt_us(calls: u32) -> f64 {
+    local(async {
+        let provider =
+            ProviderConnection::launch("testing", &source(), HostOptions::default(), None)
+                .await
+                .unwrap();
+        let ignore = capstan_host::ignore_progress();
+        for n in 0..200 {
+            provider.call(noop(n), ignore.clone()).await.unwrap();
+        }
+        let start = Instant::now();
+        for n in 0..calls {
+            provider.call(noop(n as u64), ignore.clone()).await.unwrap();
+        }
+        let elapsed = start.elapsed();
+        provider.shutdown().await;
+        elapsed.as_secs_f64() * 1e6 / calls as f64
+    })
+}
+
+fn ops_per_s_64(calls: u32) -> f64 {
+    local(async {
+        let provider = Rc::new(
+            ProviderConnection::launch("testing", &source(), HostOptions::default(), None)
+                .await
+                .unwrap(),
+        );
+        let per_task = calls / 64;
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let p = provider.clone();
+                tokio::task::spawn_local(async move {
+                    let ignore = capstan_host::ignore_progress();
+                    for n in 0..per_task {
+                        p.call(noop(n as u64), ignore.clone()).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let rate = (per_task * 64) as f64 / start.elapsed().as_secs_f64();
+        if let Ok(p) = Rc::try_unwrap(provider) {
+            p.shutdown().await;
+        }
+        rate
+    })
+}
+
+fn chatty(events: u64, observer: Rc<dyn ProgressObserver>) -> f64 {
+    local(async {
+        let provider =
+            ProviderConnection::launch("testing", &source(), HostOptions::default(), None)
+                .await
+                .unwrap();
+        let call = OperationCall::new(
+            OperationKind::Create,
+            "chatty",
+            "bench",
+            json!({"count": events}),
+        );
+        let start = Instant::now();
+        provider.call(call, observer).await.unwrap();
+        let rate = events as f64 / start.elapsed().as_secs_f64();
+        provider.shutdown().await;
+        rate
+    })
+}
+
+fn progress_events_per_s(events: u64) -> f64 {
+    let count = Rc::new(Cell::new(0u64));
+    let counter = count.clone();
+    let observer = Rc::new(move |batch: Vec<ProgressEvent>| {
+        counter.set(
+            counter.get()
+                + batch
+                    .iter()
+                    .filter(|e| matches!(e.kind, ProgressKind::Event { .. }))
+                    .count() as u64,
+        );
+        async {}
+    });
+    let rate = chatty(events, observer);
+    assert_eq!(count.get(), events, "every event arrived");
+    rate
+}
+
+fn rss_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs in a child process so its peak RSS is the host's alone.
+fn slow_sink_child(events: u64) {
+    let before = rss_kib("VmRSS:");
+    let observer =
+        Rc::new(|_batch: Vec<ProgressEvent>| tokio::time::sleep(Duration::from_micros(500)));
+    chatty(events, observer);
+    println!("{} {}", before, rss_kib("VmHWM:"));
+}
+
+fn slow_sink_peak_rss_mib(events: u64) -> (f64, f64) {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["slow-sink-child", &events.to_string()])
+        .output()
+        .expect("run slow-sink child");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut parts = text
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(0.0) / 1024.0);
+    (parts.next().unwrap_or(0.0), parts.next().unwrap_or(0.0))
+}
+
+fn spawn_handshake_ms(spawns: u32) -> f64 {
+    local(async {
+        let mut times = Vec::new();
+        for _ in 0..spawns {
+            let start = Instant::now();
+            let provider =
+                ProviderConnection::launch("testing", &source(), HostOptions::default(), None)
+                    .await
+                    .unwrap();
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+            provider.shutdown().await;
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        times[times.len() / 2]
+    })
+}
+
+fn rpc(json_output: bool, quick: bool) {
+    let sizes = if quick {
+        Sizes {
+            raw_pings: 2_000,
+            host_calls: 1_000,
+            inflight_calls: 12_800,
+            events: 50_000,
+            spawns: 9,
+        }
+    } else {
+        Sizes {
+            raw_pings: 20_000,
+            host_calls: 10_000,
+            inflight_calls: 128_000,
+            events: 500_000,
+            spawns: 31,
+        }
+    };
+    let raw_rtt = raw_rtt_us(sizes.raw_pings);
+    let host_rtt = host_rtt_us(sizes.host_calls);
+    let ops = ops_per_s_64(sizes.inflight_calls);
+    let progress = progress_events_per_s(sizes.events);
+    let raw_stream = raw_stream_events_per_s(sizes.events);
+    let (rss_before, rss_peak) = slow_sink_peak_rss_mib(sizes.events);
+    let spawn = spawn_handshake_ms(sizes.spawns);
+    let figures = json!({
+        "raw_rtt_us": raw_rtt,
+        "host_rtt_us": host_rtt,
+        "rtt_ratio": host_rtt / raw_rtt,
+        "ops_per_s_64": ops,
+        "progress_events_per_s": progress,
+        "raw_stream_events_per_s": raw_stream,
+        "progress_ratio": progress / raw_stream,
+        "slow_sink_rss_before_mib": rss_before,
+        "slow_sink_peak_rss_mib": rss_peak,
+        "spawn_handshake_ms": spawn,
+    });
+    if json_output {
+        println!("{figures}");
+        return;
+    }
+    let row = |what: &str, value: String, baseline: String, goal: &str| {
+        println!("{what:<44} {value:>14} {baseline:>22}   {goal}");
+    };
+    println!(
+        "{:<44} {:>14} {:>22}   goal",
+        "measure", "capstan", "baseline"
+    );
+    row(
+        "no-op create round trip (sequential)",
+        format!("{host_rtt:.1} µs"),
+        format!("raw ping {raw_rtt:.1} µs"),
+        &format!("ratio {:.2} (≤ 1.5)", host_rtt / raw_rtt),
+    );
+    row(
+        "no-op operations/s, 64 in flight",
+        format!("{ops:.0}/s"),
+        "-".into(),
+        "≥ 100,000/s",
+    );
+    row(
+        "progress events/s through the host",
+        format!("{progress:.0}/s"),
+        format!("raw stream {raw_stream:.0}/s"),
+        &format!(
+            "{:.0} % of raw (≥ 200,000/s, ≥ 80 %)",
+            100.0 * progress / raw_stream
+        ),
+    );
+    row(
+        "host peak RSS, slow observer",
+        format!("{rss_peak:.1} MiB"),
+        format!("at start {rss_before:.1} MiB"),
+        "flat, ≤ 64 MiB",
+    );
+    row(
+        "provider spawn + handshake (median)",
+        format!("{spawn:.2} ms"),
+        "-".into(),
+        "≤ 5 ms",
+    );
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |n: usize| args.get(n).map(String::as_str);
+    match arg(0) {
+        Some("rpc") => {
+            let json_output = args.iter().any(|a| a == "--json");
+            let quick = args.iter().any(|a| a == "--quick");
+            rpc(json_output, quick);
+        }
+        Some("raw-echo") => raw_echo_child(arg(1).expect("path")),
+        Some("raw-stream-sender") => raw_stream_sender(
+            arg(1).expect("path"),
+            arg(2).and_then(|n| n.parse().ok()).expect("count"),
+        ),
+        Some("slow-sink-child") => {
+            slow_sink_child(arg(1).and_then(|n| n.parse().ok()).expect("count"))
+        }
+        _ => {
+            eprintln!(
+                "usage: capstan-bench rpc [--json] [--quick]\n\
+                 Measures the provider protocol against raw baselines from the same run.\n\
+                 Build first: cargo build --release"
+            );
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
+}

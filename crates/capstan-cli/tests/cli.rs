@@ -1,0 +1,154 @@
+//! `capstan provider describe` and `capstan provider call`, run as a user would.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn capstan(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_capstan"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The testing provider, built beside `capstan` by `cargo test --workspace`.
+fn testing_provider() -> String {
+    let path =
+        PathBuf::from(env!("CARGO_BIN_EXE_capstan")).with_file_name("capstan-provider-testing");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn describe_prints_the_handshake_as_json() {
+    let provider = testing_provider();
+    let out = capstan(&["provider", "describe", "--", &provider]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(info["name"], "testing");
+    assert_eq!(info["protocol"], 1);
+    let chatty = info["resourceTypes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "chatty")
+        .unwrap();
+    assert_eq!(chatty["outputs"][0]["name"], "count");
+}
+
+#[test]
+fn call_shows_progress_on_stderr_and_outputs_on_stdout() {
+    let provider = testing_provider();
+    let out = capstan(&[
+        "provider",
+        "call",
+        "--type",
+        "chatty",
+        "--inputs",
+        r#"{"count": 3}"#,
+        "--",
+        &provider,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let outputs: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is only the outputs");
+    assert_eq!(outputs, serde_json::json!({"count": 3}));
+    let stderr = text(&out.stderr);
+    for needle in [
+        "▶ chatter count=3",
+        "info chatter: event 0 n=0",
+        "event 2",
+        "■ chatter",
+        "create chatty `cli` done",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn call_with_json_streams_events_then_the_result() {
+    let provider = testing_provider();
+    let out = capstan(&[
+        "provider",
+        "call",
+        "--json",
+        "--type",
+        "sleep",
+        "--inputs",
+        r#"{"ms": 20}"#,
+        "--",
+        &provider,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines[0]["type"], "progress");
+    assert_eq!(lines[0]["kind"], "phase");
+    assert_eq!(lines[0]["name"], "sleeping");
+    assert!(lines
+        .iter()
+        .any(|l| l["kind"] == "counter" && l["done"] == 10 && l["expected"] == 10));
+    let last = lines.last().unwrap();
+    assert_eq!(last["type"], "result");
+    assert_eq!(last["ok"], true);
+    assert_eq!(last["outputs"], serde_json::json!({"slept_ms": 20}));
+}
+
+#[test]
+fn failures_exit_1_with_the_message_and_usage_errors_exit_2() {
+    let provider = testing_provider();
+    let out = capstan(&[
+        "provider",
+        "call",
+        "--type",
+        "fail",
+        "--inputs",
+        r#"{"message": "nope, not today"}"#,
+        "--",
+        &provider,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("nope, not today"));
+    assert!(out.stdout.is_empty());
+
+    let out = capstan(&[
+        "provider",
+        "call",
+        "--type",
+        "unknown-type",
+        "--",
+        &provider,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("it serves: noop"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = capstan(&[
+        "provider",
+        "call",
+        "--type",
+        "noop",
+        "--inputs",
+        "{not json",
+        "--",
+        &provider,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--inputs is not valid JSON"));
+
+    let out = capstan(&["provider", "describe", "--", "/definitely/not/here"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("not found"));
+}
