@@ -196,24 +196,34 @@ mod tests {
     }
 
     #[test]
-    fn batches_keep_order_and_respect_the_item_limit() {
+    fn batches_keep_order_and_respect_their_limits() {
         let queue = ProgressQueue::new();
-        for n in 0..(MAX_BATCH_ITEMS + 5) {
+        let total = 3 * MAX_BATCH_ITEMS;
+        for n in 0..total {
             queue.push(phase(n));
         }
         queue.close();
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        let Poll::Ready(Some(first)) = queue.poll_batch(&mut cx) else {
-            panic!("expected a batch")
-        };
-        let Poll::Ready(Some(second)) = queue.poll_batch(&mut cx) else {
-            panic!("expected a second batch")
-        };
-        assert_eq!(first.len(), MAX_BATCH_ITEMS);
-        assert_eq!(second.len(), 5);
-        assert_eq!(first[0], phase(0).with_time(first[0].time_unix_nanos));
-        assert!(matches!(queue.poll_batch(&mut cx), Poll::Ready(None)));
+        let mut seen = Vec::new();
+        let mut batches = 0;
+        while let Poll::Ready(Some(batch)) = queue.poll_batch(&mut cx) {
+            batches += 1;
+            assert!(batch.len() <= MAX_BATCH_ITEMS);
+            let bytes: usize = batch.iter().map(|e| e.approximate_size()).sum();
+            let last = batch.last().unwrap().approximate_size();
+            assert!(
+                bytes - last < MAX_BATCH_BYTES,
+                "cut once over the byte limit"
+            );
+            seen.extend(batch.into_iter().map(|e| match e.kind {
+                ProgressKind::Phase { name, .. } => name,
+                _ => unreachable!(),
+            }));
+        }
+        assert!(batches >= 3);
+        let expected: Vec<String> = (0..total).map(|n| format!("p{n}")).collect();
+        assert_eq!(seen, expected, "nothing lost, nothing reordered");
     }
 
     #[test]
@@ -227,15 +237,5 @@ mod tests {
         assert!(queue.poll_space(&mut cx).is_pending());
         let _ = queue.poll_batch(&mut cx);
         assert!(queue.poll_space(&mut cx).is_ready());
-    }
-
-    trait WithTime {
-        fn with_time(self, t: u64) -> Self;
-    }
-    impl WithTime for ProgressEvent {
-        fn with_time(mut self, t: u64) -> Self {
-            self.time_unix_nanos = t;
-            self
-        }
     }
 }
