@@ -332,6 +332,40 @@ fn provider_stderr_is_captured_and_attributed() {
 }
 
 #[test]
+fn a_provider_printing_to_stdout_cannot_corrupt_the_protocol() {
+    run_local(async {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let provider = ProviderConnection::launch(
+            "printer",
+            &testing_source(&[]),
+            HostOptions::default(),
+            Some(tx),
+        )
+        .await
+        .unwrap();
+        let done = provider
+            .call(
+                create("noop", json!({"value": 1, "print": "hello from println"})),
+                Recorder::default().observer(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.outputs["value"], 1);
+        let log = rx.recv().await.expect("the printed line arrives as a log");
+        assert_eq!(log.line, "hello from println");
+        assert_eq!(
+            log.stream,
+            capstan_schema::LogStream::Stderr,
+            "stdout was pointed at stderr"
+        );
+        assert!(provider
+            .call(create("noop", json!({})), Recorder::default().observer())
+            .await
+            .is_ok());
+    });
+}
+
+#[test]
 fn launch_errors_say_what_is_wrong() {
     run_local(async {
         let missing = ProviderSource::Command(ProviderCommand::new(

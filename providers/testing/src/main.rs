@@ -50,6 +50,9 @@ struct Noop;
 struct NoopIn {
     #[serde(default)]
     value: Value,
+    /// Printed with `println!`, to show that stdout cannot corrupt the protocol.
+    #[serde(default)]
+    print: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -68,11 +71,18 @@ impl Resource for Noop {
         ResourceType::new("noop")
             .description("Does nothing; echoes its input")
             .optional("value", "Any JSON value, echoed as the output `value`")
+            .optional(
+                "print",
+                "A line to println! (it ends up on stderr, never the socket)",
+            )
             .output("value", "The input `value`")
             .output("id", "Unique per create")
     }
 
     async fn create(&self, op: &Operation, inputs: NoopIn) -> Result<NoopOut, OperationError> {
+        if let Some(line) = &inputs.print {
+            println!("{line}");
+        }
         let mut handles = Vec::new();
         for (name, handle) in op.capabilities() {
             let (kind, address, summary) = describe_handle(handle).await.map_err(|e| {
