@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use capnp_rpc::rpc_twoparty_capnp::Side;
 use capstan_schema::provider_capnp::{
     operation_request, operation_result, provider, resource_handle,
 };
@@ -133,14 +133,11 @@ where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let mut network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader),
-        futures::io::BufWriter::new(writer),
-        Side::Client,
-        capstan_schema::reader_options(options.max_message_words),
-    );
-    network.set_window_size(options.stream_window);
-    let mut system = RpcSystem::new(Box::new(network), None);
+    let transport = capstan_transport::TransportOptions {
+        max_message_words: options.max_message_words,
+        stream_window: options.stream_window,
+    };
+    let mut system = capstan_transport::rpc_system(reader, writer, Side::Client, None, transport);
     let client: provider::Client = system.bootstrap(Side::Server);
     let disconnector = system.get_disconnector();
     let (closed_tx, closed) = watch::channel(None);
@@ -531,4 +528,21 @@ pub async fn describe_handle(
         info.get_address()?.to_string()?,
         info.get_summary()?.to_string()?,
     ))
+}
+
+impl ProviderConnection {
+    /// Repeats the handshake call and returns how long it took; a bare round trip through the
+    /// same connection, used by the benchmark as the protocol's floor.
+    #[doc(hidden)]
+    pub async fn ping(&self) -> Result<Duration, capnp::Error> {
+        let start = std::time::Instant::now();
+        let mut request = self.client.hello_request();
+        {
+            let mut core = request.get().init_core();
+            core.set_min_protocol(capstan_schema::MIN_PROTOCOL_VERSION);
+            core.set_max_protocol(capstan_schema::PROTOCOL_VERSION);
+        }
+        request.send().promise.await?;
+        Ok(start.elapsed())
+    }
 }

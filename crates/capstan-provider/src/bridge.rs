@@ -1,15 +1,13 @@
 //! The `tracing` bridge: spans and events that provider code emits inside an operation go to
 //! that operation's progress stream, with their parent/child structure.
 //!
-//! Each operation runs inside a root span (`capstan.operation`) that carries a key into a
-//! process-wide table of live operations. When a span opens under it, the layer gives it a
-//! fresh progress span id and stores the operation's queue in the span's extensions, so every
-//! descendant span and event finds its way to the right operation, from any thread.
+//! Each operation runs inside a root span (`capstan.operation`) whose extensions hold the
+//! operation's progress queue. When a span opens under it, the layer gives it a fresh progress
+//! span id and copies the queue into its extensions, so every descendant span and event finds
+//! its way to the right operation, from any thread.
 
-use std::collections::HashMap;
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Arc;
 
 use capstan_schema::{Level as ProgressLevel, ProgressEvent, ProgressKind};
 use tracing::field::{Field, Visit};
@@ -23,36 +21,19 @@ use crate::progress::ProgressQueue;
 /// Target and name of the span each operation runs in.
 pub(crate) const ROOT_TARGET: &str = "capstan_provider::operation";
 pub(crate) const ROOT_NAME: &str = "capstan.operation";
-const ROOT_KEY_FIELD: &str = "capstan.op";
 
-static OPERATIONS: LazyLock<Mutex<HashMap<u64, Arc<ProgressQueue>>>> =
-    LazyLock::new(Default::default);
-static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
-
-fn operations() -> std::sync::MutexGuard<'static, HashMap<u64, Arc<ProgressQueue>>> {
-    OPERATIONS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Keeps an operation reachable from its root span; dropping it unregisters the operation.
-pub(crate) struct Registration(u64);
-
-impl Registration {
-    pub(crate) fn new(queue: Arc<ProgressQueue>) -> Self {
-        let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
-        operations().insert(key, queue);
-        Registration(key)
-    }
-
-    /// The root span of this operation.
-    pub(crate) fn root_span(&self) -> tracing::Span {
-        tracing::info_span!(target: ROOT_TARGET, ROOT_NAME, capstan.op = self.0)
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        operations().remove(&self.0);
-    }
+/// The root span of an operation whose progress goes to `queue`. The queue is stored in the
+/// span's extensions right away, so every span and event opened under it finds its way there.
+pub(crate) fn root_span(queue: Arc<ProgressQueue>) -> tracing::Span {
+    let span = tracing::info_span!(target: ROOT_TARGET, ROOT_NAME);
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(registry) = dispatch.downcast_ref::<tracing_subscriber::Registry>() {
+            if let Some(data) = registry.span(id) {
+                data.extensions_mut().insert(Route { queue, span: 0 });
+            }
+        }
+    });
+    span
 }
 
 /// Stored in the extensions of every span that belongs to an operation.
@@ -124,14 +105,8 @@ where
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, cx: Context<'_, S>) {
         let Some(span) = cx.span(id) else { return };
         let meta = attrs.metadata();
-        if meta.target() == ROOT_TARGET && meta.name() == ROOT_NAME {
-            let mut key = KeyVisitor(None);
-            attrs.record(&mut key);
-            let queue = key.0.and_then(|k| operations().get(&k).cloned());
-            if let Some(queue) = queue {
-                span.extensions_mut().insert(Route { queue, span: 0 });
-            }
-            return;
+        if meta.target() == ROOT_TARGET {
+            return; // `root_span` routes it.
         }
         let Some(parent) = span.parent() else { return };
         let Some((queue, parent_id)) = parent
@@ -187,18 +162,6 @@ where
                 .push(ProgressEvent::now(ProgressKind::SpanEnd { id: route.span }));
         }
     }
-}
-
-struct KeyVisitor(Option<u64>);
-
-impl Visit for KeyVisitor {
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        if field.name() == ROOT_KEY_FIELD {
-            self.0 = Some(value);
-        }
-    }
-
-    fn record_debug(&mut self, _field: &Field, _value: &dyn Debug) {}
 }
 
 #[derive(Default)]

@@ -241,8 +241,10 @@ fn redirect_and_init() {
         serve::redirect_stdout_to_stderr();
         let env = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        let outside_operations =
-            tracing_subscriber::filter::dynamic_filter_fn(|_, cx| !bridge::in_operation(cx));
+        // Operation spans and what happens inside them go to the core, not to stderr.
+        let outside_operations = tracing_subscriber::filter::dynamic_filter_fn(|meta, cx| {
+            meta.target() != bridge::ROOT_TARGET && !bridge::in_operation(cx)
+        });
         let stderr = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(false)

@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use capnp_rpc::{rpc_twoparty_capnp::Side, twoparty, RpcSystem};
+use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
 use capstan_schema::provider_capnp::provider;
 use futures::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
@@ -133,13 +133,17 @@ where
     R: AsyncRead + Unpin + 'static,
     W: AsyncWrite + Unpin + 'static,
 {
-    let network = twoparty::VatNetwork::new(
-        futures::io::BufReader::new(reader),
-        futures::io::BufWriter::new(writer),
+    let options = capstan_transport::TransportOptions {
+        max_message_words,
+        ..Default::default()
+    };
+    capstan_transport::rpc_system(
+        reader,
+        writer,
         Side::Server,
-        capstan_schema::reader_options(max_message_words),
-    );
-    RpcSystem::new(Box::new(network), Some(bootstrap.client))
+        Some(bootstrap.client),
+        options,
+    )
 }
 
 fn stream_system(

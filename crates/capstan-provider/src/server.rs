@@ -20,7 +20,6 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::bridge::Registration;
 use crate::operation::Operation;
 use crate::progress::{pump, Gated, ProgressQueue};
 use crate::resource::{Call, ErasedResource};
@@ -152,7 +151,7 @@ impl ProviderServer {
         }
 
         let queue = Arc::new(ProgressQueue::new());
-        let pump = tokio::task::spawn_local(pump(queue.clone(), request.progress));
+        let progress = request.progress;
         let cancel = self.shutdown.child_token();
         let op = Operation {
             kind,
@@ -165,12 +164,8 @@ impl ProviderServer {
             returned: RefCell::new(Vec::new()),
         };
         let grace = self.cancel_grace;
-        let registration = Registration::new(queue.clone());
-        let root_span = registration.root_span();
+        let root_span = crate::bridge::root_span(queue.clone());
         let work = async move {
-            // Keep the operation routable for as long as its code runs, even past a
-            // cancelled call.
-            let _registration = registration;
             let method = async {
                 let outputs = resource.call(&op, call).await?;
                 Ok(Success {
@@ -193,10 +188,26 @@ impl ProviderServer {
         .instrument(root_span);
         let task = tokio::task::spawn_local(Gated::new(work.boxed_local(), queue.clone()));
 
-        // If the core drops this call, this future is dropped: tell the operation.
-        let cancel_on_drop = cancel.drop_guard();
-        let outcome = task.await;
-        cancel_on_drop.disarm();
+        // If the core drops this call, this future is dropped: tell the operation, and stop
+        // holding it back for progress nobody will read.
+        let mut on_drop = CancelOnDrop {
+            cancel,
+            queue: queue.clone(),
+            armed: true,
+        };
+        // The pump runs beside the operation in this future rather than in a task of its own.
+        let (outcome, pumped) = futures::join!(
+            async {
+                let outcome = task.await;
+                queue.close();
+                outcome
+            },
+            pump(queue.clone(), progress)
+        );
+        on_drop.armed = false;
+        if let Err(e) = pumped {
+            tracing::warn!("progress stream failed: {e}");
+        }
 
         let result = match outcome {
             Ok(result) => result,
@@ -210,12 +221,6 @@ impl ProviderServer {
                 "the operation's task was aborted",
             )),
         };
-        queue.close();
-        match pump.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("progress stream failed: {e}"),
-            Err(e) => tracing::warn!("progress pump ended abnormally: {e}"),
-        }
         result
     }
 
@@ -246,6 +251,22 @@ impl ProviderServer {
             Err(error) => error.write(results.init_failure()),
         }
         Ok(())
+    }
+}
+
+/// Fires an operation's cancellation when the call that runs it is dropped.
+struct CancelOnDrop {
+    cancel: CancellationToken,
+    queue: Arc<ProgressQueue>,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cancel.cancel();
+            self.queue.close();
+        }
     }
 }
 
