@@ -64,6 +64,50 @@ fn the_testing_provider_serves_every_documented_type() {
 }
 
 #[test]
+fn a_provider_that_will_not_exit_is_terminated_then_killed() {
+    run_local(async {
+        let options = HostOptions {
+            shutdown_grace: Duration::from_millis(200),
+            term_grace: Duration::from_millis(200),
+            ..HostOptions::default()
+        };
+        let provider =
+            ProviderConnection::launch("stubborn", &testing_source(&["--linger"]), options, None)
+                .await
+                .unwrap();
+        let pid = provider.pid().unwrap();
+        let report = provider.shutdown().await.process.expect("a process");
+        assert_eq!(
+            report.escalated_to,
+            Some(libc::SIGKILL),
+            "SIGTERM was ignored, so SIGKILL followed"
+        );
+        assert_eq!(report.status, ExitDescription::Signal(libc::SIGKILL));
+        assert!(!process_alive(pid));
+    });
+}
+
+#[test]
+fn processes_a_provider_leaves_behind_are_killed_and_reported() {
+    run_local(async {
+        let provider = launch_testing(&["--leak-child"]).await;
+        let pid = provider.pid().unwrap();
+        let report = provider.shutdown().await.process.expect("a process");
+        assert_eq!(report.status, ExitDescription::Code(0));
+        assert!(
+            report.leaked_processes,
+            "the sleep it started was still running"
+        );
+        let group_empty = wait_until(
+            Duration::from_secs(5),
+            || unsafe { libc::kill(-(pid as i32), 0) } != 0,
+        )
+        .await;
+        assert!(group_empty, "the leaked process was killed");
+    });
+}
+
+#[test]
 fn one_process_serves_many_concurrent_operations() {
     run_local(async {
         let provider = Rc::new(launch_testing(&[]).await);

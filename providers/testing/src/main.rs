@@ -15,7 +15,9 @@
 //!
 //! Options: `--listen PATH` serves as a standing service at PATH; `--max-concurrency N`
 //! declares a limit; `--protocol MIN:MAX` claims other protocol versions (to test refusal);
-//! `--stderr-lines N` writes N lines to stderr at start-up.
+//! `--stderr-lines N` writes N lines to stderr at start-up; `--linger` stays alive, ignoring
+//! SIGTERM, after the core disconnects (to test escalation to SIGKILL); `--leak-child` starts a
+//! `sleep` that outlives the provider (to test leaked-process cleanup).
 
 /// glibc's allocator spends a large share of each RPC in malloc/free; mimalloc does not.
 #[global_allocator]
@@ -470,6 +472,8 @@ fn main() -> ExitCode {
         .resource(Corrupt)
         .cancel_grace(Duration::from_secs(2));
     let mut listen = None;
+    let mut linger = false;
+    let mut leaked_child = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -494,6 +498,16 @@ fn main() -> ExitCode {
                     eprintln!("testing provider: start-up line {k}");
                 }
             }
+            "--linger" => linger = true,
+            "--leak-child" => {
+                leaked_child = std::process::Command::new("sleep")
+                    .arg("1000")
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .ok();
+            }
             "-h" | "--help" => {
                 usage();
                 return ExitCode::SUCCESS;
@@ -517,5 +531,19 @@ fn main() -> ExitCode {
         let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
         RAW_SOCKET.store(dup, Ordering::Relaxed);
     }
-    provider.serve_at(endpoint)
+    let code = provider.serve_at(endpoint);
+    if let Some(child) = leaked_child {
+        // Left running on purpose: the host must find and kill it.
+        std::mem::forget(child);
+    }
+    if linger {
+        // SAFETY: ignoring a signal has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        }
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    code
 }
