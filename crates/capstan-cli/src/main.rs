@@ -1,19 +1,29 @@
-//! `capstan`: the command-line front of Capstan. Thin glue over `capstan-host`.
+//! `capstan`: the command-line front of Capstan. Thin glue over `capstan-engine` and
+//! `capstan-host`.
 
+mod deploy_cmd;
 mod output;
 mod provider_cmd;
-
-/// glibc's allocator spends a large share of each RPC in malloc/free; mimalloc does not.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod render;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Capstan drives long-lived provider processes over Cap'n Proto RPC on Unix sockets.
+/// glibc's allocator spends a large share of each RPC in malloc/free; mimalloc does not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Capstan deploys resources through long-lived provider processes that report their progress
+/// as they work.
+///
+/// A deployment (capstan.json) declares providers and resources; inputs may refer to other
+/// resources' outputs with {"$ref": "ADDRESS#OUTPUT"}, to parameters with {"$param": "NAME"}
+/// and to capabilities with {"$cap": "ADDRESS#NAME"}.
+///
+/// Exit codes: 0 success, 1 some resource failed, 2 invalid deployment or usage, 130 interrupted.
 #[derive(Parser)]
-#[command(name = "capstan", version, about, long_about = None)]
+#[command(name = "capstan", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,16 +31,54 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show what apply would create, update, delete or leave alone.
+    Plan {
+        #[command(flatten)]
+        common: deploy_cmd::Common,
+    },
+    /// Create, update and delete resources until they match the deployment.
+    Apply {
+        #[command(flatten)]
+        common: deploy_cmd::Common,
+        #[command(flatten)]
+        run: deploy_cmd::RunArgs,
+    },
+    /// Delete every resource in the state, in reverse dependency order.
+    Destroy {
+        #[command(flatten)]
+        common: deploy_cmd::Common,
+        #[command(flatten)]
+        run: deploy_cmd::RunArgs,
+    },
+    /// Inspect the state; find and resolve interrupted operations.
+    State {
+        #[command(flatten)]
+        common: deploy_cmd::Common,
+        #[command(subcommand)]
+        command: deploy_cmd::StateCmd,
+    },
     /// Try a provider directly, without a deployment.
     #[command(subcommand)]
     Provider(provider_cmd::ProviderCmd),
+    /// Serve a built-in provider on the socket capstan passes in (used by capstan itself).
+    #[command(name = "__provider", hide = true)]
+    BuiltinProvider { name: String },
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::BuiltinProvider { name } = &cli.command {
+        return match name.as_str() {
+            "local" => capstan_provider_local::provider().serve(),
+            other => {
+                eprintln!("error: no built-in provider `{other}`; built in: local");
+                ExitCode::from(2)
+            }
+        };
+    }
     // Only what a command means to print may reach stdout: point fd 1 at stderr and keep the
     // real stdout for our own output.
     let stdout = output::Stdout::take();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -42,14 +90,26 @@ fn main() -> ExitCode {
         }
     };
     let local = tokio::task::LocalSet::new();
-    let result = match cli.command {
-        Command::Provider(command) => local.block_on(&runtime, command.run(stdout)),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
+    local.block_on(&runtime, async move {
+        match cli.command {
+            Command::Plan { common } => deploy_cmd::plan_cmd(common, stdout).await,
+            Command::Apply { common, run } => {
+                deploy_cmd::apply_cmd(common, run, stdout, false).await
+            }
+            Command::Destroy { common, run } => {
+                deploy_cmd::apply_cmd(common, run, stdout, true).await
+            }
+            Command::State { common, command } => {
+                deploy_cmd::state_cmd(common, command, stdout).await
+            }
+            Command::Provider(command) => match command.run(stdout).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            },
+            Command::BuiltinProvider { .. } => unreachable!("handled above"),
         }
-    }
+    })
 }

@@ -23,6 +23,11 @@ impl Stdout {
         }
     }
 
+    /// A stdout that discards everything (for commands whose output goes elsewhere).
+    pub fn null() -> Self {
+        Stdout(File::create("/dev/null").expect("/dev/null"))
+    }
+
     /// Writes one line.
     pub fn line(&mut self, text: &str) {
         let _ = writeln!(self.0, "{text}");

@@ -65,13 +65,18 @@ pub(crate) fn current_span_of(queue: &Arc<ProgressQueue>) -> u64 {
 }
 
 /// Whether the current span belongs to some operation (used to keep operation events off
-/// stderr, where they would be reported twice).
-pub(crate) fn in_operation<S>(cx: &Context<'_, S>) -> bool
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    cx.lookup_current()
-        .is_some_and(|span| span.extensions().get::<Route>().is_some())
+/// stderr, where they would be reported twice). Asks the registry directly: a per-layer
+/// filter's own context hides spans that layer does not record, such as operation roots.
+pub(crate) fn inside_operation() -> bool {
+    tracing::dispatcher::get_default(|dispatch| {
+        let Some(id) = dispatch.current_span().id().cloned() else {
+            return false;
+        };
+        dispatch
+            .downcast_ref::<tracing_subscriber::Registry>()
+            .and_then(|registry| registry.span(&id))
+            .is_some_and(|span| span.extensions().get::<Route>().is_some())
+    })
 }
 
 /// The layer that forwards spans and events inside operations to their progress streams.

@@ -242,8 +242,8 @@ fn redirect_and_init() {
         let env = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
         // Operation spans and what happens inside them go to the core, not to stderr.
-        let outside_operations = tracing_subscriber::filter::dynamic_filter_fn(|meta, cx| {
-            meta.target() != bridge::ROOT_TARGET && !bridge::in_operation(cx)
+        let outside_operations = tracing_subscriber::filter::dynamic_filter_fn(|meta, _| {
+            meta.target() != bridge::ROOT_TARGET && !bridge::inside_operation()
         });
         let stderr = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)

@@ -1,0 +1,84 @@
+//! What a run reports as it goes: one event per thing that happened. The CLI renders them as a
+//! live view or as newline-delimited JSON (`schema/events.schema.json`).
+
+use capstan_schema::{LogStream, ProgressEvent};
+use serde::Serialize;
+
+use crate::plan::PlannedChange;
+
+/// Counts for the end of a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub created: usize,
+    pub updated: usize,
+    pub deleted: usize,
+    pub unchanged: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub interrupted: usize,
+}
+
+impl Summary {
+    /// Whether everything that was asked for happened.
+    pub fn succeeded(&self) -> bool {
+        self.failed == 0 && self.skipped == 0 && self.interrupted == 0
+    }
+}
+
+/// One event. Field names are part of the JSON stream's contract: only ever add.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    Plan {
+        changes: Vec<PlannedChange>,
+    },
+    ResourceStart {
+        address: String,
+        operation: String,
+        provider: String,
+        #[serde(rename = "resource_type")]
+        resource_type: String,
+    },
+    ResourceProgress {
+        address: String,
+        operation: String,
+        progress: ProgressEvent,
+    },
+    ResourceComplete {
+        address: String,
+        operation: String,
+        elapsed_seconds: f64,
+    },
+    ResourceFailed {
+        address: String,
+        operation: String,
+        error: String,
+        kind: String,
+        details: String,
+        elapsed_seconds: f64,
+    },
+    ResourceSkipped {
+        address: String,
+        operation: String,
+        reason: String,
+        dependency: String,
+    },
+    ProviderLog {
+        provider: String,
+        stream: LogStream,
+        line: String,
+    },
+    Interrupted {
+        message: String,
+    },
+    Summary {
+        #[serde(flatten)]
+        counts: Summary,
+        elapsed_seconds: f64,
+    },
+}
+
+/// Where events go.
+pub trait EventSink {
+    fn emit(&self, event: Event);
+}

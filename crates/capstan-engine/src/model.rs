@@ -1,0 +1,710 @@
+//! The deployment: providers, resources, and the data flowing between them, read from JSON and
+//! checked before anything runs. Every error names the file and the place in it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use capstan_schema::ProviderInfo;
+use serde_json::{Map, Value};
+
+/// A problem with the deployment, found before anything ran.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {place}: {message}", .file.display())]
+pub struct ModelError {
+    pub file: PathBuf,
+    /// Where in the file, e.g. `resources.web.db.inputs.content`.
+    pub place: String,
+    pub message: String,
+}
+
+/// Where a provider comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderSourceDecl {
+    /// Shipped inside `capstan`, run out of process by re-executing it.
+    Builtin(String),
+    /// A program, resolved relative to the deployment file or on PATH.
+    Executable { program: String, args: Vec<String> },
+    /// A provider service listening at this socket.
+    Socket(PathBuf),
+}
+
+/// A provider as the deployment declares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderDecl {
+    pub name: String,
+    pub source: ProviderSourceDecl,
+    /// Overrides the provider's own limit.
+    pub max_concurrency: Option<u32>,
+    /// Per-operation timeout in seconds.
+    pub timeout: Option<f64>,
+}
+
+/// A reference from a resource's inputs to another resource's output.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OutputRef {
+    pub address: String,
+    pub output: String,
+    /// Where the reference sits, for messages.
+    pub place: String,
+}
+
+/// A capability another resource returned, handed to this one under `input`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapabilityRef {
+    pub input: String,
+    pub address: String,
+    pub name: String,
+}
+
+/// A resource as the deployment declares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceDecl {
+    pub address: String,
+    pub provider: String,
+    pub resource_type: String,
+    /// The inputs with parameters substituted; `{"$ref": …}` objects stay until resolved.
+    pub inputs: Map<String, Value>,
+    pub refs: Vec<OutputRef>,
+    pub capabilities: Vec<CapabilityRef>,
+}
+
+impl ResourceDecl {
+    /// Every resource this one depends on.
+    pub fn dependencies(&self) -> BTreeSet<String> {
+        self.refs
+            .iter()
+            .map(|r| r.address.clone())
+            .chain(self.capabilities.iter().map(|c| c.address.clone()))
+            .collect()
+    }
+}
+
+/// A whole deployment.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub file: PathBuf,
+    pub providers: BTreeMap<String, ProviderDecl>,
+    pub resources: BTreeMap<String, ResourceDecl>,
+}
+
+impl Deployment {
+    /// The directory relative paths are resolved against.
+    pub fn dir(&self) -> PathBuf {
+        self.file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// Reads and checks a deployment file. `params` fills `{"$param": NAME}`.
+    pub fn load(file: &Path, params: &Map<String, Value>) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ModelError {
+            file: file.to_path_buf(),
+            place: "(file)".into(),
+            message: format!("cannot read it: {e}"),
+        })?;
+        Self::parse(file, &text, params)
+    }
+
+    /// Parses and checks a deployment given as text.
+    pub fn parse(file: &Path, text: &str, params: &Map<String, Value>) -> Result<Self, ModelError> {
+        let err = |place: &str, message: String| ModelError {
+            file: file.to_path_buf(),
+            place: place.to_string(),
+            message,
+        };
+        let root: Value = serde_json::from_str(text).map_err(|e| {
+            err(
+                &format!("line {} column {}", e.line(), e.column()),
+                format!("not valid JSON: {e}"),
+            )
+        })?;
+        let Value::Object(root) = root else {
+            return Err(err(
+                "(top level)",
+                "a deployment is a JSON object with `providers` and `resources`".into(),
+            ));
+        };
+        for key in root.keys() {
+            if key != "providers" && key != "resources" && key != "$schema" {
+                return Err(err(
+                    key,
+                    "unknown key; a deployment has `providers` and `resources`".into(),
+                ));
+            }
+        }
+        let mut providers = BTreeMap::new();
+        if let Some(decls) = root.get("providers") {
+            let Value::Object(decls) = decls else {
+                return Err(err(
+                    "providers",
+                    "must be an object of provider declarations".into(),
+                ));
+            };
+            for (name, decl) in decls {
+                let place = format!("providers.{name}");
+                providers.insert(
+                    name.clone(),
+                    parse_provider(name, decl).map_err(|m| err(&place, m))?,
+                );
+            }
+        }
+        let mut resources = BTreeMap::new();
+        match root.get("resources") {
+            Some(Value::Object(group)) => collect_resources(group, "", params, &mut resources)
+                .map_err(|(place, m)| err(&place, m))?,
+            Some(_) => return Err(err("resources", "must be an object".into())),
+            None => {}
+        }
+        let deployment = Deployment {
+            file: file.to_path_buf(),
+            providers,
+            resources,
+        };
+        deployment
+            .check_static()
+            .map_err(|(place, m)| err(&place, m))?;
+        Ok(deployment)
+    }
+
+    fn check_static(&self) -> Result<(), (String, String)> {
+        for r in self.resources.values() {
+            let place = format!("resources.{}", r.address);
+            if !self.providers.contains_key(&r.provider) {
+                let known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+                return Err((
+                    format!("{place}.provider"),
+                    format!(
+                        "unknown provider `{}`; declared providers: {}",
+                        r.provider,
+                        list(&known)
+                    ),
+                ));
+            }
+            for reference in &r.refs {
+                if !self.resources.contains_key(&reference.address) {
+                    return Err((
+                        reference.place.clone(),
+                        format!(
+                            "refers to resource `{}`, which the deployment does not declare",
+                            reference.address
+                        ),
+                    ));
+                }
+            }
+            for cap in &r.capabilities {
+                if !self.resources.contains_key(&cap.address) {
+                    return Err((
+                        format!("{place}.inputs.{}", cap.input),
+                        format!("asks for a capability of resource `{}`, which the deployment does not declare", cap.address),
+                    ));
+                }
+            }
+        }
+        if let Some(cycle) = self.find_cycle() {
+            return Err((
+                "resources".into(),
+                format!("dependency cycle: {}", cycle.join(" -> ")),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A dependency cycle, as a path that starts and ends at the same address.
+    pub fn find_cycle(&self) -> Option<Vec<String>> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            Visiting,
+            Done,
+        }
+        let mut marks: BTreeMap<&str, Mark> = BTreeMap::new();
+        for start in self.resources.keys() {
+            if marks.contains_key(start.as_str()) {
+                continue;
+            }
+            // Iterative DFS keeping the path, so deep graphs cannot overflow the stack.
+            let mut path: Vec<(&str, Vec<String>)> = vec![(
+                start,
+                self.resources[start].dependencies().into_iter().collect(),
+            )];
+            marks.insert(start, Mark::Visiting);
+            while let Some((node, pending)) = path.last_mut() {
+                let node: &str = node;
+                match pending.pop() {
+                    Some(next) => {
+                        let next: &str = self
+                            .resources
+                            .get_key_value(&next)
+                            .map(|(k, _)| k.as_str())
+                            .unwrap_or("");
+                        match marks.get(next) {
+                            Some(Mark::Visiting) => {
+                                let mut cycle: Vec<String> = path
+                                    .iter()
+                                    .map(|(n, _)| n.to_string())
+                                    .skip_while(|n| n != next)
+                                    .collect();
+                                cycle.push(next.to_string());
+                                return Some(cycle);
+                            }
+                            Some(Mark::Done) => {}
+                            None if next.is_empty() => {}
+                            None => {
+                                marks.insert(next, Mark::Visiting);
+                                path.push((
+                                    next,
+                                    self.resources[next].dependencies().into_iter().collect(),
+                                ));
+                            }
+                        }
+                    }
+                    None => {
+                        marks.insert(node, Mark::Done);
+                        path.pop();
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Checks resources against their providers' handshakes: the type exists, every input is
+    /// known, every required input is set, and every reference names a declared output.
+    pub fn check_against(&self, infos: &BTreeMap<String, ProviderInfo>) -> Result<(), ModelError> {
+        let err = |place: String, message: String| ModelError {
+            file: self.file.clone(),
+            place,
+            message,
+        };
+        for r in self.resources.values() {
+            let place = format!("resources.{}", r.address);
+            let Some(info) = infos.get(&r.provider) else {
+                continue;
+            };
+            let Some(rtype) = info.resource_type(&r.resource_type) else {
+                let known: Vec<&str> = info
+                    .resource_types
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect();
+                return Err(err(
+                    format!("{place}.type"),
+                    format!(
+                        "provider `{}` has no resource type `{}`; it serves: {}",
+                        r.provider,
+                        r.resource_type,
+                        list(&known)
+                    ),
+                ));
+            };
+            for key in r.inputs.keys() {
+                if !rtype.inputs.iter().any(|i| &i.name == key) {
+                    let known: Vec<&str> = rtype.inputs.iter().map(|i| i.name.as_str()).collect();
+                    return Err(err(
+                        format!("{place}.inputs.{key}"),
+                        format!(
+                            "`{}` has no input `{key}`; its inputs: {}",
+                            r.resource_type,
+                            list(&known)
+                        ),
+                    ));
+                }
+            }
+            for input in rtype.inputs.iter().filter(|i| i.required) {
+                if !r.inputs.contains_key(&input.name) {
+                    return Err(err(
+                        format!("{place}.inputs"),
+                        format!(
+                            "missing required input `{}` of `{}`",
+                            input.name, r.resource_type
+                        ),
+                    ));
+                }
+            }
+            for reference in &r.refs {
+                let target = &self.resources[&reference.address];
+                let Some(target_info) = infos.get(&target.provider) else {
+                    continue;
+                };
+                let Some(target_type) = target_info.resource_type(&target.resource_type) else {
+                    continue;
+                };
+                if !target_type
+                    .outputs
+                    .iter()
+                    .any(|o| o.name == reference.output)
+                {
+                    let known: Vec<&str> = target_type
+                        .outputs
+                        .iter()
+                        .map(|o| o.name.as_str())
+                        .collect();
+                    return Err(err(
+                        reference.place.clone(),
+                        format!(
+                            "`{}` (a `{}`) has no output `{}`; its outputs: {}",
+                            reference.address,
+                            target.resource_type,
+                            reference.output,
+                            list(&known)
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn list(items: &[&str]) -> String {
+    if items.is_empty() {
+        "(none)".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
+    let Value::Object(decl) = decl else {
+        return Err("must be an object with `builtin`, `executable` or `socket`".into());
+    };
+    for key in decl.keys() {
+        if ![
+            "builtin",
+            "executable",
+            "args",
+            "socket",
+            "maxConcurrency",
+            "timeout",
+            "protocol",
+        ]
+        .contains(&key.as_str())
+        {
+            return Err(format!("unknown key `{key}`"));
+        }
+    }
+    let text = |key: &str| decl.get(key).and_then(Value::as_str).map(str::to_string);
+    let sources = ["builtin", "executable", "socket"]
+        .iter()
+        .filter(|k| decl.contains_key(**k))
+        .count();
+    if sources != 1 {
+        return Err("give exactly one of `builtin`, `executable` or `socket`".into());
+    }
+    let source = if let Some(builtin) = text("builtin") {
+        ProviderSourceDecl::Builtin(builtin)
+    } else if let Some(program) = text("executable") {
+        let args = match decl.get("args") {
+            None => Vec::new(),
+            Some(Value::Array(args)) => args
+                .iter()
+                .map(|a| {
+                    a.as_str()
+                        .map(str::to_string)
+                        .ok_or("`args` must be a list of strings".to_string())
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err("`args` must be a list of strings".into()),
+        };
+        ProviderSourceDecl::Executable { program, args }
+    } else if let Some(socket) = text("socket") {
+        ProviderSourceDecl::Socket(PathBuf::from(socket))
+    } else {
+        return Err("`builtin`, `executable` and `socket` take a string".into());
+    };
+    let max_concurrency = match decl.get("maxConcurrency") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|n| *n > 0 && *n <= u32::MAX as u64)
+                .ok_or("`maxConcurrency` must be a positive integer")? as u32,
+        ),
+    };
+    let timeout = match decl.get("timeout") {
+        None => None,
+        Some(v) => Some(
+            v.as_f64()
+                .filter(|t| *t > 0.0)
+                .ok_or("`timeout` must be a positive number of seconds")?,
+        ),
+    };
+    let _ = name;
+    Ok(ProviderDecl {
+        name: name.to_string(),
+        source,
+        max_concurrency,
+        timeout,
+    })
+}
+
+fn collect_resources(
+    group: &Map<String, Value>,
+    prefix: &str,
+    params: &Map<String, Value>,
+    out: &mut BTreeMap<String, ResourceDecl>,
+) -> Result<(), (String, String)> {
+    for (name, decl) in group {
+        let address = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        let place = format!("resources.{address}");
+        if name.is_empty() || name.contains(['.', '#']) {
+            return Err((
+                place,
+                "a resource name must be non-empty and contain no `.` or `#`".into(),
+            ));
+        }
+        let Value::Object(decl) = decl else {
+            return Err((
+                place,
+                "must be an object: a resource, or a group with `resources`".into(),
+            ));
+        };
+        if decl.contains_key("resources") && !decl.contains_key("provider") {
+            let Some(Value::Object(inner)) = decl.get("resources") else {
+                return Err((format!("{place}.resources"), "must be an object".into()));
+            };
+            collect_resources(inner, &address, params, out)?;
+            continue;
+        }
+        for key in decl.keys() {
+            if !["provider", "type", "inputs"].contains(&key.as_str()) {
+                return Err((
+                    format!("{place}.{key}"),
+                    "unknown key; a resource has `provider`, `type` and `inputs`".into(),
+                ));
+            }
+        }
+        let provider = decl.get("provider").and_then(Value::as_str).ok_or((
+            format!("{place}.provider"),
+            "missing: name the provider that manages it".to_string(),
+        ))?;
+        let resource_type = decl.get("type").and_then(Value::as_str).ok_or((
+            format!("{place}.type"),
+            "missing: name the resource type".to_string(),
+        ))?;
+        let inputs = match decl.get("inputs") {
+            None => Map::new(),
+            Some(Value::Object(inputs)) => inputs.clone(),
+            Some(_) => return Err((format!("{place}.inputs"), "must be an object".into())),
+        };
+        let mut refs = Vec::new();
+        let mut capabilities = Vec::new();
+        let mut resolved = Map::new();
+        for (key, value) in inputs {
+            let input_place = format!("{place}.inputs.{key}");
+            if let Some(target) = marker(&value, "$cap") {
+                let (address, name) = split_ref(target, &input_place)?;
+                capabilities.push(CapabilityRef {
+                    input: key,
+                    address,
+                    name,
+                });
+                continue;
+            }
+            let value = substitute(value, &input_place, params, &mut refs)?;
+            resolved.insert(key, value);
+        }
+        out.insert(
+            address.clone(),
+            ResourceDecl {
+                address,
+                provider: provider.to_string(),
+                resource_type: resource_type.to_string(),
+                inputs: resolved,
+                refs,
+                capabilities,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// `{"KEY": "text"}` and nothing else.
+fn marker<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
+    match value {
+        Value::Object(map) if map.len() == 1 => map.get(key).and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+fn split_ref(target: &str, place: &str) -> Result<(String, String), (String, String)> {
+    match target.split_once('#') {
+        Some((address, name)) if !address.is_empty() && !name.is_empty() => {
+            Ok((address.to_string(), name.to_string()))
+        }
+        _ => Err((
+            place.to_string(),
+            format!("`{target}` is not of the form ADDRESS#NAME"),
+        )),
+    }
+}
+
+fn substitute(
+    value: Value,
+    place: &str,
+    params: &Map<String, Value>,
+    refs: &mut Vec<OutputRef>,
+) -> Result<Value, (String, String)> {
+    if let Some(name) = marker(&value, "$param") {
+        return params.get(name).cloned().ok_or_else(|| {
+            (
+                place.to_string(),
+                format!("missing parameter `{name}`; pass it in a JSON object with --params FILE"),
+            )
+        });
+    }
+    if let Some(target) = marker(&value, "$ref") {
+        let (address, output) = split_ref(target, place)?;
+        refs.push(OutputRef {
+            address,
+            output,
+            place: place.to_string(),
+        });
+        return Ok(value);
+    }
+    Ok(match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let inner = format!("{place}.{k}");
+                    substitute(v, &inner, params, refs).map(|v| (k, v))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(n, v)| substitute(v, &format!("{place}[{n}]"), params, refs))
+                .collect::<Result<_, _>>()?,
+        ),
+        other => other,
+    })
+}
+
+/// Replaces every `{"$ref": "ADDRESS#OUTPUT"}` with the output's value; `None` when an output
+/// is not known (yet).
+pub fn resolve_inputs(
+    inputs: &Map<String, Value>,
+    outputs: &dyn Fn(&str, &str) -> Option<Value>,
+) -> Option<Map<String, Value>> {
+    fn walk(value: &Value, outputs: &dyn Fn(&str, &str) -> Option<Value>) -> Option<Value> {
+        if let Some(target) = marker(value, "$ref") {
+            let (address, output) = target.split_once('#')?;
+            return outputs(address, output);
+        }
+        Some(match value {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| walk(v, outputs).map(|v| (k.clone(), v)))
+                    .collect::<Option<_>>()?,
+            ),
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|v| walk(v, outputs))
+                    .collect::<Option<_>>()?,
+            ),
+            other => other.clone(),
+        })
+    }
+    inputs
+        .iter()
+        .map(|(k, v)| walk(v, outputs).map(|v| (k.clone(), v)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(value: Value) -> Result<Deployment, ModelError> {
+        let params = json!({"greeting": "hi"}).as_object().unwrap().clone();
+        Deployment::parse(Path::new("d.json"), &value.to_string(), &params)
+    }
+
+    fn local() -> Value {
+        json!({"local": {"builtin": "local"}})
+    }
+
+    #[test]
+    fn groups_refs_params_and_caps_are_read() {
+        let d = parse(json!({
+            "providers": local(),
+            "resources": {
+                "hello": {"provider": "local", "type": "file", "inputs": {"path": "x", "content": {"$param": "greeting"}}},
+                "web": {"resources": {
+                    "db": {"provider": "local", "type": "exec", "inputs": {"command": "cat", "stdin": {"$ref": "hello#content"}, "h": {"$cap": "hello#handle"}}}
+                }}
+            }
+        }))
+        .unwrap();
+        assert_eq!(d.resources["hello"].inputs["content"], json!("hi"));
+        let db = &d.resources["web.db"];
+        assert_eq!(db.refs[0].address, "hello");
+        assert_eq!(db.refs[0].output, "content");
+        assert_eq!(db.capabilities[0].input, "h");
+        assert!(!db.inputs.contains_key("h"));
+        assert_eq!(
+            db.dependencies().into_iter().collect::<Vec<_>>(),
+            vec!["hello".to_string()]
+        );
+    }
+
+    #[test]
+    fn each_mistake_names_its_place() {
+        let cases = [
+            (
+                json!({"providers": local(), "resources": {"a": {"provider": "nope", "type": "file"}}}),
+                "resources.a.provider",
+                "unknown provider `nope`",
+            ),
+            (
+                json!({"providers": local(), "resources": {"a": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "b#value"}}}}}),
+                "resources.a.inputs.value",
+                "does not declare",
+            ),
+            (
+                json!({"providers": local(), "resources": {"a": {"provider": "local", "type": "memo", "inputs": {"value": {"$param": "missing"}}}}}),
+                "resources.a.inputs.value",
+                "missing parameter `missing`",
+            ),
+            (
+                json!({"providers": local(), "resources": {
+                "a": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "b#value"}}},
+                "b": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "a#value"}}}}}),
+                "resources",
+                "dependency cycle: a -> b -> a",
+            ),
+        ];
+        for (deployment, place, message) in cases {
+            let e = parse(deployment).unwrap_err();
+            assert_eq!(e.place, place, "{e}");
+            assert!(e.message.contains(message), "{e}");
+        }
+    }
+
+    #[test]
+    fn refs_resolve_from_outputs() {
+        let inputs = json!({"a": {"$ref": "x#o"}, "b": [1, {"$ref": "x#p"}]})
+            .as_object()
+            .unwrap()
+            .clone();
+        let outputs =
+            |address: &str, output: &str| (address == "x" && output == "o").then(|| json!("O"));
+        assert_eq!(resolve_inputs(&inputs, &outputs), None, "x#p is unknown");
+        let all = |_: &str, output: &str| Some(json!(output));
+        assert_eq!(
+            resolve_inputs(&inputs, &all).unwrap(),
+            json!({"a": "o", "b": [1, "p"]})
+                .as_object()
+                .unwrap()
+                .clone()
+        );
+    }
+}

@@ -1,0 +1,839 @@
+//! Running a plan: every operation as soon as what it depends on exists, under a global job
+//! limit and per-provider limits, journaling an intent before each mutating call and its result
+//! after. A failure skips what depends on it; everything independent goes on.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capstan_host::{
+    CallError, HostOptions, LaunchError, OperationCall, ProviderCommand, ProviderConnection,
+    ProviderLog, ProviderSource,
+};
+use capstan_schema::provider_capnp::resource_handle;
+use capstan_schema::{OperationKind, ProgressEvent, ProviderInfo, TraceContext};
+use futures::future::LocalBoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use serde_json::{Map, Value};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::{Event, EventSink, Summary};
+use crate::model::{resolve_inputs, Deployment, ProviderDecl, ProviderSourceDecl};
+use crate::plan::{Action, PlannedChange};
+use crate::state::{
+    append_durably, now_unix, Record, ResourceState, State, StateBackend, StateError,
+};
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// At most this many operations at once, across all providers.
+    pub jobs: usize,
+    /// Stop dispatching after the first failure.
+    pub fail_fast: bool,
+    /// Per-operation timeout unless the provider declaration sets one.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            jobs: 16,
+            fail_fast: false,
+            timeout: None,
+        }
+    }
+}
+
+/// The providers of one run: one connection each, started once.
+pub struct Providers {
+    connections: BTreeMap<String, Rc<ProviderConnection>>,
+    limits: BTreeMap<String, Arc<Semaphore>>,
+    timeouts: BTreeMap<String, Duration>,
+}
+
+/// How to start built-in providers: this program, re-executed with `__provider NAME`.
+#[derive(Clone, Debug)]
+pub struct BuiltinLauncher {
+    pub program: PathBuf,
+}
+
+fn source_for(decl: &ProviderDecl, dir: &Path, builtin: &BuiltinLauncher) -> ProviderSource {
+    match &decl.source {
+        ProviderSourceDecl::Builtin(name) => {
+            let mut command =
+                ProviderCommand::new(builtin.program.clone(), ["__provider", name.as_str()]);
+            command.cwd = Some(dir.to_path_buf());
+            ProviderSource::Command(command)
+        }
+        ProviderSourceDecl::Executable { program, args } => {
+            let resolved = if program.contains('/') && Path::new(program).is_relative() {
+                dir.join(program).into_os_string()
+            } else {
+                program.into()
+            };
+            let mut command = ProviderCommand::new(resolved, args.iter().cloned());
+            command.cwd = Some(dir.to_path_buf());
+            ProviderSource::Command(command)
+        }
+        ProviderSourceDecl::Socket(path) => ProviderSource::Socket(dir.join(path)),
+    }
+}
+
+impl Providers {
+    /// Starts (or connects to) each named provider, all at once.
+    pub async fn launch(
+        names: &BTreeSet<String>,
+        deployment: &Deployment,
+        builtin: &BuiltinLauncher,
+        logs: tokio::sync::mpsc::Sender<ProviderLog>,
+    ) -> Result<Self, LaunchError> {
+        let dir = deployment.dir();
+        let launches = names.iter().map(|name| {
+            let decl = &deployment.providers[name];
+            let source = source_for(decl, &dir, builtin);
+            let logs = logs.clone();
+            async move {
+                ProviderConnection::launch(name, &source, HostOptions::default(), Some(logs))
+                    .await
+                    .map(|c| (name.clone(), c))
+            }
+        });
+        let mut connections = BTreeMap::new();
+        let mut limits = BTreeMap::new();
+        let mut timeouts = BTreeMap::new();
+        for launched in futures::future::join_all(launches).await {
+            let (name, connection) = launched?;
+            let decl = &deployment.providers[&name];
+            if let Some(limit) = decl.max_concurrency {
+                limits.insert(name.clone(), Arc::new(Semaphore::new(limit as usize)));
+            }
+            if let Some(timeout) = decl.timeout {
+                timeouts.insert(name.clone(), Duration::from_secs_f64(timeout));
+            }
+            connections.insert(name, Rc::new(connection));
+        }
+        Ok(Providers {
+            connections,
+            limits,
+            timeouts,
+        })
+    }
+
+    /// Each provider's handshake.
+    pub fn infos(&self) -> BTreeMap<String, ProviderInfo> {
+        self.connections
+            .iter()
+            .map(|(n, c)| (n.clone(), c.info().clone()))
+            .collect()
+    }
+
+    /// Stops every provider.
+    pub async fn shutdown(self) {
+        let stops = self
+            .connections
+            .into_values()
+            .filter_map(|c| Rc::try_unwrap(c).ok())
+            .map(|c| c.shutdown());
+        futures::future::join_all(stops).await;
+    }
+}
+
+/// The providers a plan needs.
+pub fn providers_needed(changes: &[PlannedChange]) -> BTreeSet<String> {
+    changes
+        .iter()
+        .filter(|c| c.action != Action::Noop)
+        .map(|c| c.provider.clone())
+        .collect()
+}
+
+struct Node {
+    change: PlannedChange,
+    remaining: usize,
+    dependents: Vec<usize>,
+    /// Dependencies recorded with the resource (for deletes, from the state).
+    dependencies: Vec<String>,
+    /// Needed as a capability source by some resource in this run.
+    capability_source: bool,
+}
+
+enum Outcome {
+    Done {
+        outputs: Value,
+        inputs: Map<String, Value>,
+        handles: Vec<(String, resource_handle::Client)>,
+        counted: Action,
+    },
+    Deleted,
+    Failed {
+        error: String,
+        kind: String,
+        details: String,
+    },
+    State(StateError),
+}
+
+/// What the loop needs from a run, shared with each operation's future.
+struct Shared {
+    backend: Rc<dyn StateBackend>,
+    events: Rc<dyn EventSink>,
+    jobs: Arc<Semaphore>,
+}
+
+/// Runs `changes` (from `plan` or `plan_destroy`). `deployment` gives the desired inputs of
+/// creates and updates; `state` is updated as records become durable.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    changes: Vec<PlannedChange>,
+    deployment: &Deployment,
+    state: &mut State,
+    backend: Rc<dyn StateBackend>,
+    providers: &Providers,
+    options: &RunOptions,
+    events: Rc<dyn EventSink>,
+    interrupt: CancellationToken,
+) -> Result<Summary, StateError> {
+    let run_started = Instant::now();
+    let index: HashMap<String, usize> = changes
+        .iter()
+        .enumerate()
+        .map(|(n, c)| (c.address.clone(), n))
+        .collect();
+    let capability_sources: BTreeSet<String> = deployment
+        .resources
+        .values()
+        .filter(|r| {
+            index
+                .get(&r.address)
+                .is_some_and(|&i| changes[i].action != Action::Delete)
+        })
+        .flat_map(|r| r.capabilities.iter().map(|c| c.address.clone()))
+        .collect();
+    let mut nodes: Vec<Node> = changes
+        .into_iter()
+        .map(|change| {
+            let dependencies = match change.action {
+                Action::Delete => state
+                    .resources
+                    .get(&change.address)
+                    .map(|r| r.dependencies.clone())
+                    .unwrap_or_default(),
+                _ => deployment.resources[&change.address]
+                    .dependencies()
+                    .into_iter()
+                    .collect(),
+            };
+            let capability_source = capability_sources.contains(&change.address);
+            Node {
+                change,
+                remaining: 0,
+                dependents: Vec::new(),
+                dependencies,
+                capability_source,
+            }
+        })
+        .collect();
+    // Creates and updates wait for what they depend on; deletes wait for what depends on them.
+    for i in 0..nodes.len() {
+        let deps = nodes[i].dependencies.clone();
+        for dep in deps {
+            let Some(&j) = index.get(&dep) else { continue };
+            match (nodes[i].change.action, nodes[j].change.action) {
+                (Action::Delete, Action::Delete) => {
+                    nodes[j].remaining += 1;
+                    nodes[i].dependents.push(j);
+                }
+                (Action::Delete, _) | (_, Action::Delete) => {}
+                _ => {
+                    nodes[i].remaining += 1;
+                    nodes[j].dependents.push(i);
+                }
+            }
+        }
+    }
+
+    let shared = Rc::new(Shared {
+        backend,
+        events: events.clone(),
+        jobs: Arc::new(Semaphore::new(options.jobs.max(1))),
+    });
+    let mut summary = Summary::default();
+    let mut outputs: HashMap<String, Value> = HashMap::new();
+    let mut handles: HashMap<String, Vec<(String, resource_handle::Client)>> = HashMap::new();
+    let mut finished = vec![false; nodes.len()];
+    let mut started = vec![false; nodes.len()];
+    let mut ready: VecDeque<usize> = (0..nodes.len())
+        .filter(|&i| nodes[i].remaining == 0)
+        .collect();
+    let mut running: FuturesUnordered<LocalBoxFuture<'_, (usize, Outcome)>> =
+        FuturesUnordered::new();
+    let mut stopping = false;
+    let mut state_error = None;
+
+    loop {
+        while let Some(i) = ready.pop_front() {
+            if stopping {
+                break;
+            }
+            let node = &nodes[i];
+            let address = node.change.address.clone();
+            started[i] = true;
+            match node.change.action {
+                Action::Delete => {
+                    let recorded = state.resources[&address].clone();
+                    running.push(
+                        delete(i, address, recorded, shared.clone(), providers, options)
+                            .boxed_local(),
+                    );
+                }
+                action => {
+                    let decl = &deployment.resources[&address];
+                    let lookup = |target: &str, output: &str| {
+                        outputs.get(target).and_then(|o| o.get(output)).cloned()
+                    };
+                    let Some(inputs) = resolve_inputs(&decl.inputs, &lookup) else {
+                        // A dependency finished without the output: the provider broke its
+                        // handshake's promise.
+                        let missing: Vec<String> = decl
+                            .refs
+                            .iter()
+                            .filter(|r| lookup(&r.address, &r.output).is_none())
+                            .map(|r| format!("{}#{}", r.address, r.output))
+                            .collect();
+                        events.emit(Event::ResourceFailed {
+                            address: address.clone(),
+                            operation: action.as_str().into(),
+                            error: format!(
+                                "{address}: the outputs it refers to were not produced: {}",
+                                missing.join(", ")
+                            ),
+                            kind: "invalid_input".into(),
+                            details: String::new(),
+                            elapsed_seconds: 0.0,
+                        });
+                        summary.failed += 1;
+                        finished[i] = true;
+                        skip_dependents(i, &nodes, &mut finished, &mut summary, &*events);
+                        continue;
+                    };
+                    let recorded = state.resources.get(&address).cloned();
+                    let unchanged = recorded.as_ref().is_some_and(|r| r.inputs == inputs);
+                    if unchanged && !node.capability_source {
+                        let recorded = recorded.expect("unchanged implies recorded");
+                        outputs.insert(address.clone(), recorded.outputs);
+                        summary.unchanged += 1;
+                        finished[i] = true;
+                        release(i, &mut nodes, &mut ready);
+                        continue;
+                    }
+                    let mut capabilities = Vec::new();
+                    for cap in &decl.capabilities {
+                        let found = handles
+                            .get(&cap.address)
+                            .and_then(|hs| hs.iter().find(|(n, _)| n == &cap.name))
+                            .map(|(_, c)| c.clone());
+                        match found {
+                            Some(client) => capabilities.push((cap.input.clone(), client)),
+                            None => {
+                                events.emit(Event::ResourceFailed {
+                                    address: address.clone(),
+                                    operation: action.as_str().into(),
+                                    error: format!(
+                                        "{address}: `{}` returned no capability named `{}`",
+                                        cap.address, cap.name
+                                    ),
+                                    kind: "invalid_input".into(),
+                                    details: String::new(),
+                                    elapsed_seconds: 0.0,
+                                });
+                            }
+                        }
+                    }
+                    if capabilities.len() != decl.capabilities.len() {
+                        summary.failed += 1;
+                        finished[i] = true;
+                        skip_dependents(i, &nodes, &mut finished, &mut summary, &*events);
+                        continue;
+                    }
+                    let operation = match (unchanged, &recorded) {
+                        (true, _) => Operation::Read,
+                        (false, None) => Operation::Create,
+                        (false, Some(_)) => Operation::Update,
+                    };
+                    let dependencies = node.dependencies.clone();
+                    running.push(
+                        create_or_update(
+                            i,
+                            address,
+                            decl.provider.clone(),
+                            decl.resource_type.clone(),
+                            inputs,
+                            recorded,
+                            capabilities,
+                            dependencies,
+                            operation,
+                            shared.clone(),
+                            providers,
+                            options,
+                        )
+                        .boxed_local(),
+                    );
+                }
+            }
+        }
+        if running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some((i, outcome)) = running.next() => {
+                finished[i] = true;
+                let address = nodes[i].change.address.clone();
+                match outcome {
+                    Outcome::Done { outputs: out, inputs, handles: returned, counted } => {
+                        match counted {
+                            Action::Create => summary.created += 1,
+                            Action::Update => summary.updated += 1,
+                            _ => summary.unchanged += 1,
+                        }
+                        if counted != Action::Noop {
+                            let deps = nodes[i].dependencies.clone();
+                            let decl = &deployment.resources[&address];
+                            state.apply(&Record::Done { address: address.clone(), state: ResourceState { provider: decl.provider.clone(), resource_type: decl.resource_type.clone(), inputs, outputs: out.clone(), dependencies: deps } });
+                        }
+                        outputs.insert(address.clone(), out);
+                        handles.insert(address, returned);
+                        release(i, &mut nodes, &mut ready);
+                    }
+                    Outcome::Deleted => {
+                        summary.deleted += 1;
+                        state.apply(&Record::Deleted { address });
+                        release(i, &mut nodes, &mut ready);
+                    }
+                    Outcome::Failed { .. } => {
+                        summary.failed += 1;
+                        state.pending.remove(&address);
+                        skip_dependents(i, &nodes, &mut finished, &mut summary, &*events);
+                        if options.fail_fast {
+                            stopping = true;
+                        }
+                    }
+                    Outcome::State(e) => {
+                        // Without durable records nothing else may run.
+                        summary.failed += 1;
+                        state_error = Some(e);
+                        stopping = true;
+                    }
+                }
+            }
+            () = interrupt.cancelled(), if !stopping => {
+                stopping = true;
+                events.emit(Event::Interrupted { message: "interrupted: cancelling operations in flight; state is saved (press Ctrl-C again to stop at once)".into() });
+                // Dropping the calls cancels them in the providers; their intents stay in the
+                // journal, so the next run reports them as interrupted.
+                running.clear();
+                for (i, node) in nodes.iter().enumerate() {
+                    if started[i] && !finished[i] {
+                        finished[i] = true;
+                        summary.interrupted += 1;
+                        events.emit(Event::ResourceFailed {
+                            address: node.change.address.clone(),
+                            operation: node.change.action.as_str().into(),
+                            error: format!("{}: interrupted", node.change.address),
+                            kind: "cancelled".into(),
+                            details: String::new(),
+                            elapsed_seconds: 0.0,
+                        });
+                    }
+                }
+                break;
+            }
+        }
+        if stopping && running.is_empty() {
+            break;
+        }
+    }
+    // Whatever never started because of fail-fast or an interrupt.
+    if stopping {
+        for (i, node) in nodes.iter().enumerate() {
+            if !finished[i] && !started[i] {
+                summary.skipped += 1;
+                events.emit(Event::ResourceSkipped {
+                    address: node.change.address.clone(),
+                    operation: node.change.action.as_str().into(),
+                    reason: if interrupt.is_cancelled() {
+                        "the run was interrupted".into()
+                    } else {
+                        "--fail-fast stopped the run".into()
+                    },
+                    dependency: String::new(),
+                });
+            }
+        }
+    }
+    if let Some(e) = state_error {
+        return Err(e);
+    }
+    events.emit(Event::Summary {
+        counts: summary.clone(),
+        elapsed_seconds: run_started.elapsed().as_secs_f64(),
+    });
+    Ok(summary)
+}
+
+fn release(i: usize, nodes: &mut [Node], ready: &mut VecDeque<usize>) {
+    for j in nodes[i].dependents.clone() {
+        nodes[j].remaining -= 1;
+        if nodes[j].remaining == 0 {
+            ready.push_back(j);
+        }
+    }
+}
+
+fn skip_dependents(
+    i: usize,
+    nodes: &[Node],
+    finished: &mut [bool],
+    summary: &mut Summary,
+    events: &dyn EventSink,
+) {
+    let failed = nodes[i].change.address.clone();
+    let mut stack = nodes[i].dependents.clone();
+    while let Some(j) = stack.pop() {
+        if finished[j] {
+            continue;
+        }
+        finished[j] = true;
+        summary.skipped += 1;
+        events.emit(Event::ResourceSkipped {
+            address: nodes[j].change.address.clone(),
+            operation: nodes[j].change.action.as_str().into(),
+            reason: format!("dependency `{failed}` failed"),
+            dependency: failed.clone(),
+        });
+        stack.extend(nodes[j].dependents.iter().copied());
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Operation {
+    Create,
+    Update,
+    Read,
+}
+
+fn progress_observer(
+    events: Rc<dyn EventSink>,
+    address: String,
+    operation: &'static str,
+) -> Rc<dyn capstan_host::ProgressObserver> {
+    Rc::new(move |batch: Vec<ProgressEvent>| {
+        for progress in batch {
+            events.emit(Event::ResourceProgress {
+                address: address.clone(),
+                operation: operation.into(),
+                progress,
+            });
+        }
+        async {}
+    })
+}
+
+async fn permits(
+    shared: &Shared,
+    providers: &Providers,
+    provider: &str,
+) -> (
+    tokio::sync::OwnedSemaphorePermit,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let job = shared
+        .jobs
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("never closed");
+    let own = match providers.limits.get(provider) {
+        Some(limit) => Some(limit.clone().acquire_owned().await.expect("never closed")),
+        None => None,
+    };
+    (job, own)
+}
+
+fn failure(address: &str, error: CallError) -> Outcome {
+    let (kind, details) = match &error {
+        CallError::Failed { error, .. } => (error.kind.as_str().to_string(), error.details.clone()),
+        CallError::Timeout { .. } => ("timeout".to_string(), String::new()),
+        _ => ("provider".to_string(), String::new()),
+    };
+    let _ = address;
+    Outcome::Failed {
+        error: error.to_string(),
+        kind,
+        details,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn create_or_update(
+    i: usize,
+    address: String,
+    provider: String,
+    resource_type: String,
+    inputs: Map<String, Value>,
+    recorded: Option<ResourceState>,
+    capabilities: Vec<(String, resource_handle::Client)>,
+    dependencies: Vec<String>,
+    operation: Operation,
+    shared: Rc<Shared>,
+    providers: &Providers,
+    options: &RunOptions,
+) -> (usize, Outcome) {
+    let connection = providers.connections[&provider].clone();
+    let timeout = providers
+        .timeouts
+        .get(&provider)
+        .copied()
+        .or(options.timeout);
+    let _permits = permits(&shared, providers, &provider).await;
+    let (kind, verb, counted) = match operation {
+        Operation::Create => (OperationKind::Create, "create", Action::Create),
+        Operation::Update => (OperationKind::Update, "update", Action::Update),
+        Operation::Read => (OperationKind::Read, "read", Action::Noop),
+    };
+    let started = Instant::now();
+    shared.events.emit(Event::ResourceStart {
+        address: address.clone(),
+        operation: verb.into(),
+        provider: provider.clone(),
+        resource_type: resource_type.clone(),
+    });
+    if operation != Operation::Read {
+        let intent = Record::Intent {
+            address: address.clone(),
+            operation: verb.into(),
+            provider: provider.clone(),
+            resource_type: resource_type.clone(),
+            inputs: inputs.clone(),
+            time: now_unix(),
+        };
+        if let Err(e) = append_durably(&*shared.backend, vec![intent]).await {
+            return (i, Outcome::State(e));
+        }
+    }
+    let call = OperationCall {
+        kind,
+        resource_type: resource_type.clone(),
+        address: address.clone(),
+        inputs: Value::Object(inputs.clone()),
+        previous_inputs: recorded.as_ref().map(|r| Value::Object(r.inputs.clone())),
+        previous_outputs: recorded.as_ref().map(|r| r.outputs.clone()),
+        capabilities,
+        trace: TraceContext::random(),
+        timeout,
+    };
+    let result = connection
+        .call(
+            call,
+            progress_observer(shared.events.clone(), address.clone(), verb),
+        )
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    match result {
+        Ok(success) => {
+            if operation != Operation::Read {
+                let done = Record::Done {
+                    address: address.clone(),
+                    state: ResourceState {
+                        provider,
+                        resource_type,
+                        inputs: inputs.clone(),
+                        outputs: success.outputs.clone(),
+                        dependencies,
+                    },
+                };
+                if let Err(e) = append_durably(&*shared.backend, vec![done]).await {
+                    return (i, Outcome::State(e));
+                }
+            }
+            shared.events.emit(Event::ResourceComplete {
+                address,
+                operation: verb.into(),
+                elapsed_seconds: elapsed,
+            });
+            (
+                i,
+                Outcome::Done {
+                    outputs: success.outputs,
+                    inputs,
+                    handles: success.capabilities,
+                    counted,
+                },
+            )
+        }
+        Err(error) => {
+            let outcome = failure(&address, error);
+            if let Outcome::Failed {
+                error,
+                kind,
+                details,
+            } = &outcome
+            {
+                if operation != Operation::Read {
+                    let failed = Record::Failed {
+                        address: address.clone(),
+                        operation: verb.into(),
+                        error: error.clone(),
+                    };
+                    if let Err(e) = append_durably(&*shared.backend, vec![failed]).await {
+                        return (i, Outcome::State(e));
+                    }
+                }
+                shared.events.emit(Event::ResourceFailed {
+                    address,
+                    operation: verb.into(),
+                    error: error.clone(),
+                    kind: kind.clone(),
+                    details: details.clone(),
+                    elapsed_seconds: elapsed,
+                });
+            }
+            (i, outcome)
+        }
+    }
+}
+
+async fn delete(
+    i: usize,
+    address: String,
+    recorded: ResourceState,
+    shared: Rc<Shared>,
+    providers: &Providers,
+    options: &RunOptions,
+) -> (usize, Outcome) {
+    let Some(connection) = providers.connections.get(&recorded.provider).cloned() else {
+        let error = format!(
+            "{address}: its provider `{}` is not declared in the deployment any more; declare it again until its resources are deleted",
+            recorded.provider
+        );
+        shared.events.emit(Event::ResourceFailed {
+            address,
+            operation: "delete".into(),
+            error: error.clone(),
+            kind: "invalid_input".into(),
+            details: String::new(),
+            elapsed_seconds: 0.0,
+        });
+        return (
+            i,
+            Outcome::Failed {
+                error,
+                kind: "invalid_input".into(),
+                details: String::new(),
+            },
+        );
+    };
+    let timeout = providers
+        .timeouts
+        .get(&recorded.provider)
+        .copied()
+        .or(options.timeout);
+    let _permits = permits(&shared, providers, &recorded.provider).await;
+    let started = Instant::now();
+    shared.events.emit(Event::ResourceStart {
+        address: address.clone(),
+        operation: "delete".into(),
+        provider: recorded.provider.clone(),
+        resource_type: recorded.resource_type.clone(),
+    });
+    let intent = Record::Intent {
+        address: address.clone(),
+        operation: "delete".into(),
+        provider: recorded.provider.clone(),
+        resource_type: recorded.resource_type.clone(),
+        inputs: recorded.inputs.clone(),
+        time: now_unix(),
+    };
+    if let Err(e) = append_durably(&*shared.backend, vec![intent]).await {
+        return (i, Outcome::State(e));
+    }
+    let call = OperationCall {
+        kind: OperationKind::Delete,
+        resource_type: recorded.resource_type.clone(),
+        address: address.clone(),
+        inputs: Value::Object(recorded.inputs.clone()),
+        previous_inputs: Some(Value::Object(recorded.inputs.clone())),
+        previous_outputs: Some(recorded.outputs.clone()),
+        capabilities: Vec::new(),
+        trace: TraceContext::random(),
+        timeout,
+    };
+    let result = connection
+        .call(
+            call,
+            progress_observer(shared.events.clone(), address.clone(), "delete"),
+        )
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    match result {
+        Ok(_) => {
+            if let Err(e) = append_durably(
+                &*shared.backend,
+                vec![Record::Deleted {
+                    address: address.clone(),
+                }],
+            )
+            .await
+            {
+                return (i, Outcome::State(e));
+            }
+            shared.events.emit(Event::ResourceComplete {
+                address,
+                operation: "delete".into(),
+                elapsed_seconds: elapsed,
+            });
+            (i, Outcome::Deleted)
+        }
+        Err(error) => {
+            let outcome = failure(&address, error);
+            if let Outcome::Failed {
+                error,
+                kind,
+                details,
+            } = &outcome
+            {
+                let failed = Record::Failed {
+                    address: address.clone(),
+                    operation: "delete".into(),
+                    error: error.clone(),
+                };
+                if let Err(e) = append_durably(&*shared.backend, vec![failed]).await {
+                    return (i, Outcome::State(e));
+                }
+                shared.events.emit(Event::ResourceFailed {
+                    address,
+                    operation: "delete".into(),
+                    error: error.clone(),
+                    kind: kind.clone(),
+                    details: details.clone(),
+                    elapsed_seconds: elapsed,
+                });
+            }
+            (i, outcome)
+        }
+    }
+}
+
+/// Keeps `RefCell` out of the public API while letting tests collect events.
+pub struct CollectEvents(pub RefCell<Vec<Event>>);
+
+impl EventSink for CollectEvents {
+    fn emit(&self, event: Event) {
+        self.0.borrow_mut().push(event);
+    }
+}

@@ -1,0 +1,590 @@
+//! Durable state: what exists, and what was in flight when a run stopped.
+//!
+//! The embedded backend keeps a directory (`.capstan/` beside the deployment by default):
+//! - `journal` — one record per line, `CRC32 JSON`, appended; an intent record is durable
+//!   before every mutating call, its result after it. Appends from concurrent operations are
+//!   written and fsynced together (group commit), so durability costs one fsync per batch.
+//! - `snapshot.json` — the state folded from the journal, written by compaction with temp file,
+//!   fsync, rename and a directory fsync; the journal then starts empty.
+//! - `lock` — held with `flock` for a whole command, with who holds it written inside.
+//!
+//! Reading keeps every intact record and reports the ones it dropped (a torn last line after a
+//! crash, or damage); it never panics on bad input.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+
+/// A resource as recorded after its last successful operation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResourceState {
+    pub provider: String,
+    #[serde(rename = "type")]
+    pub resource_type: String,
+    pub inputs: Map<String, Value>,
+    pub outputs: Value,
+    /// Addresses it depended on, so deletion can run in reverse order without the deployment.
+    pub dependencies: Vec<String>,
+}
+
+/// An operation that started and has no recorded end: interrupted by a crash or Ctrl-C.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PendingOperation {
+    pub operation: String,
+    pub provider: String,
+    #[serde(rename = "type")]
+    pub resource_type: String,
+    pub inputs: Map<String, Value>,
+    pub started: u64,
+}
+
+/// Everything the state knows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub resources: BTreeMap<String, ResourceState>,
+    pub pending: BTreeMap<String, PendingOperation>,
+}
+
+/// One journal record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum Record {
+    /// About to call the provider.
+    Intent {
+        address: String,
+        operation: String,
+        provider: String,
+        #[serde(rename = "type")]
+        resource_type: String,
+        inputs: Map<String, Value>,
+        time: u64,
+    },
+    /// The resource exists with these inputs and outputs.
+    Done {
+        address: String,
+        #[serde(flatten)]
+        state: ResourceState,
+    },
+    /// The resource no longer exists.
+    Deleted { address: String },
+    /// The operation failed; the resource is as it was before.
+    Failed {
+        address: String,
+        operation: String,
+        error: String,
+    },
+    /// A person resolved an interrupted operation (`capstan state resolve`).
+    Resolved { address: String },
+}
+
+impl State {
+    /// Applies one record.
+    pub fn apply(&mut self, record: &Record) {
+        match record {
+            Record::Intent {
+                address,
+                operation,
+                provider,
+                resource_type,
+                inputs,
+                time,
+            } => {
+                self.pending.insert(
+                    address.clone(),
+                    PendingOperation {
+                        operation: operation.clone(),
+                        provider: provider.clone(),
+                        resource_type: resource_type.clone(),
+                        inputs: inputs.clone(),
+                        started: *time,
+                    },
+                );
+            }
+            Record::Done { address, state } => {
+                self.pending.remove(address);
+                self.resources.insert(address.clone(), state.clone());
+            }
+            Record::Deleted { address } => {
+                self.pending.remove(address);
+                self.resources.remove(address);
+            }
+            Record::Failed { address, .. } | Record::Resolved { address } => {
+                self.pending.remove(address);
+            }
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What went wrong with the state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: the snapshot is not valid ({message}); restore it from a backup or move it away to start empty", .path.display())]
+    BadSnapshot { path: PathBuf, message: String },
+    #[error("the state in {} is locked by {holder}; wait for it to finish, or pass --lock-timeout SECONDS to wait", .dir.display())]
+    Locked { dir: PathBuf, holder: String },
+    #[error("the state journal writer stopped: {0}")]
+    WriterGone(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What loading found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    pub records: usize,
+    /// Journal lines that were damaged or torn, with their line numbers, and were skipped.
+    pub dropped: Vec<usize>,
+}
+
+/// Storage for the state. The directory backend is the embedded default; a shared database
+/// for teams implements the same operations.
+pub trait StateBackend {
+    /// Reads the state.
+    fn load(&mut self) -> Result<(State, LoadReport), StateError>;
+    /// Appends records; the returned receiver fires once they are durable.
+    fn append(&self, records: Vec<Record>) -> oneshot::Receiver<Result<(), String>>;
+    /// Rewrites the stored state as one snapshot of `state`.
+    fn compact(&mut self, state: &State) -> Result<(), StateError>;
+}
+
+/// Encoded records and who to tell once they are durable.
+type WriteRequest = (Vec<u8>, oneshot::Sender<Result<(), String>>);
+
+/// The embedded backend: a directory with a journal, a snapshot and a lock.
+pub struct DirectoryBackend {
+    dir: PathBuf,
+    writer: Option<mpsc::Sender<WriteRequest>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+    _lock: File,
+}
+
+fn encode(record: &Record) -> Vec<u8> {
+    let json = serde_json::to_string(record).expect("records always serialize");
+    let crc = crc32fast::hash(json.as_bytes());
+    format!("{crc:08x} {json}\n").into_bytes()
+}
+
+fn decode(line: &str) -> Option<Record> {
+    let (crc, json) = line.split_once(' ')?;
+    let crc = u32::from_str_radix(crc, 16).ok()?;
+    (crc32fast::hash(json.as_bytes()) == crc).then_some(())?;
+    serde_json::from_str(json).ok()
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StateError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// Who holds a lock, written into the lock file.
+fn holder_description() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let user =
+        std::env::var("USER").unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }));
+    let command: Vec<String> = std::env::args().collect();
+    serde_json::json!({
+        "pid": std::process::id(),
+        "host": host.trim(),
+        "user": user,
+        "command": command.join(" "),
+        "since": now_unix(),
+    })
+    .to_string()
+}
+
+fn describe_holder(text: &str) -> String {
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) => format!(
+            "pid {} on {} (user {}, `{}`, since {} Unix time)",
+            v["pid"],
+            v["host"].as_str().unwrap_or("?"),
+            v["user"].as_str().unwrap_or("?"),
+            v["command"].as_str().unwrap_or("?"),
+            v["since"]
+        ),
+        Err(_) => "another capstan process".to_string(),
+    }
+}
+
+impl DirectoryBackend {
+    /// Opens (creating if needed) the state directory and takes its lock, waiting up to
+    /// `lock_timeout` for another holder.
+    pub fn open(dir: &Path, lock_timeout: Duration) -> Result<Self, StateError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path = dir.join("lock");
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        let deadline = Instant::now() + lock_timeout;
+        loop {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let mut holder = String::new();
+                let _ = lock.read_to_string(&mut holder);
+                return Err(StateError::Locked {
+                    dir: dir.to_path_buf(),
+                    holder: describe_holder(&holder),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        lock.set_len(0).map_err(io(&lock_path))?;
+        lock.rewind().map_err(io(&lock_path))?;
+        lock.write_all(holder_description().as_bytes())
+            .map_err(io(&lock_path))?;
+        Ok(DirectoryBackend {
+            dir: dir.to_path_buf(),
+            writer: None,
+            writer_thread: None,
+            _lock: lock,
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.dir.join("journal")
+    }
+
+    fn start_writer(&mut self) -> Result<(), StateError> {
+        let path = self.journal_path();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let (tx, rx) = mpsc::channel::<WriteRequest>();
+        let thread = std::thread::Builder::new()
+            .name("capstan-journal".into())
+            .spawn(move || {
+                // Group commit: take everything queued, write it, one fsync, acknowledge all.
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let mut bytes = Vec::new();
+                    for (record, _) in &batch {
+                        bytes.extend_from_slice(record);
+                    }
+                    let result = file
+                        .write_all(&bytes)
+                        .and_then(|()| file.sync_data())
+                        .map_err(|e| e.to_string());
+                    for (_, ack) in batch {
+                        let _ = ack.send(result.clone());
+                    }
+                }
+            })
+            .map_err(io(&path))?;
+        self.writer = Some(tx);
+        self.writer_thread = Some(thread);
+        Ok(())
+    }
+}
+
+impl StateBackend for DirectoryBackend {
+    fn load(&mut self) -> Result<(State, LoadReport), StateError> {
+        let snapshot_path = self.dir.join("snapshot.json");
+        let mut state = match std::fs::read_to_string(&snapshot_path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| StateError::BadSnapshot {
+                path: snapshot_path.clone(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => {
+                return Err(StateError::Io {
+                    path: snapshot_path,
+                    source: e,
+                })
+            }
+        };
+        let mut report = LoadReport::default();
+        let journal = self.journal_path();
+        match File::open(&journal) {
+            Ok(file) => {
+                let mut reader = BufReader::new(file);
+                let mut line = Vec::new();
+                let mut number = 0;
+                loop {
+                    line.clear();
+                    match reader.read_until(b'\n', &mut line) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            return Err(StateError::Io {
+                                path: journal,
+                                source: e,
+                            })
+                        }
+                    }
+                    number += 1;
+                    let text = String::from_utf8_lossy(&line);
+                    let text = text.trim_end_matches('\n');
+                    if text.is_empty() {
+                        continue;
+                    }
+                    match decode(text) {
+                        Some(record) => {
+                            state.apply(&record);
+                            report.records += 1;
+                        }
+                        None => report.dropped.push(number),
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(StateError::Io {
+                    path: journal,
+                    source: e,
+                })
+            }
+        }
+        if !report.dropped.is_empty() {
+            // Start a clean journal so appends never follow a torn line.
+            self.compact(&state)?;
+        }
+        self.start_writer()?;
+        Ok((state, report))
+    }
+
+    fn append(&self, records: Vec<Record>) -> oneshot::Receiver<Result<(), String>> {
+        let (ack, done) = oneshot::channel();
+        let bytes: Vec<u8> = records.iter().flat_map(encode).collect();
+        match &self.writer {
+            Some(writer) => {
+                if let Err(mpsc::SendError((_, ack))) = writer.send((bytes, ack)) {
+                    let _ = ack.send(Err("the journal writer has stopped".into()));
+                }
+            }
+            None => {
+                let _ = ack.send(Err("the state was not loaded before writing".into()));
+            }
+        }
+        done
+    }
+
+    fn compact(&mut self, state: &State) -> Result<(), StateError> {
+        // Stop the writer so nothing is appended to the journal being replaced.
+        self.writer = None;
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
+        let snapshot = self.dir.join("snapshot.json");
+        let temp = self.dir.join("snapshot.json.tmp");
+        {
+            let mut file = File::create(&temp).map_err(io(&temp))?;
+            serde_json::to_writer(&mut file, state).map_err(|e| StateError::Io {
+                path: temp.clone(),
+                source: e.into(),
+            })?;
+            file.sync_all().map_err(io(&temp))?;
+        }
+        std::fs::rename(&temp, &snapshot).map_err(io(&snapshot))?;
+        let journal = self.journal_path();
+        let empty = self.dir.join("journal.tmp");
+        File::create(&empty)
+            .and_then(|f| f.sync_all())
+            .map_err(io(&empty))?;
+        std::fs::rename(&empty, &journal).map_err(io(&journal))?;
+        fsync_dir(&self.dir)?;
+        self.start_writer()
+    }
+}
+
+impl Drop for DirectoryBackend {
+    fn drop(&mut self) {
+        self.writer = None;
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes records and waits until they are durable.
+pub async fn append_durably(
+    backend: &dyn StateBackend,
+    records: Vec<Record>,
+) -> Result<(), StateError> {
+    match backend.append(records).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(StateError::WriterGone(e)),
+        Err(_) => Err(StateError::WriterGone("no acknowledgement".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn done(address: &str, n: i64) -> Record {
+        Record::Done {
+            address: address.into(),
+            state: ResourceState {
+                provider: "p".into(),
+                resource_type: "t".into(),
+                inputs: json!({"n": n}).as_object().unwrap().clone(),
+                outputs: json!({"n": n}),
+                dependencies: vec![],
+            },
+        }
+    }
+
+    fn intent(address: &str) -> Record {
+        Record::Intent {
+            address: address.into(),
+            operation: "create".into(),
+            provider: "p".into(),
+            resource_type: "t".into(),
+            inputs: Map::new(),
+            time: 1,
+        }
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn records_survive_reopening_and_pending_operations_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+            backend.load().unwrap();
+            block_on(append_durably(
+                &backend,
+                vec![intent("a"), done("a", 1), intent("b")],
+            ))
+            .unwrap();
+        }
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let (state, report) = backend.load().unwrap();
+        assert_eq!(report.records, 3);
+        assert_eq!(state.resources["a"].outputs, json!({"n": 1}));
+        assert!(state.pending.contains_key("b"), "b was in flight");
+    }
+
+    #[test]
+    fn a_torn_or_damaged_journal_keeps_every_intact_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("journal");
+        let mut text = String::new();
+        for n in 0..3 {
+            text.push_str(&String::from_utf8(encode(&done(&format!("r{n}"), n))).unwrap());
+        }
+        let damaged = String::from_utf8(encode(&done("bad", 9)))
+            .unwrap()
+            .replace("\"n\":9", "\"n\":8");
+        text.push_str(&damaged);
+        text.push_str(&String::from_utf8(encode(&done("r3", 3))).unwrap());
+        text.push_str("0badc0de {\"record\":\"done\",\"addr"); // torn last line
+        std::fs::write(&journal, text).unwrap();
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let (state, report) = backend.load().unwrap();
+        assert_eq!(report.records, 4);
+        assert_eq!(report.dropped, vec![4, 6]);
+        assert_eq!(
+            state.resources.keys().cloned().collect::<Vec<_>>(),
+            vec!["r0", "r1", "r2", "r3"]
+        );
+        drop(backend);
+        // Compaction made a clean journal: the next load drops nothing.
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let (again, report) = backend.load().unwrap();
+        assert_eq!(report.dropped, Vec::<usize>::new());
+        assert_eq!(again, state);
+    }
+
+    #[test]
+    fn garbage_of_any_kind_never_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = Vec::new();
+        for n in 0..2000u32 {
+            bytes.push((n.wrapping_mul(2654435761) >> 13) as u8);
+        }
+        std::fs::write(dir.path().join("journal"), &bytes).unwrap();
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let (state, report) = backend.load().unwrap();
+        assert!(state.resources.is_empty());
+        assert!(!report.dropped.is_empty());
+    }
+
+    #[test]
+    fn a_second_holder_is_refused_with_the_first_ones_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let second = DirectoryBackend::open(dir.path(), Duration::from_millis(100));
+        let message = second.err().expect("locked").to_string();
+        assert!(
+            message.contains(&format!("pid {}", std::process::id())),
+            "{message}"
+        );
+        assert!(message.contains("--lock-timeout"), "{message}");
+    }
+
+    #[test]
+    fn compaction_keeps_the_state_and_empties_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let (mut state, _) = backend.load().unwrap();
+        let records = vec![
+            done("a", 1),
+            done("b", 2),
+            Record::Deleted {
+                address: "a".into(),
+            },
+        ];
+        block_on(append_durably(&backend, records.clone())).unwrap();
+        for r in &records {
+            state.apply(r);
+        }
+        backend.compact(&state).unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.path().join("journal")).unwrap().len(),
+            0
+        );
+        drop(backend);
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        assert_eq!(backend.load().unwrap().0, state);
+    }
+}
