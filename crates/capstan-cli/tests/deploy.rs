@@ -1,0 +1,482 @@
+//! `capstan plan / apply / destroy / state` end to end: real `capstan` processes, real
+//! provider processes (the built-in `local` provider and the testing provider), real files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+
+fn capstan_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_capstan")
+}
+
+fn testing_provider() -> String {
+    let path = PathBuf::from(capstan_bin()).with_file_name("capstan-provider-testing");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace`",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new(deployment: Value) -> Self {
+        let project = Project {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        project.write(deployment);
+        project
+    }
+
+    fn write(&self, deployment: Value) {
+        std::fs::write(
+            self.path("capstan.json"),
+            serde_json::to_string_pretty(&deployment).unwrap(),
+        )
+        .unwrap();
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn capstan(&self, args: &[&str]) -> Output {
+        Command::new(capstan_bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs with --json and returns the events, checking each against the published schema.
+    fn json(&self, args: &[&str]) -> (Option<i32>, Vec<Value>) {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.capstan(&all);
+        let events = parse_events(&out.stdout);
+        (out.status.code(), events)
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn event_schema() -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schema/events.schema.json");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    jsonschema::validator_for(&schema).expect("a valid JSON Schema")
+}
+
+fn parse_events(stdout: &[u8]) -> Vec<Value> {
+    let validator = event_schema();
+    let events: Vec<Value> = text(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    for (n, event) in events.iter().enumerate() {
+        if let Err(e) = validator.validate(event) {
+            panic!("event {n} does not match schema/events.schema.json: {e}\n{event}");
+        }
+        assert_eq!(event["seq"], json!(n), "seq is monotonic from 0");
+    }
+    assert_eq!(
+        events.first().map(|e| e["type"].clone()),
+        Some(json!("version"))
+    );
+    events
+}
+
+fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == kind).collect()
+}
+
+fn summary(events: &[Value]) -> Value {
+    of_type(events, "summary")
+        .last()
+        .copied()
+        .cloned()
+        .expect("a summary")
+}
+
+fn quickstart() -> Value {
+    json!({
+        "providers": {"local": {"builtin": "local"}},
+        "resources": {
+            "hello": {"provider": "local", "type": "file", "inputs": {"path": "out/hello.txt", "content": {"$param": "greeting"}}},
+            "shout": {"provider": "local", "type": "exec", "inputs": {"command": "tr", "args": ["a-z", "A-Z"], "stdin": {"$ref": "hello#content"}}},
+            "copy": {"resources": {
+                "loud": {"provider": "local", "type": "file", "inputs": {"path": "out/loud.txt", "content": {"$ref": "shout#stdout"}}}
+            }}
+        }
+    })
+}
+
+fn params(project: &Project, greeting: &str) -> String {
+    let path = project.path("params.json");
+    std::fs::write(&path, json!({"greeting": greeting}).to_string()).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn apply_then_reapply_update_delete_and_destroy() {
+    let project = Project::new(quickstart());
+    let p = params(&project, "hi there\n");
+
+    let (code, events) = project.json(&["apply", "--params", &p]);
+    assert_eq!(code, Some(0), "{events:?}");
+    assert_eq!(summary(&events)["created"], 3);
+    assert_eq!(
+        std::fs::read_to_string(project.path("out/loud.txt")).unwrap(),
+        "HI THERE\n"
+    );
+    // The exec resource's output arrived as a live log event.
+    assert!(of_type(&events, "resource_progress")
+        .iter()
+        .any(|e| e["address"] == "shout"
+            && e["progress"]["kind"] == "log"
+            && e["progress"]["line"] == "HI THERE"));
+    // Dependencies were respected: hello completed before shout started.
+    let position = |kind: &str, address: &str| {
+        events
+            .iter()
+            .position(|e| e["type"] == kind && e["address"] == address)
+            .unwrap()
+    };
+    assert!(position("resource_complete", "hello") < position("resource_start", "shout"));
+    assert!(position("resource_complete", "shout") < position("resource_start", "copy.loud"));
+
+    // Nothing changed: no provider is called.
+    let (code, events) = project.json(&["apply", "--params", &p]);
+    assert_eq!(code, Some(0));
+    assert_eq!(summary(&events)["unchanged"], 3);
+    assert!(of_type(&events, "resource_start").is_empty(), "{events:?}");
+
+    // A new parameter changes hello, and through references shout and copy.loud.
+    let p = params(&project, "bye\n");
+    let plan = project.capstan(&["plan", "--params", &p]);
+    assert_eq!(plan.status.code(), Some(0));
+    let plan_text = text(&plan.stderr);
+    assert!(
+        plan_text.contains("~ hello (local.file)  changed: content"),
+        "{plan_text}"
+    );
+    assert!(
+        plan_text.contains("~ shout (local.exec)  (inputs known after hello)"),
+        "{plan_text}"
+    );
+    let (code, events) = project.json(&["apply", "--params", &p]);
+    assert_eq!(code, Some(0));
+    assert_eq!(summary(&events)["updated"], 3);
+    assert_eq!(
+        std::fs::read_to_string(project.path("out/loud.txt")).unwrap(),
+        "BYE\n"
+    );
+
+    // Removing a resource from the deployment deletes it.
+    let mut smaller = quickstart();
+    smaller["resources"].as_object_mut().unwrap().remove("copy");
+    project.write(smaller);
+    let (code, events) = project.json(&["apply", "--params", &p]);
+    assert_eq!(code, Some(0));
+    assert_eq!(summary(&events)["deleted"], 1);
+    assert!(!project.path("out/loud.txt").exists());
+
+    let list = project.capstan(&["state", "list", "--params", &p]);
+    assert_eq!(text(&list.stdout), "hello\tlocal.file\nshout\tlocal.exec\n");
+    let show = project.capstan(&["state", "show", "shout", "--params", &p]);
+    let shown: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["outputs"]["stdout"], "BYE\n");
+    assert_eq!(shown["dependencies"], json!(["hello"]));
+
+    let (code, events) = project.json(&["destroy", "--params", &p]);
+    assert_eq!(code, Some(0));
+    assert_eq!(summary(&events)["deleted"], 2);
+    // Reverse dependency order: shout before hello.
+    let position = |address: &str| {
+        events
+            .iter()
+            .position(|e| e["type"] == "resource_complete" && e["address"] == address)
+            .unwrap()
+    };
+    assert!(position("shout") < position("hello"));
+    assert!(!project.path("out/hello.txt").exists());
+    assert_eq!(
+        text(&project.capstan(&["state", "list", "--params", &p]).stdout),
+        ""
+    );
+}
+
+fn testing(resources: Value) -> Value {
+    json!({"providers": {"t": {"executable": testing_provider()}}, "resources": resources})
+}
+
+#[test]
+fn a_failure_skips_its_dependents_and_independent_work_goes_on() {
+    let project = Project::new(testing(json!({
+        "bad": {"provider": "t", "type": "sleep", "inputs": {"ms": 5000}},
+        "child": {"provider": "t", "type": "noop", "inputs": {"value": {"$ref": "bad#slept_ms"}}},
+        "grandchild": {"provider": "t", "type": "noop", "inputs": {"value": {"$ref": "child#value"}}},
+        "fine": {"provider": "t", "type": "noop", "inputs": {"value": 2}}
+    })));
+    let (code, events) = project.json(&["apply", "--timeout", "0.3"]);
+    assert_eq!(code, Some(1));
+    let failed = of_type(&events, "resource_failed");
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["address"], "bad");
+    assert_eq!(failed[0]["kind"], "timeout");
+    let skipped: Vec<(&str, &str)> = of_type(&events, "resource_skipped")
+        .iter()
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap(),
+                e["dependency"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(skipped.len(), 2);
+    assert!(
+        skipped.contains(&("child", "bad")) && skipped.contains(&("grandchild", "bad")),
+        "{skipped:?}"
+    );
+    let s = summary(&events);
+    assert_eq!(
+        (
+            s["failed"].as_u64(),
+            s["skipped"].as_u64(),
+            s["created"].as_u64()
+        ),
+        (Some(1), Some(2), Some(1))
+    );
+    assert_eq!(
+        text(&project.capstan(&["state", "list"]).stdout),
+        "fine\tt.noop\n"
+    );
+    assert_eq!(
+        text(&project.capstan(&["state", "pending"]).stdout),
+        "",
+        "a failure is recorded, not left pending"
+    );
+}
+
+#[test]
+fn invalid_deployments_are_refused_with_the_place_and_exit_2() {
+    let cases: Vec<(Value, &str)> = vec![
+        (testing(json!({"a": {"provider": "nope", "type": "noop"}})), "resources.a.provider: unknown provider `nope`; declared providers: t"),
+        (testing(json!({"a": {"provider": "t", "type": "nope"}})), "resources.a.type: provider `t` has no resource type `nope`; it serves: noop"),
+        (testing(json!({"a": {"provider": "t", "type": "noop", "inputs": {"colour": 1}}})), "resources.a.inputs.colour: `noop` has no input `colour`; its inputs: value, print"),
+        (testing(json!({"a": {"provider": "t", "type": "sleep"}})), "resources.a.inputs: missing required input `ms` of `sleep`"),
+        (testing(json!({"a": {"provider": "t", "type": "noop", "inputs": {"value": {"$ref": "ghost#value"}}}})), "resources.a.inputs.value: refers to resource `ghost`, which the deployment does not declare"),
+        (testing(json!({"a": {"provider": "t", "type": "noop"}, "b": {"provider": "t", "type": "noop", "inputs": {"value": {"$ref": "a#nope"}}}})), "resources.b.inputs.value: `a` (a `noop`) has no output `nope`; its outputs: value, id"),
+        (testing(json!({
+            "a": {"provider": "t", "type": "noop", "inputs": {"value": {"$ref": "c#id"}}},
+            "b": {"provider": "t", "type": "noop", "inputs": {"value": {"$ref": "a#id"}}},
+            "c": {"provider": "t", "type": "noop", "inputs": {"value": {"$ref": "b#id"}}}})), "resources: dependency cycle: a -> c -> b -> a"),
+        (testing(json!({"a": {"provider": "t", "type": "noop", "inputs": {"value": {"$param": "size"}}}})), "resources.a.inputs.value: missing parameter `size`; pass it in a JSON object with --params FILE"),
+    ];
+    for (deployment, message) in cases {
+        let project = Project::new(deployment);
+        let out = project.capstan(&["apply"]);
+        assert_eq!(out.status.code(), Some(2), "{message}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(&format!("capstan.json: {message}")),
+            "expected {message:?} in:\n{stderr}"
+        );
+        assert!(
+            !project.path(".capstan/journal").exists()
+                || std::fs::read(project.path(".capstan/journal"))
+                    .unwrap()
+                    .is_empty(),
+            "nothing ran"
+        );
+    }
+    let project = Project::new(json!({}));
+    std::fs::write(project.path("capstan.json"), "{ \"providers\": ").unwrap();
+    let out = project.capstan(&["plan"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("capstan.json: line 1 column"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn the_per_provider_limit_and_the_job_limit_hold() {
+    let mut resources = serde_json::Map::new();
+    for n in 0..8 {
+        resources.insert(
+            format!("s{n}"),
+            json!({"provider": "t", "type": "sleep", "inputs": {"ms": 100}}),
+        );
+    }
+    let mut deployment = testing(Value::Object(resources));
+    deployment["providers"]["t"]["maxConcurrency"] = json!(2);
+    let project = Project::new(deployment);
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0));
+    // Replay starts and completions: never more than 2 running at once.
+    let mut running = 0i32;
+    let mut peak = 0;
+    for e in &events {
+        match e["type"].as_str() {
+            Some("resource_start") => running += 1,
+            Some("resource_complete") => running -= 1,
+            _ => {}
+        }
+        peak = peak.max(running);
+    }
+    assert_eq!(
+        peak, 2,
+        "the provider's limit of 2 was used and never exceeded"
+    );
+    let (_, events) = project.json(&["destroy", "--jobs", "1"]);
+    let mut running = 0i32;
+    for e in &events {
+        match e["type"].as_str() {
+            Some("resource_start") => running += 1,
+            Some("resource_complete") => running -= 1,
+            _ => {}
+        }
+        assert!(running <= 1, "--jobs 1 means one at a time");
+    }
+}
+
+#[test]
+fn a_second_apply_is_refused_while_the_state_is_locked() {
+    let project = Project::new(testing(
+        json!({"slow": {"provider": "t", "type": "sleep", "inputs": {"ms": 3000}}}),
+    ));
+    let mut first = Command::new(capstan_bin())
+        .args(["apply", "--json"])
+        .current_dir(project.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_line(first.stdout.take().unwrap(), "resource_start");
+    let second = project.capstan(&["apply"]);
+    assert_eq!(second.status.code(), Some(2));
+    let stderr = text(&second.stderr);
+    assert!(
+        stderr.contains(&format!("locked by pid {}", first.id())),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("capstan apply"),
+        "names the holder's command: {stderr}"
+    );
+    let _ = first.kill();
+    let _ = first.wait();
+}
+
+/// Reads lines until one contains `needle`; keeps draining the pipe in the background after.
+fn wait_for_line(
+    stdout: std::process::ChildStdout,
+    needle: &str,
+) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let needle = needle.to_string();
+    let (found_tx, found_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut found = false;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if !found && line.contains(&needle) {
+                found = true;
+                let _ = found_tx.send(());
+            }
+            let _ = tx.send(line);
+        }
+    });
+    found_rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the line appears");
+    rx
+}
+
+#[test]
+fn a_killed_apply_leaves_its_in_flight_operations_recorded_as_interrupted() {
+    let project = Project::new(testing(json!({
+        "quick": {"provider": "t", "type": "noop", "inputs": {"value": 1}},
+        "stuck": {"provider": "t", "type": "hang", "inputs": {}}
+    })));
+    let mut apply = Command::new(capstan_bin())
+        .args(["apply", "--json"])
+        .current_dir(project.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = wait_for_line(apply.stdout.take().unwrap(), "\"phase\"");
+    // Wait until `quick` is recorded too.
+    while let Ok(line) = lines.recv_timeout(std::time::Duration::from_secs(30)) {
+        if line.contains("resource_complete") && line.contains("\"quick\"") {
+            break;
+        }
+    }
+    unsafe { libc::kill(apply.id() as i32, libc::SIGKILL) };
+    let _ = apply.wait();
+
+    let pending = project.capstan(&["state", "pending"]);
+    assert!(
+        text(&pending.stdout).starts_with("stuck\tcreate\tt.hang"),
+        "{}",
+        text(&pending.stdout)
+    );
+    assert_eq!(
+        text(&project.capstan(&["state", "list"]).stdout),
+        "quick\tt.noop\n",
+        "the finished resource is not forgotten"
+    );
+    let plan = project.capstan(&["plan"]);
+    assert!(
+        text(&plan.stderr).contains("+ stuck (t.hang)  [an earlier create was interrupted]"),
+        "{}",
+        text(&plan.stderr)
+    );
+    let resolve = project.capstan(&["state", "resolve", "stuck"]);
+    assert_eq!(resolve.status.code(), Some(0));
+    assert_eq!(text(&project.capstan(&["state", "pending"]).stdout), "");
+}
+
+#[test]
+fn ctrl_c_cancels_in_flight_work_saves_state_and_exits_130() {
+    let marker_dir = tempfile::tempdir().unwrap();
+    let marker = marker_dir.path().join("cancelled");
+    let project = Project::new(testing(json!({
+        "stuck": {"provider": "t", "type": "hang", "inputs": {"cancelMarker": marker}}
+    })));
+    let mut apply = Command::new(capstan_bin())
+        .args(["apply", "--json"])
+        .current_dir(project.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = wait_for_line(apply.stdout.take().unwrap(), "\"phase\"");
+    unsafe { libc::kill(apply.id() as i32, libc::SIGINT) };
+    let status = apply.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("\"interrupted\"")),
+        "{rest:?}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !marker.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(marker.exists(), "the cancellation reached the provider");
+    assert!(text(&project.capstan(&["state", "pending"]).stdout).starts_with("stuck\tcreate"));
+}
