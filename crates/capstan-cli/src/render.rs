@@ -177,6 +177,7 @@ impl EventSink for HumanEvents {
                 address,
                 operation,
                 elapsed_seconds,
+                ..
             } => {
                 eprintln!(
                     "  {} {address}: {} in {elapsed_seconds:.2}s",

@@ -48,6 +48,8 @@ pub enum Event {
         address: String,
         operation: String,
         elapsed_seconds: f64,
+        /// The resource's outputs (null after a delete).
+        outputs: serde_json::Value,
     },
     ResourceFailed {
         address: String,

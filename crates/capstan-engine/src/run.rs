@@ -665,6 +665,7 @@ async fn create_or_update(
                 address,
                 operation: verb.into(),
                 elapsed_seconds: elapsed,
+                outputs: success.outputs.clone(),
             });
             (
                 i,
@@ -796,6 +797,7 @@ async fn delete(
                 address,
                 operation: "delete".into(),
                 elapsed_seconds: elapsed,
+                outputs: Value::Null,
             });
             (i, Outcome::Deleted)
         }

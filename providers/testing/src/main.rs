@@ -12,6 +12,7 @@
 //! | `chatty` | emits `count` progress events through tracing or explicit log lines |
 //! | `big` | returns an output of `bytes` bytes (for message-size limits) |
 //! | `corrupt` | writes garbage bytes onto its own RPC socket |
+//! | `probe` | waits `ms`, reports how many operations this process ran at once (`peak`); fails if `fail` |
 //!
 //! Options: `--listen PATH` serves as a standing service at PATH; `--max-concurrency N`
 //! declares a limit; `--protocol MIN:MAX` claims other protocol versions (to test refusal);
@@ -388,6 +389,86 @@ impl Resource for Chatty {
     }
 }
 
+// ---- probe ---------------------------------------------------------------------------------
+
+static RUNNING: AtomicU64 = AtomicU64::new(0);
+static PEAK: AtomicU64 = AtomicU64::new(0);
+
+struct Probe;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeIn {
+    #[serde(default)]
+    ms: u64,
+    #[serde(default)]
+    fail: bool,
+    /// Anything; lets a deployment wire references through a probe.
+    #[serde(default)]
+    value: Value,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ProbeOut {
+    value: Value,
+    id: String,
+    peak: u64,
+}
+
+/// Counts this operation as running for as long as it lives.
+struct Running;
+
+impl Running {
+    fn enter() -> Self {
+        let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+        PEAK.fetch_max(now, Ordering::SeqCst);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Resource for Probe {
+    type Inputs = ProbeIn;
+    type Outputs = ProbeOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("probe")
+            .description("Measures how many operations the provider runs at once")
+            .optional("ms", "How long to take")
+            .optional("fail", "Fail instead of succeeding")
+            .optional("value", "Echoed as the output `value`")
+            .output("value", "The input `value`")
+            .output("id", "Unique per operation")
+            .output(
+                "peak",
+                "The most operations this process has run at once so far",
+            )
+            .stateful(true)
+    }
+
+    async fn create(&self, _op: &Operation, inputs: ProbeIn) -> Result<ProbeOut, OperationError> {
+        let _running = Running::enter();
+        if inputs.ms > 0 {
+            tokio::time::sleep(Duration::from_millis(inputs.ms)).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
+        if inputs.fail {
+            return Err(OperationError::permanent("probe failed as asked"));
+        }
+        Ok(ProbeOut {
+            value: inputs.value,
+            id: unique_id(),
+            peak: PEAK.load(Ordering::SeqCst),
+        })
+    }
+}
+
 // ---- big / corrupt -------------------------------------------------------------------------
 
 struct Big;
@@ -470,6 +551,7 @@ fn main() -> ExitCode {
         .resource(Chatty)
         .resource(Big)
         .resource(Corrupt)
+        .resource(Probe)
         .cancel_grace(Duration::from_secs(2));
     let mut listen = None;
     let mut linger = false;
