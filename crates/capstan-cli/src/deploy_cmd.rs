@@ -17,7 +17,8 @@ use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::output::Stdout;
-use crate::render::{HumanEvents, JsonEvents};
+use crate::render::{HumanEvents, JsonEvents, LiveEvents};
+use std::io::IsTerminal;
 
 /// Exit codes.
 const EXIT_FAILED: u8 = 1;
@@ -118,7 +119,12 @@ fn events(common: &Common, stdout: Stdout, command: &str) -> Rc<dyn EventSink> {
             "never" => Some(false),
             _ => None,
         };
-        Rc::new(HumanEvents::new(common.verbose, color))
+        let human = HumanEvents::new(common.verbose, color);
+        if std::io::stderr().is_terminal() {
+            LiveEvents::new(human)
+        } else {
+            Rc::new(human)
+        }
     }
 }
 

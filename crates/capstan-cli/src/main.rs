@@ -76,6 +76,13 @@ fn main() -> ExitCode {
             }
         };
     }
+    // capstan's own diagnostics: RUST_LOG as tracing users expect (default: warnings), on stderr.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     // Only what a command means to print may reach stdout: point fd 1 at stderr and keep the
     // real stdout for our own output.
     let stdout = output::Stdout::take();

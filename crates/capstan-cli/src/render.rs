@@ -92,6 +92,20 @@ fn past(operation: &str) -> &'static str {
 
 impl EventSink for HumanEvents {
     fn emit(&self, event: Event) {
+        for line in self.lines(event, false) {
+            eprintln!("{line}");
+        }
+    }
+}
+
+impl HumanEvents {
+    /// The lines an event prints. In the live view (`live`), starts, phases and messages
+    /// update the running resource's status line instead (messages still print with -v).
+    fn lines(&self, event: Event, live: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        macro_rules! eprintln {
+            ($($arg:tt)*) => { out.push(format!($($arg)*)) };
+        }
         match event {
             Event::Plan { changes } => {
                 let count = |a: Action| changes.iter().filter(|c| c.action == a).count();
@@ -134,6 +148,7 @@ impl EventSink for HumanEvents {
                     eprintln!("{line}");
                 }
             }
+            Event::ResourceStart { .. } if live => {}
             Event::ResourceStart {
                 address, operation, ..
             } => {
@@ -146,7 +161,7 @@ impl EventSink for HumanEvents {
                     eprintln!("  {} {line}", self.paint("2", &format!("{address} │")))
                 }
                 ProgressKind::Event { level, message, .. }
-                    if level >= Level::Info || self.verbose > 0 =>
+                    if (level >= Level::Info && !live) || self.verbose > 0 =>
                 {
                     eprintln!(
                         "  {} {}: {message}",
@@ -154,7 +169,7 @@ impl EventSink for HumanEvents {
                         level.as_str()
                     );
                 }
-                ProgressKind::Phase { name, .. } => {
+                ProgressKind::Phase { name, .. } if !live => {
                     eprintln!("  {} {name}", self.paint("2", &format!("{address} ▸")))
                 }
                 ProgressKind::Counter {
@@ -215,5 +230,165 @@ impl EventSink for HumanEvents {
                 );
             }
         }
+        out
+    }
+}
+
+/// The live view on a terminal: finished resources, failures and log lines scroll by, and
+/// under them one line per running resource shows its address, operation, elapsed time, a
+/// progress bar when the provider reports done/expected, and its phase or latest message.
+pub struct LiveEvents {
+    lines: HumanEvents,
+    live: RefCell<Live>,
+}
+
+#[derive(Default)]
+struct Live {
+    running: std::collections::BTreeMap<String, Running>,
+    drawn: usize,
+}
+
+struct Running {
+    operation: String,
+    started: std::time::Instant,
+    status: String,
+    counter: Option<(u64, u64, String)>,
+}
+
+fn terminal_width() -> usize {
+    // SAFETY: TIOCGWINSZ fills a winsize struct.
+    unsafe {
+        let mut size: libc::winsize = std::mem::zeroed();
+        if libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) == 0 && size.ws_col > 0 {
+            size.ws_col as usize
+        } else {
+            100
+        }
+    }
+}
+
+fn fit(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        text.to_string()
+    } else {
+        text.chars()
+            .take(width.saturating_sub(1))
+            .chain(std::iter::once('…'))
+            .collect()
+    }
+}
+
+impl LiveEvents {
+    /// A live view, redrawn as events arrive and every 200 ms while anything runs.
+    pub fn new(lines: HumanEvents) -> Rc<Self> {
+        let view = Rc::new(LiveEvents {
+            lines,
+            live: RefCell::new(Live::default()),
+        });
+        let weak = Rc::downgrade(&view);
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let Some(view) = weak.upgrade() else { return };
+                let busy = !view.live.borrow().running.is_empty();
+                if busy {
+                    view.redraw(&[]);
+                }
+            }
+        });
+        view
+    }
+
+    /// Clears the block of running lines, prints `above`, draws the block again.
+    fn redraw(&self, above: &[String]) {
+        use std::io::Write;
+        let mut live = self.live.borrow_mut();
+        let width = terminal_width();
+        let mut out = String::new();
+        for _ in 0..live.drawn {
+            out.push_str("\x1b[1A\x1b[2K");
+        }
+        for line in above {
+            out.push_str(line);
+            out.push('\n');
+        }
+        let mut drawn = 0;
+        for (address, r) in &live.running {
+            let elapsed = r.started.elapsed().as_secs_f64();
+            let bar = match &r.counter {
+                Some((done, expected, unit)) if *expected > 0 => {
+                    let filled = (*done * 20 / expected).min(20) as usize;
+                    format!(
+                        " [{}{}] {done}/{expected} {unit}",
+                        "█".repeat(filled),
+                        "░".repeat(20 - filled)
+                    )
+                }
+                Some((done, _, unit)) => format!(" {done} {unit}"),
+                None => String::new(),
+            };
+            let spinner =
+                ["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏"][(elapsed * 10.0) as usize % 10];
+            let line = format!(
+                "{spinner} {address} {} {elapsed:5.1}s{bar} {}",
+                r.operation, r.status
+            );
+            out.push_str(&self.lines.paint("36", &fit(&line, width.saturating_sub(1))));
+            out.push('\n');
+            drawn += 1;
+        }
+        live.drawn = drawn;
+        let mut stderr = std::io::stderr().lock();
+        let _ = stderr.write_all(out.as_bytes());
+        let _ = stderr.flush();
+    }
+}
+
+impl EventSink for LiveEvents {
+    fn emit(&self, event: Event) {
+        {
+            let mut live = self.live.borrow_mut();
+            match &event {
+                Event::ResourceStart {
+                    address, operation, ..
+                } => {
+                    live.running.insert(
+                        address.clone(),
+                        Running {
+                            operation: operation.clone(),
+                            started: std::time::Instant::now(),
+                            status: String::new(),
+                            counter: None,
+                        },
+                    );
+                }
+                Event::ResourceProgress {
+                    address, progress, ..
+                } => {
+                    if let Some(r) = live.running.get_mut(address) {
+                        match &progress.kind {
+                            ProgressKind::Phase { name, .. } => r.status = name.clone(),
+                            ProgressKind::Event { message, .. } => r.status = message.clone(),
+                            ProgressKind::Log { line, .. } => r.status = line.clone(),
+                            ProgressKind::Counter {
+                                done,
+                                expected,
+                                unit,
+                                ..
+                            } => r.counter = Some((*done, *expected, unit.clone())),
+                            _ => {}
+                        }
+                    }
+                }
+                Event::ResourceComplete { address, .. } | Event::ResourceFailed { address, .. } => {
+                    live.running.remove(address);
+                }
+                Event::Interrupted { .. } => {}
+                _ => {}
+            }
+        }
+        let above = self.lines.lines(event, true);
+        self.redraw(&above);
     }
 }
