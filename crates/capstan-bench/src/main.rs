@@ -502,6 +502,215 @@ fn rpc(json_output: bool, quick: bool) {
     );
 }
 
+// ---- apply: the engine ---------------------------------------------------------------------
+
+/// Counts events and nothing else.
+struct CountEvents(Cell<u64>);
+
+impl capstan_engine::events::EventSink for CountEvents {
+    fn emit(&self, _event: capstan_engine::events::Event) {
+        self.0.set(self.0.get() + 1);
+    }
+}
+
+/// A deployment of `size` no-op resources in a random DAG (each refers to up to two earlier
+/// ones), all served by one testing provider.
+fn noop_deployment(size: usize) -> String {
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n.max(1) as u64) as usize
+    };
+    let mut resources = serde_json::Map::new();
+    for i in 0..size {
+        let refs: Vec<serde_json::Value> = if i == 0 {
+            Vec::new()
+        } else {
+            (0..next(3))
+                .map(|_| json!({"$ref": format!("r{}#id", next(i))}))
+                .collect()
+        };
+        resources.insert(
+            format!("r{i}"),
+            json!({"provider": "t", "type": "noop", "inputs": {"value": [i, refs]}}),
+        );
+    }
+    json!({"providers": {"t": {"executable": testing_provider()}}, "resources": resources})
+        .to_string()
+}
+
+/// One apply of `size` resources with durable state, then a plan of the same, in this (child)
+/// process, so its peak memory is the engine's alone. Prints one JSON line.
+fn apply_child(file: PathBuf, size: usize, jobs: usize) {
+    use capstan_engine::model::Deployment;
+    use capstan_engine::run::{BuiltinLauncher, Providers, RunOptions};
+    use capstan_engine::state::{DirectoryBackend, StateBackend};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rss_before = rss_kib("VmRSS:");
+    let figures = local(async {
+        let empty = serde_json::Map::new();
+        let start = Instant::now();
+        let deployment = Deployment::load(&file, &empty).unwrap();
+        let mut backend =
+            DirectoryBackend::open(&dir.path().join("state"), Duration::ZERO).unwrap();
+        let (mut state, _) = backend.load().unwrap();
+        let changes = capstan_engine::plan::plan(&deployment, &state).unwrap();
+        let (logs, _ignored) = tokio::sync::mpsc::channel(1024);
+        let names = capstan_engine::run::providers_needed(&changes);
+        let providers = Providers::launch(
+            &names,
+            &deployment,
+            &BuiltinLauncher {
+                program: std::env::current_exe().unwrap(),
+            },
+            logs,
+        )
+        .await
+        .unwrap();
+        let backend: Rc<dyn StateBackend> = Rc::new(backend);
+        let events = Rc::new(CountEvents(Cell::new(0)));
+        let options = RunOptions {
+            jobs,
+            ..RunOptions::default()
+        };
+        let summary = capstan_engine::run::run(
+            changes,
+            &deployment,
+            &mut state,
+            backend.clone(),
+            &providers,
+            &options,
+            events,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let apply_seconds = start.elapsed().as_secs_f64();
+        assert_eq!(summary.created, size, "every resource was created");
+        let peak_after_apply = rss_kib("VmHWM:");
+        providers.shutdown().await;
+        drop((backend, deployment, state));
+        let journal_bytes = std::fs::metadata(dir.path().join("state/journal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        // Plan the same deployment over the state just written: load both, compare.
+        let start = Instant::now();
+        let deployment = Deployment::load(&file, &empty).unwrap();
+        let t1 = start.elapsed();
+        let mut backend =
+            DirectoryBackend::open(&dir.path().join("state"), Duration::ZERO).unwrap();
+        let (state, _) = backend.load().unwrap();
+        let t2 = start.elapsed();
+        let changes = capstan_engine::plan::plan(&deployment, &state).unwrap();
+        let plan_seconds = start.elapsed().as_secs_f64();
+        let _ = (t1, t2);
+        assert!(changes
+            .iter()
+            .all(|c| c.action == capstan_engine::plan::Action::Noop));
+        (apply_seconds, plan_seconds, journal_bytes, peak_after_apply)
+    });
+    let (apply_seconds, plan_seconds, journal_bytes, peak) = figures;
+    println!(
+        "{}",
+        json!({
+            "resources": size,
+            "apply_seconds": apply_seconds,
+            "resources_per_s": size as f64 / apply_seconds,
+            "plan_unchanged_seconds": plan_seconds,
+            "state_bytes_per_resource": journal_bytes as f64 / size as f64,
+            "peak_rss_mib": peak as f64 / 1024.0,
+            "host_bytes_per_resource": (peak.saturating_sub(rss_before)) as f64 * 1024.0 / size as f64,
+        })
+    );
+}
+
+fn apply_bench(json_output: bool, quick: bool) {
+    let (small, large) = if quick {
+        (1_000, 10_000)
+    } else {
+        (10_000, 100_000)
+    };
+    let jobs = 64;
+    let run = |size: usize| -> serde_json::Value {
+        // Written here, so the child's memory holds only what the engine uses.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("capstan.json");
+        std::fs::write(&file, noop_deployment(size)).unwrap();
+        let output = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "apply-child",
+                file.to_str().unwrap(),
+                &size.to_string(),
+                &jobs.to_string(),
+            ])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run apply child");
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+            panic!(
+                "apply child failed: {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+    };
+    let a = run(small);
+    let b = run(large);
+    let ratio = b["apply_seconds"].as_f64().unwrap() / a["apply_seconds"].as_f64().unwrap();
+    let figures = json!({
+        "jobs": jobs,
+        "small": a,
+        "large": b,
+        "scaling_ratio": ratio,
+        "size_ratio": large as f64 / small as f64,
+    });
+    if json_output {
+        println!("{figures}");
+        return;
+    }
+    println!(
+        "{:<40} {:>16} {:>16}   goal",
+        "measure (--jobs 64, durable state)",
+        format!("{small}"),
+        format!("{large}")
+    );
+    let row = |what: &str, key: &str, unit: &str, goal: &str| {
+        println!(
+            "{what:<40} {:>16} {:>16}   {goal}",
+            format!("{:.1}{unit}", a[key].as_f64().unwrap()),
+            format!("{:.1}{unit}", b[key].as_f64().unwrap())
+        );
+    };
+    row("apply: resources/s", "resources_per_s", "/s", "≥ 50,000/s");
+    row("apply: seconds", "apply_seconds", " s", "");
+    row(
+        "plan of all unchanged: seconds",
+        "plan_unchanged_seconds",
+        " s",
+        "≤ 1 s at 100k",
+    );
+    row(
+        "state bytes written per resource",
+        "state_bytes_per_resource",
+        " B",
+        "",
+    );
+    row(
+        "host memory per resource",
+        "host_bytes_per_resource",
+        " B",
+        "≤ 2 KiB",
+    );
+    row("host peak RSS", "peak_rss_mib", " MiB", "");
+    println!(
+        "{:<40} {:>33.2}   ≤ 11 (sizes ×{:.0})",
+        "apply time ratio large/small",
+        ratio,
+        large as f64 / small as f64
+    );
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |n: usize| args.get(n).map(String::as_str);
@@ -511,6 +720,16 @@ fn main() -> ExitCode {
             let quick = args.iter().any(|a| a == "--quick");
             rpc(json_output, quick);
         }
+        Some("apply") => {
+            let json_output = args.iter().any(|a| a == "--json");
+            let quick = args.iter().any(|a| a == "--quick");
+            apply_bench(json_output, quick);
+        }
+        Some("apply-child") => apply_child(
+            PathBuf::from(arg(1).expect("deployment file")),
+            arg(2).and_then(|n| n.parse().ok()).expect("size"),
+            arg(3).and_then(|n| n.parse().ok()).expect("jobs"),
+        ),
         Some("raw-echo") => raw_echo_child(arg(1).expect("path")),
         Some("raw-stream-sender") => raw_stream_sender(
             arg(1).expect("path"),
@@ -521,8 +740,9 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: capstan-bench rpc [--json] [--quick]\n\
-                 Measures the provider protocol against raw baselines from the same run.\n\
+                "usage: capstan-bench rpc|apply [--json] [--quick]\n\
+                 rpc: the provider protocol against raw baselines from the same run.\n\
+                 apply: the engine applying 10,000 and 100,000 no-op resources with durable state.\n\
                  Build first: cargo build --release"
             );
             return ExitCode::from(2);

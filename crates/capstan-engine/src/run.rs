@@ -277,8 +277,12 @@ pub async fn run(
     let mut state_error = None;
 
     loop {
-        while let Some(i) = ready.pop_front() {
+        // Only as many operations exist as may run: a future per ready resource would hold
+        // thousands of requests in memory on a wide graph.
+        while running.len() < options.jobs.max(1) {
+            let Some(i) = ready.pop_front() else { break };
             if stopping {
+                ready.push_front(i);
                 break;
             }
             let node = &nodes[i];
