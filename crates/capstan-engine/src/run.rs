@@ -184,6 +184,28 @@ struct Shared {
     backend: Rc<dyn StateBackend>,
     events: Rc<dyn EventSink>,
     jobs: Arc<Semaphore>,
+    /// Operations holding a job slot: dispatched and not yet returned from the provider.
+    active: std::cell::Cell<usize>,
+    /// Signalled when an operation gives its slot back (before its result is journaled, so
+    /// the next operation's call overlaps that fsync).
+    slot_freed: tokio::sync::Notify,
+}
+
+/// One job slot, given back on drop (also when an interrupt drops the operation).
+struct Slot(Rc<Shared>);
+
+impl Slot {
+    fn take(shared: &Rc<Shared>) -> Self {
+        shared.active.set(shared.active.get() + 1);
+        Slot(shared.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get() - 1);
+        self.0.slot_freed.notify_one();
+    }
 }
 
 /// Runs `changes` (from `plan` or `plan_destroy`). `deployment` gives the desired inputs of
@@ -262,6 +284,8 @@ pub async fn run(
         backend,
         events: events.clone(),
         jobs: Arc::new(Semaphore::new(options.jobs.max(1))),
+        active: std::cell::Cell::new(0),
+        slot_freed: tokio::sync::Notify::new(),
     });
     let mut summary = Summary::default();
     let mut outputs: HashMap<String, Value> = HashMap::new();
@@ -279,7 +303,7 @@ pub async fn run(
     loop {
         // Only as many operations exist as may run: a future per ready resource would hold
         // thousands of requests in memory on a wide graph.
-        while running.len() < options.jobs.max(1) {
+        while shared.active.get() < options.jobs.max(1) {
             let Some(i) = ready.pop_front() else { break };
             if stopping {
                 ready.push_front(i);
@@ -291,10 +315,9 @@ pub async fn run(
             match node.change.action {
                 Action::Delete => {
                     let recorded = state.resources[&address].clone();
-                    running.push(
-                        delete(i, address, recorded, shared.clone(), providers, options)
-                            .boxed_local(),
-                    );
+                    let slot = Slot::take(&shared);
+                    running
+                        .push(delete(i, address, recorded, slot, providers, options).boxed_local());
                 }
                 action => {
                     let decl = &deployment.resources[&address];
@@ -371,6 +394,7 @@ pub async fn run(
                         (false, Some(_)) => Operation::Update,
                     };
                     let dependencies = node.dependencies.clone();
+                    let slot = Slot::take(&shared);
                     running.push(
                         create_or_update(
                             i,
@@ -382,7 +406,7 @@ pub async fn run(
                             capabilities,
                             dependencies,
                             operation,
-                            shared.clone(),
+                            slot,
                             providers,
                             options,
                         )
@@ -395,6 +419,7 @@ pub async fn run(
             break;
         }
         tokio::select! {
+            () = shared.slot_freed.notified(), if shared.active.get() < options.jobs.max(1) && !ready.is_empty() => {}
             Some((i, outcome)) = running.next() => {
                 finished[i] = true;
                 let address = nodes[i].change.address.clone();
@@ -594,29 +619,24 @@ async fn create_or_update(
     capabilities: Vec<(String, resource_handle::Client)>,
     dependencies: Vec<String>,
     operation: Operation,
-    shared: Rc<Shared>,
+    slot: Slot,
     providers: &Providers,
     options: &RunOptions,
 ) -> (usize, Outcome) {
+    let shared = slot.0.clone();
     let connection = providers.connections[&provider].clone();
     let timeout = providers
         .timeouts
         .get(&provider)
         .copied()
         .or(options.timeout);
-    let _permits = permits(&shared, providers, &provider).await;
+    let permits = permits(&shared, providers, &provider).await;
     let (kind, verb, counted) = match operation {
         Operation::Create => (OperationKind::Create, "create", Action::Create),
         Operation::Update => (OperationKind::Update, "update", Action::Update),
         Operation::Read => (OperationKind::Read, "read", Action::Noop),
     };
     let started = Instant::now();
-    shared.events.emit(Event::ResourceStart {
-        address: address.clone(),
-        operation: verb.into(),
-        provider: provider.clone(),
-        resource_type: resource_type.clone(),
-    });
     if operation != Operation::Read {
         let intent = Record::Intent {
             address: address.clone(),
@@ -630,6 +650,13 @@ async fn create_or_update(
             return (i, Outcome::State(e));
         }
     }
+    // Started means recorded: the intent is durable before anyone is told.
+    shared.events.emit(Event::ResourceStart {
+        address: address.clone(),
+        operation: verb.into(),
+        provider: provider.clone(),
+        resource_type: resource_type.clone(),
+    });
     let call = OperationCall {
         kind,
         resource_type: resource_type.clone(),
@@ -648,6 +675,9 @@ async fn create_or_update(
         )
         .await;
     let elapsed = started.elapsed().as_secs_f64();
+    // The provider is done: give the job slot back before waiting for the result's fsync.
+    drop(permits);
+    drop(slot);
     match result {
         Ok(success) => {
             if operation != Operation::Read {
@@ -717,10 +747,11 @@ async fn delete(
     i: usize,
     address: String,
     recorded: ResourceState,
-    shared: Rc<Shared>,
+    slot: Slot,
     providers: &Providers,
     options: &RunOptions,
 ) -> (usize, Outcome) {
+    let shared = slot.0.clone();
     let Some(connection) = providers.connections.get(&recorded.provider).cloned() else {
         let error = format!(
             "{address}: its provider `{}` is not declared in the deployment any more; declare it again until its resources are deleted",
@@ -748,14 +779,8 @@ async fn delete(
         .get(&recorded.provider)
         .copied()
         .or(options.timeout);
-    let _permits = permits(&shared, providers, &recorded.provider).await;
+    let permits = permits(&shared, providers, &recorded.provider).await;
     let started = Instant::now();
-    shared.events.emit(Event::ResourceStart {
-        address: address.clone(),
-        operation: "delete".into(),
-        provider: recorded.provider.clone(),
-        resource_type: recorded.resource_type.clone(),
-    });
     let intent = Record::Intent {
         address: address.clone(),
         operation: "delete".into(),
@@ -767,6 +792,12 @@ async fn delete(
     if let Err(e) = append_durably(&*shared.backend, vec![intent]).await {
         return (i, Outcome::State(e));
     }
+    shared.events.emit(Event::ResourceStart {
+        address: address.clone(),
+        operation: "delete".into(),
+        provider: recorded.provider.clone(),
+        resource_type: recorded.resource_type.clone(),
+    });
     let call = OperationCall {
         kind: OperationKind::Delete,
         resource_type: recorded.resource_type.clone(),
@@ -785,6 +816,9 @@ async fn delete(
         )
         .await;
     let elapsed = started.elapsed().as_secs_f64();
+    // The provider is done: give the job slot back before waiting for the result's fsync.
+    drop(permits);
+    drop(slot);
     match result {
         Ok(_) => {
             if let Err(e) = append_durably(
