@@ -480,3 +480,91 @@ fn ctrl_c_cancels_in_flight_work_saves_state_and_exits_130() {
     assert!(marker.exists(), "the cancellation reached the provider");
     assert!(text(&project.capstan(&["state", "pending"]).stdout).starts_with("stuck\tcreate"));
 }
+
+#[test]
+fn capabilities_flow_from_one_resource_to_another_across_runs() {
+    let project = Project::new(testing(json!({
+        "maker": {"provider": "t", "type": "handle", "inputs": {"value": "v1"}},
+        "user": {"provider": "t", "type": "noop", "inputs": {"value": 1, "h": {"$cap": "maker#handle"}}}
+    })));
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0), "{events:?}");
+    let user = of_type(&events, "resource_complete")
+        .into_iter()
+        .find(|e| e["address"] == "user")
+        .unwrap()
+        .clone();
+    assert_eq!(user["outputs"]["handles"][0]["name"], "h");
+    assert_eq!(user["outputs"]["handles"][0]["kind"], "testing-handle");
+    assert_eq!(user["outputs"]["handles"][0]["address"], "maker");
+
+    // Only the user changes: the maker is unchanged, so it is read (not re-created) to get a
+    // live handle again.
+    project.write(testing(json!({
+        "maker": {"provider": "t", "type": "handle", "inputs": {"value": "v1"}},
+        "user": {"provider": "t", "type": "noop", "inputs": {"value": 2, "h": {"$cap": "maker#handle"}}}
+    })));
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0), "{events:?}");
+    let operations: Vec<(String, String)> = of_type(&events, "resource_complete")
+        .iter()
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_string(),
+                e["operation"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        operations.contains(&("maker".into(), "read".into())),
+        "{operations:?}"
+    );
+    assert!(
+        operations.contains(&("user".into(), "update".into())),
+        "{operations:?}"
+    );
+}
+
+#[test]
+fn fail_fast_stops_starting_new_work() {
+    let project = Project::new(testing(json!({
+        "a_bad": {"provider": "t", "type": "probe", "inputs": {"fail": true}},
+        "b": {"provider": "t", "type": "probe", "inputs": {"ms": 50}},
+        "c": {"provider": "t", "type": "probe", "inputs": {"ms": 50}}
+    })));
+    let (code, events) = project.json(&["apply", "--fail-fast", "--jobs", "1"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(of_type(&events, "resource_failed").len(), 1);
+    let skipped = of_type(&events, "resource_skipped");
+    assert_eq!(skipped.len(), 2, "{events:?}");
+    assert!(skipped
+        .iter()
+        .all(|e| e["reason"] == "--fail-fast stopped the run"));
+    // Without --fail-fast the independent work runs.
+    let (code, events) = project.json(&["apply", "--jobs", "1"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(summary(&events)["created"], 2);
+}
+
+#[test]
+fn lock_timeout_waits_for_the_holder_to_finish() {
+    let project = Project::new(testing(
+        json!({"slow": {"provider": "t", "type": "sleep", "inputs": {"ms": 700}}}),
+    ));
+    let mut first = Command::new(capstan_bin())
+        .args(["apply", "--json"])
+        .current_dir(project.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _lines = wait_for_line(first.stdout.take().unwrap(), "resource_start");
+    let second = project.capstan(&["plan", "--lock-timeout", "30"]);
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
+    assert!(first.wait().unwrap().success());
+    assert!(
+        text(&second.stderr).contains("0 to create"),
+        "it planned after the first apply finished: {}",
+        text(&second.stderr)
+    );
+}

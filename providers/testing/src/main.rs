@@ -122,6 +122,20 @@ impl Resource for Handle {
             .output("id", "Unique per create")
     }
 
+    async fn read(
+        &self,
+        op: &Operation,
+        prior: capstan_provider::Prior<NoopIn, NoopOut>,
+    ) -> Result<NoopOut, OperationError> {
+        // A live handle again, for a run that needs it without re-creating anything.
+        op.return_handle(
+            "handle",
+            "testing-handle",
+            json!({"value": prior.inputs.value, "pid": std::process::id()}),
+        );
+        Ok(prior.outputs)
+    }
+
     async fn create(&self, op: &Operation, inputs: NoopIn) -> Result<NoopOut, OperationError> {
         op.return_handle(
             "handle",
