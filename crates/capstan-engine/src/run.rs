@@ -288,7 +288,6 @@ pub async fn run(
         slot_freed: tokio::sync::Notify::new(),
     });
     let mut summary = Summary::default();
-    let mut outputs: HashMap<String, Value> = HashMap::new();
     let mut handles: HashMap<String, Vec<(String, resource_handle::Client)>> = HashMap::new();
     let mut finished = vec![false; nodes.len()];
     let mut started = vec![false; nodes.len()];
@@ -322,7 +321,12 @@ pub async fn run(
                 action => {
                     let decl = &deployment.resources[&address];
                     let lookup = |target: &str, output: &str| {
-                        outputs.get(target).and_then(|o| o.get(output)).cloned()
+                        // Every finished resource's outputs are in the state by now.
+                        state
+                            .resources
+                            .get(target)
+                            .and_then(|r| r.outputs.get(output))
+                            .cloned()
                     };
                     let Some(inputs) = resolve_inputs(&decl.inputs, &lookup) else {
                         // A dependency finished without the output: the provider broke its
@@ -349,11 +353,11 @@ pub async fn run(
                         skip_dependents(i, &nodes, &mut finished, &mut summary, &*events);
                         continue;
                     };
-                    let recorded = state.resources.get(&address).cloned();
-                    let unchanged = recorded.as_ref().is_some_and(|r| r.inputs == inputs);
+                    let unchanged = state
+                        .resources
+                        .get(&address)
+                        .is_some_and(|r| r.inputs == inputs);
                     if unchanged && !node.capability_source {
-                        let recorded = recorded.expect("unchanged implies recorded");
-                        outputs.insert(address.clone(), recorded.outputs);
                         summary.unchanged += 1;
                         finished[i] = true;
                         release(i, &mut nodes, &mut ready);
@@ -388,6 +392,7 @@ pub async fn run(
                         skip_dependents(i, &nodes, &mut finished, &mut summary, &*events);
                         continue;
                     }
+                    let recorded = state.resources.get(&address).cloned();
                     let operation = match (unchanged, &recorded) {
                         (true, _) => Operation::Read,
                         (false, None) => Operation::Create,
@@ -433,10 +438,14 @@ pub async fn run(
                         if counted != Action::Noop {
                             let deps = nodes[i].dependencies.clone();
                             let decl = &deployment.resources[&address];
-                            state.apply(&Record::Done { address: address.clone(), state: ResourceState { provider: decl.provider.clone(), resource_type: decl.resource_type.clone(), inputs, outputs: out.clone(), dependencies: deps } });
+                            state.apply(&Record::Done { address: address.clone(), state: ResourceState { provider: decl.provider.clone(), resource_type: decl.resource_type.clone(), inputs, outputs: out, dependencies: deps } });
+                        } else if let Some(recorded) = state.resources.get_mut(&address) {
+                            // A read: what the provider says now, for the rest of this run.
+                            recorded.outputs = out;
                         }
-                        outputs.insert(address.clone(), out);
-                        handles.insert(address, returned);
+                        if !returned.is_empty() {
+                            handles.insert(address, returned);
+                        }
                         release(i, &mut nodes, &mut ready);
                     }
                     Outcome::Deleted => {
