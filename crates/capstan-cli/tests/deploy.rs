@@ -568,3 +568,42 @@ fn lock_timeout_waits_for_the_holder_to_finish() {
         text(&second.stderr)
     );
 }
+
+#[test]
+fn a_second_ctrl_c_stops_at_once() {
+    // A provider that lingers after shutdown keeps the first Ctrl-C's clean stop busy for
+    // seconds (grace, SIGTERM ignored, grace, SIGKILL); the second ends capstan right away.
+    let mut deployment = testing(json!({"stuck": {"provider": "t", "type": "hang", "inputs": {}}}));
+    deployment["providers"]["t"]["args"] = json!(["--linger"]);
+    let project = Project::new(deployment);
+    let mut apply = Command::new(capstan_bin())
+        .args(["apply", "--json"])
+        .current_dir(project.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = wait_for_line(apply.stdout.take().unwrap(), "\"phase\"");
+    unsafe { libc::kill(apply.id() as i32, libc::SIGINT) };
+    // Wait for the first interrupt to be taken in before sending the second.
+    loop {
+        let line = lines
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("an interrupted event");
+        if line.contains("\"interrupted\"") {
+            break;
+        }
+    }
+    unsafe { libc::kill(apply.id() as i32, libc::SIGINT) };
+    let output = apply.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130));
+    assert!(
+        text(&output.stderr).contains("interrupted again: stopping now"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert!(
+        text(&project.capstan(&["state", "pending"]).stdout).starts_with("stuck\tcreate"),
+        "recorded state is intact"
+    );
+}
