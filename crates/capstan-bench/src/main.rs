@@ -605,13 +605,23 @@ fn apply_child(file: PathBuf, size: usize, jobs: usize) {
         let t2 = start.elapsed();
         let changes = capstan_engine::plan::plan(&deployment, &state).unwrap();
         let plan_seconds = start.elapsed().as_secs_f64();
-        let _ = (t1, t2);
+        let split = (
+            t1.as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            plan_seconds - t2.as_secs_f64(),
+        );
         assert!(changes
             .iter()
             .all(|c| c.action == capstan_engine::plan::Action::Noop));
-        (apply_seconds, plan_seconds, journal_bytes, peak_after_apply)
+        (
+            apply_seconds,
+            plan_seconds,
+            journal_bytes,
+            peak_after_apply,
+            split,
+        )
     });
-    let (apply_seconds, plan_seconds, journal_bytes, peak) = figures;
+    let (apply_seconds, plan_seconds, journal_bytes, peak, split) = figures;
     println!(
         "{}",
         json!({
@@ -619,6 +629,7 @@ fn apply_child(file: PathBuf, size: usize, jobs: usize) {
             "apply_seconds": apply_seconds,
             "resources_per_s": size as f64 / apply_seconds,
             "plan_unchanged_seconds": plan_seconds,
+            "plan_split_seconds": {"load_deployment": split.0, "load_state": split.1, "plan": split.2},
             "state_bytes_per_resource": journal_bytes as f64 / size as f64,
             "peak_rss_mib": peak as f64 / 1024.0,
             "host_bytes_per_resource": (peak.saturating_sub(rss_before)) as f64 * 1024.0 / size as f64,

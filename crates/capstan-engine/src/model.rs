@@ -120,7 +120,7 @@ impl Deployment {
                 format!("not valid JSON: {e}"),
             )
         })?;
-        let Value::Object(root) = root else {
+        let Value::Object(mut root) = root else {
             return Err(err(
                 "(top level)",
                 "a deployment is a JSON object with `providers` and `resources`".into(),
@@ -151,7 +151,7 @@ impl Deployment {
             }
         }
         let mut resources = BTreeMap::new();
-        match root.get("resources") {
+        match root.remove("resources") {
             Some(Value::Object(group)) => collect_resources(group, "", params, &mut resources)
                 .map_err(|(place, m)| err(&place, m))?,
             Some(_) => return Err(err("resources", "must be an object".into())),
@@ -439,7 +439,7 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
 }
 
 fn collect_resources(
-    group: &Map<String, Value>,
+    group: Map<String, Value>,
     prefix: &str,
     params: &Map<String, Value>,
     out: &mut BTreeMap<String, ResourceDecl>,
@@ -457,14 +457,14 @@ fn collect_resources(
                 "a resource name must be non-empty and contain no `.` or `#`".into(),
             ));
         }
-        let Value::Object(decl) = decl else {
+        let Value::Object(mut decl) = decl else {
             return Err((
                 place,
                 "must be an object: a resource, or a group with `resources`".into(),
             ));
         };
         if decl.contains_key("resources") && !decl.contains_key("provider") {
-            let Some(Value::Object(inner)) = decl.get("resources") else {
+            let Some(Value::Object(inner)) = decl.remove("resources") else {
                 return Err((format!("{place}.resources"), "must be an object".into()));
             };
             collect_resources(inner, &address, params, out)?;
@@ -478,24 +478,36 @@ fn collect_resources(
                 ));
             }
         }
-        let provider = decl.get("provider").and_then(Value::as_str).ok_or((
-            format!("{place}.provider"),
-            "missing: name the provider that manages it".to_string(),
-        ))?;
-        let resource_type = decl.get("type").and_then(Value::as_str).ok_or((
-            format!("{place}.type"),
-            "missing: name the resource type".to_string(),
-        ))?;
-        let inputs = match decl.get("inputs") {
+        let provider = decl
+            .get("provider")
+            .and_then(Value::as_str)
+            .ok_or((
+                format!("{place}.provider"),
+                "missing: name the provider that manages it".to_string(),
+            ))?
+            .to_string();
+        let resource_type = decl
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or((
+                format!("{place}.type"),
+                "missing: name the resource type".to_string(),
+            ))?
+            .to_string();
+        let inputs = match decl.remove("inputs") {
             None => Map::new(),
-            Some(Value::Object(inputs)) => inputs.clone(),
+            Some(Value::Object(inputs)) => inputs,
             Some(_) => return Err((format!("{place}.inputs"), "must be an object".into())),
         };
         let mut refs = Vec::new();
         let mut capabilities = Vec::new();
         let mut resolved = Map::new();
+        let mut input_place = String::new();
         for (key, value) in inputs {
-            let input_place = format!("{place}.inputs.{key}");
+            input_place.clear();
+            input_place.push_str(&place);
+            input_place.push_str(".inputs.");
+            input_place.push_str(&key);
             if let Some(target) = marker(&value, "$cap") {
                 let (address, name) = split_ref(target, &input_place)?;
                 capabilities.push(CapabilityRef {
@@ -505,15 +517,15 @@ fn collect_resources(
                 });
                 continue;
             }
-            let value = substitute(value, &input_place, params, &mut refs)?;
+            let value = substitute(value, &mut input_place, params, &mut refs)?;
             resolved.insert(key, value);
         }
         out.insert(
             address.clone(),
             ResourceDecl {
                 address,
-                provider: provider.to_string(),
-                resource_type: resource_type.to_string(),
+                provider,
+                resource_type,
                 inputs: resolved,
                 refs,
                 capabilities,
@@ -545,14 +557,14 @@ fn split_ref(target: &str, place: &str) -> Result<(String, String), (String, Str
 
 fn substitute(
     value: Value,
-    place: &str,
+    place: &mut String,
     params: &Map<String, Value>,
     refs: &mut Vec<OutputRef>,
 ) -> Result<Value, (String, String)> {
     if let Some(name) = marker(&value, "$param") {
         return params.get(name).cloned().ok_or_else(|| {
             (
-                place.to_string(),
+                place.clone(),
                 format!("missing parameter `{name}`; pass it in a JSON object with --params FILE"),
             )
         });
@@ -562,26 +574,35 @@ fn substitute(
         refs.push(OutputRef {
             address,
             output,
-            place: place.to_string(),
+            place: place.clone(),
         });
         return Ok(value);
     }
+    // `place` is one buffer, extended and cut back as the walk goes down and up.
+    let len = place.len();
     Ok(match value {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| {
-                    let inner = format!("{place}.{k}");
-                    substitute(v, &inner, params, refs).map(|v| (k, v))
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        Value::Array(items) => Value::Array(
-            items
-                .into_iter()
-                .enumerate()
-                .map(|(n, v)| substitute(v, &format!("{place}[{n}]"), params, refs))
-                .collect::<Result<_, _>>()?,
-        ),
+        Value::Object(map) => {
+            let mut out = Map::with_capacity(map.len());
+            for (k, v) in map {
+                place.push('.');
+                place.push_str(&k);
+                let v = substitute(v, place, params, refs);
+                place.truncate(len);
+                out.insert(k, v?);
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            for (n, v) in items.into_iter().enumerate() {
+                use std::fmt::Write;
+                let _ = write!(place, "[{n}]");
+                let v = substitute(v, place, params, refs);
+                place.truncate(len);
+                out.push(v?);
+            }
+            Value::Array(out)
+        }
         other => other,
     })
 }

@@ -1,7 +1,7 @@
 //! The plan: for every resource, what `apply` would do, and which changes wait on outputs that
 //! do not exist yet.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -51,30 +51,35 @@ pub struct PlannedChange {
 }
 
 /// Resources in dependency order (dependencies first).
-pub fn topological_order(deployment: &Deployment) -> Vec<String> {
-    let mut remaining: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut dependents: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+pub fn topological_order(deployment: &Deployment) -> Vec<&str> {
+    let count = deployment.resources.len();
+    let mut remaining: HashMap<&str, usize> = HashMap::with_capacity(count);
+    let mut dependents: HashMap<&str, Vec<&str>> = HashMap::with_capacity(count);
     for (address, r) in &deployment.resources {
-        let deps = r.dependencies();
+        let mut deps: Vec<&str> = r
+            .refs
+            .iter()
+            .map(|x| x.address.as_str())
+            .chain(r.capabilities.iter().map(|c| c.address.as_str()))
+            .collect();
+        deps.sort_unstable();
+        deps.dedup();
         remaining.insert(address, deps.len());
         for dep in deps {
-            let dep = deployment
-                .resources
-                .get_key_value(&dep)
-                .map(|(k, _)| k.as_str())
-                .unwrap_or_default();
             dependents.entry(dep).or_default().push(address);
         }
     }
-    let mut ready: Vec<&str> = remaining
-        .iter()
-        .filter(|(_, n)| **n == 0)
-        .map(|(a, _)| *a)
+    // Seed in address order, so the order is stable from run to run.
+    let mut ready: Vec<&str> = deployment
+        .resources
+        .keys()
+        .map(String::as_str)
+        .filter(|a| remaining[a] == 0)
         .collect();
     ready.reverse();
-    let mut order = Vec::with_capacity(remaining.len());
+    let mut order = Vec::with_capacity(count);
     while let Some(address) = ready.pop() {
-        order.push(address.to_string());
+        order.push(address);
         for dependent in dependents.get(address).into_iter().flatten() {
             let n = remaining.get_mut(dependent).expect("known");
             *n -= 1;
@@ -94,13 +99,70 @@ fn changed_keys(old: &Map<String, Value>, new: &Map<String, Value>) -> Vec<Strin
         .collect()
 }
 
+/// Whether `template` (deployment inputs, with `$ref`s) resolves to `recorded`; `None` when a
+/// reference's value is not known yet. Compares in place: nothing is copied.
+fn resolves_to<'s>(
+    template: &Value,
+    recorded: &Value,
+    known: &dyn Fn(&str, &str) -> Option<&'s Value>,
+) -> Option<bool> {
+    if let Value::Object(map) = template {
+        if map.len() == 1 {
+            if let Some(Value::String(target)) = map.get("$ref") {
+                let (address, output) = target.split_once('#')?;
+                return known(address, output).map(|v| v == recorded);
+            }
+        }
+    }
+    match (template, recorded) {
+        (Value::Object(a), Value::Object(b)) => resolves_to_map(a, b, known),
+        (Value::Array(a), Value::Array(b)) => {
+            if a.len() != b.len() {
+                return Some(false);
+            }
+            let mut all = Some(true);
+            for (x, y) in a.iter().zip(b) {
+                match resolves_to(x, y, known) {
+                    Some(false) => return Some(false),
+                    None => all = None,
+                    Some(true) => {}
+                }
+            }
+            all
+        }
+        _ => Some(template == recorded),
+    }
+}
+
+fn resolves_to_map<'s>(
+    a: &Map<String, Value>,
+    b: &Map<String, Value>,
+    known: &dyn Fn(&str, &str) -> Option<&'s Value>,
+) -> Option<bool> {
+    if a.len() != b.len() {
+        return Some(false);
+    }
+    let mut all = Some(true);
+    for (k, x) in a {
+        let Some(y) = b.get(k) else {
+            return Some(false);
+        };
+        match resolves_to(x, y, known) {
+            Some(false) => return Some(false),
+            None => all = None,
+            Some(true) => {}
+        }
+    }
+    all
+}
+
 /// Plans an apply of `deployment` over `state`.
 pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>, ModelError> {
-    let mut actions: BTreeMap<String, Action> = BTreeMap::new();
-    let mut changes = Vec::new();
+    let mut actions: HashMap<&str, Action> = HashMap::with_capacity(deployment.resources.len());
+    let mut changes = Vec::with_capacity(deployment.resources.len() + state.resources.len());
     for address in topological_order(deployment) {
-        let r = &deployment.resources[&address];
-        let recorded = state.resources.get(&address);
+        let r = &deployment.resources[address];
+        let recorded = state.resources.get(address);
         if let Some(old) = recorded {
             if old.provider != r.provider || old.resource_type != r.resource_type {
                 return Err(ModelError {
@@ -114,39 +176,48 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
                 });
             }
         }
-        let known = |target: &str, output: &str| -> Option<Value> {
-            (actions.get(target) == Some(&Action::Noop))
-                .then(|| state.resources.get(target)?.outputs.get(output).cloned())
-                .flatten()
+        let known = |target: &str, output: &str| -> Option<&Value> {
+            if actions.get(target) == Some(&Action::Noop) {
+                state.resources.get(target)?.outputs.get(output)
+            } else {
+                None
+            }
         };
-        let resolved = resolve_inputs(&r.inputs, &known);
-        let waits_on: Vec<String> = r
-            .refs
-            .iter()
-            .map(|x| x.address.clone())
-            .filter(|a| actions.get(a) != Some(&Action::Noop))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let (action, changed_inputs) = match (recorded, resolved) {
-            (None, _) => (Action::Create, Vec::new()),
-            (Some(old), Some(new)) if old.inputs == new => (Action::Noop, Vec::new()),
-            (Some(old), Some(new)) => (Action::Update, changed_keys(&old.inputs, &new)),
-            (Some(_), None) => (Action::Update, Vec::new()),
+        let (action, changed_inputs) = match recorded {
+            None => (Action::Create, Vec::new()),
+            Some(old) => match resolves_to_map(&r.inputs, &old.inputs, &known) {
+                Some(true) => (Action::Noop, Vec::new()),
+                Some(false) => {
+                    let owned = |t: &str, o: &str| known(t, o).cloned();
+                    match resolve_inputs(&r.inputs, &owned) {
+                        Some(new) => (Action::Update, changed_keys(&old.inputs, &new)),
+                        None => (Action::Update, Vec::new()),
+                    }
+                }
+                None => (Action::Update, Vec::new()),
+            },
         };
-        actions.insert(address.clone(), action);
+        let waits_on: Vec<String> = if action == Action::Noop {
+            Vec::new()
+        } else {
+            r.refs
+                .iter()
+                .map(|x| x.address.as_str())
+                .filter(|a| actions.get(a) != Some(&Action::Noop))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .map(str::to_string)
+                .collect()
+        };
+        actions.insert(address, action);
         changes.push(PlannedChange {
-            address: address.clone(),
+            address: address.to_string(),
             action,
             provider: r.provider.clone(),
             resource_type: r.resource_type.clone(),
             changed_inputs,
-            waits_on: if action == Action::Noop {
-                Vec::new()
-            } else {
-                waits_on
-            },
-            interrupted: state.pending.get(&address).map(|p| p.operation.clone()),
+            waits_on,
+            interrupted: state.pending.get(address).map(|p| p.operation.clone()),
         });
     }
     for (address, old) in &state.resources {

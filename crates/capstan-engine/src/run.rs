@@ -438,7 +438,7 @@ pub async fn run(
                         if counted != Action::Noop {
                             let deps = nodes[i].dependencies.clone();
                             let decl = &deployment.resources[&address];
-                            state.apply(&Record::Done { address: address.clone(), state: ResourceState { provider: decl.provider.clone(), resource_type: decl.resource_type.clone(), inputs, outputs: out, dependencies: deps } });
+                            state.apply_owned(Record::Done { address: address.clone(), state: ResourceState { provider: decl.provider.clone(), resource_type: decl.resource_type.clone(), inputs, outputs: out, dependencies: deps } });
                         } else if let Some(recorded) = state.resources.get_mut(&address) {
                             // A read: what the provider says now, for the rest of this run.
                             recorded.outputs = out;
@@ -450,7 +450,7 @@ pub async fn run(
                     }
                     Outcome::Deleted => {
                         summary.deleted += 1;
-                        state.apply(&Record::Deleted { address });
+                        state.apply_owned(Record::Deleted { address });
                         release(i, &mut nodes, &mut ready);
                     }
                     Outcome::Failed { .. } => {

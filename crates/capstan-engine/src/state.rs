@@ -88,6 +88,11 @@ pub enum Record {
 impl State {
     /// Applies one record.
     pub fn apply(&mut self, record: &Record) {
+        self.apply_owned(record.clone())
+    }
+
+    /// Applies one record, taking its contents (no copies).
+    pub fn apply_owned(&mut self, record: Record) {
         match record {
             Record::Intent {
                 address,
@@ -98,26 +103,26 @@ impl State {
                 time,
             } => {
                 self.pending.insert(
-                    address.clone(),
+                    address,
                     PendingOperation {
-                        operation: operation.clone(),
-                        provider: provider.clone(),
-                        resource_type: resource_type.clone(),
-                        inputs: inputs.clone(),
-                        started: *time,
+                        operation,
+                        provider,
+                        resource_type,
+                        inputs,
+                        started: time,
                     },
                 );
             }
             Record::Done { address, state } => {
-                self.pending.remove(address);
-                self.resources.insert(address.clone(), state.clone());
+                self.pending.remove(&address);
+                self.resources.insert(address, state);
             }
             Record::Deleted { address } => {
-                self.pending.remove(address);
-                self.resources.remove(address);
+                self.pending.remove(&address);
+                self.resources.remove(&address);
             }
             Record::Failed { address, .. } | Record::Resolved { address } => {
-                self.pending.remove(address);
+                self.pending.remove(&address);
             }
         }
     }
@@ -361,7 +366,7 @@ impl StateBackend for DirectoryBackend {
                     }
                     match decode(text) {
                         Some(record) => {
-                            state.apply(&record);
+                            state.apply_owned(record);
                             report.records += 1;
                         }
                         None => report.dropped.push(number),
