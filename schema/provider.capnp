@@ -80,6 +80,12 @@ struct ResourceType {
   stateful @4 :Bool;
   # True when the resource exists outside the deployment's state (a file, a machine): deleting
   # it matters. False for pure values.
+  openInputs @5 :Bool;
+  # True when `inputs` is not the whole list: the provider accepts inputs it did not declare and
+  # checks them itself (a bridge to a protocol without a handshake, for example).
+  noDelete @6 :Bool;
+  # True when the provider cannot delete resources of this type; the core says so in plans and
+  # refuses to pretend a delete happened.
 }
 
 struct InputSpec {

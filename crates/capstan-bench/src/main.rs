@@ -562,6 +562,7 @@ fn apply_child(file: PathBuf, size: usize, jobs: usize) {
         let providers = Providers::launch(
             &names,
             &deployment,
+            &state,
             &BuiltinLauncher {
                 program: std::env::current_exe().unwrap(),
             },

@@ -81,6 +81,9 @@ pub enum StateCmd {
     Pending,
     /// Mark an interrupted operation as dealt with (after checking the real resource).
     Resolve { address: String },
+    /// Remove a resource from the state without asking its provider (after removing it by hand,
+    /// or when its provider cannot delete).
+    Forget { address: String },
 }
 
 struct Session {
@@ -176,7 +179,7 @@ fn open(common: &Common, stdout: Stdout, command: &str) -> Result<Session, ExitC
 /// their handshakes.
 async fn start_providers(
     session: &Session,
-    changes: &[PlannedChange],
+    changes: &mut [PlannedChange],
 ) -> Result<Providers, ExitCode> {
     let mut names: std::collections::BTreeSet<String> = session
         .deployment
@@ -184,7 +187,7 @@ async fn start_providers(
         .values()
         .map(|r| r.provider.clone())
         .collect();
-    for change in changes {
+    for change in changes.iter() {
         if !session.deployment.providers.contains_key(&change.provider) {
             eprintln!(
                 "error: {}: `{}` in the state uses provider `{}`, which the deployment no longer declares; \
@@ -213,6 +216,7 @@ async fn start_providers(
     let providers = Providers::launch(
         &names,
         &session.deployment,
+        &session.state,
         &BuiltinLauncher { program },
         logs_tx,
     )
@@ -221,6 +225,7 @@ async fn start_providers(
         eprintln!("error: {e}");
         ExitCode::from(EXIT_INVALID)
     })?;
+    plan::annotate(changes, &providers.infos());
     if let Err(e) = session.deployment.check_against(&providers.infos()) {
         eprintln!("error: {e}");
         providers.shutdown().await;
@@ -251,14 +256,14 @@ pub async fn plan_cmd(common: Common, stdout: Stdout) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let changes = match plan::plan(&session.deployment, &session.state) {
+    let mut changes = match plan::plan(&session.deployment, &session.state) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_INVALID);
         }
     };
-    let providers = match start_providers(&session, &changes).await {
+    let providers = match start_providers(&session, &mut changes).await {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -272,7 +277,7 @@ pub async fn apply_cmd(common: Common, args: RunArgs, stdout: Stdout, destroy: b
         Ok(s) => s,
         Err(code) => return code,
     };
-    let changes = if destroy {
+    let mut changes = if destroy {
         plan::plan_destroy(&session.state)
     } else {
         match plan::plan(&session.deployment, &session.state) {
@@ -283,7 +288,7 @@ pub async fn apply_cmd(common: Common, args: RunArgs, stdout: Stdout, destroy: b
             }
         }
     };
-    let providers = match start_providers(&session, &changes).await {
+    let providers = match start_providers(&session, &mut changes).await {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -396,6 +401,24 @@ pub async fn state_cmd(common: Common, command: StateCmd, mut stdout: Stdout) ->
                 return ExitCode::from(EXIT_FAILED);
             }
             eprintln!("resolved the interrupted operation on `{address}`");
+        }
+        StateCmd::Forget { address } => {
+            if !session.state.resources.contains_key(&address) {
+                eprintln!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            if let Err(e) = append_durably(
+                &*session.backend,
+                vec![Record::Deleted {
+                    address: address.clone(),
+                }],
+            )
+            .await
+            {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+            eprintln!("forgot `{address}`: it is no longer in the state (nothing was deleted)");
         }
     }
     ExitCode::SUCCESS

@@ -62,14 +62,50 @@ enum Command {
     Provider(provider_cmd::ProviderCmd),
     /// Serve a built-in provider on the socket capstan passes in (used by capstan itself).
     #[command(name = "__provider", hide = true)]
-    BuiltinProvider { name: String },
+    BuiltinProvider {
+        name: String,
+        /// For `nixops4-v0`: `--type NAME=OUT,…` (repeated) `-- PROGRAM ARGS…`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// `capstan __provider nixops4-v0 --type NAME=OUT,… -- PROGRAM ARGS…`
+fn serve_v0_bridge(args: &[String]) -> ExitCode {
+    let mut types = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--type" => match rest
+                .next()
+                .and_then(|t| capstan_provider_nixops4_v0::TypeSpec::parse(t))
+            {
+                Some(spec) => types.push(spec),
+                None => {
+                    eprintln!("error: --type takes NAME=OUTPUT,OUTPUT");
+                    return ExitCode::from(2);
+                }
+            },
+            "--" => break,
+            other => {
+                eprintln!("error: unexpected `{other}`; usage: capstan __provider nixops4-v0 --type NAME=OUTPUTS … -- PROGRAM ARGS…");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(program) = rest.next() else {
+        eprintln!("error: give the NixOps4 v0 provider program after `--`");
+        return ExitCode::from(2);
+    };
+    capstan_provider_nixops4_v0::provider(program.into(), rest.cloned().collect(), &types).serve()
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::BuiltinProvider { name } = &cli.command {
+    if let Command::BuiltinProvider { name, args } = &cli.command {
         return match name.as_str() {
             "local" => capstan_provider_local::provider().serve(),
+            "nixops4-v0" => serve_v0_bridge(args),
             other => {
                 eprintln!("error: no built-in provider `{other}`; built in: local");
                 ExitCode::from(2)

@@ -142,6 +142,9 @@ impl HumanEvents {
                             change.waits_on.join(", ")
                         ));
                     }
+                    if let Some(note) = &change.note {
+                        line.push_str(&format!("  ({note})"));
+                    }
                     if let Some(op) = &change.interrupted {
                         line.push_str(&format!("  [an earlier {op} was interrupted]"));
                     }

@@ -37,7 +37,12 @@ pub struct ProviderDecl {
     pub max_concurrency: Option<u32>,
     /// Per-operation timeout in seconds.
     pub timeout: Option<f64>,
+    /// `Some("nixops4-v0")` for a NixOps4 version-0 provider, run through the bridge.
+    pub protocol: Option<String>,
 }
+
+/// The one foreign provider protocol Capstan bridges to.
+pub const NIXOPS4_V0: &str = "nixops4-v0";
 
 /// A reference from a resource's inputs to another resource's output.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -66,6 +71,9 @@ pub struct ResourceDecl {
     pub inputs: Map<String, Value>,
     pub refs: Vec<OutputRef>,
     pub capabilities: Vec<CapabilityRef>,
+    /// Output names declared by the deployment (required for NixOps4 v0 resources, whose
+    /// providers have no handshake to tell).
+    pub outputs: Option<Vec<String>>,
 }
 
 impl ResourceDecl {
@@ -179,6 +187,16 @@ impl Deployment {
                         "unknown provider `{}`; declared providers: {}",
                         r.provider,
                         list(&known)
+                    ),
+                ));
+            }
+            let v0 = self.providers[&r.provider].protocol.is_some();
+            if v0 && r.outputs.is_none() {
+                return Err((
+                    format!("{place}.outputs"),
+                    format!(
+                        "missing: `{}` speaks NixOps4 v0, which cannot describe itself; list this resource's output names, e.g. \"outputs\": [\"value\"]",
+                        r.provider
                     ),
                 ));
             }
@@ -298,7 +316,7 @@ impl Deployment {
                     ),
                 ));
             };
-            for key in r.inputs.keys() {
+            for key in r.inputs.keys().filter(|_| !rtype.open_inputs) {
                 if !rtype.inputs.iter().any(|i| &i.name == key) {
                     let known: Vec<&str> = rtype.inputs.iter().map(|i| i.name.as_str()).collect();
                     return Err(err(
@@ -324,6 +342,20 @@ impl Deployment {
             }
             for reference in &r.refs {
                 let target = &self.resources[&reference.address];
+                if let Some(declared) = &target.outputs {
+                    if !declared.contains(&reference.output) {
+                        return Err(err(
+                            reference.place.clone(),
+                            format!(
+                                "`{}` declares no output `{}`; its declared outputs: {}",
+                                reference.address,
+                                reference.output,
+                                list(&declared.iter().map(String::as_str).collect::<Vec<_>>())
+                            ),
+                        ));
+                    }
+                    continue;
+                }
                 let Some(target_info) = infos.get(&target.provider) else {
                     continue;
                 };
@@ -429,12 +461,26 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
                 .ok_or("`timeout` must be a positive number of seconds")?,
         ),
     };
-    let _ = name;
+    let protocol = match decl.get("protocol") {
+        None => None,
+        Some(Value::String(p)) if p == NIXOPS4_V0 => {
+            if !matches!(source, ProviderSourceDecl::Executable { .. }) {
+                return Err(format!("a `{NIXOPS4_V0}` provider is an `executable` (it is started once per operation)"));
+            }
+            Some(p.clone())
+        }
+        Some(other) => {
+            return Err(format!(
+                "unknown `protocol` {other}; the one supported is \"{NIXOPS4_V0}\""
+            ))
+        }
+    };
     Ok(ProviderDecl {
         name: name.to_string(),
         source,
         max_concurrency,
         timeout,
+        protocol,
     })
 }
 
@@ -471,10 +517,10 @@ fn collect_resources(
             continue;
         }
         for key in decl.keys() {
-            if !["provider", "type", "inputs"].contains(&key.as_str()) {
+            if !["provider", "type", "inputs", "outputs"].contains(&key.as_str()) {
                 return Err((
                     format!("{place}.{key}"),
-                    "unknown key; a resource has `provider`, `type` and `inputs`".into(),
+                    "unknown key; a resource has `provider`, `type`, `inputs` and `outputs`".into(),
                 ));
             }
         }
@@ -494,6 +540,27 @@ fn collect_resources(
                 "missing: name the resource type".to_string(),
             ))?
             .to_string();
+        let outputs = match decl.remove("outputs") {
+            None => None,
+            Some(Value::Array(names)) => Some(
+                names
+                    .into_iter()
+                    .map(|n| match n {
+                        Value::String(n) => Ok(n),
+                        _ => Err((
+                            format!("{place}.outputs"),
+                            "must be a list of output names".to_string(),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            Some(_) => {
+                return Err((
+                    format!("{place}.outputs"),
+                    "must be a list of output names".into(),
+                ))
+            }
+        };
         let inputs = match decl.remove("inputs") {
             None => Map::new(),
             Some(Value::Object(inputs)) => inputs,
@@ -529,6 +596,7 @@ fn collect_resources(
                 inputs: resolved,
                 refs,
                 capabilities,
+                outputs,
             },
         );
     }

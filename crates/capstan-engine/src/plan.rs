@@ -48,6 +48,28 @@ pub struct PlannedChange {
     /// An operation on this resource was interrupted in an earlier run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub interrupted: Option<String>,
+    /// Something the user must know about this change (e.g. a delete the provider cannot do).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Adds what the providers' handshakes tell about the plan: deletes they cannot do.
+pub fn annotate(
+    changes: &mut [PlannedChange],
+    infos: &std::collections::BTreeMap<String, capstan_schema::ProviderInfo>,
+) {
+    for change in changes.iter_mut().filter(|c| c.action == Action::Delete) {
+        let no_delete = infos
+            .get(&change.provider)
+            .and_then(|i| i.resource_type(&change.resource_type))
+            .is_some_and(|t| t.no_delete);
+        if no_delete {
+            change.note = Some(format!(
+                "provider `{}` cannot delete (NixOps4 v0 has no delete): it will report a failure and leave the resource in place",
+                change.provider
+            ));
+        }
+    }
 }
 
 /// Resources in dependency order (dependencies first).
@@ -218,6 +240,7 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
             changed_inputs,
             waits_on,
             interrupted: state.pending.get(address).map(|p| p.operation.clone()),
+            note: None,
         });
     }
     for (address, old) in &state.resources {
@@ -237,6 +260,7 @@ fn delete_change(address: &str, old: &crate::state::ResourceState, state: &State
         changed_inputs: Vec::new(),
         waits_on: Vec::new(),
         interrupted: state.pending.get(address).map(|p| p.operation.clone()),
+        note: None,
     }
 }
 

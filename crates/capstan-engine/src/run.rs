@@ -63,7 +63,79 @@ pub struct BuiltinLauncher {
     pub program: PathBuf,
 }
 
-fn source_for(decl: &ProviderDecl, dir: &Path, builtin: &BuiltinLauncher) -> ProviderSource {
+/// The resource types (with declared output names) each NixOps4 v0 provider must serve: those
+/// of the deployment's resources, and those recorded in the state (for deletes).
+pub fn v0_types(
+    deployment: &Deployment,
+    state: &State,
+) -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
+    let mut types: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for r in deployment.resources.values() {
+        if deployment
+            .providers
+            .get(&r.provider)
+            .is_some_and(|p| p.protocol.is_some())
+        {
+            types
+                .entry(r.provider.clone())
+                .or_default()
+                .entry(r.resource_type.clone())
+                .or_default()
+                .extend(r.outputs.iter().flatten().cloned());
+        }
+    }
+    for r in state.resources.values() {
+        if deployment
+            .providers
+            .get(&r.provider)
+            .is_some_and(|p| p.protocol.is_some())
+        {
+            let outputs = r
+                .outputs
+                .as_object()
+                .map(|o| o.keys().cloned().collect::<Vec<_>>())
+                .unwrap_or_default();
+            types
+                .entry(r.provider.clone())
+                .or_default()
+                .entry(r.resource_type.clone())
+                .or_default()
+                .extend(outputs);
+        }
+    }
+    types
+}
+
+fn source_for(
+    decl: &ProviderDecl,
+    dir: &Path,
+    builtin: &BuiltinLauncher,
+    v0_types: Option<&BTreeMap<String, BTreeSet<String>>>,
+) -> ProviderSource {
+    if let (Some(_), ProviderSourceDecl::Executable { program, args }) =
+        (&decl.protocol, &decl.source)
+    {
+        // The bridge is a Capstan provider; it starts the v0 program once per operation.
+        let mut bridge: Vec<String> = vec!["__provider".into(), crate::model::NIXOPS4_V0.into()];
+        for (name, outputs) in v0_types.into_iter().flatten() {
+            bridge.push("--type".into());
+            bridge.push(format!(
+                "{name}={}",
+                outputs.iter().cloned().collect::<Vec<_>>().join(",")
+            ));
+        }
+        bridge.push("--".into());
+        let resolved = if program.contains('/') && Path::new(program).is_relative() {
+            dir.join(program).display().to_string()
+        } else {
+            program.clone()
+        };
+        bridge.push(resolved);
+        bridge.extend(args.iter().cloned());
+        let mut command = ProviderCommand::new(builtin.program.clone(), bridge);
+        command.cwd = Some(dir.to_path_buf());
+        return ProviderSource::Command(command);
+    }
     match &decl.source {
         ProviderSourceDecl::Builtin(name) => {
             let mut command =
@@ -90,13 +162,15 @@ impl Providers {
     pub async fn launch(
         names: &BTreeSet<String>,
         deployment: &Deployment,
+        state: &State,
         builtin: &BuiltinLauncher,
         logs: tokio::sync::mpsc::Sender<ProviderLog>,
     ) -> Result<Self, LaunchError> {
         let dir = deployment.dir();
+        let v0 = v0_types(deployment, state);
         let launches = names.iter().map(|name| {
             let decl = &deployment.providers[name];
-            let source = source_for(decl, &dir, builtin);
+            let source = source_for(decl, &dir, builtin, v0.get(name));
             let logs = logs.clone();
             async move {
                 ProviderConnection::launch(name, &source, HostOptions::default(), Some(logs))

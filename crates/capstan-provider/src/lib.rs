@@ -121,6 +121,24 @@ impl Provider {
         self
     }
 
+    /// Adds a resource type described at run time rather than by `R::resource_type()`: one
+    /// implementation serving several types (a bridge to another protocol, for example).
+    ///
+    /// # Panics
+    /// If a type of the same name was added before.
+    pub fn resource_as<R: Resource>(mut self, resource: R, resource_type: ResourceType) -> Self {
+        let erased = resource::Erased::with_type(resource, resource_type);
+        let info = resource::ErasedResource::info(&erased).clone();
+        assert!(
+            !self.resources.contains_key(&info.name),
+            "resource type `{}` added twice",
+            info.name
+        );
+        self.resources.insert(info.name.clone(), Rc::new(erased));
+        self.info.resource_types.push(info);
+        self
+    }
+
     /// At most `limit` operations run at once (0: no limit). Declared in the handshake, so
     /// the core respects it too.
     pub fn max_concurrency(mut self, limit: u32) -> Self {

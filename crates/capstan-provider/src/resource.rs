@@ -71,6 +71,18 @@ impl ResourceType {
         self
     }
 
+    /// Accept inputs beyond the declared ones (the provider checks them itself).
+    pub fn open_inputs(mut self, open: bool) -> Self {
+        self.0.open_inputs = open;
+        self
+    }
+
+    /// Declare that resources of this type cannot be deleted.
+    pub fn no_delete(mut self, no_delete: bool) -> Self {
+        self.0.no_delete = no_delete;
+        self
+    }
+
     /// Whether the resource exists outside the deployment's state (so deleting it matters).
     pub fn stateful(mut self, stateful: bool) -> Self {
         self.0.stateful = stateful;
@@ -179,6 +191,13 @@ impl<R: Resource> Erased<R> {
         Erased {
             resource,
             info: R::resource_type().0,
+        }
+    }
+
+    pub(crate) fn with_type(resource: R, resource_type: ResourceType) -> Self {
+        Erased {
+            resource,
+            info: resource_type.0,
         }
     }
 }

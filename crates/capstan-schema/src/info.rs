@@ -29,6 +29,12 @@ pub struct ResourceTypeInfo {
     pub inputs: Vec<InputInfo>,
     pub outputs: Vec<OutputInfo>,
     pub stateful: bool,
+    /// The provider accepts inputs it did not declare and checks them itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub open_inputs: bool,
+    /// The provider cannot delete resources of this type.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_delete: bool,
 }
 
 /// One input of a resource type.
@@ -79,6 +85,8 @@ impl ProviderInfo {
                 inputs,
                 outputs,
                 stateful: t.get_stateful(),
+                open_inputs: t.get_open_inputs(),
+                no_delete: t.get_no_delete(),
             });
         }
         Ok(ProviderInfo {
@@ -106,6 +114,8 @@ impl ProviderInfo {
             tb.set_name(&t.name[..]);
             tb.set_description(&t.description[..]);
             tb.set_stateful(t.stateful);
+            tb.set_open_inputs(t.open_inputs);
+            tb.set_no_delete(t.no_delete);
             let mut inputs = tb.reborrow().init_inputs(t.inputs.len() as u32);
             for (k, i) in t.inputs.iter().enumerate() {
                 let mut ib = inputs.reborrow().get(k as u32);
@@ -163,6 +173,8 @@ mod tests {
                     description: "sha".into(),
                 }],
                 stateful: true,
+                open_inputs: true,
+                no_delete: false,
             }],
         };
         let mut message = capnp::message::Builder::new_default();

@@ -1,0 +1,223 @@
+//! NixOps4 version-0 providers run unchanged through the bridge: real `capstan`, the bridge as
+//! its own process, and a v0 provider (Python, written from the published protocol) started
+//! once per operation.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+use support::capstan_bin;
+
+fn v0_provider() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/v0_provider.py")
+        .display()
+        .to_string()
+}
+
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new(resources: Value) -> Self {
+        let project = Project {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        project.write(resources);
+        project
+    }
+
+    fn write(&self, resources: Value) {
+        let deployment = json!({
+            "providers": {
+                "v0": {"executable": "python3", "args": [v0_provider()], "protocol": "nixops4-v0"},
+                "local": {"builtin": "local"}
+            },
+            "resources": resources
+        });
+        std::fs::write(self.dir.path().join("capstan.json"), deployment.to_string()).unwrap();
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("v0.log")
+    }
+
+    fn starts(&self) -> usize {
+        std::fs::read_to_string(self.log())
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn capstan(&self, args: &[&str]) -> Output {
+        Command::new(capstan_bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("V0_LOG", self.log())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn memo(value: &str) -> Value {
+    json!({"provider": "v0", "type": "memo", "inputs": {"initialize_with": value}, "outputs": ["value"]})
+}
+
+#[test]
+fn a_v0_provider_runs_unchanged_with_its_logs_attributed() {
+    let project = Project::new(json!({
+        "greeting": memo("hello"),
+        "file": {"provider": "local", "type": "file", "inputs": {"path": "out.txt", "content": {"$ref": "greeting#value"}}}
+    }));
+    let out = project.capstan(&["apply", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(project.dir.path().join("out.txt")).unwrap(),
+        "hello"
+    );
+    let events = support::events(&out.stdout);
+    let logs: Vec<&str> = events
+        .iter()
+        .filter(|e| {
+            e["type"] == "resource_progress"
+                && e["address"] == "greeting"
+                && e["progress"]["kind"] == "log"
+        })
+        .map(|e| e["progress"]["line"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        logs,
+        vec![r#"memo: createResourceRequest for {"initialize_with": "hello"}"#],
+        "stderr is the resource's log"
+    );
+    assert_eq!(project.starts(), 1, "one process for the one operation");
+
+    // Unchanged: the v0 provider is not started at all.
+    let out = project.capstan(&["apply"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(project.starts(), 1);
+
+    // Changed inputs: an updateResourceRequest with the previous inputs and outputs.
+    project.write(json!({
+        "greeting": memo("bonjour"),
+        "file": {"provider": "local", "type": "file", "inputs": {"path": "out.txt", "content": {"$ref": "greeting#value"}}}
+    }));
+    let out = project.capstan(&["apply", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(project.dir.path().join("out.txt")).unwrap(),
+        "bonjour"
+    );
+    let events = support::events(&out.stdout);
+    assert!(events
+        .iter()
+        .any(|e| e["address"] == "greeting" && e["progress"]["line"] == "previous value: hello"));
+    assert!(events.iter().any(|e| e["type"] == "resource_complete"
+        && e["address"] == "greeting"
+        && e["operation"] == "update"));
+}
+
+#[test]
+fn v0_output_names_are_declared_and_checked_before_anything_runs() {
+    let project = Project::new(json!({
+        "greeting": memo("hello"),
+        "file": {"provider": "local", "type": "file", "inputs": {"path": "out.txt", "content": {"$ref": "greeting#nope"}}}
+    }));
+    let out = project.capstan(&["apply"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("resources.file.inputs.content: `greeting` declares no output `nope`; its declared outputs: value"), "{}", text(&out.stderr));
+
+    project.write(
+        json!({"greeting": {"provider": "v0", "type": "memo", "inputs": {"initialize_with": "x"}}}),
+    );
+    let out = project.capstan(&["apply"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("resources.greeting.outputs: missing: `v0` speaks NixOps4 v0"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(project.starts(), 0);
+}
+
+#[test]
+fn v0_errors_and_silent_exits_are_reported_with_the_providers_words() {
+    let project = Project::new(json!({
+        "typo": {"provider": "v0", "type": "memo", "inputs": {"initialise_with": "x"}, "outputs": ["value"]},
+        "refused": {"provider": "v0", "type": "fail", "inputs": {}, "outputs": []},
+        "mute": {"provider": "v0", "type": "silent", "inputs": {}, "outputs": []}
+    }));
+    let out = project.capstan(&["apply", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let events = support::events(&out.stdout);
+    let error = |address: &str| -> Value {
+        events
+            .iter()
+            .find(|e| e["type"] == "resource_failed" && e["address"] == address)
+            .cloned()
+            .unwrap_or_else(|| panic!("{address} failed"))
+    };
+    assert!(
+        error("typo")["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown input properties: initialise_with"),
+        "the provider rejects unknown inputs itself"
+    );
+    assert!(error("refused")["error"]
+        .as_str()
+        .unwrap()
+        .contains("the fail type always fails"));
+    let mute = error("mute");
+    assert!(
+        mute["error"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 3 without a response"),
+        "{mute}"
+    );
+    assert!(
+        mute["details"]
+            .as_str()
+            .unwrap()
+            .contains("about to exit without answering"),
+        "{mute}"
+    );
+}
+
+#[test]
+fn v0_has_no_delete_and_plan_and_destroy_say_so() {
+    let project = Project::new(json!({"greeting": memo("hello")}));
+    assert_eq!(project.capstan(&["apply"]).status.code(), Some(0));
+    project.write(json!({}));
+    let plan = project.capstan(&["plan"]);
+    assert!(
+        text(&plan.stderr).contains(
+            "- greeting (v0.memo)  (provider `v0` cannot delete (NixOps4 v0 has no delete)"
+        ),
+        "{}",
+        text(&plan.stderr)
+    );
+    let destroy = project.capstan(&["destroy"]);
+    assert_eq!(destroy.status.code(), Some(1));
+    assert!(
+        text(&destroy.stderr).contains("NixOps4 v0 providers have no delete operation"),
+        "{}",
+        text(&destroy.stderr)
+    );
+    assert_eq!(
+        text(&project.capstan(&["state", "list"]).stdout),
+        "greeting\tv0.memo\n",
+        "still recorded: nothing pretends it was deleted"
+    );
+    let forget = project.capstan(&["state", "forget", "greeting"]);
+    assert_eq!(forget.status.code(), Some(0));
+    assert_eq!(text(&project.capstan(&["state", "list"]).stdout), "");
+}

@@ -1,0 +1,236 @@
+//! The bridge to NixOps4 version-0 providers.
+//!
+//! A v0 provider speaks one JSON line in, one JSON line out, on stdio, one process per
+//! operation (`../shared/reference/nixops4-v0-protocol.md` in the project's shared notes). This
+//! crate is itself a Capstan provider: `capstan` starts it (as `capstan __provider nixops4-v0`)
+//! like any other, and for each operation it starts the v0 program, writes the request, streams
+//! the program's stderr lines live as the operation's log, and turns the response (or the lack
+//! of one) into the operation's result. So v0 providers get Capstan's concurrency, limits,
+//! timeouts, cancellation and attributed logs without changing a line.
+//!
+//! v0 has no handshake: the deployment declares each v0 resource's output names, and the core
+//! passes them in ([`TypeSpec`]); inputs are the v0 program's to check. v0 has no delete: every
+//! type says so in the handshake, and a delete fails with a message saying why.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use capstan_provider::{
+    LogStream, Operation, OperationError, Prior, Provider, Resource, ResourceType,
+};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+/// One resource type served through the bridge, with the output names the deployment declared.
+#[derive(Clone, Debug)]
+pub struct TypeSpec {
+    pub name: String,
+    pub outputs: Vec<String>,
+}
+
+impl TypeSpec {
+    /// Parses `NAME=OUT1,OUT2` (outputs may be empty: `NAME=`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (name, outputs) = text.split_once('=')?;
+        (!name.is_empty()).then(|| TypeSpec {
+            name: name.to_string(),
+            outputs: outputs
+                .split(',')
+                .filter(|o| !o.is_empty())
+                .map(str::to_string)
+                .collect(),
+        })
+    }
+}
+
+/// The bridge provider for the v0 program `program args…`.
+pub fn provider(program: PathBuf, args: Vec<String>, types: &[TypeSpec]) -> Provider {
+    let mut provider = Provider::new("nixops4-v0", env!("CARGO_PKG_VERSION"));
+    for spec in types {
+        let mut description = ResourceType::new(&spec.name)
+            .description(format!(
+                "NixOps4 v0 resource type `{}` of {}",
+                spec.name,
+                program.display()
+            ))
+            .open_inputs(true)
+            .no_delete(true)
+            .stateful(true);
+        for output in &spec.outputs {
+            description = description.output(output, "declared by the deployment");
+        }
+        provider = provider.resource_as(
+            V0Type {
+                name: spec.name.clone(),
+                program: program.clone(),
+                args: args.clone(),
+            },
+            description,
+        );
+    }
+    provider
+}
+
+struct V0Type {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+/// How many stderr lines an error carries.
+const TAIL_LINES: usize = 20;
+
+impl V0Type {
+    /// One v0 exchange: start the program, send `request`, read the `expected` response.
+    async fn exchange(
+        &self,
+        op: &Operation,
+        request: Value,
+        expected: &str,
+    ) -> Result<Value, OperationError> {
+        let program = self.program.display().to_string();
+        let mut child = tokio::process::Command::new(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                OperationError::permanent(format!("cannot start the v0 provider `{program}`: {e}"))
+            })?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut line = request.to_string();
+        line.push('\n');
+        // Write and close stdin, as NixOps4 does; a provider that exits early is reported below.
+        let _ = stdin.write_all(line.as_bytes()).await;
+        drop(stdin);
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut tail: VecDeque<String> = VecDeque::new();
+        let mut response = Vec::new();
+        let read_stdout = stdout.read_to_end(&mut response);
+        tokio::pin!(read_stdout);
+        let mut stdout_done = false;
+        let mut stderr_done = false;
+        while !(stdout_done && stderr_done) {
+            tokio::select! {
+                read = &mut read_stdout, if !stdout_done => {
+                    stdout_done = true;
+                    read.map_err(|e| OperationError::permanent(format!("reading from `{program}`: {e}")))?;
+                }
+                next = stderr.next_line(), if !stderr_done => match next {
+                    Ok(Some(text)) => {
+                        if tail.len() == TAIL_LINES {
+                            tail.pop_front();
+                        }
+                        tail.push_back(text.clone());
+                        op.log(LogStream::Stderr, text).await;
+                    }
+                    _ => stderr_done = true,
+                },
+                () = op.cancelled() => {
+                    return Err(OperationError::cancelled(format!("`{program}` was cancelled")));
+                }
+            }
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| OperationError::permanent(format!("waiting for `{program}`: {e}")))?;
+        let details = tail.into_iter().collect::<Vec<_>>().join("\n");
+        let text = String::from_utf8_lossy(&response);
+        let Some(first) = text.lines().find(|l| !l.trim().is_empty()) else {
+            let how = match status.code() {
+                Some(code) => format!("exited with status {code}"),
+                None => "was killed by a signal".to_string(),
+            };
+            return Err(OperationError::permanent(format!(
+                "the v0 provider `{program}` {how} without a response for `{}`",
+                op.address()
+            ))
+            .with_details(details));
+        };
+        let message: Value = serde_json::from_str(first).map_err(|e| {
+            OperationError::permanent(format!("the v0 provider `{program}` answered with something that is not JSON ({e}): {first}"))
+                .with_details(details.clone())
+        })?;
+        if let Some(error) = message.get("errorResponse") {
+            let text = error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("(no message)");
+            return Err(OperationError::permanent(text.to_string()).with_details(details));
+        }
+        match message
+            .get(expected)
+            .and_then(|r| r.get("outputProperties"))
+        {
+            Some(Value::Object(outputs)) => Ok(Value::Object(outputs.clone())),
+            _ => Err(OperationError::permanent(format!(
+                "the v0 provider `{program}` sent no `{expected}` with `outputProperties`: {first}"
+            ))
+            .with_details(details)),
+        }
+    }
+}
+
+impl Resource for V0Type {
+    type Inputs = Value;
+    type Outputs = Value;
+
+    fn resource_type() -> ResourceType {
+        // Never used: each instance is added with its own description (`resource_as`).
+        ResourceType::new("nixops4-v0")
+    }
+
+    async fn create(&self, op: &Operation, inputs: Value) -> Result<Value, OperationError> {
+        let request = json!({"createResourceRequest": {"type": self.name, "inputProperties": inputs, "isStateful": true}});
+        self.exchange(op, request, "createResourceResponse").await
+    }
+
+    async fn update(
+        &self,
+        op: &Operation,
+        prior: Prior<Value, Value>,
+        inputs: Value,
+    ) -> Result<Value, OperationError> {
+        let request = json!({"updateResourceRequest": {
+            "resource": {"type": self.name, "inputProperties": prior.inputs, "outputProperties": prior.outputs},
+            "inputProperties": inputs,
+        }});
+        self.exchange(op, request, "updateResourceResponse").await
+    }
+
+    async fn delete(
+        &self,
+        op: &Operation,
+        _prior: Prior<Value, Value>,
+    ) -> Result<(), OperationError> {
+        Err(OperationError::permanent(format!(
+            "`{}` was not deleted: NixOps4 v0 providers have no delete operation. Remove it by hand if it \
+             must go, then `capstan state forget {}`",
+            op.address(),
+            op.address()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_specs_parse() {
+        let spec = TypeSpec::parse("memo=value,other").unwrap();
+        assert_eq!(spec.name, "memo");
+        assert_eq!(spec.outputs, vec!["value", "other"]);
+        assert_eq!(
+            TypeSpec::parse("bare=").unwrap().outputs,
+            Vec::<String>::new()
+        );
+        assert!(TypeSpec::parse("=x").is_none());
+        assert!(TypeSpec::parse("nothing").is_none());
+    }
+}
