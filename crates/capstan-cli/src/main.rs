@@ -105,9 +105,10 @@ fn main() -> ExitCode {
     if let Command::BuiltinProvider { name, args } = &cli.command {
         return match name.as_str() {
             "local" => capstan_provider_local::provider().serve(),
+            "nix" => capstan_provider_nix::provider().serve(),
             "nixops4-v0" => serve_v0_bridge(args),
             other => {
-                eprintln!("error: no built-in provider `{other}`; built in: local");
+                eprintln!("error: no built-in provider `{other}`; built in: local, nix");
                 ExitCode::from(2)
             }
         };

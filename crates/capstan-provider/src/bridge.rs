@@ -64,6 +64,23 @@ pub(crate) fn current_span_of(queue: &Arc<ProgressQueue>) -> u64 {
     })
 }
 
+/// The progress span id of `span` if it belongs to the operation with `queue`, else 0.
+pub(crate) fn span_of(queue: &Arc<ProgressQueue>, span: &tracing::Span) -> u64 {
+    let mut found = 0;
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(registry) = dispatch.downcast_ref::<tracing_subscriber::Registry>() {
+            if let Some(data) = registry.span(id) {
+                if let Some(route) = data.extensions().get::<Route>() {
+                    if Arc::ptr_eq(&route.queue, queue) {
+                        found = route.span;
+                    }
+                }
+            }
+        }
+    });
+    found
+}
+
 /// Whether the current span belongs to some operation (used to keep operation events off
 /// stderr, where they would be reported twice). Asks the registry directly: a per-layer
 /// filter's own context hides spans that layer does not record, such as operation roots.

@@ -94,6 +94,30 @@ impl Operation {
         self.report(|span| ProgressKind::Phase { span, name }).await
     }
 
+    /// Like [`log`](Self::log), under `span` instead of the current span: for code that keeps
+    /// spans of its own (a translator of another tool's activity tree, for example).
+    pub async fn log_in(&self, span: &tracing::Span, stream: LogStream, line: impl Into<String>) {
+        let line = line.into();
+        self.queue.space().await;
+        let span = bridge::span_of(&self.queue, span);
+        self.queue.push(ProgressEvent::now(ProgressKind::Log { span, stream, line }));
+    }
+
+    /// Like [`progress`](Self::progress), under `span`.
+    pub async fn progress_in(&self, span: &tracing::Span, done: u64, expected: u64, unit: &str) {
+        self.queue.space().await;
+        let span = bridge::span_of(&self.queue, span);
+        self.queue.push(ProgressEvent::now(ProgressKind::Counter { span, done, expected, unit: unit.to_string() }));
+    }
+
+    /// Like [`phase`](Self::phase), under `span`.
+    pub async fn phase_in(&self, span: &tracing::Span, name: impl Into<String>) {
+        let name = name.into();
+        self.queue.space().await;
+        let span = bridge::span_of(&self.queue, span);
+        self.queue.push(ProgressEvent::now(ProgressKind::Phase { span, name }));
+    }
+
     /// Waits until the core has caught up with this operation's progress. A loop that reports
     /// through `tracing` without awaiting anything else can call this to stay flow-controlled.
     pub async fn ready(&self) {

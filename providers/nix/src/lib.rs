@@ -1,0 +1,454 @@
+//! The `nix` provider, built into `capstan`: builds with the real Nix tools, and the shape of a
+//! NixOS switch (set a profile, run the activation program, roll back on failure).
+//!
+//! | type | inputs | outputs |
+//! | --- | --- | --- |
+//! | `build` | `file` or `expr`, `attr`, `args` | `outPath`, `outPaths` |
+//! | `activate` | `profile`, `path`, `command` (default `bin/activate`) | `profile`, `path`, `generation` |
+//!
+//! `build` runs `nix-build --log-format internal-json` and translates Nix's activity stream as
+//! it arrives: activities become spans with Nix's parent/child structure, build log lines
+//! become log lines under their build's span, phases become phases, and done/expected become
+//! progress counters. Activity and result types it does not know are passed on as events, never
+//! errors (a popular consumer broke when Nix added numbers).
+
+use std::collections::{HashMap, VecDeque};
+use std::process::Stdio;
+
+use capstan_provider::{LogStream, Operation, OperationError, Prior, Provider, Resource, ResourceType};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// The provider, ready to serve.
+pub fn provider() -> Provider {
+    Provider::new("nix", env!("CARGO_PKG_VERSION")).resource(Build).resource(Activate)
+}
+
+const TAIL_LINES: usize = 25;
+
+fn missing_nix(tool: &str, e: std::io::Error) -> OperationError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        OperationError::permanent(format!(
+            "`{tool}` is not installed or not on PATH; install Nix (on Debian: apt-get install nix-bin) and try again"
+        ))
+    } else {
+        OperationError::permanent(format!("cannot run `{tool}`: {e}"))
+    }
+}
+
+// ---- Nix's internal-json log -----------------------------------------------------------------
+
+/// Nix activity and result types this translator knows by name.
+fn activity_name(kind: u64) -> &'static str {
+    match kind {
+        0 => "unknown",
+        100 => "copy path",
+        101 => "file transfer",
+        102 => "realise",
+        103 => "copy paths",
+        104 => "builds",
+        105 => "build",
+        106 => "optimise store",
+        107 => "verify paths",
+        108 => "substitute",
+        109 => "query path info",
+        110 => "post-build hook",
+        111 => "build waiting",
+        _ => "activity",
+    }
+}
+
+/// Turns `@nix {…}` lines into the operation's progress, keeping Nix's activity tree.
+struct NixLog<'a> {
+    op: &'a Operation,
+    activities: HashMap<u64, tracing::Span>,
+    /// Nix's own `error:` messages, for the operation's error.
+    errors: Vec<String>,
+    tail: VecDeque<String>,
+}
+
+impl<'a> NixLog<'a> {
+    fn new(op: &'a Operation) -> Self {
+        NixLog { op, activities: HashMap::new(), errors: Vec::new(), tail: VecDeque::new() }
+    }
+
+    fn remember(&mut self, line: &str) {
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.to_string());
+    }
+
+    async fn line(&mut self, line: &str) {
+        let Some(json) = line.strip_prefix("@nix ") else {
+            self.remember(line);
+            self.op.log(LogStream::Stderr, line).await;
+            return;
+        };
+        let Ok(message) = serde_json::from_str::<Value>(json) else {
+            self.op.log(LogStream::Stderr, line).await;
+            return;
+        };
+        let id = message["id"].as_u64().unwrap_or(0);
+        match message["action"].as_str().unwrap_or("") {
+            "start" => {
+                let kind = message["type"].as_u64().unwrap_or(0);
+                let text = message["text"].as_str().unwrap_or("").to_string();
+                let parent = message["parent"].as_u64().and_then(|p| self.activities.get(&p)).cloned();
+                let name = activity_name(kind);
+                let span = match parent {
+                    Some(parent) => tracing::info_span!(parent: &parent, "nix", activity = name, nix_type = kind, text = %text),
+                    None => tracing::info_span!("nix", activity = name, nix_type = kind, text = %text),
+                };
+                if !text.is_empty() {
+                    self.op.phase_in(&span, text).await;
+                }
+                self.activities.insert(id, span);
+            }
+            "stop" => {
+                self.activities.remove(&id);
+            }
+            "result" => {
+                let span = self.activities.get(&id).cloned().unwrap_or_else(tracing::Span::current);
+                let fields = &message["fields"];
+                match message["type"].as_u64().unwrap_or(0) {
+                    101 => {
+                        let text = fields[0].as_str().unwrap_or("").to_string();
+                        self.remember(&text);
+                        self.op.log_in(&span, LogStream::Stderr, text).await;
+                    }
+                    104 => {
+                        let phase = fields[0].as_str().unwrap_or("").to_string();
+                        self.op.phase_in(&span, phase).await;
+                    }
+                    105 => {
+                        let done = fields[0].as_u64().unwrap_or(0);
+                        let expected = fields[1].as_u64().unwrap_or(0);
+                        if expected > 0 {
+                            self.op.progress_in(&span, done, expected, "").await;
+                        }
+                    }
+                    other => {
+                        // Set-expected (106) and types added by newer Nix: passed on, never fatal.
+                        tracing::debug!(parent: &span, nix_result = other, fields = %fields, "nix result");
+                    }
+                }
+            }
+            "msg" => {
+                let text = message["msg"].as_str().unwrap_or("").to_string();
+                let level = message["level"].as_u64().unwrap_or(3);
+                if level == 0 {
+                    self.errors.push(strip_ansi(&text));
+                    tracing::error!("{}", strip_ansi(&text));
+                } else if level <= 1 {
+                    tracing::warn!("{text}");
+                } else {
+                    tracing::info!("{text}");
+                }
+                self.remember(&text);
+            }
+            other => {
+                tracing::debug!(action = other, "nix log message of an unknown kind: {json}");
+            }
+        }
+    }
+
+    fn details(&self) -> String {
+        self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---- build -----------------------------------------------------------------------------------
+
+struct Build;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildIn {
+    #[serde(default)]
+    file: Option<String>,
+    #[serde(default)]
+    expr: Option<String>,
+    #[serde(default)]
+    attr: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BuildOut {
+    out_path: String,
+    out_paths: Vec<String>,
+}
+
+impl Resource for Build {
+    type Inputs = BuildIn;
+    type Outputs = BuildOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("build")
+            .description("Builds a Nix file or expression with nix-build, showing Nix's progress live")
+            .optional("file", "A .nix file, relative to the deployment file")
+            .optional("expr", "A Nix expression (instead of file)")
+            .optional("attr", "An attribute to build (-A)")
+            .optional("args", "Extra nix-build arguments, e.g. [\"--option\", \"substituters\", \"\"]")
+            .output("outPath", "The first output's store path")
+            .output("outPaths", "Every output's store path")
+    }
+
+    async fn create(&self, op: &Operation, inputs: BuildIn) -> Result<BuildOut, OperationError> {
+        let mut command = tokio::process::Command::new("nix-build");
+        match (&inputs.file, &inputs.expr) {
+            (Some(file), None) => command.arg(file),
+            (None, Some(expr)) => command.arg("-E").arg(expr),
+            _ => return Err(OperationError::invalid_input("give exactly one of `file` and `expr`")),
+        };
+        if let Some(attr) = &inputs.attr {
+            command.arg("-A").arg(attr);
+        }
+        command
+            .args(["--no-out-link", "--log-format", "internal-json", "-v"])
+            .args(&inputs.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|e| missing_nix("nix-build", e))?;
+        op.phase("evaluating").await;
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut log = NixLog::new(op);
+        let mut out_paths = Vec::new();
+        let (mut out_open, mut err_open) = (true, true);
+        while out_open || err_open {
+            tokio::select! {
+                line = stdout.next_line(), if out_open => match line {
+                    Ok(Some(line)) if !line.trim().is_empty() => out_paths.push(line.trim().to_string()),
+                    Ok(Some(_)) => {}
+                    _ => out_open = false,
+                },
+                line = stderr.next_line(), if err_open => match line {
+                    Ok(Some(line)) => log.line(&line).await,
+                    _ => err_open = false,
+                },
+                () = op.cancelled() => return Err(OperationError::cancelled("the Nix build was cancelled")),
+            }
+        }
+        let status = child.wait().await.map_err(|e| OperationError::permanent(format!("waiting for nix-build: {e}")))?;
+        if !status.success() || out_paths.is_empty() {
+            let message = log
+                .errors
+                .first()
+                .map(|e| e.lines().next().unwrap_or("").trim_start_matches("error: ").to_string())
+                .unwrap_or_else(|| format!("nix-build exited with {status}"));
+            let mut details = log.errors.join("\n");
+            if !details.is_empty() {
+                details.push('\n');
+            }
+            details.push_str(&log.details());
+            return Err(OperationError::permanent(format!("nix-build failed: {message}")).with_details(details));
+        }
+        Ok(BuildOut { out_path: out_paths[0].clone(), out_paths })
+    }
+}
+
+// ---- activate --------------------------------------------------------------------------------
+
+struct Activate;
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ActivateIn {
+    profile: String,
+    path: String,
+    #[serde(default)]
+    command: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ActivateOut {
+    profile: String,
+    path: String,
+    generation: String,
+}
+
+async fn nix_env(op: &Operation, args: &[&str]) -> Result<(), OperationError> {
+    let output = tokio::process::Command::new("nix-env")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| missing_nix("nix-env", e))?;
+    for line in String::from_utf8_lossy(&output.stderr).lines() {
+        op.log(LogStream::Stderr, line).await;
+    }
+    if !output.status.success() {
+        return Err(OperationError::permanent(format!(
+            "nix-env {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("")
+        )));
+    }
+    Ok(())
+}
+
+/// The generation link the profile points at (e.g. `/x/profile-3-link`), if any.
+fn current_generation(profile: &str) -> Option<String> {
+    std::fs::read_link(profile).ok().map(|p| {
+        if p.is_absolute() {
+            p.display().to_string()
+        } else {
+            std::path::Path::new(profile).with_file_name(p).display().to_string()
+        }
+    })
+}
+
+fn generation_number(link: &str) -> Option<u64> {
+    let name = std::path::Path::new(link).file_name()?.to_str()?;
+    let trimmed = name.strip_suffix("-link")?;
+    trimmed.rsplit('-').next()?.parse().ok()
+}
+
+impl Activate {
+    async fn activate(&self, op: &Operation, inputs: &ActivateIn) -> Result<ActivateOut, OperationError> {
+        let profile = std::path::absolute(&inputs.profile)
+            .map_err(|e| OperationError::invalid_input(format!("profile `{}`: {e}", inputs.profile)))?
+            .display()
+            .to_string();
+        if let Some(parent) = std::path::Path::new(&profile).parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let previous = current_generation(&profile);
+        op.phase("setting profile").await;
+        nix_env(op, &["--profile", &profile, "--set", &inputs.path]).await?;
+        let generation = current_generation(&profile).unwrap_or_default();
+        let program = format!("{}/{}", inputs.path.trim_end_matches('/'), inputs.command.as_deref().unwrap_or("bin/activate"));
+        op.phase("activating").await;
+        let result = run_streaming(op, &program).await;
+        if let Err(error) = result {
+            op.phase("rolling back").await;
+            let rollback = match &previous {
+                Some(_) => nix_env(op, &["--profile", &profile, "--rollback"]).await,
+                None => std::fs::remove_file(&profile).map_err(|e| OperationError::permanent(e.to_string())),
+            };
+            let note = match rollback {
+                Ok(()) => "the profile was rolled back".to_string(),
+                Err(e) => format!("rolling the profile back failed too: {e}"),
+            };
+            return Err(OperationError::permanent(format!("{} ({note})", error.message)).with_details(error.details));
+        }
+        Ok(ActivateOut { profile, path: inputs.path.clone(), generation })
+    }
+}
+
+async fn run_streaming(op: &Operation, program: &str) -> Result<(), OperationError> {
+    let mut child = tokio::process::Command::new(program)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| OperationError::permanent(format!("cannot run the activation program {program}: {e}")))?;
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let (mut out_open, mut err_open) = (true, true);
+    while out_open || err_open {
+        let (stream, line) = tokio::select! {
+            line = stdout.next_line(), if out_open => (LogStream::Stdout, line),
+            line = stderr.next_line(), if err_open => (LogStream::Stderr, line),
+            () = op.cancelled() => return Err(OperationError::cancelled("activation was cancelled")),
+        };
+        match line {
+            Ok(Some(line)) => {
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+                op.log(stream, line).await;
+            }
+            _ => match stream {
+                LogStream::Stdout => out_open = false,
+                _ => err_open = false,
+            },
+        }
+    }
+    let status = child.wait().await.map_err(|e| OperationError::permanent(format!("waiting for {program}: {e}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(OperationError::permanent(format!("the activation program {program} failed ({status})"))
+            .with_details(tail.into_iter().collect::<Vec<_>>().join("\n")))
+    }
+}
+
+impl Resource for Activate {
+    type Inputs = ActivateIn;
+    type Outputs = ActivateOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("activate")
+            .description("Points a Nix profile at a store path and runs its activation program; rolls back on failure")
+            .required("profile", "The profile, e.g. /nix/var/nix/profiles/system or a path of your own")
+            .required("path", "The store path to activate (e.g. a build's outPath)")
+            .optional("command", "The program inside the store path to run (default bin/activate)")
+            .output("profile", "The profile's absolute path")
+            .output("path", "The store path activated")
+            .output("generation", "The profile generation created")
+            .stateful(true)
+    }
+
+    async fn create(&self, op: &Operation, inputs: ActivateIn) -> Result<ActivateOut, OperationError> {
+        self.activate(op, &inputs).await
+    }
+
+    async fn delete(&self, op: &Operation, prior: Prior<ActivateIn, ActivateOut>) -> Result<(), OperationError> {
+        let profile = &prior.outputs.profile;
+        let Some(number) = generation_number(&prior.outputs.generation) else {
+            return Ok(());
+        };
+        if current_generation(profile).as_deref() == Some(prior.outputs.generation.as_str()) {
+            // The generation is in use: step back first (nix-env refuses to delete the current one).
+            if nix_env(op, &["--profile", profile, "--rollback"]).await.is_err() {
+                let _ = std::fs::remove_file(profile);
+            }
+        }
+        nix_env(op, &["--profile", profile, "--delete-generations", &number.to_string()]).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_numbers_come_from_link_names() {
+        assert_eq!(generation_number("/x/profile-3-link"), Some(3));
+        assert_eq!(generation_number("/x/my-profile-12-link"), Some(12));
+        assert_eq!(generation_number("/x/profile"), None);
+    }
+
+    #[test]
+    fn ansi_codes_are_stripped_from_nix_errors() {
+        assert_eq!(strip_ansi("\x1b[31;1merror:\x1b[0m boom"), "error: boom");
+    }
+}
