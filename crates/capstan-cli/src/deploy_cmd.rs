@@ -340,7 +340,7 @@ fn compact_if_large(session: &mut Session) {
         .unwrap_or(false);
     if large {
         if let Some(backend) = Rc::get_mut(&mut session.backend) {
-            if let Err(e) = backend.compact(&session.state) {
+            if let Err(e) = backend.compact_stored() {
                 eprintln!("warning: could not compact the state journal (nothing is lost): {e}");
             }
         }

@@ -249,6 +249,9 @@ enum Outcome {
         error: String,
         kind: String,
         details: String,
+        /// The provider reported the failure (journaled as such); otherwise the intent stays
+        /// pending.
+        settled: bool,
     },
     State(StateError),
 }
@@ -353,6 +356,23 @@ pub async fn run(
             }
         }
     }
+    // A resource that stays but used to depend on one being deleted must move off it first:
+    // the delete waits for its create/update (and is skipped if that fails).
+    for i in 0..nodes.len() {
+        if nodes[i].change.action == Action::Delete {
+            continue;
+        }
+        let Some(recorded) = state.resources.get(&nodes[i].change.address) else {
+            continue;
+        };
+        for dep in &recorded.dependencies {
+            let Some(&j) = index.get(dep) else { continue };
+            if nodes[j].change.action == Action::Delete {
+                nodes[j].remaining += 1;
+                nodes[i].dependents.push(j);
+            }
+        }
+    }
 
     let shared = Rc::new(Shared {
         backend,
@@ -432,6 +452,42 @@ pub async fn run(
                         .get(&address)
                         .is_some_and(|r| r.inputs == inputs);
                     if unchanged && !node.capability_source {
+                        let recorded = &state.resources[&address];
+                        let mut old = recorded.dependencies.clone();
+                        let mut new = node.dependencies.clone();
+                        old.sort();
+                        new.sort();
+                        if old != new {
+                            // Same inputs, new wiring (a `$ref` became an equal literal, or a
+                            // `$cap` went): record the dependencies, so deletes stay ordered.
+                            let mut updated = recorded.clone();
+                            updated.dependencies = node.dependencies.clone();
+                            let backend = shared.backend.clone();
+                            running.push(
+                                async move {
+                                    let outputs = updated.outputs.clone();
+                                    let inputs = updated.inputs.clone();
+                                    let done = Record::Done {
+                                        address,
+                                        state: updated,
+                                    };
+                                    match append_durably(&*backend, vec![done]).await {
+                                        Ok(()) => (
+                                            i,
+                                            Outcome::Done {
+                                                outputs,
+                                                inputs,
+                                                handles: Vec::new(),
+                                                counted: Action::Noop,
+                                            },
+                                        ),
+                                        Err(e) => (i, Outcome::State(e)),
+                                    }
+                                }
+                                .boxed_local(),
+                            );
+                            continue;
+                        }
                         summary.unchanged += 1;
                         finished[i] = true;
                         release(i, &mut nodes, &mut ready);
@@ -514,8 +570,9 @@ pub async fn run(
                             let decl = &deployment.resources[&address];
                             state.apply_owned(Record::Done { address: address.clone(), state: ResourceState { provider: decl.provider.clone(), resource_type: decl.resource_type.clone(), inputs, outputs: out, dependencies: deps } });
                         } else if let Some(recorded) = state.resources.get_mut(&address) {
-                            // A read: what the provider says now, for the rest of this run.
+                            // A read (what the provider says now) or re-recorded wiring.
                             recorded.outputs = out;
+                            recorded.dependencies = nodes[i].dependencies.clone();
                         }
                         if !returned.is_empty() {
                             handles.insert(address, returned);
@@ -543,7 +600,8 @@ pub async fn run(
                     }
                 }
             }
-            () = interrupt.cancelled(), if !stopping => {
+            // Also while stopping for --fail-fast: an interrupt must not wait on hung calls.
+            () = interrupt.cancelled() => {
                 stopping = true;
                 events.emit(Event::Interrupted { message: "interrupted: cancelling operations in flight; state is saved (press Ctrl-C again to stop at once)".into() });
                 // Dropping the calls cancels them in the providers; their intents stay in the
@@ -568,6 +626,21 @@ pub async fn run(
         }
         if stopping && running.is_empty() {
             break;
+        }
+    }
+    // Nodes that never became ready although nothing stopped the run: the recorded
+    // dependencies of deletes form a cycle. Say so rather than finish silently.
+    if !stopping {
+        for (i, node) in nodes.iter().enumerate() {
+            if !finished[i] && !started[i] {
+                summary.skipped += 1;
+                events.emit(Event::ResourceSkipped {
+                    address: node.change.address.clone(),
+                    operation: node.change.action.as_str().into(),
+                    reason: "its recorded dependencies form a cycle; delete it with `capstan state forget` after removing it by hand".into(),
+                    dependency: String::new(),
+                });
+            }
         }
     }
     // Whatever never started because of fail-fast or an interrupt.
@@ -677,17 +750,27 @@ async fn permits(
     (job, own)
 }
 
+/// A failed call as an outcome. Only a failure the provider reported itself is settled (the
+/// resource is as it was); after a timeout, a crash or a lost connection nobody knows what the
+/// provider did, so the intent stays pending and the next run says so.
 fn failure(address: &str, error: CallError) -> Outcome {
+    let settled = matches!(error, CallError::Failed { .. });
     let (kind, details) = match &error {
         CallError::Failed { error, .. } => (error.kind.as_str().to_string(), error.details.clone()),
         CallError::Timeout { .. } => ("timeout".to_string(), String::new()),
         _ => ("provider".to_string(), String::new()),
     };
-    let _ = address;
+    let mut message = error.to_string();
+    if !settled {
+        message.push_str(&format!(
+            " (whether it took effect is unknown: it stays pending; check the resource, then `capstan state resolve {address}` or apply again)"
+        ));
+    }
     Outcome::Failed {
-        error: error.to_string(),
+        error: message,
         kind,
         details,
+        settled,
     }
 }
 
@@ -800,9 +883,10 @@ async fn create_or_update(
                 error,
                 kind,
                 details,
+                settled,
             } = &outcome
             {
-                if operation != Operation::Read {
+                if operation != Operation::Read && *settled {
                     let failed = Record::Failed {
                         address: address.clone(),
                         operation: verb.into(),
@@ -854,6 +938,7 @@ async fn delete(
                 error,
                 kind: "invalid_input".into(),
                 details: String::new(),
+                settled: true,
             },
         );
     };
@@ -928,15 +1013,18 @@ async fn delete(
                 error,
                 kind,
                 details,
+                settled,
             } = &outcome
             {
-                let failed = Record::Failed {
-                    address: address.clone(),
-                    operation: "delete".into(),
-                    error: error.clone(),
-                };
-                if let Err(e) = append_durably(&*shared.backend, vec![failed]).await {
-                    return (i, Outcome::State(e));
+                if *settled {
+                    let failed = Record::Failed {
+                        address: address.clone(),
+                        operation: "delete".into(),
+                        error: error.clone(),
+                    };
+                    if let Err(e) = append_durably(&*shared.backend, vec![failed]).await {
+                        return (i, Outcome::State(e));
+                    }
                 }
                 shared.events.emit(Event::ResourceFailed {
                     address,

@@ -287,45 +287,7 @@ impl DirectoryBackend {
         self.dir.join("journal")
     }
 
-    fn start_writer(&mut self) -> Result<(), StateError> {
-        let path = self.journal_path();
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        let (tx, rx) = mpsc::channel::<WriteRequest>();
-        let thread = std::thread::Builder::new()
-            .name("capstan-journal".into())
-            .spawn(move || {
-                // Group commit: take everything queued, write it, one fsync, acknowledge all.
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    while let Ok(more) = rx.try_recv() {
-                        batch.push(more);
-                    }
-                    let mut bytes = Vec::new();
-                    for (record, _) in &batch {
-                        bytes.extend_from_slice(record);
-                    }
-                    let result = file
-                        .write_all(&bytes)
-                        .and_then(|()| file.sync_data())
-                        .map_err(|e| e.to_string());
-                    for (_, ack) in batch {
-                        let _ = ack.send(result.clone());
-                    }
-                }
-            })
-            .map_err(io(&path))?;
-        self.writer = Some(tx);
-        self.writer_thread = Some(thread);
-        Ok(())
-    }
-}
-
-impl StateBackend for DirectoryBackend {
-    fn load(&mut self) -> Result<(State, LoadReport), StateError> {
+    fn read_stored(&self) -> Result<(State, LoadReport), StateError> {
         let snapshot_path = self.dir.join("snapshot.json");
         let mut state = match std::fs::read_to_string(&snapshot_path) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| StateError::BadSnapshot {
@@ -382,6 +344,74 @@ impl StateBackend for DirectoryBackend {
                 })
             }
         }
+        Ok((state, report))
+    }
+
+    /// Folds what is stored (snapshot and journal, as read back from disk) into a new
+    /// snapshot. Unlike `compact`, it does not trust anyone's copy in memory, so it is right
+    /// even after an interrupted run whose in-flight records were still being written.
+    pub fn compact_stored(&mut self) -> Result<(), StateError> {
+        self.stop_writer();
+        let (state, _) = self.read_stored()?;
+        self.compact(&state)
+    }
+
+    fn stop_writer(&mut self) {
+        self.writer = None;
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    fn start_writer(&mut self) -> Result<(), StateError> {
+        let path = self.journal_path();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let (tx, rx) = mpsc::channel::<WriteRequest>();
+        let thread = std::thread::Builder::new()
+            .name("capstan-journal".into())
+            .spawn(move || {
+                // Group commit: take everything queued, write it, one fsync, acknowledge all.
+                // After a failed write or fsync nothing more is written: a torn line must stay
+                // the last one, and a later fsync could report success for lost data.
+                let mut broken: Option<String> = None;
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let mut bytes = Vec::new();
+                    for (record, _) in &batch {
+                        bytes.extend_from_slice(record);
+                    }
+                    let result = match &broken {
+                        Some(e) => Err(format!("an earlier journal write failed: {e}")),
+                        None => file
+                            .write_all(&bytes)
+                            .and_then(|()| file.sync_data())
+                            .map_err(|e| e.to_string()),
+                    };
+                    if let Err(e) = &result {
+                        broken.get_or_insert_with(|| e.clone());
+                    }
+                    for (_, ack) in batch {
+                        let _ = ack.send(result.clone());
+                    }
+                }
+            })
+            .map_err(io(&path))?;
+        self.writer = Some(tx);
+        self.writer_thread = Some(thread);
+        Ok(())
+    }
+}
+
+impl StateBackend for DirectoryBackend {
+    fn load(&mut self) -> Result<(State, LoadReport), StateError> {
+        let (state, report) = self.read_stored()?;
         if !report.dropped.is_empty() {
             // Start a clean journal so appends never follow a torn line.
             self.compact(&state)?;
@@ -408,10 +438,7 @@ impl StateBackend for DirectoryBackend {
 
     fn compact(&mut self, state: &State) -> Result<(), StateError> {
         // Stop the writer so nothing is appended to the journal being replaced.
-        self.writer = None;
-        if let Some(thread) = self.writer_thread.take() {
-            let _ = thread.join();
-        }
+        self.stop_writer();
         let snapshot = self.dir.join("snapshot.json");
         let temp = self.dir.join("snapshot.json.tmp");
         {
@@ -423,6 +450,8 @@ impl StateBackend for DirectoryBackend {
             file.sync_all().map_err(io(&temp))?;
         }
         std::fs::rename(&temp, &snapshot).map_err(io(&snapshot))?;
+        // The new snapshot must be durable before the journal it replaces is emptied.
+        fsync_dir(&self.dir)?;
         let journal = self.journal_path();
         let empty = self.dir.join("journal.tmp");
         File::create(&empty)

@@ -245,6 +245,9 @@ pub(crate) struct ProviderProcess {
     exit: watch::Receiver<Option<ExitStatus>>,
     output_closed: watch::Receiver<usize>,
     pub(crate) tail: TailBuffer,
+    /// Set once the provider has exited and its process group was seen empty: from then on
+    /// its id is never signalled again (it could be reused).
+    group_gone: Rc<std::cell::Cell<bool>>,
 }
 
 impl ProviderProcess {
@@ -305,8 +308,15 @@ impl ProviderProcess {
             );
         }
         let (exit_tx, exit) = watch::channel(None);
+        let group_gone = Rc::new(std::cell::Cell::new(false));
+        let gone = group_gone.clone();
         tokio::task::spawn_local(async move {
             if let Ok(status) = child.wait().await {
+                // Checked right at exit, before the id can be handed out again.
+                // SAFETY: signal 0 only checks for existence.
+                if unsafe { libc::kill(-pid, 0) } != 0 {
+                    gone.set(true);
+                }
                 let _ = exit_tx.send(Some(status));
             }
         });
@@ -315,6 +325,7 @@ impl ProviderProcess {
             exit,
             output_closed,
             tail,
+            group_gone,
         })
     }
 
@@ -353,6 +364,10 @@ impl ProviderProcess {
     }
 
     pub(crate) fn signal_group(&self, signal: libc::c_int) {
+        if self.group_gone.get() {
+            // The group emptied once: its id may belong to someone else by now.
+            return;
+        }
         // SAFETY: signals the provider's own process group (its pid is the group id).
         unsafe {
             libc::kill(-self.pid, signal);
@@ -361,8 +376,15 @@ impl ProviderProcess {
 
     /// Whether any process is left in the provider's process group.
     pub(crate) fn group_alive(&self) -> bool {
+        if self.group_gone.get() {
+            return false;
+        }
         // SAFETY: signal 0 only checks for existence.
-        unsafe { libc::kill(-self.pid, 0) == 0 }
+        let alive = unsafe { libc::kill(-self.pid, 0) == 0 };
+        if !alive && self.status().is_some() {
+            self.group_gone.set(true);
+        }
+        alive
     }
 
     /// Stops the process: waits `grace` for it to exit by itself (after the core closed the

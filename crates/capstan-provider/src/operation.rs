@@ -100,14 +100,20 @@ impl Operation {
         let line = line.into();
         self.queue.space().await;
         let span = bridge::span_of(&self.queue, span);
-        self.queue.push(ProgressEvent::now(ProgressKind::Log { span, stream, line }));
+        self.queue
+            .push(ProgressEvent::now(ProgressKind::Log { span, stream, line }));
     }
 
     /// Like [`progress`](Self::progress), under `span`.
     pub async fn progress_in(&self, span: &tracing::Span, done: u64, expected: u64, unit: &str) {
         self.queue.space().await;
         let span = bridge::span_of(&self.queue, span);
-        self.queue.push(ProgressEvent::now(ProgressKind::Counter { span, done, expected, unit: unit.to_string() }));
+        self.queue.push(ProgressEvent::now(ProgressKind::Counter {
+            span,
+            done,
+            expected,
+            unit: unit.to_string(),
+        }));
     }
 
     /// Like [`phase`](Self::phase), under `span`.
@@ -115,7 +121,8 @@ impl Operation {
         let name = name.into();
         self.queue.space().await;
         let span = bridge::span_of(&self.queue, span);
-        self.queue.push(ProgressEvent::now(ProgressKind::Phase { span, name }));
+        self.queue
+            .push(ProgressEvent::now(ProgressKind::Phase { span, name }));
     }
 
     /// Waits until the core has caught up with this operation's progress. A loop that reports

@@ -139,7 +139,7 @@ impl ProviderServer {
                 ))
             })?;
         let call = build_call(kind, &request)?;
-        let _permit = match &self.limit {
+        let permit = match &self.limit {
             Some(limit) => Some(limit.clone().acquire_owned().await.expect("never closed")),
             None => None,
         };
@@ -166,6 +166,9 @@ impl ProviderServer {
         let grace = self.cancel_grace;
         let root_span = crate::bridge::root_span(queue.clone());
         let work = async move {
+            // The concurrency slot belongs to the work, which may outlive a cancelled call by
+            // its grace period.
+            let _permit = permit;
             let method = async {
                 let outputs = resource.call(&op, call).await?;
                 Ok(Success {

@@ -71,8 +71,8 @@ struct Shared {
     dirty: bool,
     /// The writer half was dropped or closed: flush what is left and stop.
     closed: bool,
-    /// A write to the stream failed; reported to the next write or flush.
-    error: Option<io::Error>,
+    /// A write to the stream failed; every later write and flush fails the same way.
+    error: Option<(io::ErrorKind, String)>,
     flusher: Option<Waker>,
     writer: Option<Waker>,
 }
@@ -131,7 +131,7 @@ async fn flusher<W: AsyncWrite + Unpin>(shared: Rc<RefCell<Shared>>, mut stream:
         chunk.clear();
         if let Err(e) = written {
             let mut s = shared.borrow_mut();
-            s.error = Some(e);
+            s.error = Some((e.kind(), e.to_string()));
             if let Some(waker) = s.writer.take() {
                 waker.wake();
             }
@@ -145,8 +145,8 @@ async fn flusher<W: AsyncWrite + Unpin>(shared: Rc<RefCell<Shared>>, mut stream:
 }
 
 fn take_error(s: &mut Shared) -> io::Result<()> {
-    match s.error.take() {
-        Some(e) => Err(e),
+    match &s.error {
+        Some((kind, message)) => Err(io::Error::new(*kind, message.clone())),
         None => Ok(()),
     }
 }

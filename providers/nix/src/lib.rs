@@ -15,14 +15,18 @@
 use std::collections::{HashMap, VecDeque};
 use std::process::Stdio;
 
-use capstan_provider::{LogStream, Operation, OperationError, Prior, Provider, Resource, ResourceType};
+use capstan_provider::{
+    LogStream, Operation, OperationError, Prior, Provider, Resource, ResourceType,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The provider, ready to serve.
 pub fn provider() -> Provider {
-    Provider::new("nix", env!("CARGO_PKG_VERSION")).resource(Build).resource(Activate)
+    Provider::new("nix", env!("CARGO_PKG_VERSION"))
+        .resource(Build)
+        .resource(Activate)
 }
 
 const TAIL_LINES: usize = 25;
@@ -70,7 +74,12 @@ struct NixLog<'a> {
 
 impl<'a> NixLog<'a> {
     fn new(op: &'a Operation) -> Self {
-        NixLog { op, activities: HashMap::new(), errors: Vec::new(), tail: VecDeque::new() }
+        NixLog {
+            op,
+            activities: HashMap::new(),
+            errors: Vec::new(),
+            tail: VecDeque::new(),
+        }
     }
 
     fn remember(&mut self, line: &str) {
@@ -95,11 +104,18 @@ impl<'a> NixLog<'a> {
             "start" => {
                 let kind = message["type"].as_u64().unwrap_or(0);
                 let text = message["text"].as_str().unwrap_or("").to_string();
-                let parent = message["parent"].as_u64().and_then(|p| self.activities.get(&p)).cloned();
+                let parent = message["parent"]
+                    .as_u64()
+                    .and_then(|p| self.activities.get(&p))
+                    .cloned();
                 let name = activity_name(kind);
                 let span = match parent {
-                    Some(parent) => tracing::info_span!(parent: &parent, "nix", activity = name, nix_type = kind, text = %text),
-                    None => tracing::info_span!("nix", activity = name, nix_type = kind, text = %text),
+                    Some(parent) => {
+                        tracing::info_span!(parent: &parent, "nix", activity = name, nix_type = kind, text = %text)
+                    }
+                    None => {
+                        tracing::info_span!("nix", activity = name, nix_type = kind, text = %text)
+                    }
                 };
                 if !text.is_empty() {
                     self.op.phase_in(&span, text).await;
@@ -110,7 +126,11 @@ impl<'a> NixLog<'a> {
                 self.activities.remove(&id);
             }
             "result" => {
-                let span = self.activities.get(&id).cloned().unwrap_or_else(tracing::Span::current);
+                let span = self
+                    .activities
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(tracing::Span::current);
                 let fields = &message["fields"];
                 match message["type"].as_u64().unwrap_or(0) {
                     101 => {
@@ -206,11 +226,16 @@ impl Resource for Build {
 
     fn resource_type() -> ResourceType {
         ResourceType::new("build")
-            .description("Builds a Nix file or expression with nix-build, showing Nix's progress live")
+            .description(
+                "Builds a Nix file or expression with nix-build, showing Nix's progress live",
+            )
             .optional("file", "A .nix file, relative to the deployment file")
             .optional("expr", "A Nix expression (instead of file)")
             .optional("attr", "An attribute to build (-A)")
-            .optional("args", "Extra nix-build arguments, e.g. [\"--option\", \"substituters\", \"\"]")
+            .optional(
+                "args",
+                "Extra nix-build arguments, e.g. [\"--option\", \"substituters\", \"\"]",
+            )
             .output("outPath", "The first output's store path")
             .output("outPaths", "Every output's store path")
     }
@@ -220,7 +245,11 @@ impl Resource for Build {
         match (&inputs.file, &inputs.expr) {
             (Some(file), None) => command.arg(file),
             (None, Some(expr)) => command.arg("-E").arg(expr),
-            _ => return Err(OperationError::invalid_input("give exactly one of `file` and `expr`")),
+            _ => {
+                return Err(OperationError::invalid_input(
+                    "give exactly one of `file` and `expr`",
+                ))
+            }
         };
         if let Some(attr) = &inputs.attr {
             command.arg("-A").arg(attr);
@@ -253,21 +282,36 @@ impl Resource for Build {
                 () = op.cancelled() => return Err(OperationError::cancelled("the Nix build was cancelled")),
             }
         }
-        let status = child.wait().await.map_err(|e| OperationError::permanent(format!("waiting for nix-build: {e}")))?;
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| OperationError::permanent(format!("waiting for nix-build: {e}")))?;
         if !status.success() || out_paths.is_empty() {
             let message = log
                 .errors
                 .first()
-                .map(|e| e.lines().next().unwrap_or("").trim_start_matches("error: ").to_string())
+                .map(|e| {
+                    e.lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim_start_matches("error: ")
+                        .to_string()
+                })
                 .unwrap_or_else(|| format!("nix-build exited with {status}"));
             let mut details = log.errors.join("\n");
             if !details.is_empty() {
                 details.push('\n');
             }
             details.push_str(&log.details());
-            return Err(OperationError::permanent(format!("nix-build failed: {message}")).with_details(details));
+            return Err(
+                OperationError::permanent(format!("nix-build failed: {message}"))
+                    .with_details(details),
+            );
         }
-        Ok(BuildOut { out_path: out_paths[0].clone(), out_paths })
+        Ok(BuildOut {
+            out_path: out_paths[0].clone(),
+            out_paths,
+        })
     }
 }
 
@@ -305,7 +349,10 @@ async fn nix_env(op: &Operation, args: &[&str]) -> Result<(), OperationError> {
         return Err(OperationError::permanent(format!(
             "nix-env {} failed: {}",
             args.join(" "),
-            String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&output.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         )));
     }
     Ok(())
@@ -317,7 +364,10 @@ fn current_generation(profile: &str) -> Option<String> {
         if p.is_absolute() {
             p.display().to_string()
         } else {
-            std::path::Path::new(profile).with_file_name(p).display().to_string()
+            std::path::Path::new(profile)
+                .with_file_name(p)
+                .display()
+                .to_string()
         }
     })
 }
@@ -329,9 +379,15 @@ fn generation_number(link: &str) -> Option<u64> {
 }
 
 impl Activate {
-    async fn activate(&self, op: &Operation, inputs: &ActivateIn) -> Result<ActivateOut, OperationError> {
+    async fn activate(
+        &self,
+        op: &Operation,
+        inputs: &ActivateIn,
+    ) -> Result<ActivateOut, OperationError> {
         let profile = std::path::absolute(&inputs.profile)
-            .map_err(|e| OperationError::invalid_input(format!("profile `{}`: {e}", inputs.profile)))?
+            .map_err(|e| {
+                OperationError::invalid_input(format!("profile `{}`: {e}", inputs.profile))
+            })?
             .display()
             .to_string();
         if let Some(parent) = std::path::Path::new(&profile).parent() {
@@ -341,22 +397,34 @@ impl Activate {
         op.phase("setting profile").await;
         nix_env(op, &["--profile", &profile, "--set", &inputs.path]).await?;
         let generation = current_generation(&profile).unwrap_or_default();
-        let program = format!("{}/{}", inputs.path.trim_end_matches('/'), inputs.command.as_deref().unwrap_or("bin/activate"));
+        let program = format!(
+            "{}/{}",
+            inputs.path.trim_end_matches('/'),
+            inputs.command.as_deref().unwrap_or("bin/activate")
+        );
         op.phase("activating").await;
         let result = run_streaming(op, &program).await;
         if let Err(error) = result {
             op.phase("rolling back").await;
             let rollback = match &previous {
                 Some(_) => nix_env(op, &["--profile", &profile, "--rollback"]).await,
-                None => std::fs::remove_file(&profile).map_err(|e| OperationError::permanent(e.to_string())),
+                None => std::fs::remove_file(&profile)
+                    .map_err(|e| OperationError::permanent(e.to_string())),
             };
             let note = match rollback {
                 Ok(()) => "the profile was rolled back".to_string(),
                 Err(e) => format!("rolling the profile back failed too: {e}"),
             };
-            return Err(OperationError::permanent(format!("{} ({note})", error.message)).with_details(error.details));
+            return Err(
+                OperationError::permanent(format!("{} ({note})", error.message))
+                    .with_details(error.details),
+            );
         }
-        Ok(ActivateOut { profile, path: inputs.path.clone(), generation })
+        Ok(ActivateOut {
+            profile,
+            path: inputs.path.clone(),
+            generation,
+        })
     }
 }
 
@@ -367,7 +435,9 @@ async fn run_streaming(op: &Operation, program: &str) -> Result<(), OperationErr
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| OperationError::permanent(format!("cannot run the activation program {program}: {e}")))?;
+        .map_err(|e| {
+            OperationError::permanent(format!("cannot run the activation program {program}: {e}"))
+        })?;
     let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
     let mut tail: VecDeque<String> = VecDeque::new();
@@ -392,12 +462,17 @@ async fn run_streaming(op: &Operation, program: &str) -> Result<(), OperationErr
             },
         }
     }
-    let status = child.wait().await.map_err(|e| OperationError::permanent(format!("waiting for {program}: {e}")))?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| OperationError::permanent(format!("waiting for {program}: {e}")))?;
     if status.success() {
         Ok(())
     } else {
-        Err(OperationError::permanent(format!("the activation program {program} failed ({status})"))
-            .with_details(tail.into_iter().collect::<Vec<_>>().join("\n")))
+        Err(OperationError::permanent(format!(
+            "the activation program {program} failed ({status})"
+        ))
+        .with_details(tail.into_iter().collect::<Vec<_>>().join("\n")))
     }
 }
 
@@ -417,22 +492,42 @@ impl Resource for Activate {
             .stateful(true)
     }
 
-    async fn create(&self, op: &Operation, inputs: ActivateIn) -> Result<ActivateOut, OperationError> {
+    async fn create(
+        &self,
+        op: &Operation,
+        inputs: ActivateIn,
+    ) -> Result<ActivateOut, OperationError> {
         self.activate(op, &inputs).await
     }
 
-    async fn delete(&self, op: &Operation, prior: Prior<ActivateIn, ActivateOut>) -> Result<(), OperationError> {
+    async fn delete(
+        &self,
+        op: &Operation,
+        prior: Prior<ActivateIn, ActivateOut>,
+    ) -> Result<(), OperationError> {
         let profile = &prior.outputs.profile;
         let Some(number) = generation_number(&prior.outputs.generation) else {
             return Ok(());
         };
         if current_generation(profile).as_deref() == Some(prior.outputs.generation.as_str()) {
             // The generation is in use: step back first (nix-env refuses to delete the current one).
-            if nix_env(op, &["--profile", profile, "--rollback"]).await.is_err() {
+            if nix_env(op, &["--profile", profile, "--rollback"])
+                .await
+                .is_err()
+            {
                 let _ = std::fs::remove_file(profile);
             }
         }
-        nix_env(op, &["--profile", profile, "--delete-generations", &number.to_string()]).await
+        nix_env(
+            op,
+            &[
+                "--profile",
+                profile,
+                "--delete-generations",
+                &number.to_string(),
+            ],
+        )
+        .await
     }
 }
 
