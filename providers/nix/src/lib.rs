@@ -117,7 +117,8 @@ impl<'a> NixLog<'a> {
                         tracing::info_span!("nix", activity = name, nix_type = kind, text = %text)
                     }
                 };
-                if !text.is_empty() {
+                // Nix's own verbosity: level 3 is "info"; chattier activities stay spans only.
+                if !text.is_empty() && message["level"].as_u64().unwrap_or(0) <= 3 {
                     self.op.phase_in(&span, text).await;
                 }
                 self.activities.insert(id, span);
