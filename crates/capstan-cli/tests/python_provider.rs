@@ -1,0 +1,139 @@
+//! A provider in another language: `providers/python/provider.py`, on pycapnp (PyPI), written
+//! from the published schema alone, driven by `capstan apply`. The test makes its own
+//! virtualenv.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::json;
+use support::capstan_bin;
+
+fn skip_or_fail(message: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{message} (required under CI)");
+    }
+    eprintln!("\n=== SKIPPED: {message} ===\n");
+}
+
+/// A virtualenv with pycapnp, made once per target directory.
+fn python_with_pycapnp() -> Option<PathBuf> {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-venv");
+    let python = venv.join("bin/python");
+    let ready = venv.join(".pycapnp-installed");
+    if ready.exists() {
+        return Some(python);
+    }
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !made {
+        skip_or_fail("python3 -m venv failed: install python3 and python3-venv");
+        return None;
+    }
+    let installed = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "pycapnp"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !installed {
+        skip_or_fail("pip install pycapnp failed (PyPI unreachable?)");
+        return None;
+    }
+    std::fs::write(&ready, "").unwrap();
+    Some(python)
+}
+
+fn provider_script() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../providers/python/provider.py")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn capstan_applies_resources_of_a_python_provider_with_its_progress() {
+    let Some(python) = python_with_pycapnp() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let deployment = json!({
+        "providers": {
+            "py": {"executable": python.display().to_string(), "args": [provider_script()]},
+            "local": {"builtin": "local"}
+        },
+        "resources": {
+            "hello": {"provider": "py", "type": "greeting", "inputs": {"name": "Ada"}},
+            "saved": {"provider": "local", "type": "file", "inputs": {"path": "greeting.txt", "content": {"$ref": "hello#text"}}}
+        }
+    });
+    std::fs::write(dir.path().join("capstan.json"), deployment.to_string()).unwrap();
+    let out = Command::new(capstan_bin())
+        .args(["apply", "--json"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("greeting.txt")).unwrap(),
+        "Hello, Ada!"
+    );
+    let events = support::events(&out.stdout);
+    let progress: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["type"] == "resource_progress" && e["address"] == "hello")
+        .map(|e| &e["progress"])
+        .collect();
+    assert!(
+        progress
+            .iter()
+            .any(|p| p["kind"] == "span_start" && p["name"] == "compose"),
+        "{progress:?}"
+    );
+    assert!(
+        progress
+            .iter()
+            .any(|p| p["kind"] == "log" && p["line"] == "word 2: Ada!"),
+        "{progress:?}"
+    );
+    assert!(
+        progress
+            .iter()
+            .any(|p| p["kind"] == "counter" && p["done"] == 2 && p["expected"] == 2),
+        "{progress:?}"
+    );
+    // The provider's own stderr is attributed to it.
+    assert!(
+        events.iter().any(|e| e["type"] == "provider_log"
+            && e["provider"] == "py"
+            && e["line"].as_str().unwrap().contains("composed")),
+        "{events:?}"
+    );
+
+    // Its handshake is checked like any other: an input it does not declare is refused.
+    let bad = json!({
+        "providers": {"py": {"executable": python.display().to_string(), "args": [provider_script()]}},
+        "resources": {"hello": {"provider": "py", "type": "greeting", "inputs": {"nam": "Ada"}}}
+    });
+    let fresh = tempfile::tempdir().unwrap();
+    std::fs::write(fresh.path().join("capstan.json"), bad.to_string()).unwrap();
+    let out = Command::new(capstan_bin())
+        .args(["plan"])
+        .current_dir(fresh.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("`greeting` has no input `nam`; its inputs: name, shout"));
+}
