@@ -723,6 +723,164 @@ fn apply_bench(json_output: bool, quick: bool) {
     );
 }
 
+// ---- v0: the headline comparison --------------------------------------------------------------
+
+/// Applies `size` independent no-op resources with the engine, in this process; returns
+/// resources per second (load, plan, provider start and run included).
+fn apply_once(deployment: serde_json::Value, size: usize, jobs: usize) -> f64 {
+    use capstan_engine::model::Deployment;
+    use capstan_engine::run::{BuiltinLauncher, Providers, RunOptions};
+    use capstan_engine::state::{DirectoryBackend, StateBackend};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("capstan.json");
+    std::fs::write(&file, deployment.to_string()).unwrap();
+    let capstan = std::env::current_exe().unwrap().with_file_name("capstan");
+    local(async {
+        let start = Instant::now();
+        let deployment = Deployment::load(&file, &serde_json::Map::new()).unwrap();
+        let mut backend =
+            DirectoryBackend::open(&dir.path().join("state"), Duration::ZERO).unwrap();
+        let (mut state, _) = backend.load().unwrap();
+        let changes = capstan_engine::plan::plan(&deployment, &state).unwrap();
+        let (logs, _ignored) = tokio::sync::mpsc::channel(1024);
+        let names = capstan_engine::run::providers_needed(&changes);
+        let providers = Providers::launch(
+            &names,
+            &deployment,
+            &state,
+            &BuiltinLauncher { program: capstan },
+            logs,
+        )
+        .await
+        .unwrap();
+        let backend: Rc<dyn StateBackend> = Rc::new(backend);
+        let events = Rc::new(CountEvents(Cell::new(0)));
+        let options = RunOptions {
+            jobs,
+            ..RunOptions::default()
+        };
+        let summary = capstan_engine::run::run(
+            changes,
+            &deployment,
+            &mut state,
+            backend,
+            &providers,
+            &options,
+            events,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            summary.created, size,
+            "every resource was created: {summary:?}"
+        );
+        let rate = size as f64 / start.elapsed().as_secs_f64();
+        providers.shutdown().await;
+        rate
+    })
+}
+
+/// Lines per second from a real Nix build that prints many, through the nix provider.
+fn nix_log_lines_per_s(lines: usize) -> Option<f64> {
+    let nix = Command::new("nix-build")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !nix {
+        return None;
+    }
+    let capstan = std::env::current_exe().unwrap().with_file_name("capstan");
+    let nonce = format!("{}-{:?}", std::process::id(), Instant::now());
+    let expr = format!(
+        r#"derivation {{ name = "capstan-bench-log"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin"; nonce = "{nonce}"; args = [ "-c" "i=0; while [ $i -lt {lines} ]; do echo log line $i; i=$((i+1)); done; mkdir $out" ]; }}"#
+    );
+    Some(local(async move {
+        let source = ProviderSource::Command(ProviderCommand::new(capstan, ["__provider", "nix"]));
+        let provider = ProviderConnection::launch("nix", &source, HostOptions::default(), None)
+            .await
+            .unwrap();
+        let count = Rc::new(Cell::new(0u64));
+        let counter = count.clone();
+        let observer = Rc::new(move |batch: Vec<ProgressEvent>| {
+            counter.set(counter.get() + batch.iter().filter(|e| matches!(&e.kind, ProgressKind::Log { line, .. } if line.starts_with("log line"))).count() as u64);
+            async {}
+        });
+        let inputs = json!({"expr": expr, "args": ["--option", "substituters", "", "--option", "sandbox", "false"]});
+        let start = Instant::now();
+        provider
+            .call(
+                OperationCall::new(OperationKind::Create, "build", "bench", inputs),
+                observer,
+            )
+            .await
+            .expect("the nix build");
+        let rate = count.get() as f64 / start.elapsed().as_secs_f64();
+        assert_eq!(count.get(), lines as u64, "every line arrived");
+        provider.shutdown().await;
+        rate
+    }))
+}
+
+fn v0_bench(json_output: bool, quick: bool) {
+    let size = if quick { 500 } else { 2_000 };
+    let jobs = 64;
+    let resources = |v0: bool| -> serde_json::Value {
+        (0..size)
+            .map(|i| {
+                let mut r = json!({"provider": "t", "type": "noop", "inputs": {"value": i}});
+                if v0 {
+                    r["outputs"] = json!(["value", "id"]);
+                }
+                (format!("r{i}"), r)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let capnp_deployment = json!({"providers": {"t": {"executable": testing_provider()}}, "resources": resources(false)});
+    let v0_deployment = json!({"providers": {"t": {"executable": testing_provider(), "args": ["--v0"], "protocol": "nixops4-v0"}}, "resources": resources(true)});
+    let capnp = apply_once(capnp_deployment, size, jobs);
+    let v0 = apply_once(v0_deployment, size, jobs);
+    let nix = nix_log_lines_per_s(if quick { 5_000 } else { 50_000 });
+    let figures = json!({
+        "resources": size,
+        "jobs": jobs,
+        "v0_resources_per_s": v0,
+        "capnp_resources_per_s": capnp,
+        "capnp_vs_v0_ratio": capnp / v0,
+        "nix_log_lines_per_s": nix,
+    });
+    if json_output {
+        println!("{figures}");
+        return;
+    }
+    println!(
+        "{:<58} {:>14}   goal",
+        format!("measure ({size} no-op resources, --jobs {jobs})"),
+        "figure"
+    );
+    println!(
+        "{:<58} {:>12.0}/s",
+        "NixOps4 v0 model: one process per operation (bridge)", v0
+    );
+    println!(
+        "{:<58} {:>12.0}/s",
+        "long-lived Cap'n Proto provider", capnp
+    );
+    println!("{:<58} {:>13.1}×   ≥ 50×", "ratio", capnp / v0);
+    match nix {
+        Some(rate) => println!(
+            "{:<58} {:>12.0}/s",
+            "Nix build log lines through the nix provider", rate
+        ),
+        None => println!(
+            "{:<58} {:>14}",
+            "Nix build log lines through the nix provider", "no nix-build"
+        ),
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |n: usize| args.get(n).map(String::as_str);
@@ -736,6 +894,11 @@ fn main() -> ExitCode {
             let json_output = args.iter().any(|a| a == "--json");
             let quick = args.iter().any(|a| a == "--quick");
             apply_bench(json_output, quick);
+        }
+        Some("v0") => {
+            let json_output = args.iter().any(|a| a == "--json");
+            let quick = args.iter().any(|a| a == "--quick");
+            v0_bench(json_output, quick);
         }
         Some("apply-child") => apply_child(
             PathBuf::from(arg(1).expect("deployment file")),
@@ -752,9 +915,10 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: capstan-bench rpc|apply [--json] [--quick]\n\
+                "usage: capstan-bench rpc|apply|v0 [--json] [--quick]\n\
                  rpc: the provider protocol against raw baselines from the same run.\n\
                  apply: the engine applying 10,000 and 100,000 no-op resources with durable state.\n\
+                 v0: 2,000 no-ops through a long-lived Cap'n Proto provider vs. NixOps4's one process per operation.\n\
                  Build first: cargo build --release"
             );
             return ExitCode::from(2);

@@ -553,7 +553,40 @@ fn usage() -> ExitCode {
     ExitCode::from(2)
 }
 
+/// `--v0`: behave as a NixOps4 version-0 no-op provider instead (one request line on stdin,
+/// one response line on stdout, then exit), for the benchmark of the v0 bridge.
+fn serve_v0_once() -> ExitCode {
+    use std::io::{BufRead, Write};
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).is_err() {
+        return ExitCode::FAILURE;
+    }
+    let request: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+    let (response, body) = if let Some(create) = request.get("createResourceRequest") {
+        ("createResourceResponse", create)
+    } else if let Some(update) = request.get("updateResourceRequest") {
+        ("updateResourceResponse", update)
+    } else {
+        println!(
+            "{}",
+            json!({"errorResponse": {"message": "unsupported request"}})
+        );
+        return ExitCode::SUCCESS;
+    };
+    let value = body["inputProperties"]
+        .get("value")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let answer = json!({response: {"outputProperties": {"value": value, "id": unique_id()}}});
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{answer}");
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--v0") {
+        return serve_v0_once();
+    }
     let mut provider = Provider::new("testing", env!("CARGO_PKG_VERSION"))
         .resource(Noop)
         .resource(Handle)
