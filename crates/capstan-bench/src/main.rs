@@ -18,7 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -543,18 +543,23 @@ fn noop_deployment(size: usize) -> String {
 
 /// One apply of `size` resources with durable state, then a plan of the same, in this (child)
 /// process, so its peak memory is the engine's alone. Prints one JSON line.
-fn apply_child(file: PathBuf, size: usize, jobs: usize) {
+/// Loads, plans and applies the deployment in `file` with the engine and durable state in
+/// `state_dir`, starting built-in providers from `capstan`. Returns the seconds it took (load,
+/// plan, provider start and run) and the peak RSS (KiB) right after the run.
+fn engine_apply(
+    file: &Path,
+    state_dir: &Path,
+    capstan: PathBuf,
+    size: usize,
+    jobs: usize,
+) -> (f64, u64) {
     use capstan_engine::model::Deployment;
     use capstan_engine::run::{BuiltinLauncher, Providers, RunOptions};
     use capstan_engine::state::{DirectoryBackend, StateBackend};
-    let dir = tempfile::tempdir().expect("temp dir");
-    let rss_before = rss_kib("VmRSS:");
-    let figures = local(async {
-        let empty = serde_json::Map::new();
+    local(async {
         let start = Instant::now();
-        let deployment = Deployment::load(&file, &empty).unwrap();
-        let mut backend =
-            DirectoryBackend::open(&dir.path().join("state"), Duration::ZERO).unwrap();
+        let deployment = Deployment::load(file, &serde_json::Map::new()).unwrap();
+        let mut backend = DirectoryBackend::open(state_dir, Duration::ZERO).unwrap();
         let (mut state, _) = backend.load().unwrap();
         let changes = capstan_engine::plan::plan(&deployment, &state).unwrap();
         let (logs, _ignored) = tokio::sync::mpsc::channel(1024);
@@ -563,9 +568,7 @@ fn apply_child(file: PathBuf, size: usize, jobs: usize) {
             &names,
             &deployment,
             &state,
-            &BuiltinLauncher {
-                program: std::env::current_exe().unwrap(),
-            },
+            &BuiltinLauncher { program: capstan },
             logs,
         )
         .await
@@ -580,7 +583,7 @@ fn apply_child(file: PathBuf, size: usize, jobs: usize) {
             changes,
             &deployment,
             &mut state,
-            backend.clone(),
+            backend,
             &providers,
             &options,
             events,
@@ -588,11 +591,31 @@ fn apply_child(file: PathBuf, size: usize, jobs: usize) {
         )
         .await
         .unwrap();
-        let apply_seconds = start.elapsed().as_secs_f64();
-        assert_eq!(summary.created, size, "every resource was created");
-        let peak_after_apply = rss_kib("VmHWM:");
+        let seconds = start.elapsed().as_secs_f64();
+        assert_eq!(
+            summary.created, size,
+            "every resource was created: {summary:?}"
+        );
+        let peak = rss_kib("VmHWM:");
         providers.shutdown().await;
-        drop((backend, deployment, state));
+        (seconds, peak)
+    })
+}
+
+fn apply_child(file: PathBuf, size: usize, jobs: usize) {
+    use capstan_engine::model::Deployment;
+    use capstan_engine::state::{DirectoryBackend, StateBackend};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rss_before = rss_kib("VmRSS:");
+    let (apply_seconds, peak_after_apply) = engine_apply(
+        &file,
+        &dir.path().join("state"),
+        std::env::current_exe().unwrap(),
+        size,
+        jobs,
+    );
+    let figures = local(async {
+        let empty = serde_json::Map::new();
         let journal_bytes = std::fs::metadata(dir.path().join("state/journal"))
             .map(|m| m.len())
             .unwrap_or(0);
@@ -728,57 +751,12 @@ fn apply_bench(json_output: bool, quick: bool) {
 /// Applies `size` independent no-op resources with the engine, in this process; returns
 /// resources per second (load, plan, provider start and run included).
 fn apply_once(deployment: serde_json::Value, size: usize, jobs: usize) -> f64 {
-    use capstan_engine::model::Deployment;
-    use capstan_engine::run::{BuiltinLauncher, Providers, RunOptions};
-    use capstan_engine::state::{DirectoryBackend, StateBackend};
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("capstan.json");
     std::fs::write(&file, deployment.to_string()).unwrap();
     let capstan = std::env::current_exe().unwrap().with_file_name("capstan");
-    local(async {
-        let start = Instant::now();
-        let deployment = Deployment::load(&file, &serde_json::Map::new()).unwrap();
-        let mut backend =
-            DirectoryBackend::open(&dir.path().join("state"), Duration::ZERO).unwrap();
-        let (mut state, _) = backend.load().unwrap();
-        let changes = capstan_engine::plan::plan(&deployment, &state).unwrap();
-        let (logs, _ignored) = tokio::sync::mpsc::channel(1024);
-        let names = capstan_engine::run::providers_needed(&changes);
-        let providers = Providers::launch(
-            &names,
-            &deployment,
-            &state,
-            &BuiltinLauncher { program: capstan },
-            logs,
-        )
-        .await
-        .unwrap();
-        let backend: Rc<dyn StateBackend> = Rc::new(backend);
-        let events = Rc::new(CountEvents(Cell::new(0)));
-        let options = RunOptions {
-            jobs,
-            ..RunOptions::default()
-        };
-        let summary = capstan_engine::run::run(
-            changes,
-            &deployment,
-            &mut state,
-            backend,
-            &providers,
-            &options,
-            events,
-            tokio_util::sync::CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            summary.created, size,
-            "every resource was created: {summary:?}"
-        );
-        let rate = size as f64 / start.elapsed().as_secs_f64();
-        providers.shutdown().await;
-        rate
-    })
+    let (seconds, _) = engine_apply(&file, &dir.path().join("state"), capstan, size, jobs);
+    size as f64 / seconds
 }
 
 /// Lines per second from a real Nix build that prints many, through the nix provider.

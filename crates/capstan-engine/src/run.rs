@@ -878,34 +878,16 @@ async fn create_or_update(
             )
         }
         Err(error) => {
-            let outcome = failure(&address, error);
-            if let Outcome::Failed {
+            fail(
+                i,
+                address,
+                verb,
                 error,
-                kind,
-                details,
-                settled,
-            } = &outcome
-            {
-                if operation != Operation::Read && *settled {
-                    let failed = Record::Failed {
-                        address: address.clone(),
-                        operation: verb.into(),
-                        error: error.clone(),
-                    };
-                    if let Err(e) = append_durably(&*shared.backend, vec![failed]).await {
-                        return (i, Outcome::State(e));
-                    }
-                }
-                shared.events.emit(Event::ResourceFailed {
-                    address,
-                    operation: verb.into(),
-                    error: error.clone(),
-                    kind: kind.clone(),
-                    details: details.clone(),
-                    elapsed_seconds: elapsed,
-                });
-            }
-            (i, outcome)
+                operation != Operation::Read,
+                &shared,
+                elapsed,
+            )
+            .await
         }
     }
 }
@@ -1007,37 +989,49 @@ async fn delete(
             });
             (i, Outcome::Deleted)
         }
-        Err(error) => {
-            let outcome = failure(&address, error);
-            if let Outcome::Failed {
-                error,
-                kind,
-                details,
-                settled,
-            } = &outcome
-            {
-                if *settled {
-                    let failed = Record::Failed {
-                        address: address.clone(),
-                        operation: "delete".into(),
-                        error: error.clone(),
-                    };
-                    if let Err(e) = append_durably(&*shared.backend, vec![failed]).await {
-                        return (i, Outcome::State(e));
-                    }
-                }
-                shared.events.emit(Event::ResourceFailed {
-                    address,
-                    operation: "delete".into(),
-                    error: error.clone(),
-                    kind: kind.clone(),
-                    details: details.clone(),
-                    elapsed_seconds: elapsed,
-                });
-            }
-            (i, outcome)
-        }
+        Err(error) => fail(i, address, "delete", error, true, &shared, elapsed).await,
     }
+}
+
+/// Reports a failed call: journals it when it is settled (and `journal` is set: reads change
+/// nothing), and emits the event.
+async fn fail(
+    i: usize,
+    address: String,
+    verb: &'static str,
+    error: CallError,
+    journal: bool,
+    shared: &Shared,
+    elapsed: f64,
+) -> (usize, Outcome) {
+    let outcome = failure(&address, error);
+    if let Outcome::Failed {
+        error,
+        kind,
+        details,
+        settled,
+    } = &outcome
+    {
+        if journal && *settled {
+            let failed = Record::Failed {
+                address: address.clone(),
+                operation: verb.into(),
+                error: error.clone(),
+            };
+            if let Err(e) = append_durably(&*shared.backend, vec![failed]).await {
+                return (i, Outcome::State(e));
+            }
+        }
+        shared.events.emit(Event::ResourceFailed {
+            address,
+            operation: verb.into(),
+            error: error.clone(),
+            kind: kind.clone(),
+            details: details.clone(),
+            elapsed_seconds: elapsed,
+        });
+    }
+    (i, outcome)
 }
 
 /// Keeps `RefCell` out of the public API while letting tests collect events.
