@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use capstan_schema::ProviderInfo;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// A problem with the deployment, found before anything ran.
@@ -122,18 +123,20 @@ impl Deployment {
             place: place.to_string(),
             message,
         };
-        let root: Value = serde_json::from_str(text).map_err(|e| {
+        // The document is checked whole, then read one resource at a time from its raw text:
+        // a tree of every resource at once would cost more memory than the deployment itself.
+        serde_json::from_str::<&RawValue>(text).map_err(|e| {
             err(
                 &format!("line {} column {}", e.line(), e.column()),
                 format!("not valid JSON: {e}"),
             )
         })?;
-        let Value::Object(mut root) = root else {
-            return Err(err(
+        let root: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(|_| {
+            err(
                 "(top level)",
                 "a deployment is a JSON object with `providers` and `resources`".into(),
-            ));
-        };
+            )
+        })?;
         for key in root.keys() {
             if key != "providers" && key != "resources" && key != "$schema" {
                 return Err(err(
@@ -144,13 +147,13 @@ impl Deployment {
         }
         let mut providers = BTreeMap::new();
         if let Some(decls) = root.get("providers") {
-            let Value::Object(decls) = decls else {
+            let Ok(Value::Object(decls)) = serde_json::from_str::<Value>(decls.get()) else {
                 return Err(err(
                     "providers",
                     "must be an object of provider declarations".into(),
                 ));
             };
-            for (name, decl) in decls {
+            for (name, decl) in &decls {
                 let place = format!("providers.{name}");
                 providers.insert(
                     name.clone(),
@@ -159,11 +162,9 @@ impl Deployment {
             }
         }
         let mut resources = BTreeMap::new();
-        match root.remove("resources") {
-            Some(Value::Object(group)) => collect_resources(group, "", params, &mut resources)
-                .map_err(|(place, m)| err(&place, m))?,
-            Some(_) => return Err(err("resources", "must be an object".into())),
-            None => {}
+        if let Some(group) = root.get("resources") {
+            collect_resources(group, "", params, &mut resources)
+                .map_err(|(place, m)| err(&place, m))?;
         }
         let deployment = Deployment {
             file: file.to_path_buf(),
@@ -485,11 +486,18 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
 }
 
 fn collect_resources(
-    group: Map<String, Value>,
+    group: &RawValue,
     prefix: &str,
     params: &Map<String, Value>,
     out: &mut BTreeMap<String, ResourceDecl>,
 ) -> Result<(), (String, String)> {
+    let group_place = if prefix.is_empty() {
+        "resources".to_string()
+    } else {
+        format!("resources.{prefix}.resources")
+    };
+    let group: BTreeMap<String, &RawValue> = serde_json::from_str(group.get())
+        .map_err(|_| (group_place, "must be an object".to_string()))?;
     for (name, decl) in group {
         let address = if prefix.is_empty() {
             name.clone()
@@ -503,17 +511,14 @@ fn collect_resources(
                 "a resource name must be non-empty and contain no `.` or `#`".into(),
             ));
         }
-        let Value::Object(mut decl) = decl else {
+        let Ok(decl) = serde_json::from_str::<BTreeMap<String, &RawValue>>(decl.get()) else {
             return Err((
                 place,
                 "must be an object: a resource, or a group with `resources`".into(),
             ));
         };
         if decl.contains_key("resources") && !decl.contains_key("provider") {
-            let Some(Value::Object(inner)) = decl.remove("resources") else {
-                return Err((format!("{place}.resources"), "must be an object".into()));
-            };
-            collect_resources(inner, &address, params, out)?;
+            collect_resources(decl["resources"], &address, params, out)?;
             continue;
         }
         for key in decl.keys() {
@@ -524,46 +529,33 @@ fn collect_resources(
                 ));
             }
         }
-        let provider = decl
-            .get("provider")
-            .and_then(Value::as_str)
-            .ok_or((
-                format!("{place}.provider"),
-                "missing: name the provider that manages it".to_string(),
-            ))?
-            .to_string();
-        let resource_type = decl
-            .get("type")
-            .and_then(Value::as_str)
-            .ok_or((
-                format!("{place}.type"),
-                "missing: name the resource type".to_string(),
-            ))?
-            .to_string();
-        let outputs = match decl.remove("outputs") {
-            None => None,
-            Some(Value::Array(names)) => Some(
-                names
-                    .into_iter()
-                    .map(|n| match n {
-                        Value::String(n) => Ok(n),
-                        _ => Err((
-                            format!("{place}.outputs"),
-                            "must be a list of output names".to_string(),
-                        )),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            Some(_) => {
-                return Err((
-                    format!("{place}.outputs"),
-                    "must be a list of output names".into(),
-                ))
-            }
+        let text = |key: &str| {
+            decl.get(key)
+                .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
         };
-        let inputs = match decl.remove("inputs") {
+        let provider = text("provider").ok_or((
+            format!("{place}.provider"),
+            "missing: name the provider that manages it".to_string(),
+        ))?;
+        let resource_type = text("type").ok_or((
+            format!("{place}.type"),
+            "missing: name the resource type".to_string(),
+        ))?;
+        let outputs = match decl.get("outputs") {
+            None => None,
+            Some(raw) => Some(serde_json::from_str::<Vec<String>>(raw.get()).map_err(|_| {
+                (
+                    format!("{place}.outputs"),
+                    "must be a list of output names".to_string(),
+                )
+            })?),
+        };
+        let inputs = match decl
+            .get("inputs")
+            .map(|raw| serde_json::from_str::<Value>(raw.get()))
+        {
             None => Map::new(),
-            Some(Value::Object(inputs)) => inputs,
+            Some(Ok(Value::Object(inputs))) => inputs,
             Some(_) => return Err((format!("{place}.inputs"), "must be an object".into())),
         };
         let mut refs = Vec::new();
