@@ -232,54 +232,58 @@ impl Deployment {
 
     /// A dependency cycle, as a path that starts and ends at the same address.
     pub fn find_cycle(&self) -> Option<Vec<String>> {
-        #[derive(Clone, Copy, PartialEq)]
-        enum Mark {
-            Visiting,
-            Done,
-        }
-        let mut marks: BTreeMap<&str, Mark> = BTreeMap::new();
-        for start in self.resources.keys() {
-            if marks.contains_key(start.as_str()) {
+        // Work on indices: one lookup per edge up front, then plain vectors.
+        let addresses: Vec<&str> = self.resources.keys().map(String::as_str).collect();
+        let index: crate::plan::FastMap<&str, usize> =
+            addresses.iter().enumerate().map(|(i, a)| (*a, i)).collect();
+        let edges: Vec<Vec<usize>> = self
+            .resources
+            .values()
+            .map(|r| {
+                r.refs
+                    .iter()
+                    .map(|x| x.address.as_str())
+                    .chain(r.capabilities.iter().map(|c| c.address.as_str()))
+                    .filter_map(|a| index.get(a).copied())
+                    .collect()
+            })
+            .collect();
+        const NEW: u8 = 0;
+        const VISITING: u8 = 1;
+        const DONE: u8 = 2;
+        let mut marks = vec![NEW; addresses.len()];
+        for start in 0..addresses.len() {
+            if marks[start] != NEW {
                 continue;
             }
             // Iterative DFS keeping the path, so deep graphs cannot overflow the stack.
-            let mut path: Vec<(&str, Vec<String>)> = vec![(
-                start,
-                self.resources[start].dependencies().into_iter().collect(),
-            )];
-            marks.insert(start, Mark::Visiting);
-            while let Some((node, pending)) = path.last_mut() {
-                let node: &str = node;
-                match pending.pop() {
-                    Some(next) => {
-                        let next: &str = self
-                            .resources
-                            .get_key_value(&next)
-                            .map(|(k, _)| k.as_str())
-                            .unwrap_or("");
-                        match marks.get(next) {
-                            Some(Mark::Visiting) => {
+            let mut path: Vec<(usize, usize)> = vec![(start, 0)];
+            marks[start] = VISITING;
+            while let Some((node, next_edge)) = path.last_mut() {
+                let node = *node;
+                match edges[node].get(*next_edge) {
+                    Some(&next) => {
+                        *next_edge += 1;
+                        match marks[next] {
+                            VISITING => {
                                 let mut cycle: Vec<String> = path
                                     .iter()
-                                    .map(|(n, _)| n.to_string())
-                                    .skip_while(|n| n != next)
+                                    .map(|(n, _)| *n)
+                                    .skip_while(|n| *n != next)
+                                    .map(|n| addresses[n].to_string())
                                     .collect();
-                                cycle.push(next.to_string());
+                                cycle.push(addresses[next].to_string());
                                 return Some(cycle);
                             }
-                            Some(Mark::Done) => {}
-                            None if next.is_empty() => {}
-                            None => {
-                                marks.insert(next, Mark::Visiting);
-                                path.push((
-                                    next,
-                                    self.resources[next].dependencies().into_iter().collect(),
-                                ));
+                            NEW => {
+                                marks[next] = VISITING;
+                                path.push((next, 0));
                             }
+                            _ => {}
                         }
                     }
                     None => {
-                        marks.insert(node, Mark::Done);
+                        marks[node] = DONE;
                         path.pop();
                     }
                 }

@@ -72,11 +72,39 @@ pub fn annotate(
     }
 }
 
+/// FNV-1a: planning hashes a few short addresses per resource, where SipHash's DoS resistance
+/// buys nothing (the keys come from the user's own deployment) and costs a third of the time.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for byte in bytes {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = hash;
+    }
+}
+
+pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+
 /// Resources in dependency order (dependencies first).
 pub fn topological_order(deployment: &Deployment) -> Vec<&str> {
     let count = deployment.resources.len();
-    let mut remaining: HashMap<&str, usize> = HashMap::with_capacity(count);
-    let mut dependents: HashMap<&str, Vec<&str>> = HashMap::with_capacity(count);
+    let mut remaining: FastMap<&str, usize> =
+        FastMap::with_capacity_and_hasher(count, Default::default());
+    let mut dependents: FastMap<&str, Vec<&str>> =
+        FastMap::with_capacity_and_hasher(count, Default::default());
     for (address, r) in &deployment.resources {
         let mut deps: Vec<&str> = r
             .refs
@@ -180,11 +208,34 @@ fn resolves_to_map<'s>(
 
 /// Plans an apply of `deployment` over `state`.
 pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>, ModelError> {
-    let mut actions: HashMap<&str, Action> = HashMap::with_capacity(deployment.resources.len());
+    let mut actions: FastMap<&str, Action> =
+        FastMap::with_capacity_and_hasher(deployment.resources.len(), Default::default());
     let mut changes = Vec::with_capacity(deployment.resources.len() + state.resources.len());
+    // Each resource with its recorded state, joined once (both maps are sorted by address), so
+    // the walk below does hash lookups rather than ordered-map string comparisons.
+    let mut entries: FastMap<
+        &str,
+        (
+            &crate::model::ResourceDecl,
+            Option<&crate::state::ResourceState>,
+        ),
+    > = FastMap::with_capacity_and_hasher(deployment.resources.len(), Default::default());
+    let mut recorded_iter = state.resources.iter().peekable();
+    for (address, decl) in &deployment.resources {
+        while recorded_iter
+            .peek()
+            .is_some_and(|(a, _)| a.as_str() < address.as_str())
+        {
+            recorded_iter.next();
+        }
+        let recorded = recorded_iter
+            .peek()
+            .filter(|(a, _)| *a == address)
+            .map(|(_, r)| *r);
+        entries.insert(address, (decl, recorded));
+    }
     for address in topological_order(deployment) {
-        let r = &deployment.resources[address];
-        let recorded = state.resources.get(address);
+        let (r, recorded) = entries[address];
         if let Some(old) = recorded {
             if old.provider != r.provider || old.resource_type != r.resource_type {
                 return Err(ModelError {
@@ -200,7 +251,7 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
         }
         let known = |target: &str, output: &str| -> Option<&Value> {
             if actions.get(target) == Some(&Action::Noop) {
-                state.resources.get(target)?.outputs.get(output)
+                entries.get(target)?.1?.outputs.get(output)
             } else {
                 None
             }
@@ -244,7 +295,7 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
         });
     }
     for (address, old) in &state.resources {
-        if !deployment.resources.contains_key(address) {
+        if !entries.contains_key(address.as_str()) {
             changes.push(delete_change(address, old, state));
         }
     }
