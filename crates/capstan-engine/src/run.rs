@@ -263,6 +263,8 @@ struct Shared {
     jobs: Arc<Semaphore>,
     /// Operations holding a job slot: dispatched and not yet returned from the provider.
     active: std::cell::Cell<usize>,
+    /// Operations whose `resource_start` was emitted (their intent is durable).
+    announced: RefCell<std::collections::HashSet<usize>>,
     /// Signalled when an operation gives its slot back (before its result is journaled, so
     /// the next operation's call overlaps that fsync).
     slot_freed: tokio::sync::Notify,
@@ -379,6 +381,7 @@ pub async fn run(
         events: events.clone(),
         jobs: Arc::new(Semaphore::new(options.jobs.max(1))),
         active: std::cell::Cell::new(0),
+        announced: RefCell::new(Default::default()),
         slot_freed: tokio::sync::Notify::new(),
     });
     let mut summary = Summary::default();
@@ -610,15 +613,26 @@ pub async fn run(
                 for (i, node) in nodes.iter().enumerate() {
                     if started[i] && !finished[i] {
                         finished[i] = true;
-                        summary.interrupted += 1;
-                        events.emit(Event::ResourceFailed {
-                            address: node.change.address.clone(),
-                            operation: node.change.action.as_str().into(),
-                            error: format!("{}: interrupted", node.change.address),
-                            kind: "cancelled".into(),
-                            details: String::new(),
-                            elapsed_seconds: 0.0,
-                        });
+                        if shared.announced.borrow().contains(&i) {
+                            summary.interrupted += 1;
+                            events.emit(Event::ResourceFailed {
+                                address: node.change.address.clone(),
+                                operation: node.change.action.as_str().into(),
+                                error: format!("{}: interrupted", node.change.address),
+                                kind: "cancelled".into(),
+                                details: String::new(),
+                                elapsed_seconds: 0.0,
+                            });
+                        } else {
+                            // Never reached its provider: it had not even been announced.
+                            summary.skipped += 1;
+                            events.emit(Event::ResourceSkipped {
+                                address: node.change.address.clone(),
+                                operation: node.change.action.as_str().into(),
+                                reason: "the run was interrupted before it was sent to its provider".into(),
+                                dependency: String::new(),
+                            });
+                        }
                     }
                 }
                 break;
@@ -823,6 +837,7 @@ async fn create_or_update(
         provider: provider.clone(),
         resource_type: resource_type.clone(),
     });
+    shared.announced.borrow_mut().insert(i);
     let call = OperationCall {
         kind,
         resource_type: resource_type.clone(),
@@ -948,6 +963,7 @@ async fn delete(
         provider: recorded.provider.clone(),
         resource_type: recorded.resource_type.clone(),
     });
+    shared.announced.borrow_mut().insert(i);
     let call = OperationCall {
         kind: OperationKind::Delete,
         resource_type: recorded.resource_type.clone(),
