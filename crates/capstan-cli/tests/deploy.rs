@@ -673,3 +673,36 @@ fn a_resource_that_stops_using_a_removed_one_moves_off_it_before_the_delete() {
         "old is deleted only after user no longer refers to it"
     );
 }
+
+#[test]
+fn command_output_that_is_not_utf8_keeps_flowing() {
+    // One Latin-1 byte, then far more than a pipe holds: the reader must not stop at the byte.
+    let project = Project::new(json!({
+        "providers": {"local": {"builtin": "local"}},
+        "resources": {"cmd": {"provider": "local", "type": "exec", "inputs": {
+            "command": "sh", "args": ["-c", "printf 'caf\\351\\n'; seq 1 30000"]
+        }}}
+    }));
+    let (code, events) = project.json(&["apply", "--timeout", "60"]);
+    assert_eq!(code, Some(0), "{:?}", of_type(&events, "resource_failed"));
+    let done = of_type(&events, "resource_complete");
+    let stdout = done[0]["outputs"]["stdout"].as_str().unwrap();
+    assert!(stdout.starts_with("caf\u{fffd}\n1\n"), "{}", &stdout[..20]);
+    assert!(stdout.ends_with("\n30000\n"));
+}
+
+#[test]
+fn a_relative_executable_is_found_beside_the_deployment_file() {
+    let project = Project::new(json!({}));
+    let sub = project.path("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::os::unix::fs::symlink(testing_provider(), sub.join("prov")).unwrap();
+    std::fs::write(
+        sub.join("capstan.json"),
+        json!({"providers": {"t": {"executable": "./prov"}}, "resources": {"a": {"provider": "t", "type": "noop", "inputs": {"value": 1}}}}).to_string(),
+    )
+    .unwrap();
+    // Run from the parent directory: the path is relative to the deployment file, once.
+    let out = project.capstan(&["apply", "-f", "sub/capstan.json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}

@@ -234,6 +234,17 @@ fn a_failed_activation_rolls_the_profile_back() {
         first,
         "the profile points where it did before"
     );
+    assert!(
+        !dir.path().join("p/sys-2-link").exists(),
+        "the failed generation was removed"
+    );
+    // A second failure must again return to the first generation, not to a failed one.
+    let (out, _) = run(dir.path(), &["apply"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        std::fs::canonicalize(dir.path().join("p/sys")).unwrap(),
+        first
+    );
 }
 
 #[test]

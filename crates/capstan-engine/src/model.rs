@@ -98,12 +98,16 @@ pub struct Deployment {
 
 impl Deployment {
     /// The directory relative paths are resolved against.
+    /// The directory relative paths are resolved against, absolute (so that a path joined
+    /// to it is not resolved against a working directory a second time).
     pub fn dir(&self) -> PathBuf {
-        self.file
+        let dir = self
+            .file
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."))
+            .unwrap_or_else(|| PathBuf::from("."));
+        std::path::absolute(&dir).unwrap_or(dir)
     }
 
     /// Reads and checks a deployment file. `params` fills `{"$param": NAME}`.

@@ -244,6 +244,25 @@ impl Provider {
     }
 }
 
+/// Reads one line from a child process's output, without its line ending; bytes that are not
+/// UTF-8 are replaced rather than ending the stream (a command that prints one Latin-1 byte
+/// must not stop being read, or it blocks on a full pipe). `Ok(None)` at end of file.
+pub async fn read_line_lossy<R>(
+    reader: &mut R,
+    buffer: &mut Vec<u8>,
+) -> std::io::Result<Option<String>>
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    use tokio::io::AsyncBufReadExt;
+    buffer.clear();
+    if reader.read_until(b'\n', buffer).await? == 0 {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(buffer);
+    Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+}
+
 /// The layer that carries `tracing` spans and events inside operations to the core. Add it to
 /// your own subscriber if you install one before calling [`Provider::serve`].
 pub fn progress_layer<S>() -> impl Layer<S>

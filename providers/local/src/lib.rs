@@ -21,7 +21,7 @@ use capstan_provider::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 
 /// The provider, ready to serve.
 pub fn provider() -> Provider {
@@ -97,8 +97,16 @@ impl Resource for File {
                 OperationError::permanent(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        // Write beside, then rename: a reader never sees half a file.
-        let temp = path.with_extension("capstan-tmp");
+        // Write beside, then rename: a reader never sees half a file. The temporary name is
+        // unique, so two resources writing `x.json` and `x.yaml` at once cannot collide.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut temp_name = path
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        temp_name.push(format!(".capstan-tmp-{}-{unique}", std::process::id()));
+        let temp = path.with_file_name(temp_name);
         tokio::fs::write(&temp, inputs.content.as_bytes())
             .await
             .map_err(|e| {
@@ -219,15 +227,17 @@ impl Resource for Exec {
                 let _ = stdin.write_all(text.as_bytes()).await;
             });
         }
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
-        let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut stdout_buffer = Vec::new();
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
+        let mut stderr_buffer = Vec::new();
         let mut captured = String::new();
         let mut tail: std::collections::VecDeque<String> = Default::default();
         let (mut out_open, mut err_open) = (true, true);
         while out_open || err_open {
             let (stream, line) = tokio::select! {
-                line = stdout.next_line(), if out_open => (LogStream::Stdout, line),
-                line = stderr.next_line(), if err_open => (LogStream::Stderr, line),
+                line = capstan_provider::read_line_lossy(&mut stdout, &mut stdout_buffer), if out_open => (LogStream::Stdout, line),
+                line = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if err_open => (LogStream::Stderr, line),
                 () = op.cancelled() => {
                     return Err(OperationError::cancelled(format!("`{}` was cancelled", inputs.command)));
                 }

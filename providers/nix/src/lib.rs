@@ -20,7 +20,7 @@ use capstan_provider::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::BufReader;
 
 /// The provider, ready to serve.
 pub fn provider() -> Provider {
@@ -264,19 +264,21 @@ impl Resource for Build {
             .kill_on_drop(true);
         let mut child = command.spawn().map_err(|e| missing_nix("nix-build", e))?;
         op.phase("evaluating").await;
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
-        let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut stdout_buffer = Vec::new();
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
+        let mut stderr_buffer = Vec::new();
         let mut log = NixLog::new(op);
         let mut out_paths = Vec::new();
         let (mut out_open, mut err_open) = (true, true);
         while out_open || err_open {
             tokio::select! {
-                line = stdout.next_line(), if out_open => match line {
+                line = capstan_provider::read_line_lossy(&mut stdout, &mut stdout_buffer), if out_open => match line {
                     Ok(Some(line)) if !line.trim().is_empty() => out_paths.push(line.trim().to_string()),
                     Ok(Some(_)) => {}
                     _ => out_open = false,
                 },
-                line = stderr.next_line(), if err_open => match line {
+                line = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if err_open => match line {
                     Ok(Some(line)) => log.line(&line).await,
                     _ => err_open = false,
                 },
@@ -373,6 +375,24 @@ fn current_generation(profile: &str) -> Option<String> {
     })
 }
 
+/// The newest generation of `profile` older than `number`, from the `PROFILE-N-link` files.
+fn older_generation(profile: &str, number: u64) -> Option<u64> {
+    let path = std::path::Path::new(profile);
+    let prefix = format!("{}-", path.file_name()?.to_str()?);
+    std::fs::read_dir(path.parent()?)
+        .ok()?
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            let n: u64 = name
+                .strip_prefix(&prefix)?
+                .strip_suffix("-link")?
+                .parse()
+                .ok()?;
+            (n < number).then_some(n)
+        })
+        .max()
+}
+
 fn generation_number(link: &str) -> Option<u64> {
     let name = std::path::Path::new(link).file_name()?.to_str()?;
     let trimmed = name.strip_suffix("-link")?;
@@ -395,9 +415,11 @@ impl Activate {
             let _ = std::fs::create_dir_all(parent);
         }
         let previous = current_generation(&profile);
+        let previous_number = previous.as_deref().and_then(generation_number);
         op.phase("setting profile").await;
         nix_env(op, &["--profile", &profile, "--set", &inputs.path]).await?;
         let generation = current_generation(&profile).unwrap_or_default();
+        let new_number = generation_number(&generation);
         let program = format!(
             "{}/{}",
             inputs.path.trim_end_matches('/'),
@@ -407,17 +429,30 @@ impl Activate {
         let result = run_streaming(op, &program).await;
         if let Err(error) = result {
             op.phase("rolling back").await;
-            let rollback = match &previous {
-                Some(_) => nix_env(op, &["--profile", &profile, "--rollback"]).await,
+            // Back to exactly the generation that was active before (not merely the one below
+            // the new one), and forget the failed generation if this activation made it.
+            let rollback = match previous_number {
+                Some(number) if Some(number) == new_number => Ok(()),
+                Some(number) => {
+                    let number = number.to_string();
+                    nix_env(op, &["--profile", &profile, "--switch-generation", &number]).await
+                }
                 None => std::fs::remove_file(&profile)
                     .map_err(|e| OperationError::permanent(e.to_string())),
             };
+            if let (Ok(()), Some(made)) = (&rollback, new_number) {
+                if Some(made) != previous_number {
+                    let made = made.to_string();
+                    let _ =
+                        nix_env(op, &["--profile", &profile, "--delete-generations", &made]).await;
+                }
+            }
             let note = match rollback {
                 Ok(()) => "the profile was rolled back".to_string(),
                 Err(e) => format!("rolling the profile back failed too: {e}"),
             };
             return Err(
-                OperationError::permanent(format!("{} ({note})", error.message))
+                OperationError::new(error.kind, format!("{} ({note})", error.message))
                     .with_details(error.details),
             );
         }
@@ -439,14 +474,16 @@ async fn run_streaming(op: &Operation, program: &str) -> Result<(), OperationErr
         .map_err(|e| {
             OperationError::permanent(format!("cannot run the activation program {program}: {e}"))
         })?;
-    let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+    let mut stdout_buffer = Vec::new();
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
+    let mut stderr_buffer = Vec::new();
     let mut tail: VecDeque<String> = VecDeque::new();
     let (mut out_open, mut err_open) = (true, true);
     while out_open || err_open {
         let (stream, line) = tokio::select! {
-            line = stdout.next_line(), if out_open => (LogStream::Stdout, line),
-            line = stderr.next_line(), if err_open => (LogStream::Stderr, line),
+            line = capstan_provider::read_line_lossy(&mut stdout, &mut stdout_buffer), if out_open => (LogStream::Stdout, line),
+            line = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if err_open => (LogStream::Stderr, line),
             () = op.cancelled() => return Err(OperationError::cancelled("activation was cancelled")),
         };
         match line {
@@ -511,12 +548,18 @@ impl Resource for Activate {
             return Ok(());
         };
         if current_generation(profile).as_deref() == Some(prior.outputs.generation.as_str()) {
-            // The generation is in use: step back first (nix-env refuses to delete the current one).
-            if nix_env(op, &["--profile", profile, "--rollback"])
-                .await
-                .is_err()
-            {
-                let _ = std::fs::remove_file(profile);
+            // The generation is in use: nix-env refuses to delete the current one. Step back to
+            // the newest older generation, or, when there is none, remove the profile link.
+            match older_generation(profile, number) {
+                Some(n) => {
+                    let n = n.to_string();
+                    nix_env(op, &["--profile", profile, "--switch-generation", &n]).await?;
+                }
+                None => std::fs::remove_file(profile).map_err(|e| {
+                    OperationError::permanent(format!(
+                        "cannot remove the profile link {profile}: {e}"
+                    ))
+                })?,
             }
         }
         nix_env(

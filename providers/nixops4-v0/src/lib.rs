@@ -20,7 +20,7 @@ use capstan_provider::{
     LogStream, Operation, OperationError, Prior, Provider, Resource, ResourceType,
 };
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// One resource type served through the bridge, with the output names the deployment declared.
 #[derive(Clone, Debug)]
@@ -107,7 +107,8 @@ impl V0Type {
         let _ = stdin.write_all(line.as_bytes()).await;
         drop(stdin);
         let mut stdout = child.stdout.take().expect("piped");
-        let mut stderr = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
+        let mut stderr_buffer = Vec::new();
         let mut tail: VecDeque<String> = VecDeque::new();
         let mut response = Vec::new();
         let read_stdout = stdout.read_to_end(&mut response);
@@ -120,7 +121,7 @@ impl V0Type {
                     stdout_done = true;
                     read.map_err(|e| OperationError::permanent(format!("reading from `{program}`: {e}")))?;
                 }
-                next = stderr.next_line(), if !stderr_done => match next {
+                next = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if !stderr_done => match next {
                     Ok(Some(text)) => {
                         if tail.len() == TAIL_LINES {
                             tail.pop_front();
