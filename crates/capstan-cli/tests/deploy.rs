@@ -706,3 +706,39 @@ fn a_relative_executable_is_found_beside_the_deployment_file() {
     let out = project.capstan(&["apply", "-f", "sub/capstan.json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+#[test]
+fn cancelling_a_command_also_stops_what_it_started() {
+    let project = Project::new(json!({}));
+    let pidfile = project.path("grandchild.pid");
+    project.write(json!({
+        "providers": {"local": {"builtin": "local"}},
+        "resources": {"cmd": {"provider": "local", "type": "exec", "inputs": {
+            "command": "sh", "args": ["-c", format!("sleep 300 & echo $! > {}; wait", pidfile.display())]
+        }}}
+    }));
+    let (code, events) = project.json(&["apply", "--timeout", "1"]);
+    assert_eq!(code, Some(1), "{events:?}");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+    };
+    while alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        !alive(pid),
+        "the command's background `sleep` (pid {pid}) outlived the cancelled operation"
+    );
+}

@@ -244,6 +244,40 @@ impl Provider {
     }
 }
 
+/// Kills a command's whole process group when dropped before [`disarm`](Self::disarm). Start
+/// the command with `.process_group(0)` and hold one of these while it runs: if the operation is
+/// cancelled (its future dropped), what the command started goes too, not only the command.
+pub struct ProcessGroupGuard {
+    pgid: i32,
+    armed: bool,
+}
+
+impl ProcessGroupGuard {
+    /// Guards the group led by `pid` (as returned by `Child::id`); `None` guards nothing.
+    pub fn new(pid: Option<u32>) -> Self {
+        ProcessGroupGuard {
+            pgid: pid.map(|p| p as i32).unwrap_or(0),
+            armed: pid.is_some(),
+        }
+    }
+
+    /// The command ended normally: leave its group alone.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ProcessGroupGuard {
+    fn drop(&mut self) {
+        if self.armed && self.pgid > 0 {
+            // SAFETY: signals the group this guard's command leads.
+            unsafe {
+                libc::kill(-self.pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 /// Reads one line from a child process's output, without its line ending; bytes that are not
 /// UTF-8 are replaced rather than ending the stream (a command that prints one Latin-1 byte
 /// must not stop being read, or it blocks on a full pipe). `Ok(None)` at end of file.

@@ -214,6 +214,7 @@ impl Resource for Exec {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true);
         if let Some(dir) = &inputs.cwd {
             command.current_dir(dir);
@@ -221,6 +222,7 @@ impl Resource for Exec {
         let mut child = command.spawn().map_err(|e| {
             OperationError::invalid_input(format!("cannot run `{}`: {e}", inputs.command))
         })?;
+        let group = capstan_provider::ProcessGroupGuard::new(child.id());
         op.phase(format!("running {}", inputs.command)).await;
         if let (Some(text), Some(mut stdin)) = (inputs.stdin, child.stdin.take()) {
             tokio::task::spawn_local(async move {
@@ -263,6 +265,7 @@ impl Resource for Exec {
         let status = child.wait().await.map_err(|e| {
             OperationError::permanent(format!("waiting for `{}`: {e}", inputs.command))
         })?;
+        group.disarm();
         let code = status.code().unwrap_or(-1);
         if !status.success() {
             return Err(OperationError::permanent(format!(

@@ -261,8 +261,10 @@ impl Resource for Build {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true);
         let mut child = command.spawn().map_err(|e| missing_nix("nix-build", e))?;
+        let group = capstan_provider::ProcessGroupGuard::new(child.id());
         op.phase("evaluating").await;
         let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
         let mut stdout_buffer = Vec::new();
@@ -289,6 +291,7 @@ impl Resource for Build {
             .wait()
             .await
             .map_err(|e| OperationError::permanent(format!("waiting for nix-build: {e}")))?;
+        group.disarm();
         if !status.success() || out_paths.is_empty() {
             let message = log
                 .errors
@@ -469,11 +472,13 @@ async fn run_streaming(op: &Operation, program: &str) -> Result<(), OperationErr
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| {
             OperationError::permanent(format!("cannot run the activation program {program}: {e}"))
         })?;
+    let group = capstan_provider::ProcessGroupGuard::new(child.id());
     let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
     let mut stdout_buffer = Vec::new();
     let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
@@ -504,6 +509,7 @@ async fn run_streaming(op: &Operation, program: &str) -> Result<(), OperationErr
         .wait()
         .await
         .map_err(|e| OperationError::permanent(format!("waiting for {program}: {e}")))?;
+    group.disarm();
     if status.success() {
         Ok(())
     } else {

@@ -95,11 +95,13 @@ impl V0Type {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
                 OperationError::permanent(format!("cannot start the v0 provider `{program}`: {e}"))
             })?;
+        let group = capstan_provider::ProcessGroupGuard::new(child.id());
         let mut stdin = child.stdin.take().expect("piped");
         let mut line = request.to_string();
         line.push('\n');
@@ -140,6 +142,7 @@ impl V0Type {
             .wait()
             .await
             .map_err(|e| OperationError::permanent(format!("waiting for `{program}`: {e}")))?;
+        group.disarm();
         let details = tail.into_iter().collect::<Vec<_>>().join("\n");
         let text = String::from_utf8_lossy(&response);
         let Some(first) = text.lines().find(|l| !l.trim().is_empty()) else {
