@@ -221,3 +221,21 @@ fn v0_has_no_delete_and_plan_and_destroy_say_so() {
     assert_eq!(forget.status.code(), Some(0));
     assert_eq!(text(&project.capstan(&["state", "list"]).stdout), "");
 }
+
+#[test]
+fn a_v0_program_that_leaves_a_process_behind_does_not_hang_the_operation() {
+    let project = Project::new(json!({
+        "l": {"provider": "v0", "type": "lingering", "inputs": {}, "outputs": ["value"]}
+    }));
+    let out = project.capstan(&["apply", "--json", "--timeout", "15"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let events = support::events(&out.stdout);
+    let done = events
+        .iter()
+        .find(|e| e["type"] == "resource_complete")
+        .expect("completed");
+    assert!(
+        done["elapsed_seconds"].as_f64().unwrap() < 10.0,
+        "it did not wait for the background process: {done}"
+    );
+}

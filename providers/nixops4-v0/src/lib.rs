@@ -20,7 +20,7 @@ use capstan_provider::{
     LogStream, Operation, OperationError, Prior, Provider, Resource, ResourceType,
 };
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 
 /// One resource type served through the bridge, with the output names the deployment declared.
 #[derive(Clone, Debug)]
@@ -105,47 +105,63 @@ impl V0Type {
         let mut stdin = child.stdin.take().expect("piped");
         let mut line = request.to_string();
         line.push('\n');
-        // Write and close stdin, as NixOps4 does; a provider that exits early is reported below.
-        let _ = stdin.write_all(line.as_bytes()).await;
-        drop(stdin);
-        let mut stdout = child.stdout.take().expect("piped");
+        // Write (then close) stdin beside the reading, as NixOps4 does: a program that logs a
+        // lot before reading its request must not deadlock against a large request.
+        let writer = tokio::task::spawn_local(async move {
+            let _ = stdin.write_all(line.as_bytes()).await;
+        });
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut stdout_buffer = Vec::new();
         let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
         let mut stderr_buffer = Vec::new();
         let mut tail: VecDeque<String> = VecDeque::new();
-        let mut response = Vec::new();
-        let read_stdout = stdout.read_to_end(&mut response);
-        tokio::pin!(read_stdout);
+        let mut response: Option<String> = None;
         let mut stdout_done = false;
         let mut stderr_done = false;
-        while !(stdout_done && stderr_done) {
+        // Read the one response line and the log until the program exits. Like NixOps4, wait
+        // for the exit rather than for end-of-file: a background process the program left
+        // behind may hold its pipes open.
+        let status = loop {
             tokio::select! {
-                read = &mut read_stdout, if !stdout_done => {
-                    stdout_done = true;
-                    read.map_err(|e| OperationError::permanent(format!("reading from `{program}`: {e}")))?;
-                }
+                line = capstan_provider::read_line_lossy(&mut stdout, &mut stdout_buffer), if !stdout_done && response.is_none() => match line {
+                    Ok(Some(text)) if !text.trim().is_empty() => response = Some(text),
+                    Ok(Some(_)) => {}
+                    _ => stdout_done = true,
+                },
                 next = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if !stderr_done => match next {
-                    Ok(Some(text)) => {
-                        if tail.len() == TAIL_LINES {
-                            tail.pop_front();
-                        }
-                        tail.push_back(text.clone());
-                        op.log(LogStream::Stderr, text).await;
-                    }
+                    Ok(Some(text)) => log_line(op, &mut tail, text).await,
                     _ => stderr_done = true,
                 },
+                status = child.wait() => {
+                    break status.map_err(|e| OperationError::permanent(format!("waiting for `{program}`: {e}")))?;
+                }
                 () = op.cancelled() => {
+                    writer.abort();
                     return Err(OperationError::cancelled(format!("`{program}` was cancelled")));
                 }
             }
-        }
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| OperationError::permanent(format!("waiting for `{program}`: {e}")))?;
+        };
         group.disarm();
+        writer.abort();
+        // What the program wrote just before exiting is still in the pipes: take it, briefly.
+        let drain = async {
+            while !(stderr_done && (stdout_done || response.is_some())) {
+                tokio::select! {
+                    line = capstan_provider::read_line_lossy(&mut stdout, &mut stdout_buffer), if !stdout_done && response.is_none() => match line {
+                        Ok(Some(text)) if !text.trim().is_empty() => response = Some(text),
+                        Ok(Some(_)) => {}
+                        _ => stdout_done = true,
+                    },
+                    next = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if !stderr_done => match next {
+                        Ok(Some(text)) => log_line(op, &mut tail, text).await,
+                        _ => stderr_done = true,
+                    },
+                }
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), drain).await;
         let details = tail.into_iter().collect::<Vec<_>>().join("\n");
-        let text = String::from_utf8_lossy(&response);
-        let Some(first) = text.lines().find(|l| !l.trim().is_empty()) else {
+        let Some(first) = response.as_deref() else {
             let how = match status.code() {
                 Some(code) => format!("exited with status {code}"),
                 None => "was killed by a signal".to_string(),
@@ -178,6 +194,15 @@ impl V0Type {
             .with_details(details)),
         }
     }
+}
+
+/// One stderr line of the v0 program: the operation's log, and kept for error messages.
+async fn log_line(op: &Operation, tail: &mut VecDeque<String>, text: String) {
+    if tail.len() == TAIL_LINES {
+        tail.pop_front();
+    }
+    tail.push_back(text.clone());
+    op.log(LogStream::Stderr, text).await;
 }
 
 impl Resource for V0Type {
