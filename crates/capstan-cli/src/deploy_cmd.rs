@@ -351,6 +351,16 @@ fn state_dir_of(session: &Session) -> PathBuf {
     session.backend.dir().to_path_buf()
 }
 
+/// Makes one record durable, or reports why not.
+async fn record(session: &Session, record: Record) -> Result<(), ExitCode> {
+    append_durably(&*session.backend, vec![record])
+        .await
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        })
+}
+
 pub async fn state_cmd(common: Common, command: StateCmd, mut stdout: Stdout) -> ExitCode {
     let session = match open(
         &Common {
@@ -389,16 +399,15 @@ pub async fn state_cmd(common: Common, command: StateCmd, mut stdout: Stdout) ->
                 eprintln!("error: `{address}` has no interrupted operation; `capstan state pending` lists them");
                 return ExitCode::from(EXIT_INVALID);
             }
-            if let Err(e) = append_durably(
-                &*session.backend,
-                vec![Record::Resolved {
+            if let Err(code) = record(
+                &session,
+                Record::Resolved {
                     address: address.clone(),
-                }],
+                },
             )
             .await
             {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_FAILED);
+                return code;
             }
             eprintln!("resolved the interrupted operation on `{address}`");
         }
@@ -407,16 +416,15 @@ pub async fn state_cmd(common: Common, command: StateCmd, mut stdout: Stdout) ->
                 eprintln!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
                 return ExitCode::from(EXIT_INVALID);
             }
-            if let Err(e) = append_durably(
-                &*session.backend,
-                vec![Record::Deleted {
+            if let Err(code) = record(
+                &session,
+                Record::Deleted {
                     address: address.clone(),
-                }],
+                },
             )
             .await
             {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_FAILED);
+                return code;
             }
             eprintln!("forgot `{address}`: it is no longer in the state (nothing was deleted)");
         }

@@ -47,6 +47,7 @@
 //! ```
 
 mod bridge;
+mod command;
 mod operation;
 mod progress;
 mod resource;
@@ -70,6 +71,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 pub use bridge::ProgressLayer;
+pub use command::{read_line_lossy, stream_command, CommandOutput, ProcessGroupGuard};
 pub use operation::Operation;
 pub use resource::{Prior, Resource, ResourceType};
 pub use serve::{Endpoint, ServeError, LISTEN_ENV};
@@ -242,59 +244,6 @@ impl Provider {
         let (client, max_words) = self.into_server(CancellationToken::new());
         serve::rpc_system(reader, writer, client, max_words).await
     }
-}
-
-/// Kills a command's whole process group when dropped before [`disarm`](Self::disarm). Start
-/// the command with `.process_group(0)` and hold one of these while it runs: if the operation is
-/// cancelled (its future dropped), what the command started goes too, not only the command.
-pub struct ProcessGroupGuard {
-    pgid: i32,
-    armed: bool,
-}
-
-impl ProcessGroupGuard {
-    /// Guards the group led by `pid` (as returned by `Child::id`); `None` guards nothing.
-    pub fn new(pid: Option<u32>) -> Self {
-        ProcessGroupGuard {
-            pgid: pid.map(|p| p as i32).unwrap_or(0),
-            armed: pid.is_some(),
-        }
-    }
-
-    /// The command ended normally: leave its group alone.
-    pub fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for ProcessGroupGuard {
-    fn drop(&mut self) {
-        if self.armed && self.pgid > 0 {
-            // SAFETY: signals the group this guard's command leads.
-            unsafe {
-                libc::kill(-self.pgid, libc::SIGKILL);
-            }
-        }
-    }
-}
-
-/// Reads one line from a child process's output, without its line ending; bytes that are not
-/// UTF-8 are replaced rather than ending the stream (a command that prints one Latin-1 byte
-/// must not stop being read, or it blocks on a full pipe). `Ok(None)` at end of file.
-pub async fn read_line_lossy<R>(
-    reader: &mut R,
-    buffer: &mut Vec<u8>,
-) -> std::io::Result<Option<String>>
-where
-    R: tokio::io::AsyncBufRead + Unpin,
-{
-    use tokio::io::AsyncBufReadExt;
-    buffer.clear();
-    if reader.read_until(b'\n', buffer).await? == 0 {
-        return Ok(None);
-    }
-    let text = String::from_utf8_lossy(buffer);
-    Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
 }
 
 /// The layer that carries `tracing` spans and events inside operations to the core. Add it to

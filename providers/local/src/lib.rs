@@ -16,12 +16,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use capstan_provider::{
-    LogStream, Operation, OperationError, Prior, Provider, Resource, ResourceType,
-};
+use capstan_provider::{Operation, OperationError, Prior, Provider, Resource, ResourceType};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 
 /// The provider, ready to serve.
 pub fn provider() -> Provider {
@@ -183,9 +181,6 @@ struct ExecOut {
     exit_code: i32,
 }
 
-/// How many lines of output an error message carries.
-const TAIL_LINES: usize = 20;
-
 impl Resource for Exec {
     type Inputs = ExecIn;
     type Outputs = ExecOut;
@@ -222,60 +217,24 @@ impl Resource for Exec {
         let mut child = command.spawn().map_err(|e| {
             OperationError::invalid_input(format!("cannot run `{}`: {e}", inputs.command))
         })?;
-        let group = capstan_provider::ProcessGroupGuard::new(child.id());
         op.phase(format!("running {}", inputs.command)).await;
         if let (Some(text), Some(mut stdin)) = (inputs.stdin, child.stdin.take()) {
             tokio::task::spawn_local(async move {
                 let _ = stdin.write_all(text.as_bytes()).await;
             });
         }
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut stdout_buffer = Vec::new();
-        let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
-        let mut stderr_buffer = Vec::new();
-        let mut captured = String::new();
-        let mut tail: std::collections::VecDeque<String> = Default::default();
-        let (mut out_open, mut err_open) = (true, true);
-        while out_open || err_open {
-            let (stream, line) = tokio::select! {
-                line = capstan_provider::read_line_lossy(&mut stdout, &mut stdout_buffer), if out_open => (LogStream::Stdout, line),
-                line = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if err_open => (LogStream::Stderr, line),
-                () = op.cancelled() => {
-                    return Err(OperationError::cancelled(format!("`{}` was cancelled", inputs.command)));
-                }
-            };
-            match line {
-                Ok(Some(line)) => {
-                    if stream == LogStream::Stdout {
-                        captured.push_str(&line);
-                        captured.push('\n');
-                    }
-                    if tail.len() == TAIL_LINES {
-                        tail.pop_front();
-                    }
-                    tail.push_back(line.clone());
-                    op.log(stream, line).await;
-                }
-                _ => match stream {
-                    LogStream::Stdout => out_open = false,
-                    _ => err_open = false,
-                },
-            }
-        }
-        let status = child.wait().await.map_err(|e| {
-            OperationError::permanent(format!("waiting for `{}`: {e}", inputs.command))
-        })?;
-        group.disarm();
-        let code = status.code().unwrap_or(-1);
-        if !status.success() {
+        let output =
+            capstan_provider::stream_command(op, child, &format!("`{}`", inputs.command)).await?;
+        let code = output.status.code().unwrap_or(-1);
+        if !output.status.success() {
             return Err(OperationError::permanent(format!(
                 "`{}` exited with status {code}",
                 inputs.command
             ))
-            .with_details(tail.into_iter().collect::<Vec<_>>().join("\n")));
+            .with_details(output.tail.join("\n")));
         }
         Ok(ExecOut {
-            stdout: captured,
+            stdout: output.stdout,
             exit_code: code,
         })
     }

@@ -468,7 +468,7 @@ impl Activate {
 }
 
 async fn run_streaming(op: &Operation, program: &str) -> Result<(), OperationError> {
-    let mut child = tokio::process::Command::new(program)
+    let child = tokio::process::Command::new(program)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -478,45 +478,15 @@ async fn run_streaming(op: &Operation, program: &str) -> Result<(), OperationErr
         .map_err(|e| {
             OperationError::permanent(format!("cannot run the activation program {program}: {e}"))
         })?;
-    let group = capstan_provider::ProcessGroupGuard::new(child.id());
-    let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-    let mut stdout_buffer = Vec::new();
-    let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
-    let mut stderr_buffer = Vec::new();
-    let mut tail: VecDeque<String> = VecDeque::new();
-    let (mut out_open, mut err_open) = (true, true);
-    while out_open || err_open {
-        let (stream, line) = tokio::select! {
-            line = capstan_provider::read_line_lossy(&mut stdout, &mut stdout_buffer), if out_open => (LogStream::Stdout, line),
-            line = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if err_open => (LogStream::Stderr, line),
-            () = op.cancelled() => return Err(OperationError::cancelled("activation was cancelled")),
-        };
-        match line {
-            Ok(Some(line)) => {
-                if tail.len() == TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line.clone());
-                op.log(stream, line).await;
-            }
-            _ => match stream {
-                LogStream::Stdout => out_open = false,
-                _ => err_open = false,
-            },
-        }
-    }
-    let status = child
-        .wait()
-        .await
-        .map_err(|e| OperationError::permanent(format!("waiting for {program}: {e}")))?;
-    group.disarm();
-    if status.success() {
+    let output = capstan_provider::stream_command(op, child, "activation").await?;
+    if output.status.success() {
         Ok(())
     } else {
         Err(OperationError::permanent(format!(
-            "the activation program {program} failed ({status})"
+            "the activation program {program} failed ({})",
+            output.status
         ))
-        .with_details(tail.into_iter().collect::<Vec<_>>().join("\n")))
+        .with_details(output.tail.join("\n")))
     }
 }
 

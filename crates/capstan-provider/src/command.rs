@@ -1,0 +1,126 @@
+//! Helpers for providers whose operations run commands: read their output as it comes, as
+//! the operation's log, and make sure a cancelled operation stops everything they started.
+
+use std::collections::VecDeque;
+use std::process::ExitStatus;
+
+use capstan_schema::{LogStream, OperationError};
+use tokio::io::BufReader;
+
+use crate::Operation;
+
+/// Kills a command's whole process group when dropped before [`disarm`](Self::disarm). Start
+/// the command with `.process_group(0)` and hold one of these while it runs: if the operation is
+/// cancelled (its future dropped), what the command started goes too, not only the command.
+pub struct ProcessGroupGuard {
+    pgid: i32,
+    armed: bool,
+}
+
+impl ProcessGroupGuard {
+    /// Guards the group led by `pid` (as returned by `Child::id`); `None` guards nothing.
+    pub fn new(pid: Option<u32>) -> Self {
+        ProcessGroupGuard {
+            pgid: pid.map(|p| p as i32).unwrap_or(0),
+            armed: pid.is_some(),
+        }
+    }
+
+    /// The command ended normally: leave its group alone.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ProcessGroupGuard {
+    fn drop(&mut self) {
+        if self.armed && self.pgid > 0 {
+            // SAFETY: signals the group this guard's command leads.
+            unsafe {
+                libc::kill(-self.pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Reads one line from a child process's output, without its line ending; bytes that are not
+/// UTF-8 are replaced rather than ending the stream (a command that prints one Latin-1 byte
+/// must not stop being read, or it blocks on a full pipe). `Ok(None)` at end of file.
+pub async fn read_line_lossy<R>(
+    reader: &mut R,
+    buffer: &mut Vec<u8>,
+) -> std::io::Result<Option<String>>
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    use tokio::io::AsyncBufReadExt;
+    buffer.clear();
+    if reader.read_until(b'\n', buffer).await? == 0 {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(buffer);
+    Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+}
+
+/// What a command printed, as [`stream_command`] saw it.
+pub struct CommandOutput {
+    pub status: ExitStatus,
+    /// Everything it wrote to stdout, line by line.
+    pub stdout: String,
+    /// Its last lines (stdout and stderr interleaved), for an error's details.
+    pub tail: Vec<String>,
+}
+
+/// How many lines [`CommandOutput::tail`] keeps.
+const TAIL_LINES: usize = 20;
+
+/// Runs a spawned command to its end: every line of its stdout and stderr goes to the
+/// operation's log as it arrives. The command must have been started with piped stdout and
+/// stderr and `.process_group(0)`; if the operation is cancelled meanwhile, its whole process
+/// group is killed and the error names it as `what`.
+pub async fn stream_command(
+    op: &Operation,
+    mut child: tokio::process::Child,
+    what: &str,
+) -> Result<CommandOutput, OperationError> {
+    let group = ProcessGroupGuard::new(child.id());
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let mut stdout_buffer = Vec::new();
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
+    let mut stderr_buffer = Vec::new();
+    let mut captured = String::new();
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let (mut out_open, mut err_open) = (true, true);
+    while out_open || err_open {
+        let (stream, line) = tokio::select! {
+            line = read_line_lossy(&mut stdout, &mut stdout_buffer), if out_open => (LogStream::Stdout, line),
+            line = read_line_lossy(&mut stderr, &mut stderr_buffer), if err_open => (LogStream::Stderr, line),
+            () = op.cancelled() => return Err(OperationError::cancelled(format!("{what} was cancelled"))),
+        };
+        match line {
+            Ok(Some(line)) => {
+                if stream == LogStream::Stdout {
+                    captured.push_str(&line);
+                    captured.push('\n');
+                }
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+                op.log(stream, line).await;
+            }
+            _ if stream == LogStream::Stdout => out_open = false,
+            _ => err_open = false,
+        }
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| OperationError::permanent(format!("waiting for {what}: {e}")))?;
+    group.disarm();
+    Ok(CommandOutput {
+        status,
+        stdout: captured,
+        tail: tail.into(),
+    })
+}
