@@ -274,7 +274,7 @@ fn create_update_read_delete_round_trip_json() {
 
         let mut update =
             OperationCall::new(OperationKind::Update, "echo", "a", json!({"value": 3}));
-        update.previous_inputs = Some(json!({"value": [1, 2]}));
+        update.previous_inputs = Some(json!({"value": [1, 2]}).into());
         update.previous_outputs = Some(created.outputs.clone());
         let updated = h.connection.call(update, rec.observer()).await.unwrap();
         assert_eq!(
@@ -283,7 +283,7 @@ fn create_update_read_delete_round_trip_json() {
         );
 
         let mut read = OperationCall::new(OperationKind::Read, "echo", "a", json!({"value": 3}));
-        read.previous_outputs = Some(json!({"value": 3}));
+        read.previous_outputs = Some(json!({"value": 3}).into());
         let read = h.connection.call(read, rec.observer()).await.unwrap();
         assert_eq!(
             read.outputs,
@@ -292,12 +292,12 @@ fn create_update_read_delete_round_trip_json() {
         );
 
         let mut delete = OperationCall::new(OperationKind::Delete, "echo", "a", json!({}));
-        delete.previous_outputs = Some(json!({"value": 3}));
+        delete.previous_outputs = Some(json!({"value": 3}).into());
         let deleted = h.connection.call(delete, rec.observer()).await.unwrap();
         assert_eq!(deleted.outputs, json!({}));
 
         let mut refused = OperationCall::new(OperationKind::Delete, "echo", "b", json!({}));
-        refused.previous_outputs = Some(json!({"undeletable": true}));
+        refused.previous_outputs = Some(json!({"undeletable": true}).into());
         match h.connection.call(refused, rec.observer()).await {
             Err(CallError::Failed { error, address }) => {
                 assert_eq!(address, "b");

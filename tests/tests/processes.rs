@@ -121,7 +121,7 @@ fn one_process_serves_many_concurrent_operations() {
                         Recorder::default().observer(),
                     )
                     .await
-                    .map(|s| s.outputs)
+                    .map(|s| s.outputs.value())
                 })
             })
             .collect();
@@ -195,7 +195,8 @@ fn a_capability_made_by_one_provider_process_is_used_by_another() {
             .call(call, Recorder::default().observer())
             .await
             .unwrap();
-        let seen = &used.outputs["handles"][0];
+        let used_outputs = used.outputs.value();
+        let seen = &used_outputs["handles"][0];
         assert_eq!(seen["name"], "from-maker");
         assert_eq!(seen["kind"], "testing-handle");
         assert_eq!(seen["address"], "res.handle");
@@ -394,7 +395,7 @@ fn a_provider_printing_to_stdout_cannot_corrupt_the_protocol() {
             )
             .await
             .unwrap();
-        assert_eq!(done.outputs["value"], 1);
+        assert_eq!(done.outputs.get("value"), Some(json!(1)));
         let log = rx.recv().await.expect("the printed line arrives as a log");
         assert_eq!(log.line, "hello from println");
         assert_eq!(
@@ -571,7 +572,10 @@ fn a_message_over_the_size_limit_closes_only_that_connection() {
             )
             .await
             .unwrap();
-        assert_eq!(fits.outputs["data"].as_str().unwrap().len(), 100_000);
+        assert_eq!(
+            fits.outputs.get("data").unwrap().as_str().unwrap().len(),
+            100_000
+        );
         let err = big
             .call(
                 create("big", json!({"bytes": 2_000_000})),

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use capstan_host::{
-    describe_handle, CallError, HostOptions, OperationCall, ProviderCommand, ProviderConnection,
-    ProviderLog, ProviderSource,
+    describe_handle, CallError, HostOptions, Json, OperationCall, ProviderCommand,
+    ProviderConnection, ProviderLog, ProviderSource,
 };
 use capstan_schema::{OperationKind, ProgressEvent, ProgressKind};
 use clap::{Args, Subcommand, ValueEnum};
@@ -204,8 +204,8 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
     }
 
     let mut call = OperationCall::new(kind, &args.resource_type, &args.address, inputs);
-    call.previous_inputs = previous_inputs;
-    call.previous_outputs = previous_outputs;
+    call.previous_inputs = previous_inputs.map(Json::from);
+    call.previous_outputs = previous_outputs.map(Json::from);
     call.timeout = args.timeout.map(Duration::from_secs_f64);
     let stdout = Rc::new(RefCell::new(stdout));
     let renderer = Rc::new(RefCell::new(Renderer::new(args.json, stdout.clone())));

@@ -49,7 +49,7 @@ pub enum Event {
         operation: String,
         elapsed_seconds: f64,
         /// The resource's outputs (null after a delete).
-        outputs: serde_json::Value,
+        outputs: capstan_schema::Json,
     },
     ResourceFailed {
         address: String,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use capstan_schema::ProviderInfo;
+use capstan_schema::{Json, ProviderInfo};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -50,8 +50,6 @@ pub const NIXOPS4_V0: &str = "nixops4-v0";
 pub struct OutputRef {
     pub address: String,
     pub output: String,
-    /// Where the reference sits, for messages.
-    pub place: String,
 }
 
 /// A capability another resource returned, handed to this one under `input`.
@@ -68,8 +66,9 @@ pub struct ResourceDecl {
     pub address: String,
     pub provider: String,
     pub resource_type: String,
-    /// The inputs with parameters substituted; `{"$ref": …}` objects stay until resolved.
-    pub inputs: Map<String, Value>,
+    /// The inputs (a JSON object, kept as text) with parameters substituted and capabilities
+    /// taken out; `{"$ref": …}` objects stay until resolved.
+    pub inputs: Json,
     pub refs: Vec<OutputRef>,
     pub capabilities: Vec<CapabilityRef>,
     /// Output names declared by the deployment (required for NixOps4 v0 resources, whose
@@ -85,6 +84,56 @@ impl ResourceDecl {
             .map(|r| r.address.clone())
             .chain(self.capabilities.iter().map(|c| c.address.clone()))
             .collect()
+    }
+
+    /// The inputs with every `{"$ref": "ADDRESS#OUTPUT"}` replaced by the output's value;
+    /// `None` when an output is not known (yet). Without references, the inputs as they are.
+    pub fn resolve(&self, outputs: &dyn Fn(&str, &str) -> Option<Value>) -> Option<Json> {
+        if self.refs.is_empty() {
+            return Some(self.inputs.clone());
+        }
+        resolve_inputs(&self.inputs.object(), outputs).map(|map| Json::from(Value::Object(map)))
+    }
+
+    /// Where `reference` sits in the inputs, for messages (`resources.ADDRESS.inputs.…`).
+    pub fn place_of(&self, reference: &OutputRef) -> String {
+        fn find(value: &Value, target: &str, place: &mut String) -> bool {
+            if marker(value, "$ref") == Some(target) {
+                return true;
+            }
+            let len = place.len();
+            match value {
+                Value::Object(map) => {
+                    for (k, v) in map {
+                        place.push('.');
+                        place.push_str(k);
+                        if find(v, target, place) {
+                            return true;
+                        }
+                        place.truncate(len);
+                    }
+                }
+                Value::Array(items) => {
+                    for (n, v) in items.iter().enumerate() {
+                        use std::fmt::Write;
+                        let _ = write!(place, "[{n}]");
+                        if find(v, target, place) {
+                            return true;
+                        }
+                        place.truncate(len);
+                    }
+                }
+                _ => {}
+            }
+            false
+        }
+        let target = format!("{}#{}", reference.address, reference.output);
+        let mut place = format!("resources.{}.inputs", self.address);
+        let len = place.len();
+        if !find(&self.inputs.value(), &target, &mut place) {
+            place.truncate(len);
+        }
+        place
     }
 }
 
@@ -208,7 +257,7 @@ impl Deployment {
             for reference in &r.refs {
                 if !self.resources.contains_key(&reference.address) {
                     return Err((
-                        reference.place.clone(),
+                        r.place_of(reference),
                         format!(
                             "refers to resource `{}`, which the deployment does not declare",
                             reference.address
@@ -325,7 +374,8 @@ impl Deployment {
                     ),
                 ));
             };
-            for key in r.inputs.keys().filter(|_| !rtype.open_inputs) {
+            let keys = r.inputs.keys();
+            for key in keys.iter().filter(|_| !rtype.open_inputs) {
                 if !rtype.inputs.iter().any(|i| &i.name == key) {
                     let known: Vec<&str> = rtype.inputs.iter().map(|i| i.name.as_str()).collect();
                     return Err(err(
@@ -339,7 +389,7 @@ impl Deployment {
                 }
             }
             for input in rtype.inputs.iter().filter(|i| i.required) {
-                if !r.inputs.contains_key(&input.name) {
+                if !keys.contains(&input.name) {
                     return Err(err(
                         format!("{place}.inputs"),
                         format!(
@@ -354,7 +404,7 @@ impl Deployment {
                 if let Some(declared) = &target.outputs {
                     if !declared.contains(&reference.output) {
                         return Err(err(
-                            reference.place.clone(),
+                            r.place_of(reference),
                             format!(
                                 "`{}` declares no output `{}`; its declared outputs: {}",
                                 reference.address,
@@ -382,7 +432,7 @@ impl Deployment {
                         .map(|o| o.name.as_str())
                         .collect();
                     return Err(err(
-                        reference.place.clone(),
+                        r.place_of(reference),
                         format!(
                             "`{}` (a `{}`) has no output `{}`; its outputs: {}",
                             reference.address,
@@ -558,10 +608,8 @@ fn collect_resources(
                 )
             })?),
         };
-        let inputs = match decl
-            .get("inputs")
-            .map(|raw| serde_json::from_str::<Value>(raw.get()))
-        {
+        let raw_inputs = decl.get("inputs").copied();
+        let inputs = match raw_inputs.map(|raw| serde_json::from_str::<Value>(raw.get())) {
             None => Map::new(),
             Some(Ok(Value::Object(inputs))) => inputs,
             Some(_) => return Err((format!("{place}.inputs"), "must be an object".into())),
@@ -570,6 +618,7 @@ fn collect_resources(
         let mut capabilities = Vec::new();
         let mut resolved = Map::new();
         let mut input_place = String::new();
+        let mut substituted = false;
         for (key, value) in inputs {
             input_place.clear();
             input_place.push_str(&place);
@@ -584,16 +633,21 @@ fn collect_resources(
                 });
                 continue;
             }
-            let value = substitute(value, &mut input_place, params, &mut refs)?;
+            let value = substitute(value, &mut input_place, params, &mut refs, &mut substituted)?;
             resolved.insert(key, value);
         }
+        // Kept as text: the file's own when nothing was substituted or taken out.
+        let inputs = match raw_inputs {
+            Some(raw) if !substituted && capabilities.is_empty() => Json::from_raw(raw),
+            _ => Json::from(Value::Object(resolved)),
+        };
         out.insert(
             address.clone(),
             ResourceDecl {
                 address,
                 provider,
                 resource_type,
-                inputs: resolved,
+                inputs,
                 refs,
                 capabilities,
                 outputs,
@@ -628,8 +682,10 @@ fn substitute(
     place: &mut String,
     params: &Map<String, Value>,
     refs: &mut Vec<OutputRef>,
+    substituted: &mut bool,
 ) -> Result<Value, (String, String)> {
     if let Some(name) = marker(&value, "$param") {
+        *substituted = true;
         return params.get(name).cloned().ok_or_else(|| {
             (
                 place.clone(),
@@ -639,11 +695,7 @@ fn substitute(
     }
     if let Some(target) = marker(&value, "$ref") {
         let (address, output) = split_ref(target, place)?;
-        refs.push(OutputRef {
-            address,
-            output,
-            place: place.clone(),
-        });
+        refs.push(OutputRef { address, output });
         return Ok(value);
     }
     // `place` is one buffer, extended and cut back as the walk goes down and up.
@@ -654,7 +706,7 @@ fn substitute(
             for (k, v) in map {
                 place.push('.');
                 place.push_str(&k);
-                let v = substitute(v, place, params, refs);
+                let v = substitute(v, place, params, refs, substituted);
                 place.truncate(len);
                 out.insert(k, v?);
             }
@@ -665,7 +717,7 @@ fn substitute(
             for (n, v) in items.into_iter().enumerate() {
                 use std::fmt::Write;
                 let _ = write!(place, "[{n}]");
-                let v = substitute(v, place, params, refs);
+                let v = substitute(v, place, params, refs, substituted);
                 place.truncate(len);
                 out.push(v?);
             }
@@ -733,12 +785,20 @@ mod tests {
             }
         }))
         .unwrap();
-        assert_eq!(d.resources["hello"].inputs["content"], json!("hi"));
+        assert_eq!(
+            d.resources["hello"].inputs.get("content"),
+            Some(json!("hi"))
+        );
         let db = &d.resources["web.db"];
         assert_eq!(db.refs[0].address, "hello");
         assert_eq!(db.refs[0].output, "content");
         assert_eq!(db.capabilities[0].input, "h");
-        assert!(!db.inputs.contains_key("h"));
+        assert_eq!(db.inputs.keys(), vec!["command", "stdin"]);
+        assert_eq!(
+            db.place_of(&db.refs[0]),
+            "resources.web.db.inputs.stdin",
+            "the place of a reference is found again for messages"
+        );
         assert_eq!(
             db.dependencies().into_iter().collect::<Vec<_>>(),
             vec!["hello".to_string()]

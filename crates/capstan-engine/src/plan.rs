@@ -3,10 +3,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use capstan_schema::Json;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::model::{resolve_inputs, Deployment, ModelError};
+use crate::model::{Deployment, ModelError};
 use crate::state::State;
 
 /// What happens to one resource.
@@ -141,69 +142,13 @@ pub fn topological_order(deployment: &Deployment) -> Vec<&str> {
     order
 }
 
-fn changed_keys(old: &Map<String, Value>, new: &Map<String, Value>) -> Vec<String> {
+fn changed_keys(old: &Json, new: &Json) -> Vec<String> {
+    let (old, new) = (old.object(), new.object());
     let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     keys.into_iter()
         .filter(|k| old.get(*k) != new.get(*k))
         .cloned()
         .collect()
-}
-
-/// Whether `template` (deployment inputs, with `$ref`s) resolves to `recorded`; `None` when a
-/// reference's value is not known yet. Compares in place: nothing is copied.
-fn resolves_to<'s>(
-    template: &Value,
-    recorded: &Value,
-    known: &dyn Fn(&str, &str) -> Option<&'s Value>,
-) -> Option<bool> {
-    if let Value::Object(map) = template {
-        if map.len() == 1 {
-            if let Some(Value::String(target)) = map.get("$ref") {
-                let (address, output) = target.split_once('#')?;
-                return known(address, output).map(|v| v == recorded);
-            }
-        }
-    }
-    match (template, recorded) {
-        (Value::Object(a), Value::Object(b)) => resolves_to_map(a, b, known),
-        (Value::Array(a), Value::Array(b)) => {
-            if a.len() != b.len() {
-                return Some(false);
-            }
-            let mut all = Some(true);
-            for (x, y) in a.iter().zip(b) {
-                match resolves_to(x, y, known) {
-                    Some(false) => return Some(false),
-                    None => all = None,
-                    Some(true) => {}
-                }
-            }
-            all
-        }
-        _ => Some(template == recorded),
-    }
-}
-
-fn resolves_to_map<'s>(
-    a: &Map<String, Value>,
-    b: &Map<String, Value>,
-    known: &dyn Fn(&str, &str) -> Option<&'s Value>,
-) -> Option<bool> {
-    if a.len() != b.len() {
-        return Some(false);
-    }
-    let mut all = Some(true);
-    for (k, x) in a {
-        let Some(y) = b.get(k) else {
-            return Some(false);
-        };
-        match resolves_to(x, y, known) {
-            Some(false) => return Some(false),
-            None => all = None,
-            Some(true) => {}
-        }
-    }
-    all
 }
 
 /// Plans an apply of `deployment` over `state`.
@@ -249,7 +194,8 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
                 });
             }
         }
-        let known = |target: &str, output: &str| -> Option<&Value> {
+        // Outputs are known now only of resources that stay as they are.
+        let known = |target: &str, output: &str| -> Option<Value> {
             if actions.get(target) == Some(&Action::Noop) {
                 entries.get(target)?.1?.outputs.get(output)
             } else {
@@ -258,15 +204,12 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
         };
         let (action, changed_inputs) = match recorded {
             None => (Action::Create, Vec::new()),
-            Some(old) => match resolves_to_map(&r.inputs, &old.inputs, &known) {
-                Some(true) => (Action::Noop, Vec::new()),
-                Some(false) => {
-                    let owned = |t: &str, o: &str| known(t, o).cloned();
-                    match resolve_inputs(&r.inputs, &owned) {
-                        Some(new) => (Action::Update, changed_keys(&old.inputs, &new)),
-                        None => (Action::Update, Vec::new()),
-                    }
-                }
+            Some(old) => match r.resolve(&known) {
+                // Equal text first (the usual case: written from the same deployment), then
+                // equal meaning.
+                Some(new) if new == old.inputs => (Action::Noop, Vec::new()),
+                Some(new) => (Action::Update, changed_keys(&old.inputs, &new)),
+                // Waits on a resource that changes: its inputs cannot be known yet.
                 None => (Action::Update, Vec::new()),
             },
         };

@@ -14,16 +14,15 @@ use capstan_host::{
     ProviderLog, ProviderSource,
 };
 use capstan_schema::provider_capnp::resource_handle;
-use capstan_schema::{OperationKind, ProgressEvent, ProviderInfo, TraceContext};
+use capstan_schema::{Json, OperationKind, ProgressEvent, ProviderInfo, TraceContext};
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{Event, EventSink, Summary};
-use crate::model::{resolve_inputs, Deployment, ProviderDecl, ProviderSourceDecl};
+use crate::model::{Deployment, ProviderDecl, ProviderSourceDecl};
 use crate::plan::{Action, PlannedChange};
 use crate::state::{
     append_durably, now_unix, Record, ResourceState, State, StateBackend, StateError,
@@ -90,11 +89,7 @@ pub fn v0_types(
             .get(&r.provider)
             .is_some_and(|p| p.protocol.is_some())
         {
-            let outputs = r
-                .outputs
-                .as_object()
-                .map(|o| o.keys().cloned().collect::<Vec<_>>())
-                .unwrap_or_default();
+            let outputs = r.outputs.keys();
             types
                 .entry(r.provider.clone())
                 .or_default()
@@ -239,8 +234,8 @@ struct Node {
 
 enum Outcome {
     Done {
-        outputs: Value,
-        inputs: Map<String, Value>,
+        outputs: Json,
+        inputs: Json,
         handles: Vec<(String, resource_handle::Client)>,
         counted: Action,
     },
@@ -423,9 +418,8 @@ pub async fn run(
                             .resources
                             .get(target)
                             .and_then(|r| r.outputs.get(output))
-                            .cloned()
                     };
-                    let Some(inputs) = resolve_inputs(&decl.inputs, &lookup) else {
+                    let Some(inputs) = decl.resolve(&lookup) else {
                         // A dependency finished without the output: the provider broke its
                         // handshake's promise.
                         let missing: Vec<String> = decl
@@ -794,7 +788,7 @@ async fn create_or_update(
     address: String,
     provider: String,
     resource_type: String,
-    inputs: Map<String, Value>,
+    inputs: Json,
     recorded: Option<ResourceState>,
     capabilities: Vec<(String, resource_handle::Client)>,
     dependencies: Vec<String>,
@@ -842,8 +836,8 @@ async fn create_or_update(
         kind,
         resource_type: resource_type.clone(),
         address: address.clone(),
-        inputs: Value::Object(inputs.clone()),
-        previous_inputs: recorded.as_ref().map(|r| Value::Object(r.inputs.clone())),
+        inputs: inputs.clone(),
+        previous_inputs: recorded.as_ref().map(|r| r.inputs.clone()),
         previous_outputs: recorded.as_ref().map(|r| r.outputs.clone()),
         capabilities,
         trace: TraceContext::random(),
@@ -968,8 +962,8 @@ async fn delete(
         kind: OperationKind::Delete,
         resource_type: recorded.resource_type.clone(),
         address: address.clone(),
-        inputs: Value::Object(recorded.inputs.clone()),
-        previous_inputs: Some(Value::Object(recorded.inputs.clone())),
+        inputs: recorded.inputs.clone(),
+        previous_inputs: Some(recorded.inputs.clone()),
         previous_outputs: Some(recorded.outputs.clone()),
         capabilities: Vec::new(),
         trace: TraceContext::random(),
@@ -1001,7 +995,7 @@ async fn delete(
                 address,
                 operation: "delete".into(),
                 elapsed_seconds: elapsed,
-                outputs: Value::Null,
+                outputs: Json::null(),
             });
             (i, Outcome::Deleted)
         }

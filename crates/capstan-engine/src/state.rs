@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use capstan_schema::Json;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::oneshot;
 
 /// A resource as recorded after its last successful operation.
@@ -29,8 +30,9 @@ pub struct ResourceState {
     pub provider: String,
     #[serde(rename = "type")]
     pub resource_type: String,
-    pub inputs: Map<String, Value>,
-    pub outputs: Value,
+    /// JSON object, kept as text (see `capstan_schema::Json`).
+    pub inputs: Json,
+    pub outputs: Json,
     /// Addresses it depended on, so deletion can run in reverse order without the deployment.
     pub dependencies: Vec<String>,
 }
@@ -42,7 +44,7 @@ pub struct PendingOperation {
     pub provider: String,
     #[serde(rename = "type")]
     pub resource_type: String,
-    pub inputs: Map<String, Value>,
+    pub inputs: Json,
     pub started: u64,
 }
 
@@ -66,7 +68,7 @@ pub enum Record {
         provider: String,
         #[serde(rename = "type")]
         resource_type: String,
-        inputs: Map<String, Value>,
+        inputs: Json,
         time: u64,
     },
     /// The resource exists with these inputs and outputs.
@@ -495,8 +497,8 @@ mod tests {
             state: ResourceState {
                 provider: "p".into(),
                 resource_type: "t".into(),
-                inputs: json!({"n": n}).as_object().unwrap().clone(),
-                outputs: json!({"n": n}),
+                inputs: json!({"n": n}).into(),
+                outputs: json!({"n": n}).into(),
                 dependencies: vec![],
             },
         }
@@ -508,7 +510,7 @@ mod tests {
             operation: "create".into(),
             provider: "p".into(),
             resource_type: "t".into(),
-            inputs: Map::new(),
+            inputs: Json::empty_object(),
             time: 1,
         }
     }

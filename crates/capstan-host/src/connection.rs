@@ -9,9 +9,8 @@ use capnp_rpc::rpc_twoparty_capnp::Side;
 use capstan_schema::provider_capnp::{
     operation_request, operation_result, provider, resource_handle,
 };
-use capstan_schema::{OperationError, OperationKind, ProviderInfo, TraceContext};
+use capstan_schema::{Json, OperationError, OperationKind, ProviderInfo, TraceContext};
 use futures::{AsyncRead, AsyncWrite};
-use serde_json::Value;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
@@ -64,9 +63,10 @@ pub struct OperationCall {
     pub kind: OperationKind,
     pub resource_type: String,
     pub address: String,
-    pub inputs: Value,
-    pub previous_inputs: Option<Value>,
-    pub previous_outputs: Option<Value>,
+    /// JSON text, as it goes on the wire.
+    pub inputs: Json,
+    pub previous_inputs: Option<Json>,
+    pub previous_outputs: Option<Json>,
     /// Capabilities from other resources, by the name this resource knows them under.
     pub capabilities: Vec<(String, resource_handle::Client)>,
     pub trace: TraceContext,
@@ -76,12 +76,17 @@ pub struct OperationCall {
 
 impl OperationCall {
     /// A call with no previous state, capabilities or timeout.
-    pub fn new(kind: OperationKind, resource_type: &str, address: &str, inputs: Value) -> Self {
+    pub fn new(
+        kind: OperationKind,
+        resource_type: &str,
+        address: &str,
+        inputs: impl Into<Json>,
+    ) -> Self {
         OperationCall {
             kind,
             resource_type: resource_type.to_string(),
             address: address.to_string(),
-            inputs,
+            inputs: inputs.into(),
             previous_inputs: None,
             previous_outputs: None,
             capabilities: Vec::new(),
@@ -93,8 +98,8 @@ impl OperationCall {
 
 /// A successful operation.
 pub struct OperationSuccess {
-    /// The resource's outputs (a JSON object).
-    pub outputs: Value,
+    /// The resource's outputs (a JSON object), as the provider sent them.
+    pub outputs: Json,
     /// Capabilities the provider returned, by name; they stay valid while the connection to
     /// the provider that made them is open.
     pub capabilities: Vec<(String, resource_handle::Client)>,
@@ -470,12 +475,12 @@ fn fill_request(
 ) {
     builder.set_resource_type(&call.resource_type[..]);
     builder.set_address(&call.address[..]);
-    builder.set_inputs(&call.inputs.to_string()[..]);
+    builder.set_inputs(call.inputs.text());
     if let Some(previous) = &call.previous_inputs {
-        builder.set_previous_inputs(&previous.to_string()[..]);
+        builder.set_previous_inputs(previous.text());
     }
     if let Some(previous) = &call.previous_outputs {
-        builder.set_previous_outputs(&previous.to_string()[..]);
+        builder.set_previous_outputs(previous.text());
     }
     builder.set_progress(sink);
     call.trace.write(builder.reborrow().init_trace());
@@ -496,9 +501,9 @@ fn read_result(
             let success = success?;
             let text = success.get_outputs()?.to_str()?;
             let outputs = if text.trim().is_empty() {
-                Value::Object(Default::default())
+                Json::empty_object()
             } else {
-                serde_json::from_str(text)
+                Json::from_text(text)
                     .map_err(|e| capnp::Error::failed(format!("outputs are not valid JSON: {e}")))?
             };
             let mut capabilities = Vec::new();

@@ -26,6 +26,8 @@ mod error;
 mod process;
 mod sink;
 
+/// JSON kept as text: inputs and outputs of calls.
+pub use capstan_schema::Json;
 pub use connection::{
     describe_handle, HostOptions, OperationCall, OperationSuccess, ProviderConnection,
     ProviderSource, ShutdownReport,
