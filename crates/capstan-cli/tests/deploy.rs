@@ -545,6 +545,13 @@ fn fail_fast_stops_starting_new_work() {
     assert!(skipped
         .iter()
         .all(|e| e["reason"] == "--fail-fast stopped the run"));
+    // An operation whose intent was journaled while it waited for the job slot, then never
+    // sent, is settled: nothing is left for a person to check.
+    assert_eq!(
+        text(&project.capstan(&["state", "pending"]).stdout),
+        "",
+        "nothing was in flight"
+    );
     // Without --fail-fast the independent work runs.
     let (code, events) = project.json(&["apply", "--jobs", "1"]);
     assert_eq!(code, Some(1));

@@ -6,6 +6,7 @@
 //! the provider protocol itself (that is `capstan-host`).
 
 pub mod events;
+pub mod maps;
 pub mod model;
 pub mod plan;
 pub mod run;

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use capstan_schema::{Json, ProviderInfo};
+
+use crate::maps::AddressMap;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -86,13 +88,43 @@ impl ResourceDecl {
             .collect()
     }
 
-    /// The inputs with every `{"$ref": "ADDRESS#OUTPUT"}` replaced by the output's value;
-    /// `None` when an output is not known (yet). Without references, the inputs as they are.
-    pub fn resolve(&self, outputs: &dyn Fn(&str, &str) -> Option<Value>) -> Option<Json> {
+    /// The inputs with every `{"$ref": "ADDRESS#OUTPUT"}` replaced by the output's value (as
+    /// JSON text); `None` when an output is not known (yet). Without references, the inputs
+    /// as they are.
+    ///
+    /// Works on the text: inputs with references are kept in serde_json's compact form, where
+    /// a reference is exactly `{"$ref":"…"}` and that sequence cannot occur inside a string
+    /// (its quotes would be escaped), so each is replaced by the output's text in one pass.
+    pub fn resolve<'a>(
+        &self,
+        outputs: &dyn Fn(&str, &str) -> Option<&'a RawValue>,
+    ) -> Option<Json> {
         if self.refs.is_empty() {
             return Some(self.inputs.clone());
         }
-        resolve_inputs(&self.inputs.object(), outputs).map(|map| Json::from(Value::Object(map)))
+        const MARK: &str = "{\"$ref\":\"";
+        let text = self.inputs.text();
+        let mut out = String::with_capacity(text.len() + 16 * self.refs.len());
+        let mut rest = text;
+        while let Some(at) = rest.find(MARK) {
+            let string_start = at + MARK.len() - 1;
+            let string_len = json_string_len(&rest[string_start..])?;
+            let string_end = string_start + string_len;
+            if !rest[string_end..].starts_with('}') {
+                // An object whose first key is `$ref` but has more: not a reference.
+                out.push_str(&rest[..string_end]);
+                rest = &rest[string_end..];
+                continue;
+            }
+            let target: std::borrow::Cow<str> =
+                serde_json::from_str(&rest[string_start..string_end]).ok()?;
+            let (address, output) = target.split_once('#')?;
+            out.push_str(&rest[..at]);
+            out.push_str(outputs(address, output)?.get());
+            rest = &rest[string_end + 1..];
+        }
+        out.push_str(rest);
+        Some(Json::from_text(&out).expect("replacing whole values by values keeps JSON valid"))
     }
 
     /// Where `reference` sits in the inputs, for messages (`resources.ADDRESS.inputs.…`).
@@ -142,7 +174,8 @@ impl ResourceDecl {
 pub struct Deployment {
     pub file: PathBuf,
     pub providers: BTreeMap<String, ProviderDecl>,
-    pub resources: BTreeMap<String, ResourceDecl>,
+    /// In address order.
+    pub resources: AddressMap<ResourceDecl>,
 }
 
 impl Deployment {
@@ -214,11 +247,12 @@ impl Deployment {
                 );
             }
         }
-        let mut resources = BTreeMap::new();
+        let mut resources = AddressMap::default();
         if let Some(group) = root.get("resources") {
             collect_resources(group, "", params, &mut resources)
                 .map_err(|(place, m)| err(&place, m))?;
         }
+        resources.sort_unstable_keys();
         let deployment = Deployment {
             file: file.to_path_buf(),
             providers,
@@ -287,8 +321,6 @@ impl Deployment {
     pub fn find_cycle(&self) -> Option<Vec<String>> {
         // Work on indices: one lookup per edge up front, then plain vectors.
         let addresses: Vec<&str> = self.resources.keys().map(String::as_str).collect();
-        let index: crate::plan::FastMap<&str, usize> =
-            addresses.iter().enumerate().map(|(i, a)| (*a, i)).collect();
         let edges: Vec<Vec<usize>> = self
             .resources
             .values()
@@ -297,7 +329,7 @@ impl Deployment {
                     .iter()
                     .map(|x| x.address.as_str())
                     .chain(r.capabilities.iter().map(|c| c.address.as_str()))
-                    .filter_map(|a| index.get(a).copied())
+                    .filter_map(|a| self.resources.get_index_of(a))
                     .collect()
             })
             .collect();
@@ -547,85 +579,92 @@ fn collect_resources(
     group: &RawValue,
     prefix: &str,
     params: &Map<String, Value>,
-    out: &mut BTreeMap<String, ResourceDecl>,
+    out: &mut AddressMap<ResourceDecl>,
 ) -> Result<(), (String, String)> {
     let group_place = if prefix.is_empty() {
         "resources".to_string()
     } else {
         format!("resources.{prefix}.resources")
     };
-    let group: BTreeMap<String, &RawValue> = serde_json::from_str(group.get())
+    let group = capstan_schema::json::object_members(group.get())
         .map_err(|_| (group_place, "must be an object".to_string()))?;
+    out.reserve(group.len());
     for (name, decl) in group {
+        let bad_name = name.is_empty() || name.contains(['.', '#']);
         let address = if prefix.is_empty() {
-            name.clone()
+            name
         } else {
             format!("{prefix}.{name}")
         };
-        let place = format!("resources.{address}");
-        if name.is_empty() || name.contains(['.', '#']) {
+        // Only messages need it.
+        let place = || format!("resources.{address}");
+        if bad_name {
             return Err((
-                place,
+                place(),
                 "a resource name must be non-empty and contain no `.` or `#`".into(),
             ));
         }
-        let Ok(decl) = serde_json::from_str::<BTreeMap<String, &RawValue>>(decl.get()) else {
+        let Ok(decl) = capstan_schema::json::object_members(decl.get()) else {
             return Err((
-                place,
+                place(),
                 "must be an object: a resource, or a group with `resources`".into(),
             ));
         };
-        if decl.contains_key("resources") && !decl.contains_key("provider") {
-            collect_resources(decl["resources"], &address, params, out)?;
+        let field = |key: &str| decl.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v);
+        if let (Some(group), None) = (field("resources"), field("provider")) {
+            collect_resources(group, &address, params, out)?;
             continue;
         }
-        for key in decl.keys() {
+        for (key, _) in &decl {
             if !["provider", "type", "inputs", "outputs"].contains(&key.as_str()) {
                 return Err((
-                    format!("{place}.{key}"),
+                    format!("{}.{key}", place()),
                     "unknown key; a resource has `provider`, `type`, `inputs` and `outputs`".into(),
                 ));
             }
         }
-        let text = |key: &str| {
-            decl.get(key)
-                .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
-        };
-        let provider = text("provider").ok_or((
-            format!("{place}.provider"),
-            "missing: name the provider that manages it".to_string(),
-        ))?;
-        let resource_type = text("type").ok_or((
-            format!("{place}.type"),
-            "missing: name the resource type".to_string(),
-        ))?;
-        let outputs = match decl.get("outputs") {
+        let text =
+            |key: &str| field(key).and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+        let provider = text("provider").ok_or_else(|| {
+            (
+                format!("{}.provider", place()),
+                "missing: name the provider that manages it".to_string(),
+            )
+        })?;
+        let resource_type = text("type").ok_or_else(|| {
+            (
+                format!("{}.type", place()),
+                "missing: name the resource type".to_string(),
+            )
+        })?;
+        let outputs = match field("outputs") {
             None => None,
             Some(raw) => Some(serde_json::from_str::<Vec<String>>(raw.get()).map_err(|_| {
                 (
-                    format!("{place}.outputs"),
+                    format!("{}.outputs", place()),
                     "must be a list of output names".to_string(),
                 )
             })?),
         };
-        let raw_inputs = decl.get("inputs").copied();
+        let raw_inputs = field("inputs");
         let inputs = match raw_inputs.map(|raw| serde_json::from_str::<Value>(raw.get())) {
             None => Map::new(),
             Some(Ok(Value::Object(inputs))) => inputs,
-            Some(_) => return Err((format!("{place}.inputs"), "must be an object".into())),
+            Some(_) => return Err((format!("{}.inputs", place()), "must be an object".into())),
         };
         let mut refs = Vec::new();
         let mut capabilities = Vec::new();
         let mut resolved = Map::new();
         let mut input_place = String::new();
         let mut substituted = false;
+        // The place within the resource, made whole only for a message.
+        let whole = |(within, message): (String, String)| (format!("{}{within}", place()), message);
         for (key, value) in inputs {
             input_place.clear();
-            input_place.push_str(&place);
             input_place.push_str(".inputs.");
             input_place.push_str(&key);
             if let Some(target) = marker(&value, "$cap") {
-                let (address, name) = split_ref(target, &input_place)?;
+                let (address, name) = split_ref(target, &input_place).map_err(whole)?;
                 capabilities.push(CapabilityRef {
                     input: key,
                     address,
@@ -633,12 +672,16 @@ fn collect_resources(
                 });
                 continue;
             }
-            let value = substitute(value, &mut input_place, params, &mut refs, &mut substituted)?;
+            let value = substitute(value, &mut input_place, params, &mut refs, &mut substituted)
+                .map_err(whole)?;
             resolved.insert(key, value);
         }
-        // Kept as text: the file's own when nothing was substituted or taken out.
+        // Kept as text: the file's own when there is nothing to substitute, take out or
+        // resolve later; otherwise serde_json's compact form, which `resolve` relies on.
         let inputs = match raw_inputs {
-            Some(raw) if !substituted && capabilities.is_empty() => Json::from_raw(raw),
+            Some(raw) if !substituted && capabilities.is_empty() && refs.is_empty() => {
+                Json::from_raw(raw)
+            }
             _ => Json::from(Value::Object(resolved)),
         };
         out.insert(
@@ -655,6 +698,21 @@ fn collect_resources(
         );
     }
     Ok(())
+}
+
+/// The length of the JSON string literal at the start of `text` (which starts with `"`),
+/// quotes included.
+fn json_string_len(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut i = 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// `{"KEY": "text"}` and nothing else.
@@ -725,38 +783,6 @@ fn substitute(
         }
         other => other,
     })
-}
-
-/// Replaces every `{"$ref": "ADDRESS#OUTPUT"}` with the output's value; `None` when an output
-/// is not known (yet).
-pub fn resolve_inputs(
-    inputs: &Map<String, Value>,
-    outputs: &dyn Fn(&str, &str) -> Option<Value>,
-) -> Option<Map<String, Value>> {
-    fn walk(value: &Value, outputs: &dyn Fn(&str, &str) -> Option<Value>) -> Option<Value> {
-        if let Some(target) = marker(value, "$ref") {
-            let (address, output) = target.split_once('#')?;
-            return outputs(address, output);
-        }
-        Some(match value {
-            Value::Object(map) => Value::Object(
-                map.iter()
-                    .map(|(k, v)| walk(v, outputs).map(|v| (k.clone(), v)))
-                    .collect::<Option<_>>()?,
-            ),
-            Value::Array(items) => Value::Array(
-                items
-                    .iter()
-                    .map(|v| walk(v, outputs))
-                    .collect::<Option<_>>()?,
-            ),
-            other => other.clone(),
-        })
-    }
-    inputs
-        .iter()
-        .map(|(k, v)| walk(v, outputs).map(|v| (k.clone(), v)))
-        .collect()
 }
 
 #[cfg(test)]
@@ -840,20 +866,36 @@ mod tests {
 
     #[test]
     fn refs_resolve_from_outputs() {
-        let inputs = json!({"a": {"$ref": "x#o"}, "b": [1, {"$ref": "x#p"}]})
-            .as_object()
-            .unwrap()
-            .clone();
-        let outputs =
-            |address: &str, output: &str| (address == "x" && output == "o").then(|| json!("O"));
-        assert_eq!(resolve_inputs(&inputs, &outputs), None, "x#p is unknown");
-        let all = |_: &str, output: &str| Some(json!(output));
+        let d = parse(json!({
+            "providers": local(),
+            "resources": {
+                "x": {"provider": "local", "type": "memo", "inputs": {}},
+                "y": {"provider": "local", "type": "memo", "inputs": {
+                    "a": {"$ref": "x#o"},
+                    "b": [1, {"$ref": "x#p"}, {"$ref": "x#o", "more": true}],
+                    "c": "{\"$ref\":\"x#o\"}",
+                    "d": {"nested": {"$ref": "x#weird"}}
+                }}
+            }
+        }))
+        .unwrap();
+        let y = &d.resources["y"];
+        let outputs = Json::from(json!({"o": "O", "p": [true, null], "weird": "q\"}"}));
+        let known = |address: &str, output: &str| {
+            (address == "x" && output != "p")
+                .then(|| outputs.get_raw(output))
+                .flatten()
+        };
+        assert_eq!(y.resolve(&known), None, "x#p is unknown");
+        let all = |_: &str, output: &str| outputs.get_raw(output);
         assert_eq!(
-            resolve_inputs(&inputs, &all).unwrap(),
-            json!({"a": "o", "b": [1, "p"]})
-                .as_object()
-                .unwrap()
-                .clone()
+            y.resolve(&all).unwrap(),
+            json!({
+                "a": "O",
+                "b": [1, [true, null], {"$ref": "x#o", "more": true}],
+                "c": "{\"$ref\":\"x#o\"}",
+                "d": {"nested": "q\"}"}
+            })
         );
     }
 }

@@ -1,11 +1,10 @@
 //! The plan: for every resource, what `apply` would do, and which changes wait on outputs that
 //! do not exist yet.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use capstan_schema::Json;
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::model::{Deployment, ModelError};
 use crate::state::State;
@@ -73,69 +72,53 @@ pub fn annotate(
     }
 }
 
-/// FNV-1a: planning hashes a few short addresses per resource, where SipHash's DoS resistance
-/// buys nothing (the keys come from the user's own deployment) and costs a third of the time.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct Fnv(u64);
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut hash = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for byte in bytes {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        self.0 = hash;
-    }
-}
-
-pub(crate) type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
-
-/// Resources in dependency order (dependencies first).
-pub fn topological_order(deployment: &Deployment) -> Vec<&str> {
-    let count = deployment.resources.len();
-    let mut remaining: FastMap<&str, usize> =
-        FastMap::with_capacity_and_hasher(count, Default::default());
-    let mut dependents: FastMap<&str, Vec<&str>> =
-        FastMap::with_capacity_and_hasher(count, Default::default());
-    for (address, r) in &deployment.resources {
-        let mut deps: Vec<&str> = r
-            .refs
-            .iter()
-            .map(|x| x.address.as_str())
-            .chain(r.capabilities.iter().map(|c| c.address.as_str()))
-            .collect();
+/// Resources in dependency order (dependencies first), as indices into
+/// `deployment.resources`; among resources ready at the same time, in address order, so the
+/// order is stable from run to run.
+pub fn topological_order(deployment: &Deployment) -> Vec<usize> {
+    let resources = &deployment.resources;
+    let count = resources.len();
+    let mut remaining = vec![0u32; count];
+    // Edges as (dependency, dependent), then grouped by dependency.
+    let mut edges: Vec<(u32, u32)> = Vec::with_capacity(count * 2);
+    let mut deps: Vec<usize> = Vec::new();
+    for (i, r) in resources.values().enumerate() {
+        deps.clear();
+        deps.extend(
+            r.refs
+                .iter()
+                .map(|x| x.address.as_str())
+                .chain(r.capabilities.iter().map(|c| c.address.as_str()))
+                .filter_map(|a| resources.get_index_of(a)),
+        );
         deps.sort_unstable();
         deps.dedup();
-        remaining.insert(address, deps.len());
-        for dep in deps {
-            dependents.entry(dep).or_default().push(address);
-        }
+        remaining[i] = deps.len() as u32;
+        edges.extend(deps.iter().map(|&d| (d as u32, i as u32)));
     }
-    // Seed in address order, so the order is stable from run to run.
-    let mut ready: Vec<&str> = deployment
-        .resources
-        .keys()
-        .map(String::as_str)
-        .filter(|a| remaining[a] == 0)
-        .collect();
-    ready.reverse();
+    let mut first = vec![0u32; count + 1];
+    for &(d, _) in &edges {
+        first[d as usize + 1] += 1;
+    }
+    for i in 0..count {
+        first[i + 1] += first[i];
+    }
+    let mut dependents = vec![0u32; edges.len()];
+    let mut fill = first.clone();
+    for &(d, i) in &edges {
+        dependents[fill[d as usize] as usize] = i;
+        fill[d as usize] += 1;
+    }
+    drop(edges);
+    let mut ready: Vec<usize> = (0..count).rev().filter(|&i| remaining[i] == 0).collect();
     let mut order = Vec::with_capacity(count);
-    while let Some(address) = ready.pop() {
-        order.push(address);
-        for dependent in dependents.get(address).into_iter().flatten() {
-            let n = remaining.get_mut(dependent).expect("known");
+    while let Some(i) = ready.pop() {
+        order.push(i);
+        for &j in &dependents[first[i] as usize..first[i + 1] as usize] {
+            let n = &mut remaining[j as usize];
             *n -= 1;
             if *n == 0 {
-                ready.push(dependent);
+                ready.push(j as usize);
             }
         }
     }
@@ -153,34 +136,15 @@ fn changed_keys(old: &Json, new: &Json) -> Vec<String> {
 
 /// Plans an apply of `deployment` over `state`.
 pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>, ModelError> {
-    let mut actions: FastMap<&str, Action> =
-        FastMap::with_capacity_and_hasher(deployment.resources.len(), Default::default());
-    let mut changes = Vec::with_capacity(deployment.resources.len() + state.resources.len());
-    // Each resource with its recorded state, joined once (both maps are sorted by address), so
-    // the walk below does hash lookups rather than ordered-map string comparisons.
-    let mut entries: FastMap<
-        &str,
-        (
-            &crate::model::ResourceDecl,
-            Option<&crate::state::ResourceState>,
-        ),
-    > = FastMap::with_capacity_and_hasher(deployment.resources.len(), Default::default());
-    let mut recorded_iter = state.resources.iter().peekable();
-    for (address, decl) in &deployment.resources {
-        while recorded_iter
-            .peek()
-            .is_some_and(|(a, _)| a.as_str() < address.as_str())
-        {
-            recorded_iter.next();
-        }
-        let recorded = recorded_iter
-            .peek()
-            .filter(|(a, _)| *a == address)
-            .map(|(_, r)| *r);
-        entries.insert(address, (decl, recorded));
-    }
-    for address in topological_order(deployment) {
-        let (r, recorded) = entries[address];
+    let resources = &deployment.resources;
+    let mut changes = Vec::with_capacity(resources.len() + state.resources.len());
+    // By index into `resources`: each resource's recorded state, and its action once planned.
+    let recorded_of: Vec<Option<&crate::state::ResourceState>> =
+        resources.keys().map(|a| state.resources.get(a)).collect();
+    let mut actions: Vec<Option<Action>> = vec![None; resources.len()];
+    for i in topological_order(deployment) {
+        let (address, r) = resources.get_index(i).expect("an index of the deployment");
+        let recorded = recorded_of[i];
         if let Some(old) = recorded {
             if old.provider != r.provider || old.resource_type != r.resource_type {
                 return Err(ModelError {
@@ -194,10 +158,16 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
                 });
             }
         }
+        let unchanged = |target: &str| {
+            resources
+                .get_index_of(target)
+                .is_some_and(|j| actions[j] == Some(Action::Noop))
+        };
         // Outputs are known now only of resources that stay as they are.
-        let known = |target: &str, output: &str| -> Option<Value> {
-            if actions.get(target) == Some(&Action::Noop) {
-                entries.get(target)?.1?.outputs.get(output)
+        let known = |target: &str, output: &str| -> Option<&serde_json::value::RawValue> {
+            let j = resources.get_index_of(target)?;
+            if actions[j] == Some(Action::Noop) {
+                recorded_of[j]?.outputs.get_raw(output)
             } else {
                 None
             }
@@ -219,15 +189,15 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
             r.refs
                 .iter()
                 .map(|x| x.address.as_str())
-                .filter(|a| actions.get(a) != Some(&Action::Noop))
+                .filter(|a| !unchanged(a))
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .map(str::to_string)
                 .collect()
         };
-        actions.insert(address, action);
+        actions[i] = Some(action);
         changes.push(PlannedChange {
-            address: address.to_string(),
+            address: address.clone(),
             action,
             provider: r.provider.clone(),
             resource_type: r.resource_type.clone(),
@@ -238,7 +208,7 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
         });
     }
     for (address, old) in &state.resources {
-        if !entries.contains_key(address.as_str()) {
+        if !resources.contains_key(address) {
             changes.push(delete_change(address, old, state));
         }
     }

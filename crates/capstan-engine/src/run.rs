@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{Event, EventSink, Summary};
+use crate::maps::FastMap;
 use crate::model::{Deployment, ProviderDecl, ProviderSourceDecl};
 use crate::plan::{Action, PlannedChange};
 use crate::state::{
@@ -249,6 +250,8 @@ enum Outcome {
         settled: bool,
     },
     State(StateError),
+    /// Dispatched, but the run stopped (`--fail-fast`, a state error) before it was sent.
+    NotSent,
 }
 
 /// What the loop needs from a run, shared with each operation's future.
@@ -256,16 +259,33 @@ struct Shared {
     backend: Rc<dyn StateBackend>,
     events: Rc<dyn EventSink>,
     jobs: Arc<Semaphore>,
-    /// Operations holding a job slot: dispatched and not yet returned from the provider.
+    /// Operations dispatched and not yet returned from the provider: those in a provider
+    /// (at most `jobs`) and those journaling their intent or waiting for a job.
     active: std::cell::Cell<usize>,
-    /// Operations whose `resource_start` was emitted (their intent is durable).
-    announced: RefCell<std::collections::HashSet<usize>>,
+    /// How far each operation got (indexed like the nodes).
+    phases: RefCell<Vec<Phase>>,
+    /// The run stops: nothing more is sent to providers.
+    stopping: std::cell::Cell<bool>,
     /// Signalled when an operation gives its slot back (before its result is journaled, so
     /// the next operation's call overlaps that fsync).
     slot_freed: tokio::sync::Notify,
 }
 
-/// One job slot, given back on drop (also when an interrupt drops the operation).
+/// How far an operation got, for what an interrupt reports.
+#[derive(Clone, Copy, PartialEq)]
+enum Phase {
+    NotStarted,
+    /// Its intent is durable; it waits for a job.
+    Recorded,
+    /// It is in its provider (`resource_start` was emitted).
+    Called,
+}
+
+/// How many operations may be dispatched per job: while `jobs` operations are in providers,
+/// as many more journal their intents, so fsyncs overlap calls instead of adding to them.
+const DISPATCH_PER_JOB: usize = 4;
+
+/// One dispatch slot, given back on drop (also when an interrupt drops the operation).
 struct Slot(Rc<Shared>);
 
 impl Slot {
@@ -296,24 +316,21 @@ pub async fn run(
     interrupt: CancellationToken,
 ) -> Result<Summary, StateError> {
     let run_started = Instant::now();
-    let index: HashMap<String, usize> = changes
+    let capability_sources: BTreeSet<&str> = changes
         .iter()
-        .enumerate()
-        .map(|(n, c)| (c.address.clone(), n))
+        .filter(|c| c.action != Action::Delete)
+        .filter_map(|c| deployment.resources.get(&c.address))
+        .flat_map(|r| r.capabilities.iter().map(|c| c.address.as_str()))
         .collect();
-    let capability_sources: BTreeSet<String> = deployment
-        .resources
-        .values()
-        .filter(|r| {
-            index
-                .get(&r.address)
-                .is_some_and(|&i| changes[i].action != Action::Delete)
-        })
-        .flat_map(|r| r.capabilities.iter().map(|c| c.address.clone()))
+    let capability_source: Vec<bool> = changes
+        .iter()
+        .map(|c| capability_sources.contains(c.address.as_str()))
         .collect();
+    drop(capability_sources);
     let mut nodes: Vec<Node> = changes
         .into_iter()
-        .map(|change| {
+        .zip(capability_source)
+        .map(|(change, capability_source)| {
             let dependencies = match change.action {
                 Action::Delete => state
                     .resources
@@ -325,7 +342,6 @@ pub async fn run(
                     .into_iter()
                     .collect(),
             };
-            let capability_source = capability_sources.contains(&change.address);
             Node {
                 change,
                 remaining: 0,
@@ -335,40 +351,48 @@ pub async fn run(
             }
         })
         .collect();
-    // Creates and updates wait for what they depend on; deletes wait for what depends on them.
-    for i in 0..nodes.len() {
-        let deps = nodes[i].dependencies.clone();
-        for dep in deps {
-            let Some(&j) = index.get(&dep) else { continue };
-            match (nodes[i].change.action, nodes[j].change.action) {
-                (Action::Delete, Action::Delete) => {
-                    nodes[j].remaining += 1;
-                    nodes[i].dependents.push(j);
+    // Edges as (waits, first): `waits` starts only after `first` is done.
+    let mut edges: Vec<(usize, usize)> = Vec::with_capacity(nodes.len() * 2);
+    {
+        let index: FastMap<&str, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(n, node)| (node.change.address.as_str(), n))
+            .collect();
+        for (i, node) in nodes.iter().enumerate() {
+            // Creates and updates wait for what they depend on; deletes wait for what depends
+            // on them.
+            for dep in &node.dependencies {
+                let Some(&j) = index.get(dep.as_str()) else {
+                    continue;
+                };
+                match (node.change.action, nodes[j].change.action) {
+                    (Action::Delete, Action::Delete) => edges.push((j, i)),
+                    (Action::Delete, _) | (_, Action::Delete) => {}
+                    _ => edges.push((i, j)),
                 }
-                (Action::Delete, _) | (_, Action::Delete) => {}
-                _ => {
-                    nodes[i].remaining += 1;
-                    nodes[j].dependents.push(i);
+            }
+            // A resource that stays but used to depend on one being deleted must move off it
+            // first: the delete waits for its create/update (and is skipped if that fails).
+            if node.change.action == Action::Delete {
+                continue;
+            }
+            let Some(recorded) = state.resources.get(&node.change.address) else {
+                continue;
+            };
+            for dep in &recorded.dependencies {
+                let Some(&j) = index.get(dep.as_str()) else {
+                    continue;
+                };
+                if nodes[j].change.action == Action::Delete {
+                    edges.push((j, i));
                 }
             }
         }
     }
-    // A resource that stays but used to depend on one being deleted must move off it first:
-    // the delete waits for its create/update (and is skipped if that fails).
-    for i in 0..nodes.len() {
-        if nodes[i].change.action == Action::Delete {
-            continue;
-        }
-        let Some(recorded) = state.resources.get(&nodes[i].change.address) else {
-            continue;
-        };
-        for dep in &recorded.dependencies {
-            let Some(&j) = index.get(dep) else { continue };
-            if nodes[j].change.action == Action::Delete {
-                nodes[j].remaining += 1;
-                nodes[i].dependents.push(j);
-            }
-        }
+    for (waits, first) in edges {
+        nodes[waits].remaining += 1;
+        nodes[first].dependents.push(waits);
     }
 
     let shared = Rc::new(Shared {
@@ -376,7 +400,8 @@ pub async fn run(
         events: events.clone(),
         jobs: Arc::new(Semaphore::new(options.jobs.max(1))),
         active: std::cell::Cell::new(0),
-        announced: RefCell::new(Default::default()),
+        phases: RefCell::new(vec![Phase::NotStarted; nodes.len()]),
+        stopping: std::cell::Cell::new(false),
         slot_freed: tokio::sync::Notify::new(),
     });
     let mut summary = Summary::default();
@@ -391,10 +416,11 @@ pub async fn run(
     let mut stopping = false;
     let mut state_error = None;
 
+    let window = options.jobs.max(1) * DISPATCH_PER_JOB;
     loop {
-        // Only as many operations exist as may run: a future per ready resource would hold
-        // thousands of requests in memory on a wide graph.
-        while shared.active.get() < options.jobs.max(1) {
+        // Only as many operations exist as may soon run: a future per ready resource would
+        // hold thousands of requests in memory on a wide graph.
+        while shared.active.get() < window {
             let Some(i) = ready.pop_front() else { break };
             if stopping {
                 ready.push_front(i);
@@ -417,7 +443,7 @@ pub async fn run(
                         state
                             .resources
                             .get(target)
-                            .and_then(|r| r.outputs.get(output))
+                            .and_then(|r| r.outputs.get_raw(output))
                     };
                     let Some(inputs) = decl.resolve(&lookup) else {
                         // A dependency finished without the output: the provider broke its
@@ -551,7 +577,7 @@ pub async fn run(
             break;
         }
         tokio::select! {
-            () = shared.slot_freed.notified(), if shared.active.get() < options.jobs.max(1) && !ready.is_empty() => {}
+            () = shared.slot_freed.notified(), if shared.active.get() < window && !ready.is_empty() => {}
             Some((i, outcome)) = running.next() => {
                 finished[i] = true;
                 let address = nodes[i].change.address.clone();
@@ -563,7 +589,7 @@ pub async fn run(
                             _ => summary.unchanged += 1,
                         }
                         if counted != Action::Noop {
-                            let deps = nodes[i].dependencies.clone();
+                            let deps = std::mem::take(&mut nodes[i].dependencies);
                             let decl = &deployment.resources[&address];
                             state.apply_owned(Record::Done { address: address.clone(), state: ResourceState { provider: decl.provider.clone(), resource_type: decl.resource_type.clone(), inputs, outputs: out, dependencies: deps } });
                         } else if let Some(recorded) = state.resources.get_mut(&address) {
@@ -587,6 +613,7 @@ pub async fn run(
                         skip_dependents(i, &nodes, &mut finished, &mut summary, &*events);
                         if options.fail_fast {
                             stopping = true;
+                            shared.stopping.set(true);
                         }
                     }
                     Outcome::State(e) => {
@@ -594,6 +621,17 @@ pub async fn run(
                         summary.failed += 1;
                         state_error = Some(e);
                         stopping = true;
+                        shared.stopping.set(true);
+                    }
+                    Outcome::NotSent => {
+                        summary.skipped += 1;
+                        state.pending.remove(&address);
+                        events.emit(Event::ResourceSkipped {
+                            address: address.clone(),
+                            operation: nodes[i].change.action.as_str().into(),
+                            reason: stop_reason(&state_error),
+                            dependency: String::new(),
+                        });
                     }
                 }
             }
@@ -604,10 +642,12 @@ pub async fn run(
                 // Dropping the calls cancels them in the providers; their intents stay in the
                 // journal, so the next run reports them as interrupted.
                 running.clear();
+                let phases = shared.phases.borrow().clone();
+                let mut never_sent = Vec::new();
                 for (i, node) in nodes.iter().enumerate() {
                     if started[i] && !finished[i] {
                         finished[i] = true;
-                        if shared.announced.borrow().contains(&i) {
+                        if phases[i] == Phase::Called {
                             summary.interrupted += 1;
                             events.emit(Event::ResourceFailed {
                                 address: node.change.address.clone(),
@@ -618,7 +658,15 @@ pub async fn run(
                                 elapsed_seconds: 0.0,
                             });
                         } else {
-                            // Never reached its provider: it had not even been announced.
+                            if phases[i] == Phase::Recorded {
+                                // Its intent is durable but it never reached its provider:
+                                // settle it, so the next run does not ask anyone to check.
+                                never_sent.push(Record::Failed {
+                                    address: node.change.address.clone(),
+                                    operation: node.change.action.as_str().into(),
+                                    error: "interrupted before it was sent to its provider".into(),
+                                });
+                            }
                             summary.skipped += 1;
                             events.emit(Event::ResourceSkipped {
                                 address: node.change.address.clone(),
@@ -626,6 +674,14 @@ pub async fn run(
                                 reason: "the run was interrupted before it was sent to its provider".into(),
                                 dependency: String::new(),
                             });
+                        }
+                    }
+                }
+                // If this fails the intents stay pending, which only asks for a check.
+                if !never_sent.is_empty() && append_durably(&*shared.backend, never_sent).await.is_ok() {
+                    for (i, node) in nodes.iter().enumerate() {
+                        if phases[i] == Phase::Recorded {
+                            state.pending.remove(&node.change.address);
                         }
                     }
                 }
@@ -662,7 +718,7 @@ pub async fn run(
                     reason: if interrupt.is_cancelled() {
                         "the run was interrupted".into()
                     } else {
-                        "--fail-fast stopped the run".into()
+                        stop_reason(&state_error)
                     },
                     dependency: String::new(),
                 });
@@ -680,12 +736,14 @@ pub async fn run(
 }
 
 fn release(i: usize, nodes: &mut [Node], ready: &mut VecDeque<usize>) {
-    for j in nodes[i].dependents.clone() {
+    let dependents = std::mem::take(&mut nodes[i].dependents);
+    for &j in &dependents {
         nodes[j].remaining -= 1;
         if nodes[j].remaining == 0 {
             ready.push_back(j);
         }
     }
+    nodes[i].dependents = dependents;
 }
 
 fn skip_dependents(
@@ -737,25 +795,61 @@ fn progress_observer(
     })
 }
 
-async fn permits(
+fn stop_reason(state_error: &Option<StateError>) -> String {
+    match state_error {
+        Some(_) => "the state could not be written, so the run stopped".into(),
+        None => "--fail-fast stopped the run".into(),
+    }
+}
+
+/// Settles an operation that was dispatched (its intent perhaps journaled) but never sent
+/// because the run stopped.
+async fn not_sent(
+    i: usize,
+    address: String,
+    verb: &str,
+    recorded: bool,
     shared: &Shared,
+) -> (usize, Outcome) {
+    if recorded {
+        let settled = Record::Failed {
+            address,
+            operation: verb.into(),
+            error: "not sent to its provider: the run stopped".into(),
+        };
+        if let Err(e) = append_durably(&*shared.backend, vec![settled]).await {
+            return (i, Outcome::State(e));
+        }
+    }
+    (i, Outcome::NotSent)
+}
+
+/// The provider's own limit, taken before the intent is journaled: an intent is written only
+/// for an operation its provider is ready to take.
+async fn provider_permit(
     providers: &Providers,
     provider: &str,
-) -> (
-    tokio::sync::OwnedSemaphorePermit,
-    Option<tokio::sync::OwnedSemaphorePermit>,
-) {
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match providers.limits.get(provider) {
+        Some(limit) => Some(limit.clone().acquire_owned().await.expect("never closed")),
+        None => None,
+    }
+}
+
+/// One of the `--jobs` slots, taken after the intent is durable, just before the call;
+/// `None` if the run is stopping by then.
+async fn job_permit(shared: &Shared, i: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
     let job = shared
         .jobs
         .clone()
         .acquire_owned()
         .await
         .expect("never closed");
-    let own = match providers.limits.get(provider) {
-        Some(limit) => Some(limit.clone().acquire_owned().await.expect("never closed")),
-        None => None,
-    };
-    (job, own)
+    if shared.stopping.get() {
+        return None;
+    }
+    shared.phases.borrow_mut()[i] = Phase::Called;
+    Some(job)
 }
 
 /// A failed call as an outcome. Only a failure the provider reported itself is settled (the
@@ -804,13 +898,12 @@ async fn create_or_update(
         .get(&provider)
         .copied()
         .or(options.timeout);
-    let permits = permits(&shared, providers, &provider).await;
+    let _own = provider_permit(providers, &provider).await;
     let (kind, verb, counted) = match operation {
         Operation::Create => (OperationKind::Create, "create", Action::Create),
         Operation::Update => (OperationKind::Update, "update", Action::Update),
         Operation::Read => (OperationKind::Read, "read", Action::Noop),
     };
-    let started = Instant::now();
     if operation != Operation::Read {
         let intent = Record::Intent {
             address: address.clone(),
@@ -823,7 +916,12 @@ async fn create_or_update(
         if let Err(e) = append_durably(&*shared.backend, vec![intent]).await {
             return (i, Outcome::State(e));
         }
+        shared.phases.borrow_mut()[i] = Phase::Recorded;
     }
+    let Some(_job) = job_permit(&shared, i).await else {
+        return not_sent(i, address, verb, operation != Operation::Read, &shared).await;
+    };
+    let started = Instant::now();
     // Started means recorded: the intent is durable before anyone is told.
     shared.events.emit(Event::ResourceStart {
         address: address.clone(),
@@ -831,7 +929,6 @@ async fn create_or_update(
         provider: provider.clone(),
         resource_type: resource_type.clone(),
     });
-    shared.announced.borrow_mut().insert(i);
     let call = OperationCall {
         kind,
         resource_type: resource_type.clone(),
@@ -850,8 +947,9 @@ async fn create_or_update(
         )
         .await;
     let elapsed = started.elapsed().as_secs_f64();
-    // The provider is done: give the job slot back before waiting for the result's fsync.
-    drop(permits);
+    // The provider is done: let the next operation be dispatched (its intent journaled)
+    // while this result is. The job and the provider's permit are held until the result is
+    // durable, so a consumer of the events never sees more running than the limits allow.
     drop(slot);
     match result {
         Ok(success) => {
@@ -938,8 +1036,7 @@ async fn delete(
         .get(&recorded.provider)
         .copied()
         .or(options.timeout);
-    let permits = permits(&shared, providers, &recorded.provider).await;
-    let started = Instant::now();
+    let _own = provider_permit(providers, &recorded.provider).await;
     let intent = Record::Intent {
         address: address.clone(),
         operation: "delete".into(),
@@ -951,13 +1048,17 @@ async fn delete(
     if let Err(e) = append_durably(&*shared.backend, vec![intent]).await {
         return (i, Outcome::State(e));
     }
+    shared.phases.borrow_mut()[i] = Phase::Recorded;
+    let Some(_job) = job_permit(&shared, i).await else {
+        return not_sent(i, address, "delete", true, &shared).await;
+    };
+    let started = Instant::now();
     shared.events.emit(Event::ResourceStart {
         address: address.clone(),
         operation: "delete".into(),
         provider: recorded.provider.clone(),
         resource_type: recorded.resource_type.clone(),
     });
-    shared.announced.borrow_mut().insert(i);
     let call = OperationCall {
         kind: OperationKind::Delete,
         resource_type: recorded.resource_type.clone(),
@@ -976,8 +1077,9 @@ async fn delete(
         )
         .await;
     let elapsed = started.elapsed().as_secs_f64();
-    // The provider is done: give the job slot back before waiting for the result's fsync.
-    drop(permits);
+    // The provider is done: let the next operation be dispatched (its intent journaled)
+    // while this result is. The job and the provider's permit are held until the result is
+    // durable, so a consumer of the events never sees more running than the limits allow.
     drop(slot);
     match result {
         Ok(_) => {

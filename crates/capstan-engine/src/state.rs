@@ -24,6 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use crate::maps::AddressMap;
+
 /// A resource as recorded after its last successful operation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResourceState {
@@ -51,7 +53,8 @@ pub struct PendingOperation {
 /// Everything the state knows.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
-    pub resources: BTreeMap<String, ResourceState>,
+    /// In address order when loaded; resources recorded later are appended.
+    pub resources: AddressMap<ResourceState>,
     pub pending: BTreeMap<String, PendingOperation>,
 }
 
@@ -122,7 +125,8 @@ impl State {
             }
             Record::Deleted { address } => {
                 self.pending.remove(&address);
-                self.resources.remove(&address);
+                // O(1); loading sorts again.
+                self.resources.swap_remove(&address);
             }
             Record::Failed { address, .. } | Record::Resolved { address } => {
                 self.pending.remove(&address);
@@ -182,7 +186,7 @@ pub trait StateBackend {
 }
 
 /// Encoded records and who to tell once they are durable.
-type WriteRequest = (Vec<u8>, oneshot::Sender<Result<(), String>>);
+type WriteRequest = (Vec<Record>, oneshot::Sender<Result<(), String>>);
 
 /// The embedded backend: a directory with a journal, a snapshot and a lock.
 pub struct DirectoryBackend {
@@ -192,10 +196,21 @@ pub struct DirectoryBackend {
     _lock: File,
 }
 
+/// Appends one journal line for `record` to `out`: `CRC32 JSON\n`.
+fn encode_into(record: &Record, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(b"00000000 ");
+    serde_json::to_writer(&mut *out, record).expect("records always serialize");
+    let crc = crc32fast::hash(&out[start + 9..]);
+    out[start..start + 8].copy_from_slice(format!("{crc:08x}").as_bytes());
+    out.push(b'\n');
+}
+
+#[cfg(test)]
 fn encode(record: &Record) -> Vec<u8> {
-    let json = serde_json::to_string(record).expect("records always serialize");
-    let crc = crc32fast::hash(json.as_bytes());
-    format!("{crc:08x} {json}\n").into_bytes()
+    let mut out = Vec::new();
+    encode_into(record, &mut out);
+    out
 }
 
 fn decode(line: &str) -> Option<Record> {
@@ -346,6 +361,7 @@ impl DirectoryBackend {
                 })
             }
         }
+        state.resources.sort_unstable_keys();
         Ok((state, report))
     }
 
@@ -385,9 +401,12 @@ impl DirectoryBackend {
                     while let Ok(more) = rx.try_recv() {
                         batch.push(more);
                     }
-                    let mut bytes = Vec::new();
-                    for (record, _) in &batch {
-                        bytes.extend_from_slice(record);
+                    // Encoded here, off the thread that runs the operations.
+                    let mut bytes = Vec::with_capacity(512 * batch.len());
+                    for (records, _) in &batch {
+                        for record in records {
+                            encode_into(record, &mut bytes);
+                        }
                     }
                     let result = match &broken {
                         Some(e) => Err(format!("an earlier journal write failed: {e}")),
@@ -424,10 +443,9 @@ impl StateBackend for DirectoryBackend {
 
     fn append(&self, records: Vec<Record>) -> oneshot::Receiver<Result<(), String>> {
         let (ack, done) = oneshot::channel();
-        let bytes: Vec<u8> = records.iter().flat_map(encode).collect();
         match &self.writer {
             Some(writer) => {
-                if let Err(mpsc::SendError((_, ack))) = writer.send((bytes, ack)) {
+                if let Err(mpsc::SendError((_, ack))) = writer.send((records, ack)) {
                     let _ = ack.send(Err("the journal writer has stopped".into()));
                 }
             }

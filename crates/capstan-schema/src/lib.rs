@@ -22,7 +22,7 @@ pub mod provider_capnp;
 
 mod error;
 pub mod info;
-mod json;
+pub mod json;
 pub mod progress;
 mod trace;
 

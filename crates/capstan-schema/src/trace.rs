@@ -81,18 +81,28 @@ fn random_nonzero_u128() -> u128 {
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    // A random key per process (the OS seeds `RandomState`), mixed once with the pid and the
+    // time; each id then hashes a counter under that key: unique within the process, and
+    // unpredictable across processes, without a system call per id.
+    static KEY: OnceLock<(RandomState, u64)> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let (state, salt) = KEY.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (
+            RandomState::new(),
+            nanos ^ ((std::process::id() as u64) << 32),
+        )
+    });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let half = |salt: u64| {
-        let mut h = RandomState::new().build_hasher();
+    let half = |part: u64| {
+        let mut h = state.build_hasher();
+        h.write_u64(*salt);
         h.write_u64(n);
-        h.write_u64(nanos);
-        h.write_u64(salt);
-        h.write_u32(std::process::id());
+        h.write_u64(part);
         h.finish()
     };
     let value = ((half(1) as u128) << 64) | half(2) as u128;
