@@ -283,7 +283,7 @@ enum Phase {
 
 /// How many operations may be dispatched per job: while `jobs` operations are in providers,
 /// as many more journal their intents, so fsyncs overlap calls instead of adding to them.
-const DISPATCH_PER_JOB: usize = 4;
+const DISPATCH_PER_JOB: usize = 2;
 
 /// One dispatch slot, given back on drop (also when an interrupt drops the operation).
 struct Slot(Rc<Shared>);
