@@ -610,7 +610,7 @@ fn apply_child(file: PathBuf, size: usize, jobs: usize) {
     let (apply_seconds, peak_after_apply) = engine_apply(
         &file,
         &dir.path().join("state"),
-        std::env::current_exe().unwrap(),
+        std::env::current_exe().unwrap().with_file_name("capstan"),
         size,
         jobs,
     );
@@ -661,6 +661,26 @@ fn apply_child(file: PathBuf, size: usize, jobs: usize) {
     );
 }
 
+/// Runs `apply-child` on `file` and returns its figures.
+fn run_apply_child(file: &Path, size: usize, jobs: usize) -> serde_json::Value {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "apply-child",
+            file.to_str().unwrap(),
+            &size.to_string(),
+            &jobs.to_string(),
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run apply child");
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+        panic!(
+            "apply child failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
 fn apply_bench(json_output: bool, quick: bool) {
     let (small, large) = if quick {
         (1_000, 10_000)
@@ -673,22 +693,7 @@ fn apply_bench(json_output: bool, quick: bool) {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("capstan.json");
         std::fs::write(&file, noop_deployment(size)).unwrap();
-        let output = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "apply-child",
-                file.to_str().unwrap(),
-                &size.to_string(),
-                &jobs.to_string(),
-            ])
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run apply child");
-        serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
-            panic!(
-                "apply child failed: {}",
-                String::from_utf8_lossy(&output.stdout)
-            )
-        })
+        run_apply_child(&file, size, jobs)
     };
     let a = run(small);
     let b = run(large);
@@ -750,13 +755,14 @@ fn apply_bench(json_output: bool, quick: bool) {
 
 /// Applies `size` independent no-op resources with the engine, in this process; returns
 /// resources per second (load, plan, provider start and run included).
-fn apply_once(deployment: serde_json::Value, size: usize, jobs: usize) -> f64 {
+/// Resources per second of one apply of `deployment` (load, plan, provider start, run), in a
+/// fresh child process.
+fn apply_in_child(deployment: &serde_json::Value, size: usize, jobs: usize) -> f64 {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("capstan.json");
     std::fs::write(&file, deployment.to_string()).unwrap();
-    let capstan = std::env::current_exe().unwrap().with_file_name("capstan");
-    let (seconds, _) = engine_apply(&file, &dir.path().join("state"), capstan, size, jobs);
-    size as f64 / seconds
+    let figures = run_apply_child(&file, size, jobs);
+    figures["resources_per_s"].as_f64().expect("a rate")
 }
 
 /// Lines per second from a real Nix build that prints many, through the nix provider.
@@ -818,8 +824,14 @@ fn v0_bench(json_output: bool, quick: bool) {
     };
     let capnp_deployment = json!({"providers": {"t": {"executable": testing_provider()}}, "resources": resources(false)});
     let v0_deployment = json!({"providers": {"t": {"executable": testing_provider(), "args": ["--v0"], "protocol": "nixops4-v0"}}, "resources": resources(true)});
-    let capnp = apply_once(capnp_deployment, size, jobs);
-    let v0 = apply_once(v0_deployment, size, jobs);
+    // Interleaved rounds, each apply in a fresh child process; each figure is the median.
+    let rounds = if quick { 1 } else { 3 };
+    let (mut capnp_rates, mut v0_rates) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        capnp_rates.push(apply_in_child(&capnp_deployment, size, jobs));
+        v0_rates.push(apply_in_child(&v0_deployment, size, jobs));
+    }
+    let (capnp, v0) = (median(capnp_rates), median(v0_rates));
     let nix = nix_log_lines_per_s(if quick { 5_000 } else { 50_000 });
     let figures = json!({
         "resources": size,

@@ -252,7 +252,7 @@ struct Live {
 }
 
 struct Running {
-    operation: String,
+    operation: &'static str,
     started: std::time::Instant,
     status: String,
     counter: Option<(u64, u64, String)>,
@@ -359,7 +359,7 @@ impl EventSink for LiveEvents {
                     live.running.insert(
                         address.clone(),
                         Running {
-                            operation: operation.clone(),
+                            operation,
                             started: std::time::Instant::now(),
                             status: String::new(),
                             counter: None,

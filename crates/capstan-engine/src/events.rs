@@ -34,26 +34,26 @@ pub enum Event {
     },
     ResourceStart {
         address: String,
-        operation: String,
+        operation: &'static str,
         provider: String,
         #[serde(rename = "resource_type")]
         resource_type: String,
     },
     ResourceProgress {
         address: String,
-        operation: String,
+        operation: &'static str,
         progress: ProgressEvent,
     },
     ResourceComplete {
         address: String,
-        operation: String,
+        operation: &'static str,
         elapsed_seconds: f64,
         /// The resource's outputs (null after a delete).
         outputs: capstan_schema::Json,
     },
     ResourceFailed {
         address: String,
-        operation: String,
+        operation: &'static str,
         error: String,
         kind: String,
         details: String,
@@ -61,7 +61,7 @@ pub enum Event {
     },
     ResourceSkipped {
         address: String,
-        operation: String,
+        operation: &'static str,
         reason: String,
         dependency: String,
     },

@@ -316,6 +316,13 @@ pub async fn run(
     interrupt: CancellationToken,
 ) -> Result<Summary, StateError> {
     let run_started = Instant::now();
+    // Room for every resource this run may create, so recording them never regrows the map.
+    state.resources.reserve(
+        changes
+            .iter()
+            .filter(|c| c.action == Action::Create)
+            .count(),
+    );
     let capability_sources: BTreeSet<&str> = changes
         .iter()
         .filter(|c| c.action != Action::Delete)
