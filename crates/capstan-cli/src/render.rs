@@ -200,7 +200,7 @@ impl HumanEvents {
                 eprintln!(
                     "  {} {address}: {} in {elapsed_seconds:.2}s",
                     self.paint("32", "✓"),
-                    past(&operation)
+                    past(operation)
                 );
             }
             Event::ResourceFailed { error, details, .. } => {

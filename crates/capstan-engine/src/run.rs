@@ -463,7 +463,7 @@ pub async fn run(
                             .collect();
                         events.emit(Event::ResourceFailed {
                             address: address.clone(),
-                            operation: action.as_str().into(),
+                            operation: action.as_str(),
                             error: format!(
                                 "{address}: the outputs it refers to were not produced: {}",
                                 missing.join(", ")
@@ -534,7 +534,7 @@ pub async fn run(
                             None => {
                                 events.emit(Event::ResourceFailed {
                                     address: address.clone(),
-                                    operation: action.as_str().into(),
+                                    operation: action.as_str(),
                                     error: format!(
                                         "{address}: `{}` returned no capability named `{}`",
                                         cap.address, cap.name
@@ -635,7 +635,7 @@ pub async fn run(
                         state.pending.remove(&address);
                         events.emit(Event::ResourceSkipped {
                             address: address.clone(),
-                            operation: nodes[i].change.action.as_str().into(),
+                            operation: nodes[i].change.action.as_str(),
                             reason: stop_reason(&state_error),
                             dependency: String::new(),
                         });
@@ -658,7 +658,7 @@ pub async fn run(
                             summary.interrupted += 1;
                             events.emit(Event::ResourceFailed {
                                 address: node.change.address.clone(),
-                                operation: node.change.action.as_str().into(),
+                                operation: node.change.action.as_str(),
                                 error: format!("{}: interrupted", node.change.address),
                                 kind: "cancelled".into(),
                                 details: String::new(),
@@ -677,7 +677,7 @@ pub async fn run(
                             summary.skipped += 1;
                             events.emit(Event::ResourceSkipped {
                                 address: node.change.address.clone(),
-                                operation: node.change.action.as_str().into(),
+                                operation: node.change.action.as_str(),
                                 reason: "the run was interrupted before it was sent to its provider".into(),
                                 dependency: String::new(),
                             });
@@ -707,7 +707,7 @@ pub async fn run(
                 summary.skipped += 1;
                 events.emit(Event::ResourceSkipped {
                     address: node.change.address.clone(),
-                    operation: node.change.action.as_str().into(),
+                    operation: node.change.action.as_str(),
                     reason: "its recorded dependencies form a cycle; delete it with `capstan state forget` after removing it by hand".into(),
                     dependency: String::new(),
                 });
@@ -721,7 +721,7 @@ pub async fn run(
                 summary.skipped += 1;
                 events.emit(Event::ResourceSkipped {
                     address: node.change.address.clone(),
-                    operation: node.change.action.as_str().into(),
+                    operation: node.change.action.as_str(),
                     reason: if interrupt.is_cancelled() {
                         "the run was interrupted".into()
                     } else {
@@ -770,7 +770,7 @@ fn skip_dependents(
         summary.skipped += 1;
         events.emit(Event::ResourceSkipped {
             address: nodes[j].change.address.clone(),
-            operation: nodes[j].change.action.as_str().into(),
+            operation: nodes[j].change.action.as_str(),
             reason: format!("dependency `{failed}` failed"),
             dependency: failed.clone(),
         });
@@ -794,7 +794,7 @@ fn progress_observer(
         for progress in batch {
             events.emit(Event::ResourceProgress {
                 address: address.clone(),
-                operation: operation.into(),
+                operation,
                 progress,
             });
         }
@@ -932,7 +932,7 @@ async fn create_or_update(
     // Started means recorded: the intent is durable before anyone is told.
     shared.events.emit(Event::ResourceStart {
         address: address.clone(),
-        operation: verb.into(),
+        operation: verb,
         provider: provider.clone(),
         resource_type: resource_type.clone(),
     });
@@ -977,7 +977,7 @@ async fn create_or_update(
             }
             shared.events.emit(Event::ResourceComplete {
                 address,
-                operation: verb.into(),
+                operation: verb,
                 elapsed_seconds: elapsed,
                 outputs: success.outputs.clone(),
             });
@@ -1022,7 +1022,7 @@ async fn delete(
         );
         shared.events.emit(Event::ResourceFailed {
             address,
-            operation: "delete".into(),
+            operation: "delete",
             error: error.clone(),
             kind: "invalid_input".into(),
             details: String::new(),
@@ -1062,7 +1062,7 @@ async fn delete(
     let started = Instant::now();
     shared.events.emit(Event::ResourceStart {
         address: address.clone(),
-        operation: "delete".into(),
+        operation: "delete",
         provider: recorded.provider.clone(),
         resource_type: recorded.resource_type.clone(),
     });
@@ -1102,7 +1102,7 @@ async fn delete(
             }
             shared.events.emit(Event::ResourceComplete {
                 address,
-                operation: "delete".into(),
+                operation: "delete",
                 elapsed_seconds: elapsed,
                 outputs: Json::null(),
             });
@@ -1143,7 +1143,7 @@ async fn fail(
         }
         shared.events.emit(Event::ResourceFailed {
             address,
-            operation: verb.into(),
+            operation: verb,
             error: error.clone(),
             kind: kind.clone(),
             details: details.clone(),
