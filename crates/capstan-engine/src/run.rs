@@ -225,6 +225,8 @@ pub fn providers_needed(changes: &[PlannedChange]) -> BTreeSet<String> {
 
 struct Node {
     change: PlannedChange,
+    /// Its index in `deployment.resources` (creates, updates, no-ops).
+    decl: Option<usize>,
     remaining: usize,
     dependents: Vec<usize>,
     /// Dependencies recorded with the resource (for deletes, from the state).
@@ -338,19 +340,21 @@ pub async fn run(
         .into_iter()
         .zip(capability_source)
         .map(|(change, capability_source)| {
-            let dependencies = match change.action {
-                Action::Delete => state
+            let decl = match change.action {
+                Action::Delete => None,
+                _ => deployment.resources.get_index_of(&change.address),
+            };
+            let dependencies = match decl {
+                None => state
                     .resources
                     .get(&change.address)
                     .map(|r| r.dependencies.clone())
                     .unwrap_or_default(),
-                _ => deployment.resources[&change.address]
-                    .dependencies()
-                    .into_iter()
-                    .collect(),
+                Some(d) => deployment.resources[d].dependencies().into_iter().collect(),
             };
             Node {
                 change,
+                decl,
                 remaining: 0,
                 dependents: Vec::new(),
                 dependencies,
@@ -444,7 +448,7 @@ pub async fn run(
                         .push(delete(i, address, recorded, slot, providers, options).boxed_local());
                 }
                 action => {
-                    let decl = &deployment.resources[&address];
+                    let decl = &deployment.resources[node.decl.expect("declared")];
                     let lookup = |target: &str, output: &str| {
                         // Every finished resource's outputs are in the state by now.
                         state
@@ -477,12 +481,10 @@ pub async fn run(
                         skip_dependents(i, &nodes, &mut finished, &mut summary, &*events);
                         continue;
                     };
-                    let unchanged = state
-                        .resources
-                        .get(&address)
-                        .is_some_and(|r| r.inputs == inputs);
+                    let recorded = state.resources.get(&address);
+                    let unchanged = recorded.is_some_and(|r| r.inputs == inputs);
                     if unchanged && !node.capability_source {
-                        let recorded = &state.resources[&address];
+                        let recorded = recorded.expect("unchanged means recorded");
                         let mut old = recorded.dependencies.clone();
                         let mut new = node.dependencies.clone();
                         old.sort();
@@ -552,7 +554,7 @@ pub async fn run(
                         skip_dependents(i, &nodes, &mut finished, &mut summary, &*events);
                         continue;
                     }
-                    let recorded = state.resources.get(&address).cloned();
+                    let recorded = recorded.cloned();
                     let operation = match (unchanged, &recorded) {
                         (true, _) => Operation::Read,
                         (false, None) => Operation::Create,
@@ -597,7 +599,7 @@ pub async fn run(
                         }
                         if counted != Action::Noop {
                             let deps = std::mem::take(&mut nodes[i].dependencies);
-                            let decl = &deployment.resources[&address];
+                            let decl = &deployment.resources[nodes[i].decl.expect("declared")];
                             state.apply_owned(Record::Done { address: address.clone(), state: ResourceState { provider: decl.provider.clone(), resource_type: decl.resource_type.clone(), inputs, outputs: out, dependencies: deps } });
                         } else if let Some(recorded) = state.resources.get_mut(&address) {
                             // A read (what the provider says now) or re-recorded wiring.
