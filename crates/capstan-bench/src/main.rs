@@ -698,7 +698,15 @@ fn apply_bench(json_output: bool, quick: bool) {
     let a = run(small);
     let b = run(large);
     let ratio = b["apply_seconds"].as_f64().unwrap() / a["apply_seconds"].as_f64().unwrap();
+    // The keys (named for the full sizes; with --quick they hold the quick sizes'
+    // figures), then everything measured, per size.
     let figures = json!({
+        "apply_resources_per_s_100k": b["resources_per_s"],
+        "plan_100k_s": b["plan_unchanged_seconds"],
+        "scaling_10k_100k": ratio,
+        "peak_rss_mib_100k": b["peak_rss_mib"],
+        "host_bytes_per_resource_100k": b["host_bytes_per_resource"],
+        "state_bytes_per_resource": b["state_bytes_per_resource"],
         "jobs": jobs,
         "small": a,
         "large": b,

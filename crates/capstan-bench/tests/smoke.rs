@@ -1,0 +1,59 @@
+//! The benchmarks still run and report every figure they promise (not how fast: timing belongs
+//! to the benchmark itself, on a quiet machine, never to a test).
+
+use std::process::Command;
+
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_capstan-bench"))
+        .args(args)
+        .output()
+        .expect("run capstan-bench");
+    assert!(
+        output.status.success(),
+        "capstan-bench {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "capstan-bench {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+fn positive(figures: &serde_json::Value, key: &str) -> f64 {
+    let value = figures[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("`{key}` missing from {figures}"));
+    assert!(value > 0.0 && value.is_finite(), "`{key}` = {value}");
+    value
+}
+
+#[test]
+fn apply_reports_the_engine_figures() {
+    let figures = bench_json(&["apply", "--quick", "--json"]);
+    for key in [
+        "apply_resources_per_s_100k",
+        "plan_100k_s",
+        "scaling_10k_100k",
+        "peak_rss_mib_100k",
+        "state_bytes_per_resource",
+    ] {
+        positive(&figures, key);
+    }
+    // Two journal lines (intent and result) per resource, each well under a kilobyte.
+    let state = positive(&figures, "state_bytes_per_resource");
+    assert!(
+        (100.0..2048.0).contains(&state),
+        "{state} bytes per resource"
+    );
+}
+
+#[test]
+fn v0_reports_both_ways_and_their_ratio() {
+    let figures = bench_json(&["v0", "--quick", "--json"]);
+    let v0 = positive(&figures, "v0_resources_per_s");
+    let capnp = positive(&figures, "capnp_resources_per_s");
+    let ratio = positive(&figures, "capnp_vs_v0_ratio");
+    assert!((ratio - capnp / v0).abs() < 1e-6 * ratio);
+}
