@@ -45,7 +45,12 @@ impl Drop for ProcessGroupGuard {
 
 /// Reads one line from a child process's output, without its line ending; bytes that are not
 /// UTF-8 are replaced rather than ending the stream (a command that prints one Latin-1 byte
-/// must not stop being read, or it blocks on a full pipe). `Ok(None)` at end of file.
+/// must not stop being read, or it blocks on a full pipe). `Ok(None)` at end of file; a last
+/// line without a line ending is still a line.
+///
+/// Cancel-safe, so it can race other reads in `tokio::select!`: pass the same `buffer` every
+/// time; the part of a line read before a cancellation stays in it and the next call finishes
+/// the line.
 pub async fn read_line_lossy<R>(
     reader: &mut R,
     buffer: &mut Vec<u8>,
@@ -54,12 +59,15 @@ where
     R: tokio::io::AsyncBufRead + Unpin,
 {
     use tokio::io::AsyncBufReadExt;
-    buffer.clear();
-    if reader.read_until(b'\n', buffer).await? == 0 {
+    reader.read_until(b'\n', buffer).await?;
+    if buffer.is_empty() {
         return Ok(None);
     }
-    let text = String::from_utf8_lossy(buffer);
-    Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+    let text = String::from_utf8_lossy(buffer)
+        .trim_end_matches(['\n', '\r'])
+        .to_string();
+    buffer.clear();
+    Ok(Some(text))
 }
 
 /// What a command printed, as [`stream_command`] saw it.
@@ -123,4 +131,33 @@ pub async fn stream_command(
         stdout: captured,
         tail: tail.into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_line_read_in_pieces_survives_a_cancelled_read() {
+        let (mut writer, reader) = tokio::io::duplex(64);
+        let mut reader = BufReader::new(reader);
+        let mut buffer = Vec::new();
+        writer.write_all(b"half a li").await.unwrap();
+        // Another branch of a select! wins while the line is incomplete.
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(20),
+            read_line_lossy(&mut reader, &mut buffer),
+        )
+        .await;
+        assert!(cancelled.is_err(), "no whole line yet");
+        writer.write_all(b"ne\n\xffnext\r\nlast").await.unwrap();
+        drop(writer);
+        let mut lines = Vec::new();
+        while let Some(line) = read_line_lossy(&mut reader, &mut buffer).await.unwrap() {
+            lines.push(line);
+        }
+        assert_eq!(lines, ["half a line", "\u{fffd}next", "last"]);
+    }
 }
