@@ -60,7 +60,8 @@ pub struct Common {
 /// Options of commands that run operations.
 #[derive(Args, Clone)]
 pub struct RunArgs {
-    /// At most this many operations at once, across all providers.
+    /// At most this many operations in providers at once, across all providers (a provider's
+    /// own limit, or its `maxConcurrency`, can lower it for that provider).
     #[arg(short, long, default_value_t = 16)]
     jobs: usize,
     /// Stop starting new operations after the first failure.

@@ -907,7 +907,7 @@ async fn create_or_update(
         .get(&provider)
         .copied()
         .or(options.timeout);
-    let _own = provider_permit(providers, &provider).await;
+    let own = provider_permit(providers, &provider).await;
     let (kind, verb, counted) = match operation {
         Operation::Create => (OperationKind::Create, "create", Action::Create),
         Operation::Update => (OperationKind::Update, "update", Action::Update),
@@ -927,7 +927,7 @@ async fn create_or_update(
         }
         shared.phases.borrow_mut()[i] = Phase::Recorded;
     }
-    let Some(_job) = job_permit(&shared, i).await else {
+    let Some(job) = job_permit(&shared, i).await else {
         return not_sent(i, address, verb, operation != Operation::Read, &shared).await;
     };
     let started = Instant::now();
@@ -956,9 +956,14 @@ async fn create_or_update(
         )
         .await;
     let elapsed = started.elapsed().as_secs_f64();
-    // The provider is done: let the next operation be dispatched (its intent journaled)
-    // while this result is. The job and the provider's permit are held until the result is
-    // durable, so a consumer of the events never sees more running than the limits allow.
+    if result.is_err() && options.fail_fast {
+        // Before the job is given back: nothing waiting for it may be sent now.
+        shared.stopping.set(true);
+    }
+    // The provider is done: give its job and permit back, and let the next operation be
+    // dispatched, while this result is journaled. (`resource_complete` still waits for it.)
+    drop(job);
+    drop(own);
     drop(slot);
     match result {
         Ok(success) => {
@@ -1045,7 +1050,7 @@ async fn delete(
         .get(&recorded.provider)
         .copied()
         .or(options.timeout);
-    let _own = provider_permit(providers, &recorded.provider).await;
+    let own = provider_permit(providers, &recorded.provider).await;
     let intent = Record::Intent {
         address: address.clone(),
         operation: "delete".into(),
@@ -1058,7 +1063,7 @@ async fn delete(
         return (i, Outcome::State(e));
     }
     shared.phases.borrow_mut()[i] = Phase::Recorded;
-    let Some(_job) = job_permit(&shared, i).await else {
+    let Some(job) = job_permit(&shared, i).await else {
         return not_sent(i, address, "delete", true, &shared).await;
     };
     let started = Instant::now();
@@ -1086,9 +1091,14 @@ async fn delete(
         )
         .await;
     let elapsed = started.elapsed().as_secs_f64();
-    // The provider is done: let the next operation be dispatched (its intent journaled)
-    // while this result is. The job and the provider's permit are held until the result is
-    // durable, so a consumer of the events never sees more running than the limits allow.
+    if result.is_err() && options.fail_fast {
+        // Before the job is given back: nothing waiting for it may be sent now.
+        shared.stopping.set(true);
+    }
+    // The provider is done: give its job and permit back, and let the next operation be
+    // dispatched, while this result is journaled. (`resource_complete` still waits for it.)
+    drop(job);
+    drop(own);
     drop(slot);
     match result {
         Ok(_) => {

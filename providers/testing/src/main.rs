@@ -12,7 +12,7 @@
 //! | `chatty` | emits `count` progress events through tracing or explicit log lines |
 //! | `big` | returns an output of `bytes` bytes (for message-size limits) |
 //! | `corrupt` | writes garbage bytes onto its own RPC socket |
-//! | `probe` | waits `ms`, reports how many operations this process ran at once (`peak`); fails if `fail` |
+//! | `probe` | waits `ms`, reports how many operations this process ran at once (`peak`) and how many of its `group` (`group_peak`); fails if `fail` |
 //!
 //! Options: `--listen PATH` serves as a standing service at PATH; `--max-concurrency N`
 //! declares a limit; `--protocol MIN:MAX` claims other protocol versions (to test refusal);
@@ -24,6 +24,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
@@ -420,6 +421,9 @@ struct ProbeIn {
     /// Anything; lets a deployment wire references through a probe.
     #[serde(default)]
     value: Value,
+    /// Also counts operations at once among probes of this group (`group_peak`).
+    #[serde(default)]
+    group: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -427,22 +431,40 @@ struct ProbeOut {
     value: Value,
     id: String,
     peak: u64,
+    group_peak: u64,
 }
 
-/// Counts this operation as running for as long as it lives.
-struct Running;
+/// Operations running and the most at once, per probe group.
+static GROUPS: std::sync::Mutex<BTreeMap<String, (u64, u64)>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Counts this operation as running, in the process and in its group, for as long as it lives.
+struct Running(String);
 
 impl Running {
-    fn enter() -> Self {
+    fn enter(group: &str) -> Self {
         let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
         PEAK.fetch_max(now, Ordering::SeqCst);
-        Running
+        let mut groups = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
+        let (running, peak) = groups.entry(group.to_string()).or_default();
+        *running += 1;
+        *peak = (*peak).max(*running);
+        Running(group.to_string())
+    }
+
+    fn group_peak(&self) -> u64 {
+        let groups = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
+        groups.get(&self.0).map(|(_, peak)| *peak).unwrap_or(0)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         RUNNING.fetch_sub(1, Ordering::SeqCst);
+        let mut groups = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((running, _)) = groups.get_mut(&self.0) {
+            *running -= 1;
+        }
     }
 }
 
@@ -456,17 +478,25 @@ impl Resource for Probe {
             .optional("ms", "How long to take")
             .optional("fail", "Fail instead of succeeding")
             .optional("value", "Echoed as the output `value`")
+            .optional(
+                "group",
+                "Counts operations at once among probes of this group too",
+            )
             .output("value", "The input `value`")
             .output("id", "Unique per operation")
             .output(
                 "peak",
                 "The most operations this process has run at once so far",
             )
+            .output(
+                "group_peak",
+                "The most operations of this probe's group run at once so far",
+            )
             .stateful(true)
     }
 
     async fn create(&self, _op: &Operation, inputs: ProbeIn) -> Result<ProbeOut, OperationError> {
-        let _running = Running::enter();
+        let running = Running::enter(&inputs.group);
         if inputs.ms > 0 {
             tokio::time::sleep(Duration::from_millis(inputs.ms)).await;
         } else {
@@ -479,6 +509,7 @@ impl Resource for Probe {
             value: inputs.value,
             id: unique_id(),
             peak: PEAK.load(Ordering::SeqCst),
+            group_peak: running.group_peak(),
         })
     }
 }
