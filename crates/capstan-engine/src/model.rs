@@ -1,7 +1,7 @@
 //! The deployment: providers, resources, and the data flowing between them, read from JSON and
 //! checked before anything runs. Every error names the file and the place in it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use capstan_schema::{Json, ProviderInfo};
@@ -73,19 +73,26 @@ pub struct ResourceDecl {
     pub inputs: Json,
     pub refs: Vec<OutputRef>,
     pub capabilities: Vec<CapabilityRef>,
+    /// What it depends on (references and capabilities), as indices into
+    /// `Deployment::resources`, sorted, each once.
+    pub depends_on: Vec<u32>,
     /// Output names declared by the deployment (required for NixOps4 v0 resources, whose
     /// providers have no handshake to tell).
     pub outputs: Option<Vec<String>>,
 }
 
 impl ResourceDecl {
-    /// Every resource this one depends on.
-    pub fn dependencies(&self) -> BTreeSet<String> {
-        self.refs
+    /// Every resource this one depends on, in address order, each once.
+    pub fn dependencies(&self) -> Vec<String> {
+        let mut addresses: Vec<&str> = self
+            .refs
             .iter()
-            .map(|r| r.address.clone())
-            .chain(self.capabilities.iter().map(|c| c.address.clone()))
-            .collect()
+            .map(|r| r.address.as_str())
+            .chain(self.capabilities.iter().map(|c| c.address.as_str()))
+            .collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        addresses.into_iter().map(str::to_string).collect()
     }
 
     /// The inputs with every `{"$ref": "ADDRESS#OUTPUT"}` replaced by the output's value (as
@@ -253,7 +260,7 @@ impl Deployment {
                 .map_err(|(place, m)| err(&place, m))?;
         }
         resources.sort_unstable_keys();
-        let deployment = Deployment {
+        let mut deployment = Deployment {
             file: file.to_path_buf(),
             providers,
             resources,
@@ -261,6 +268,13 @@ impl Deployment {
         deployment
             .check_static()
             .map_err(|(place, m)| err(&place, m))?;
+        link_dependencies(&mut deployment.resources).map_err(|(place, m)| err(&place, m))?;
+        if let Some(cycle) = deployment.find_cycle() {
+            return Err(err(
+                "resources",
+                format!("dependency cycle: {}", cycle.join(" -> ")),
+            ));
+        }
         Ok(deployment)
     }
 
@@ -308,12 +322,6 @@ impl Deployment {
                 }
             }
         }
-        if let Some(cycle) = self.find_cycle() {
-            return Err((
-                "resources".into(),
-                format!("dependency cycle: {}", cycle.join(" -> ")),
-            ));
-        }
         Ok(())
     }
 
@@ -321,17 +329,10 @@ impl Deployment {
     pub fn find_cycle(&self) -> Option<Vec<String>> {
         // Work on indices: one lookup per edge up front, then plain vectors.
         let addresses: Vec<&str> = self.resources.keys().map(String::as_str).collect();
-        let edges: Vec<Vec<usize>> = self
+        let edges: Vec<&[u32]> = self
             .resources
             .values()
-            .map(|r| {
-                r.refs
-                    .iter()
-                    .map(|x| x.address.as_str())
-                    .chain(r.capabilities.iter().map(|c| c.address.as_str()))
-                    .filter_map(|a| self.resources.get_index_of(a))
-                    .collect()
-            })
+            .map(|r| r.depends_on.as_slice())
             .collect();
         const NEW: u8 = 0;
         const VISITING: u8 = 1;
@@ -348,6 +349,7 @@ impl Deployment {
                 let node = *node;
                 match edges[node].get(*next_edge) {
                     Some(&next) => {
+                        let next = next as usize;
                         *next_edge += 1;
                         match marks[next] {
                             VISITING => {
@@ -693,9 +695,54 @@ fn collect_resources(
                 inputs,
                 refs,
                 capabilities,
+                depends_on: Vec::new(),
                 outputs,
             },
         );
+    }
+    Ok(())
+}
+
+/// Fills each resource's `depends_on` (once the map is in its final order), or names the first
+/// reference to a resource the deployment does not declare.
+fn link_dependencies(resources: &mut AddressMap<ResourceDecl>) -> Result<(), (String, String)> {
+    let mut all = Vec::with_capacity(resources.len());
+    for r in resources.values() {
+        let mut depends_on = Vec::with_capacity(r.refs.len() + r.capabilities.len());
+        for reference in &r.refs {
+            match resources.get_index_of(&reference.address) {
+                Some(i) => depends_on.push(i as u32),
+                None => {
+                    return Err((
+                        r.place_of(reference),
+                        format!(
+                            "refers to resource `{}`, which the deployment does not declare",
+                            reference.address
+                        ),
+                    ))
+                }
+            }
+        }
+        for cap in &r.capabilities {
+            match resources.get_index_of(&cap.address) {
+                Some(i) => depends_on.push(i as u32),
+                None => {
+                    return Err((
+                        format!("resources.{}.inputs.{}", r.address, cap.input),
+                        format!(
+                            "asks for a capability of resource `{}`, which the deployment does not declare",
+                            cap.address
+                        ),
+                    ))
+                }
+            }
+        }
+        depends_on.sort_unstable();
+        depends_on.dedup();
+        all.push(depends_on);
+    }
+    for (r, depends_on) in resources.values_mut().zip(all) {
+        r.depends_on = depends_on;
     }
     Ok(())
 }
@@ -825,10 +872,7 @@ mod tests {
             "resources.web.db.inputs.stdin",
             "the place of a reference is found again for messages"
         );
-        assert_eq!(
-            db.dependencies().into_iter().collect::<Vec<_>>(),
-            vec!["hello".to_string()]
-        );
+        assert_eq!(db.dependencies(), vec!["hello".to_string()]);
     }
 
     #[test]

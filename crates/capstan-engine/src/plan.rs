@@ -81,20 +81,9 @@ pub fn topological_order(deployment: &Deployment) -> Vec<usize> {
     let mut remaining = vec![0u32; count];
     // Edges as (dependency, dependent), then grouped by dependency.
     let mut edges: Vec<(u32, u32)> = Vec::with_capacity(count * 2);
-    let mut deps: Vec<usize> = Vec::new();
     for (i, r) in resources.values().enumerate() {
-        deps.clear();
-        deps.extend(
-            r.refs
-                .iter()
-                .map(|x| x.address.as_str())
-                .chain(r.capabilities.iter().map(|c| c.address.as_str()))
-                .filter_map(|a| resources.get_index_of(a)),
-        );
-        deps.sort_unstable();
-        deps.dedup();
-        remaining[i] = deps.len() as u32;
-        edges.extend(deps.iter().map(|&d| (d as u32, i as u32)));
+        remaining[i] = r.depends_on.len() as u32;
+        edges.extend(r.depends_on.iter().map(|&d| (d, i as u32)));
     }
     let mut first = vec![0u32; count + 1];
     for &(d, _) in &edges {
@@ -158,11 +147,6 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
                 });
             }
         }
-        let unchanged = |target: &str| {
-            resources
-                .get_index_of(target)
-                .is_some_and(|j| actions[j] == Some(Action::Noop))
-        };
         // Outputs are known now only of resources that stay as they are.
         let known = |target: &str, output: &str| -> Option<&serde_json::value::RawValue> {
             let j = resources.get_index_of(target)?;
@@ -183,16 +167,18 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
                 None => (Action::Update, Vec::new()),
             },
         };
-        let waits_on: Vec<String> = if action == Action::Noop {
+        // The references whose values come from resources that change (capabilities are
+        // never known ahead). `depends_on` is in address order, each once.
+        let waits_on: Vec<String> = if action == Action::Noop || r.refs.is_empty() {
             Vec::new()
         } else {
-            r.refs
+            r.depends_on
                 .iter()
-                .map(|x| x.address.as_str())
-                .filter(|a| !unchanged(a))
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .map(str::to_string)
+                .map(|&j| j as usize)
+                .filter(|&j| actions[j] != Some(Action::Noop))
+                .map(|j| resources.get_index(j).expect("an index").0)
+                .filter(|a| r.refs.iter().any(|x| &x.address == *a))
+                .cloned()
                 .collect()
         };
         actions[i] = Some(action);

@@ -350,7 +350,18 @@ pub async fn run(
                     .get(&change.address)
                     .map(|r| r.dependencies.clone())
                     .unwrap_or_default(),
-                Some(d) => deployment.resources[d].dependencies().into_iter().collect(),
+                Some(d) => deployment.resources[d]
+                    .depends_on
+                    .iter()
+                    .map(|&j| {
+                        deployment
+                            .resources
+                            .get_index(j as usize)
+                            .expect("an index")
+                            .0
+                            .clone()
+                    })
+                    .collect(),
             };
             Node {
                 change,
