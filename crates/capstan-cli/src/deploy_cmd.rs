@@ -182,12 +182,12 @@ async fn start_providers(
     session: &Session,
     changes: &mut [PlannedChange],
 ) -> Result<Providers, ExitCode> {
-    let mut names: std::collections::BTreeSet<String> = session
-        .deployment
-        .resources
-        .values()
-        .map(|r| r.provider.clone())
-        .collect();
+    let mut names: std::collections::BTreeSet<String> = Default::default();
+    for r in session.deployment.resources.values() {
+        if !names.contains(&r.provider) {
+            names.insert(r.provider.clone());
+        }
+    }
     for change in changes.iter() {
         if !session.deployment.providers.contains_key(&change.provider) {
             eprintln!(
@@ -197,7 +197,9 @@ async fn start_providers(
             );
             return Err(ExitCode::from(EXIT_INVALID));
         }
-        names.insert(change.provider.clone());
+        if !names.contains(&change.provider) {
+            names.insert(change.provider.clone());
+        }
     }
     let program = std::env::current_exe().map_err(|e| {
         eprintln!("error: cannot find the capstan executable to start built-in providers: {e}");
@@ -269,7 +271,9 @@ pub async fn plan_cmd(common: Common, stdout: Stdout) -> ExitCode {
         Err(code) => return code,
     };
     providers.shutdown().await;
-    session.events.emit(Event::Plan { changes });
+    session.events.emit(Event::Plan {
+        changes: Rc::new(changes),
+    });
     ExitCode::SUCCESS
 }
 
@@ -293,9 +297,13 @@ pub async fn apply_cmd(common: Common, args: RunArgs, stdout: Stdout, destroy: b
         Ok(p) => p,
         Err(code) => return code,
     };
+    // Shown, then run: the sinks here do not keep events, so the run gets the plan back
+    // without a copy.
+    let changes = Rc::new(changes);
     session.events.emit(Event::Plan {
         changes: changes.clone(),
     });
+    let changes = Rc::try_unwrap(changes).unwrap_or_else(|shared| (*shared).clone());
     let interrupt = watch_interrupts();
     let options = RunOptions {
         jobs: args.jobs,

@@ -28,9 +28,17 @@ impl Stdout {
         Stdout(File::create("/dev/null").expect("/dev/null"))
     }
 
-    /// Writes one line.
+    /// Writes one line, in one `write` (a reader never sees half a line from us before the
+    /// rest, and a line costs one system call).
     pub fn line(&mut self, text: &str) {
-        let _ = writeln!(self.0, "{text}");
-        let _ = self.0.flush();
+        let mut line = String::with_capacity(text.len() + 1);
+        line.push_str(text);
+        self.line_owned(line);
+    }
+
+    /// Writes `text` and a newline, reusing `text`'s buffer.
+    pub fn line_owned(&mut self, mut text: String) {
+        text.push('\n');
+        let _ = self.0.write_all(text.as_bytes());
     }
 }

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use capstan_engine::events::{Event, EventSink};
 use capstan_engine::plan::Action;
 use capstan_schema::{Level, ProgressKind};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::output::Stdout;
 
@@ -35,24 +35,34 @@ impl JsonEvents {
             out,
             seq: Cell::new(0),
         };
-        sink.write(json!({"type": "version", "capstan": env!("CARGO_PKG_VERSION"), "ui": JSON_STREAM_VERSION, "command": command}));
+        sink.write(json!({"type": "version", "capstan": env!("CARGO_PKG_VERSION"), "ui": JSON_STREAM_VERSION, "command": command}).to_string());
         sink
     }
 
-    fn write(&self, mut value: Value) {
+    /// Writes one event, given as the text of a JSON object, with `seq` and `timestamp` added
+    /// as its last members. Events are serialized straight to text: going through a `Value`
+    /// cost a tree of allocations per event (and hundreds of megabytes for the plan of a
+    /// large deployment).
+    fn write(&self, mut object: String) {
+        use std::fmt::Write;
         let seq = self.seq.get();
         self.seq.set(seq + 1);
-        if let Some(object) = value.as_object_mut() {
-            object.insert("seq".into(), json!(seq));
-            object.insert("timestamp".into(), json!(timestamp()));
+        debug_assert!(object.starts_with('{') && object.ends_with('}'));
+        object.pop();
+        if object.len() > 1 {
+            object.push(',');
         }
-        self.out.borrow_mut().line(&value.to_string());
+        // `f64`'s Display is the shortest text that reads back the same, never an exponent:
+        // a JSON number.
+        let _ = write!(object, "\"seq\":{seq},\"timestamp\":{}}}", timestamp());
+        self.out.borrow_mut().line_owned(object);
     }
 }
 
 impl EventSink for JsonEvents {
     fn emit(&self, event: Event) {
-        self.write(serde_json::to_value(&event).unwrap_or(Value::Null));
+        // Events hold strings, numbers and JSON values only: encoding cannot fail.
+        self.write(serde_json::to_string(&event).expect("events always encode"));
     }
 }
 

@@ -30,7 +30,8 @@ impl Summary {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     Plan {
-        changes: Vec<PlannedChange>,
+        /// Shared with the run that follows, so a large plan is not copied to be shown.
+        changes: std::rc::Rc<Vec<PlannedChange>>,
     },
     ResourceStart {
         address: String,

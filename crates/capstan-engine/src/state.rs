@@ -462,10 +462,16 @@ impl StateBackend for DirectoryBackend {
         let snapshot = self.dir.join("snapshot.json");
         let temp = self.dir.join("snapshot.json.tmp");
         {
-            let mut file = File::create(&temp).map_err(io(&temp))?;
-            serde_json::to_writer(&mut file, state).map_err(|e| StateError::Io {
+            let file = File::create(&temp).map_err(io(&temp))?;
+            // Buffered: serde_json writes token by token, a system call each on a bare file.
+            let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+            serde_json::to_writer(&mut writer, state).map_err(|e| StateError::Io {
                 path: temp.clone(),
                 source: e.into(),
+            })?;
+            let file = writer.into_inner().map_err(|e| StateError::Io {
+                path: temp.clone(),
+                source: e.into_error(),
             })?;
             file.sync_all().map_err(io(&temp))?;
         }
