@@ -296,13 +296,8 @@ impl Resource for Build {
             let message = log
                 .errors
                 .first()
-                .map(|e| {
-                    e.lines()
-                        .next()
-                        .unwrap_or("")
-                        .trim_start_matches("error: ")
-                        .to_string()
-                })
+                .map(|e| error_summary(e))
+                .filter(|m| !m.is_empty())
                 .unwrap_or_else(|| format!("nix-build exited with {status}"));
             let mut details = log.errors.join("\n");
             if !details.is_empty() {
@@ -318,6 +313,27 @@ impl Resource for Build {
             out_path: out_paths[0].clone(),
             out_paths,
         })
+    }
+}
+
+/// The line of a Nix error message that says what went wrong. Nix up to 2.12 puts it first
+/// (`error: attribute 'x' missing` then the position); later versions start with a bare
+/// `error:` and a trace of what was being evaluated, and end with the innermost
+/// `error: …`, which is the one to show.
+fn error_summary(error: &str) -> String {
+    let with_text = error.lines().map(str::trim).filter_map(|line| {
+        line.strip_prefix("error:")
+            .map(str::trim)
+            .filter(|rest| !rest.is_empty())
+    });
+    match with_text.last() {
+        Some(message) => message.to_string(),
+        None => error
+            .lines()
+            .map(str::trim)
+            .find(|line| !line.is_empty() && *line != "error:")
+            .unwrap_or("")
+            .to_string(),
     }
 }
 
@@ -560,6 +576,24 @@ mod tests {
         assert_eq!(generation_number("/x/profile-3-link"), Some(3));
         assert_eq!(generation_number("/x/my-profile-12-link"), Some(12));
         assert_eq!(generation_number("/x/profile"), None);
+    }
+
+    #[test]
+    fn the_summary_is_the_line_that_says_what_went_wrong() {
+        // Nix 2.8 (Debian's): the message first, then where.
+        assert_eq!(
+            error_summary("error: attribute 'nope' missing\n\n       at «string»:1:1:\n"),
+            "attribute 'nope' missing"
+        );
+        // Nix 2.13 and later: a bare `error:`, the trace, then the innermost error.
+        let traced = "error:\n       … while evaluating the attribute 'drvPath'\n\n         at «string»:1:1:\n\n       error: undefined variable 'nope'\n\n       at «string»:1:20:";
+        assert_eq!(error_summary(traced), "undefined variable 'nope'");
+        // Nothing after any `error:`: the first line with text.
+        assert_eq!(
+            error_summary("error:\n  builder failed\n"),
+            "builder failed"
+        );
+        assert_eq!(error_summary("error:\n"), "");
     }
 
     #[test]
