@@ -64,13 +64,15 @@ enum Command {
     #[command(name = "__provider", hide = true)]
     BuiltinProvider {
         name: String,
-        /// For `nixops4-v0`: `--type NAME=OUT,…` (repeated) `-- PROGRAM ARGS…`.
+        /// For `nixops4-v0`: `--type NAME=OUT,…` (repeated) or `--types '{"NAME": ["OUT"]}'`,
+        /// then `-- PROGRAM ARGS…`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
 
-/// `capstan __provider nixops4-v0 --type NAME=OUT,… -- PROGRAM ARGS…`
+/// `capstan __provider nixops4-v0 --type NAME=OUT,… -- PROGRAM ARGS…` (or `--types JSON`, which
+/// the engine uses: names may contain anything).
 fn serve_v0_bridge(args: &[String]) -> ExitCode {
     let mut types = Vec::new();
     let mut rest = args.iter();
@@ -86,9 +88,21 @@ fn serve_v0_bridge(args: &[String]) -> ExitCode {
                     return ExitCode::from(2);
                 }
             },
+            "--types" => match rest
+                .next()
+                .and_then(|t| capstan_provider_nixops4_v0::TypeSpec::parse_all_json(t))
+            {
+                Some(specs) => types.extend(specs),
+                None => {
+                    eprintln!(
+                        "error: --types takes a JSON object of type names to output name lists"
+                    );
+                    return ExitCode::from(2);
+                }
+            },
             "--" => break,
             other => {
-                eprintln!("error: unexpected `{other}`; usage: capstan __provider nixops4-v0 --type NAME=OUTPUTS … -- PROGRAM ARGS…");
+                eprintln!("error: unexpected `{other}`; usage: capstan __provider nixops4-v0 [--type NAME=OUT,OUT | --types JSON] … -- PROGRAM ARGS…");
                 return ExitCode::from(2);
             }
         }

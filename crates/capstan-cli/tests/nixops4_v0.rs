@@ -125,6 +125,21 @@ fn a_v0_provider_runs_unchanged_with_its_logs_attributed() {
 }
 
 #[test]
+fn v0_type_and_output_names_may_hold_any_character() {
+    // The engine hands the bridge its types as JSON: `=` and `,` (once separators) are fine.
+    let project = Project::new(json!({
+        "odd": {"provider": "v0", "type": "echo=1,2", "inputs": {"a,b": "x", "c=d": "y"}, "outputs": ["a,b", "c=d"]},
+        "file": {"provider": "local", "type": "file", "inputs": {"path": "out.txt", "content": {"$ref": "odd#a,b"}}}
+    }));
+    let out = project.capstan(&["apply"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read_to_string(project.dir.path().join("out.txt")).unwrap(),
+        "x"
+    );
+}
+
+#[test]
 fn v0_output_names_are_declared_and_checked_before_anything_runs() {
     let project = Project::new(json!({
         "greeting": memo("hello"),

@@ -113,12 +113,10 @@ fn source_for(
     {
         // The bridge is a Capstan provider; it starts the v0 program once per operation.
         let mut bridge: Vec<String> = vec!["__provider".into(), crate::model::NIXOPS4_V0.into()];
-        for (name, outputs) in v0_types.into_iter().flatten() {
-            bridge.push("--type".into());
-            bridge.push(format!(
-                "{name}={}",
-                outputs.iter().cloned().collect::<Vec<_>>().join(",")
-            ));
+        if let Some(types) = v0_types {
+            // JSON, so type and output names may hold any character.
+            bridge.push("--types".into());
+            bridge.push(serde_json::to_string(types).expect("names and lists encode"));
         }
         bridge.push("--".into());
         let resolved = if program.contains('/') && Path::new(program).is_relative() {

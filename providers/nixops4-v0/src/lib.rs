@@ -42,6 +42,16 @@ impl TypeSpec {
                 .collect(),
         })
     }
+
+    /// Parses `{"NAME": ["OUT1", "OUT2"], …}`: any names, including ones with `=` or `,`.
+    pub fn parse_all_json(text: &str) -> Option<Vec<Self>> {
+        let types: std::collections::BTreeMap<String, Vec<String>> =
+            serde_json::from_str(text).ok()?;
+        types
+            .into_iter()
+            .map(|(name, outputs)| (!name.is_empty()).then_some(TypeSpec { name, outputs }))
+            .collect()
+    }
 }
 
 /// The bridge provider for the v0 program `program args…`.
