@@ -321,12 +321,12 @@ impl Resource for Build {
 /// `error:` and a trace of what was being evaluated, and end with the innermost
 /// `error: …`, which is the one to show.
 fn error_summary(error: &str) -> String {
-    let with_text = error.lines().map(str::trim).filter_map(|line| {
+    let mut with_text = error.lines().map(str::trim).filter_map(|line| {
         line.strip_prefix("error:")
             .map(str::trim)
             .filter(|rest| !rest.is_empty())
     });
-    match with_text.last() {
+    match with_text.next_back() {
         Some(message) => message.to_string(),
         None => error
             .lines()
