@@ -389,7 +389,7 @@ pub async fn state_cmd(common: Common, command: StateCmd, mut stdout: Stdout) ->
             }
         }
         StateCmd::Show { address } => match session.state.resources.get(&address) {
-            Some(r) => stdout.line(&serde_json::to_string_pretty(r).unwrap_or_default()),
+            Some(r) => stdout.line(&pretty(r)),
             None => {
                 eprintln!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
                 return ExitCode::from(EXIT_INVALID);
@@ -450,4 +450,11 @@ pub fn summarize(changes: &[PlannedChange]) -> String {
         .map(|c| format!("{} {}", c.action.as_str(), c.address))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Indented JSON of `value`, including the inputs and outputs it keeps as compact text.
+fn pretty(value: &capstan_engine::state::ResourceState) -> String {
+    serde_json::to_value(value)
+        .and_then(|v| serde_json::to_string_pretty(&v))
+        .unwrap_or_default()
 }

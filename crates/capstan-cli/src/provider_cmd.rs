@@ -236,7 +236,7 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
             }
             let mut out = stdout.borrow_mut();
             if args.json {
-                out.line(&json!({"type": "result", "ok": true, "outputs": success.outputs, "capabilities": handles, "elapsed_seconds": elapsed.as_secs_f64()}).to_string());
+                out.line(&json!({"type": "result", "ok": true, "outputs": success.outputs.value(), "capabilities": handles, "elapsed_seconds": elapsed.as_secs_f64()}).to_string());
             } else {
                 eprintln!(
                     "{} {} `{}` done in {:.2?}",
@@ -248,7 +248,7 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
                 for handle in &handles {
                     eprintln!("  capability {handle}");
                 }
-                out.line(&serde_json::to_string_pretty(&success.outputs)?);
+                out.line(&serde_json::to_string_pretty(&success.outputs.value())?);
             }
             ExitCode::SUCCESS
         }

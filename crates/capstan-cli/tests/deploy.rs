@@ -530,6 +530,35 @@ fn capabilities_flow_from_one_resource_to_another_across_runs() {
 }
 
 #[test]
+fn an_operation_left_pending_earlier_stays_pending_when_a_stopped_run_never_sends_it() {
+    // Run 1: `stuck` times out, so whether it took effect is unknown: it stays pending.
+    let project = Project::new(testing(json!({
+        "stuck": {"provider": "t", "type": "sleep", "inputs": {"ms": 5000}}
+    })));
+    let (code, _) = project.json(&["apply", "--timeout", "0.2"]);
+    assert_eq!(code, Some(1));
+    assert!(text(&project.capstan(&["state", "pending"]).stdout).starts_with("stuck\tcreate"));
+    // Run 2, one job, fail-fast: `a_bad` runs first and fails while `stuck` has journaled its
+    // new intent and waits for the job; `stuck` is never sent. Its earlier, unresolved
+    // intent must not be settled by that.
+    project.write(testing(json!({
+        "a_bad": {"provider": "t", "type": "probe", "inputs": {"ms": 100, "fail": true}},
+        "stuck": {"provider": "t", "type": "sleep", "inputs": {"ms": 5000}}
+    })));
+    let (code, events) = project.json(&["apply", "--fail-fast", "--jobs", "1"]);
+    assert_eq!(code, Some(1));
+    let skipped = of_type(&events, "resource_skipped");
+    assert!(
+        skipped.iter().any(|e| e["address"] == "stuck"),
+        "stuck was never sent: {events:?}"
+    );
+    assert!(
+        text(&project.capstan(&["state", "pending"]).stdout).starts_with("stuck\tcreate"),
+        "still pending: nobody has checked it"
+    );
+}
+
+#[test]
 fn fail_fast_stops_starting_new_work() {
     let project = Project::new(testing(json!({
         "a_bad": {"provider": "t", "type": "probe", "inputs": {"fail": true}},

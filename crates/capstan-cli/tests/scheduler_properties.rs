@@ -72,6 +72,7 @@ fn random_graphs_respect_dependencies_limits_and_failures() {
     // The most operations at once the provider saw in any run: the limit must also be reached,
     // or the test would pass with a scheduler that runs one at a time.
     let mut highest = 0;
+    let mut highest_by_group: HashMap<String, u64> = HashMap::new();
     for seed in 1..=6u64 {
         let mut rng = Rng::new(seed);
         let nodes = random_graph(&mut rng, 40, 3, 8, &["a", "b"]);
@@ -152,6 +153,10 @@ fn random_graphs_respect_dependencies_limits_and_failures() {
                             nodes[i].provider
                         );
                         highest = highest.max(peak);
+                        let seen = highest_by_group
+                            .entry(nodes[i].provider.clone())
+                            .or_default();
+                        *seen = (*seen).max(group_peak);
                     }
                     ended.insert(
                         i,
@@ -196,4 +201,11 @@ fn random_graphs_respect_dependencies_limits_and_failures() {
         highest, JOBS as u64,
         "over all runs the provider saw --jobs operations at once"
     );
+    for (provider, limit) in LIMITS {
+        assert_eq!(
+            highest_by_group.get(provider).copied(),
+            Some(limit as u64),
+            "over all runs provider {provider} reached its limit"
+        );
+    }
 }

@@ -648,8 +648,7 @@ fn collect_resources(
                 )
             })?),
         };
-        let raw_inputs = field("inputs");
-        let inputs = match raw_inputs.map(|raw| serde_json::from_str::<Value>(raw.get())) {
+        let inputs = match field("inputs").map(|raw| serde_json::from_str::<Value>(raw.get())) {
             None => Map::new(),
             Some(Ok(Value::Object(inputs))) => inputs,
             Some(_) => return Err((format!("{}.inputs", place()), "must be an object".into())),
@@ -658,7 +657,6 @@ fn collect_resources(
         let mut capabilities = Vec::new();
         let mut resolved = Map::new();
         let mut input_place = String::new();
-        let mut substituted = false;
         // The place within the resource, made whole only for a message.
         let whole = |(within, message): (String, String)| (format!("{}{within}", place()), message);
         for (key, value) in inputs {
@@ -674,18 +672,12 @@ fn collect_resources(
                 });
                 continue;
             }
-            let value = substitute(value, &mut input_place, params, &mut refs, &mut substituted)
-                .map_err(whole)?;
+            let value = substitute(value, &mut input_place, params, &mut refs).map_err(whole)?;
             resolved.insert(key, value);
         }
-        // Kept as text: the file's own when there is nothing to substitute, take out or
-        // resolve later; otherwise serde_json's compact form, which `resolve` relies on.
-        let inputs = match raw_inputs {
-            Some(raw) if !substituted && capabilities.is_empty() && refs.is_empty() => {
-                Json::from_raw(raw)
-            }
-            _ => Json::from(Value::Object(resolved)),
-        };
+        // Kept as text, always in serde_json's compact form: `resolve` relies on it, and
+        // every input reaches a provider the same way (duplicate keys resolved, last wins).
+        let inputs = Json::from(Value::Object(resolved));
         out.insert(
             address.clone(),
             ResourceDecl {
@@ -747,6 +739,42 @@ fn link_dependencies(resources: &mut AddressMap<ResourceDecl>) -> Result<(), (St
     Ok(())
 }
 
+/// Records every `{"$ref": "ADDRESS#OUTPUT"}` inside `value`.
+fn collect_refs(
+    value: &Value,
+    place: &mut String,
+    refs: &mut Vec<OutputRef>,
+) -> Result<(), (String, String)> {
+    if let Some(target) = marker(value, "$ref") {
+        let (address, output) = split_ref(target, place)?;
+        refs.push(OutputRef { address, output });
+        return Ok(());
+    }
+    let len = place.len();
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                place.push('.');
+                place.push_str(k);
+                let found = collect_refs(v, place, refs);
+                place.truncate(len);
+                found?;
+            }
+        }
+        Value::Array(items) => {
+            for (n, v) in items.iter().enumerate() {
+                use std::fmt::Write;
+                let _ = write!(place, "[{n}]");
+                let found = collect_refs(v, place, refs);
+                place.truncate(len);
+                found?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// The length of the JSON string literal at the start of `text` (which starts with `"`),
 /// quotes included.
 fn json_string_len(text: &str) -> Option<usize> {
@@ -787,16 +815,18 @@ fn substitute(
     place: &mut String,
     params: &Map<String, Value>,
     refs: &mut Vec<OutputRef>,
-    substituted: &mut bool,
 ) -> Result<Value, (String, String)> {
     if let Some(name) = marker(&value, "$param") {
-        *substituted = true;
-        return params.get(name).cloned().ok_or_else(|| {
-            (
+        let Some(param) = params.get(name) else {
+            return Err((
                 place.clone(),
                 format!("missing parameter `{name}`; pass it in a JSON object with --params FILE"),
-            )
-        });
+            ));
+        };
+        // A parameter may carry references (a front end's JSON wiring resources together);
+        // they count like any other. Parameters in a parameter are not expanded again.
+        collect_refs(param, place, refs)?;
+        return Ok(param.clone());
     }
     if let Some(target) = marker(&value, "$ref") {
         let (address, output) = split_ref(target, place)?;
@@ -811,7 +841,7 @@ fn substitute(
             for (k, v) in map {
                 place.push('.');
                 place.push_str(&k);
-                let v = substitute(v, place, params, refs, substituted);
+                let v = substitute(v, place, params, refs);
                 place.truncate(len);
                 out.insert(k, v?);
             }
@@ -822,7 +852,7 @@ fn substitute(
             for (n, v) in items.into_iter().enumerate() {
                 use std::fmt::Write;
                 let _ = write!(place, "[{n}]");
-                let v = substitute(v, place, params, refs, substituted);
+                let v = substitute(v, place, params, refs);
                 place.truncate(len);
                 out.push(v?);
             }
@@ -873,6 +903,30 @@ mod tests {
             "the place of a reference is found again for messages"
         );
         assert_eq!(db.dependencies(), vec!["hello".to_string()]);
+    }
+
+    #[test]
+    fn references_inside_parameters_count_as_dependencies() {
+        let params = json!({"wired": {"from": {"$ref": "hello#content"}}})
+            .as_object()
+            .unwrap()
+            .clone();
+        let text = json!({
+            "providers": local(),
+            "resources": {
+                "hello": {"provider": "local", "type": "memo", "inputs": {"value": 1}},
+                "user": {"provider": "local", "type": "memo", "inputs": {"value": {"$param": "wired"}}}
+            }
+        })
+        .to_string();
+        let d = Deployment::parse(Path::new("d.json"), &text, &params).unwrap();
+        let user = &d.resources["user"];
+        assert_eq!(user.dependencies(), vec!["hello".to_string()]);
+        let outputs = Json::from(json!({"content": "C"}));
+        assert_eq!(
+            user.resolve(&|_, o| outputs.get_raw(o)).unwrap(),
+            json!({"value": {"from": "C"}})
+        );
     }
 
     #[test]

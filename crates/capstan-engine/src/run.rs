@@ -178,7 +178,16 @@ impl Providers {
         for launched in futures::future::join_all(launches).await {
             let (name, connection) = launched?;
             let decl = &deployment.providers[&name];
-            if let Some(limit) = decl.max_concurrency {
+            // The provider's own limit (from its handshake), lowered by `maxConcurrency`:
+            // enforced here, before an operation journals its intent or takes a job, so a
+            // queue at a busy provider never holds `--jobs` slots. (The host enforces the
+            // declared limit too, as a last line.)
+            let declared = Some(connection.info().max_concurrency).filter(|&n| n > 0);
+            let limit = match (decl.max_concurrency, declared) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(limit) = limit {
                 limits.insert(name.clone(), Arc::new(Semaphore::new(limit as usize)));
             }
             if let Some(timeout) = decl.timeout {
@@ -275,6 +284,8 @@ struct Shared {
 #[derive(Clone, Copy, PartialEq)]
 enum Phase {
     NotStarted,
+    /// Its intent is on its way to the journal.
+    Recording,
     /// Its intent is durable; it waits for a job.
     Recorded,
     /// It is in its provider (`resource_start` was emitted).
@@ -442,19 +453,25 @@ pub async fn run(
         // hold thousands of requests in memory on a wide graph.
         while shared.active.get() < window {
             let Some(i) = ready.pop_front() else { break };
-            if stopping {
+            // `shared.stopping` is set as soon as a call fails under --fail-fast, before its
+            // outcome (and `stopping`) reaches this loop.
+            if stopping || shared.stopping.get() {
                 ready.push_front(i);
                 break;
             }
             let node = &nodes[i];
             let address = node.change.address.clone();
+            // Left pending by an earlier run: its intent must not be settled as "never sent".
+            let was_pending = node.change.interrupted.is_some();
             started[i] = true;
             match node.change.action {
                 Action::Delete => {
                     let recorded = state.resources[&address].clone();
                     let slot = Slot::take(&shared);
-                    running
-                        .push(delete(i, address, recorded, slot, providers, options).boxed_local());
+                    running.push(
+                        delete(i, address, recorded, was_pending, slot, providers, options)
+                            .boxed_local(),
+                    );
                 }
                 action => {
                     let decl = &deployment.resources[node.decl.expect("declared")];
@@ -582,6 +599,7 @@ pub async fn run(
                             capabilities,
                             dependencies,
                             operation,
+                            was_pending,
                             slot,
                             providers,
                             options,
@@ -676,9 +694,12 @@ pub async fn run(
                                 elapsed_seconds: 0.0,
                             });
                         } else {
-                            if phases[i] == Phase::Recorded {
-                                // Its intent is durable but it never reached its provider:
-                                // settle it, so the next run does not ask anyone to check.
+                            let recorded = matches!(phases[i], Phase::Recording | Phase::Recorded);
+                            if recorded && node.change.interrupted.is_none() {
+                                // Its intent is (or is about to be) in the journal, but it never
+                                // reached its provider: settle it, so the next run does not ask
+                                // anyone to check. (Not if an earlier run left it pending: that
+                                // one still needs a check.)
                                 never_sent.push(Record::Failed {
                                     address: node.change.address.clone(),
                                     operation: node.change.action.as_str().into(),
@@ -698,7 +719,8 @@ pub async fn run(
                 // If this fails the intents stay pending, which only asks for a check.
                 if !never_sent.is_empty() && append_durably(&*shared.backend, never_sent).await.is_ok() {
                     for (i, node) in nodes.iter().enumerate() {
-                        if phases[i] == Phase::Recorded {
+                        let recorded = matches!(phases[i], Phase::Recording | Phase::Recorded);
+                        if recorded && node.change.interrupted.is_none() {
                             state.pending.remove(&node.change.address);
                         }
                     }
@@ -905,6 +927,7 @@ async fn create_or_update(
     capabilities: Vec<(String, resource_handle::Client)>,
     dependencies: Vec<String>,
     operation: Operation,
+    was_pending: bool,
     slot: Slot,
     providers: &Providers,
     options: &RunOptions,
@@ -917,12 +940,16 @@ async fn create_or_update(
         .copied()
         .or(options.timeout);
     let own = provider_permit(providers, &provider).await;
+    if shared.stopping.get() {
+        return (i, Outcome::NotSent);
+    }
     let (kind, verb, counted) = match operation {
         Operation::Create => (OperationKind::Create, "create", Action::Create),
         Operation::Update => (OperationKind::Update, "update", Action::Update),
         Operation::Read => (OperationKind::Read, "read", Action::Noop),
     };
     if operation != Operation::Read {
+        shared.phases.borrow_mut()[i] = Phase::Recording;
         let intent = Record::Intent {
             address: address.clone(),
             operation: verb.into(),
@@ -937,7 +964,8 @@ async fn create_or_update(
         shared.phases.borrow_mut()[i] = Phase::Recorded;
     }
     let Some(job) = job_permit(&shared, i).await else {
-        return not_sent(i, address, verb, operation != Operation::Read, &shared).await;
+        let settle = operation != Operation::Read && !was_pending;
+        return not_sent(i, address, verb, settle, &shared).await;
     };
     let started = Instant::now();
     // Started means recorded: the intent is durable before anyone is told.
@@ -1026,6 +1054,7 @@ async fn delete(
     i: usize,
     address: String,
     recorded: ResourceState,
+    was_pending: bool,
     slot: Slot,
     providers: &Providers,
     options: &RunOptions,
@@ -1060,6 +1089,10 @@ async fn delete(
         .copied()
         .or(options.timeout);
     let own = provider_permit(providers, &recorded.provider).await;
+    if shared.stopping.get() {
+        return (i, Outcome::NotSent);
+    }
+    shared.phases.borrow_mut()[i] = Phase::Recording;
     let intent = Record::Intent {
         address: address.clone(),
         operation: "delete".into(),
@@ -1073,7 +1106,7 @@ async fn delete(
     }
     shared.phases.borrow_mut()[i] = Phase::Recorded;
     let Some(job) = job_permit(&shared, i).await else {
-        return not_sent(i, address, "delete", true, &shared).await;
+        return not_sent(i, address, "delete", !was_pending, &shared).await;
     };
     let started = Instant::now();
     shared.events.emit(Event::ResourceStart {

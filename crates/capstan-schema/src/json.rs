@@ -24,10 +24,7 @@ pub struct Json(Box<RawValue>);
 impl<'de> Deserialize<'de> for Json {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = Box::<RawValue>::deserialize(deserializer)?;
-        if raw.get().contains(['\n', '\r']) {
-            return Ok(Json::from_raw(&raw));
-        }
-        Ok(Json(raw))
+        Json::checked(raw).map_err(de::Error::custom)
     }
 }
 
@@ -37,20 +34,25 @@ impl Json {
         Json(serde_json::value::to_raw_value(value).expect("a Value always serializes"))
     }
 
-    /// Checks `text` is JSON and keeps it.
+    /// Checks `text` is JSON and keeps it (on one line).
     pub fn from_text(text: &str) -> Result<Json, serde_json::Error> {
-        let raw = serde_json::from_str::<&RawValue>(text)?;
-        Ok(Json::from_raw(raw))
+        Json::checked(serde_json::from_str::<Box<RawValue>>(text)?)
     }
 
-    /// Takes text already known to be JSON (from a `RawValue`).
-    pub fn from_raw(raw: &RawValue) -> Json {
+    /// Keeps `raw` if it is JSON as strict as `serde_json::Value` reads it (finding the extent
+    /// of a `RawValue` is lenient: it does not check that numbers fit, that escapes are whole
+    /// characters, or how deep the nesting goes), re-encoded on one line if it has line breaks.
+    /// Everything a `Json` holds can then be parsed without fail.
+    fn checked(raw: Box<RawValue>) -> Result<Json, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_str(raw.get());
+        Strict.deserialize(&mut de)?;
+        de.end()?;
         if raw.get().contains(['\n', '\r']) {
             // Only whitespace between tokens can be a line break: strings escape theirs.
-            let value: Value = serde_json::from_str(raw.get()).expect("RawValue is valid JSON");
-            return Json::from_value(&value);
+            let value: Value = serde_json::from_str(raw.get())?;
+            return Ok(Json::from_value(&value));
         }
-        Json(raw.to_owned())
+        Ok(Json(raw))
     }
 
     /// `{}`.
@@ -161,6 +163,55 @@ pub fn object_members(text: &str) -> Result<Vec<(String, &RawValue)>, serde_json
     Ok(members)
 }
 
+/// Reads a whole JSON value the way `serde_json::Value` would (numbers in range, escapes that
+/// are whole characters, nesting within serde_json's limit), keeping nothing.
+struct Strict;
+
+impl<'de> DeserializeSeed<'de> for Strict {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Strict)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key_seed(Strict)?.is_some() {
+            map.next_value_seed(Strict)?;
+        }
+        Ok(())
+    }
+}
+
 /// Finds one member of an object while skipping the others as raw text.
 struct Member<'k> {
     key: &'k str,
@@ -182,10 +233,11 @@ impl<'de> Visitor<'de> for Member<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        // The last of duplicate keys wins, as in `serde_json::Value`.
         let mut found = None;
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             let value: &'de RawValue = map.next_value()?;
-            if found.is_none() && key == self.key {
+            if key == self.key {
                 found = Some(value);
             }
         }
@@ -271,6 +323,35 @@ mod tests {
     }
 
     #[test]
+    fn only_json_that_parses_is_kept() {
+        for bad in [
+            "{}x",
+            r#"{"n": 1e400}"#,
+            r#"{"s": "\udc00"}"#,
+            &format!("{}{}", "[".repeat(200), "]".repeat(200)),
+        ] {
+            assert!(Json::from_text(bad).is_err(), "{bad:.40} was kept");
+            let quoted = format!(r#"{{"inputs": {bad}}}"#);
+            assert!(
+                serde_json::from_str::<Wrapper>(&quoted).is_err(),
+                "{bad:.40} was read"
+            );
+        }
+        let fine = Json::from_text(r#"{"n": 1e300, "s": "\ud83d\ude00", "o": 1, "o": 2}"#).unwrap();
+        assert_eq!(
+            fine.get("o"),
+            Some(json!(2)),
+            "the last duplicate wins, as in Value"
+        );
+        assert_eq!(fine.value()["o"], json!(2));
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct Wrapper {
+        inputs: Json,
+    }
+
+    #[test]
     fn text_is_always_one_line() {
         let pretty = "{\n  \"a\": \"x\\ny\",\r\n  \"b\": [\n1]\n}";
         let j = Json::from_text(pretty).unwrap();
@@ -286,12 +367,6 @@ mod tests {
     #[test]
     fn serializes_as_the_value_itself() {
         let j = Json::from_value(&json!({"k": "v"}));
-        let outer = serde_json::to_string(&json!({"inputs": 1})).unwrap();
-        assert_eq!(outer, r#"{"inputs":1}"#);
-        #[derive(Serialize, Deserialize)]
-        struct Wrapper {
-            inputs: Json,
-        }
         let text = serde_json::to_string(&Wrapper { inputs: j.clone() }).unwrap();
         assert_eq!(text, r#"{"inputs":{"k":"v"}}"#);
         let back: Wrapper = serde_json::from_str(&text).unwrap();
