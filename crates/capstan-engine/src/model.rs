@@ -648,33 +648,47 @@ fn collect_resources(
                 )
             })?),
         };
-        let inputs = match field("inputs").map(|raw| serde_json::from_str::<Value>(raw.get())) {
+        let raw_inputs = field("inputs");
+        let inputs = match raw_inputs.map(|raw| serde_json::from_str::<Value>(raw.get())) {
             None => Map::new(),
             Some(Ok(Value::Object(inputs))) => inputs,
             Some(_) => return Err((format!("{}.inputs", place()), "must be an object".into())),
         };
         let mut refs = Vec::new();
         let mut capabilities = Vec::new();
-        let mut resolved = Map::new();
-        let mut input_place = String::new();
-        // The place within the resource, made whole only for a message.
-        let whole = |(within, message): (String, String)| (format!("{}{within}", place()), message);
-        for (key, value) in inputs {
-            input_place.clear();
-            input_place.push_str(".inputs.");
-            input_place.push_str(&key);
-            if let Some(target) = marker(&value, "$cap") {
-                let (address, name) = split_ref(target, &input_place).map_err(whole)?;
-                capabilities.push(CapabilityRef {
-                    input: key,
-                    address,
-                    name,
-                });
-                continue;
+        // `$ref`, `$param` and `$cap` need a `$` in the text, written as is or escaped: without
+        // one, the inputs are plain data and are kept as they are.
+        let markers = raw_inputs.is_some_and(|raw| {
+            let text = raw.get();
+            text.contains('$') || text.contains("\\u0024")
+        });
+        let resolved = if !markers {
+            inputs
+        } else {
+            let mut resolved = Map::with_capacity(inputs.len());
+            let mut input_place = String::new();
+            // The place within the resource, made whole only for a message.
+            let whole =
+                |(within, message): (String, String)| (format!("{}{within}", place()), message);
+            for (key, value) in inputs {
+                input_place.clear();
+                input_place.push_str(".inputs.");
+                input_place.push_str(&key);
+                if let Some(target) = marker(&value, "$cap") {
+                    let (address, name) = split_ref(target, &input_place).map_err(whole)?;
+                    capabilities.push(CapabilityRef {
+                        input: key,
+                        address,
+                        name,
+                    });
+                    continue;
+                }
+                let value =
+                    substitute(value, &mut input_place, params, &mut refs).map_err(whole)?;
+                resolved.insert(key, value);
             }
-            let value = substitute(value, &mut input_place, params, &mut refs).map_err(whole)?;
-            resolved.insert(key, value);
-        }
+            resolved
+        };
         // Kept as text, always in serde_json's compact form: `resolve` relies on it, and
         // every input reaches a provider the same way (duplicate keys resolved, last wins).
         let inputs = Json::from(Value::Object(resolved));
@@ -903,6 +917,20 @@ mod tests {
             "the place of a reference is found again for messages"
         );
         assert_eq!(db.dependencies(), vec!["hello".to_string()]);
+    }
+
+    #[test]
+    fn a_marker_written_with_an_escaped_dollar_is_still_a_marker() {
+        let text = r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+            "hello": {"provider": "local", "type": "memo", "inputs": {"value": 1}},
+            "user": {"provider": "local", "type": "memo", "inputs": {"value": {"\u0024ref": "hello#value"}}}
+        }}"#;
+        let d = Deployment::parse(Path::new("d.json"), text, &Map::new()).unwrap();
+        assert_eq!(
+            d.resources["user"].dependencies(),
+            vec!["hello".to_string()]
+        );
+        assert!(d.resources["hello"].refs.is_empty());
     }
 
     #[test]
