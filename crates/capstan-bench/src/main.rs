@@ -833,7 +833,7 @@ fn v0_bench(json_output: bool, quick: bool) {
     let capnp_deployment = json!({"providers": {"t": {"executable": testing_provider()}}, "resources": resources(false)});
     let v0_deployment = json!({"providers": {"t": {"executable": testing_provider(), "args": ["--v0"], "protocol": "nixops4-v0"}}, "resources": resources(true)});
     // Interleaved rounds, each apply in a fresh child process; each figure is the median.
-    let rounds = if quick { 1 } else { 3 };
+    let rounds = if quick { 1 } else { 5 };
     let (mut capnp_rates, mut v0_rates) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         capnp_rates.push(apply_in_child(&capnp_deployment, size, jobs));
