@@ -293,8 +293,11 @@ enum Phase {
 }
 
 /// How many operations may be dispatched per job: while `jobs` operations are in providers,
-/// as many more journal their intents, so fsyncs overlap calls instead of adding to them.
-const DISPATCH_PER_JOB: usize = 2;
+/// up to three times as many more journal their intents and wait, so intents are durable by
+/// the time a slot frees up and many share one fsync (2 → 4 gave ~15 % more throughput at
+/// `--jobs 64`). The cost: after a crash, up to that many intents of operations that were
+/// never sent are reported as interrupted, for a person to check.
+const DISPATCH_PER_JOB: usize = 4;
 
 /// One dispatch slot, given back on drop (also when an interrupt drops the operation).
 struct Slot(Rc<Shared>);
