@@ -131,7 +131,7 @@ impl ResourceDecl {
             rest = &rest[string_end + 1..];
         }
         out.push_str(rest);
-        Some(Json::from_text(&out).expect("replacing whole values by values keeps JSON valid"))
+        Some(Json::from_spliced(out).expect("replacing whole values by values keeps JSON valid"))
     }
 
     /// Where `reference` sits in the inputs, for messages (`resources.ADDRESS.inputs.…`).

@@ -236,7 +236,8 @@ struct Node {
     decl: Option<usize>,
     remaining: usize,
     dependents: Vec<usize>,
-    /// Dependencies recorded with the resource (for deletes, from the state).
+    /// For deletes, the dependencies recorded with the resource (the others' come from their
+    /// declaration: see `dependency_addresses`).
     dependencies: Vec<String>,
     /// Needed as a capability source by some resource in this run.
     capability_source: bool,
@@ -362,18 +363,7 @@ pub async fn run(
                     .get(&change.address)
                     .map(|r| r.dependencies.clone())
                     .unwrap_or_default(),
-                Some(d) => deployment.resources[d]
-                    .depends_on
-                    .iter()
-                    .map(|&j| {
-                        deployment
-                            .resources
-                            .get_index(j as usize)
-                            .expect("an index")
-                            .0
-                            .clone()
-                    })
-                    .collect(),
+                Some(_) => Vec::new(),
             };
             Node {
                 change,
@@ -388,37 +378,51 @@ pub async fn run(
     // Edges as (waits, first): `waits` starts only after `first` is done.
     let mut edges: Vec<(usize, usize)> = Vec::with_capacity(nodes.len() * 2);
     {
-        let index: FastMap<&str, usize> = nodes
+        // Declared dependencies are indices into the deployment; only deletes (and recorded
+        // wiring) need addresses looked up, and only deletes can be found that way.
+        let mut node_of_decl = vec![usize::MAX; deployment.resources.len()];
+        for (n, node) in nodes.iter().enumerate() {
+            if let Some(d) = node.decl {
+                node_of_decl[d] = n;
+            }
+        }
+        let deletes: FastMap<&str, usize> = nodes
             .iter()
             .enumerate()
+            .filter(|(_, node)| node.change.action == Action::Delete)
             .map(|(n, node)| (node.change.address.as_str(), n))
             .collect();
         for (i, node) in nodes.iter().enumerate() {
-            // Creates and updates wait for what they depend on; deletes wait for what depends
-            // on them.
-            for dep in &node.dependencies {
-                let Some(&j) = index.get(dep.as_str()) else {
+            match node.decl {
+                // Creates and updates wait for what they depend on.
+                Some(d) => {
+                    for &j in &deployment.resources[d].depends_on {
+                        let n = node_of_decl[j as usize];
+                        if n != usize::MAX {
+                            edges.push((i, n));
+                        }
+                    }
+                }
+                // Deletes wait for the deletes of what depends on them.
+                None => {
+                    for dep in &node.dependencies {
+                        if let Some(&j) = deletes.get(dep.as_str()) {
+                            edges.push((j, i));
+                        }
+                    }
                     continue;
-                };
-                match (node.change.action, nodes[j].change.action) {
-                    (Action::Delete, Action::Delete) => edges.push((j, i)),
-                    (Action::Delete, _) | (_, Action::Delete) => {}
-                    _ => edges.push((i, j)),
                 }
             }
             // A resource that stays but used to depend on one being deleted must move off it
             // first: the delete waits for its create/update (and is skipped if that fails).
-            if node.change.action == Action::Delete {
+            if deletes.is_empty() {
                 continue;
             }
             let Some(recorded) = state.resources.get(&node.change.address) else {
                 continue;
             };
             for dep in &recorded.dependencies {
-                let Some(&j) = index.get(dep.as_str()) else {
-                    continue;
-                };
-                if nodes[j].change.action == Action::Delete {
+                if let Some(&j) = deletes.get(dep.as_str()) {
                     edges.push((j, i));
                 }
             }
@@ -515,14 +519,14 @@ pub async fn run(
                     if unchanged && !node.capability_source {
                         let recorded = recorded.expect("unchanged means recorded");
                         let mut old = recorded.dependencies.clone();
-                        let mut new = node.dependencies.clone();
+                        let mut new = dependency_addresses(node, deployment);
                         old.sort();
                         new.sort();
                         if old != new {
                             // Same inputs, new wiring (a `$ref` became an equal literal, or a
                             // `$cap` went): record the dependencies, so deletes stay ordered.
                             let mut updated = recorded.clone();
-                            updated.dependencies = node.dependencies.clone();
+                            updated.dependencies = dependency_addresses(node, deployment);
                             let backend = shared.backend.clone();
                             running.push(
                                 async move {
@@ -589,7 +593,7 @@ pub async fn run(
                         (false, None) => Operation::Create,
                         (false, Some(_)) => Operation::Update,
                     };
-                    let dependencies = node.dependencies.clone();
+                    let dependencies = dependency_addresses(node, deployment);
                     let slot = Slot::take(&shared);
                     running.push(
                         create_or_update(
@@ -628,13 +632,13 @@ pub async fn run(
                             _ => summary.unchanged += 1,
                         }
                         if counted != Action::Noop {
-                            let deps = std::mem::take(&mut nodes[i].dependencies);
+                            let deps = dependency_addresses(&nodes[i], deployment);
                             let decl = &deployment.resources[nodes[i].decl.expect("declared")];
                             state.apply_owned(Record::Done { address: address.clone(), state: ResourceState { provider: decl.provider.clone(), resource_type: decl.resource_type.clone(), inputs, outputs: out, dependencies: deps } });
                         } else if let Some(recorded) = state.resources.get_mut(&address) {
                             // A read (what the provider says now) or re-recorded wiring.
                             recorded.outputs = out;
-                            recorded.dependencies = nodes[i].dependencies.clone();
+                            recorded.dependencies = dependency_addresses(&nodes[i], deployment);
                         }
                         if !returned.is_empty() {
                             handles.insert(address, returned);
@@ -776,6 +780,25 @@ pub async fn run(
         elapsed_seconds: run_started.elapsed().as_secs_f64(),
     });
     Ok(summary)
+}
+
+/// What a node's resource depends on, by address, in address order: from its declaration, or
+/// for a delete as recorded.
+fn dependency_addresses(node: &Node, deployment: &Deployment) -> Vec<String> {
+    match node.decl {
+        Some(d) => deployment.resources[d]
+            .depends_on
+            .iter()
+            .map(|&j| {
+                let (address, _) = deployment
+                    .resources
+                    .get_index(j as usize)
+                    .expect("an index of the deployment");
+                address.clone()
+            })
+            .collect(),
+        None => node.dependencies.clone(),
+    }
 }
 
 fn release(i: usize, nodes: &mut [Node], ready: &mut VecDeque<usize>) {
