@@ -590,6 +590,44 @@ fn collect_resources(
     };
     let group = capstan_schema::json::object_members(group.get())
         .map_err(|_| (group_place, "must be an object".to_string()))?;
+    if group.len() < PARALLEL_FROM {
+        return collect_members(group, prefix, params, out);
+    }
+    // A large group is read in two halves at once (the machine's other core is idle while a
+    // deployment loads), then joined in document order: the same map, the same first error.
+    let second = group[group.len() / 2..].to_vec();
+    let mut first = group;
+    first.truncate(first.len() - second.len());
+    let (a, b) = std::thread::scope(|scope| {
+        let later = scope.spawn(|| {
+            let mut part = AddressMap::default();
+            collect_members(second, prefix, params, &mut part).map(|()| part)
+        });
+        let mut part = AddressMap::default();
+        let earlier = collect_members(first, prefix, params, &mut part).map(|()| part);
+        (earlier, later.join())
+    });
+    let a = a?;
+    let b = match b {
+        Ok(result) => result?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    out.reserve(a.len() + b.len());
+    out.extend(a);
+    out.extend(b);
+    Ok(())
+}
+
+/// From how many resources in one group reading them is split across two threads.
+const PARALLEL_FROM: usize = 4096;
+
+/// Reads the members of one group (resources and nested groups) into `out`.
+fn collect_members(
+    group: Vec<(String, &RawValue)>,
+    prefix: &str,
+    params: &Map<String, Value>,
+    out: &mut AddressMap<ResourceDecl>,
+) -> Result<(), (String, String)> {
     out.reserve(group.len());
     for (name, decl) in group {
         let bad_name = name.is_empty() || name.contains(['.', '#']);
@@ -917,6 +955,40 @@ mod tests {
             "the place of a reference is found again for messages"
         );
         assert_eq!(db.dependencies(), vec!["hello".to_string()]);
+    }
+
+    #[test]
+    fn a_large_group_read_in_halves_is_the_same_deployment() {
+        let n = PARALLEL_FROM + 100;
+        let resources = |bad: &[usize]| {
+            let mut map = Map::new();
+            for i in 0..n {
+                let inputs = if bad.contains(&i) {
+                    json!(5)
+                } else if i == 0 {
+                    json!({"value": 0})
+                } else {
+                    json!({"value": {"$ref": format!("r{}#value", i - 1)}})
+                };
+                map.insert(
+                    format!("r{i}"),
+                    json!({"provider": "local", "type": "memo", "inputs": inputs}),
+                );
+            }
+            json!({"providers": local(), "resources": map})
+        };
+        let d = parse(resources(&[])).unwrap();
+        assert_eq!(d.resources.len(), n);
+        assert_eq!(
+            d.resources[&format!("r{}", n - 1)].dependencies(),
+            vec![format!("r{}", n - 2)],
+            "a reference across the halves"
+        );
+        // The first mistake in the file is the one reported, whichever half finds it first.
+        let e = parse(resources(&[10, n - 1])).unwrap_err();
+        assert_eq!(e.place, "resources.r10.inputs");
+        let e = parse(resources(&[n - 1])).unwrap_err();
+        assert_eq!(e.place, format!("resources.r{}.inputs", n - 1));
     }
 
     #[test]
