@@ -695,8 +695,25 @@ fn apply_bench(json_output: bool, quick: bool) {
         std::fs::write(&file, noop_deployment(size)).unwrap();
         run_apply_child(&file, size, jobs)
     };
-    let a = run(small);
-    let b = run(large);
+    // Interleaved rounds; each size's figures are those of its median round by apply time
+    // (a single run of the small size is short enough for machine noise to swing the ratio).
+    let rounds = if quick { 1 } else { 3 };
+    let (mut smalls, mut larges) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        smalls.push(run(small));
+        larges.push(run(large));
+    }
+    let median_round = |mut figures: Vec<serde_json::Value>| {
+        figures.sort_by(|x, y| {
+            x["apply_seconds"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&y["apply_seconds"].as_f64().unwrap())
+        });
+        figures.swap_remove(figures.len() / 2)
+    };
+    let a = median_round(smalls);
+    let b = median_round(larges);
     let ratio = b["apply_seconds"].as_f64().unwrap() / a["apply_seconds"].as_f64().unwrap();
     // The keys (named for the full sizes; with --quick they hold the quick sizes'
     // figures), then everything measured, per size.
@@ -712,6 +729,7 @@ fn apply_bench(json_output: bool, quick: bool) {
         "large": b,
         "scaling_ratio": ratio,
         "size_ratio": large as f64 / small as f64,
+        "rounds": rounds,
     });
     if json_output {
         println!("{figures}");
