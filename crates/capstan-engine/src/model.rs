@@ -136,43 +136,23 @@ impl ResourceDecl {
 
     /// Where `reference` sits in the inputs, for messages (`resources.ADDRESS.inputs.…`).
     pub fn place_of(&self, reference: &OutputRef) -> String {
-        fn find(value: &Value, target: &str, place: &mut String) -> bool {
-            if marker(value, "$ref") == Some(target) {
-                return true;
-            }
-            let len = place.len();
-            match value {
-                Value::Object(map) => {
-                    for (k, v) in map {
-                        place.push('.');
-                        place.push_str(k);
-                        if find(v, target, place) {
-                            return true;
-                        }
-                        place.truncate(len);
-                    }
-                }
-                Value::Array(items) => {
-                    for (n, v) in items.iter().enumerate() {
-                        use std::fmt::Write;
-                        let _ = write!(place, "[{n}]");
-                        if find(v, target, place) {
-                            return true;
-                        }
-                        place.truncate(len);
-                    }
-                }
-                _ => {}
-            }
-            false
-        }
         let target = format!("{}#{}", reference.address, reference.output);
         let mut place = format!("resources.{}.inputs", self.address);
         let len = place.len();
-        if !find(&self.inputs.value(), &target, &mut place) {
-            place.truncate(len);
+        // The walk stops at the reference, with the place it found it at.
+        match walk(&self.inputs.value(), &mut place, &mut |value, place| {
+            if marker(value, "$ref") == Some(target.as_str()) {
+                Err(place.to_string())
+            } else {
+                Ok(true)
+            }
+        }) {
+            Err(found) => found,
+            Ok(()) => {
+                place.truncate(len);
+                place
+            }
         }
-        place
     }
 }
 
@@ -302,25 +282,7 @@ impl Deployment {
                     ),
                 ));
             }
-            for reference in &r.refs {
-                if !self.resources.contains_key(&reference.address) {
-                    return Err((
-                        r.place_of(reference),
-                        format!(
-                            "refers to resource `{}`, which the deployment does not declare",
-                            reference.address
-                        ),
-                    ));
-                }
-            }
-            for cap in &r.capabilities {
-                if !self.resources.contains_key(&cap.address) {
-                    return Err((
-                        format!("{place}.inputs.{}", cap.input),
-                        format!("asks for a capability of resource `{}`, which the deployment does not declare", cap.address),
-                    ));
-                }
-            }
+            // References to resources the deployment lacks: `link_dependencies`.
         }
         Ok(())
     }
@@ -797,9 +759,28 @@ fn collect_refs(
     place: &mut String,
     refs: &mut Vec<OutputRef>,
 ) -> Result<(), (String, String)> {
-    if let Some(target) = marker(value, "$ref") {
-        let (address, output) = split_ref(target, place)?;
-        refs.push(OutputRef { address, output });
+    walk(
+        value,
+        place,
+        &mut |value, place| match marker(value, "$ref") {
+            Some(target) => {
+                let (address, output) = split_ref(target, place)?;
+                refs.push(OutputRef { address, output });
+                Ok(false)
+            }
+            None => Ok(true),
+        },
+    )
+}
+
+/// Walks `value` depth first with `place` kept up to date (`.key` or `[n]` per level):
+/// `visit` answers whether to go into a value's members, or stops the walk with an error.
+fn walk<E>(
+    value: &Value,
+    place: &mut String,
+    visit: &mut dyn FnMut(&Value, &str) -> Result<bool, E>,
+) -> Result<(), E> {
+    if !visit(value, place)? {
         return Ok(());
     }
     let len = place.len();
@@ -808,18 +789,18 @@ fn collect_refs(
             for (k, v) in map {
                 place.push('.');
                 place.push_str(k);
-                let found = collect_refs(v, place, refs);
+                let walked = walk(v, place, visit);
                 place.truncate(len);
-                found?;
+                walked?;
             }
         }
         Value::Array(items) => {
             for (n, v) in items.iter().enumerate() {
                 use std::fmt::Write;
                 let _ = write!(place, "[{n}]");
-                let found = collect_refs(v, place, refs);
+                let walked = walk(v, place, visit);
                 place.truncate(len);
-                found?;
+                walked?;
             }
         }
         _ => {}
