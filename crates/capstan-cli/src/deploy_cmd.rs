@@ -188,17 +188,19 @@ async fn start_providers(
             names.insert(r.provider.clone());
         }
     }
-    for change in changes.iter() {
-        if !session.deployment.providers.contains_key(&change.provider) {
+    for (change, provider) in changes.iter().flat_map(|c| {
+        std::iter::once((c, &c.provider)).chain(c.replaces.as_ref().map(|old| (c, &old.provider)))
+    }) {
+        if !session.deployment.providers.contains_key(provider) {
             eprintln!(
                 "error: {}: `{}` in the state uses provider `{}`, which the deployment no longer declares; \
                  declare it again until its resources are deleted",
-                session.deployment.file.display(), change.address, change.provider
+                session.deployment.file.display(), change.address, provider
             );
             return Err(ExitCode::from(EXIT_INVALID));
         }
-        if !names.contains(&change.provider) {
-            names.insert(change.provider.clone());
+        if !names.contains(provider) {
+            names.insert(provider.clone());
         }
     }
     let program = std::env::current_exe().map_err(|e| {

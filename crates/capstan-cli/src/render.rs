@@ -119,8 +119,12 @@ impl HumanEvents {
         match event {
             Event::Plan { changes } => {
                 let count = |a: Action| changes.iter().filter(|c| c.action == a).count();
+                let replace = match count(Action::Replace) {
+                    0 => String::new(),
+                    n => format!(", {n} to replace"),
+                };
                 eprintln!(
-                    "Plan: {} to create, {} to update, {} to delete, {} unchanged.",
+                    "Plan: {} to create, {} to update, {} to delete{replace}, {} unchanged.",
                     count(Action::Create),
                     count(Action::Update),
                     count(Action::Delete),
@@ -135,6 +139,7 @@ impl HumanEvents {
                         Action::Update => ("~", "33"),
                         Action::Delete => ("-", "31"),
                         Action::Noop => ("=", "2"),
+                        Action::Replace => ("-/+", "35"),
                     };
                     let mut line = format!(
                         "  {} {} ({}.{})",

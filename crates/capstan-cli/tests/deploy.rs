@@ -777,3 +777,82 @@ fn cancelling_a_command_also_stops_what_it_started() {
         "the command's background `sleep` (pid {pid}) outlived the cancelled operation"
     );
 }
+
+#[test]
+fn changing_a_resources_type_replaces_it_delete_first() {
+    let local = |resources: Value| json!({"providers": {"local": {"builtin": "local"}}, "resources": resources});
+    let project = Project::new(local(json!({
+        "thing": {"provider": "local", "type": "file", "inputs": {"path": "out/a.txt", "content": "x"}},
+        "reader": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "thing#content"}}}
+    })));
+    let (code, _) = project.json(&["apply"]);
+    assert_eq!(code, Some(0));
+    assert!(project.path("out/a.txt").exists());
+
+    project.write(local(json!({
+        "thing": {"provider": "local", "type": "memo", "inputs": {"value": "y"}},
+        "reader": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "thing#value"}}}
+    })));
+    let (code, events) = project.json(&["plan"]);
+    assert_eq!(code, Some(0));
+    let plan = &of_type(&events, "plan")[0]["changes"];
+    let thing = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["address"] == "thing")
+        .unwrap();
+    assert_eq!(thing["action"], "replace");
+    assert_eq!(
+        thing["replaces"],
+        json!({"provider": "local", "resource_type": "file"})
+    );
+    let out = project.capstan(&["plan"]);
+    assert!(
+        text(&out.stderr).contains("-/+ thing (local.memo)"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0));
+    // The old resource is deleted (by its own type: the file goes), then the new one made,
+    // and what refers to it is updated with the new outputs.
+    let steps: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e["address"] == "thing" && e["type"] == "resource_complete")
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap(),
+                e["operation"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("resource_complete", "delete"),
+            ("resource_complete", "create")
+        ]
+    );
+    assert!(!project.path("out/a.txt").exists(), "the file was deleted");
+    let s = summary(&events);
+    assert_eq!(
+        (
+            s["created"].as_u64(),
+            s["deleted"].as_u64(),
+            s["updated"].as_u64()
+        ),
+        (Some(1), Some(1), Some(1))
+    );
+    let shown: Value =
+        serde_json::from_slice(&project.capstan(&["state", "show", "thing"]).stdout).unwrap();
+    assert_eq!(shown["type"], "memo");
+    let reader: Value =
+        serde_json::from_slice(&project.capstan(&["state", "show", "reader"]).stdout).unwrap();
+    assert_eq!(reader["outputs"]["value"], "y");
+    // And it stays: nothing more to do.
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(summary(&events)["unchanged"].as_u64(), Some(2));
+}

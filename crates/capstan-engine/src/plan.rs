@@ -18,6 +18,8 @@ pub enum Action {
     /// Unchanged: the provider is not called.
     Noop,
     Delete,
+    /// The provider or type changed: delete the recorded resource, then create the new one.
+    Replace,
 }
 
 impl Action {
@@ -28,6 +30,7 @@ impl Action {
             Action::Update => "update",
             Action::Noop => "noop",
             Action::Delete => "delete",
+            Action::Replace => "replace",
         }
     }
 }
@@ -51,6 +54,16 @@ pub struct PlannedChange {
     /// Something the user must know about this change (e.g. a delete the provider cannot do).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// For a replace: the provider and type of the resource as recorded, deleted first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<Replaced>,
+}
+
+/// What a replace deletes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Replaced {
+    pub provider: String,
+    pub resource_type: String,
 }
 
 /// Adds what the providers' handshakes tell about the plan: deletes they cannot do.
@@ -58,15 +71,22 @@ pub fn annotate(
     changes: &mut [PlannedChange],
     infos: &std::collections::BTreeMap<String, capstan_schema::ProviderInfo>,
 ) {
-    for change in changes.iter_mut().filter(|c| c.action == Action::Delete) {
-        let no_delete = infos
-            .get(&change.provider)
-            .and_then(|i| i.resource_type(&change.resource_type))
-            .is_some_and(|t| t.no_delete);
-        if no_delete {
+    let no_delete = |provider: &str, resource_type: &str| {
+        infos
+            .get(provider)
+            .and_then(|i| i.resource_type(resource_type))
+            .is_some_and(|t| t.no_delete)
+    };
+    for change in changes.iter_mut() {
+        let deleted = match (&change.action, &change.replaces) {
+            (Action::Delete, _) => (change.provider.clone(), change.resource_type.clone()),
+            (Action::Replace, Some(old)) => (old.provider.clone(), old.resource_type.clone()),
+            _ => continue,
+        };
+        if no_delete(&deleted.0, &deleted.1) {
             change.note = Some(format!(
                 "provider `{}` cannot delete (NixOps4 v0 has no delete): it will report a failure and leave the resource in place",
-                change.provider
+                deleted.0
             ));
         }
     }
@@ -134,19 +154,13 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
     for i in topological_order(deployment) {
         let (address, r) = resources.get_index(i).expect("an index of the deployment");
         let recorded = recorded_of[i];
-        if let Some(old) = recorded {
-            if old.provider != r.provider || old.resource_type != r.resource_type {
-                return Err(ModelError {
-                    file: deployment.file.clone(),
-                    place: format!("resources.{address}"),
-                    message: format!(
-                        "was a `{}` of provider `{}` and is now a `{}` of `{}`; changing that is not supported yet: \
-                         remove the resource, apply, then add it back",
-                        old.resource_type, old.provider, r.resource_type, r.provider
-                    ),
-                });
-            }
-        }
+        // A new provider or type cannot take over what the old one made: replace it.
+        let replaces = recorded
+            .filter(|old| old.provider != r.provider || old.resource_type != r.resource_type)
+            .map(|old| Replaced {
+                provider: old.provider.clone(),
+                resource_type: old.resource_type.clone(),
+            });
         // Outputs are known now only of resources that stay as they are.
         let known = |target: &str, output: &str| -> Option<&serde_json::value::RawValue> {
             let j = resources.get_index_of(target)?;
@@ -157,6 +171,7 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
             }
         };
         let (action, changed_inputs) = match recorded {
+            _ if replaces.is_some() => (Action::Replace, Vec::new()),
             None => (Action::Create, Vec::new()),
             Some(old) => match r.resolve(&known) {
                 // Equal text first (the usual case: written from the same deployment), then
@@ -190,7 +205,13 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
             changed_inputs,
             waits_on,
             interrupted: state.pending.get(address).map(|p| p.operation.clone()),
-            note: None,
+            note: replaces.as_ref().map(|old| {
+                format!(
+                    "was a `{}` of provider `{}`: it is deleted, then created anew",
+                    old.resource_type, old.provider
+                )
+            }),
+            replaces,
         });
     }
     for (address, old) in &state.resources {
@@ -211,6 +232,7 @@ fn delete_change(address: &str, old: &crate::state::ResourceState, state: &State
         waits_on: Vec::new(),
         interrupted: state.pending.get(address).map(|p| p.operation.clone()),
         note: None,
+        replaces: None,
     }
 }
 

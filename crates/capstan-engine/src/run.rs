@@ -226,7 +226,10 @@ pub fn providers_needed(changes: &[PlannedChange]) -> BTreeSet<String> {
     changes
         .iter()
         .filter(|c| c.action != Action::Noop)
-        .map(|c| c.provider.clone())
+        .flat_map(|c| {
+            std::iter::once(c.provider.clone())
+                .chain(c.replaces.as_ref().map(|old| old.provider.clone()))
+        })
         .collect()
 }
 
@@ -262,6 +265,8 @@ enum Outcome {
     State(StateError),
     /// Dispatched, but the run stopped (`--fail-fast`, a state error) before it was sent.
     NotSent,
+    /// A replace deleted the recorded resource (durably); then its create ended so.
+    Replaced(Box<Outcome>),
 }
 
 /// What the loop needs from a run, shared with each operation's future.
@@ -515,7 +520,8 @@ pub async fn run(
                         continue;
                     };
                     let recorded = state.resources.get(&address);
-                    let unchanged = recorded.is_some_and(|r| r.inputs == inputs);
+                    let unchanged =
+                        action != Action::Replace && recorded.is_some_and(|r| r.inputs == inputs);
                     if unchanged && !node.capability_source {
                         let recorded = recorded.expect("unchanged means recorded");
                         let mut old = recorded.dependencies.clone();
@@ -588,12 +594,56 @@ pub async fn run(
                         continue;
                     }
                     let recorded = recorded.cloned();
+                    let dependencies = dependency_addresses(node, deployment);
+                    if action == Action::Replace {
+                        // Delete what the old provider or type made, then create anew.
+                        let old = recorded.expect("a replace has a recorded resource");
+                        let delete_slot = Slot::take(&shared);
+                        let create_slot = Slot::take(&shared);
+                        let (provider, resource_type) =
+                            (decl.provider.clone(), decl.resource_type.clone());
+                        running.push(
+                            async move {
+                                let deleted = delete(
+                                    i,
+                                    address.clone(),
+                                    old,
+                                    was_pending,
+                                    delete_slot,
+                                    providers,
+                                    options,
+                                )
+                                .await;
+                                if !matches!(deleted.1, Outcome::Deleted) {
+                                    return deleted;
+                                }
+                                let (i, created) = create_or_update(
+                                    i,
+                                    address,
+                                    provider,
+                                    resource_type,
+                                    inputs,
+                                    None,
+                                    capabilities,
+                                    dependencies,
+                                    Operation::Create,
+                                    false,
+                                    create_slot,
+                                    providers,
+                                    options,
+                                )
+                                .await;
+                                (i, Outcome::Replaced(Box::new(created)))
+                            }
+                            .boxed_local(),
+                        );
+                        continue;
+                    }
                     let operation = match (unchanged, &recorded) {
                         (true, _) => Operation::Read,
                         (false, None) => Operation::Create,
                         (false, Some(_)) => Operation::Update,
                     };
-                    let dependencies = dependency_addresses(node, deployment);
                     let slot = Slot::take(&shared);
                     running.push(
                         create_or_update(
@@ -624,6 +674,15 @@ pub async fn run(
             Some((i, outcome)) = running.next() => {
                 finished[i] = true;
                 let address = nodes[i].change.address.clone();
+                let outcome = match outcome {
+                    Outcome::Replaced(created) => {
+                        // The old resource is gone whatever became of the new one.
+                        summary.deleted += 1;
+                        state.apply_owned(Record::Deleted { address: address.clone() });
+                        *created
+                    }
+                    outcome => outcome,
+                };
                 match outcome {
                     Outcome::Done { outputs: out, inputs, handles: returned, counted } => {
                         match counted {
@@ -666,6 +725,7 @@ pub async fn run(
                         stopping = true;
                         shared.stopping.set(true);
                     }
+                    Outcome::Replaced(_) => unreachable!("unwrapped above"),
                     Outcome::NotSent => {
                         summary.skipped += 1;
                         state.pending.remove(&address);
