@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capstan_host::{
-    CallError, HostOptions, LaunchError, OperationCall, ProviderCommand, ProviderConnection,
-    ProviderLog, ProviderSource,
+    CallError, HostOptions, LaunchError, OperationCall, OperationSuccess, ProviderCommand,
+    ProviderConnection, ProviderLog, ProviderSource,
 };
 use capstan_schema::provider_capnp::resource_handle;
 use capstan_schema::{Json, OperationKind, ProgressEvent, ProviderInfo, TraceContext};
@@ -783,13 +783,13 @@ pub async fn run(
                         }
                     }
                 }
-                // If this fails the intents stay pending, which only asks for a check.
-                if !never_sent.is_empty() && append_durably(&*shared.backend, never_sent).await.is_ok() {
-                    for (i, node) in nodes.iter().enumerate() {
-                        let recorded = matches!(phases[i], Phase::Recording | Phase::Recorded);
-                        if recorded && node.change.interrupted.is_none() {
-                            state.pending.remove(&node.change.address);
-                        }
+                // The state takes the records as the journal does (if that fails the intents stay
+                // pending, which only asks for a check).
+                if !never_sent.is_empty()
+                    && append_durably(&*shared.backend, never_sent.clone()).await.is_ok()
+                {
+                    for record in never_sent {
+                        state.apply_owned(record);
                     }
                 }
                 break;
@@ -846,17 +846,7 @@ pub async fn run(
 /// for a delete as recorded.
 fn dependency_addresses(node: &Node, deployment: &Deployment) -> Vec<String> {
     match node.decl {
-        Some(d) => deployment.resources[d]
-            .depends_on
-            .iter()
-            .map(|&j| {
-                let (address, _) = deployment
-                    .resources
-                    .get_index(j as usize)
-                    .expect("an index of the deployment");
-                address.clone()
-            })
-            .collect(),
+        Some(d) => deployment.resources[d].dependencies(),
         None => node.dependencies.clone(),
     }
 }
@@ -1002,6 +992,76 @@ fn failure(address: &str, error: CallError) -> Outcome {
     }
 }
 
+/// One call's way to its provider and back, the same for every operation: the provider's
+/// permit; the intent made durable (when `journaled`); a job; `resource_start`; the call, with
+/// the provider's timeout. When the provider answers, the job, the permit and the dispatch
+/// slot are given back, and the caller journals the result. `Err` when the run stopped before
+/// the call was sent (its intent then settled, unless an earlier run left it pending).
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    i: usize,
+    connection: &ProviderConnection,
+    provider: &str,
+    verb: &'static str,
+    journaled: bool,
+    was_pending: bool,
+    mut call: OperationCall,
+    slot: Slot,
+    providers: &Providers,
+    options: &RunOptions,
+) -> Result<(Result<OperationSuccess, CallError>, f64), (usize, Outcome)> {
+    let shared = slot.0.clone();
+    call.timeout = providers
+        .timeouts
+        .get(provider)
+        .copied()
+        .or(options.timeout);
+    let own = provider_permit(providers, provider).await;
+    if shared.stopping.get() {
+        return Err((i, Outcome::NotSent));
+    }
+    if journaled {
+        shared.phases.borrow_mut()[i] = Phase::Recording;
+        let intent = Record::Intent {
+            address: call.address.clone(),
+            operation: verb.into(),
+            provider: provider.to_string(),
+            resource_type: call.resource_type.clone(),
+            inputs: call.inputs.clone(),
+            time: now_unix(),
+        };
+        if let Err(e) = append_durably(&*shared.backend, vec![intent]).await {
+            return Err((i, Outcome::State(e)));
+        }
+        shared.phases.borrow_mut()[i] = Phase::Recorded;
+    }
+    let Some(job) = job_permit(&shared, i).await else {
+        let settle = journaled && !was_pending;
+        return Err(not_sent(i, call.address, verb, settle, &shared).await);
+    };
+    let started = Instant::now();
+    // Started means recorded: the intent is durable before anyone is told.
+    shared.events.emit(Event::ResourceStart {
+        address: call.address.clone(),
+        operation: verb,
+        provider: provider.to_string(),
+        resource_type: call.resource_type.clone(),
+    });
+    let observer = progress_observer(shared.events.clone(), call.address.clone(), verb);
+    let result = connection.call(call, observer).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    if result.is_err() && options.fail_fast {
+        // Before the job is given back: nothing waiting for it may be sent now.
+        shared.stopping.set(true);
+    }
+    // The provider is done: give its job and permit back, and let the next operation be
+    // dispatched, while this result is journaled. (`resource_complete` still waits for it.)
+    drop(job);
+    drop(own);
+    drop(slot);
+    Ok((result, elapsed))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn create_or_update(
     i: usize,
@@ -1020,47 +1080,11 @@ async fn create_or_update(
 ) -> (usize, Outcome) {
     let shared = slot.0.clone();
     let connection = providers.connections[&provider].clone();
-    let timeout = providers
-        .timeouts
-        .get(&provider)
-        .copied()
-        .or(options.timeout);
-    let own = provider_permit(providers, &provider).await;
-    if shared.stopping.get() {
-        return (i, Outcome::NotSent);
-    }
     let (kind, verb, counted) = match operation {
         Operation::Create => (OperationKind::Create, "create", Action::Create),
         Operation::Update => (OperationKind::Update, "update", Action::Update),
         Operation::Read => (OperationKind::Read, "read", Action::Noop),
     };
-    if operation != Operation::Read {
-        shared.phases.borrow_mut()[i] = Phase::Recording;
-        let intent = Record::Intent {
-            address: address.clone(),
-            operation: verb.into(),
-            provider: provider.clone(),
-            resource_type: resource_type.clone(),
-            inputs: inputs.clone(),
-            time: now_unix(),
-        };
-        if let Err(e) = append_durably(&*shared.backend, vec![intent]).await {
-            return (i, Outcome::State(e));
-        }
-        shared.phases.borrow_mut()[i] = Phase::Recorded;
-    }
-    let Some(job) = job_permit(&shared, i).await else {
-        let settle = operation != Operation::Read && !was_pending;
-        return not_sent(i, address, verb, settle, &shared).await;
-    };
-    let started = Instant::now();
-    // Started means recorded: the intent is durable before anyone is told.
-    shared.events.emit(Event::ResourceStart {
-        address: address.clone(),
-        operation: verb,
-        provider: provider.clone(),
-        resource_type: resource_type.clone(),
-    });
     let call = OperationCall {
         kind,
         resource_type: resource_type.clone(),
@@ -1070,24 +1094,27 @@ async fn create_or_update(
         previous_outputs: recorded.as_ref().map(|r| r.outputs.clone()),
         capabilities,
         trace: TraceContext::random(),
-        timeout,
+        timeout: None,
     };
-    let result = connection
-        .call(
-            call,
-            progress_observer(shared.events.clone(), address.clone(), verb),
-        )
-        .await;
-    let elapsed = started.elapsed().as_secs_f64();
-    if result.is_err() && options.fail_fast {
-        // Before the job is given back: nothing waiting for it may be sent now.
-        shared.stopping.set(true);
-    }
-    // The provider is done: give its job and permit back, and let the next operation be
-    // dispatched, while this result is journaled. (`resource_complete` still waits for it.)
-    drop(job);
-    drop(own);
-    drop(slot);
+    // Reads change nothing: no intent.
+    let journaled = operation != Operation::Read;
+    let (result, elapsed) = match send(
+        i,
+        &connection,
+        &provider,
+        verb,
+        journaled,
+        was_pending,
+        call,
+        slot,
+        providers,
+        options,
+    )
+    .await
+    {
+        Ok(answered) => answered,
+        Err(never_sent) => return never_sent,
+    };
     match result {
         Ok(success) => {
             if operation != Operation::Read {
@@ -1121,18 +1148,7 @@ async fn create_or_update(
                 },
             )
         }
-        Err(error) => {
-            fail(
-                i,
-                address,
-                verb,
-                error,
-                operation != Operation::Read,
-                &shared,
-                elapsed,
-            )
-            .await
-        }
+        Err(error) => fail(i, address, verb, error, journaled, &shared, elapsed).await,
     }
 }
 
@@ -1169,38 +1185,6 @@ async fn delete(
             },
         );
     };
-    let timeout = providers
-        .timeouts
-        .get(&recorded.provider)
-        .copied()
-        .or(options.timeout);
-    let own = provider_permit(providers, &recorded.provider).await;
-    if shared.stopping.get() {
-        return (i, Outcome::NotSent);
-    }
-    shared.phases.borrow_mut()[i] = Phase::Recording;
-    let intent = Record::Intent {
-        address: address.clone(),
-        operation: "delete".into(),
-        provider: recorded.provider.clone(),
-        resource_type: recorded.resource_type.clone(),
-        inputs: recorded.inputs.clone(),
-        time: now_unix(),
-    };
-    if let Err(e) = append_durably(&*shared.backend, vec![intent]).await {
-        return (i, Outcome::State(e));
-    }
-    shared.phases.borrow_mut()[i] = Phase::Recorded;
-    let Some(job) = job_permit(&shared, i).await else {
-        return not_sent(i, address, "delete", !was_pending, &shared).await;
-    };
-    let started = Instant::now();
-    shared.events.emit(Event::ResourceStart {
-        address: address.clone(),
-        operation: "delete",
-        provider: recorded.provider.clone(),
-        resource_type: recorded.resource_type.clone(),
-    });
     let call = OperationCall {
         kind: OperationKind::Delete,
         resource_type: recorded.resource_type.clone(),
@@ -1210,24 +1194,25 @@ async fn delete(
         previous_outputs: Some(recorded.outputs.clone()),
         capabilities: Vec::new(),
         trace: TraceContext::random(),
-        timeout,
+        timeout: None,
     };
-    let result = connection
-        .call(
-            call,
-            progress_observer(shared.events.clone(), address.clone(), "delete"),
-        )
-        .await;
-    let elapsed = started.elapsed().as_secs_f64();
-    if result.is_err() && options.fail_fast {
-        // Before the job is given back: nothing waiting for it may be sent now.
-        shared.stopping.set(true);
-    }
-    // The provider is done: give its job and permit back, and let the next operation be
-    // dispatched, while this result is journaled. (`resource_complete` still waits for it.)
-    drop(job);
-    drop(own);
-    drop(slot);
+    let (result, elapsed) = match send(
+        i,
+        &connection,
+        &recorded.provider,
+        "delete",
+        true,
+        was_pending,
+        call,
+        slot,
+        providers,
+        options,
+    )
+    .await
+    {
+        Ok(answered) => answered,
+        Err(never_sent) => return never_sent,
+    };
     match result {
         Ok(_) => {
             if let Err(e) = append_durably(

@@ -86,11 +86,6 @@ impl Json {
         self.0.get()
     }
 
-    /// The text as a `RawValue`, to embed in other JSON without re-encoding it.
-    pub fn raw(&self) -> &RawValue {
-        &self.0
-    }
-
     /// The value, parsed.
     pub fn value(&self) -> Value {
         serde_json::from_str(self.0.get()).expect("Json holds valid JSON")
@@ -102,11 +97,6 @@ impl Json {
             Value::Object(map) => map,
             _ => Map::new(),
         }
-    }
-
-    /// Whether this is a JSON object.
-    pub fn is_object(&self) -> bool {
-        self.0.get().trim_start().starts_with('{')
     }
 
     /// One member of an object, parsed; `None` if this is not an object or has no such key.
@@ -124,11 +114,7 @@ impl Json {
 
     /// The keys of an object (empty for anything else), without parsing the values.
     pub fn keys(&self) -> Vec<String> {
-        let members: Result<Vec<(String, &RawValue)>, _> = {
-            let mut de = serde_json::Deserializer::from_str(self.0.get());
-            Members.deserialize(&mut de)
-        };
-        members
+        object_members(self.0.get())
             .map(|m| m.into_iter().map(|(k, _)| k).collect())
             .unwrap_or_default()
     }
