@@ -1,24 +1,13 @@
 //! `capstan plan / apply / destroy / state` end to end: real `capstan` processes, real
 //! provider processes (the built-in `local` provider and the testing provider), real files.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::{json, Value};
-
-fn capstan_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_capstan")
-}
-
-fn testing_provider() -> String {
-    let path = PathBuf::from(capstan_bin()).with_file_name("capstan-provider-testing");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo test --workspace`",
-        path.display()
-    );
-    path.to_string_lossy().into_owned()
-}
+use support::{capstan_bin, testing_provider};
 
 struct Project {
     dir: tempfile::TempDir,
