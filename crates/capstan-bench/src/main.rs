@@ -347,6 +347,17 @@ fn progress_events_per_s(events: u64) -> f64 {
     rate
 }
 
+/// CPU seconds used so far by the calling thread.
+fn thread_cpu_seconds() -> f64 {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `time` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
+    time.tv_sec as f64 + time.tv_nsec as f64 / 1e9
+}
+
 fn rss_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -545,14 +556,15 @@ fn noop_deployment(size: usize) -> String {
 /// process, so its peak memory is the engine's alone. Prints one JSON line.
 /// Loads, plans and applies the deployment in `file` with the engine and durable state in
 /// `state_dir`, starting built-in providers from `capstan`. Returns the seconds it took (load,
-/// plan, provider start and run) and the peak RSS (KiB) right after the run.
+/// plan, provider start and run), those seconds split by phase, and the peak RSS (KiB) right
+/// after the run.
 fn engine_apply(
     file: &Path,
     state_dir: &Path,
     capstan: PathBuf,
     size: usize,
     jobs: usize,
-) -> (f64, u64) {
+) -> (f64, serde_json::Value, u64) {
     use capstan_engine::model::Deployment;
     use capstan_engine::run::{BuiltinLauncher, Providers, RunOptions};
     use capstan_engine::state::{DirectoryBackend, StateBackend};
@@ -561,7 +573,9 @@ fn engine_apply(
         let deployment = Deployment::load(file, &serde_json::Map::new()).unwrap();
         let mut backend = DirectoryBackend::open(state_dir, Duration::ZERO).unwrap();
         let (mut state, _) = backend.load().unwrap();
+        let loaded = start.elapsed();
         let changes = capstan_engine::plan::plan(&deployment, &state).unwrap();
+        let planned = start.elapsed();
         let (logs, _ignored) = tokio::sync::mpsc::channel(1024);
         let names = capstan_engine::run::providers_needed(&changes);
         let providers = Providers::launch(
@@ -573,6 +587,8 @@ fn engine_apply(
         )
         .await
         .unwrap();
+        let launched = start.elapsed();
+        let cpu_before_run = thread_cpu_seconds();
         let backend: Rc<dyn StateBackend> = Rc::new(backend);
         let events = Rc::new(CountEvents(Cell::new(0)));
         let options = RunOptions {
@@ -592,13 +608,21 @@ fn engine_apply(
         .await
         .unwrap();
         let seconds = start.elapsed().as_secs_f64();
+        let run_cpu = thread_cpu_seconds() - cpu_before_run;
         assert_eq!(
             summary.created, size,
             "every resource was created: {summary:?}"
         );
         let peak = rss_kib("VmHWM:");
         providers.shutdown().await;
-        (seconds, peak)
+        let split = json!({
+            "load": loaded.as_secs_f64(),
+            "plan": (planned - loaded).as_secs_f64(),
+            "launch_providers": (launched - planned).as_secs_f64(),
+            "run": seconds - launched.as_secs_f64(),
+            "run_engine_thread_cpu": run_cpu,
+        });
+        (seconds, split, peak)
     })
 }
 
@@ -607,7 +631,7 @@ fn apply_child(file: PathBuf, size: usize, jobs: usize) {
     use capstan_engine::state::{DirectoryBackend, StateBackend};
     let dir = tempfile::tempdir().expect("temp dir");
     let rss_before = rss_kib("VmRSS:");
-    let (apply_seconds, peak_after_apply) = engine_apply(
+    let (apply_seconds, apply_split, peak_after_apply) = engine_apply(
         &file,
         &dir.path().join("state"),
         std::env::current_exe().unwrap().with_file_name("capstan"),
@@ -651,6 +675,7 @@ fn apply_child(file: PathBuf, size: usize, jobs: usize) {
         json!({
             "resources": size,
             "apply_seconds": apply_seconds,
+            "apply_split_seconds": apply_split,
             "resources_per_s": size as f64 / apply_seconds,
             "plan_unchanged_seconds": plan_seconds,
             "plan_split_seconds": {"load_deployment": split.0, "load_state": split.1, "plan": split.2},

@@ -57,6 +57,10 @@ pub struct PlannedChange {
     /// For a replace: the provider and type of the resource as recorded, deleted first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replaces: Option<Replaced>,
+    /// Its index in the planned deployment's resources (not for deletes), so a run need not
+    /// look every address up again.
+    #[serde(skip)]
+    pub declared: Option<usize>,
 }
 
 /// What a replace deletes.
@@ -212,6 +216,7 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
                 )
             }),
             replaces,
+            declared: Some(i),
         });
     }
     for (address, old) in &state.resources {
@@ -233,6 +238,7 @@ fn delete_change(address: &str, old: &crate::state::ResourceState, state: &State
         interrupted: state.pending.get(address).map(|p| p.operation.clone()),
         note: None,
         replaces: None,
+        declared: None,
     }
 }
 

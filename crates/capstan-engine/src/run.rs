@@ -233,8 +233,8 @@ pub fn providers_needed(changes: &[PlannedChange]) -> BTreeSet<String> {
         .collect()
 }
 
+/// What the run keeps per change (indexed like the changes), beside the change itself.
 struct Node {
-    change: PlannedChange,
     /// Its index in `deployment.resources` (creates, updates, no-ops).
     decl: Option<usize>,
     remaining: usize,
@@ -247,9 +247,9 @@ struct Node {
 }
 
 enum Outcome {
+    /// Created, updated or read: the resource as it is now (as journaled, unless a read).
     Done {
-        outputs: Json,
-        inputs: Json,
+        state: ResourceState,
         handles: Vec<(String, resource_handle::Client)>,
         counted: Action,
     },
@@ -343,24 +343,36 @@ pub async fn run(
             .filter(|c| c.action == Action::Create)
             .count(),
     );
-    let capability_sources: BTreeSet<&str> = changes
-        .iter()
-        .filter(|c| c.action != Action::Delete)
-        .filter_map(|c| deployment.resources.get(&c.address))
-        .flat_map(|r| r.capabilities.iter().map(|c| c.address.as_str()))
-        .collect();
-    let capability_source: Vec<bool> = changes
-        .iter()
-        .map(|c| capability_sources.contains(c.address.as_str()))
-        .collect();
-    drop(capability_sources);
+    // Resources some resource of this run takes a capability from (usually none).
+    let capability_sources: BTreeSet<&str> = if deployment
+        .resources
+        .values()
+        .any(|r| !r.capabilities.is_empty())
+    {
+        changes
+            .iter()
+            .filter(|c| c.action != Action::Delete)
+            .filter_map(|c| deployment.resources.get(&c.address))
+            .flat_map(|r| r.capabilities.iter().map(|c| c.address.as_str()))
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
     let mut nodes: Vec<Node> = changes
-        .into_iter()
-        .zip(capability_source)
-        .map(|(change, capability_source)| {
+        .iter()
+        .map(|change| {
             let decl = match change.action {
                 Action::Delete => None,
-                _ => deployment.resources.get_index_of(&change.address),
+                // The plan's index, if it is of this deployment; else looked up.
+                _ => change
+                    .declared
+                    .filter(|&d| {
+                        deployment
+                            .resources
+                            .get_index(d)
+                            .is_some_and(|(address, _)| *address == change.address)
+                    })
+                    .or_else(|| deployment.resources.get_index_of(&change.address)),
             };
             let dependencies = match decl {
                 None => state
@@ -371,15 +383,15 @@ pub async fn run(
                 Some(_) => Vec::new(),
             };
             Node {
-                change,
                 decl,
                 remaining: 0,
                 dependents: Vec::new(),
                 dependencies,
-                capability_source,
+                capability_source: capability_sources.contains(change.address.as_str()),
             }
         })
         .collect();
+    drop(capability_sources);
     // Edges as (waits, first): `waits` starts only after `first` is done.
     let mut edges: Vec<(usize, usize)> = Vec::with_capacity(nodes.len() * 2);
     {
@@ -391,11 +403,11 @@ pub async fn run(
                 node_of_decl[d] = n;
             }
         }
-        let deletes: FastMap<&str, usize> = nodes
+        let deletes: FastMap<&str, usize> = changes
             .iter()
             .enumerate()
-            .filter(|(_, node)| node.change.action == Action::Delete)
-            .map(|(n, node)| (node.change.address.as_str(), n))
+            .filter(|(_, change)| change.action == Action::Delete)
+            .map(|(n, change)| (change.address.as_str(), n))
             .collect();
         for (i, node) in nodes.iter().enumerate() {
             match node.decl {
@@ -423,7 +435,7 @@ pub async fn run(
             if deletes.is_empty() {
                 continue;
             }
-            let Some(recorded) = state.resources.get(&node.change.address) else {
+            let Some(recorded) = state.resources.get(&changes[i].address) else {
                 continue;
             };
             for dep in &recorded.dependencies {
@@ -472,11 +484,12 @@ pub async fn run(
                 break;
             }
             let node = &nodes[i];
-            let address = node.change.address.clone();
+            let change = &changes[i];
+            let address = change.address.clone();
             // Left pending by an earlier run: its intent must not be settled as "never sent".
-            let was_pending = node.change.interrupted.is_some();
+            let was_pending = change.interrupted.is_some();
             started[i] = true;
-            match node.change.action {
+            match change.action {
                 Action::Delete => {
                     let recorded = state.resources[&address].clone();
                     let slot = Slot::take(&shared);
@@ -516,10 +529,14 @@ pub async fn run(
                         });
                         summary.failed += 1;
                         finished[i] = true;
-                        skip_dependents(i, &nodes, &mut finished, &mut summary, &*events);
+                        skip_dependents(i, &changes, &nodes, &mut finished, &mut summary, &*events);
                         continue;
                     };
-                    let recorded = state.resources.get(&address);
+                    // The plan creates only what the state does not hold.
+                    let recorded = match action {
+                        Action::Create => None,
+                        _ => state.resources.get(&address),
+                    };
                     let unchanged =
                         action != Action::Replace && recorded.is_some_and(|r| r.inputs == inputs);
                     if unchanged && !node.capability_source {
@@ -536,18 +553,15 @@ pub async fn run(
                             let backend = shared.backend.clone();
                             running.push(
                                 async move {
-                                    let outputs = updated.outputs.clone();
-                                    let inputs = updated.inputs.clone();
                                     let done = Record::Done {
                                         address,
-                                        state: updated,
+                                        state: updated.clone(),
                                     };
                                     match append_durably(&*backend, vec![done]).await {
                                         Ok(()) => (
                                             i,
                                             Outcome::Done {
-                                                outputs,
-                                                inputs,
+                                                state: updated,
                                                 handles: Vec::new(),
                                                 counted: Action::Noop,
                                             },
@@ -590,7 +604,7 @@ pub async fn run(
                     if capabilities.len() != decl.capabilities.len() {
                         summary.failed += 1;
                         finished[i] = true;
-                        skip_dependents(i, &nodes, &mut finished, &mut summary, &*events);
+                        skip_dependents(i, &changes, &nodes, &mut finished, &mut summary, &*events);
                         continue;
                     }
                     let recorded = recorded.cloned();
@@ -673,7 +687,7 @@ pub async fn run(
             () = shared.slot_freed.notified(), if shared.active.get() < window && !ready.is_empty() => {}
             Some((i, outcome)) = running.next() => {
                 finished[i] = true;
-                let address = nodes[i].change.address.clone();
+                let address = changes[i].address.clone();
                 let outcome = match outcome {
                     Outcome::Replaced(created) => {
                         // The old resource is gone whatever became of the new one.
@@ -684,20 +698,18 @@ pub async fn run(
                     outcome => outcome,
                 };
                 match outcome {
-                    Outcome::Done { outputs: out, inputs, handles: returned, counted } => {
+                    Outcome::Done { state: now, handles: returned, counted } => {
                         match counted {
                             Action::Create => summary.created += 1,
                             Action::Update => summary.updated += 1,
                             _ => summary.unchanged += 1,
                         }
                         if counted != Action::Noop {
-                            let deps = dependency_addresses(&nodes[i], deployment);
-                            let decl = &deployment.resources[nodes[i].decl.expect("declared")];
-                            state.apply_owned(Record::Done { address: address.clone(), state: ResourceState { provider: decl.provider.clone(), resource_type: decl.resource_type.clone(), inputs, outputs: out, dependencies: deps } });
+                            state.apply_owned(Record::Done { address: address.clone(), state: now });
                         } else if let Some(recorded) = state.resources.get_mut(&address) {
                             // A read (what the provider says now) or re-recorded wiring.
-                            recorded.outputs = out;
-                            recorded.dependencies = dependency_addresses(&nodes[i], deployment);
+                            recorded.outputs = now.outputs;
+                            recorded.dependencies = now.dependencies;
                         }
                         if !returned.is_empty() {
                             handles.insert(address, returned);
@@ -712,7 +724,7 @@ pub async fn run(
                     Outcome::Failed { .. } => {
                         summary.failed += 1;
                         state.pending.remove(&address);
-                        skip_dependents(i, &nodes, &mut finished, &mut summary, &*events);
+                        skip_dependents(i, &changes, &nodes, &mut finished, &mut summary, &*events);
                         if options.fail_fast {
                             stopping = true;
                             shared.stopping.set(true);
@@ -731,7 +743,7 @@ pub async fn run(
                         state.pending.remove(&address);
                         events.emit(Event::ResourceSkipped {
                             address: address.clone(),
-                            operation: nodes[i].change.action.as_str(),
+                            operation: changes[i].action.as_str(),
                             reason: stop_reason(&state_error),
                             dependency: String::new(),
                         });
@@ -747,36 +759,36 @@ pub async fn run(
                 running.clear();
                 let phases = shared.phases.borrow().clone();
                 let mut never_sent = Vec::new();
-                for (i, node) in nodes.iter().enumerate() {
+                for (i, change) in changes.iter().enumerate() {
                     if started[i] && !finished[i] {
                         finished[i] = true;
                         if phases[i] == Phase::Called {
                             summary.interrupted += 1;
                             events.emit(Event::ResourceFailed {
-                                address: node.change.address.clone(),
-                                operation: node.change.action.as_str(),
-                                error: format!("{}: interrupted", node.change.address),
+                                address: change.address.clone(),
+                                operation: change.action.as_str(),
+                                error: format!("{}: interrupted", change.address),
                                 kind: "cancelled".into(),
                                 details: String::new(),
                                 elapsed_seconds: 0.0,
                             });
                         } else {
                             let recorded = matches!(phases[i], Phase::Recording | Phase::Recorded);
-                            if recorded && node.change.interrupted.is_none() {
+                            if recorded && change.interrupted.is_none() {
                                 // Its intent is (or is about to be) in the journal, but it never
                                 // reached its provider: settle it, so the next run does not ask
                                 // anyone to check. (Not if an earlier run left it pending: that
                                 // one still needs a check.)
                                 never_sent.push(Record::Failed {
-                                    address: node.change.address.clone(),
-                                    operation: node.change.action.as_str().into(),
+                                    address: change.address.clone(),
+                                    operation: change.action.as_str().into(),
                                     error: "interrupted before it was sent to its provider".into(),
                                 });
                             }
                             summary.skipped += 1;
                             events.emit(Event::ResourceSkipped {
-                                address: node.change.address.clone(),
-                                operation: node.change.action.as_str(),
+                                address: change.address.clone(),
+                                operation: change.action.as_str(),
                                 reason: "the run was interrupted before it was sent to its provider".into(),
                                 dependency: String::new(),
                             });
@@ -802,12 +814,12 @@ pub async fn run(
     // Nodes that never became ready although nothing stopped the run: the recorded
     // dependencies of deletes form a cycle. Say so rather than finish silently.
     if !stopping {
-        for (i, node) in nodes.iter().enumerate() {
+        for (i, change) in changes.iter().enumerate() {
             if !finished[i] && !started[i] {
                 summary.skipped += 1;
                 events.emit(Event::ResourceSkipped {
-                    address: node.change.address.clone(),
-                    operation: node.change.action.as_str(),
+                    address: change.address.clone(),
+                    operation: change.action.as_str(),
                     reason: "its recorded dependencies form a cycle; delete it with `capstan state forget` after removing it by hand".into(),
                     dependency: String::new(),
                 });
@@ -816,12 +828,12 @@ pub async fn run(
     }
     // Whatever never started because of fail-fast or an interrupt.
     if stopping {
-        for (i, node) in nodes.iter().enumerate() {
+        for (i, change) in changes.iter().enumerate() {
             if !finished[i] && !started[i] {
                 summary.skipped += 1;
                 events.emit(Event::ResourceSkipped {
-                    address: node.change.address.clone(),
-                    operation: node.change.action.as_str(),
+                    address: change.address.clone(),
+                    operation: change.action.as_str(),
                     reason: if interrupt.is_cancelled() {
                         "the run was interrupted".into()
                     } else {
@@ -864,12 +876,13 @@ fn release(i: usize, nodes: &mut [Node], ready: &mut VecDeque<usize>) {
 
 fn skip_dependents(
     i: usize,
+    changes: &[PlannedChange],
     nodes: &[Node],
     finished: &mut [bool],
     summary: &mut Summary,
     events: &dyn EventSink,
 ) {
-    let failed = nodes[i].change.address.clone();
+    let failed = changes[i].address.clone();
     let mut stack = nodes[i].dependents.clone();
     while let Some(j) = stack.pop() {
         if finished[j] {
@@ -878,8 +891,8 @@ fn skip_dependents(
         finished[j] = true;
         summary.skipped += 1;
         events.emit(Event::ResourceSkipped {
-            address: nodes[j].change.address.clone(),
-            operation: nodes[j].change.action.as_str(),
+            address: changes[j].address.clone(),
+            operation: changes[j].action.as_str(),
             reason: format!("dependency `{failed}` failed"),
             dependency: failed.clone(),
         });
@@ -1117,16 +1130,17 @@ async fn create_or_update(
     };
     match result {
         Ok(success) => {
+            let now = ResourceState {
+                provider,
+                resource_type,
+                inputs,
+                outputs: success.outputs,
+                dependencies,
+            };
             if operation != Operation::Read {
                 let done = Record::Done {
                     address: address.clone(),
-                    state: ResourceState {
-                        provider,
-                        resource_type,
-                        inputs: inputs.clone(),
-                        outputs: success.outputs.clone(),
-                        dependencies,
-                    },
+                    state: now.clone(),
                 };
                 if let Err(e) = append_durably(&*shared.backend, vec![done]).await {
                     return (i, Outcome::State(e));
@@ -1136,13 +1150,12 @@ async fn create_or_update(
                 address,
                 operation: verb,
                 elapsed_seconds: elapsed,
-                outputs: success.outputs.clone(),
+                outputs: now.outputs.clone(),
             });
             (
                 i,
                 Outcome::Done {
-                    outputs: success.outputs,
-                    inputs,
+                    state: now,
                     handles: success.capabilities,
                     counted,
                 },
