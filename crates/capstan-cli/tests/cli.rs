@@ -73,6 +73,24 @@ fn call_shows_progress_on_stderr_and_outputs_on_stdout() {
 }
 
 #[test]
+fn large_inputs_and_outputs_cross_in_many_segments() {
+    // Messages start with a small first segment (the transport caps it at 1 KiB): inputs and
+    // outputs much larger than that must arrive whole, both ways.
+    let provider = testing_provider();
+    let value: String = (0..50_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let inputs = serde_json::json!({ "value": value }).to_string();
+    let out = capstan(&[
+        "provider", "call", "--type", "noop", "--inputs", &inputs, "--", &provider,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let outputs: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is only the outputs");
+    assert_eq!(outputs["value"].as_str(), Some(value.as_str()));
+}
+
+#[test]
 fn call_with_json_streams_events_then_the_result() {
     let provider = testing_provider();
     let out = capstan(&[
@@ -119,6 +137,24 @@ fn failures_exit_1_with_the_message_and_usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("nope, not today"));
     assert!(out.stdout.is_empty());
+
+    // Inputs that do not fit the type are the provider's invalid-input error, naming the field.
+    let out = capstan(&[
+        "provider",
+        "call",
+        "--type",
+        "noop",
+        "--inputs",
+        r#"{"valeu": 1}"#,
+        "--",
+        &provider,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("inputs are invalid") && stderr.contains("unknown field `valeu`"),
+        "{stderr}"
+    );
 
     let out = capstan(&[
         "provider",

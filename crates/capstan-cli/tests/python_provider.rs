@@ -61,6 +61,7 @@ fn capstan_applies_resources_of_a_python_provider_with_its_progress() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
+    let long_name = "Ada Lovelace ".repeat(1000);
     let deployment = json!({
         "providers": {
             "py": {"executable": python.display().to_string(), "args": [provider_script()]},
@@ -68,7 +69,10 @@ fn capstan_applies_resources_of_a_python_provider_with_its_progress() {
         },
         "resources": {
             "hello": {"provider": "py", "type": "greeting", "inputs": {"name": "Ada"}},
-            "saved": {"provider": "local", "type": "file", "inputs": {"path": "greeting.txt", "content": {"$ref": "hello#text"}}}
+            "saved": {"provider": "local", "type": "file", "inputs": {"path": "greeting.txt", "content": {"$ref": "hello#text"}}},
+            // Larger than a first segment: the message crosses to pycapnp in several.
+            "long": {"provider": "py", "type": "greeting", "inputs": {"name": long_name}},
+            "saved_long": {"provider": "local", "type": "file", "inputs": {"path": "long.txt", "content": {"$ref": "long#text"}}}
         }
     });
     std::fs::write(dir.path().join("capstan.json"), deployment.to_string()).unwrap();
@@ -87,6 +91,10 @@ fn capstan_applies_resources_of_a_python_provider_with_its_progress() {
     assert_eq!(
         std::fs::read_to_string(dir.path().join("greeting.txt")).unwrap(),
         "Hello, Ada!"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("long.txt")).unwrap(),
+        format!("Hello, {long_name}!")
     );
     let events = support::events(&out.stdout);
     let progress: Vec<&serde_json::Value> = events

@@ -8,7 +8,6 @@ use futures::future::LocalBoxFuture;
 use futures::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::Operation;
 
@@ -151,23 +150,24 @@ pub trait Resource: 'static {
     }
 }
 
-/// An operation's arguments as JSON, before they are turned into a resource's types.
+/// An operation's arguments as JSON text, as they came in, before they are read straight into
+/// a resource's types (no `Value` in between).
 pub(crate) enum Call {
     Create {
-        inputs: Value,
+        inputs: String,
     },
     Read {
-        prior_inputs: Value,
-        prior_outputs: Value,
+        prior_inputs: String,
+        prior_outputs: String,
     },
     Update {
-        prior_inputs: Value,
-        prior_outputs: Value,
-        inputs: Value,
+        prior_inputs: String,
+        prior_outputs: String,
+        inputs: String,
     },
     Delete {
-        prior_inputs: Value,
-        prior_outputs: Value,
+        prior_inputs: String,
+        prior_outputs: String,
     },
 }
 
@@ -178,7 +178,7 @@ pub(crate) trait ErasedResource {
         &'a self,
         op: &'a Operation,
         call: Call,
-    ) -> LocalBoxFuture<'a, Result<Value, OperationError>>;
+    ) -> LocalBoxFuture<'a, Result<String, OperationError>>;
 }
 
 pub(crate) struct Erased<R> {
@@ -202,22 +202,37 @@ impl<R: Resource> Erased<R> {
     }
 }
 
+/// Reads JSON text straight into `T`. Text that is not JSON at all is told apart from JSON
+/// that does not fit the type.
 fn decode<T: DeserializeOwned>(
     op: &Operation,
     what: &str,
-    value: Value,
+    text: &str,
 ) -> Result<T, OperationError> {
-    serde_json::from_value(value).map_err(|e| {
+    if text.trim().is_empty() {
+        return Err(OperationError::invalid_input(format!(
+            "{} `{}`: the request carries no {what}",
+            op.resource_type(),
+            op.address()
+        )));
+    }
+    serde_json::from_str(text).map_err(|e| {
+        let problem = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "are not valid JSON"
+            }
+            _ => "are invalid",
+        };
         OperationError::invalid_input(format!(
-            "{} `{}`: invalid {what}: {e}",
+            "{} `{}`: {what} {problem}: {e}",
             op.resource_type(),
             op.address()
         ))
     })
 }
 
-fn encode<T: Serialize>(op: &Operation, outputs: &T) -> Result<Value, OperationError> {
-    serde_json::to_value(outputs).map_err(|e| {
+fn encode<T: Serialize>(op: &Operation, outputs: &T) -> Result<String, OperationError> {
+    serde_json::to_string(outputs).map_err(|e| {
         OperationError::internal(format!(
             "{} `{}`: outputs cannot be written as JSON: {e}",
             op.resource_type(),
@@ -235,17 +250,17 @@ impl<R: Resource> ErasedResource for Erased<R> {
         &'a self,
         op: &'a Operation,
         call: Call,
-    ) -> LocalBoxFuture<'a, Result<Value, OperationError>> {
+    ) -> LocalBoxFuture<'a, Result<String, OperationError>> {
         async move {
-            let prior = |inputs: Value, outputs: Value| -> Result<_, OperationError> {
+            let prior = |inputs: String, outputs: String| -> Result<_, OperationError> {
                 Ok(Prior {
-                    inputs: decode(op, "recorded inputs", inputs)?,
-                    outputs: decode(op, "recorded outputs", outputs)?,
+                    inputs: decode(op, "recorded inputs", &inputs)?,
+                    outputs: decode(op, "recorded outputs", &outputs)?,
                 })
             };
             match call {
                 Call::Create { inputs } => {
-                    let inputs = decode(op, "inputs", inputs)?;
+                    let inputs = decode(op, "inputs", &inputs)?;
                     encode(op, &self.resource.create(op, inputs).await?)
                 }
                 Call::Read {
@@ -261,7 +276,7 @@ impl<R: Resource> ErasedResource for Erased<R> {
                     inputs,
                 } => {
                     let prior = prior(prior_inputs, prior_outputs)?;
-                    let inputs = decode(op, "inputs", inputs)?;
+                    let inputs = decode(op, "inputs", &inputs)?;
                     encode(op, &self.resource.update(op, prior, inputs).await?)
                 }
                 Call::Delete {
@@ -270,7 +285,7 @@ impl<R: Resource> ErasedResource for Erased<R> {
                 } => {
                     let prior = prior(prior_inputs, prior_outputs)?;
                     self.resource.delete(op, prior).await?;
-                    Ok(Value::Object(Default::default()))
+                    Ok("{}".to_string())
                 }
             }
         }

@@ -15,7 +15,6 @@ use capstan_schema::provider_capnp::{
 };
 use capstan_schema::{OperationError, ProviderInfo, TraceContext};
 use futures::FutureExt;
-use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -66,52 +65,37 @@ impl Request {
 }
 
 struct Success {
-    outputs: Value,
+    /// JSON text.
+    outputs: String,
     capabilities: Vec<(String, resource_handle::Client)>,
 }
 
-fn parse_json(what: &str, text: &str, request: &Request) -> Result<Value, OperationError> {
-    if text.trim().is_empty() {
-        return Err(OperationError::invalid_input(format!(
-            "{} `{}`: the request carries no {what}",
-            request.resource_type, request.address
-        )));
-    }
-    serde_json::from_str(text).map_err(|e| {
-        OperationError::invalid_input(format!(
-            "{} `{}`: {what} are not valid JSON: {e}",
-            request.resource_type, request.address
-        ))
-    })
-}
-
-fn build_call(kind: OperationKind, request: &Request) -> Result<Call, OperationError> {
-    let prior_inputs = || {
-        if request.previous_inputs.trim().is_empty() {
-            parse_json("inputs", &request.inputs, request)
-        } else {
-            parse_json("previous inputs", &request.previous_inputs, request)
-        }
+/// The call for `kind`, taking the request's JSON texts (read into the resource's types only
+/// inside the operation, which says what does not fit). An update or read without recorded
+/// inputs (an older core) takes its new inputs as the prior ones.
+fn build_call(kind: OperationKind, request: &mut Request) -> Call {
+    let inputs = std::mem::take(&mut request.inputs);
+    let previous_outputs = std::mem::take(&mut request.previous_outputs);
+    let previous_inputs = match std::mem::take(&mut request.previous_inputs) {
+        prior if prior.trim().is_empty() => inputs.clone(),
+        prior => prior,
     };
-    let prior_outputs = || parse_json("previous outputs", &request.previous_outputs, request);
-    Ok(match kind {
-        OperationKind::Create => Call::Create {
-            inputs: parse_json("inputs", &request.inputs, request)?,
-        },
+    match kind {
+        OperationKind::Create => Call::Create { inputs },
         OperationKind::Read => Call::Read {
-            prior_inputs: prior_inputs()?,
-            prior_outputs: prior_outputs()?,
+            prior_inputs: previous_inputs,
+            prior_outputs: previous_outputs,
         },
         OperationKind::Update => Call::Update {
-            prior_inputs: prior_inputs()?,
-            prior_outputs: prior_outputs()?,
-            inputs: parse_json("inputs", &request.inputs, request)?,
+            prior_inputs: previous_inputs,
+            prior_outputs: previous_outputs,
+            inputs,
         },
         OperationKind::Delete => Call::Delete {
-            prior_inputs: prior_inputs()?,
-            prior_outputs: prior_outputs()?,
+            prior_inputs: previous_inputs,
+            prior_outputs: previous_outputs,
         },
-    })
+    }
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -138,7 +122,8 @@ impl ProviderServer {
                     known.join(", ")
                 ))
             })?;
-        let call = build_call(kind, &request)?;
+        let mut request = request;
+        let call = build_call(kind, &mut request);
         let permit = match &self.limit {
             Some(limit) => Some(limit.clone().acquire_owned().await.expect("never closed")),
             None => None,
@@ -243,7 +228,7 @@ impl ProviderServer {
         match outcome {
             Ok(success) => {
                 let mut s = results.init_success();
-                s.set_outputs(&success.outputs.to_string()[..]);
+                s.set_outputs(&success.outputs[..]);
                 let mut caps = s.init_capabilities(success.capabilities.len() as u32);
                 for (n, (name, client)) in success.capabilities.into_iter().enumerate() {
                     let mut entry = caps.reborrow().get(n as u32);
