@@ -396,11 +396,23 @@ impl DirectoryBackend {
                 // After a failed write or fsync nothing more is written: a torn line must stay
                 // the last one, and a later fsync could report success for lost data.
                 let mut broken: Option<String> = None;
+                let mut busy = false;
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
                     while let Ok(more) = rx.try_recv() {
                         batch.push(more);
                     }
+                    if busy {
+                        // Records are arriving faster than fsyncs finish: give them a moment
+                        // to gather, so fewer fsyncs carry them. (Asleep rather than waiting
+                        // on the channel, so senders need not wake this thread for each one.)
+                        // A lone write never waits.
+                        std::thread::sleep(GROUP_COMMIT_LINGER);
+                        while let Ok(more) = rx.try_recv() {
+                            batch.push(more);
+                        }
+                    }
+                    busy = batch.len() > 1;
                     // Encoded here, off the thread that runs the operations.
                     let mut bytes = Vec::with_capacity(512 * batch.len());
                     for (records, _) in &batch {
@@ -430,6 +442,9 @@ impl DirectoryBackend {
     }
 }
 
+/// How long the journal writer waits for more records before a group commit, when records are
+/// arriving faster than fsyncs complete.
+const GROUP_COMMIT_LINGER: Duration = Duration::from_micros(200);
 impl StateBackend for DirectoryBackend {
     fn load(&mut self) -> Result<(State, LoadReport), StateError> {
         let (state, report) = self.read_stored()?;
