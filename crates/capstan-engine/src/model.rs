@@ -196,15 +196,18 @@ impl Deployment {
             place: place.to_string(),
             message,
         };
-        // The document is checked whole, then read one resource at a time from its raw text:
-        // a tree of every resource at once would cost more memory than the deployment itself.
-        serde_json::from_str::<&RawValue>(text).map_err(|e| {
-            err(
-                &format!("line {} column {}", e.line(), e.column()),
-                format!("not valid JSON: {e}"),
-            )
-        })?;
-        let root: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(|_| {
+        // Read one resource at a time from its raw text: a tree of every resource at once would
+        // cost more memory than the deployment itself. Reading the top level checks the syntax of
+        // the whole document (raw values are checked as they are taken).
+        let root: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(|e| {
+            if let Err(e) = serde_json::from_str::<&RawValue>(text) {
+                // Not JSON at all: say where.
+                return err(
+                    &format!("line {} column {}", e.line(), e.column()),
+                    format!("not valid JSON: {e}"),
+                );
+            }
+            let _ = e;
             err(
                 "(top level)",
                 "a deployment is a JSON object with `providers` and `resources`".into(),
