@@ -347,15 +347,39 @@ fn progress_events_per_s(events: u64) -> f64 {
     rate
 }
 
-/// CPU seconds used so far by the calling thread.
-fn thread_cpu_seconds() -> f64 {
+/// CPU seconds used so far by the calling thread, or with `CLOCK_PROCESS_CPUTIME_ID` by
+/// all threads of this process.
+fn cpu_seconds(clock: libc::clockid_t) -> f64 {
     let mut time = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `time` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
+    unsafe { libc::clock_gettime(clock, &mut time) };
     time.tv_sec as f64 + time.tv_nsec as f64 / 1e9
+}
+
+fn thread_cpu_seconds() -> f64 {
+    cpu_seconds(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// CPU seconds (user and system) used by child processes that have ended and been waited for.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: an all-zero rusage is valid, and getrusage only writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// Seconds the calling thread has spent runnable but waiting for a CPU (from
+/// `/proc/thread-self/schedstat`; 0 where that is not available).
+fn thread_runqueue_wait_seconds() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0.0, |ns| ns as f64 / 1e9)
 }
 
 fn rss_kib(field: &str) -> u64 {
@@ -589,6 +613,8 @@ fn engine_apply(
         .unwrap();
         let launched = start.elapsed();
         let cpu_before_run = thread_cpu_seconds();
+        let wait_before_run = thread_runqueue_wait_seconds();
+        let process_cpu_before_run = cpu_seconds(libc::CLOCK_PROCESS_CPUTIME_ID);
         let backend: Rc<dyn StateBackend> = Rc::new(backend);
         let events = Rc::new(CountEvents(Cell::new(0)));
         let options = RunOptions {
@@ -609,6 +635,8 @@ fn engine_apply(
         .unwrap();
         let seconds = start.elapsed().as_secs_f64();
         let run_cpu = thread_cpu_seconds() - cpu_before_run;
+        let run_wait = thread_runqueue_wait_seconds() - wait_before_run;
+        let run_process_cpu = cpu_seconds(libc::CLOCK_PROCESS_CPUTIME_ID) - process_cpu_before_run;
         assert_eq!(
             summary.created, size,
             "every resource was created: {summary:?}"
@@ -616,11 +644,14 @@ fn engine_apply(
         let peak = rss_kib("VmHWM:");
         providers.shutdown().await;
         let split = json!({
+            "providers_cpu": children_cpu_seconds(),
             "load": loaded.as_secs_f64(),
             "plan": (planned - loaded).as_secs_f64(),
             "launch_providers": (launched - planned).as_secs_f64(),
             "run": seconds - launched.as_secs_f64(),
             "run_engine_thread_cpu": run_cpu,
+            "run_engine_thread_runqueue_wait": run_wait,
+            "run_engine_process_cpu": run_process_cpu,
         });
         (seconds, split, peak)
     })
