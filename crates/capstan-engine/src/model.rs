@@ -560,26 +560,31 @@ fn collect_resources(
     }
     // A large group is read in two halves at once (the machine's other core is idle while a
     // deployment loads), then joined in document order: the same map, the same first error.
-    let second = group[group.len() / 2..].to_vec();
+    let total = group.len();
+    let second = group[total / 2..].to_vec();
     let mut first = group;
-    first.truncate(first.len() - second.len());
+    first.truncate(total - second.len());
     let (a, b) = std::thread::scope(|scope| {
         let later = scope.spawn(|| {
             let mut part = AddressMap::default();
             collect_members(second, prefix, params, &mut part).map(|()| part)
         });
-        let mut part = AddressMap::default();
+        // Room for both halves, so the second is appended without moving the first.
+        let mut part = AddressMap::with_capacity_and_hasher(total, Default::default());
         let earlier = collect_members(first, prefix, params, &mut part).map(|()| part);
         (earlier, later.join())
     });
-    let a = a?;
+    let mut a = a?;
     let b = match b {
         Ok(result) => result?,
         Err(panic) => std::panic::resume_unwind(panic),
     };
-    out.reserve(a.len() + b.len());
-    out.extend(a);
-    out.extend(b);
+    a.extend(b);
+    if out.is_empty() {
+        *out = a;
+    } else {
+        out.extend(a);
+    }
     Ok(())
 }
 
