@@ -753,7 +753,7 @@ fn apply_bench(json_output: bool, quick: bool) {
     };
     // Interleaved rounds; each size's figures are those of its median round by apply time
     // (a single run of the small size is short enough for machine noise to swing the ratio).
-    let rounds = if quick { 1 } else { 3 };
+    let rounds = if quick { 1 } else { 5 };
     let (mut smalls, mut larges) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         smalls.push(run(small));
@@ -956,7 +956,8 @@ fn v0_bench(json_output: bool, quick: bool) {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |n: usize| args.get(n).map(String::as_str);
-    match arg(0) {
+    let help = args.iter().any(|a| a == "--help" || a == "-h");
+    match arg(0).filter(|_| !help) {
         Some("rpc") => {
             let json_output = args.iter().any(|a| a == "--json");
             let quick = args.iter().any(|a| a == "--quick");
@@ -986,13 +987,18 @@ fn main() -> ExitCode {
             slow_sink_child(arg(1).and_then(|n| n.parse().ok()).expect("count"))
         }
         _ => {
-            eprintln!(
-                "usage: capstan-bench rpc|apply|v0 [--json] [--quick]\n\
+            let usage = "usage: capstan-bench rpc|apply|v0 [--json] [--quick]\n\
                  rpc: the provider protocol against raw baselines from the same run.\n\
-                 apply: the engine applying 10,000 and 100,000 no-op resources with durable state.\n\
+                 apply: the engine applying 10,000 and 100,000 no-op resources with durable state\n\
+                 (median round of 5 interleaved; apply-child FILE SIZE JOBS runs one apply).\n\
                  v0: 2,000 no-ops through a long-lived Cap'n Proto provider vs. NixOps4's one process per operation.\n\
-                 Build first: cargo build --release"
-            );
+                 --json: one JSON object on stdout instead of a table. --quick: small sizes, one round.\n\
+                 Build first: cargo build --release";
+            if help {
+                println!("{usage}");
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("{usage}");
             return ExitCode::from(2);
         }
     }

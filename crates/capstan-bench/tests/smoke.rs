@@ -47,6 +47,37 @@ fn apply_reports_the_engine_figures() {
         (100.0..2048.0).contains(&state),
         "{state} bytes per resource"
     );
+    // Where the time went: the phases add up to the apply, the engine's CPU is measured.
+    let large = &figures["large"];
+    let split = &large["apply_split_seconds"];
+    let phases: f64 = ["load", "plan", "launch_providers", "run"]
+        .iter()
+        .map(|key| {
+            split[key]
+                .as_f64()
+                .unwrap_or_else(|| panic!("`{key}` in {split}"))
+        })
+        .sum();
+    let apply = positive(large, "apply_seconds");
+    assert!((phases - apply).abs() < 1e-6 * apply, "{phases} vs {apply}");
+    positive(split, "run_engine_thread_cpu");
+    positive(split, "run_engine_process_cpu");
+    positive(split, "providers_cpu");
+}
+
+#[test]
+fn help_is_usage_on_stdout_and_runs_nothing() {
+    let output = Command::new(env!("CARGO_BIN_EXE_capstan-bench"))
+        .args(["apply", "--help"])
+        .output()
+        .expect("run capstan-bench");
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.starts_with("usage: capstan-bench"), "{stdout}");
+    assert!(
+        !stdout.contains("resources/s"),
+        "it ran the benchmark: {stdout}"
+    );
 }
 
 #[test]
