@@ -26,6 +26,20 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// `capstan provider call --type TYPE --inputs INPUTS -- PROVIDER`.
+fn provider_call(provider: &str, resource_type: &str, inputs: &str) -> Output {
+    capstan(&[
+        "provider",
+        "call",
+        "--type",
+        resource_type,
+        "--inputs",
+        inputs,
+        "--",
+        provider,
+    ])
+}
+
 #[test]
 fn describe_prints_the_handshake_as_json() {
     let provider = testing_provider();
@@ -46,16 +60,7 @@ fn describe_prints_the_handshake_as_json() {
 #[test]
 fn call_shows_progress_on_stderr_and_outputs_on_stdout() {
     let provider = testing_provider();
-    let out = capstan(&[
-        "provider",
-        "call",
-        "--type",
-        "chatty",
-        "--inputs",
-        r#"{"count": 3}"#,
-        "--",
-        &provider,
-    ]);
+    let out = provider_call(&provider, "chatty", r#"{"count": 3}"#);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let outputs: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("stdout is only the outputs");
@@ -81,9 +86,7 @@ fn large_inputs_and_outputs_cross_in_many_segments() {
         .map(|i| char::from(b'a' + (i % 26) as u8))
         .collect();
     let inputs = serde_json::json!({ "value": value }).to_string();
-    let out = capstan(&[
-        "provider", "call", "--type", "noop", "--inputs", &inputs, "--", &provider,
-    ]);
+    let out = provider_call(&provider, "noop", &inputs);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let outputs: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("stdout is only the outputs");
@@ -124,31 +127,13 @@ fn call_with_json_streams_events_then_the_result() {
 #[test]
 fn failures_exit_1_with_the_message_and_usage_errors_exit_2() {
     let provider = testing_provider();
-    let out = capstan(&[
-        "provider",
-        "call",
-        "--type",
-        "fail",
-        "--inputs",
-        r#"{"message": "nope, not today"}"#,
-        "--",
-        &provider,
-    ]);
+    let out = provider_call(&provider, "fail", r#"{"message": "nope, not today"}"#);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("nope, not today"));
     assert!(out.stdout.is_empty());
 
     // Inputs that do not fit the type are the provider's invalid-input error, naming the field.
-    let out = capstan(&[
-        "provider",
-        "call",
-        "--type",
-        "noop",
-        "--inputs",
-        r#"{"valeu": 1}"#,
-        "--",
-        &provider,
-    ]);
+    let out = provider_call(&provider, "noop", r#"{"valeu": 1}"#);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(
@@ -171,16 +156,7 @@ fn failures_exit_1_with_the_message_and_usage_errors_exit_2() {
         text(&out.stderr)
     );
 
-    let out = capstan(&[
-        "provider",
-        "call",
-        "--type",
-        "noop",
-        "--inputs",
-        "{not json",
-        "--",
-        &provider,
-    ]);
+    let out = provider_call(&provider, "noop", "{not json");
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--inputs is not valid JSON"));
 
