@@ -534,6 +534,10 @@ pub async fn run(
                         continue;
                     };
                     // The plan creates only what the state does not hold.
+                    debug_assert!(
+                        action != Action::Create || !state.resources.contains_key(&address),
+                        "{address}: planned as a create but recorded in the state"
+                    );
                     let recorded = match action {
                         Action::Create => None,
                         _ => state.resources.get(&address),

@@ -71,30 +71,41 @@ struct Success {
 }
 
 /// The call for `kind`, taking the request's JSON texts (read into the resource's types only
-/// inside the operation, which says what does not fit). An update or read without recorded
-/// inputs (an older core) takes its new inputs as the prior ones.
+/// inside the operation, which says what does not fit). A read, update or delete without
+/// recorded inputs (an older core) takes its new inputs as the prior ones.
 fn build_call(kind: OperationKind, request: &mut Request) -> Call {
     let inputs = std::mem::take(&mut request.inputs);
-    let previous_outputs = std::mem::take(&mut request.previous_outputs);
-    let previous_inputs = match std::mem::take(&mut request.previous_inputs) {
-        prior if prior.trim().is_empty() => inputs.clone(),
-        prior => prior,
+    let mut prior = |inputs: &str| {
+        let prior_inputs = match std::mem::take(&mut request.previous_inputs) {
+            prior if prior.trim().is_empty() => inputs.to_string(),
+            prior => prior,
+        };
+        (prior_inputs, std::mem::take(&mut request.previous_outputs))
     };
     match kind {
         OperationKind::Create => Call::Create { inputs },
-        OperationKind::Read => Call::Read {
-            prior_inputs: previous_inputs,
-            prior_outputs: previous_outputs,
-        },
-        OperationKind::Update => Call::Update {
-            prior_inputs: previous_inputs,
-            prior_outputs: previous_outputs,
-            inputs,
-        },
-        OperationKind::Delete => Call::Delete {
-            prior_inputs: previous_inputs,
-            prior_outputs: previous_outputs,
-        },
+        OperationKind::Read => {
+            let (prior_inputs, prior_outputs) = prior(&inputs);
+            Call::Read {
+                prior_inputs,
+                prior_outputs,
+            }
+        }
+        OperationKind::Update => {
+            let (prior_inputs, prior_outputs) = prior(&inputs);
+            Call::Update {
+                prior_inputs,
+                prior_outputs,
+                inputs,
+            }
+        }
+        OperationKind::Delete => {
+            let (prior_inputs, prior_outputs) = prior(&inputs);
+            Call::Delete {
+                prior_inputs,
+                prior_outputs,
+            }
+        }
     }
 }
 

@@ -104,8 +104,8 @@ impl capnp_rpc::Connection<Side> for SmallFirstSegment {
         &mut self,
         first_segment_word_size: u32,
     ) -> Box<dyn capnp_rpc::OutgoingMessage> {
+        // (capnp-rpc always passes a hint; 0 would mean "no hint", and gets the cap too.)
         let words = match first_segment_word_size {
-            // "Choose yourself": the default is what capnp would pick, also capped.
             0 => FIRST_SEGMENT_WORDS,
             hint => hint.min(FIRST_SEGMENT_WORDS),
         };
