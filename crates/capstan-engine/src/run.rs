@@ -14,7 +14,7 @@ use capstan_host::{
     ProviderConnection, ProviderLog, ProviderSource,
 };
 use capstan_schema::provider_capnp::resource_handle;
-use capstan_schema::{Json, OperationKind, ProgressEvent, ProviderInfo, TraceContext};
+use capstan_schema::{Json, OperationKind, ProgressEvent, ProviderInfo};
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
@@ -1104,15 +1104,10 @@ async fn create_or_update(
         Operation::Read => (OperationKind::Read, "read", Action::Noop),
     };
     let call = OperationCall {
-        kind,
-        resource_type: resource_type.clone(),
-        address: address.clone(),
-        inputs: inputs.clone(),
         previous_inputs: recorded.as_ref().map(|r| r.inputs.clone()),
         previous_outputs: recorded.as_ref().map(|r| r.outputs.clone()),
         capabilities,
-        trace: TraceContext::random(),
-        timeout: None,
+        ..OperationCall::new(kind, &resource_type, &address, inputs.clone())
     };
     // Reads change nothing: no intent.
     let journaled = operation != Operation::Read;
@@ -1204,15 +1199,14 @@ async fn delete(
         );
     };
     let call = OperationCall {
-        kind: OperationKind::Delete,
-        resource_type: recorded.resource_type.clone(),
-        address: address.clone(),
-        inputs: recorded.inputs.clone(),
         previous_inputs: Some(recorded.inputs.clone()),
         previous_outputs: Some(recorded.outputs.clone()),
-        capabilities: Vec::new(),
-        trace: TraceContext::random(),
-        timeout: None,
+        ..OperationCall::new(
+            OperationKind::Delete,
+            &recorded.resource_type,
+            &address,
+            recorded.inputs.clone(),
+        )
     };
     let (result, elapsed) = match send(
         i,

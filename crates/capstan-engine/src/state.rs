@@ -472,6 +472,7 @@ const GROUP_COMMIT_LINGER: Duration = Duration::from_micros(200);
 /// A wait for the next write at least this long ends a busy spell: the write after it is not
 /// held back.
 const GROUP_COMMIT_IDLE: Duration = Duration::from_millis(1);
+
 impl StateBackend for DirectoryBackend {
     fn load(&mut self) -> Result<(State, LoadReport), StateError> {
         let (state, report) = self.read_stored()?;

@@ -120,28 +120,26 @@ impl V0Type {
         let writer = tokio::task::spawn_local(async move {
             let _ = stdin.write_all(line.as_bytes()).await;
         });
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut stdout_buffer = Vec::new();
-        let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
-        let mut stderr_buffer = Vec::new();
+        let mut pipes = Pipes {
+            stdout: BufReader::new(child.stdout.take().expect("piped")),
+            stdout_buffer: Vec::new(),
+            stdout_done: false,
+            stderr: BufReader::new(child.stderr.take().expect("piped")),
+            stderr_buffer: Vec::new(),
+            stderr_done: false,
+            response: None,
+        };
         let mut tail: VecDeque<String> = VecDeque::new();
-        let mut response: Option<String> = None;
-        let mut stdout_done = false;
-        let mut stderr_done = false;
         // Read the one response line and the log until the program exits. Like NixOps4, wait
         // for the exit rather than for end-of-file: a background process the program left
         // behind may hold its pipes open.
         let status = loop {
             tokio::select! {
-                line = capstan_provider::read_line_lossy(&mut stdout, &mut stdout_buffer), if !stdout_done && response.is_none() => match line {
-                    Ok(Some(text)) if !text.trim().is_empty() => response = Some(text),
-                    Ok(Some(_)) => {}
-                    _ => stdout_done = true,
-                },
-                next = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if !stderr_done => match next {
-                    Ok(Some(text)) => log_line(op, &mut tail, text).await,
-                    _ => stderr_done = true,
-                },
+                log = pipes.next(), if !pipes.done() => {
+                    if let Some(text) = log {
+                        log_line(op, &mut tail, text).await;
+                    }
+                }
                 status = child.wait() => {
                     break status.map_err(|e| OperationError::permanent(format!("waiting for `{program}`: {e}")))?;
                 }
@@ -155,23 +153,15 @@ impl V0Type {
         writer.abort();
         // What the program wrote just before exiting is still in the pipes: take it, briefly.
         let drain = async {
-            while !(stderr_done && (stdout_done || response.is_some())) {
-                tokio::select! {
-                    line = capstan_provider::read_line_lossy(&mut stdout, &mut stdout_buffer), if !stdout_done && response.is_none() => match line {
-                        Ok(Some(text)) if !text.trim().is_empty() => response = Some(text),
-                        Ok(Some(_)) => {}
-                        _ => stdout_done = true,
-                    },
-                    next = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if !stderr_done => match next {
-                        Ok(Some(text)) => log_line(op, &mut tail, text).await,
-                        _ => stderr_done = true,
-                    },
+            while !pipes.done() {
+                if let Some(text) = pipes.next().await {
+                    log_line(op, &mut tail, text).await;
                 }
             }
         };
         let _ = tokio::time::timeout(std::time::Duration::from_millis(500), drain).await;
         let details = tail.into_iter().collect::<Vec<_>>().join("\n");
-        let Some(first) = response.as_deref() else {
+        let Some(first) = pipes.response.as_deref() else {
             let how = match status.code() {
                 Some(code) => format!("exited with status {code}"),
                 None => "was killed by a signal".to_string(),
@@ -202,6 +192,46 @@ impl V0Type {
                 "the v0 provider `{program}` sent no `{expected}` with `outputProperties`: {first}"
             ))
             .with_details(details)),
+        }
+    }
+}
+
+/// A v0 program's stdout (where its one response line comes) and stderr (its log).
+struct Pipes {
+    stdout: BufReader<tokio::process::ChildStdout>,
+    stdout_buffer: Vec<u8>,
+    stdout_done: bool,
+    stderr: BufReader<tokio::process::ChildStderr>,
+    stderr_buffer: Vec<u8>,
+    stderr_done: bool,
+    response: Option<String>,
+}
+
+impl Pipes {
+    /// Nothing more to read: stderr ended, and stdout ended or gave its response.
+    fn done(&self) -> bool {
+        self.stderr_done && (self.stdout_done || self.response.is_some())
+    }
+
+    /// Reads the next line from whichever pipe has one (only while not `done`): keeps the
+    /// response, returns a log line. Cancel-safe: a partly read line stays in its buffer.
+    async fn next(&mut self) -> Option<String> {
+        tokio::select! {
+            line = capstan_provider::read_line_lossy(&mut self.stdout, &mut self.stdout_buffer), if !self.stdout_done && self.response.is_none() => {
+                match line {
+                    Ok(Some(text)) if !text.trim().is_empty() => self.response = Some(text),
+                    Ok(Some(_)) => {}
+                    _ => self.stdout_done = true,
+                }
+                None
+            }
+            next = capstan_provider::read_line_lossy(&mut self.stderr, &mut self.stderr_buffer), if !self.stderr_done => match next {
+                Ok(Some(text)) => Some(text),
+                _ => {
+                    self.stderr_done = true;
+                    None
+                }
+            },
         }
     }
 }
