@@ -24,6 +24,7 @@ use std::io::IsTerminal;
 const EXIT_FAILED: u8 = 1;
 const EXIT_INVALID: u8 = 2;
 const EXIT_INTERRUPTED: u8 = 130;
+const EXIT_OUTPUT_CLOSED: u8 = 128 + libc::SIGPIPE as u8;
 
 /// Options every deployment command takes.
 #[derive(Args, Clone)]
@@ -46,15 +47,15 @@ pub struct Common {
     /// Print newline-delimited JSON events on stdout instead of the live view.
     #[arg(long, global = true)]
     json: bool,
-    /// Wait this long for another capstan holding the state lock.
-    #[arg(long, value_name = "SECONDS", default_value_t = 0.0, global = true)]
-    lock_timeout: f64,
+    /// Wait this long for another capstan holding the state lock (0: fail at once).
+    #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = wait_seconds, global = true)]
+    lock_timeout: Duration,
     /// More detail: -v shows counters and debug events, -vv spans.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
-    /// Colour: auto (terminal and no NO_COLOR), always, never.
-    #[arg(long, value_name = "WHEN", default_value = "auto", global = true)]
-    color: String,
+    /// Colour: auto (on a terminal, unless NO_COLOR is set), always, never.
+    #[arg(long, value_name = "WHEN", value_enum, default_value_t = ColorChoice::Auto, global = true)]
+    color: ColorChoice,
 }
 
 /// Options of commands that run operations.
@@ -62,14 +63,43 @@ pub struct Common {
 pub struct RunArgs {
     /// At most this many operations in providers at once, across all providers (a provider's
     /// own limit, or its `maxConcurrency`, can lower it for that provider).
-    #[arg(short, long, default_value_t = 16)]
-    jobs: usize,
+    #[arg(short, long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=MAX_JOBS))]
+    jobs: u32,
     /// Stop starting new operations after the first failure.
     #[arg(long)]
     fail_fast: bool,
-    /// Cancel any operation that takes longer than this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    timeout: Option<f64>,
+    /// Cancel any operation that takes longer than this many seconds (a provider's
+    /// `timeout` in the deployment takes precedence for its operations).
+    #[arg(long, value_name = "SECONDS", value_parser = timeout_seconds)]
+    timeout: Option<Duration>,
+}
+
+/// The most `--jobs` Capstan takes (far beyond what one machine's providers can use).
+const MAX_JOBS: i64 = 100_000;
+
+/// `--color`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+/// A number of seconds for a flag: `Err` is clap's usage error (exit 2), naming the flag.
+fn flag_seconds(text: &str, zero_ok: bool) -> Result<Duration, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    capstan_engine::model::seconds(value, zero_ok)
+}
+
+pub(crate) fn timeout_seconds(text: &str) -> Result<Duration, String> {
+    flag_seconds(text, false)
+}
+
+fn wait_seconds(text: &str) -> Result<Duration, String> {
+    flag_seconds(text, true)
 }
 
 #[derive(Subcommand)]
@@ -118,10 +148,10 @@ fn events(common: &Common, stdout: Stdout, command: &str) -> Rc<dyn EventSink> {
     if common.json {
         Rc::new(JsonEvents::new(Rc::new(RefCell::new(stdout)), command))
     } else {
-        let color = match common.color.as_str() {
-            "always" => Some(true),
-            "never" => Some(false),
-            _ => None,
+        let color = match common.color {
+            ColorChoice::Always => Some(true),
+            ColorChoice::Never => Some(false),
+            ColorChoice::Auto => None,
         };
         let human = HumanEvents::new(common.verbose, color);
         if std::io::stderr().is_terminal() {
@@ -135,18 +165,16 @@ fn events(common: &Common, stdout: Stdout, command: &str) -> Rc<dyn EventSink> {
 /// Reads the deployment and the state; `Err(code)` after reporting why not.
 fn open(common: &Common, stdout: Stdout, command: &str) -> Result<Session, ExitCode> {
     let fail = |e: &dyn std::fmt::Display| {
-        eprintln!("error: {e}");
+        say!("error: {e}");
         ExitCode::from(EXIT_INVALID)
     };
     let params = load_params(common.params.as_deref()).map_err(|e| fail(&format!("{e:#}")))?;
     let deployment = Deployment::load(&common.file, &params).map_err(|e| fail(&e))?;
     let dir = state_dir(common, &deployment);
-    let mut backend =
-        DirectoryBackend::open(&dir, Duration::from_secs_f64(common.lock_timeout.max(0.0)))
-            .map_err(|e| fail(&e))?;
+    let mut backend = DirectoryBackend::open(&dir, common.lock_timeout).map_err(|e| fail(&e))?;
     let (state, report) = backend.load().map_err(|e| fail(&e))?;
     if !report.dropped.is_empty() {
-        eprintln!(
+        say!(
             "warning: {}: dropped {} damaged journal line(s) ({:?}); every intact record was kept",
             dir.join("journal").display(),
             report.dropped.len(),
@@ -154,19 +182,19 @@ fn open(common: &Common, stdout: Stdout, command: &str) -> Result<Session, ExitC
         );
     }
     if !state.pending.is_empty() && !common.json {
-        eprintln!(
+        say!(
             "warning: {} operation(s) were interrupted in an earlier run:",
             state.pending.len()
         );
         for (address, op) in &state.pending {
-            eprintln!(
+            say!(
                 "  {address}: {} ({}.{})",
-                op.operation, op.provider, op.resource_type
+                op.operation,
+                op.provider,
+                op.resource_type
             );
         }
-        eprintln!(
-            "  Check those resources; `capstan state resolve ADDRESS` marks one as dealt with."
-        );
+        say!("  Check those resources; `capstan state resolve ADDRESS` marks one as dealt with.");
     }
     Ok(Session {
         deployment,
@@ -181,6 +209,7 @@ fn open(common: &Common, stdout: Stdout, command: &str) -> Result<Session, ExitC
 async fn start_providers(
     session: &Session,
     changes: &mut [PlannedChange],
+    stop: &Stop,
 ) -> Result<Providers, ExitCode> {
     let mut names: std::collections::BTreeSet<String> = Default::default();
     for r in session.deployment.resources.values() {
@@ -192,7 +221,7 @@ async fn start_providers(
         std::iter::once((c, &c.provider)).chain(c.replaces.as_ref().map(|old| (c, &old.provider)))
     }) {
         if !session.deployment.providers.contains_key(provider) {
-            eprintln!(
+            say!(
                 "error: {}: `{}` in the state uses provider `{}`, which the deployment no longer declares; \
                  declare it again until its resources are deleted",
                 session.deployment.file.display(), change.address, provider
@@ -204,7 +233,7 @@ async fn start_providers(
         }
     }
     let program = std::env::current_exe().map_err(|e| {
-        eprintln!("error: cannot find the capstan executable to start built-in providers: {e}");
+        say!("error: cannot find the capstan executable to start built-in providers: {e}");
         ExitCode::from(EXIT_INVALID)
     })?;
     let (logs_tx, mut logs_rx) = tokio::sync::mpsc::channel::<capstan_host::ProviderLog>(256);
@@ -218,42 +247,145 @@ async fn start_providers(
             });
         }
     });
-    let providers = Providers::launch(
+    let builtin = BuiltinLauncher { program };
+    let launch = Providers::launch(
         &names,
         &session.deployment,
         &session.state,
-        &BuiltinLauncher { program },
+        &builtin,
         logs_tx,
-    )
-    .await
-    .map_err(|e| {
-        eprintln!("error: {e}");
+    );
+    // A stop during start-up (a provider may take seconds to answer its handshake) ends the
+    // command at once: dropping the launch stops every provider process it started.
+    let launched = tokio::select! {
+        launched = launch => launched,
+        () = stop.token.cancelled() => {
+            return Err(stop.exit_code().unwrap_or(ExitCode::from(EXIT_INTERRUPTED)));
+        }
+    };
+    let providers = launched.map_err(|e| {
+        say!("error: {e}");
         ExitCode::from(EXIT_INVALID)
     })?;
     plan::annotate(changes, &providers.infos());
     if let Err(e) = session.deployment.check_against(&providers.infos()) {
-        eprintln!("error: {e}");
+        say!("error: {e}");
         providers.shutdown().await;
         return Err(ExitCode::from(EXIT_INVALID));
     }
     Ok(providers)
 }
 
-/// Ctrl-C: the first cancels the run gracefully, the second ends the process at once (every
-/// record written so far is already durable).
-fn watch_interrupts() -> CancellationToken {
-    let token = CancellationToken::new();
-    let first = token.clone();
-    tokio::task::spawn_local(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            first.cancel();
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("interrupted again: stopping now; recorded state is safe, in-flight operations are left as interrupted");
-                std::process::exit(EXIT_INTERRUPTED as i32);
+/// What asked a run to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopCause {
+    /// SIGINT (Ctrl-C).
+    Interrupt,
+    /// SIGTERM (a service manager, `kill`, `timeout`).
+    Terminate,
+    /// SIGHUP (the terminal went away).
+    Hangup,
+}
+
+impl StopCause {
+    /// A shell's code for a process ended by the signal: 128 + its number.
+    fn exit_code(self) -> u8 {
+        match self {
+            StopCause::Interrupt => 128 + libc::SIGINT as u8,
+            StopCause::Terminate => 128 + libc::SIGTERM as u8,
+            StopCause::Hangup => 128 + libc::SIGHUP as u8,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            StopCause::Interrupt => "interrupted (SIGINT)",
+            StopCause::Terminate => "terminated (SIGTERM)",
+            StopCause::Hangup => "hung up (SIGHUP)",
+        }
+    }
+}
+
+/// The stop request of a command: SIGINT, SIGTERM and SIGHUP each cancel `token` (the run
+/// stops gracefully: in-flight operations are cancelled in their providers and every result is
+/// recorded); a second signal ends the process at once (every record written so far is already
+/// durable, and the reaper kills what providers started).
+///
+/// A closed output (`capstan apply | head`) is not a stop: the run goes on to its end without
+/// output, so nothing is left half-done, and the exit code says the output was lost.
+struct Stop {
+    token: CancellationToken,
+    cause: Rc<std::cell::Cell<Option<StopCause>>>,
+}
+
+impl Stop {
+    fn watch() -> Stop {
+        use tokio::signal::unix::{signal, SignalKind};
+        let token = CancellationToken::new();
+        let cause = Rc::new(std::cell::Cell::new(None));
+        let stop = Stop {
+            token: token.clone(),
+            cause: cause.clone(),
+        };
+        let listen = |kind: SignalKind| signal(kind).ok();
+        let (mut int, mut term, mut hup) = (
+            listen(SignalKind::interrupt()),
+            listen(SignalKind::terminate()),
+            listen(SignalKind::hangup()),
+        );
+        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
         }
-    });
-    token
+        tokio::task::spawn_local(async move {
+            loop {
+                let now = tokio::select! {
+                    () = next(&mut int) => StopCause::Interrupt,
+                    () = next(&mut term) => StopCause::Terminate,
+                    () = next(&mut hup) => StopCause::Hangup,
+                };
+                match cause.get() {
+                    None => {
+                        cause.set(Some(now));
+                        say!(
+                            "{}: stopping gracefully (signal again to stop at once)",
+                            now.describe()
+                        );
+                        token.cancel();
+                    }
+                    Some(_) => {
+                        say!("{} again: stopping now; recorded state is safe, in-flight operations are left as interrupted", now.describe());
+                        std::process::exit(now.exit_code() as i32);
+                    }
+                }
+            }
+        });
+        stop
+    }
+
+    /// The exit code for a stopped command, if it was stopped.
+    fn exit_code(&self) -> Option<ExitCode> {
+        self.cause.get().map(|c| ExitCode::from(c.exit_code()))
+    }
+
+    /// The exit code of a command that ran to its end: `ok` or not, and 141 (a shell's code
+    /// for SIGPIPE) when its output was closed on the way, so nobody mistakes a run whose
+    /// report was lost for a clean one.
+    fn finished(&self, ok: bool) -> ExitCode {
+        if let Some(code) = self.exit_code() {
+            code
+        } else if !ok {
+            ExitCode::from(EXIT_FAILED)
+        } else if crate::output::closed().is_cancelled() {
+            ExitCode::from(EXIT_OUTPUT_CLOSED)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 pub async fn plan_cmd(common: Common, stdout: Stdout) -> ExitCode {
@@ -264,19 +396,23 @@ pub async fn plan_cmd(common: Common, stdout: Stdout) -> ExitCode {
     let mut changes = match plan::plan(&session.deployment, &session.state) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             return ExitCode::from(EXIT_INVALID);
         }
     };
-    let providers = match start_providers(&session, &mut changes).await {
+    let stop = Stop::watch();
+    let providers = match start_providers(&session, &mut changes, &stop).await {
         Ok(p) => p,
         Err(code) => return code,
     };
     providers.shutdown().await;
+    if let Some(code) = stop.exit_code() {
+        return code;
+    }
     session.events.emit(Event::Plan {
         changes: Rc::new(changes),
     });
-    ExitCode::SUCCESS
+    stop.finished(true)
 }
 
 pub async fn apply_cmd(common: Common, args: RunArgs, stdout: Stdout, destroy: bool) -> ExitCode {
@@ -290,12 +426,13 @@ pub async fn apply_cmd(common: Common, args: RunArgs, stdout: Stdout, destroy: b
         match plan::plan(&session.deployment, &session.state) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("error: {e}");
+                say!("error: {e}");
                 return ExitCode::from(EXIT_INVALID);
             }
         }
     };
-    let providers = match start_providers(&session, &mut changes).await {
+    let stop = Stop::watch();
+    let providers = match start_providers(&session, &mut changes, &stop).await {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -306,11 +443,10 @@ pub async fn apply_cmd(common: Common, args: RunArgs, stdout: Stdout, destroy: b
         changes: changes.clone(),
     });
     let changes = Rc::try_unwrap(changes).unwrap_or_else(|shared| (*shared).clone());
-    let interrupt = watch_interrupts();
     let options = RunOptions {
-        jobs: args.jobs,
+        jobs: args.jobs as usize,
         fail_fast: args.fail_fast,
-        timeout: args.timeout.map(Duration::from_secs_f64),
+        timeout: args.timeout,
     };
     let backend: Rc<dyn StateBackend> = session.backend.clone();
     let result = run::run(
@@ -321,25 +457,19 @@ pub async fn apply_cmd(common: Common, args: RunArgs, stdout: Stdout, destroy: b
         &providers,
         &options,
         session.events.clone(),
-        interrupt.clone(),
+        stop.token.clone(),
     )
     .await;
     providers.shutdown().await;
     let summary = match result {
         Ok(summary) => summary,
         Err(e) => {
-            eprintln!("error: the state could not be written, so the run stopped: {e}");
+            say!("error: the state could not be written, so the run stopped: {e}");
             return ExitCode::from(EXIT_FAILED);
         }
     };
     compact_if_large(&mut session);
-    if interrupt.is_cancelled() {
-        ExitCode::from(EXIT_INTERRUPTED)
-    } else if summary.succeeded() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_FAILED)
-    }
+    stop.finished(summary.succeeded())
 }
 
 /// Folds a long journal into the snapshot: a rewrite per run at most, never per resource.
@@ -352,7 +482,7 @@ fn compact_if_large(session: &mut Session) {
     if large {
         if let Some(backend) = Rc::get_mut(&mut session.backend) {
             if let Err(e) = backend.compact_stored() {
-                eprintln!("warning: could not compact the state journal (nothing is lost): {e}");
+                say!("warning: could not compact the state journal (nothing is lost): {e}");
             }
         }
     }
@@ -367,7 +497,7 @@ async fn record(session: &Session, record: Record) -> Result<(), ExitCode> {
     append_durably(&*session.backend, vec![record])
         .await
         .map_err(|e| {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             ExitCode::from(EXIT_FAILED)
         })
 }
@@ -393,7 +523,7 @@ pub async fn state_cmd(common: Common, command: StateCmd, mut stdout: Stdout) ->
         StateCmd::Show { address } => match session.state.resources.get(&address) {
             Some(r) => stdout.line(&pretty(r)),
             None => {
-                eprintln!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
+                say!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
                 return ExitCode::from(EXIT_INVALID);
             }
         },
@@ -407,7 +537,7 @@ pub async fn state_cmd(common: Common, command: StateCmd, mut stdout: Stdout) ->
         }
         StateCmd::Resolve { address } => {
             if !session.state.pending.contains_key(&address) {
-                eprintln!("error: `{address}` has no interrupted operation; `capstan state pending` lists them");
+                say!("error: `{address}` has no interrupted operation; `capstan state pending` lists them");
                 return ExitCode::from(EXIT_INVALID);
             }
             if let Err(code) = record(
@@ -420,11 +550,11 @@ pub async fn state_cmd(common: Common, command: StateCmd, mut stdout: Stdout) ->
             {
                 return code;
             }
-            eprintln!("resolved the interrupted operation on `{address}`");
+            say!("resolved the interrupted operation on `{address}`");
         }
         StateCmd::Forget { address } => {
             if !session.state.resources.contains_key(&address) {
-                eprintln!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
+                say!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
                 return ExitCode::from(EXIT_INVALID);
             }
             if let Err(code) = record(
@@ -437,7 +567,7 @@ pub async fn state_cmd(common: Common, command: StateCmd, mut stdout: Stdout) ->
             {
                 return code;
             }
-            eprintln!("forgot `{address}`: it is no longer in the state (nothing was deleted)");
+            say!("forgot `{address}`: it is no longer in the state (nothing was deleted)");
         }
     }
     ExitCode::SUCCESS

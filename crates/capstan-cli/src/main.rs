@@ -1,8 +1,9 @@
 //! `capstan`: the command-line front of Capstan. Thin glue over `capstan-engine` and
 //! `capstan-host`.
 
-mod deploy_cmd;
+#[macro_use]
 mod output;
+mod deploy_cmd;
 mod provider_cmd;
 mod render;
 
@@ -21,7 +22,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// resources' outputs with {"$ref": "ADDRESS#OUTPUT"}, to parameters with {"$param": "NAME"}
 /// and to capabilities with {"$cap": "ADDRESS#NAME"}.
 ///
-/// Exit codes: 0 success, 1 some resource failed, 2 invalid deployment or usage, 130 interrupted.
+/// Ctrl-C, SIGTERM and SIGHUP stop a run gracefully: operations in flight are cancelled in
+/// their providers and every result is recorded; a second signal stops at once. Whatever ends
+/// capstan (SIGKILL included), no process started for the run outlives it. A closed output
+/// (`capstan apply | head`) does not stop a run: it finishes without output.
+///
+/// Exit codes: 0 success, 1 some resource failed, 2 invalid deployment or usage, 130 / 143 /
+/// 129 stopped by SIGINT / SIGTERM / SIGHUP, 141 finished but its output was closed.
 #[derive(Parser)]
 #[command(name = "capstan", version, about, long_about)]
 struct Cli {
@@ -60,6 +67,9 @@ enum Command {
     /// Try a provider directly, without a deployment.
     #[command(subcommand)]
     Provider(provider_cmd::ProviderCmd),
+    /// Kill what providers left behind once capstan exits (started by capstan itself).
+    #[command(name = "__reaper", hide = true)]
+    Reaper,
     /// Serve a built-in provider on the socket capstan passes in (used by capstan itself).
     #[command(name = "__provider", hide = true)]
     BuiltinProvider {
@@ -84,7 +94,7 @@ fn serve_v0_bridge(args: &[String]) -> ExitCode {
             {
                 Some(spec) => types.push(spec),
                 None => {
-                    eprintln!("error: --type takes NAME=OUTPUT,OUTPUT");
+                    say!("error: --type takes NAME=OUTPUT,OUTPUT");
                     return ExitCode::from(2);
                 }
             },
@@ -94,21 +104,19 @@ fn serve_v0_bridge(args: &[String]) -> ExitCode {
             {
                 Some(specs) => types.extend(specs),
                 None => {
-                    eprintln!(
-                        "error: --types takes a JSON object of type names to output name lists"
-                    );
+                    say!("error: --types takes a JSON object of type names to output name lists");
                     return ExitCode::from(2);
                 }
             },
             "--" => break,
             other => {
-                eprintln!("error: unexpected `{other}`; usage: capstan __provider nixops4-v0 [--type NAME=OUT,OUT | --types JSON] … -- PROGRAM ARGS…");
+                say!("error: unexpected `{other}`; usage: capstan __provider nixops4-v0 [--type NAME=OUT,OUT | --types JSON] … -- PROGRAM ARGS…");
                 return ExitCode::from(2);
             }
         }
     }
     let Some(program) = rest.next() else {
-        eprintln!("error: give the NixOps4 v0 provider program after `--`");
+        say!("error: give the NixOps4 v0 provider program after `--`");
         return ExitCode::from(2);
     };
     capstan_provider_nixops4_v0::provider(program.into(), rest.cloned().collect(), &types).serve()
@@ -116,13 +124,16 @@ fn serve_v0_bridge(args: &[String]) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Reaper = &cli.command {
+        return capstan_host::reaper::serve();
+    }
     if let Command::BuiltinProvider { name, args } = &cli.command {
         return match name.as_str() {
             "local" => capstan_provider_local::provider().serve(),
             "nix" => capstan_provider_nix::provider().serve(),
             "nixops4-v0" => serve_v0_bridge(args),
             other => {
-                eprintln!("error: no built-in provider `{other}`; built in: local, nix");
+                say!("error: no built-in provider `{other}`; built in: local, nix");
                 ExitCode::from(2)
             }
         };
@@ -137,18 +148,37 @@ fn main() -> ExitCode {
     // Only what a command means to print may reach stdout: point fd 1 at stderr and keep the
     // real stdout for our own output.
     let stdout = output::Stdout::take();
+    // Whatever ends this process, even SIGKILL, nothing a provider started outlives it.
+    let starts_providers = !matches!(cli.command, Command::State { .. });
+    if starts_providers {
+        match std::env::current_exe() {
+            Ok(exe) => {
+                if let Err(e) = capstan_host::reaper::install(&exe, ["__reaper"]) {
+                    say!(
+                        "error: cannot start capstan's process reaper ({}): {e}",
+                        exe.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            }
+            Err(e) => {
+                say!("error: cannot find the capstan executable: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            say!("error: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async move {
+    let code = local.block_on(&runtime, async move {
         match cli.command {
             Command::Plan { common } => deploy_cmd::plan_cmd(common, stdout).await,
             Command::Apply { common, run } => {
@@ -163,11 +193,16 @@ fn main() -> ExitCode {
             Command::Provider(command) => match command.run(stdout).await {
                 Ok(code) => code,
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    say!("error: {e:#}");
                     ExitCode::from(2)
                 }
             },
-            Command::BuiltinProvider { .. } => unreachable!("handled above"),
+            Command::BuiltinProvider { .. } | Command::Reaper => unreachable!("handled above"),
         }
-    })
+    });
+    // Providers are stopped by now; wait until the reaper has made sure of it.
+    drop(local);
+    drop(runtime);
+    capstan_host::reaper::finish();
+    code
 }

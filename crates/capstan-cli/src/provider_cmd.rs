@@ -80,8 +80,8 @@ pub struct CallArgs {
     #[arg(long, default_value = "cli")]
     address: String,
     /// Cancel the operation if it takes longer than this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    timeout: Option<f64>,
+    #[arg(long, value_name = "SECONDS", value_parser = crate::deploy_cmd::timeout_seconds)]
+    timeout: Option<Duration>,
     /// Print progress events and the result as JSON lines on stdout instead.
     #[arg(long)]
     json: bool,
@@ -123,12 +123,12 @@ fn spawn_log_printer(json: bool) -> tokio::sync::mpsc::Sender<ProviderLog> {
     tokio::task::spawn_local(async move {
         while let Some(log) = rx.recv().await {
             if json {
-                eprintln!(
+                say!(
                     "{}",
                     json!({"type": "provider_log", "provider": log.provider, "line": log.line})
                 );
             } else {
-                eprintln!("  provider {}: {}", log.provider, log.line);
+                say!("  provider {}: {}", log.provider, log.line);
             }
         }
     });
@@ -206,7 +206,7 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
     let mut call = OperationCall::new(kind, &args.resource_type, &args.address, inputs);
     call.previous_inputs = previous_inputs.map(Json::from);
     call.previous_outputs = previous_outputs.map(Json::from);
-    call.timeout = args.timeout.map(Duration::from_secs_f64);
+    call.timeout = args.timeout;
     let stdout = Rc::new(RefCell::new(stdout));
     let renderer = Rc::new(RefCell::new(Renderer::new(args.json, stdout.clone())));
     let observer = {
@@ -238,7 +238,7 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
             if args.json {
                 out.line(&json!({"type": "result", "ok": true, "outputs": success.outputs.value(), "capabilities": handles, "elapsed_seconds": elapsed.as_secs_f64()}).to_string());
             } else {
-                eprintln!(
+                say!(
                     "{} {} `{}` done in {:.2?}",
                     kind.as_str(),
                     args.resource_type,
@@ -246,7 +246,7 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
                     elapsed
                 );
                 for handle in &handles {
-                    eprintln!("  capability {handle}");
+                    say!("  capability {handle}");
                 }
                 out.line(&serde_json::to_string_pretty(&success.outputs.value())?);
             }
@@ -257,10 +257,10 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
                 let kind = error.kind().map(|k| k.as_str()).unwrap_or("provider");
                 stdout.borrow_mut().line(&json!({"type": "result", "ok": false, "error": error.to_string(), "kind": kind}).to_string());
             }
-            eprintln!("error: {error}");
+            say!("error: {error}");
             if let CallError::Failed { error, .. } = &error {
                 if !error.details.is_empty() {
-                    eprintln!("{}", error.details);
+                    say!("{}", error.details);
                 }
             }
             ExitCode::from(1)
@@ -370,7 +370,7 @@ impl Renderer {
                 format!("phase {}{name}", prefix(self.span_name(*span)))
             }
         };
-        eprintln!("{dim}[{at:7.3}s]{reset} {line}");
+        say!("{dim}[{at:7.3}s]{reset} {line}");
     }
 }
 

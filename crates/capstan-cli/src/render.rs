@@ -102,8 +102,13 @@ fn past(operation: &str) -> &'static str {
 
 impl EventSink for HumanEvents {
     fn emit(&self, event: Event) {
+        let mut text = String::new();
         for line in self.lines(event, false) {
-            eprintln!("{line}");
+            text.push_str(&line);
+            text.push('\n');
+        }
+        if !text.is_empty() {
+            crate::output::to_stderr(text.as_bytes());
         }
     }
 }
@@ -113,7 +118,7 @@ impl HumanEvents {
     /// update the running resource's status line instead (messages still print with -v).
     fn lines(&self, event: Event, live: bool) -> Vec<String> {
         let mut out = Vec::new();
-        macro_rules! eprintln {
+        macro_rules! put {
             ($($arg:tt)*) => { out.push(format!($($arg)*)) };
         }
         match event {
@@ -123,7 +128,7 @@ impl HumanEvents {
                     0 => String::new(),
                     n => format!(", {n} to replace"),
                 };
-                eprintln!(
+                put!(
                     "Plan: {} to create, {} to update, {} to delete{replace}, {} unchanged.",
                     count(Action::Create),
                     count(Action::Update),
@@ -163,32 +168,32 @@ impl HumanEvents {
                     if let Some(op) = &change.interrupted {
                         line.push_str(&format!("  [an earlier {op} was interrupted]"));
                     }
-                    eprintln!("{line}");
+                    put!("{line}");
                 }
             }
             Event::ResourceStart { .. } if live => {}
             Event::ResourceStart {
                 address, operation, ..
             } => {
-                eprintln!("  {} {address}: {operation}…", self.paint("2", "·"));
+                put!("  {} {address}: {operation}…", self.paint("2", "·"));
             }
             Event::ResourceProgress {
                 address, progress, ..
             } => match progress.kind {
                 ProgressKind::Log { line, .. } => {
-                    eprintln!("  {} {line}", self.paint("2", &format!("{address} │")))
+                    put!("  {} {line}", self.paint("2", &format!("{address} │")))
                 }
                 ProgressKind::Event { level, message, .. }
                     if (level >= Level::Info && !live) || self.verbose > 0 =>
                 {
-                    eprintln!(
+                    put!(
                         "  {} {}: {message}",
                         self.paint("2", &format!("{address} │")),
                         level.as_str()
                     );
                 }
                 ProgressKind::Phase { name, .. } if !live => {
-                    eprintln!("  {} {name}", self.paint("2", &format!("{address} ▸")))
+                    put!("  {} {name}", self.paint("2", &format!("{address} ▸")))
                 }
                 ProgressKind::Counter {
                     done,
@@ -196,13 +201,13 @@ impl HumanEvents {
                     unit,
                     ..
                 } if self.verbose > 0 => {
-                    eprintln!(
+                    put!(
                         "  {} {done}/{expected} {unit}",
                         self.paint("2", &format!("{address} ▸"))
                     );
                 }
                 ProgressKind::SpanStart { name, .. } if self.verbose > 1 => {
-                    eprintln!("  {} ▶ {name}", self.paint("2", &format!("{address} │")))
+                    put!("  {} ▶ {name}", self.paint("2", &format!("{address} │")))
                 }
                 _ => {}
             },
@@ -212,35 +217,35 @@ impl HumanEvents {
                 elapsed_seconds,
                 ..
             } => {
-                eprintln!(
+                put!(
                     "  {} {address}: {} in {elapsed_seconds:.2}s",
                     self.paint("32", "✓"),
                     past(operation)
                 );
             }
             Event::ResourceFailed { error, details, .. } => {
-                eprintln!("  {} {error}", self.paint("31", "✗"));
+                put!("  {} {error}", self.paint("31", "✗"));
                 for line in details.lines() {
-                    eprintln!("      {line}");
+                    put!("      {line}");
                 }
             }
             Event::ResourceSkipped {
                 address, reason, ..
             } => {
-                eprintln!("  {} {address}: skipped ({reason})", self.paint("33", "↷"));
+                put!("  {} {address}: skipped ({reason})", self.paint("33", "↷"));
             }
             Event::ProviderLog { provider, line, .. } => {
-                eprintln!(
+                put!(
                     "  {} {line}",
                     self.paint("2", &format!("provider {provider}:"))
                 );
             }
-            Event::Interrupted { message } => eprintln!("{}", self.paint("33", &message)),
+            Event::Interrupted { message } => put!("{}", self.paint("33", &message)),
             Event::Summary {
                 counts,
                 elapsed_seconds,
             } => {
-                eprintln!(
+                put!(
                     "{}: {} created, {} updated, {} deleted, {} unchanged, {} failed, {} skipped{} in {elapsed_seconds:.2}s.",
                     if counts.succeeded() { "Done" } else { "Finished with problems" },
                     counts.created, counts.updated, counts.deleted, counts.unchanged, counts.failed, counts.skipped,
@@ -320,7 +325,6 @@ impl LiveEvents {
 
     /// Clears the block of running lines, prints `above`, draws the block again.
     fn redraw(&self, above: &[String]) {
-        use std::io::Write;
         let mut live = self.live.borrow_mut();
         let width = terminal_width();
         let mut out = String::new();
@@ -357,9 +361,7 @@ impl LiveEvents {
             drawn += 1;
         }
         live.drawn = drawn;
-        let mut stderr = std::io::stderr().lock();
-        let _ = stderr.write_all(out.as_bytes());
-        let _ = stderr.flush();
+        crate::output::to_stderr(out.as_bytes());
     }
 }
 

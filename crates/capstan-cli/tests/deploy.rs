@@ -627,7 +627,7 @@ fn a_second_ctrl_c_stops_at_once() {
     let output = apply.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(130));
     assert!(
-        text(&output.stderr).contains("interrupted again: stopping now"),
+        text(&output.stderr).contains("again: stopping now"),
         "{}",
         text(&output.stderr)
     );

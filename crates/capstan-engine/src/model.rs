@@ -38,10 +38,27 @@ pub struct ProviderDecl {
     pub source: ProviderSourceDecl,
     /// Overrides the provider's own limit.
     pub max_concurrency: Option<u32>,
-    /// Per-operation timeout in seconds.
-    pub timeout: Option<f64>,
+    /// Per-operation timeout.
+    pub timeout: Option<std::time::Duration>,
     /// `Some("nixops4-v0")` for a NixOps4 version-0 provider, run through the bridge.
     pub protocol: Option<String>,
+}
+
+/// The longest time Capstan accepts for a timeout or a wait: a year.
+pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// Checks a number of seconds a user gave (a flag or a deployment's `timeout`): finite, more
+/// than 0 (or 0 itself where `zero_ok`), at most `MAX_SECONDS`. The error completes a sentence
+/// that starts with what was given, e.g. "`timeout` must be …".
+pub fn seconds(value: f64, zero_ok: bool) -> Result<std::time::Duration, String> {
+    let low_ok = if zero_ok { value >= 0.0 } else { value > 0.0 };
+    if !(value.is_finite() && low_ok && value <= MAX_SECONDS) {
+        let low = if zero_ok { "0 or more" } else { "above 0" };
+        return Err(format!(
+            "must be a number of seconds, {low} and at most {MAX_SECONDS} (a year); got {value:?}"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(value))
 }
 
 /// The one foreign provider protocol Capstan bridges to.
@@ -515,8 +532,8 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
         None => None,
         Some(v) => Some(
             v.as_f64()
-                .filter(|t| *t > 0.0)
-                .ok_or("`timeout` must be a positive number of seconds")?,
+                .ok_or_else(|| format!("`timeout` must be a number of seconds, not {v}"))
+                .and_then(|t| seconds(t, false).map_err(|e| format!("`timeout` {e}")))?,
         ),
     };
     let protocol = match decl.get("protocol") {

@@ -191,7 +191,7 @@ impl Providers {
                 limits.insert(name.clone(), Arc::new(Semaphore::new(limit as usize)));
             }
             if let Some(timeout) = decl.timeout {
-                timeouts.insert(name.clone(), Duration::from_secs_f64(timeout));
+                timeouts.insert(name.clone(), timeout);
             }
             connections.insert(name, Rc::new(connection));
         }

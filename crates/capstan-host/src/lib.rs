@@ -24,6 +24,7 @@
 mod connection;
 mod error;
 mod process;
+pub mod reaper;
 mod sink;
 
 /// JSON kept as text: inputs and outputs of calls.

@@ -172,6 +172,12 @@ impl ExecPlan {
     fn exec_in_child(&mut self) -> std::io::Error {
         // SAFETY: async-signal-safe calls only; every buffer was allocated before fork.
         unsafe {
+            // A session of its own (so also a process group of its own: a Ctrl-C at the
+            // terminal reaches the host, which decides). Everything the provider starts stays
+            // in this session, which the reaper kills whatever ends the host.
+            if libc::setsid() < 0 {
+                return std::io::Error::last_os_error();
+            }
             // Die with the host, even if it is SIGKILLed.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             if libc::getppid() != self.parent_pid {
@@ -270,8 +276,7 @@ impl ProviderProcess {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // Its own process group: a Ctrl-C at the terminal reaches the host, which decides.
-            .process_group(0)
+            // Its own session and process group: see `exec_in_child`.
             .kill_on_drop(false);
         if let Some(dir) = &command.cwd {
             cmd.current_dir(dir);
@@ -283,6 +288,7 @@ impl ProviderProcess {
         let mut child = cmd.spawn().map_err(spawn_error)?;
         drop(socket);
         let pid = child.id().expect("a freshly spawned child has a pid") as libc::pid_t;
+        crate::reaper::watch_session(pid);
 
         let tail = TailBuffer::new(tail_lines);
         let (closed_tx, output_closed) = watch::channel(0usize);

@@ -1,0 +1,205 @@
+//! The bad-input corpus: every input that once made Capstan panic, hang, take a typo as data or
+//! say something misleading, kept as a case that checks the exact message a user sees
+//! (snapshots under `tests/snapshots/`, reviewed like code), the exit code, and that the state
+//! is byte for byte what it was whenever nothing should have run.
+//!
+//! To add a case, add it to `CASES` and run `INSTA_UPDATE=always cargo test -p capstan-cli
+//! --test corpus`, then read the new snapshot before committing it.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use support::{capstan_bin, testing_provider};
+
+struct Case {
+    name: &'static str,
+    /// Files written before `setup` runs (`{TESTING}` stands for the testing provider).
+    before: &'static [(&'static str, &'static str)],
+    /// Commands run first to make a state (each must succeed).
+    setup: &'static [&'static [&'static str]],
+    /// Files written after `setup`, before the case's command.
+    files: &'static [(&'static str, &'static str)],
+    /// `capstan.json`, written with `files`.
+    deployment: Option<&'static str>,
+    /// The command, run in the case's directory.
+    args: &'static [&'static str],
+    /// The exit code it must end with.
+    code: i32,
+    /// Whether the state directory must be unchanged (or still absent) afterwards.
+    state_untouched: bool,
+}
+
+const LOCAL: &str = r#"{"providers": {"local": {"builtin": "local"}}, "resources": {}}"#;
+
+/// Shorthand for a case whose only file is `capstan.json` and which changes nothing.
+const fn bad(
+    name: &'static str,
+    deployment: &'static str,
+    args: &'static [&'static str],
+    code: i32,
+) -> Case {
+    Case {
+        name,
+        before: &[],
+        setup: &[],
+        files: &[],
+        deployment: Some(deployment),
+        args,
+        code,
+        state_untouched: true,
+    }
+}
+
+const APPLY: &[&str] = &["apply"];
+const PLAN: &[&str] = &["plan"];
+
+static CASES: &[Case] = &[
+    // ---- flags: numbers of seconds, jobs, colour (usage errors, exit 2) ----
+    bad("timeout_negative", LOCAL, &["apply", "--timeout=-1"], 2),
+    bad("timeout_inf", LOCAL, &["apply", "--timeout", "inf"], 2),
+    bad("timeout_nan", LOCAL, &["apply", "--timeout", "NaN"], 2),
+    bad("timeout_huge", LOCAL, &["apply", "--timeout", "1e300"], 2),
+    bad("timeout_zero", LOCAL, &["apply", "--timeout", "0"], 2),
+    bad("timeout_words", LOCAL, &["apply", "--timeout", "ten"], 2),
+    bad(
+        "lock_timeout_inf",
+        LOCAL,
+        &["plan", "--lock-timeout", "inf"],
+        2,
+    ),
+    bad("jobs_zero", LOCAL, &["apply", "-j", "0"], 2),
+    bad("jobs_negative", LOCAL, &["apply", "-j", "-3"], 2),
+    bad("color_typo", LOCAL, &["plan", "--color", "maybe"], 2),
+    bad(
+        "provider_timeout_huge",
+        r#"{"providers": {"local": {"builtin": "local", "timeout": 1e300}}, "resources": {}}"#,
+        PLAN,
+        2,
+    ),
+    bad(
+        "provider_timeout_negative",
+        r#"{"providers": {"local": {"builtin": "local", "timeout": -5}}, "resources": {}}"#,
+        APPLY,
+        2,
+    ),
+    bad(
+        "provider_timeout_string",
+        r#"{"providers": {"local": {"builtin": "local", "timeout": "10s"}}, "resources": {}}"#,
+        APPLY,
+        2,
+    ),
+];
+
+/// Every file under `dir` with its mode and contents, or `None` when `dir` does not exist.
+fn snapshot_of(dir: &Path) -> Option<BTreeMap<String, (u32, Vec<u8>)>> {
+    use std::os::unix::fs::PermissionsExt;
+    if !dir.exists() {
+        return None;
+    }
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at).unwrap().flatten() {
+            let path = entry.path();
+            let meta = entry.metadata().unwrap();
+            let name = path.strip_prefix(dir).unwrap().display().to_string();
+            if meta.is_dir() {
+                stack.push(path);
+                files.insert(name, (meta.permissions().mode(), Vec::new()));
+            } else {
+                files.insert(
+                    name,
+                    (meta.permissions().mode(), std::fs::read(&path).unwrap()),
+                );
+            }
+        }
+    }
+    Some(files)
+}
+
+fn write_files(dir: &Path, files: &[(&str, &str)]) {
+    for (name, text) in files {
+        let text = text.replace("{TESTING}", &testing_provider());
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+/// What a user sees, with the paths of this machine replaced by stable names.
+fn normalize(text: &str, dir: &Path) -> String {
+    let dir = dir.canonicalize().unwrap_or(dir.to_path_buf());
+    text.replace(&dir.display().to_string(), "[DIR]")
+        .replace(&testing_provider(), "[TESTING]")
+        .replace(capstan_bin(), "[CAPSTAN]")
+}
+
+fn run_case(case: &Case) {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    write_files(&dir, case.before);
+    for args in case.setup {
+        let out = Command::new(capstan_bin())
+            .args(*args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: setup `{}` failed:\n{}",
+            case.name,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    write_files(&dir, case.files);
+    if let Some(deployment) = case.deployment {
+        write_files(&dir, &[("capstan.json", deployment)]);
+    }
+    let state = dir.join(".capstan");
+    let before = snapshot_of(&state);
+    let out = Command::new(capstan_bin())
+        .args(case.args)
+        .current_dir(&dir)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = normalize(&String::from_utf8_lossy(&out.stdout), &dir);
+    let stderr = normalize(&String::from_utf8_lossy(&out.stderr), &dir);
+    let seen = format!(
+        "$ capstan {}\nexit: {:?}\n--- stdout\n{stdout}--- stderr\n{stderr}",
+        case.args.join(" "),
+        out.status.code()
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(case.code),
+        "{}: wrong exit code\n{seen}",
+        case.name
+    );
+    if case.state_untouched {
+        assert!(
+            before == snapshot_of(&state),
+            "{}: the state directory changed\n{seen}",
+            case.name
+        );
+    }
+    insta::with_settings!({prepend_module_to_snapshot => false, omit_expression => true}, {
+        insta::assert_snapshot!(case.name, seen);
+    });
+}
+
+#[test]
+fn every_bad_input_gets_its_message_and_exit_code() {
+    let mut names = std::collections::BTreeSet::new();
+    for case in CASES {
+        assert!(names.insert(case.name), "two cases named {}", case.name);
+        run_case(case);
+    }
+}

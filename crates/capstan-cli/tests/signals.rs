@@ -1,0 +1,238 @@
+//! Whatever ends a run — SIGINT, SIGTERM, SIGHUP, SIGKILL, or its output closing — no process
+//! started for it outlives it, and what it did is recorded. Each test checks the machine's
+//! process table for the commands it started (by a marker no other process has).
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::capstan_bin;
+
+/// Live (not zombie) processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let path = entry.path();
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        let state = stat
+            .rfind(')')
+            .and_then(|at| stat[at + 1..].split_whitespace().next());
+        if state == Some("Z") {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(path.join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(marker) {
+            found.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
+}
+
+/// Waits until `check` holds, or fails naming `what` after a generous deadline.
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A unique marker: a sleep duration no other test or process uses.
+fn marker(tag: u32) -> String {
+    format!("{}.{tag}{}", 300 + tag, std::process::id() % 100_000)
+}
+
+/// A deployment with one `exec` that starts a shell which starts `sleep MARKER`: a grandchild
+/// of the provider, in a process group of its own.
+fn sleeping_deployment(dir: &Path, marker: &str) -> std::path::PathBuf {
+    let file = dir.join("capstan.json");
+    let deployment = serde_json::json!({
+        "providers": {"local": {"builtin": "local"}},
+        "resources": {
+            "nap": {"provider": "local", "type": "exec",
+                    "inputs": {"command": "sh", "args": ["-c", format!("sleep {marker}; echo done")]}}
+        }
+    });
+    std::fs::write(&file, deployment.to_string()).unwrap();
+    file
+}
+
+fn start_apply(file: &Path) -> Child {
+    Command::new(capstan_bin())
+        .args(["apply", "-f"])
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn pending(file: &Path) -> String {
+    let out = Command::new(capstan_bin())
+        .args(["state", "pending", "-f"])
+        .arg(file)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A signal in the middle of an operation: graceful stop with the signal's exit code, the
+/// operation recorded as interrupted, and no process left.
+fn graceful_stop_on(signal: libc::c_int, tag: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = marker(tag);
+    let file = sleeping_deployment(dir.path(), &marker);
+    let apply = start_apply(&file);
+    wait_until("the command runs", || !processes_with(&marker).is_empty());
+    // SAFETY: signals the child we started.
+    unsafe { libc::kill(apply.id() as i32, signal) };
+    let out = apply.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(128 + signal),
+        "exit code after signal {signal}:\n{stderr}"
+    );
+    assert!(stderr.contains("stopping gracefully"), "{stderr}");
+    assert!(
+        processes_with(&marker).is_empty(),
+        "processes outlived capstan: {:?}",
+        processes_with(&marker)
+    );
+    assert!(
+        pending(&file).starts_with("nap\tcreate"),
+        "the interrupted create is recorded as pending"
+    );
+}
+
+#[test]
+fn sigterm_stops_gracefully_and_leaves_no_process() {
+    graceful_stop_on(libc::SIGTERM, 1);
+}
+
+#[test]
+fn sighup_stops_gracefully_and_leaves_no_process() {
+    graceful_stop_on(libc::SIGHUP, 2);
+}
+
+#[test]
+fn sigint_stops_gracefully_and_leaves_no_process() {
+    graceful_stop_on(libc::SIGINT, 3);
+}
+
+#[test]
+fn after_sigkill_nothing_capstan_started_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = marker(4);
+    let file = sleeping_deployment(dir.path(), &marker);
+    let mut apply = start_apply(&file);
+    wait_until("the command runs", || !processes_with(&marker).is_empty());
+    apply.kill().unwrap();
+    apply.wait().unwrap();
+    wait_until("the command started for the run is gone", || {
+        processes_with(&marker).is_empty()
+    });
+    assert!(
+        pending(&file).starts_with("nap\tcreate"),
+        "the create that was running is pending"
+    );
+}
+
+#[test]
+fn a_stop_while_a_provider_starts_up_ends_the_command_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = marker(5);
+    // A "provider" that never answers its handshake.
+    let script = dir.path().join("silent-provider");
+    std::fs::write(&script, format!("#!/bin/sh\nexec sleep {marker}\n")).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let file = dir.path().join("capstan.json");
+    let deployment = serde_json::json!({
+        "providers": {"silent": {"executable": script}},
+        "resources": {"x": {"provider": "silent", "type": "t"}}
+    });
+    std::fs::write(&file, deployment.to_string()).unwrap();
+    let apply = start_apply(&file);
+    wait_until("the provider starts", || {
+        !processes_with(&marker).is_empty()
+    });
+    let sent = Instant::now();
+    // SAFETY: signals the child we started.
+    unsafe { libc::kill(apply.id() as i32, libc::SIGINT) };
+    let out = apply.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(8),
+        "the 10 s handshake wait was not cut short"
+    );
+    assert!(processes_with(&marker).is_empty());
+}
+
+#[test]
+fn a_closed_output_lets_the_run_finish_and_exits_141() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("capstan.json");
+    let resources: serde_json::Map<String, serde_json::Value> = (0..5)
+        .map(|i| {
+            (
+                format!("r{i}"),
+                serde_json::json!({"provider": "local", "type": "exec",
+                    "inputs": {"command": "sh", "args": ["-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.05; done"]}}),
+            )
+        })
+        .collect();
+    std::fs::write(
+        &file,
+        serde_json::json!({"providers": {"local": {"builtin": "local"}}, "resources": resources})
+            .to_string(),
+    )
+    .unwrap();
+    for json in [false, true] {
+        let _ = std::fs::remove_dir_all(dir.path().join(".capstan"));
+        let mut command = Command::new(capstan_bin());
+        command.args(["apply", "-f"]).arg(&file);
+        if json {
+            command.arg("--json");
+        }
+        let mut apply = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before the first line (as `| head -0` would).
+        drop(apply.stdout.take());
+        drop(apply.stderr.take());
+        let status = apply.wait().unwrap();
+        assert_eq!(status.code(), Some(141), "--json {json}");
+        let list = Command::new(capstan_bin())
+            .args(["state", "list", "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&list.stdout).lines().count(),
+            5,
+            "every resource was created and recorded (--json {json})"
+        );
+        assert_eq!(
+            pending(&file),
+            "",
+            "nothing is left pending (--json {json})"
+        );
+    }
+}
