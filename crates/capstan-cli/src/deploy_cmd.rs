@@ -130,10 +130,13 @@ fn load_params(path: Option<&Path>) -> anyhow::Result<Map<String, Value>> {
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read --params {}", path.display()))?;
-    match serde_json::from_str(&text) {
+    match capstan_engine::strict_json::parse(&text) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => bail!("{}: parameters must be a JSON object", path.display()),
-        Err(e) => bail!("{}: not valid JSON: {e}", path.display()),
+        Ok(_) => bail!(
+            "{}: parameters must be a JSON object of names to values",
+            path.display()
+        ),
+        Err(e) => bail!("{}: {e}", path.display()),
     }
 }
 

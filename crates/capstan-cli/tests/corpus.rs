@@ -23,7 +23,7 @@ struct Case {
     /// Files written after `setup`, before the case's command.
     files: &'static [(&'static str, &'static str)],
     /// `capstan.json`, written with `files`.
-    deployment: Option<&'static str>,
+    deployment: Option<String>,
     /// The command, run in the case's directory.
     args: &'static [&'static str],
     /// The exit code it must end with.
@@ -35,9 +35,9 @@ struct Case {
 const LOCAL: &str = r#"{"providers": {"local": {"builtin": "local"}}, "resources": {}}"#;
 
 /// Shorthand for a case whose only file is `capstan.json` and which changes nothing.
-const fn bad(
+fn bad(
     name: &'static str,
-    deployment: &'static str,
+    deployment: impl Into<String>,
     args: &'static [&'static str],
     code: i32,
 ) -> Case {
@@ -46,7 +46,7 @@ const fn bad(
         before: &[],
         setup: &[],
         files: &[],
-        deployment: Some(deployment),
+        deployment: Some(deployment.into()),
         args,
         code,
         state_untouched: true,
@@ -56,42 +56,193 @@ const fn bad(
 const APPLY: &[&str] = &["apply"];
 const PLAN: &[&str] = &["plan"];
 
-static CASES: &[Case] = &[
-    // ---- flags: numbers of seconds, jobs, colour (usage errors, exit 2) ----
-    bad("timeout_negative", LOCAL, &["apply", "--timeout=-1"], 2),
-    bad("timeout_inf", LOCAL, &["apply", "--timeout", "inf"], 2),
-    bad("timeout_nan", LOCAL, &["apply", "--timeout", "NaN"], 2),
-    bad("timeout_huge", LOCAL, &["apply", "--timeout", "1e300"], 2),
-    bad("timeout_zero", LOCAL, &["apply", "--timeout", "0"], 2),
-    bad("timeout_words", LOCAL, &["apply", "--timeout", "ten"], 2),
-    bad(
-        "lock_timeout_inf",
-        LOCAL,
-        &["plan", "--lock-timeout", "inf"],
-        2,
-    ),
-    bad("jobs_zero", LOCAL, &["apply", "-j", "0"], 2),
-    bad("jobs_negative", LOCAL, &["apply", "-j", "-3"], 2),
-    bad("color_typo", LOCAL, &["plan", "--color", "maybe"], 2),
-    bad(
-        "provider_timeout_huge",
-        r#"{"providers": {"local": {"builtin": "local", "timeout": 1e300}}, "resources": {}}"#,
-        PLAN,
-        2,
-    ),
-    bad(
-        "provider_timeout_negative",
-        r#"{"providers": {"local": {"builtin": "local", "timeout": -5}}, "resources": {}}"#,
-        APPLY,
-        2,
-    ),
-    bad(
-        "provider_timeout_string",
-        r#"{"providers": {"local": {"builtin": "local", "timeout": "10s"}}, "resources": {}}"#,
-        APPLY,
-        2,
-    ),
-];
+/// A deployment of one `memo` resource `m` (and `x`, which it may refer to) with `inputs`.
+fn memo(inputs: &str) -> String {
+    format!(
+        r#"{{"providers": {{"local": {{"builtin": "local"}}}}, "resources": {{
+  "x": {{"provider": "local", "type": "memo", "inputs": {{"value": 1}}}},
+  "m": {{"provider": "local", "type": "memo", "inputs": {inputs}}}
+}}}}"#
+    )
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        // ---- flags: numbers of seconds, jobs, colour (usage errors, exit 2) ----
+        bad("timeout_negative", LOCAL, &["apply", "--timeout=-1"], 2),
+        bad("timeout_inf", LOCAL, &["apply", "--timeout", "inf"], 2),
+        bad("timeout_nan", LOCAL, &["apply", "--timeout", "NaN"], 2),
+        bad("timeout_huge", LOCAL, &["apply", "--timeout", "1e300"], 2),
+        bad("timeout_zero", LOCAL, &["apply", "--timeout", "0"], 2),
+        bad("timeout_words", LOCAL, &["apply", "--timeout", "ten"], 2),
+        bad(
+            "lock_timeout_inf",
+            LOCAL,
+            &["plan", "--lock-timeout", "inf"],
+            2,
+        ),
+        bad("jobs_zero", LOCAL, &["apply", "-j", "0"], 2),
+        bad("jobs_negative", LOCAL, &["apply", "-j", "-3"], 2),
+        bad("color_typo", LOCAL, &["plan", "--color", "maybe"], 2),
+        bad(
+            "provider_timeout_huge",
+            r#"{"providers": {"local": {"builtin": "local", "timeout": 1e300}}, "resources": {}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "provider_timeout_negative",
+            r#"{"providers": {"local": {"builtin": "local", "timeout": -5}}, "resources": {}}"#,
+            APPLY,
+            2,
+        ),
+        bad(
+            "provider_timeout_string",
+            r#"{"providers": {"local": {"builtin": "local", "timeout": "10s"}}, "resources": {}}"#,
+            APPLY,
+            2,
+        ),
+        // ---- typos are errors, never data ----
+        bad(
+            "marker_typo",
+            memo(r#"{"value": {"$reff": "x#value"}}"#),
+            PLAN,
+            2,
+        ),
+        bad(
+            "marker_ref_number",
+            memo(r#"{"value": {"$ref": 42}}"#),
+            PLAN,
+            2,
+        ),
+        bad(
+            "marker_ref_extra_key",
+            memo(r#"{"value": {"$ref": "x#value", "extra": 1}}"#),
+            PLAN,
+            2,
+        ),
+        bad(
+            "marker_param_number",
+            memo(r#"{"value": {"$param": 5}}"#),
+            PLAN,
+            2,
+        ),
+        bad(
+            "marker_cap_in_array",
+            memo(r#"{"value": [{"$cap": "x#handle"}]}"#),
+            PLAN,
+            2,
+        ),
+        bad("marker_as_inputs", memo(r#"{"$ref": "x#value"}"#), PLAN, 2),
+        bad(
+            "marker_unknown_nested",
+            memo(r#"{"value": {"config": {"$schema": "x"}}}"#),
+            PLAN,
+            2,
+        ),
+        bad(
+            "marker_ref_malformed",
+            memo(r#"{"value": {"$ref": "x.value"}}"#),
+            PLAN,
+            2,
+        ),
+        bad(
+            "duplicate_resource",
+            r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "a": {"provider": "local", "type": "memo", "inputs": {"value": 1}},
+  "a": {"provider": "local", "type": "memo", "inputs": {"value": 2}}
+}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "duplicate_input",
+            memo(r#"{"value": 1, "value": 2}"#),
+            PLAN,
+            2,
+        ),
+        bad(
+            "duplicate_provider_key",
+            r#"{"providers": {"local": {"builtin": "local", "builtin": "nix"}}, "resources": {}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "duplicate_top_level",
+            r#"{"providers": {}, "resources": {}, "resources": {}}"#,
+            PLAN,
+            2,
+        ),
+        Case {
+            name: "duplicate_param",
+            files: &[("params.json", r#"{"greeting": "hi", "greeting": "hello"}"#)],
+            ..bad(
+                "",
+                memo(r#"{"value": {"$param": "greeting"}}"#),
+                &["plan", "--params", "params.json"],
+                2,
+            )
+        },
+        Case {
+            name: "param_uses_param",
+            files: &[(
+                "params.json",
+                r#"{"greeting": {"$param": "other"}, "other": 1}"#,
+            )],
+            ..bad(
+                "",
+                memo(r#"{"value": {"$param": "greeting"}}"#),
+                &["plan", "--params", "params.json"],
+                2,
+            )
+        },
+        // ---- names and messages ----
+        bad(
+            "name_with_escape",
+            r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "evil\u001b[31mred": {"provider": "local", "type": "memo"}
+}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "name_with_newline",
+            r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "two\nlines": {"provider": "local", "type": "memo"}
+}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "type_not_a_string",
+            r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "a": {"provider": "local", "type": 5}
+}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "ref_to_a_group",
+            r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "web": {"resources": {"db": {"provider": "local", "type": "memo", "inputs": {"value": 1}}}},
+  "m": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "web#value"}}}
+}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "deep_nesting",
+            memo(&format!(
+                r#"{{"value": {}1{}}}"#,
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            )),
+            PLAN,
+            2,
+        ),
+        bad("inputs_not_an_object", memo(r#"[1, 2]"#), PLAN, 2),
+    ]
+}
 
 /// Every file under `dir` with its mode and contents, or `None` when `dir` does not exist.
 fn snapshot_of(dir: &Path) -> Option<BTreeMap<String, (u32, Vec<u8>)>> {
@@ -158,7 +309,7 @@ fn run_case(case: &Case) {
         );
     }
     write_files(&dir, case.files);
-    if let Some(deployment) = case.deployment {
+    if let Some(deployment) = &case.deployment {
         write_files(&dir, &[("capstan.json", deployment)]);
     }
     let state = dir.join(".capstan");
@@ -198,8 +349,8 @@ fn run_case(case: &Case) {
 #[test]
 fn every_bad_input_gets_its_message_and_exit_code() {
     let mut names = std::collections::BTreeSet::new();
-    for case in CASES {
+    for case in cases() {
         assert!(names.insert(case.name), "two cases named {}", case.name);
-        run_case(case);
+        run_case(&case);
     }
 }

@@ -11,3 +11,4 @@ pub mod model;
 pub mod plan;
 pub mod run;
 pub mod state;
+pub mod strict_json;

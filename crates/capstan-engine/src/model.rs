@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use capstan_schema::{Json, ProviderInfo};
 
 use crate::maps::AddressMap;
+use crate::strict_json::{self, StrictError};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// A problem with the deployment, found before anything ran.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {place}: {message}", .file.display())]
+#[error("{}: {}: {message}", .file.display(), printable(.place))]
 pub struct ModelError {
     pub file: PathBuf,
     /// Where in the file, e.g. `resources.web.db.inputs.content`.
@@ -96,6 +97,9 @@ pub struct ResourceDecl {
     /// Output names declared by the deployment (required for NixOps4 v0 resources, whose
     /// providers have no handshake to tell).
     pub outputs: Option<Vec<String>>,
+    /// Whether `inputs` holds escaped keys (`$$…` for a literal `$…`), which `resolve`
+    /// unescapes.
+    pub escaped: bool,
 }
 
 impl ResourceDecl {
@@ -123,6 +127,26 @@ impl ResourceDecl {
         &self,
         outputs: &dyn Fn(&str, &str) -> Option<&'a RawValue>,
     ) -> Option<Json> {
+        if self.escaped {
+            // Rare: through a tree, so that only the deployment's own keys are unescaped
+            // (never an output's).
+            return resolve_tree(self.inputs.value(), outputs).map(Json::from);
+        }
+        self.splice(outputs)
+    }
+
+    /// The input names, as the provider sees them (escapes undone).
+    pub fn input_names(&self) -> Vec<String> {
+        let mut keys = self.inputs.keys();
+        if self.escaped {
+            for key in &mut keys {
+                *key = unescape_key(key).to_string();
+            }
+        }
+        keys
+    }
+
+    fn splice<'a>(&self, outputs: &dyn Fn(&str, &str) -> Option<&'a RawValue>) -> Option<Json> {
         if self.refs.is_empty() {
             return Some(self.inputs.clone());
         }
@@ -216,7 +240,7 @@ impl Deployment {
         // Read one resource at a time from its raw text: a tree of every resource at once would
         // cost more memory than the deployment itself. Reading the top level checks the syntax of
         // the whole document (raw values are checked as they are taken).
-        let root: BTreeMap<String, &RawValue> = serde_json::from_str(text).map_err(|e| {
+        let members = capstan_schema::json::object_members(text).map_err(|e| {
             if let Err(e) = serde_json::from_str::<&RawValue>(text) {
                 // Not JSON at all: say where.
                 return err(
@@ -230,6 +254,9 @@ impl Deployment {
                 "a deployment is a JSON object with `providers` and `resources`".into(),
             )
         })?;
+        strict_json::check_unique(members.iter().map(|(k, _)| k.as_str()))
+            .map_err(|e| err("(top level)", e.to_string()))?;
+        let root: BTreeMap<String, &RawValue> = members.into_iter().collect();
         for key in root.keys() {
             if key != "providers" && key != "resources" && key != "$schema" {
                 return Err(err(
@@ -240,11 +267,15 @@ impl Deployment {
         }
         let mut providers = BTreeMap::new();
         if let Some(decls) = root.get("providers") {
-            let Ok(Value::Object(decls)) = serde_json::from_str::<Value>(decls.get()) else {
-                return Err(err(
-                    "providers",
-                    "must be an object of provider declarations".into(),
-                ));
+            let decls = match strict_json::parse(decls.get()) {
+                Ok(Value::Object(decls)) => decls,
+                Ok(_) => {
+                    return Err(err(
+                        "providers",
+                        "must be an object of provider declarations".into(),
+                    ))
+                }
+                Err(e) => return Err(err("providers", e.to_string())),
             };
             for (name, decl) in &decls {
                 let place = format!("providers.{name}");
@@ -390,7 +421,7 @@ impl Deployment {
                     ),
                 ));
             };
-            let keys = r.inputs.keys();
+            let keys = r.input_names();
             for key in keys.iter().filter(|_| !rtype.open_inputs) {
                 if !rtype.inputs.iter().any(|i| &i.name == key) {
                     let known: Vec<&str> = rtype.inputs.iter().map(|i| i.name.as_str()).collect();
@@ -570,8 +601,27 @@ fn collect_resources(
     } else {
         format!("resources.{prefix}.resources")
     };
-    let group = capstan_schema::json::object_members(group.get())
-        .map_err(|_| (group_place, "must be an object".to_string()))?;
+    let group = capstan_schema::json::object_members(group.get()).map_err(|_| {
+        (
+            group_place.clone(),
+            "must be an object of resources and groups".to_string(),
+        )
+    })?;
+    if let Err(e) = strict_json::check_unique(group.iter().map(|(k, _)| k.as_str())) {
+        let StrictError::DuplicateKey(name) = e else {
+            return Err((group_place, e.to_string()));
+        };
+        let address = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}.{name}")
+        };
+        return Err((
+            format!("resources.{address}"),
+            "declared twice in the same group; give each resource or group its own name"
+                .to_string(),
+        ));
+    }
     if group.len() < PARALLEL_FROM {
         return collect_members(group, prefix, params, out);
     }
@@ -617,27 +667,29 @@ fn collect_members(
 ) -> Result<(), (String, String)> {
     out.reserve(group.len());
     for (name, decl) in group {
-        let bad_name = name.is_empty() || name.contains(['.', '#']);
+        let bad_name = bad_name(&name);
         let address = if prefix.is_empty() {
             name
         } else {
             format!("{prefix}.{name}")
         };
         // Only messages need it.
-        let place = || format!("resources.{address}");
-        if bad_name {
-            return Err((
-                place(),
-                "a resource name must be non-empty and contain no `.` or `#`".into(),
-            ));
+        let place = || format!("resources.{}", printable(&address));
+        if let Some(problem) = bad_name {
+            return Err((place(), problem));
         }
-        let Ok(decl) = capstan_schema::json::object_members(decl.get()) else {
-            return Err((
-                place(),
-                "must be an object: a resource, or a group with `resources`".into(),
-            ));
+        let decl = match capstan_schema::json::object_members(decl.get()) {
+            Ok(decl) => decl,
+            Err(_) => {
+                return Err((
+                    place(),
+                    "must be an object: a resource (`provider`, `type`, `inputs`) or a group (`resources`)".into(),
+                ))
+            }
         };
-        let field = |key: &str| decl.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v);
+        strict_json::check_unique(decl.iter().map(|(k, _)| k.as_str()))
+            .map_err(|e| (place(), e.to_string()))?;
+        let field = |key: &str| decl.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
         if let (Some(group), None) = (field("resources"), field("provider")) {
             collect_resources(group, &address, params, out)?;
             continue;
@@ -646,24 +698,24 @@ fn collect_members(
             if !["provider", "type", "inputs", "outputs"].contains(&key.as_str()) {
                 return Err((
                     format!("{}.{key}", place()),
-                    "unknown key; a resource has `provider`, `type`, `inputs` and `outputs`".into(),
+                    "unknown key; a resource has `provider`, `type`, `inputs` and `outputs` (a group has only `resources`)".into(),
                 ));
             }
         }
-        let text =
-            |key: &str| field(key).and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
-        let provider = text("provider").ok_or_else(|| {
-            (
-                format!("{}.provider", place()),
-                "missing: name the provider that manages it".to_string(),
-            )
-        })?;
-        let resource_type = text("type").ok_or_else(|| {
-            (
-                format!("{}.type", place()),
-                "missing: name the resource type".to_string(),
-            )
-        })?;
+        let text = |key: &str, missing: &str| -> Result<String, (String, String)> {
+            let at = || format!("{}.{key}", place());
+            match field(key) {
+                None => Err((at(), format!("missing: {missing}"))),
+                Some(raw) => serde_json::from_str::<String>(raw.get()).map_err(|_| {
+                    (
+                        at(),
+                        format!("must be a string ({missing}), not {}", raw.get()),
+                    )
+                }),
+            }
+        };
+        let provider = text("provider", "name the provider that manages it")?;
+        let resource_type = text("type", "name the resource type")?;
         let outputs = match field("outputs") {
             None => None,
             Some(raw) => Some(serde_json::from_str::<Vec<String>>(raw.get()).map_err(|_| {
@@ -674,15 +726,25 @@ fn collect_members(
             })?),
         };
         let raw_inputs = field("inputs");
-        let inputs = match raw_inputs.map(|raw| serde_json::from_str::<Value>(raw.get())) {
+        let inputs = match raw_inputs.map(|raw| strict_json::parse(raw.get())) {
             None => Map::new(),
             Some(Ok(Value::Object(inputs))) => inputs,
-            Some(_) => return Err((format!("{}.inputs", place()), "must be an object".into())),
+            Some(Ok(other)) => {
+                return Err((
+                    format!("{}.inputs", place()),
+                    format!(
+                        "must be an object of input names to values, not {}",
+                        kind_of(&other)
+                    ),
+                ))
+            }
+            Some(Err(e)) => return Err((format!("{}.inputs", place()), e.to_string())),
         };
         let mut refs = Vec::new();
         let mut capabilities = Vec::new();
-        // `$ref`, `$param` and `$cap` need a `$` in the text, written as is or escaped: without
-        // one, the inputs are plain data and are kept as they are.
+        let mut escaped = false;
+        // `$ref`, `$param`, `$cap` and `$$` escapes need a `$` in the text, written as is or
+        // escaped: without one, the inputs are plain data and are kept as they are.
         let markers = raw_inputs.is_some_and(|raw| {
             let text = raw.get();
             text.contains('$') || text.contains("\\u0024")
@@ -695,27 +757,45 @@ fn collect_members(
             // The place within the resource, made whole only for a message.
             let whole =
                 |(within, message): (String, String)| (format!("{}{within}", place()), message);
+            input_place.push_str(".inputs");
+            if let Some(problem) = marker_problem(&inputs, MarkerUse::InputsObject) {
+                return Err(whole((input_place, problem)));
+            }
             for (key, value) in inputs {
-                input_place.clear();
-                input_place.push_str(".inputs.");
+                input_place.truncate(".inputs".len());
+                input_place.push('.');
                 input_place.push_str(&key);
-                if let Some(target) = marker(&value, "$cap") {
-                    let (address, name) = split_ref(target, &input_place).map_err(whole)?;
-                    capabilities.push(CapabilityRef {
-                        input: key,
-                        address,
-                        name,
-                    });
-                    continue;
+                escaped |= key.starts_with("$$");
+                if let Value::Object(map) = &value {
+                    if let Some(problem) = marker_problem(map, MarkerUse::InputValue) {
+                        return Err(whole((input_place, problem)));
+                    }
+                    if let Some(Value::String(target)) = map.get("$cap") {
+                        let (address, name) =
+                            split_ref(target, &input_place, "NAME").map_err(whole)?;
+                        capabilities.push(CapabilityRef {
+                            input: unescape_key(&key).to_string(),
+                            address,
+                            name,
+                        });
+                        continue;
+                    }
                 }
-                let value =
-                    substitute(value, &mut input_place, params, &mut refs).map_err(whole)?;
+                let value = substitute(
+                    value,
+                    &mut input_place,
+                    Some(params),
+                    &mut refs,
+                    &mut escaped,
+                )
+                .map_err(whole)?;
                 resolved.insert(key, value);
             }
             resolved
         };
         // Kept as text, always in serde_json's compact form: `resolve` relies on it, and
-        // every input reaches a provider the same way (duplicate keys resolved, last wins).
+        // every input reaches a provider the same way. Escaped keys (`$$…`) stay escaped here,
+        // so no literal can look like a reference, until `resolve` unescapes them.
         let inputs = Json::from(Value::Object(resolved));
         out.insert(
             address.clone(),
@@ -728,10 +808,195 @@ fn collect_members(
                 capabilities,
                 depends_on: Vec::new(),
                 outputs,
+                escaped,
             },
         );
     }
     Ok(())
+}
+
+/// Why `name` cannot name a resource or group, if it cannot.
+fn bad_name(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("a resource name must not be empty".into());
+    }
+    if name.contains(['.', '#']) {
+        return Some(
+            "a resource name must not contain `.` or `#` (they separate groups and outputs in addresses)"
+                .into(),
+        );
+    }
+    if name.chars().any(char::is_control) {
+        return Some(
+            "a resource name must not contain control characters (line breaks, tabs, escape sequences)"
+                .into(),
+        );
+    }
+    None
+}
+
+/// `text` with control characters shown as escapes, for messages that quote a name a user
+/// wrote (a name with an ANSI escape must not reach the terminal raw).
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .flat_map(|c| {
+                if c.is_control() {
+                    c.escape_default().collect::<Vec<_>>()
+                } else {
+                    vec![c]
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The markers an object may be: `{"$ref": "ADDRESS#OUTPUT"}`, `{"$param": "NAME"}`,
+/// `{"$cap": "ADDRESS#NAME"}`.
+const MARKERS: [&str; 3] = ["$ref", "$param", "$cap"];
+
+/// Where an object stands, for what markers it may be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MarkerUse {
+    /// A resource's `inputs` object itself: no marker at all.
+    InputsObject,
+    /// An input's whole value: any marker.
+    InputValue,
+    /// Deeper inside an input: `$ref` and `$param`.
+    Nested,
+    /// Inside a parameter's value: `$ref` only.
+    InParameter,
+}
+
+/// What is wrong with `map`'s `$` keys, if anything. A key that starts with `$` is a marker
+/// (`$ref`, `$param`, `$cap`, alone in its object with a string value), or an escaped literal
+/// key (`$$…` stands for `$…`); anything else is a mistake, never data.
+fn marker_problem(map: &Map<String, Value>, at: MarkerUse) -> Option<String> {
+    for (key, value) in map {
+        if !key.starts_with('$') || key.starts_with("$$") {
+            continue;
+        }
+        if !MARKERS.contains(&key.as_str()) {
+            let hint = MARKERS
+                .iter()
+                .find(|m| edit_distance(m, key) <= 2)
+                .map(|m| format!("did you mean `{m}`? "))
+                .unwrap_or_default();
+            return Some(format!(
+                "unknown marker `{}`: {hint}a key starting with `$` is `$ref`, `$param` or `$cap`; write `${}` for a literal key `{}`",
+                printable(key), printable(key), printable(key)
+            ));
+        }
+        if map.len() != 1 {
+            let others: Vec<String> = map
+                .keys()
+                .filter(|k| *k != key)
+                .map(|k| format!("`{}`", printable(k)))
+                .collect();
+            return Some(format!(
+                "a `{key}` object has no other keys, but this one also has {}; put the reference alone as a value, or write `${key}` for a literal key",
+                others.join(", ")
+            ));
+        }
+        let form = if key == "$param" {
+            "NAME"
+        } else if key == "$ref" {
+            "ADDRESS#OUTPUT"
+        } else {
+            "ADDRESS#NAME"
+        };
+        if !value.is_string() {
+            return Some(format!(
+                "`{key}` takes a string \"{form}\", not {}",
+                kind_of(value)
+            ));
+        }
+        let allowed = match at {
+            MarkerUse::InputsObject => {
+                return Some(format!(
+                    "`inputs` is an object of input names; a `{key}` goes in an input's value, e.g. {{\"value\": {{\"{key}\": \"{form}\"}}}}"
+                ))
+            }
+            MarkerUse::InputValue => true,
+            MarkerUse::Nested => key != "$cap",
+            MarkerUse::InParameter => key == "$ref",
+        };
+        if !allowed {
+            return Some(match (at, key.as_str()) {
+                (_, "$cap") => "`$cap` hands over a capability and must be an input's whole value, not inside an object or array".to_string(),
+                _ => "a parameter's value cannot use `$param` (parameters are not expanded twice)".to_string(),
+            });
+        }
+    }
+    None
+}
+
+/// The number of single-character edits between `a` and `b` (for "did you mean").
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut last = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let old = row[j + 1];
+            row[j + 1] = (old + 1).min(row[j] + 1).min(last + usize::from(ca != *cb));
+            last = old;
+        }
+    }
+    row[b.len()]
+}
+
+/// The key a `$$` escape stands for.
+fn unescape_key(key: &str) -> &str {
+    if key.starts_with("$$") {
+        &key[1..]
+    } else {
+        key
+    }
+}
+
+/// `value` (inputs in their stored form) with each `{"$ref": …}` replaced by the output it
+/// names and every escaped key (`$$…`) by the key it stands for; `None` when an output is
+/// not known.
+fn resolve_tree<'a>(
+    value: Value,
+    outputs: &dyn Fn(&str, &str) -> Option<&'a RawValue>,
+) -> Option<Value> {
+    Some(match value {
+        Value::Object(map) => {
+            if let (1, Some(Value::String(target))) = (map.len(), map.get("$ref")) {
+                let (address, output) = target.split_once('#')?;
+                return serde_json::from_str(outputs(address, output)?.get()).ok();
+            }
+            let mut out = Map::with_capacity(map.len());
+            for (k, v) in map {
+                out.insert(unescape_key(&k).to_string(), resolve_tree(v, outputs)?);
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(|v| resolve_tree(v, outputs))
+                .collect::<Option<_>>()?,
+        ),
+        other => other,
+    })
 }
 
 /// Fills each resource's `depends_on` (once the map is in its final order), or names the first
@@ -746,10 +1011,7 @@ fn link_dependencies(resources: &mut AddressMap<ResourceDecl>) -> Result<(), (St
                 None => {
                     return Err((
                         r.place_of(reference),
-                        format!(
-                            "refers to resource `{}`, which the deployment does not declare",
-                            reference.address
-                        ),
+                        missing_resource(resources, &reference.address, "refers to"),
                     ))
                 }
             }
@@ -760,10 +1022,7 @@ fn link_dependencies(resources: &mut AddressMap<ResourceDecl>) -> Result<(), (St
                 None => {
                     return Err((
                         format!("resources.{}.inputs.{}", r.address, cap.input),
-                        format!(
-                            "asks for a capability of resource `{}`, which the deployment does not declare",
-                            cap.address
-                        ),
+                        missing_resource(resources, &cap.address, "asks for a capability of"),
                     ))
                 }
             }
@@ -778,24 +1037,23 @@ fn link_dependencies(resources: &mut AddressMap<ResourceDecl>) -> Result<(), (St
     Ok(())
 }
 
-/// Records every `{"$ref": "ADDRESS#OUTPUT"}` inside `value`.
-fn collect_refs(
-    value: &Value,
-    place: &mut String,
-    refs: &mut Vec<OutputRef>,
-) -> Result<(), (String, String)> {
-    walk(
-        value,
-        place,
-        &mut |value, place| match marker(value, "$ref") {
-            Some(target) => {
-                let (address, output) = split_ref(target, place)?;
-                refs.push(OutputRef { address, output });
-                Ok(false)
-            }
-            None => Ok(true),
-        },
-    )
+/// Why `address` names no resource: a group, or nothing the deployment declares.
+fn missing_resource(resources: &AddressMap<ResourceDecl>, address: &str, verb: &str) -> String {
+    let prefix = format!("{address}.");
+    let members: Vec<&str> = resources
+        .keys()
+        .filter(|a| a.starts_with(&prefix))
+        .map(String::as_str)
+        .take(3)
+        .collect();
+    if members.is_empty() {
+        format!("{verb} resource `{address}`, which the deployment does not declare")
+    } else {
+        format!(
+            "{verb} `{address}`, which is a group, not a resource; name one of its resources (e.g. `{}`)",
+            members[0]
+        )
+    }
 }
 
 /// Walks `value` depth first with `place` kept up to date (`.key` or `[n]` per level):
@@ -856,25 +1114,58 @@ fn marker<'a>(value: &'a Value, key: &str) -> Option<&'a str> {
     }
 }
 
-fn split_ref(target: &str, place: &str) -> Result<(String, String), (String, String)> {
+/// `ADDRESS#NAME` split in two; `what` names the second part in a message (`OUTPUT`, `NAME`).
+fn split_ref(target: &str, place: &str, what: &str) -> Result<(String, String), (String, String)> {
     match target.split_once('#') {
         Some((address, name)) if !address.is_empty() && !name.is_empty() => {
             Ok((address.to_string(), name.to_string()))
         }
         _ => Err((
             place.to_string(),
-            format!("`{target}` is not of the form ADDRESS#NAME"),
+            format!(
+                "`{}` is not of the form ADDRESS#{what} (e.g. `web.db#{}`)",
+                printable(target),
+                what.to_lowercase()
+            ),
         )),
     }
 }
 
+/// Checks the markers in `value` (an input's value, or a part of one), replaces each
+/// `{"$param": NAME}` by the parameter (`params`; `None` inside a parameter's own value) and
+/// records each `{"$ref": …}` in `refs`. `escaped` is set when an escaped key (`$$…`) occurs.
 fn substitute(
     value: Value,
     place: &mut String,
-    params: &Map<String, Value>,
+    params: Option<&Map<String, Value>>,
     refs: &mut Vec<OutputRef>,
+    escaped: &mut bool,
 ) -> Result<Value, (String, String)> {
-    if let Some(name) = marker(&value, "$param") {
+    let map = match value {
+        Value::Object(map) => map,
+        Value::Array(items) => {
+            let len = place.len();
+            let mut out = Vec::with_capacity(items.len());
+            for (n, v) in items.into_iter().enumerate() {
+                use std::fmt::Write;
+                let _ = write!(place, "[{n}]");
+                let v = substitute(v, place, params, refs, escaped);
+                place.truncate(len);
+                out.push(v?);
+            }
+            return Ok(Value::Array(out));
+        }
+        other => return Ok(other),
+    };
+    let at = if params.is_some() {
+        MarkerUse::Nested
+    } else {
+        MarkerUse::InParameter
+    };
+    if let Some(problem) = marker_problem(&map, at) {
+        return Err((place.clone(), problem));
+    }
+    if let (Some(params), Some(Value::String(name))) = (params, map.get("$param")) {
         let Some(param) = params.get(name) else {
             return Err((
                 place.clone(),
@@ -883,41 +1174,25 @@ fn substitute(
         };
         // A parameter may carry references (a front end's JSON wiring resources together);
         // they count like any other. Parameters in a parameter are not expanded again.
-        collect_refs(param, place, refs)?;
-        return Ok(param.clone());
+        return substitute(param.clone(), place, None, refs, escaped);
     }
-    if let Some(target) = marker(&value, "$ref") {
-        let (address, output) = split_ref(target, place)?;
+    if let Some(Value::String(target)) = map.get("$ref") {
+        let (address, output) = split_ref(target, place, "OUTPUT")?;
         refs.push(OutputRef { address, output });
-        return Ok(value);
+        return Ok(Value::Object(map));
     }
     // `place` is one buffer, extended and cut back as the walk goes down and up.
     let len = place.len();
-    Ok(match value {
-        Value::Object(map) => {
-            let mut out = Map::with_capacity(map.len());
-            for (k, v) in map {
-                place.push('.');
-                place.push_str(&k);
-                let v = substitute(v, place, params, refs);
-                place.truncate(len);
-                out.insert(k, v?);
-            }
-            Value::Object(out)
-        }
-        Value::Array(items) => {
-            let mut out = Vec::with_capacity(items.len());
-            for (n, v) in items.into_iter().enumerate() {
-                use std::fmt::Write;
-                let _ = write!(place, "[{n}]");
-                let v = substitute(v, place, params, refs);
-                place.truncate(len);
-                out.push(v?);
-            }
-            Value::Array(out)
-        }
-        other => other,
-    })
+    let mut out = Map::with_capacity(map.len());
+    for (k, v) in map {
+        *escaped |= k.starts_with("$$");
+        place.push('.');
+        place.push_str(&k);
+        let v = substitute(v, place, params, refs, escaped);
+        place.truncate(len);
+        out.insert(k, v?);
+    }
+    Ok(Value::Object(out))
 }
 
 #[cfg(test)]
@@ -1069,6 +1344,118 @@ mod tests {
     }
 
     #[test]
+    fn a_dollar_key_is_a_marker_an_escape_or_an_error() {
+        let deployment = |inputs: Value| {
+            parse(json!({"providers": local(), "resources": {
+                "x": {"provider": "local", "type": "memo", "inputs": {}},
+                "y": {"provider": "local", "type": "memo", "inputs": inputs}
+            }}))
+        };
+        let cases = [
+            (
+                json!({"v": {"$reff": "x#o"}}),
+                "resources.y.inputs.v",
+                "unknown marker `$reff`: did you mean `$ref`?",
+            ),
+            (
+                json!({"v": {"$ref": 42}}),
+                "resources.y.inputs.v",
+                "`$ref` takes a string \"ADDRESS#OUTPUT\", not a number",
+            ),
+            (
+                json!({"v": {"$ref": "x#o", "extra": 1}}),
+                "resources.y.inputs.v",
+                "a `$ref` object has no other keys, but this one also has `extra`",
+            ),
+            (
+                json!({"v": {"$param": 5}}),
+                "resources.y.inputs.v",
+                "`$param` takes a string \"NAME\", not a number",
+            ),
+            (
+                json!({"v": [{"$cap": "x#h"}]}),
+                "resources.y.inputs.v[0]",
+                "`$cap` hands over a capability and must be an input's whole value",
+            ),
+            (
+                json!({"v": {"deep": {"$cap": "x#h"}}}),
+                "resources.y.inputs.v.deep",
+                "must be an input's whole value",
+            ),
+            (
+                json!({"$ref": "x#o"}),
+                "resources.y.inputs",
+                "`inputs` is an object of input names",
+            ),
+            (
+                json!({"v": {"a": {"$unknown": 1}}}),
+                "resources.y.inputs.v.a",
+                "write `$$unknown` for a literal key `$unknown`",
+            ),
+            (
+                json!({"v": {"$param": "wired"}}),
+                "resources.y.inputs.v",
+                "missing parameter `wired`",
+            ),
+        ];
+        for (inputs, place, message) in cases {
+            let e = deployment(inputs.clone()).unwrap_err();
+            assert_eq!(e.place, place, "{inputs}: {e}");
+            assert!(e.message.contains(message), "{inputs}: {e}");
+        }
+        // The escape: `$$…` is a literal `$…` key, wherever it is, and never a reference.
+        let d = deployment(json!({"$$top": {"$$ref": "x#o"}, "v": [{"$$cap": 1, "$ref2": 0}]}));
+        let e = d.unwrap_err();
+        assert!(e.message.contains("unknown marker `$ref2`"), "{e}");
+        let d = deployment(
+            json!({"$$top": {"$$ref": "x#o"}, "v": [{"$$cap": 1}], "w": {"$ref": "x#o"}}),
+        )
+        .unwrap();
+        let y = &d.resources["y"];
+        assert_eq!(y.refs.len(), 1, "only the real reference counts");
+        assert_eq!(y.input_names(), vec!["$top", "v", "w"]);
+        let outputs = Json::from(json!({"o": {"$$kept": "as the provider wrote it"}}));
+        assert_eq!(
+            y.resolve(&|_, o| outputs.get_raw(o)).unwrap(),
+            json!({"$top": {"$ref": "x#o"}, "v": [{"$cap": 1}], "w": {"$$kept": "as the provider wrote it"}})
+        );
+    }
+
+    #[test]
+    fn a_key_named_twice_is_an_error_not_last_wins() {
+        let text = r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+            "a": {"provider": "local", "type": "memo", "inputs": {"value": 1}},
+            "a": {"provider": "local", "type": "memo", "inputs": {"value": 2}}
+        }}"#;
+        let e = Deployment::parse(Path::new("d.json"), text, &Map::new()).unwrap_err();
+        assert_eq!(e.place, "resources.a");
+        assert!(e.message.contains("declared twice"), "{e}");
+        let text = r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+            "a": {"provider": "local", "type": "memo", "inputs": {"value": {"k": 1, "k": 2}}}
+        }}"#;
+        let e = Deployment::parse(Path::new("d.json"), text, &Map::new()).unwrap_err();
+        assert_eq!(e.place, "resources.a.inputs");
+        assert!(e.message.contains("the key `k` appears twice"), "{e}");
+        let text = r#"{"providers": {}, "providers": {}}"#;
+        assert!(Deployment::parse(Path::new("d.json"), text, &Map::new()).is_err());
+    }
+
+    #[test]
+    fn names_with_control_characters_are_refused_and_never_printed_raw() {
+        let e = parse(json!({"providers": local(), "resources": {
+            "evil\u{1b}[31m\nname": {"provider": "local", "type": "memo"}
+        }}))
+        .unwrap_err();
+        assert!(e.message.contains("control characters"), "{e}");
+        let shown = e.to_string();
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\n'),
+            "{shown:?}"
+        );
+        assert!(shown.contains("evil\\u{1b}[31m\\nname"), "{shown}");
+    }
+
+    #[test]
     fn refs_resolve_from_outputs() {
         let d = parse(json!({
             "providers": local(),
@@ -1076,7 +1463,7 @@ mod tests {
                 "x": {"provider": "local", "type": "memo", "inputs": {}},
                 "y": {"provider": "local", "type": "memo", "inputs": {
                     "a": {"$ref": "x#o"},
-                    "b": [1, {"$ref": "x#p"}, {"$ref": "x#o", "more": true}],
+                    "b": [1, {"$ref": "x#p"}, {"$$ref": "x#o", "more": true}, {"$$ref": "x#o"}],
                     "c": "{\"$ref\":\"x#o\"}",
                     "d": {"nested": {"$ref": "x#weird"}}
                 }}
@@ -1096,7 +1483,7 @@ mod tests {
             y.resolve(&all).unwrap(),
             json!({
                 "a": "O",
-                "b": [1, [true, null], {"$ref": "x#o", "more": true}],
+                "b": [1, [true, null], {"$ref": "x#o", "more": true}, {"$ref": "x#o"}],
                 "c": "{\"$ref\":\"x#o\"}",
                 "d": {"nested": "q\"}"}
             })

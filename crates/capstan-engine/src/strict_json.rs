@@ -1,0 +1,168 @@
+//! JSON as a deployment or a parameters file is read: like `serde_json`, except that an object
+//! naming one key twice is an error instead of "the last one wins" — two resources called `a`
+//! or two `content` inputs are a mistake to point at, never a choice to make silently.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::Deserializer;
+use serde_json::{Map, Number, Value};
+
+/// What went wrong, without serde_json's line and column (they count within the fragment
+/// being read, not the file, so the caller names the place instead).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StrictError {
+    /// `key` appears twice in one object.
+    DuplicateKey(String),
+    /// Nested deeper than serde_json reads (128 levels).
+    TooDeep,
+    /// Not JSON (the message is serde_json's, with its position within the fragment).
+    Syntax(String),
+}
+
+impl fmt::Display for StrictError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StrictError::DuplicateKey(key) => write!(
+                f,
+                "the key `{key}` appears twice in one object; name each key once"
+            ),
+            StrictError::TooDeep => f.write_str(
+                "nested too deeply: JSON here may nest at most 127 objects or arrays deep",
+            ),
+            StrictError::Syntax(message) => write!(f, "not valid JSON: {message}"),
+        }
+    }
+}
+
+/// The custom error a duplicate key raises inside serde, recognised again by its prefix.
+const DUPLICATE: &str = "\u{0}duplicate key ";
+
+fn classify(error: serde_json::Error) -> StrictError {
+    let text = error.to_string();
+    if let Some(rest) = text.strip_prefix(DUPLICATE) {
+        let key = rest.split(" at line ").next().unwrap_or(rest);
+        return StrictError::DuplicateKey(key.to_string());
+    }
+    if text.starts_with("recursion limit exceeded") {
+        return StrictError::TooDeep;
+    }
+    StrictError::Syntax(text)
+}
+
+/// Parses `text` into a value, refusing duplicate keys at any depth.
+pub fn parse(text: &str) -> Result<Value, StrictError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = UniqueValue.deserialize(&mut de).map_err(classify)?;
+    de.end().map_err(classify)?;
+    Ok(value)
+}
+
+/// Checks that no two of `keys` are the same; the first repeated one otherwise.
+pub fn check_unique<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<(), StrictError> {
+    let mut seen = std::collections::HashSet::new();
+    for key in keys {
+        if !seen.insert(key) {
+            return Err(StrictError::DuplicateKey(key.to_string()));
+        }
+    }
+    Ok(())
+}
+
+struct UniqueValue;
+
+impl<'de> DeserializeSeed<'de> for UniqueValue {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueValue {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(item) = seq.next_element_seed(UniqueValue)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut members = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if members.contains_key(&key) {
+                return Err(de::Error::custom(format_args!("{DUPLICATE}{key}")));
+            }
+            let value = map.next_value_seed(UniqueValue)?;
+            members.insert(key, value);
+        }
+        Ok(Value::Object(members))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_what_serde_json_reads() {
+        let text = r#"{"a": [1, -2, 3.5, "x", null, true, {"b": {}}], "c": "\u00e9"}"#;
+        assert_eq!(
+            parse(text).unwrap(),
+            serde_json::from_str::<Value>(text).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_duplicate_key_at_any_depth_is_an_error() {
+        assert_eq!(
+            parse(r#"{"a": 1, "a": 2}"#),
+            Err(StrictError::DuplicateKey("a".into()))
+        );
+        assert_eq!(
+            parse(r#"{"x": [{"k y": 1, "k y": 2}]}"#),
+            Err(StrictError::DuplicateKey("k y".into()))
+        );
+        assert!(
+            parse(r#"{"a": {"a": 1}}"#).is_ok(),
+            "the same key in two objects"
+        );
+    }
+
+    #[test]
+    fn deep_nesting_and_bad_syntax_are_told_apart() {
+        let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+        assert_eq!(parse(&deep), Err(StrictError::TooDeep));
+        assert!(matches!(parse("{"), Err(StrictError::Syntax(_))));
+        assert!(matches!(parse("{} x"), Err(StrictError::Syntax(_))));
+    }
+}
