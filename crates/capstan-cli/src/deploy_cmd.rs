@@ -1,4 +1,4 @@
-//! `capstan plan`, `apply`, `destroy` and `state …`: deployments, end to end.
+//! `capstan plan`, `apply` and `destroy`: deployments, end to end.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -11,24 +11,24 @@ use capstan_engine::events::{Event, EventSink};
 use capstan_engine::model::Deployment;
 use capstan_engine::plan::{self, Action, PlannedChange};
 use capstan_engine::run::{self, BuiltinLauncher, Providers, RunOptions};
-use capstan_engine::state::{append_durably, DirectoryBackend, Record, State, StateBackend};
-use clap::{Args, Subcommand};
+use capstan_engine::state::{self, DirectoryBackend, State, StateBackend, StateError};
+use clap::Args;
 use serde_json::{Map, Value};
-use tokio_util::sync::CancellationToken;
 
 use crate::output::Stdout;
 use crate::render::{HumanEvents, JsonEvents, LiveEvents};
+use crate::stop::Stop;
 use std::io::IsTerminal;
 
 /// Exit codes.
-const EXIT_FAILED: u8 = 1;
-const EXIT_INVALID: u8 = 2;
-const EXIT_INTERRUPTED: u8 = 130;
-const EXIT_OUTPUT_CLOSED: u8 = 128 + libc::SIGPIPE as u8;
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_INVALID: u8 = 2;
+pub const EXIT_INTERRUPTED: u8 = 130;
+pub const EXIT_OUTPUT_CLOSED: u8 = 128 + libc::SIGPIPE as u8;
 
-/// Options every deployment command takes.
+/// Where a deployment and its state are.
 #[derive(Args, Clone)]
-pub struct Common {
+pub struct Place {
     /// The deployment file (JSON).
     #[arg(
         short = 'f',
@@ -37,30 +37,58 @@ pub struct Common {
         default_value = "capstan.json",
         global = true
     )]
-    file: PathBuf,
+    pub file: PathBuf,
     /// The state directory [default: .capstan beside the deployment file].
     #[arg(long, value_name = "DIR", global = true)]
-    state: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+}
+
+impl Place {
+    pub fn state_dir(&self) -> PathBuf {
+        self.state
+            .clone()
+            .unwrap_or_else(|| capstan_engine::model::dir_of(&self.file).join(".capstan"))
+    }
+}
+
+/// The deployment to read.
+#[derive(Args, Clone)]
+pub struct DeploymentArgs {
+    #[command(flatten)]
+    pub place: Place,
     /// Deployment parameters: a JSON object file, read by `{"$param": NAME}`.
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE")]
     params: Option<PathBuf>,
-    /// Print newline-delimited JSON events on stdout instead of the live view.
-    #[arg(long, global = true)]
+}
+
+/// How a command shows what it does.
+#[derive(Args, Clone)]
+pub struct ViewArgs {
+    /// Print newline-delimited JSON events on stdout (schema/events.schema.json) instead of
+    /// the live view.
+    #[arg(long)]
     json: bool,
-    /// Wait this long for another capstan holding the state lock (0: fail at once).
-    #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = wait_seconds, global = true)]
-    lock_timeout: Duration,
     /// More detail: -v shows counters and debug events, -vv spans.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
     /// Colour: auto (on a terminal, unless NO_COLOR is set), always, never.
-    #[arg(long, value_name = "WHEN", value_enum, default_value_t = ColorChoice::Auto, global = true)]
+    #[arg(long, value_name = "WHEN", value_enum, default_value_t = ColorChoice::Auto)]
     color: ColorChoice,
+}
+
+/// Waiting for the state lock, for commands that write the state.
+#[derive(Args, Clone)]
+pub struct LockArgs {
+    /// Wait this long for another capstan holding the state lock (0: fail at once).
+    #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = wait_seconds)]
+    pub lock_timeout: Duration,
 }
 
 /// Options of commands that run operations.
 #[derive(Args, Clone)]
 pub struct RunArgs {
+    #[command(flatten)]
+    lock: LockArgs,
     /// At most this many operations in providers at once, across all providers (a provider's
     /// own limit, or its `maxConcurrency`, can lower it for that provider).
     #[arg(short, long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=MAX_JOBS))]
@@ -72,6 +100,19 @@ pub struct RunArgs {
     /// `timeout` in the deployment takes precedence for its operations).
     #[arg(long, value_name = "SECONDS", value_parser = timeout_seconds)]
     timeout: Option<Duration>,
+    /// Do not ask before deleting everything (destroy, or an apply whose plan deletes every
+    /// resource). Capstan asks only on a terminal.
+    #[arg(short = 'y', long)]
+    yes: bool,
+}
+
+/// Options of `plan` alone.
+#[derive(Args, Clone)]
+pub struct PlanArgs {
+    /// Exit 0 when nothing would change, 2 when something would, 1 on any error (as
+    /// Terraform's -detailed-exitcode).
+    #[arg(long)]
+    pub detailed_exitcode: bool,
 }
 
 /// The most `--jobs` Capstan takes (far beyond what one machine's providers can use).
@@ -83,6 +124,16 @@ pub enum ColorChoice {
     Auto,
     Always,
     Never,
+}
+
+impl ColorChoice {
+    fn forced(self) -> Option<bool> {
+        match self {
+            ColorChoice::Always => Some(true),
+            ColorChoice::Never => Some(false),
+            ColorChoice::Auto => None,
+        }
+    }
 }
 
 /// A number of seconds for a flag: `Err` is clap's usage error (exit 2), naming the flag.
@@ -102,26 +153,31 @@ fn wait_seconds(text: &str) -> Result<Duration, String> {
     flag_seconds(text, true)
 }
 
-#[derive(Subcommand)]
-pub enum StateCmd {
-    /// List the resources in the state.
-    List,
-    /// Show one resource's recorded inputs and outputs as JSON.
-    Show { address: String },
-    /// List operations that were interrupted (crash, kill, Ctrl-C) and never finished.
-    Pending,
-    /// Mark an interrupted operation as dealt with (after checking the real resource).
-    Resolve { address: String },
-    /// Remove a resource from the state without asking its provider (after removing it by hand,
-    /// or when its provider cannot delete).
-    Forget { address: String },
-}
-
+/// What a deployment command works on.
 struct Session {
     deployment: Deployment,
-    backend: Rc<DirectoryBackend>,
     state: State,
+    /// The locked, writable state; `None` for `plan`, which only reads.
+    backend: Option<Rc<DirectoryBackend>>,
     events: Rc<dyn EventSink>,
+}
+
+/// Which command opens a session.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Plan,
+    Apply,
+    Destroy,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Plan => "plan",
+            Mode::Apply => "apply",
+            Mode::Destroy => "destroy",
+        }
+    }
 }
 
 fn load_params(path: Option<&Path>) -> anyhow::Result<Map<String, Value>> {
@@ -140,51 +196,78 @@ fn load_params(path: Option<&Path>) -> anyhow::Result<Map<String, Value>> {
     }
 }
 
-fn state_dir(common: &Common, deployment: &Deployment) -> PathBuf {
-    common
-        .state
-        .clone()
-        .unwrap_or_else(|| deployment.dir().join(".capstan"))
-}
-
-fn events(common: &Common, stdout: Stdout, command: &str) -> Rc<dyn EventSink> {
-    if common.json {
-        Rc::new(JsonEvents::new(Rc::new(RefCell::new(stdout)), command))
+fn events(view: &ViewArgs, stdout: Stdout, mode: Mode) -> Rc<dyn EventSink> {
+    if view.json {
+        return Rc::new(JsonEvents::new(Rc::new(RefCell::new(stdout)), mode.name()));
+    }
+    if mode == Mode::Plan {
+        // The plan is the command's output: on stdout, so `capstan plan > plan.txt` works.
+        return Rc::new(
+            HumanEvents::new(view.verbose, view.color.forced())
+                .plan_to(stdout, view.color.forced()),
+        );
+    }
+    let human = HumanEvents::new(view.verbose, view.color.forced());
+    if std::io::stderr().is_terminal() {
+        LiveEvents::new(human)
     } else {
-        let color = match common.color {
-            ColorChoice::Always => Some(true),
-            ColorChoice::Never => Some(false),
-            ColorChoice::Auto => None,
-        };
-        let human = HumanEvents::new(common.verbose, color);
-        if std::io::stderr().is_terminal() {
-            LiveEvents::new(human)
-        } else {
-            Rc::new(human)
-        }
+        Rc::new(human)
     }
 }
 
-/// Reads the deployment and the state; `Err(code)` after reporting why not.
-fn open(common: &Common, stdout: Stdout, command: &str) -> Result<Session, ExitCode> {
+/// Reads the deployment and the state; `Err(code)` after reporting why not. `plan` reads
+/// the state without the lock and writes nothing; `destroy` needs only the providers the
+/// deployment declares.
+fn open(
+    args: &DeploymentArgs,
+    view: &ViewArgs,
+    lock: Option<&LockArgs>,
+    stdout: Stdout,
+    mode: Mode,
+) -> Result<Session, ExitCode> {
     let fail = |e: &dyn std::fmt::Display| {
         say!("error: {e}");
         ExitCode::from(EXIT_INVALID)
     };
-    let params = load_params(common.params.as_deref()).map_err(|e| fail(&format!("{e:#}")))?;
-    let deployment = Deployment::load(&common.file, &params).map_err(|e| fail(&e))?;
-    let dir = state_dir(common, &deployment);
-    let mut backend = DirectoryBackend::open(&dir, common.lock_timeout).map_err(|e| fail(&e))?;
-    let (state, report) = backend.load().map_err(|e| fail(&e))?;
-    if !report.dropped.is_empty() {
-        say!(
-            "warning: {}: dropped {} damaged journal line(s) ({:?}); every intact record was kept",
-            dir.join("journal").display(),
-            report.dropped.len(),
-            report.dropped
-        );
-    }
-    if !state.pending.is_empty() && !common.json {
+    let file = &args.place.file;
+    let deployment = if mode == Mode::Destroy {
+        Deployment::load_providers(file).map_err(|e| {
+            fail(&format!(
+                "{e}\n  destroy starts the providers that file declares to delete what the state holds; point -f at the deployment"
+            ))
+        })?
+    } else {
+        let params = load_params(args.params.as_deref()).map_err(|e| fail(&format!("{e:#}")))?;
+        Deployment::load(file, &params).map_err(|e| fail(&e))?
+    };
+    let dir = args.place.state_dir();
+    let (state, backend) = match lock {
+        None => {
+            let (state, report) = state::read_only(&dir).map_err(|e| fail(&e))?;
+            if !report.damaged.is_empty() {
+                return Err(fail(&StateError::Damaged {
+                    path: dir.join("journal"),
+                    lines: report.damaged,
+                }));
+            }
+            (state, None)
+        }
+        Some(lock) => {
+            let mut backend = DirectoryBackend::open_with(&dir, lock.lock_timeout, &mut |holder| {
+                say!("waiting for the state lock, held by {holder} …");
+            })
+            .map_err(|e| fail(&e))?;
+            let (state, report) = backend.load().map_err(|e| fail(&e))?;
+            if let Some(line) = report.torn_tail {
+                say!(
+                    "note: {}: line {line} was torn by a crash in the middle of a write and was set aside; every whole record was kept",
+                    dir.join("journal").display()
+                );
+            }
+            (state, Some(Rc::new(backend)))
+        }
+    };
+    if !state.pending.is_empty() && !view.json {
         say!(
             "warning: {} operation(s) were interrupted in an earlier run:",
             state.pending.len()
@@ -201,9 +284,9 @@ fn open(common: &Common, stdout: Stdout, command: &str) -> Result<Session, ExitC
     }
     Ok(Session {
         deployment,
-        backend: Rc::new(backend),
         state,
-        events: events(common, stdout, command),
+        backend,
+        events: events(view, stdout, mode),
     })
 }
 
@@ -279,147 +362,61 @@ async fn start_providers(
     Ok(providers)
 }
 
-/// What asked a run to stop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StopCause {
-    /// SIGINT (Ctrl-C).
-    Interrupt,
-    /// SIGTERM (a service manager, `kill`, `timeout`).
-    Terminate,
-    /// SIGHUP (the terminal went away).
-    Hangup,
-}
-
-impl StopCause {
-    /// A shell's code for a process ended by the signal: 128 + its number.
-    fn exit_code(self) -> u8 {
-        match self {
-            StopCause::Interrupt => 128 + libc::SIGINT as u8,
-            StopCause::Terminate => 128 + libc::SIGTERM as u8,
-            StopCause::Hangup => 128 + libc::SIGHUP as u8,
-        }
+pub async fn plan_cmd(
+    args: DeploymentArgs,
+    view: ViewArgs,
+    plan_args: PlanArgs,
+    stdout: Stdout,
+) -> ExitCode {
+    let code = plan_inner(args, view, stdout).await;
+    if !plan_args.detailed_exitcode {
+        return code.map_or_else(|code| code, |_| ExitCode::SUCCESS);
     }
-
-    fn describe(self) -> &'static str {
-        match self {
-            StopCause::Interrupt => "interrupted (SIGINT)",
-            StopCause::Terminate => "terminated (SIGTERM)",
-            StopCause::Hangup => "hung up (SIGHUP)",
-        }
+    match code {
+        Ok(false) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::from(2),
+        // Every error is 1, so that 2 means "changes" alone.
+        Err(code) if code == ExitCode::from(EXIT_INVALID) => ExitCode::from(EXIT_FAILED),
+        Err(code) => code,
     }
 }
 
-/// The stop request of a command: SIGINT, SIGTERM and SIGHUP each cancel `token` (the run
-/// stops gracefully: in-flight operations are cancelled in their providers and every result is
-/// recorded); a second signal ends the process at once (every record written so far is already
-/// durable, and the reaper kills what providers started).
-///
-/// A closed output (`capstan apply | head`) is not a stop: the run goes on to its end without
-/// output, so nothing is left half-done, and the exit code says the output was lost.
-struct Stop {
-    token: CancellationToken,
-    cause: Rc<std::cell::Cell<Option<StopCause>>>,
-}
-
-impl Stop {
-    fn watch() -> Stop {
-        use tokio::signal::unix::{signal, SignalKind};
-        let token = CancellationToken::new();
-        let cause = Rc::new(std::cell::Cell::new(None));
-        let stop = Stop {
-            token: token.clone(),
-            cause: cause.clone(),
-        };
-        let listen = |kind: SignalKind| signal(kind).ok();
-        let (mut int, mut term, mut hup) = (
-            listen(SignalKind::interrupt()),
-            listen(SignalKind::terminate()),
-            listen(SignalKind::hangup()),
-        );
-        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
-            match signal {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        }
-        tokio::task::spawn_local(async move {
-            loop {
-                let now = tokio::select! {
-                    () = next(&mut int) => StopCause::Interrupt,
-                    () = next(&mut term) => StopCause::Terminate,
-                    () = next(&mut hup) => StopCause::Hangup,
-                };
-                match cause.get() {
-                    None => {
-                        cause.set(Some(now));
-                        say!(
-                            "{}: stopping gracefully (signal again to stop at once)",
-                            now.describe()
-                        );
-                        token.cancel();
-                    }
-                    Some(_) => {
-                        say!("{} again: stopping now; recorded state is safe, in-flight operations are left as interrupted", now.describe());
-                        std::process::exit(now.exit_code() as i32);
-                    }
-                }
-            }
-        });
-        stop
-    }
-
-    /// The exit code for a stopped command, if it was stopped.
-    fn exit_code(&self) -> Option<ExitCode> {
-        self.cause.get().map(|c| ExitCode::from(c.exit_code()))
-    }
-
-    /// The exit code of a command that ran to its end: `ok` or not, and 141 (a shell's code
-    /// for SIGPIPE) when its output was closed on the way, so nobody mistakes a run whose
-    /// report was lost for a clean one.
-    fn finished(&self, ok: bool) -> ExitCode {
-        if let Some(code) = self.exit_code() {
-            code
-        } else if !ok {
-            ExitCode::from(EXIT_FAILED)
-        } else if crate::output::closed().is_cancelled() {
-            ExitCode::from(EXIT_OUTPUT_CLOSED)
-        } else {
-            ExitCode::SUCCESS
-        }
-    }
-}
-
-pub async fn plan_cmd(common: Common, stdout: Stdout) -> ExitCode {
-    let session = match open(&common, stdout, "plan") {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let mut changes = match plan::plan(&session.deployment, &session.state) {
-        Ok(c) => c,
-        Err(e) => {
-            say!("error: {e}");
-            return ExitCode::from(EXIT_INVALID);
-        }
-    };
+/// `Ok(whether anything would change)`, or the exit code of a failure.
+async fn plan_inner(
+    args: DeploymentArgs,
+    view: ViewArgs,
+    stdout: Stdout,
+) -> Result<bool, ExitCode> {
+    let session = open(&args, &view, None, stdout, Mode::Plan)?;
+    let mut changes = plan::plan(&session.deployment, &session.state).map_err(|e| {
+        say!("error: {e}");
+        ExitCode::from(EXIT_INVALID)
+    })?;
     let stop = Stop::watch();
-    let providers = match start_providers(&session, &mut changes, &stop).await {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
+    let providers = start_providers(&session, &mut changes, &stop).await?;
     providers.shutdown().await;
     if let Some(code) = stop.exit_code() {
-        return code;
+        return Err(code);
     }
+    let changed = changes.iter().any(|c| c.action != Action::Noop);
     session.events.emit(Event::Plan {
         changes: Rc::new(changes),
     });
-    stop.finished(true)
+    if crate::output::closed().is_cancelled() {
+        return Err(stop.finished(true));
+    }
+    Ok(changed)
 }
 
-pub async fn apply_cmd(common: Common, args: RunArgs, stdout: Stdout, destroy: bool) -> ExitCode {
-    let mut session = match open(&common, stdout, if destroy { "destroy" } else { "apply" }) {
+pub async fn apply_cmd(
+    args: DeploymentArgs,
+    view: ViewArgs,
+    run_args: RunArgs,
+    stdout: Stdout,
+    destroy: bool,
+) -> ExitCode {
+    let mode = if destroy { Mode::Destroy } else { Mode::Apply };
+    let mut session = match open(&args, &view, Some(&run_args.lock), stdout, mode) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -445,18 +442,39 @@ pub async fn apply_cmd(common: Common, args: RunArgs, stdout: Stdout, destroy: b
     session.events.emit(Event::Plan {
         changes: changes.clone(),
     });
+    let deletes = changes
+        .iter()
+        .filter(|c| c.action == Action::Delete)
+        .count();
+    let everything = deletes > 0 && changes.iter().all(|c| c.action == Action::Delete);
+    if everything && !run_args.yes {
+        match confirm(deletes, &stop).await {
+            Confirmed::Yes => {}
+            Confirmed::No => {
+                providers.shutdown().await;
+                say!("Nothing was deleted.");
+                return ExitCode::from(EXIT_FAILED);
+            }
+            Confirmed::Stopped => {
+                providers.shutdown().await;
+                return stop.finished(false);
+            }
+        }
+    }
     let changes = Rc::try_unwrap(changes).unwrap_or_else(|shared| (*shared).clone());
     let options = RunOptions {
-        jobs: args.jobs as usize,
-        fail_fast: args.fail_fast,
-        timeout: args.timeout,
+        jobs: run_args.jobs as usize,
+        fail_fast: run_args.fail_fast,
+        timeout: run_args.timeout,
     };
-    let backend: Rc<dyn StateBackend> = session.backend.clone();
+    let Some(backend) = session.backend.take() else {
+        unreachable!("apply and destroy open the state for writing");
+    };
     let result = run::run(
         changes,
         &session.deployment,
         &mut session.state,
-        backend,
+        backend.clone() as Rc<dyn StateBackend>,
         &providers,
         &options,
         session.events.clone(),
@@ -471,125 +489,54 @@ pub async fn apply_cmd(common: Common, args: RunArgs, stdout: Stdout, destroy: b
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    compact_if_large(&mut session);
+    compact_if_large(backend);
     stop.finished(summary.succeeded())
 }
 
+/// A person's answer to "delete everything?".
+enum Confirmed {
+    Yes,
+    No,
+    Stopped,
+}
+
+/// Asks on the terminal before deleting every resource; without a terminal (a script, CI)
+/// there is nobody to ask and the command goes on.
+async fn confirm(deletes: usize, stop: &Stop) -> Confirmed {
+    use tokio::io::AsyncBufReadExt;
+    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+        return Confirmed::Yes;
+    }
+    crate::output::to_stderr(
+        format!(
+            "This deletes all {deletes} resource(s) in the state. Type `yes` to go on (or pass --yes): "
+        )
+        .as_bytes(),
+    );
+    let mut line = String::new();
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
+    tokio::select! {
+        read = stdin.read_line(&mut line) => match read {
+            Ok(_) if line.trim() == "yes" => Confirmed::Yes,
+            _ => Confirmed::No,
+        },
+        () = stop.token.cancelled() => Confirmed::Stopped,
+    }
+}
+
 /// Folds a long journal into the snapshot: a rewrite per run at most, never per resource.
-fn compact_if_large(session: &mut Session) {
+fn compact_if_large(backend: Rc<DirectoryBackend>) {
     const JOURNAL_LIMIT: u64 = 4 * 1024 * 1024;
-    let journal = state_dir_of(session).join("journal");
+    let mut backend = backend;
+    let journal = backend.dir().join("journal");
     let large = std::fs::metadata(&journal)
         .map(|m| m.len() > JOURNAL_LIMIT)
         .unwrap_or(false);
     if large {
-        if let Some(backend) = Rc::get_mut(&mut session.backend) {
+        if let Some(backend) = Rc::get_mut(&mut backend) {
             if let Err(e) = backend.compact_stored() {
                 say!("warning: could not compact the state journal (nothing is lost): {e}");
             }
         }
     }
-}
-
-fn state_dir_of(session: &Session) -> PathBuf {
-    session.backend.dir().to_path_buf()
-}
-
-/// Makes one record durable, or reports why not.
-async fn record(session: &Session, record: Record) -> Result<(), ExitCode> {
-    append_durably(&*session.backend, vec![record])
-        .await
-        .map_err(|e| {
-            say!("error: {e}");
-            ExitCode::from(EXIT_FAILED)
-        })
-}
-
-pub async fn state_cmd(common: Common, command: StateCmd, mut stdout: Stdout) -> ExitCode {
-    let session = match open(
-        &Common {
-            json: false,
-            ..common
-        },
-        Stdout::null(),
-        "state",
-    ) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    match command {
-        StateCmd::List => {
-            for (address, r) in &session.state.resources {
-                stdout.line(&format!("{address}\t{}.{}", r.provider, r.resource_type));
-            }
-        }
-        StateCmd::Show { address } => match session.state.resources.get(&address) {
-            Some(r) => stdout.line(&pretty(r)),
-            None => {
-                say!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
-                return ExitCode::from(EXIT_INVALID);
-            }
-        },
-        StateCmd::Pending => {
-            for (address, op) in &session.state.pending {
-                stdout.line(&format!(
-                    "{address}\t{}\t{}.{}\tstarted {}",
-                    op.operation, op.provider, op.resource_type, op.started
-                ));
-            }
-        }
-        StateCmd::Resolve { address } => {
-            if !session.state.pending.contains_key(&address) {
-                say!("error: `{address}` has no interrupted operation; `capstan state pending` lists them");
-                return ExitCode::from(EXIT_INVALID);
-            }
-            if let Err(code) = record(
-                &session,
-                Record::Resolved {
-                    address: address.clone(),
-                },
-            )
-            .await
-            {
-                return code;
-            }
-            say!("resolved the interrupted operation on `{address}`");
-        }
-        StateCmd::Forget { address } => {
-            if !session.state.resources.contains_key(&address) {
-                say!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
-                return ExitCode::from(EXIT_INVALID);
-            }
-            if let Err(code) = record(
-                &session,
-                Record::Deleted {
-                    address: address.clone(),
-                },
-            )
-            .await
-            {
-                return code;
-            }
-            say!("forgot `{address}`: it is no longer in the state (nothing was deleted)");
-        }
-    }
-    ExitCode::SUCCESS
-}
-
-/// Used by tests to check the plan without a terminal.
-#[allow(dead_code)]
-pub fn summarize(changes: &[PlannedChange]) -> String {
-    changes
-        .iter()
-        .filter(|c| c.action != Action::Noop)
-        .map(|c| format!("{} {}", c.action.as_str(), c.address))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Indented JSON of `value`, including the inputs and outputs it keeps as compact text.
-fn pretty(value: &capstan_engine::state::ResourceState) -> String {
-    serde_json::to_value(value)
-        .and_then(|v| serde_json::to_string_pretty(&v))
-        .unwrap_or_default()
 }

@@ -6,6 +6,8 @@ mod output;
 mod deploy_cmd;
 mod provider_cmd;
 mod render;
+mod state_cmd;
+mod stop;
 
 use std::process::ExitCode;
 
@@ -38,31 +40,41 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show what apply would create, update, delete or leave alone.
+    /// Show what apply would create, update, delete or leave alone (on stdout). Reads the
+    /// state without locking it and never writes it.
     Plan {
         #[command(flatten)]
-        common: deploy_cmd::Common,
+        deployment: deploy_cmd::DeploymentArgs,
+        #[command(flatten)]
+        view: deploy_cmd::ViewArgs,
+        #[command(flatten)]
+        plan: deploy_cmd::PlanArgs,
     },
     /// Create, update and delete resources until they match the deployment.
     Apply {
         #[command(flatten)]
-        common: deploy_cmd::Common,
+        deployment: deploy_cmd::DeploymentArgs,
+        #[command(flatten)]
+        view: deploy_cmd::ViewArgs,
         #[command(flatten)]
         run: deploy_cmd::RunArgs,
     },
-    /// Delete every resource in the state, in reverse dependency order.
+    /// Delete every resource in the state, in reverse dependency order. Needs only the
+    /// providers the deployment declares (not its resources or parameters).
     Destroy {
         #[command(flatten)]
-        common: deploy_cmd::Common,
+        deployment: deploy_cmd::DeploymentArgs,
+        #[command(flatten)]
+        view: deploy_cmd::ViewArgs,
         #[command(flatten)]
         run: deploy_cmd::RunArgs,
     },
-    /// Inspect the state; find and resolve interrupted operations.
+    /// Inspect the state; find and resolve interrupted operations; repair a damaged journal.
     State {
         #[command(flatten)]
-        common: deploy_cmd::Common,
+        place: deploy_cmd::Place,
         #[command(subcommand)]
-        command: deploy_cmd::StateCmd,
+        command: state_cmd::StateCmd,
     },
     /// Try a provider directly, without a deployment.
     #[command(subcommand)]
@@ -123,7 +135,18 @@ fn serve_v0_bridge(args: &[String]) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // With --detailed-exitcode, 2 means "changes": a usage error is 1 there.
+            let detailed = std::env::args().any(|a| a == "--detailed-exitcode");
+            if detailed && e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::from(deploy_cmd::EXIT_FAILED);
+            }
+            e.exit()
+        }
+    };
     if let Command::Reaper = &cli.command {
         return capstan_host::reaper::serve();
     }
@@ -180,16 +203,22 @@ fn main() -> ExitCode {
     let local = tokio::task::LocalSet::new();
     let code = local.block_on(&runtime, async move {
         match cli.command {
-            Command::Plan { common } => deploy_cmd::plan_cmd(common, stdout).await,
-            Command::Apply { common, run } => {
-                deploy_cmd::apply_cmd(common, run, stdout, false).await
-            }
-            Command::Destroy { common, run } => {
-                deploy_cmd::apply_cmd(common, run, stdout, true).await
-            }
-            Command::State { common, command } => {
-                deploy_cmd::state_cmd(common, command, stdout).await
-            }
+            Command::Plan {
+                deployment,
+                view,
+                plan,
+            } => deploy_cmd::plan_cmd(deployment, view, plan, stdout).await,
+            Command::Apply {
+                deployment,
+                view,
+                run,
+            } => deploy_cmd::apply_cmd(deployment, view, run, stdout, false).await,
+            Command::Destroy {
+                deployment,
+                view,
+                run,
+            } => deploy_cmd::apply_cmd(deployment, view, run, stdout, true).await,
+            Command::State { place, command } => state_cmd::state_cmd(place, command, stdout).await,
             Command::Provider(command) => match command.run(stdout).await {
                 Ok(code) => code,
                 Err(e) => {

@@ -61,9 +61,10 @@ impl Stdout {
         }
     }
 
-    /// A stdout that discards everything (for commands whose output goes elsewhere).
-    pub fn null() -> Self {
-        Stdout(None)
+    /// Whether the real stdout is a terminal.
+    pub fn is_terminal(&self) -> bool {
+        use std::io::IsTerminal;
+        self.0.as_ref().is_some_and(|f| f.is_terminal())
     }
 
     /// Writes one line, in one `write` (a reader never sees half a line from us before the

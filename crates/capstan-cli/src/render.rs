@@ -71,6 +71,8 @@ impl EventSink for JsonEvents {
 pub struct HumanEvents {
     verbose: u8,
     color: bool,
+    /// Where the plan goes, when it is the command's output (`capstan plan`); else stderr.
+    plan_out: Option<RefCell<Stdout>>,
 }
 
 impl HumanEvents {
@@ -78,7 +80,20 @@ impl HumanEvents {
         let color = color.unwrap_or_else(|| {
             std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
         });
-        HumanEvents { verbose, color }
+        HumanEvents {
+            verbose,
+            color,
+            plan_out: None,
+        }
+    }
+
+    /// Prints the plan on `stdout` (coloured only if that is a terminal, when the colour is
+    /// not forced), everything else on stderr.
+    pub fn plan_to(mut self, stdout: Stdout, color: Option<bool>) -> Self {
+        self.color =
+            color.unwrap_or_else(|| stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none());
+        self.plan_out = Some(RefCell::new(stdout));
+        self
     }
 
     fn paint(&self, code: &str, text: &str) -> String {
@@ -102,13 +117,18 @@ fn past(operation: &str) -> &'static str {
 
 impl EventSink for HumanEvents {
     fn emit(&self, event: Event) {
+        let to_stdout = matches!(event, Event::Plan { .. }) && self.plan_out.is_some();
         let mut text = String::new();
         for line in self.lines(event, false) {
             text.push_str(&line);
             text.push('\n');
         }
-        if !text.is_empty() {
-            crate::output::to_stderr(text.as_bytes());
+        if text.is_empty() {
+            return;
+        }
+        match &self.plan_out {
+            Some(out) if to_stdout => out.borrow_mut().write(text.as_bytes()),
+            _ => crate::output::to_stderr(text.as_bytes()),
         }
     }
 }

@@ -56,6 +56,17 @@ fn bad(
 const APPLY: &[&str] = &["apply"];
 const PLAN: &[&str] = &["plan"];
 
+/// `m` takes the parameter `greeting`.
+const MEMO_WITH_PARAM: &str = r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "m": {"provider": "local", "type": "memo", "inputs": {"value": {"$param": "greeting"}}}
+}}"#;
+
+/// `m` refers to `x`.
+const MEMO_WITH_REF: &str = r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "x": {"provider": "local", "type": "memo", "inputs": {"value": 1}},
+  "m": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "x#value"}}}
+}}"#;
+
 /// A deployment of one `memo` resource `m` (and `x`, which it may refer to) with `inputs`.
 fn memo(inputs: &str) -> String {
     format!(
@@ -241,10 +252,144 @@ fn cases() -> Vec<Case> {
             2,
         ),
         bad("inputs_not_an_object", memo(r#"[1, 2]"#), PLAN, 2),
+        // ---- state commands need only the state, and never write ----
+        Case {
+            name: "state_list_without_the_deployment",
+            before: &[
+                ("d.json", MEMO_WITH_PARAM),
+                ("p.json", r#"{"greeting": "hi"}"#),
+            ],
+            setup: &[&["apply", "-f", "d.json", "--params", "p.json"]],
+            ..bad("", "", &["state", "list", "-f", "capstan.json"], 0)
+        },
+        Case {
+            name: "state_list_with_an_invalid_deployment",
+            before: &[
+                ("capstan.json", MEMO_WITH_PARAM),
+                ("p.json", r#"{"greeting": "hi"}"#),
+            ],
+            setup: &[&["apply", "--params", "p.json"]],
+            ..bad("", "{ not json", &["state", "list"], 0)
+        },
+        Case {
+            name: "state_show_without_params",
+            before: &[
+                ("capstan.json", MEMO_WITH_PARAM),
+                ("p.json", r#"{"greeting": "hi"}"#),
+            ],
+            setup: &[&["apply", "--params", "p.json"]],
+            ..bad("", MEMO_WITH_PARAM, &["state", "show", "m"], 0)
+        },
+        Case {
+            name: "state_list_json",
+            before: &[
+                ("capstan.json", MEMO_WITH_PARAM),
+                ("p.json", r#"{"greeting": "hi"}"#),
+            ],
+            setup: &[&["apply", "--params", "p.json"]],
+            ..bad("", MEMO_WITH_PARAM, &["state", "list", "--json"], 0)
+        },
+        Case {
+            name: "state_list_where_nothing_was_applied",
+            ..bad("", LOCAL, &["state", "list"], 0)
+        },
+        Case {
+            name: "plan_writes_no_state",
+            ..bad("", memo(r#"{"value": 2}"#), PLAN, 0)
+        },
+        Case {
+            name: "plan_detailed_exitcode_changes",
+            ..bad(
+                "",
+                memo(r#"{"value": 2}"#),
+                &["plan", "--detailed-exitcode"],
+                2,
+            )
+        },
+        Case {
+            name: "plan_detailed_exitcode_nothing_to_do",
+            before: &[("capstan.json", LOCAL)],
+            setup: &[&["apply"]],
+            ..bad("", LOCAL, &["plan", "--detailed-exitcode"], 0)
+        },
+        Case {
+            name: "plan_detailed_exitcode_error",
+            ..bad(
+                "",
+                memo(r#"{"value": {"$reff": 1}}"#),
+                &["plan", "--detailed-exitcode"],
+                1,
+            )
+        },
+        Case {
+            name: "plan_detailed_exitcode_usage_error",
+            ..bad("", LOCAL, &["plan", "--detailed-exitcode", "--bogus"], 1)
+        },
+        Case {
+            name: "destroy_needs_no_params",
+            before: &[
+                ("capstan.json", MEMO_WITH_PARAM),
+                ("p.json", r#"{"greeting": "hi"}"#),
+            ],
+            setup: &[&["apply", "--params", "p.json"]],
+            state_untouched: false,
+            ..bad("", MEMO_WITH_PARAM, &["destroy"], 0)
+        },
+        Case {
+            name: "destroy_without_the_deployment",
+            before: &[
+                ("d.json", MEMO_WITH_PARAM),
+                ("p.json", r#"{"greeting": "hi"}"#),
+            ],
+            setup: &[&["apply", "-f", "d.json", "--params", "p.json"]],
+            ..bad("", "", &["destroy", "-f", "capstan.json"], 2)
+        },
+        Case {
+            name: "forget_warns_about_dependents",
+            before: &[("capstan.json", MEMO_WITH_REF)],
+            setup: &[&["apply"]],
+            state_untouched: false,
+            ..bad("", MEMO_WITH_REF, &["state", "forget", "x"], 0)
+        },
+        // ---- a damaged journal ----
+        Case {
+            name: "damaged_journal_stops_apply",
+            files: &[(
+                ".capstan/journal",
+                "0badc0de {\"done\": 1}\nnot a record at all\n",
+            )],
+            ..bad("", LOCAL, APPLY, 2)
+        },
+        Case {
+            name: "damaged_journal_stops_plan",
+            files: &[(
+                ".capstan/journal",
+                "0badc0de {\"done\": 1}\nnot a record at all\n",
+            )],
+            ..bad("", LOCAL, PLAN, 2)
+        },
+        Case {
+            name: "damaged_journal_state_list_warns",
+            files: &[(
+                ".capstan/journal",
+                "0badc0de {\"done\": 1}\nnot a record at all\n",
+            )],
+            ..bad("", LOCAL, &["state", "list"], 0)
+        },
+        Case {
+            name: "damaged_journal_repaired_on_request",
+            files: &[(
+                ".capstan/journal",
+                "0badc0de {\"done\": 1}\nnot a record at all\n",
+            )],
+            state_untouched: false,
+            ..bad("", LOCAL, &["state", "repair"], 0)
+        },
     ]
 }
 
 /// Every file under `dir` with its mode and contents, or `None` when `dir` does not exist.
+/// The `lock` file is left out: a command that takes the lock writes who holds it there.
 fn snapshot_of(dir: &Path) -> Option<BTreeMap<String, (u32, Vec<u8>)>> {
     use std::os::unix::fs::PermissionsExt;
     if !dir.exists() {
@@ -257,6 +402,9 @@ fn snapshot_of(dir: &Path) -> Option<BTreeMap<String, (u32, Vec<u8>)>> {
             let path = entry.path();
             let meta = entry.metadata().unwrap();
             let name = path.strip_prefix(dir).unwrap().display().to_string();
+            if name == "lock" {
+                continue;
+            }
             if meta.is_dir() {
                 stack.push(path);
                 files.insert(name, (meta.permissions().mode(), Vec::new()));
@@ -282,12 +430,24 @@ fn write_files(dir: &Path, files: &[(&str, &str)]) {
     }
 }
 
-/// What a user sees, with the paths of this machine replaced by stable names.
+/// What a user sees, with the paths of this machine and the time replaced by stable names.
 fn normalize(text: &str, dir: &Path) -> String {
     let dir = dir.canonicalize().unwrap_or(dir.to_path_buf());
-    text.replace(&dir.display().to_string(), "[DIR]")
+    let text = text
+        .replace(&dir.display().to_string(), "[DIR]")
         .replace(&testing_provider(), "[TESTING]")
-        .replace(capstan_bin(), "[CAPSTAN]")
+        .replace(capstan_bin(), "[CAPSTAN]");
+    // `journal.damaged-UNIXTIME`
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("journal.damaged-") {
+        let end = at + "journal.damaged-".len();
+        out.push_str(&rest[..end]);
+        out.push_str("[TIME]");
+        rest = rest[end..].trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    out.push_str(rest);
+    out
 }
 
 fn run_case(case: &Case) {
@@ -309,7 +469,7 @@ fn run_case(case: &Case) {
         );
     }
     write_files(&dir, case.files);
-    if let Some(deployment) = &case.deployment {
+    if let Some(deployment) = case.deployment.as_deref().filter(|d| !d.is_empty()) {
         write_files(&dir, &[("capstan.json", deployment)]);
     }
     let state = dir.join(".capstan");

@@ -214,11 +214,11 @@ fn v0_has_no_delete_and_plan_and_destroy_say_so() {
     project.write(json!({}));
     let plan = project.capstan(&["plan"]);
     assert!(
-        text(&plan.stderr).contains(
+        text(&plan.stdout).contains(
             "- greeting (v0.memo)  (provider `v0` cannot delete (NixOps4 v0 has no delete)"
         ),
         "{}",
-        text(&plan.stderr)
+        text(&plan.stdout)
     );
     let destroy = project.capstan(&["destroy"]);
     assert_eq!(destroy.status.code(), Some(1));

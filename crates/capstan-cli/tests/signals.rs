@@ -113,6 +113,19 @@ fn graceful_stop_on(signal: libc::c_int, tag: u32) {
         pending(&file).starts_with("nap\tcreate"),
         "the interrupted create is recorded as pending"
     );
+    let json = Command::new(capstan_bin())
+        .args(["state", "pending", "--json", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let pending: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(pending[0]["address"], "nap");
+    assert_eq!(pending[0]["operation"], "create");
+    let started = pending[0]["started"].as_str().unwrap();
+    assert!(
+        started.len() == 20 && started.ends_with('Z') && started.as_bytes()[10] == b'T',
+        "RFC 3339: {started}"
+    );
 }
 
 #[test]

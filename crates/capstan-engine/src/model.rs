@@ -207,17 +207,41 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// The directory relative paths are resolved against.
     /// The directory relative paths are resolved against, absolute (so that a path joined
     /// to it is not resolved against a working directory a second time).
     pub fn dir(&self) -> PathBuf {
-        let dir = self
-            .file
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        std::path::absolute(&dir).unwrap_or(dir)
+        dir_of(&self.file)
+    }
+
+    /// Reads only the providers a deployment file declares: what `destroy` needs to delete
+    /// what the state holds, even when the resources no longer read (a parameter left out, a
+    /// resource half-edited).
+    pub fn load_providers(file: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ModelError {
+            file: file.to_path_buf(),
+            place: "(file)".into(),
+            message: format!("cannot read it: {e}"),
+        })?;
+        let err = |place: &str, message: String| ModelError {
+            file: file.to_path_buf(),
+            place: place.to_string(),
+            message,
+        };
+        let members = capstan_schema::json::object_members(&text).map_err(|_| {
+            err(
+                "(top level)",
+                "a deployment is a JSON object with `providers` and `resources`".into(),
+            )
+        })?;
+        let mut deployment = Deployment {
+            file: file.to_path_buf(),
+            providers: BTreeMap::new(),
+            resources: AddressMap::default(),
+        };
+        if let Some((_, decls)) = members.iter().find(|(k, _)| k == "providers") {
+            deployment.providers = parse_providers(decls).map_err(|(place, m)| err(&place, m))?;
+        }
+        Ok(deployment)
     }
 
     /// Reads and checks a deployment file. `params` fills `{"$param": NAME}`.
@@ -265,26 +289,10 @@ impl Deployment {
                 ));
             }
         }
-        let mut providers = BTreeMap::new();
-        if let Some(decls) = root.get("providers") {
-            let decls = match strict_json::parse(decls.get()) {
-                Ok(Value::Object(decls)) => decls,
-                Ok(_) => {
-                    return Err(err(
-                        "providers",
-                        "must be an object of provider declarations".into(),
-                    ))
-                }
-                Err(e) => return Err(err("providers", e.to_string())),
-            };
-            for (name, decl) in &decls {
-                let place = format!("providers.{name}");
-                providers.insert(
-                    name.clone(),
-                    parse_provider(name, decl).map_err(|m| err(&place, m))?,
-                );
-            }
-        }
+        let providers = match root.get("providers") {
+            Some(decls) => parse_providers(decls).map_err(|(place, m)| err(&place, m))?,
+            None => BTreeMap::new(),
+        };
         let mut resources = AddressMap::default();
         if let Some(group) = root.get("resources") {
             collect_resources(group, "", params, &mut resources)
@@ -501,6 +509,40 @@ fn list(items: &[&str]) -> String {
     } else {
         items.join(", ")
     }
+}
+
+/// The directory a deployment file's relative paths (and its default state) are resolved
+/// against, absolute (so that a path joined to it is not resolved against a working directory
+/// a second time).
+pub fn dir_of(file: &Path) -> PathBuf {
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::path::absolute(&dir).unwrap_or(dir)
+}
+
+fn parse_providers(decls: &RawValue) -> Result<BTreeMap<String, ProviderDecl>, (String, String)> {
+    let decls = match strict_json::parse(decls.get()) {
+        Ok(Value::Object(decls)) => decls,
+        Ok(_) => {
+            return Err((
+                "providers".into(),
+                "must be an object of provider declarations".into(),
+            ))
+        }
+        Err(e) => return Err(("providers".into(), e.to_string())),
+    };
+    let mut providers = BTreeMap::new();
+    for (name, decl) in &decls {
+        let place = format!("providers.{}", printable(name));
+        providers.insert(
+            name.clone(),
+            parse_provider(name, decl).map_err(|m| (place, m))?,
+        );
+    }
+    Ok(providers)
 }
 
 fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {

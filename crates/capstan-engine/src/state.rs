@@ -8,12 +8,18 @@
 //!   fsync, rename and a directory fsync; the journal then starts empty.
 //! - `lock` — held with `flock` for a whole command, with who holds it written inside.
 //!
-//! Reading keeps every intact record and reports the ones it dropped (a torn last line after a
-//! crash, or damage); it never panics on bad input.
+//! The directory is private to its owner (0700, files 0600, whatever the umask): inputs and
+//! outputs may hold secrets.
+//!
+//! Reading never panics on bad input. A torn last line (a crash in the middle of a write) is
+//! the one damage repaired automatically, by the next command that writes. Any other damaged
+//! line stops every command that would write, until `repair` (on the user's say-so) sets the
+//! damaged lines aside in a file of their own and keeps every intact record. Commands that only
+//! read use [`read_only`]: no lock, no writes, a consistent view even while a run appends.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::io::{BufRead, BufReader, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -157,6 +163,17 @@ pub enum StateError {
     Locked { dir: PathBuf, holder: String },
     #[error("the state journal writer stopped: {0}")]
     WriterGone(String),
+    #[error("{}: line(s) {} are damaged (they fail their checksum), so nothing was changed. Every intact record is still there: `capstan state repair` keeps them and sets the damaged lines aside in a file beside the journal", .path.display(), list_lines(.lines))]
+    Damaged { path: PathBuf, lines: Vec<usize> },
+}
+
+/// Line numbers for a message: the first ten, and how many more.
+pub fn list_lines(lines: &[usize]) -> String {
+    let mut shown: Vec<String> = lines.iter().take(10).map(|n| n.to_string()).collect();
+    if lines.len() > 10 {
+        shown.push(format!("and {} more", lines.len() - 10));
+    }
+    shown.join(", ")
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
@@ -170,8 +187,34 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoadReport {
     pub records: usize,
-    /// Journal lines that were damaged or torn, with their line numbers, and were skipped.
-    pub dropped: Vec<usize>,
+    /// The last journal line, if it was torn (no line ending and not a whole record): a crash
+    /// in the middle of a write. Repaired by the next command that writes.
+    pub torn_tail: Option<usize>,
+    /// Numbers of the other journal lines that are damaged (they fail their checksum or do not
+    /// decode); every intact record around them was read.
+    pub damaged: Vec<usize>,
+}
+
+/// Seconds since the Unix epoch as RFC 3339 in UTC, e.g. `2026-11-29T14:50:12Z`.
+pub fn rfc3339(unix_seconds: u64) -> String {
+    // Howard Hinnant's days-to-civil algorithm, for the proleptic Gregorian calendar.
+    let days = (unix_seconds / 86_400) as i64;
+    let secs = unix_seconds % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Storage for the state. The directory backend is the embedded default; a shared database
@@ -225,7 +268,7 @@ fn fsync_dir(dir: &Path) -> Result<(), StateError> {
 }
 
 /// Who holds a lock, written into the lock file.
-fn holder_description() -> String {
+pub(crate) fn holder_description() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let user =
         std::env::var("USER").unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }));
@@ -243,12 +286,15 @@ fn holder_description() -> String {
 fn describe_holder(text: &str) -> String {
     match serde_json::from_str::<Value>(text) {
         Ok(v) => format!(
-            "pid {} on {} (user {}, `{}`, since {} Unix time)",
+            "pid {} on {} (user {}, `{}`, since {})",
             v["pid"],
             v["host"].as_str().unwrap_or("?"),
             v["user"].as_str().unwrap_or("?"),
             v["command"].as_str().unwrap_or("?"),
             v["since"]
+                .as_u64()
+                .map(rfc3339)
+                .unwrap_or_else(|| "?".into())
         ),
         Err(_) => "another capstan process".to_string(),
     }
@@ -258,28 +304,47 @@ impl DirectoryBackend {
     /// Opens (creating if needed) the state directory and takes its lock, waiting up to
     /// `lock_timeout` for another holder.
     pub fn open(dir: &Path, lock_timeout: Duration) -> Result<Self, StateError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        Self::open_with(dir, lock_timeout, &mut |_| {})
+    }
+
+    /// [`open`](Self::open), telling `waiting` once (with who holds the lock) when it has to
+    /// wait for another holder.
+    pub fn open_with(
+        dir: &Path,
+        lock_timeout: Duration,
+        waiting: &mut dyn FnMut(&str),
+    ) -> Result<Self, StateError> {
+        make_private_dir(dir)?;
         let lock_path = dir.join("lock");
-        let mut lock = OpenOptions::new()
+        let mut lock = private_file()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&lock_path)
             .map_err(io(&lock_path))?;
+        let mut told = false;
         let deadline = Instant::now() + lock_timeout;
         loop {
             // SAFETY: flock on a descriptor we own.
             if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
                 break;
             }
+            let holder = || {
+                use std::os::unix::fs::FileExt;
+                let mut bytes = vec![0; 4096];
+                let n = lock.read_at(&mut bytes, 0).unwrap_or(0);
+                describe_holder(&String::from_utf8_lossy(&bytes[..n]))
+            };
             if Instant::now() >= deadline {
-                let mut holder = String::new();
-                let _ = lock.read_to_string(&mut holder);
                 return Err(StateError::Locked {
                     dir: dir.to_path_buf(),
-                    holder: describe_holder(&holder),
+                    holder: holder(),
                 });
+            }
+            if !told {
+                told = true;
+                waiting(&holder());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -305,64 +370,7 @@ impl DirectoryBackend {
     }
 
     fn read_stored(&self) -> Result<(State, LoadReport), StateError> {
-        let snapshot_path = self.dir.join("snapshot.json");
-        let mut state = match std::fs::read_to_string(&snapshot_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| StateError::BadSnapshot {
-                path: snapshot_path.clone(),
-                message: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => {
-                return Err(StateError::Io {
-                    path: snapshot_path,
-                    source: e,
-                })
-            }
-        };
-        let mut report = LoadReport::default();
-        let journal = self.journal_path();
-        match File::open(&journal) {
-            Ok(file) => {
-                let mut reader = BufReader::new(file);
-                let mut line = Vec::new();
-                let mut number = 0;
-                loop {
-                    line.clear();
-                    match reader.read_until(b'\n', &mut line) {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(e) => {
-                            return Err(StateError::Io {
-                                path: journal,
-                                source: e,
-                            })
-                        }
-                    }
-                    number += 1;
-                    let text = String::from_utf8_lossy(&line);
-                    let text = text.trim_end_matches('\n');
-                    if text.is_empty() {
-                        continue;
-                    }
-                    match decode(text) {
-                        Some(record) => {
-                            state.apply_owned(record);
-                            report.records += 1;
-                        }
-                        None => report.dropped.push(number),
-                    }
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(StateError::Io {
-                    path: journal,
-                    source: e,
-                })
-            }
-        }
-        state.resources.sort_unstable_keys();
-        Ok((state, report))
+        read_stored(&self.dir)
     }
 
     /// Folds what is stored (snapshot and journal, as read back from disk) into a new
@@ -374,6 +382,41 @@ impl DirectoryBackend {
         self.compact(&state)
     }
 
+    /// Repairs a damaged journal, as the user asked: copies every damaged line, byte for
+    /// byte, into `journal.damaged-TIME` (0600) beside the journal, then folds every intact
+    /// record into a new snapshot. Returns the file the damaged lines went to, if any.
+    pub fn repair(&mut self) -> Result<Option<PathBuf>, StateError> {
+        self.stop_writer();
+        let journal = self.journal_path();
+        let mut damaged = Vec::new();
+        if let Ok(file) = File::open(&journal) {
+            for_each_line(file, &journal, |_, line, _| {
+                if decode(line).is_none() {
+                    damaged.extend_from_slice(line.as_bytes());
+                    damaged.push(b'\n');
+                }
+            })?;
+        }
+        let aside = if damaged.is_empty() {
+            None
+        } else {
+            let path = self.dir.join(format!("journal.damaged-{}", now_unix()));
+            let mut file = private_file()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            file.write_all(&damaged)
+                .and_then(|()| file.sync_all())
+                .map_err(io(&path))?;
+            fsync_dir(&self.dir)?;
+            Some(path)
+        };
+        let (state, _) = self.read_stored()?;
+        self.compact(&state)?;
+        Ok(aside)
+    }
+
     fn stop_writer(&mut self) {
         self.writer = None;
         if let Some(thread) = self.writer_thread.take() {
@@ -383,7 +426,7 @@ impl DirectoryBackend {
 
     fn start_writer(&mut self) -> Result<(), StateError> {
         let path = self.journal_path();
-        let mut file = OpenOptions::new()
+        let mut file = private_file()
             .create(true)
             .append(true)
             .open(&path)
@@ -466,6 +509,126 @@ impl DirectoryBackend {
     }
 }
 
+/// Creates `dir` if needed, private to its owner (0700).
+fn make_private_dir(dir: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))
+}
+
+/// Makes an existing state directory and its files private (as an older capstan, or a
+/// permissive umask, may have left them), before the first write.
+fn make_private(dir: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(dir).map_err(io(dir))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    }
+    // Files made before the state was private.
+    for name in ["journal", "snapshot.json", "lock"] {
+        let path = dir.join(name);
+        if let Ok(meta) = std::fs::metadata(&path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io(&path))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Options for a state file: created 0600, whatever the umask.
+fn private_file() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = OpenOptions::new();
+    options.mode(0o600);
+    options
+}
+
+/// Reads the state stored in `dir` (snapshot, then journal) as it is now.
+fn read_stored(dir: &Path) -> Result<(State, LoadReport), StateError> {
+    // Retried when a compaction replaced the journal while we read (its inode changed).
+    loop {
+        let journal_path = dir.join("journal");
+        // The journal is opened before the snapshot: a compaction in between then gives an old
+        // journal over a new snapshot that already holds it, and replaying records is
+        // idempotent; the other order could miss the records folded away.
+        let journal = match File::open(&journal_path) {
+            Ok(file) => Some(file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(&journal_path)(e)),
+        };
+        let snapshot_path = dir.join("snapshot.json");
+        let mut state = match std::fs::read(&snapshot_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateError::BadSnapshot {
+                path: snapshot_path.clone(),
+                message: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(io(&snapshot_path)(e)),
+        };
+        let mut report = LoadReport::default();
+        if let Some(file) = journal {
+            use std::os::unix::fs::MetadataExt;
+            let opened = file.metadata().map_err(io(&journal_path))?.ino();
+            for_each_line(file, &journal_path, |number, line, whole| {
+                match decode(line) {
+                    Some(record) => {
+                        state.apply_owned(record);
+                        report.records += 1;
+                    }
+                    // Only the last line can be torn; `whole` is false only for it.
+                    None if !whole => report.torn_tail = Some(number),
+                    None => report.damaged.push(number),
+                }
+            })?;
+            let now = std::fs::metadata(&journal_path).map(|m| m.ino()).ok();
+            if now.is_some() && now != Some(opened) {
+                continue;
+            }
+        }
+        state.resources.sort_unstable_keys();
+        return Ok((state, report));
+    }
+}
+
+/// Calls `each(number, text, whole)` for every non-empty line of a journal, where `whole`
+/// says whether the line ended with a line break (only the last one can lack it).
+fn for_each_line(
+    file: File,
+    path: &Path,
+    mut each: impl FnMut(usize, &str, bool),
+) -> Result<(), StateError> {
+    let mut reader = BufReader::new(file);
+    let mut line = Vec::new();
+    let mut number = 0;
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(io(path)(e)),
+        }
+        number += 1;
+        let whole = line.last() == Some(&b'\n');
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches('\n');
+        if !text.is_empty() {
+            each(number, text, whole);
+        }
+    }
+}
+
+/// The state in `dir` for a command that only reads: no lock taken, nothing created or
+/// written (a missing directory is an empty state), consistent even while another command
+/// appends or compacts. A torn last line is left out (it may be a write in progress).
+pub fn read_only(dir: &Path) -> Result<(State, LoadReport), StateError> {
+    read_stored(dir)
+}
+
 /// The longest the journal writer waits for more records before a group commit, when records
 /// are arriving faster than fsyncs complete (it waits at most half the last fsync's time).
 const GROUP_COMMIT_LINGER: Duration = Duration::from_micros(200);
@@ -476,7 +639,14 @@ const GROUP_COMMIT_IDLE: Duration = Duration::from_millis(1);
 impl StateBackend for DirectoryBackend {
     fn load(&mut self) -> Result<(State, LoadReport), StateError> {
         let (state, report) = self.read_stored()?;
-        if !report.dropped.is_empty() {
+        if !report.damaged.is_empty() {
+            return Err(StateError::Damaged {
+                path: self.journal_path(),
+                lines: report.damaged,
+            });
+        }
+        make_private(&self.dir)?;
+        if report.torn_tail.is_some() {
             // Start a clean journal so appends never follow a torn line.
             self.compact(&state)?;
         }
@@ -505,7 +675,12 @@ impl StateBackend for DirectoryBackend {
         let snapshot = self.dir.join("snapshot.json");
         let temp = self.dir.join("snapshot.json.tmp");
         {
-            let file = File::create(&temp).map_err(io(&temp))?;
+            let file = private_file()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&temp)
+                .map_err(io(&temp))?;
             // Buffered: serde_json writes token by token, a system call each on a bare file.
             let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
             serde_json::to_writer(&mut writer, state).map_err(|e| StateError::Io {
@@ -523,7 +698,11 @@ impl StateBackend for DirectoryBackend {
         fsync_dir(&self.dir)?;
         let journal = self.journal_path();
         let empty = self.dir.join("journal.tmp");
-        File::create(&empty)
+        private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&empty)
             .and_then(|f| f.sync_all())
             .map_err(io(&empty))?;
         std::fs::rename(&empty, &journal).map_err(io(&journal))?;
@@ -633,7 +812,7 @@ mod tests {
         let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
         let (state, report) = backend.load().unwrap();
         assert_eq!(report.records, 3001);
-        assert!(report.dropped.is_empty());
+        assert!(report.damaged.is_empty() && report.torn_tail.is_none());
         // Each address's last write wins: written in order, read back in order.
         for i in 0..1000 {
             assert_eq!(
@@ -658,21 +837,84 @@ mod tests {
         text.push_str(&damaged);
         text.push_str(&String::from_utf8(encode(&done("r3", 3))).unwrap());
         text.push_str("0badc0de {\"done\":{\"addr"); // torn last line
-        std::fs::write(&journal, text).unwrap();
-        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
-        let (state, report) = backend.load().unwrap();
+        std::fs::write(&journal, &text).unwrap();
+        // A read-only look sees every intact record and names the damage, and writes nothing.
+        let (state, report) = read_only(dir.path()).unwrap();
         assert_eq!(report.records, 4);
-        assert_eq!(report.dropped, vec![4, 6]);
+        assert_eq!(report.damaged, vec![4]);
+        assert_eq!(report.torn_tail, Some(6));
         assert_eq!(
             state.resources.keys().cloned().collect::<Vec<_>>(),
             vec!["r0", "r1", "r2", "r3"]
         );
+        assert_eq!(std::fs::read_to_string(&journal).unwrap(), text);
+        // A command that would write stops, and changes nothing.
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        match backend.load() {
+            Err(StateError::Damaged { lines, .. }) => assert_eq!(lines, vec![4]),
+            other => panic!("expected the damage to stop it: {other:?}"),
+        }
+        assert_eq!(std::fs::read_to_string(&journal).unwrap(), text);
+        // Repair, on the user's say-so: the damaged line is kept aside, byte for byte.
+        let aside = backend.repair().unwrap().expect("a file of damaged lines");
+        assert_eq!(
+            std::fs::read_to_string(&aside).unwrap(),
+            format!("{damaged}0badc0de {{\"done\":{{\"addr\n"),
+            "the damaged line and the torn one"
+        );
         drop(backend);
-        // Compaction made a clean journal: the next load drops nothing.
         let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
         let (again, report) = backend.load().unwrap();
-        assert_eq!(report.dropped, Vec::<usize>::new());
+        assert_eq!(report, LoadReport::default());
         assert_eq!(again, state);
+    }
+
+    #[test]
+    fn only_a_torn_last_line_is_repaired_without_asking() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("journal");
+        let mut text = String::from_utf8(encode(&done("r0", 0))).unwrap();
+        text.push_str("0badc0de {\"done\":{\"addr");
+        std::fs::write(&journal, &text).unwrap();
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let (state, report) = backend.load().unwrap();
+        assert_eq!(report.torn_tail, Some(2));
+        assert_eq!(state.resources.len(), 1);
+        drop(backend);
+        assert_eq!(read_only(dir.path()).unwrap().1, LoadReport::default());
+    }
+
+    #[test]
+    fn the_state_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        // As an older capstan left it: world-readable.
+        std::fs::create_dir(&state).unwrap();
+        std::fs::write(state.join("journal"), "").unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            state.join("journal"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let mut backend = DirectoryBackend::open(&state, Duration::ZERO).unwrap();
+        let (mut s, _) = backend.load().unwrap();
+        block_on(append_durably(&backend, vec![done("a", 1)])).unwrap();
+        s.apply(&done("a", 1));
+        backend.compact(&s).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&state), 0o700);
+        for name in ["journal", "snapshot.json", "lock"] {
+            assert_eq!(mode(&state.join(name)), 0o600, "{name}");
+        }
+    }
+
+    #[test]
+    fn times_are_written_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_963_487), "2026-11-29T14:44:47Z");
     }
 
     #[test]
@@ -683,10 +925,13 @@ mod tests {
             bytes.push((n.wrapping_mul(2654435761) >> 13) as u8);
         }
         std::fs::write(dir.path().join("journal"), &bytes).unwrap();
-        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
-        let (state, report) = backend.load().unwrap();
+        let (state, report) = read_only(dir.path()).unwrap();
         assert!(state.resources.is_empty());
-        assert!(!report.dropped.is_empty());
+        assert!(!report.damaged.is_empty() || report.torn_tail.is_some());
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        assert!(backend.load().is_err() || report.damaged.is_empty());
+        backend.repair().unwrap();
+        assert!(backend.load().unwrap().0.resources.is_empty());
     }
 
     #[test]

@@ -1,0 +1,268 @@
+//! `capstan state …`: look at the state, and resolve what an interrupted run left.
+//!
+//! Looking (`list`, `show`, `pending`) needs only the state directory — not the deployment,
+//! its parameters or the lock — and never writes: it works on a read-only directory and while
+//! an apply runs. Changing (`resolve`, `forget`, `repair`) takes the lock.
+
+use std::process::ExitCode;
+
+use capstan_engine::state::{
+    self, append_durably, rfc3339, DirectoryBackend, LoadReport, Record, State, StateBackend,
+};
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::deploy_cmd::{LockArgs, Place, EXIT_FAILED, EXIT_INVALID};
+use crate::output::Stdout;
+
+#[derive(Subcommand)]
+pub enum StateCmd {
+    /// List the resources in the state: address and provider.type, one per line.
+    List {
+        /// A JSON array of {"address", "provider", "type"} instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one resource's recorded inputs, outputs and dependencies as JSON.
+    Show { address: String },
+    /// List operations that were interrupted (crash, kill, Ctrl-C) and never finished.
+    Pending {
+        /// A JSON array of {"address", "operation", "provider", "type", "started"} instead
+        /// (`started` in RFC 3339).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark an interrupted operation as dealt with (after checking the real resource).
+    Resolve {
+        address: String,
+        #[command(flatten)]
+        lock: LockArgs,
+    },
+    /// Remove a resource from the state without asking its provider (after removing it by hand,
+    /// or when its provider cannot delete).
+    Forget {
+        address: String,
+        #[command(flatten)]
+        lock: LockArgs,
+    },
+    /// Repair a damaged journal: set its damaged lines aside, byte for byte, in
+    /// `journal.damaged-TIME` beside it, and keep every intact record.
+    Repair {
+        #[command(flatten)]
+        lock: LockArgs,
+    },
+}
+
+pub async fn state_cmd(place: Place, command: StateCmd, mut stdout: Stdout) -> ExitCode {
+    let dir = place.state_dir();
+    match command {
+        StateCmd::List { json } => {
+            let Some(state) = look(&place) else {
+                return ExitCode::from(EXIT_INVALID);
+            };
+            if json {
+                let list: Vec<_> = state
+                    .resources
+                    .iter()
+                    .map(|(address, r)| {
+                        json!({"address": address, "provider": r.provider, "type": r.resource_type})
+                    })
+                    .collect();
+                stdout.line(&serde_json::Value::Array(list).to_string());
+            } else {
+                for (address, r) in &state.resources {
+                    stdout.line(&format!("{address}\t{}.{}", r.provider, r.resource_type));
+                }
+            }
+        }
+        StateCmd::Show { address } => {
+            let Some(state) = look(&place) else {
+                return ExitCode::from(EXIT_INVALID);
+            };
+            match state.resources.get(&address) {
+                Some(r) => stdout.line(&pretty(r)),
+                None => {
+                    say!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
+                    return ExitCode::from(EXIT_INVALID);
+                }
+            }
+        }
+        StateCmd::Pending { json } => {
+            let Some(state) = look(&place) else {
+                return ExitCode::from(EXIT_INVALID);
+            };
+            if json {
+                let list: Vec<_> = state
+                    .pending
+                    .iter()
+                    .map(|(address, op)| {
+                        json!({"address": address, "operation": op.operation, "provider": op.provider,
+                               "type": op.resource_type, "started": rfc3339(op.started)})
+                    })
+                    .collect();
+                stdout.line(&serde_json::Value::Array(list).to_string());
+            } else {
+                for (address, op) in &state.pending {
+                    stdout.line(&format!(
+                        "{address}\t{}\t{}.{}\tstarted {}",
+                        op.operation,
+                        op.provider,
+                        op.resource_type,
+                        rfc3339(op.started)
+                    ));
+                }
+            }
+        }
+        StateCmd::Resolve { address, lock } => {
+            let Some((backend, state)) = change(&dir, &lock) else {
+                return ExitCode::from(EXIT_INVALID);
+            };
+            if !state.pending.contains_key(&address) {
+                say!("error: `{address}` has no interrupted operation; `capstan state pending` lists them");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            if !record(
+                &backend,
+                Record::Resolved {
+                    address: address.clone(),
+                },
+            )
+            .await
+            {
+                return ExitCode::from(EXIT_FAILED);
+            }
+            say!("resolved the interrupted operation on `{address}`");
+        }
+        StateCmd::Forget { address, lock } => {
+            let Some((backend, state)) = change(&dir, &lock) else {
+                return ExitCode::from(EXIT_INVALID);
+            };
+            if !state.resources.contains_key(&address) {
+                say!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            let dependents: Vec<&str> = state
+                .resources
+                .iter()
+                .filter(|(_, r)| r.dependencies.contains(&address))
+                .map(|(a, _)| a.as_str())
+                .collect();
+            if !record(
+                &backend,
+                Record::Deleted {
+                    address: address.clone(),
+                },
+            )
+            .await
+            {
+                return ExitCode::from(EXIT_FAILED);
+            }
+            say!("forgot `{address}`: it is no longer in the state (nothing was deleted)");
+            if !dependents.is_empty() {
+                say!(
+                    "warning: {} depend(s) on `{address}`, which the state no longer holds: \
+                     deleting them will not wait for it, and their inputs may refer to what it was",
+                    dependents
+                        .iter()
+                        .map(|a| format!("`{a}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        StateCmd::Repair { lock } => {
+            let mut backend = match open_locked(&dir, &lock) {
+                Some(backend) => backend,
+                None => return ExitCode::from(EXIT_INVALID),
+            };
+            match backend.repair() {
+                Ok(Some(aside)) => say!(
+                    "repaired {}: the damaged lines are in {}; every intact record was kept",
+                    dir.join("journal").display(),
+                    aside.display()
+                ),
+                Ok(None) => say!("{}: nothing is damaged", dir.join("journal").display()),
+                Err(e) => {
+                    say!("error: {e}");
+                    return ExitCode::from(EXIT_FAILED);
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// The state as it is now, for a command that only looks; `None` after saying why not.
+fn look(place: &Place) -> Option<State> {
+    let dir = place.state_dir();
+    if !dir.exists() {
+        say!(
+            "note: no state in {} yet (nothing was applied there; -f FILE or --state DIR picks another)",
+            dir.display()
+        );
+        return Some(State::default());
+    }
+    match state::read_only(&dir) {
+        Ok((state, report)) => {
+            warn_damage(&dir, &report);
+            Some(state)
+        }
+        Err(e) => {
+            say!("error: {e}");
+            None
+        }
+    }
+}
+
+fn warn_damage(dir: &std::path::Path, report: &LoadReport) {
+    if !report.damaged.is_empty() {
+        say!(
+            "warning: {}: line(s) {} are damaged; this shows every intact record. \
+             Commands that change the state refuse until `capstan state repair`.",
+            dir.join("journal").display(),
+            state::list_lines(&report.damaged)
+        );
+    }
+}
+
+fn open_locked(dir: &std::path::Path, lock: &LockArgs) -> Option<DirectoryBackend> {
+    if !dir.exists() {
+        say!("error: no state in {}; nothing to change", dir.display());
+        return None;
+    }
+    DirectoryBackend::open_with(dir, lock.lock_timeout, &mut |holder| {
+        say!("waiting for the state lock, held by {holder} …");
+    })
+    .map_err(|e| say!("error: {e}"))
+    .ok()
+}
+
+/// The state, locked for a change; `None` after saying why not.
+fn change(dir: &std::path::Path, lock: &LockArgs) -> Option<(DirectoryBackend, State)> {
+    let mut backend = open_locked(dir, lock)?;
+    match backend.load() {
+        Ok((state, _)) => Some((backend, state)),
+        Err(e) => {
+            say!("error: {e}");
+            None
+        }
+    }
+}
+
+/// Makes one record durable; `false` after saying why not.
+async fn record(backend: &DirectoryBackend, record: Record) -> bool {
+    match append_durably(backend as &dyn StateBackend, vec![record]).await {
+        Ok(()) => true,
+        Err(e) => {
+            say!("error: {e}");
+            false
+        }
+    }
+}
+
+/// Indented JSON of `value`, including the inputs and outputs it keeps as compact text.
+fn pretty(value: &capstan_engine::state::ResourceState) -> String {
+    serde_json::to_value(value)
+        .and_then(|v| serde_json::to_string_pretty(&v))
+        .unwrap_or_default()
+}

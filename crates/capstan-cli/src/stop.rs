@@ -1,0 +1,120 @@
+//! How a command is asked to stop: signals, and the exit codes that say so.
+
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::deploy_cmd::{EXIT_FAILED, EXIT_OUTPUT_CLOSED};
+
+/// What asked a run to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopCause {
+    /// SIGINT (Ctrl-C).
+    Interrupt,
+    /// SIGTERM (a service manager, `kill`, `timeout`).
+    Terminate,
+    /// SIGHUP (the terminal went away).
+    Hangup,
+}
+
+impl StopCause {
+    /// A shell's code for a process ended by the signal: 128 + its number.
+    fn exit_code(self) -> u8 {
+        match self {
+            StopCause::Interrupt => 128 + libc::SIGINT as u8,
+            StopCause::Terminate => 128 + libc::SIGTERM as u8,
+            StopCause::Hangup => 128 + libc::SIGHUP as u8,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            StopCause::Interrupt => "interrupted (SIGINT)",
+            StopCause::Terminate => "terminated (SIGTERM)",
+            StopCause::Hangup => "hung up (SIGHUP)",
+        }
+    }
+}
+
+/// The stop request of a command: SIGINT, SIGTERM and SIGHUP each cancel `token` (the run
+/// stops gracefully: in-flight operations are cancelled in their providers and every result is
+/// recorded); a second signal ends the process at once (every record written so far is already
+/// durable, and the reaper kills what providers started).
+///
+/// A closed output (`capstan apply | head`) is not a stop: the run goes on to its end without
+/// output, so nothing is left half-done, and the exit code says the output was lost.
+pub struct Stop {
+    pub token: CancellationToken,
+    cause: Rc<std::cell::Cell<Option<StopCause>>>,
+}
+
+impl Stop {
+    pub fn watch() -> Stop {
+        use tokio::signal::unix::{signal, SignalKind};
+        let token = CancellationToken::new();
+        let cause = Rc::new(std::cell::Cell::new(None));
+        let stop = Stop {
+            token: token.clone(),
+            cause: cause.clone(),
+        };
+        let listen = |kind: SignalKind| signal(kind).ok();
+        let (mut int, mut term, mut hup) = (
+            listen(SignalKind::interrupt()),
+            listen(SignalKind::terminate()),
+            listen(SignalKind::hangup()),
+        );
+        async fn next(signal: &mut Option<tokio::signal::unix::Signal>) {
+            match signal {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::task::spawn_local(async move {
+            loop {
+                let now = tokio::select! {
+                    () = next(&mut int) => StopCause::Interrupt,
+                    () = next(&mut term) => StopCause::Terminate,
+                    () = next(&mut hup) => StopCause::Hangup,
+                };
+                match cause.get() {
+                    None => {
+                        cause.set(Some(now));
+                        say!(
+                            "{}: stopping gracefully (signal again to stop at once)",
+                            now.describe()
+                        );
+                        token.cancel();
+                    }
+                    Some(_) => {
+                        say!("{} again: stopping now; recorded state is safe, in-flight operations are left as interrupted", now.describe());
+                        std::process::exit(now.exit_code() as i32);
+                    }
+                }
+            }
+        });
+        stop
+    }
+
+    /// The exit code for a stopped command, if it was stopped.
+    pub fn exit_code(&self) -> Option<ExitCode> {
+        self.cause.get().map(|c| ExitCode::from(c.exit_code()))
+    }
+
+    /// The exit code of a command that ran to its end: `ok` or not, and 141 (a shell's code
+    /// for SIGPIPE) when its output was closed on the way, so nobody mistakes a run whose
+    /// report was lost for a clean one.
+    pub fn finished(&self, ok: bool) -> ExitCode {
+        if let Some(code) = self.exit_code() {
+            code
+        } else if !ok {
+            ExitCode::from(EXIT_FAILED)
+        } else if crate::output::closed().is_cancelled() {
+            ExitCode::from(EXIT_OUTPUT_CLOSED)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! On a terminal, `destroy` (and an apply that would delete everything) asks first; `--yes`
+//! skips the question, and without a terminal nobody is asked.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+
+use support::capstan_bin;
+
+/// A pseudo-terminal: (the side we talk through, the side capstan gets as its terminal).
+fn pty() -> (std::fs::File, OwnedFd) {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two descriptors, which we then own.
+    let made = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(made, 0, "openpty");
+    // SAFETY: fresh descriptors from openpty, owned by nothing else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+fn project() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+            "m": {"provider": "local", "type": "memo", "inputs": {"value": 1}}}}"#,
+    )
+    .unwrap();
+    let out = Command::new(capstan_bin())
+        .arg("apply")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    dir
+}
+
+fn listed(dir: &std::path::Path) -> String {
+    let out = Command::new(capstan_bin())
+        .args(["state", "list"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `args` on a terminal, answers `answer` when asked, and returns the exit code and
+/// what the terminal showed.
+fn on_terminal(dir: &std::path::Path, args: &[&str], answer: &str) -> (Option<i32>, String) {
+    let (mut master, slave) = pty();
+    let mut child = Command::new(capstan_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .unwrap();
+    let mut reader = master.try_clone().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        // Ends with EIO once the child's side is closed.
+        while let Ok(n) = reader.read(&mut buffer) {
+            if n == 0 || tx.send(buffer[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    while !seen.contains("Type `yes`") {
+        let chunk = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no question asked; the terminal showed:\n{seen}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    master.write_all(answer.as_bytes()).unwrap();
+    let status = child.wait().unwrap();
+    while let Ok(chunk) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (status.code(), seen)
+}
+
+#[test]
+fn destroy_asks_on_a_terminal_and_anything_but_yes_deletes_nothing() {
+    let dir = project();
+    let (code, seen) = on_terminal(dir.path(), &["destroy"], "no\n");
+    assert_eq!(code, Some(1), "{seen}");
+    assert!(seen.contains("This deletes all 1 resource(s)"), "{seen}");
+    assert!(seen.contains("Nothing was deleted."), "{seen}");
+    assert_eq!(listed(dir.path()), "m\tlocal.memo\n");
+
+    let (code, seen) = on_terminal(dir.path(), &["destroy"], "yes\n");
+    assert_eq!(code, Some(0), "{seen}");
+    assert_eq!(listed(dir.path()), "");
+}
+
+#[test]
+fn an_apply_that_deletes_everything_asks_too_and_yes_skips_the_question() {
+    let dir = project();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        r#"{"providers": {"local": {"builtin": "local"}}, "resources": {}}"#,
+    )
+    .unwrap();
+    let (code, seen) = on_terminal(dir.path(), &["apply"], "nope\n");
+    assert_eq!(code, Some(1), "{seen}");
+    assert_eq!(listed(dir.path()), "m\tlocal.memo\n");
+    // --yes: no question, even on a terminal (no answer is ever written here: a question
+    // would wait until the deadline below).
+    let (master, slave) = pty();
+    let mut child = Command::new(capstan_bin())
+        .args(["apply", "--yes"])
+        .current_dir(dir.path())
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("apply --yes waited for an answer");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    drop(master);
+    assert!(status.success());
+    assert_eq!(listed(dir.path()), "");
+}

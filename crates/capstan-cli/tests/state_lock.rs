@@ -1,0 +1,72 @@
+//! Commands that only read the state never wait for, or take, the lock an apply holds; those
+//! that write say who holds it, and since when, readably.
+
+mod support;
+
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+use support::capstan_bin;
+
+#[test]
+fn reading_commands_work_while_another_holds_the_lock_and_writers_name_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+            "m": {"provider": "local", "type": "memo", "inputs": {"value": 1}}}}"#,
+    )
+    .unwrap();
+    let capstan = |args: &[&str]| {
+        Command::new(capstan_bin())
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    assert!(capstan(&["apply"]).status.success());
+    // Hold the lock as a running apply would, with its holder description.
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join(".capstan/lock"))
+        .unwrap();
+    std::fs::write(
+        dir.path().join(".capstan/lock"),
+        r#"{"pid": 4242, "host": "h", "user": "u", "command": "capstan apply", "since": 1795963487}"#,
+    )
+    .unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+
+    for args in [
+        &["state", "list"][..],
+        &["state", "show", "m"],
+        &["state", "pending"],
+        &["plan"],
+    ] {
+        let out = capstan(args);
+        assert!(
+            out.status.success(),
+            "`{}` while locked: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = capstan(&["apply"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "locked by pid 4242 on h (user u, `capstan apply`, since 2026-11-29T14:44:47Z)"
+        ),
+        "{stderr}"
+    );
+    let out = capstan(&["state", "forget", "m", "--lock-timeout", "0.2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("waiting for the state lock, held by pid 4242"),
+        "{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+}
