@@ -102,6 +102,8 @@ interface ProgressSink {
   # before it is allowed to have more than the connection's window in flight.
 
   finish @1 ();
-  # Ends the stream. Returns the first error any `push` hit, if there was one. A provider calls
-  # it once, after its last `push` and before it returns the operation's result.
+  # Ends the stream. Returns the first error any `push` hit, if there was one. Required: a
+  # provider calls it exactly once per operation, after its last `push` and before it returns
+  # the operation's result — also when it pushed nothing, and after a failed `push`. A host may
+  # wait for it before taking the result.
 }

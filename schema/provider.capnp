@@ -7,9 +7,29 @@
 # convention: LISTEN_FDS=1, LISTEN_PID=<its pid>, the socket is fd 3), or connects to a socket
 # a standing provider listens on.
 #
+# LISTEN_PID must be the provider's own pid, which only the child knows after fork: a host
+# sets it between fork and exec. A host in a runtime that cannot run code there (Python's
+# subprocess, for one) starts the provider through a shell that keeps its pid across exec:
+#   sh -c 'LISTEN_PID=$$ exec "$0" "$@"' PROVIDER ARGS...   (with LISTEN_FDS=1, the socket as fd 3)
+# A provider seeing LISTEN_FDS with a LISTEN_PID that is not its own says so and exits.
+#
 # One connection carries every operation of a deployment run, concurrently. A call's result
 # arrives when the operation has finished; while it runs, progress flows through the
 # operation's `ProgressSink`.
+#
+# Cancellation: the core cancels an operation by dropping its call (Cap'n Proto sends `Finish`
+# before the result arrived) — when the call outlives its timeout (`--timeout`, a provider's
+# `timeout` in the deployment), when the run is interrupted (Ctrl-C, SIGTERM, SIGHUP), and
+# when the core shuts down. The provider should stop the operation promptly (kill what it
+# started) and may return anything: the result is discarded. The core cannot know whether a
+# cancelled operation took effect, so it records it as interrupted ("pending"); the user checks
+# the resource and resolves it (`capstan state resolve`) or applies again. An operation that
+# was interrupted during `create` may be sent `create` again in a later run, for a resource
+# that may already exist: a provider should find and adopt it where it can, or fail clearly.
+#
+# Results: a successful create, update or read returns every output its type declares; a result
+# without one is an error at once (the resource is recorded as returned, its dependents are
+# skipped), never a placeholder.
 #
 # Evolution rules (see `schema/EVOLUTION.md`): this file only ever grows. Fields, methods,
 # union variants and enum values are added with new ordinal numbers; none is removed, renumbered
@@ -79,7 +99,8 @@ struct ResourceType {
   # Known before any operation runs, so the core can check references between resources.
   stateful @4 :Bool;
   # True when the resource exists outside the deployment's state (a file, a machine): deleting
-  # it matters. False for pure values.
+  # it matters. False for pure values. Informational today: shown by `capstan provider
+  # describe`; the core records, updates and deletes every type alike.
   openInputs @5 :Bool;
   # True when `inputs` is not the whole list: the provider accepts inputs it did not declare and
   # checks them itself (a bridge to a protocol without a handshake, for example).

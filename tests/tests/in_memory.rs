@@ -586,3 +586,78 @@ fn a_vanished_provider_fails_pending_calls_with_a_disconnect() {
         assert!(matches!(err, CallError::Disconnected { .. }), "{err:?}");
     });
 }
+
+/// A host written against the schema alone, whose progress sink counts `finish()` and only
+/// takes a result once `finish()` has arrived: the SDK must call it for every operation,
+/// including one that reported nothing.
+#[test]
+fn finish_is_called_for_every_operation_even_one_that_reported_nothing() {
+    use capstan_schema::progress_capnp::progress_sink;
+    use capstan_schema::provider_capnp::provider;
+
+    struct CountingSink(Rc<Cell<u32>>, Rc<Notify>);
+    impl progress_sink::Server for CountingSink {
+        async fn push(
+            self: capnp::capability::Rc<Self>,
+            _: progress_sink::PushParams,
+        ) -> Result<(), capnp::Error> {
+            Ok(())
+        }
+        async fn finish(
+            self: capnp::capability::Rc<Self>,
+            _: progress_sink::FinishParams,
+            _: progress_sink::FinishResults,
+        ) -> Result<(), capnp::Error> {
+            self.0.set(self.0.get() + 1);
+            self.1.notify_one();
+            Ok(())
+        }
+    }
+
+    run_local(async {
+        let (host_end, provider_end) = tokio::io::duplex(64 * 1024);
+        let (pr, pw) = tokio::io::split(provider_end);
+        let probe = Rc::default();
+        tokio::task::spawn_local(provider(&probe).serve_stream(pr.compat(), pw.compat_write()));
+        let (hr, hw) = tokio::io::split(host_end);
+        let mut rpc = capstan_transport::rpc_system(
+            hr.compat(),
+            hw.compat_write(),
+            capnp_rpc::rpc_twoparty_capnp::Side::Client,
+            None,
+            capstan_transport::TransportOptions::default(),
+        );
+        let client: provider::Client = rpc.bootstrap(capnp_rpc::rpc_twoparty_capnp::Side::Server);
+        tokio::task::spawn_local(rpc);
+        for (resource_type, inputs) in [("echo", r#"{"value": 1}"#), ("nested", "{}")] {
+            let finished = Rc::new(Cell::new(0));
+            let arrived = Rc::new(Notify::new());
+            let sink: progress_sink::Client =
+                capnp_rpc::new_client(CountingSink(finished.clone(), arrived.clone()));
+            let mut request = client.create_request();
+            {
+                let mut op = request.get().init_request();
+                op.set_resource_type(resource_type);
+                op.set_address("raw");
+                op.set_inputs(inputs);
+                op.set_progress(sink);
+            }
+            let response = request.send().promise.await.expect("a result");
+            assert!(response.get().unwrap().get_result().unwrap().has_success());
+            // This host waits for finish() before it takes the result; a bounded wait, so a
+            // provider that never calls it fails the test instead of hanging it.
+            tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                while finished.get() == 0 {
+                    arrived.notified().await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("`{resource_type}`: finish() never came"));
+            assert_eq!(
+                finished.get(),
+                1,
+                "`{resource_type}`: finish() exactly once"
+            );
+        }
+    });
+}

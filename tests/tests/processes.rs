@@ -727,3 +727,58 @@ fn providers_do_not_outlive_a_sigkilled_host() {
         );
     });
 }
+
+#[test]
+fn a_listen_path_that_is_not_a_socket_is_never_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("notes.txt");
+    std::fs::write(&precious, "keep me").unwrap();
+    let out = output_within(
+        std::process::Command::new(testing_provider())
+            .args(["--listen", precious.to_str().unwrap()]),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("exists and is not a socket; the provider will not delete it"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+}
+
+#[test]
+fn a_provider_given_someone_elses_listen_pid_says_so() {
+    for (pid, shown) in [
+        (Some("1"), "LISTEN_PID is `1`"),
+        (None, "LISTEN_PID is not set"),
+    ] {
+        let mut command = std::process::Command::new(testing_provider());
+        command.env("LISTEN_FDS", "1").env_remove("LISTEN_PID");
+        if let Some(pid) = pid {
+            command.env("LISTEN_PID", pid);
+        }
+        let out = output_within(&mut command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(shown), "{stderr}");
+        assert!(stderr.contains("LISTEN_PID=$$ exec"), "{stderr}");
+    }
+}
+
+/// Runs `command` to its end, failing (not hanging) if it is still running after 30 s.
+fn output_within(command: &mut std::process::Command) -> std::process::Output {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("{command:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}

@@ -61,6 +61,12 @@ const MEMO_WITH_PARAM: &str = r#"{"providers": {"local": {"builtin": "local"}}, 
   "m": {"provider": "local", "type": "memo", "inputs": {"value": {"$param": "greeting"}}}
 }}"#;
 
+/// `exec`s whose stdout has no final newline, and Windows line endings.
+const EXEC_PRINTF: &str = r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "port": {"provider": "local", "type": "exec", "inputs": {"command": "printf", "args": ["8080"]}},
+  "crlf": {"provider": "local", "type": "exec", "inputs": {"command": "printf", "args": ["a\r\nb\r\n"]}}
+}}"#;
+
 /// `m` refers to `x`.
 const MEMO_WITH_REF: &str = r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
   "x": {"provider": "local", "type": "memo", "inputs": {"value": 1}},
@@ -351,6 +357,55 @@ fn cases() -> Vec<Case> {
             state_untouched: false,
             ..bad("", MEMO_WITH_REF, &["state", "forget", "x"], 0)
         },
+        // ---- exec: stdout byte for byte; clear errors ----
+        Case {
+            name: "exec_stdout_is_byte_exact",
+            before: &[("capstan.json", EXEC_PRINTF)],
+            setup: &[&["apply"]],
+            ..bad("", EXEC_PRINTF, &["state", "show", "port"], 0)
+        },
+        Case {
+            name: "exec_stdout_keeps_crlf",
+            before: &[("capstan.json", EXEC_PRINTF)],
+            setup: &[&["apply"]],
+            ..bad("", EXEC_PRINTF, &["state", "show", "crlf"], 0)
+        },
+        Case {
+            name: "exec_stdout_not_utf8",
+            state_untouched: false,
+            ..bad(
+                "",
+                r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "bin": {"provider": "local", "type": "exec", "inputs": {"command": "printf", "args": ["ok\\377"]}}
+}}"#,
+                APPLY,
+                1,
+            )
+        },
+        Case {
+            name: "exec_bad_cwd",
+            state_untouched: false,
+            ..bad(
+                "",
+                r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "t": {"provider": "local", "type": "exec", "inputs": {"command": "true", "cwd": "no/such/dir"}}
+}}"#,
+                APPLY,
+                1,
+            )
+        },
+        Case {
+            name: "exec_no_such_program",
+            state_untouched: false,
+            ..bad(
+                "",
+                r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "t": {"provider": "local", "type": "exec", "inputs": {"command": "no-such-program-capstan"}}
+}}"#,
+                APPLY,
+                1,
+            )
+        },
         // ---- a damaged journal ----
         Case {
             name: "damaged_journal_stops_apply",
@@ -437,6 +492,18 @@ fn normalize(text: &str, dir: &Path) -> String {
         .replace(&dir.display().to_string(), "[DIR]")
         .replace(&testing_provider(), "[TESTING]")
         .replace(capstan_bin(), "[CAPSTAN]");
+    // Durations: "in 0.01s" on one machine is "in 0.02s" on another.
+    let mut text = text;
+    let mut from = 0;
+    while let Some(at) = text[from..].find(" in ").map(|a| a + from + 4) {
+        let digits = text[at..]
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len() - at);
+        if digits > 0 && text[at + digits..].starts_with('s') {
+            text.replace_range(at..at + digits, "[T]");
+        }
+        from = at;
+    }
     // `journal.damaged-UNIXTIME`
     let mut out = String::new();
     let mut rest = text.as_str();

@@ -715,11 +715,30 @@ fn command_output_that_is_not_utf8_keeps_flowing() {
         }}}
     }));
     let (code, events) = project.json(&["apply", "--timeout", "60"]);
+    // Read to the end (no stall, no timeout), then refused: `stdout` is text, byte for byte.
+    assert_eq!(code, Some(1));
+    let failed = of_type(&events, "resource_failed");
+    let error = failed[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("wrote bytes to stdout that are not UTF-8 (the first at byte 3)"),
+        "{error}"
+    );
+    // The same on stderr is only a log line: shown lossily, and the command succeeds.
+    project.write(json!({
+        "providers": {"local": {"builtin": "local"}},
+        "resources": {"cmd": {"provider": "local", "type": "exec", "inputs": {
+            "command": "sh", "args": ["-c", "printf 'caf\\351\\n' >&2; seq 1 30000"]
+        }}}
+    }));
+    let (code, events) = project.json(&["apply", "--timeout", "60"]);
     assert_eq!(code, Some(0), "{:?}", of_type(&events, "resource_failed"));
     let done = of_type(&events, "resource_complete");
     let stdout = done[0]["outputs"]["stdout"].as_str().unwrap();
-    assert!(stdout.starts_with("caf\u{fffd}\n1\n"), "{}", &stdout[..20]);
+    assert!(stdout.starts_with("1\n2\n"), "{}", &stdout[..20]);
     assert!(stdout.ends_with("\n30000\n"));
+    assert!(of_type(&events, "resource_progress")
+        .iter()
+        .any(|e| e["progress"]["line"] == "caf\u{fffd}"));
 }
 
 #[test]

@@ -254,3 +254,45 @@ fn a_v0_program_that_leaves_a_process_behind_does_not_hang_the_operation() {
         "it did not wait for the background process: {done}"
     );
 }
+
+#[test]
+fn a_result_without_a_declared_output_fails_at_once_and_is_still_recorded() {
+    // The deployment says `memo` returns `value` and `port`; the v0 program returns only
+    // `value`. The resource exists (recorded), and its dependent is skipped right away.
+    let project = Project::new(json!({
+        "greeting": {"provider": "v0", "type": "memo", "inputs": {"initialize_with": "hi"}, "outputs": ["value", "port"]},
+        "file": {"provider": "local", "type": "file", "inputs": {"path": "out.txt", "content": {"$ref": "greeting#value"}}}
+    }));
+    let out = project.capstan(&["apply"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("greeting: provider `v0` returned no output `port`, which `memo` declares"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("file: skipped"), "{stderr}");
+    assert_eq!(
+        text(&project.capstan(&["state", "list"]).stdout),
+        "greeting\tv0.memo\n",
+        "what the provider made is recorded"
+    );
+    assert_eq!(text(&project.capstan(&["state", "pending"]).stdout), "");
+}
+
+#[test]
+fn a_delete_held_back_by_a_failed_dependent_names_it_as_the_dependent() {
+    // `greeting` (v0: cannot be deleted) depends on `base`; destroying deletes `greeting`
+    // first, which fails, so `base` is kept — because of its dependent, not a dependency.
+    let project = Project::new(json!({
+        "base": {"provider": "local", "type": "memo", "inputs": {"value": "x"}},
+        "greeting": {"provider": "v0", "type": "memo", "inputs": {"initialize_with": {"$ref": "base#value"}}, "outputs": ["value"]}
+    }));
+    assert_eq!(project.capstan(&["apply"]).status.code(), Some(0));
+    let destroy = project.capstan(&["destroy"]);
+    let stderr = text(&destroy.stderr);
+    assert_eq!(destroy.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("base: skipped (`greeting`, which depends on it, was not deleted)"),
+        "{stderr}"
+    );
+}

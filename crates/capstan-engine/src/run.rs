@@ -261,6 +261,9 @@ enum Outcome {
         /// The provider reported the failure (journaled as such); otherwise the intent stays
         /// pending.
         settled: bool,
+        /// The resource as journaled, when the provider did act but its result is unusable
+        /// (a declared output missing): it exists, so the state keeps it.
+        recorded: Option<Box<ResourceState>>,
     },
     State(StateError),
     /// Dispatched, but the run stopped (`--fail-fast`, a state error) before it was sent.
@@ -726,9 +729,12 @@ pub async fn run(
                         state.apply_owned(Record::Deleted { address });
                         release(i, &mut nodes, &mut ready);
                     }
-                    Outcome::Failed { .. } => {
+                    Outcome::Failed { recorded, .. } => {
                         summary.failed += 1;
                         state.pending.remove(&address);
+                        if let Some(now) = recorded {
+                            state.apply_owned(Record::Done { address: address.clone(), state: *now });
+                        }
                         skip_dependents(i, &changes, &nodes, &mut finished, &mut summary, &*events);
                         if options.fail_fast {
                             stopping = true;
@@ -898,7 +904,13 @@ fn skip_dependents(
         events.emit(Event::ResourceSkipped {
             address: changes[j].address.clone(),
             operation: changes[j].action.as_str(),
-            reason: format!("dependency `{failed}` failed"),
+            // A delete waits for the deletes of what depends on it: the one that failed is
+            // a dependent, not a dependency.
+            reason: if changes[j].action == Action::Delete {
+                format!("`{failed}`, which depends on it, was not deleted")
+            } else {
+                format!("dependency `{failed}` failed")
+            },
             dependency: failed.clone(),
         });
         stack.extend(nodes[j].dependents.iter().copied());
@@ -986,6 +998,25 @@ async fn job_permit(shared: &Shared, i: usize) -> Option<tokio::sync::OwnedSemap
     Some(job)
 }
 
+/// The outputs `now`'s type declares that its result lacks, as "output(s) `a`, `b`", if any.
+fn missing_outputs(connection: &ProviderConnection, now: &ResourceState) -> Option<String> {
+    let declared = &connection.info().resource_type(&now.resource_type)?.outputs;
+    if declared.is_empty() {
+        return None;
+    }
+    let returned = now.outputs.keys();
+    let missing: Vec<String> = declared
+        .iter()
+        .filter(|o| !returned.contains(&o.name))
+        .map(|o| format!("`{}`", o.name))
+        .collect();
+    match missing.len() {
+        0 => None,
+        1 => Some(format!("output {}", missing[0])),
+        _ => Some(format!("outputs {}", missing.join(", "))),
+    }
+}
+
 /// A failed call as an outcome. Only a failure the provider reported itself is settled (the
 /// resource is as it was); after a timeout, a crash or a lost connection nobody knows what the
 /// provider did, so the intent stays pending and the next run says so.
@@ -1007,6 +1038,7 @@ fn failure(address: &str, error: CallError) -> Outcome {
         kind,
         details,
         settled,
+        recorded: None,
     }
 }
 
@@ -1097,11 +1129,36 @@ async fn create_or_update(
     options: &RunOptions,
 ) -> (usize, Outcome) {
     let shared = slot.0.clone();
-    let connection = providers.connections[&provider].clone();
     let (kind, verb, counted) = match operation {
         Operation::Create => (OperationKind::Create, "create", Action::Create),
         Operation::Update => (OperationKind::Update, "update", Action::Update),
         Operation::Read => (OperationKind::Read, "read", Action::Noop),
+    };
+    let Some(connection) = providers.connections.get(&provider).cloned() else {
+        // A caller that started fewer providers than the run needs (e.g. only those of the
+        // changes, when an unchanged resource must be read for its capabilities).
+        let error = format!(
+            "{address}: provider `{provider}` was not started for this run, so `{address}` cannot be {}",
+            if verb == "read" { "read for its capabilities" } else { "changed" }
+        );
+        shared.events.emit(Event::ResourceFailed {
+            address,
+            operation: verb,
+            error: error.clone(),
+            kind: "provider".into(),
+            details: String::new(),
+            elapsed_seconds: 0.0,
+        });
+        return (
+            i,
+            Outcome::Failed {
+                error,
+                kind: "provider".into(),
+                details: String::new(),
+                settled: true,
+                recorded: None,
+            },
+        );
     };
     let call = OperationCall {
         previous_inputs: recorded.as_ref().map(|r| r.inputs.clone()),
@@ -1145,6 +1202,33 @@ async fn create_or_update(
                 if let Err(e) = append_durably(&*shared.backend, vec![done]).await {
                     return (i, Outcome::State(e));
                 }
+            }
+            if let Some(missing) = missing_outputs(&connection, &now) {
+                // The provider acted (the resource is recorded), but what depends on these
+                // outputs cannot run: say so now, not when a dependent fails to resolve.
+                let error = format!(
+                    "{address}: provider `{}` returned no {missing}, which `{}` declares; the resource is recorded as it was returned, and what depends on it is skipped",
+                    now.provider, now.resource_type
+                );
+                shared.events.emit(Event::ResourceFailed {
+                    address,
+                    operation: verb,
+                    error: error.clone(),
+                    kind: "provider".into(),
+                    details: format!("outputs returned: {}", now.outputs),
+                    elapsed_seconds: elapsed,
+                });
+                let recorded = (operation != Operation::Read).then(|| Box::new(now));
+                return (
+                    i,
+                    Outcome::Failed {
+                        error,
+                        kind: "provider".into(),
+                        details: String::new(),
+                        settled: true,
+                        recorded,
+                    },
+                );
             }
             shared.events.emit(Event::ResourceComplete {
                 address,
@@ -1195,6 +1279,7 @@ async fn delete(
                 kind: "invalid_input".into(),
                 details: String::new(),
                 settled: true,
+                recorded: None,
             },
         );
     };
@@ -1266,6 +1351,7 @@ async fn fail(
         kind,
         details,
         settled,
+        ..
     } = &outcome
     {
         if journal && *settled {

@@ -58,23 +58,45 @@ pub async fn read_line_lossy<R>(
 where
     R: tokio::io::AsyncBufRead + Unpin,
 {
+    Ok(read_line_raw(reader, buffer, &mut Vec::new())
+        .await?
+        .then(|| line_text(buffer))
+        .inspect(|_| buffer.clear()))
+}
+
+/// Reads one line as [`read_line_lossy`] does, appending its bytes exactly as they came (line
+/// ending included) to `raw` as well; `false` at end of file. The line stays in `buffer` for
+/// the caller, who clears it.
+async fn read_line_raw<R>(
+    reader: &mut R,
+    buffer: &mut Vec<u8>,
+    raw: &mut Vec<u8>,
+) -> std::io::Result<bool>
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
     use tokio::io::AsyncBufReadExt;
     reader.read_until(b'\n', buffer).await?;
     if buffer.is_empty() {
-        return Ok(None);
+        return Ok(false);
     }
-    let text = String::from_utf8_lossy(buffer)
+    raw.extend_from_slice(buffer);
+    Ok(true)
+}
+
+/// A line's text for a log: lossy UTF-8, without its line ending.
+fn line_text(line: &[u8]) -> String {
+    String::from_utf8_lossy(line)
         .trim_end_matches(['\n', '\r'])
-        .to_string();
-    buffer.clear();
-    Ok(Some(text))
+        .to_string()
 }
 
 /// What a command printed, as [`stream_command`] saw it.
 pub struct CommandOutput {
     pub status: ExitStatus,
-    /// Everything it wrote to stdout, line by line.
-    pub stdout: String,
+    /// Everything it wrote to stdout, byte for byte (line endings as written, a last line
+    /// without one kept so).
+    pub stdout: Vec<u8>,
     /// Its last lines (stdout and stderr interleaved), for an error's details.
     pub tail: Vec<String>,
 }
@@ -96,21 +118,31 @@ pub async fn stream_command(
     let mut stdout_buffer = Vec::new();
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
     let mut stderr_buffer = Vec::new();
-    let mut captured = String::new();
+    let mut captured = Vec::new();
+    let mut ignored = Vec::new();
     let mut tail: VecDeque<String> = VecDeque::new();
     let (mut out_open, mut err_open) = (true, true);
     while out_open || err_open {
         let (stream, line) = tokio::select! {
-            line = read_line_lossy(&mut stdout, &mut stdout_buffer), if out_open => (LogStream::Stdout, line),
-            line = read_line_lossy(&mut stderr, &mut stderr_buffer), if err_open => (LogStream::Stderr, line),
+            more = read_line_raw(&mut stdout, &mut stdout_buffer, &mut captured), if out_open => {
+                (LogStream::Stdout, more.map(|more| more.then(|| {
+                    let line = line_text(&stdout_buffer);
+                    stdout_buffer.clear();
+                    line
+                })))
+            }
+            more = read_line_raw(&mut stderr, &mut stderr_buffer, &mut ignored), if err_open => {
+                ignored.clear();
+                (LogStream::Stderr, more.map(|more| more.then(|| {
+                    let line = line_text(&stderr_buffer);
+                    stderr_buffer.clear();
+                    line
+                })))
+            }
             () = op.cancelled() => return Err(OperationError::cancelled(format!("{what} was cancelled"))),
         };
         match line {
             Ok(Some(line)) => {
-                if stream == LogStream::Stdout {
-                    captured.push_str(&line);
-                    captured.push('\n');
-                }
                 if tail.len() == TAIL_LINES {
                     tail.pop_front();
                 }

@@ -123,22 +123,20 @@ impl ProgressQueue {
     }
 }
 
-/// Drains `queue` into `sink` until the queue is closed and empty, then calls `finish()`.
-/// Returns the first error the stream hit; after an error it keeps draining (and discarding)
-/// so producers never wait on a dead stream. An operation that reported nothing skips
-/// `finish()`: with no stream there is no stream error to surface, and a no-op saves a
-/// round trip.
+/// Drains `queue` into `sink` until the queue is closed and empty, then calls `finish()` —
+/// always, as `progress.capnp` asks: also when nothing was reported, and after a failed push
+/// (a host may wait for `finish()` before it takes the result). Returns the first error the
+/// stream hit; after an error it keeps draining (and discarding) so producers never wait on
+/// a dead stream.
 pub(crate) async fn pump(
     queue: Arc<ProgressQueue>,
     sink: progress_sink::Client,
 ) -> Result<(), capnp::Error> {
     let mut failure = None;
-    let mut pushed = false;
     while let Some(batch) = futures::future::poll_fn(|cx| queue.poll_batch(cx)).await {
         if failure.is_some() {
             continue;
         }
-        pushed = true;
         let mut request = sink.push_request();
         {
             let mut items = request.get().init_items(batch.len() as u32);
@@ -149,9 +147,6 @@ pub(crate) async fn pump(
         if let Err(e) = request.send().await {
             failure = Some(e);
         }
-    }
-    if !pushed {
-        return Ok(());
     }
     let finished = sink.finish_request().send().promise.await;
     match (failure, finished) {

@@ -39,6 +39,11 @@ pub enum ServeError {
     Io(String, std::io::Error),
     /// Something else already listens at the path.
     InUse(PathBuf),
+    /// `LISTEN_FDS` was set, but `LISTEN_PID` does not name this process.
+    NotOurSocket { listen_pid: Option<String> },
+    /// The listen path holds something that is not a socket (a file, a directory), which is
+    /// never deleted.
+    NotASocket(PathBuf),
 }
 
 impl std::error::Error for ServeError {}
@@ -59,37 +64,57 @@ impl std::fmt::Display for ServeError {
                 "another process is already listening at {}; stop it or choose another path",
                 path.display()
             ),
+            ServeError::NotOurSocket { listen_pid } => write!(
+                f,
+                "LISTEN_FDS is set, but LISTEN_PID is {} and this process is {}: socket \
+                 activation hands fd 3 only to the process LISTEN_PID names. The host must set \
+                 LISTEN_PID to the provider's own pid (between fork and exec; or start it with \
+                 sh -c 'LISTEN_PID=$$ exec \"$0\" \"$@\"' PROVIDER ARGS…), and a wrapper must \
+                 exec the provider rather than start it as a child",
+                listen_pid
+                    .as_deref()
+                    .map_or("not set".to_string(), |p| format!("`{p}`")),
+                std::process::id()
+            ),
+            ServeError::NotASocket(path) => write!(
+                f,
+                "{} exists and is not a socket; the provider will not delete it. Remove it or \
+                 choose another path",
+                path.display()
+            ),
         }
     }
 }
 
 impl Endpoint {
     /// Reads the endpoint from the environment: `LISTEN_FDS`/`LISTEN_PID` (socket activation)
-    /// first, then `CAPSTAN_PROVIDER_LISTEN`. Consumes the variables so child processes do not
-    /// inherit them.
+    /// first, then `CAPSTAN_PROVIDER_LISTEN`. Only reads: the variables stay (they name this
+    /// process's pid, so a child started later ignores them, as socket activation specifies),
+    /// and no environment is changed under threads that may be reading it.
     pub fn from_env() -> Result<Endpoint, ServeError> {
         let fds = std::env::var("LISTEN_FDS").ok();
         let pid = std::env::var("LISTEN_PID").ok();
         let for_us = pid
             .as_deref()
             .is_some_and(|p| p.trim().parse::<u32>().ok() == Some(std::process::id()));
-        if let (Some(fds), true) = (fds, for_us) {
-            // SAFETY: remove_var is only unsound with concurrent environment access; this
-            // runs before the provider starts any thread of its own.
-            unsafe {
-                std::env::remove_var("LISTEN_FDS");
-                std::env::remove_var("LISTEN_PID");
-                std::env::remove_var("LISTEN_FDNAMES");
+        let listen = std::env::var_os(LISTEN_ENV);
+        match (fds, for_us) {
+            (Some(fds), true) => {
+                let count: i32 = fds.trim().parse().unwrap_or(0);
+                if count >= 1 {
+                    // SAFETY: socket activation hands this process fd 3 to own, and nothing
+                    // else in it has taken fd 3 (it was open before main).
+                    let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
+                    set_cloexec(fd.as_raw_fd());
+                    return Ok(Endpoint::Inherited(fd));
+                }
             }
-            let count: i32 = fds.trim().parse().unwrap_or(0);
-            if count >= 1 {
-                // SAFETY: socket activation hands this process fd 3 to own.
-                let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
-                set_cloexec(fd.as_raw_fd());
-                return Ok(Endpoint::Inherited(fd));
+            (Some(_), false) if listen.is_none() => {
+                return Err(ServeError::NotOurSocket { listen_pid: pid });
             }
+            _ => {}
         }
-        if let Some(path) = std::env::var_os(LISTEN_ENV) {
+        if let Some(path) = listen {
             return Ok(Endpoint::Listen(PathBuf::from(path)));
         }
         Err(ServeError::NoEndpoint)
@@ -179,7 +204,12 @@ fn bind_private(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
                 .map_err(io(format!("cannot make {} private", parent.display())))?;
         }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            // A file, a directory or a link: never ours to delete.
+            return Err(ServeError::NotASocket(path.to_path_buf()));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ServeError::InUse(path.to_path_buf()));
         }
@@ -191,6 +221,7 @@ fn bind_private(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
     // SAFETY: umask only swaps the process's file-creation mask.
     let old_mask = unsafe { libc::umask(0o177) };
     let bound = UnixListener::bind(path);
+    // SAFETY: as above, putting the previous mask back.
     unsafe { libc::umask(old_mask) };
     let listener = bound.map_err(io(format!("cannot listen at {}", path.display())))?;
     Ok((listener, SocketFile(path.to_path_buf())))

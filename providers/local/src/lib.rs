@@ -31,6 +31,55 @@ pub fn provider() -> Provider {
 
 // ---- file ----------------------------------------------------------------------------------
 
+/// What a temporary file's name carries after the target's name: `NAME.capstan-tmp-PID-N`.
+const TEMP_MARK: &str = ".capstan-tmp-";
+
+/// A temporary file, removed when dropped (a failed write, a failed rename, a cancelled
+/// operation) unless it was renamed into place.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    /// It became the real file: nothing to remove.
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Removes temporary files for `path` left by a provider process that no longer runs (one
+/// that was SIGKILLed between writing and renaming).
+async fn remove_stray_temps(path: &std::path::Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}{TEMP_MARK}", name.to_string_lossy());
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let entry_name = entry.file_name();
+        let Some(rest) = entry_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            tracing::info!(file = %entry.path().display(), "removing a temporary file left by a killed provider");
+            let _ = tokio::fs::remove_file(entry.path()).await;
+        }
+    }
+}
+
 struct File;
 
 #[derive(Deserialize)]
@@ -97,29 +146,44 @@ impl Resource for File {
         }
         // Write beside, then rename: a reader never sees half a file. The temporary name is
         // unique, so two resources writing `x.json` and `x.yaml` at once cannot collide.
+        remove_stray_temps(&path).await;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut temp_name = path
             .file_name()
             .map(|n| n.to_os_string())
             .unwrap_or_default();
-        temp_name.push(format!(".capstan-tmp-{}-{unique}", std::process::id()));
-        let temp = path.with_file_name(temp_name);
-        tokio::fs::write(&temp, inputs.content.as_bytes())
-            .await
-            .map_err(|e| {
-                OperationError::permanent(format!("cannot write {}: {e}", temp.display()))
-            })?;
-        if let Some(mode) = mode {
-            tokio::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
+        temp_name.push(format!("{TEMP_MARK}{}-{unique}", std::process::id()));
+        let temp = TempFile(path.with_file_name(temp_name));
+        {
+            // Private from its first instant when a mode is asked for (the content may be a
+            // secret); the exact mode is set before the file takes its name.
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(if mode.is_some() { 0o600 } else { 0o666 })
+                .open(&temp.0)
                 .await
                 .map_err(|e| {
-                    OperationError::permanent(format!("cannot chmod {}: {e}", temp.display()))
+                    OperationError::permanent(format!("cannot write {}: {e}", temp.0.display()))
+                })?;
+            file.write_all(inputs.content.as_bytes())
+                .await
+                .map_err(|e| {
+                    OperationError::permanent(format!("cannot write {}: {e}", temp.0.display()))
                 })?;
         }
-        tokio::fs::rename(&temp, &path).await.map_err(|e| {
+        if let Some(mode) = mode {
+            tokio::fs::set_permissions(&temp.0, std::fs::Permissions::from_mode(mode))
+                .await
+                .map_err(|e| {
+                    OperationError::permanent(format!("cannot chmod {}: {e}", temp.0.display()))
+                })?;
+        }
+        tokio::fs::rename(&temp.0, &path).await.map_err(|e| {
             OperationError::permanent(format!("cannot move into {}: {e}", path.display()))
         })?;
+        temp.keep();
         tracing::info!(path = %path.display(), bytes = inputs.content.len(), "wrote file");
         Ok(FileOut {
             path: path.display().to_string(),
@@ -193,7 +257,10 @@ impl Resource for Exec {
             .optional("env", "Extra environment variables, an object of strings")
             .optional("stdin", "Text fed to the command's standard input")
             .optional("cwd", "Working directory")
-            .output("stdout", "Everything the command wrote to stdout")
+            .output(
+                "stdout",
+                "Everything the command wrote to stdout, byte for byte (a command whose stdout is not UTF-8 fails: pipe it through `base64`)",
+            )
             .output("exitCode", "Its exit status (always 0 on success)")
     }
 
@@ -212,10 +279,22 @@ impl Resource for Exec {
             .process_group(0)
             .kill_on_drop(true);
         if let Some(dir) = &inputs.cwd {
+            if !absolute(dir)?.is_dir() {
+                return Err(OperationError::invalid_input(format!(
+                    "`cwd` {dir:?} is not a directory (relative paths start at the deployment file's directory)"
+                )));
+            }
             command.current_dir(dir);
         }
         let mut child = command.spawn().map_err(|e| {
-            OperationError::invalid_input(format!("cannot run `{}`: {e}", inputs.command))
+            let why = match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "no such program (give a path, or a name on PATH)".to_string()
+                }
+                std::io::ErrorKind::PermissionDenied => "it is not executable".to_string(),
+                _ => e.to_string(),
+            };
+            OperationError::invalid_input(format!("cannot run `{}`: {why}", inputs.command))
         })?;
         op.phase(format!("running {}", inputs.command)).await;
         if let (Some(text), Some(mut stdin)) = (inputs.stdin, child.stdin.take()) {
@@ -233,8 +312,15 @@ impl Resource for Exec {
             ))
             .with_details(output.tail.join("\n")));
         }
+        let stdout = String::from_utf8(output.stdout).map_err(|e| {
+            OperationError::permanent(format!(
+                "`{}` wrote bytes to stdout that are not UTF-8 (the first at byte {}); the `stdout` output is text: pipe the command's output through `base64` to pass binary data",
+                inputs.command,
+                e.utf8_error().valid_up_to()
+            ))
+        })?;
         Ok(ExecOut {
-            stdout: output.stdout,
+            stdout,
             exit_code: code,
         })
     }
