@@ -105,5 +105,6 @@ interface ProgressSink {
   # Ends the stream. Returns the first error any `push` hit, if there was one. Required: a
   # provider calls it exactly once per operation, after its last `push` and before it returns
   # the operation's result — also when it pushed nothing, and after a failed `push`. A host may
-  # wait for it before taking the result.
+  # wait for it before taking the result. (The one exception: a request with
+  # `silentFinishOptional` set lets an operation that pushed nothing skip it.)
 }

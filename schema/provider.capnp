@@ -147,6 +147,12 @@ struct OperationRequest {
   # Handles returned by other resources' operations that this resource's inputs refer to.
   scheduler @8 :Scheduler;
   # Reserved for nested deployments (a later protocol addition); null for now.
+  silentFinishOptional @9 :Bool;
+  # True when this core does not need `progress.finish()` from an operation that pushed no
+  # progress at all: for it the result ends the stream, and the provider may skip the call
+  # (a round trip saved per operation). False — the default, and what a core that predates
+  # this field sends — means `finish()` is required from every operation, as
+  # `progress.capnp` says.
 }
 
 struct NamedCapability {

@@ -999,22 +999,68 @@ async fn job_permit(shared: &Shared, i: usize) -> Option<tokio::sync::OwnedSemap
 }
 
 /// The outputs `now`'s type declares that its result lacks, as "output(s) `a`, `b`", if any.
+/// Runs for every result, so it reads the outputs' top-level keys in one pass without
+/// allocating (keys are compared where they lie in the text).
 fn missing_outputs(connection: &ProviderConnection, now: &ResourceState) -> Option<String> {
     let declared = &connection.info().resource_type(&now.resource_type)?.outputs;
     if declared.is_empty() {
         return None;
     }
-    let returned = now.outputs.keys();
+    let found = found_keys(now.outputs.text(), declared);
     let missing: Vec<String> = declared
         .iter()
-        .filter(|o| !returned.contains(&o.name))
-        .map(|o| format!("`{}`", o.name))
+        .enumerate()
+        .filter(|(n, _)| *n >= 128 || found & (1u128 << n) == 0)
+        .map(|(_, o)| format!("`{}`", o.name))
         .collect();
     match missing.len() {
         0 => None,
         1 => Some(format!("output {}", missing[0])),
         _ => Some(format!("outputs {}", missing.join(", "))),
     }
+}
+
+/// Which of `declared` (the first 128) are top-level keys of the JSON object `text`, as bits.
+fn found_keys(text: &str, declared: &[capstan_schema::info::OutputInfo]) -> u128 {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys<'a>(&'a [capstan_schema::info::OutputInfo]);
+    struct Key<'a>(&'a [capstan_schema::info::OutputInfo]);
+    impl<'de> DeserializeSeed<'de> for Key<'_> {
+        type Value = u128;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u128, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Key<'_> {
+        type Value = u128;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_str<E>(self, key: &str) -> Result<u128, E> {
+            Ok(self
+                .0
+                .iter()
+                .take(128)
+                .position(|o| o.name == key)
+                .map_or(0, |n| 1u128 << n))
+        }
+    }
+    impl<'de> Visitor<'de> for Keys<'_> {
+        type Value = u128;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u128, A::Error> {
+            let mut found = 0;
+            while let Some(bit) = map.next_key_seed(Key(self.0))? {
+                found |= bit;
+                map.next_value::<IgnoredAny>()?;
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.deserialize_map(Keys(declared)).unwrap_or(0)
 }
 
 /// A failed call as an outcome. Only a failure the provider reported itself is settled (the

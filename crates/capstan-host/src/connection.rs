@@ -483,6 +483,8 @@ fn fill_request(
         builder.set_previous_outputs(previous.text());
     }
     builder.set_progress(sink);
+    // This host takes the result as the end of a stream nothing was pushed into.
+    builder.set_silent_finish_optional(true);
     call.trace.write(builder.reborrow().init_trace());
     let mut caps = builder.init_capabilities(call.capabilities.len() as u32);
     for (n, (name, client)) in call.capabilities.iter().enumerate() {

@@ -41,6 +41,8 @@ struct Request {
     previous_inputs: String,
     previous_outputs: String,
     progress: capstan_schema::progress_capnp::progress_sink::Client,
+    /// The core does not need `finish()` when nothing was pushed.
+    silent_finish_optional: bool,
     trace: TraceContext,
     capabilities: Vec<(String, resource_handle::Client)>,
 }
@@ -58,6 +60,7 @@ impl Request {
             previous_inputs: reader.get_previous_inputs()?.to_string()?,
             previous_outputs: reader.get_previous_outputs()?.to_string()?,
             progress: reader.get_progress()?,
+            silent_finish_optional: reader.get_silent_finish_optional(),
             trace: TraceContext::read(reader.get_trace()?),
             capabilities,
         })
@@ -148,6 +151,7 @@ impl ProviderServer {
 
         let queue = Arc::new(ProgressQueue::new());
         let progress = request.progress;
+        let silent_finish_optional = request.silent_finish_optional;
         let cancel = self.shutdown.child_token();
         let op = Operation {
             kind,
@@ -201,7 +205,7 @@ impl ProviderServer {
                 queue.close();
                 outcome
             },
-            pump(queue.clone(), progress)
+            pump(queue.clone(), progress, silent_finish_optional)
         );
         on_drop.armed = false;
         if let Err(e) = pumped {
