@@ -241,8 +241,13 @@ fn open(
         Deployment::load(file, &params).map_err(|e| fail(&e))?
     };
     let dir = args.place.state_dir();
+    let owner = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let (state, backend) = match lock {
         None => {
+            state::check_owner(&dir, &owner, false).map_err(|e| fail(&e))?;
             let (state, report) = state::read_only(&dir).map_err(|e| fail(&e))?;
             if !report.damaged.is_empty() {
                 return Err(fail(&StateError::Damaged {
@@ -257,7 +262,9 @@ fn open(
                 say!("waiting for the state lock, held by {holder} …");
             })
             .map_err(|e| fail(&e))?;
+            state::check_owner(&dir, &owner, false).map_err(|e| fail(&e))?;
             let (state, report) = backend.load().map_err(|e| fail(&e))?;
+            state::check_owner(&dir, &owner, true).map_err(|e| fail(&e))?;
             if let Some(line) = report.torn_tail {
                 say!(
                     "note: {}: line {line} was torn by a crash in the middle of a write and was set aside; every whole record was kept",

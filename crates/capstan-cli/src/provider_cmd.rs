@@ -24,7 +24,8 @@ use crate::output::Stdout;
 pub enum ProviderCmd {
     /// Print a provider's handshake (name, version, resource types, inputs, outputs) as JSON.
     ///
-    /// Example: capstan provider describe -- capstan-provider-testing
+    /// Built in: `capstan provider describe local` (file, exec, memo) and `capstan provider
+    /// describe nix` (build, activate). Others: capstan provider describe -- capstan-provider-testing
     Describe {
         #[command(flatten)]
         target: Target,
@@ -32,13 +33,17 @@ pub enum ProviderCmd {
     /// Run one operation on a provider, show its progress live (on stderr), and print the
     /// outputs as JSON (on stdout).
     ///
-    /// Example: capstan provider call --type chatty --inputs '{"count": 20}' -- capstan-provider-testing
+    /// Examples: capstan provider call local --type exec --inputs '{"command": "date"}'
+    ///           capstan provider call --type chatty --inputs '{"count": 20}' -- capstan-provider-testing
     Call(CallArgs),
 }
 
-/// Which provider to talk to.
+/// Which provider to talk to: a built-in one by name, a program, or a socket.
 #[derive(Args)]
 pub struct Target {
+    /// A provider built into capstan: `local` (file, exec, memo) or `nix` (build, activate).
+    #[arg(value_name = "BUILTIN", value_parser = ["local", "nix"], conflicts_with_all = ["socket", "command"])]
+    builtin: Option<String>,
     /// Connect to a provider already listening at this Unix socket instead of starting one.
     #[arg(long, value_name = "PATH", conflicts_with = "command")]
     socket: Option<PathBuf>,
@@ -46,7 +51,7 @@ pub struct Target {
     #[arg(
         last = true,
         value_name = "EXE [ARGS]...",
-        required_unless_present = "socket"
+        required_unless_present_any = ["socket", "builtin"]
     )]
     command: Vec<OsString>,
 }
@@ -93,6 +98,14 @@ fn source(target: &Target) -> anyhow::Result<ProviderSource> {
     if let Some(socket) = &target.socket {
         return Ok(ProviderSource::Socket(socket.clone()));
     }
+    if let Some(name) = &target.builtin {
+        // Served by this very binary, out of process, as a deployment would run it.
+        let program = std::env::current_exe().context("cannot find the capstan executable")?;
+        return Ok(ProviderSource::Command(ProviderCommand::new(
+            program,
+            ["__provider", name.as_str()],
+        )));
+    }
     let Some((program, args)) = target.command.split_first() else {
         bail!("give the provider to run after `--`, or --socket PATH");
     };
@@ -103,6 +116,9 @@ fn source(target: &Target) -> anyhow::Result<ProviderSource> {
 }
 
 fn provider_name(target: &Target) -> String {
+    if let Some(name) = &target.builtin {
+        return name.clone();
+    }
     match (&target.socket, target.command.first()) {
         (Some(socket), _) => socket.display().to_string(),
         (None, Some(program)) => PathBuf::from(program)

@@ -406,6 +406,57 @@ fn cases() -> Vec<Case> {
                 1,
             )
         },
+        // ---- two deployments in one directory never share a state ----
+        Case {
+            name: "second_deployment_refused_by_apply",
+            before: &[("capstan.json", MEMO_WITH_REF)],
+            setup: &[&["apply"]],
+            files: &[("other.json", LOCAL)],
+            ..bad("", MEMO_WITH_REF, &["apply", "-f", "other.json"], 2)
+        },
+        Case {
+            name: "second_deployment_refused_by_plan",
+            before: &[("capstan.json", MEMO_WITH_REF)],
+            setup: &[&["apply"]],
+            files: &[("other.json", LOCAL)],
+            ..bad("", MEMO_WITH_REF, &["plan", "-f", "other.json"], 2)
+        },
+        Case {
+            name: "second_deployment_with_its_own_state",
+            before: &[("capstan.json", MEMO_WITH_REF)],
+            setup: &[&["apply"]],
+            files: &[("other.json", LOCAL)],
+            ..bad(
+                "",
+                MEMO_WITH_REF,
+                &["plan", "-f", "other.json", "--state", ".capstan-other"],
+                0,
+            )
+        },
+        // ---- built-in providers are discoverable ----
+        bad(
+            "provider_describe_builtin_typo",
+            LOCAL,
+            &["provider", "describe", "lcoal"],
+            2,
+        ),
+        Case {
+            name: "provider_call_builtin",
+            ..bad(
+                "",
+                LOCAL,
+                &[
+                    "provider",
+                    "call",
+                    "local",
+                    "--type",
+                    "memo",
+                    "--inputs",
+                    r#"{"value": [1, "two"]}"#,
+                ],
+                0,
+            )
+        },
         // ---- a damaged journal ----
         Case {
             name: "damaged_journal_stops_apply",
@@ -499,8 +550,11 @@ fn normalize(text: &str, dir: &Path) -> String {
         let digits = text[at..]
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(text.len() - at);
-        if digits > 0 && text[at + digits..].starts_with('s') {
-            text.replace_range(at..at + digits, "[T]");
+        let unit = ["s", "ms", "µs"]
+            .into_iter()
+            .find(|u| text[at + digits..].starts_with(u));
+        if let (true, Some(unit)) = (digits > 0, unit) {
+            text.replace_range(at..at + digits + unit.len(), "[T]");
         }
         from = at;
     }

@@ -163,6 +163,12 @@ pub enum StateError {
     Locked { dir: PathBuf, holder: String },
     #[error("the state journal writer stopped: {0}")]
     WriterGone(String),
+    #[error("{} holds the state of deployment `{owner}`, not `{deployment}`: planning one deployment against another's state would delete its resources. Give `{deployment}` a state of its own with --state DIR (e.g. --state .capstan-{}); if `{deployment}` is `{owner}` renamed, delete {} so that it takes over", .dir.display(), .deployment.trim_end_matches(".json"), .dir.join(OWNER_FILE).display())]
+    OtherDeployment {
+        dir: PathBuf,
+        owner: String,
+        deployment: String,
+    },
     #[error("{}: line(s) {} are damaged (they fail their checksum), so nothing was changed. Every intact record is still there: `capstan state repair` keeps them and sets the damaged lines aside in a file beside the journal", .path.display(), list_lines(.lines))]
     Damaged { path: PathBuf, lines: Vec<usize> },
 }
@@ -528,7 +534,7 @@ fn make_private(dir: &Path) -> Result<(), StateError> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
     }
     // Files made before the state was private.
-    for name in ["journal", "snapshot.json", "lock"] {
+    for name in ["journal", "snapshot.json", "lock", OWNER_FILE] {
         let path = dir.join(name);
         if let Ok(meta) = std::fs::metadata(&path) {
             if meta.permissions().mode() & 0o077 != 0 {
@@ -627,6 +633,40 @@ fn for_each_line(
 /// appends or compacts. A torn last line is left out (it may be a write in progress).
 pub fn read_only(dir: &Path) -> Result<(State, LoadReport), StateError> {
     read_stored(dir)
+}
+
+/// The file in a state directory that names the deployment it belongs to.
+pub const OWNER_FILE: &str = "deployment";
+
+/// Checks that the state in `dir` belongs to the deployment file named `deployment` (its
+/// file name, e.g. `capstan.json`), so two deployments in one directory never share a state
+/// by accident. A state that names no deployment yet (new, or made by an older capstan) is
+/// claimed for `deployment` when `claim` is set — by commands that write, holding the lock.
+pub fn check_owner(dir: &Path, deployment: &str, claim: bool) -> Result<(), StateError> {
+    let path = dir.join(OWNER_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(owner) if owner.trim() == deployment => Ok(()),
+        Ok(owner) => Err(StateError::OtherDeployment {
+            dir: dir.to_path_buf(),
+            owner: owner.trim().to_string(),
+            deployment: deployment.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if claim {
+                let mut file = private_file()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
+                file.write_all(format!("{deployment}\n").as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .map_err(io(&path))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(io(&path)(e)),
+    }
 }
 
 /// The longest the journal writer waits for more records before a group commit, when records
@@ -905,7 +945,7 @@ mod tests {
         backend.compact(&s).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&state), 0o700);
-        for name in ["journal", "snapshot.json", "lock"] {
+        for name in ["journal", "snapshot.json", "lock", OWNER_FILE] {
             assert_eq!(mode(&state.join(name)), 0o600, "{name}");
         }
     }
