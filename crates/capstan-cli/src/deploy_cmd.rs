@@ -100,6 +100,10 @@ pub struct RunArgs {
     /// `timeout` in the deployment takes precedence for its operations).
     #[arg(long, value_name = "SECONDS", value_parser = timeout_seconds)]
     timeout: Option<Duration>,
+    /// The largest message to or from a provider, in MiB (default 16): raise it for outputs
+    /// or inputs larger than that. A provider's `maxMessageMiB` in the deployment wins.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..=capstan_engine::model::MAX_MESSAGE_MIB as i64))]
+    max_message_mib: Option<u32>,
     /// Do not ask before deleting everything (destroy, or an apply whose plan deletes every
     /// resource). Capstan asks only on a terminal.
     #[arg(short = 'y', long)]
@@ -303,6 +307,7 @@ async fn start_providers(
     session: &Session,
     changes: &mut [PlannedChange],
     stop: &Stop,
+    max_message_mib: Option<u32>,
 ) -> Result<Providers, ExitCode> {
     let mut names: std::collections::BTreeSet<String> = Default::default();
     for r in session.deployment.resources.values() {
@@ -341,12 +346,13 @@ async fn start_providers(
         }
     });
     let builtin = BuiltinLauncher { program };
-    let launch = Providers::launch(
+    let launch = Providers::launch_with(
         &names,
         &session.deployment,
         &session.state,
         &builtin,
         logs_tx,
+        max_message_mib,
     );
     // A stop during start-up (a provider may take seconds to answer its handshake) ends the
     // command at once: dropping the launch stops every provider process it started.
@@ -400,7 +406,7 @@ async fn plan_inner(
         ExitCode::from(EXIT_INVALID)
     })?;
     let stop = Stop::watch();
-    let providers = start_providers(&session, &mut changes, &stop).await?;
+    let providers = start_providers(&session, &mut changes, &stop, None).await?;
     providers.shutdown().await;
     if let Some(code) = stop.exit_code() {
         return Err(code);
@@ -439,10 +445,11 @@ pub async fn apply_cmd(
         }
     };
     let stop = Stop::watch();
-    let providers = match start_providers(&session, &mut changes, &stop).await {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
+    let providers =
+        match start_providers(&session, &mut changes, &stop, run_args.max_message_mib).await {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
     // Shown, then run: the sinks here do not keep events, so the run gets the plan back
     // without a copy.
     let changes = Rc::new(changes);

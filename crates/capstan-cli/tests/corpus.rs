@@ -119,6 +119,18 @@ fn cases() -> Vec<Case> {
             APPLY,
             2,
         ),
+        bad(
+            "max_message_zero",
+            LOCAL,
+            &["apply", "--max-message-mib", "0"],
+            2,
+        ),
+        bad(
+            "provider_max_message_too_large",
+            r#"{"providers": {"local": {"builtin": "local", "maxMessageMiB": 5000}}, "resources": {}}"#,
+            PLAN,
+            2,
+        ),
         // ---- typos are errors, never data ----
         bad(
             "marker_typo",

@@ -43,7 +43,12 @@ pub struct ProviderDecl {
     pub timeout: Option<std::time::Duration>,
     /// `Some("nixops4-v0")` for a NixOps4 version-0 provider, run through the bridge.
     pub protocol: Option<String>,
+    /// The largest message to and from this provider, in MiB (default 16).
+    pub max_message_mib: Option<u32>,
 }
+
+/// The largest message limit a deployment or flag may ask for, in MiB.
+pub const MAX_MESSAGE_MIB: u32 = 1024;
 
 /// The longest time Capstan accepts for a timeout or a wait: a year.
 pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
@@ -558,6 +563,7 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
             "maxConcurrency",
             "timeout",
             "protocol",
+            "maxMessageMiB",
         ]
         .contains(&key.as_str())
         {
@@ -609,6 +615,16 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
                 .and_then(|t| seconds(t, false).map_err(|e| format!("`timeout` {e}")))?,
         ),
     };
+    let max_message_mib = match decl.get("maxMessageMiB") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .filter(|n| (1..=MAX_MESSAGE_MIB as u64).contains(n))
+                .ok_or(format!(
+                    "`maxMessageMiB` must be a whole number of MiB from 1 to {MAX_MESSAGE_MIB}"
+                ))? as u32,
+        ),
+    };
     let protocol = match decl.get("protocol") {
         None => None,
         Some(Value::String(p)) if p == NIXOPS4_V0 => {
@@ -629,6 +645,7 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
         max_concurrency,
         timeout,
         protocol,
+        max_message_mib,
     })
 }
 

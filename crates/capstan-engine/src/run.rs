@@ -160,14 +160,31 @@ impl Providers {
         builtin: &BuiltinLauncher,
         logs: tokio::sync::mpsc::Sender<ProviderLog>,
     ) -> Result<Self, LaunchError> {
+        Self::launch_with(names, deployment, state, builtin, logs, None).await
+    }
+
+    /// [`launch`](Self::launch), with every provider's message limit raised to
+    /// `max_message_mib` (a provider's own `maxMessageMiB` in the deployment wins).
+    pub async fn launch_with(
+        names: &BTreeSet<String>,
+        deployment: &Deployment,
+        state: &State,
+        builtin: &BuiltinLauncher,
+        logs: tokio::sync::mpsc::Sender<ProviderLog>,
+        max_message_mib: Option<u32>,
+    ) -> Result<Self, LaunchError> {
         let dir = deployment.dir();
         let v0 = v0_types(deployment, state);
         let launches = names.iter().map(|name| {
             let decl = &deployment.providers[name];
             let source = source_for(decl, &dir, builtin, v0.get(name));
             let logs = logs.clone();
+            let mut options = HostOptions::default();
+            if let Some(mib) = decl.max_message_mib.or(max_message_mib) {
+                options.max_message_words = mib as usize * (1024 * 1024 / 8);
+            }
             async move {
-                ProviderConnection::launch(name, &source, HostOptions::default(), Some(logs))
+                ProviderConnection::launch(name, &source, options, Some(logs))
                     .await
                     .map(|c| (name.clone(), c))
             }
@@ -1067,9 +1084,14 @@ fn found_keys(text: &str, declared: &[capstan_schema::info::OutputInfo]) -> u128
 /// resource is as it was); after a timeout, a crash or a lost connection nobody knows what the
 /// provider did, so the intent stays pending and the next run says so.
 fn failure(address: &str, error: CallError) -> Outcome {
-    let settled = matches!(error, CallError::Failed { .. });
+    // Reported by the provider, or refused before it was sent: nothing unknown happened.
+    let settled = matches!(
+        error,
+        CallError::Failed { .. } | CallError::RequestTooLarge { .. }
+    );
     let (kind, details) = match &error {
         CallError::Failed { error, .. } => (error.kind.as_str().to_string(), error.details.clone()),
+        CallError::RequestTooLarge { .. } => ("invalid_input".to_string(), String::new()),
         CallError::Timeout { .. } => ("timeout".to_string(), String::new()),
         _ => ("provider".to_string(), String::new()),
     };

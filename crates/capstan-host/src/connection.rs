@@ -178,6 +178,14 @@ impl ProviderConnection {
                         source,
                     }
                 })?;
+                // The provider reads messages up to the same limit (the SDK takes it from
+                // here when it is larger than its own).
+                let mut command = command.clone();
+                command.env.push((
+                    capstan_schema::MAX_MESSAGE_ENV.into(),
+                    options.max_message_words.to_string().into(),
+                ));
+                let command = &command;
                 let process = ProviderProcess::spawn(
                     name,
                     command,
@@ -350,6 +358,22 @@ impl ProviderConnection {
         if self.is_closed() {
             return Err(self.connection_lost(&call.address).await);
         }
+        // A request over the provider's limit would close the connection (and every other
+        // operation on it) without reaching the provider: refuse it here, known not sent.
+        let len = |json: &Option<Json>| json.as_ref().map_or(0, |j| j.text().len() as u64);
+        let bytes = call.inputs.text().len() as u64
+            + len(&call.previous_inputs)
+            + len(&call.previous_outputs)
+            + 4096;
+        let limit = self.options.max_message_words as u64 * 8;
+        if bytes > limit {
+            return Err(CallError::RequestTooLarge {
+                provider: self.name.clone(),
+                address: call.address,
+                bytes,
+                limit,
+            });
+        }
         let sink = capnp_rpc::new_client(SinkServer { observer });
         let address = call.address.clone();
         let timeout = call.timeout;
@@ -399,6 +423,17 @@ impl ProviderConnection {
     /// The error for an operation whose provider went away: its exit status and last output
     /// if the host started it, else the connection's error.
     async fn connection_lost(&self, address: &str) -> CallError {
+        // The connection's own error says first whether a message was over the limit (the
+        // provider then exits cleanly, which would hide why).
+        let reason = self.closed.borrow().clone().unwrap_or_default();
+        if let Some(words) = too_large_words(&reason) {
+            return CallError::ResponseTooLarge {
+                provider: self.name.clone(),
+                address: address.to_string(),
+                bytes: words * 8,
+                limit: self.options.max_message_words as u64 * 8,
+            };
+        }
         if let Some(process) = &self.process {
             let (status, tail) = process.describe_exit(Duration::from_secs(1)).await;
             if status != ExitDescription::Unknown {
@@ -552,4 +587,15 @@ impl ProviderConnection {
         request.send().promise.await?;
         Ok(start.elapsed())
     }
+}
+
+/// The size in words of a message capnp refused as too large ("Message has N words, which is
+/// too large"), from a connection's error.
+fn too_large_words(reason: &str) -> Option<u64> {
+    let at = reason.find("Message has ")? + "Message has ".len();
+    let rest = &reason[at..];
+    if !rest.contains("which is too large") {
+        return None;
+    }
+    rest.split_whitespace().next()?.parse().ok()
 }

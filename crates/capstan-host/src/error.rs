@@ -159,12 +159,36 @@ pub enum CallError {
         address: String,
         after: Duration,
     },
+    #[error("{address}: the request is {}, over the {} message limit of provider `{provider}`, so it was not sent (nothing was done); raise the limit with --max-message-mib N or the provider's `maxMessageMiB`", size(*.bytes), size(*.limit))]
+    RequestTooLarge {
+        provider: String,
+        address: String,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error("{address}: a message from provider `{provider}` was {}, over the {} message limit — most likely this operation's result — so the connection was closed; raise the limit with --max-message-mib N or the provider's `maxMessageMiB`", size(*.bytes), size(*.limit))]
+    ResponseTooLarge {
+        provider: String,
+        address: String,
+        bytes: u64,
+        limit: u64,
+    },
     #[error("{address}: provider `{provider}` sent a malformed response: {message}")]
     BadResponse {
         provider: String,
         address: String,
         message: String,
     },
+}
+
+/// A size for a message: "20.3 MB" (decimal, as `ls -l --si` and most people count) or
+/// "16 MiB" for a limit set in MiB.
+fn size(bytes: u64) -> String {
+    if bytes % (1024 * 1024) == 0 {
+        format!("{} MiB", bytes / (1024 * 1024))
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
 }
 
 impl CallError {

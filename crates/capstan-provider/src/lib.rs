@@ -205,8 +205,15 @@ impl Provider {
     }
 
     /// Serves a given endpoint; see [`serve`](Self::serve).
-    pub fn serve_at(self, endpoint: Endpoint) -> ExitCode {
+    pub fn serve_at(mut self, endpoint: Endpoint) -> ExitCode {
         redirect_and_init();
+        // A host that accepts larger messages says so; take the larger limit.
+        if let Some(words) = std::env::var(capstan_schema::MAX_MESSAGE_ENV)
+            .ok()
+            .and_then(|w| w.trim().parse::<usize>().ok())
+        {
+            self.max_message_words = self.max_message_words.max(words);
+        }
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

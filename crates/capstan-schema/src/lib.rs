@@ -63,6 +63,10 @@ pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// deployment that needs more should pass a reference to the data instead.
 pub const DEFAULT_MAX_MESSAGE_WORDS: usize = 2 * 1024 * 1024;
 
+/// The environment variable in which a host that starts a provider passes its message limit
+/// (in 8-byte words), so that both ends of the connection accept messages of the same size.
+pub const MAX_MESSAGE_ENV: &str = "CAPSTAN_MAX_MESSAGE_WORDS";
+
 /// Reader options with Capstan's message-size limit.
 pub fn reader_options(max_message_words: usize) -> capnp::message::ReaderOptions {
     let mut options = capnp::message::ReaderOptions::new();
