@@ -184,7 +184,7 @@ pub enum CallError {
 /// A size for a message: "20.3 MB" (decimal, as `ls -l --si` and most people count) or
 /// "16 MiB" for a limit set in MiB.
 fn size(bytes: u64) -> String {
-    if bytes % (1024 * 1024) == 0 {
+    if bytes & (1024 * 1024 - 1) == 0 {
         format!("{} MiB", bytes / (1024 * 1024))
     } else {
         format!("{:.1} MB", bytes as f64 / 1e6)
