@@ -100,6 +100,7 @@ enum Command {
 /// the engine uses: names may contain anything).
 fn serve_v0_bridge(args: &[String]) -> ExitCode {
     let mut types = Vec::new();
+    let mut stateless: Vec<String> = Vec::new();
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
@@ -123,6 +124,16 @@ fn serve_v0_bridge(args: &[String]) -> ExitCode {
                     return ExitCode::from(2);
                 }
             },
+            "--stateless-types" => match rest
+                .next()
+                .and_then(|t| serde_json::from_str::<Vec<String>>(t).ok())
+            {
+                Some(names) => stateless.extend(names),
+                None => {
+                    say!("error: --stateless-types takes a JSON list of type names");
+                    return ExitCode::from(2);
+                }
+            },
             "--" => break,
             other => {
                 say!("error: unexpected `{other}`; usage: capstan __provider nixops4-v0 [--type NAME=OUT,OUT | --types JSON] … -- PROGRAM ARGS…");
@@ -134,6 +145,9 @@ fn serve_v0_bridge(args: &[String]) -> ExitCode {
         say!("error: give the NixOps4 v0 provider program after `--`");
         return ExitCode::from(2);
     };
+    for spec in &mut types {
+        spec.stateless = stateless.contains(&spec.name);
+    }
     capstan_provider_nixops4_v0::provider(program.into(), rest.cloned().collect(), &types).serve()
 }
 

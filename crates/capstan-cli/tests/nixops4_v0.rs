@@ -296,3 +296,54 @@ fn a_delete_held_back_by_a_failed_dependent_names_it_as_the_dependent() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_type_nixops4_keeps_no_state_is_created_again_instead_of_updated() {
+    let sfile = |contents: &str| json!({"provider": "v0s", "type": "sfile", "inputs": {"contents": contents}, "outputs": ["contents"]});
+    let write = |project: &Project, stateless: bool, contents: &str| {
+        let mut v0 =
+            json!({"executable": "python3", "args": [v0_provider()], "protocol": "nixops4-v0"});
+        if stateless {
+            v0["statelessTypes"] = json!(["sfile"]);
+        }
+        let deployment = json!({"providers": {"v0s": v0}, "resources": {"f": sfile(contents)}});
+        std::fs::write(
+            project.dir.path().join("capstan.json"),
+            deployment.to_string(),
+        )
+        .unwrap();
+    };
+    let project = Project::new(json!({}));
+    write(&project, true, "one");
+    let out = project.capstan(&["apply"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    write(&project, true, "two");
+    let out = project.capstan(&["apply"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("sfile: writing two"),
+        "{}",
+        text(&out.stderr)
+    );
+    let shown = project.capstan(&["state", "show", "f"]);
+    assert!(text(&shown.stdout).contains("\"contents\": \"two\""));
+
+    // Undeclared, the type is updated as a stateful one, which such a provider refuses: its
+    // multi-line error is a one-line message with the rest as details.
+    write(&project, false, "three");
+    let out = project.capstan(&["apply", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let events = support::events(&out.stdout);
+    let failed = events
+        .iter()
+        .find(|e| e["type"] == "resource_failed")
+        .expect("a failure");
+    assert_eq!(
+        failed["error"],
+        "f: Internal error: update called on stateless file resource"
+    );
+    assert!(failed["details"]
+        .as_str()
+        .unwrap()
+        .starts_with("stack backtrace:\n   0: nixops4_resource_local::main"));
+}

@@ -45,6 +45,9 @@ pub struct ProviderDecl {
     pub protocol: Option<String>,
     /// The largest message to and from this provider, in MiB (default 16).
     pub max_message_mib: Option<u32>,
+    /// For a NixOps4 v0 provider: the types NixOps4 keeps no state for (`requireState =
+    /// false`), created again instead of updated.
+    pub stateless_types: Vec<String>,
 }
 
 /// The largest message limit a deployment or flag may ask for, in MiB.
@@ -564,6 +567,7 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
             "timeout",
             "protocol",
             "maxMessageMiB",
+            "statelessTypes",
         ]
         .contains(&key.as_str())
         {
@@ -625,6 +629,16 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
                 ))? as u32,
         ),
     };
+    let stateless_types = match decl.get("statelessTypes") {
+        None => Vec::new(),
+        Some(v) => serde_json::from_value::<Vec<String>>(v.clone())
+            .map_err(|_| "`statelessTypes` must be a list of type names".to_string())?,
+    };
+    if !stateless_types.is_empty() && decl.get("protocol").is_none() {
+        return Err(format!(
+            "`statelessTypes` is for a `\"protocol\": \"{NIXOPS4_V0}\"` provider (Capstan providers update their resources)"
+        ));
+    }
     let protocol = match decl.get("protocol") {
         None => None,
         Some(Value::String(p)) if p == NIXOPS4_V0 => {
@@ -646,6 +660,7 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
         timeout,
         protocol,
         max_message_mib,
+        stateless_types,
     })
 }
 

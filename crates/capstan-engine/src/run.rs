@@ -118,6 +118,10 @@ fn source_for(
             bridge.push("--types".into());
             bridge.push(serde_json::to_string(types).expect("names and lists encode"));
         }
+        if !decl.stateless_types.is_empty() {
+            bridge.push("--stateless-types".into());
+            bridge.push(serde_json::to_string(&decl.stateless_types).expect("names encode"));
+        }
         bridge.push("--".into());
         let resolved = if program.contains('/') && Path::new(program).is_relative() {
             dir.join(program).display().to_string()

@@ -27,6 +27,10 @@ use tokio::io::{AsyncWriteExt, BufReader};
 pub struct TypeSpec {
     pub name: String,
     pub outputs: Vec<String>,
+    /// NixOps4 keeps no state for it (`requireState = false`, like the upstream local
+    /// provider's `file`): every create says `isStateful: false`, and a change of inputs is
+    /// a fresh create — v0 providers refuse `update` for such types.
+    pub stateless: bool,
 }
 
 impl TypeSpec {
@@ -40,6 +44,7 @@ impl TypeSpec {
                 .filter(|o| !o.is_empty())
                 .map(str::to_string)
                 .collect(),
+            stateless: false,
         })
     }
 
@@ -49,7 +54,13 @@ impl TypeSpec {
             serde_json::from_str(text).ok()?;
         types
             .into_iter()
-            .map(|(name, outputs)| (!name.is_empty()).then_some(TypeSpec { name, outputs }))
+            .map(|(name, outputs)| {
+                (!name.is_empty()).then_some(TypeSpec {
+                    name,
+                    outputs,
+                    stateless: false,
+                })
+            })
             .collect()
     }
 }
@@ -66,7 +77,7 @@ pub fn provider(program: PathBuf, args: Vec<String>, types: &[TypeSpec]) -> Prov
             ))
             .open_inputs(true)
             .no_delete(true)
-            .stateful(true);
+            .stateful(!spec.stateless);
         for output in &spec.outputs {
             description = description.output(output, "declared by the deployment");
         }
@@ -75,6 +86,7 @@ pub fn provider(program: PathBuf, args: Vec<String>, types: &[TypeSpec]) -> Prov
                 name: spec.name.clone(),
                 program: program.clone(),
                 args: args.clone(),
+                stateless: spec.stateless,
             },
             description,
         );
@@ -86,6 +98,7 @@ struct V0Type {
     name: String,
     program: PathBuf,
     args: Vec<String>,
+    stateless: bool,
 }
 
 /// How many stderr lines an error carries.
@@ -181,7 +194,15 @@ impl V0Type {
                 .get("message")
                 .and_then(Value::as_str)
                 .unwrap_or("(no message)");
-            return Err(OperationError::permanent(text.to_string()).with_details(details));
+            // A message is one line; a v0 error may carry many (a backtrace with
+            // RUST_BACKTRACE set): the first is the message, the rest go with the details.
+            let (first_line, rest) = text.trim().split_once('\n').unwrap_or((text.trim(), ""));
+            let details = match (rest.trim(), details.is_empty()) {
+                ("", _) => details,
+                (rest, true) => rest.to_string(),
+                (rest, false) => format!("{rest}\n{details}"),
+            };
+            return Err(OperationError::permanent(first_line.to_string()).with_details(details));
         }
         match message
             .get(expected)
@@ -255,7 +276,7 @@ impl Resource for V0Type {
     }
 
     async fn create(&self, op: &Operation, inputs: Value) -> Result<Value, OperationError> {
-        let request = json!({"createResourceRequest": {"type": self.name, "inputProperties": inputs, "isStateful": true}});
+        let request = json!({"createResourceRequest": {"type": self.name, "inputProperties": inputs, "isStateful": !self.stateless}});
         self.exchange(op, request, "createResourceResponse").await
     }
 
@@ -265,6 +286,10 @@ impl Resource for V0Type {
         prior: Prior<Value, Value>,
         inputs: Value,
     ) -> Result<Value, OperationError> {
+        if self.stateless {
+            // What NixOps4 does for a type that keeps no state: create it again.
+            return self.create(op, inputs).await;
+        }
         let request = json!({"updateResourceRequest": {
             "resource": {"type": self.name, "inputProperties": prior.inputs, "outputProperties": prior.outputs},
             "inputProperties": inputs,
