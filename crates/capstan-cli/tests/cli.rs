@@ -137,7 +137,7 @@ fn failures_exit_1_with_the_message_and_usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains("inputs are invalid") && stderr.contains("unknown field `valeu`"),
+        stderr.contains("input `valeu` is invalid: unknown field `valeu`"),
         "{stderr}"
     );
 

@@ -217,18 +217,38 @@ fn decode<T: DeserializeOwned>(
         )));
     }
     serde_json::from_str(text).map_err(|e| {
-        let problem = match e.classify() {
-            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                "are not valid JSON"
-            }
-            _ => "are invalid",
+        let header = format!("{} `{}`", op.resource_type(), op.address());
+        if matches!(
+            e.classify(),
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+        ) {
+            return OperationError::invalid_input(format!("{header}: {what} are not valid JSON: {e}"));
+        }
+        // Read again (only on this cold path) to learn which field did not fit; the position
+        // serde_json gives is within a JSON text the user never saw, so it is left out.
+        let mut de = serde_json::Deserializer::from_str(text);
+        let (path, message) = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+            Err(e) => (e.path().to_string(), without_position(&e.into_inner())),
+            Ok(_) => (".".to_string(), without_position(&e)),
         };
-        OperationError::invalid_input(format!(
-            "{} `{}`: {what} {problem}: {e}",
-            op.resource_type(),
-            op.address()
-        ))
+        let singular = what.strip_suffix('s').unwrap_or(what);
+        if path == "." {
+            OperationError::invalid_input(format!("{header}: {what} are invalid: {message}"))
+        } else {
+            OperationError::invalid_input(format!(
+                "{header}: {singular} `{path}` is invalid: {message}"
+            ))
+        }
     })
+}
+
+/// serde_json's message without its " at line L column C".
+fn without_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(at) if e.line() > 0 => text[..at].to_string(),
+        _ => text,
+    }
 }
 
 fn encode<T: Serialize>(op: &Operation, outputs: &T) -> Result<String, OperationError> {
