@@ -107,6 +107,11 @@ struct ResourceType {
   noDelete @6 :Bool;
   # True when the provider cannot delete resources of this type; the core says so in plans and
   # refuses to pretend a delete happened.
+  readOnPlan @7 :Bool;
+  # True when what a resource of this type is can change while its inputs stay the same (a
+  # Nix file it builds was edited): the core calls `read` on every recorded resource of the
+  # type whose inputs did not change while it plans, and plans an update when the outputs
+  # `read` returns differ from those recorded. `read` must then be cheap and change nothing.
 }
 
 struct InputSpec {

@@ -584,13 +584,15 @@ fn a_message_over_the_size_limit_closes_only_that_connection() {
             .await
             .err()
             .unwrap();
-        assert!(
-            matches!(
-                err,
-                CallError::Disconnected { .. } | CallError::ProviderExited { .. }
-            ),
-            "{err:?}"
-        );
+        // Named for what it is, with the sizes: not a mysterious exit.
+        match &err {
+            CallError::ResponseTooLarge { bytes, limit, .. } => {
+                assert!(*bytes > 2_000_000, "{err}");
+                assert_eq!(*limit, 512 * 1024);
+            }
+            other => panic!("expected ResponseTooLarge, got {other:?}"),
+        }
+        assert!(err.to_string().contains("--max-message-mib"), "{err}");
         assert!(big.is_closed());
         assert!(bystander
             .call(create("noop", json!({})), Recorder::default().observer())

@@ -308,6 +308,7 @@ async fn start_providers(
     changes: &mut [PlannedChange],
     stop: &Stop,
     max_message_mib: Option<u32>,
+    jobs: usize,
 ) -> Result<Providers, ExitCode> {
     let mut names: std::collections::BTreeSet<String> = Default::default();
     for r in session.deployment.resources.values() {
@@ -367,6 +368,17 @@ async fn start_providers(
         ExitCode::from(EXIT_INVALID)
     })?;
     plan::annotate(changes, &providers.infos());
+    for warning in run::read_on_plan(
+        changes,
+        &session.deployment,
+        &session.state,
+        &providers,
+        jobs,
+    )
+    .await
+    {
+        say!("warning: {warning}");
+    }
     if let Err(e) = session.deployment.check_against(&providers.infos()) {
         say!("error: {e}");
         providers.shutdown().await;
@@ -406,7 +418,7 @@ async fn plan_inner(
         ExitCode::from(EXIT_INVALID)
     })?;
     let stop = Stop::watch();
-    let providers = start_providers(&session, &mut changes, &stop, None).await?;
+    let providers = start_providers(&session, &mut changes, &stop, None, 16).await?;
     providers.shutdown().await;
     if let Some(code) = stop.exit_code() {
         return Err(code);
@@ -445,11 +457,18 @@ pub async fn apply_cmd(
         }
     };
     let stop = Stop::watch();
-    let providers =
-        match start_providers(&session, &mut changes, &stop, run_args.max_message_mib).await {
-            Ok(p) => p,
-            Err(code) => return code,
-        };
+    let providers = match start_providers(
+        &session,
+        &mut changes,
+        &stop,
+        run_args.max_message_mib,
+        run_args.jobs as usize,
+    )
+    .await
+    {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
     // Shown, then run: the sinks here do not keep events, so the run gets the plan back
     // without a copy.
     let changes = Rc::new(changes);

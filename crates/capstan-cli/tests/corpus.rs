@@ -446,13 +446,18 @@ fn cases() -> Vec<Case> {
             )
         },
         Case {
-        name: "provider_type_error_names_the_field",
-        state_untouched: false,
-        ..bad("", r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+            name: "provider_type_error_names_the_field",
+            state_untouched: false,
+            ..bad(
+                "",
+                r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
   "f": {"provider": "local", "type": "exec", "inputs": {"command": "true", "env": {"PORT": 8080}}}
-}}"#, APPLY, 1)
-    },
-    // ---- built-in providers are discoverable ----
+}}"#,
+                APPLY,
+                1,
+            )
+        },
+        // ---- built-in providers are discoverable ----
         bad(
             "provider_describe_builtin_typo",
             LOCAL,

@@ -322,3 +322,73 @@ fn without_nix_the_error_says_how_to_install_it() {
         "{failed}"
     );
 }
+
+#[test]
+fn editing_the_nix_file_is_a_change_the_plan_sees_and_apply_builds() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sys.nix"), derivation(&nonce(), 0, false)).unwrap();
+    write(
+        dir.path(),
+        json!({
+            "build": {"provider": "nix", "type": "build", "inputs": build_inputs("sys.nix")},
+            "switch": {"provider": "nix", "type": "activate", "inputs": {"profile": "profiles/sys", "path": {"$ref": "build#outPath"}}}
+        }),
+    );
+    let (out, _) = run(dir.path(), &["apply"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = std::fs::canonicalize(dir.path().join("profiles/sys")).unwrap();
+    let (out, events) = run(dir.path(), &["plan"]);
+    assert_eq!(out.status.code(), Some(0));
+    let plan = &events.iter().find(|e| e["type"] == "plan").unwrap()["changes"];
+    assert!(
+        plan.as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["action"] == "noop"),
+        "nothing changed yet: {plan}"
+    );
+
+    // The same inputs (the file's name), a different derivation in it.
+    let nonce = nonce();
+    std::fs::write(dir.path().join("sys.nix"), derivation(&nonce, 0, false)).unwrap();
+    let out = Command::new(capstan_bin())
+        .arg("plan")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains("~ build (nix.build)  (changed while its inputs did not: read now, its `drvPaths` differ"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("~ switch (nix.activate)  (inputs known after build)"),
+        "{plan}"
+    );
+    let (out, _) = run(dir.path(), &["apply"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = std::fs::canonicalize(dir.path().join("profiles/sys")).unwrap();
+    assert_ne!(before, after, "the new build was activated");
+    let (_, events) = run(dir.path(), &["plan"]);
+    let plan = &events.iter().find(|e| e["type"] == "plan").unwrap()["changes"];
+    assert!(
+        plan.as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["action"] == "noop"),
+        "and then nothing is left to do: {plan}"
+    );
+}

@@ -61,6 +61,10 @@ pub struct PlannedChange {
     /// look every address up again.
     #[serde(skip)]
     pub declared: Option<usize>,
+    /// Planned as an update although its inputs are the same: reading it while planning found
+    /// it is no longer what is recorded (`readOnPlan` types).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_changed: bool,
 }
 
 /// What a replace deletes.
@@ -138,7 +142,8 @@ pub fn topological_order(deployment: &Deployment) -> Vec<usize> {
     order
 }
 
-fn changed_keys(old: &Json, new: &Json) -> Vec<String> {
+/// The keys of two JSON objects whose values differ, in order.
+pub fn changed_keys(old: &Json, new: &Json) -> Vec<String> {
     let (old, new) = (old.object(), new.object());
     let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     keys.into_iter()
@@ -217,6 +222,7 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
             }),
             replaces,
             declared: Some(i),
+            read_changed: false,
         });
     }
     for (address, old) in &state.resources {
@@ -239,6 +245,7 @@ fn delete_change(address: &str, old: &crate::state::ResourceState, state: &State
         note: None,
         replaces: None,
         declared: None,
+        read_changed: false,
     }
 }
 

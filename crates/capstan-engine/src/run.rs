@@ -566,8 +566,9 @@ pub async fn run(
                         Action::Create => None,
                         _ => state.resources.get(&address),
                     };
-                    let unchanged =
-                        action != Action::Replace && recorded.is_some_and(|r| r.inputs == inputs);
+                    let unchanged = action != Action::Replace
+                        && !changes[i].read_changed
+                        && recorded.is_some_and(|r| r.inputs == inputs);
                     if unchanged && !node.capability_source {
                         let recorded = recorded.expect("unchanged means recorded");
                         let mut old = recorded.dependencies.clone();
@@ -1017,6 +1018,109 @@ async fn job_permit(shared: &Shared, i: usize) -> Option<tokio::sync::OwnedSemap
     }
     shared.phases.borrow_mut()[i] = Phase::Called;
     Some(job)
+}
+
+/// For unchanged resources of types that ask for it (`readOnPlan`): asks each provider what
+/// the resource is now (`read`, at most `jobs` at once) and plans an update where that differs
+/// from what the state records. Returns a warning for each resource that could not be read
+/// (it stays unchanged in the plan).
+pub async fn read_on_plan(
+    changes: &mut [PlannedChange],
+    deployment: &Deployment,
+    state: &State,
+    providers: &Providers,
+    jobs: usize,
+) -> Vec<String> {
+    let reads = changes.iter().enumerate().filter_map(|(i, change)| {
+        if change.action != Action::Noop {
+            return None;
+        }
+        let connection = providers.connections.get(&change.provider)?;
+        connection
+            .info()
+            .resource_type(&change.resource_type)
+            .filter(|t| t.read_on_plan)?;
+        let recorded = state.resources.get(&change.address)?;
+        let call = OperationCall {
+            previous_inputs: Some(recorded.inputs.clone()),
+            previous_outputs: Some(recorded.outputs.clone()),
+            ..OperationCall::new(
+                OperationKind::Read,
+                &change.resource_type,
+                &change.address,
+                recorded.inputs.clone(),
+            )
+        };
+        let connection = connection.clone();
+        Some(async move {
+            let read = connection.call(call, capstan_host::ignore_progress()).await;
+            (i, recorded, read)
+        })
+    });
+    let mut found = futures::stream::iter(reads).buffer_unordered(jobs.max(1));
+    let mut warnings = Vec::new();
+    let mut updates = Vec::new();
+    while let Some((i, recorded, read)) = found.next().await {
+        match read {
+            Ok(now) if now.outputs != recorded.outputs => updates.push((
+                i,
+                crate::plan::changed_keys(&recorded.outputs, &now.outputs),
+            )),
+            Ok(_) => {}
+            Err(e) => warnings.push(format!(
+                "could not read `{}` to see whether it changed ({e}); it is planned as unchanged",
+                changes[i].address
+            )),
+        }
+    }
+    drop(found);
+    if updates.is_empty() {
+        return warnings;
+    }
+    let mut changing: std::collections::HashSet<String> = Default::default();
+    for (i, keys) in updates {
+        let change = &mut changes[i];
+        change.action = Action::Update;
+        change.read_changed = true;
+        change.note = Some(format!(
+            "changed while its inputs did not: read now, its {} differ from what is recorded",
+            keys.iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        changing.insert(change.address.clone());
+    }
+    // What refers to them may change with them: known only once they ran (the plan lists
+    // changes dependencies first, so one pass reaches every dependent).
+    for change in changes.iter_mut() {
+        let Some(decl) = change
+            .declared
+            .and_then(|d| deployment.resources.get_index(d))
+        else {
+            continue;
+        };
+        let waits: Vec<String> = decl
+            .1
+            .refs
+            .iter()
+            .map(|r| r.address.clone())
+            .filter(|a| changing.contains(a))
+            .collect();
+        if waits.is_empty() || change.read_changed {
+            continue;
+        }
+        if change.action == Action::Noop {
+            change.action = Action::Update;
+        }
+        for address in waits {
+            if !change.waits_on.contains(&address) {
+                change.waits_on.push(address);
+            }
+        }
+        changing.insert(change.address.clone());
+    }
+    warnings
 }
 
 /// The outputs `now`'s type declares that its result lacks, as "output(s) `a`, `b`", if any.

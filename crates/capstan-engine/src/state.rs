@@ -943,6 +943,7 @@ mod tests {
         block_on(append_durably(&backend, vec![done("a", 1)])).unwrap();
         s.apply(&done("a", 1));
         backend.compact(&s).unwrap();
+        check_owner(&state, "capstan.json", true).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&state), 0o700);
         for name in ["journal", "snapshot.json", "lock", OWNER_FILE] {

@@ -82,6 +82,14 @@ impl ResourceType {
         self
     }
 
+    /// Asks the core to `read` unchanged resources of this type while it plans, and to plan
+    /// an update when the outputs differ from those recorded: for types whose result can
+    /// change while their inputs stay the same. `read` must be cheap and change nothing.
+    pub fn read_on_plan(mut self, read_on_plan: bool) -> Self {
+        self.0.read_on_plan = read_on_plan;
+        self
+    }
+
     /// Whether the resource exists outside the deployment's state (so deleting it matters).
     pub fn stateful(mut self, stateful: bool) -> Self {
         self.0.stateful = stateful;
@@ -222,7 +230,9 @@ fn decode<T: DeserializeOwned>(
             e.classify(),
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof
         ) {
-            return OperationError::invalid_input(format!("{header}: {what} are not valid JSON: {e}"));
+            return OperationError::invalid_input(format!(
+                "{header}: {what} are not valid JSON: {e}"
+            ));
         }
         // Read again (only on this cold path) to learn which field did not fit; the position
         // serde_json gives is within a JSON text the user never saw, so it is left out.

@@ -35,6 +35,9 @@ pub struct ResourceTypeInfo {
     /// The provider cannot delete resources of this type.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_delete: bool,
+    /// The core reads unchanged resources of this type while planning (see the schema).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_on_plan: bool,
 }
 
 /// One input of a resource type.
@@ -87,6 +90,7 @@ impl ProviderInfo {
                 stateful: t.get_stateful(),
                 open_inputs: t.get_open_inputs(),
                 no_delete: t.get_no_delete(),
+                read_on_plan: t.get_read_on_plan(),
             });
         }
         Ok(ProviderInfo {
@@ -116,6 +120,7 @@ impl ProviderInfo {
             tb.set_stateful(t.stateful);
             tb.set_open_inputs(t.open_inputs);
             tb.set_no_delete(t.no_delete);
+            tb.set_read_on_plan(t.read_on_plan);
             let mut inputs = tb.reborrow().init_inputs(t.inputs.len() as u32);
             for (k, i) in t.inputs.iter().enumerate() {
                 let mut ib = inputs.reborrow().get(k as u32);
@@ -175,6 +180,7 @@ mod tests {
                 stateful: true,
                 open_inputs: true,
                 no_delete: false,
+                read_on_plan: true,
             }],
         };
         let mut message = capnp::message::Builder::new_default();

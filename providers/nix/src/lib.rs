@@ -219,6 +219,100 @@ struct BuildIn {
 struct BuildOut {
     out_path: String,
     out_paths: Vec<String>,
+    /// The derivations built (`nix-instantiate`'s answer): what `read` compares to notice that
+    /// what is built changed while the inputs did not (the `.nix` file was edited).
+    #[serde(default)]
+    drv_paths: Vec<String>,
+}
+
+impl BuildIn {
+    /// `nix-instantiate` (or `nix-build`) for the file or expression, with `-A` and the extra
+    /// arguments, logging Nix's activities as JSON.
+    fn command(&self, tool: &str) -> Result<tokio::process::Command, OperationError> {
+        let mut command = tokio::process::Command::new(tool);
+        match (&self.file, &self.expr) {
+            (Some(file), None) => command.arg(file),
+            (None, Some(expr)) => command.arg("-E").arg(expr),
+            _ => {
+                return Err(OperationError::invalid_input(
+                    "give exactly one of `file` and `expr`",
+                ))
+            }
+        };
+        if let Some(attr) = &self.attr {
+            command.arg("-A").arg(attr);
+        }
+        command
+            .args(["--log-format", "internal-json", "-v"])
+            .args(&self.args);
+        Ok(command)
+    }
+}
+
+/// Runs a Nix command with Nix's progress translated live, and returns the lines it printed
+/// on stdout (store paths). `what` names it in errors, e.g. "nix-build".
+async fn run_nix(
+    op: &Operation,
+    mut command: tokio::process::Command,
+    what: &str,
+) -> Result<Vec<String>, OperationError> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let tool = what.split_whitespace().next().unwrap_or(what);
+    let mut child = command.spawn().map_err(|e| missing_nix(tool, e))?;
+    let group = capstan_provider::ProcessGroupGuard::new(child.id());
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(OperationError::internal(format!(
+            "{what}: its output was not piped"
+        )));
+    };
+    let mut stdout = BufReader::new(stdout);
+    let mut stdout_buffer = Vec::new();
+    let mut stderr = BufReader::new(stderr);
+    let mut stderr_buffer = Vec::new();
+    let mut log = NixLog::new(op);
+    let mut printed = Vec::new();
+    let (mut out_open, mut err_open) = (true, true);
+    while out_open || err_open {
+        tokio::select! {
+            line = capstan_provider::read_line_lossy(&mut stdout, &mut stdout_buffer), if out_open => match line {
+                Ok(Some(line)) if !line.trim().is_empty() => printed.push(line.trim().to_string()),
+                Ok(Some(_)) => {}
+                _ => out_open = false,
+            },
+            line = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if err_open => match line {
+                Ok(Some(line)) => log.line(&line).await,
+                _ => err_open = false,
+            },
+            () = op.cancelled() => return Err(OperationError::cancelled(format!("{what} was cancelled"))),
+        }
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| OperationError::permanent(format!("waiting for {what}: {e}")))?;
+    group.disarm();
+    if !status.success() || printed.is_empty() {
+        let message = log
+            .errors
+            .first()
+            .map(|e| error_summary(e))
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| format!("{tool} exited with {status}"));
+        let mut details = log.errors.join("\n");
+        if !details.is_empty() {
+            details.push('\n');
+        }
+        details.push_str(&log.details());
+        return Err(
+            OperationError::permanent(format!("{what} failed: {message}")).with_details(details),
+        );
+    }
+    Ok(printed)
 }
 
 impl Resource for Build {
@@ -228,7 +322,8 @@ impl Resource for Build {
     fn resource_type() -> ResourceType {
         ResourceType::new("build")
             .description(
-                "Builds a Nix file or expression with nix-build, showing Nix's progress live",
+                "Builds a Nix file or expression with nix-build, showing Nix's progress live; \
+                 a plan notices when what it builds changed (the file was edited)",
             )
             .optional("file", "A .nix file, relative to the deployment file")
             .optional("expr", "A Nix expression (instead of file)")
@@ -239,79 +334,48 @@ impl Resource for Build {
             )
             .output("outPath", "The first output's store path")
             .output("outPaths", "Every output's store path")
+            .output("drvPaths", "The derivations built")
+            .read_on_plan(true)
     }
 
     async fn create(&self, op: &Operation, inputs: BuildIn) -> Result<BuildOut, OperationError> {
-        let mut command = tokio::process::Command::new("nix-build");
-        match (&inputs.file, &inputs.expr) {
-            (Some(file), None) => command.arg(file),
-            (None, Some(expr)) => command.arg("-E").arg(expr),
-            _ => {
-                return Err(OperationError::invalid_input(
-                    "give exactly one of `file` and `expr`",
-                ))
-            }
-        };
-        if let Some(attr) = &inputs.attr {
-            command.arg("-A").arg(attr);
-        }
-        command
-            .args(["--no-out-link", "--log-format", "internal-json", "-v"])
-            .args(&inputs.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|e| missing_nix("nix-build", e))?;
-        let group = capstan_provider::ProcessGroupGuard::new(child.id());
+        // Evaluate once (the derivations are also what `read` compares), then build them.
         op.phase("evaluating").await;
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut stdout_buffer = Vec::new();
-        let mut stderr = BufReader::new(child.stderr.take().expect("piped"));
-        let mut stderr_buffer = Vec::new();
-        let mut log = NixLog::new(op);
-        let mut out_paths = Vec::new();
-        let (mut out_open, mut err_open) = (true, true);
-        while out_open || err_open {
-            tokio::select! {
-                line = capstan_provider::read_line_lossy(&mut stdout, &mut stdout_buffer), if out_open => match line {
-                    Ok(Some(line)) if !line.trim().is_empty() => out_paths.push(line.trim().to_string()),
-                    Ok(Some(_)) => {}
-                    _ => out_open = false,
-                },
-                line = capstan_provider::read_line_lossy(&mut stderr, &mut stderr_buffer), if err_open => match line {
-                    Ok(Some(line)) => log.line(&line).await,
-                    _ => err_open = false,
-                },
-                () = op.cancelled() => return Err(OperationError::cancelled("the Nix build was cancelled")),
-            }
-        }
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| OperationError::permanent(format!("waiting for nix-build: {e}")))?;
-        group.disarm();
-        if !status.success() || out_paths.is_empty() {
-            let message = log
-                .errors
-                .first()
-                .map(|e| error_summary(e))
-                .filter(|m| !m.is_empty())
-                .unwrap_or_else(|| format!("nix-build exited with {status}"));
-            let mut details = log.errors.join("\n");
-            if !details.is_empty() {
-                details.push('\n');
-            }
-            details.push_str(&log.details());
-            return Err(
-                OperationError::permanent(format!("nix-build failed: {message}"))
-                    .with_details(details),
-            );
-        }
+        let drv_paths = run_nix(
+            op,
+            inputs.command("nix-instantiate")?,
+            "nix-build (evaluation)",
+        )
+        .await?;
+        op.phase("building").await;
+        let mut build = tokio::process::Command::new("nix-build");
+        build
+            .args(&drv_paths)
+            .args(["--no-out-link", "--log-format", "internal-json", "-v"])
+            .args(&inputs.args);
+        let out_paths = run_nix(op, build, "nix-build").await?;
         Ok(BuildOut {
             out_path: out_paths[0].clone(),
             out_paths,
+            drv_paths,
+        })
+    }
+
+    async fn read(
+        &self,
+        op: &Operation,
+        prior: Prior<BuildIn, BuildOut>,
+    ) -> Result<BuildOut, OperationError> {
+        // Evaluation only: cheap next to a build, and it changes nothing.
+        let drv_paths = run_nix(
+            op,
+            prior.inputs.command("nix-instantiate")?,
+            "nix-build (evaluation)",
+        )
+        .await?;
+        Ok(BuildOut {
+            drv_paths,
+            ..prior.outputs
         })
     }
 }
