@@ -871,3 +871,44 @@ fn changing_a_resources_type_replaces_it_delete_first() {
     assert_eq!(code, Some(0));
     assert_eq!(summary(&events)["unchanged"].as_u64(), Some(2));
 }
+
+#[test]
+fn file_writes_leave_no_temporary_files_behind() {
+    let project = Project::new(json!({
+        "providers": {"local": {"builtin": "local"}},
+        "resources": {"f": {"provider": "local", "type": "file", "inputs": {"path": "out/x.txt", "content": "x", "mode": "0600"}}}
+    }));
+    // One left by a provider that was SIGKILLed mid-write (its pid no longer runs) …
+    std::fs::create_dir_all(project.path("out")).unwrap();
+    let stray = project.path("out/x.txt.capstan-tmp-999999999-0");
+    std::fs::write(&stray, "half").unwrap();
+    let (code, _) = project.json(&["apply"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        !stray.exists(),
+        "a stray temporary file is removed by the next write"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(project.path("out/x.txt"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // … and one from a write whose rename fails (the path is a directory).
+    project.write(json!({
+        "providers": {"local": {"builtin": "local"}},
+        "resources": {"f": {"provider": "local", "type": "file", "inputs": {"path": "out/dir", "content": "x"}}}
+    }));
+    std::fs::create_dir_all(project.path("out/dir/inside")).unwrap();
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(1), "{events:?}");
+    let left: Vec<String> = std::fs::read_dir(project.path("out"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".capstan-tmp-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -347,3 +347,35 @@ fn a_type_nixops4_keeps_no_state_is_created_again_instead_of_updated() {
         .unwrap()
         .starts_with("stack backtrace:\n   0: nixops4_resource_local::main"));
 }
+
+#[test]
+fn a_v0_program_and_what_it_started_do_not_outlive_capstan_stopped_by_timeout() {
+    // `timeout` sends SIGTERM: capstan stops gracefully (143), and neither the v0 program nor
+    // the `sleep` it runs is left behind.
+    let marker = format!("301.{}", std::process::id() % 100_000);
+    let project = Project::new(json!({
+        "nap": {"provider": "v0", "type": "slow", "inputs": {"marker": marker}, "outputs": ["value"]}
+    }));
+    let out = Command::new("timeout")
+        .args(["-s", "TERM", "3"])
+        .arg(capstan_bin())
+        .arg("apply")
+        .current_dir(project.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "timeout reports that it had to stop capstan: {}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stderr).contains("terminated (SIGTERM): stopping gracefully"));
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&marker))
+        .collect();
+    assert!(left.is_empty(), "left running: {left:?}");
+}
