@@ -22,7 +22,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// A deployment (capstan.json) declares providers and resources; inputs may refer to other
 /// resources' outputs with {"$ref": "ADDRESS#OUTPUT"}, to parameters with {"$param": "NAME"}
-/// and to capabilities with {"$cap": "ADDRESS#NAME"}.
+/// and to capabilities with {"$cap": "ADDRESS#NAME"}. Any other key starting with `$` is an
+/// error; `$$` writes a literal `$` at the start of a key.
 ///
 /// Ctrl-C, SIGTERM and SIGHUP stop a run gracefully: operations in flight are cancelled in
 /// their providers and every result is recorded; a second signal stops at once. Whatever ends
