@@ -87,69 +87,82 @@ enum Command {
     #[command(name = "__reaper", hide = true)]
     Reaper,
     /// Serve a built-in provider on the socket capstan passes in (used by capstan itself).
-    #[command(name = "__provider", hide = true)]
-    BuiltinProvider {
-        name: String,
-        /// For `nixops4-v0`: `--type NAME=OUT,…` (repeated) or `--types '{"NAME": ["OUT"]}'`,
-        /// then `-- PROGRAM ARGS…`.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    #[command(name = "__provider", hide = true, subcommand)]
+    BuiltinProvider(BuiltinProvider),
 }
 
-/// `capstan __provider nixops4-v0 --type NAME=OUT,… -- PROGRAM ARGS…` (or `--types JSON`, which
-/// the engine uses: names may contain anything).
-fn serve_v0_bridge(args: &[String]) -> ExitCode {
-    let mut types = Vec::new();
-    let mut stateless: Vec<String> = Vec::new();
-    let mut rest = args.iter();
-    while let Some(arg) = rest.next() {
-        match arg.as_str() {
-            "--type" => match rest
-                .next()
-                .and_then(|t| capstan_provider_nixops4_v0::TypeSpec::parse(t))
-            {
-                Some(spec) => types.push(spec),
-                None => {
-                    say!("error: --type takes NAME=OUTPUT,OUTPUT");
-                    return ExitCode::from(2);
-                }
-            },
-            "--types" => match rest
-                .next()
-                .and_then(|t| capstan_provider_nixops4_v0::TypeSpec::parse_all_json(t))
-            {
-                Some(specs) => types.extend(specs),
-                None => {
-                    say!("error: --types takes a JSON object of type names to output name lists");
-                    return ExitCode::from(2);
-                }
-            },
-            "--stateless-types" => match rest
-                .next()
-                .and_then(|t| serde_json::from_str::<Vec<String>>(t).ok())
-            {
-                Some(names) => stateless.extend(names),
-                None => {
-                    say!("error: --stateless-types takes a JSON list of type names");
-                    return ExitCode::from(2);
-                }
-            },
-            "--" => break,
-            other => {
-                say!("error: unexpected `{other}`; usage: capstan __provider nixops4-v0 [--type NAME=OUT,OUT | --types JSON] … -- PROGRAM ARGS…");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let Some(program) = rest.next() else {
-        say!("error: give the NixOps4 v0 provider program after `--`");
-        return ExitCode::from(2);
-    };
+/// The providers `capstan __provider` serves.
+#[derive(Subcommand)]
+enum BuiltinProvider {
+    /// Files, commands, memoized values.
+    Local,
+    /// Nix builds and activations.
+    Nix,
+    /// The bridge to a NixOps4 version-0 provider program.
+    #[command(name = "nixops4-v0")]
+    Nixops4V0(V0Args),
+}
+
+/// `capstan __provider nixops4-v0 [--type NAME=OUT,… | --types JSON]… [--stateless-types
+/// JSON] -- PROGRAM ARGS…` (the engine passes `--types`: names may hold any character).
+#[derive(clap::Args)]
+struct V0Args {
+    /// A resource type and its output names, `NAME=OUT,OUT` (repeat for more).
+    #[arg(long = "type", value_name = "NAME=OUTPUTS", value_parser = type_spec)]
+    type_specs: Vec<capstan_provider_nixops4_v0::TypeSpec>,
+    /// Resource types as JSON: `{"NAME": ["OUT", …], …}` (repeat for more).
+    #[arg(long = "types", value_name = "JSON", value_parser = type_specs_json)]
+    types_json: Vec<TypeSpecs>,
+    /// The types NixOps4 keeps no state for, as a JSON list of names.
+    #[arg(long, value_name = "JSON", value_parser = names_json)]
+    stateless_types: Option<TypeNames>,
+    /// The v0 provider program and its arguments.
+    #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
+    program: Vec<String>,
+}
+
+fn type_spec(text: &str) -> Result<capstan_provider_nixops4_v0::TypeSpec, String> {
+    capstan_provider_nixops4_v0::TypeSpec::parse(text)
+        .ok_or_else(|| "give NAME=OUTPUT,OUTPUT".to_string())
+}
+
+/// One `--types` value (a newtype: clap reads a bare `Vec` as repeated values).
+#[derive(Clone)]
+struct TypeSpecs(Vec<capstan_provider_nixops4_v0::TypeSpec>);
+
+/// The `--stateless-types` value.
+#[derive(Clone)]
+struct TypeNames(Vec<String>);
+
+fn type_specs_json(text: &str) -> Result<TypeSpecs, String> {
+    capstan_provider_nixops4_v0::TypeSpec::parse_all_json(text)
+        .map(TypeSpecs)
+        .ok_or_else(|| "give a JSON object of type names to lists of output names".to_string())
+}
+
+fn names_json(text: &str) -> Result<TypeNames, String> {
+    serde_json::from_str(text)
+        .map(TypeNames)
+        .map_err(|_| "give a JSON list of type names".to_string())
+}
+
+/// Serves the NixOps4 v0 bridge.
+fn serve_v0_bridge(args: V0Args) -> ExitCode {
+    let mut types = args.type_specs;
+    types.extend(args.types_json.into_iter().flat_map(|specs| specs.0));
+    let stateless = args
+        .stateless_types
+        .map(|names| names.0)
+        .unwrap_or_default();
     for spec in &mut types {
         spec.stateless = stateless.contains(&spec.name);
     }
-    capstan_provider_nixops4_v0::provider(program.into(), rest.cloned().collect(), &types).serve()
+    let mut program = args.program.into_iter();
+    let Some(path) = program.next() else {
+        say!("error: give the NixOps4 v0 provider program after `--`");
+        return ExitCode::from(2);
+    };
+    capstan_provider_nixops4_v0::provider(path.into(), program.collect(), &types).serve()
 }
 
 fn main() -> ExitCode {
@@ -168,17 +181,16 @@ fn main() -> ExitCode {
     if let Command::Reaper = &cli.command {
         return capstan_host::reaper::serve();
     }
-    if let Command::BuiltinProvider { name, args } = &cli.command {
-        return match name.as_str() {
-            "local" => capstan_provider_local::provider().serve(),
-            "nix" => capstan_provider_nix::provider().serve(),
-            "nixops4-v0" => serve_v0_bridge(args),
-            other => {
-                say!("error: no built-in provider `{other}`; built in: local, nix");
-                ExitCode::from(2)
+    let cli = match cli.command {
+        Command::BuiltinProvider(provider) => {
+            return match provider {
+                BuiltinProvider::Local => capstan_provider_local::provider().serve(),
+                BuiltinProvider::Nix => capstan_provider_nix::provider().serve(),
+                BuiltinProvider::Nixops4V0(args) => serve_v0_bridge(args),
             }
-        };
-    }
+        }
+        command => Cli { command },
+    };
     // capstan's own diagnostics: RUST_LOG as tracing users expect (default: warnings), on stderr.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -244,7 +256,7 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             },
-            Command::BuiltinProvider { .. } | Command::Reaper => unreachable!("handled above"),
+            Command::BuiltinProvider(_) | Command::Reaper => unreachable!("handled above"),
         }
     });
     // Providers are stopped by now; wait until the reaper has made sure of it.

@@ -14,7 +14,7 @@
 //! | `corrupt` | writes garbage bytes onto its own RPC socket |
 //! | `probe` | waits `ms`, reports how many operations this process ran at once (`peak`) and how many of its `group` (`group_peak`); fails if `fail` |
 //!
-//! Options: `--listen PATH` serves as a standing service at PATH; `--max-concurrency N`
+//! Options (`--help` lists them): `--listen PATH` serves as a standing service at PATH; `--max-concurrency N`
 //! declares a limit; `--protocol MIN:MAX` claims other protocol versions (to test refusal);
 //! `--stderr-lines N` writes N lines to stderr at start-up; `--linger` stays alive, ignoring
 //! SIGTERM, after the core disconnects (to test escalation to SIGKILL); `--leak-child` starts a
@@ -575,13 +575,38 @@ impl Resource for Corrupt {
 
 // ---- main ----------------------------------------------------------------------------------
 
-fn usage() -> ExitCode {
-    eprintln!(
-        "usage: capstan-provider-testing [--listen PATH] [--max-concurrency N] \
-         [--protocol MIN:MAX] [--stderr-lines N]\n\
-         Normally started by capstan: capstan provider describe -- capstan-provider-testing"
-    );
-    ExitCode::from(2)
+/// A provider whose resource types exist to exercise the core (see the crate documentation).
+/// Normally started by capstan: capstan provider describe -- capstan-provider-testing
+#[derive(clap::Parser)]
+#[command(name = "capstan-provider-testing", version)]
+struct Args {
+    /// Serve as a standing service listening at this Unix socket path.
+    #[arg(long, value_name = "PATH")]
+    listen: Option<std::path::PathBuf>,
+    /// Declare this concurrency limit in the handshake.
+    #[arg(long, value_name = "N")]
+    max_concurrency: Option<u32>,
+    /// Claim these protocol versions (to test the core's refusal), as MIN:MAX.
+    #[arg(long, value_name = "MIN:MAX", value_parser = protocol_range)]
+    protocol: Option<(u32, u32)>,
+    /// Write this many lines to stderr at start-up.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    stderr_lines: usize,
+    /// Stay alive, ignoring SIGTERM, after the core disconnects (to test escalation).
+    #[arg(long)]
+    linger: bool,
+    /// Start a `sleep` that outlives the provider (to test leaked-process cleanup).
+    #[arg(long)]
+    leak_child: bool,
+    /// Behave as a NixOps4 version-0 no-op provider instead: one request, one response.
+    #[arg(long)]
+    v0: bool,
+}
+
+fn protocol_range(text: &str) -> Result<(u32, u32), String> {
+    text.split_once(':')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .ok_or_else(|| format!("`{text}` is not MIN:MAX, e.g. 1:2"))
 }
 
 /// `--v0`: behave as a NixOps4 version-0 no-op provider instead (one request line on stdin,
@@ -615,7 +640,8 @@ fn serve_v0_once() -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("--v0") {
+    let args = <Args as clap::Parser>::parse();
+    if args.v0 {
         return serve_v0_once();
     }
     let mut provider = Provider::new("testing", env!("CARGO_PKG_VERSION"))
@@ -631,52 +657,30 @@ fn main() -> ExitCode {
         .resource(Corrupt)
         .resource(Probe)
         .cancel_grace(Duration::from_secs(2));
-    let mut listen = None;
-    let mut linger = false;
-    let mut leaked_child = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--listen" => listen = args.next(),
-            "--max-concurrency" => match args.next().and_then(|n| n.parse().ok()) {
-                Some(n) => provider = provider.max_concurrency(n),
-                None => return usage(),
-            },
-            "--protocol" => {
-                let range = args.next().unwrap_or_default();
-                let parsed = range
-                    .split_once(':')
-                    .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
-                match parsed {
-                    Some((min, max)) => provider = provider.protocol_range(min, max),
-                    None => return usage(),
-                }
-            }
-            "--stderr-lines" => {
-                let n: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-                for k in 0..n {
-                    eprintln!("testing provider: start-up line {k}");
-                }
-            }
-            "--linger" => linger = true,
-            "--leak-child" => {
-                leaked_child = std::process::Command::new("sleep")
-                    .arg("1000")
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .ok();
-            }
-            "-h" | "--help" => {
-                usage();
-                return ExitCode::SUCCESS;
-            }
-            _ => return usage(),
-        }
+    if let Some(n) = args.max_concurrency {
+        provider = provider.max_concurrency(n);
     }
+    if let Some((min, max)) = args.protocol {
+        provider = provider.protocol_range(min, max);
+    }
+    for k in 0..args.stderr_lines {
+        eprintln!("testing provider: start-up line {k}");
+    }
+    let leaked_child = args
+        .leak_child
+        .then(|| {
+            std::process::Command::new("sleep")
+                .arg("1000")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok()
+        })
+        .flatten();
+    let (listen, linger) = (args.listen, args.linger);
     let endpoint = match listen {
-        Some(path) => Endpoint::Listen(path.into()),
+        Some(path) => Endpoint::Listen(path),
         None => match Endpoint::from_env() {
             Ok(endpoint) => endpoint,
             Err(e) => {
