@@ -309,6 +309,7 @@ async fn start_providers(
     stop: &Stop,
     max_message_mib: Option<u32>,
     jobs: usize,
+    timeout: Option<Duration>,
 ) -> Result<Providers, ExitCode> {
     let mut names: std::collections::BTreeSet<String> = Default::default();
     for r in session.deployment.resources.values() {
@@ -368,15 +369,22 @@ async fn start_providers(
         ExitCode::from(EXIT_INVALID)
     })?;
     plan::annotate(changes, &providers.infos());
-    for warning in run::read_on_plan(
+    let reads = run::read_on_plan(
         changes,
         &session.deployment,
         &session.state,
         &providers,
         jobs,
-    )
-    .await
-    {
+        timeout,
+    );
+    let warnings = tokio::select! {
+        warnings = reads => warnings,
+        () = stop.token.cancelled() => {
+            providers.shutdown().await;
+            return Err(stop.exit_code().unwrap_or(ExitCode::from(EXIT_INTERRUPTED)));
+        }
+    };
+    for warning in warnings {
         say!("warning: {warning}");
     }
     if let Err(e) = session.deployment.check_against(&providers.infos()) {
@@ -418,7 +426,7 @@ async fn plan_inner(
         ExitCode::from(EXIT_INVALID)
     })?;
     let stop = Stop::watch();
-    let providers = start_providers(&session, &mut changes, &stop, None, 16).await?;
+    let providers = start_providers(&session, &mut changes, &stop, None, 16, None).await?;
     providers.shutdown().await;
     if let Some(code) = stop.exit_code() {
         return Err(code);
@@ -463,6 +471,7 @@ pub async fn apply_cmd(
         &stop,
         run_args.max_message_mib,
         run_args.jobs as usize,
+        run_args.timeout,
     )
     .await
     {

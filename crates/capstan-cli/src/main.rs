@@ -170,7 +170,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             // With --detailed-exitcode, 2 means "changes": a usage error is 1 there.
-            let detailed = std::env::args().any(|a| a == "--detailed-exitcode");
+            let detailed = std::env::args_os().any(|a| a == "--detailed-exitcode");
             if detailed && e.use_stderr() {
                 let _ = e.print();
                 return ExitCode::from(deploy_cmd::EXIT_FAILED);
@@ -261,7 +261,9 @@ fn main() -> ExitCode {
     });
     // Providers are stopped by now; wait until the reaper has made sure of it.
     drop(local);
-    drop(runtime);
+    // Without waiting for blocking tasks: one may be a read of the terminal (the question
+    // before deleting everything) that a Ctrl-C abandoned.
+    runtime.shutdown_background();
     capstan_host::reaper::finish();
     code
 }

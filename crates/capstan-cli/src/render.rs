@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::output::Stdout;
 
 /// The JSON stream's version; minor versions only add fields and event types.
-pub const JSON_STREAM_VERSION: &str = "1.0";
+pub const JSON_STREAM_VERSION: &str = "1.1";
 
 /// Newline-delimited JSON on stdout: a `version` line, then one line per event, each with
 /// `type`, a monotonic `seq` and a `timestamp`.

@@ -349,33 +349,41 @@ fn a_type_nixops4_keeps_no_state_is_created_again_instead_of_updated() {
 }
 
 #[test]
-fn a_v0_program_and_what_it_started_do_not_outlive_capstan_stopped_by_timeout() {
-    // `timeout` sends SIGTERM: capstan stops gracefully (143), and neither the v0 program nor
-    // the `sleep` it runs is left behind.
+fn a_v0_program_and_what_it_started_do_not_outlive_capstan_stopped_by_sigterm() {
+    // What `timeout` or a service manager does: SIGTERM. capstan stops gracefully (143), and
+    // neither the v0 program nor the `sleep` it runs is left behind.
     let marker = format!("301.{}", std::process::id() % 100_000);
     let project = Project::new(json!({
         "nap": {"provider": "v0", "type": "slow", "inputs": {"marker": marker}, "outputs": ["value"]}
     }));
-    let out = Command::new("timeout")
-        .args(["-s", "TERM", "3"])
-        .arg(capstan_bin())
+    let running = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&marker))
+            .collect()
+    };
+    let apply = Command::new(capstan_bin())
         .arg("apply")
         .current_dir(project.dir.path())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(124),
-        "timeout reports that it had to stop capstan: {}",
-        text(&out.stderr)
-    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while running().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the v0 program never ran"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: signals the child we started.
+    unsafe { libc::kill(apply.id() as i32, libc::SIGTERM) };
+    let out = apply.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("terminated (SIGTERM): stopping gracefully"));
-    let left: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&marker))
-        .collect();
-    assert!(left.is_empty(), "left running: {left:?}");
+    assert!(running().is_empty(), "left running: {:?}", running());
 }

@@ -1030,6 +1030,7 @@ pub async fn read_on_plan(
     state: &State,
     providers: &Providers,
     jobs: usize,
+    timeout: Option<Duration>,
 ) -> Vec<String> {
     let reads = changes.iter().enumerate().filter_map(|(i, change)| {
         if change.action != Action::Noop {
@@ -1044,6 +1045,12 @@ pub async fn read_on_plan(
         let call = OperationCall {
             previous_inputs: Some(recorded.inputs.clone()),
             previous_outputs: Some(recorded.outputs.clone()),
+            // As for any operation: the provider's timeout, else the run's.
+            timeout: providers
+                .timeouts
+                .get(&change.provider)
+                .copied()
+                .or(timeout),
             ..OperationCall::new(
                 OperationKind::Read,
                 &change.resource_type,
@@ -1131,13 +1138,22 @@ fn missing_outputs(connection: &ProviderConnection, now: &ResourceState) -> Opti
     if declared.is_empty() {
         return None;
     }
-    let found = found_keys(now.outputs.text(), declared);
-    let missing: Vec<String> = declared
-        .iter()
-        .enumerate()
-        .filter(|(n, _)| *n >= 128 || found & (1u128 << n) == 0)
-        .map(|(_, o)| format!("`{}`", o.name))
-        .collect();
+    let missing: Vec<String> = if declared.len() <= 128 {
+        let found = found_keys(now.outputs.text(), declared);
+        declared
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| found & (1u128 << n) == 0)
+            .map(|(_, o)| format!("`{}`", o.name))
+            .collect()
+    } else {
+        let returned: std::collections::HashSet<String> = now.outputs.keys().into_iter().collect();
+        declared
+            .iter()
+            .filter(|o| !returned.contains(&o.name))
+            .map(|o| format!("`{}`", o.name))
+            .collect()
+    };
     match missing.len() {
         0 => None,
         1 => Some(format!("output {}", missing[0])),
@@ -1191,12 +1207,14 @@ fn found_keys(text: &str, declared: &[capstan_schema::info::OutputInfo]) -> u128
 /// A failed call as an outcome. Only a failure the provider reported itself is settled (the
 /// resource is as it was); after a timeout, a crash or a lost connection nobody knows what the
 /// provider did, so the intent stays pending and the next run says so.
-fn failure(address: &str, error: CallError) -> Outcome {
-    // Reported by the provider, or refused before it was sent: nothing unknown happened.
-    let settled = matches!(
-        error,
-        CallError::Failed { .. } | CallError::RequestTooLarge { .. }
-    );
+fn failure(address: &str, error: CallError, was_pending: bool) -> Outcome {
+    // Reported by the provider, or refused before it was sent: nothing unknown happened in
+    // this run. (A refused request leaves an earlier run's interruption as it was.)
+    let settled = match error {
+        CallError::Failed { .. } => true,
+        CallError::RequestTooLarge { .. } => !was_pending,
+        _ => false,
+    };
     let (kind, details) = match &error {
         CallError::Failed { error, .. } => (error.kind.as_str().to_string(), error.details.clone()),
         CallError::RequestTooLarge { .. } => ("invalid_input".to_string(), String::new()),
@@ -1391,7 +1409,8 @@ async fn create_or_update(
                     operation: verb,
                     error: error.clone(),
                     kind: "provider".into(),
-                    details: format!("outputs returned: {}", now.outputs),
+                    // Names only: values may be secrets, or megabytes.
+                    details: format!("outputs returned: {}", now.outputs.keys().join(", ")),
                     elapsed_seconds: elapsed,
                 });
                 let recorded = (operation != Operation::Read).then(|| Box::new(now));
@@ -1421,7 +1440,19 @@ async fn create_or_update(
                 },
             )
         }
-        Err(error) => fail(i, address, verb, error, journaled, &shared, elapsed).await,
+        Err(error) => {
+            fail(
+                i,
+                address,
+                verb,
+                error,
+                journaled,
+                was_pending,
+                &shared,
+                elapsed,
+            )
+            .await
+        }
     }
 }
 
@@ -1506,22 +1537,36 @@ async fn delete(
             });
             (i, Outcome::Deleted)
         }
-        Err(error) => fail(i, address, "delete", error, true, &shared, elapsed).await,
+        Err(error) => {
+            fail(
+                i,
+                address,
+                "delete",
+                error,
+                true,
+                was_pending,
+                &shared,
+                elapsed,
+            )
+            .await
+        }
     }
 }
 
 /// Reports a failed call: journals it when it is settled (and `journal` is set: reads change
 /// nothing), and emits the event.
+#[allow(clippy::too_many_arguments)]
 async fn fail(
     i: usize,
     address: String,
     verb: &'static str,
     error: CallError,
     journal: bool,
+    was_pending: bool,
     shared: &Shared,
     elapsed: f64,
 ) -> (usize, Outcome) {
-    let outcome = failure(&address, error);
+    let outcome = failure(&address, error, was_pending);
     if let Outcome::Failed {
         error,
         kind,

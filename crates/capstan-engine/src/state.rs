@@ -199,6 +199,9 @@ pub struct LoadReport {
     /// Numbers of the other journal lines that are damaged (they fail their checksum or do not
     /// decode); every intact record around them was read.
     pub damaged: Vec<usize>,
+    /// The last line is a whole record without its line break (a write cut just before it):
+    /// kept, and ended by the next command that writes.
+    pub unterminated_tail: bool,
 }
 
 /// Seconds since the Unix epoch as RFC 3339 in UTC, e.g. `2026-11-29T14:50:12Z`.
@@ -278,7 +281,9 @@ pub(crate) fn holder_description() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let user =
         std::env::var("USER").unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }));
-    let command: Vec<String> = std::env::args().collect();
+    let command: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     serde_json::json!({
         "pid": std::process::id(),
         "host": host.trim(),
@@ -397,8 +402,8 @@ impl DirectoryBackend {
         let mut damaged = Vec::new();
         if let Ok(file) = File::open(&journal) {
             for_each_line(file, &journal, |_, line, _| {
-                if decode(line).is_none() {
-                    damaged.extend_from_slice(line.as_bytes());
+                if decode_bytes(line).is_none() {
+                    damaged.extend_from_slice(line);
                     damaged.push(b'\n');
                 }
             })?;
@@ -581,10 +586,13 @@ fn read_stored(dir: &Path) -> Result<(State, LoadReport), StateError> {
             use std::os::unix::fs::MetadataExt;
             let opened = file.metadata().map_err(io(&journal_path))?.ino();
             for_each_line(file, &journal_path, |number, line, whole| {
-                match decode(line) {
+                match decode_bytes(line) {
                     Some(record) => {
                         state.apply_owned(record);
                         report.records += 1;
+                        // A whole record cut just before its line break: kept, and the line
+                        // ended before anything is appended after it.
+                        report.unterminated_tail |= !whole;
                     }
                     // Only the last line can be torn; `whole` is false only for it.
                     None if !whole => report.torn_tail = Some(number),
@@ -606,7 +614,7 @@ fn read_stored(dir: &Path) -> Result<(State, LoadReport), StateError> {
 fn for_each_line(
     file: File,
     path: &Path,
-    mut each: impl FnMut(usize, &str, bool),
+    mut each: impl FnMut(usize, &[u8], bool),
 ) -> Result<(), StateError> {
     let mut reader = BufReader::new(file);
     let mut line = Vec::new();
@@ -620,12 +628,16 @@ fn for_each_line(
         }
         number += 1;
         let whole = line.last() == Some(&b'\n');
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end_matches('\n');
-        if !text.is_empty() {
-            each(number, text, whole);
+        let bytes = line.strip_suffix(b"\n").unwrap_or(&line);
+        if !bytes.is_empty() {
+            each(number, bytes, whole);
         }
     }
+}
+
+/// A journal line's record, if it is one (text that is not UTF-8 is damage).
+fn decode_bytes(line: &[u8]) -> Option<Record> {
+    decode(std::str::from_utf8(line).ok()?)
 }
 
 /// The state in `dir` for a command that only reads: no lock taken, nothing created or
@@ -686,8 +698,8 @@ impl StateBackend for DirectoryBackend {
             });
         }
         make_private(&self.dir)?;
-        if report.torn_tail.is_some() {
-            // Start a clean journal so appends never follow a torn line.
+        if report.torn_tail.is_some() || report.unterminated_tail {
+            // Start a clean journal so appends never follow a torn or unended line.
             self.compact(&state)?;
         }
         self.start_writer()?;
@@ -925,7 +937,7 @@ mod tests {
     }
 
     #[test]
-    fn the_state_is_private_whatever_the_umask() {
+    fn a_permissive_state_left_by_an_older_capstan_is_made_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
@@ -952,6 +964,30 @@ mod tests {
     }
 
     #[test]
+    fn a_record_cut_just_before_its_line_break_is_kept_and_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("journal");
+        let mut text = encode(&done("r0", 0));
+        text.pop();
+        std::fs::write(&journal, &text).unwrap();
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let (state, report) = backend.load().unwrap();
+        assert!(report.unterminated_tail && report.damaged.is_empty());
+        assert_eq!(state.resources.len(), 1);
+        block_on(append_durably(&backend, vec![done("r1", 1)])).unwrap();
+        drop(backend);
+        let (state, report) = read_only(dir.path()).unwrap();
+        assert_eq!(state.resources.len(), 2, "both records, neither damaged");
+        assert_eq!(
+            report,
+            LoadReport {
+                records: 1,
+                ..LoadReport::default()
+            }
+        );
+    }
+
+    #[test]
     fn times_are_written_as_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
@@ -968,10 +1004,23 @@ mod tests {
         std::fs::write(dir.path().join("journal"), &bytes).unwrap();
         let (state, report) = read_only(dir.path()).unwrap();
         assert!(state.resources.is_empty());
-        assert!(!report.damaged.is_empty() || report.torn_tail.is_some());
+        assert!(!report.damaged.is_empty(), "{report:?}");
         let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
-        assert!(backend.load().is_err() || report.damaged.is_empty());
-        backend.repair().unwrap();
+        assert!(matches!(backend.load(), Err(StateError::Damaged { .. })));
+        let aside = backend.repair().unwrap().expect("damage set aside");
+        // Byte for byte, even where the bytes are not text (line breaks are the separators).
+        let mut expected = bytes.clone();
+        if expected.last() != Some(&b'\n') {
+            expected.push(b'\n');
+        }
+        let kept = std::fs::read(&aside).unwrap();
+        let strip = |b: &[u8]| {
+            b.iter()
+                .copied()
+                .filter(|c| *c != b'\n')
+                .collect::<Vec<u8>>()
+        };
+        assert_eq!(strip(&kept), strip(&expected));
         assert!(backend.load().unwrap().0.resources.is_empty());
     }
 

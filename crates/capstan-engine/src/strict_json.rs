@@ -25,7 +25,8 @@ impl fmt::Display for StrictError {
         match self {
             StrictError::DuplicateKey(key) => write!(
                 f,
-                "the key `{key}` appears twice in one object; name each key once"
+                "the key `{}` appears twice in one object; name each key once",
+                crate::model::printable(key)
             ),
             StrictError::TooDeep => f.write_str(
                 "nested too deeply: JSON here may nest at most 127 objects or arrays deep",
@@ -39,9 +40,13 @@ impl fmt::Display for StrictError {
 const DUPLICATE: &str = "\u{0}duplicate key ";
 
 fn classify(error: serde_json::Error) -> StrictError {
-    let text = error.to_string();
-    if let Some(rest) = text.strip_prefix(DUPLICATE) {
-        let key = rest.split(" at line ").next().unwrap_or(rest);
+    let mut text = error.to_string();
+    // serde_json ends a message with exactly this when it knows the position.
+    let position = format!(" at line {} column {}", error.line(), error.column());
+    if error.line() > 0 && text.ends_with(&position) {
+        text.truncate(text.len() - position.len());
+    }
+    if let Some(key) = text.strip_prefix(DUPLICATE) {
         return StrictError::DuplicateKey(key.to_string());
     }
     if text.starts_with("recursion limit exceeded") {
@@ -156,6 +161,11 @@ mod tests {
             parse(r#"{"a": {"a": 1}}"#).is_ok(),
             "the same key in two objects"
         );
+        // Keys are shown whole and escaped, whatever they hold.
+        let odd = parse(r#"{"x at line 1": 1, "x at line 1": 2}"#).unwrap_err();
+        assert_eq!(odd, StrictError::DuplicateKey("x at line 1".into()));
+        let evil = parse("{\"\\u001b[31m\": 1, \"\\u001b[31m\": 2}").unwrap_err();
+        assert!(!evil.to_string().contains('\u{1b}'), "{evil}");
     }
 
     #[test]

@@ -86,14 +86,34 @@ pub fn serve() -> std::process::ExitCode {
             libc::signal(signal, libc::SIG_IGN);
         }
     }
+    let (lines, registered) = std::sync::mpsc::channel::<libc::pid_t>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if let Ok(sid) = line.trim().parse::<libc::pid_t>() {
+                if sid > 1 && lines.send(sid).is_err() {
+                    break;
+                }
+            }
+        }
+        // Dropping `lines` tells the loop below that the host is gone.
+    });
     let mut sessions = BTreeSet::new();
-    let stdin = std::io::stdin();
-    for line in stdin.lock().lines() {
-        let Ok(line) = line else { break };
-        if let Ok(sid) = line.trim().parse::<libc::pid_t>() {
-            if sid > 1 {
+    loop {
+        match registered.recv_timeout(FORGET_EVERY) {
+            Ok(sid) => {
                 sessions.insert(sid);
             }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // A session id can be handed out again once nothing is left in it: forget
+                // empty sessions, so that a new, unrelated session with a reused id is never
+                // killed.
+                if !sessions.is_empty() {
+                    let alive: BTreeSet<libc::pid_t> = processes().map(|(_, sid)| sid).collect();
+                    sessions.retain(|sid| alive.contains(sid));
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
     if !sessions.is_empty() {
@@ -101,6 +121,9 @@ pub fn serve() -> std::process::ExitCode {
     }
     std::process::ExitCode::SUCCESS
 }
+
+/// How often the reaper forgets sessions that have emptied.
+const FORGET_EVERY: Duration = Duration::from_secs(1);
 
 /// SIGKILLs every process in `sessions` until none is left (a process may fork between a
 /// scan and its kill, so scan again), for at most about a second.

@@ -167,11 +167,16 @@ impl Resource for File {
                 .map_err(|e| {
                     OperationError::permanent(format!("cannot write {}: {e}", temp.0.display()))
                 })?;
-            file.write_all(inputs.content.as_bytes())
-                .await
-                .map_err(|e| {
-                    OperationError::permanent(format!("cannot write {}: {e}", temp.0.display()))
-                })?;
+            // Flushed and synced before the rename: tokio's write only hands the bytes to a
+            // blocking task, and a full disk must be an error here, never an empty file later.
+            let written = async {
+                file.write_all(inputs.content.as_bytes()).await?;
+                file.flush().await?;
+                file.sync_all().await
+            };
+            written.await.map_err(|e| {
+                OperationError::permanent(format!("cannot write {}: {e}", temp.0.display()))
+            })?;
         }
         if let Some(mode) = mode {
             tokio::fs::set_permissions(&temp.0, std::fs::Permissions::from_mode(mode))

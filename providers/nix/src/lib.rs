@@ -249,6 +249,28 @@ impl BuildIn {
     }
 }
 
+/// A private directory for an operation's garbage-collector roots, removed with them.
+struct GcRoots(std::path::PathBuf);
+
+impl GcRoots {
+    fn new() -> Result<Self, OperationError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("capstan-nix-roots-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            OperationError::permanent(format!("cannot make {}: {e}", dir.display()))
+        })?;
+        Ok(GcRoots(dir))
+    }
+}
+
+impl Drop for GcRoots {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs a Nix command with Nix's progress translated live, and returns the lines it printed
 /// on stdout (store paths). `what` names it in errors, e.g. "nix-build".
 async fn run_nix(
@@ -262,7 +284,12 @@ async fn run_nix(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let tool = what.split_whitespace().next().unwrap_or(what);
+    let tool = command
+        .as_std()
+        .get_program()
+        .to_string_lossy()
+        .into_owned();
+    let tool = tool.as_str();
     let mut child = command.spawn().map_err(|e| missing_nix(tool, e))?;
     let group = capstan_provider::ProcessGroupGuard::new(child.id());
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
@@ -340,13 +367,22 @@ impl Resource for Build {
 
     async fn create(&self, op: &Operation, inputs: BuildIn) -> Result<BuildOut, OperationError> {
         // Evaluate once (the derivations are also what `read` compares), then build them.
+        // The derivations are garbage-collector roots until built (an automatic collection
+        // during a long build must not take them): links in a directory of our own, removed
+        // when this operation ends.
         op.phase("evaluating").await;
-        let drv_paths = run_nix(
-            op,
-            inputs.command("nix-instantiate")?,
-            "nix-build (evaluation)",
-        )
-        .await?;
+        let roots = GcRoots::new()?;
+        let mut instantiate = inputs.command("nix-instantiate")?;
+        instantiate.arg("--add-root").arg(roots.0.join("drv"));
+        let drv_paths = run_nix(op, instantiate, "nix-build (evaluation)")
+            .await?
+            .into_iter()
+            .map(|root| {
+                std::fs::read_link(&root)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or(root)
+            })
+            .collect::<Vec<_>>();
         op.phase("building").await;
         let mut build = tokio::process::Command::new("nix-build");
         build
@@ -354,6 +390,7 @@ impl Resource for Build {
             .args(["--no-out-link", "--log-format", "internal-json", "-v"])
             .args(&inputs.args);
         let out_paths = run_nix(op, build, "nix-build").await?;
+        drop(roots);
         Ok(BuildOut {
             out_path: out_paths[0].clone(),
             out_paths,
