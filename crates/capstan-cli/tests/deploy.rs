@@ -341,8 +341,10 @@ fn the_per_provider_limit_and_the_job_limit_hold() {
 
 #[test]
 fn a_second_apply_is_refused_while_the_state_is_locked() {
+    // The first apply holds the lock until it is killed (not for a time that must outlast
+    // the second one's start).
     let project = Project::new(testing(
-        json!({"slow": {"provider": "t", "type": "sleep", "inputs": {"ms": 3000}}}),
+        json!({"slow": {"provider": "t", "type": "hang", "inputs": {}}}),
     ));
     let mut first = Command::new(capstan_bin())
         .args(["apply", "--json"])
@@ -365,6 +367,21 @@ fn a_second_apply_is_refused_while_the_state_is_locked() {
     );
     let _ = first.kill();
     let _ = first.wait();
+}
+
+/// Every line still to come from a `wait_for_line` reader, up to the end of its output (not
+/// merely what has arrived so far: the reader may lag behind the process's exit).
+fn rest_of(lines: std::sync::mpsc::Receiver<String>) -> Vec<String> {
+    let mut rest = Vec::new();
+    loop {
+        match lines.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(line) => rest.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return rest,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the output did not end; so far: {rest:?}")
+            }
+        }
+    }
 }
 
 /// Reads lines until one contains `needle`; keeps draining the pipe in the background after.
@@ -458,7 +475,7 @@ fn ctrl_c_cancels_in_flight_work_saves_state_and_exits_130() {
     unsafe { libc::kill(apply.id() as i32, libc::SIGINT) };
     let status = apply.wait().unwrap();
     assert_eq!(status.code(), Some(130));
-    let rest: Vec<String> = lines.try_iter().collect();
+    let rest = rest_of(lines);
     assert!(
         rest.iter().any(|l| l.contains("\"interrupted\"")),
         "{rest:?}"
@@ -598,7 +615,7 @@ fn lock_timeout_waits_for_the_holder_to_finish() {
     unsafe { libc::kill(first.id() as i32, libc::SIGINT) };
     assert_eq!(first.wait().unwrap().code(), Some(130));
     assert!(second.wait().unwrap().success());
-    let said: Vec<String> = waiting.try_iter().collect();
+    let said = rest_of(waiting);
     assert!(
         said.iter().any(|l| l.contains("held by pid")),
         "it named the holder: {said:?}"
