@@ -336,6 +336,19 @@ fn unknown_types_and_bad_inputs_are_invalid_input_errors() {
             .err()
             .unwrap();
         assert_eq!(err.kind(), Some(ErrorKind::InvalidInput), "{err}");
+
+        // An array is not an object, even where serde could fill a struct from one.
+        let err = h
+            .connection
+            .call(create("limited", json!([1])), rec.observer())
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), Some(ErrorKind::InvalidInput), "{err}");
+        assert!(
+            err.to_string().contains("inputs must be a JSON object"),
+            "{err}"
+        );
     });
 }
 

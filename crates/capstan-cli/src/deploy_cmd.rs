@@ -49,6 +49,18 @@ impl Place {
             .clone()
             .unwrap_or_else(|| capstan_engine::model::dir_of(&self.file).join(".capstan"))
     }
+
+    /// The state directory, or why it cannot be one (something else is at its path).
+    pub fn checked_state_dir(&self) -> Result<PathBuf, String> {
+        let dir = self.state_dir();
+        if dir.exists() && !dir.is_dir() {
+            return Err(format!(
+                "{} is not a directory, so it cannot hold the state; give --state a directory",
+                dir.display()
+            ));
+        }
+        Ok(dir)
+    }
 }
 
 /// The deployment to read.
@@ -244,7 +256,7 @@ fn open(
         let params = load_params(args.params.as_deref()).map_err(|e| fail(&format!("{e:#}")))?;
         Deployment::load(file, &params).map_err(|e| fail(&e))?
     };
-    let dir = args.place.state_dir();
+    let dir = args.place.checked_state_dir().map_err(|e| fail(&e))?;
     let owner = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -252,7 +252,16 @@ fn main() -> ExitCode {
             Command::Provider(command) => match command.run(stdout).await {
                 Ok(code) => code,
                 Err(e) => {
-                    say!("error: {e:#}");
+                    // The chain of causes, each once (many messages already quote their cause).
+                    let mut text = e.to_string();
+                    for cause in e.chain().skip(1) {
+                        let cause = cause.to_string();
+                        if !text.contains(&cause) {
+                            text.push_str(": ");
+                            text.push_str(&cause);
+                        }
+                    }
+                    say!("error: {text}");
                     ExitCode::from(2)
                 }
             },

@@ -129,8 +129,13 @@ fn provider_name(target: &Target) -> String {
     }
 }
 
+/// A flag's JSON object (inputs and outputs are objects of names to values).
 fn parse_json(flag: &str, text: &str) -> anyhow::Result<Value> {
-    serde_json::from_str(text).with_context(|| format!("{flag} is not valid JSON: {text}"))
+    match capstan_engine::strict_json::parse(text) {
+        Ok(value @ Value::Object(_)) => Ok(value),
+        Ok(_) => bail!("{flag} must be a JSON object of names to values, e.g. {{\"value\": 1}}"),
+        Err(e) => bail!("{flag}: {e}"),
+    }
 }
 
 /// Shows the provider's own stderr as it arrives.

@@ -54,7 +54,13 @@ pub enum StateCmd {
 }
 
 pub async fn state_cmd(place: Place, command: StateCmd, mut stdout: Stdout) -> ExitCode {
-    let dir = place.state_dir();
+    let dir = match place.checked_state_dir() {
+        Ok(dir) => dir,
+        Err(e) => {
+            say!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
     match command {
         StateCmd::List { json } => {
             let Some(state) = look(&place) else {

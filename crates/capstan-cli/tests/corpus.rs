@@ -457,6 +457,44 @@ fn cases() -> Vec<Case> {
                 1,
             )
         },
+        Case {
+            name: "state_dir_is_a_file",
+            files: &[("not-a-dir", "x")],
+            ..bad("", LOCAL, &["apply", "--state", "not-a-dir"], 2)
+        },
+        Case {
+            name: "state_list_state_dir_is_a_file",
+            files: &[("not-a-dir", "x")],
+            ..bad("", LOCAL, &["state", "list", "--state", "not-a-dir"], 2)
+        },
+        bad(
+            "provider_call_inputs_not_an_object",
+            LOCAL,
+            &[
+                "provider", "call", "local", "--type", "memo", "--inputs", "[1]",
+            ],
+            2,
+        ),
+        bad(
+            "provider_call_inputs_duplicate_key",
+            LOCAL,
+            &[
+                "provider",
+                "call",
+                "local",
+                "--type",
+                "memo",
+                "--inputs",
+                r#"{"value": 1, "value": 2}"#,
+            ],
+            2,
+        ),
+        bad(
+            "provider_socket_missing",
+            LOCAL,
+            &["provider", "describe", "--socket", "no/such.sock"],
+            2,
+        ),
         // ---- built-in providers are discoverable ----
         bad(
             "provider_describe_builtin_typo",

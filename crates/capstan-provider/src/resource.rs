@@ -224,6 +224,15 @@ fn decode<T: DeserializeOwned>(
             op.address()
         )));
     }
+    if !text.trim_start().starts_with('{') {
+        // serde would fill a struct from an array too: `[1]` is not `{"value": 1}`.
+        return Err(OperationError::invalid_input(format!(
+            "{} `{}`: {what} must be a JSON object, not {}",
+            op.resource_type(),
+            op.address(),
+            text.trim().chars().take(40).collect::<String>()
+        )));
+    }
     serde_json::from_str(text).map_err(|e| {
         let header = format!("{} `{}`", op.resource_type(), op.address());
         if matches!(
