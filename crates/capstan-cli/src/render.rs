@@ -289,7 +289,17 @@ pub struct LiveEvents {
 struct Live {
     running: std::collections::BTreeMap<String, Running>,
     drawn: usize,
+    /// Lines to print above the block at the next redraw.
+    pending: String,
 }
+
+/// How often the live view is redrawn (events in between are gathered: drawing on every
+/// event made a run of 10,000 quick resources 2.5 times slower than without the view).
+const REDRAW_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// Lines gathered beyond this are printed at once rather than at the next tick.
+const PENDING_LIMIT: usize = 256 * 1024;
+/// At most this many running resources are drawn; the rest are counted.
+const MAX_DRAWN: usize = 20;
 
 struct Running {
     operation: &'static str,
@@ -322,7 +332,8 @@ fn fit(text: &str, width: usize) -> String {
 }
 
 impl LiveEvents {
-    /// A live view, redrawn as events arrive and every 200 ms while anything runs.
+    /// A live view, redrawn every 100 ms while anything runs or lines wait to be printed,
+    /// and at once for the plan, an interrupt and the summary.
     pub fn new(lines: HumanEvents) -> Rc<Self> {
         let view = Rc::new(LiveEvents {
             lines,
@@ -330,33 +341,35 @@ impl LiveEvents {
         });
         let weak = Rc::downgrade(&view);
         tokio::task::spawn_local(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+            let mut tick = tokio::time::interval(REDRAW_EVERY);
             loop {
                 tick.tick().await;
                 let Some(view) = weak.upgrade() else { return };
-                let busy = !view.live.borrow().running.is_empty();
+                let busy = {
+                    let live = view.live.borrow();
+                    !live.running.is_empty() || !live.pending.is_empty()
+                };
                 if busy {
-                    view.redraw(&[]);
+                    view.redraw();
                 }
             }
         });
         view
     }
 
-    /// Clears the block of running lines, prints `above`, draws the block again.
-    fn redraw(&self, above: &[String]) {
+    /// Clears the block of running lines, prints the lines gathered since, draws the block
+    /// again.
+    fn redraw(&self) {
         let mut live = self.live.borrow_mut();
         let width = terminal_width();
         let mut out = String::new();
         for _ in 0..live.drawn {
             out.push_str("\x1b[1A\x1b[2K");
         }
-        for line in above {
-            out.push_str(line);
-            out.push('\n');
-        }
+        out.push_str(&std::mem::take(&mut live.pending));
         let mut drawn = 0;
-        for (address, r) in &live.running {
+        let hidden = live.running.len().saturating_sub(MAX_DRAWN);
+        for (address, r) in live.running.iter().take(MAX_DRAWN) {
             let elapsed = r.started.elapsed().as_secs_f64();
             let bar = match &r.counter {
                 Some((done, expected, unit)) if *expected > 0 => {
@@ -380,7 +393,30 @@ impl LiveEvents {
             out.push('\n');
             drawn += 1;
         }
+        if hidden > 0 {
+            out.push_str(
+                &self
+                    .lines
+                    .paint("2", &format!("  … and {hidden} more running")),
+            );
+            out.push('\n');
+            drawn += 1;
+        }
         live.drawn = drawn;
+        crate::output::to_stderr(out.as_bytes());
+    }
+}
+
+impl Drop for LiveEvents {
+    /// Whatever ends the view, no gathered line is lost.
+    fn drop(&mut self) {
+        let live = self.live.get_mut();
+        if live.pending.is_empty() && live.drawn == 0 {
+            return;
+        }
+        let mut out = "\x1b[1A\x1b[2K".repeat(live.drawn);
+        out.push_str(&std::mem::take(&mut live.pending));
+        live.drawn = 0;
         crate::output::to_stderr(out.as_bytes());
     }
 }
@@ -428,7 +464,21 @@ impl EventSink for LiveEvents {
                 _ => {}
             }
         }
+        let now = matches!(
+            event,
+            Event::Plan { .. } | Event::Interrupted { .. } | Event::Summary { .. }
+        );
         let above = self.lines.lines(event, true);
-        self.redraw(&above);
+        let full = {
+            let mut live = self.live.borrow_mut();
+            for line in above {
+                live.pending.push_str(&line);
+                live.pending.push('\n');
+            }
+            live.pending.len() > PENDING_LIMIT
+        };
+        if now || full {
+            self.redraw();
+        }
     }
 }

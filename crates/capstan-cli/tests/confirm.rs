@@ -147,3 +147,61 @@ fn an_apply_that_deletes_everything_asks_too_and_yes_skips_the_question() {
     assert!(status.success());
     assert_eq!(listed(dir.path()), "");
 }
+
+#[test]
+fn the_live_view_on_a_terminal_loses_no_line() {
+    // The view gathers lines between redraws: every one of them must still reach the screen,
+    // and the summary last.
+    let dir = tempfile::tempdir().unwrap();
+    let resources: serde_json::Map<String, serde_json::Value> = (0..300)
+        .map(|i| {
+            (
+                format!("m{i:03}"),
+                serde_json::json!({"provider": "local", "type": "memo", "inputs": {"value": i}}),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        serde_json::json!({"providers": {"local": {"builtin": "local"}}, "resources": resources})
+            .to_string(),
+    )
+    .unwrap();
+    let (mut master, slave) = pty();
+    let mut child = Command::new(capstan_bin())
+        .arg("apply")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .unwrap();
+    let mut reader = master.try_clone().unwrap();
+    let collector = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buffer = [0u8; 65536];
+        // Ends with EIO once capstan (the only holder of the terminal's other side) exits.
+        while let Ok(n) = reader.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buffer[..n]);
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    assert!(child.wait().unwrap().success());
+    let _ = master.flush();
+    let seen = collector.join().unwrap();
+    let mut last = 0;
+    for i in 0..300 {
+        let line = format!("m{i:03}: created");
+        let at = seen
+            .find(&line)
+            .unwrap_or_else(|| panic!("`{line}` never shown"));
+        last = last.max(at);
+    }
+    assert!(
+        seen.rfind("Done: 300 created").unwrap() > last,
+        "the summary comes last"
+    );
+}
