@@ -274,5 +274,7 @@ fn main() -> ExitCode {
     // before deleting everything) that a Ctrl-C abandoned.
     runtime.shutdown_background();
     capstan_host::reaper::finish();
+    // What is still queued for the terminal or a pipe, unless it stays blocked.
+    output::finish(std::time::Duration::from_secs(5));
     code
 }

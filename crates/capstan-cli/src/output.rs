@@ -1,38 +1,200 @@
 //! Where the CLI's output goes: the process's real stdout, kept apart from fd 1 so nothing else
-//! can write to it, and stderr. Neither ever panics or blocks the run when its reader has gone
-//! away (`capstan apply 2>&1 | head -5`): a failed write marks the output closed, which the run
-//! treats like an interrupt (see `closed`), and later writes are dropped.
+//! can write to it, and stderr.
+//!
+//! Both are written by a thread of their own, so the run never waits on a terminal or a pipe
+//! (a slow `ssh` session, a terminal paused with Ctrl-S, a consumer of `--json` that falls
+//! behind): output is queued, up to `QUEUE_LIMIT` bytes, and only a consumer that stays that
+//! far behind slows the run down. Neither ever panics when its reader has gone away (`capstan
+//! apply 2>&1 | head -5`): a failed write marks the output closed (see `closed`), later output
+//! is dropped, and the run finishes without it.
 
+use std::collections::VecDeque;
 use std::fs::File;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::os::fd::FromRawFd;
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 /// Fires when a write to stdout or stderr fails (the reader closed the pipe, the terminal
-/// went away). Commands that run operations stop gracefully when it fires.
+/// went away).
 pub fn closed() -> &'static CancellationToken {
     static CLOSED: OnceLock<CancellationToken> = OnceLock::new();
     CLOSED.get_or_init(CancellationToken::new)
 }
 
-/// Writes `bytes` to stderr in one call, or marks the output closed.
+/// Output waiting for the writer beyond this many bytes makes a writer wait for room.
+const QUEUE_LIMIT: usize = 64 * 1024 * 1024;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<(Target, Vec<u8>)>,
+    bytes: usize,
+    /// The writer is gone or asked to stop: nothing more is queued.
+    ended: bool,
+    /// The writer is writing an item it took off the queue.
+    busy: bool,
+}
+
+struct Writer {
+    queue: Mutex<Queue>,
+    /// Signalled when something was queued, or the end asked for.
+    more: Condvar,
+    /// Signalled when the writer took something off the queue (room, or an empty queue).
+    taken: Condvar,
+}
+
+static WRITER: OnceLock<Writer> = OnceLock::new();
+
+/// Starts the writer thread, which owns `stdout` from now on. Until it is started (and in
+/// processes that never start it), output is written directly.
+fn start(stdout: Option<File>) {
+    let writer = WRITER.get_or_init(|| Writer {
+        queue: Mutex::new(Queue::default()),
+        more: Condvar::new(),
+        taken: Condvar::new(),
+    });
+    let spawned = std::thread::Builder::new()
+        .name("capstan-output".into())
+        .spawn(move || write_until_ended(writer, stdout));
+    if spawned.is_err() {
+        // No thread: mark the queue ended, so output is written directly instead.
+        if let Ok(mut queue) = writer.queue.lock() {
+            queue.ended = true;
+        }
+    }
+}
+
+fn write_until_ended(writer: &'static Writer, mut stdout: Option<File>) {
+    let mut stderr_open = true;
+    loop {
+        let (target, bytes) = {
+            let Ok(mut queue) = writer.queue.lock() else {
+                return;
+            };
+            loop {
+                if let Some(item) = queue.items.pop_front() {
+                    queue.bytes -= item.1.len();
+                    queue.busy = true;
+                    break item;
+                }
+                queue.busy = false;
+                writer.taken.notify_all();
+                if queue.ended {
+                    return;
+                }
+                queue = match writer.more.wait(queue) {
+                    Ok(queue) => queue,
+                    Err(_) => return,
+                };
+            }
+        };
+        writer.taken.notify_all();
+        let failed = match target {
+            Target::Stdout => match &mut stdout {
+                Some(file) => file.write_all(&bytes).is_err(),
+                None => false,
+            },
+            Target::Stderr if stderr_open => {
+                let mut stderr = std::io::stderr().lock();
+                stderr
+                    .write_all(&bytes)
+                    .and_then(|()| stderr.flush())
+                    .is_err()
+            }
+            Target::Stderr => false,
+        };
+        if failed {
+            match target {
+                Target::Stdout => stdout = None,
+                Target::Stderr => stderr_open = false,
+            }
+            closed().cancel();
+        }
+    }
+}
+
+fn send(target: Target, bytes: Vec<u8>) {
+    if let Some(writer) = WRITER.get() {
+        if let Ok(mut queue) = writer.queue.lock() {
+            if !queue.ended {
+                while queue.bytes > QUEUE_LIMIT && !queue.ended {
+                    queue = match writer.taken.wait(queue) {
+                        Ok(queue) => queue,
+                        Err(_) => return,
+                    };
+                }
+                queue.bytes += bytes.len();
+                queue.items.push_back((target, bytes));
+                writer.more.notify_one();
+                return;
+            }
+        }
+    }
+    // No writer thread: write here (stdout has no handle outside the writer; it is only
+    // written through it).
+    if target == Target::Stderr && !closed().is_cancelled() {
+        let mut stderr = std::io::stderr().lock();
+        if stderr
+            .write_all(&bytes)
+            .and_then(|()| stderr.flush())
+            .is_err()
+        {
+            closed().cancel();
+        }
+    }
+}
+
+/// At the end of the process: lets the writer write what is queued, waiting at most `limit`
+/// (a terminal paused for good must not keep capstan from exiting), then stops it.
+pub fn finish(limit: Duration) {
+    drain(limit, true);
+}
+
+/// Waits (at most `limit`) until everything queued so far is written, so that `closed` tells
+/// whether it could be.
+pub fn flush(limit: Duration) {
+    drain(limit, false);
+}
+
+fn drain(limit: Duration, end: bool) {
+    let Some(writer) = WRITER.get() else { return };
+    let Ok(mut queue) = writer.queue.lock() else {
+        return;
+    };
+    if end {
+        queue.ended = true;
+        writer.more.notify_all();
+    }
+    let deadline = Instant::now() + limit;
+    while !queue.items.is_empty() || queue.busy {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        queue = match writer.taken.wait_timeout(queue, left) {
+            Ok((queue, _)) => queue,
+            Err(_) => return,
+        };
+    }
+}
+
+/// Queues `bytes` for stderr (written in one call), or drops them once stderr is closed.
 pub fn to_stderr(bytes: &[u8]) {
     if closed().is_cancelled() {
         return;
     }
-    let mut stderr = std::io::stderr().lock();
-    if stderr
-        .write_all(bytes)
-        .and_then(|()| stderr.flush())
-        .is_err()
-    {
-        closed().cancel();
-    }
+    send(Target::Stderr, bytes.to_vec());
 }
 
-/// `eprintln!` that never panics: a line on stderr, or nothing once stderr is closed.
+/// `eprintln!` that never panics or blocks: a line on stderr, or nothing once it is closed.
 macro_rules! say {
     ($($arg:tt)*) => {{
         let mut line = format!($($arg)*);
@@ -41,30 +203,35 @@ macro_rules! say {
     }};
 }
 
-/// Our private handle on the original stdout.
-pub struct Stdout(Option<File>);
+/// Our private handle on the original stdout (written by the output thread).
+pub struct Stdout {
+    terminal: bool,
+}
 
 impl Stdout {
-    /// Duplicates fd 1 for our own use and points fd 1 at stderr, so stray prints from any
-    /// library end up on stderr.
+    /// Duplicates fd 1 for our own use (handed to the output thread, which it starts) and
+    /// points fd 1 at stderr, so stray prints from any library end up on stderr.
     pub fn take() -> Self {
         // SAFETY: fcntl(F_DUPFD_CLOEXEC) and dup2 on the standard descriptors touch no memory;
         // the duplicate is a fresh descriptor that nothing else owns, so `File` may own it.
-        unsafe {
+        let file = unsafe {
             let copy = libc::fcntl(libc::STDOUT_FILENO, libc::F_DUPFD_CLOEXEC, 3);
             if copy < 0 {
                 // No stdout at all (closed): write nowhere rather than fail.
-                return Stdout(None);
+                None
+            } else {
+                libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
+                Some(File::from_raw_fd(copy))
             }
-            libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
-            Stdout(Some(File::from_raw_fd(copy)))
-        }
+        };
+        let terminal = file.as_ref().is_some_and(|f| f.is_terminal());
+        start(file);
+        Stdout { terminal }
     }
 
     /// Whether the real stdout is a terminal.
     pub fn is_terminal(&self) -> bool {
-        use std::io::IsTerminal;
-        self.0.as_ref().is_some_and(|f| f.is_terminal())
+        self.terminal
     }
 
     /// Writes one line, in one `write` (a reader never sees half a line from us before the
@@ -78,17 +245,11 @@ impl Stdout {
     /// Writes `text` and a newline, reusing `text`'s buffer.
     pub fn line_owned(&mut self, mut text: String) {
         text.push('\n');
-        self.write(text.as_bytes());
+        send(Target::Stdout, text.into_bytes());
     }
 
-    /// Writes `bytes` as they are; a failed write closes this output for good and marks the
-    /// output closed.
+    /// Writes `bytes` as they are.
     pub fn write(&mut self, bytes: &[u8]) {
-        if let Some(file) = &mut self.0 {
-            if file.write_all(bytes).is_err() {
-                self.0 = None;
-                closed().cancel();
-            }
-        }
+        send(Target::Stdout, bytes.to_vec());
     }
 }

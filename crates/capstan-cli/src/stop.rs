@@ -90,6 +90,7 @@ impl Stop {
                     }
                     Some(_) => {
                         say!("{} again: stopping now; recorded state is safe, in-flight operations are left as interrupted", now.describe());
+                        crate::output::finish(std::time::Duration::from_secs(1));
                         std::process::exit(now.exit_code() as i32);
                     }
                 }
@@ -107,6 +108,8 @@ impl Stop {
     /// for SIGPIPE) when its output was closed on the way, so nobody mistakes a run whose
     /// report was lost for a clean one.
     pub fn finished(&self, ok: bool) -> ExitCode {
+        // Whether the output was closed is known once what was written so far has been.
+        crate::output::flush(std::time::Duration::from_secs(5));
         if let Some(code) = self.exit_code() {
             code
         } else if !ok {

@@ -158,7 +158,7 @@ fn failures_exit_1_with_the_message_and_usage_errors_exit_2() {
 
     let out = provider_call(&provider, "noop", "{not json");
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("--inputs is not valid JSON"));
+    assert!(text(&out.stderr).contains("--inputs: not valid JSON"));
 
     let out = capstan(&["provider", "describe", "--", "/definitely/not/here"]);
     assert_eq!(out.status.code(), Some(2));

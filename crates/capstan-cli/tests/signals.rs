@@ -249,3 +249,48 @@ fn a_closed_output_lets_the_run_finish_and_exits_141() {
         );
     }
 }
+
+#[test]
+fn a_reader_that_falls_behind_does_not_hold_the_run_back() {
+    // Nobody reads the --json stream until the run is over: far more than a pipe holds. The
+    // run still finishes (the state says so) while its output waits.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("capstan.json");
+    let resources: serde_json::Map<String, serde_json::Value> = (0..2000)
+        .map(|i| {
+            (
+                format!("r{i}"),
+                serde_json::json!({"provider": "t", "type": "noop", "inputs": {"value": "x".repeat(200)}}),
+            )
+        })
+        .collect();
+    std::fs::write(
+        &file,
+        serde_json::json!({"providers": {"t": {"executable": support::testing_provider()}}, "resources": resources})
+            .to_string(),
+    )
+    .unwrap();
+    let mut apply = Command::new(capstan_bin())
+        .args(["apply", "--json", "-f"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("every resource is recorded while stdout is unread", || {
+        let out = Command::new(capstan_bin())
+            .args(["state", "list", "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count() == 2000
+    });
+    let mut stdout = apply.stdout.take().unwrap();
+    let mut all = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut all).unwrap();
+    assert!(apply.wait().unwrap().success());
+    assert!(
+        all.contains("\"type\":\"summary\""),
+        "the whole stream arrives"
+    );
+}
