@@ -15,7 +15,8 @@ use capstan_host::{
     ProviderConnection, ProviderLog, ProviderSource,
 };
 use capstan_schema::{OperationKind, ProgressEvent, ProgressKind};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::builder::TypedValueParser;
+use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::output::Stdout;
@@ -56,19 +57,16 @@ pub struct Target {
     command: Vec<OsString>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Op {
-    Create,
-    Read,
-    Update,
-    Delete,
-}
-
 #[derive(Args)]
 pub struct CallArgs {
     /// The operation to run.
-    #[arg(long, value_enum, default_value = "create")]
-    op: Op,
+    #[arg(
+        long,
+        default_value = "create",
+        value_parser = clap::builder::PossibleValuesParser::new(OperationKind::ALL.map(|k| k.as_str()))
+            .try_map(|name| name.parse::<OperationKind>())
+    )]
+    op: OperationKind,
     /// The resource type, as listed by `capstan provider describe`.
     #[arg(long = "type", value_name = "TYPE")]
     resource_type: String,
@@ -188,12 +186,7 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
         Some(text) => Some(parse_json("--previous-outputs", text)?),
         None => None,
     };
-    let kind = match args.op {
-        Op::Create => OperationKind::Create,
-        Op::Read => OperationKind::Read,
-        Op::Update => OperationKind::Update,
-        Op::Delete => OperationKind::Delete,
-    };
+    let kind = args.op;
     if kind != OperationKind::Create && previous_outputs.is_none() {
         bail!(
             "--op {} needs --previous-outputs (the outputs recorded by the create)",

@@ -25,6 +25,40 @@ impl Summary {
     }
 }
 
+/// What kind of failure ended an operation (`schema/events.schema.json` lists them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Reported by the provider: it will not work as asked.
+    Permanent,
+    /// Reported by the provider, or found by the core: the deployment must change.
+    InvalidInput,
+    /// Reported by the provider: trying again later may work (the core never retries).
+    Transient,
+    /// Reported by the provider: it was cancelled.
+    Cancelled,
+    /// Reported by the provider: a bug in it (a panic, say).
+    Internal,
+    /// The operation outlived its timeout and was cancelled.
+    Timeout,
+    /// The provider crashed, lost its connection, broke the protocol or returned a result
+    /// without a declared output.
+    Provider,
+}
+
+impl From<capstan_schema::ErrorKind> for FailureKind {
+    fn from(kind: capstan_schema::ErrorKind) -> Self {
+        use capstan_schema::ErrorKind as K;
+        match kind {
+            K::Permanent => FailureKind::Permanent,
+            K::InvalidInput => FailureKind::InvalidInput,
+            K::Transient => FailureKind::Transient,
+            K::Cancelled => FailureKind::Cancelled,
+            K::Internal => FailureKind::Internal,
+        }
+    }
+}
+
 /// One event. Field names are part of the JSON stream's contract: only ever add.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -56,7 +90,7 @@ pub enum Event {
         address: String,
         operation: &'static str,
         error: String,
-        kind: String,
+        kind: FailureKind,
         details: String,
         elapsed_seconds: f64,
     },

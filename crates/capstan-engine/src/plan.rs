@@ -33,6 +33,18 @@ impl Action {
             Action::Replace => "replace",
         }
     }
+
+    /// The first operation a provider is asked for to carry it out (a replace deletes first;
+    /// nothing is asked for an unchanged resource but, at most, a read).
+    pub fn first_operation(self) -> capstan_schema::OperationKind {
+        use capstan_schema::OperationKind as K;
+        match self {
+            Action::Create => K::Create,
+            Action::Update => K::Update,
+            Action::Delete | Action::Replace => K::Delete,
+            Action::Noop => K::Read,
+        }
+    }
 }
 
 /// One resource's line in the plan.
@@ -50,7 +62,7 @@ pub struct PlannedChange {
     pub waits_on: Vec<String>,
     /// An operation on this resource was interrupted in an earlier run.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub interrupted: Option<String>,
+    pub interrupted: Option<capstan_schema::OperationKind>,
     /// Something the user must know about this change (e.g. a delete the provider cannot do).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -213,7 +225,7 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
             resource_type: r.resource_type.clone(),
             changed_inputs,
             waits_on,
-            interrupted: state.pending.get(address).map(|p| p.operation.clone()),
+            interrupted: state.pending.get(address).map(|p| p.operation),
             note: replaces.as_ref().map(|old| {
                 format!(
                     "was a `{}` of provider `{}`: it is deleted, then created anew",
@@ -241,7 +253,7 @@ fn delete_change(address: &str, old: &crate::state::ResourceState, state: &State
         resource_type: old.resource_type.clone(),
         changed_inputs: Vec::new(),
         waits_on: Vec::new(),
-        interrupted: state.pending.get(address).map(|p| p.operation.clone()),
+        interrupted: state.pending.get(address).map(|p| p.operation),
         note: None,
         replaces: None,
         declared: None,

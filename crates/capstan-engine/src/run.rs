@@ -21,7 +21,7 @@ use futures::FutureExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::events::{Event, EventSink, Summary};
+use crate::events::{Event, EventSink, FailureKind, Summary};
 use crate::maps::FastMap;
 use crate::model::{Deployment, ProviderDecl, ProviderSourceDecl};
 use crate::plan::{Action, PlannedChange};
@@ -277,7 +277,7 @@ enum Outcome {
     Deleted,
     Failed {
         error: String,
-        kind: String,
+        kind: FailureKind,
         details: String,
         /// The provider reported the failure (journaled as such); otherwise the intent stays
         /// pending.
@@ -548,7 +548,7 @@ pub async fn run(
                                 "{address}: the outputs it refers to were not produced: {}",
                                 missing.join(", ")
                             ),
-                            kind: "invalid_input".into(),
+                            kind: FailureKind::InvalidInput,
                             details: String::new(),
                             elapsed_seconds: 0.0,
                         });
@@ -624,7 +624,7 @@ pub async fn run(
                                         "{address}: `{}` returned no capability named `{}`",
                                         cap.address, cap.name
                                     ),
-                                    kind: "invalid_input".into(),
+                                    kind: FailureKind::InvalidInput,
                                     details: String::new(),
                                     elapsed_seconds: 0.0,
                                 });
@@ -670,7 +670,7 @@ pub async fn run(
                                     None,
                                     capabilities,
                                     dependencies,
-                                    Operation::Create,
+                                    OperationKind::Create,
                                     false,
                                     create_slot,
                                     providers,
@@ -684,9 +684,9 @@ pub async fn run(
                         continue;
                     }
                     let operation = match (unchanged, &recorded) {
-                        (true, _) => Operation::Read,
-                        (false, None) => Operation::Create,
-                        (false, Some(_)) => Operation::Update,
+                        (true, _) => OperationKind::Read,
+                        (false, None) => OperationKind::Create,
+                        (false, Some(_)) => OperationKind::Update,
                     };
                     let slot = Slot::take(&shared);
                     running.push(
@@ -801,7 +801,7 @@ pub async fn run(
                                 address: change.address.clone(),
                                 operation: change.action.as_str(),
                                 error: format!("{}: interrupted", change.address),
-                                kind: "cancelled".into(),
+                                kind: FailureKind::Cancelled,
                                 details: String::new(),
                                 elapsed_seconds: 0.0,
                             });
@@ -814,7 +814,7 @@ pub async fn run(
                                 // one still needs a check.)
                                 never_sent.push(Record::Failed {
                                     address: change.address.clone(),
-                                    operation: change.action.as_str().into(),
+                                    operation: change.action.first_operation(),
                                     error: "interrupted before it was sent to its provider".into(),
                                 });
                             }
@@ -939,13 +939,6 @@ fn skip_dependents(
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Operation {
-    Create,
-    Update,
-    Read,
-}
-
 fn progress_observer(
     events: Rc<dyn EventSink>,
     address: String,
@@ -975,14 +968,14 @@ fn stop_reason(state_error: &Option<StateError>) -> String {
 async fn not_sent(
     i: usize,
     address: String,
-    verb: &str,
+    operation: OperationKind,
     recorded: bool,
     shared: &Shared,
 ) -> (usize, Outcome) {
     if recorded {
         let settled = Record::Failed {
             address,
-            operation: verb.into(),
+            operation,
             error: "not sent to its provider: the run stopped".into(),
         };
         if let Err(e) = append_durably(&*shared.backend, vec![settled]).await {
@@ -1216,10 +1209,10 @@ fn failure(address: &str, error: CallError, was_pending: bool) -> Outcome {
         _ => false,
     };
     let (kind, details) = match &error {
-        CallError::Failed { error, .. } => (error.kind.as_str().to_string(), error.details.clone()),
-        CallError::RequestTooLarge { .. } => ("invalid_input".to_string(), String::new()),
-        CallError::Timeout { .. } => ("timeout".to_string(), String::new()),
-        _ => ("provider".to_string(), String::new()),
+        CallError::Failed { error, .. } => (error.kind.into(), error.details.clone()),
+        CallError::RequestTooLarge { .. } => (FailureKind::InvalidInput, String::new()),
+        CallError::Timeout { .. } => (FailureKind::Timeout, String::new()),
+        _ => (FailureKind::Provider, String::new()),
     };
     let mut message = error.to_string();
     if !settled {
@@ -1246,7 +1239,7 @@ async fn send(
     i: usize,
     connection: &ProviderConnection,
     provider: &str,
-    verb: &'static str,
+    operation: OperationKind,
     journaled: bool,
     was_pending: bool,
     mut call: OperationCall,
@@ -1268,7 +1261,7 @@ async fn send(
         shared.phases.borrow_mut()[i] = Phase::Recording;
         let intent = Record::Intent {
             address: call.address.clone(),
-            operation: verb.into(),
+            operation,
             provider: provider.to_string(),
             resource_type: call.resource_type.clone(),
             inputs: call.inputs.clone(),
@@ -1281,17 +1274,21 @@ async fn send(
     }
     let Some(job) = job_permit(&shared, i).await else {
         let settle = journaled && !was_pending;
-        return Err(not_sent(i, call.address, verb, settle, &shared).await);
+        return Err(not_sent(i, call.address, operation, settle, &shared).await);
     };
     let started = Instant::now();
     // Started means recorded: the intent is durable before anyone is told.
     shared.events.emit(Event::ResourceStart {
         address: call.address.clone(),
-        operation: verb,
+        operation: operation.as_str(),
         provider: provider.to_string(),
         resource_type: call.resource_type.clone(),
     });
-    let observer = progress_observer(shared.events.clone(), call.address.clone(), verb);
+    let observer = progress_observer(
+        shared.events.clone(),
+        call.address.clone(),
+        operation.as_str(),
+    );
     let result = connection.call(call, observer).await;
     let elapsed = started.elapsed().as_secs_f64();
     if result.is_err() && options.fail_fast {
@@ -1316,17 +1313,19 @@ async fn create_or_update(
     recorded: Option<ResourceState>,
     capabilities: Vec<(String, resource_handle::Client)>,
     dependencies: Vec<String>,
-    operation: Operation,
+    operation: OperationKind,
     was_pending: bool,
     slot: Slot,
     providers: &Providers,
     options: &RunOptions,
 ) -> (usize, Outcome) {
     let shared = slot.0.clone();
-    let (kind, verb, counted) = match operation {
-        Operation::Create => (OperationKind::Create, "create", Action::Create),
-        Operation::Update => (OperationKind::Update, "update", Action::Update),
-        Operation::Read => (OperationKind::Read, "read", Action::Noop),
+    let kind = operation;
+    let verb = operation.as_str();
+    let counted = match operation {
+        OperationKind::Create => Action::Create,
+        OperationKind::Update => Action::Update,
+        _ => Action::Noop,
     };
     let Some(connection) = providers.connections.get(&provider).cloned() else {
         // A caller that started fewer providers than the run needs (e.g. only those of the
@@ -1339,7 +1338,7 @@ async fn create_or_update(
             address,
             operation: verb,
             error: error.clone(),
-            kind: "provider".into(),
+            kind: FailureKind::Provider,
             details: String::new(),
             elapsed_seconds: 0.0,
         });
@@ -1347,7 +1346,7 @@ async fn create_or_update(
             i,
             Outcome::Failed {
                 error,
-                kind: "provider".into(),
+                kind: FailureKind::Provider,
                 details: String::new(),
                 settled: true,
                 recorded: None,
@@ -1361,12 +1360,12 @@ async fn create_or_update(
         ..OperationCall::new(kind, &resource_type, &address, inputs.clone())
     };
     // Reads change nothing: no intent.
-    let journaled = operation != Operation::Read;
+    let journaled = operation != OperationKind::Read;
     let (result, elapsed) = match send(
         i,
         &connection,
         &provider,
-        verb,
+        operation,
         journaled,
         was_pending,
         call,
@@ -1388,7 +1387,7 @@ async fn create_or_update(
                 outputs: success.outputs,
                 dependencies,
             };
-            if operation != Operation::Read {
+            if operation != OperationKind::Read {
                 let done = Record::Done {
                     address: address.clone(),
                     state: now.clone(),
@@ -1408,17 +1407,17 @@ async fn create_or_update(
                     address,
                     operation: verb,
                     error: error.clone(),
-                    kind: "provider".into(),
+                    kind: FailureKind::Provider,
                     // Names only: values may be secrets, or megabytes.
                     details: format!("outputs returned: {}", now.outputs.keys().join(", ")),
                     elapsed_seconds: elapsed,
                 });
-                let recorded = (operation != Operation::Read).then(|| Box::new(now));
+                let recorded = (operation != OperationKind::Read).then(|| Box::new(now));
                 return (
                     i,
                     Outcome::Failed {
                         error,
-                        kind: "provider".into(),
+                        kind: FailureKind::Provider,
                         details: String::new(),
                         settled: true,
                         recorded,
@@ -1444,7 +1443,7 @@ async fn create_or_update(
             fail(
                 i,
                 address,
-                verb,
+                operation,
                 error,
                 journaled,
                 was_pending,
@@ -1475,7 +1474,7 @@ async fn delete(
             address,
             operation: "delete",
             error: error.clone(),
-            kind: "invalid_input".into(),
+            kind: FailureKind::InvalidInput,
             details: String::new(),
             elapsed_seconds: 0.0,
         });
@@ -1483,7 +1482,7 @@ async fn delete(
             i,
             Outcome::Failed {
                 error,
-                kind: "invalid_input".into(),
+                kind: FailureKind::InvalidInput,
                 details: String::new(),
                 settled: true,
                 recorded: None,
@@ -1504,7 +1503,7 @@ async fn delete(
         i,
         &connection,
         &recorded.provider,
-        "delete",
+        OperationKind::Delete,
         true,
         was_pending,
         call,
@@ -1541,7 +1540,7 @@ async fn delete(
             fail(
                 i,
                 address,
-                "delete",
+                OperationKind::Delete,
                 error,
                 true,
                 was_pending,
@@ -1559,7 +1558,7 @@ async fn delete(
 async fn fail(
     i: usize,
     address: String,
-    verb: &'static str,
+    operation: OperationKind,
     error: CallError,
     journal: bool,
     was_pending: bool,
@@ -1578,7 +1577,7 @@ async fn fail(
         if journal && *settled {
             let failed = Record::Failed {
                 address: address.clone(),
-                operation: verb.into(),
+                operation,
                 error: error.clone(),
             };
             if let Err(e) = append_durably(&*shared.backend, vec![failed]).await {
@@ -1587,9 +1586,9 @@ async fn fail(
         }
         shared.events.emit(Event::ResourceFailed {
             address,
-            operation: verb,
+            operation: operation.as_str(),
             error: error.clone(),
-            kind: kind.clone(),
+            kind: *kind,
             details: details.clone(),
             elapsed_seconds: elapsed,
         });

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use capstan_schema::Json;
+use capstan_schema::{Json, OperationKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -48,7 +48,7 @@ pub struct ResourceState {
 /// An operation that started and has no recorded end: interrupted by a crash or Ctrl-C.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PendingOperation {
-    pub operation: String,
+    pub operation: OperationKind,
     pub provider: String,
     #[serde(rename = "type")]
     pub resource_type: String,
@@ -73,7 +73,7 @@ pub enum Record {
     /// About to call the provider.
     Intent {
         address: String,
-        operation: String,
+        operation: OperationKind,
         provider: String,
         #[serde(rename = "type")]
         resource_type: String,
@@ -90,7 +90,7 @@ pub enum Record {
     /// The operation failed; the resource is as it was before.
     Failed {
         address: String,
-        operation: String,
+        operation: OperationKind,
         error: String,
     },
     /// A person resolved an interrupted operation (`capstan state resolve`).
@@ -805,7 +805,7 @@ mod tests {
     fn intent(address: &str) -> Record {
         Record::Intent {
             address: address.into(),
-            operation: "create".into(),
+            operation: OperationKind::Create,
             provider: "p".into(),
             resource_type: "t".into(),
             inputs: Json::empty_object(),
@@ -985,6 +985,22 @@ mod tests {
                 ..LoadReport::default()
             }
         );
+    }
+
+    #[test]
+    fn journals_keep_their_format_and_old_ones_still_read() {
+        // Operations are a type now, written as the same words as before.
+        let line = String::from_utf8(encode(&intent("a"))).unwrap();
+        assert!(line.contains(r#""operation":"create""#), "{line}");
+        // Older runs recorded an interrupted replace as "replace".
+        let json = r#"{"failed":{"address":"a","operation":"replace","error":"interrupted"}}"#;
+        let old = format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes()));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("journal"), format!("{line}{old}")).unwrap();
+        let (state, report) = read_only(dir.path()).unwrap();
+        assert_eq!(report.records, 2);
+        assert!(report.damaged.is_empty());
+        assert!(state.pending.is_empty(), "the failure settled the intent");
     }
 
     #[test]

@@ -32,12 +32,17 @@ pub use json::Json;
 pub use progress::{Level, LogStream, ProgressEvent, ProgressKind};
 pub use trace::TraceContext;
 
-/// Which of the four operations is running.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which of the four operations is running. Written as "create", "read", "update" or
+/// "delete" wherever it is stored or shown (the journal, the event stream, flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OperationKind {
     Create,
     Read,
     Update,
+    /// Journals written before operations had a type may say "replace" (a replace deletes
+    /// first).
+    #[serde(alias = "replace")]
     Delete,
 }
 
@@ -50,6 +55,31 @@ impl OperationKind {
             OperationKind::Update => "update",
             OperationKind::Delete => "delete",
         }
+    }
+
+    /// All four, in the protocol's order.
+    pub const ALL: [OperationKind; 4] = [
+        OperationKind::Create,
+        OperationKind::Read,
+        OperationKind::Update,
+        OperationKind::Delete,
+    ];
+}
+
+impl std::str::FromStr for OperationKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        OperationKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == text)
+            .ok_or_else(|| format!("`{text}` is not an operation: create, read, update or delete"))
+    }
+}
+
+impl std::fmt::Display for OperationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
