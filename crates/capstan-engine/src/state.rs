@@ -334,30 +334,40 @@ impl DirectoryBackend {
             .truncate(false)
             .open(&lock_path)
             .map_err(io(&lock_path))?;
-        let mut told = false;
-        let deadline = Instant::now() + lock_timeout;
-        loop {
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                break;
-            }
-            let holder = || {
-                use std::os::unix::fs::FileExt;
-                let mut bytes = vec![0; 4096];
-                let n = lock.read_at(&mut bytes, 0).unwrap_or(0);
-                describe_holder(&String::from_utf8_lossy(&bytes[..n]))
+        let holder = || {
+            use std::os::unix::fs::FileExt;
+            let mut bytes = vec![0; 4096];
+            let n = lock.read_at(&mut bytes, 0).unwrap_or(0);
+            describe_holder(&String::from_utf8_lossy(&bytes[..n]))
+        };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let locked = || StateError::Locked {
+                dir: dir.to_path_buf(),
+                holder: holder(),
             };
-            if Instant::now() >= deadline {
-                return Err(StateError::Locked {
-                    dir: dir.to_path_buf(),
-                    holder: holder(),
-                });
+            if lock_timeout.is_zero() {
+                return Err(locked());
             }
-            if !told {
-                told = true;
-                waiting(&holder());
+            waiting(&holder());
+            // A blocking flock, on a thread of its own, woken by the kernel when the holder
+            // lets go (no polling). It locks through a duplicate of our descriptor (the same
+            // open file, so the lock is ours); if we stop waiting first, the thread gives the
+            // lock back as soon as it gets it, by closing that duplicate.
+            let duplicate = lock.try_clone().map_err(io(&lock_path))?;
+            let (got, get) = mpsc::channel();
+            std::thread::Builder::new()
+                .name("capstan-lock-wait".into())
+                .spawn(move || {
+                    // SAFETY: flock on a descriptor this thread owns.
+                    let locked = unsafe { libc::flock(duplicate.as_raw_fd(), libc::LOCK_EX) } == 0;
+                    let _ = got.send(locked);
+                })
+                .map_err(io(&lock_path))?;
+            match get.recv_timeout(lock_timeout) {
+                Ok(true) => {}
+                _ => return Err(locked()),
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
         lock.set_len(0).map_err(io(&lock_path))?;
         lock.rewind().map_err(io(&lock_path))?;
