@@ -1197,6 +1197,55 @@ fn found_keys(text: &str, declared: &[capstan_schema::info::OutputInfo]) -> u128
     de.deserialize_map(Keys(declared)).unwrap_or(0)
 }
 
+/// A failure the core found itself, settled (nothing unknown happened in a provider): none
+/// was started, or what one returned cannot be used.
+struct CoreFailure {
+    error: String,
+    kind: FailureKind,
+    details: String,
+    elapsed: f64,
+    /// What the provider made, to keep in the state although the operation failed.
+    recorded: Option<Box<ResourceState>>,
+}
+
+impl CoreFailure {
+    fn new(error: String, kind: FailureKind) -> Self {
+        CoreFailure {
+            error,
+            kind,
+            details: String::new(),
+            elapsed: 0.0,
+            recorded: None,
+        }
+    }
+
+    /// Tells the user, and makes it the operation's outcome.
+    fn report(
+        self,
+        i: usize,
+        address: String,
+        operation: &'static str,
+        shared: &Shared,
+    ) -> (usize, Outcome) {
+        shared.events.emit(Event::ResourceFailed {
+            address,
+            operation,
+            error: self.error.clone(),
+            kind: self.kind,
+            details: self.details,
+            elapsed_seconds: self.elapsed,
+        });
+        let outcome = Outcome::Failed {
+            error: self.error,
+            kind: self.kind,
+            details: String::new(),
+            settled: true,
+            recorded: self.recorded,
+        };
+        (i, outcome)
+    }
+}
+
 /// A failed call as an outcome. Only a failure the provider reported itself is settled (the
 /// resource is as it was); after a timeout, a crash or a lost connection nobody knows what the
 /// provider did, so the intent stays pending and the next run says so.
@@ -1334,24 +1383,8 @@ async fn create_or_update(
             "{address}: provider `{provider}` was not started for this run, so `{address}` cannot be {}",
             if verb == "read" { "read for its capabilities" } else { "changed" }
         );
-        shared.events.emit(Event::ResourceFailed {
-            address,
-            operation: verb,
-            error: error.clone(),
-            kind: FailureKind::Provider,
-            details: String::new(),
-            elapsed_seconds: 0.0,
-        });
-        return (
-            i,
-            Outcome::Failed {
-                error,
-                kind: FailureKind::Provider,
-                details: String::new(),
-                settled: true,
-                recorded: None,
-            },
-        );
+        let failure = CoreFailure::new(error, FailureKind::Provider);
+        return failure.report(i, address, verb, &shared);
     };
     let call = OperationCall {
         previous_inputs: recorded.as_ref().map(|r| r.inputs.clone()),
@@ -1403,26 +1436,14 @@ async fn create_or_update(
                     "{address}: provider `{}` returned no {missing}, which `{}` declares; the resource is recorded as it was returned, and what depends on it is skipped",
                     now.provider, now.resource_type
                 );
-                shared.events.emit(Event::ResourceFailed {
-                    address,
-                    operation: verb,
-                    error: error.clone(),
-                    kind: FailureKind::Provider,
+                let failure = CoreFailure {
                     // Names only: values may be secrets, or megabytes.
                     details: format!("outputs returned: {}", now.outputs.keys().join(", ")),
-                    elapsed_seconds: elapsed,
-                });
-                let recorded = (operation != OperationKind::Read).then(|| Box::new(now));
-                return (
-                    i,
-                    Outcome::Failed {
-                        error,
-                        kind: FailureKind::Provider,
-                        details: String::new(),
-                        settled: true,
-                        recorded,
-                    },
-                );
+                    elapsed,
+                    recorded: (operation != OperationKind::Read).then(|| Box::new(now)),
+                    ..CoreFailure::new(error, FailureKind::Provider)
+                };
+                return failure.report(i, address, verb, &shared);
             }
             shared.events.emit(Event::ResourceComplete {
                 address,
@@ -1470,24 +1491,8 @@ async fn delete(
             "{address}: its provider `{}` is not declared in the deployment any more; declare it again until its resources are deleted",
             recorded.provider
         );
-        shared.events.emit(Event::ResourceFailed {
-            address,
-            operation: "delete",
-            error: error.clone(),
-            kind: FailureKind::InvalidInput,
-            details: String::new(),
-            elapsed_seconds: 0.0,
-        });
-        return (
-            i,
-            Outcome::Failed {
-                error,
-                kind: FailureKind::InvalidInput,
-                details: String::new(),
-                settled: true,
-                recorded: None,
-            },
-        );
+        let failure = CoreFailure::new(error, FailureKind::InvalidInput);
+        return failure.report(i, address, "delete", &shared);
     };
     let call = OperationCall {
         previous_inputs: Some(recorded.inputs.clone()),
