@@ -43,6 +43,49 @@ impl Drop for ProcessGroupGuard {
     }
 }
 
+/// The last lines a command wrote, for an error's details: at most `LastLines::LIMIT`, the
+/// oldest dropped first.
+#[derive(Clone, Debug, Default)]
+pub struct LastLines(VecDeque<String>);
+
+impl LastLines {
+    /// How many lines are kept.
+    pub const LIMIT: usize = 20;
+
+    /// Keeps `line`, dropping the oldest beyond the limit.
+    pub fn push(&mut self, line: impl Into<String>) {
+        if self.0.len() == Self::LIMIT {
+            self.0.pop_front();
+        }
+        self.0.push_back(line.into());
+    }
+
+    /// The lines, oldest first, one per line.
+    pub fn joined(&self) -> String {
+        self.0.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// The lines, oldest first.
+    pub fn into_vec(self) -> Vec<String> {
+        self.0.into()
+    }
+}
+
+/// Starts `command` the way a provider should run a command for an operation: stdout and
+/// stderr piped (to read them as they come), in a process group of its own (so that a
+/// [`ProcessGroupGuard`], or [`stream_command`], can stop everything it started), killed if
+/// its `Child` is dropped. Set stdin yourself.
+pub fn spawn_piped(
+    command: &mut tokio::process::Command,
+) -> std::io::Result<tokio::process::Child> {
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+}
+
 /// Reads one line from a child process's output, without its line ending; bytes that are not
 /// UTF-8 are replaced rather than ending the stream (a command that prints one Latin-1 byte
 /// must not stop being read, or it blocks on a full pipe). `Ok(None)` at end of file; a last
@@ -101,9 +144,6 @@ pub struct CommandOutput {
     pub tail: Vec<String>,
 }
 
-/// How many lines [`CommandOutput::tail`] keeps.
-const TAIL_LINES: usize = 20;
-
 /// Runs a spawned command to its end: every line of its stdout and stderr goes to the
 /// operation's log as it arrives. The command must have been started with piped stdout and
 /// stderr and `.process_group(0)`; if the operation is cancelled meanwhile, its whole process
@@ -120,7 +160,7 @@ pub async fn stream_command(
     let mut stderr_buffer = Vec::new();
     let mut captured = Vec::new();
     let mut ignored = Vec::new();
-    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut tail = LastLines::default();
     let (mut out_open, mut err_open) = (true, true);
     while out_open || err_open {
         let (stream, line) = tokio::select! {
@@ -143,10 +183,7 @@ pub async fn stream_command(
         };
         match line {
             Ok(Some(line)) => {
-                if tail.len() == TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line.clone());
+                tail.push(line.clone());
                 op.log(stream, line).await;
             }
             _ if stream == LogStream::Stdout => out_open = false,
@@ -161,7 +198,7 @@ pub async fn stream_command(
     Ok(CommandOutput {
         status,
         stdout: captured,
-        tail: tail.into(),
+        tail: tail.into_vec(),
     })
 }
 

@@ -71,7 +71,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 pub use bridge::ProgressLayer;
-pub use command::{read_line_lossy, stream_command, CommandOutput, ProcessGroupGuard};
+pub use command::{
+    read_line_lossy, spawn_piped, stream_command, CommandOutput, LastLines, ProcessGroupGuard,
+};
 pub use operation::Operation;
 pub use resource::{Prior, Resource, ResourceType};
 pub use serve::{Endpoint, ServeError, LISTEN_ENV};

@@ -278,11 +278,7 @@ impl Resource for Exec {
                 Stdio::piped()
             } else {
                 Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+            });
         if let Some(dir) = &inputs.cwd {
             if !absolute(dir)?.is_dir() {
                 return Err(OperationError::invalid_input(format!(
@@ -291,7 +287,7 @@ impl Resource for Exec {
             }
             command.current_dir(dir);
         }
-        let mut child = command.spawn().map_err(|e| {
+        let mut child = capstan_provider::spawn_piped(&mut command).map_err(|e| {
             let why = match e.kind() {
                 std::io::ErrorKind::NotFound => {
                     "no such program (give a path, or a name on PATH)".to_string()

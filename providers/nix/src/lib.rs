@@ -12,7 +12,7 @@
 //! progress counters. Activity and result types it does not know are passed on as events, never
 //! errors (a popular consumer broke when Nix added numbers).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::process::Stdio;
 
 use capstan_provider::{
@@ -28,8 +28,6 @@ pub fn provider() -> Provider {
         .resource(Build)
         .resource(Activate)
 }
-
-const TAIL_LINES: usize = 25;
 
 fn missing_nix(tool: &str, e: std::io::Error) -> OperationError {
     if e.kind() == std::io::ErrorKind::NotFound {
@@ -69,7 +67,7 @@ struct NixLog<'a> {
     activities: HashMap<u64, tracing::Span>,
     /// Nix's own `error:` messages, for the operation's error.
     errors: Vec<String>,
-    tail: VecDeque<String>,
+    tail: capstan_provider::LastLines,
 }
 
 impl<'a> NixLog<'a> {
@@ -78,15 +76,12 @@ impl<'a> NixLog<'a> {
             op,
             activities: HashMap::new(),
             errors: Vec::new(),
-            tail: VecDeque::new(),
+            tail: capstan_provider::LastLines::default(),
         }
     }
 
     fn remember(&mut self, line: &str) {
-        if self.tail.len() == TAIL_LINES {
-            self.tail.pop_front();
-        }
-        self.tail.push_back(line.to_string());
+        self.tail.push(line);
     }
 
     async fn line(&mut self, line: &str) {
@@ -176,7 +171,7 @@ impl<'a> NixLog<'a> {
     }
 
     fn details(&self) -> String {
-        self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+        self.tail.joined()
     }
 }
 
@@ -278,19 +273,15 @@ async fn run_nix(
     mut command: tokio::process::Command,
     what: &str,
 ) -> Result<Vec<String>, OperationError> {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    command.stdin(Stdio::null());
     let tool = command
         .as_std()
         .get_program()
         .to_string_lossy()
         .into_owned();
     let tool = tool.as_str();
-    let mut child = command.spawn().map_err(|e| missing_nix(tool, e))?;
+    let mut child =
+        capstan_provider::spawn_piped(&mut command).map_err(|e| missing_nix(tool, e))?;
     let group = capstan_provider::ProcessGroupGuard::new(child.id());
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(OperationError::internal(format!(

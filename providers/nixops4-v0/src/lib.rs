@@ -12,7 +12,6 @@
 //! passes them in ([`TypeSpec`]); inputs are the v0 program's to check. v0 has no delete: every
 //! type says so in the handshake, and a delete fails with a message saying why.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::Stdio;
 
@@ -101,9 +100,6 @@ struct V0Type {
     stateless: bool,
 }
 
-/// How many stderr lines an error carries.
-const TAIL_LINES: usize = 20;
-
 impl V0Type {
     /// One v0 exchange: start the program, send `request`, read the `expected` response.
     async fn exchange(
@@ -113,17 +109,11 @@ impl V0Type {
         expected: &str,
     ) -> Result<Value, OperationError> {
         let program = self.program.display().to_string();
-        let mut child = tokio::process::Command::new(&self.program)
-            .args(&self.args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                OperationError::permanent(format!("cannot start the v0 provider `{program}`: {e}"))
-            })?;
+        let mut command = tokio::process::Command::new(&self.program);
+        command.args(&self.args).stdin(Stdio::piped());
+        let mut child = capstan_provider::spawn_piped(&mut command).map_err(|e| {
+            OperationError::permanent(format!("cannot start the v0 provider `{program}`: {e}"))
+        })?;
         let group = capstan_provider::ProcessGroupGuard::new(child.id());
         let mut stdin = child.stdin.take().expect("piped");
         let mut line = request.to_string();
@@ -142,7 +132,7 @@ impl V0Type {
             stderr_done: false,
             response: None,
         };
-        let mut tail: VecDeque<String> = VecDeque::new();
+        let mut tail = capstan_provider::LastLines::default();
         // Read the one response line and the log until the program exits. Like NixOps4, wait
         // for the exit rather than for end-of-file: a background process the program left
         // behind may hold its pipes open.
@@ -173,7 +163,7 @@ impl V0Type {
             }
         };
         let _ = tokio::time::timeout(std::time::Duration::from_millis(500), drain).await;
-        let details = tail.into_iter().collect::<Vec<_>>().join("\n");
+        let details = tail.joined();
         let Some(first) = pipes.response.as_deref() else {
             let how = match status.code() {
                 Some(code) => format!("exited with status {code}"),
@@ -258,11 +248,8 @@ impl Pipes {
 }
 
 /// One stderr line of the v0 program: the operation's log, and kept for error messages.
-async fn log_line(op: &Operation, tail: &mut VecDeque<String>, text: String) {
-    if tail.len() == TAIL_LINES {
-        tail.pop_front();
-    }
-    tail.push_back(text.clone());
+async fn log_line(op: &Operation, tail: &mut capstan_provider::LastLines, text: String) {
+    tail.push(text.clone());
     op.log(LogStream::Stderr, text).await;
 }
 
