@@ -84,7 +84,7 @@ pub enum Event {
         operation: &'static str,
         elapsed_seconds: f64,
         /// The resource's outputs (null after a delete).
-        outputs: capstan_schema::Json,
+        outputs: capstan_host::Json,
     },
     ResourceFailed {
         address: String,

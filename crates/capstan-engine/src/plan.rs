@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use capstan_schema::Json;
+use capstan_host::Json;
 use serde::Serialize;
 
 use crate::model::{Deployment, ModelError};

@@ -9,12 +9,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use capstan_host::Json;
 use capstan_host::{
     CallError, HostOptions, LaunchError, OperationCall, OperationSuccess, ProviderCommand,
     ProviderConnection, ProviderLog, ProviderSource,
 };
 use capstan_schema::provider_capnp::resource_handle;
-use capstan_schema::{Json, OperationKind, ProgressEvent, ProviderInfo};
+use capstan_schema::{OperationKind, ProgressEvent, ProviderInfo};
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;

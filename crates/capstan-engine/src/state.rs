@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use capstan_schema::{Json, OperationKind};
+use capstan_host::Json;
+use capstan_schema::OperationKind;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -38,7 +39,7 @@ pub struct ResourceState {
     pub provider: String,
     #[serde(rename = "type")]
     pub resource_type: String,
-    /// JSON object, kept as text (see `capstan_schema::Json`).
+    /// JSON object, kept as text (see `capstan_host::Json`).
     pub inputs: Json,
     pub outputs: Json,
     /// Addresses it depended on, so deletion can run in reverse order without the deployment.

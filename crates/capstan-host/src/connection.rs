@@ -9,7 +9,9 @@ use capnp_rpc::rpc_twoparty_capnp::Side;
 use capstan_schema::provider_capnp::{
     operation_request, operation_result, provider, resource_handle,
 };
-use capstan_schema::{Json, OperationError, OperationKind, ProviderInfo, TraceContext};
+use capstan_schema::{OperationError, OperationKind, ProviderInfo, TraceContext};
+
+use crate::Json;
 use futures::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};

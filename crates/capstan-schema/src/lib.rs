@@ -22,13 +22,11 @@ pub mod provider_capnp;
 
 mod error;
 pub mod info;
-pub mod json;
 pub mod progress;
 mod trace;
 
 pub use error::{ErrorKind, OperationError};
 pub use info::{ProviderInfo, ResourceTypeInfo};
-pub use json::Json;
 pub use progress::{Level, LogStream, ProgressEvent, ProgressKind};
 pub use trace::TraceContext;
 
