@@ -17,14 +17,8 @@ use serde_json::{Map, Value};
 
 use crate::output::Stdout;
 use crate::render::{HumanEvents, JsonEvents, LiveEvents};
-use crate::stop::Stop;
+use crate::stop::{Stop, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID};
 use std::io::IsTerminal;
-
-/// Exit codes.
-pub const EXIT_FAILED: u8 = 1;
-pub const EXIT_INVALID: u8 = 2;
-pub const EXIT_INTERRUPTED: u8 = 130;
-pub const EXIT_OUTPUT_CLOSED: u8 = 128 + libc::SIGPIPE as u8;
 
 /// Where a deployment and its state are.
 #[derive(Args, Clone)]

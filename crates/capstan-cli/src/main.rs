@@ -173,7 +173,7 @@ fn main() -> ExitCode {
             let detailed = std::env::args_os().any(|a| a == "--detailed-exitcode");
             if detailed && e.use_stderr() {
                 let _ = e.print();
-                return ExitCode::from(deploy_cmd::EXIT_FAILED);
+                return ExitCode::from(stop::EXIT_FAILED);
             }
             e.exit()
         }

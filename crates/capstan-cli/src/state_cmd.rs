@@ -12,8 +12,9 @@ use capstan_engine::state::{
 use clap::Subcommand;
 use serde_json::json;
 
-use crate::deploy_cmd::{LockArgs, Place, EXIT_FAILED, EXIT_INVALID};
+use crate::deploy_cmd::{LockArgs, Place};
 use crate::output::Stdout;
+use crate::stop::{EXIT_FAILED, EXIT_INVALID};
 
 #[derive(Subcommand)]
 pub enum StateCmd {

@@ -5,7 +5,11 @@ use std::rc::Rc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::deploy_cmd::{EXIT_FAILED, EXIT_OUTPUT_CLOSED};
+/// Exit codes (see `capstan --help`).
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_INVALID: u8 = 2;
+pub const EXIT_INTERRUPTED: u8 = 130;
+pub const EXIT_OUTPUT_CLOSED: u8 = 128 + libc::SIGPIPE as u8;
 
 /// What asked a run to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use capstan_host::Json;
 use capstan_schema::ProviderInfo;
 
 use crate::maps::AddressMap;
-use crate::strict_json::{self, StrictError};
+use crate::strict_json::{self, printable, StrictError};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -908,25 +908,6 @@ fn bad_name(name: &str) -> Option<String> {
         );
     }
     None
-}
-
-/// `text` with control characters shown as escapes, for messages that quote a name a user
-/// wrote (a name with an ANSI escape must not reach the terminal raw).
-pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(char::is_control) {
-        text.chars()
-            .flat_map(|c| {
-                if c.is_control() {
-                    c.escape_default().collect::<Vec<_>>()
-                } else {
-                    vec![c]
-                }
-            })
-            .collect::<String>()
-            .into()
-    } else {
-        text.into()
-    }
 }
 
 fn kind_of(value: &Value) -> &'static str {

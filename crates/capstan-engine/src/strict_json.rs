@@ -26,7 +26,7 @@ impl fmt::Display for StrictError {
             StrictError::DuplicateKey(key) => write!(
                 f,
                 "the key `{}` appears twice in one object; name each key once",
-                crate::model::printable(key)
+                printable(key)
             ),
             StrictError::TooDeep => f.write_str(
                 "nested too deeply: JSON here may nest at most 127 objects or arrays deep",
@@ -131,6 +131,25 @@ impl<'de> Visitor<'de> for UniqueValue {
             members.insert(key, value);
         }
         Ok(Value::Object(members))
+    }
+}
+
+/// `text` with control characters shown as escapes, for messages that quote a name a user
+/// wrote (a name with an ANSI escape must not reach the terminal raw).
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .flat_map(|c| {
+                if c.is_control() {
+                    c.escape_default().collect::<Vec<_>>()
+                } else {
+                    vec![c]
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
     }
 }
 
