@@ -953,54 +953,64 @@ fn v0_bench(json_output: bool, quick: bool) {
     }
 }
 
+/// Capstan's benchmarks: each figure beside a baseline measured in the same run.
+/// Build first: cargo build --release
+#[derive(clap::Parser)]
+#[command(name = "capstan-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+/// How a benchmark reports.
+#[derive(clap::Args)]
+struct Report {
+    /// One JSON object on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Small sizes, one round (a smoke test, not a measurement).
+    #[arg(long)]
+    quick: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum Bench {
+    /// The provider protocol against raw baselines from the same run.
+    Rpc(Report),
+    /// The engine applying 10,000 and 100,000 no-op resources with durable state (median
+    /// round of 5 interleaved).
+    Apply(Report),
+    /// 2,000 no-ops through a long-lived Cap'n Proto provider vs. NixOps4's one process per
+    /// operation.
+    V0(Report),
+    /// One apply of FILE (SIZE resources, JOBS at once), for `apply`'s rounds.
+    #[command(name = "apply-child", hide = true)]
+    ApplyChild {
+        file: PathBuf,
+        size: usize,
+        jobs: usize,
+    },
+    /// The echo side of the raw socket baseline.
+    #[command(name = "raw-echo", hide = true)]
+    RawEcho { path: String },
+    /// The sending side of the raw stream baseline.
+    #[command(name = "raw-stream-sender", hide = true)]
+    RawStreamSender { path: String, count: u64 },
+    /// The slow observer's process of the memory measurement.
+    #[command(name = "slow-sink-child", hide = true)]
+    SlowSinkChild { count: u64 },
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |n: usize| args.get(n).map(String::as_str);
-    let help = args.iter().any(|a| a == "--help" || a == "-h");
-    match arg(0).filter(|_| !help) {
-        Some("rpc") => {
-            let json_output = args.iter().any(|a| a == "--json");
-            let quick = args.iter().any(|a| a == "--quick");
-            rpc(json_output, quick);
-        }
-        Some("apply") => {
-            let json_output = args.iter().any(|a| a == "--json");
-            let quick = args.iter().any(|a| a == "--quick");
-            apply_bench(json_output, quick);
-        }
-        Some("v0") => {
-            let json_output = args.iter().any(|a| a == "--json");
-            let quick = args.iter().any(|a| a == "--quick");
-            v0_bench(json_output, quick);
-        }
-        Some("apply-child") => apply_child(
-            PathBuf::from(arg(1).expect("deployment file")),
-            arg(2).and_then(|n| n.parse().ok()).expect("size"),
-            arg(3).and_then(|n| n.parse().ok()).expect("jobs"),
-        ),
-        Some("raw-echo") => raw_echo_child(arg(1).expect("path")),
-        Some("raw-stream-sender") => raw_stream_sender(
-            arg(1).expect("path"),
-            arg(2).and_then(|n| n.parse().ok()).expect("count"),
-        ),
-        Some("slow-sink-child") => {
-            slow_sink_child(arg(1).and_then(|n| n.parse().ok()).expect("count"))
-        }
-        _ => {
-            let usage = "usage: capstan-bench rpc|apply|v0 [--json] [--quick]\n\
-                 rpc: the provider protocol against raw baselines from the same run.\n\
-                 apply: the engine applying 10,000 and 100,000 no-op resources with durable state\n\
-                 (median round of 5 interleaved; apply-child FILE SIZE JOBS runs one apply).\n\
-                 v0: 2,000 no-ops through a long-lived Cap'n Proto provider vs. NixOps4's one process per operation.\n\
-                 --json: one JSON object on stdout instead of a table. --quick: small sizes, one round.\n\
-                 Build first: cargo build --release";
-            if help {
-                println!("{usage}");
-                return ExitCode::SUCCESS;
-            }
-            eprintln!("{usage}");
-            return ExitCode::from(2);
-        }
+    let cli = <Cli as clap::Parser>::parse();
+    match cli.command {
+        Bench::Rpc(report) => rpc(report.json, report.quick),
+        Bench::Apply(report) => apply_bench(report.json, report.quick),
+        Bench::V0(report) => v0_bench(report.json, report.quick),
+        Bench::ApplyChild { file, size, jobs } => apply_child(file, size, jobs),
+        Bench::RawEcho { path } => raw_echo_child(&path),
+        Bench::RawStreamSender { path, count } => raw_stream_sender(&path, count),
+        Bench::SlowSinkChild { count } => slow_sink_child(count),
     }
     ExitCode::SUCCESS
 }

@@ -73,11 +73,18 @@ fn help_is_usage_on_stdout_and_runs_nothing() {
         .expect("run capstan-bench");
     assert!(output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.starts_with("usage: capstan-bench"), "{stdout}");
+    assert!(stdout.contains("Usage: capstan-bench apply"), "{stdout}");
     assert!(
         !stdout.contains("resources/s"),
         "it ran the benchmark: {stdout}"
     );
+    // A typo is an error, not some other benchmark.
+    let output = Command::new(env!("CARGO_BIN_EXE_capstan-bench"))
+        .args(["aply"])
+        .output()
+        .expect("run capstan-bench");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("apply"));
 }
 
 #[test]
