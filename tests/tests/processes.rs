@@ -100,6 +100,7 @@ fn processes_a_provider_leaves_behind_are_killed_and_reported() {
         );
         let group_empty = wait_until(
             Duration::from_secs(5),
+            // SAFETY: signal 0 only asks whether the group exists.
             || unsafe { libc::kill(-(pid as i32), 0) } != 0,
         )
         .await;
@@ -637,6 +638,7 @@ fn a_standing_provider_service_listens_privately_and_cleans_up() {
         first.shutdown().await;
         second.shutdown().await;
 
+        // SAFETY: signals a process this test started; no memory is touched.
         unsafe { libc::kill(service.id() as i32, libc::SIGTERM) };
         let status = service.wait().unwrap();
         assert!(status.success(), "{status:?}");
@@ -659,6 +661,8 @@ fn a_socket_activated_service_serves_an_inherited_listening_socket() {
             .args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\""])
             .arg(testing_provider())
             .stderr(std::process::Stdio::null());
+        // SAFETY: the closure runs between fork and exec and only calls dup2 (async-signal-
+        // safe) on a descriptor this test owns.
         unsafe {
             command.pre_exec(move || {
                 if libc::dup2(fd, 3) < 0 {
@@ -682,6 +686,7 @@ fn a_socket_activated_service_serves_an_inherited_listening_socket() {
             .await
             .is_ok());
         provider.shutdown().await;
+        // SAFETY: signals a process this test started; no memory is touched.
         unsafe { libc::kill(service.id() as i32, libc::SIGTERM) };
         assert!(service.wait().unwrap().success());
     });
@@ -721,6 +726,7 @@ fn providers_do_not_outlive_a_sigkilled_host() {
             .parse()
             .unwrap();
         assert!(process_alive(provider_pid));
+        // SAFETY: signals a process this test started; no memory is touched.
         unsafe { libc::kill(host_pid as i32, libc::SIGKILL) };
         let _ = host.wait().await;
         assert!(

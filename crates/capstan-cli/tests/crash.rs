@@ -62,6 +62,7 @@ fn killing_apply_at_random_moments_loses_nothing_recorded() {
                 "resource_complete" => {
                     completed.insert(event["address"].as_str().unwrap().to_string());
                     if completed.len() >= kill_after {
+                        // SAFETY: signals a process this test started; no memory is touched.
                         unsafe { libc::kill(apply.id() as i32, libc::SIGKILL) };
                         break;
                     }

@@ -432,6 +432,7 @@ fn a_killed_apply_leaves_its_in_flight_operations_recorded_as_interrupted() {
             break;
         }
     }
+    // SAFETY: signals a process this test started; no memory is touched.
     unsafe { libc::kill(apply.id() as i32, libc::SIGKILL) };
     let _ = apply.wait();
 
@@ -472,6 +473,7 @@ fn ctrl_c_cancels_in_flight_work_saves_state_and_exits_130() {
         .spawn()
         .unwrap();
     let lines = wait_for_line(apply.stdout.take().unwrap(), "\"phase\"");
+    // SAFETY: signals a process this test started; no memory is touched.
     unsafe { libc::kill(apply.id() as i32, libc::SIGINT) };
     let status = apply.wait().unwrap();
     assert_eq!(status.code(), Some(130));
@@ -612,6 +614,7 @@ fn lock_timeout_waits_for_the_holder_to_finish() {
         .spawn()
         .unwrap();
     let waiting = wait_for_line(second.stderr.take().unwrap(), "waiting for the state lock");
+    // SAFETY: signals a process this test started; no memory is touched.
     unsafe { libc::kill(first.id() as i32, libc::SIGINT) };
     assert_eq!(first.wait().unwrap().code(), Some(130));
     assert!(second.wait().unwrap().success());
@@ -637,6 +640,7 @@ fn a_second_ctrl_c_stops_at_once() {
         .spawn()
         .unwrap();
     let lines = wait_for_line(apply.stdout.take().unwrap(), "\"phase\"");
+    // SAFETY: signals a process this test started; no memory is touched.
     unsafe { libc::kill(apply.id() as i32, libc::SIGINT) };
     // Wait for the first interrupt to be taken in before sending the second.
     loop {
@@ -647,6 +651,7 @@ fn a_second_ctrl_c_stops_at_once() {
             break;
         }
     }
+    // SAFETY: signals a process this test started; no memory is touched.
     unsafe { libc::kill(apply.id() as i32, libc::SIGINT) };
     let output = apply.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(130));

@@ -280,8 +280,10 @@ fn fsync_dir(dir: &Path) -> Result<(), StateError> {
 /// Who holds a lock, written into the lock file.
 pub(crate) fn holder_description() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let user =
-        std::env::var("USER").unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }));
+    let user = std::env::var("USER").unwrap_or_else(|_| {
+        // SAFETY: getuid cannot fail and touches no memory.
+        format!("uid {}", unsafe { libc::getuid() })
+    });
     let command: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
