@@ -1,0 +1,103 @@
+//! The engine driven as a library would drive it (not through the CLI), over real provider
+//! processes: what a caller may get wrong must come back as an error, never a panic.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+
+use capstan_engine::events::Event;
+use capstan_engine::model::Deployment;
+use capstan_engine::plan;
+use capstan_engine::run::{self, BuiltinLauncher, CollectEvents, Providers, RunOptions};
+use capstan_engine::state::{DirectoryBackend, StateBackend};
+use capstan_tests::{run_local, testing_provider};
+use serde_json::json;
+
+fn deployment(dir: &Path, value: u32) -> Deployment {
+    let provider = json!({"executable": testing_provider()});
+    let text = json!({
+        "providers": {"a": provider, "b": provider},
+        "resources": {
+            "h": {"provider": "a", "type": "handle", "inputs": {"value": "made by a"}},
+            "u": {"provider": "b", "type": "noop", "inputs": {"value": value, "h": {"$cap": "h#handle"}}}
+        }
+    })
+    .to_string();
+    Deployment::parse(&dir.join("capstan.json"), &text, &Default::default()).unwrap()
+}
+
+async fn apply(
+    deployment: &Deployment,
+    backend: &Rc<DirectoryBackend>,
+    state: &mut capstan_engine::state::State,
+    names: &BTreeSet<String>,
+) -> Vec<Event> {
+    let changes = plan::plan(deployment, state).unwrap();
+    let (logs, _) = tokio::sync::mpsc::channel(16);
+    let builtin = BuiltinLauncher {
+        program: testing_provider(),
+    };
+    let providers = Providers::launch(names, deployment, state, &builtin, logs)
+        .await
+        .unwrap();
+    let events = Rc::new(CollectEvents(Default::default()));
+    run::run(
+        changes,
+        deployment,
+        state,
+        backend.clone() as Rc<dyn StateBackend>,
+        &providers,
+        &RunOptions::default(),
+        events.clone(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    providers.shutdown().await;
+    Rc::try_unwrap(events).ok().unwrap().0.into_inner()
+}
+
+#[test]
+fn a_caller_that_starts_only_the_changed_providers_gets_an_error_not_a_panic() {
+    run_local(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut backend =
+            DirectoryBackend::open(&dir.path().join("state"), Duration::ZERO).unwrap();
+        let (mut state, _) = backend.load().unwrap();
+        let backend = Rc::new(backend);
+        let first = deployment(dir.path(), 1);
+        let all: BTreeSet<String> = ["a", "b"].map(String::from).into();
+        let events = apply(&first, &backend, &mut state, &all).await;
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Event::ResourceFailed { .. })),
+            "{events:?}"
+        );
+
+        // Only `u` changes, so a caller starts only its provider, `b`; but `h` (unchanged)
+        // must be read for the capability `u` takes from it, and `a` was not started.
+        let second = deployment(dir.path(), 2);
+        let changes = plan::plan(&second, &state).unwrap();
+        let needed = run::providers_needed(&changes);
+        assert_eq!(needed, ["b"].map(String::from).into());
+        let events = apply(&second, &backend, &mut state, &needed).await;
+        let failed: Vec<&String> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::ResourceFailed { error, .. } => Some(error),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(failed.len(), 1, "{events:?}");
+        assert!(
+            failed[0].contains("provider `a` was not started for this run"),
+            "{}",
+            failed[0]
+        );
+        assert!(events
+            .iter()
+            .any(|e| matches!(e, Event::ResourceSkipped { address, .. } if address == "u")));
+    });
+}
