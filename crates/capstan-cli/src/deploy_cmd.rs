@@ -441,7 +441,7 @@ async fn plan_inner(
     session.events.emit(Event::Plan {
         changes: Rc::new(changes),
     });
-    crate::output::flush(Duration::from_secs(5));
+    crate::output::flush();
     if crate::output::closed().is_cancelled() {
         return Err(stop.finished(true));
     }

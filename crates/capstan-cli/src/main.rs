@@ -196,11 +196,13 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| output::TracingWriter)
         .try_init();
     // Only what a command means to print may reach stdout: point fd 1 at stderr and keep the
     // real stdout for our own output.
     let stdout = output::Stdout::take();
+    // From here on, every way out of main writes what is queued first.
+    let _finish = output::Finish;
     // Whatever ends this process, even SIGKILL, nothing a provider started outlives it.
     let starts_providers = !matches!(cli.command, Command::State { .. });
     if starts_providers {
@@ -274,7 +276,5 @@ fn main() -> ExitCode {
     // before deleting everything) that a Ctrl-C abandoned.
     runtime.shutdown_background();
     capstan_host::reaper::finish();
-    // What is still queued for the terminal or a pipe, unless it stays blocked.
-    output::finish(std::time::Duration::from_secs(5));
     code
 }

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{IsTerminal, Write};
 use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,13 @@ pub fn closed() -> &'static CancellationToken {
     static CLOSED: OnceLock<CancellationToken> = OnceLock::new();
     CLOSED.get_or_init(CancellationToken::new)
 }
+
+/// Set once stderr cannot be written (stdout may still be fine, and the other way round).
+static STDERR_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// How many lines the live view's block of running resources takes at the bottom of the
+/// terminal right now: whoever writes to stderr next clears them first (see `to_stderr`).
+static LIVE_LINES: AtomicUsize = AtomicUsize::new(0);
 
 /// Output waiting for the writer beyond this many bytes makes a writer wait for room.
 const QUEUE_LIMIT: usize = 64 * 1024 * 1024;
@@ -114,7 +122,10 @@ fn write_until_ended(writer: &'static Writer, mut stdout: Option<File>) {
         if failed {
             match target {
                 Target::Stdout => stdout = None,
-                Target::Stderr => stderr_open = false,
+                Target::Stderr => {
+                    stderr_open = false;
+                    STDERR_CLOSED.store(true, Ordering::Relaxed);
+                }
             }
             closed().cancel();
         }
@@ -140,31 +151,47 @@ fn send(target: Target, bytes: Vec<u8>) {
     }
     // No writer thread: write here (stdout has no handle outside the writer; it is only
     // written through it).
-    if target == Target::Stderr && !closed().is_cancelled() {
+    if target == Target::Stderr && !STDERR_CLOSED.load(Ordering::Relaxed) {
         let mut stderr = std::io::stderr().lock();
         if stderr
             .write_all(&bytes)
             .and_then(|()| stderr.flush())
             .is_err()
         {
+            STDERR_CLOSED.store(true, Ordering::Relaxed);
             closed().cancel();
         }
     }
 }
 
-/// At the end of the process: lets the writer write what is queued, waiting at most `limit`
-/// (a terminal paused for good must not keep capstan from exiting), then stops it.
-pub fn finish(limit: Duration) {
-    drain(limit, true);
+/// At the end of the process: lets the writer write everything queued (as long as its reader
+/// takes it: `capstan plan | less` waits for less, as any program would), then stops it.
+pub fn finish() {
+    drain(None, true);
 }
 
-/// Waits (at most `limit`) until everything queued so far is written, so that `closed` tells
-/// whether it could be.
-pub fn flush(limit: Duration) {
-    drain(limit, false);
+/// On the way out at once (a second signal): like `finish`, but waiting at most `limit`.
+pub fn finish_within(limit: Duration) {
+    drain(Some(limit), true);
 }
 
-fn drain(limit: Duration, end: bool) {
+/// Waits until everything queued so far is written, so that `closed` tells whether it could
+/// be.
+pub fn flush() {
+    drain(None, false);
+}
+
+/// Ends the output when dropped: every return from `main` (and an unwinding panic) first
+/// writes what is queued.
+pub struct Finish;
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        finish();
+    }
+}
+
+fn drain(limit: Option<Duration>, end: bool) {
     let Some(writer) = WRITER.get() else { return };
     let Ok(mut queue) = writer.queue.lock() else {
         return;
@@ -173,25 +200,76 @@ fn drain(limit: Duration, end: bool) {
         queue.ended = true;
         writer.more.notify_all();
     }
-    let deadline = Instant::now() + limit;
+    let deadline = limit.map(|limit| Instant::now() + limit);
     while !queue.items.is_empty() || queue.busy {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        queue = match writer.taken.wait_timeout(queue, left) {
-            Ok((queue, _)) => queue,
-            Err(_) => return,
+        queue = match deadline {
+            None => match writer.taken.wait(queue) {
+                Ok(queue) => queue,
+                Err(_) => return,
+            },
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return;
+                }
+                match writer.taken.wait_timeout(queue, left) {
+                    Ok((queue, _)) => queue,
+                    Err(_) => return,
+                }
+            }
         };
     }
 }
 
 /// Queues `bytes` for stderr (written in one call), or drops them once stderr is closed.
+/// The live view's block of running resources, if one is drawn, is cleared first, so that
+/// what is written stays (the view draws its block again below it).
 pub fn to_stderr(bytes: &[u8]) {
-    if closed().is_cancelled() {
+    if STDERR_CLOSED.load(Ordering::Relaxed) {
         return;
     }
-    send(Target::Stderr, bytes.to_vec());
+    let mut out = erase_live_lines();
+    out.extend_from_slice(bytes);
+    send(Target::Stderr, out);
+}
+
+/// The terminal sequence that erases the live view's block, which is then gone.
+pub fn erase_live_lines() -> Vec<u8> {
+    "\x1b[1A\x1b[2K"
+        .repeat(LIVE_LINES.swap(0, Ordering::Relaxed))
+        .into_bytes()
+}
+
+/// The live view drew a block of `lines` lines at the bottom (written with `to_stderr`).
+pub fn set_live_lines(lines: usize) {
+    LIVE_LINES.store(lines, Ordering::Relaxed);
+}
+
+/// Whether stderr output is still waiting to be written (a live view skips a redraw then).
+pub fn stderr_backlog() -> bool {
+    WRITER.get().is_some_and(|writer| {
+        writer.queue.lock().is_ok_and(|queue| {
+            queue
+                .items
+                .iter()
+                .any(|(target, _)| *target == Target::Stderr)
+        })
+    })
+}
+
+/// `tracing`'s writer: its lines go through the same queue (after the live view's block is
+/// cleared), never straight to fd 2 ahead of what is queued.
+pub struct TracingWriter;
+
+impl Write for TracingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        to_stderr(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `eprintln!` that never panics or blocks: a line on stderr, or nothing once it is closed.

@@ -308,14 +308,20 @@ struct Running {
     counter: Option<(u64, u64, String)>,
 }
 
-fn terminal_width() -> usize {
+/// The terminal's columns and rows (100 × 40 when it does not say).
+fn terminal_size() -> (usize, usize) {
     // SAFETY: TIOCGWINSZ fills a winsize struct.
     unsafe {
         let mut size: libc::winsize = std::mem::zeroed();
         if libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) == 0 && size.ws_col > 0 {
-            size.ws_col as usize
+            let rows = if size.ws_row > 0 {
+                size.ws_row as usize
+            } else {
+                40
+            };
+            (size.ws_col as usize, rows)
         } else {
-            100
+            (100, 40)
         }
     }
 }
@@ -349,7 +355,9 @@ impl LiveEvents {
                     let live = view.live.borrow();
                     !live.running.is_empty() || !live.pending.is_empty()
                 };
-                if busy {
+                // A terminal that does not keep up (paused with Ctrl-S, a slow link) gets no
+                // more redraws to queue until it has taken the last one.
+                if busy && !crate::output::stderr_backlog() {
                     view.redraw();
                 }
             }
@@ -361,15 +369,15 @@ impl LiveEvents {
     /// again.
     fn redraw(&self) {
         let mut live = self.live.borrow_mut();
-        let width = terminal_width();
+        let (width, height) = terminal_size();
+        // The block never reaches the top of the window (the cursor cannot move above it to
+        // erase it again).
+        let most = MAX_DRAWN.min(height.saturating_sub(3));
         let mut out = String::new();
-        for _ in 0..live.drawn {
-            out.push_str("\x1b[1A\x1b[2K");
-        }
         out.push_str(&std::mem::take(&mut live.pending));
         let mut drawn = 0;
-        let hidden = live.running.len().saturating_sub(MAX_DRAWN);
-        for (address, r) in live.running.iter().take(MAX_DRAWN) {
+        let hidden = live.running.len().saturating_sub(most);
+        for (address, r) in live.running.iter().take(most) {
             let elapsed = r.started.elapsed().as_secs_f64();
             let bar = match &r.counter {
                 Some((done, expected, unit)) if *expected > 0 => {
@@ -394,30 +402,34 @@ impl LiveEvents {
             drawn += 1;
         }
         if hidden > 0 {
-            out.push_str(
-                &self
-                    .lines
-                    .paint("2", &format!("  … and {hidden} more running")),
+            let more = fit(
+                &format!("  … and {hidden} more running"),
+                width.saturating_sub(1),
             );
+            out.push_str(&self.lines.paint("2", &more));
             out.push('\n');
             drawn += 1;
         }
         live.drawn = drawn;
+        // `to_stderr` erases the block drawn before (or nothing, if something else already
+        // wrote below it); this one is then the block to erase next.
         crate::output::to_stderr(out.as_bytes());
+        crate::output::set_live_lines(drawn);
     }
 }
 
 impl Drop for LiveEvents {
-    /// Whatever ends the view, no gathered line is lost.
+    /// Whatever ends the view, no gathered line is lost, and the block of running resources
+    /// (if it is still the last thing written) goes.
     fn drop(&mut self) {
         let live = self.live.get_mut();
-        if live.pending.is_empty() && live.drawn == 0 {
-            return;
-        }
-        let mut out = "\x1b[1A\x1b[2K".repeat(live.drawn);
-        out.push_str(&std::mem::take(&mut live.pending));
+        let pending = std::mem::take(&mut live.pending);
         live.drawn = 0;
-        crate::output::to_stderr(out.as_bytes());
+        let mut out = crate::output::erase_live_lines();
+        out.extend_from_slice(pending.as_bytes());
+        if !out.is_empty() {
+            crate::output::to_stderr(&out);
+        }
     }
 }
 

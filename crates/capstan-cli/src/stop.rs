@@ -94,7 +94,7 @@ impl Stop {
                     }
                     Some(_) => {
                         say!("{} again: stopping now; recorded state is safe, in-flight operations are left as interrupted", now.describe());
-                        crate::output::finish(std::time::Duration::from_secs(1));
+                        crate::output::finish_within(std::time::Duration::from_secs(1));
                         std::process::exit(now.exit_code() as i32);
                     }
                 }
@@ -113,7 +113,7 @@ impl Stop {
     /// report was lost for a clean one.
     pub fn finished(&self, ok: bool) -> ExitCode {
         // Whether the output was closed is known once what was written so far has been.
-        crate::output::flush(std::time::Duration::from_secs(5));
+        crate::output::flush();
         if let Some(code) = self.exit_code() {
             code
         } else if !ok {

@@ -363,13 +363,19 @@ impl DirectoryBackend {
                 .name("capstan-lock-wait".into())
                 .spawn(move || {
                     // SAFETY: flock on a descriptor this thread owns.
-                    let locked = unsafe { libc::flock(duplicate.as_raw_fd(), libc::LOCK_EX) } == 0;
+                    let locked = match unsafe { libc::flock(duplicate.as_raw_fd(), libc::LOCK_EX) }
+                    {
+                        0 => Ok(()),
+                        _ => Err(std::io::Error::last_os_error()),
+                    };
                     let _ = got.send(locked);
                 })
                 .map_err(io(&lock_path))?;
             match get.recv_timeout(lock_timeout) {
-                Ok(true) => {}
-                _ => return Err(locked()),
+                Ok(Ok(())) => {}
+                // flock itself failed (no locks on this filesystem, say): not "locked".
+                Ok(Err(e)) => return Err(io(&lock_path)(e)),
+                Err(_) => return Err(locked()),
             }
         }
         lock.set_len(0).map_err(io(&lock_path))?;

@@ -245,24 +245,22 @@ impl BuildIn {
 }
 
 /// A private directory for an operation's garbage-collector roots, removed with them.
-struct GcRoots(std::path::PathBuf);
+/// (A fresh private directory: nobody else can put a link there for us to follow.)
+struct GcRoots(tempfile::TempDir);
 
 impl GcRoots {
     fn new() -> Result<Self, OperationError> {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("capstan-nix-roots-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            OperationError::permanent(format!("cannot make {}: {e}", dir.display()))
-        })?;
-        Ok(GcRoots(dir))
+        tempfile::Builder::new()
+            .prefix("capstan-nix-roots-")
+            .tempdir()
+            .map(GcRoots)
+            .map_err(|e| {
+                OperationError::permanent(format!("cannot make a temporary directory: {e}"))
+            })
     }
-}
 
-impl Drop for GcRoots {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
     }
 }
 
@@ -364,7 +362,7 @@ impl Resource for Build {
         op.phase("evaluating").await;
         let roots = GcRoots::new()?;
         let mut instantiate = inputs.command("nix-instantiate")?;
-        instantiate.arg("--add-root").arg(roots.0.join("drv"));
+        instantiate.arg("--add-root").arg(roots.path().join("drv"));
         let drv_paths = run_nix(op, instantiate, "nix-build (evaluation)")
             .await?
             .into_iter()
@@ -374,6 +372,12 @@ impl Resource for Build {
                     .unwrap_or(root)
             })
             .collect::<Vec<_>>();
+        if drv_paths.is_empty() {
+            // nix-build with no paths would build ./default.nix instead.
+            return Err(OperationError::invalid_input(
+                "the expression yields no derivation to build",
+            ));
+        }
         op.phase("building").await;
         let mut build = tokio::process::Command::new("nix-build");
         build
