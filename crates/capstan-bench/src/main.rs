@@ -483,6 +483,7 @@ fn rpc(json_output: bool, quick: bool) {
         "host_rtt_us": host_rtt,
         "rtt_ratio": host_rtt / raw_rtt,
         "capnp_ping_us": capnp_ping,
+        "host_vs_capnp_ratio": host_rtt / capnp_ping,
         "ops_per_s_64": ops,
         "progress_events_per_s": progress,
         "raw_stream_events_per_s": raw_stream,
@@ -512,7 +513,11 @@ fn rpc(json_output: bool, quick: bool) {
         "bare capnp call, same connection (floor)",
         format!("{capnp_ping:.1} µs"),
         format!("raw ping {raw_rtt:.1} µs"),
-        &format!("ratio {:.2}", capnp_ping / raw_rtt),
+        &format!(
+            "ratio {:.2}; host / bare call {:.2} (≤ 1.15)",
+            capnp_ping / raw_rtt,
+            host_rtt / capnp_ping
+        ),
     );
     row(
         "no-op operations/s, 64 in flight",
@@ -760,11 +765,15 @@ fn apply_bench(json_output: bool, quick: bool) {
     // Interleaved rounds; each size's figures are those of its median round by apply time
     // (a single run of the small size is short enough for machine noise to swing the ratio).
     let rounds = if quick { 1 } else { 5 };
-    let (mut smalls, mut larges) = (Vec::new(), Vec::new());
+    let (mut smalls, mut larges, mut rpcs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         smalls.push(run(small));
         larges.push(run(large));
+        // The protocol's own capacity, same round: as many no-op calls as the large apply
+        // makes, 64 in flight (as its --jobs), through the host with no engine and no state.
+        rpcs.push(ops_per_s_64(large as u32));
     }
+    let rpc_ops = median(rpcs);
     let median_round = |mut figures: Vec<serde_json::Value>| {
         figures.sort_by(|x, y| {
             x["apply_seconds"]
@@ -786,6 +795,8 @@ fn apply_bench(json_output: bool, quick: bool) {
         "peak_rss_mib_100k": b["peak_rss_mib"],
         "host_bytes_per_resource_100k": b["host_bytes_per_resource"],
         "state_bytes_per_resource": b["state_bytes_per_resource"],
+        "rpc_ops_per_s": rpc_ops,
+        "apply_vs_rpc_ratio": b["resources_per_s"].as_f64().unwrap_or(0.0) / rpc_ops,
         "jobs": jobs,
         "small": a,
         "large": b,
@@ -836,6 +847,11 @@ fn apply_bench(json_output: bool, quick: bool) {
         "apply time ratio large/small",
         ratio,
         large as f64 / small as f64
+    );
+    println!(
+        "{:<40} {:>33.2}   ≥ 0.6 (no-op calls, no engine: {rpc_ops:.0}/s)",
+        "apply / bare protocol throughput",
+        b["resources_per_s"].as_f64().unwrap_or(0.0) / rpc_ops,
     );
 }
 

@@ -38,9 +38,15 @@ fn apply_reports_the_engine_figures() {
         "scaling_10k_100k",
         "peak_rss_mib_100k",
         "state_bytes_per_resource",
+        "rpc_ops_per_s",
     ] {
         positive(&figures, key);
     }
+    // The share of the protocol's capacity the engine delivers, from the same run.
+    let ratio = positive(&figures, "apply_vs_rpc_ratio");
+    let apply = positive(&figures, "apply_resources_per_s_100k");
+    let rpc = positive(&figures, "rpc_ops_per_s");
+    assert!((ratio - apply / rpc).abs() < 1e-9 * ratio.max(1.0));
     // Two journal lines (intent and result) per resource, each well under a kilobyte.
     let state = positive(&figures, "state_bytes_per_resource");
     assert!(
