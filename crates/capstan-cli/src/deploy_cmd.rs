@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::output::Stdout;
 use crate::render::{HumanEvents, JsonEvents, LiveEvents};
-use crate::stop::{Stop, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID};
+use crate::stop::{Stop, EXIT_FAILED, EXIT_INVALID};
 use std::io::IsTerminal;
 
 /// Where a deployment and its state are.
@@ -367,7 +367,7 @@ async fn start_providers(
     let launched = tokio::select! {
         launched = launch => launched,
         () = stop.token.cancelled() => {
-            return Err(stop.exit_code().unwrap_or(ExitCode::from(EXIT_INTERRUPTED)));
+            return Err(stop.stopped_code());
         }
     };
     let providers = launched.map_err(|e| {
@@ -387,7 +387,7 @@ async fn start_providers(
         warnings = reads => warnings,
         () = stop.token.cancelled() => {
             providers.shutdown().await;
-            return Err(stop.exit_code().unwrap_or(ExitCode::from(EXIT_INTERRUPTED)));
+            return Err(stop.stopped_code());
         }
     };
     for warning in warnings {
@@ -441,11 +441,11 @@ async fn plan_inner(
     session.events.emit(Event::Plan {
         changes: Rc::new(changes),
     });
-    crate::output::flush();
-    if crate::output::closed().is_cancelled() {
-        return Err(stop.finished(true));
+    // A closed output turns success into 141 (`finished` waits for what was written).
+    match stop.finished(true) {
+        code if code == ExitCode::SUCCESS => Ok(changed),
+        code => Err(code),
     }
-    Ok(changed)
 }
 
 pub async fn apply_cmd(

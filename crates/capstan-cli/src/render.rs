@@ -288,7 +288,6 @@ pub struct LiveEvents {
 #[derive(Default)]
 struct Live {
     running: std::collections::BTreeMap<String, Running>,
-    drawn: usize,
     /// Lines to print above the block at the next redraw.
     pending: String,
 }
@@ -410,7 +409,6 @@ impl LiveEvents {
             out.push('\n');
             drawn += 1;
         }
-        live.drawn = drawn;
         // `to_stderr` erases the block drawn before (or nothing, if something else already
         // wrote below it); this one is then the block to erase next.
         crate::output::to_stderr(out.as_bytes());
@@ -424,7 +422,6 @@ impl Drop for LiveEvents {
     fn drop(&mut self) {
         let live = self.live.get_mut();
         let pending = std::mem::take(&mut live.pending);
-        live.drawn = 0;
         let mut out = crate::output::erase_live_lines();
         out.extend_from_slice(pending.as_bytes());
         if !out.is_empty() {

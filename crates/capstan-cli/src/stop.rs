@@ -108,6 +108,11 @@ impl Stop {
         self.cause.get().map(|c| ExitCode::from(c.exit_code()))
     }
 
+    /// The exit code of a command that stops because it was asked to.
+    pub fn stopped_code(&self) -> ExitCode {
+        self.exit_code().unwrap_or(ExitCode::from(EXIT_INTERRUPTED))
+    }
+
     /// The exit code of a command that ran to its end: `ok` or not, and 141 (a shell's code
     /// for SIGPIPE) when its output was closed on the way, so nobody mistakes a run whose
     /// report was lost for a clean one.
