@@ -10,5 +10,6 @@ pub mod maps;
 pub mod model;
 pub mod plan;
 pub mod run;
+pub mod scheduler;
 pub mod state;
 pub mod strict_json;

@@ -3,10 +3,9 @@
 //! after. A failure skips what depends on it; everything independent goes on.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capstan_host::Json;
@@ -19,13 +18,13 @@ use capstan_schema::{OperationKind, ProgressEvent, ProviderInfo};
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{Event, EventSink, FailureKind, Summary};
 use crate::maps::FastMap;
 use crate::model::{Deployment, ProviderDecl, ProviderSourceDecl};
 use crate::plan::{Action, PlannedChange};
+use crate::scheduler::{End, NodeId, Phase, Scheduler, Skip, Step, Stop};
 use crate::state::{
     append_durably, now_unix, Record, ResourceState, State, StateBackend, StateError,
 };
@@ -54,7 +53,8 @@ impl Default for RunOptions {
 /// The providers of one run: one connection each, started once.
 pub struct Providers {
     connections: BTreeMap<String, Rc<ProviderConnection>>,
-    limits: BTreeMap<String, Arc<Semaphore>>,
+    /// Each provider's concurrency limit, if it has one.
+    limits: BTreeMap<String, usize>,
     timeouts: BTreeMap<String, Duration>,
 }
 
@@ -210,7 +210,7 @@ impl Providers {
                 (a, b) => a.or(b),
             };
             if let Some(limit) = limit {
-                limits.insert(name.clone(), Arc::new(Semaphore::new(limit as usize)));
+                limits.insert(name.clone(), limit as usize);
             }
             if let Some(timeout) = decl.timeout {
                 timeouts.insert(name.clone(), timeout);
@@ -255,19 +255,50 @@ pub fn providers_needed(changes: &[PlannedChange]) -> BTreeSet<String> {
         .collect()
 }
 
-/// What the run keeps per change (indexed like the changes), beside the change itself.
+/// How many operations may be dispatched per job: while `jobs` operations are in providers,
+/// up to seven times as many more journal their intents and wait, so intents are durable by
+/// the time a slot frees up and many share one fsync. At `--jobs 64` and 100k no-ops: 2 → 4
+/// gave ~15 % more throughput, 4 → 8 another ~9-20 % (16: ~4 % more again). The cost: after a
+/// crash, up to that many intents of operations that were never sent are reported as
+/// interrupted, for a person to check (Ctrl-C settles them).
+const DISPATCH_PER_JOB: usize = 8;
+
+/// What the driver keeps per node (indexed like the changes), beside the change itself.
 struct Node {
     /// Its index in `deployment.resources` (creates, updates, no-ops).
     decl: Option<usize>,
-    remaining: usize,
-    dependents: Vec<usize>,
     /// For deletes, the dependencies recorded with the resource (the others' come from their
-    /// declaration: see `dependency_addresses`).
+    /// declaration: see `Driver::dependency_addresses`).
     dependencies: Vec<String>,
     /// Needed as a capability source by some resource in this run.
     capability_source: bool,
 }
 
+/// One operation of a node, from `Prepare` until its result is journaled.
+struct Op {
+    operation: OperationKind,
+    provider: String,
+    connection: Rc<ProviderConnection>,
+    /// Taken when it is sent.
+    call: Option<OperationCall>,
+    /// The resource as it will be recorded (for creates, updates and reads).
+    resource_type: String,
+    inputs: Json,
+    dependencies: Vec<String>,
+    /// Left pending by an earlier run: its intent must not be settled as "never sent".
+    was_pending: bool,
+    /// A replace's create, queued once its delete is done.
+    then: Option<Box<Op>>,
+}
+
+impl Op {
+    fn journaled(&self) -> bool {
+        // Reads change nothing: no intent.
+        self.operation != OperationKind::Read
+    }
+}
+
+/// How an operation ended, once its result is journaled.
 enum Outcome {
     /// Created, updated or read: the resource as it is now (as journaled, unless a read).
     Done {
@@ -277,76 +308,27 @@ enum Outcome {
     },
     Deleted,
     Failed {
-        error: String,
-        kind: FailureKind,
-        details: String,
-        /// The provider reported the failure (journaled as such); otherwise the intent stays
-        /// pending.
-        settled: bool,
         /// The resource as journaled, when the provider did act but its result is unusable
         /// (a declared output missing): it exists, so the state keeps it.
         recorded: Option<Box<ResourceState>>,
     },
+    /// A record could not be made durable.
     State(StateError),
-    /// Dispatched, but the run stopped (`--fail-fast`, a state error) before it was sent.
-    NotSent,
-    /// A replace deleted the recorded resource (durably); then its create ended so.
-    Replaced(Box<Outcome>),
 }
 
-/// What the loop needs from a run, shared with each operation's future.
-struct Shared {
-    backend: Rc<dyn StateBackend>,
-    events: Rc<dyn EventSink>,
-    jobs: Arc<Semaphore>,
-    /// Operations dispatched and not yet returned from the provider: those in a provider
-    /// (at most `jobs`) and those journaling their intent or waiting for a job.
-    active: std::cell::Cell<usize>,
-    /// How far each operation got (indexed like the nodes).
-    phases: RefCell<Vec<Phase>>,
-    /// The run stops: nothing more is sent to providers.
-    stopping: std::cell::Cell<bool>,
-    /// Signalled when an operation gives its slot back (before its result is journaled, so
-    /// the next operation's call overlaps that fsync).
-    slot_freed: tokio::sync::Notify,
+/// What an operation's future reports back to the loop.
+enum Done {
+    /// Its intent is durable.
+    Recorded(NodeId),
+    /// Its provider answered.
+    Answered(NodeId, Result<OperationSuccess, CallError>, f64),
+    /// Its result is journaled (or it failed before it was sent).
+    Finished(NodeId, Outcome),
+    /// The run stopped before it was sent; its intent is settled.
+    Settled(NodeId, Stop),
 }
 
-/// How far an operation got, for what an interrupt reports.
-#[derive(Clone, Copy, PartialEq)]
-enum Phase {
-    NotStarted,
-    /// Its intent is on its way to the journal.
-    Recording,
-    /// Its intent is durable; it waits for a job.
-    Recorded,
-    /// It is in its provider (`resource_start` was emitted).
-    Called,
-}
-
-/// How many operations may be dispatched per job: while `jobs` operations are in providers,
-/// up to seven times as many more journal their intents and wait, so intents are durable by
-/// the time a slot frees up and many share one fsync. At `--jobs 64` and 100k no-ops: 2 → 4
-/// gave ~15 % more throughput, 4 → 8 another ~9-20 % (16: ~4 % more again). The cost: after a
-/// crash, up to that many intents of operations that were never sent are reported as
-/// interrupted, for a person to check (Ctrl-C settles them).
-const DISPATCH_PER_JOB: usize = 8;
-
-/// One dispatch slot, given back on drop (also when an interrupt drops the operation).
-struct Slot(Rc<Shared>);
-
-impl Slot {
-    fn take(shared: &Rc<Shared>) -> Self {
-        shared.active.set(shared.active.get() + 1);
-        Slot(shared.clone())
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.active.set(self.0.active.get() - 1);
-        self.0.slot_freed.notify_one();
-    }
-}
+type Work = FuturesUnordered<LocalBoxFuture<'static, Done>>;
 
 /// Runs `changes` (from `plan` or `plan_destroy`). `deployment` gives the desired inputs of
 /// creates and updates; `state` is updated as records become durable.
@@ -369,6 +351,72 @@ pub async fn run(
             .filter(|c| c.action == Action::Create)
             .count(),
     );
+    let jobs = options.jobs.max(1);
+    let mut scheduler = Scheduler::new(jobs, jobs * DISPATCH_PER_JOB, options.fail_fast);
+    for (provider, &limit) in &providers.limits {
+        scheduler.set_limit(provider, limit);
+    }
+    let nodes = graph(&changes, deployment, state, &mut scheduler);
+    let mut driver = Driver {
+        ops: (0..changes.len()).map(|_| None).collect(),
+        changes,
+        nodes,
+        deployment,
+        state,
+        backend,
+        providers,
+        options,
+        events: events.clone(),
+        handles: HashMap::new(),
+        summary: Summary::default(),
+        state_error: None,
+        scheduler,
+    };
+    let mut work: Work = FuturesUnordered::new();
+    loop {
+        while let Some(step) = driver.scheduler.next_step() {
+            driver.step(step, &mut work);
+        }
+        if work.is_empty() {
+            break;
+        }
+        tokio::select! {
+            Some(done) = work.next() => driver.done(done, &mut work),
+            // Also while stopping for --fail-fast: an interrupt must not wait on hung calls.
+            () = interrupt.cancelled() => {
+                // Dropping the calls cancels them in the providers; their intents stay in the
+                // journal, so the next run reports them as interrupted.
+                work.clear();
+                driver.interrupted().await;
+                break;
+            }
+        }
+    }
+    debug_assert!(
+        driver.scheduler.idle(),
+        "the run ended with work dispatched"
+    );
+    for (i, skip) in driver.scheduler.unfinished() {
+        driver.report_skip(i, skip);
+    }
+    debug_assert_eq!(driver.scheduler.unended(), 0);
+    if let Some(e) = driver.state_error {
+        return Err(e);
+    }
+    events.emit(Event::Summary {
+        counts: driver.summary.clone(),
+        elapsed_seconds: run_started.elapsed().as_secs_f64(),
+    });
+    Ok(driver.summary)
+}
+
+/// Adds a node per change to `scheduler` (node `i` is change `i`), and the edges between them.
+fn graph(
+    changes: &[PlannedChange],
+    deployment: &Deployment,
+    state: &State,
+    scheduler: &mut Scheduler,
+) -> Vec<Node> {
     // Resources some resource of this run takes a capability from (usually none).
     let capability_sources: BTreeSet<&str> = if deployment
         .resources
@@ -384,7 +432,7 @@ pub async fn run(
     } else {
         BTreeSet::new()
     };
-    let mut nodes: Vec<Node> = changes
+    let nodes: Vec<Node> = changes
         .iter()
         .map(|change| {
             let decl = match change.action {
@@ -410,8 +458,6 @@ pub async fn run(
             };
             Node {
                 decl,
-                remaining: 0,
-                dependents: Vec::new(),
                 dependencies,
                 capability_source: capability_sources.contains(change.address.as_str()),
             }
@@ -420,524 +466,643 @@ pub async fn run(
     drop(capability_sources);
     // Edges as (waits, first): `waits` starts only after `first` is done.
     let mut edges: Vec<(usize, usize)> = Vec::with_capacity(nodes.len() * 2);
-    {
-        // Declared dependencies are indices into the deployment; only deletes (and recorded
-        // wiring) need addresses looked up, and only deletes can be found that way.
-        let mut node_of_decl = vec![usize::MAX; deployment.resources.len()];
-        for (n, node) in nodes.iter().enumerate() {
-            if let Some(d) = node.decl {
-                node_of_decl[d] = n;
-            }
-        }
-        let deletes: FastMap<&str, usize> = changes
-            .iter()
-            .enumerate()
-            .filter(|(_, change)| change.action == Action::Delete)
-            .map(|(n, change)| (change.address.as_str(), n))
-            .collect();
-        for (i, node) in nodes.iter().enumerate() {
-            match node.decl {
-                // Creates and updates wait for what they depend on.
-                Some(d) => {
-                    for &j in &deployment.resources[d].depends_on {
-                        let n = node_of_decl[j as usize];
-                        if n != usize::MAX {
-                            edges.push((i, n));
-                        }
-                    }
-                }
-                // Deletes wait for the deletes of what depends on them.
-                None => {
-                    for dep in &node.dependencies {
-                        if let Some(&j) = deletes.get(dep.as_str()) {
-                            edges.push((j, i));
-                        }
-                    }
-                    continue;
-                }
-            }
-            // A resource that stays but used to depend on one being deleted must move off it
-            // first: the delete waits for its create/update (and is skipped if that fails).
-            if deletes.is_empty() {
-                continue;
-            }
-            let Some(recorded) = state.resources.get(&changes[i].address) else {
-                continue;
-            };
-            for dep in &recorded.dependencies {
-                if let Some(&j) = deletes.get(dep.as_str()) {
-                    edges.push((j, i));
-                }
-            }
+    // Declared dependencies are indices into the deployment; only deletes (and recorded
+    // wiring) need addresses looked up, and only deletes can be found that way.
+    let mut node_of_decl = vec![usize::MAX; deployment.resources.len()];
+    for (n, node) in nodes.iter().enumerate() {
+        if let Some(d) = node.decl {
+            node_of_decl[d] = n;
         }
     }
-    for (waits, first) in edges {
-        nodes[waits].remaining += 1;
-        nodes[first].dependents.push(waits);
-    }
-
-    let shared = Rc::new(Shared {
-        backend,
-        events: events.clone(),
-        jobs: Arc::new(Semaphore::new(options.jobs.max(1))),
-        active: std::cell::Cell::new(0),
-        phases: RefCell::new(vec![Phase::NotStarted; nodes.len()]),
-        stopping: std::cell::Cell::new(false),
-        slot_freed: tokio::sync::Notify::new(),
-    });
-    let mut summary = Summary::default();
-    let mut handles: HashMap<String, Vec<(String, resource_handle::Client)>> = HashMap::new();
-    let mut finished = vec![false; nodes.len()];
-    let mut started = vec![false; nodes.len()];
-    let mut ready: VecDeque<usize> = (0..nodes.len())
-        .filter(|&i| nodes[i].remaining == 0)
+    let deletes: FastMap<&str, usize> = changes
+        .iter()
+        .enumerate()
+        .filter(|(_, change)| change.action == Action::Delete)
+        .map(|(n, change)| (change.address.as_str(), n))
         .collect();
-    let mut running: FuturesUnordered<LocalBoxFuture<'_, (usize, Outcome)>> =
-        FuturesUnordered::new();
-    let mut stopping = false;
-    let mut state_error = None;
-
-    let window = options.jobs.max(1) * DISPATCH_PER_JOB;
-    loop {
-        // Only as many operations exist as may soon run: a future per ready resource would
-        // hold thousands of requests in memory on a wide graph.
-        while shared.active.get() < window {
-            let Some(i) = ready.pop_front() else { break };
-            // `shared.stopping` is set as soon as a call fails under --fail-fast, before its
-            // outcome (and `stopping`) reaches this loop.
-            if stopping || shared.stopping.get() {
-                ready.push_front(i);
-                break;
-            }
-            let node = &nodes[i];
-            let change = &changes[i];
-            let address = change.address.clone();
-            // Left pending by an earlier run: its intent must not be settled as "never sent".
-            let was_pending = change.interrupted.is_some();
-            started[i] = true;
-            match change.action {
-                Action::Delete => {
-                    let recorded = state.resources[&address].clone();
-                    let slot = Slot::take(&shared);
-                    running.push(
-                        delete(i, address, recorded, was_pending, slot, providers, options)
-                            .boxed_local(),
-                    );
-                }
-                action => {
-                    let decl = &deployment.resources[node.decl.expect("declared")];
-                    let lookup = |target: &str, output: &str| {
-                        // Every finished resource's outputs are in the state by now.
-                        state
-                            .resources
-                            .get(target)
-                            .and_then(|r| r.outputs.get_raw(output))
-                    };
-                    let Some(inputs) = decl.resolve(&lookup) else {
-                        // A dependency finished without the output: the provider broke its
-                        // handshake's promise.
-                        let missing: Vec<String> = decl
-                            .refs
-                            .iter()
-                            .filter(|r| lookup(&r.address, &r.output).is_none())
-                            .map(|r| format!("{}#{}", r.address, r.output))
-                            .collect();
-                        events.emit(Event::ResourceFailed {
-                            address: address.clone(),
-                            operation: action.as_str(),
-                            error: format!(
-                                "{address}: the outputs it refers to were not produced: {}",
-                                missing.join(", ")
-                            ),
-                            kind: FailureKind::InvalidInput,
-                            details: String::new(),
-                            elapsed_seconds: 0.0,
-                        });
-                        summary.failed += 1;
-                        finished[i] = true;
-                        skip_dependents(i, &changes, &nodes, &mut finished, &mut summary, &*events);
-                        continue;
-                    };
-                    // The plan creates only what the state does not hold.
-                    debug_assert!(
-                        action != Action::Create || !state.resources.contains_key(&address),
-                        "{address}: planned as a create but recorded in the state"
-                    );
-                    let recorded = match action {
-                        Action::Create => None,
-                        _ => state.resources.get(&address),
-                    };
-                    let unchanged = action != Action::Replace
-                        && !changes[i].read_changed
-                        && recorded.is_some_and(|r| r.inputs == inputs);
-                    if unchanged && !node.capability_source {
-                        let recorded = recorded.expect("unchanged means recorded");
-                        let mut old = recorded.dependencies.clone();
-                        let mut new = dependency_addresses(node, deployment);
-                        old.sort();
-                        new.sort();
-                        if old != new {
-                            // Same inputs, new wiring (a `$ref` became an equal literal, or a
-                            // `$cap` went): record the dependencies, so deletes stay ordered.
-                            let mut updated = recorded.clone();
-                            updated.dependencies = dependency_addresses(node, deployment);
-                            let backend = shared.backend.clone();
-                            running.push(
-                                async move {
-                                    let done = Record::Done {
-                                        address,
-                                        state: updated.clone(),
-                                    };
-                                    match append_durably(&*backend, vec![done]).await {
-                                        Ok(()) => (
-                                            i,
-                                            Outcome::Done {
-                                                state: updated,
-                                                handles: Vec::new(),
-                                                counted: Action::Noop,
-                                            },
-                                        ),
-                                        Err(e) => (i, Outcome::State(e)),
-                                    }
-                                }
-                                .boxed_local(),
-                            );
-                            continue;
-                        }
-                        summary.unchanged += 1;
-                        finished[i] = true;
-                        release(i, &mut nodes, &mut ready);
-                        continue;
-                    }
-                    let mut capabilities = Vec::new();
-                    for cap in &decl.capabilities {
-                        let found = handles
-                            .get(&cap.address)
-                            .and_then(|hs| hs.iter().find(|(n, _)| n == &cap.name))
-                            .map(|(_, c)| c.clone());
-                        match found {
-                            Some(client) => capabilities.push((cap.input.clone(), client)),
-                            None => {
-                                events.emit(Event::ResourceFailed {
-                                    address: address.clone(),
-                                    operation: action.as_str(),
-                                    error: format!(
-                                        "{address}: `{}` returned no capability named `{}`",
-                                        cap.address, cap.name
-                                    ),
-                                    kind: FailureKind::InvalidInput,
-                                    details: String::new(),
-                                    elapsed_seconds: 0.0,
-                                });
-                            }
-                        }
-                    }
-                    if capabilities.len() != decl.capabilities.len() {
-                        summary.failed += 1;
-                        finished[i] = true;
-                        skip_dependents(i, &changes, &nodes, &mut finished, &mut summary, &*events);
-                        continue;
-                    }
-                    let recorded = recorded.cloned();
-                    let dependencies = dependency_addresses(node, deployment);
-                    if action == Action::Replace {
-                        // Delete what the old provider or type made, then create anew.
-                        let old = recorded.expect("a replace has a recorded resource");
-                        let delete_slot = Slot::take(&shared);
-                        let create_slot = Slot::take(&shared);
-                        let (provider, resource_type) =
-                            (decl.provider.clone(), decl.resource_type.clone());
-                        running.push(
-                            async move {
-                                let deleted = delete(
-                                    i,
-                                    address.clone(),
-                                    old,
-                                    was_pending,
-                                    delete_slot,
-                                    providers,
-                                    options,
-                                )
-                                .await;
-                                if !matches!(deleted.1, Outcome::Deleted) {
-                                    return deleted;
-                                }
-                                let (i, created) = create_or_update(
-                                    i,
-                                    address,
-                                    provider,
-                                    resource_type,
-                                    inputs,
-                                    None,
-                                    capabilities,
-                                    dependencies,
-                                    OperationKind::Create,
-                                    false,
-                                    create_slot,
-                                    providers,
-                                    options,
-                                )
-                                .await;
-                                (i, Outcome::Replaced(Box::new(created)))
-                            }
-                            .boxed_local(),
-                        );
-                        continue;
-                    }
-                    let operation = match (unchanged, &recorded) {
-                        (true, _) => OperationKind::Read,
-                        (false, None) => OperationKind::Create,
-                        (false, Some(_)) => OperationKind::Update,
-                    };
-                    let slot = Slot::take(&shared);
-                    running.push(
-                        create_or_update(
-                            i,
-                            address,
-                            decl.provider.clone(),
-                            decl.resource_type.clone(),
-                            inputs,
-                            recorded,
-                            capabilities,
-                            dependencies,
-                            operation,
-                            was_pending,
-                            slot,
-                            providers,
-                            options,
-                        )
-                        .boxed_local(),
-                    );
-                }
-            }
-        }
-        if running.is_empty() {
-            break;
-        }
-        tokio::select! {
-            () = shared.slot_freed.notified(), if shared.active.get() < window && !ready.is_empty() => {}
-            Some((i, outcome)) = running.next() => {
-                finished[i] = true;
-                let address = changes[i].address.clone();
-                let outcome = match outcome {
-                    Outcome::Replaced(created) => {
-                        // The old resource is gone whatever became of the new one.
-                        summary.deleted += 1;
-                        state.apply_owned(Record::Deleted { address: address.clone() });
-                        *created
-                    }
-                    outcome => outcome,
-                };
-                match outcome {
-                    Outcome::Done { state: now, handles: returned, counted } => {
-                        match counted {
-                            Action::Create => summary.created += 1,
-                            Action::Update => summary.updated += 1,
-                            _ => summary.unchanged += 1,
-                        }
-                        if counted != Action::Noop {
-                            state.apply_owned(Record::Done { address: address.clone(), state: now });
-                        } else if let Some(recorded) = state.resources.get_mut(&address) {
-                            // A read (what the provider says now) or re-recorded wiring.
-                            recorded.outputs = now.outputs;
-                            recorded.dependencies = now.dependencies;
-                        }
-                        if !returned.is_empty() {
-                            handles.insert(address, returned);
-                        }
-                        release(i, &mut nodes, &mut ready);
-                    }
-                    Outcome::Deleted => {
-                        summary.deleted += 1;
-                        state.apply_owned(Record::Deleted { address });
-                        release(i, &mut nodes, &mut ready);
-                    }
-                    Outcome::Failed { recorded, .. } => {
-                        summary.failed += 1;
-                        state.pending.remove(&address);
-                        if let Some(now) = recorded {
-                            state.apply_owned(Record::Done { address: address.clone(), state: *now });
-                        }
-                        skip_dependents(i, &changes, &nodes, &mut finished, &mut summary, &*events);
-                        if options.fail_fast {
-                            stopping = true;
-                            shared.stopping.set(true);
-                        }
-                    }
-                    Outcome::State(e) => {
-                        // Without durable records nothing else may run.
-                        summary.failed += 1;
-                        state_error = Some(e);
-                        stopping = true;
-                        shared.stopping.set(true);
-                    }
-                    Outcome::Replaced(_) => unreachable!("unwrapped above"),
-                    Outcome::NotSent => {
-                        summary.skipped += 1;
-                        state.pending.remove(&address);
-                        events.emit(Event::ResourceSkipped {
-                            address: address.clone(),
-                            operation: changes[i].action.as_str(),
-                            reason: stop_reason(&state_error),
-                            dependency: String::new(),
-                        });
+    for (i, node) in nodes.iter().enumerate() {
+        match node.decl {
+            // Creates and updates wait for what they depend on.
+            Some(d) => {
+                for &j in &deployment.resources[d].depends_on {
+                    let n = node_of_decl[j as usize];
+                    if n != usize::MAX {
+                        edges.push((i, n));
                     }
                 }
             }
-            // Also while stopping for --fail-fast: an interrupt must not wait on hung calls.
-            () = interrupt.cancelled() => {
-                stopping = true;
-                events.emit(Event::Interrupted { message: "interrupted: cancelling operations in flight; state is saved (press Ctrl-C again to stop at once)".into() });
-                // Dropping the calls cancels them in the providers; their intents stay in the
-                // journal, so the next run reports them as interrupted.
-                running.clear();
-                let phases = shared.phases.borrow().clone();
-                let mut never_sent = Vec::new();
-                for (i, change) in changes.iter().enumerate() {
-                    if started[i] && !finished[i] {
-                        finished[i] = true;
-                        if phases[i] == Phase::Called {
-                            summary.interrupted += 1;
-                            events.emit(Event::ResourceFailed {
-                                address: change.address.clone(),
-                                operation: change.action.as_str(),
-                                error: format!("{}: interrupted", change.address),
-                                kind: FailureKind::Cancelled,
-                                details: String::new(),
-                                elapsed_seconds: 0.0,
-                            });
-                        } else {
-                            let recorded = matches!(phases[i], Phase::Recording | Phase::Recorded);
-                            if recorded && change.interrupted.is_none() {
-                                // Its intent is (or is about to be) in the journal, but it never
-                                // reached its provider: settle it, so the next run does not ask
-                                // anyone to check. (Not if an earlier run left it pending: that
-                                // one still needs a check.)
-                                never_sent.push(Record::Failed {
-                                    address: change.address.clone(),
-                                    operation: change.action.first_operation(),
-                                    error: "interrupted before it was sent to its provider".into(),
-                                });
-                            }
-                            summary.skipped += 1;
-                            events.emit(Event::ResourceSkipped {
-                                address: change.address.clone(),
-                                operation: change.action.as_str(),
-                                reason: "the run was interrupted before it was sent to its provider".into(),
-                                dependency: String::new(),
-                            });
-                        }
+            // Deletes wait for the deletes of what depends on them.
+            None => {
+                for dep in &node.dependencies {
+                    if let Some(&j) = deletes.get(dep.as_str()) {
+                        edges.push((j, i));
                     }
                 }
-                // The state takes the records as the journal does (if that fails the intents stay
-                // pending, which only asks for a check).
-                if !never_sent.is_empty()
-                    && append_durably(&*shared.backend, never_sent.clone()).await.is_ok()
-                {
-                    for record in never_sent {
-                        state.apply_owned(record);
-                    }
-                }
-                break;
+                continue;
             }
         }
-        if stopping && running.is_empty() {
-            break;
-        }
-    }
-    // Nodes that never became ready although nothing stopped the run: the recorded
-    // dependencies of deletes form a cycle. Say so rather than finish silently.
-    if !stopping {
-        for (i, change) in changes.iter().enumerate() {
-            if !finished[i] && !started[i] {
-                summary.skipped += 1;
-                events.emit(Event::ResourceSkipped {
-                    address: change.address.clone(),
-                    operation: change.action.as_str(),
-                    reason: "its recorded dependencies form a cycle; delete it with `capstan state forget` after removing it by hand".into(),
-                    dependency: String::new(),
-                });
-            }
-        }
-    }
-    // Whatever never started because of fail-fast or an interrupt.
-    if stopping {
-        for (i, change) in changes.iter().enumerate() {
-            if !finished[i] && !started[i] {
-                summary.skipped += 1;
-                events.emit(Event::ResourceSkipped {
-                    address: change.address.clone(),
-                    operation: change.action.as_str(),
-                    reason: if interrupt.is_cancelled() {
-                        "the run was interrupted".into()
-                    } else {
-                        stop_reason(&state_error)
-                    },
-                    dependency: String::new(),
-                });
-            }
-        }
-    }
-    if let Some(e) = state_error {
-        return Err(e);
-    }
-    events.emit(Event::Summary {
-        counts: summary.clone(),
-        elapsed_seconds: run_started.elapsed().as_secs_f64(),
-    });
-    Ok(summary)
-}
-
-/// What a node's resource depends on, by address, in address order: from its declaration, or
-/// for a delete as recorded.
-fn dependency_addresses(node: &Node, deployment: &Deployment) -> Vec<String> {
-    match node.decl {
-        Some(d) => deployment.resources[d].dependencies(),
-        None => node.dependencies.clone(),
-    }
-}
-
-fn release(i: usize, nodes: &mut [Node], ready: &mut VecDeque<usize>) {
-    let dependents = std::mem::take(&mut nodes[i].dependents);
-    for &j in &dependents {
-        nodes[j].remaining -= 1;
-        if nodes[j].remaining == 0 {
-            ready.push_back(j);
-        }
-    }
-    nodes[i].dependents = dependents;
-}
-
-fn skip_dependents(
-    i: usize,
-    changes: &[PlannedChange],
-    nodes: &[Node],
-    finished: &mut [bool],
-    summary: &mut Summary,
-    events: &dyn EventSink,
-) {
-    let failed = changes[i].address.clone();
-    let mut stack = nodes[i].dependents.clone();
-    while let Some(j) = stack.pop() {
-        if finished[j] {
+        // A resource that stays but used to depend on one being deleted must move off it
+        // first: the delete waits for its create/update (and is skipped if that fails).
+        if deletes.is_empty() {
             continue;
         }
-        finished[j] = true;
-        summary.skipped += 1;
-        events.emit(Event::ResourceSkipped {
-            address: changes[j].address.clone(),
-            operation: changes[j].action.as_str(),
-            // A delete waits for the deletes of what depends on it: the one that failed is
-            // a dependent, not a dependency.
-            reason: if changes[j].action == Action::Delete {
-                format!("`{failed}`, which depends on it, was not deleted")
-            } else {
-                format!("dependency `{failed}` failed")
-            },
-            dependency: failed.clone(),
-        });
-        stack.extend(nodes[j].dependents.iter().copied());
+        let Some(recorded) = state.resources.get(&changes[i].address) else {
+            continue;
+        };
+        for dep in &recorded.dependencies {
+            if let Some(&j) = deletes.get(dep.as_str()) {
+                edges.push((j, i));
+            }
+        }
     }
+    for _ in &nodes {
+        obey(scheduler.add(&[]).map(drop));
+    }
+    for (waits, first) in edges {
+        obey(scheduler.depend(waits, first));
+    }
+    nodes
+}
+
+/// The scheduler refuses only a driver that breaks its protocol (a bug here, not input).
+fn obey(result: Result<(), crate::scheduler::Misuse>) {
+    if let Err(e) = result {
+        debug_assert!(false, "the run's driver misused its scheduler: {e}");
+    }
+}
+
+/// The glue between the scheduler and the world: does each step (through providers and the
+/// journal) and tells the scheduler how it went.
+struct Driver<'a> {
+    changes: Vec<PlannedChange>,
+    nodes: Vec<Node>,
+    ops: Vec<Option<Op>>,
+    deployment: &'a Deployment,
+    state: &'a mut State,
+    backend: Rc<dyn StateBackend>,
+    providers: &'a Providers,
+    options: &'a RunOptions,
+    events: Rc<dyn EventSink>,
+    /// The capabilities each resource returned, for those that take them.
+    handles: HashMap<String, Vec<(String, resource_handle::Client)>>,
+    summary: Summary,
+    state_error: Option<StateError>,
+    scheduler: Scheduler,
+}
+
+impl Driver<'_> {
+    fn step(&mut self, step: Step, work: &mut Work) {
+        match step {
+            Step::Prepare(i) => self.prepare(i, work),
+            Step::Record(i) => {
+                let Some(op) = &self.ops[i] else { return };
+                let intent = Record::Intent {
+                    address: self.changes[i].address.clone(),
+                    operation: op.operation,
+                    provider: op.provider.clone(),
+                    resource_type: op.resource_type.clone(),
+                    inputs: op.inputs.clone(),
+                    time: now_unix(),
+                };
+                let backend = self.backend.clone();
+                work.push(
+                    async move {
+                        match append_durably(&*backend, vec![intent]).await {
+                            Ok(()) => Done::Recorded(i),
+                            Err(e) => Done::Finished(i, Outcome::State(e)),
+                        }
+                    }
+                    .boxed_local(),
+                );
+            }
+            Step::Call(i) => {
+                let Some(op) = &mut self.ops[i] else { return };
+                let Some(call) = op.call.take() else { return };
+                let address = self.changes[i].address.clone();
+                // Started means recorded: the intent is durable before anyone is told.
+                self.events.emit(Event::ResourceStart {
+                    address: address.clone(),
+                    operation: op.operation.as_str(),
+                    provider: op.provider.clone(),
+                    resource_type: call.resource_type.clone(),
+                });
+                let observer =
+                    progress_observer(self.events.clone(), address, op.operation.as_str());
+                let connection = op.connection.clone();
+                work.push(
+                    async move {
+                        let started = Instant::now();
+                        let result = connection.call(call, observer).await;
+                        Done::Answered(i, result, started.elapsed().as_secs_f64())
+                    }
+                    .boxed_local(),
+                );
+            }
+            Step::Settle(i, stop) => {
+                let change = &self.changes[i];
+                // Its intent is in the journal, but it never reached its provider: settle it,
+                // so the next run does not ask anyone to check. (Not if an earlier run left it
+                // pending: that one still needs a check.)
+                let settle = self.ops[i].as_ref().is_some_and(|op| op.journaled())
+                    && change.interrupted.is_none();
+                let settled = settle.then(|| Record::Failed {
+                    address: change.address.clone(),
+                    operation: self.ops[i]
+                        .as_ref()
+                        .map_or(OperationKind::Read, |op| op.operation),
+                    error: "not sent to its provider: the run stopped".into(),
+                });
+                let backend = self.backend.clone();
+                work.push(
+                    async move {
+                        if let Some(settled) = settled {
+                            if let Err(e) = append_durably(&*backend, vec![settled]).await {
+                                return Done::Finished(i, Outcome::State(e));
+                            }
+                        }
+                        Done::Settled(i, stop)
+                    }
+                    .boxed_local(),
+                );
+            }
+            Step::Skipped(i, skip) => self.report_skip(i, skip),
+        }
+    }
+
+    fn done(&mut self, done: Done, work: &mut Work) {
+        match done {
+            Done::Recorded(i) => obey(self.scheduler.recorded(i)),
+            Done::Answered(i, result, elapsed) => {
+                obey(self.scheduler.answered(i, result.is_ok()));
+                let Some(mut op) = self.ops[i].take() else {
+                    return;
+                };
+                if result.is_ok() {
+                    self.ops[i] = op.then.take().map(|then| *then);
+                }
+                let address = self.changes[i].address.clone();
+                work.push(
+                    finish(
+                        i,
+                        address,
+                        op,
+                        result,
+                        elapsed,
+                        self.backend.clone(),
+                        self.events.clone(),
+                    )
+                    .boxed_local(),
+                );
+            }
+            Done::Finished(i, outcome) => self.finished(i, outcome),
+            Done::Settled(i, stop) => {
+                self.ops[i] = None;
+                obey(self.scheduler.end(i, End::Skipped(Skip::NotSent(stop))));
+                self.report_skip(i, Skip::NotSent(stop));
+            }
+        }
+    }
+
+    fn finished(&mut self, i: NodeId, outcome: Outcome) {
+        let address = self.changes[i].address.clone();
+        match outcome {
+            Outcome::Done {
+                state: now,
+                handles,
+                counted,
+            } => {
+                match counted {
+                    Action::Create => self.summary.created += 1,
+                    Action::Update => self.summary.updated += 1,
+                    _ => self.summary.unchanged += 1,
+                }
+                if counted != Action::Noop {
+                    self.state.apply_owned(Record::Done {
+                        address: address.clone(),
+                        state: now,
+                    });
+                } else if let Some(recorded) = self.state.resources.get_mut(&address) {
+                    // A read (what the provider says now) or re-recorded wiring.
+                    recorded.outputs = now.outputs;
+                    recorded.dependencies = now.dependencies;
+                }
+                if !handles.is_empty() {
+                    self.handles.insert(address, handles);
+                }
+                obey(self.scheduler.end(i, End::Succeeded));
+            }
+            Outcome::Deleted => {
+                self.summary.deleted += 1;
+                self.state.apply_owned(Record::Deleted { address });
+                match &self.ops[i] {
+                    // A replace: the old resource is gone; now its create.
+                    Some(then) => {
+                        let provider = then.provider.clone();
+                        obey(self.scheduler.queue(i, Some(&provider), true));
+                    }
+                    None => obey(self.scheduler.end(i, End::Succeeded)),
+                }
+            }
+            Outcome::Failed { recorded } => {
+                self.ops[i] = None;
+                self.summary.failed += 1;
+                self.state.pending.remove(&address);
+                if let Some(now) = recorded {
+                    self.state.apply_owned(Record::Done {
+                        address,
+                        state: *now,
+                    });
+                }
+                obey(self.scheduler.end(i, End::Failed));
+            }
+            Outcome::State(e) => {
+                // Without durable records nothing else may run.
+                self.ops[i] = None;
+                self.summary.failed += 1;
+                self.state_error.get_or_insert(e);
+                self.scheduler.stop(Stop::StateError);
+                obey(self.scheduler.end(i, End::Failed));
+            }
+        }
+    }
+
+    /// What a dispatched node does: nothing (unchanged), fail at once (what it needs is
+    /// missing), re-record its wiring, or call its provider.
+    fn prepare(&mut self, i: NodeId, work: &mut Work) {
+        let change = &self.changes[i];
+        let address = change.address.clone();
+        let was_pending = change.interrupted.is_some();
+        let action = change.action;
+        let prepared = match action {
+            Action::Delete => self.delete_op(i, was_pending),
+            _ => self.change_op(i, was_pending, work),
+        };
+        match prepared {
+            Ok(Some(op)) => {
+                let provider = op.provider.clone();
+                let journaled = op.journaled();
+                self.ops[i] = Some(op);
+                obey(self.scheduler.queue(i, Some(&provider), journaled));
+            }
+            // Ended, or a future of its own.
+            Ok(None) => {}
+            Err(failure) => {
+                self.events.emit(Event::ResourceFailed {
+                    address,
+                    operation: action.as_str(),
+                    error: failure.error,
+                    kind: failure.kind,
+                    details: String::new(),
+                    elapsed_seconds: 0.0,
+                });
+                self.summary.failed += 1;
+                obey(self.scheduler.end(i, End::Failed));
+            }
+        }
+    }
+
+    fn delete_op(&self, i: NodeId, was_pending: bool) -> Result<Option<Op>, CoreFailure> {
+        let address = &self.changes[i].address;
+        let Some(recorded) = self.state.resources.get(address) else {
+            return Err(CoreFailure::new(
+                format!("{address}: planned for deletion but not in the state (was it forgotten meanwhile?)"),
+                FailureKind::InvalidInput,
+            ));
+        };
+        self.op(address, OperationKind::Delete, recorded, None, was_pending)
+            .map(Some)
+    }
+
+    /// A delete, or (with `desired`: inputs and capabilities) a create, update or read of
+    /// the resource at `address`, `recorded` as it is (for deletes and reads) or was.
+    fn op(
+        &self,
+        address: &str,
+        operation: OperationKind,
+        recorded: &ResourceState,
+        desired: Option<Desired>,
+        was_pending: bool,
+    ) -> Result<Op, CoreFailure> {
+        let (provider, resource_type) = match &desired {
+            Some(d) => (d.provider.clone(), d.resource_type.clone()),
+            None => (recorded.provider.clone(), recorded.resource_type.clone()),
+        };
+        let Some(connection) = self.providers.connections.get(&provider).cloned() else {
+            let error = match operation {
+                OperationKind::Delete => format!(
+                    "{address}: its provider `{provider}` is not declared in the deployment any more; declare it again until its resources are deleted"
+                ),
+                // A caller that started fewer providers than the run needs (e.g. only those
+                // of the changes, when an unchanged resource must be read for its
+                // capabilities).
+                OperationKind::Read => format!(
+                    "{address}: provider `{provider}` was not started for this run, so `{address}` cannot be read for its capabilities"
+                ),
+                _ => format!(
+                    "{address}: provider `{provider}` was not started for this run, so `{address}` cannot be changed"
+                ),
+            };
+            let kind = match operation {
+                OperationKind::Delete => FailureKind::InvalidInput,
+                _ => FailureKind::Provider,
+            };
+            return Err(CoreFailure::new(error, kind));
+        };
+        let timeout = self
+            .providers
+            .timeouts
+            .get(&provider)
+            .copied()
+            .or(self.options.timeout);
+        let previous = operation != OperationKind::Create;
+        let (inputs, capabilities, dependencies) = match desired {
+            Some(d) => (d.inputs, d.capabilities, d.dependencies),
+            None => (
+                recorded.inputs.clone(),
+                Vec::new(),
+                recorded.dependencies.clone(),
+            ),
+        };
+        let call = OperationCall {
+            previous_inputs: previous.then(|| recorded.inputs.clone()),
+            previous_outputs: previous.then(|| recorded.outputs.clone()),
+            capabilities,
+            timeout,
+            ..OperationCall::new(operation, &resource_type, address, inputs.clone())
+        };
+        Ok(Op {
+            operation,
+            provider,
+            connection,
+            call: Some(call),
+            resource_type,
+            inputs,
+            dependencies,
+            was_pending,
+            then: None,
+        })
+    }
+
+    /// A create, update, replace or (unchanged) nothing, a re-recorded wiring or a read.
+    fn change_op(
+        &mut self,
+        i: NodeId,
+        was_pending: bool,
+        work: &mut Work,
+    ) -> Result<Option<Op>, CoreFailure> {
+        let change = &self.changes[i];
+        let address = change.address.clone();
+        let action = change.action;
+        let node = &self.nodes[i];
+        let Some((_, decl)) = node
+            .decl
+            .and_then(|d| self.deployment.resources.get_index(d))
+        else {
+            return Err(CoreFailure::new(
+                format!("{address}: planned as a change but not declared in the deployment"),
+                FailureKind::InvalidInput,
+            ));
+        };
+        let state = &*self.state;
+        let lookup = |target: &str, output: &str| {
+            // Every finished resource's outputs are in the state by now.
+            state
+                .resources
+                .get(target)
+                .and_then(|r| r.outputs.get_raw(output))
+        };
+        let Some(inputs) = decl.resolve(&lookup) else {
+            // A dependency finished without the output: the provider broke its handshake's
+            // promise.
+            let missing: Vec<String> = decl
+                .refs
+                .iter()
+                .filter(|r| lookup(&r.address, &r.output).is_none())
+                .map(|r| format!("{}#{}", r.address, r.output))
+                .collect();
+            return Err(CoreFailure::new(
+                format!(
+                    "{address}: the outputs it refers to were not produced: {}",
+                    missing.join(", ")
+                ),
+                FailureKind::InvalidInput,
+            ));
+        };
+        // The plan creates only what the state does not hold.
+        debug_assert!(
+            action != Action::Create || !state.resources.contains_key(&address),
+            "{address}: planned as a create but recorded in the state"
+        );
+        let recorded = match action {
+            Action::Create => None,
+            _ => state.resources.get(&address),
+        };
+        let unchanged = action != Action::Replace
+            && !change.read_changed
+            && recorded.is_some_and(|r| r.inputs == inputs);
+        let dependencies = decl.dependencies();
+        if let (true, false, Some(recorded)) = (unchanged, node.capability_source, recorded) {
+            let mut old = recorded.dependencies.clone();
+            let mut new = dependencies.clone();
+            old.sort();
+            new.sort();
+            if old == new {
+                self.summary.unchanged += 1;
+                obey(self.scheduler.end(i, End::Succeeded));
+                return Ok(None);
+            }
+            // Same inputs, new wiring (a `$ref` became an equal literal, or a `$cap` went):
+            // record the dependencies, so deletes stay ordered.
+            let mut updated = recorded.clone();
+            updated.dependencies = dependencies;
+            let backend = self.backend.clone();
+            work.push(
+                async move {
+                    let done = Record::Done {
+                        address,
+                        state: updated.clone(),
+                    };
+                    let outcome = match append_durably(&*backend, vec![done]).await {
+                        Ok(()) => Outcome::Done {
+                            state: updated,
+                            handles: Vec::new(),
+                            counted: Action::Noop,
+                        },
+                        Err(e) => Outcome::State(e),
+                    };
+                    Done::Finished(i, outcome)
+                }
+                .boxed_local(),
+            );
+            return Ok(None);
+        }
+        let mut capabilities = Vec::new();
+        for cap in &decl.capabilities {
+            let found = self
+                .handles
+                .get(&cap.address)
+                .and_then(|hs| hs.iter().find(|(n, _)| n == &cap.name))
+                .map(|(_, c)| c.clone());
+            match found {
+                Some(client) => capabilities.push((cap.input.clone(), client)),
+                None => {
+                    return Err(CoreFailure::new(
+                        format!(
+                            "{address}: `{}` returned no capability named `{}`",
+                            cap.address, cap.name
+                        ),
+                        FailureKind::InvalidInput,
+                    ))
+                }
+            }
+        }
+        let desired = Desired {
+            provider: decl.provider.clone(),
+            resource_type: decl.resource_type.clone(),
+            inputs,
+            capabilities,
+            dependencies,
+        };
+        let empty;
+        let (operation, recorded) = match (action, unchanged, recorded) {
+            (Action::Replace, _, Some(old)) => {
+                // Delete what the old provider or type made, then create anew.
+                let create = self.op(&address, OperationKind::Create, old, Some(desired), false)?;
+                let mut delete =
+                    self.op(&address, OperationKind::Delete, old, None, was_pending)?;
+                delete.then = Some(Box::new(create));
+                return Ok(Some(delete));
+            }
+            (_, true, Some(recorded)) => (OperationKind::Read, recorded),
+            (_, false, Some(recorded)) => (OperationKind::Update, recorded),
+            (_, _, None) => {
+                empty = ResourceState {
+                    provider: String::new(),
+                    resource_type: String::new(),
+                    inputs: Json::null(),
+                    outputs: Json::null(),
+                    dependencies: Vec::new(),
+                };
+                (OperationKind::Create, &empty)
+            }
+        };
+        self.op(&address, operation, recorded, Some(desired), was_pending)
+            .map(Some)
+    }
+
+    /// Reports a node the scheduler (or the driver) ended without running it.
+    fn report_skip(&mut self, i: NodeId, skip: Skip) {
+        self.ops[i] = None;
+        let change = &self.changes[i];
+        self.summary.skipped += 1;
+        let stop_reason = |stop: Stop| match stop {
+            Stop::FailFast => "--fail-fast stopped the run".to_string(),
+            Stop::StateError => "the state could not be written, so the run stopped".to_string(),
+            Stop::Interrupted => "the run was interrupted".to_string(),
+        };
+        let (reason, dependency) = match skip {
+            Skip::Dependency(root) => {
+                let failed = self.changes[root].address.clone();
+                // A delete waits for the deletes of what depends on it: the one that failed
+                // is a dependent, not a dependency.
+                let reason = if change.action == Action::Delete {
+                    format!("`{failed}`, which depends on it, was not deleted")
+                } else {
+                    format!("dependency `{failed}` failed")
+                };
+                (reason, failed)
+            }
+            Skip::NotSent(Stop::Interrupted) => (
+                "the run was interrupted before it was sent to its provider".into(),
+                String::new(),
+            ),
+            Skip::NotSent(stop) => {
+                self.state.pending.remove(&change.address);
+                (stop_reason(stop), String::new())
+            }
+            Skip::Stopped(stop) => (stop_reason(stop), String::new()),
+            Skip::Cycle => (
+                "its recorded dependencies form a cycle; delete it with `capstan state forget` after removing it by hand".into(),
+                String::new(),
+            ),
+        };
+        self.events.emit(Event::ResourceSkipped {
+            address: change.address.clone(),
+            operation: change.action.as_str(),
+            reason,
+            dependency,
+        });
+    }
+
+    /// After an interrupt (the work already dropped): says what was cut short, and settles
+    /// intents that never reached a provider.
+    async fn interrupted(&mut self) {
+        self.events.emit(Event::Interrupted {
+            message: "interrupted: cancelling operations in flight; state is saved (press Ctrl-C again to stop at once)".into(),
+        });
+        let mut never_sent = Vec::new();
+        for (i, phase) in self.scheduler.interrupt() {
+            let change = &self.changes[i];
+            match phase {
+                Phase::Called | Phase::Finishing => {
+                    self.ops[i] = None;
+                    self.summary.interrupted += 1;
+                    self.events.emit(Event::ResourceFailed {
+                        address: change.address.clone(),
+                        operation: change.action.as_str(),
+                        error: format!("{}: interrupted", change.address),
+                        kind: FailureKind::Cancelled,
+                        details: String::new(),
+                        elapsed_seconds: 0.0,
+                    });
+                }
+                _ => {
+                    let journaled = self.ops[i].as_ref().is_some_and(|op| op.journaled());
+                    if journaled
+                        && matches!(phase, Phase::Recording | Phase::Recorded)
+                        && change.interrupted.is_none()
+                    {
+                        // As `Step::Settle`: its intent is (or is about to be) durable.
+                        let operation = self.ops[i]
+                            .as_ref()
+                            .map_or(change.action.first_operation(), |op| op.operation);
+                        never_sent.push(Record::Failed {
+                            address: change.address.clone(),
+                            operation,
+                            error: "interrupted before it was sent to its provider".into(),
+                        });
+                    }
+                    self.report_skip(i, Skip::NotSent(Stop::Interrupted));
+                }
+            }
+        }
+        // Skips the scheduler found before the interrupt.
+        while let Some(step) = self.scheduler.next_step() {
+            if let Step::Skipped(i, skip) = step {
+                self.report_skip(i, skip);
+            }
+        }
+        // The state takes the records as the journal does (if that fails the intents stay
+        // pending, which only asks for a check).
+        if !never_sent.is_empty()
+            && append_durably(&*self.backend, never_sent.clone())
+                .await
+                .is_ok()
+        {
+            for record in never_sent {
+                self.state.apply_owned(record);
+            }
+        }
+    }
+}
+
+/// What a create, update or read is asked to make the resource.
+struct Desired {
+    provider: String,
+    resource_type: String,
+    inputs: Json,
+    capabilities: Vec<(String, resource_handle::Client)>,
+    dependencies: Vec<String>,
 }
 
 fn progress_observer(
@@ -957,61 +1122,164 @@ fn progress_observer(
     })
 }
 
-fn stop_reason(state_error: &Option<StateError>) -> String {
-    match state_error {
-        Some(_) => "the state could not be written, so the run stopped".into(),
-        None => "--fail-fast stopped the run".into(),
-    }
-}
-
-/// Settles an operation that was dispatched (its intent perhaps journaled) but never sent
-/// because the run stopped.
-async fn not_sent(
-    i: usize,
+/// Journals what the provider answered and reports it.
+async fn finish(
+    i: NodeId,
     address: String,
-    operation: OperationKind,
-    recorded: bool,
-    shared: &Shared,
-) -> (usize, Outcome) {
-    if recorded {
-        let settled = Record::Failed {
-            address,
-            operation,
-            error: "not sent to its provider: the run stopped".into(),
+    op: Op,
+    result: Result<OperationSuccess, CallError>,
+    elapsed: f64,
+    backend: Rc<dyn StateBackend>,
+    events: Rc<dyn EventSink>,
+) -> Done {
+    let verb = op.operation.as_str();
+    let success = match result {
+        Ok(success) => success,
+        Err(error) => {
+            let failure = failure(&address, error, op.was_pending);
+            if op.journaled() && failure.settled {
+                let failed = Record::Failed {
+                    address: address.clone(),
+                    operation: op.operation,
+                    error: failure.error.clone(),
+                };
+                if let Err(e) = append_durably(&*backend, vec![failed]).await {
+                    return Done::Finished(i, Outcome::State(e));
+                }
+            }
+            events.emit(Event::ResourceFailed {
+                address,
+                operation: verb,
+                error: failure.error,
+                kind: failure.kind,
+                details: failure.details,
+                elapsed_seconds: elapsed,
+            });
+            return Done::Finished(i, Outcome::Failed { recorded: None });
+        }
+    };
+    if op.operation == OperationKind::Delete {
+        let deleted = Record::Deleted {
+            address: address.clone(),
         };
-        if let Err(e) = append_durably(&*shared.backend, vec![settled]).await {
-            return (i, Outcome::State(e));
+        if let Err(e) = append_durably(&*backend, vec![deleted]).await {
+            return Done::Finished(i, Outcome::State(e));
+        }
+        events.emit(Event::ResourceComplete {
+            address,
+            operation: verb,
+            elapsed_seconds: elapsed,
+            outputs: Json::null(),
+        });
+        return Done::Finished(i, Outcome::Deleted);
+    }
+    let journaled = op.journaled();
+    let now = ResourceState {
+        provider: op.provider,
+        resource_type: op.resource_type,
+        inputs: op.inputs,
+        outputs: success.outputs,
+        dependencies: op.dependencies,
+    };
+    if journaled {
+        let done = Record::Done {
+            address: address.clone(),
+            state: now.clone(),
+        };
+        if let Err(e) = append_durably(&*backend, vec![done]).await {
+            return Done::Finished(i, Outcome::State(e));
         }
     }
-    (i, Outcome::NotSent)
+    if let Some(missing) = missing_outputs(&op.connection, &now) {
+        // The provider acted (the resource is recorded), but what depends on these outputs
+        // cannot run: say so now, not when a dependent fails to resolve.
+        events.emit(Event::ResourceFailed {
+            address: address.clone(),
+            operation: verb,
+            error: format!(
+                "{address}: provider `{}` returned no {missing}, which `{}` declares; the resource is recorded as it was returned, and what depends on it is skipped",
+                now.provider, now.resource_type
+            ),
+            kind: FailureKind::Provider,
+            // Names only: values may be secrets, or megabytes.
+            details: format!("outputs returned: {}", now.outputs.keys().join(", ")),
+            elapsed_seconds: elapsed,
+        });
+        let recorded = (op.operation != OperationKind::Read).then(|| Box::new(now));
+        return Done::Finished(i, Outcome::Failed { recorded });
+    }
+    events.emit(Event::ResourceComplete {
+        address,
+        operation: verb,
+        elapsed_seconds: elapsed,
+        outputs: now.outputs.clone(),
+    });
+    let counted = match op.operation {
+        OperationKind::Create => Action::Create,
+        OperationKind::Update => Action::Update,
+        _ => Action::Noop,
+    };
+    Done::Finished(
+        i,
+        Outcome::Done {
+            state: now,
+            handles: success.capabilities,
+            counted,
+        },
+    )
 }
 
-/// The provider's own limit, taken before the intent is journaled: an intent is written only
-/// for an operation its provider is ready to take.
-async fn provider_permit(
-    providers: &Providers,
-    provider: &str,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    match providers.limits.get(provider) {
-        Some(limit) => Some(limit.clone().acquire_owned().await.expect("never closed")),
-        None => None,
+/// A failure the core found itself, settled (nothing unknown happened in a provider).
+struct CoreFailure {
+    error: String,
+    kind: FailureKind,
+}
+
+impl CoreFailure {
+    fn new(error: String, kind: FailureKind) -> Self {
+        CoreFailure { error, kind }
     }
 }
 
-/// One of the `--jobs` slots, taken after the intent is durable, just before the call;
-/// `None` if the run is stopping by then.
-async fn job_permit(shared: &Shared, i: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    let job = shared
-        .jobs
-        .clone()
-        .acquire_owned()
-        .await
-        .expect("never closed");
-    if shared.stopping.get() {
-        return None;
+/// How a failed call is reported.
+struct CallFailure {
+    error: String,
+    kind: FailureKind,
+    details: String,
+    /// The provider reported the failure (journaled as such); otherwise the intent stays
+    /// pending.
+    settled: bool,
+}
+
+/// A failed call as a failure. Only a failure the provider reported itself is settled (the
+/// resource is as it was); after a timeout, a crash or a lost connection nobody knows what the
+/// provider did, so the intent stays pending and the next run says so.
+fn failure(address: &str, error: CallError, was_pending: bool) -> CallFailure {
+    // Reported by the provider, or refused before it was sent: nothing unknown happened in
+    // this run. (A refused request leaves an earlier run's interruption as it was.)
+    let settled = match error {
+        CallError::Failed { .. } => true,
+        CallError::RequestTooLarge { .. } => !was_pending,
+        _ => false,
+    };
+    let (kind, details) = match &error {
+        CallError::Failed { error, .. } => (error.kind.into(), error.details.clone()),
+        CallError::RequestTooLarge { .. } => (FailureKind::InvalidInput, String::new()),
+        CallError::Timeout { .. } => (FailureKind::Timeout, String::new()),
+        _ => (FailureKind::Provider, String::new()),
+    };
+    let mut message = error.to_string();
+    if !settled {
+        message.push_str(&format!(
+            " (whether it took effect is unknown: it stays pending; check the resource, then `capstan state resolve {address}` or apply again)"
+        ));
     }
-    shared.phases.borrow_mut()[i] = Phase::Called;
-    Some(job)
+    CallFailure {
+        error: message,
+        kind,
+        details,
+        settled,
+    }
 }
 
 /// For unchanged resources of types that ask for it (`readOnPlan`): asks each provider what
@@ -1196,410 +1464,6 @@ fn found_keys(text: &str, declared: &[capstan_schema::info::OutputInfo]) -> u128
     }
     let mut de = serde_json::Deserializer::from_str(text);
     de.deserialize_map(Keys(declared)).unwrap_or(0)
-}
-
-/// A failure the core found itself, settled (nothing unknown happened in a provider): none
-/// was started, or what one returned cannot be used.
-struct CoreFailure {
-    error: String,
-    kind: FailureKind,
-    details: String,
-    elapsed: f64,
-    /// What the provider made, to keep in the state although the operation failed.
-    recorded: Option<Box<ResourceState>>,
-}
-
-impl CoreFailure {
-    fn new(error: String, kind: FailureKind) -> Self {
-        CoreFailure {
-            error,
-            kind,
-            details: String::new(),
-            elapsed: 0.0,
-            recorded: None,
-        }
-    }
-
-    /// Tells the user, and makes it the operation's outcome.
-    fn report(
-        self,
-        i: usize,
-        address: String,
-        operation: &'static str,
-        shared: &Shared,
-    ) -> (usize, Outcome) {
-        shared.events.emit(Event::ResourceFailed {
-            address,
-            operation,
-            error: self.error.clone(),
-            kind: self.kind,
-            details: self.details,
-            elapsed_seconds: self.elapsed,
-        });
-        let outcome = Outcome::Failed {
-            error: self.error,
-            kind: self.kind,
-            details: String::new(),
-            settled: true,
-            recorded: self.recorded,
-        };
-        (i, outcome)
-    }
-}
-
-/// A failed call as an outcome. Only a failure the provider reported itself is settled (the
-/// resource is as it was); after a timeout, a crash or a lost connection nobody knows what the
-/// provider did, so the intent stays pending and the next run says so.
-fn failure(address: &str, error: CallError, was_pending: bool) -> Outcome {
-    // Reported by the provider, or refused before it was sent: nothing unknown happened in
-    // this run. (A refused request leaves an earlier run's interruption as it was.)
-    let settled = match error {
-        CallError::Failed { .. } => true,
-        CallError::RequestTooLarge { .. } => !was_pending,
-        _ => false,
-    };
-    let (kind, details) = match &error {
-        CallError::Failed { error, .. } => (error.kind.into(), error.details.clone()),
-        CallError::RequestTooLarge { .. } => (FailureKind::InvalidInput, String::new()),
-        CallError::Timeout { .. } => (FailureKind::Timeout, String::new()),
-        _ => (FailureKind::Provider, String::new()),
-    };
-    let mut message = error.to_string();
-    if !settled {
-        message.push_str(&format!(
-            " (whether it took effect is unknown: it stays pending; check the resource, then `capstan state resolve {address}` or apply again)"
-        ));
-    }
-    Outcome::Failed {
-        error: message,
-        kind,
-        details,
-        settled,
-        recorded: None,
-    }
-}
-
-/// One call's way to its provider and back, the same for every operation: the provider's
-/// permit; the intent made durable (when `journaled`); a job; `resource_start`; the call, with
-/// the provider's timeout. When the provider answers, the job, the permit and the dispatch
-/// slot are given back, and the caller journals the result. `Err` when the run stopped before
-/// the call was sent (its intent then settled, unless an earlier run left it pending).
-#[allow(clippy::too_many_arguments)]
-async fn send(
-    i: usize,
-    connection: &ProviderConnection,
-    provider: &str,
-    operation: OperationKind,
-    journaled: bool,
-    was_pending: bool,
-    mut call: OperationCall,
-    slot: Slot,
-    providers: &Providers,
-    options: &RunOptions,
-) -> Result<(Result<OperationSuccess, CallError>, f64), (usize, Outcome)> {
-    let shared = slot.0.clone();
-    call.timeout = providers
-        .timeouts
-        .get(provider)
-        .copied()
-        .or(options.timeout);
-    let own = provider_permit(providers, provider).await;
-    if shared.stopping.get() {
-        return Err((i, Outcome::NotSent));
-    }
-    if journaled {
-        shared.phases.borrow_mut()[i] = Phase::Recording;
-        let intent = Record::Intent {
-            address: call.address.clone(),
-            operation,
-            provider: provider.to_string(),
-            resource_type: call.resource_type.clone(),
-            inputs: call.inputs.clone(),
-            time: now_unix(),
-        };
-        if let Err(e) = append_durably(&*shared.backend, vec![intent]).await {
-            return Err((i, Outcome::State(e)));
-        }
-        shared.phases.borrow_mut()[i] = Phase::Recorded;
-    }
-    let Some(job) = job_permit(&shared, i).await else {
-        let settle = journaled && !was_pending;
-        return Err(not_sent(i, call.address, operation, settle, &shared).await);
-    };
-    let started = Instant::now();
-    // Started means recorded: the intent is durable before anyone is told.
-    shared.events.emit(Event::ResourceStart {
-        address: call.address.clone(),
-        operation: operation.as_str(),
-        provider: provider.to_string(),
-        resource_type: call.resource_type.clone(),
-    });
-    let observer = progress_observer(
-        shared.events.clone(),
-        call.address.clone(),
-        operation.as_str(),
-    );
-    let result = connection.call(call, observer).await;
-    let elapsed = started.elapsed().as_secs_f64();
-    if result.is_err() && options.fail_fast {
-        // Before the job is given back: nothing waiting for it may be sent now.
-        shared.stopping.set(true);
-    }
-    // The provider is done: give its job and permit back, and let the next operation be
-    // dispatched, while this result is journaled. (`resource_complete` still waits for it.)
-    drop(job);
-    drop(own);
-    drop(slot);
-    Ok((result, elapsed))
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn create_or_update(
-    i: usize,
-    address: String,
-    provider: String,
-    resource_type: String,
-    inputs: Json,
-    recorded: Option<ResourceState>,
-    capabilities: Vec<(String, resource_handle::Client)>,
-    dependencies: Vec<String>,
-    operation: OperationKind,
-    was_pending: bool,
-    slot: Slot,
-    providers: &Providers,
-    options: &RunOptions,
-) -> (usize, Outcome) {
-    let shared = slot.0.clone();
-    let kind = operation;
-    let verb = operation.as_str();
-    let counted = match operation {
-        OperationKind::Create => Action::Create,
-        OperationKind::Update => Action::Update,
-        _ => Action::Noop,
-    };
-    let Some(connection) = providers.connections.get(&provider).cloned() else {
-        // A caller that started fewer providers than the run needs (e.g. only those of the
-        // changes, when an unchanged resource must be read for its capabilities).
-        let error = format!(
-            "{address}: provider `{provider}` was not started for this run, so `{address}` cannot be {}",
-            if verb == "read" { "read for its capabilities" } else { "changed" }
-        );
-        let failure = CoreFailure::new(error, FailureKind::Provider);
-        return failure.report(i, address, verb, &shared);
-    };
-    let call = OperationCall {
-        previous_inputs: recorded.as_ref().map(|r| r.inputs.clone()),
-        previous_outputs: recorded.as_ref().map(|r| r.outputs.clone()),
-        capabilities,
-        ..OperationCall::new(kind, &resource_type, &address, inputs.clone())
-    };
-    // Reads change nothing: no intent.
-    let journaled = operation != OperationKind::Read;
-    let (result, elapsed) = match send(
-        i,
-        &connection,
-        &provider,
-        operation,
-        journaled,
-        was_pending,
-        call,
-        slot,
-        providers,
-        options,
-    )
-    .await
-    {
-        Ok(answered) => answered,
-        Err(never_sent) => return never_sent,
-    };
-    match result {
-        Ok(success) => {
-            let now = ResourceState {
-                provider,
-                resource_type,
-                inputs,
-                outputs: success.outputs,
-                dependencies,
-            };
-            if operation != OperationKind::Read {
-                let done = Record::Done {
-                    address: address.clone(),
-                    state: now.clone(),
-                };
-                if let Err(e) = append_durably(&*shared.backend, vec![done]).await {
-                    return (i, Outcome::State(e));
-                }
-            }
-            if let Some(missing) = missing_outputs(&connection, &now) {
-                // The provider acted (the resource is recorded), but what depends on these
-                // outputs cannot run: say so now, not when a dependent fails to resolve.
-                let error = format!(
-                    "{address}: provider `{}` returned no {missing}, which `{}` declares; the resource is recorded as it was returned, and what depends on it is skipped",
-                    now.provider, now.resource_type
-                );
-                let failure = CoreFailure {
-                    // Names only: values may be secrets, or megabytes.
-                    details: format!("outputs returned: {}", now.outputs.keys().join(", ")),
-                    elapsed,
-                    recorded: (operation != OperationKind::Read).then(|| Box::new(now)),
-                    ..CoreFailure::new(error, FailureKind::Provider)
-                };
-                return failure.report(i, address, verb, &shared);
-            }
-            shared.events.emit(Event::ResourceComplete {
-                address,
-                operation: verb,
-                elapsed_seconds: elapsed,
-                outputs: now.outputs.clone(),
-            });
-            (
-                i,
-                Outcome::Done {
-                    state: now,
-                    handles: success.capabilities,
-                    counted,
-                },
-            )
-        }
-        Err(error) => {
-            fail(
-                i,
-                address,
-                operation,
-                error,
-                journaled,
-                was_pending,
-                &shared,
-                elapsed,
-            )
-            .await
-        }
-    }
-}
-
-async fn delete(
-    i: usize,
-    address: String,
-    recorded: ResourceState,
-    was_pending: bool,
-    slot: Slot,
-    providers: &Providers,
-    options: &RunOptions,
-) -> (usize, Outcome) {
-    let shared = slot.0.clone();
-    let Some(connection) = providers.connections.get(&recorded.provider).cloned() else {
-        let error = format!(
-            "{address}: its provider `{}` is not declared in the deployment any more; declare it again until its resources are deleted",
-            recorded.provider
-        );
-        let failure = CoreFailure::new(error, FailureKind::InvalidInput);
-        return failure.report(i, address, "delete", &shared);
-    };
-    let call = OperationCall {
-        previous_inputs: Some(recorded.inputs.clone()),
-        previous_outputs: Some(recorded.outputs.clone()),
-        ..OperationCall::new(
-            OperationKind::Delete,
-            &recorded.resource_type,
-            &address,
-            recorded.inputs.clone(),
-        )
-    };
-    let (result, elapsed) = match send(
-        i,
-        &connection,
-        &recorded.provider,
-        OperationKind::Delete,
-        true,
-        was_pending,
-        call,
-        slot,
-        providers,
-        options,
-    )
-    .await
-    {
-        Ok(answered) => answered,
-        Err(never_sent) => return never_sent,
-    };
-    match result {
-        Ok(_) => {
-            if let Err(e) = append_durably(
-                &*shared.backend,
-                vec![Record::Deleted {
-                    address: address.clone(),
-                }],
-            )
-            .await
-            {
-                return (i, Outcome::State(e));
-            }
-            shared.events.emit(Event::ResourceComplete {
-                address,
-                operation: "delete",
-                elapsed_seconds: elapsed,
-                outputs: Json::null(),
-            });
-            (i, Outcome::Deleted)
-        }
-        Err(error) => {
-            fail(
-                i,
-                address,
-                OperationKind::Delete,
-                error,
-                true,
-                was_pending,
-                &shared,
-                elapsed,
-            )
-            .await
-        }
-    }
-}
-
-/// Reports a failed call: journals it when it is settled (and `journal` is set: reads change
-/// nothing), and emits the event.
-#[allow(clippy::too_many_arguments)]
-async fn fail(
-    i: usize,
-    address: String,
-    operation: OperationKind,
-    error: CallError,
-    journal: bool,
-    was_pending: bool,
-    shared: &Shared,
-    elapsed: f64,
-) -> (usize, Outcome) {
-    let outcome = failure(&address, error, was_pending);
-    if let Outcome::Failed {
-        error,
-        kind,
-        details,
-        settled,
-        ..
-    } = &outcome
-    {
-        if journal && *settled {
-            let failed = Record::Failed {
-                address: address.clone(),
-                operation,
-                error: error.clone(),
-            };
-            if let Err(e) = append_durably(&*shared.backend, vec![failed]).await {
-                return (i, Outcome::State(e));
-            }
-        }
-        shared.events.emit(Event::ResourceFailed {
-            address,
-            operation: operation.as_str(),
-            error: error.clone(),
-            kind: *kind,
-            details: details.clone(),
-            elapsed_seconds: elapsed,
-        });
-    }
-    (i, outcome)
 }
 
 /// Keeps `RefCell` out of the public API while letting tests collect events.

@@ -1,0 +1,652 @@
+//! Which operation may go next: the run's state machine, with no I/O in it.
+//!
+//! A [`Scheduler`] holds one [`NodeState`] per node (a resource's change) and hands out
+//! [`Step`]s: prepare a node whose dependencies are done, journal its intent once its
+//! provider's permit is held, call its provider once a job is free. The driver
+//! (`run.rs`) does each step and reports back (`queue`, `recorded`, `answered`, `end`); the
+//! scheduler counts every limit, skips the dependents of a failure, stops dispatching under
+//! `--fail-fast` or after a state error, and says what an interrupt cut short.
+//!
+//! Nodes and dependencies may be added while the run goes on (`add`, `depend`), also on nodes
+//! already running or done: they obey the same limits and the same rules.
+//!
+//! Limits, all counted here:
+//! - the dispatch window: at most `window` nodes between `Prepare` and their end (so the
+//!   driver holds work in memory only for what may soon run);
+//! - a provider's permits: held from `Record` (before the intent is journaled, so an intent is
+//!   written only for an operation its provider is ready to take) until `answered`;
+//! - the `--jobs` limit: held from `Call` until `answered` (so the next call overlaps the
+//!   journaling of this one's result).
+
+use std::collections::{HashMap, VecDeque};
+
+/// A node's index, in the order nodes were added.
+pub type NodeId = usize;
+
+/// Where a dispatched node is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Handed out as `Prepare`: the driver decides what it does.
+    Preparing,
+    /// Queued for its provider's permit.
+    Queued,
+    /// Its provider's permit is held; its intent is on its way to the journal.
+    Recording,
+    /// Its intent is durable (or it needs none); it waits for a job.
+    Recorded,
+    /// In its provider.
+    Called,
+    /// Answered; its result is on its way to the journal.
+    Finishing,
+}
+
+/// Why the run stops dispatching.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stop {
+    FailFast,
+    /// A record could not be made durable: nothing more may run.
+    StateError,
+    Interrupted,
+}
+
+/// Why a node was skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Skip {
+    /// A node it depends on (directly or not) failed: this one.
+    Dependency(NodeId),
+    /// Dispatched, but the run stopped before it was sent to its provider.
+    NotSent(Stop),
+    /// Never dispatched: the run stopped first.
+    Stopped(Stop),
+    /// Its dependencies never finished although the run did not stop: they form a cycle.
+    Cycle,
+}
+
+/// How a node ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum End {
+    Succeeded,
+    Failed,
+    Skipped(Skip),
+    /// Cut short in its provider (or while its result was being journaled) by an interrupt.
+    Interrupted,
+}
+
+/// A node's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeState {
+    /// Waiting for this many dependencies.
+    Waiting(usize),
+    /// Its dependencies are done; not yet dispatched.
+    Ready,
+    Dispatched(Phase),
+    Ended(End),
+}
+
+/// What the driver is to do next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A dispatch slot is taken: decide what the node does, then `queue` it for a call or
+    /// `end` it.
+    Prepare(NodeId),
+    /// Its provider's permit is held: journal its intent, then `recorded`. (A node queued
+    /// without one goes straight on to `Call`.)
+    Record(NodeId),
+    /// A job is held: send the call, then `answered` when the provider answers.
+    Call(NodeId),
+    /// Its intent may be durable but the run stopped before it was sent: settle it, then
+    /// `end` it with `Skipped(NotSent(stop))`.
+    Settle(NodeId, Stop),
+    /// The scheduler ended the node itself: report it.
+    Skipped(NodeId, Skip),
+}
+
+/// A call the scheduler refused: the driver broke the protocol of steps (a bug, not input).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Misuse {
+    #[error("node {0} does not exist")]
+    NoSuchNode(NodeId),
+    #[error("node {node} is {state:?}, not {expected}")]
+    WrongState {
+        node: NodeId,
+        state: NodeState,
+        expected: &'static str,
+    },
+}
+
+struct Node {
+    state: NodeState,
+    dependents: Vec<NodeId>,
+    /// The limit its current operation counts against (an index into `limits`).
+    limit: Option<usize>,
+    /// Its current operation journals an intent.
+    journaled: bool,
+}
+
+struct Limit {
+    max: usize,
+    used: usize,
+    queue: VecDeque<NodeId>,
+}
+
+/// The run's state machine. See the module's documentation.
+pub struct Scheduler {
+    nodes: Vec<Node>,
+    ready: VecDeque<NodeId>,
+    /// Nodes whose intent is durable, waiting for a job.
+    recorded: VecDeque<NodeId>,
+    limits: Vec<Limit>,
+    limit_of: HashMap<String, usize>,
+    /// Providers with queued nodes and (perhaps) a free permit, to look at next.
+    limits_to_grant: VecDeque<usize>,
+    /// Queued nodes whose provider has no limit.
+    unlimited: VecDeque<NodeId>,
+    jobs: usize,
+    jobs_used: usize,
+    window: usize,
+    dispatched: usize,
+    fail_fast: bool,
+    stopped: Option<Stop>,
+    /// Steps found while handling a report, handed out before anything new.
+    outbox: VecDeque<Step>,
+    unended: usize,
+}
+
+impl Scheduler {
+    /// At most `jobs` calls at once, and `window` (≥ `jobs`) nodes dispatched.
+    pub fn new(jobs: usize, window: usize, fail_fast: bool) -> Self {
+        let jobs = jobs.max(1);
+        Scheduler {
+            nodes: Vec::new(),
+            ready: VecDeque::new(),
+            recorded: VecDeque::new(),
+            limits: Vec::new(),
+            limit_of: HashMap::new(),
+            limits_to_grant: VecDeque::new(),
+            unlimited: VecDeque::new(),
+            jobs,
+            jobs_used: 0,
+            window: window.max(jobs),
+            dispatched: 0,
+            fail_fast,
+            stopped: None,
+            outbox: VecDeque::new(),
+            unended: 0,
+        }
+    }
+
+    /// At most `max` (≥ 1) operations of `provider` between `Record` and `answered`.
+    pub fn set_limit(&mut self, provider: &str, max: usize) {
+        match self.limit_of.get(provider) {
+            Some(&l) => self.limits[l].max = max.max(1),
+            None => {
+                self.limit_of
+                    .insert(provider.to_string(), self.limits.len());
+                self.limits.push(Limit {
+                    max: max.max(1),
+                    used: 0,
+                    queue: VecDeque::new(),
+                });
+            }
+        }
+    }
+
+    /// Adds a node that waits for `dependencies` (nodes already added: waiting, running or
+    /// done). If one of them failed or was skipped, so is the new node (a `Skipped` step).
+    pub fn add(&mut self, dependencies: &[NodeId]) -> Result<NodeId, Misuse> {
+        let id = self.nodes.len();
+        for &d in dependencies {
+            if d >= id {
+                return Err(Misuse::NoSuchNode(d));
+            }
+        }
+        self.nodes.push(Node {
+            state: NodeState::Waiting(0),
+            dependents: Vec::new(),
+            limit: None,
+            journaled: false,
+        });
+        self.unended += 1;
+        for &d in dependencies {
+            self.link(id, d);
+            if matches!(self.nodes[id].state, NodeState::Ended(_)) {
+                return Ok(id);
+            }
+        }
+        if self.nodes[id].state == NodeState::Waiting(0) {
+            self.nodes[id].state = NodeState::Ready;
+            self.ready.push_back(id);
+        }
+        Ok(id)
+    }
+
+    /// Makes `waits` wait for `first` too. `waits` must not be dispatched yet; `first` may be
+    /// in any state (done: nothing to wait for; failed or skipped: `waits` is skipped).
+    pub fn depend(&mut self, waits: NodeId, first: NodeId) -> Result<(), Misuse> {
+        for n in [waits, first] {
+            if n >= self.nodes.len() {
+                return Err(Misuse::NoSuchNode(n));
+            }
+        }
+        match self.nodes[waits].state {
+            NodeState::Waiting(_) | NodeState::Ready => {}
+            state => {
+                return Err(Misuse::WrongState {
+                    node: waits,
+                    state,
+                    expected: "waiting or ready",
+                })
+            }
+        }
+        if self.nodes[waits].state == NodeState::Ready {
+            // Its stale entry in `ready` is passed over when popped.
+            self.nodes[waits].state = NodeState::Waiting(0);
+        }
+        self.link(waits, first);
+        if self.nodes[waits].state == NodeState::Waiting(0) {
+            self.nodes[waits].state = NodeState::Ready;
+            self.ready.push_back(waits);
+        }
+        Ok(())
+    }
+
+    /// `waits` (waiting) on `first`.
+    fn link(&mut self, waits: NodeId, first: NodeId) {
+        match self.nodes[first].state {
+            NodeState::Ended(End::Succeeded) => {}
+            NodeState::Ended(End::Failed) => self.skip(waits, Skip::Dependency(first)),
+            NodeState::Ended(End::Skipped(Skip::Dependency(root))) => {
+                self.skip(waits, Skip::Dependency(root))
+            }
+            NodeState::Ended(_) => {
+                // Cut short by a stop: so is the run, and `unfinished` reports `waits`.
+                if let NodeState::Waiting(n) = &mut self.nodes[waits].state {
+                    *n += 1;
+                }
+            }
+            _ => {
+                if let NodeState::Waiting(n) = &mut self.nodes[waits].state {
+                    *n += 1;
+                }
+                self.nodes[first].dependents.push(waits);
+            }
+        }
+    }
+
+    /// The next thing to do, if any can be done now.
+    pub fn next_step(&mut self) -> Option<Step> {
+        if let Some(step) = self.outbox.pop_front() {
+            return Some(step);
+        }
+        if self.stopped.is_none() {
+            // Calls first: they hold intents that are already durable.
+            if self.jobs_used < self.jobs {
+                if let Some(id) = self.recorded.pop_front() {
+                    self.jobs_used += 1;
+                    self.nodes[id].state = NodeState::Dispatched(Phase::Called);
+                    return Some(Step::Call(id));
+                }
+            }
+            while let Some(id) = self.unlimited.pop_front() {
+                if let Some(step) = self.permitted(id) {
+                    return Some(step);
+                }
+            }
+            while let Some(&l) = self.limits_to_grant.front() {
+                let limit = &mut self.limits[l];
+                if limit.used < limit.max {
+                    if let Some(id) = limit.queue.pop_front() {
+                        limit.used += 1;
+                        match self.permitted(id) {
+                            Some(step) => return Some(step),
+                            None => continue,
+                        }
+                    }
+                }
+                self.limits_to_grant.pop_front();
+            }
+            // Reads need no intent: straight to a job.
+            if self.jobs_used < self.jobs {
+                if let Some(id) = self.recorded.pop_front() {
+                    self.jobs_used += 1;
+                    self.nodes[id].state = NodeState::Dispatched(Phase::Called);
+                    return Some(Step::Call(id));
+                }
+            }
+            while self.dispatched < self.window {
+                let Some(id) = self.ready.pop_front() else {
+                    break;
+                };
+                if self.nodes[id].state != NodeState::Ready {
+                    continue;
+                }
+                self.dispatched += 1;
+                self.nodes[id].state = NodeState::Dispatched(Phase::Preparing);
+                return Some(Step::Prepare(id));
+            }
+        }
+        None
+    }
+
+    /// Its provider's permit is held: record its intent, or (if it needs none) wait for a job.
+    fn permitted(&mut self, id: NodeId) -> Option<Step> {
+        if self.nodes[id].journaled {
+            self.nodes[id].state = NodeState::Dispatched(Phase::Recording);
+            Some(Step::Record(id))
+        } else {
+            self.nodes[id].state = NodeState::Dispatched(Phase::Recorded);
+            self.recorded.push_back(id);
+            None
+        }
+    }
+
+    /// A prepared node (or one whose earlier operation finished: the create after a
+    /// replace's delete) is to call `provider`, journaling an intent first if `journaled`.
+    pub fn queue(
+        &mut self,
+        id: NodeId,
+        provider: Option<&str>,
+        journaled: bool,
+    ) -> Result<(), Misuse> {
+        self.expect(
+            id,
+            &[Phase::Preparing, Phase::Finishing],
+            "preparing or finishing",
+        )?;
+        if let Some(stop) = self.stopped {
+            self.nodes[id].state = NodeState::Dispatched(Phase::Queued);
+            self.end_dispatched(id, End::Skipped(Skip::NotSent(stop)));
+            self.outbox
+                .push_back(Step::Skipped(id, Skip::NotSent(stop)));
+            return Ok(());
+        }
+        let limit = provider.and_then(|p| self.limit_of.get(p).copied());
+        let node = &mut self.nodes[id];
+        node.state = NodeState::Dispatched(Phase::Queued);
+        node.limit = limit;
+        node.journaled = journaled;
+        match limit {
+            Some(l) => {
+                self.limits[l].queue.push_back(id);
+                if !self.limits_to_grant.contains(&l) {
+                    self.limits_to_grant.push_back(l);
+                }
+            }
+            None => self.unlimited.push_back(id),
+        }
+        Ok(())
+    }
+
+    /// The node's intent is durable (or it needed none): it may be called.
+    pub fn recorded(&mut self, id: NodeId) -> Result<(), Misuse> {
+        self.expect(id, &[Phase::Recording], "recording")?;
+        self.nodes[id].state = NodeState::Dispatched(Phase::Recorded);
+        match self.stopped {
+            Some(stop) => {
+                self.release_permit(id);
+                self.outbox.push_back(Step::Settle(id, stop));
+            }
+            None => self.recorded.push_back(id),
+        }
+        Ok(())
+    }
+
+    /// The provider answered (`ok` or with a failure): its job and permit are free. Under
+    /// `--fail-fast` a failure stops the run before anything else is sent.
+    pub fn answered(&mut self, id: NodeId, ok: bool) -> Result<(), Misuse> {
+        self.expect(id, &[Phase::Called], "called")?;
+        if !ok && self.fail_fast {
+            self.stop(Stop::FailFast);
+        }
+        self.nodes[id].state = NodeState::Dispatched(Phase::Finishing);
+        self.jobs_used -= 1;
+        self.release_permit(id);
+        Ok(())
+    }
+
+    /// A dispatched node ended. Success releases its dependents; anything else skips them.
+    /// Under `--fail-fast` a failure stops the run.
+    pub fn end(&mut self, id: NodeId, end: End) -> Result<(), Misuse> {
+        let phase = match self.nodes.get(id).map(|n| n.state) {
+            None => return Err(Misuse::NoSuchNode(id)),
+            Some(NodeState::Dispatched(phase)) => phase,
+            Some(state) => {
+                return Err(Misuse::WrongState {
+                    node: id,
+                    state,
+                    expected: "dispatched",
+                })
+            }
+        };
+        if phase == Phase::Called {
+            self.jobs_used -= 1;
+        }
+        if matches!(phase, Phase::Recording | Phase::Recorded | Phase::Called) {
+            self.release_permit(id);
+        }
+        match phase {
+            Phase::Queued => self.unqueue(id),
+            Phase::Recorded => self.recorded.retain(|&n| n != id),
+            _ => {}
+        }
+        if end == End::Failed && self.fail_fast {
+            self.stop(Stop::FailFast);
+        }
+        self.end_dispatched(id, end);
+        Ok(())
+    }
+
+    /// Stops dispatching: what is queued for a permit is skipped, intents waiting for a job
+    /// are to be settled; calls in providers go on (unless interrupted).
+    pub fn stop(&mut self, stop: Stop) {
+        if self.stopped.is_some() {
+            return;
+        }
+        self.stopped = Some(stop);
+        let mut queued: Vec<NodeId> = self.unlimited.drain(..).collect();
+        for limit in &mut self.limits {
+            queued.extend(limit.queue.drain(..));
+        }
+        self.limits_to_grant.clear();
+        for id in queued {
+            self.end_dispatched(id, End::Skipped(Skip::NotSent(stop)));
+            self.outbox
+                .push_back(Step::Skipped(id, Skip::NotSent(stop)));
+        }
+        for id in std::mem::take(&mut self.recorded) {
+            self.release_permit(id);
+            self.outbox.push_back(Step::Settle(id, stop));
+        }
+    }
+
+    /// Stops at once: every dispatched node ends (`Interrupted` if in or answered by its
+    /// provider, else not sent) and is returned with the phase it was in, for the driver to
+    /// drop its work and settle intents. Steps not yet handed out are dropped.
+    pub fn interrupt(&mut self) -> Vec<(NodeId, Phase)> {
+        self.stopped = Some(Stop::Interrupted);
+        self.outbox.retain(|s| matches!(s, Step::Skipped(..)));
+        self.unlimited.clear();
+        for limit in &mut self.limits {
+            limit.queue.clear();
+            limit.used = 0;
+        }
+        self.limits_to_grant.clear();
+        self.recorded.clear();
+        self.jobs_used = 0;
+        let mut cut = Vec::new();
+        for id in 0..self.nodes.len() {
+            if let NodeState::Dispatched(phase) = self.nodes[id].state {
+                let end = match phase {
+                    Phase::Called | Phase::Finishing => End::Interrupted,
+                    _ => End::Skipped(Skip::NotSent(Stop::Interrupted)),
+                };
+                self.end_dispatched(id, end);
+                cut.push((id, phase));
+            }
+        }
+        cut
+    }
+
+    /// Whether nothing is dispatched and nothing can be: the run is over (call `unfinished`).
+    pub fn idle(&self) -> bool {
+        self.dispatched == 0
+            && self.outbox.is_empty()
+            && (self.stopped.is_some() || !self.ready.iter().any(|&n| self.is_ready(n)))
+    }
+
+    fn is_ready(&self, id: NodeId) -> bool {
+        self.nodes[id].state == NodeState::Ready
+    }
+
+    /// Ends every node that never ran, once the run is [`idle`](Self::idle): stopped before
+    /// it was dispatched, or (if nothing stopped the run) in a cycle.
+    pub fn unfinished(&mut self) -> Vec<(NodeId, Skip)> {
+        let skip = match self.stopped {
+            Some(stop) => Skip::Stopped(stop),
+            None => Skip::Cycle,
+        };
+        let mut left = Vec::new();
+        for id in 0..self.nodes.len() {
+            if matches!(
+                self.nodes[id].state,
+                NodeState::Waiting(_) | NodeState::Ready
+            ) {
+                self.nodes[id].state = NodeState::Ended(End::Skipped(skip));
+                self.unended -= 1;
+                left.push((id, skip));
+            }
+        }
+        self.ready.clear();
+        left
+    }
+
+    /// Why the run stopped, if it did.
+    pub fn stopped(&self) -> Option<Stop> {
+        self.stopped
+    }
+
+    pub fn state(&self, id: NodeId) -> Option<NodeState> {
+        self.nodes.get(id).map(|n| n.state)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Nodes not ended yet.
+    pub fn unended(&self) -> usize {
+        self.unended
+    }
+
+    /// Calls in providers now (at most `jobs`).
+    pub fn jobs_in_use(&self) -> usize {
+        self.jobs_used
+    }
+
+    /// Permits of `provider` held now.
+    pub fn permits_in_use(&self, provider: &str) -> usize {
+        self.limit_of
+            .get(provider)
+            .map_or(0, |&l| self.limits[l].used)
+    }
+
+    /// Nodes dispatched and not ended (at most the window).
+    pub fn dispatched(&self) -> usize {
+        self.dispatched
+    }
+
+    fn expect(&self, id: NodeId, phases: &[Phase], expected: &'static str) -> Result<(), Misuse> {
+        match self.nodes.get(id).map(|n| n.state) {
+            None => Err(Misuse::NoSuchNode(id)),
+            Some(NodeState::Dispatched(p)) if phases.contains(&p) => Ok(()),
+            Some(state) => Err(Misuse::WrongState {
+                node: id,
+                state,
+                expected,
+            }),
+        }
+    }
+
+    fn release_permit(&mut self, id: NodeId) {
+        if let Some(l) = self.nodes[id].limit.take() {
+            let limit = &mut self.limits[l];
+            limit.used -= 1;
+            if !limit.queue.is_empty() && !self.limits_to_grant.contains(&l) {
+                self.limits_to_grant.push_back(l);
+            }
+        }
+    }
+
+    fn unqueue(&mut self, id: NodeId) {
+        match self.nodes[id].limit.take() {
+            Some(l) => self.limits[l].queue.retain(|&n| n != id),
+            None => self.unlimited.retain(|&n| n != id),
+        }
+    }
+
+    /// Ends a dispatched node: frees its slot, then releases or skips its dependents.
+    fn end_dispatched(&mut self, id: NodeId, end: End) {
+        self.dispatched -= 1;
+        self.nodes[id].limit = None;
+        self.nodes[id].state = NodeState::Ended(end);
+        self.unended -= 1;
+        self.after_end(id, end);
+    }
+
+    fn after_end(&mut self, id: NodeId, end: End) {
+        let dependents = std::mem::take(&mut self.nodes[id].dependents);
+        match end {
+            // Cut short by a stop: what depends on it never runs, and `unfinished` says why.
+            End::Interrupted | End::Skipped(Skip::NotSent(_) | Skip::Stopped(_)) => {}
+            End::Succeeded => {
+                for &d in &dependents {
+                    if let NodeState::Waiting(n) = &mut self.nodes[d].state {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.nodes[d].state = NodeState::Ready;
+                            self.ready.push_back(d);
+                        }
+                    }
+                }
+            }
+            _ => {
+                let root = match end {
+                    End::Skipped(Skip::Dependency(root)) => root,
+                    _ => id,
+                };
+                for &d in &dependents {
+                    self.skip(d, Skip::Dependency(root));
+                }
+            }
+        }
+        self.nodes[id].dependents = dependents;
+    }
+
+    /// Skips a node that was not dispatched, and (through `after_end`) what depends on it.
+    fn skip(&mut self, id: NodeId, skip: Skip) {
+        if !matches!(
+            self.nodes[id].state,
+            NodeState::Waiting(_) | NodeState::Ready
+        ) {
+            return;
+        }
+        // Iteratively: a long chain must not overflow the stack.
+        let mut stack = vec![id];
+        while let Some(n) = stack.pop() {
+            if !matches!(
+                self.nodes[n].state,
+                NodeState::Waiting(_) | NodeState::Ready
+            ) {
+                continue;
+            }
+            self.nodes[n].state = NodeState::Ended(End::Skipped(skip));
+            self.unended -= 1;
+            self.outbox.push_back(Step::Skipped(n, skip));
+            stack.extend(self.nodes[n].dependents.iter().rev().copied());
+        }
+    }
+}
