@@ -180,48 +180,63 @@ impl Providers {
     ) -> Result<Self, LaunchError> {
         let dir = deployment.dir();
         let v0 = v0_types(deployment, state);
-        let launches = names.iter().map(|name| {
-            let decl = &deployment.providers[name];
+        // A name the deployment does not declare starts nothing: its resources then fail
+        // with "not started", naming it.
+        let launches = names.iter().filter_map(|name| {
+            let decl = deployment.providers.get(name)?;
             let source = source_for(decl, &dir, builtin, v0.get(name));
             let logs = logs.clone();
             let mut options = HostOptions::default();
             if let Some(mib) = decl.max_message_mib.or(max_message_mib) {
                 options.max_message_words = mib as usize * (1024 * 1024 / 8);
             }
-            async move {
+            Some(async move {
                 ProviderConnection::launch(name, &source, options, Some(logs))
                     .await
                     .map(|c| (name.clone(), c))
-            }
+            })
         });
+        let mut connections = Vec::new();
+        for launched in futures::future::join_all(launches).await {
+            connections.push(launched?);
+        }
+        Ok(Self::from_connections(deployment, connections))
+    }
+
+    /// The providers of a run from connections made elsewhere (in-process providers,
+    /// embedding), each under its name in `deployment`, whose declarations give their limits
+    /// and timeouts.
+    pub fn from_connections(
+        deployment: &Deployment,
+        launched: impl IntoIterator<Item = (String, ProviderConnection)>,
+    ) -> Self {
         let mut connections = BTreeMap::new();
         let mut limits = BTreeMap::new();
         let mut timeouts = BTreeMap::new();
-        for launched in futures::future::join_all(launches).await {
-            let (name, connection) = launched?;
-            let decl = &deployment.providers[&name];
+        for (name, connection) in launched {
+            let decl = deployment.providers.get(&name);
             // The provider's own limit (from its handshake), lowered by `maxConcurrency`:
             // enforced here, before an operation journals its intent or takes a job, so a
             // queue at a busy provider never holds `--jobs` slots. (The host enforces the
             // declared limit too, as a last line.)
             let declared = Some(connection.info().max_concurrency).filter(|&n| n > 0);
-            let limit = match (decl.max_concurrency, declared) {
+            let limit = match (decl.and_then(|d| d.max_concurrency), declared) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
             if let Some(limit) = limit {
                 limits.insert(name.clone(), limit as usize);
             }
-            if let Some(timeout) = decl.timeout {
+            if let Some(timeout) = decl.and_then(|d| d.timeout) {
                 timeouts.insert(name.clone(), timeout);
             }
             connections.insert(name, Rc::new(connection));
         }
-        Ok(Providers {
+        Providers {
             connections,
             limits,
             timeouts,
-        })
+        }
     }
 
     /// Each provider's handshake.
@@ -373,6 +388,8 @@ pub async fn run(
         scheduler,
     };
     let mut work: Work = FuturesUnordered::new();
+    let cancelled = interrupt.cancelled();
+    tokio::pin!(cancelled);
     loop {
         while let Some(step) = driver.scheduler.next_step() {
             driver.step(step, &mut work);
@@ -381,9 +398,15 @@ pub async fn run(
             break;
         }
         tokio::select! {
-            Some(done) = work.next() => driver.done(done, &mut work),
+            Some(done) = work.next() => {
+                driver.done(done, &mut work);
+                // Everything else that is done by now, before handing out more steps.
+                while let Some(Some(done)) = work.next().now_or_never() {
+                    driver.done(done, &mut work);
+                }
+            }
             // Also while stopping for --fail-fast: an interrupt must not wait on hung calls.
-            () = interrupt.cancelled() => {
+            () = &mut cancelled => {
                 // Dropping the calls cancels them in the providers; their intents stay in the
                 // journal, so the next run reports them as interrupted.
                 work.clear();

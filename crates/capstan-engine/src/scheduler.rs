@@ -11,8 +11,9 @@
 //! already running or done: they obey the same limits and the same rules.
 //!
 //! Limits, all counted here:
-//! - the dispatch window: at most `window` nodes between `Prepare` and their end (so the
-//!   driver holds work in memory only for what may soon run);
+//! - the dispatch window: at most `window` nodes between `Prepare` and their provider's
+//!   answer (so the driver holds work in memory only for what may soon run, and prepares the
+//!   next node while a result is journaled);
 //! - a provider's permits: held from `Record` (before the intent is journaled, so an intent is
 //!   written only for an operation its provider is ready to take) until `answered`;
 //! - the `--jobs` limit: held from `Call` until `answered` (so the next call overlaps the
@@ -144,7 +145,10 @@ pub struct Scheduler {
     jobs: usize,
     jobs_used: usize,
     window: usize,
+    /// Nodes between `Prepare` and `answered`: what the window bounds.
     dispatched: usize,
+    /// Nodes between `answered` and their end.
+    finishing: usize,
     fail_fast: bool,
     stopped: Option<Stop>,
     /// Steps found while handling a report, handed out before anything new.
@@ -168,6 +172,7 @@ impl Scheduler {
             jobs_used: 0,
             window: window.max(jobs),
             dispatched: 0,
+            finishing: 0,
             fail_fast,
             stopped: None,
             outbox: VecDeque::new(),
@@ -353,6 +358,12 @@ impl Scheduler {
             &[Phase::Preparing, Phase::Finishing],
             "preparing or finishing",
         )?;
+        if self.nodes[id].state == NodeState::Dispatched(Phase::Finishing) {
+            // Its next operation takes a slot of the window again (it may go over by one).
+            self.finishing -= 1;
+            self.dispatched += 1;
+            self.nodes[id].state = NodeState::Dispatched(Phase::Preparing);
+        }
         if let Some(stop) = self.stopped {
             self.nodes[id].state = NodeState::Dispatched(Phase::Queued);
             self.end_dispatched(id, End::Skipped(Skip::NotSent(stop)));
@@ -400,6 +411,10 @@ impl Scheduler {
         }
         self.nodes[id].state = NodeState::Dispatched(Phase::Finishing);
         self.jobs_used -= 1;
+        // Its slot of the window too: the next node is prepared while this result is
+        // journaled.
+        self.dispatched -= 1;
+        self.finishing += 1;
         self.release_permit(id);
         Ok(())
     }
@@ -487,15 +502,13 @@ impl Scheduler {
         cut
     }
 
-    /// Whether nothing is dispatched and nothing can be: the run is over (call `unfinished`).
+    /// Whether nothing is dispatched and nothing can be, once `next_step` returned `None`: the
+    /// run is over (call `unfinished`).
     pub fn idle(&self) -> bool {
         self.dispatched == 0
+            && self.finishing == 0
             && self.outbox.is_empty()
-            && (self.stopped.is_some() || !self.ready.iter().any(|&n| self.is_ready(n)))
-    }
-
-    fn is_ready(&self, id: NodeId) -> bool {
-        self.nodes[id].state == NodeState::Ready
+            && (self.stopped.is_some() || self.ready.is_empty())
     }
 
     /// Ends every node that never ran, once the run is [`idle`](Self::idle): stopped before
@@ -554,9 +567,15 @@ impl Scheduler {
             .map_or(0, |&l| self.limits[l].used)
     }
 
-    /// Nodes dispatched and not ended (at most the window).
+    /// Nodes dispatched and not yet answered (at most the window, plus one for each node
+    /// gone on to its next operation).
     pub fn dispatched(&self) -> usize {
         self.dispatched
+    }
+
+    /// Nodes answered whose result is not yet journaled.
+    pub fn finishing(&self) -> usize {
+        self.finishing
     }
 
     fn expect(&self, id: NodeId, phases: &[Phase], expected: &'static str) -> Result<(), Misuse> {
@@ -590,7 +609,11 @@ impl Scheduler {
 
     /// Ends a dispatched node: frees its slot, then releases or skips its dependents.
     fn end_dispatched(&mut self, id: NodeId, end: End) {
-        self.dispatched -= 1;
+        if self.nodes[id].state == NodeState::Dispatched(Phase::Finishing) {
+            self.finishing -= 1;
+        } else {
+            self.dispatched -= 1;
+        }
         self.nodes[id].limit = None;
         self.nodes[id].state = NodeState::Ended(end);
         self.unended -= 1;

@@ -167,7 +167,19 @@ impl Driver {
 
     fn check_limits(&self) {
         assert!(self.s.jobs_in_use() <= self.plan.jobs);
-        assert!(self.s.dispatched() <= self.plan.window.max(self.plan.jobs));
+        // A replace's second operation takes a slot again, over the window if it must.
+        let second_steps = self
+            .second_step
+            .iter()
+            .filter(|n| !self.ended.contains_key(n))
+            .count();
+        assert!(self.s.dispatched() <= self.plan.window.max(self.plan.jobs) + second_steps);
+        let finishing = self
+            .pending
+            .iter()
+            .filter(|p| matches!(p, Pending::Finishing(_)))
+            .count();
+        assert_eq!(finishing, self.s.finishing());
         for (p, limit) in self.plan.limits.iter().enumerate() {
             if let Some(limit) = limit {
                 let used = self.s.permits_in_use(&format!("p{p}"));
