@@ -3,11 +3,17 @@
 //! `capstan-bench rpc [--json] [--quick]` prints, each beside its baseline:
 //! - sequential no-op `create` round trip through the host vs. a raw 64-byte Unix-socket
 //!   ping-pong between two processes;
-//! - no-op operations per second with 64 in flight;
+//! - the same through a bare Cap'n Proto call on the same connection (`hello`);
+//! - no-op operations per second with 64 in flight vs. bare Cap'n Proto calls and raw
+//!   pipelined socket messages, 64 in flight, all pinned alike;
 //! - progress events per second from the `chatty` provider through the host vs. raw
-//!   one-item `-> stream` calls between two processes;
+//!   `-> stream` calls between two processes sending the same batches;
 //! - the host's peak memory while a slow observer holds a flood of progress back;
 //! - provider spawn + handshake time.
+//!
+//! `capstan-bench apply [--million]`: the engine applying 10k and 100k no-op resources (and
+//! with `--million` one round of 1M, to see how time and memory grow), against the
+//! protocol's own throughput at the same `--jobs` in the same run.
 //!
 //! Run from a release build: `cargo build --release && target/release/capstan-bench rpc`.
 
@@ -176,17 +182,29 @@ impl progress_sink::Server for CountingSink {
     }
 }
 
-/// Raw `-> stream` calls, one event each, from a child process to a sink in this one.
-fn raw_stream_events_per_s(events: u64) -> f64 {
+/// Raw `-> stream` calls from a child process to a sink in this one, in `batches` (the
+/// sizes Capstan's pipeline sent, in order), so both send the same batches.
+fn raw_stream_events_per_s(batches: &[u64]) -> f64 {
+    let events: u64 = batches.iter().sum();
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("stream.sock");
+    let batch_file = dir.path().join("batches");
+    std::fs::write(
+        &batch_file,
+        batches
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .expect("write the batch sizes");
     local(async {
         let listener = tokio::net::UnixListener::bind(&path).expect("bind");
         let child = tokio::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "raw-stream-sender",
                 path.to_str().unwrap(),
-                &events.to_string(),
+                batch_file.to_str().unwrap(),
             ])
             .stdout(Stdio::piped())
             .spawn()
@@ -212,7 +230,13 @@ fn raw_stream_events_per_s(events: u64) -> f64 {
     })
 }
 
-fn raw_stream_sender(path: &str, events: u64) {
+fn raw_stream_sender(path: &str, batch_file: &Path) {
+    let batches: Vec<u64> = std::fs::read_to_string(batch_file)
+        .expect("read the batch sizes")
+        .lines()
+        .map(|l| l.parse().expect("a batch size"))
+        .collect();
+    let events: u64 = batches.iter().sum();
     let rate = local(async {
         let stream = tokio::net::UnixStream::connect(path)
             .await
@@ -228,16 +252,26 @@ fn raw_stream_sender(path: &str, events: u64) {
         let sink: progress_sink::Client = system.bootstrap(Side::Server);
         tokio::task::spawn_local(system);
         let start = Instant::now();
-        for n in 0..events {
-            let event = ProgressEvent::now(ProgressKind::Event {
-                span: 1,
-                level: capstan_schema::Level::Info,
-                message: format!("event {n}"),
-                target: "capstan_provider_testing".into(),
-                fields: vec![("n".into(), n.to_string())],
-            });
+        let mut n = 0u64;
+        for &size in &batches {
+            // Made as the provider makes them, per event, then sent as one push.
+            let batch: Vec<ProgressEvent> = (n..n + size)
+                .map(|n| {
+                    ProgressEvent::now(ProgressKind::Event {
+                        span: 1,
+                        level: capstan_schema::Level::Info,
+                        message: format!("event {n}"),
+                        target: "capstan_provider_testing".into(),
+                        fields: vec![("n".into(), n.to_string())],
+                    })
+                })
+                .collect();
+            n += size;
             let mut request = sink.push_request();
-            event.write(request.get().init_items(1).get(0));
+            let mut items = request.get().init_items(batch.len() as u32);
+            for (k, event) in batch.iter().enumerate() {
+                event.write(items.reborrow().get(k as u32));
+            }
             request.send().await.expect("push");
         }
         sink.finish_request().send().promise.await.expect("finish");
@@ -246,11 +280,99 @@ fn raw_stream_sender(path: &str, events: u64) {
     println!("{rate}");
 }
 
+/// Bare Cap'n Proto calls (`ProgressSink.finish()`: no parameters, no results) from a child
+/// process to a server in this one, over one Unix socket with plain `twoparty` and nothing of
+/// Capstan's: the protocol's floor. The caller on CPU 0 and the server on CPU 1, as the host
+/// and the provider are pinned. Returns the sequential round trip in µs, or (`inflight`) calls
+/// per second with [`IN_FLIGHT`] outstanding.
+fn bare_capnp(calls: u32, inflight: bool) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bare.sock");
+    local(async {
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let child = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "bare-caller",
+                path.to_str().unwrap(),
+                &calls.to_string(),
+                if inflight { "inflight" } else { "sequential" },
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the caller");
+        let (stream, _) = listener.accept().await.expect("accept");
+        pin(0, 1);
+        if let Some(pid) = child.id() {
+            pin(pid, 0);
+        }
+        let (r, w) = stream.into_split();
+        let sink: progress_sink::Client =
+            capnp_rpc::new_client(CountingSink(Rc::new(Cell::new(0))));
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(r.compat()),
+            futures::io::BufWriter::new(w.compat_write()),
+            Side::Server,
+            Default::default(),
+        );
+        tokio::task::spawn_local(RpcSystem::new(Box::new(network), Some(sink.client)));
+        let output = child.wait_with_output().await.expect("caller output");
+        unpin();
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("the caller prints a figure")
+    })
+}
+
+fn bare_caller(path: &str, calls: u32, mode: &str) {
+    let figure = local(async {
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .expect("connect");
+        let (r, w) = stream.into_split();
+        let network = twoparty::VatNetwork::new(
+            futures::io::BufReader::new(r.compat()),
+            futures::io::BufWriter::new(w.compat_write()),
+            Side::Client,
+            Default::default(),
+        );
+        let mut system = RpcSystem::new(Box::new(network), None);
+        let sink: progress_sink::Client = system.bootstrap(Side::Server);
+        tokio::task::spawn_local(system);
+        for _ in 0..200 {
+            sink.finish_request().send().promise.await.expect("finish");
+        }
+        if mode == "sequential" {
+            let start = Instant::now();
+            for _ in 0..calls {
+                sink.finish_request().send().promise.await.expect("finish");
+            }
+            return start.elapsed().as_secs_f64() * 1e6 / calls as f64;
+        }
+        let per_task = calls / IN_FLIGHT;
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..IN_FLIGHT)
+            .map(|_| {
+                let sink = sink.clone();
+                tokio::task::spawn_local(async move {
+                    for _ in 0..per_task {
+                        sink.finish_request().send().promise.await.expect("finish");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("caller task");
+        }
+        (per_task * IN_FLIGHT) as f64 / start.elapsed().as_secs_f64()
+    });
+    println!("{figure}");
+}
+
 // ---- through the host ----------------------------------------------------------------------
 
-/// The no-op create round trip, and a bare `hello` round trip on the same connection (the
-/// protocol's floor), in microseconds.
-fn host_rtt_us(calls: u32) -> (f64, f64) {
+/// The no-op create round trip through the host, in microseconds.
+fn host_rtt_us(calls: u32) -> f64 {
     local(async {
         let provider =
             ProviderConnection::launch("testing", &source(), HostOptions::default(), None)
@@ -271,29 +393,40 @@ fn host_rtt_us(calls: u32) -> (f64, f64) {
             provider.call(noop(n as u64), ignore.clone()).await.unwrap();
         }
         let elapsed = start.elapsed();
-        let mut pings = Duration::ZERO;
-        for _ in 0..calls {
-            pings += provider.ping().await.unwrap();
-        }
         unpin();
         provider.shutdown().await;
-        (
-            elapsed.as_secs_f64() * 1e6 / calls as f64,
-            pings.as_secs_f64() * 1e6 / calls as f64,
-        )
+        elapsed.as_secs_f64() * 1e6 / calls as f64
     })
 }
 
+/// How many calls or messages the 64-in-flight figures keep outstanding.
+const IN_FLIGHT: u32 = 64;
+
+/// No-op operations per second through the host, 64 in flight (unpinned: as the engine
+/// runs them, for `apply`'s same-run baseline).
 fn ops_per_s_64(calls: u32) -> f64 {
+    inflight_per_s(calls, false)
+}
+
+/// No-op operations per second through the host with [`IN_FLIGHT`] outstanding on one
+/// connection to the testing provider. `pinned`: host on CPU 0, provider on CPU 1, as the
+/// baselines are.
+fn inflight_per_s(calls: u32, pinned: bool) -> f64 {
     local(async {
         let provider = Rc::new(
             ProviderConnection::launch("testing", &source(), HostOptions::default(), None)
                 .await
                 .unwrap(),
         );
-        let per_task = calls / 64;
+        if pinned {
+            pin(0, 0);
+            if let Some(pid) = provider.pid() {
+                pin(pid, 1);
+            }
+        }
+        let per_task = calls / IN_FLIGHT;
         let start = Instant::now();
-        let tasks: Vec<_> = (0..64)
+        let tasks: Vec<_> = (0..IN_FLIGHT)
             .map(|_| {
                 let p = provider.clone();
                 tokio::task::spawn_local(async move {
@@ -307,12 +440,48 @@ fn ops_per_s_64(calls: u32) -> f64 {
         for task in tasks {
             task.await.unwrap();
         }
-        let rate = (per_task * 64) as f64 / start.elapsed().as_secs_f64();
+        let rate = (per_task * IN_FLIGHT) as f64 / start.elapsed().as_secs_f64();
+        if pinned {
+            unpin();
+        }
         if let Ok(p) = Rc::try_unwrap(provider) {
             p.shutdown().await;
         }
         rate
     })
+}
+
+/// 64-byte messages per second echoed by a child process with [`IN_FLIGHT`] outstanding
+/// (pipelined on one Unix socket), pinned as [`inflight_per_s`] is.
+fn raw_inflight_per_s(messages: u32) -> f64 {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("pipelined.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["raw-echo", path.to_str().unwrap()])
+        .spawn()
+        .expect("spawn echo child");
+    let (mut stream, _) = listener.accept().expect("accept");
+    pin(0, 0);
+    pin(child.id(), 1);
+    let mut buf = [7u8; 64];
+    let start = Instant::now();
+    for _ in 0..IN_FLIGHT {
+        stream.write_all(&buf).unwrap();
+    }
+    let mut sent = IN_FLIGHT;
+    for _ in 0..messages {
+        stream.read_exact(&mut buf).unwrap();
+        if sent < messages {
+            stream.write_all(&buf).unwrap();
+            sent += 1;
+        }
+    }
+    let rate = messages as f64 / start.elapsed().as_secs_f64();
+    unpin();
+    drop(stream);
+    let _ = child.wait();
+    rate
 }
 
 fn chatty(events: u64, observer: Rc<dyn ProgressObserver>) -> f64 {
@@ -335,22 +504,25 @@ fn chatty(events: u64, observer: Rc<dyn ProgressObserver>) -> f64 {
     })
 }
 
-fn progress_events_per_s(events: u64) -> f64 {
-    let count = Rc::new(Cell::new(0u64));
-    let counter = count.clone();
+/// Progress events per second through the host, and the sizes of the batches they came
+/// in (one observer call per `push`), counting the `chatty` provider's events only.
+fn progress_events_per_s(events: u64) -> (f64, Vec<u64>) {
+    let batches = Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = batches.clone();
     let observer = Rc::new(move |batch: Vec<ProgressEvent>| {
-        counter.set(
-            counter.get()
-                + batch
-                    .iter()
-                    .filter(|e| matches!(e.kind, ProgressKind::Event { .. }))
-                    .count() as u64,
-        );
+        let n = batch
+            .iter()
+            .filter(|e| matches!(e.kind, ProgressKind::Event { .. }))
+            .count() as u64;
+        if n > 0 {
+            seen.borrow_mut().push(n);
+        }
         async {}
     });
     let rate = chatty(events, observer);
-    assert_eq!(count.get(), events, "every event arrived");
-    rate
+    let batches = batches.take();
+    assert_eq!(batches.iter().sum::<u64>(), events, "every event arrived");
+    (rate, batches)
 }
 
 /// CPU seconds used so far by the calling thread, or with `CLOCK_PROCESS_CPUTIME_ID` by
@@ -466,16 +638,35 @@ fn rpc(json_output: bool, quick: bool) {
     let mut floor_rounds = Vec::new();
     for _ in 0..ROUNDS {
         raw_rounds.push(raw_rtt_us(sizes.raw_pings / ROUNDS));
-        let (host, floor) = host_rtt_us(sizes.host_calls / ROUNDS);
-        host_rounds.push(host);
-        floor_rounds.push(floor);
+        host_rounds.push(host_rtt_us(sizes.host_calls / ROUNDS));
+        floor_rounds.push(bare_capnp(sizes.host_calls / ROUNDS, false));
     }
     let raw_rtt = median(raw_rounds);
     let host_rtt = median(host_rounds);
     let capnp_ping = median(floor_rounds);
-    let ops = ops_per_s_64(sizes.inflight_calls);
-    let progress = progress_events_per_s(sizes.events);
-    let raw_stream = raw_stream_events_per_s(sizes.events);
+    // 64 in flight, interleaved in rounds and pinned alike: operations through the host,
+    // bare Cap'n Proto calls on the same kind of connection, raw pipelined socket messages.
+    let (mut ops_rounds, mut bare_rounds, mut raw64_rounds) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        ops_rounds.push(inflight_per_s(sizes.inflight_calls / ROUNDS, true));
+        bare_rounds.push(bare_capnp(sizes.inflight_calls / ROUNDS, true));
+        raw64_rounds.push(raw_inflight_per_s(sizes.inflight_calls / ROUNDS));
+    }
+    let ops = median(ops_rounds);
+    let bare64 = median(bare_rounds);
+    let raw64 = median(raw64_rounds);
+    // Progress, interleaved likewise: the raw stream replays the batches the host received.
+    let (mut progress_rounds, mut stream_rounds, mut batches) =
+        (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let (rate, sent) = progress_events_per_s(sizes.events);
+        progress_rounds.push(rate);
+        stream_rounds.push(raw_stream_events_per_s(&sent));
+        batches = sent;
+    }
+    let progress = median(progress_rounds);
+    let raw_stream = median(stream_rounds);
+    let batch_mean = sizes.events as f64 / batches.len().max(1) as f64;
     let (rss_before, rss_peak) = slow_sink_peak_rss_mib(sizes.events);
     let spawn = spawn_handshake_ms(sizes.spawns);
     let figures = json!({
@@ -485,7 +676,13 @@ fn rpc(json_output: bool, quick: bool) {
         "capnp_ping_us": capnp_ping,
         "host_vs_capnp_ratio": host_rtt / capnp_ping,
         "ops_per_s_64": ops,
+        "capnp_calls_per_s_64": bare64,
+        "raw_messages_per_s_64": raw64,
+        "ops64_vs_capnp_ratio": ops / bare64,
+        "ops64_vs_raw_ratio": ops / raw64,
         "progress_events_per_s": progress,
+        "progress_batches": batches.len(),
+        "progress_batch_mean": batch_mean,
         "raw_stream_events_per_s": raw_stream,
         "progress_ratio": progress / raw_stream,
         "slow_sink_rss_before_mib": rss_before,
@@ -510,7 +707,7 @@ fn rpc(json_output: bool, quick: bool) {
         &format!("ratio {:.2} (≤ 1.5)", host_rtt / raw_rtt),
     );
     row(
-        "bare capnp call, same connection (floor)",
+        "bare capnp call (finish(): no params/results)",
         format!("{capnp_ping:.1} µs"),
         format!("raw ping {raw_rtt:.1} µs"),
         &format!(
@@ -522,13 +719,19 @@ fn rpc(json_output: bool, quick: bool) {
     row(
         "no-op operations/s, 64 in flight",
         format!("{ops:.0}/s"),
-        "-".into(),
-        "≥ 100,000/s",
+        format!("bare capnp {bare64:.0}/s"),
+        &format!("ratio {:.2} (≥ 0.9)", ops / bare64),
+    );
+    row(
+        "bare capnp calls/s, 64 in flight",
+        format!("{bare64:.0}/s"),
+        format!("raw pipelined {raw64:.0}/s"),
+        &format!("ratio {:.2}", bare64 / raw64),
     );
     row(
         "progress events/s through the host",
         format!("{progress:.0}/s"),
-        format!("raw stream {raw_stream:.0}/s"),
+        format!("raw, same {} batches {raw_stream:.0}/s", batches.len()),
         &format!(
             "{:.0} % of raw (≥ 200,000/s, ≥ 80 %)",
             100.0 * progress / raw_stream
@@ -748,7 +951,7 @@ fn run_apply_child(file: &Path, size: usize, jobs: usize) -> serde_json::Value {
     })
 }
 
-fn apply_bench(json_output: bool, quick: bool) {
+fn apply_bench(json_output: bool, quick: bool, million: bool) {
     let (small, large) = if quick {
         (1_000, 10_000)
     } else {
@@ -788,6 +991,18 @@ fn apply_bench(json_output: bool, quick: bool) {
     let ratio = b["apply_seconds"].as_f64().unwrap() / a["apply_seconds"].as_f64().unwrap();
     // The keys (named for the full sizes; with --quick they hold the quick sizes'
     // figures), then everything measured, per size.
+    // One round at ten times the large size: how time and memory grow.
+    let huge = million.then(|| run(large * 10));
+    let growth = huge.as_ref().map(|c| {
+        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        json!({
+            "size": large * 10,
+            "time_ratio": f(c, "apply_seconds") / f(&b, "apply_seconds"),
+            "peak_rss_ratio": f(c, "peak_rss_mib") / f(&b, "peak_rss_mib"),
+            "host_bytes_per_resource": c["host_bytes_per_resource"],
+            "resources_per_s": c["resources_per_s"],
+        })
+    });
     let figures = json!({
         "apply_resources_per_s_100k": b["resources_per_s"],
         "plan_100k_s": b["plan_unchanged_seconds"],
@@ -803,6 +1018,8 @@ fn apply_bench(json_output: bool, quick: bool) {
         "scaling_ratio": ratio,
         "size_ratio": large as f64 / small as f64,
         "rounds": rounds,
+        "growth_to_10x_large": growth,
+        "huge": huge,
     });
     if json_output {
         println!("{figures}");
@@ -853,6 +1070,19 @@ fn apply_bench(json_output: bool, quick: bool) {
         "apply / bare protocol throughput",
         b["resources_per_s"].as_f64().unwrap_or(0.0) / rpc_ops,
     );
+    if let Some(g) = &growth {
+        println!(
+            "{:<40} {:>33}",
+            format!("{} resources", large * 10),
+            format!(
+                "{:.0}/s, time ×{:.2}, peak RSS ×{:.2}, {:.0} B/resource",
+                g["resources_per_s"].as_f64().unwrap_or(0.0),
+                g["time_ratio"].as_f64().unwrap_or(0.0),
+                g["peak_rss_ratio"].as_f64().unwrap_or(0.0),
+                g["host_bytes_per_resource"].as_f64().unwrap_or(0.0)
+            )
+        );
+    }
 }
 
 // ---- v0: the headline comparison --------------------------------------------------------------
@@ -1001,7 +1231,14 @@ enum Bench {
     Rpc(Report),
     /// The engine applying 10,000 and 100,000 no-op resources with durable state (median
     /// round of 5 interleaved).
-    Apply(Report),
+    Apply {
+        #[command(flatten)]
+        report: Report,
+        /// Also one round of 1,000,000 resources (a few minutes, several GiB), reported as
+        /// growth from 100,000.
+        #[arg(long)]
+        million: bool,
+    },
     /// 2,000 no-ops through a long-lived Cap'n Proto provider vs. NixOps4's one process per
     /// operation.
     V0(Report),
@@ -1015,9 +1252,16 @@ enum Bench {
     /// The echo side of the raw socket baseline.
     #[command(name = "raw-echo", hide = true)]
     RawEcho { path: String },
+    /// The calling side of the bare Cap'n Proto baseline.
+    #[command(name = "bare-caller", hide = true)]
+    BareCaller {
+        path: String,
+        calls: u32,
+        mode: String,
+    },
     /// The sending side of the raw stream baseline.
     #[command(name = "raw-stream-sender", hide = true)]
-    RawStreamSender { path: String, count: u64 },
+    RawStreamSender { path: String, batches: PathBuf },
     /// The slow observer's process of the memory measurement.
     #[command(name = "slow-sink-child", hide = true)]
     SlowSinkChild { count: u64 },
@@ -1027,11 +1271,12 @@ fn main() -> ExitCode {
     let cli = <Cli as clap::Parser>::parse();
     match cli.command {
         Bench::Rpc(report) => rpc(report.json, report.quick),
-        Bench::Apply(report) => apply_bench(report.json, report.quick),
+        Bench::Apply { report, million } => apply_bench(report.json, report.quick, million),
         Bench::V0(report) => v0_bench(report.json, report.quick),
         Bench::ApplyChild { file, size, jobs } => apply_child(file, size, jobs),
         Bench::RawEcho { path } => raw_echo_child(&path),
-        Bench::RawStreamSender { path, count } => raw_stream_sender(&path, count),
+        Bench::BareCaller { path, calls, mode } => bare_caller(&path, calls, &mode),
+        Bench::RawStreamSender { path, batches } => raw_stream_sender(&path, &batches),
         Bench::SlowSinkChild { count } => slow_sink_child(count),
     }
     ExitCode::SUCCESS

@@ -101,3 +101,53 @@ fn v0_reports_both_ways_and_their_ratio() {
     let ratio = positive(&figures, "capnp_vs_v0_ratio");
     assert!((ratio - capnp / v0).abs() < 1e-6 * ratio);
 }
+
+#[test]
+fn rpc_reports_every_figure_beside_its_same_run_baseline() {
+    let figures = bench_json(&["rpc", "--quick", "--json"]);
+    for key in [
+        "raw_rtt_us",
+        "host_rtt_us",
+        "capnp_ping_us",
+        "ops_per_s_64",
+        "capnp_calls_per_s_64",
+        "raw_messages_per_s_64",
+        "progress_events_per_s",
+        "raw_stream_events_per_s",
+        "slow_sink_peak_rss_mib",
+        "spawn_handshake_ms",
+    ] {
+        positive(&figures, key);
+    }
+    // Each ratio is its two figures' quotient, from the same run.
+    for (ratio, over, under) in [
+        ("rtt_ratio", "host_rtt_us", "raw_rtt_us"),
+        ("host_vs_capnp_ratio", "host_rtt_us", "capnp_ping_us"),
+        (
+            "ops64_vs_capnp_ratio",
+            "ops_per_s_64",
+            "capnp_calls_per_s_64",
+        ),
+        (
+            "ops64_vs_raw_ratio",
+            "ops_per_s_64",
+            "raw_messages_per_s_64",
+        ),
+        (
+            "progress_ratio",
+            "progress_events_per_s",
+            "raw_stream_events_per_s",
+        ),
+    ] {
+        let (r, a, b) = (
+            positive(&figures, ratio),
+            positive(&figures, over),
+            positive(&figures, under),
+        );
+        assert!((r - a / b).abs() < 1e-9 * r.max(1.0), "{ratio}");
+    }
+    // The raw stream replays the batches the host received: more than one, fewer than events.
+    let batches = positive(&figures, "progress_batches");
+    let mean = positive(&figures, "progress_batch_mean");
+    assert!(batches > 1.0 && mean > 1.0, "{batches} batches of {mean}");
+}

@@ -279,14 +279,20 @@ pub fn providers_needed(changes: &[PlannedChange]) -> BTreeSet<String> {
 const DISPATCH_PER_JOB: usize = 8;
 
 /// What the driver keeps per node (indexed like the changes), beside the change itself.
+/// Kept small: a run holds one per resource.
 struct Node {
-    /// Its index in `deployment.resources` (creates, updates, no-ops).
-    decl: Option<usize>,
-    /// For deletes, the dependencies recorded with the resource (the others' come from their
-    /// declaration: see `Driver::dependency_addresses`).
-    dependencies: Vec<String>,
+    /// Its index in `deployment.resources` (creates, updates, no-ops), or `NO_DECL`.
+    decl: u32,
     /// Needed as a capability source by some resource in this run.
     capability_source: bool,
+}
+
+const NO_DECL: u32 = u32::MAX;
+
+impl Node {
+    fn decl(&self) -> Option<usize> {
+        (self.decl != NO_DECL).then_some(self.decl as usize)
+    }
 }
 
 /// One operation of a node, from `Prepare` until its result is journaled.
@@ -373,7 +379,7 @@ pub async fn run(
     }
     let nodes = graph(&changes, deployment, state, &mut scheduler);
     let mut driver = Driver {
-        ops: (0..changes.len()).map(|_| None).collect(),
+        ops: FastMap::default(),
         changes,
         nodes,
         deployment,
@@ -471,17 +477,9 @@ fn graph(
                     })
                     .or_else(|| deployment.resources.get_index_of(&change.address)),
             };
-            let dependencies = match decl {
-                None => state
-                    .resources
-                    .get(&change.address)
-                    .map(|r| r.dependencies.clone())
-                    .unwrap_or_default(),
-                Some(_) => Vec::new(),
-            };
             Node {
-                decl,
-                dependencies,
+                // Indices are `u32` in the model too (`ResourceDecl::depends_on`).
+                decl: decl.and_then(|d| u32::try_from(d).ok()).unwrap_or(NO_DECL),
                 capability_source: capability_sources.contains(change.address.as_str()),
             }
         })
@@ -493,7 +491,7 @@ fn graph(
     // wiring) need addresses looked up, and only deletes can be found that way.
     let mut node_of_decl = vec![usize::MAX; deployment.resources.len()];
     for (n, node) in nodes.iter().enumerate() {
-        if let Some(d) = node.decl {
+        if let Some(d) = node.decl() {
             node_of_decl[d] = n;
         }
     }
@@ -504,7 +502,7 @@ fn graph(
         .map(|(n, change)| (change.address.as_str(), n))
         .collect();
     for (i, node) in nodes.iter().enumerate() {
-        match node.decl {
+        match node.decl() {
             // Creates and updates wait for what they depend on.
             Some(d) => {
                 for &j in &deployment.resources[d].depends_on {
@@ -516,7 +514,8 @@ fn graph(
             }
             // Deletes wait for the deletes of what depends on them.
             None => {
-                for dep in &node.dependencies {
+                let recorded = state.resources.get(&changes[i].address);
+                for dep in recorded.iter().flat_map(|r| &r.dependencies) {
                     if let Some(&j) = deletes.get(dep.as_str()) {
                         edges.push((j, i));
                     }
@@ -538,6 +537,7 @@ fn graph(
             }
         }
     }
+    scheduler.reserve(nodes.len());
     for _ in &nodes {
         obey(scheduler.add(&[]).map(drop));
     }
@@ -559,7 +559,8 @@ fn obey(result: Result<(), crate::scheduler::Misuse>) {
 struct Driver<'a> {
     changes: Vec<PlannedChange>,
     nodes: Vec<Node>,
-    ops: Vec<Option<Op>>,
+    /// The operations of nodes in flight (at most the window, and those finishing).
+    ops: FastMap<NodeId, Op>,
     deployment: &'a Deployment,
     state: &'a mut State,
     backend: Rc<dyn StateBackend>,
@@ -578,7 +579,7 @@ impl Driver<'_> {
         match step {
             Step::Prepare(i) => self.prepare(i, work),
             Step::Record(i) => {
-                let Some(op) = &self.ops[i] else { return };
+                let Some(op) = self.ops.get(&i) else { return };
                 let intent = Record::Intent {
                     address: self.changes[i].address.clone(),
                     operation: op.operation,
@@ -599,7 +600,9 @@ impl Driver<'_> {
                 );
             }
             Step::Call(i) => {
-                let Some(op) = &mut self.ops[i] else { return };
+                let Some(op) = self.ops.get_mut(&i) else {
+                    return;
+                };
                 let Some(call) = op.call.take() else { return };
                 let address = self.changes[i].address.clone();
                 // Started means recorded: the intent is durable before anyone is told.
@@ -626,12 +629,13 @@ impl Driver<'_> {
                 // Its intent is in the journal, but it never reached its provider: settle it,
                 // so the next run does not ask anyone to check. (Not if an earlier run left it
                 // pending: that one still needs a check.)
-                let settle = self.ops[i].as_ref().is_some_and(|op| op.journaled())
+                let settle = self.ops.get(&i).is_some_and(|op| op.journaled())
                     && change.interrupted.is_none();
                 let settled = settle.then(|| Record::Failed {
                     address: change.address.clone(),
-                    operation: self.ops[i]
-                        .as_ref()
+                    operation: self
+                        .ops
+                        .get(&i)
                         .map_or(OperationKind::Read, |op| op.operation),
                     error: "not sent to its provider: the run stopped".into(),
                 });
@@ -657,11 +661,13 @@ impl Driver<'_> {
             Done::Recorded(i) => obey(self.scheduler.recorded(i)),
             Done::Answered(i, result, elapsed) => {
                 obey(self.scheduler.answered(i, result.is_ok()));
-                let Some(mut op) = self.ops[i].take() else {
+                let Some(mut op) = self.ops.remove(&i) else {
                     return;
                 };
                 if result.is_ok() {
-                    self.ops[i] = op.then.take().map(|then| *then);
+                    if let Some(then) = op.then.take() {
+                        self.ops.insert(i, *then);
+                    }
                 }
                 let address = self.changes[i].address.clone();
                 work.push(
@@ -679,7 +685,7 @@ impl Driver<'_> {
             }
             Done::Finished(i, outcome) => self.finished(i, outcome),
             Done::Settled(i, stop) => {
-                self.ops[i] = None;
+                self.ops.remove(&i);
                 obey(self.scheduler.end(i, End::Skipped(Skip::NotSent(stop))));
                 self.report_skip(i, Skip::NotSent(stop));
             }
@@ -717,7 +723,7 @@ impl Driver<'_> {
             Outcome::Deleted => {
                 self.summary.deleted += 1;
                 self.state.apply_owned(Record::Deleted { address });
-                match &self.ops[i] {
+                match self.ops.get(&i) {
                     // A replace: the old resource is gone; now its create.
                     Some(then) => {
                         let provider = then.provider.clone();
@@ -727,7 +733,7 @@ impl Driver<'_> {
                 }
             }
             Outcome::Failed { recorded } => {
-                self.ops[i] = None;
+                self.ops.remove(&i);
                 self.summary.failed += 1;
                 self.state.pending.remove(&address);
                 if let Some(now) = recorded {
@@ -740,7 +746,7 @@ impl Driver<'_> {
             }
             Outcome::State(e) => {
                 // Without durable records nothing else may run.
-                self.ops[i] = None;
+                self.ops.remove(&i);
                 self.summary.failed += 1;
                 self.state_error.get_or_insert(e);
                 self.scheduler.stop(Stop::StateError);
@@ -764,7 +770,7 @@ impl Driver<'_> {
             Ok(Some(op)) => {
                 let provider = op.provider.clone();
                 let journaled = op.journaled();
-                self.ops[i] = Some(op);
+                self.ops.insert(i, op);
                 obey(self.scheduler.queue(i, Some(&provider), journaled));
             }
             // Ended, or a future of its own.
@@ -878,7 +884,7 @@ impl Driver<'_> {
         let action = change.action;
         let node = &self.nodes[i];
         let Some((_, decl)) = node
-            .decl
+            .decl()
             .and_then(|d| self.deployment.resources.get_index(d))
         else {
             return Err(CoreFailure::new(
@@ -1015,7 +1021,7 @@ impl Driver<'_> {
 
     /// Reports a node the scheduler (or the driver) ended without running it.
     fn report_skip(&mut self, i: NodeId, skip: Skip) {
-        self.ops[i] = None;
+        self.ops.remove(&i);
         let change = &self.changes[i];
         self.summary.skipped += 1;
         let stop_reason = |stop: Stop| match stop {
@@ -1068,7 +1074,7 @@ impl Driver<'_> {
             let change = &self.changes[i];
             match phase {
                 Phase::Called | Phase::Finishing => {
-                    self.ops[i] = None;
+                    self.ops.remove(&i);
                     self.summary.interrupted += 1;
                     self.events.emit(Event::ResourceFailed {
                         address: change.address.clone(),
@@ -1080,14 +1086,15 @@ impl Driver<'_> {
                     });
                 }
                 _ => {
-                    let journaled = self.ops[i].as_ref().is_some_and(|op| op.journaled());
+                    let journaled = self.ops.get(&i).is_some_and(|op| op.journaled());
                     if journaled
                         && matches!(phase, Phase::Recording | Phase::Recorded)
                         && change.interrupted.is_none()
                     {
                         // As `Step::Settle`: its intent is (or is about to be) durable.
-                        let operation = self.ops[i]
-                            .as_ref()
+                        let operation = self
+                            .ops
+                            .get(&i)
                             .map_or(change.action.first_operation(), |op| op.operation);
                         never_sent.push(Record::Failed {
                             address: change.address.clone(),

@@ -118,11 +118,14 @@ pub enum Misuse {
 struct Node {
     state: NodeState,
     dependents: Vec<NodeId>,
-    /// The limit its current operation counts against (an index into `limits`).
-    limit: Option<usize>,
+    /// The limit its current operation counts against (an index into `limits`; `NO_LIMIT`
+    /// for none). A `u32`, not an `Option<usize>`: a run holds a node per resource.
+    limit: u32,
     /// Its current operation journals an intent.
     journaled: bool,
 }
+
+const NO_LIMIT: u32 = u32::MAX;
 
 struct Limit {
     max: usize,
@@ -180,6 +183,12 @@ impl Scheduler {
         }
     }
 
+    /// Room for `additional` more nodes, so adding them never regrows the table.
+    pub fn reserve(&mut self, additional: usize) {
+        self.nodes.reserve_exact(additional);
+        self.ready.reserve(additional);
+    }
+
     /// At most `max` (≥ 1) operations of `provider` between `Record` and `answered`.
     pub fn set_limit(&mut self, provider: &str, max: usize) {
         match self.limit_of.get(provider) {
@@ -208,7 +217,7 @@ impl Scheduler {
         self.nodes.push(Node {
             state: NodeState::Waiting(0),
             dependents: Vec::new(),
-            limit: None,
+            limit: NO_LIMIT,
             journaled: false,
         });
         self.unended += 1;
@@ -374,7 +383,7 @@ impl Scheduler {
         let limit = provider.and_then(|p| self.limit_of.get(p).copied());
         let node = &mut self.nodes[id];
         node.state = NodeState::Dispatched(Phase::Queued);
-        node.limit = limit;
+        node.limit = limit.map_or(NO_LIMIT, |l| l as u32);
         node.journaled = journaled;
         match limit {
             Some(l) => {
@@ -590,8 +599,14 @@ impl Scheduler {
         }
     }
 
+    /// Takes the node's limit away from it (it holds or waits for that limit's permit).
+    fn take_limit(&mut self, id: NodeId) -> Option<usize> {
+        let l = std::mem::replace(&mut self.nodes[id].limit, NO_LIMIT);
+        (l != NO_LIMIT).then_some(l as usize)
+    }
+
     fn release_permit(&mut self, id: NodeId) {
-        if let Some(l) = self.nodes[id].limit.take() {
+        if let Some(l) = self.take_limit(id) {
             let limit = &mut self.limits[l];
             limit.used -= 1;
             if !limit.queue.is_empty() && !self.limits_to_grant.contains(&l) {
@@ -601,7 +616,7 @@ impl Scheduler {
     }
 
     fn unqueue(&mut self, id: NodeId) {
-        match self.nodes[id].limit.take() {
+        match self.take_limit(id) {
             Some(l) => self.limits[l].queue.retain(|&n| n != id),
             None => self.unlimited.retain(|&n| n != id),
         }
@@ -614,7 +629,7 @@ impl Scheduler {
         } else {
             self.dispatched -= 1;
         }
-        self.nodes[id].limit = None;
+        self.nodes[id].limit = NO_LIMIT;
         self.nodes[id].state = NodeState::Ended(end);
         self.unended -= 1;
         self.after_end(id, end);

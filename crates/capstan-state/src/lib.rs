@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+pub mod maps;
+
 use crate::maps::AddressMap;
 
 /// A resource as recorded after its last successful operation.
