@@ -112,6 +112,10 @@ struct ResourceType {
   # Nix file it builds was edited): the core calls `read` on every recorded resource of the
   # type whose inputs did not change while it plans, and plans an update when the outputs
   # `read` returns differ from those recorded. `read` must then be cheap and change nothing.
+  usesScheduler @8 :Bool;
+  # True when operations on this type submit children or ask for permits: the core then
+  # sets `OperationRequest.scheduler` for them (for other types it leaves it null, which
+  # spares a capability per call).
 }
 
 struct InputSpec {
@@ -151,7 +155,9 @@ struct OperationRequest {
   capabilities @7 :List(NamedCapability);
   # Handles returned by other resources' operations that this resource's inputs refer to.
   scheduler @8 :Scheduler;
-  # Reserved for nested deployments (a later protocol addition); null for now.
+  # Where this operation may hand work back to the core (child resources) and borrow a share
+  # of the run's concurrency (permits). Set by cores that support them; null from older cores,
+  # so a provider checks before using it.
   silentFinishOptional @9 :Bool;
   # True when this core does not need `progress.finish()` from an operation that pushed no
   # progress at all: for it the result ends the stream, and the provider may skip the call
@@ -183,8 +189,39 @@ struct HandleInfo {
 }
 
 interface Scheduler {
-  # The capability through which an operation will ask the core for more work (nested
-  # deployments). Its methods are added by a later protocol version; it has none yet.
+  # The capability through which an operation asks the core for more work and for a share of
+  # the run's concurrency. Valid while the operation runs; calls after it ended fail.
+
+  child @0 (request :ChildRequest) -> (result :OperationResult);
+  # Runs a child resource: the core schedules it like any resource (under `--jobs` and its
+  # provider's limit; shown, journaled and recorded under "<parent>/<name>") and returns when
+  # it ended — its outputs, or why it failed (`cancelled` when the run stopped before it ran).
+  # The parent decides what a failed child means. A parent waiting on its children never
+  # starves them: its own job (and its provider's permit, for children of the same provider)
+  # is lent to one child at a time. A child asked for again with the same inputs is left as
+  # recorded; children are deleted before their parent, and cancelled when it is.
+
+  permit @1 () -> (permit :Permit);
+  # Waits for one of the run's `--jobs` slots and lends it to the provider, so work it runs
+  # internally (builds, machines) counts against the deployment's limit. The operation's own
+  # job is lent to its first permit at a time, so asking never deadlocks. The slot comes back
+  # on `release`, when the `Permit` is dropped, or when the connection closes.
+}
+
+struct ChildRequest {
+  name @0 :Text;
+  # Unique among the parent's children, stable across runs: the child's address is
+  # "<parent address>/<name>".
+  provider @1 :Text;
+  # A provider of the deployment; empty for the parent's own provider.
+  resourceType @2 :Text;
+  inputs @3 :Text;
+  # A JSON object.
+}
+
+interface Permit {
+  release @0 ();
+  # Gives the slot back (dropping the capability does too).
 }
 
 struct OperationResult {

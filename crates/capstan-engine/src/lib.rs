@@ -4,7 +4,8 @@
 //! [`scheduler`]), reporting every step as an [`events::Event`].
 //!
 //! It is not the CLI (rendering, signals and flags live in `capstan-cli`) and it does not speak
-//! the provider protocol itself (that is `capstan-host`).
+//! the provider protocol itself (that is `capstan-host`), except to serve the `Scheduler` and
+//! `Permit` capabilities through which running operations hand work back to the run.
 
 pub mod events;
 pub mod model;

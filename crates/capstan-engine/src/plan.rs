@@ -238,11 +238,41 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
         });
     }
     for (address, old) in &state.resources {
-        if !resources.contains_key(address) {
+        if !resources.contains_key(address)
+            && !old
+                .parent
+                .as_deref()
+                .is_some_and(|p| kept_parent(deployment, &actions, state, p))
+        {
             changes.push(delete_change(address, old, state));
         }
     }
     Ok(changes)
+}
+
+/// Whether a child whose parent is `parent` stays: as long as its parent (or the parent's
+/// parent) is declared and not replaced — only its parent's provider knows whether it is
+/// still wanted.
+fn kept_parent<'a>(
+    deployment: &Deployment,
+    actions: &[Option<Action>],
+    state: &'a State,
+    mut parent: &'a str,
+) -> bool {
+    for _ in 0..=state.resources.len() {
+        if let Some(j) = deployment.resources.get_index_of(parent) {
+            return actions[j] != Some(Action::Replace);
+        }
+        match state
+            .resources
+            .get(parent)
+            .and_then(|r| r.parent.as_deref())
+        {
+            Some(up) => parent = up,
+            None => return false,
+        }
+    }
+    false
 }
 
 fn delete_change(address: &str, old: &crate::state::ResourceState, state: &State) -> PlannedChange {

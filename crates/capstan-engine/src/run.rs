@@ -13,18 +13,20 @@ use capstan_host::{
     CallError, HostOptions, LaunchError, OperationCall, OperationSuccess, ProviderCommand,
     ProviderConnection, ProviderLog, ProviderSource,
 };
-use capstan_schema::provider_capnp::resource_handle;
+use capstan_schema::provider_capnp::{permit, resource_handle, scheduler as scheduler_capnp};
+use capstan_schema::{ErrorKind, OperationError};
 use capstan_schema::{OperationKind, ProgressEvent, ProviderInfo};
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
+use std::future::Future;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{Event, EventSink, FailureKind, Summary};
 use crate::maps::FastMap;
 use crate::model::{Deployment, ProviderDecl, ProviderSourceDecl};
 use crate::plan::{Action, PlannedChange};
-use crate::scheduler::{End, NodeId, Phase, Scheduler, Skip, Step, Stop};
+use crate::scheduler::{End, NodeId, NodeState, Phase, Scheduler, Skip, Step, Stop};
 use crate::state::{
     append_durably, now_unix, Record, ResourceState, State, StateBackend, StateError,
 };
@@ -310,6 +312,8 @@ struct Op {
     was_pending: bool,
     /// A replace's create, queued once its delete is done.
     then: Option<Box<Op>>,
+    /// For a child: its parent's address (recorded with it).
+    parent: Option<String>,
 }
 
 impl Op {
@@ -332,6 +336,8 @@ enum Outcome {
         /// The resource as journaled, when the provider did act but its result is unusable
         /// (a declared output missing): it exists, so the state keeps it.
         recorded: Option<Box<ResourceState>>,
+        /// What went wrong, for a parent waiting on this child.
+        error: Box<OperationError>,
     },
     /// A record could not be made durable.
     State(StateError),
@@ -349,7 +355,138 @@ enum Done {
     Settled(NodeId, Stop),
 }
 
-type Work = FuturesUnordered<LocalBoxFuture<'static, Done>>;
+/// `None`: the work of a cancelled child, aborted.
+type Work = FuturesUnordered<LocalBoxFuture<'static, Option<Done>>>;
+
+/// What providers ask of the run through an operation's `Scheduler` capability.
+enum Ask {
+    Child {
+        parent: NodeId,
+        name: String,
+        provider: String,
+        resource_type: String,
+        inputs: String,
+        reply: tokio::sync::oneshot::Sender<Result<Json, OperationError>>,
+    },
+    Permit {
+        parent: NodeId,
+        reply: tokio::sync::oneshot::Sender<Result<permit::Client, OperationError>>,
+    },
+    Release(NodeId),
+}
+
+type Asks = tokio::sync::mpsc::UnboundedSender<Ask>;
+
+/// Work the run took on for a running operation: a child resource, or a permit.
+enum Kid {
+    Child {
+        inputs: Json,
+        /// Where its outcome goes (taken when sent).
+        reply: Option<tokio::sync::oneshot::Sender<Result<Json, OperationError>>>,
+    },
+    Permit {
+        reply: Option<tokio::sync::oneshot::Sender<Result<permit::Client, OperationError>>>,
+    },
+}
+
+/// An operation's `Scheduler`: hands its asks to the run's loop and awaits the answers.
+struct SchedulerServer {
+    parent: NodeId,
+    asks: Asks,
+}
+
+fn run_over() -> OperationError {
+    OperationError::cancelled("the run stopped before answering")
+}
+
+impl scheduler_capnp::Server for SchedulerServer {
+    async fn child(
+        self: capnp::capability::Rc<Self>,
+        params: scheduler_capnp::ChildParams,
+        mut results: scheduler_capnp::ChildResults,
+    ) -> Result<(), capnp::Error> {
+        let request = params.get()?.get_request()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let ask = Ask::Child {
+            parent: self.parent,
+            name: request.get_name()?.to_string()?,
+            provider: request.get_provider()?.to_string()?,
+            resource_type: request.get_resource_type()?.to_string()?,
+            inputs: request.get_inputs()?.to_string()?,
+            reply,
+        };
+        let result = match self.asks.send(ask) {
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(run_over())),
+            Err(_) => Err(run_over()),
+        };
+        let out = results.get().init_result();
+        match result {
+            Ok(outputs) => out.init_success().set_outputs(outputs.text()),
+            Err(error) => error.write(out.init_failure()),
+        }
+        Ok(())
+    }
+
+    async fn permit(
+        self: capnp::capability::Rc<Self>,
+        _: scheduler_capnp::PermitParams,
+        mut results: scheduler_capnp::PermitResults,
+    ) -> Result<(), capnp::Error> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let granted = match self.asks.send(Ask::Permit {
+            parent: self.parent,
+            reply,
+        }) {
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(run_over())),
+            Err(_) => Err(run_over()),
+        };
+        match granted {
+            Ok(permit) => {
+                results.get().set_permit(permit);
+                Ok(())
+            }
+            Err(error) => Err(capnp::Error::failed(error.message)),
+        }
+    }
+}
+
+/// A granted permit: its slot goes back on `release`, or when the provider drops it (or its
+/// connection closes, which drops it).
+struct PermitServer {
+    node: NodeId,
+    asks: Asks,
+}
+
+impl permit::Server for PermitServer {
+    async fn release(
+        self: capnp::capability::Rc<Self>,
+        _: permit::ReleaseParams,
+        _: permit::ReleaseResults,
+    ) -> Result<(), capnp::Error> {
+        let _ = self.asks.send(Ask::Release(self.node));
+        Ok(())
+    }
+}
+
+impl Drop for PermitServer {
+    fn drop(&mut self) {
+        // Released twice is released once: the loop ignores a node no longer holding a slot.
+        let _ = self.asks.send(Ask::Release(self.node));
+    }
+}
+
+/// How a failure the run reports maps onto the protocol's error kinds (for a parent).
+fn error_kind(kind: FailureKind) -> ErrorKind {
+    match kind {
+        FailureKind::Permanent => ErrorKind::Permanent,
+        FailureKind::InvalidInput => ErrorKind::InvalidInput,
+        FailureKind::Transient | FailureKind::Timeout | FailureKind::Provider => {
+            ErrorKind::Transient
+        }
+        FailureKind::Cancelled => ErrorKind::Cancelled,
+        FailureKind::Internal => ErrorKind::Internal,
+    }
+}
 
 /// Runs `changes` (from `plan` or `plan_destroy`). `deployment` gives the desired inputs of
 /// creates and updates; `state` is updated as records become durable.
@@ -378,8 +515,13 @@ pub async fn run(
         scheduler.set_limit(provider, limit);
     }
     let nodes = graph(&changes, deployment, state, &mut scheduler);
+    let (asks, mut asked) = tokio::sync::mpsc::unbounded_channel();
     let mut driver = Driver {
         ops: FastMap::default(),
+        kids: FastMap::default(),
+        aborts: FastMap::default(),
+        child_addresses: Default::default(),
+        asks,
         changes,
         nodes,
         deployment,
@@ -405,12 +547,17 @@ pub async fn run(
         }
         tokio::select! {
             Some(done) = work.next() => {
-                driver.done(done, &mut work);
-                // Everything else that is done by now, before handing out more steps.
-                while let Some(Some(done)) = work.next().now_or_never() {
+                if let Some(done) = done {
                     driver.done(done, &mut work);
                 }
+                // Everything else that is done by now, before handing out more steps.
+                while let Some(Some(done)) = work.next().now_or_never() {
+                    if let Some(done) = done {
+                        driver.done(done, &mut work);
+                    }
+                }
             }
+            Some(ask) = asked.recv() => driver.ask(ask),
             // Also while stopping for --fail-fast: an interrupt must not wait on hung calls.
             () = &mut cancelled => {
                 // Dropping the calls cancels them in the providers; their intents stay in the
@@ -537,6 +684,32 @@ fn graph(
             }
         }
     }
+    // A replace deletes first: what was recorded as depending on it (its children, say) and is
+    // deleted in this run goes before.
+    if changes.iter().any(|c| c.action == Action::Replace) {
+        let mut deleted_dependents: FastMap<&str, Vec<usize>> = FastMap::default();
+        for (&address, &j) in &deletes {
+            for dep in state
+                .resources
+                .get(address)
+                .iter()
+                .flat_map(|r| &r.dependencies)
+            {
+                deleted_dependents.entry(dep.as_str()).or_default().push(j);
+            }
+        }
+        for (i, change) in changes.iter().enumerate() {
+            if change.action == Action::Replace {
+                for &j in deleted_dependents
+                    .get(change.address.as_str())
+                    .into_iter()
+                    .flatten()
+                {
+                    edges.push((i, j));
+                }
+            }
+        }
+    }
     scheduler.reserve(nodes.len());
     for _ in &nodes {
         obey(scheduler.add(&[]).map(drop));
@@ -572,9 +745,289 @@ struct Driver<'a> {
     summary: Summary,
     state_error: Option<StateError>,
     scheduler: Scheduler,
+    /// Children and permits operations asked for, until they end.
+    kids: FastMap<NodeId, Kid>,
+    /// How to drop a child's work when its parent ends without it.
+    aborts: FastMap<NodeId, futures::future::AbortHandle>,
+    /// Every child address of this run, so a name is used once.
+    child_addresses: std::collections::HashSet<String>,
+    asks: Asks,
 }
 
 impl Driver<'_> {
+    /// Adds an operation's work (abortable for children, which their parent may take along).
+    fn spawn(&mut self, work: &mut Work, i: NodeId, future: impl Future<Output = Done> + 'static) {
+        if self.kids.contains_key(&i) {
+            let (handle, registration) = futures::future::AbortHandle::new_pair();
+            self.aborts.insert(i, handle);
+            work.push(
+                futures::future::Abortable::new(future, registration)
+                    .map(Result::ok)
+                    .boxed_local(),
+            );
+        } else {
+            work.push(future.map(Some).boxed_local());
+        }
+    }
+
+    fn is_permit(&self, i: NodeId) -> bool {
+        matches!(self.kids.get(&i), Some(Kid::Permit { .. }))
+    }
+
+    /// Sends a child's outcome to the parent waiting for it (once), and forgets the kid.
+    fn settle_kid(&mut self, i: NodeId, result: Result<Json, OperationError>) {
+        self.aborts.remove(&i);
+        match self.kids.remove(&i) {
+            Some(Kid::Child {
+                reply: Some(reply), ..
+            }) => {
+                let _ = reply.send(result);
+            }
+            Some(Kid::Permit { reply: Some(reply) }) => {
+                let _ = reply.send(Err(result.err().unwrap_or_else(run_over)));
+            }
+            _ => {}
+        }
+    }
+
+    /// A provider asked, through an operation's scheduler, for a child or a permit, or gave
+    /// a permit back.
+    fn ask(&mut self, ask: Ask) {
+        match ask {
+            Ask::Child {
+                parent,
+                name,
+                provider,
+                resource_type,
+                inputs,
+                reply,
+            } => match self.add_child(parent, &name, provider, resource_type, &inputs) {
+                Ok(i) => {
+                    self.kids.insert(
+                        i,
+                        Kid::Child {
+                            inputs: Json::from_text(&inputs).unwrap_or_else(|_| Json::null()),
+                            reply: Some(reply),
+                        },
+                    );
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                }
+            },
+            Ask::Permit { parent, reply } => {
+                if self.scheduler.state(parent) != Some(NodeState::Dispatched(Phase::Called)) {
+                    let _ = reply.send(Err(OperationError::invalid_input(
+                        "a permit was asked for by an operation that has ended",
+                    )));
+                    return;
+                }
+                let Ok(i) = self.scheduler.add_child(parent) else {
+                    return;
+                };
+                let address = format!("{}#permit", self.changes[parent].address);
+                self.push_node(PlannedChange {
+                    provider: String::new(),
+                    resource_type: String::new(),
+                    ..planned(address, Action::Noop)
+                });
+                debug_assert_eq!(i + 1, self.changes.len());
+                self.kids.insert(i, Kid::Permit { reply: Some(reply) });
+            }
+            Ask::Release(i) => self.release_permit(i),
+        }
+    }
+
+    /// A permit given back (or a parent that ended while holding it).
+    fn release_permit(&mut self, i: NodeId) {
+        if !self.is_permit(i) {
+            return;
+        }
+        match self.scheduler.state(i) {
+            Some(NodeState::Dispatched(Phase::Called)) => {
+                obey(self.scheduler.answered(i, true));
+                obey(self.scheduler.end(i, End::Succeeded));
+                self.settle_kid(i, Ok(Json::null()));
+            }
+            Some(NodeState::Dispatched(_)) => {
+                obey(
+                    self.scheduler
+                        .end(i, End::Skipped(Skip::Stopped(Stop::Interrupted))),
+                );
+                self.settle_kid(i, Err(run_over()));
+            }
+            _ => {}
+        }
+    }
+
+    fn push_node(&mut self, change: PlannedChange) {
+        self.changes.push(change);
+        self.nodes.push(Node {
+            decl: NO_DECL,
+            capability_source: false,
+        });
+    }
+
+    /// Checks a child asked for by `parent` and adds it to the run.
+    fn add_child(
+        &mut self,
+        parent: NodeId,
+        name: &str,
+        provider: String,
+        resource_type: String,
+        inputs: &str,
+    ) -> Result<NodeId, OperationError> {
+        let invalid = |message: String| Err(OperationError::invalid_input(message));
+        if self.scheduler.state(parent) != Some(NodeState::Dispatched(Phase::Called)) {
+            return invalid("a child was asked for by an operation that has ended".into());
+        }
+        let parent_address = &self.changes[parent].address;
+        if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
+            return invalid(format!(
+                "{parent_address}: child name {name:?} must be non-empty, without `/` or control characters"
+            ));
+        }
+        let address = format!("{parent_address}/{name}");
+        let provider = if provider.is_empty() {
+            match self.ops.get(&parent) {
+                Some(op) => op.provider.clone(),
+                None => return invalid(format!("{address}: its parent has no provider")),
+            }
+        } else {
+            provider
+        };
+        if !self.providers.connections.contains_key(&provider) {
+            return invalid(format!(
+                "{address}: provider `{provider}` is not one of this run's (declare it in the deployment)"
+            ));
+        }
+        let Ok(inputs) = Json::from_text(inputs) else {
+            return invalid(format!("{address}: its inputs are not JSON"));
+        };
+        if !inputs.text().trim_start().starts_with('{') {
+            return invalid(format!("{address}: its inputs must be a JSON object"));
+        }
+        if !self.child_addresses.insert(address.clone()) {
+            return invalid(format!("{address}: asked for twice in this run"));
+        }
+        let action = match self.state.resources.get(&address) {
+            None => Action::Create,
+            Some(r) if r.provider != provider || r.resource_type != resource_type => {
+                self.child_addresses.remove(&address);
+                return invalid(format!(
+                    "{address}: recorded as a `{}` of provider `{}`; delete its parent first, or `capstan state forget` it",
+                    r.resource_type, r.provider
+                ));
+            }
+            Some(r) if r.inputs == inputs => Action::Noop,
+            Some(_) => Action::Update,
+        };
+        let Ok(i) = self.scheduler.add_child(parent) else {
+            return invalid(format!("{address}: its parent has ended"));
+        };
+        let interrupted = self.state.pending.get(&address).map(|p| p.operation);
+        self.push_node(PlannedChange {
+            provider,
+            resource_type,
+            interrupted,
+            ..planned(address, action)
+        });
+        debug_assert_eq!(i + 1, self.changes.len());
+        Ok(i)
+    }
+
+    /// A child prepared: unchanged (its parent gets what is recorded), or an operation.
+    fn child_op(&mut self, i: NodeId) -> Result<Option<Op>, CoreFailure> {
+        let change = &self.changes[i];
+        let address = change.address.clone();
+        let Some(Kid::Child { inputs, .. }) = self.kids.get(&i) else {
+            return Err(CoreFailure::new(
+                format!("{address}: not a child of this run"),
+                FailureKind::Internal,
+            ));
+        };
+        let inputs = inputs.clone();
+        let parent = self
+            .scheduler
+            .parent(i)
+            .map(|p| self.changes[p].address.clone());
+        let recorded = self.state.resources.get(&address).cloned();
+        if let (Action::Noop, Some(recorded)) = (change.action, &recorded) {
+            self.summary.unchanged += 1;
+            self.settle_kid(i, Ok(recorded.outputs.clone()));
+            obey(self.scheduler.end(i, End::Succeeded));
+            return Ok(None);
+        }
+        let (operation, recorded) = match recorded {
+            Some(r) => (OperationKind::Update, r),
+            None => (
+                OperationKind::Create,
+                ResourceState {
+                    provider: String::new(),
+                    resource_type: String::new(),
+                    inputs: Json::null(),
+                    outputs: Json::null(),
+                    dependencies: Vec::new(),
+                    parent: None,
+                },
+            ),
+        };
+        let desired = Desired {
+            provider: change.provider.clone(),
+            resource_type: change.resource_type.clone(),
+            inputs,
+            capabilities: Vec::new(),
+            // Deleted before its parent.
+            dependencies: parent.iter().cloned().collect(),
+        };
+        let was_pending = change.interrupted.is_some();
+        let mut op = self.op(&address, operation, &recorded, Some(desired), was_pending)?;
+        op.parent = parent;
+        Ok(Some(op))
+    }
+
+    /// A child whose parent ended without succeeding: its work is dropped.
+    fn cancel(&mut self, i: NodeId) {
+        let Some(NodeState::Dispatched(phase)) = self.scheduler.state(i) else {
+            return;
+        };
+        if let Some(handle) = self.aborts.remove(&i) {
+            handle.abort();
+        }
+        self.ops.remove(&i);
+        if self.is_permit(i) {
+            self.release_permit(i);
+            return;
+        }
+        let parent = self.scheduler.parent(i).unwrap_or(i);
+        let parent_address = self.changes[parent].address.clone();
+        match phase {
+            Phase::Called | Phase::Finishing => {
+                let change = &self.changes[i];
+                self.summary.interrupted += 1;
+                self.events.emit(Event::ResourceFailed {
+                    address: change.address.clone(),
+                    operation: change.action.as_str(),
+                    error: format!(
+                        "{}: cancelled because its parent `{parent_address}` ended without it (whether it took effect is unknown: it stays pending)",
+                        change.address
+                    ),
+                    kind: FailureKind::Cancelled,
+                    details: String::new(),
+                    elapsed_seconds: 0.0,
+                });
+                obey(self.scheduler.end(i, End::Interrupted));
+                self.settle_kid(
+                    i,
+                    Err(OperationError::cancelled("cancelled with its parent")),
+                );
+            }
+            _ => {
+                obey(self.scheduler.end(i, End::Skipped(Skip::Parent(parent))));
+                self.report_skip(i, Skip::Parent(parent));
+            }
+        }
+    }
     fn step(&mut self, step: Step, work: &mut Work) {
         match step {
             Step::Prepare(i) => self.prepare(i, work),
@@ -589,21 +1042,46 @@ impl Driver<'_> {
                     time: now_unix(),
                 };
                 let backend = self.backend.clone();
-                work.push(
-                    async move {
-                        match append_durably(&*backend, vec![intent]).await {
-                            Ok(()) => Done::Recorded(i),
-                            Err(e) => Done::Finished(i, Outcome::State(e)),
+                self.spawn(work, i, async move {
+                    match append_durably(&*backend, vec![intent]).await {
+                        Ok(()) => Done::Recorded(i),
+                        Err(e) => Done::Finished(i, Outcome::State(e)),
+                    }
+                });
+            }
+            Step::Call(i) if self.is_permit(i) => {
+                // Granted: the provider holds the slot until it gives the permit back.
+                let client: permit::Client = capnp_rpc::new_client(PermitServer {
+                    node: i,
+                    asks: self.asks.clone(),
+                });
+                if let Some(Kid::Permit { reply }) = self.kids.get_mut(&i) {
+                    if let Some(reply) = reply.take() {
+                        if reply.send(Ok(client)).is_err() {
+                            // Nobody waits for it any more (the ask was cancelled).
+                            self.release_permit(i);
                         }
                     }
-                    .boxed_local(),
-                );
+                }
             }
             Step::Call(i) => {
+                let uses_scheduler = self.ops.get(&i).is_some_and(|op| {
+                    op.connection
+                        .info()
+                        .resource_type(&op.resource_type)
+                        .is_some_and(|t| t.uses_scheduler)
+                });
+                let asks = self.asks.clone();
                 let Some(op) = self.ops.get_mut(&i) else {
                     return;
                 };
-                let Some(call) = op.call.take() else { return };
+                let Some(mut call) = op.call.take() else {
+                    return;
+                };
+                if uses_scheduler {
+                    call.scheduler =
+                        Some(capnp_rpc::new_client(SchedulerServer { parent: i, asks }));
+                }
                 let address = self.changes[i].address.clone();
                 // Started means recorded: the intent is durable before anyone is told.
                 self.events.emit(Event::ResourceStart {
@@ -615,14 +1093,11 @@ impl Driver<'_> {
                 let observer =
                     progress_observer(self.events.clone(), address, op.operation.as_str());
                 let connection = op.connection.clone();
-                work.push(
-                    async move {
-                        let started = Instant::now();
-                        let result = connection.call(call, observer).await;
-                        Done::Answered(i, result, started.elapsed().as_secs_f64())
-                    }
-                    .boxed_local(),
-                );
+                self.spawn(work, i, async move {
+                    let started = Instant::now();
+                    let result = connection.call(call, observer).await;
+                    Done::Answered(i, result, started.elapsed().as_secs_f64())
+                });
             }
             Step::Settle(i, stop) => {
                 let change = &self.changes[i];
@@ -640,19 +1115,17 @@ impl Driver<'_> {
                     error: "not sent to its provider: the run stopped".into(),
                 });
                 let backend = self.backend.clone();
-                work.push(
-                    async move {
-                        if let Some(settled) = settled {
-                            if let Err(e) = append_durably(&*backend, vec![settled]).await {
-                                return Done::Finished(i, Outcome::State(e));
-                            }
+                self.spawn(work, i, async move {
+                    if let Some(settled) = settled {
+                        if let Err(e) = append_durably(&*backend, vec![settled]).await {
+                            return Done::Finished(i, Outcome::State(e));
                         }
-                        Done::Settled(i, stop)
                     }
-                    .boxed_local(),
-                );
+                    Done::Settled(i, stop)
+                });
             }
             Step::Skipped(i, skip) => self.report_skip(i, skip),
+            Step::Cancel(i) => self.cancel(i),
         }
     }
 
@@ -661,6 +1134,21 @@ impl Driver<'_> {
             Done::Recorded(i) => obey(self.scheduler.recorded(i)),
             Done::Answered(i, result, elapsed) => {
                 obey(self.scheduler.answered(i, result.is_ok()));
+                // Permits are lent to an operation while it runs.
+                if !self.kids.is_empty() {
+                    let held: Vec<NodeId> = self
+                        .kids
+                        .iter()
+                        .filter(|(k, kid)| {
+                            matches!(kid, Kid::Permit { .. })
+                                && self.scheduler.parent(**k) == Some(i)
+                        })
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in held {
+                        self.release_permit(k);
+                    }
+                }
                 let Some(mut op) = self.ops.remove(&i) else {
                     return;
                 };
@@ -670,7 +1158,9 @@ impl Driver<'_> {
                     }
                 }
                 let address = self.changes[i].address.clone();
-                work.push(
+                self.spawn(
+                    work,
+                    i,
                     finish(
                         i,
                         address,
@@ -679,8 +1169,7 @@ impl Driver<'_> {
                         elapsed,
                         self.backend.clone(),
                         self.events.clone(),
-                    )
-                    .boxed_local(),
+                    ),
                 );
             }
             Done::Finished(i, outcome) => self.finished(i, outcome),
@@ -715,6 +1204,14 @@ impl Driver<'_> {
                     recorded.outputs = now.outputs;
                     recorded.dependencies = now.dependencies;
                 }
+                if self.kids.contains_key(&i) {
+                    let outputs = self
+                        .state
+                        .resources
+                        .get(&address)
+                        .map(|r| r.outputs.clone());
+                    self.settle_kid(i, Ok(outputs.unwrap_or_else(Json::empty_object)));
+                }
                 if !handles.is_empty() {
                     self.handles.insert(address, handles);
                 }
@@ -732,8 +1229,9 @@ impl Driver<'_> {
                     None => obey(self.scheduler.end(i, End::Succeeded)),
                 }
             }
-            Outcome::Failed { recorded } => {
+            Outcome::Failed { recorded, error } => {
                 self.ops.remove(&i);
+                self.settle_kid(i, Err(*error));
                 self.summary.failed += 1;
                 self.state.pending.remove(&address);
                 if let Some(now) = recorded {
@@ -747,6 +1245,12 @@ impl Driver<'_> {
             Outcome::State(e) => {
                 // Without durable records nothing else may run.
                 self.ops.remove(&i);
+                self.settle_kid(
+                    i,
+                    Err(OperationError::internal(format!(
+                        "the state could not be written: {e}"
+                    ))),
+                );
                 self.summary.failed += 1;
                 self.state_error.get_or_insert(e);
                 self.scheduler.stop(Stop::StateError);
@@ -762,7 +1266,12 @@ impl Driver<'_> {
         let address = change.address.clone();
         let was_pending = change.interrupted.is_some();
         let action = change.action;
+        if self.is_permit(i) {
+            obey(self.scheduler.queue(i, None, false));
+            return;
+        }
         let prepared = match action {
+            _ if self.kids.contains_key(&i) => self.child_op(i),
             Action::Delete => self.delete_op(i, was_pending),
             _ => self.change_op(i, was_pending, work),
         };
@@ -776,6 +1285,13 @@ impl Driver<'_> {
             // Ended, or a future of its own.
             Ok(None) => {}
             Err(failure) => {
+                self.settle_kid(
+                    i,
+                    Err(OperationError::new(
+                        error_kind(failure.kind),
+                        failure.error.clone(),
+                    )),
+                );
                 self.events.emit(Event::ResourceFailed {
                     address,
                     operation: action.as_str(),
@@ -869,6 +1385,7 @@ impl Driver<'_> {
             dependencies,
             was_pending,
             then: None,
+            parent: None,
         })
     }
 
@@ -945,24 +1462,21 @@ impl Driver<'_> {
             let mut updated = recorded.clone();
             updated.dependencies = dependencies;
             let backend = self.backend.clone();
-            work.push(
-                async move {
-                    let done = Record::Done {
-                        address,
-                        state: updated.clone(),
-                    };
-                    let outcome = match append_durably(&*backend, vec![done]).await {
-                        Ok(()) => Outcome::Done {
-                            state: updated,
-                            handles: Vec::new(),
-                            counted: Action::Noop,
-                        },
-                        Err(e) => Outcome::State(e),
-                    };
-                    Done::Finished(i, outcome)
-                }
-                .boxed_local(),
-            );
+            self.spawn(work, i, async move {
+                let done = Record::Done {
+                    address,
+                    state: updated.clone(),
+                };
+                let outcome = match append_durably(&*backend, vec![done]).await {
+                    Ok(()) => Outcome::Done {
+                        state: updated,
+                        handles: Vec::new(),
+                        counted: Action::Noop,
+                    },
+                    Err(e) => Outcome::State(e),
+                };
+                Done::Finished(i, outcome)
+            });
             return Ok(None);
         }
         let mut capabilities = Vec::new();
@@ -1011,6 +1525,7 @@ impl Driver<'_> {
                     inputs: Json::null(),
                     outputs: Json::null(),
                     dependencies: Vec::new(),
+                    parent: None,
                 };
                 (OperationKind::Create, &empty)
             }
@@ -1022,6 +1537,17 @@ impl Driver<'_> {
     /// Reports a node the scheduler (or the driver) ended without running it.
     fn report_skip(&mut self, i: NodeId, skip: Skip) {
         self.ops.remove(&i);
+        if self.is_permit(i) {
+            self.settle_kid(i, Err(run_over()));
+            return;
+        }
+        self.settle_kid(
+            i,
+            Err(OperationError::cancelled(format!(
+                "{}: not run ({skip:?})",
+                self.changes[i].address
+            ))),
+        );
         let change = &self.changes[i];
         self.summary.skipped += 1;
         let stop_reason = |stop: Stop| match stop {
@@ -1050,6 +1576,10 @@ impl Driver<'_> {
                 (stop_reason(stop), String::new())
             }
             Skip::Stopped(stop) => (stop_reason(stop), String::new()),
+            Skip::Parent(parent) => {
+                let parent = self.changes[parent].address.clone();
+                (format!("its parent `{parent}` ended without it"), parent)
+            }
             Skip::Cycle => (
                 "its recorded dependencies form a cycle; delete it with `capstan state forget` after removing it by hand".into(),
                 String::new(),
@@ -1071,10 +1601,16 @@ impl Driver<'_> {
         });
         let mut never_sent = Vec::new();
         for (i, phase) in self.scheduler.interrupt() {
+            if self.is_permit(i) {
+                self.settle_kid(i, Err(run_over()));
+                continue;
+            }
             let change = &self.changes[i];
             match phase {
                 Phase::Called | Phase::Finishing => {
                     self.ops.remove(&i);
+                    self.settle_kid(i, Err(OperationError::cancelled("interrupted")));
+                    let change = &self.changes[i];
                     self.summary.interrupted += 1;
                     self.events.emit(Event::ResourceFailed {
                         address: change.address.clone(),
@@ -1123,6 +1659,23 @@ impl Driver<'_> {
                 self.state.apply_owned(record);
             }
         }
+    }
+}
+
+/// A change with nothing but its address and action (the rest to fill in).
+fn planned(address: String, action: Action) -> PlannedChange {
+    PlannedChange {
+        address,
+        action,
+        provider: String::new(),
+        resource_type: String::new(),
+        changed_inputs: Vec::new(),
+        waits_on: Vec::new(),
+        interrupted: None,
+        note: None,
+        replaces: None,
+        declared: None,
+        read_changed: false,
     }
 }
 
@@ -1177,6 +1730,10 @@ async fn finish(
                     return Done::Finished(i, Outcome::State(e));
                 }
             }
+            let error = Box::new(
+                OperationError::new(error_kind(failure.kind), failure.error.clone())
+                    .with_details(failure.details.clone()),
+            );
             events.emit(Event::ResourceFailed {
                 address,
                 operation: verb,
@@ -1185,7 +1742,13 @@ async fn finish(
                 details: failure.details,
                 elapsed_seconds: elapsed,
             });
-            return Done::Finished(i, Outcome::Failed { recorded: None });
+            return Done::Finished(
+                i,
+                Outcome::Failed {
+                    recorded: None,
+                    error,
+                },
+            );
         }
     };
     if op.operation == OperationKind::Delete {
@@ -1210,6 +1773,7 @@ async fn finish(
         inputs: op.inputs,
         outputs: success.outputs,
         dependencies: op.dependencies,
+        parent: op.parent,
     };
     if journaled {
         let done = Record::Done {
@@ -1223,20 +1787,22 @@ async fn finish(
     if let Some(missing) = missing_outputs(&op.connection, &now) {
         // The provider acted (the resource is recorded), but what depends on these outputs
         // cannot run: say so now, not when a dependent fails to resolve.
+        let message = format!(
+            "{address}: provider `{}` returned no {missing}, which `{}` declares; the resource is recorded as it was returned, and what depends on it is skipped",
+            now.provider, now.resource_type
+        );
+        let error = Box::new(OperationError::internal(message.clone()));
         events.emit(Event::ResourceFailed {
             address: address.clone(),
             operation: verb,
-            error: format!(
-                "{address}: provider `{}` returned no {missing}, which `{}` declares; the resource is recorded as it was returned, and what depends on it is skipped",
-                now.provider, now.resource_type
-            ),
+            error: message,
             kind: FailureKind::Provider,
             // Names only: values may be secrets, or megabytes.
             details: format!("outputs returned: {}", now.outputs.keys().join(", ")),
             elapsed_seconds: elapsed,
         });
         let recorded = (op.operation != OperationKind::Read).then(|| Box::new(now));
-        return Done::Finished(i, Outcome::Failed { recorded });
+        return Done::Finished(i, Outcome::Failed { recorded, error });
     }
     events.emit(Event::ResourceComplete {
         address,

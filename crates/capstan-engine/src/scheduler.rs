@@ -61,6 +61,8 @@ pub enum Skip {
     Stopped(Stop),
     /// Its dependencies never finished although the run did not stop: they form a cycle.
     Cycle,
+    /// Its parent ended without succeeding before it ran.
+    Parent(NodeId),
 }
 
 /// How a node ended.
@@ -100,6 +102,9 @@ pub enum Step {
     Settle(NodeId, Stop),
     /// The scheduler ended the node itself: report it.
     Skipped(NodeId, Skip),
+    /// Its parent ended without succeeding: drop its work (cancelling its call), then `end`
+    /// it (`Interrupted` if it was in its provider, else `Skipped(Parent(..))`).
+    Cancel(NodeId),
 }
 
 /// A call the scheduler refused: the driver broke the protocol of steps (a bug, not input).
@@ -123,7 +128,21 @@ struct Node {
     limit: u32,
     /// Its current operation journals an intent.
     journaled: bool,
+    /// The node that added it as a child (or permit), or `NO_NODE`.
+    parent: u32,
+    /// The child its seat (job, and permit for a child of its provider) is lent to, or
+    /// `NO_NODE`.
+    lent_to: u32,
+    /// Whose seat it runs on (`NO_NODE`: its own): its parent's, or — once the parent left its
+    /// provider while lending — the seat's lender further up.
+    lender: u32,
+    /// What it borrowed: `BORROWS_JOB` or `BORROWS_SEAT` (job and permit).
+    borrowing: u8,
 }
+
+const NO_NODE: u32 = u32::MAX;
+const BORROWS_JOB: u8 = 1;
+const BORROWS_SEAT: u8 = 2;
 
 const NO_LIMIT: u32 = u32::MAX;
 
@@ -156,6 +175,9 @@ pub struct Scheduler {
     stopped: Option<Stop>,
     /// Steps found while handling a report, handed out before anything new.
     outbox: VecDeque<Step>,
+    /// Children ready to be prepared (ahead of the window).
+    ready_children: VecDeque<NodeId>,
+    children_of: HashMap<NodeId, Vec<NodeId>>,
     unended: usize,
 }
 
@@ -179,6 +201,8 @@ impl Scheduler {
             fail_fast,
             stopped: None,
             outbox: VecDeque::new(),
+            ready_children: VecDeque::new(),
+            children_of: HashMap::new(),
             unended: 0,
         }
     }
@@ -219,6 +243,10 @@ impl Scheduler {
             dependents: Vec::new(),
             limit: NO_LIMIT,
             journaled: false,
+            parent: NO_NODE,
+            lent_to: NO_NODE,
+            lender: NO_NODE,
+            borrowing: 0,
         });
         self.unended += 1;
         for &d in dependencies {
@@ -232,6 +260,47 @@ impl Scheduler {
             self.ready.push_back(id);
         }
         Ok(id)
+    }
+
+    /// Adds a child of `parent` (a dispatched node): work its provider asked for while it
+    /// runs, or a permit. It waits for nothing, is prepared ahead of the dispatch window (its
+    /// parent may hold a slot of the window waiting for it), and may borrow its parent's seat
+    /// while the parent is in its provider (so a parent waiting on children never starves
+    /// them). It is cancelled (`Step::Cancel`) if the parent ends without succeeding.
+    pub fn add_child(&mut self, parent: NodeId) -> Result<NodeId, Misuse> {
+        match self.nodes.get(parent).map(|n| n.state) {
+            None => return Err(Misuse::NoSuchNode(parent)),
+            Some(NodeState::Dispatched(_)) => {}
+            Some(state) => {
+                return Err(Misuse::WrongState {
+                    node: parent,
+                    state,
+                    expected: "dispatched",
+                })
+            }
+        }
+        let id = self.nodes.len();
+        self.nodes.push(Node {
+            state: NodeState::Ready,
+            dependents: Vec::new(),
+            limit: NO_LIMIT,
+            journaled: false,
+            parent: parent as u32,
+            lent_to: NO_NODE,
+            lender: NO_NODE,
+            borrowing: 0,
+        });
+        self.unended += 1;
+        self.children_of.entry(parent).or_default().push(id);
+        // Ahead of the window (not in `ready`, which may hold thousands).
+        self.ready_children.push_back(id);
+        Ok(id)
+    }
+
+    /// The node that added `id` as a child, if any.
+    pub fn parent(&self, id: NodeId) -> Option<NodeId> {
+        let p = self.nodes.get(id)?.parent;
+        (p != NO_NODE).then_some(p as usize)
     }
 
     /// Makes `waits` wait for `first` too. `waits` must not be dispatched yet; `first` may be
@@ -269,8 +338,8 @@ impl Scheduler {
         match self.nodes[first].state {
             NodeState::Ended(End::Succeeded) => {}
             NodeState::Ended(End::Failed) => self.skip(waits, Skip::Dependency(first)),
-            NodeState::Ended(End::Skipped(Skip::Dependency(root))) => {
-                self.skip(waits, Skip::Dependency(root))
+            NodeState::Ended(End::Skipped(skip @ (Skip::Dependency(_) | Skip::Parent(_)))) => {
+                self.skip(waits, skip)
             }
             NodeState::Ended(_) => {
                 // Cut short by a stop: so is the run, and `unfinished` reports `waits`.
@@ -289,9 +358,30 @@ impl Scheduler {
 
     /// The next thing to do, if any can be done now.
     pub fn next_step(&mut self) -> Option<Step> {
-        if let Some(step) = self.outbox.pop_front() {
-            return Some(step);
+        loop {
+            if let Some(step) = self.outbox.pop_front() {
+                // A node may end (cancelled with its parent) after a step for it was queued.
+                let stale = match step {
+                    Step::Record(id) | Step::Call(id) | Step::Settle(id, _) | Step::Cancel(id) => {
+                        !matches!(self.nodes[id].state, NodeState::Dispatched(_))
+                    }
+                    Step::Prepare(_) | Step::Skipped(..) => false,
+                };
+                if stale {
+                    continue;
+                }
+                return Some(step);
+            }
+            // Granting a permit may put a call in the outbox without returning it.
+            match self.grant() {
+                Some(step) => return Some(step),
+                None if self.outbox.is_empty() => return None,
+                None => {}
+            }
         }
+    }
+
+    fn grant(&mut self) -> Option<Step> {
         if self.stopped.is_none() {
             // Calls first: they hold intents that are already durable.
             if self.jobs_used < self.jobs {
@@ -327,6 +417,13 @@ impl Scheduler {
                     return Some(Step::Call(id));
                 }
             }
+            while let Some(id) = self.ready_children.pop_front() {
+                if self.nodes[id].state == NodeState::Ready {
+                    self.dispatched += 1;
+                    self.nodes[id].state = NodeState::Dispatched(Phase::Preparing);
+                    return Some(Step::Prepare(id));
+                }
+            }
             while self.dispatched < self.window {
                 let Some(id) = self.ready.pop_front() else {
                     break;
@@ -348,9 +445,112 @@ impl Scheduler {
             self.nodes[id].state = NodeState::Dispatched(Phase::Recording);
             Some(Step::Record(id))
         } else {
-            self.nodes[id].state = NodeState::Dispatched(Phase::Recorded);
-            self.recorded.push_back(id);
+            self.ready_to_call(id);
             None
+        }
+    }
+
+    /// Its intent is durable (or it needs none): called at once on a borrowed seat or job,
+    /// else queued for a job.
+    fn ready_to_call(&mut self, id: NodeId) {
+        self.nodes[id].state = NodeState::Dispatched(Phase::Recorded);
+        if self.nodes[id].borrowing == 0 {
+            match self.free_seat_of_parent(id) {
+                Some(p) => {
+                    self.nodes[id].borrowing = BORROWS_JOB;
+                    self.nodes[id].lender = p as u32;
+                    self.nodes[p].lent_to = id as u32;
+                }
+                None => {
+                    self.recorded.push_back(id);
+                    return;
+                }
+            }
+        }
+        self.nodes[id].state = NodeState::Dispatched(Phase::Called);
+        self.outbox.push_back(Step::Call(id));
+    }
+
+    /// `id`'s parent, if it is in its provider with its seat not lent.
+    fn free_seat_of_parent(&self, id: NodeId) -> Option<NodeId> {
+        let p = self.parent(id)?;
+        let parent = &self.nodes[p];
+        (parent.state == NodeState::Dispatched(Phase::Called) && parent.lent_to == NO_NODE)
+            .then_some(p)
+    }
+
+    /// A borrower gives the seat back to its lender, who lends it to its next waiting child.
+    fn return_seat(&mut self, id: NodeId) {
+        if self.nodes[id].borrowing == 0 {
+            return;
+        }
+        self.nodes[id].borrowing = 0;
+        let lender = std::mem::replace(&mut self.nodes[id].lender, NO_NODE);
+        if lender == NO_NODE || self.nodes[lender as usize].lent_to != id as u32 {
+            return;
+        }
+        let p = lender as usize;
+        self.nodes[p].lent_to = NO_NODE;
+        if self.stopped.is_some() || self.nodes[p].state != NodeState::Dispatched(Phase::Called) {
+            return;
+        }
+        let is_child = |n: &NodeId, nodes: &[Node]| nodes[*n].parent == p as u32;
+        // A child recorded and waiting for a job: its job.
+        if let Some(pos) = self.recorded.iter().position(|n| is_child(n, &self.nodes)) {
+            let c = self.recorded.remove(pos).expect("found");
+            self.nodes[c].borrowing = BORROWS_JOB;
+            self.nodes[c].lender = p as u32;
+            self.nodes[p].lent_to = c as u32;
+            self.nodes[c].state = NodeState::Dispatched(Phase::Called);
+            self.outbox.push_back(Step::Call(c));
+            return;
+        }
+        // A child queued for the parent's provider's permit: the whole seat.
+        let limit = self.nodes[p].limit;
+        let queue = match limit {
+            NO_LIMIT => &mut self.unlimited,
+            l => &mut self.limits[l as usize].queue,
+        };
+        let Some(pos) = queue.iter().position(|n| self.nodes[*n].parent == p as u32) else {
+            return;
+        };
+        let c = queue.remove(pos).expect("found");
+        self.nodes[c].limit = NO_LIMIT;
+        self.nodes[c].borrowing = BORROWS_SEAT;
+        self.nodes[c].lender = p as u32;
+        self.nodes[p].lent_to = c as u32;
+        if let Some(step) = self.permitted(c) {
+            self.outbox.push_back(step);
+        }
+    }
+
+    /// `from` leaves its provider while its seat is lent to `to`: `to` keeps the seat. A
+    /// permit `from` owned and `to` borrowed becomes `to`'s; a job `from` owned becomes `to`'s
+    /// (or, if `to` is not in its provider yet, goes back to the run); a seat `from` had
+    /// borrowed itself is borrowed by `to` from the same lender.
+    fn pass_seat(&mut self, from: NodeId, to: NodeId) {
+        if self.nodes[to].borrowing == BORROWS_SEAT && self.nodes[from].limit != NO_LIMIT {
+            self.nodes[to].limit = std::mem::replace(&mut self.nodes[from].limit, NO_LIMIT);
+            self.nodes[to].borrowing = BORROWS_JOB;
+        }
+        let lender = std::mem::replace(&mut self.nodes[from].lender, NO_NODE);
+        if self.nodes[from].borrowing != 0 && lender != NO_NODE {
+            self.nodes[from].borrowing = 0;
+            self.nodes[to].lender = lender;
+            self.nodes[lender as usize].lent_to = to as u32;
+            return;
+        }
+        self.nodes[from].borrowing = 0;
+        self.nodes[to].lender = NO_NODE;
+        let seat_only = self.nodes[to].borrowing == BORROWS_SEAT;
+        self.nodes[to].borrowing = 0;
+        if self.nodes[to].state != NodeState::Dispatched(Phase::Called) {
+            // Not in its provider yet: it will take a job of its own.
+            self.jobs_used -= 1;
+            if seat_only {
+                // It borrowed a permit `from` did not hold (no limit): none to keep.
+                self.nodes[to].limit = NO_LIMIT;
+            }
         }
     }
 
@@ -375,9 +575,10 @@ impl Scheduler {
         }
         if let Some(stop) = self.stopped {
             self.nodes[id].state = NodeState::Dispatched(Phase::Queued);
-            self.end_dispatched(id, End::Skipped(Skip::NotSent(stop)));
+            // Reported before what ending it skips (its children).
             self.outbox
                 .push_back(Step::Skipped(id, Skip::NotSent(stop)));
+            self.end_dispatched(id, End::Skipped(Skip::NotSent(stop)));
             return Ok(());
         }
         let limit = provider.and_then(|p| self.limit_of.get(p).copied());
@@ -385,6 +586,19 @@ impl Scheduler {
         node.state = NodeState::Dispatched(Phase::Queued);
         node.limit = limit.map_or(NO_LIMIT, |l| l as u32);
         node.journaled = journaled;
+        if let Some(p) = self.free_seat_of_parent(id) {
+            if self.nodes[p].limit == self.nodes[id].limit {
+                // Its parent's seat: no permit or job of its own.
+                self.nodes[id].limit = NO_LIMIT;
+                self.nodes[id].borrowing = BORROWS_SEAT;
+                self.nodes[id].lender = p as u32;
+                self.nodes[p].lent_to = id as u32;
+                if let Some(step) = self.permitted(id) {
+                    self.outbox.push_back(step);
+                }
+                return Ok(());
+            }
+        }
         match limit {
             Some(l) => {
                 self.limits[l].queue.push_back(id);
@@ -404,9 +618,10 @@ impl Scheduler {
         match self.stopped {
             Some(stop) => {
                 self.release_permit(id);
+                self.return_seat(id);
                 self.outbox.push_back(Step::Settle(id, stop));
             }
-            None => self.recorded.push_back(id),
+            None => self.ready_to_call(id),
         }
         Ok(())
     }
@@ -419,7 +634,7 @@ impl Scheduler {
             self.stop(Stop::FailFast);
         }
         self.nodes[id].state = NodeState::Dispatched(Phase::Finishing);
-        self.jobs_used -= 1;
+        self.leave_job(id);
         // Its slot of the window too: the next node is prepared while this result is
         // journaled.
         self.dispatched -= 1;
@@ -443,7 +658,10 @@ impl Scheduler {
             }
         };
         if phase == Phase::Called {
-            self.jobs_used -= 1;
+            self.leave_job(id);
+        } else {
+            // A seat borrowed before the call.
+            self.return_seat(id);
         }
         if matches!(phase, Phase::Recording | Phase::Recorded | Phase::Called) {
             self.release_permit(id);
@@ -473,9 +691,10 @@ impl Scheduler {
         }
         self.limits_to_grant.clear();
         for id in queued {
-            self.end_dispatched(id, End::Skipped(Skip::NotSent(stop)));
+            // Reported before what ending it skips (its children).
             self.outbox
                 .push_back(Step::Skipped(id, Skip::NotSent(stop)));
+            self.end_dispatched(id, End::Skipped(Skip::NotSent(stop)));
         }
         for id in std::mem::take(&mut self.recorded) {
             self.release_permit(id);
@@ -508,6 +727,8 @@ impl Scheduler {
                 cut.push((id, phase));
             }
         }
+        // Every dispatched child ended above: nothing to cancel.
+        self.outbox.retain(|s| matches!(s, Step::Skipped(..)));
         cut
     }
 
@@ -517,7 +738,7 @@ impl Scheduler {
         self.dispatched == 0
             && self.finishing == 0
             && self.outbox.is_empty()
-            && (self.stopped.is_some() || self.ready.is_empty())
+            && (self.stopped.is_some() || (self.ready.is_empty() && self.ready_children.is_empty()))
     }
 
     /// Ends every node that never ran, once the run is [`idle`](Self::idle): stopped before
@@ -539,6 +760,7 @@ impl Scheduler {
             }
         }
         self.ready.clear();
+        self.ready_children.clear();
         left
     }
 
@@ -599,6 +821,19 @@ impl Scheduler {
         }
     }
 
+    /// `id` leaves its provider: its job goes back (to its parent if borrowed, to a child on
+    /// its seat if lent, else to the run).
+    fn leave_job(&mut self, id: NodeId) {
+        let to = std::mem::replace(&mut self.nodes[id].lent_to, NO_NODE);
+        if to != NO_NODE {
+            self.pass_seat(id, to as usize);
+        } else if self.nodes[id].borrowing != 0 {
+            self.return_seat(id);
+        } else {
+            self.jobs_used -= 1;
+        }
+    }
+
     /// Takes the node's limit away from it (it holds or waits for that limit's permit).
     fn take_limit(&mut self, id: NodeId) -> Option<usize> {
         let l = std::mem::replace(&mut self.nodes[id].limit, NO_LIMIT);
@@ -633,6 +868,11 @@ impl Scheduler {
         self.nodes[id].state = NodeState::Ended(end);
         self.unended -= 1;
         self.after_end(id, end);
+        if end == End::Succeeded {
+            self.children_of.remove(&id);
+        } else {
+            self.cancel_children(id);
+        }
     }
 
     fn after_end(&mut self, id: NodeId, end: End) {
@@ -652,16 +892,31 @@ impl Scheduler {
                 }
             }
             _ => {
-                let root = match end {
-                    End::Skipped(Skip::Dependency(root)) => root,
-                    _ => id,
+                let skip = match end {
+                    End::Skipped(skip @ (Skip::Dependency(_) | Skip::Parent(_))) => skip,
+                    _ => Skip::Dependency(id),
                 };
                 for &d in &dependents {
-                    self.skip(d, Skip::Dependency(root));
+                    self.skip(d, skip);
                 }
             }
         }
         self.nodes[id].dependents = dependents;
+    }
+
+    /// A parent ended without succeeding: its children not dispatched are skipped, those
+    /// dispatched are to be cancelled by the driver (`Step::Cancel`).
+    fn cancel_children(&mut self, parent: NodeId) {
+        let Some(children) = self.children_of.remove(&parent) else {
+            return;
+        };
+        for c in children {
+            match self.nodes[c].state {
+                NodeState::Waiting(_) | NodeState::Ready => self.skip(c, Skip::Parent(parent)),
+                NodeState::Dispatched(_) => self.outbox.push_back(Step::Cancel(c)),
+                NodeState::Ended(_) => {}
+            }
+        }
     }
 
     /// Skips a node that was not dispatched, and (through `after_end`) what depends on it.

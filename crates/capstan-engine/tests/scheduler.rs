@@ -403,3 +403,111 @@ fn misuse_is_an_error_not_a_panic() {
     assert!(s.queue(7, None, true).is_err());
     assert!(s.depend(a, 7).is_err());
 }
+
+/// A parent in its provider, with one job of one (the case that would deadlock).
+fn parent_called(s: &mut Scheduler) -> NodeId {
+    let p = s.add(&[]).unwrap();
+    drain(s);
+    call(s, p, "p");
+    assert_eq!(s.state(p), Some(NodeState::Dispatched(Phase::Called)));
+    p
+}
+
+#[test]
+fn a_child_borrows_its_waiting_parents_seat_one_at_a_time() {
+    let mut s = Scheduler::new(1, 1, false);
+    s.set_limit("p", 1);
+    let p = parent_called(&mut s);
+    assert_eq!((s.jobs_in_use(), s.permits_in_use("p")), (1, 1));
+    // Children are prepared although the window (1) is full.
+    let a = s.add_child(p).unwrap();
+    let b = s.add_child(p).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Prepare(a), Step::Prepare(b)]);
+    s.queue(a, Some("p"), true).unwrap();
+    s.queue(b, Some("p"), true).unwrap();
+    // a takes the parent's seat (its job and its provider's permit); b waits for it.
+    assert_eq!(drain(&mut s), vec![Step::Record(a)]);
+    s.recorded(a).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Call(a)]);
+    assert_eq!((s.jobs_in_use(), s.permits_in_use("p")), (1, 1));
+    s.answered(a, true).unwrap();
+    s.end(a, End::Succeeded).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Record(b)]);
+    s.recorded(b).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Call(b)]);
+    s.answered(b, true).unwrap();
+    s.end(b, End::Succeeded).unwrap();
+    s.answered(p, true).unwrap();
+    s.end(p, End::Succeeded).unwrap();
+    assert_eq!((s.jobs_in_use(), s.permits_in_use("p")), (0, 0));
+    assert!(s.idle());
+    assert_eq!(s.unended(), 0);
+}
+
+#[test]
+fn a_child_of_another_provider_borrows_only_the_job() {
+    let mut s = Scheduler::new(1, 1, false);
+    s.set_limit("q", 1);
+    let p = parent_called(&mut s);
+    let c = s.add_child(p).unwrap();
+    drain(&mut s);
+    s.queue(c, Some("q"), false).unwrap();
+    // Its own provider's permit, the parent's job.
+    assert_eq!(drain(&mut s), vec![Step::Call(c)]);
+    assert_eq!((s.jobs_in_use(), s.permits_in_use("q")), (1, 1));
+    s.answered(c, true).unwrap();
+    assert_eq!((s.jobs_in_use(), s.permits_in_use("q")), (1, 0));
+}
+
+#[test]
+fn a_parent_that_leaves_its_provider_hands_its_seat_to_the_child_on_it() {
+    // (A window of 2: the child holds a slot of it.)
+    let mut s = Scheduler::new(1, 2, false);
+    let p = parent_called(&mut s);
+    let c = s.add_child(p).unwrap();
+    drain(&mut s);
+    s.queue(c, Some("p"), false).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Call(c)]);
+    s.answered(p, true).unwrap();
+    s.end(p, End::Succeeded).unwrap();
+    // The child still runs on that job: nothing else may take it.
+    assert_eq!(s.jobs_in_use(), 1);
+    let other = s.add(&[]).unwrap();
+    drain(&mut s);
+    s.queue(other, Some("p"), false).unwrap();
+    assert_eq!(drain(&mut s), vec![]);
+    s.answered(c, true).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Call(other)]);
+    assert_eq!(s.jobs_in_use(), 1);
+}
+
+#[test]
+fn children_are_skipped_or_cancelled_when_their_parent_fails() {
+    let mut s = Scheduler::new(2, 4, false);
+    let p = parent_called(&mut s);
+    let running = s.add_child(p).unwrap();
+    let waiting = s.add_child(p).unwrap();
+    assert_eq!(
+        drain(&mut s),
+        vec![Step::Prepare(running), Step::Prepare(waiting)]
+    );
+    s.queue(running, Some("p"), false).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Call(running)]);
+    let late = s.add_child(p).unwrap();
+    s.answered(p, false).unwrap();
+    s.end(p, End::Failed).unwrap();
+    let steps = drain(&mut s);
+    assert!(steps.contains(&Step::Cancel(running)), "{steps:?}");
+    assert!(steps.contains(&Step::Cancel(waiting)), "{steps:?}");
+    assert!(
+        steps.contains(&Step::Skipped(late, Skip::Parent(p))),
+        "{steps:?}"
+    );
+    s.end(running, End::Interrupted).unwrap();
+    s.end(waiting, End::Skipped(Skip::Parent(p))).unwrap();
+    assert!(s.idle());
+    assert_eq!(s.unended(), 0);
+    assert_eq!(s.jobs_in_use(), 0);
+    // Only a running node takes children.
+    assert!(s.add_child(p).is_err());
+}

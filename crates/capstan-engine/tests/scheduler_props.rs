@@ -110,6 +110,8 @@ struct Driver {
     second_step: BTreeSet<NodeId>,
     next_spec: usize,
     steps: usize,
+    /// Children added while their parent ran: child → parent.
+    parent_of: BTreeMap<NodeId, NodeId>,
 }
 
 impl Driver {
@@ -173,7 +175,15 @@ impl Driver {
             .iter()
             .filter(|n| !self.ended.contains_key(n))
             .count();
-        assert!(self.s.dispatched() <= self.plan.window.max(self.plan.jobs) + second_steps);
+        // Children are prepared ahead of the window (their parents may hold all of it).
+        let children = self
+            .parent_of
+            .keys()
+            .filter(|n| !self.ended.contains_key(n))
+            .count();
+        assert!(
+            self.s.dispatched() <= self.plan.window.max(self.plan.jobs) + second_steps + children
+        );
         let finishing = self
             .pending
             .iter()
@@ -191,7 +201,37 @@ impl Driver {
             .iter()
             .filter(|p| matches!(p, Pending::Calling(_)))
             .count();
-        assert_eq!(calls, self.s.jobs_in_use());
+        // A parent in its provider lends its job to one child at a time: beyond the jobs, at
+        // most one call per such parent.
+        let calling: BTreeSet<NodeId> = self
+            .pending
+            .iter()
+            .filter_map(|p| match p {
+                Pending::Calling(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        // (A seat passes up: a child whose parent left keeps borrowing from the grandparent.)
+        let nearest_calling_ancestor = |mut n: NodeId| {
+            while let Some(&p) = self.parent_of.get(&n) {
+                if calling.contains(&p) {
+                    return Some(p);
+                }
+                n = p;
+            }
+            None
+        };
+        let lending = calling
+            .iter()
+            .filter_map(|&c| nearest_calling_ancestor(c))
+            .collect::<BTreeSet<_>>()
+            .len();
+        assert!(self.s.jobs_in_use() <= calls, "{calls} calls");
+        assert!(
+            calls <= self.s.jobs_in_use() + lending,
+            "{calls} calls on {} jobs and {lending} lent",
+            self.s.jobs_in_use()
+        );
     }
 
     fn step(&mut self, step: Step) {
@@ -236,9 +276,37 @@ impl Driver {
                 assert_eq!(stopped, Some(stop));
                 self.pending.push(Pending::Settling(id, stop));
             }
+            Step::Cancel(id) => {
+                let parent = self.parent_of[&id];
+                assert!(
+                    matches!(self.ended.get(&parent), Some(e) if *e != End::Succeeded),
+                    "{id} cancelled although its parent {parent} did not fail"
+                );
+                self.pending.retain(|p| {
+                    !matches!(p, Pending::Recording(n) | Pending::Calling(n) | Pending::Finishing(n) | Pending::Settling(n, _) if *n == id)
+                });
+                self.recorded.remove(&id);
+                let end = match self.s.state(id) {
+                    Some(NodeState::Dispatched(Phase::Called | Phase::Finishing)) => {
+                        End::Interrupted
+                    }
+                    _ => End::Skipped(Skip::Parent(parent)),
+                };
+                self.end(id, end);
+            }
             Step::Skipped(id, skip) => {
                 if let Skip::Dependency(root) = skip {
                     assert_eq!(self.ended.get(&root), Some(&End::Failed));
+                }
+                if let Skip::Parent(parent) = skip {
+                    // (Or a node waiting on such a child.)
+                    assert!(self.parent_of.contains_key(&id) || !self.deps[id].is_empty());
+                    assert!(
+                        matches!(self.ended.get(&parent), Some(e) if *e != End::Succeeded),
+                        "{id} skipped for its parent {parent}, which is {:?} / {:?}",
+                        self.ended.get(&parent),
+                        self.s.state(parent)
+                    );
                 }
                 self.ended_once(id, End::Skipped(skip));
             }
@@ -311,6 +379,26 @@ impl Driver {
                 self.check_limits();
                 continue;
             }
+            // Sometimes an operation in its provider asks for a child (or a permit).
+            if choice % 7 == 1 {
+                let parents: Vec<NodeId> = self
+                    .pending
+                    .iter()
+                    .filter_map(|p| match p {
+                        Pending::Calling(id) => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                if !parents.is_empty() && self.s.len() < 200 {
+                    let parent = parents[(choice as usize / 7) % parents.len()];
+                    let child = self.s.add_child(parent).unwrap();
+                    self.spec
+                        .push((choice as usize / 11) % self.plan.nodes.len());
+                    self.deps.push(BTreeSet::new());
+                    self.parent_of.insert(child, parent);
+                    continue;
+                }
+            }
             // Sometimes a node joins the run now.
             if self.next_spec < self.plan.nodes.len()
                 && (choice.is_multiple_of(4) || self.pending.is_empty())
@@ -355,7 +443,11 @@ impl Driver {
             }
         }
         if self.s.stopped() == Some(Stop::FailFast) {
-            assert!(self.ended.values().any(|e| *e == End::Failed));
+            // (A failed call whose node was then cancelled with its parent ends interrupted.)
+            assert!(self
+                .ended
+                .values()
+                .any(|e| matches!(e, End::Failed | End::Interrupted)));
         }
     }
 }
@@ -382,6 +474,7 @@ proptest! {
             second_step: BTreeSet::new(),
             next_spec: 0,
             steps: 0,
+            parent_of: BTreeMap::new(),
         };
         driver.run();
     }

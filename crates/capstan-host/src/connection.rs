@@ -74,6 +74,9 @@ pub struct OperationCall {
     pub trace: TraceContext,
     /// Cancel the operation (the provider sees it) and fail after this long.
     pub timeout: Option<Duration>,
+    /// Where the operation may submit children and borrow permits (`None`: the field is left
+    /// null, as an older core leaves it).
+    pub scheduler: Option<capstan_schema::provider_capnp::scheduler::Client>,
 }
 
 impl OperationCall {
@@ -94,6 +97,7 @@ impl OperationCall {
             capabilities: Vec::new(),
             trace: TraceContext::random(),
             timeout: None,
+            scheduler: None,
         }
     }
 }
@@ -520,6 +524,9 @@ fn fill_request(
         builder.set_previous_outputs(previous.text());
     }
     builder.set_progress(sink);
+    if let Some(scheduler) = &call.scheduler {
+        builder.set_scheduler(scheduler.clone());
+    }
     // This host takes the result as the end of a stream nothing was pushed into.
     builder.set_silent_finish_optional(true);
     call.trace.write(builder.reborrow().init_trace());

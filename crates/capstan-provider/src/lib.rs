@@ -74,7 +74,7 @@ pub use bridge::ProgressLayer;
 pub use command::{
     read_line_lossy, spawn_piped, stream_command, CommandOutput, LastLines, ProcessGroupGuard,
 };
-pub use operation::Operation;
+pub use operation::{Operation, Permit};
 pub use resource::{Prior, Resource, ResourceType};
 pub use serve::{Endpoint, ServeError, LISTEN_ENV};
 

@@ -4,7 +4,8 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use capstan_schema::provider_capnp::resource_handle;
+use capstan_schema::provider_capnp::{permit, resource_handle, scheduler};
+use capstan_schema::OperationError;
 use capstan_schema::{LogStream, OperationKind, ProgressEvent, ProgressKind, TraceContext};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
@@ -23,6 +24,35 @@ pub struct Operation {
     pub(crate) queue: Arc<ProgressQueue>,
     pub(crate) capabilities: Vec<(String, resource_handle::Client)>,
     pub(crate) returned: RefCell<Vec<(String, resource_handle::Client)>>,
+    pub(crate) scheduler: Option<scheduler::Client>,
+}
+
+/// A share of the run's concurrency lent to the provider (see [`Operation::permit`]). The slot
+/// goes back when this is dropped (or [`release`](Permit::release)d).
+pub struct Permit {
+    client: Option<permit::Client>,
+}
+
+impl Permit {
+    /// Gives the slot back now, and waits until the core has it.
+    pub async fn release(mut self) -> Result<(), OperationError> {
+        if let Some(client) = self.client.take() {
+            client
+                .release_request()
+                .send()
+                .promise
+                .await
+                .map_err(|e| OperationError::transient(format!("releasing a permit: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        // Dropping the client releases the capability; the core gives the slot back then.
+        self.client.take();
+    }
 }
 
 impl Operation {
@@ -54,6 +84,81 @@ impl Operation {
     /// Whether the operation has been cancelled.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+
+    fn scheduler(&self) -> Result<&scheduler::Client, OperationError> {
+        self.scheduler.as_ref().ok_or_else(|| {
+            OperationError::permanent(
+                "this core offers no scheduler (children and permits need a newer capstan)",
+            )
+        })
+    }
+
+    /// Runs a child resource through the core and waits for it: the core schedules it like
+    /// any resource (under `--jobs` and its provider's limit; shown and recorded as
+    /// `<this address>/<name>`), and returns its outputs, or why it failed — the parent
+    /// decides what that means. `provider`: a provider of the deployment, `None` for this
+    /// one. Children are deleted with their parent and cancelled when it is.
+    pub async fn child(
+        &self,
+        name: &str,
+        provider: Option<&str>,
+        resource_type: &str,
+        inputs: &serde_json::Value,
+    ) -> Result<serde_json::Value, OperationError> {
+        let mut request = self.scheduler()?.child_request();
+        {
+            let mut child = request.get().init_request();
+            child.set_name(name);
+            child.set_provider(provider.unwrap_or(""));
+            child.set_resource_type(resource_type);
+            child.set_inputs(&inputs.to_string()[..]);
+        }
+        let lost = |e: capnp::Error| OperationError::transient(format!("child `{name}`: {e}"));
+        let response = request.send().promise.await.map_err(lost)?;
+        let result = response.get().and_then(|r| r.get_result()).map_err(lost)?;
+        use capstan_schema::provider_capnp::operation_result::Which;
+        match result.which() {
+            Ok(Which::Success(success)) => {
+                let text = success
+                    .and_then(|s| s.get_outputs())
+                    .and_then(|t| Ok(t.to_str()?.to_string()))
+                    .map_err(lost)?;
+                if text.trim().is_empty() {
+                    return Ok(serde_json::Value::Object(Default::default()));
+                }
+                serde_json::from_str(&text).map_err(|e| {
+                    OperationError::internal(format!("child `{name}`: outputs are not JSON: {e}"))
+                })
+            }
+            Ok(Which::Failure(failure)) => {
+                Err(failure.and_then(OperationError::read).unwrap_or_else(lost))
+            }
+            Err(_) => Err(OperationError::permanent(format!(
+                "child `{name}`: a result this provider does not know; upgrade it"
+            ))),
+        }
+    }
+
+    /// Borrows one of the run's `--jobs` slots for work this provider runs itself (a build, a
+    /// machine), waiting until one is free: the deployment's limit then bounds that work too.
+    /// The operation's own slot is lent to its first permit at a time, so this never waits on
+    /// itself. Dropping the permit gives the slot back.
+    pub async fn permit(&self) -> Result<Permit, OperationError> {
+        let response = self
+            .scheduler()?
+            .permit_request()
+            .send()
+            .promise
+            .await
+            .map_err(|e| OperationError::transient(format!("asking for a permit: {e}")))?;
+        let client = response
+            .get()
+            .and_then(|r| r.get_permit())
+            .map_err(|e| OperationError::transient(format!("asking for a permit: {e}")))?;
+        Ok(Permit {
+            client: Some(client),
+        })
     }
 
     /// A token that fires on cancellation, for tasks the operation spawns.

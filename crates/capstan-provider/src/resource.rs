@@ -90,6 +90,13 @@ impl ResourceType {
         self
     }
 
+    /// Operations on this type use [`Operation::child`](crate::Operation::child) or
+    /// [`Operation::permit`](crate::Operation::permit): the core gives them its scheduler.
+    pub fn uses_scheduler(mut self, uses_scheduler: bool) -> Self {
+        self.0.uses_scheduler = uses_scheduler;
+        self
+    }
+
     /// Whether the resource exists outside the deployment's state (so deleting it matters).
     pub fn stateful(mut self, stateful: bool) -> Self {
         self.0.stateful = stateful;

@@ -45,6 +45,8 @@ struct Request {
     silent_finish_optional: bool,
     trace: TraceContext,
     capabilities: Vec<(String, resource_handle::Client)>,
+    /// Null from a core that does not offer children and permits.
+    scheduler: Option<capstan_schema::provider_capnp::scheduler::Client>,
 }
 
 impl Request {
@@ -63,6 +65,11 @@ impl Request {
             silent_finish_optional: reader.get_silent_finish_optional(),
             trace: TraceContext::read(reader.get_trace()?),
             capabilities,
+            scheduler: if reader.has_scheduler() {
+                reader.get_scheduler().ok()
+            } else {
+                None
+            },
         })
     }
 }
@@ -162,6 +169,7 @@ impl ProviderServer {
             queue: queue.clone(),
             capabilities: request.capabilities,
             returned: RefCell::new(Vec::new()),
+            scheduler: request.scheduler,
         };
         let grace = self.cancel_grace;
         let root_span = crate::bridge::root_span(queue.clone());

@@ -38,6 +38,9 @@ pub struct ResourceTypeInfo {
     /// The core reads unchanged resources of this type while planning (see the schema).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_on_plan: bool,
+    /// Its operations submit children or ask for permits (they get a `Scheduler`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uses_scheduler: bool,
 }
 
 /// One input of a resource type.
@@ -91,6 +94,7 @@ impl ProviderInfo {
                 open_inputs: t.get_open_inputs(),
                 no_delete: t.get_no_delete(),
                 read_on_plan: t.get_read_on_plan(),
+                uses_scheduler: t.get_uses_scheduler(),
             });
         }
         Ok(ProviderInfo {
@@ -121,6 +125,7 @@ impl ProviderInfo {
             tb.set_open_inputs(t.open_inputs);
             tb.set_no_delete(t.no_delete);
             tb.set_read_on_plan(t.read_on_plan);
+            tb.set_uses_scheduler(t.uses_scheduler);
             let mut inputs = tb.reborrow().init_inputs(t.inputs.len() as u32);
             for (k, i) in t.inputs.iter().enumerate() {
                 let mut ib = inputs.reborrow().get(k as u32);
@@ -181,6 +186,7 @@ mod tests {
                 open_inputs: true,
                 no_delete: false,
                 read_on_plan: true,
+                uses_scheduler: true,
             }],
         };
         let mut message = capnp::message::Builder::new_default();

@@ -46,6 +46,10 @@ pub struct ResourceState {
     pub outputs: Json,
     /// Addresses it depended on, so deletion can run in reverse order without the deployment.
     pub dependencies: Vec<String>,
+    /// For a child (made through its parent's scheduler capability): the parent's address. A
+    /// child stays while its parent does, and is deleted before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// An operation that started and has no recorded end: interrupted by a crash or Ctrl-C.
@@ -814,6 +818,7 @@ mod tests {
         Record::Done {
             address: address.into(),
             state: ResourceState {
+                parent: None,
                 provider: "p".into(),
                 resource_type: "t".into(),
                 inputs: json!({"n": n}).into(),

@@ -13,6 +13,8 @@
 //! | `big` | returns an output of `bytes` bytes (for message-size limits) |
 //! | `corrupt` | writes garbage bytes onto its own RPC socket |
 //! | `probe` | waits `ms`, reports how many operations this process ran at once (`peak`) and how many of its `group` (`group_peak`); fails if `fail` |
+//! | `fanout` | runs `count` children (`type`, default `probe`, with `inputs`, and the input named by `index` set to the child's number) through the core's scheduler, all at once; fails if one does, unless `tolerate` |
+//! | `permits` | borrows `count` permits from the core at once, each held `ms` while counted in probe group `group` |
 //!
 //! Options (`--help` lists them): `--listen PATH` serves as a standing service at PATH; `--max-concurrency N`
 //! declares a limit; `--protocol MIN:MAX` claims other protocol versions (to test refusal);
@@ -514,6 +516,186 @@ impl Resource for Probe {
     }
 }
 
+// ---- fanout / permits ------------------------------------------------------------------------
+
+struct Fanout;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FanoutIn {
+    count: u32,
+    #[serde(default = "probe_type", rename = "type")]
+    child_type: String,
+    /// Every child's inputs (each also gets `index` for a `noop`'s `value`, or a probe's).
+    #[serde(default)]
+    inputs: serde_json::Map<String, Value>,
+    /// Children whose inputs get `"fail": true` (for probes).
+    #[serde(default)]
+    fail: Vec<u32>,
+    #[serde(default)]
+    provider: Option<String>,
+    /// Succeed although children failed (reporting them).
+    #[serde(default)]
+    tolerate: bool,
+    /// The child input that gets the child's index (`""`: none).
+    #[serde(default = "value_key")]
+    index: String,
+}
+
+fn probe_type() -> String {
+    "probe".into()
+}
+
+fn value_key() -> String {
+    "value".into()
+}
+
+#[derive(Serialize, Deserialize)]
+struct FanoutOut {
+    /// Each child's outputs (or `{"error": message}`), in order.
+    children: Vec<Value>,
+    failed: u32,
+}
+
+async fn fan_out(op: &Operation, inputs: &FanoutIn) -> Result<FanoutOut, OperationError> {
+    let children = (0..inputs.count).map(|n| {
+        let mut child = inputs.inputs.clone();
+        if !inputs.index.is_empty() {
+            child.insert(inputs.index.clone(), json!(n));
+        }
+        if inputs.fail.contains(&n) {
+            child.insert("fail".into(), json!(true));
+        }
+        let child = Value::Object(child);
+        async move {
+            op.child(
+                &format!("c{n}"),
+                inputs.provider.as_deref(),
+                &inputs.child_type,
+                &child,
+            )
+            .await
+        }
+    });
+    let mut out = FanoutOut {
+        children: Vec::new(),
+        failed: 0,
+    };
+    let mut first_error = None;
+    for (n, result) in futures::future::join_all(children)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        match result {
+            Ok(outputs) => out.children.push(outputs),
+            Err(e) => {
+                out.failed += 1;
+                out.children.push(json!({"error": e.message}));
+                first_error.get_or_insert((n, e));
+            }
+        }
+    }
+    match first_error {
+        Some((n, e)) if !inputs.tolerate => Err(OperationError::new(
+            e.kind,
+            format!("child c{n} failed: {}", e.message),
+        )),
+        _ => Ok(out),
+    }
+}
+
+impl Resource for Fanout {
+    type Inputs = FanoutIn;
+    type Outputs = FanoutOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("fanout")
+            .description("Runs children through the core's scheduler")
+            .required("count", "How many children")
+            .optional("type", "The children's type (default `probe`)")
+            .optional("inputs", "Every child's inputs")
+            .optional("fail", "Indices of children asked to fail")
+            .optional("provider", "The children's provider (default this one)")
+            .optional("tolerate", "Succeed although children failed")
+            .optional(
+                "index",
+                "The child input set to its index (default `value`; \"\": none)",
+            )
+            .output("children", "Each child's outputs, or its error")
+            .output("failed", "How many children failed")
+            .stateful(true)
+            .uses_scheduler(true)
+    }
+
+    async fn create(&self, op: &Operation, inputs: FanoutIn) -> Result<FanoutOut, OperationError> {
+        fan_out(op, &inputs).await
+    }
+
+    async fn update(
+        &self,
+        op: &Operation,
+        _prior: capstan_provider::Prior<FanoutIn, FanoutOut>,
+        inputs: FanoutIn,
+    ) -> Result<FanoutOut, OperationError> {
+        fan_out(op, &inputs).await
+    }
+}
+
+struct Permits;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PermitsIn {
+    count: u32,
+    #[serde(default)]
+    ms: u64,
+    #[serde(default)]
+    group: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PermitsOut {
+    /// The most permits' work this process ran at once (in `group`).
+    group_peak: u64,
+}
+
+impl Resource for Permits {
+    type Inputs = PermitsIn;
+    type Outputs = PermitsOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("permits")
+            .description("Does work of its own under permits borrowed from the core")
+            .required("count", "How many pieces of work, each under a permit")
+            .optional("ms", "How long each takes")
+            .optional("group", "The probe group they count in")
+            .output("group_peak", "The most run at once")
+            .uses_scheduler(true)
+    }
+
+    async fn create(
+        &self,
+        op: &Operation,
+        inputs: PermitsIn,
+    ) -> Result<PermitsOut, OperationError> {
+        let work = (0..inputs.count).map(|_| async {
+            let permit = op.permit().await?;
+            let running = Running::enter(&inputs.group);
+            tokio::time::sleep(Duration::from_millis(inputs.ms)).await;
+            let peak = running.group_peak();
+            drop(running);
+            permit.release().await?;
+            Ok::<u64, OperationError>(peak)
+        });
+        let mut group_peak = 0;
+        for peak in futures::future::join_all(work).await {
+            group_peak = group_peak.max(peak?);
+        }
+        Ok(PermitsOut { group_peak })
+    }
+}
+
 // ---- big / corrupt -------------------------------------------------------------------------
 
 struct Big;
@@ -656,6 +838,8 @@ fn main() -> ExitCode {
         .resource(Big)
         .resource(Corrupt)
         .resource(Probe)
+        .resource(Fanout)
+        .resource(Permits)
         .cancel_grace(Duration::from_secs(2));
     if let Some(n) = args.max_concurrency {
         provider = provider.max_concurrency(n);

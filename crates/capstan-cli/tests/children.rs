@@ -1,0 +1,283 @@
+//! Work handed back to the scheduler by providers, end to end: real `capstan` processes, the
+//! testing provider as a real process over a real socket. A `fanout` resource submits child
+//! resources through its operation's `Scheduler` capability; a `permits` resource borrows
+//! `--jobs` slots for work of its own.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{capstan_bin, testing_provider};
+
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new(resources: Value) -> Self {
+        let project = Project {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        project.write(resources, json!({}));
+        project
+    }
+
+    fn write(&self, resources: Value, provider: Value) {
+        let mut declaration = json!({"executable": testing_provider()});
+        if let (Some(d), Some(extra)) = (declaration.as_object_mut(), provider.as_object()) {
+            d.extend(extra.clone());
+        }
+        let deployment = json!({"providers": {"t": declaration}, "resources": resources});
+        std::fs::write(
+            self.dir.path().join("capstan.json"),
+            serde_json::to_string_pretty(&deployment).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// Runs with `--json` (and a deadline: a hang fails the test instead of blocking it).
+    fn json(&self, args: &[&str]) -> (Option<i32>, Vec<Value>) {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let child = Command::new(capstan_bin())
+            .args(&all)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let watchdog = std::thread::spawn(move || {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(100));
+                // SAFETY: signal 0 only checks the process exists.
+                if unsafe { libc::kill(pid as i32, 0) } != 0 {
+                    return false;
+                }
+            }
+            // SAFETY: plain kill of our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            true
+        });
+        let out: Output = child.wait_with_output().unwrap();
+        assert!(
+            !watchdog.join().unwrap(),
+            "capstan {all:?} hung (killed after 60 s)"
+        );
+        (out.status.code(), support::events(&out.stdout))
+    }
+
+    fn state(&self) -> Value {
+        let out = Command::new(capstan_bin())
+            .args(["state", "list", "--json"])
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "state list --json: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == kind).collect()
+}
+
+fn summary(events: &[Value]) -> Value {
+    of_type(events, "summary")
+        .last()
+        .map(|e| (*e).clone())
+        .expect("a summary")
+}
+
+fn addresses(state: &Value) -> Vec<String> {
+    let list = state
+        .as_array()
+        .or_else(|| state["resources"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    let mut names: Vec<String> = list
+        .iter()
+        .filter_map(|r| r["address"].as_str().map(String::from))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_parent_runs_its_children_through_the_scheduler_and_they_are_recorded_under_it() {
+    let project = Project::new(json!({
+        "fleet": {"provider": "t", "type": "fanout", "inputs": {"count": 4, "inputs": {"ms": 20, "group": "kids"}}}
+    }));
+    let (code, events) = project.json(&["apply", "--jobs", "8"]);
+    assert_eq!(code, Some(0), "{events:#?}");
+    let counts = &summary(&events);
+    assert_eq!(counts["created"], 5, "{counts}");
+    // Children show in the event stream like any resource, under their parent.
+    let started: Vec<&str> = of_type(&events, "resource_start")
+        .iter()
+        .filter_map(|e| e["address"].as_str())
+        .collect();
+    for n in 0..4 {
+        assert!(
+            started.contains(&format!("fleet/c{n}").as_str()),
+            "{started:?}"
+        );
+    }
+    // The parent saw each child's outputs.
+    let parent = of_type(&events, "resource_complete")
+        .into_iter()
+        .find(|e| e["address"] == "fleet")
+        .expect("fleet completed");
+    let children = parent["outputs"]["children"].as_array().unwrap();
+    assert_eq!(children.len(), 4);
+    assert_eq!(children[2]["value"], 2);
+    assert_eq!(
+        addresses(&project.state()),
+        ["fleet", "fleet/c0", "fleet/c1", "fleet/c2", "fleet/c3"]
+    );
+
+    // Unchanged parent: nothing runs, the children stay.
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0));
+    let counts = &summary(&events);
+    assert_eq!(
+        (counts["created"].clone(), counts["deleted"].clone()),
+        (json!(0), json!(0))
+    );
+    assert_eq!(addresses(&project.state()).len(), 5);
+
+    // Asked again with the same inputs (the parent updates), a child is left as recorded.
+    project.write(
+        json!({"fleet": {"provider": "t", "type": "fanout", "inputs": {"count": 4, "inputs": {"ms": 20, "group": "kids"}, "tolerate": true}}}),
+        json!({}),
+    );
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0), "{events:#?}");
+    let counts = &summary(&events);
+    assert_eq!(counts["updated"], 1, "{counts}");
+    assert_eq!(counts["unchanged"], 4, "{counts}");
+
+    // Removing the parent deletes its children first.
+    project.write(json!({}), json!({}));
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0), "{events:#?}");
+    assert_eq!(summary(&events)["deleted"], 5);
+    let deleted: Vec<&str> = of_type(&events, "resource_complete")
+        .iter()
+        .filter_map(|e| e["address"].as_str())
+        .collect();
+    assert_eq!(deleted.last(), Some(&"fleet"), "{deleted:?}");
+    assert!(addresses(&project.state()).is_empty());
+}
+
+#[test]
+fn with_one_job_a_parent_waiting_on_its_children_still_finishes() {
+    let project = Project::new(json!({
+        "fleet": {"provider": "t", "type": "fanout", "inputs": {"count": 3, "inputs": {"ms": 10}}},
+        "other": {"provider": "t", "type": "probe", "inputs": {"ms": 10}}
+    }));
+    let (code, events) = project.json(&["apply", "--jobs", "1"]);
+    assert_eq!(code, Some(0), "{events:#?}");
+    assert_eq!(summary(&events)["created"], 5);
+}
+
+#[test]
+fn a_failed_child_is_reported_to_its_parent_which_decides() {
+    let project = Project::new(json!({
+        "strict": {"provider": "t", "type": "fanout", "inputs": {"count": 3, "fail": [1]}},
+        "lenient": {"provider": "t", "type": "fanout", "inputs": {"count": 3, "fail": [0], "tolerate": true}}
+    }));
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(1));
+    let failed: Vec<String> = of_type(&events, "resource_failed")
+        .iter()
+        .map(|e| format!("{} {}", e["address"].as_str().unwrap(), e["error"]))
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|f| f.starts_with("strict ") && f.contains("child c1 failed")),
+        "{failed:#?}"
+    );
+    assert!(
+        failed.iter().any(|f| f.starts_with("strict/c1 ")),
+        "{failed:#?}"
+    );
+    assert!(
+        !failed.iter().any(|f| f.starts_with("lenient ")),
+        "{failed:#?}"
+    );
+    let lenient = of_type(&events, "resource_complete")
+        .into_iter()
+        .find(|e| e["address"] == "lenient")
+        .expect("lenient completed");
+    assert_eq!(lenient["outputs"]["failed"], 1);
+    // The children that succeeded are recorded, under either parent.
+    let state = addresses(&project.state());
+    for kept in [
+        "strict/c0",
+        "strict/c2",
+        "lenient",
+        "lenient/c1",
+        "lenient/c2",
+    ] {
+        assert!(state.contains(&kept.to_string()), "{state:?}");
+    }
+}
+
+#[test]
+fn children_are_cancelled_when_their_parent_is() {
+    // The parent times out while its children sleep: they are cancelled with it, and the run
+    // ends long before they would have.
+    let project = Project::new(json!({
+        "fleet": {"provider": "t", "type": "fanout", "inputs": {"count": 2, "type": "sleep", "index": "", "inputs": {"ms": 20000}}}
+    }));
+    project.write(
+        json!({"fleet": {"provider": "t", "type": "fanout", "inputs": {"count": 2, "type": "sleep", "index": "", "inputs": {"ms": 20000}}}}),
+        json!({"timeout": 1}),
+    );
+    let start = Instant::now();
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(1), "{events:#?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
+    let failed: Vec<String> = of_type(&events, "resource_failed")
+        .iter()
+        .map(|e| format!("{} {}", e["address"].as_str().unwrap(), e["error"]))
+        .collect();
+    for n in 0..2 {
+        assert!(
+            failed
+                .iter()
+                .any(|f| f.starts_with(&format!("fleet/c{n} ")) && f.contains("cancelled")),
+            "{failed:#?}"
+        );
+    }
+}
+
+#[test]
+fn permits_bound_a_providers_own_work_by_jobs_and_never_deadlock() {
+    for (jobs, peak) in [("2", 2), ("1", 1)] {
+        let project = Project::new(json!({
+            "work": {"provider": "t", "type": "permits", "inputs": {"count": 5, "ms": 50, "group": "w"}}
+        }));
+        let (code, events) = project.json(&["apply", "--jobs", jobs]);
+        assert_eq!(code, Some(0), "{events:#?}");
+        let done = of_type(&events, "resource_complete")
+            .into_iter()
+            .find(|e| e["address"] == "work")
+            .expect("work completed");
+        assert_eq!(done["outputs"]["group_peak"], peak, "--jobs {jobs}");
+    }
+}
