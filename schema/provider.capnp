@@ -205,7 +205,9 @@ interface Scheduler {
   # Waits for one of the run's `--jobs` slots and lends it to the provider, so work it runs
   # internally (builds, machines) counts against the deployment's limit. The operation's own
   # job is lent to its first permit at a time, so asking never deadlocks. The slot comes back
-  # on `release`, when the `Permit` is dropped, or when the connection closes.
+  # on `release`, when the `Permit` is dropped, or when the connection closes. Do not hold a
+  # permit while waiting on a child: the child may need that very slot (with `--jobs 1` it
+  # does), and the operation then waits until its timeout.
 }
 
 struct ChildRequest {

@@ -7,6 +7,9 @@ It proves the contract is usable from another implementation: the socket-activat
 outputs, and the flow-controlled progress stream.
 
 Resource type `greeting`: input `name` (required), `shout` (optional); output `text`.
+Resource type `team`: input `names` (a list); greets each name through a child `greeting`
+submitted to the core's scheduler (`OperationRequest.scheduler`, `Scheduler.child`), after
+work of its own under a permit (`Scheduler.permit`); output `texts`.
 Run it through capstan:  capstan provider call --type greeting --inputs '{"name": "Ada"}' -- python3 provider.py
 """
 import asyncio
@@ -43,7 +46,7 @@ class Greeter(provider_capnp.Provider.Server):
         info.minProtocol = PROTOCOL
         info.maxProtocol = PROTOCOL
         info.protocol = PROTOCOL if core.minProtocol <= PROTOCOL <= core.maxProtocol else 0
-        types = info.init("resourceTypes", 1)
+        types = info.init("resourceTypes", 2)
         greeting = types[0]
         greeting.name = "greeting"
         greeting.description = "A greeting, composed in Python"
@@ -52,6 +55,14 @@ class Greeter(provider_capnp.Provider.Server):
         inputs[1].name, inputs[1].required = "shout", False
         outputs = greeting.init("outputs", 1)
         outputs[0].name = "text"
+        team = types[1]
+        team.name = "team"
+        team.description = "Greets everyone, each as a child resource"
+        team.usesScheduler = True
+        team_inputs = team.init("inputs", 1)
+        team_inputs[0].name, team_inputs[0].required = "names", True
+        team_outputs = team.init("outputs", 1)
+        team_outputs[0].name = "texts"
         info.maxConcurrency = 4
 
     async def _report(self, sink, items):
@@ -101,11 +112,51 @@ class Greeter(provider_capnp.Provider.Server):
         log("composed %r for %s" % (text, request.address))
         result.init("success").outputs = json.dumps({"text": text})
 
+    async def _child(self, scheduler, name):
+        call = scheduler.child_request()
+        child = call.init("request")
+        child.name = name
+        child.provider = ""
+        child.resourceType = "greeting"
+        child.inputs = json.dumps({"name": name})
+        response = await call.send()
+        result = response.result
+        if result.which() == "success":
+            return json.loads(result.success.outputs)["text"]
+        raise RuntimeError("child %s failed: %s" % (name, result.failure.message))
+
+    async def _team(self, request, _context):
+        result = _context.results.init("result")
+        names = json.loads(request.inputs).get("names", [])
+        scheduler = request.scheduler
+        # Work of our own (checking the names) under a permit, so it counts against the
+        # deployment's --jobs; released before waiting on children, which may need that slot.
+        permit = (await scheduler.permit_request().send()).permit
+        try:
+            names = [str(n) for n in names]
+            await asyncio.sleep(0.01)
+        finally:
+            await permit.release_request().send()
+        try:
+            texts = await asyncio.gather(*(self._child(scheduler, n) for n in names))
+        except RuntimeError as e:
+            failure = result.init("failure")
+            failure.kind, failure.message = "permanent", str(e)
+            return
+        await request.progress.finish()
+        result.init("success").outputs = json.dumps({"texts": list(texts)})
+
     async def create(self, request, _context, **kwargs):
-        await self._operate(request, _context)
+        if request.resourceType == "team":
+            await self._team(request, _context)
+        else:
+            await self._operate(request, _context)
 
     async def update(self, request, _context, **kwargs):
-        await self._operate(request, _context)
+        if request.resourceType == "team":
+            await self._team(request, _context)
+        else:
+            await self._operate(request, _context)
 
     async def read(self, request, _context, **kwargs):
         _context.results.init("result").init("success").outputs = request.previousOutputs

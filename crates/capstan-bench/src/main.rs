@@ -1205,6 +1205,65 @@ fn v0_bench(json_output: bool, quick: bool) {
     }
 }
 
+// ---- children: work handed back through the scheduler ----------------------------------------
+
+/// `count` no-op resources made as children of one `fanout` resource (submitted through its
+/// operation's `Scheduler` while it runs) vs. the same declared directly, interleaved rounds,
+/// each apply in a fresh child process with durable state.
+fn children_bench(json_output: bool, quick: bool) {
+    let count = if quick { 1_000 } else { 10_000 };
+    let jobs = 64;
+    let provider = json!({"t": {"executable": testing_provider()}});
+    let direct: serde_json::Map<String, serde_json::Value> = (0..count)
+        .map(|i| {
+            (
+                format!("r{i}"),
+                json!({"provider": "t", "type": "noop", "inputs": {"value": i}}),
+            )
+        })
+        .collect();
+    let direct = json!({"providers": provider, "resources": direct});
+    let fanout = json!({"providers": provider, "resources": {
+        "fleet": {"provider": "t", "type": "fanout", "inputs": {"count": count, "type": "noop"}}
+    }});
+    let rounds = if quick { 1 } else { 5 };
+    let (mut direct_rates, mut child_rates) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        direct_rates.push(apply_in_child(&direct, count, jobs));
+        // The parent and its children are all created; count the children.
+        let rate = apply_in_child(&fanout, count + 1, jobs);
+        child_rates.push(rate * count as f64 / (count + 1) as f64);
+    }
+    let (direct, children) = (median(direct_rates), median(child_rates));
+    let figures = json!({
+        "children": count,
+        "jobs": jobs,
+        "children_per_s": children,
+        "direct_resources_per_s": direct,
+        "children_vs_direct_ratio": children / direct,
+        "rounds": rounds,
+    });
+    if json_output {
+        println!("{figures}");
+        return;
+    }
+    println!(
+        "{:<58} {:>14}   goal",
+        format!("measure ({count} no-op resources, --jobs {jobs})"),
+        "figure"
+    );
+    println!("{:<58} {:>12.0}/s", "declared directly", direct);
+    println!(
+        "{:<58} {:>12.0}/s",
+        "children of one resource, through its Scheduler", children
+    );
+    println!(
+        "{:<58} {:>13.2}   ≥ 0.5",
+        "children / direct",
+        children / direct
+    );
+}
+
 /// Capstan's benchmarks: each figure beside a baseline measured in the same run.
 /// Build first: cargo build --release
 #[derive(clap::Parser)]
@@ -1242,6 +1301,9 @@ enum Bench {
     /// 2,000 no-ops through a long-lived Cap'n Proto provider vs. NixOps4's one process per
     /// operation.
     V0(Report),
+    /// 10,000 no-op children submitted by one resource through its Scheduler vs. the same
+    /// declared directly (median round of 5 interleaved).
+    Children(Report),
     /// One apply of FILE (SIZE resources, JOBS at once), for `apply`'s rounds.
     #[command(name = "apply-child", hide = true)]
     ApplyChild {
@@ -1273,6 +1335,7 @@ fn main() -> ExitCode {
         Bench::Rpc(report) => rpc(report.json, report.quick),
         Bench::Apply { report, million } => apply_bench(report.json, report.quick, million),
         Bench::V0(report) => v0_bench(report.json, report.quick),
+        Bench::Children(report) => children_bench(report.json, report.quick),
         Bench::ApplyChild { file, size, jobs } => apply_child(file, size, jobs),
         Bench::RawEcho { path } => raw_echo_child(&path),
         Bench::BareCaller { path, calls, mode } => bare_caller(&path, calls, &mode),

@@ -151,3 +151,12 @@ fn rpc_reports_every_figure_beside_its_same_run_baseline() {
     let mean = positive(&figures, "progress_batch_mean");
     assert!(batches > 1.0 && mean > 1.0, "{batches} batches of {mean}");
 }
+
+#[test]
+fn children_reports_children_beside_the_same_resources_declared() {
+    let figures = bench_json(&["children", "--quick", "--json"]);
+    let ratio = positive(&figures, "children_vs_direct_ratio");
+    let children = positive(&figures, "children_per_s");
+    let direct = positive(&figures, "direct_resources_per_s");
+    assert!((ratio - children / direct).abs() < 1e-9 * ratio.max(1.0));
+}

@@ -145,3 +145,54 @@ fn capstan_applies_resources_of_a_python_provider_with_its_progress() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("`greeting` has no input `nam`; its inputs: name, shout"));
 }
+
+#[test]
+fn a_python_provider_hands_children_and_permits_back_to_the_scheduler() {
+    let Some(python) = python_with_pycapnp() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let deployment = json!({
+        "providers": {"py": {"executable": python.display().to_string(), "args": [provider_script()]}},
+        "resources": {"crew": {"provider": "py", "type": "team", "inputs": {"names": ["Ada", "Grace", "Linus"]}}}
+    });
+    std::fs::write(dir.path().join("capstan.json"), deployment.to_string()).unwrap();
+    // One job: the team holds it (and a permit on top), its children borrow it in turn.
+    let out = Command::new(capstan_bin())
+        .args(["apply", "--json", "--jobs", "1"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = support::events(&out.stdout);
+    let crew = events
+        .iter()
+        .find(|e| e["type"] == "resource_complete" && e["address"] == "crew")
+        .expect("crew completed");
+    assert_eq!(
+        crew["outputs"]["texts"],
+        json!(["Hello, Ada!", "Hello, Grace!", "Hello, Linus!"])
+    );
+    for name in ["Ada", "Grace", "Linus"] {
+        let address = format!("crew/{name}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e["type"] == "resource_complete" && e["address"] == address.as_str()),
+            "{address}: {events:?}"
+        );
+    }
+    let state = Command::new(capstan_bin())
+        .args(["state", "list", "--json"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&state.stdout);
+    assert!(listed.contains("crew/Grace"), "{listed}");
+}

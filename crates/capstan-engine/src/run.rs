@@ -520,6 +520,7 @@ pub async fn run(
         ops: FastMap::default(),
         kids: FastMap::default(),
         aborts: FastMap::default(),
+        permits_of: FastMap::default(),
         child_addresses: Default::default(),
         asks,
         changes,
@@ -749,6 +750,8 @@ struct Driver<'a> {
     kids: FastMap<NodeId, Kid>,
     /// How to drop a child's work when its parent ends without it.
     aborts: FastMap<NodeId, futures::future::AbortHandle>,
+    /// The permits each operation asked for (given back when it answers, at the latest).
+    permits_of: FastMap<NodeId, Vec<NodeId>>,
     /// Every child address of this run, so a name is used once.
     child_addresses: std::collections::HashSet<String>,
     asks: Asks,
@@ -833,6 +836,7 @@ impl Driver<'_> {
                 });
                 debug_assert_eq!(i + 1, self.changes.len());
                 self.kids.insert(i, Kid::Permit { reply: Some(reply) });
+                self.permits_of.entry(parent).or_default().push(i);
             }
             Ask::Release(i) => self.release_permit(i),
         }
@@ -1135,17 +1139,8 @@ impl Driver<'_> {
             Done::Answered(i, result, elapsed) => {
                 obey(self.scheduler.answered(i, result.is_ok()));
                 // Permits are lent to an operation while it runs.
-                if !self.kids.is_empty() {
-                    let held: Vec<NodeId> = self
-                        .kids
-                        .iter()
-                        .filter(|(k, kid)| {
-                            matches!(kid, Kid::Permit { .. })
-                                && self.scheduler.parent(**k) == Some(i)
-                        })
-                        .map(|(k, _)| *k)
-                        .collect();
-                    for k in held {
+                if let Some(permits) = self.permits_of.remove(&i) {
+                    for k in permits {
                         self.release_permit(k);
                     }
                 }

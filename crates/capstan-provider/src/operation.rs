@@ -143,7 +143,8 @@ impl Operation {
     /// Borrows one of the run's `--jobs` slots for work this provider runs itself (a build, a
     /// machine), waiting until one is free: the deployment's limit then bounds that work too.
     /// The operation's own slot is lent to its first permit at a time, so this never waits on
-    /// itself. Dropping the permit gives the slot back.
+    /// itself. Dropping the permit gives the slot back. Do not hold one while waiting on a
+    /// [`child`](Self::child): the child may need that very slot.
     pub async fn permit(&self) -> Result<Permit, OperationError> {
         let response = self
             .scheduler()?
