@@ -165,11 +165,29 @@ fn a_parent_runs_its_children_through_the_scheduler_and_they_are_recorded_under_
     assert_eq!(counts["updated"], 1, "{counts}");
     assert_eq!(counts["unchanged"], 4, "{counts}");
 
+    // Made again asking for fewer: the children not asked for are deleted.
+    project.write(
+        json!({"fleet": {"provider": "t", "type": "fanout", "inputs": {"count": 2, "inputs": {"ms": 20, "group": "kids"}}}}),
+        json!({}),
+    );
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0), "{events:#?}");
+    let counts = &summary(&events);
+    assert_eq!(
+        (counts["updated"].clone(), counts["deleted"].clone()),
+        (json!(1), json!(2)),
+        "{counts}"
+    );
+    assert_eq!(
+        addresses(&project.state()),
+        ["fleet", "fleet/c0", "fleet/c1"]
+    );
+
     // Removing the parent deletes its children first.
     project.write(json!({}), json!({}));
     let (code, events) = project.json(&["apply"]);
     assert_eq!(code, Some(0), "{events:#?}");
-    assert_eq!(summary(&events)["deleted"], 5);
+    assert_eq!(summary(&events)["deleted"], 3);
     let deleted: Vec<&str> = of_type(&events, "resource_complete")
         .iter()
         .filter_map(|e| e["address"].as_str())
@@ -279,5 +297,40 @@ fn permits_bound_a_providers_own_work_by_jobs_and_never_deadlock() {
             .find(|e| e["address"] == "work")
             .expect("work completed");
         assert_eq!(done["outputs"]["group_peak"], peak, "--jobs {jobs}");
+    }
+}
+
+#[test]
+fn a_crash_mid_way_keeps_the_childrens_state_and_gives_permits_back() {
+    let project = Project::new(json!({}));
+    let provider = json!({"executable": testing_provider()});
+    let deployment = json!({
+        "providers": {"t": provider, "u": provider, "v": provider},
+        "resources": {
+            // Children on `u`; the parent's own provider `t` dies once they are done.
+            "fleet": {"provider": "t", "type": "fanout", "inputs": {"count": 3, "provider": "u", "crash": true}},
+            // `v` dies holding a permit (on the only job): it must come back for `after`.
+            "work": {"provider": "v", "type": "permits", "inputs": {"count": 1, "crash": true}},
+            "after": {"provider": "u", "type": "probe", "inputs": {}}
+        }
+    });
+    std::fs::write(
+        project.dir.path().join("capstan.json"),
+        serde_json::to_string_pretty(&deployment).unwrap(),
+    )
+    .unwrap();
+    let (code, events) = project.json(&["apply", "--jobs", "1"]);
+    assert_eq!(code, Some(1), "{events:#?}");
+    let failed: Vec<&str> = of_type(&events, "resource_failed")
+        .iter()
+        .filter_map(|e| e["address"].as_str())
+        .collect();
+    assert!(
+        failed.contains(&"fleet") && failed.contains(&"work"),
+        "{failed:?}"
+    );
+    let state = addresses(&project.state());
+    for kept in ["fleet/c0", "fleet/c1", "fleet/c2", "after"] {
+        assert!(state.contains(&kept.to_string()), "{kept}: {state:?}");
     }
 }

@@ -17,8 +17,14 @@ fn skip_or_fail(message: &str) {
     eprintln!("\n=== SKIPPED: {message} ===\n");
 }
 
-/// A virtualenv with pycapnp, made once per target directory.
+/// A virtualenv with pycapnp, made once per target directory (and once per test process:
+/// the tests here run in parallel, and two `venv`s into one directory fail).
 fn python_with_pycapnp() -> Option<PathBuf> {
+    static VENV: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    VENV.get_or_init(make_venv).clone()
+}
+
+fn make_venv() -> Option<PathBuf> {
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-venv");
     let python = venv.join("bin/python");
     let ready = venv.join(".pycapnp-installed");

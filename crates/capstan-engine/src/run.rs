@@ -520,6 +520,7 @@ pub async fn run(
         ops: FastMap::default(),
         kids: FastMap::default(),
         aborts: FastMap::default(),
+        recorded_children: recorded_children(state),
         permits_of: FastMap::default(),
         child_addresses: Default::default(),
         asks,
@@ -750,6 +751,9 @@ struct Driver<'a> {
     kids: FastMap<NodeId, Kid>,
     /// How to drop a child's work when its parent ends without it.
     aborts: FastMap<NodeId, futures::future::AbortHandle>,
+    /// The children recorded in the state, by parent address (those not asked for again
+    /// when their parent is made anew are deleted).
+    recorded_children: FastMap<String, Vec<String>>,
     /// The permits each operation asked for (given back when it answers, at the latest).
     permits_of: FastMap<NodeId, Vec<NodeId>>,
     /// Every child address of this run, so a name is used once.
@@ -938,6 +942,54 @@ impl Driver<'_> {
         });
         debug_assert_eq!(i + 1, self.changes.len());
         Ok(i)
+    }
+
+    /// After `parent` was made again: the children it had that it did not ask for this time
+    /// (and theirs) are deleted, each before its parent — added to the run as it goes on.
+    fn delete_stale_children(&mut self, parent: &str) {
+        let mut stale = Vec::new();
+        let mut stack: Vec<String> = self
+            .recorded_children
+            .get(parent)
+            .into_iter()
+            .flatten()
+            .filter(|c| !self.child_addresses.contains(*c))
+            .cloned()
+            .collect();
+        while let Some(address) = stack.pop() {
+            if let Some(theirs) = self.recorded_children.get(&address) {
+                stack.extend(theirs.iter().cloned());
+            }
+            stale.push(address);
+        }
+        let mut node_of = FastMap::default();
+        for address in &stale {
+            let Some(recorded) = self.state.resources.get(address) else {
+                continue;
+            };
+            let Ok(i) = self.scheduler.add(&[]) else {
+                continue;
+            };
+            let change = PlannedChange {
+                provider: recorded.provider.clone(),
+                resource_type: recorded.resource_type.clone(),
+                interrupted: self.state.pending.get(address).map(|p| p.operation),
+                ..planned(address.clone(), Action::Delete)
+            };
+            self.push_node(change);
+            node_of.insert(address.clone(), i);
+        }
+        for address in &stale {
+            let parent_node = self
+                .state
+                .resources
+                .get(address)
+                .and_then(|r| r.parent.as_ref())
+                .and_then(|p| node_of.get(p));
+            if let (Some(&waits), Some(&child)) = (parent_node, node_of.get(address)) {
+                obey(self.scheduler.depend(waits, child));
+            }
+        }
     }
 
     /// A child prepared: unchanged (its parent gets what is recorded), or an operation.
@@ -1206,6 +1258,10 @@ impl Driver<'_> {
                         .get(&address)
                         .map(|r| r.outputs.clone());
                     self.settle_kid(i, Ok(outputs.unwrap_or_else(Json::empty_object)));
+                }
+                let made = matches!(counted, Action::Create | Action::Update);
+                if made && self.recorded_children.contains_key(&address) {
+                    self.delete_stale_children(&address);
                 }
                 if !handles.is_empty() {
                     self.handles.insert(address, handles);
@@ -1655,6 +1711,20 @@ impl Driver<'_> {
             }
         }
     }
+}
+
+/// The children recorded in `state`, by parent address.
+fn recorded_children(state: &State) -> FastMap<String, Vec<String>> {
+    let mut children: FastMap<String, Vec<String>> = FastMap::default();
+    for (address, r) in &state.resources {
+        if let Some(parent) = &r.parent {
+            children
+                .entry(parent.clone())
+                .or_default()
+                .push(address.clone());
+        }
+    }
+    children
 }
 
 /// A change with nothing but its address and action (the rest to fill in).

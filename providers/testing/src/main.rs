@@ -540,6 +540,9 @@ struct FanoutIn {
     /// The child input that gets the child's index (`""`: none).
     #[serde(default = "value_key")]
     index: String,
+    /// End the provider process once the children are done (a crash mid-way).
+    #[serde(default)]
+    crash: bool,
 }
 
 fn probe_type() -> String {
@@ -582,11 +585,12 @@ async fn fan_out(op: &Operation, inputs: &FanoutIn) -> Result<FanoutOut, Operati
         failed: 0,
     };
     let mut first_error = None;
-    for (n, result) in futures::future::join_all(children)
-        .await
-        .into_iter()
-        .enumerate()
-    {
+    let results = futures::future::join_all(children).await;
+    if inputs.crash {
+        eprintln!("testing provider: crashing after the children, as asked");
+        std::process::exit(3);
+    }
+    for (n, result) in results.into_iter().enumerate() {
         match result {
             Ok(outputs) => out.children.push(outputs),
             Err(e) => {
@@ -622,6 +626,10 @@ impl Resource for Fanout {
                 "index",
                 "The child input set to its index (default `value`; \"\": none)",
             )
+            .optional(
+                "crash",
+                "End the provider process once the children are done",
+            )
             .output("children", "Each child's outputs, or its error")
             .output("failed", "How many children failed")
             .stateful(true)
@@ -652,6 +660,9 @@ struct PermitsIn {
     ms: u64,
     #[serde(default)]
     group: String,
+    /// End the provider process while holding the permits.
+    #[serde(default)]
+    crash: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -670,6 +681,10 @@ impl Resource for Permits {
             .required("count", "How many pieces of work, each under a permit")
             .optional("ms", "How long each takes")
             .optional("group", "The probe group they count in")
+            .optional(
+                "crash",
+                "End the provider process while holding the permits",
+            )
             .output("group_peak", "The most run at once")
             .uses_scheduler(true)
     }
@@ -679,6 +694,14 @@ impl Resource for Permits {
         op: &Operation,
         inputs: PermitsIn,
     ) -> Result<PermitsOut, OperationError> {
+        if inputs.crash {
+            let mut held = Vec::new();
+            for _ in 0..inputs.count {
+                held.push(op.permit().await?);
+            }
+            eprintln!("testing provider: crashing while holding permits, as asked");
+            std::process::exit(3);
+        }
         let work = (0..inputs.count).map(|_| async {
             let permit = op.permit().await?;
             let running = Running::enter(&inputs.group);
