@@ -334,3 +334,23 @@ fn a_crash_mid_way_keeps_the_childrens_state_and_gives_permits_back() {
         assert!(state.contains(&kept.to_string()), "{kept}: {state:?}");
     }
 }
+
+#[test]
+fn a_child_may_not_take_the_address_of_a_declared_resource() {
+    let project = Project::new(json!({
+        "a": {"provider": "t", "type": "fanout", "inputs": {"count": 1}},
+        "a/c0": {"provider": "t", "type": "probe", "inputs": {}}
+    }));
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(1), "{events:#?}");
+    let failed: Vec<String> = of_type(&events, "resource_failed")
+        .iter()
+        .map(|e| format!("{} {}", e["address"].as_str().unwrap(), e["error"]))
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|f| f.starts_with("a ") && f.contains("has this address")),
+        "{failed:#?}"
+    );
+}

@@ -520,6 +520,7 @@ pub async fn run(
         ops: FastMap::default(),
         kids: FastMap::default(),
         aborts: FastMap::default(),
+        pending_settles: Vec::new(),
         recorded_children: recorded_children(state),
         permits_of: FastMap::default(),
         child_addresses: Default::default(),
@@ -754,6 +755,8 @@ struct Driver<'a> {
     /// The children recorded in the state, by parent address (those not asked for again
     /// when their parent is made anew are deleted).
     recorded_children: FastMap<String, Vec<String>>,
+    /// Settling records for cancelled children, handed to the loop's work set.
+    pending_settles: Vec<LocalBoxFuture<'static, Option<Done>>>,
     /// The permits each operation asked for (given back when it answers, at the latest).
     permits_of: FastMap<NodeId, Vec<NodeId>>,
     /// Every child address of this run, so a name is used once.
@@ -915,6 +918,17 @@ impl Driver<'_> {
         if !inputs.text().trim_start().starts_with('{') {
             return invalid(format!("{address}: its inputs must be a JSON object"));
         }
+        let declared = self.deployment.resources.contains_key(&address)
+            || self
+                .state
+                .resources
+                .get(&address)
+                .is_some_and(|r| r.parent.as_deref() != Some(parent_address.as_str()));
+        if declared {
+            return invalid(format!(
+                "{address}: a resource of the deployment (or another parent's child) has this address; give the child another name"
+            ));
+        }
         if !self.child_addresses.insert(address.clone()) {
             return invalid(format!("{address}: asked for twice in this run"));
         }
@@ -1050,7 +1064,24 @@ impl Driver<'_> {
         if let Some(handle) = self.aborts.remove(&i) {
             handle.abort();
         }
-        self.ops.remove(&i);
+        let op = self.ops.remove(&i);
+        if let (Some(op), Phase::Recording | Phase::Recorded) = (&op, phase) {
+            if op.journaled() && !op.was_pending {
+                // Its intent is (or is about to be) durable, but it never reached its
+                // provider: settled, so the next run does not ask anyone to check it.
+                let settled = Record::Failed {
+                    address: self.changes[i].address.clone(),
+                    operation: op.operation,
+                    error: "cancelled with its parent before it was sent to its provider".into(),
+                };
+                let backend = self.backend.clone();
+                let work_done = async move {
+                    let _ = append_durably(&*backend, vec![settled]).await;
+                    None
+                };
+                self.pending_settles.push(work_done.boxed_local());
+            }
+        }
         if self.is_permit(i) {
             self.release_permit(i);
             return;
@@ -1181,7 +1212,10 @@ impl Driver<'_> {
                 });
             }
             Step::Skipped(i, skip) => self.report_skip(i, skip),
-            Step::Cancel(i) => self.cancel(i),
+            Step::Cancel(i) => {
+                self.cancel(i);
+                work.extend(self.pending_settles.drain(..));
+            }
         }
     }
 

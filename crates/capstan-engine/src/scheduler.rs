@@ -292,6 +292,11 @@ impl Scheduler {
         });
         self.unended += 1;
         self.children_of.entry(parent).or_default().push(id);
+        if let Some(stop) = self.stopped {
+            // Nothing new starts once the run stops: its parent hears so at once.
+            self.skip(id, Skip::Stopped(stop));
+            return Ok(id);
+        }
         // Ahead of the window (not in `ready`, which may hold thousands).
         self.ready_children.push_back(id);
         Ok(id)
@@ -369,6 +374,31 @@ impl Scheduler {
                 };
                 if stale {
                     continue;
+                }
+                if let Some(stop) = self.stopped {
+                    match step {
+                        // Queued (for a borrower) before the stop: not sent after it.
+                        Step::Record(id) => {
+                            self.release_permit(id);
+                            self.return_seat(id);
+                            self.outbox
+                                .push_back(Step::Skipped(id, Skip::NotSent(stop)));
+                            self.end_dispatched(id, End::Skipped(Skip::NotSent(stop)));
+                            continue;
+                        }
+                        Step::Call(id) => {
+                            self.nodes[id].state = NodeState::Dispatched(Phase::Recorded);
+                            if self.nodes[id].borrowing != 0 {
+                                self.return_seat(id);
+                            } else {
+                                self.jobs_used -= 1;
+                            }
+                            self.release_permit(id);
+                            self.outbox.push_back(Step::Settle(id, stop));
+                            continue;
+                        }
+                        _ => {}
+                    }
                 }
                 return Some(step);
             }
@@ -471,6 +501,25 @@ impl Scheduler {
         self.outbox.push_back(Step::Call(id));
     }
 
+    /// The limit whose permit `id`'s seat holds: its own, or (for a seat it borrowed whole)
+    /// its lender's.
+    fn seat_limit(&self, mut id: NodeId) -> u32 {
+        for _ in 0..self.nodes.len() {
+            let node = &self.nodes[id];
+            if node.borrowing != BORROWS_SEAT || node.lender == NO_NODE {
+                return node.limit;
+            }
+            id = node.lender as usize;
+        }
+        NO_LIMIT
+    }
+
+    /// `id`'s parent, if it is in its provider.
+    fn called_parent(&self, id: NodeId) -> Option<NodeId> {
+        let p = self.parent(id)?;
+        (self.nodes[p].state == NodeState::Dispatched(Phase::Called)).then_some(p)
+    }
+
     /// `id`'s parent, if it is in its provider with its seat not lent.
     fn free_seat_of_parent(&self, id: NodeId) -> Option<NodeId> {
         let p = self.parent(id)?;
@@ -506,7 +555,7 @@ impl Scheduler {
             return;
         }
         // A child queued for the parent's provider's permit: the whole seat.
-        let limit = self.nodes[p].limit;
+        let limit = self.seat_limit(p);
         let queue = match limit {
             NO_LIMIT => &mut self.unlimited,
             l => &mut self.limits[l as usize].queue,
@@ -587,7 +636,7 @@ impl Scheduler {
         node.limit = limit.map_or(NO_LIMIT, |l| l as u32);
         node.journaled = journaled;
         if let Some(p) = self.free_seat_of_parent(id) {
-            if self.nodes[p].limit == self.nodes[id].limit {
+            if self.seat_limit(p) == self.nodes[id].limit {
                 // Its parent's seat: no permit or job of its own.
                 self.nodes[id].limit = NO_LIMIT;
                 self.nodes[id].borrowing = BORROWS_SEAT;
@@ -597,6 +646,27 @@ impl Scheduler {
                     self.outbox.push_back(step);
                 }
                 return Ok(());
+            }
+        }
+        if let (Some(l), Some(_)) = (limit, self.called_parent(id)) {
+            if self.limits[l].used >= self.limits[l].max {
+                if let Some(pos) = self
+                    .recorded
+                    .iter()
+                    .position(|&n| self.nodes[n].limit == l as u32 && self.nodes[n].borrowing == 0)
+                {
+                    // That node's intent is durable and it only waits for a job, which the
+                    // child's parent may hold: the child takes its permit, and it queues for
+                    // the permit again, first in line, with no second intent.
+                    let x = self.recorded.remove(pos).expect("found");
+                    self.nodes[x].journaled = false;
+                    self.nodes[x].state = NodeState::Dispatched(Phase::Queued);
+                    self.limits[l].queue.push_front(x);
+                    if let Some(step) = self.permitted(id) {
+                        self.outbox.push_back(step);
+                    }
+                    return Ok(());
+                }
             }
         }
         match limit {
@@ -685,6 +755,10 @@ impl Scheduler {
             return;
         }
         self.stopped = Some(stop);
+        // Children not yet prepared: their parents hear at once that they will not run.
+        for c in std::mem::take(&mut self.ready_children) {
+            self.skip(c, Skip::Stopped(stop));
+        }
         let mut queued: Vec<NodeId> = self.unlimited.drain(..).collect();
         for limit in &mut self.limits {
             queued.extend(limit.queue.drain(..));

@@ -511,3 +511,77 @@ fn children_are_skipped_or_cancelled_when_their_parent_fails() {
     // Only a running node takes children.
     assert!(s.add_child(p).is_err());
 }
+
+#[test]
+fn a_child_asked_for_after_the_run_stopped_is_skipped_at_once() {
+    let mut s = Scheduler::new(2, 4, true);
+    let p = parent_called(&mut s);
+    let other = s.add(&[]).unwrap();
+    drain(&mut s);
+    s.queue(other, None, false).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Call(other)]);
+    s.answered(other, false).unwrap();
+    assert_eq!(s.stopped(), Some(Stop::FailFast));
+    // The parent still runs, but nothing new may start: its child is skipped, not left
+    // waiting for a dispatch that never comes.
+    let c = s.add_child(p).unwrap();
+    assert_eq!(
+        drain(&mut s),
+        vec![Step::Skipped(c, Skip::Stopped(Stop::FailFast))]
+    );
+}
+
+#[test]
+fn a_stop_skips_children_not_yet_prepared() {
+    let mut s = Scheduler::new(2, 4, false);
+    let p = parent_called(&mut s);
+    let c = s.add_child(p).unwrap();
+    s.stop(Stop::StateError);
+    assert_eq!(
+        drain(&mut s),
+        vec![Step::Skipped(c, Skip::Stopped(Stop::StateError))]
+    );
+}
+
+#[test]
+fn a_child_stuck_on_a_full_provider_takes_the_permit_of_a_node_waiting_for_a_job() {
+    // One job, held by the parent; `y` holds the only permit of `u` and waits for a job;
+    // the parent's child needs `u`. Without taking y's permit, each waits on another.
+    let mut s = Scheduler::new(1, 4, false);
+    s.set_limit("u", 1);
+    let p = s.add(&[]).unwrap();
+    let y = s.add(&[]).unwrap();
+    drain(&mut s);
+    call(&mut s, p, "t");
+    s.queue(y, Some("u"), true).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Record(y)]);
+    s.recorded(y).unwrap();
+    assert_eq!(s.state(y), Some(NodeState::Dispatched(Phase::Recorded)));
+    let c = s.add_child(p).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Prepare(c)]);
+    s.queue(c, Some("u"), false).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Call(c)]);
+    assert_eq!(s.permits_in_use("u"), 1);
+    s.answered(c, true).unwrap();
+    s.end(c, End::Succeeded).unwrap();
+    s.answered(p, true).unwrap();
+    s.end(p, End::Succeeded).unwrap();
+    // y gets the permit back and is called, with no second intent.
+    assert_eq!(drain(&mut s), vec![Step::Call(y)]);
+}
+
+#[test]
+fn a_grandchild_borrows_the_seat_its_parent_borrowed() {
+    let mut s = Scheduler::new(1, 1, false);
+    s.set_limit("t", 1);
+    let gp = parent_called(&mut s);
+    let c = s.add_child(gp).unwrap();
+    drain(&mut s);
+    s.queue(c, Some("t"), false).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Call(c)]);
+    let g = s.add_child(c).unwrap();
+    drain(&mut s);
+    s.queue(g, Some("t"), false).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Call(g)]);
+    assert_eq!((s.jobs_in_use(), s.permits_in_use("t")), (1, 1));
+}
