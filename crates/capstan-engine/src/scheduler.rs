@@ -138,6 +138,8 @@ struct Node {
     lender: u32,
     /// What it borrowed: `BORROWS_JOB` or `BORROWS_SEAT` (job and permit).
     borrowing: u8,
+    /// Its intent is durable (it may be queued again, having given its permit to a child).
+    intent_durable: bool,
 }
 
 const NO_NODE: u32 = u32::MAX;
@@ -247,6 +249,7 @@ impl Scheduler {
             lent_to: NO_NODE,
             lender: NO_NODE,
             borrowing: 0,
+            intent_durable: false,
         });
         self.unended += 1;
         for &d in dependencies {
@@ -289,6 +292,7 @@ impl Scheduler {
             lent_to: NO_NODE,
             lender: NO_NODE,
             borrowing: 0,
+            intent_durable: false,
         });
         self.unended += 1;
         self.children_of.entry(parent).or_default().push(id);
@@ -685,6 +689,7 @@ impl Scheduler {
     pub fn recorded(&mut self, id: NodeId) -> Result<(), Misuse> {
         self.expect(id, &[Phase::Recording], "recording")?;
         self.nodes[id].state = NodeState::Dispatched(Phase::Recorded);
+        self.nodes[id].intent_durable = true;
         match self.stopped {
             Some(stop) => {
                 self.release_permit(id);
@@ -765,6 +770,14 @@ impl Scheduler {
         }
         self.limits_to_grant.clear();
         for id in queued {
+            if self.nodes[id].intent_durable {
+                // Queued again after giving its permit to a child: its intent is durable.
+                // (Queued, it holds no permit: its limit only named the queue.)
+                self.nodes[id].limit = NO_LIMIT;
+                self.nodes[id].state = NodeState::Dispatched(Phase::Recorded);
+                self.outbox.push_back(Step::Settle(id, stop));
+                continue;
+            }
             // Reported before what ending it skips (its children).
             self.outbox
                 .push_back(Step::Skipped(id, Skip::NotSent(stop)));
@@ -797,8 +810,10 @@ impl Scheduler {
                     Phase::Called | Phase::Finishing => End::Interrupted,
                     _ => End::Skipped(Skip::NotSent(Stop::Interrupted)),
                 };
+                let durable = self.nodes[id].intent_durable && phase == Phase::Queued;
                 self.end_dispatched(id, end);
-                cut.push((id, phase));
+                // A node queued again with its intent durable is, for what to settle, recorded.
+                cut.push((id, if durable { Phase::Recorded } else { phase }));
             }
         }
         // Every dispatched child ended above: nothing to cancel.

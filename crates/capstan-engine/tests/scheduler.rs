@@ -585,3 +585,24 @@ fn a_grandchild_borrows_the_seat_its_parent_borrowed() {
     assert_eq!(drain(&mut s), vec![Step::Call(g)]);
     assert_eq!((s.jobs_in_use(), s.permits_in_use("t")), (1, 1));
 }
+
+#[test]
+fn a_node_that_gave_its_permit_to_a_child_is_settled_not_forgotten_on_a_stop() {
+    let mut s = Scheduler::new(1, 4, false);
+    s.set_limit("u", 1);
+    let p = s.add(&[]).unwrap();
+    let y = s.add(&[]).unwrap();
+    drain(&mut s);
+    call(&mut s, p, "t");
+    s.queue(y, Some("u"), true).unwrap();
+    drain(&mut s);
+    s.recorded(y).unwrap();
+    let c = s.add_child(p).unwrap();
+    drain(&mut s);
+    s.queue(c, Some("u"), false).unwrap();
+    assert_eq!(drain(&mut s), vec![Step::Call(c)]);
+    assert_eq!(s.state(y), Some(NodeState::Dispatched(Phase::Queued)));
+    s.stop(Stop::StateError);
+    // Its intent is durable: settled, not skipped as if never recorded.
+    assert_eq!(drain(&mut s), vec![Step::Settle(y, Stop::StateError)]);
+}
