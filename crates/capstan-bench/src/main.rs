@@ -182,6 +182,38 @@ impl progress_sink::Server for CountingSink {
     }
 }
 
+/// Serves `sink` as the bootstrap capability on `stream`, with plain `twoparty` (nothing of
+/// Capstan's), on this thread's local set.
+fn serve_sink(stream: tokio::net::UnixStream, sink: CountingSink) {
+    let (r, w) = stream.into_split();
+    let client: progress_sink::Client = capnp_rpc::new_client(sink);
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(r.compat()),
+        futures::io::BufWriter::new(w.compat_write()),
+        Side::Server,
+        Default::default(),
+    );
+    tokio::task::spawn_local(RpcSystem::new(Box::new(network), Some(client.client)));
+}
+
+/// The sink [`serve_sink`] offers at `path`, from another process.
+async fn connect_sink(path: &str) -> progress_sink::Client {
+    let stream = tokio::net::UnixStream::connect(path)
+        .await
+        .expect("connect");
+    let (r, w) = stream.into_split();
+    let network = twoparty::VatNetwork::new(
+        futures::io::BufReader::new(r.compat()),
+        futures::io::BufWriter::new(w.compat_write()),
+        Side::Client,
+        Default::default(),
+    );
+    let mut system = RpcSystem::new(Box::new(network), None);
+    let sink: progress_sink::Client = system.bootstrap(Side::Server);
+    tokio::task::spawn_local(system);
+    sink
+}
+
 /// Raw `-> stream` calls from a child process to a sink in this one, in `batches` (the
 /// sizes Capstan's pipeline sent, in order), so both send the same batches.
 fn raw_stream_events_per_s(batches: &[u64]) -> f64 {
@@ -210,16 +242,8 @@ fn raw_stream_events_per_s(batches: &[u64]) -> f64 {
             .spawn()
             .expect("spawn sender");
         let (stream, _) = listener.accept().await.expect("accept");
-        let (r, w) = stream.into_split();
         let count = Rc::new(Cell::new(0));
-        let sink: progress_sink::Client = capnp_rpc::new_client(CountingSink(count.clone()));
-        let network = twoparty::VatNetwork::new(
-            futures::io::BufReader::new(r.compat()),
-            futures::io::BufWriter::new(w.compat_write()),
-            Side::Server,
-            Default::default(),
-        );
-        tokio::task::spawn_local(RpcSystem::new(Box::new(network), Some(sink.client)));
+        serve_sink(stream, CountingSink(count.clone()));
         let output = child.wait_with_output().await.expect("sender output");
         let rate: f64 = String::from_utf8_lossy(&output.stdout)
             .trim()
@@ -238,19 +262,7 @@ fn raw_stream_sender(path: &str, batch_file: &Path) {
         .collect();
     let events: u64 = batches.iter().sum();
     let rate = local(async {
-        let stream = tokio::net::UnixStream::connect(path)
-            .await
-            .expect("connect");
-        let (r, w) = stream.into_split();
-        let network = twoparty::VatNetwork::new(
-            futures::io::BufReader::new(r.compat()),
-            futures::io::BufWriter::new(w.compat_write()),
-            Side::Client,
-            Default::default(),
-        );
-        let mut system = RpcSystem::new(Box::new(network), None);
-        let sink: progress_sink::Client = system.bootstrap(Side::Server);
-        tokio::task::spawn_local(system);
+        let sink = connect_sink(path).await;
         let start = Instant::now();
         let mut n = 0u64;
         for &size in &batches {
@@ -305,16 +317,7 @@ fn bare_capnp(calls: u32, inflight: bool) -> f64 {
         if let Some(pid) = child.id() {
             pin(pid, 0);
         }
-        let (r, w) = stream.into_split();
-        let sink: progress_sink::Client =
-            capnp_rpc::new_client(CountingSink(Rc::new(Cell::new(0))));
-        let network = twoparty::VatNetwork::new(
-            futures::io::BufReader::new(r.compat()),
-            futures::io::BufWriter::new(w.compat_write()),
-            Side::Server,
-            Default::default(),
-        );
-        tokio::task::spawn_local(RpcSystem::new(Box::new(network), Some(sink.client)));
+        serve_sink(stream, CountingSink(Rc::new(Cell::new(0))));
         let output = child.wait_with_output().await.expect("caller output");
         unpin();
         String::from_utf8_lossy(&output.stdout)
@@ -326,19 +329,7 @@ fn bare_capnp(calls: u32, inflight: bool) -> f64 {
 
 fn bare_caller(path: &str, calls: u32, mode: &str) {
     let figure = local(async {
-        let stream = tokio::net::UnixStream::connect(path)
-            .await
-            .expect("connect");
-        let (r, w) = stream.into_split();
-        let network = twoparty::VatNetwork::new(
-            futures::io::BufReader::new(r.compat()),
-            futures::io::BufWriter::new(w.compat_write()),
-            Side::Client,
-            Default::default(),
-        );
-        let mut system = RpcSystem::new(Box::new(network), None);
-        let sink: progress_sink::Client = system.bootstrap(Side::Server);
-        tokio::task::spawn_local(system);
+        let sink = connect_sink(path).await;
         for _ in 0..200 {
             sink.finish_request().send().promise.await.expect("finish");
         }

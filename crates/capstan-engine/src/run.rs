@@ -1030,17 +1030,7 @@ impl Driver<'_> {
         }
         let (operation, recorded) = match recorded {
             Some(r) => (OperationKind::Update, r),
-            None => (
-                OperationKind::Create,
-                ResourceState {
-                    provider: String::new(),
-                    resource_type: String::new(),
-                    inputs: Json::null(),
-                    outputs: Json::null(),
-                    dependencies: Vec::new(),
-                    parent: None,
-                },
-            ),
+            None => (OperationKind::Create, unrecorded()),
         };
         let desired = Desired {
             provider: change.provider.clone(),
@@ -1604,14 +1594,7 @@ impl Driver<'_> {
             (_, true, Some(recorded)) => (OperationKind::Read, recorded),
             (_, false, Some(recorded)) => (OperationKind::Update, recorded),
             (_, _, None) => {
-                empty = ResourceState {
-                    provider: String::new(),
-                    resource_type: String::new(),
-                    inputs: Json::null(),
-                    outputs: Json::null(),
-                    dependencies: Vec::new(),
-                    parent: None,
-                };
+                empty = unrecorded();
                 (OperationKind::Create, &empty)
             }
         };
@@ -1744,6 +1727,18 @@ impl Driver<'_> {
                 self.state.apply_owned(record);
             }
         }
+    }
+}
+
+/// What a create starts from: nothing recorded.
+fn unrecorded() -> ResourceState {
+    ResourceState {
+        provider: String::new(),
+        resource_type: String::new(),
+        inputs: Json::null(),
+        outputs: Json::null(),
+        dependencies: Vec::new(),
+        parent: None,
     }
 }
 

@@ -415,15 +415,22 @@ impl Scheduler {
         }
     }
 
+    /// The next recorded node, if a job is free for it.
+    fn call_recorded(&mut self) -> Option<Step> {
+        if self.jobs_used >= self.jobs {
+            return None;
+        }
+        let id = self.recorded.pop_front()?;
+        self.jobs_used += 1;
+        self.nodes[id].state = NodeState::Dispatched(Phase::Called);
+        Some(Step::Call(id))
+    }
+
     fn grant(&mut self) -> Option<Step> {
         if self.stopped.is_none() {
             // Calls first: they hold intents that are already durable.
-            if self.jobs_used < self.jobs {
-                if let Some(id) = self.recorded.pop_front() {
-                    self.jobs_used += 1;
-                    self.nodes[id].state = NodeState::Dispatched(Phase::Called);
-                    return Some(Step::Call(id));
-                }
+            if let Some(step) = self.call_recorded() {
+                return Some(step);
             }
             while let Some(id) = self.unlimited.pop_front() {
                 if let Some(step) = self.permitted(id) {
@@ -444,12 +451,8 @@ impl Scheduler {
                 self.limits_to_grant.pop_front();
             }
             // Reads need no intent: straight to a job.
-            if self.jobs_used < self.jobs {
-                if let Some(id) = self.recorded.pop_front() {
-                    self.jobs_used += 1;
-                    self.nodes[id].state = NodeState::Dispatched(Phase::Called);
-                    return Some(Step::Call(id));
-                }
+            if let Some(step) = self.call_recorded() {
+                return Some(step);
             }
             while let Some(id) = self.ready_children.pop_front() {
                 if self.nodes[id].state == NodeState::Ready {

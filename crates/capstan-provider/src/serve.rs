@@ -217,13 +217,29 @@ fn bind_private(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
         std::fs::remove_file(path)
             .map_err(io(format!("cannot remove stale {}", path.display())))?;
     }
+    // Bound under a temporary name and renamed into place once listening: a socket file at
+    // `path` always accepts (between bind and listen a connect is refused), which is what a
+    // client waiting for the file to appear needs.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
+    let _ = std::fs::remove_file(&temporary);
     // Bind with a umask that leaves the socket 0600 from its first instant.
     // SAFETY: umask only swaps the process's file-creation mask.
     let old_mask = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(&temporary);
     // SAFETY: as above, putting the previous mask back.
     unsafe { libc::umask(old_mask) };
     let listener = bound.map_err(io(format!("cannot listen at {}", path.display())))?;
+    if let Err(e) = std::fs::rename(&temporary, path) {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(ServeError::Io(
+            format!("cannot listen at {}", path.display()),
+            e,
+        ));
+    }
     Ok((listener, SocketFile(path.to_path_buf())))
 }
 
