@@ -317,12 +317,10 @@ async fn start_providers(
     jobs: usize,
     timeout: Option<Duration>,
 ) -> Result<Providers, ExitCode> {
-    let mut names: std::collections::BTreeSet<String> = Default::default();
-    for r in session.deployment.resources.values() {
-        if !names.contains(&r.provider) {
-            names.insert(r.provider.clone());
-        }
-    }
+    // Every provider the deployment declares: one no declared resource uses may be there for
+    // children that another resource's provider asks for while it runs.
+    let mut names: std::collections::BTreeSet<String> =
+        session.deployment.providers.keys().cloned().collect();
     for (change, provider) in changes.iter().flat_map(|c| {
         std::iter::once((c, &c.provider)).chain(c.replaces.as_ref().map(|old| (c, &old.provider)))
     }) {

@@ -354,3 +354,38 @@ fn a_child_may_not_take_the_address_of_a_declared_resource() {
         "{failed:#?}"
     );
 }
+
+#[test]
+fn children_may_use_a_provider_that_no_declared_resource_uses() {
+    let project = Project::new(json!({}));
+    let provider = json!({"executable": testing_provider()});
+    let deployment = json!({
+        "providers": {"t": provider, "only_for_children": provider},
+        "resources": {
+            "fleet": {"provider": "t", "type": "fanout", "inputs": {"count": 2, "provider": "only_for_children"}}
+        }
+    });
+    std::fs::write(
+        project.dir.path().join("capstan.json"),
+        serde_json::to_string_pretty(&deployment).unwrap(),
+    )
+    .unwrap();
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0), "{events:#?}");
+    assert_eq!(
+        addresses(&project.state()),
+        ["fleet", "fleet/c0", "fleet/c1"]
+    );
+    // And they are deleted through it when the parent goes.
+    std::fs::write(
+        project.dir.path().join("capstan.json"),
+        serde_json::to_string_pretty(
+            &json!({"providers": deployment["providers"], "resources": {}}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0), "{events:#?}");
+    assert!(addresses(&project.state()).is_empty());
+}

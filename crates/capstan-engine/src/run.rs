@@ -521,6 +521,7 @@ pub async fn run(
         kids: FastMap::default(),
         aborts: FastMap::default(),
         pending_settles: Vec::new(),
+        deleting: Default::default(),
         recorded_children: recorded_children(state),
         permits_of: FastMap::default(),
         child_addresses: Default::default(),
@@ -538,6 +539,22 @@ pub async fn run(
         state_error: None,
         scheduler,
     };
+    if !driver.recorded_children.is_empty() {
+        // (Only a recorded child's address can be asked for again while being deleted.)
+        driver.deleting = driver
+            .changes
+            .iter()
+            .filter(|c| c.action == Action::Delete)
+            .filter(|c| {
+                driver
+                    .state
+                    .resources
+                    .get(&c.address)
+                    .is_some_and(|r| r.parent.is_some())
+            })
+            .map(|c| c.address.clone())
+            .collect();
+    }
     let mut work: Work = FuturesUnordered::new();
     let cancelled = interrupt.cancelled();
     tokio::pin!(cancelled);
@@ -752,6 +769,8 @@ struct Driver<'a> {
     kids: FastMap<NodeId, Kid>,
     /// How to drop a child's work when its parent ends without it.
     aborts: FastMap<NodeId, futures::future::AbortHandle>,
+    /// Addresses deleted in this run (planned, or stale children): no child may take them.
+    deleting: std::collections::HashSet<String>,
     /// The children recorded in the state, by parent address (those not asked for again
     /// when their parent is made anew are deleted).
     recorded_children: FastMap<String, Vec<String>>,
@@ -893,6 +912,14 @@ impl Driver<'_> {
             return invalid("a child was asked for by an operation that has ended".into());
         }
         let parent_address = &self.changes[parent].address;
+        let making = self.ops.get(&parent).is_some_and(|op| {
+            matches!(op.operation, OperationKind::Create | OperationKind::Update)
+        });
+        if !making {
+            return invalid(format!(
+                "{parent_address}: only a create or an update may ask for children"
+            ));
+        }
         if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
             return invalid(format!(
                 "{parent_address}: child name {name:?} must be non-empty, without `/` or control characters"
@@ -927,6 +954,11 @@ impl Driver<'_> {
         if declared {
             return invalid(format!(
                 "{address}: a resource of the deployment (or another parent's child) has this address; give the child another name"
+            ));
+        }
+        if self.deleting.contains(&address) {
+            return invalid(format!(
+                "{address}: it is being deleted in this run; ask for it again in the next"
             ));
         }
         if !self.child_addresses.insert(address.clone()) {
@@ -971,10 +1003,47 @@ impl Driver<'_> {
             .cloned()
             .collect();
         while let Some(address) = stack.pop() {
+            // Not a declared resource at that address, not another parent's child (it may
+            // have been recorded anew since), not already being deleted.
+            let still_ours = self
+                .state
+                .resources
+                .get(&address)
+                .and_then(|r| r.parent.as_deref())
+                .is_some_and(|p| p == parent || stale.iter().any(|s: &String| s.as_str() == p));
+            if self.deployment.resources.contains_key(&address)
+                || !still_ours
+                || self.deleting.contains(&address)
+            {
+                continue;
+            }
             if let Some(theirs) = self.recorded_children.get(&address) {
                 stack.extend(theirs.iter().cloned());
             }
             stale.push(address);
+        }
+        // Recorded as orphans first: if a delete below does not happen (it fails, the run
+        // stops), the next plan deletes them, as it does any resource nothing declares.
+        let mut orphans = Vec::new();
+        for address in &stale {
+            if let Some(recorded) = self.state.resources.get_mut(address) {
+                recorded.parent = None;
+                orphans.push(Record::Done {
+                    address: address.clone(),
+                    state: recorded.clone(),
+                });
+            }
+            self.deleting.insert(address.clone());
+        }
+        if !orphans.is_empty() {
+            let backend = self.backend.clone();
+            self.pending_settles.push(
+                async move {
+                    let _ = append_durably(&*backend, orphans).await;
+                    None
+                }
+                .boxed_local(),
+            );
         }
         let mut node_of = FastMap::default();
         for address in &stale {
@@ -1051,6 +1120,10 @@ impl Driver<'_> {
         let Some(NodeState::Dispatched(phase)) = self.scheduler.state(i) else {
             return;
         };
+        if phase == Phase::Finishing {
+            // Its provider answered: its result is being journaled, and ends it as usual.
+            return;
+        }
         if let Some(handle) = self.aborts.remove(&i) {
             handle.abort();
         }
@@ -1243,7 +1316,10 @@ impl Driver<'_> {
                     ),
                 );
             }
-            Done::Finished(i, outcome) => self.finished(i, outcome),
+            Done::Finished(i, outcome) => {
+                self.finished(i, outcome);
+                work.extend(self.pending_settles.drain(..));
+            }
             Done::Settled(i, stop) => {
                 self.ops.remove(&i);
                 obey(self.scheduler.end(i, End::Skipped(Skip::NotSent(stop))));
