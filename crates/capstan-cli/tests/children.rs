@@ -389,3 +389,33 @@ fn children_may_use_a_provider_that_no_declared_resource_uses() {
     assert_eq!(code, Some(0), "{events:#?}");
     assert!(addresses(&project.state()).is_empty());
 }
+
+#[test]
+fn a_stale_child_whose_delete_fails_is_deleted_by_a_later_run() {
+    let project = Project::new(json!({}));
+    let block = project.dir.path().join("block");
+    let fleet = |count: u32| {
+        json!({"fleet": {"provider": "t", "type": "fanout", "inputs": {
+            "count": count,
+            "inputs": {"blockDelete": block.display().to_string()}
+        }}})
+    };
+    project.write(fleet(3), json!({}));
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0), "{events:#?}");
+    // Asked for one child now; deleting the other two fails.
+    std::fs::write(&block, "").unwrap();
+    project.write(fleet(1), json!({}));
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(1), "{events:#?}");
+    assert_eq!(
+        addresses(&project.state()),
+        ["fleet", "fleet/c0", "fleet/c1", "fleet/c2"]
+    );
+    // The parent is unchanged now, yet the next run still deletes them.
+    std::fs::remove_file(&block).unwrap();
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0), "{events:#?}");
+    assert_eq!(summary(&events)["deleted"], 2, "{events:#?}");
+    assert_eq!(addresses(&project.state()), ["fleet", "fleet/c0"]);
+}

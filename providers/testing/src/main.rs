@@ -12,7 +12,7 @@
 //! | `chatty` | emits `count` progress events through tracing or explicit log lines |
 //! | `big` | returns an output of `bytes` bytes (for message-size limits) |
 //! | `corrupt` | writes garbage bytes onto its own RPC socket |
-//! | `probe` | waits `ms`, reports how many operations this process ran at once (`peak`) and how many of its `group` (`group_peak`); fails if `fail` |
+//! | `probe` | waits `ms`, reports how many operations this process ran at once (`peak`) and how many of its `group` (`group_peak`); fails if `fail`; its delete fails while a file is at `blockDelete` |
 //! | `fanout` | runs `count` children (`type`, default `probe`, with `inputs`, and the input named by `index` set to the child's number) through the core's scheduler, all at once; fails if one does, unless `tolerate` |
 //! | `permits` | borrows `count` permits from the core at once, each held `ms` while counted in probe group `group` |
 //!
@@ -418,6 +418,9 @@ struct Probe;
 struct ProbeIn {
     #[serde(default)]
     ms: u64,
+    /// Deleting fails while a file exists at this path.
+    #[serde(default, rename = "blockDelete")]
+    block_delete: Option<String>,
     #[serde(default)]
     fail: bool,
     /// Anything; lets a deployment wire references through a probe.
@@ -484,6 +487,10 @@ impl Resource for Probe {
                 "group",
                 "Counts operations at once among probes of this group too",
             )
+            .optional(
+                "blockDelete",
+                "A path: deleting fails while a file exists there",
+            )
             .output("value", "The input `value`")
             .output("id", "Unique per operation")
             .output(
@@ -513,6 +520,19 @@ impl Resource for Probe {
             peak: PEAK.load(Ordering::SeqCst),
             group_peak: running.group_peak(),
         })
+    }
+
+    async fn delete(
+        &self,
+        _op: &Operation,
+        prior: capstan_provider::Prior<ProbeIn, ProbeOut>,
+    ) -> Result<(), OperationError> {
+        match &prior.inputs.block_delete {
+            Some(path) if std::path::Path::new(path).exists() => Err(OperationError::transient(
+                format!("deletion is blocked while {path} exists"),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
