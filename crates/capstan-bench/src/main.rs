@@ -120,17 +120,45 @@ fn unpin() {
     }
 }
 
+/// A child process echoing 64-byte messages on a Unix socket, pinned to CPU 1 with this thread
+/// on CPU 0 (as the host and the provider are); unpinned and reaped on drop.
+struct EchoPeer {
+    stream: UnixStream,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl EchoPeer {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("echo.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["raw-echo", path.to_str().unwrap()])
+            .spawn()
+            .expect("spawn echo child");
+        let (stream, _) = listener.accept().expect("accept");
+        pin(0, 0);
+        pin(child.id(), 1);
+        EchoPeer {
+            stream,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for EchoPeer {
+    fn drop(&mut self) {
+        unpin();
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.child.wait();
+    }
+}
+
 fn raw_rtt_us(pings: u32) -> f64 {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("ping.sock");
-    let listener = UnixListener::bind(&path).expect("bind");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["raw-echo", path.to_str().unwrap()])
-        .spawn()
-        .expect("spawn echo child");
-    let (mut stream, _) = listener.accept().expect("accept");
-    pin(0, 0);
-    pin(child.id(), 1);
+    let mut peer = EchoPeer::start();
+    let stream = &mut peer.stream;
     let mut buf = [7u8; 64];
     for _ in 0..100 {
         stream.write_all(&buf).unwrap();
@@ -141,11 +169,7 @@ fn raw_rtt_us(pings: u32) -> f64 {
         stream.write_all(&buf).unwrap();
         stream.read_exact(&mut buf).unwrap();
     }
-    let elapsed = start.elapsed();
-    unpin();
-    drop(stream);
-    let _ = child.wait();
-    elapsed.as_secs_f64() * 1e6 / pings as f64
+    start.elapsed().as_secs_f64() * 1e6 / pings as f64
 }
 
 fn raw_echo_child(path: &str) {
@@ -445,16 +469,8 @@ fn inflight_per_s(calls: u32, pinned: bool) -> f64 {
 /// 64-byte messages per second echoed by a child process with [`IN_FLIGHT`] outstanding
 /// (pipelined on one Unix socket), pinned as [`inflight_per_s`] is.
 fn raw_inflight_per_s(messages: u32) -> f64 {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("pipelined.sock");
-    let listener = UnixListener::bind(&path).expect("bind");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["raw-echo", path.to_str().unwrap()])
-        .spawn()
-        .expect("spawn echo child");
-    let (mut stream, _) = listener.accept().expect("accept");
-    pin(0, 0);
-    pin(child.id(), 1);
+    let mut peer = EchoPeer::start();
+    let stream = &mut peer.stream;
     let mut buf = [7u8; 64];
     let start = Instant::now();
     for _ in 0..IN_FLIGHT {
@@ -468,11 +484,7 @@ fn raw_inflight_per_s(messages: u32) -> f64 {
             sent += 1;
         }
     }
-    let rate = messages as f64 / start.elapsed().as_secs_f64();
-    unpin();
-    drop(stream);
-    let _ = child.wait();
-    rate
+    messages as f64 / start.elapsed().as_secs_f64()
 }
 
 fn chatty(events: u64, observer: Rc<dyn ProgressObserver>) -> f64 {

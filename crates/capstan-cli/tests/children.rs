@@ -97,6 +97,14 @@ fn summary(events: &[Value]) -> Value {
         .expect("a summary")
 }
 
+/// Each `resource_failed` event as "ADDRESS \"ERROR\"".
+fn failures(events: &[Value]) -> Vec<String> {
+    of_type(events, "resource_failed")
+        .iter()
+        .map(|e| format!("{} {}", e["address"].as_str().unwrap_or(""), e["error"]))
+        .collect()
+}
+
 fn addresses(state: &Value) -> Vec<String> {
     let list = state
         .as_array()
@@ -215,10 +223,7 @@ fn a_failed_child_is_reported_to_its_parent_which_decides() {
     }));
     let (code, events) = project.json(&["apply"]);
     assert_eq!(code, Some(1));
-    let failed: Vec<String> = of_type(&events, "resource_failed")
-        .iter()
-        .map(|e| format!("{} {}", e["address"].as_str().unwrap(), e["error"]))
-        .collect();
+    let failed = failures(&events);
     assert!(
         failed
             .iter()
@@ -270,10 +275,7 @@ fn children_are_cancelled_when_their_parent_is() {
         "{:?}",
         start.elapsed()
     );
-    let failed: Vec<String> = of_type(&events, "resource_failed")
-        .iter()
-        .map(|e| format!("{} {}", e["address"].as_str().unwrap(), e["error"]))
-        .collect();
+    let failed = failures(&events);
     for n in 0..2 {
         assert!(
             failed
@@ -343,10 +345,7 @@ fn a_child_may_not_take_the_address_of_a_declared_resource() {
     }));
     let (code, events) = project.json(&["apply"]);
     assert_eq!(code, Some(1), "{events:#?}");
-    let failed: Vec<String> = of_type(&events, "resource_failed")
-        .iter()
-        .map(|e| format!("{} {}", e["address"].as_str().unwrap(), e["error"]))
-        .collect();
+    let failed = failures(&events);
     assert!(
         failed
             .iter()

@@ -84,6 +84,18 @@ fn run(dir: &Path, args: &[&str]) -> (Output, Vec<Value>) {
     (out, events)
 }
 
+/// `capstan apply`, which must succeed.
+fn apply_ok(dir: &Path) -> Vec<Value> {
+    let (out, events) = run(dir, &["apply"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    events
+}
+
 fn write(dir: &Path, resources: Value) {
     std::fs::write(
         dir.join("capstan.json"),
@@ -199,13 +211,7 @@ fn a_failed_activation_rolls_the_profile_back() {
             "switch": {"provider": "nix", "type": "activate", "inputs": {"profile": "p/sys", "path": {"$ref": "good#outPath"}}}
         }),
     );
-    let (out, _) = run(dir.path(), &["apply"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_ok(dir.path());
     let first = std::fs::canonicalize(dir.path().join("p/sys")).unwrap();
 
     write(
@@ -337,13 +343,7 @@ fn editing_the_nix_file_is_a_change_the_plan_sees_and_apply_builds() {
             "switch": {"provider": "nix", "type": "activate", "inputs": {"profile": "profiles/sys", "path": {"$ref": "build#outPath"}}}
         }),
     );
-    let (out, _) = run(dir.path(), &["apply"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_ok(dir.path());
     let before = std::fs::canonicalize(dir.path().join("profiles/sys")).unwrap();
     let (out, events) = run(dir.path(), &["plan"]);
     assert_eq!(out.status.code(), Some(0));
@@ -373,13 +373,7 @@ fn editing_the_nix_file_is_a_change_the_plan_sees_and_apply_builds() {
         plan.contains("~ switch (nix.activate)  (inputs known after build)"),
         "{plan}"
     );
-    let (out, _) = run(dir.path(), &["apply"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_ok(dir.path());
     let after = std::fs::canonicalize(dir.path().join("profiles/sys")).unwrap();
     assert_ne!(before, after, "the new build was activated");
     let (_, events) = run(dir.path(), &["plan"]);

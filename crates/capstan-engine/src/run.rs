@@ -520,7 +520,6 @@ pub async fn run(
         ops: FastMap::default(),
         kids: FastMap::default(),
         aborts: FastMap::default(),
-        pending_settles: Vec::new(),
         deleting: Default::default(),
         recorded_children: recorded_children(state),
         permits_of: FastMap::default(),
@@ -774,8 +773,6 @@ struct Driver<'a> {
     /// The children recorded in the state, by parent address (those not asked for again
     /// when their parent is made anew are deleted).
     recorded_children: FastMap<String, Vec<String>>,
-    /// Settling records for cancelled children, handed to the loop's work set.
-    pending_settles: Vec<LocalBoxFuture<'static, Option<Done>>>,
     /// The permits each operation asked for (given back when it answers, at the latest).
     permits_of: FastMap<NodeId, Vec<NodeId>>,
     /// Every child address of this run, so a name is used once.
@@ -992,7 +989,7 @@ impl Driver<'_> {
 
     /// After `parent` was made again: the children it had that it did not ask for this time
     /// (and theirs) are deleted, each before its parent — added to the run as it goes on.
-    fn delete_stale_children(&mut self, parent: &str) {
+    fn delete_stale_children(&mut self, parent: &str, work: &mut Work) {
         let mut stale = Vec::new();
         let mut stack: Vec<String> = self
             .recorded_children
@@ -1037,7 +1034,7 @@ impl Driver<'_> {
         }
         if !orphans.is_empty() {
             let backend = self.backend.clone();
-            self.pending_settles.push(
+            work.push(
                 async move {
                     let _ = append_durably(&*backend, orphans).await;
                     None
@@ -1116,7 +1113,7 @@ impl Driver<'_> {
     }
 
     /// A child whose parent ended without succeeding: its work is dropped.
-    fn cancel(&mut self, i: NodeId) {
+    fn cancel(&mut self, i: NodeId, work: &mut Work) {
         let Some(NodeState::Dispatched(phase)) = self.scheduler.state(i) else {
             return;
         };
@@ -1142,7 +1139,7 @@ impl Driver<'_> {
                     let _ = append_durably(&*backend, vec![settled]).await;
                     None
                 };
-                self.pending_settles.push(work_done.boxed_local());
+                work.push(work_done.boxed_local());
             }
         }
         if self.is_permit(i) {
@@ -1215,22 +1212,18 @@ impl Driver<'_> {
                 }
             }
             Step::Call(i) => {
-                let uses_scheduler = self.ops.get(&i).is_some_and(|op| {
-                    op.connection
-                        .info()
-                        .resource_type(&op.resource_type)
-                        .is_some_and(|t| t.uses_scheduler)
-                });
-                let asks = self.asks.clone();
                 let Some(op) = self.ops.get_mut(&i) else {
                     return;
                 };
                 let Some(mut call) = op.call.take() else {
                     return;
                 };
-                if uses_scheduler {
-                    call.scheduler =
-                        Some(capnp_rpc::new_client(SchedulerServer { parent: i, asks }));
+                let info = op.connection.info().resource_type(&op.resource_type);
+                if info.is_some_and(|t| t.uses_scheduler) {
+                    call.scheduler = Some(capnp_rpc::new_client(SchedulerServer {
+                        parent: i,
+                        asks: self.asks.clone(),
+                    }));
                 }
                 let address = self.changes[i].address.clone();
                 // Started means recorded: the intent is durable before anyone is told.
@@ -1276,8 +1269,7 @@ impl Driver<'_> {
             }
             Step::Skipped(i, skip) => self.report_skip(i, skip),
             Step::Cancel(i) => {
-                self.cancel(i);
-                work.extend(self.pending_settles.drain(..));
+                self.cancel(i, work);
             }
         }
     }
@@ -1317,8 +1309,7 @@ impl Driver<'_> {
                 );
             }
             Done::Finished(i, outcome) => {
-                self.finished(i, outcome);
-                work.extend(self.pending_settles.drain(..));
+                self.finished(i, outcome, work);
             }
             Done::Settled(i, stop) => {
                 self.ops.remove(&i);
@@ -1328,7 +1319,7 @@ impl Driver<'_> {
         }
     }
 
-    fn finished(&mut self, i: NodeId, outcome: Outcome) {
+    fn finished(&mut self, i: NodeId, outcome: Outcome, work: &mut Work) {
         let address = self.changes[i].address.clone();
         match outcome {
             Outcome::Done {
@@ -1361,7 +1352,7 @@ impl Driver<'_> {
                 }
                 let made = matches!(counted, Action::Create | Action::Update);
                 if made && self.recorded_children.contains_key(&address) {
-                    self.delete_stale_children(&address);
+                    self.delete_stale_children(&address, work);
                 }
                 if !handles.is_empty() {
                     self.handles.insert(address, handles);

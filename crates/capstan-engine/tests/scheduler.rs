@@ -543,24 +543,30 @@ fn a_stop_skips_children_not_yet_prepared() {
     );
 }
 
-#[test]
-fn a_child_stuck_on_a_full_provider_takes_the_permit_of_a_node_waiting_for_a_job() {
-    // One job, held by the parent; `y` holds the only permit of `u` and waits for a job;
-    // the parent's child needs `u`. Without taking y's permit, each waits on another.
-    let mut s = Scheduler::new(1, 4, false);
+/// One job, held by a parent `p` in its provider; `y` holds the only permit of `u` and waits
+/// for a job; `p`'s child `c` needs `u` and takes y's permit. Returns (p, y, c).
+fn child_takes_a_waiting_nodes_permit(s: &mut Scheduler) -> (NodeId, NodeId, NodeId) {
     s.set_limit("u", 1);
     let p = s.add(&[]).unwrap();
     let y = s.add(&[]).unwrap();
-    drain(&mut s);
-    call(&mut s, p, "t");
+    drain(s);
+    call(s, p, "t");
     s.queue(y, Some("u"), true).unwrap();
-    assert_eq!(drain(&mut s), vec![Step::Record(y)]);
+    assert_eq!(drain(s), vec![Step::Record(y)]);
     s.recorded(y).unwrap();
     assert_eq!(s.state(y), Some(NodeState::Dispatched(Phase::Recorded)));
     let c = s.add_child(p).unwrap();
-    assert_eq!(drain(&mut s), vec![Step::Prepare(c)]);
+    assert_eq!(drain(s), vec![Step::Prepare(c)]);
     s.queue(c, Some("u"), false).unwrap();
-    assert_eq!(drain(&mut s), vec![Step::Call(c)]);
+    assert_eq!(drain(s), vec![Step::Call(c)]);
+    (p, y, c)
+}
+
+#[test]
+fn a_child_stuck_on_a_full_provider_takes_the_permit_of_a_node_waiting_for_a_job() {
+    // Without taking y's permit, each would wait on another.
+    let mut s = Scheduler::new(1, 4, false);
+    let (p, y, c) = child_takes_a_waiting_nodes_permit(&mut s);
     assert_eq!(s.permits_in_use("u"), 1);
     s.answered(c, true).unwrap();
     s.end(c, End::Succeeded).unwrap();
@@ -589,18 +595,7 @@ fn a_grandchild_borrows_the_seat_its_parent_borrowed() {
 #[test]
 fn a_node_that_gave_its_permit_to_a_child_is_settled_not_forgotten_on_a_stop() {
     let mut s = Scheduler::new(1, 4, false);
-    s.set_limit("u", 1);
-    let p = s.add(&[]).unwrap();
-    let y = s.add(&[]).unwrap();
-    drain(&mut s);
-    call(&mut s, p, "t");
-    s.queue(y, Some("u"), true).unwrap();
-    drain(&mut s);
-    s.recorded(y).unwrap();
-    let c = s.add_child(p).unwrap();
-    drain(&mut s);
-    s.queue(c, Some("u"), false).unwrap();
-    assert_eq!(drain(&mut s), vec![Step::Call(c)]);
+    let (_, y, _) = child_takes_a_waiting_nodes_permit(&mut s);
     assert_eq!(s.state(y), Some(NodeState::Dispatched(Phase::Queued)));
     s.stop(Stop::StateError);
     // Its intent is durable: settled, not skipped as if never recorded.
