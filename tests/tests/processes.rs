@@ -607,11 +607,13 @@ fn a_standing_provider_service_listens_privately_and_cleans_up() {
     run_local(async {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/provider.sock");
-        let mut service = std::process::Command::new(testing_provider())
-            .args(["--listen", socket.to_str().unwrap()])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut service = capstan_tests::KillOnDrop(
+            std::process::Command::new(testing_provider())
+                .args(["--listen", socket.to_str().unwrap()])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         assert!(
             wait_until(Duration::from_secs(10), || socket.exists()).await,
             "the service is listening"
@@ -671,7 +673,7 @@ fn a_socket_activated_service_serves_an_inherited_listening_socket() {
                 Ok(())
             });
         }
-        let mut service = command.spawn().unwrap();
+        let mut service = capstan_tests::KillOnDrop(command.spawn().unwrap());
         drop(listener);
         let source = ProviderSource::Socket(socket.clone());
         let provider =
