@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use capstan_engine::events::{Event, EventSink};
 use capstan_engine::model::Deployment;
+use capstan_engine::nix;
 use capstan_engine::plan::{self, Action, PlannedChange};
 use capstan_engine::run::{self, BuiltinLauncher, Providers, RunOptions};
 use capstan_engine::state::{self, DirectoryBackend, State, StateBackend, StateError};
@@ -23,25 +24,34 @@ use std::io::IsTerminal;
 /// Where a deployment and its state are.
 #[derive(Args, Clone)]
 pub struct Place {
-    /// The deployment file (JSON).
-    #[arg(
-        short = 'f',
-        long = "file",
-        value_name = "FILE",
-        default_value = "capstan.json",
-        global = true
-    )]
-    pub file: PathBuf,
+    /// The deployment file: JSON, or Nix when it ends in `.nix` (evaluated with
+    /// `nix-instantiate`) [default: capstan.json, else capstan.nix if only that exists].
+    #[arg(short = 'f', long = "file", value_name = "FILE", global = true)]
+    file: Option<PathBuf>,
     /// The state directory [default: .capstan beside the deployment file].
     #[arg(long, value_name = "DIR", global = true)]
     pub state: Option<PathBuf>,
 }
 
 impl Place {
+    /// The deployment file: `-f`, else `capstan.json`, else `capstan.nix` when only that exists.
+    pub fn file(&self) -> PathBuf {
+        if let Some(file) = &self.file {
+            return file.clone();
+        }
+        let json = PathBuf::from("capstan.json");
+        let nix = PathBuf::from("capstan.nix");
+        if !json.exists() && nix.exists() {
+            nix
+        } else {
+            json
+        }
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.state
             .clone()
-            .unwrap_or_else(|| capstan_engine::model::dir_of(&self.file).join(".capstan"))
+            .unwrap_or_else(|| capstan_engine::model::dir_of(&self.file()).join(".capstan"))
     }
 
     /// The state directory, or why it cannot be one (something else is at its path).
@@ -170,6 +180,21 @@ struct Session {
     /// The locked, writable state; `None` for `plan`, which only reads.
     backend: Option<Rc<DirectoryBackend>>,
     events: Rc<dyn EventSink>,
+    /// For a deployment in Nix: its plan (made while evaluating) and what is left for later.
+    nix: Option<NixSession>,
+}
+
+/// A deployment in Nix between evaluations.
+struct NixSession {
+    file: PathBuf,
+    params: Map<String, Value>,
+    /// The plan of the first evaluations (`None` for destroy).
+    changes: Option<Vec<PlannedChange>>,
+    deferred: Vec<nix::Deferred>,
+    /// Evaluations so far.
+    stage: usize,
+    /// What deferred items waited for, so that once read they depend on it.
+    uses: nix::Uses,
 }
 
 /// Which command opens a session.
@@ -228,27 +253,42 @@ fn events(view: &ViewArgs, stdout: Stdout, mode: Mode) -> Rc<dyn EventSink> {
 /// Reads the deployment and the state; `Err(code)` after reporting why not. `plan` reads
 /// the state without the lock and writes nothing; `destroy` needs only the providers the
 /// deployment declares.
-fn open(
+async fn open(
     args: &DeploymentArgs,
     view: &ViewArgs,
     lock: Option<&LockArgs>,
     stdout: Stdout,
     mode: Mode,
+    stop: &Stop,
 ) -> Result<Session, ExitCode> {
     let fail = |e: &dyn std::fmt::Display| {
         say!("error: {e}");
         ExitCode::from(EXIT_INVALID)
     };
-    let file = &args.place.file;
-    let deployment = if mode == Mode::Destroy {
-        Deployment::load_providers(file).map_err(|e| {
+    let file = &args.place.file();
+    let in_nix = nix::is_nix(file);
+    let mut params = Map::new();
+    let deployment = if in_nix {
+        if mode != Mode::Destroy {
+            params = load_params(args.params.as_deref()).map_err(|e| fail(&format!("{e:#}")))?;
+        }
+        if !file.is_file() {
+            return Err(fail(&format!(
+                "{}: cannot read it: no such file",
+                file.display()
+            )));
+        }
+        // Read once the state is: which outputs exist comes from it.
+        None
+    } else if mode == Mode::Destroy {
+        Some(Deployment::load_providers(file).map_err(|e| {
             fail(&format!(
                 "{e}\n  destroy starts the providers that file declares to delete what the state holds; point -f at the deployment"
             ))
-        })?
+        })?)
     } else {
         let params = load_params(args.params.as_deref()).map_err(|e| fail(&format!("{e:#}")))?;
-        Deployment::load(file, &params).map_err(|e| fail(&e))?
+        Some(Deployment::load(file, &params).map_err(|e| fail(&e))?)
     };
     let dir = args.place.checked_state_dir().map_err(|e| fail(&e))?;
     let owner = file
@@ -299,12 +339,70 @@ fn open(
         }
         say!("  Check those resources; `capstan state resolve ADDRESS` marks one as dealt with.");
     }
+    let events = events(view, stdout, mode);
+    let (deployment, nix) = match deployment {
+        Some(deployment) => (deployment, None),
+        None => {
+            let mut session = NixSession {
+                file: file.clone(),
+                params,
+                changes: None,
+                deferred: Vec::new(),
+                stage: 0,
+                uses: Default::default(),
+            };
+            let deployment = tokio::select! {
+                read = read_nix(&mut session, &state, mode, &*events) => read.map_err(|e| fail(&e))?,
+                () = stop.token.cancelled() => return Err(stop.stopped_code()),
+            };
+            (deployment, Some(session))
+        }
+    };
     Ok(Session {
         deployment,
         state,
         backend,
-        events: events(view, stdout, mode),
+        events,
+        nix,
     })
+}
+
+/// Evaluates a deployment in Nix: for `destroy` its providers alone, else as far as the
+/// outputs recorded in the state allow (and plans it).
+async fn read_nix(
+    session: &mut NixSession,
+    state: &State,
+    mode: Mode,
+    events: &dyn EventSink,
+) -> Result<Deployment, String> {
+    if mode == Mode::Destroy {
+        let evaluation = nix::evaluate(&nix::Request {
+            file: &session.file,
+            params: &session.params,
+            known: &Default::default(),
+            providers_only: true,
+        })
+        .await
+        .map_err(|e| {
+            format!("{e}\n  destroy evaluates the providers that file declares to delete what the state holds; point -f at the deployment")
+        })?;
+        return Deployment::parse(&session.file, &evaluation.document, &session.params)
+            .map_err(|e| e.to_string());
+    }
+    let staged = nix::evaluate_and_plan(
+        &session.file,
+        &session.params,
+        state,
+        Default::default(),
+        &mut session.uses,
+        events,
+        &mut session.stage,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    session.changes = Some(staged.changes);
+    session.deferred = staged.deferred;
+    Ok(staged.deployment)
 }
 
 /// Starts every provider the deployment or the plan uses and checks the deployment against
@@ -424,21 +522,26 @@ async fn plan_inner(
     view: ViewArgs,
     stdout: Stdout,
 ) -> Result<bool, ExitCode> {
-    let session = open(&args, &view, None, stdout, Mode::Plan)?;
-    let mut changes = plan::plan(&session.deployment, &session.state).map_err(|e| {
-        say!("error: {e}");
-        ExitCode::from(EXIT_INVALID)
-    })?;
     let stop = Stop::watch();
+    let mut session = open(&args, &view, None, stdout, Mode::Plan, &stop).await?;
+    let mut changes = match session.nix.as_mut().and_then(|n| n.changes.take()) {
+        Some(changes) => changes,
+        None => plan::plan(&session.deployment, &session.state).map_err(|e| {
+            say!("error: {e}");
+            ExitCode::from(EXIT_INVALID)
+        })?,
+    };
     let providers = start_providers(&session, &mut changes, &stop, None, 16, None).await?;
     providers.shutdown().await;
     if let Some(code) = stop.exit_code() {
         return Err(code);
     }
-    let changed = changes.iter().any(|c| c.action != Action::Noop);
+    let deferred = session.nix.map(|n| n.deferred).unwrap_or_default();
+    let changed = changes.iter().any(|c| c.action != Action::Noop) || !deferred.is_empty();
     session.events.emit(Event::Plan {
         changes: Rc::new(changes),
     });
+    show_deferred(&*session.events, &deferred);
     // A closed output turns success into 141 (`finished` waits for what was written).
     match stop.finished(true) {
         code if code == ExitCode::SUCCESS => Ok(changed),
@@ -454,12 +557,16 @@ pub async fn apply_cmd(
     destroy: bool,
 ) -> ExitCode {
     let mode = if destroy { Mode::Destroy } else { Mode::Apply };
-    let mut session = match open(&args, &view, Some(&run_args.lock), stdout, mode) {
+    let stop = Stop::watch();
+    let mut session = match open(&args, &view, Some(&run_args.lock), stdout, mode, &stop).await {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let staged = session.nix.as_mut().and_then(|n| n.changes.take());
     let mut changes = if destroy {
         plan::plan_destroy(&session.state)
+    } else if let Some(changes) = staged {
+        changes
     } else {
         match plan::plan(&session.deployment, &session.state) {
             Ok(c) => c,
@@ -469,7 +576,6 @@ pub async fn apply_cmd(
             }
         }
     };
-    let stop = Stop::watch();
     let providers = match start_providers(
         &session,
         &mut changes,
@@ -489,6 +595,9 @@ pub async fn apply_cmd(
     session.events.emit(Event::Plan {
         changes: changes.clone(),
     });
+    if let Some(nix) = &session.nix {
+        show_deferred(&*session.events, &nix.deferred);
+    }
     let deletes = changes
         .iter()
         .filter(|c| c.action == Action::Delete)
@@ -517,17 +626,33 @@ pub async fn apply_cmd(
     let Some(backend) = session.backend.take() else {
         unreachable!("apply and destroy open the state for writing");
     };
-    let result = run::run(
-        changes,
-        &session.deployment,
-        &mut session.state,
-        backend.clone() as Rc<dyn StateBackend>,
-        &providers,
-        &options,
-        session.events.clone(),
-        stop.token.clone(),
-    )
-    .await;
+    let result = match session.nix.take() {
+        Some(nix) if !destroy => {
+            waves(
+                &mut session,
+                nix,
+                changes,
+                &providers,
+                backend.clone(),
+                &options,
+                &stop,
+            )
+            .await
+        }
+        _ => {
+            run::run(
+                changes,
+                &session.deployment,
+                &mut session.state,
+                backend.clone() as Rc<dyn StateBackend>,
+                &providers,
+                &options,
+                session.events.clone(),
+                stop.token.clone(),
+            )
+            .await
+        }
+    };
     providers.shutdown().await;
     let summary = match result {
         Ok(summary) => summary,
@@ -538,6 +663,196 @@ pub async fn apply_cmd(
     };
     compact_if_large(backend);
     stop.finished(summary.succeeded())
+}
+
+/// Shows what a deployment in Nix left for a later evaluation.
+fn show_deferred(events: &dyn EventSink, deferred: &[nix::Deferred]) {
+    for d in deferred {
+        events.emit(Event::Deferred {
+            address: d.address.clone(),
+            what: d.kind,
+            waits_for: d.waits_for.clone(),
+        });
+    }
+}
+
+/// The events of one wave of a deployment in Nix, passed on, with the addresses that did not
+/// end well kept (their outputs are not given to later evaluations) and the run's summary held
+/// back (one summary ends the command).
+struct WaveEvents {
+    inner: Rc<dyn EventSink>,
+    failed: RefCell<std::collections::BTreeSet<String>>,
+    summary: RefCell<Option<capstan_engine::events::Summary>>,
+}
+
+impl EventSink for WaveEvents {
+    fn emit(&self, event: Event) {
+        match event {
+            Event::ResourceFailed { ref address, .. }
+            | Event::ResourceSkipped { ref address, .. } => {
+                self.failed.borrow_mut().insert(address.clone());
+            }
+            Event::Summary { counts, .. } => {
+                *self.summary.borrow_mut() = Some(counts);
+                return;
+            }
+            _ => {}
+        }
+        self.inner.emit(event);
+    }
+}
+
+/// Applies a deployment in Nix in waves: the plan of what could be evaluated runs; then what
+/// was deferred is evaluated again with the outputs that now exist, planned, and run; and so
+/// on until nothing deferred waits for an output that exists. Each wave runs under the same
+/// limits and providers, into the same state and event stream.
+async fn waves(
+    session: &mut Session,
+    mut nix: NixSession,
+    mut changes: Vec<PlannedChange>,
+    providers: &Providers,
+    backend: Rc<DirectoryBackend>,
+    options: &RunOptions,
+    stop: &Stop,
+) -> Result<capstan_engine::events::Summary, StateError> {
+    let started = std::time::Instant::now();
+    let events = Rc::new(WaveEvents {
+        inner: session.events.clone(),
+        failed: Default::default(),
+        summary: Default::default(),
+    });
+    let mut total = capstan_engine::events::Summary::default();
+    // Every address a wave planned: a later wave does not take it up again (a failure stays
+    // failed for this run).
+    let mut attempted: std::collections::HashSet<String> = Default::default();
+    // The outputs the last evaluation was given.
+    let mut given: std::collections::BTreeSet<String> = Default::default();
+    let mut evaluation_failed = false;
+    loop {
+        attempted.extend(changes.iter().map(|c| c.address.clone()));
+        let summary = run::run(
+            changes,
+            &session.deployment,
+            &mut session.state,
+            backend.clone() as Rc<dyn StateBackend>,
+            providers,
+            options,
+            events.clone(),
+            stop.token.clone(),
+        )
+        .await?;
+        add_summary(&mut total, &summary);
+        if stop.token.is_cancelled() || (options.fail_fast && !summary.succeeded()) {
+            break;
+        }
+        // Outputs exist now of every resource of the deployment that ended well.
+        let known = {
+            let failed = events.failed.borrow();
+            nix::outputs_of(
+                &session.state,
+                session
+                    .deployment
+                    .resources
+                    .keys()
+                    .filter(|a| !failed.contains(*a)),
+            )
+        };
+        let progress = nix.deferred.iter().any(|d| {
+            d.waits_for
+                .iter()
+                .any(|w| known.contains_key(w) && !given.contains(w))
+        });
+        if !progress {
+            break;
+        }
+        given = known.keys().cloned().collect();
+        let staged = tokio::select! {
+            staged = nix::evaluate_and_plan(
+                &nix.file,
+                &nix.params,
+                &session.state,
+                known,
+                &mut nix.uses,
+                &*session.events,
+                &mut nix.stage,
+            ) => staged,
+            () = stop.token.cancelled() => break,
+        };
+        let staged = match staged {
+            Ok(staged) => staged,
+            Err(e) => {
+                say!("error: {e}");
+                total.failed += 1;
+                evaluation_failed = true;
+                break;
+            }
+        };
+        if let Err(e) = staged.deployment.check_against(&providers.infos()) {
+            say!("error: {e}");
+            total.failed += 1;
+            evaluation_failed = true;
+            break;
+        }
+        session.deployment = staged.deployment;
+        nix.deferred = staged.deferred;
+        changes = staged
+            .changes
+            .into_iter()
+            .filter(|c| !attempted.contains(&c.address))
+            .collect();
+        plan::annotate(&mut changes, &providers.infos());
+        session.events.emit(Event::Plan {
+            changes: Rc::new(changes.clone()),
+        });
+        show_deferred(&*session.events, &nix.deferred);
+    }
+    // What is still deferred never had what it waits for: say so, as for any skipped resource.
+    if !stop.token.is_cancelled() {
+        let failed = events.failed.borrow();
+        for d in &nix.deferred {
+            let dependency = d
+                .waits_for
+                .iter()
+                .find(|w| failed.contains(*w))
+                .or(d.waits_for.first())
+                .cloned()
+                .unwrap_or_default();
+            let reason = if evaluation_failed {
+                "deferred, and the deployment's evaluation failed".to_string()
+            } else if failed.contains(&dependency) {
+                format!("deferred: its evaluation uses outputs of `{dependency}`, which did not succeed")
+            } else {
+                format!(
+                    "deferred: its evaluation uses outputs of `{dependency}`, which were not made"
+                )
+            };
+            session.events.emit(Event::ResourceSkipped {
+                address: d.address.clone(),
+                operation: "create",
+                reason,
+                dependency,
+            });
+            total.skipped += 1;
+        }
+    }
+    session.events.emit(Event::Summary {
+        counts: total.clone(),
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+    });
+    Ok(total)
+}
+
+fn add_summary(
+    total: &mut capstan_engine::events::Summary,
+    wave: &capstan_engine::events::Summary,
+) {
+    total.created += wave.created;
+    total.updated += wave.updated;
+    total.deleted += wave.deleted;
+    total.unchanged += wave.unchanged;
+    total.failed += wave.failed;
+    total.skipped += wave.skipped;
+    total.interrupted += wave.interrupted;
 }
 
 /// A person's answer to "delete everything?".

@@ -117,7 +117,9 @@ fn past(operation: &str) -> &'static str {
 
 impl EventSink for HumanEvents {
     fn emit(&self, event: Event) {
-        let to_stdout = matches!(event, Event::Plan { .. }) && self.plan_out.is_some();
+        // The plan, with what it left for a later evaluation.
+        let to_stdout =
+            matches!(event, Event::Plan { .. } | Event::Deferred { .. }) && self.plan_out.is_some();
         let mut text = String::new();
         for line in self.lines(event, false) {
             text.push_str(&line);
@@ -253,6 +255,49 @@ impl HumanEvents {
                 address, reason, ..
             } => {
                 put!("  {} {address}: skipped ({reason})", self.paint("33", "↷"));
+            }
+            Event::EvaluationStart { .. } if live => {}
+            Event::EvaluationStart { file, stage } => {
+                put!(
+                    "  {} {file}: evaluating (stage {stage})…",
+                    self.paint("2", "·")
+                );
+            }
+            Event::EvaluationComplete {
+                file,
+                stage,
+                resources,
+                deferred,
+                elapsed_seconds,
+            } => {
+                let deferred = match deferred {
+                    0 => String::new(),
+                    n => format!(", {n} deferred"),
+                };
+                put!(
+                    "  {} {file}: evaluated (stage {stage}) in {elapsed_seconds:.2}s: {resources} resource(s){deferred}",
+                    self.paint("32", "✓"),
+                );
+            }
+            Event::Deferred {
+                address,
+                what,
+                waits_for,
+            } => {
+                let what = match what {
+                    capstan_engine::nix::DeferredKind::Resource => "its inputs use",
+                    capstan_engine::nix::DeferredKind::Nested => "its members depend on",
+                    capstan_engine::nix::DeferredKind::Member => "its declaration uses",
+                };
+                put!(
+                    "  {} {address}  (deferred: {what} outputs of {}; evaluated again once they exist)",
+                    self.paint("36", "…"),
+                    waits_for
+                        .iter()
+                        .map(|w| format!("`{w}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
             Event::ProviderLog { provider, line, .. } => {
                 put!(
@@ -468,6 +513,20 @@ impl EventSink for LiveEvents {
                 }
                 Event::ResourceComplete { address, .. } | Event::ResourceFailed { address, .. } => {
                     live.running.remove(address);
+                }
+                Event::EvaluationStart { file, stage } => {
+                    live.running.insert(
+                        file.clone(),
+                        Running {
+                            operation: "evaluate",
+                            started: std::time::Instant::now(),
+                            status: format!("stage {stage}"),
+                            counter: None,
+                        },
+                    );
+                }
+                Event::EvaluationComplete { file, .. } => {
+                    live.running.remove(file);
                 }
                 Event::Interrupted { .. } => {}
                 _ => {}

@@ -100,6 +100,27 @@ pub enum Event {
         reason: String,
         dependency: String,
     },
+    /// A deployment written in Nix is being evaluated (stage 1 first; a stage again once
+    /// outputs that deferred resources used exist).
+    EvaluationStart {
+        file: String,
+        stage: usize,
+    },
+    EvaluationComplete {
+        file: String,
+        stage: usize,
+        /// Resources read in this stage, and those left for a later one.
+        resources: usize,
+        deferred: usize,
+        elapsed_seconds: f64,
+    },
+    /// A resource or nested deployment left for a later evaluation (after the plan).
+    Deferred {
+        address: String,
+        what: crate::nix::DeferredKind,
+        /// The resources whose outputs it used before they existed.
+        waits_for: Vec<String>,
+    },
     ProviderLog {
         provider: String,
         stream: LogStream,

@@ -9,6 +9,7 @@
 
 pub mod events;
 pub mod model;
+pub mod nix;
 pub mod plan;
 pub mod run;
 pub mod scheduler;

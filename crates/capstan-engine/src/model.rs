@@ -109,6 +109,9 @@ pub struct ResourceDecl {
     /// Whether `inputs` holds escaped keys (`$$…` for a literal `$…`), which `resolve`
     /// unescapes.
     pub escaped: bool,
+    /// For a deployment in Nix: the resources whose outputs its inputs were computed from
+    /// (already in `inputs` as values), so it is still recorded as depending on them.
+    pub uses: Vec<String>,
 }
 
 impl ResourceDecl {
@@ -119,6 +122,7 @@ impl ResourceDecl {
             .iter()
             .map(|r| r.address.as_str())
             .chain(self.capabilities.iter().map(|c| c.address.as_str()))
+            .chain(self.uses.iter().map(String::as_str))
             .collect();
         addresses.sort_unstable();
         addresses.dedup();
@@ -884,6 +888,7 @@ fn collect_members(
                 depends_on: Vec::new(),
                 outputs,
                 escaped,
+                uses: Vec::new(),
             },
         );
     }

@@ -1,0 +1,676 @@
+//! Deployments written in Nix: evaluated by the real Nix evaluator (`nix-instantiate`) in a
+//! child process, with the library in `nix/lib.nix`, into the JSON deployment [`crate::model`]
+//! reads, plus what had to be left for later.
+//!
+//! An output that does not exist yet throws when an input uses it (passing it on or computing
+//! with it alike: Nix cannot tell the two apart safely — `if x == null` would silently take a
+//! branch with any stand-in value). The resource is then *deferred*: left out of this
+//! evaluation and read again once what it used exists ([`Evaluation::deferred`]). A nested
+//! deployment whose members need such outputs is deferred the same way. `resources.db.output
+//! "port"` is a reference the engine fills in (`{"$ref": "db#port"}`), which never defers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+/// The library, handed to Nix with each evaluation (so nothing is installed beside `capstan`).
+pub const LIBRARY: &str = include_str!("../../../nix/lib.nix");
+
+/// The program that evaluates (`CAPSTAN_NIX_INSTANTIATE` overrides it, for a Nix elsewhere).
+fn program() -> PathBuf {
+    std::env::var_os("CAPSTAN_NIX_INSTANTIATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nix-instantiate"))
+}
+
+/// Whether `file` is a deployment written in Nix.
+pub fn is_nix(file: &Path) -> bool {
+    file.extension().is_some_and(|e| e == "nix")
+}
+
+/// What a deferred item is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeferredKind {
+    /// A resource whose inputs use outputs that do not exist yet.
+    Resource,
+    /// A nested deployment whose members depend on such outputs.
+    Nested,
+    /// A member whose very declaration depends on them (not known to be either).
+    Member,
+}
+
+/// A resource or nested deployment left for a later evaluation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deferred {
+    pub address: String,
+    pub kind: DeferredKind,
+    /// The resources whose outputs it used before they existed (at least one).
+    pub waits_for: Vec<String>,
+}
+
+impl Deferred {
+    /// Whether a recorded resource at `address` belongs to this deferred item, so that it is
+    /// kept (not deleted as no longer declared) until the item is evaluated.
+    pub fn covers(&self, address: &str) -> bool {
+        let Some(rest) = address.strip_prefix(self.address.as_str()) else {
+            return false;
+        };
+        // Itself, its children (`a/child`), and for a nested deployment its members.
+        rest.is_empty()
+            || rest.starts_with('/')
+            || (self.kind != DeferredKind::Resource && rest.starts_with('.'))
+    }
+}
+
+/// One evaluation's result.
+#[derive(Debug)]
+pub struct Evaluation {
+    /// The deployment as `capstan.json` text: providers, and the resources that could be read.
+    pub document: String,
+    pub deferred: Vec<Deferred>,
+    /// What Nix printed besides Capstan's own trace lines (warnings, the deployment's traces).
+    pub messages: Vec<String>,
+    pub elapsed: Duration,
+}
+
+/// Why an evaluation gave no deployment.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(
+        "cannot evaluate {file}: `{program}` was not found. Deployments written in Nix need Nix \
+         (Debian and Ubuntu: `apt-get install nix-bin`; or see https://nixos.org/download); \
+         CAPSTAN_NIX_INSTANTIATE names another nix-instantiate"
+    )]
+    NixMissing { file: PathBuf, program: String },
+    #[error("cannot evaluate {file}: cannot run `{program}`: {error}")]
+    Spawn {
+        file: PathBuf,
+        program: String,
+        error: std::io::Error,
+    },
+    /// Nix's own error (its message and location, as Nix printed it).
+    #[error("evaluating {file} failed:\n{message}")]
+    Nix { file: PathBuf, message: String },
+    #[error(
+        "{file}: the members of nested deployment `{}` depend on themselves: {}\n  \
+         A nested deployment's set of members may use other resources' outputs, not its own members'.",
+        path[0], path.join(" → ")
+    )]
+    Cycle { file: PathBuf, path: Vec<String> },
+    #[error("{file}: Nix's answer could not be read: {message}")]
+    Answer { file: PathBuf, message: String },
+}
+
+/// What an evaluation is asked for.
+pub struct Request<'a> {
+    /// The deployment file (made absolute here).
+    pub file: &'a Path,
+    pub params: &'a Map<String, Value>,
+    /// The outputs that exist now, by address.
+    pub known: &'a BTreeMap<String, capstan_host::Json>,
+    /// Only the providers (for `destroy`, which needs nothing else).
+    pub providers_only: bool,
+}
+
+/// Evaluates a deployment: one `nix-instantiate`, and a second one only to show the error of
+/// an item that failed for its own reasons (not for want of an output).
+pub async fn evaluate(request: &Request<'_>) -> Result<Evaluation, EvalError> {
+    let started = Instant::now();
+    let file = std::path::absolute(request.file).unwrap_or_else(|_| request.file.to_path_buf());
+    let first = instantiate(&file, request, &[]).await?;
+    let answer: Answer = serde_json::from_str(&first.stdout).map_err(|e| EvalError::Answer {
+        file: file.clone(),
+        message: e.to_string(),
+    })?;
+    if let Some(path) = first.cycles.into_iter().next() {
+        return Err(EvalError::Cycle { file, path });
+    }
+    let mut deferred = Vec::with_capacity(answer.deferred.len());
+    for item in answer.deferred {
+        let waits_for: Vec<String> = first
+            .touched
+            .get(&item.address)
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default();
+        if waits_for.is_empty() {
+            // It failed, but not for an output: its own error (a `throw`, an `assert`, a
+            // missing `provider`). Read it again without catching, for Nix's message.
+            let again = instantiate(&file, request, std::slice::from_ref(&item.address)).await;
+            return Err(match again {
+                Err(e) => e,
+                Ok(_) => EvalError::Nix {
+                    file,
+                    message: format!(
+                        "`{}` failed to evaluate, and evaluated when read again",
+                        item.address
+                    ),
+                },
+            });
+        }
+        deferred.push(Deferred {
+            address: item.address,
+            kind: item.what,
+            waits_for,
+        });
+    }
+    let mut resources = answer
+        .resources
+        .unwrap_or_else(|| Value::Object(Map::new()));
+    defer_references(&mut resources, &mut deferred);
+    let document = serde_json::json!({
+        "providers": answer.providers,
+        "resources": resources,
+    })
+    .to_string();
+    Ok(Evaluation {
+        document,
+        deferred,
+        messages: first.messages,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Defers, too, each resource that refers (`$ref`, `$cap`) to one that is deferred: it
+/// cannot be declared without it. Until none is left.
+fn defer_references(resources: &mut Value, deferred: &mut Vec<Deferred>) {
+    loop {
+        let mut found: Vec<(String, String)> = Vec::new();
+        let mut path = Vec::new();
+        visit_resources(resources, &mut path, &mut |address, inputs| {
+            let mut targets = Vec::new();
+            references(inputs, &mut targets);
+            if let Some(target) = targets
+                .into_iter()
+                .find(|t| deferred.iter().any(|d| d.covers(t)))
+            {
+                found.push((address.to_string(), target));
+            }
+        });
+        if found.is_empty() {
+            return;
+        }
+        for (address, target) in found {
+            remove_member(resources, &address);
+            deferred.push(Deferred {
+                address,
+                kind: DeferredKind::Resource,
+                waits_for: vec![target],
+            });
+        }
+    }
+}
+
+/// Calls `f` with each resource's address and inputs in a tree of groups (as in capstan.json).
+fn visit_resources(tree: &Value, path: &mut Vec<String>, f: &mut dyn FnMut(&str, &Value)) {
+    let Some(members) = tree.as_object() else {
+        return;
+    };
+    for (name, member) in members {
+        path.push(name.clone());
+        match member.get("resources") {
+            Some(inner) if member.get("type").is_none() => visit_resources(inner, path, f),
+            _ => f(
+                &path.join("."),
+                member.get("inputs").unwrap_or(&Value::Null),
+            ),
+        }
+        path.pop();
+    }
+}
+
+fn remove_member(tree: &mut Value, address: &str) {
+    let mut node = tree;
+    let mut names = address.split('.').peekable();
+    while let Some(name) = names.next() {
+        let Some(members) = node.as_object_mut() else {
+            return;
+        };
+        if names.peek().is_none() {
+            members.remove(name);
+            return;
+        }
+        match members.get_mut(name).and_then(|m| m.get_mut("resources")) {
+            Some(inner) => node = inner,
+            None => return,
+        }
+    }
+}
+
+/// The addresses `{"$ref": "A#o"}` and `{"$cap": "A#n"}` markers in `value` point at.
+fn references(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            if map.len() == 1 {
+                if let Some((key, Value::String(target))) = map.iter().next() {
+                    if key == "$ref" || key == "$cap" {
+                        if let Some((address, _)) = target.split_once('#') {
+                            out.push(address.to_string());
+                        }
+                        return;
+                    }
+                }
+            }
+            map.values().for_each(|v| references(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| references(v, out)),
+        _ => {}
+    }
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    providers: Value,
+    #[serde(default)]
+    resources: Option<Value>,
+    #[serde(default)]
+    deferred: Vec<DeferredItem>,
+}
+
+#[derive(Deserialize)]
+struct DeferredItem {
+    address: String,
+    what: DeferredKind,
+}
+
+/// One run of `nix-instantiate`: its answer and what its trace lines said.
+struct Run {
+    stdout: String,
+    /// Per item, the addresses whose missing outputs it used.
+    touched: BTreeMap<String, BTreeSet<String>>,
+    cycles: Vec<Vec<String>>,
+    messages: Vec<String>,
+}
+
+/// A Nix string literal holding `text`.
+fn nix_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '$' => out.push_str("\\$"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The expression Nix reads on its standard input: the library, applied to the file and the
+/// values of this evaluation (as JSON in strings, so no size limit of a command line applies).
+fn expression(file: &Path, request: &Request<'_>, raise: &[String]) -> String {
+    let mut known = String::from("{");
+    for (i, (address, outputs)) in request.known.iter().enumerate() {
+        if i > 0 {
+            known.push(',');
+        }
+        known.push_str(&serde_json::to_string(address).expect("a string"));
+        known.push(':');
+        known.push_str(outputs.text());
+    }
+    known.push('}');
+    format!(
+        "let capstan = (\n{LIBRARY}\n); in capstan.evaluate {{ file = /. + {file}; params = builtins.fromJSON {params}; \
+         known = builtins.fromJSON {known}; raise = builtins.fromJSON {raise}; only = {only}; }}\n",
+        file = nix_string(&file.to_string_lossy()),
+        params = nix_string(&Value::Object(request.params.clone()).to_string()),
+        known = nix_string(&known),
+        raise = nix_string(&serde_json::to_string(raise).expect("strings")),
+        only = nix_string(if request.providers_only {
+            "providers"
+        } else {
+            "all"
+        }),
+    )
+}
+
+async fn instantiate(
+    file: &Path,
+    request: &Request<'_>,
+    raise: &[String],
+) -> Result<Run, EvalError> {
+    let program = program();
+    let mut command = tokio::process::Command::new(&program);
+    command.args(["--eval", "--strict", "--json"]);
+    if !raise.is_empty() {
+        // For the place in the deployment's own files (Nix names it for a `throw` only then).
+        command.arg("--show-trace");
+    }
+    command
+        .arg("-")
+        .current_dir(crate::model::dir_of(file))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A stopped run (its future dropped) stops the evaluation.
+        .kill_on_drop(true);
+    // SAFETY: between fork and exec, only `prctl`, which is async-signal-safe: the evaluator
+    // dies with capstan, even a capstan killed with SIGKILL.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|error| {
+        if error.kind() == std::io::ErrorKind::NotFound {
+            EvalError::NixMissing {
+                file: file.to_path_buf(),
+                program: program.display().to_string(),
+            }
+        } else {
+            EvalError::Spawn {
+                file: file.to_path_buf(),
+                program: program.display().to_string(),
+                error,
+            }
+        }
+    })?;
+    let input = expression(file, request, raise);
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let write = async move {
+        // Nix may stop reading (a syntax error in the library is not possible, but an early
+        // exit is): a broken pipe is then reported by its exit status.
+        let _ = stdin.write_all(input.as_bytes()).await;
+        drop(stdin);
+    };
+    let read_out = async move {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text).await;
+        text
+    };
+    let read_err = async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut touched: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut cycles = Vec::new();
+        let mut messages = Vec::new();
+        let mut current: Option<String> = None;
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Some(trace) = line.strip_prefix("trace: capstan-") else {
+                messages.push(line);
+                continue;
+            };
+            let mut fields = trace.split('#');
+            match (fields.next(), fields.next()) {
+                (Some("eval"), Some(address)) => current = Some(address.to_string()),
+                (Some("touch"), Some(address)) => {
+                    if let Some(item) = &current {
+                        touched
+                            .entry(item.clone())
+                            .or_default()
+                            .insert(address.to_string());
+                    }
+                }
+                (Some("cycle"), Some(first)) => {
+                    cycles.push(
+                        std::iter::once(first)
+                            .chain(fields)
+                            .map(str::to_string)
+                            .collect(),
+                    );
+                }
+                _ => messages.push(line),
+            }
+        }
+        (touched, cycles, messages)
+    };
+    let ((), stdout, (touched, cycles, messages)) = tokio::join!(write, read_out, read_err);
+    let status = child.wait().await.map_err(|error| EvalError::Spawn {
+        file: file.to_path_buf(),
+        program: program.display().to_string(),
+        error,
+    })?;
+    if !status.success() {
+        if let Some(path) = cycles.into_iter().next() {
+            return Err(EvalError::Cycle {
+                file: file.to_path_buf(),
+                path,
+            });
+        }
+        let mut message = if raise.is_empty() {
+            messages.join("\n")
+        } else {
+            concise(&messages)
+        };
+        if message.trim().is_empty() {
+            message = format!("{} exited with {status}", program.display());
+        }
+        return Err(EvalError::Nix {
+            file: file.to_path_buf(),
+            message,
+        });
+    }
+    Ok(Run {
+        stdout,
+        touched,
+        cycles,
+        messages,
+    })
+}
+
+/// A deployment in Nix, read as far as the outputs that exist allow, and planned.
+pub struct Staged {
+    pub deployment: crate::model::Deployment,
+    /// The plan of what could be read. Deletes of what a deferred item may still declare are
+    /// left out (see [`Deferred::covers`]).
+    pub changes: Vec<crate::plan::PlannedChange>,
+    pub deferred: Vec<Deferred>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StagedError {
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+}
+
+/// Evaluates and plans until no deferred item waits for an output that exists: each
+/// resource the plan leaves as it is gives its recorded outputs to the next evaluation.
+/// `known` holds the outputs known to exist already; `stage` counts evaluations (for events).
+pub async fn evaluate_and_plan(
+    file: &Path,
+    params: &Map<String, Value>,
+    state: &crate::state::State,
+    mut known: BTreeMap<String, capstan_host::Json>,
+    uses: &mut Uses,
+    events: &dyn crate::events::EventSink,
+    stage: &mut usize,
+) -> Result<Staged, StagedError> {
+    use crate::events::Event;
+    use crate::plan::Action;
+    let name = file.display().to_string();
+    loop {
+        *stage += 1;
+        events.emit(Event::EvaluationStart {
+            file: name.clone(),
+            stage: *stage,
+        });
+        let evaluation = evaluate(&Request {
+            file,
+            params,
+            known: &known,
+            providers_only: false,
+        })
+        .await?;
+        let mut deployment = crate::model::Deployment::parse(file, &evaluation.document, params)?;
+        for d in &evaluation.deferred {
+            uses.entry(d.address.clone())
+                .or_default()
+                .extend(d.waits_for.iter().cloned());
+        }
+        record_uses(&mut deployment, uses);
+        events.emit(Event::EvaluationComplete {
+            file: name.clone(),
+            stage: *stage,
+            resources: deployment.resources.len(),
+            deferred: evaluation.deferred.len(),
+            elapsed_seconds: evaluation.elapsed.as_secs_f64(),
+        });
+        for message in &evaluation.messages {
+            events.emit(Event::ProviderLog {
+                provider: "nix".into(),
+                stream: capstan_schema::LogStream::Stderr,
+                line: message.clone(),
+            });
+        }
+        let mut changes = crate::plan::plan(&deployment, state)?;
+        let deferred = evaluation.deferred;
+        changes.retain(|c| {
+            c.action != Action::Delete || !deferred.iter().any(|d| d.covers(&c.address))
+        });
+        let waited: BTreeSet<&str> = deferred
+            .iter()
+            .flat_map(|d| d.waits_for.iter().map(String::as_str))
+            .collect();
+        let newly: Vec<&String> = changes
+            .iter()
+            .filter(|c| c.action == Action::Noop)
+            .map(|c| &c.address)
+            .filter(|a| waited.contains(a.as_str()) && !known.contains_key(*a))
+            .collect();
+        if newly.is_empty() {
+            return Ok(Staged {
+                deployment,
+                changes,
+                deferred,
+            });
+        }
+        known.extend(outputs_of(state, newly));
+    }
+}
+
+/// What each deferred item waited for, over all evaluations of a command: once it is read, it
+/// depends on those (a member of a nested deployment, on what its deployment waited for too).
+pub type Uses = BTreeMap<String, BTreeSet<String>>;
+
+fn record_uses(deployment: &mut crate::model::Deployment, uses: &Uses) {
+    if uses.is_empty() {
+        return;
+    }
+    let resources = &mut deployment.resources;
+    for i in 0..resources.len() {
+        let (address, _) = resources.get_index(i).expect("an index");
+        // Itself, and each nested deployment (or group) it is a member of.
+        let mut used: BTreeSet<String> = BTreeSet::new();
+        let mut prefix = address.as_str();
+        loop {
+            if let Some(u) = uses.get(prefix) {
+                used.extend(u.iter().filter(|u| u.as_str() != address).cloned());
+            }
+            match prefix.rfind('.') {
+                Some(dot) => prefix = &prefix[..dot],
+                None => break,
+            }
+        }
+        if used.is_empty() {
+            continue;
+        }
+        let indices: Vec<u32> = used
+            .iter()
+            .filter_map(|u| resources.get_index_of(u))
+            .filter_map(|j| u32::try_from(j).ok())
+            .collect();
+        let (_, decl) = resources.get_index_mut(i).expect("an index");
+        decl.uses = used.into_iter().collect();
+        decl.depends_on.extend(indices);
+        decl.depends_on.sort_unstable();
+        decl.depends_on.dedup();
+    }
+}
+
+/// Nix's error from a `--show-trace` run, cut to its message and the first place in the
+/// deployment's own files (the library's frames, read from standard input, say nothing to
+/// its author).
+fn concise(lines: &[String]) -> String {
+    let Some(start) = lines.iter().position(|l| l.starts_with("error:")) else {
+        return lines.join("\n");
+    };
+    let mut out: Vec<&str> = lines[start..]
+        .iter()
+        .take_while(|l| !l.trim().is_empty())
+        .map(String::as_str)
+        .collect();
+    let place = lines[start..].iter().position(|l| {
+        let l = l.trim_start();
+        l.starts_with("at /") && !l.contains('«')
+    });
+    if let Some(at) = place {
+        let at = start + at;
+        out.push("");
+        out.push(&lines[at]);
+        // The source lines after it, up to the next blank line past them.
+        let mut seen = false;
+        for line in &lines[at + 1..] {
+            if line.trim().is_empty() {
+                if seen {
+                    break;
+                }
+                out.push("");
+                continue;
+            }
+            seen = true;
+            out.push(line);
+        }
+    }
+    out.join("\n")
+}
+
+/// The outputs recorded for `addresses` that exist in `state`, as [`Request::known`] takes them.
+pub fn outputs_of<'a>(
+    state: &crate::state::State,
+    addresses: impl IntoIterator<Item = &'a String>,
+) -> BTreeMap<String, capstan_host::Json> {
+    addresses
+        .into_iter()
+        .filter_map(|a| {
+            state
+                .resources
+                .get(a)
+                .map(|r| (a.clone(), r.outputs.clone()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_are_quoted_for_nix() {
+        assert_eq!(nix_string("a\"b\\c${d}\n"), r#""a\"b\\c\${d}\n""#);
+    }
+
+    #[test]
+    fn a_deferred_item_covers_what_belongs_to_it() {
+        let nested = Deferred {
+            address: "rest".into(),
+            kind: DeferredKind::Nested,
+            waits_for: vec!["config".into()],
+        };
+        assert!(nested.covers("rest"));
+        assert!(nested.covers("rest.vm"));
+        assert!(nested.covers("rest/child"));
+        assert!(!nested.covers("restless"));
+        let resource = Deferred {
+            kind: DeferredKind::Resource,
+            ..nested
+        };
+        assert!(resource.covers("rest/child"));
+        assert!(!resource.covers("rest.vm"));
+    }
+}

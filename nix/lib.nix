@@ -1,0 +1,223 @@
+# Capstan's Nix library: deployments written in Nix. Pure Nix, no nixpkgs needed.
+#
+# A deployment file evaluates to `{ providers = { … }; resources = { … }; }`, or to a function
+# that takes any of these arguments and returns that:
+#   capstan    this library (constructors below)
+#   params     the parameters given with --params
+#   resources  every resource of the deployment, with its outputs: resources.db.outputs.port
+#
+# `capstan` reads the file with `nix-instantiate` through `evaluate` (the end of this file); the
+# README's "Deployments in Nix" page explains the rules. This file is one expression so that it
+# can be handed to Nix as it is; `import ./lib.nix` gives the same library for a `nix repl`.
+let
+  inherit (builtins)
+    attrNames
+    concatMap
+    concatStringsSep
+    deepSeq
+    elem
+    filter
+    functionArgs
+    intersectAttrs
+    isAttrs
+    isFunction
+    isString
+    listToAttrs
+    mapAttrs
+    seq
+    trace
+    tryEval
+    typeOf
+    ;
+
+  # Calls `f` with the arguments it names (all of them if it takes one plain argument); a value
+  # that is not a function is taken as it is.
+  call = f: args:
+    if !(isFunction f) then
+      f
+    else if functionArgs f == { } then
+      f args
+    else
+      f (intersectAttrs (functionArgs f) args);
+
+  isNested = d: isAttrs d && (d._capstan or null) == "nested";
+  isGroup = d: isAttrs d && !(d ? type) && !(d ? provider) && d ? resources;
+
+  join = prefix: name: if prefix == "" then name else "${prefix}.${name}";
+
+  resourceKeys = [ "provider" "type" "inputs" "outputs" ];
+
+  capstan = {
+    # Providers, as `providers.<name> = …`. Each is an attribute set like a capstan.json
+    # provider declaration, so options can be added with `//`:
+    #   providers.web = capstan.executable ./web-provider // { maxConcurrency = 4; };
+    builtin = name: { builtin = name; };
+    executable = path: { executable = toString path; };
+    socket = path: { socket = toString path; };
+    # An existing NixOps4 version-0 provider, run through Capstan's bridge (its resources list
+    # their `outputs`).
+    nixops4 = path: {
+      executable = toString path;
+      protocol = "nixops4-v0";
+    };
+
+    # Members under one name, addressed `<group>.<member>` (as `{ resources = { … }; }`).
+    group = members: { resources = members; };
+
+    # A nested deployment: its members are a function of other resources' outputs. The function
+    # takes the same arguments as a deployment file and returns members (resources, groups,
+    # nested deployments). It is evaluated once the outputs it uses exist; its members are
+    # addressed `<name>.<member>`.
+    nested = function: {
+      _capstan = "nested";
+      inherit function;
+    };
+
+    # A reference the engine fills in when the output exists, without evaluating again (the
+    # JSON form `{"$ref": "db#port"}`): `resources.db.output "port"`, also `capstan.ref "db" "port"`.
+    ref = address: output: { "$ref" = "${address}#${output}"; };
+    # A capability resource `address` returned, as an input's whole value.
+    cap = address: name: { "$cap" = "${address}#${name}"; };
+  };
+
+  # Reads a deployment for `capstan`. `known` maps addresses to the outputs that exist now; an
+  # output that does not exist yet throws when it is used, so a resource whose inputs use one
+  # is deferred (listed, not declared) and a nested deployment whose members need one is left
+  # for later. Trace lines tell `capstan` what each deferred thing waited for:
+  # (fields after `#`, which no address holds):
+  #   capstan-eval#ADDRESS    the next item being read
+  #   capstan-touch#ADDRESS   it used outputs of ADDRESS, which do not exist yet
+  #   capstan-cycle#A#B…      the members of nested deployment A depend on themselves
+  # `raise` lists items to read without catching, to show the error that deferred them.
+  evaluate =
+    { file, params, known, raise ? [ ], only ? "all" }:
+    let
+      args = view: {
+        inherit capstan params;
+        resources = view;
+      };
+      top = call (import file) (args root);
+      topChecked =
+        if !isAttrs top then
+          throw "capstan: ${toString file} must give an attribute set { providers = …; resources = …; } (or a function returning one), not a ${typeOf top}"
+        else
+          let unknown = filter (k: !(elem k [ "providers" "resources" ])) (attrNames top);
+          in if unknown != [ ] then
+            throw "capstan: ${toString file}: unknown key `${concatStringsSep "`, `" unknown}`; a deployment has `providers` and `resources`"
+          else
+            top;
+
+      # What `resources` shows from inside the structure of the nested deployments in `stack`
+      # (outermost first): those cannot be looked into, which would be infinite recursion.
+      view = stack: members stack "" (topChecked.resources or { });
+      root = view [ ];
+      members = stack: prefix: decls: mapAttrs (name: d: member stack (join prefix name) d) decls;
+      member = stack: address: d:
+        if isNested d then
+          nestedView stack address d
+        else if isGroup d then
+          members stack address d.resources
+        else
+          resourceView address d;
+      nestedView = stack: address: d:
+        if elem address stack then
+          trace "capstan-cycle#${concatStringsSep "#" (stack ++ [ address ])}"
+            (throw "capstan: the members of nested deployment `${address}` depend on themselves (${concatStringsSep " → " (stack ++ [ address ])})")
+        else
+          members stack address (call d.function (args (view (stack ++ [ address ]))));
+      resourceView = address: d: {
+        inherit address;
+        provider = d.provider;
+        type = d.type;
+        outputs =
+          known.${address} or (trace "capstan-touch#${address}"
+            (throw "capstan: the outputs of `${address}` do not exist yet; a provider declaration or the set of resources cannot depend on them (put what depends on them in `capstan.nested`)"));
+        output = capstan.ref address;
+        capability = capstan.cap address;
+      };
+
+      # Reads `value` fully for item `address`, catching what it throws unless told not to.
+      attempt = address: value:
+        if elem address raise then
+          {
+            success = true;
+            value = deepSeq value value;
+          }
+        else
+          trace "capstan-eval#${address}" (tryEval (deepSeq value value));
+
+      kindOf = d: if isNested d then "nested" else if isGroup d then "group" else "resource";
+
+      walk = prefix: decls:
+        let
+          items = mapAttrs (name: d: walkMember (join prefix name) d) decls;
+          names = attrNames items;
+        in
+        {
+          tree = listToAttrs (concatMap
+            (name: if items.${name} ? tree then [{ inherit name; value = items.${name}.tree; }] else [ ])
+            names);
+          deferred = concatMap (name: items.${name}.deferred) names;
+        };
+
+      walkMember = address: d:
+        let
+          kind = attempt address (seq d (kindOf d));
+        in
+        if !kind.success then
+          { deferred = [{ inherit address; what = "member"; }]; }
+        else if kind.value == "group" then
+          let w = walk address d.resources; in { tree = { resources = w.tree; }; inherit (w) deferred; }
+        else if kind.value == "nested" then
+          walkNested address d
+        else
+          walkResource address d;
+
+      walkNested = address: d:
+        let
+          # The members' names and kinds, from a view in which this deployment's own members
+          # cannot be looked into.
+          structure = attempt address
+            (mapAttrs (_: kindOf) (call d.function (args (view [ address ]))));
+          w = walk address (call d.function (args root));
+        in
+        if !structure.success then
+          { deferred = [{ inherit address; what = "nested"; }]; }
+        else
+          { tree = { resources = w.tree; }; inherit (w) deferred; };
+
+      walkResource = address: d:
+        let
+          unknown = filter (k: !(elem k resourceKeys)) (attrNames d);
+          decl = {
+            provider = d.provider or (throw "capstan: resource `${address}` has no `provider`");
+            type = d.type or (throw "capstan: resource `${address}` has no `type`");
+            inputs = d.inputs or { };
+          } // (if d ? outputs then { inherit (d) outputs; } else { });
+          read = attempt address decl;
+        in
+        if unknown != [ ] then
+          throw "capstan: resource `${address}`: unknown key `${concatStringsSep "`, `" unknown}`; a resource has `provider`, `type`, `inputs` and `outputs`"
+        else if !read.success then
+          { deferred = [{ inherit address; what = "resource"; }]; }
+        else if !isString read.value.provider || !isString read.value.type then
+          throw "capstan: resource `${address}`: `provider` and `type` are strings (a provider's name in `providers`, a type it offers)"
+        else
+          {
+            tree = read.value;
+            deferred = [ ];
+          };
+
+      providers = topChecked.providers or { };
+      everything = walk "" (topChecked.resources or { });
+    in
+    if only == "providers" then
+      { inherit providers; }
+    else
+      {
+        inherit providers;
+        resources = everything.tree;
+        inherit (everything) deferred;
+      };
+in
+capstan // { inherit evaluate; }
