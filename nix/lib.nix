@@ -160,18 +160,22 @@ let
           deferred = concatMap (name: items.${name}.deferred) names;
         };
 
+      # One attempt per resource: its kind and its whole declaration.
       walkMember = address: d:
         let
-          kind = attempt address (seq d (kindOf d));
+          read = attempt address (
+            let kind = seq d (kindOf d); in
+            if kind == "resource" then { inherit kind; decl = declOf address d; } else { inherit kind; }
+          );
         in
-        if !kind.success then
+        if !read.success then
           { deferred = [{ inherit address; what = "member"; }]; }
-        else if kind.value == "group" then
+        else if read.value.kind == "group" then
           let w = walk address d.resources; in { tree = { resources = w.tree; }; inherit (w) deferred; }
-        else if kind.value == "nested" then
+        else if read.value.kind == "nested" then
           walkNested address d
         else
-          walkResource address d;
+          walkResource address d read.value.decl;
 
       walkNested = address: d:
         let
@@ -186,25 +190,23 @@ let
         else
           { tree = { resources = w.tree; }; inherit (w) deferred; };
 
-      walkResource = address: d:
+      declOf = address: d: {
+        provider = d.provider or (throw "capstan: resource `${address}` has no `provider`");
+        type = d.type or (throw "capstan: resource `${address}` has no `type`");
+        inputs = d.inputs or { };
+      } // (if d ? outputs then { inherit (d) outputs; } else { });
+
+      walkResource = address: d: decl:
         let
           unknown = filter (k: !(elem k resourceKeys)) (attrNames d);
-          decl = {
-            provider = d.provider or (throw "capstan: resource `${address}` has no `provider`");
-            type = d.type or (throw "capstan: resource `${address}` has no `type`");
-            inputs = d.inputs or { };
-          } // (if d ? outputs then { inherit (d) outputs; } else { });
-          read = attempt address decl;
         in
         if unknown != [ ] then
           throw "capstan: resource `${address}`: unknown key `${concatStringsSep "`, `" unknown}`; a resource has `provider`, `type`, `inputs` and `outputs`"
-        else if !read.success then
-          { deferred = [{ inherit address; what = "resource"; }]; }
-        else if !isString read.value.provider || !isString read.value.type then
+        else if !isString decl.provider || !isString decl.type then
           throw "capstan: resource `${address}`: `provider` and `type` are strings (a provider's name in `providers`, a type it offers)"
         else
           {
-            tree = read.value;
+            tree = decl;
             deferred = [ ];
           };
 

@@ -1267,6 +1267,146 @@ fn children_bench(json_output: bool, quick: bool) {
     );
 }
 
+/// A deployment in Nix of `count` memo resources, as a plain attribute set (so that
+/// `nix-instantiate --eval --strict --json` evaluates the very same file as the baseline).
+fn wide_nix(count: usize) -> String {
+    let mut text = String::from(
+        "{\n  providers.local = { builtin = \"local\"; };\n  resources = builtins.listToAttrs (builtins.genList (i: {\n",
+    );
+    text.push_str(
+        "    name = \"r${toString i}\";\n    value = { provider = \"local\"; type = \"memo\"; inputs.value = { index = i; name = \"resource ${toString i}\"; }; };\n",
+    );
+    text.push_str(&format!("  }}) {count});\n}}\n"));
+    text
+}
+
+/// A chain of `length` resources, each computing on the previous one's output (`computed`), or
+/// passing it on with a reference the engine fills in.
+fn chain_nix(length: usize, computed: bool) -> String {
+    let mut text = String::from(
+        "{ capstan, resources, ... }: {\n  providers.local = capstan.builtin \"local\";\n  resources = {\n    r0 = { provider = \"local\"; type = \"memo\"; inputs.value = 0; };\n",
+    );
+    for i in 1..length {
+        let value = if computed {
+            format!("resources.r{}.outputs.value + 1", i - 1)
+        } else {
+            format!("resources.r{}.output \"value\"", i - 1)
+        };
+        text.push_str(&format!(
+            "    r{i} = {{ provider = \"local\"; type = \"memo\"; inputs.value = {value}; }};\n"
+        ));
+    }
+    text.push_str("  };\n}\n");
+    text
+}
+
+/// Seconds to run `program args` in `dir` (which must succeed), and its stdout.
+fn timed(program: &Path, args: &[&str], dir: &Path) -> (f64, Vec<u8>) {
+    let started = Instant::now();
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed: {}",
+        program.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (seconds, out.stdout)
+}
+
+fn nix_bench(json_output: bool, quick: bool) {
+    let capstan = std::env::current_exe().unwrap().with_file_name("capstan");
+    let nix = PathBuf::from(
+        std::env::var_os("CAPSTAN_NIX_INSTANTIATE").unwrap_or_else(|| "nix-instantiate".into()),
+    );
+    let rounds = if quick { 1 } else { 5 };
+    let count = 1_000;
+    let chain = 10;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let wide = dir.path().join("wide");
+    std::fs::create_dir(&wide).unwrap();
+    std::fs::write(wide.join("capstan.nix"), wide_nix(count)).unwrap();
+    let (mut plan_s, mut eval_s) = (Vec::new(), Vec::new());
+    let (mut computed_s, mut reference_s) = (Vec::new(), Vec::new());
+    let mut stages = (0, 0);
+    for round in 0..rounds {
+        // Interleaved: a slower moment of the machine falls on both alike.
+        eval_s.push(
+            timed(
+                &nix,
+                &["--eval", "--strict", "--json", "capstan.nix"],
+                &wide,
+            )
+            .0,
+        );
+        plan_s.push(timed(&capstan, &["plan", "-f", "capstan.nix"], &wide).0);
+        for computed in [true, false] {
+            let place = dir.path().join(format!("chain-{computed}-{round}"));
+            std::fs::create_dir(&place).unwrap();
+            std::fs::write(place.join("capstan.nix"), chain_nix(chain, computed)).unwrap();
+            let (seconds, stdout) = timed(&capstan, &["apply", "--json"], &place);
+            let evaluations = String::from_utf8_lossy(&stdout)
+                .lines()
+                .filter(|l| l.contains("\"type\":\"evaluation_complete\""))
+                .count();
+            if computed {
+                computed_s.push(seconds);
+                stages.0 = evaluations;
+            } else {
+                reference_s.push(seconds);
+                stages.1 = evaluations;
+            }
+        }
+    }
+    let (plan, eval) = (median(plan_s), median(eval_s));
+    let (computed, reference) = (median(computed_s), median(reference_s));
+    let figures = json!({
+        "resources": count,
+        "capstan_plan_s": plan,
+        "nix_instantiate_s": eval,
+        "nix_eval_ratio": plan / eval,
+        "chain": chain,
+        "staged_evaluations": stages.0,
+        "staged_apply_s": computed,
+        "reference_evaluations": stages.1,
+        "reference_apply_s": reference,
+        "staged_vs_reference_ratio": computed / reference,
+        "rounds": rounds,
+    });
+    if json_output {
+        println!("{figures}");
+        return;
+    }
+    println!(
+        "{:<62} {:>10}   goal",
+        "measure (median of rounds)", "figure"
+    );
+    println!(
+        "{:<62} {:>9.3}s",
+        format!("nix-instantiate --eval --strict --json, {count} resources"),
+        eval
+    );
+    println!("{:<62} {:>9.3}s", "capstan plan of the same file", plan);
+    println!("{:<62} {:>10.2}   ≤ 1.5", "nix_eval_ratio", plan / eval);
+    println!(
+        "{:<62} {:>10}   ≤ {}",
+        format!("evaluations, chain of {chain} computing on the previous"),
+        stages.0,
+        chain + 1
+    );
+    println!("{:<62} {:>9.3}s", "apply of that chain", computed);
+    println!(
+        "{:<62} {:>10}",
+        "evaluations, the same chain with references", stages.1
+    );
+    println!("{:<62} {:>9.3}s", "apply of that chain", reference);
+}
+
 /// Capstan's benchmarks: each figure beside a baseline measured in the same run.
 /// Build first: cargo build --release
 #[derive(clap::Parser)]
@@ -1307,6 +1447,10 @@ enum Bench {
     /// 10,000 no-op children submitted by one resource through its Scheduler vs. the same
     /// declared directly (median round of 5 interleaved).
     Children(Report),
+    /// Deployments written in Nix: `capstan plan` of 1,000 resources vs. `nix-instantiate` of
+    /// the same file, and a chain of 10 computed outputs (staged) vs. references. Needs Nix.
+    /// (Children vs. direct is `children`.)
+    Nix(Report),
     /// One apply of FILE (SIZE resources, JOBS at once), for `apply`'s rounds.
     #[command(name = "apply-child", hide = true)]
     ApplyChild {
@@ -1339,6 +1483,7 @@ fn main() -> ExitCode {
         Bench::Apply { report, million } => apply_bench(report.json, report.quick, million),
         Bench::V0(report) => v0_bench(report.json, report.quick),
         Bench::Children(report) => children_bench(report.json, report.quick),
+        Bench::Nix(report) => nix_bench(report.json, report.quick),
         Bench::ApplyChild { file, size, jobs } => apply_child(file, size, jobs),
         Bench::RawEcho { path } => raw_echo_child(&path),
         Bench::BareCaller { path, calls, mode } => bare_caller(&path, calls, &mode),

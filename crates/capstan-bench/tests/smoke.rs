@@ -160,3 +160,33 @@ fn children_reports_children_beside_the_same_resources_declared() {
     let direct = positive(&figures, "direct_resources_per_s");
     assert!((ratio - children / direct).abs() < 1e-9 * ratio.max(1.0));
 }
+
+#[test]
+fn nix_reports_the_evaluation_figures() {
+    if Command::new("nix-instantiate")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("CI").is_err(),
+            "nix-instantiate is missing under CI (apt-get install nix-bin)"
+        );
+        eprintln!("SKIPPED: nix-instantiate is not installed");
+        return;
+    }
+    let figures = bench_json(&["nix", "--quick", "--json"]);
+    for key in [
+        "capstan_plan_s",
+        "nix_instantiate_s",
+        "nix_eval_ratio",
+        "staged_apply_s",
+        "reference_apply_s",
+    ] {
+        positive(&figures, key);
+    }
+    // The chain is evaluated in stages, one per resource whose inputs compute on an output;
+    // the references need one.
+    assert_eq!(figures["staged_evaluations"], 10, "{figures}");
+    assert_eq!(figures["reference_evaluations"], 1, "{figures}");
+}
