@@ -169,7 +169,11 @@ let
           );
         in
         if !read.success then
-          { deferred = [{ inherit address; what = "member"; }]; }
+          let
+            # What it is, if that much can be read (a resource whose inputs wait, usually).
+            kind = tryEval (seq d (kindOf d));
+          in
+          { deferred = [{ inherit address; what = if kind.success && kind.value == "resource" then "resource" else "member"; }]; }
         else if read.value.kind == "group" then
           let w = walk address d.resources; in { tree = { resources = w.tree; }; inherit (w) deferred; }
         else if read.value.kind == "nested" then

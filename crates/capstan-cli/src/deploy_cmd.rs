@@ -626,33 +626,30 @@ pub async fn apply_cmd(
     let Some(backend) = session.backend.take() else {
         unreachable!("apply and destroy open the state for writing");
     };
-    let result = match session.nix.take() {
-        Some(nix) if !destroy => {
-            waves(
-                &mut session,
-                nix,
-                changes,
-                &providers,
-                backend.clone(),
-                &options,
-                &stop,
-            )
-            .await
-        }
-        _ => {
-            run::run(
-                changes,
-                &session.deployment,
-                &mut session.state,
-                backend.clone() as Rc<dyn StateBackend>,
-                &providers,
-                &options,
-                session.events.clone(),
-                stop.token.clone(),
-            )
-            .await
-        }
-    };
+    // A deployment in Nix with items left for later evaluates again as the run goes on.
+    let stages = session
+        .nix
+        .take()
+        .filter(|_| !destroy)
+        .map(|n| nix::Stages {
+            file: n.file,
+            params: n.params,
+            deferred: n.deferred,
+            uses: n.uses,
+            stage: n.stage,
+        });
+    let result = run::run_staged(
+        changes,
+        &session.deployment,
+        &mut session.state,
+        backend.clone() as Rc<dyn StateBackend>,
+        &providers,
+        &options,
+        session.events.clone(),
+        stop.token.clone(),
+        stages,
+    )
+    .await;
     providers.shutdown().await;
     let summary = match result {
         Ok(summary) => summary,
@@ -674,185 +671,6 @@ fn show_deferred(events: &dyn EventSink, deferred: &[nix::Deferred]) {
             waits_for: d.waits_for.clone(),
         });
     }
-}
-
-/// The events of one wave of a deployment in Nix, passed on, with the addresses that did not
-/// end well kept (their outputs are not given to later evaluations) and the run's summary held
-/// back (one summary ends the command).
-struct WaveEvents {
-    inner: Rc<dyn EventSink>,
-    failed: RefCell<std::collections::BTreeSet<String>>,
-    summary: RefCell<Option<capstan_engine::events::Summary>>,
-}
-
-impl EventSink for WaveEvents {
-    fn emit(&self, event: Event) {
-        match event {
-            Event::ResourceFailed { ref address, .. }
-            | Event::ResourceSkipped { ref address, .. } => {
-                self.failed.borrow_mut().insert(address.clone());
-            }
-            Event::Summary { counts, .. } => {
-                *self.summary.borrow_mut() = Some(counts);
-                return;
-            }
-            _ => {}
-        }
-        self.inner.emit(event);
-    }
-}
-
-/// Applies a deployment in Nix in waves: the plan of what could be evaluated runs; then what
-/// was deferred is evaluated again with the outputs that now exist, planned, and run; and so
-/// on until nothing deferred waits for an output that exists. Each wave runs under the same
-/// limits and providers, into the same state and event stream.
-async fn waves(
-    session: &mut Session,
-    mut nix: NixSession,
-    mut changes: Vec<PlannedChange>,
-    providers: &Providers,
-    backend: Rc<DirectoryBackend>,
-    options: &RunOptions,
-    stop: &Stop,
-) -> Result<capstan_engine::events::Summary, StateError> {
-    let started = std::time::Instant::now();
-    let events = Rc::new(WaveEvents {
-        inner: session.events.clone(),
-        failed: Default::default(),
-        summary: Default::default(),
-    });
-    let mut total = capstan_engine::events::Summary::default();
-    // Every address a wave planned: a later wave does not take it up again (a failure stays
-    // failed for this run).
-    let mut attempted: std::collections::HashSet<String> = Default::default();
-    // The outputs the last evaluation was given.
-    let mut given: std::collections::BTreeSet<String> = Default::default();
-    let mut evaluation_failed = false;
-    loop {
-        attempted.extend(changes.iter().map(|c| c.address.clone()));
-        let summary = run::run(
-            changes,
-            &session.deployment,
-            &mut session.state,
-            backend.clone() as Rc<dyn StateBackend>,
-            providers,
-            options,
-            events.clone(),
-            stop.token.clone(),
-        )
-        .await?;
-        add_summary(&mut total, &summary);
-        if stop.token.is_cancelled() || (options.fail_fast && !summary.succeeded()) {
-            break;
-        }
-        // Outputs exist now of every resource of the deployment that ended well.
-        let known = {
-            let failed = events.failed.borrow();
-            nix::outputs_of(
-                &session.state,
-                session
-                    .deployment
-                    .resources
-                    .keys()
-                    .filter(|a| !failed.contains(*a)),
-            )
-        };
-        let progress = nix.deferred.iter().any(|d| {
-            d.waits_for
-                .iter()
-                .any(|w| known.contains_key(w) && !given.contains(w))
-        });
-        if !progress {
-            break;
-        }
-        given = known.keys().cloned().collect();
-        let staged = tokio::select! {
-            staged = nix::evaluate_and_plan(
-                &nix.file,
-                &nix.params,
-                &session.state,
-                known,
-                &mut nix.uses,
-                &*session.events,
-                &mut nix.stage,
-            ) => staged,
-            () = stop.token.cancelled() => break,
-        };
-        let staged = match staged {
-            Ok(staged) => staged,
-            Err(e) => {
-                say!("error: {e}");
-                total.failed += 1;
-                evaluation_failed = true;
-                break;
-            }
-        };
-        if let Err(e) = staged.deployment.check_against(&providers.infos()) {
-            say!("error: {e}");
-            total.failed += 1;
-            evaluation_failed = true;
-            break;
-        }
-        session.deployment = staged.deployment;
-        nix.deferred = staged.deferred;
-        changes = staged
-            .changes
-            .into_iter()
-            .filter(|c| !attempted.contains(&c.address))
-            .collect();
-        plan::annotate(&mut changes, &providers.infos());
-        session.events.emit(Event::Plan {
-            changes: Rc::new(changes.clone()),
-        });
-        show_deferred(&*session.events, &nix.deferred);
-    }
-    // What is still deferred never had what it waits for: say so, as for any skipped resource.
-    if !stop.token.is_cancelled() {
-        let failed = events.failed.borrow();
-        for d in &nix.deferred {
-            let dependency = d
-                .waits_for
-                .iter()
-                .find(|w| failed.contains(*w))
-                .or(d.waits_for.first())
-                .cloned()
-                .unwrap_or_default();
-            let reason = if evaluation_failed {
-                "deferred, and the deployment's evaluation failed".to_string()
-            } else if failed.contains(&dependency) {
-                format!("deferred: its evaluation uses outputs of `{dependency}`, which did not succeed")
-            } else {
-                format!(
-                    "deferred: its evaluation uses outputs of `{dependency}`, which were not made"
-                )
-            };
-            session.events.emit(Event::ResourceSkipped {
-                address: d.address.clone(),
-                operation: "create",
-                reason,
-                dependency,
-            });
-            total.skipped += 1;
-        }
-    }
-    session.events.emit(Event::Summary {
-        counts: total.clone(),
-        elapsed_seconds: started.elapsed().as_secs_f64(),
-    });
-    Ok(total)
-}
-
-fn add_summary(
-    total: &mut capstan_engine::events::Summary,
-    wave: &capstan_engine::events::Summary,
-) {
-    total.created += wave.created;
-    total.updated += wave.updated;
-    total.deleted += wave.deleted;
-    total.unchanged += wave.unchanged;
-    total.failed += wave.failed;
-    total.skipped += wave.skipped;
-    total.interrupted += wave.interrupted;
 }
 
 /// A person's answer to "delete everything?".

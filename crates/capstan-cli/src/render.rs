@@ -279,6 +279,15 @@ impl HumanEvents {
                     self.paint("32", "✓"),
                 );
             }
+            Event::EvaluationFailed { file, stage, error } => {
+                put!(
+                    "  {} {file}: evaluation (stage {stage}) failed:",
+                    self.paint("31", "✗")
+                );
+                for line in error.lines() {
+                    put!("      {line}");
+                }
+            }
             Event::Deferred {
                 address,
                 what,
@@ -525,7 +534,7 @@ impl EventSink for LiveEvents {
                         },
                     );
                 }
-                Event::EvaluationComplete { file, .. } => {
+                Event::EvaluationComplete { file, .. } | Event::EvaluationFailed { file, .. } => {
                     live.running.remove(file);
                 }
                 Event::Interrupted { .. } => {}

@@ -201,6 +201,7 @@ in {
         .iter()
         .map(|d| {
             assert_eq!(d["waits_for"], serde_json::json!(["name"]));
+            assert_eq!(d["what"], "resource");
             d["address"].as_str().unwrap()
         })
         .collect();
@@ -376,4 +377,117 @@ fn evaluation_is_reported_in_the_event_stream() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn deferred_resources_join_the_run_while_it_goes_on() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // `after` waits for `fast` only: it is evaluated and made while `slow` still runs, not
+    // in a wave after everything.
+    write(
+        dir,
+        "capstan.nix",
+        r#"{ capstan, resources, ... }: {
+  providers.local = capstan.builtin "local";
+  resources = {
+    slow = { provider = "local"; type = "exec"; inputs = { command = "sleep"; args = [ "3" ]; }; };
+    fast = { provider = "local"; type = "memo"; inputs.value = "x"; };
+    after = { provider = "local"; type = "memo"; inputs.value = "${resources.fast.outputs.value}!"; };
+    more = capstan.nested ({ resources, ... }: { m = { provider = "local"; type = "memo"; inputs.value = resources.after.outputs.value; }; });
+  };
+}"#,
+    );
+    let out = capstan(dir, &["apply", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all = events(&out.stdout);
+    let position = |address: &str| {
+        all.iter()
+            .position(|e| e["type"] == "resource_complete" && e["address"] == address)
+            .unwrap_or_else(|| panic!("{address} was not made"))
+    };
+    assert!(
+        position("after") < position("slow"),
+        "after waited for slow"
+    );
+    assert!(
+        position("more.m") < position("slow"),
+        "more.m waited for slow"
+    );
+    let summary = of_type(&all, "summary");
+    assert_eq!(summary.len(), 1);
+    assert_eq!(summary[0]["created"], 4);
+    assert_eq!(of_type(&all, "evaluation_complete").len(), 3);
+}
+
+/// The processes whose working directory is `dir` (an evaluation runs there).
+fn processes_in(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cwd = std::fs::read_link(entry.path().join("cwd"));
+        if cwd.is_ok_and(|c| c == dir) {
+            let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            found.push(format!(
+                "{} {}",
+                entry.file_name().to_string_lossy(),
+                name.trim()
+            ));
+        }
+    }
+    found
+}
+
+#[test]
+fn a_signal_during_an_evaluation_leaves_no_process_behind() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    // Seconds of evaluation.
+    write(
+        &dir,
+        "capstan.nix",
+        "{ capstan, ... }: { providers.local = capstan.builtin \"local\"; resources.a = { provider = \"local\"; type = \"memo\"; inputs.value = builtins.foldl' (a: b: a + b) 0 (builtins.genList (i: i) 30000000); }; }",
+    );
+    for (signal, code) in [(libc::SIGTERM, 143), (libc::SIGKILL, -1)] {
+        let mut child = Command::new(capstan_bin())
+            .args(["apply"])
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Until Nix runs.
+        let start = std::time::Instant::now();
+        while !processes_in(&dir)
+            .iter()
+            .any(|p| p.contains("nix-instantiate"))
+        {
+            assert!(start.elapsed().as_secs() < 30, "no evaluation started");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = child.wait().unwrap();
+        if code > 0 {
+            assert_eq!(status.code(), Some(code));
+        }
+        let start = std::time::Instant::now();
+        while !processes_in(&dir).is_empty() {
+            assert!(
+                start.elapsed().as_secs() < 5,
+                "left behind after signal {signal}: {:?}",
+                processes_in(&dir)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    // Nothing was recorded by a run that never started.
+    let out = capstan(&dir, &["state", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
 }

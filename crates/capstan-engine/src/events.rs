@@ -114,6 +114,12 @@ pub enum Event {
         deferred: usize,
         elapsed_seconds: f64,
     },
+    /// An evaluation during the run failed: what still waits on it is skipped.
+    EvaluationFailed {
+        file: String,
+        stage: usize,
+        error: String,
+    },
     /// A resource or nested deployment left for a later evaluation (after the plan).
     Deferred {
         address: String,

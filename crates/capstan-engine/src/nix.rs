@@ -508,12 +508,7 @@ pub async fn evaluate_and_plan(
         })
         .await?;
         let mut deployment = crate::model::Deployment::parse(file, &evaluation.document, params)?;
-        for d in &evaluation.deferred {
-            uses.entry(d.address.clone())
-                .or_default()
-                .extend(d.waits_for.iter().cloned());
-        }
-        record_uses(&mut deployment, uses);
+        note_uses(&mut deployment, uses, &evaluation.deferred);
         events.emit(Event::EvaluationComplete {
             file: name.clone(),
             stage: *stage,
@@ -557,6 +552,32 @@ pub async fn evaluate_and_plan(
 /// What each deferred item waited for, over all evaluations of a command: once it is read, it
 /// depends on those (a member of a nested deployment, on what its deployment waited for too).
 pub type Uses = BTreeMap<String, BTreeSet<String>>;
+
+/// A deployment in Nix while it is applied: what the run needs to evaluate it again.
+pub struct Stages {
+    pub file: PathBuf,
+    pub params: Map<String, Value>,
+    /// What the last evaluation left for later.
+    pub deferred: Vec<Deferred>,
+    pub uses: Uses,
+    /// Evaluations so far (for events).
+    pub stage: usize,
+}
+
+/// Adds what `deferred` waited for to `uses`, and gives each resource of `deployment` the
+/// dependencies `uses` holds for it.
+pub fn note_uses(
+    deployment: &mut crate::model::Deployment,
+    uses: &mut Uses,
+    deferred: &[Deferred],
+) {
+    for d in deferred {
+        uses.entry(d.address.clone())
+            .or_default()
+            .extend(d.waits_for.iter().cloned());
+    }
+    record_uses(deployment, uses);
+}
 
 fn record_uses(deployment: &mut crate::model::Deployment, uses: &Uses) {
     if uses.is_empty() {

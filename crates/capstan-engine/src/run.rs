@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::{Event, EventSink, FailureKind, Summary};
 use crate::maps::FastMap;
-use crate::model::{Deployment, ProviderDecl, ProviderSourceDecl};
+use crate::model::{Deployment, ProviderDecl, ProviderSourceDecl, ResourceDecl};
 use crate::plan::{Action, PlannedChange};
 use crate::scheduler::{End, NodeId, NodeState, Phase, Scheduler, Skip, Step, Stop};
 use crate::state::{
@@ -353,6 +353,8 @@ enum Done {
     Finished(NodeId, Outcome),
     /// The run stopped before it was sent; its intent is settled.
     Settled(NodeId, Stop),
+    /// A deployment in Nix was evaluated again, with outputs made in this run.
+    Evaluated(Result<crate::nix::Evaluation, crate::nix::EvalError>),
 }
 
 /// `None`: the work of a cancelled child, aborted.
@@ -501,6 +503,29 @@ pub async fn run(
     events: Rc<dyn EventSink>,
     interrupt: CancellationToken,
 ) -> Result<Summary, StateError> {
+    run_staged(
+        changes, deployment, state, backend, providers, options, events, interrupt, None,
+    )
+    .await
+}
+
+/// [`run`] for a deployment in Nix with items left for later (`stages`): each time a
+/// resource they wait for is made, the deployment is evaluated again (one evaluation at a
+/// time) while the run goes on, and what it now yields joins the running scheduler: new
+/// resources as nodes after what they depend on, members a nested deployment no longer
+/// yields as deletes. What is still deferred at the end is reported as skipped.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_staged(
+    changes: Vec<PlannedChange>,
+    deployment: &Deployment,
+    state: &mut State,
+    backend: Rc<dyn StateBackend>,
+    providers: &Providers,
+    options: &RunOptions,
+    events: Rc<dyn EventSink>,
+    interrupt: CancellationToken,
+    stages: Option<crate::nix::Stages>,
+) -> Result<Summary, StateError> {
     let run_started = Instant::now();
     // Room for every resource this run may create, so recording them never regrows the map.
     state.resources.reserve(
@@ -537,7 +562,17 @@ pub async fn run(
         summary: Summary::default(),
         state_error: None,
         scheduler,
+        added: Vec::new(),
+        added_index: FastMap::default(),
+        node_of: FastMap::default(),
+        stages: None,
+        evaluating: false,
+        given: Default::default(),
+        evaluation_failed: false,
     };
+    if let Some(stages) = stages {
+        driver.start_stages(stages);
+    }
     if !driver.recorded_children.is_empty() {
         // (Only a recorded child's address can be asked for again while being deleted.)
         driver.deleting = driver
@@ -561,6 +596,7 @@ pub async fn run(
         while let Some(step) = driver.scheduler.next_step() {
             driver.step(step, &mut work);
         }
+        driver.maybe_evaluate(&mut work);
         if work.is_empty() {
             break;
         }
@@ -594,6 +630,7 @@ pub async fn run(
     for (i, skip) in driver.scheduler.unfinished() {
         driver.report_skip(i, skip);
     }
+    driver.report_deferred(interrupt.is_cancelled());
     debug_assert_eq!(driver.scheduler.unended(), 0);
     if let Some(e) = driver.state_error {
         return Err(e);
@@ -778,9 +815,302 @@ struct Driver<'a> {
     /// Every child address of this run, so a name is used once.
     child_addresses: std::collections::HashSet<String>,
     asks: Asks,
+    /// Resources a later evaluation of a deployment in Nix declared while the run went on;
+    /// node `decl` indices past the deployment's resources point here.
+    added: Vec<Rc<ResourceDecl>>,
+    added_index: FastMap<String, usize>,
+    /// For a deployment in Nix: the node of each address of this run (creates, updates,
+    /// no-ops, replaces; deletes too, so nothing is planned twice).
+    node_of: FastMap<String, NodeId>,
+    stages: Option<crate::nix::Stages>,
+    evaluating: bool,
+    /// The outputs given to the last evaluation.
+    given: std::collections::HashSet<String>,
+    evaluation_failed: bool,
 }
 
-impl Driver<'_> {
+/// A resource's declaration, from the deployment (borrowed for the run) or added while it
+/// ran (shared): either way, held without borrowing the driver.
+enum DeclRef<'a> {
+    Base(&'a ResourceDecl),
+    Added(Rc<ResourceDecl>),
+}
+
+impl std::ops::Deref for DeclRef<'_> {
+    type Target = ResourceDecl;
+    fn deref(&self) -> &ResourceDecl {
+        match self {
+            DeclRef::Base(d) => d,
+            DeclRef::Added(d) => d,
+        }
+    }
+}
+
+impl<'a> Driver<'a> {
+    /// The declaration at `d` (see [`Node::decl`]).
+    fn decl_at(&self, d: usize) -> Option<DeclRef<'a>> {
+        let deployment: &'a Deployment = self.deployment;
+        let base = deployment.resources.len();
+        if d < base {
+            deployment
+                .resources
+                .get_index(d)
+                .map(|(_, r)| DeclRef::Base(r))
+        } else {
+            self.added.get(d - base).cloned().map(DeclRef::Added)
+        }
+    }
+
+    /// Whether the deployment (as evaluated so far) declares `address`.
+    fn declares(&self, address: &str) -> bool {
+        self.deployment.resources.contains_key(address) || self.added_index.contains_key(address)
+    }
+
+    fn start_stages(&mut self, stages: crate::nix::Stages) {
+        self.node_of = self
+            .changes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.address.clone(), i))
+            .collect();
+        self.stages = Some(stages);
+    }
+
+    /// Starts an evaluation when something deferred waits for a resource that was made (or
+    /// left as it is) since the last one, and none is running.
+    fn maybe_evaluate(&mut self, work: &mut Work) {
+        let Some(stages) = &self.stages else { return };
+        if self.evaluating || self.evaluation_failed || self.scheduler.stopped().is_some() {
+            return;
+        }
+        let made = |address: &str| {
+            self.node_of
+                .get(address)
+                .is_some_and(|&i| self.scheduler.state(i) == Some(NodeState::Ended(End::Succeeded)))
+        };
+        let ready = stages.deferred.iter().any(|d| {
+            d.waits_for
+                .iter()
+                .any(|w| !self.given.contains(w) && made(w))
+        });
+        if !ready {
+            return;
+        }
+        // Every resource of the run that ended well gives its outputs.
+        let known = crate::nix::outputs_of(
+            self.state,
+            self.node_of
+                .iter()
+                .filter(|(a, _)| self.declares(a) && made(a))
+                .map(|(a, _)| a),
+        );
+        self.given = known.keys().cloned().collect();
+        let Some(stages) = &mut self.stages else {
+            return;
+        };
+        stages.stage += 1;
+        self.events.emit(Event::EvaluationStart {
+            file: stages.file.display().to_string(),
+            stage: stages.stage,
+        });
+        let (file, params) = (stages.file.clone(), stages.params.clone());
+        self.evaluating = true;
+        work.push(
+            async move {
+                let evaluation = crate::nix::evaluate(&crate::nix::Request {
+                    file: &file,
+                    params: &params,
+                    known: &known,
+                    providers_only: false,
+                })
+                .await;
+                Some(Done::Evaluated(evaluation))
+            }
+            .boxed_local(),
+        );
+    }
+
+    /// Takes in what an evaluation during the run yields: new resources join the scheduler
+    /// after what they depend on; recorded members nothing declares any more are deleted.
+    fn evaluated(&mut self, result: Result<crate::nix::Evaluation, crate::nix::EvalError>) {
+        self.evaluating = false;
+        let Some(stages) = self.stages.as_mut() else {
+            return;
+        };
+        let file = stages.file.display().to_string();
+        let stage = stages.stage;
+        let fail = |driver: &mut Self, error: String| {
+            driver.events.emit(Event::EvaluationFailed {
+                file: file.clone(),
+                stage,
+                error,
+            });
+            driver.summary.failed += 1;
+            driver.evaluation_failed = true;
+        };
+        let evaluation = match result {
+            Ok(evaluation) => evaluation,
+            Err(e) => return fail(self, e.to_string()),
+        };
+        let mut parsed = match Deployment::parse(&stages.file, &evaluation.document, &stages.params)
+        {
+            Ok(parsed) => parsed,
+            Err(e) => return fail(self, e.to_string()),
+        };
+        crate::nix::note_uses(&mut parsed, &mut stages.uses, &evaluation.deferred);
+        self.events.emit(Event::EvaluationComplete {
+            file: file.clone(),
+            stage,
+            resources: parsed.resources.len(),
+            deferred: evaluation.deferred.len(),
+            elapsed_seconds: evaluation.elapsed.as_secs_f64(),
+        });
+        if let Err(e) = parsed.check_against(&self.providers.infos()) {
+            return fail(self, e.to_string());
+        }
+        if self.scheduler.stopped().is_some() {
+            return;
+        }
+        let planned = match crate::plan::plan(&parsed, self.state) {
+            Ok(planned) => planned,
+            Err(e) => return fail(self, e.to_string()),
+        };
+        let deferred = evaluation.deferred;
+        let new: Vec<PlannedChange> = planned
+            .into_iter()
+            .filter(|c| !self.node_of.contains_key(&c.address))
+            .filter(|c| {
+                c.action != Action::Delete
+                    || (!deferred.iter().any(|d| d.covers(&c.address))
+                        && !self.deleting.contains(&c.address))
+            })
+            .collect();
+        let mut shown = Vec::with_capacity(new.len());
+        let mut deletes: Vec<NodeId> = Vec::new();
+        for mut change in new {
+            let address = change.address.clone();
+            let i = if change.action == Action::Delete {
+                let Ok(i) = self.scheduler.add(&[]) else {
+                    continue;
+                };
+                deletes.push(i);
+                i
+            } else {
+                let Some((_, decl)) = parsed.resources.get_key_value(&address) else {
+                    continue;
+                };
+                // Its dependencies, as nodes of this run (all planned before it).
+                let firsts: Vec<NodeId> = decl
+                    .dependencies()
+                    .iter()
+                    .filter_map(|a| self.node_of.get(a).copied())
+                    .collect();
+                let mut decl = decl.clone();
+                // Indices into the evaluation's deployment mean nothing here; the driver
+                // reads dependencies by address.
+                decl.depends_on = Vec::new();
+                let index = self.deployment.resources.len() + self.added.len();
+                self.added_index.insert(address.clone(), index);
+                self.added.push(Rc::new(decl));
+                let Ok(i) = self.scheduler.add(&firsts) else {
+                    continue;
+                };
+                self.nodes.push(Node {
+                    decl: u32::try_from(index).unwrap_or(NO_DECL),
+                    capability_source: false,
+                });
+                change.declared = None;
+                self.changes.push(change.clone());
+                self.node_of.insert(address, i);
+                shown.push(change);
+                debug_assert_eq!(i + 1, self.changes.len());
+                continue;
+            };
+            self.nodes.push(Node {
+                decl: NO_DECL,
+                capability_source: false,
+            });
+            self.deleting.insert(address.clone());
+            self.changes.push(change.clone());
+            self.node_of.insert(address, i);
+            shown.push(change);
+        }
+        // Deletes go in reverse order of what was recorded as depending on what.
+        for &j in &deletes {
+            let address = &self.changes[j].address;
+            let Some(recorded) = self.state.resources.get(address) else {
+                continue;
+            };
+            for dep in &recorded.dependencies {
+                if let Some(&k) = self.node_of.get(dep) {
+                    if deletes.contains(&k) {
+                        obey(self.scheduler.depend(k, j));
+                    }
+                }
+            }
+        }
+        crate::plan::annotate(&mut shown, &self.providers.infos());
+        self.events.emit(Event::Plan {
+            changes: Rc::new(shown),
+        });
+        for d in &deferred {
+            self.events.emit(Event::Deferred {
+                address: d.address.clone(),
+                what: d.kind,
+                waits_for: d.waits_for.clone(),
+            });
+        }
+        if let Some(stages) = self.stages.as_mut() {
+            stages.deferred = deferred;
+        }
+    }
+
+    /// What is still deferred at the end never had what it waited for: reported as skipped
+    /// (unless the run was interrupted, which says so itself).
+    fn report_deferred(&mut self, interrupted: bool) {
+        let Some(stages) = self.stages.take() else {
+            return;
+        };
+        if interrupted {
+            return;
+        }
+        for d in &stages.deferred {
+            let ended_badly = |a: &String| {
+                self.node_of.get(a).is_some_and(|&i| {
+                    matches!(
+                        self.scheduler.state(i),
+                        Some(NodeState::Ended(End::Failed | End::Skipped(_)))
+                    )
+                })
+            };
+            let dependency = d
+                .waits_for
+                .iter()
+                .find(|a| ended_badly(a))
+                .or(d.waits_for.first())
+                .cloned()
+                .unwrap_or_default();
+            let reason = if self.evaluation_failed {
+                "deferred, and the deployment's evaluation failed".to_string()
+            } else if ended_badly(&dependency) {
+                format!("deferred: its evaluation uses outputs of `{dependency}`, which did not succeed")
+            } else if self.scheduler.stopped().is_some() {
+                "deferred, and the run stopped before what it waits for was made".to_string()
+            } else {
+                format!(
+                    "deferred: its evaluation uses outputs of `{dependency}`, which were not made"
+                )
+            };
+            self.events.emit(Event::ResourceSkipped {
+                address: d.address.clone(),
+                operation: "create",
+                reason,
+                dependency,
+            });
+            self.summary.skipped += 1;
+        }
+    }
+
     /// Adds an operation's work (abortable for children, which their parent may take along).
     fn spawn(&mut self, work: &mut Work, i: NodeId, future: impl Future<Output = Done> + 'static) {
         if self.kids.contains_key(&i) {
@@ -942,7 +1272,7 @@ impl Driver<'_> {
         if !inputs.text().trim_start().starts_with('{') {
             return invalid(format!("{address}: its inputs must be a JSON object"));
         }
-        let declared = self.deployment.resources.contains_key(&address)
+        let declared = self.declares(&address)
             || self
                 .state
                 .resources
@@ -1008,10 +1338,7 @@ impl Driver<'_> {
                 .get(&address)
                 .and_then(|r| r.parent.as_deref())
                 .is_some_and(|p| p == parent || stale.iter().any(|s: &String| s.as_str() == p));
-            if self.deployment.resources.contains_key(&address)
-                || !still_ours
-                || self.deleting.contains(&address)
-            {
+            if self.declares(&address) || !still_ours || self.deleting.contains(&address) {
                 continue;
             }
             if let Some(theirs) = self.recorded_children.get(&address) {
@@ -1316,6 +1643,7 @@ impl Driver<'_> {
                 obey(self.scheduler.end(i, End::Skipped(Skip::NotSent(stop))));
                 self.report_skip(i, Skip::NotSent(stop));
             }
+            Done::Evaluated(result) => self.evaluated(result),
         }
     }
 
@@ -1542,10 +1870,7 @@ impl Driver<'_> {
         let address = change.address.clone();
         let action = change.action;
         let node = &self.nodes[i];
-        let Some((_, decl)) = node
-            .decl()
-            .and_then(|d| self.deployment.resources.get_index(d))
-        else {
+        let Some(decl) = node.decl().and_then(|d| self.decl_at(d)) else {
             return Err(CoreFailure::new(
                 format!("{address}: planned as a change but not declared in the deployment"),
                 FailureKind::InvalidInput,
