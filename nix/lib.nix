@@ -78,6 +78,9 @@ let
     ref = address: output: { "$ref" = "${address}#${output}"; };
     # A capability resource `address` returned, as an input's whole value.
     cap = address: name: { "$cap" = "${address}#${name}"; };
+    # A secret (`{"$sensitive": value}`): passed to the provider and kept in the private
+    # state, shown nowhere: inputs.password = capstan.sensitive params.password;
+    sensitive = value: { "$sensitive" = value; };
   };
 
   # Reads a deployment for `capstan`. `known` maps addresses to the outputs that exist now; an

@@ -122,11 +122,16 @@ struct InputSpec {
   name @0 :Text;
   required @1 :Bool;
   description @2 :Text;
+  sensitive @3 :Bool;
+  # A secret (a password, a key): the core passes it and stores it in its private state, and
+  # shows it nowhere (events, logs, plans, errors, `state show`).
 }
 
 struct OutputSpec {
   name @0 :Text;
   description @1 :Text;
+  sensitive @2 :Bool;
+  # As InputSpec.sensitive: the core hides this output's value wherever it would show it.
 }
 
 struct TraceContext {

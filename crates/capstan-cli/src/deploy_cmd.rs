@@ -182,6 +182,8 @@ struct Session {
     events: Rc<dyn EventSink>,
     /// For a deployment in Nix: its plan (made while evaluating) and what is left for later.
     nix: Option<NixSession>,
+    /// The sensitive values known (hidden from `events`).
+    secrets: Rc<capstan_engine::secrets::Secrets>,
 }
 
 /// A deployment in Nix between evaluations.
@@ -339,7 +341,13 @@ async fn open(
         }
         say!("  Check those resources; `capstan state resolve ADDRESS` marks one as dealt with.");
     }
-    let events = events(view, stdout, mode);
+    // Every event passes through the redaction of the secrets known by then.
+    let secrets = capstan_engine::secrets::Secrets::new();
+    capstan_engine::secrets::learn(&secrets, &state, None);
+    let events: Rc<dyn EventSink> = Rc::new(capstan_engine::secrets::Redacting::new(
+        events(view, stdout, mode),
+        secrets.clone(),
+    ));
     let (deployment, nix) = match deployment {
         Some(deployment) => (deployment, None),
         None => {
@@ -358,12 +366,14 @@ async fn open(
             (deployment, Some(session))
         }
     };
+    capstan_engine::secrets::learn(&secrets, &state, Some(&deployment));
     Ok(Session {
         deployment,
         state,
         backend,
         events,
         nix,
+        secrets,
     })
 }
 
@@ -622,6 +632,7 @@ pub async fn apply_cmd(
         jobs: run_args.jobs as usize,
         fail_fast: run_args.fail_fast,
         timeout: run_args.timeout,
+        secrets: session.secrets.clone(),
     };
     let Some(backend) = session.backend.take() else {
         unreachable!("apply and destroy open the state for writing");

@@ -24,8 +24,14 @@ pub enum StateCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show one resource's recorded inputs, outputs and dependencies as JSON.
-    Show { address: String },
+    /// Show one resource's recorded inputs, outputs and dependencies as JSON. Sensitive
+    /// values (marked by the deployment or the provider) show as "(sensitive)".
+    Show {
+        address: String,
+        /// Show sensitive values as they are (the state's files are private; this prints them).
+        #[arg(long)]
+        show_sensitive: bool,
+    },
     /// List operations that were interrupted (crash, kill, Ctrl-C) and never finished.
     Pending {
         /// A JSON array of {"address", "operation", "provider", "type", "started"} instead
@@ -82,12 +88,28 @@ pub async fn state_cmd(place: Place, command: StateCmd, mut stdout: Stdout) -> E
                 }
             }
         }
-        StateCmd::Show { address } => {
+        StateCmd::Show {
+            address,
+            show_sensitive,
+        } => {
             let Some(state) = look(&place) else {
                 return ExitCode::from(EXIT_INVALID);
             };
             match state.resources.get(&address) {
-                Some(r) => stdout.line(&pretty(r)),
+                Some(r) if show_sensitive => stdout.line(&pretty(r)),
+                Some(r) => {
+                    let mut value = serde_json::to_value(r).unwrap_or_default();
+                    capstan_engine::secrets::redact_at(&mut value, &r.sensitive);
+                    // Secrets of other resources that this one holds too.
+                    let secrets = capstan_engine::secrets::Secrets::default();
+                    capstan_engine::secrets::learn(&secrets, &state, None);
+                    for key in ["inputs", "outputs"] {
+                        if let Some(v) = value.get_mut(key) {
+                            secrets.redact_value(v);
+                        }
+                    }
+                    stdout.line(&serde_json::to_string_pretty(&value).unwrap_or_default());
+                }
                 None => {
                     say!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
                     return ExitCode::from(EXIT_INVALID);

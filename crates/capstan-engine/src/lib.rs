@@ -13,6 +13,7 @@ pub mod nix;
 pub mod plan;
 pub mod run;
 pub mod scheduler;
+pub mod secrets;
 pub mod strict_json;
 
 /// The durable state the engine plans against and records into (its own crate, so another

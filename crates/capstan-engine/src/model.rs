@@ -112,6 +112,9 @@ pub struct ResourceDecl {
     /// For a deployment in Nix: the resources whose outputs its inputs were computed from
     /// (already in `inputs` as values), so it is still recorded as depending on them.
     pub uses: Vec<String>,
+    /// Values the deployment marked `{"$sensitive": …}` (parameters filled in; a `$ref`
+    /// inside stays a marker, and the output it names is sensitive).
+    pub sensitive: Vec<Value>,
 }
 
 impl ResourceDecl {
@@ -822,6 +825,7 @@ fn collect_members(
         let mut refs = Vec::new();
         let mut capabilities = Vec::new();
         let mut escaped = false;
+        let mut sensitive = Vec::new();
         // `$ref`, `$param`, `$cap` and `$$` escapes need a `$` in the text, written as is or
         // escaped: without one, the inputs are plain data and are kept as they are.
         let markers = raw_inputs.is_some_and(|raw| {
@@ -866,6 +870,7 @@ fn collect_members(
                     Some(params),
                     &mut refs,
                     &mut escaped,
+                    &mut sensitive,
                 )
                 .map_err(whole)?;
                 resolved.insert(key, value);
@@ -889,6 +894,7 @@ fn collect_members(
                 outputs,
                 escaped,
                 uses: Vec::new(),
+                sensitive,
             },
         );
     }
@@ -927,8 +933,8 @@ fn kind_of(value: &Value) -> &'static str {
 }
 
 /// The markers an object may be: `{"$ref": "ADDRESS#OUTPUT"}`, `{"$param": "NAME"}`,
-/// `{"$cap": "ADDRESS#NAME"}`.
-const MARKERS: [&str; 3] = ["$ref", "$param", "$cap"];
+/// `{"$cap": "ADDRESS#NAME"}`, `{"$sensitive": VALUE}`.
+const MARKERS: [&str; 4] = ["$ref", "$param", "$cap", "$sensitive"];
 
 /// Where an object stands, for what markers it may be.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -958,7 +964,7 @@ fn marker_problem(map: &Map<String, Value>, at: MarkerUse) -> Option<String> {
                 .map(|m| format!("did you mean `{m}`? "))
                 .unwrap_or_default();
             return Some(format!(
-                "unknown marker `{}`: {hint}a key starting with `$` is `$ref`, `$param` or `$cap`; write `${}` for a literal key `{}`",
+                "unknown marker `{}`: {hint}a key starting with `$` is `$ref`, `$param`, `$cap` or `$sensitive`; write `${}` for a literal key `{}`",
                 printable(key), printable(key), printable(key)
             ));
         }
@@ -972,6 +978,15 @@ fn marker_problem(map: &Map<String, Value>, at: MarkerUse) -> Option<String> {
                 "a `{key}` object has no other keys, but this one also has {}; put the reference alone as a value, or write `${key}` for a literal key",
                 others.join(", ")
             ));
+        }
+        if key == "$sensitive" {
+            // Any value; not inside a parameter (mark the `$param` that uses it instead).
+            if at == MarkerUse::InputsObject || at == MarkerUse::InParameter {
+                return Some(
+                    "`$sensitive` marks an input's value (or a part of it): {\"password\": {\"$sensitive\": {\"$param\": \"pw\"}}}".to_string(),
+                );
+            }
+            continue;
         }
         let form = if key == "$param" {
             "NAME"
@@ -1201,6 +1216,7 @@ fn substitute(
     params: Option<&Map<String, Value>>,
     refs: &mut Vec<OutputRef>,
     escaped: &mut bool,
+    sensitive: &mut Vec<Value>,
 ) -> Result<Value, (String, String)> {
     let map = match value {
         Value::Object(map) => map,
@@ -1210,7 +1226,7 @@ fn substitute(
             for (n, v) in items.into_iter().enumerate() {
                 use std::fmt::Write;
                 let _ = write!(place, "[{n}]");
-                let v = substitute(v, place, params, refs, escaped);
+                let v = substitute(v, place, params, refs, escaped, sensitive);
                 place.truncate(len);
                 out.push(v?);
             }
@@ -1235,12 +1251,21 @@ fn substitute(
         };
         // A parameter may carry references (a front end's JSON wiring resources together);
         // they count like any other. Parameters in a parameter are not expanded again.
-        return substitute(param.clone(), place, None, refs, escaped);
+        return substitute(param.clone(), place, None, refs, escaped, sensitive);
     }
     if let Some(Value::String(target)) = map.get("$ref") {
         let (address, output) = split_ref(target, place, "OUTPUT")?;
         refs.push(OutputRef { address, output });
         return Ok(Value::Object(map));
+    }
+    if map.contains_key("$sensitive") {
+        // The value itself reaches the provider; the deployment remembers it is a secret.
+        let Some((_, inner)) = map.into_iter().next() else {
+            unreachable!("a `$sensitive` object has one key")
+        };
+        let value = substitute(inner, place, params, refs, escaped, sensitive)?;
+        sensitive.push(value.clone());
+        return Ok(value);
     }
     // `place` is one buffer, extended and cut back as the walk goes down and up.
     let len = place.len();
@@ -1249,7 +1274,7 @@ fn substitute(
         *escaped |= k.starts_with("$$");
         place.push('.');
         place.push_str(&k);
-        let v = substitute(v, place, params, refs, escaped);
+        let v = substitute(v, place, params, refs, escaped, sensitive);
         place.truncate(len);
         out.insert(k, v?);
     }

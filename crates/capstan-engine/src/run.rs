@@ -40,6 +40,9 @@ pub struct RunOptions {
     pub fail_fast: bool,
     /// Per-operation timeout unless the provider declaration sets one.
     pub timeout: Option<Duration>,
+    /// The sensitive values known so far; the run adds those it learns (marked inputs,
+    /// outputs their providers mark) and records where they are in the state.
+    pub secrets: Rc<crate::secrets::Secrets>,
 }
 
 impl Default for RunOptions {
@@ -48,6 +51,7 @@ impl Default for RunOptions {
             jobs: 16,
             fail_fast: false,
             timeout: None,
+            secrets: crate::secrets::Secrets::new(),
         }
     }
 }
@@ -534,6 +538,14 @@ pub async fn run_staged(
             .filter(|c| c.action == Action::Create)
             .count(),
     );
+    // Types whose outputs are secrets: their progress waits for their result to be shown.
+    for (name, connection) in &providers.connections {
+        for t in &connection.info().resource_types {
+            if t.outputs.iter().any(|o| o.sensitive) {
+                options.secrets.hold_type(name, &t.name);
+            }
+        }
+    }
     let jobs = options.jobs.max(1);
     let mut scheduler = Scheduler::new(jobs, jobs * DISPATCH_PER_JOB, options.fail_fast);
     for (provider, &limit) in &providers.limits {
@@ -1630,8 +1642,11 @@ impl<'a> Driver<'a> {
                         op,
                         result,
                         elapsed,
-                        self.backend.clone(),
-                        self.events.clone(),
+                        Outlets {
+                            backend: self.backend.clone(),
+                            events: self.events.clone(),
+                            secrets: self.options.secrets.clone(),
+                        },
                     ),
                 );
             }
@@ -1884,6 +1899,9 @@ impl<'a> Driver<'a> {
                 .get(target)
                 .and_then(|r| r.outputs.get_raw(output))
         };
+        if !decl.sensitive.is_empty() {
+            learn_sensitive(&decl, &self.options.secrets, &lookup);
+        }
         let Some(inputs) = decl.resolve(&lookup) else {
             // A dependency finished without the output: the provider broke its handshake's
             // promise.
@@ -1901,6 +1919,21 @@ impl<'a> Driver<'a> {
                 FailureKind::InvalidInput,
             ));
         };
+        // Inputs its provider marks sensitive are secrets from now on.
+        let marked = self
+            .providers
+            .connections
+            .get(&decl.provider)
+            .and_then(|c| c.info().resource_type(&decl.resource_type))
+            .is_some_and(|t| t.inputs.iter().any(|i| i.sensitive));
+        if marked {
+            learn_sensitive_inputs(
+                &inputs,
+                &self.providers.connections[&decl.provider],
+                &decl.resource_type,
+                &self.options.secrets,
+            );
+        }
         // The plan creates only what the state does not hold.
         debug_assert!(
             action != Action::Create || !state.resources.contains_key(&address),
@@ -2131,6 +2164,7 @@ fn unrecorded() -> ResourceState {
         outputs: Json::null(),
         dependencies: Vec::new(),
         parent: None,
+        sensitive: Vec::new(),
     }
 }
 
@@ -2198,9 +2232,13 @@ async fn finish(
     op: Op,
     result: Result<OperationSuccess, CallError>,
     elapsed: f64,
-    backend: Rc<dyn StateBackend>,
-    events: Rc<dyn EventSink>,
+    outlets: Outlets,
 ) -> Done {
+    let Outlets {
+        backend,
+        events,
+        secrets,
+    } = outlets;
     let verb = op.operation.as_str();
     let success = match result {
         Ok(success) => success,
@@ -2253,14 +2291,16 @@ async fn finish(
         return Done::Finished(i, Outcome::Deleted);
     }
     let journaled = op.journaled();
-    let now = ResourceState {
+    let mut now = ResourceState {
         provider: op.provider,
         resource_type: op.resource_type,
         inputs: op.inputs,
         outputs: success.outputs,
         dependencies: op.dependencies,
         parent: op.parent,
+        sensitive: Vec::new(),
     };
+    note_sensitive(&mut now, &op.connection, &secrets);
     if journaled {
         let done = Record::Done {
             address: address.clone(),
@@ -2309,6 +2349,14 @@ async fn finish(
             counted,
         },
     )
+}
+
+/// Where a finished operation's result goes: the journal, the events, and the secrets it
+/// reveals.
+struct Outlets {
+    backend: Rc<dyn StateBackend>,
+    events: Rc<dyn EventSink>,
+    secrets: Rc<crate::secrets::Secrets>,
 }
 
 /// A failure the core found itself, settled (nothing unknown happened in a provider).
@@ -2477,6 +2525,98 @@ pub async fn read_on_plan(
 /// The outputs `now`'s type declares that its result lacks, as "output(s) `a`, `b`", if any.
 /// Runs for every result, so it reads the outputs' top-level keys in one pass without
 /// allocating (keys are compared where they lie in the text).
+/// Learns the outputs `now`'s provider marks sensitive, and records where the known secrets
+/// are in its inputs and outputs.
+fn note_sensitive(
+    now: &mut ResourceState,
+    connection: &ProviderConnection,
+    secrets: &crate::secrets::Secrets,
+) {
+    let marked: Vec<&str> = connection
+        .info()
+        .resource_type(&now.resource_type)
+        .map(|t| {
+            t.outputs
+                .iter()
+                .filter(|o| o.sensitive)
+                .map(|o| o.name.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    if marked.is_empty() && secrets.is_empty() {
+        return;
+    }
+    let outputs = now.outputs.value();
+    for name in &marked {
+        if let Some(value) = outputs.get(*name) {
+            secrets.add_value(value);
+        }
+    }
+    let mut pointers = Vec::new();
+    secrets.pointers(&now.inputs.value(), "/inputs", &mut pointers);
+    secrets.pointers(&outputs, "/outputs", &mut pointers);
+    for name in marked {
+        let pointer = format!("/outputs/{}", name.replace('~', "~0").replace('/', "~1"));
+        if outputs.get(name).is_some() && !pointers.contains(&pointer) {
+            pointers.push(pointer);
+        }
+    }
+    now.sensitive = pointers;
+}
+
+/// Learns the inputs a provider's handshake marks sensitive.
+fn learn_sensitive_inputs(
+    inputs: &Json,
+    connection: &ProviderConnection,
+    resource_type: &str,
+    secrets: &crate::secrets::Secrets,
+) {
+    let Some(t) = connection.info().resource_type(resource_type) else {
+        return;
+    };
+    let value = inputs.value();
+    for input in t.inputs.iter().filter(|i| i.sensitive) {
+        if let Some(v) = value.get(&input.name) {
+            secrets.add_value(v);
+        }
+    }
+}
+
+/// Learns what `decl` marks sensitive, with the outputs its marked references name.
+fn learn_sensitive<'a>(
+    decl: &ResourceDecl,
+    secrets: &crate::secrets::Secrets,
+    lookup: &impl Fn(&str, &str) -> Option<&'a serde_json::value::RawValue>,
+) {
+    fn walk<'a>(
+        value: &serde_json::Value,
+        secrets: &crate::secrets::Secrets,
+        lookup: &impl Fn(&str, &str) -> Option<&'a serde_json::value::RawValue>,
+    ) {
+        use serde_json::Value;
+        match value {
+            Value::Object(map) => {
+                if let (1, Some(Value::String(target))) = (map.len(), map.get("$ref")) {
+                    if let Some((address, output)) = target.split_once('#') {
+                        if let Some(raw) = lookup(address, output) {
+                            if let Ok(v) = serde_json::from_str::<Value>(raw.get()) {
+                                secrets.add_value(&v);
+                            }
+                        }
+                    }
+                    return;
+                }
+                map.values().for_each(|v| walk(v, secrets, lookup));
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, secrets, lookup)),
+            other => secrets.add_value(other),
+        }
+    }
+    for value in &decl.sensitive {
+        walk(value, secrets, lookup);
+    }
+}
+
 fn missing_outputs(connection: &ProviderConnection, now: &ResourceState) -> Option<String> {
     let declared = &connection.info().resource_type(&now.resource_type)?.outputs;
     if declared.is_empty() {

@@ -47,6 +47,7 @@ impl ResourceType {
             name: name.into(),
             required: true,
             description: description.into(),
+            sensitive: false,
         });
         self
     }
@@ -57,6 +58,7 @@ impl ResourceType {
             name: name.into(),
             required: false,
             description: description.into(),
+            sensitive: false,
         });
         self
     }
@@ -66,7 +68,20 @@ impl ResourceType {
         self.0.outputs.push(OutputInfo {
             name: name.into(),
             description: description.into(),
+            sensitive: false,
         });
+        self
+    }
+
+    /// Marks the input and the output called `name` (declared before) as secrets: the core
+    /// passes and stores them, and shows them nowhere.
+    pub fn sensitive(mut self, name: &str) -> Self {
+        for i in self.0.inputs.iter_mut().filter(|i| i.name == name) {
+            i.sensitive = true;
+        }
+        for o in self.0.outputs.iter_mut().filter(|o| o.name == name) {
+            o.sensitive = true;
+        }
         self
     }
 

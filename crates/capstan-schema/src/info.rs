@@ -50,6 +50,9 @@ pub struct InputInfo {
     pub required: bool,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// A secret: hidden wherever the core would show it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 /// One output of a resource type.
@@ -58,6 +61,9 @@ pub struct OutputInfo {
     pub name: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// A secret: hidden wherever the core would show it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
 }
 
 impl ProviderInfo {
@@ -76,6 +82,7 @@ impl ProviderInfo {
                     name: i.get_name()?.to_string()?,
                     required: i.get_required(),
                     description: i.get_description()?.to_string()?,
+                    sensitive: i.get_sensitive(),
                 });
             }
             let mut outputs = Vec::new();
@@ -83,6 +90,7 @@ impl ProviderInfo {
                 outputs.push(OutputInfo {
                     name: o.get_name()?.to_string()?,
                     description: o.get_description()?.to_string()?,
+                    sensitive: o.get_sensitive(),
                 });
             }
             resource_types.push(ResourceTypeInfo {
@@ -132,12 +140,14 @@ impl ProviderInfo {
                 ib.set_name(&i.name[..]);
                 ib.set_required(i.required);
                 ib.set_description(&i.description[..]);
+                ib.set_sensitive(i.sensitive);
             }
             let mut outputs = tb.init_outputs(t.outputs.len() as u32);
             for (k, o) in t.outputs.iter().enumerate() {
                 let mut ob = outputs.reborrow().get(k as u32);
                 ob.set_name(&o.name[..]);
                 ob.set_description(&o.description[..]);
+                ob.set_sensitive(o.sensitive);
             }
         }
     }
@@ -177,10 +187,12 @@ mod tests {
                     name: "path".into(),
                     required: true,
                     description: String::new(),
+                    sensitive: true,
                 }],
                 outputs: vec![OutputInfo {
                     name: "hash".into(),
                     description: "sha".into(),
+                    sensitive: true,
                 }],
                 stateful: true,
                 open_inputs: true,

@@ -50,6 +50,10 @@ pub struct ResourceState {
     /// child stays while its parent does, and is deleted before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// JSON pointers (`/inputs/password`, `/outputs/token`) of its sensitive values: kept as
+    /// they are here (the state is private), redacted wherever they are shown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensitive: Vec<String>,
 }
 
 /// An operation that started and has no recorded end: interrupted by a crash or Ctrl-C.
@@ -819,6 +823,7 @@ mod tests {
             address: address.into(),
             state: ResourceState {
                 parent: None,
+                sensitive: vec![],
                 provider: "p".into(),
                 resource_type: "t".into(),
                 inputs: json!({"n": n}).into(),

@@ -864,6 +864,66 @@ fn serve_v0_once() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+// ---- secret --------------------------------------------------------------------------------
+
+/// A type whose output is a secret, and which leaks it everywhere a careless provider could:
+/// its log, a tracing event, its stderr, and its error message. The core must hide it in all.
+struct Secret;
+
+#[derive(Serialize, Deserialize)]
+struct SecretIn {
+    /// The token to issue (else one is made up).
+    #[serde(default)]
+    seed: Option<String>,
+    /// Fail after issuing, with the token in the error.
+    #[serde(default)]
+    fail: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SecretOut {
+    token: String,
+    length: usize,
+}
+
+impl Resource for Secret {
+    type Inputs = SecretIn;
+    type Outputs = SecretOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("secret")
+            .description("Issues a token (a sensitive output), and carelessly prints it too")
+            .optional(
+                "seed",
+                "The token to issue (sensitive); made up when absent",
+            )
+            .optional("fail", "Fail after issuing, with the token in the error")
+            .output("token", "The token (sensitive)")
+            .output("length", "The token's length")
+            .sensitive("seed")
+            .sensitive("token")
+    }
+
+    async fn create(&self, op: &Operation, inputs: SecretIn) -> Result<SecretOut, OperationError> {
+        let token = inputs
+            .seed
+            .unwrap_or_else(|| format!("tok-{}", unique_id()));
+        op.log(LogStream::Stdout, format!("issued {token}")).await;
+        tracing::info!(token = %token, "issued token {token}");
+        eprintln!("testing provider: issued {token}");
+        if inputs.fail {
+            return Err(
+                OperationError::permanent(format!("could not store {token}"))
+                    .with_details(format!("token was {token}")),
+            );
+        }
+        Ok(SecretOut {
+            length: token.len(),
+            token,
+        })
+    }
+}
+
 fn main() -> ExitCode {
     let args = <Args as clap::Parser>::parse();
     if args.v0 {
@@ -883,6 +943,7 @@ fn main() -> ExitCode {
         .resource(Probe)
         .resource(Fanout)
         .resource(Permits)
+        .resource(Secret)
         .cancel_grace(Duration::from_secs(2));
     if let Some(n) = args.max_concurrency {
         provider = provider.max_concurrency(n);

@@ -1,0 +1,257 @@
+//! Secrets never leak: a password from `--params` marked `$sensitive`, and a token a provider
+//! marks sensitive in its handshake (and then carelessly prints in its log, a tracing event,
+//! its stderr and its error message), are planted; every output channel is searched for them,
+//! and every file's mode is checked. A second user (made by the test, when it runs as root)
+//! can neither read the state nor connect to a standing provider socket.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+use support::{capstan_bin, testing_provider};
+
+const PASSWORD: &str = "hunter2-correct-horse";
+const SEED: &str = "seeded-secret-token";
+
+fn capstan(dir: &Path, args: &[&str]) -> Output {
+    Command::new(capstan_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Everything a command showed.
+fn shown(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn project() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let deployment = json!({
+        "providers": {
+            "local": {"builtin": "local"},
+            "t": {"executable": testing_provider()}
+        },
+        "resources": {
+            // The password, marked; the memo echoes it as its output.
+            "login": {"provider": "local", "type": "memo",
+                      "inputs": {"value": {"user": "admin", "password": {"$sensitive": {"$param": "pw"}}}}},
+            // A command that prints it in its log and on its stderr.
+            "echo": {"provider": "local", "type": "exec",
+                     "inputs": {"command": "sh", "args": ["-c", "read p; echo \"the password is $p\"; echo \"also $p\" >&2"],
+                                "stdin": {"$sensitive": {"$param": "pw"}}}},
+            // A token its provider marks sensitive (made up by the provider).
+            "tok": {"provider": "t", "type": "secret", "inputs": {}},
+            // The token passed on by reference.
+            "uses": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "tok#token"}}},
+            // An input the provider marks sensitive, and an error that prints it.
+            "bad": {"provider": "t", "type": "secret", "inputs": {"seed": SEED, "fail": true}}
+        }
+    });
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        serde_json::to_string_pretty(&deployment).unwrap(),
+    )
+    .unwrap();
+    let params = dir.path().join("params.json");
+    std::fs::write(&params, json!({"pw": PASSWORD}).to_string()).unwrap();
+    std::fs::set_permissions(&params, std::fs::Permissions::from_mode(0o600)).unwrap();
+    dir
+}
+
+#[test]
+fn a_planted_secret_reaches_no_output_and_no_readable_file() {
+    let dir = project();
+    let dir = dir.path();
+    let p = ["--params", "params.json"];
+    let mut channels: Vec<(String, String)> = Vec::new();
+    let mut run = |name: &str, args: &[&str]| -> Output {
+        let out = capstan(dir, args);
+        channels.push((name.to_string(), shown(&out)));
+        out
+    };
+    let plan = run("plan", &["plan", p[0], p[1], "-v"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", shown(&plan));
+    // `bad` fails on purpose (after printing its seed); everything else is made.
+    let apply = run("apply --json", &["apply", p[0], p[1], "--json", "-vv"]);
+    assert_eq!(apply.status.code(), Some(1), "{}", shown(&apply));
+    let events: Vec<Value> = support::events(&apply.stdout);
+    let complete = |address: &str| -> Value {
+        events
+            .iter()
+            .find(|e| e["type"] == "resource_complete" && e["address"] == address)
+            .unwrap_or_else(|| panic!("{address} was not made"))["outputs"]
+            .clone()
+    };
+    // Redacted where the value was, so a front end sees that there is one.
+    assert_eq!(complete("tok")["token"], "(sensitive)");
+    assert_eq!(
+        complete("tok")["length"].as_u64().map(|n| n > 0),
+        Some(true)
+    );
+    assert_eq!(complete("login")["value"]["password"], "(sensitive)");
+    assert_eq!(complete("login")["value"]["user"], "admin");
+    assert_eq!(complete("uses")["value"], "(sensitive)");
+    let failed = events
+        .iter()
+        .find(|e| e["type"] == "resource_failed" && e["address"] == "bad")
+        .expect("bad fails");
+    assert!(
+        failed["error"].as_str().unwrap().contains("(sensitive)"),
+        "{failed}"
+    );
+    // Human output, and a second apply that changes nothing (secrets known from the state).
+    run("apply (human)", &["apply", p[0], p[1], "-vv"]);
+    run("plan again", &["plan", p[0], p[1], "-vv"]);
+    run("plan --json", &["plan", p[0], p[1], "--json"]);
+    for address in ["login", "echo", "tok", "uses", "bad"] {
+        run(
+            &format!("state show {address}"),
+            &["state", "show", address],
+        );
+    }
+    run("state list", &["state", "list", "--json"]);
+    run("state pending", &["state", "pending", "--json"]);
+
+    // The token the provider made up, as only --show-sensitive shows it.
+    let shown_tok = capstan(dir, &["state", "show", "tok", "--show-sensitive"]);
+    let tok: Value = serde_json::from_slice(&shown_tok.stdout).unwrap();
+    let token = tok["outputs"]["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("tok-"), "{tok}");
+    assert_eq!(tok["sensitive"], json!(["/outputs/token"]));
+    let login = capstan(dir, &["state", "show", "login", "--show-sensitive"]);
+    assert!(shown(&login).contains(PASSWORD));
+    let login = capstan(dir, &["state", "show", "login"]);
+    let login: Value = serde_json::from_slice(&login.stdout).unwrap();
+    assert_eq!(login["inputs"]["value"]["password"], "(sensitive)");
+    assert_eq!(login["inputs"]["value"]["user"], "admin");
+
+    for (name, text) in &channels {
+        for secret in [PASSWORD, SEED, token.as_str()] {
+            assert!(
+                !text.contains(secret),
+                "`{secret}` leaked in {name}:\n{text}"
+            );
+        }
+    }
+    // The secrets were there to hide: the log and the error did print them.
+    assert!(channels
+        .iter()
+        .any(|(_, t)| t.contains("the password is (sensitive)")));
+
+    // Files: the state directory is private, whatever the umask.
+    let state = dir.join(".capstan");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700);
+    for entry in std::fs::read_dir(&state).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_file() {
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+    // No file anywhere else under the project holds a secret but the state and the params
+    // (the `file`-less deployment writes none).
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_file() && path.file_name().unwrap() != "params.json" {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(!text.contains(PASSWORD), "{}", path.display());
+        }
+    }
+}
+
+#[test]
+fn another_user_can_neither_read_the_state_nor_reach_a_standing_socket() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let message = "not root: cannot make a second user for the isolation test";
+        assert!(
+            std::env::var("CI").is_err(),
+            "{message} (under CI it must run)"
+        );
+        eprintln!("SKIPPED: {message}");
+        return;
+    }
+    let user = "capstan-probe";
+    let exists = Command::new("id")
+        .arg(user)
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !exists {
+        let made = Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/usr/sbin/nologin", user])
+            .status()
+            .unwrap();
+        assert!(made.success(), "useradd failed");
+    }
+    let dir = project();
+    let root = dir.path();
+    // The project itself is open to all; only what Capstan makes is private.
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let apply = capstan(root, &["apply", "--params", "params.json", "--json"]);
+    assert!(root.join(".capstan/journal").exists(), "{}", shown(&apply));
+    let as_other = |args: &[&str]| {
+        Command::new("runuser")
+            .args(["-u", user, "--"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The check itself works: the other user can read what is readable.
+    std::fs::write(root.join("open.txt"), "open").unwrap();
+    let open = as_other(&["cat", root.join("open.txt").to_str().unwrap()]);
+    assert!(open.status.success(), "{}", shown(&open));
+    let journal = as_other(&["cat", root.join(".capstan/journal").to_str().unwrap()]);
+    assert!(!journal.status.success(), "another user read the journal");
+    assert!(!shown(&journal).contains(PASSWORD));
+    let list = as_other(&["ls", root.join(".capstan").to_str().unwrap()]);
+    assert!(
+        !list.status.success(),
+        "another user listed the state directory"
+    );
+
+    // A standing provider socket made by a provider Capstan serves.
+    let socket = root.join("run/provider.sock");
+    let mut service = Command::new(testing_provider())
+        .env("CAPSTAN_PROVIDER_LISTEN", &socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed().as_secs() < 20, "the socket never appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let connect = format!(
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?}); print('connected')",
+        socket.to_str().unwrap()
+    );
+    // Root can connect (the check works) …
+    let mine = Command::new("python3")
+        .args(["-c", &connect])
+        .output()
+        .unwrap();
+    assert!(shown(&mine).contains("connected"), "{}", shown(&mine));
+    // … the other user cannot.
+    let theirs = as_other(&["python3", "-c", &connect]);
+    let _ = service.kill();
+    let _ = service.wait();
+    assert!(
+        !theirs.status.success(),
+        "another user connected: {}",
+        shown(&theirs)
+    );
+    assert!(!shown(&theirs).contains("connected"));
+}
