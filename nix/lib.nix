@@ -43,7 +43,12 @@ let
   isNested = d: isAttrs d && (d._capstan or null) == "nested";
   isGroup = d: isAttrs d && !(d ? type) && !(d ? provider) && d ? resources;
 
-  join = prefix: name: if prefix == "" then name else "${prefix}.${name}";
+  # An address: names joined with `.`; a name with `.`, `#` or a control character would make
+  # addresses (and the trace lines read by capstan) ambiguous.
+  join = prefix: name:
+    if builtins.match "[^.#[:cntrl:]]+" name == null then
+      throw "capstan: the name `${name}`${if prefix == "" then "" else " in `${prefix}`"} must be non-empty and must not contain `.`, `#` or control characters (they separate groups, members and outputs in addresses)"
+    else if prefix == "" then name else "${prefix}.${name}";
 
   resourceKeys = [ "provider" "type" "inputs" "outputs" ];
 
@@ -93,51 +98,90 @@ let
   #   capstan-cycle#A#B…      the members of nested deployment A depend on themselves
   # `raise` lists items to read without catching, to show the error that deferred them.
   evaluate =
-    { file, params, known, raise ? [ ], only ? "all" }:
+    { file, params, known, raise ? [ ], only ? "all", settled ? { } }:
     let
       args = view: {
         inherit capstan params;
         resources = view;
       };
-      top = call (import file) (args root);
-      topChecked =
-        if !isAttrs top then
-          throw "capstan: ${toString file} must give an attribute set { providers = …; resources = …; } (or a function returning one), not a ${typeOf top}"
-        else
-          let unknown = filter (k: !(elem k [ "providers" "resources" ])) (attrNames top);
-          in if unknown != [ ] then
-            throw "capstan: ${toString file}: unknown key `${concatStringsSep "`, `" unknown}`; a deployment has `providers` and `resources`"
-          else
-            top;
+      main = instance false;
+      inherit (main) root view topChecked;
 
-      # What `resources` shows from inside the structure of the nested deployments in `stack`
-      # (outermost first): those cannot be looked into, which would be infinite recursion.
-      view = stack: members stack "" (topChecked.resources or { });
-      root = view [ ];
-      members = stack: prefix: decls: mapAttrs (name: d: member stack (join prefix name) d) decls;
-      member = stack: address: d:
-        if isNested d then
-          nestedView stack address d
-        else if isGroup d then
-          members stack address d.resources
-        else
-          resourceView address d;
-      nestedView = stack: address: d:
-        if elem address stack then
-          trace "capstan-cycle#${concatStringsSep "#" (stack ++ [ address ])}"
-            (throw "capstan: the members of nested deployment `${address}` depend on themselves (${concatStringsSep " → " (stack ++ [ address ])})")
-        else
-          members stack address (call d.function (args (view (stack ++ [ address ]))));
-      resourceView = address: d: {
-        inherit address;
-        provider = d.provider;
-        type = d.type;
-        outputs =
-          known.${address} or (trace "capstan-touch#${address}"
-            (throw "capstan: the outputs of `${address}` do not exist yet; a provider declaration or the set of resources cannot depend on them (put what depends on them in `capstan.nested`)"));
-        output = capstan.ref address;
-        capability = capstan.cap address;
+      # The deployment, called with its own view of `resources`. With `tracing`, each known
+      # output traces `capstan-use#ADDRESS` when first used: an instance read for one item
+      # tells everything that item used (see `usesOf`).
+      instance = tracing: rec {
+        top = call (import file) (args root);
+        topChecked =
+          if !isAttrs top then
+            throw "capstan: ${toString file} must give an attribute set { providers = …; resources = …; } (or a function returning one), not a ${typeOf top}"
+          else
+            let unknown = filter (k: !(elem k [ "providers" "resources" ])) (attrNames top);
+            in if unknown != [ ] then
+              throw "capstan: ${toString file}: unknown key `${concatStringsSep "`, `" unknown}`; a deployment has `providers` and `resources`"
+            else
+              top;
+
+        # What `resources` shows from inside the structure of the nested deployments in `stack`
+        # (outermost first): those cannot be looked into, which would be infinite recursion.
+        view = stack: members stack "" (topChecked.resources or { });
+        root = view [ ];
+        members = stack: prefix: decls: mapAttrs (name: d: member stack (join prefix name) d) decls;
+        member = stack: address: d:
+          if isNested d then
+            nestedView stack address d
+          else if isGroup d then
+            members stack address d.resources
+          else
+            resourceView address d;
+        nestedView = stack: address: d:
+          if elem address stack then
+            trace "capstan-cycle#${concatStringsSep "#" (stack ++ [ address ])}"
+              (throw "capstan: the members of nested deployment `${address}` depend on themselves (${concatStringsSep " → " (stack ++ [ address ])})")
+          else
+            members stack address (call d.function (args (view (stack ++ [ address ]))));
+        resourceView = address: d: {
+          inherit address;
+          provider = d.provider;
+          type = d.type;
+          outputs =
+            if known ? ${address} then
+              (if tracing then trace "capstan-use#${address}" known.${address} else known.${address})
+            else
+              trace "capstan-touch#${address}"
+                (throw "capstan: the outputs of `${address}` do not exist yet; a provider declaration or the set of resources cannot depend on them (put what depends on them in `capstan.nested`)");
+          output = capstan.ref address;
+          capability = capstan.cap address;
+        };
       };
+
+      # What the resources read for the first time with outputs given used, as trace lines:
+      # `capstan-uses#ADDRESS` then a `capstan-use#X` per resource X whose outputs it used
+      # (its nested deployments' structure included). Each is read from an instance of its
+      # own, so outputs another item used first are seen too; past `perItem` of them, one
+      # instance reads them all (`capstan-uses-all#`: each is taken to use all it found).
+      someKnown = attrNames known != [ ];
+      perItem = 64;
+      # An instance's declarations as a tree, each nested deployment's function called once.
+      declTree = t: decls: mapAttrs
+        (_: d:
+          if isNested d then { members = declTree t (call d.function (args t.root)); }
+          else if isGroup d then { members = declTree t d.resources; }
+          else { resource = d; })
+        decls;
+      find = tree: address:
+        builtins.foldl' (node: name: (node.members or node).${name}) { members = tree; }
+          (filter isString (builtins.split "[.]" address));
+      readIn = t: address: declOf address (find t.tree address).resource;
+      # A new instance at each call (a function's body is not shared between calls).
+      traced = _: let t = instance true; in t // { tree = declTree t (t.topChecked.resources or { }); };
+      usesTraces = fresh:
+        if !someKnown || fresh == [ ] then [ ]
+        else if builtins.length fresh <= perItem then
+          map (address: trace "capstan-uses#${address}" (deepSeq (readIn (traced address) address) null)) fresh
+        else
+          let t = traced null; in
+          [ (trace "capstan-uses-all#" (deepSeq (map (readIn t) fresh) null)) ];
 
       # Reads `value` fully for item `address`, catching what it throws unless told not to.
       attempt = address: value:
@@ -161,6 +205,7 @@ let
             (name: if items.${name} ? tree then [{ inherit name; value = items.${name}.tree; }] else [ ])
             names);
           deferred = concatMap (name: items.${name}.deferred) names;
+          read = concatMap (name: items.${name}.read or [ ]) names;
         };
 
       # One attempt per resource: its kind and its whole declaration.
@@ -176,9 +221,10 @@ let
             # What it is, if that much can be read (a resource whose inputs wait, usually).
             kind = tryEval (seq d (kindOf d));
           in
-          { deferred = [{ inherit address; what = if kind.success && kind.value == "resource" then "resource" else "member"; }]; }
+          # Read now, right after the item's own trace line, so what it touches is its own.
+          seq kind.success { deferred = [{ inherit address; what = if kind.success && kind.value == "resource" then "resource" else "member"; }]; }
         else if read.value.kind == "group" then
-          let w = walk address d.resources; in { tree = { resources = w.tree; }; inherit (w) deferred; }
+          let w = walk address d.resources; in { tree = { resources = w.tree; }; inherit (w) deferred read; }
         else if read.value.kind == "nested" then
           walkNested address d
         else
@@ -195,7 +241,7 @@ let
         if !structure.success then
           { deferred = [{ inherit address; what = "nested"; }]; }
         else
-          { tree = { resources = w.tree; }; inherit (w) deferred; };
+          { tree = { resources = w.tree; }; inherit (w) deferred read; };
 
       declOf = address: d: {
         provider = d.provider or (throw "capstan: resource `${address}` has no `provider`");
@@ -215,6 +261,7 @@ let
           {
             tree = decl;
             deferred = [ ];
+            read = [ address ];
           };
 
       providers = topChecked.providers or { };
@@ -227,6 +274,8 @@ let
         inherit providers;
         resources = everything.tree;
         inherit (everything) deferred;
+        # Printed last (keys are printed in order): its trace lines follow all others.
+        zzUses = usesTraces (filter (a: !(settled ? ${a})) everything.read);
       };
 in
 capstan // { inherit evaluate; }

@@ -271,9 +271,8 @@ async fn open(
     let in_nix = nix::is_nix(file);
     let mut params = Map::new();
     let deployment = if in_nix {
-        if mode != Mode::Destroy {
-            params = load_params(args.params.as_deref()).map_err(|e| fail(&format!("{e:#}")))?;
-        }
+        // Destroy too: a provider declaration may use a parameter.
+        params = load_params(args.params.as_deref()).map_err(|e| fail(&format!("{e:#}")))?;
         if !file.is_file() {
             return Err(fail(&format!(
                 "{}: cannot read it: no such file",
@@ -391,6 +390,7 @@ async fn read_nix(
             params: &session.params,
             known: &Default::default(),
             providers_only: true,
+            settled: &Default::default(),
         })
         .await
         .map_err(|e| {
@@ -542,6 +542,9 @@ async fn plan_inner(
         })?,
     };
     let providers = start_providers(&session, &mut changes, &stop, None, 16, None).await?;
+    if let Some(nix) = session.nix.as_mut() {
+        nix::defer_stale(&mut changes, &session.deployment, &mut nix.deferred);
+    }
     providers.shutdown().await;
     if let Some(code) = stop.exit_code() {
         return Err(code);
@@ -599,6 +602,9 @@ pub async fn apply_cmd(
         Ok(p) => p,
         Err(code) => return code,
     };
+    if let Some(nix) = session.nix.as_mut() {
+        nix::defer_stale(&mut changes, &session.deployment, &mut nix.deferred);
+    }
     // Shown, then run: the sinks here do not keep events, so the run gets the plan back
     // without a copy.
     let changes = Rc::new(changes);

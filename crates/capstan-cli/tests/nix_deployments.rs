@@ -491,3 +491,266 @@ fn a_signal_during_an_evaluation_leaves_no_process_behind() {
     let out = capstan(&dir, &["state", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
 }
+
+#[test]
+fn what_a_deferred_member_depends_on_is_not_deleted_before_it() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let deployment = |with_d: bool, flag: bool| {
+        let d = if with_d {
+            r#"d = { provider = "local"; type = "memo"; inputs.value = "dep"; };"#
+        } else {
+            ""
+        };
+        format!(
+            r#"{{ capstan, resources, ... }}: {{
+  providers.local = capstan.builtin "local";
+  resources = {{
+    {d}
+    c = {{ provider = "local"; type = "memo"; inputs.value = {flag}; }};
+    n = capstan.nested ({{ resources, ... }}: if resources.c.outputs.value then {{
+      old = {{ provider = "local"; type = "memo"; inputs.value = resources.d.output "value"; }};
+    }} else {{ }});
+  }};
+}}"#
+        )
+    };
+    write(dir, "capstan.nix", &deployment(true, true));
+    let first = capstan(dir, &["apply"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(state_list(dir), ["c", "d", "n.old"]);
+    // `d` goes, and `c` changes, so `n` is deferred again while the plan is made: `n.old`
+    // (recorded as depending on `d`) may still be declared, so `d` must stay.
+    write(dir, "capstan.nix", &deployment(false, false));
+    let plan = capstan(dir, &["plan", "--json"]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let plan_events = events(&plan.stdout);
+    let planned = &of_type(&plan_events, "plan")[0]["changes"];
+    assert!(
+        !planned
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["address"] == "d"),
+        "d is planned while n.old may need it: {planned}"
+    );
+    let second = capstan(dir, &["apply", "--json"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    // Once `c` is made, `n` yields nothing: `n.old` is deleted, and then `d`, in this run.
+    let second_events = events(&second.stdout);
+    let deleted: Vec<&str> = of_type(&second_events, "resource_complete")
+        .into_iter()
+        .filter(|e| e["operation"] == "delete")
+        .map(|e| e["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(deleted, ["n.old", "d"]);
+    assert_eq!(state_list(dir), ["c"]);
+    let again = capstan(dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+}
+
+#[test]
+fn an_output_caught_with_try_eval_still_defers() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // Without care, `b` would be declared with the fallback "none" before `a` exists.
+    write(
+        dir,
+        "capstan.nix",
+        r#"{ capstan, resources, ... }: {
+  providers.local = capstan.builtin "local";
+  resources = {
+    a = { provider = "local"; type = "memo"; inputs.value = "real"; };
+    b = { provider = "local"; type = "memo";
+          inputs.value = let t = builtins.tryEval resources.a.outputs.value; in if t.success then t.value else "none"; };
+    # A trace that is not UTF-8 does not stop capstan reading Nix's answer.
+    a0 = { provider = "local"; type = "memo"; inputs.value = builtins.trace (builtins.readFile ./bytes.bin) 1; };
+  };
+}"#,
+    );
+    std::fs::write(dir.join("bytes.bin"), b"\xff\xfe not UTF-8\n").unwrap();
+    let plan = capstan(dir, &["plan", "--json"]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let deferred: Vec<String> = of_type(&events(&plan.stdout), "deferred")
+        .iter()
+        .map(|d| d["address"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(deferred, ["b"]);
+    let apply = capstan(dir, &["apply"]);
+    assert!(apply.status.success(), "{}", stderr(&apply));
+    let b = capstan(dir, &["state", "show", "b"]);
+    let b: Value = serde_json::from_slice(&b.stdout).unwrap();
+    assert_eq!(b["outputs"]["value"], "real");
+}
+
+#[test]
+fn a_name_that_would_make_addresses_ambiguous_is_an_error() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let err = plan_fails(
+        dir,
+        "dotted.nix",
+        r#"{ capstan, resources, ... }: { providers.local = capstan.builtin "local"; resources = {
+  c = { provider = "local"; type = "memo"; inputs.value = 1; };
+  n = capstan.nested ({ resources, ... }: { "a.b" = { provider = "local"; type = "memo"; inputs.value = resources.c.outputs.value; }; });
+}; }"#,
+    );
+    assert!(err.contains("`a.b`"), "{err}");
+    assert!(err.contains("must not contain"), "{err}");
+}
+
+#[test]
+fn a_member_read_later_depends_on_every_output_it_used() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // `gate` waits for `db` (a reference), so `db` exists when `n` is read: `n.vm` uses
+    // `db`'s output without ever waiting for it, and must still be recorded as depending on
+    // it (so that it is deleted first).
+    write(
+        dir,
+        "capstan.nix",
+        r#"{ capstan, resources, ... }: {
+  providers.local = capstan.builtin "local";
+  resources = {
+    db = { provider = "local"; type = "memo"; inputs.value = "10.0.0.1"; };
+    gate = { provider = "local"; type = "memo"; inputs.value = resources.db.output "value"; };
+    n = capstan.nested ({ resources, ... }: if resources.gate.outputs.value != null then {
+      vm = { provider = "local"; type = "memo"; inputs.value = "ip ${resources.db.outputs.value}"; };
+    } else { });
+  };
+}"#,
+    );
+    let apply = capstan(dir, &["apply"]);
+    assert!(apply.status.success(), "{}", stderr(&apply));
+    let vm = capstan(dir, &["state", "show", "n.vm"]);
+    let vm: Value = serde_json::from_slice(&vm.stdout).unwrap();
+    assert_eq!(vm["outputs"]["value"], "ip 10.0.0.1");
+    assert_eq!(vm["dependencies"], serde_json::json!(["db", "gate"]));
+    let again = capstan(dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    // Destroy deletes it before what it used.
+    let destroy = capstan(dir, &["destroy", "--yes", "--json"]);
+    assert!(destroy.status.success(), "{}", stderr(&destroy));
+    let destroy_events = events(&destroy.stdout);
+    let order: Vec<&str> = of_type(&destroy_events, "resource_complete")
+        .into_iter()
+        .map(|e| e["address"].as_str().unwrap())
+        .collect();
+    let at = |a: &str| order.iter().position(|x| *x == a).unwrap();
+    assert!(
+        at("n.vm") < at("db") && at("n.vm") < at("gate"),
+        "{order:?}"
+    );
+}
+
+#[test]
+fn a_large_nested_deployment_records_what_its_members_used_in_one_pass() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // More members than are read one instance each: one instance reads them all.
+    write(
+        dir,
+        "capstan.nix",
+        r#"{ capstan, resources, ... }: {
+  providers.local = capstan.builtin "local";
+  resources = {
+    base = { provider = "local"; type = "memo"; inputs.value = 7; };
+    gate = { provider = "local"; type = "memo"; inputs.value = resources.base.output "value"; };
+    n = capstan.nested ({ resources, ... }: builtins.listToAttrs (builtins.genList (i: {
+      name = "m${toString i}";
+      value = { provider = "local"; type = "memo"; inputs.value = i + resources.base.outputs.value; };
+    }) (if resources.gate.outputs.value > 0 then 100 else 0)));
+  };
+}"#,
+    );
+    let apply = capstan(dir, &["apply"]);
+    assert!(apply.status.success(), "{}", stderr(&apply));
+    assert_eq!(state_list(dir).len(), 102);
+    let m = capstan(dir, &["state", "show", "n.m42"]);
+    let m: Value = serde_json::from_slice(&m.stdout).unwrap();
+    assert_eq!(m["outputs"]["value"], 49);
+    assert_eq!(m["dependencies"], serde_json::json!(["base", "gate"]));
+}
+
+/// A derivation that builds at once (builder /bin/sh, offline), different for each `nonce`.
+fn quick_derivation(nonce: &str) -> String {
+    format!(
+        r#"derivation {{
+  name = "capstan-stale-test";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  nonce = "{nonce}";
+  args = [ "-c" "echo {nonce} > $out" ];
+}}"#
+    )
+}
+
+#[test]
+fn a_value_computed_from_a_build_that_changed_behind_its_inputs_is_computed_again() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let unique = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    write(dir, "drv.nix", &quick_derivation(&format!("one-{unique}")));
+    write(
+        dir,
+        "capstan.nix",
+        r#"{ capstan, resources, ... }: {
+  providers.nix = capstan.builtin "nix";
+  providers.local = capstan.builtin "local";
+  resources = {
+    build = { provider = "nix"; type = "build";
+              inputs = { file = "drv.nix"; args = [ "--option" "substituters" "" ]; }; };
+    # Computed from the build's output: its inputs are the store path itself.
+    path = { provider = "local"; type = "memo"; inputs.value = "${resources.build.outputs.outPath}"; };
+  };
+}"#,
+    );
+    let first = capstan(dir, &["apply"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let recorded = |address: &str| -> Value {
+        let out = capstan(dir, &["state", "show", address]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let old_path = recorded("build")["outputs"]["outPath"].clone();
+    assert_eq!(recorded("path")["outputs"]["value"], old_path);
+    // The derivation changes; the build's inputs (the file's name) do not.
+    write(dir, "drv.nix", &quick_derivation(&format!("two-{unique}")));
+    let plan = capstan(dir, &["plan", "--json"]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let plan_events = events(&plan.stdout);
+    let deferred: Vec<&Value> = of_type(&plan_events, "deferred");
+    assert!(
+        deferred.iter().any(|d| d["address"] == "path"),
+        "`path` holds the old store path and must wait for the build: {plan_events:?}"
+    );
+    let second = capstan(dir, &["apply"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    let new_path = recorded("build")["outputs"]["outPath"].clone();
+    assert_ne!(new_path, old_path);
+    assert_eq!(recorded("path")["outputs"]["value"], new_path);
+}

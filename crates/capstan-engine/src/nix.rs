@@ -74,6 +74,9 @@ pub struct Evaluation {
     /// The deployment as `capstan.json` text: providers, and the resources that could be read.
     pub document: String,
     pub deferred: Vec<Deferred>,
+    /// For each resource read for the first time with outputs given: every resource whose
+    /// outputs it used (so that it is recorded as depending on them).
+    pub uses: BTreeMap<String, BTreeSet<String>>,
     /// What Nix printed besides Capstan's own trace lines (warnings, the deployment's traces).
     pub messages: Vec<String>,
     pub elapsed: Duration,
@@ -116,6 +119,9 @@ pub struct Request<'a> {
     pub known: &'a BTreeMap<String, capstan_host::Json>,
     /// Only the providers (for `destroy`, which needs nothing else).
     pub providers_only: bool,
+    /// Resources read by an earlier evaluation: what they use is known already (see
+    /// [`Evaluation::uses`]).
+    pub settled: &'a BTreeSet<String>,
 }
 
 /// Evaluates a deployment: one `nix-instantiate`, and a second one only to show the error of
@@ -162,7 +168,32 @@ pub async fn evaluate(request: &Request<'_>) -> Result<Evaluation, EvalError> {
     let mut resources = answer
         .resources
         .unwrap_or_else(|| Value::Object(Map::new()));
+    // An item that was read although it used a missing output (it caught the throw itself,
+    // with `builtins.tryEval`) would be declared with its fallback: it waits instead.
+    for (address, waits) in &first.touched {
+        if deferred.iter().any(|d| d.address == *address) {
+            continue;
+        }
+        if let Some(kind) = remove_member(&mut resources, address) {
+            deferred.push(Deferred {
+                address: address.clone(),
+                kind,
+                waits_for: waits.iter().cloned().collect(),
+            });
+        }
+    }
     defer_references(&mut resources, &mut deferred);
+    // What one instance found for all the resources read anew (`capstan-uses-all#`): each
+    // is taken to use all of it.
+    let mut uses = first.uses;
+    if let Some(all) = uses.remove("") {
+        let mut path = Vec::new();
+        visit_resources(&resources, &mut path, &mut |address, _| {
+            if !request.settled.contains(address) {
+                uses.insert(address.to_string(), all.clone());
+            }
+        });
+    }
     let document = serde_json::json!({
         "providers": answer.providers,
         "resources": resources,
@@ -171,6 +202,7 @@ pub async fn evaluate(request: &Request<'_>) -> Result<Evaluation, EvalError> {
     Ok(Evaluation {
         document,
         deferred,
+        uses,
         messages: first.messages,
         elapsed: started.elapsed(),
     })
@@ -196,7 +228,7 @@ fn defer_references(resources: &mut Value, deferred: &mut Vec<Deferred>) {
             return;
         }
         for (address, target) in found {
-            remove_member(resources, &address);
+            let _ = remove_member(resources, &address);
             deferred.push(Deferred {
                 address,
                 kind: DeferredKind::Resource,
@@ -224,22 +256,24 @@ fn visit_resources(tree: &Value, path: &mut Vec<String>, f: &mut dyn FnMut(&str,
     }
 }
 
-fn remove_member(tree: &mut Value, address: &str) {
+/// Removes the member at `address` from a tree of groups; what it was, if it was there.
+#[must_use]
+fn remove_member(tree: &mut Value, address: &str) -> Option<DeferredKind> {
     let mut node = tree;
     let mut names = address.split('.').peekable();
     while let Some(name) = names.next() {
-        let Some(members) = node.as_object_mut() else {
-            return;
-        };
+        let members = node.as_object_mut()?;
         if names.peek().is_none() {
-            members.remove(name);
-            return;
+            let removed = members.remove(name)?;
+            return Some(if removed.get("type").is_some() {
+                DeferredKind::Resource
+            } else {
+                DeferredKind::Nested
+            });
         }
-        match members.get_mut(name).and_then(|m| m.get_mut("resources")) {
-            Some(inner) => node = inner,
-            None => return,
-        }
+        node = members.get_mut(name).and_then(|m| m.get_mut("resources"))?;
     }
+    None
 }
 
 /// The addresses `{"$ref": "A#o"}` and `{"$cap": "A#n"}` markers in `value` point at.
@@ -283,6 +317,8 @@ struct Run {
     stdout: String,
     /// Per item, the addresses whose missing outputs it used.
     touched: BTreeMap<String, BTreeSet<String>>,
+    /// Per newly read resource, the addresses whose outputs it used.
+    uses: BTreeMap<String, BTreeSet<String>>,
     cycles: Vec<Vec<String>>,
     messages: Vec<String>,
 }
@@ -321,11 +357,22 @@ fn expression(file: &Path, request: &Request<'_>, raise: &[String]) -> String {
     known.push('}');
     format!(
         "let capstan = (\n{LIBRARY}\n); in capstan.evaluate {{ file = /. + {file}; params = builtins.fromJSON {params}; \
-         known = builtins.fromJSON {known}; raise = builtins.fromJSON {raise}; only = {only}; }}\n",
+         known = builtins.fromJSON {known}; raise = builtins.fromJSON {raise}; only = {only}; \
+         settled = builtins.fromJSON {settled}; }}\n",
         file = nix_string(&file.to_string_lossy()),
         params = nix_string(&Value::Object(request.params.clone()).to_string()),
         known = nix_string(&known),
         raise = nix_string(&serde_json::to_string(raise).expect("strings")),
+        settled = nix_string(
+            &serde_json::Value::Object(
+                request
+                    .settled
+                    .iter()
+                    .map(|a| (a.clone(), serde_json::Value::Bool(true)))
+                    .collect()
+            )
+            .to_string()
+        ),
         only = nix_string(if request.providers_only {
             "providers"
         } else {
@@ -352,6 +399,9 @@ async fn instantiate(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Not in the terminal's process group: Ctrl-C is capstan's to handle (it stops the
+        // evaluation by dropping it), not a failure of Nix's to report.
+        .process_group(0)
         // A stopped run (its future dropped) stops the evaluation.
         .kill_on_drop(true);
     // SAFETY: between fork and exec, only `prctl`, which is async-signal-safe: the evaluator
@@ -394,12 +444,25 @@ async fn instantiate(
         text
     };
     let read_err = async move {
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut reader = tokio::io::BufReader::new(stderr);
         let mut touched: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut cycles = Vec::new();
         let mut messages = Vec::new();
         let mut current: Option<String> = None;
-        while let Ok(Some(line)) = lines.next_line().await {
+        let mut uses: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut using: Option<String> = None;
+        let mut bytes = Vec::new();
+        // Read to the end whatever the bytes (a deployment may trace anything): a line that is
+        // not UTF-8 is read lossily, never a reason to stop reading.
+        loop {
+            bytes.clear();
+            match reader.read_until(b'\n', &mut bytes).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = String::from_utf8_lossy(&bytes)
+                .trim_end_matches(['\n', '\r'])
+                .to_string();
             let Some(trace) = line.strip_prefix("trace: capstan-") else {
                 messages.push(line);
                 continue;
@@ -407,6 +470,21 @@ async fn instantiate(
             let mut fields = trace.split('#');
             match (fields.next(), fields.next()) {
                 (Some("eval"), Some(address)) => current = Some(address.to_string()),
+                (Some("uses"), Some(address)) => {
+                    current = None;
+                    using = Some(address.to_string());
+                }
+                (Some("uses-all"), _) => {
+                    current = None;
+                    using = Some(String::new());
+                }
+                (Some("use"), Some(address)) => {
+                    if let Some(item) = &using {
+                        uses.entry(item.clone())
+                            .or_default()
+                            .insert(address.to_string());
+                    }
+                }
                 (Some("touch"), Some(address)) => {
                     if let Some(item) = &current {
                         touched
@@ -426,9 +504,9 @@ async fn instantiate(
                 _ => messages.push(line),
             }
         }
-        (touched, cycles, messages)
+        (touched, uses, cycles, messages)
     };
-    let ((), stdout, (touched, cycles, messages)) = tokio::join!(write, read_out, read_err);
+    let ((), stdout, (touched, uses, cycles, messages)) = tokio::join!(write, read_out, read_err);
     let status = child.wait().await.map_err(|error| EvalError::Spawn {
         file: file.to_path_buf(),
         program: program.display().to_string(),
@@ -457,6 +535,7 @@ async fn instantiate(
     Ok(Run {
         stdout,
         touched,
+        uses,
         cycles,
         messages,
     })
@@ -494,6 +573,7 @@ pub async fn evaluate_and_plan(
     use crate::events::Event;
     use crate::plan::Action;
     let name = file.display().to_string();
+    let mut settled = BTreeSet::new();
     loop {
         *stage += 1;
         events.emit(Event::EvaluationStart {
@@ -505,10 +585,12 @@ pub async fn evaluate_and_plan(
             params,
             known: &known,
             providers_only: false,
+            settled: &settled,
         })
         .await?;
         let mut deployment = crate::model::Deployment::parse(file, &evaluation.document, params)?;
-        note_uses(&mut deployment, uses, &evaluation.deferred);
+        note_uses(&mut deployment, uses, &evaluation);
+        settled = deployment.resources.keys().cloned().collect();
         events.emit(Event::EvaluationComplete {
             file: name.clone(),
             stage: *stage,
@@ -525,9 +607,8 @@ pub async fn evaluate_and_plan(
         }
         let mut changes = crate::plan::plan(&deployment, state)?;
         let deferred = evaluation.deferred;
-        changes.retain(|c| {
-            c.action != Action::Delete || !deferred.iter().any(|d| d.covers(&c.address))
-        });
+        let kept = kept_for_deferred(state, &deferred);
+        changes.retain(|c| c.action != Action::Delete || !kept.contains(c.address.as_str()));
         let waited: BTreeSet<&str> = deferred
             .iter()
             .flat_map(|d| d.waits_for.iter().map(String::as_str))
@@ -547,6 +628,97 @@ pub async fn evaluate_and_plan(
         }
         known.extend(outputs_of(state, newly));
     }
+}
+
+/// After the plan's reads (`run::read_on_plan`): a resource computed with the recorded outputs
+/// of one found changed (`read_changed`) holds stale values, so it is deferred, to be
+/// evaluated again once that one is made; and so is what used its outputs, or refers to it.
+pub fn defer_stale(
+    changes: &mut Vec<crate::plan::PlannedChange>,
+    deployment: &crate::model::Deployment,
+    deferred: &mut Vec<Deferred>,
+) {
+    let mut changing: BTreeSet<String> = changes
+        .iter()
+        .filter(|c| c.read_changed)
+        .map(|c| c.address.clone())
+        .collect();
+    if changing.is_empty() {
+        return;
+    }
+    let mut stale: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    loop {
+        let mut found = Vec::new();
+        for change in changes.iter() {
+            if stale.contains_key(&change.address) || change.read_changed {
+                continue;
+            }
+            let Some(decl) = deployment.resources.get(&change.address) else {
+                continue;
+            };
+            let waits: Vec<String> = decl
+                .uses
+                .iter()
+                .filter(|u| changing.contains(*u))
+                .chain(
+                    decl.refs
+                        .iter()
+                        .map(|r| &r.address)
+                        .filter(|a| stale.contains_key(*a)),
+                )
+                .cloned()
+                .collect();
+            if !waits.is_empty() {
+                found.push((change.address.clone(), waits));
+            }
+        }
+        if found.is_empty() {
+            break;
+        }
+        for (address, waits) in found {
+            changing.insert(address.clone());
+            stale.insert(address, waits);
+        }
+    }
+    changes.retain(|c| !stale.contains_key(&c.address));
+    for (address, waits_for) in stale {
+        deferred.push(Deferred {
+            address,
+            kind: DeferredKind::Resource,
+            waits_for,
+        });
+    }
+}
+
+/// The recorded resources a deferred item may still declare, and what they depend on (so
+/// that it stays until they are deleted first): none of them is deleted as undeclared.
+pub fn kept_for_deferred<'a>(
+    state: &'a crate::state::State,
+    deferred: &[Deferred],
+) -> BTreeSet<&'a str> {
+    let mut kept: BTreeSet<&str> = BTreeSet::new();
+    if deferred.is_empty() {
+        return kept;
+    }
+    let mut stack: Vec<&str> = state
+        .resources
+        .keys()
+        .filter(|a| deferred.iter().any(|d| d.covers(a)))
+        .map(String::as_str)
+        .collect();
+    while let Some(address) = stack.pop() {
+        if !kept.insert(address) {
+            continue;
+        }
+        if let Some((_, r)) = state.resources.get_key_value(address) {
+            for dep in &r.dependencies {
+                if let Some((key, _)) = state.resources.get_key_value(dep.as_str()) {
+                    stack.push(key.as_str());
+                }
+            }
+        }
+    }
+    kept
 }
 
 /// What each deferred item waited for, over all evaluations of a command: once it is read, it
@@ -569,9 +741,14 @@ pub struct Stages {
 pub fn note_uses(
     deployment: &mut crate::model::Deployment,
     uses: &mut Uses,
-    deferred: &[Deferred],
+    evaluation: &Evaluation,
 ) {
-    for d in deferred {
+    for (address, used) in &evaluation.uses {
+        uses.entry(address.clone())
+            .or_default()
+            .extend(used.iter().cloned());
+    }
+    for d in &evaluation.deferred {
         uses.entry(d.address.clone())
             .or_default()
             .extend(d.waits_for.iter().cloned());

@@ -895,10 +895,16 @@ impl<'a> Driver<'a> {
         if self.evaluating || self.evaluation_failed || self.scheduler.stopped().is_some() {
             return;
         }
+        // Made in this run, or left as it is (its recorded outputs stand, as the plan's
+        // evaluations were told), and not failed since.
         let made = |address: &str| {
             self.node_of
                 .get(address)
-                .is_some_and(|&i| self.scheduler.state(i) == Some(NodeState::Ended(End::Succeeded)))
+                .is_some_and(|&i| match self.scheduler.state(i) {
+                    Some(NodeState::Ended(End::Succeeded)) => true,
+                    Some(NodeState::Ended(_)) => false,
+                    _ => self.changes[i].action == Action::Noop,
+                })
         };
         let ready = stages.deferred.iter().any(|d| {
             d.waits_for
@@ -926,6 +932,7 @@ impl<'a> Driver<'a> {
             stage: stages.stage,
         });
         let (file, params) = (stages.file.clone(), stages.params.clone());
+        let settled: BTreeSet<String> = self.node_of.keys().cloned().collect();
         self.evaluating = true;
         work.push(
             async move {
@@ -934,6 +941,7 @@ impl<'a> Driver<'a> {
                     params: &params,
                     known: &known,
                     providers_only: false,
+                    settled: &settled,
                 })
                 .await;
                 Some(Done::Evaluated(evaluation))
@@ -969,7 +977,7 @@ impl<'a> Driver<'a> {
             Ok(parsed) => parsed,
             Err(e) => return fail(self, e.to_string()),
         };
-        crate::nix::note_uses(&mut parsed, &mut stages.uses, &evaluation.deferred);
+        crate::nix::note_uses(&mut parsed, &mut stages.uses, &evaluation);
         self.events.emit(Event::EvaluationComplete {
             file: file.clone(),
             stage,
@@ -977,6 +985,13 @@ impl<'a> Driver<'a> {
             deferred: evaluation.deferred.len(),
             elapsed_seconds: evaluation.elapsed.as_secs_f64(),
         });
+        for message in &evaluation.messages {
+            self.events.emit(Event::ProviderLog {
+                provider: "nix".into(),
+                stream: capstan_schema::LogStream::Stderr,
+                line: message.clone(),
+            });
+        }
         if let Err(e) = parsed.check_against(&self.providers.infos()) {
             return fail(self, e.to_string());
         }
@@ -987,16 +1002,23 @@ impl<'a> Driver<'a> {
             Ok(planned) => planned,
             Err(e) => return fail(self, e.to_string()),
         };
-        let deferred = evaluation.deferred;
+        // What is in the run already is not deferred, whatever this evaluation (given only
+        // the outputs made so far) says.
+        let deferred: Vec<crate::nix::Deferred> = evaluation
+            .deferred
+            .into_iter()
+            .filter(|d| !self.node_of.contains_key(&d.address))
+            .collect();
+        let kept = crate::nix::kept_for_deferred(self.state, &deferred);
         let new: Vec<PlannedChange> = planned
             .into_iter()
             .filter(|c| !self.node_of.contains_key(&c.address))
             .filter(|c| {
                 c.action != Action::Delete
-                    || (!deferred.iter().any(|d| d.covers(&c.address))
-                        && !self.deleting.contains(&c.address))
+                    || (!kept.contains(c.address.as_str()) && !self.deleting.contains(&c.address))
             })
             .collect();
+        drop(kept);
         let mut shown = Vec::with_capacity(new.len());
         let mut deletes: Vec<NodeId> = Vec::new();
         for mut change in new {
@@ -1047,18 +1069,20 @@ impl<'a> Driver<'a> {
             self.node_of.insert(address, i);
             shown.push(change);
         }
-        // Deletes go in reverse order of what was recorded as depending on what.
+        // A delete waits for what was recorded as depending on it: its delete, or its create
+        // or update (which moves it off), as `graph` orders them at the start.
         for &j in &deletes {
-            let address = &self.changes[j].address;
-            let Some(recorded) = self.state.resources.get(address) else {
-                continue;
-            };
-            for dep in &recorded.dependencies {
-                if let Some(&k) = self.node_of.get(dep) {
-                    if deletes.contains(&k) {
-                        obey(self.scheduler.depend(k, j));
-                    }
-                }
+            let address = self.changes[j].address.clone();
+            let dependents: Vec<NodeId> = self
+                .state
+                .resources
+                .iter()
+                .filter(|(_, r)| r.dependencies.contains(&address))
+                .filter_map(|(a, _)| self.node_of.get(a).copied())
+                .filter(|&k| k != j)
+                .collect();
+            for k in dependents {
+                obey(self.scheduler.depend(j, k));
             }
         }
         crate::plan::annotate(&mut shown, &self.providers.infos());
@@ -2522,9 +2546,6 @@ pub async fn read_on_plan(
     warnings
 }
 
-/// The outputs `now`'s type declares that its result lacks, as "output(s) `a`, `b`", if any.
-/// Runs for every result, so it reads the outputs' top-level keys in one pass without
-/// allocating (keys are compared where they lie in the text).
 /// Learns the outputs `now`'s provider marks sensitive, and records where the known secrets
 /// are in its inputs and outputs.
 fn note_sensitive(
@@ -2617,6 +2638,9 @@ fn learn_sensitive<'a>(
     }
 }
 
+/// The outputs `now`'s type declares that its result lacks, as "output(s) `a`, `b`", if any.
+/// Runs for every result, so it reads the outputs' top-level keys in one pass without
+/// allocating (keys are compared where they lie in the text).
 fn missing_outputs(connection: &ProviderConnection, now: &ResourceState) -> Option<String> {
     let declared = &connection.info().resource_type(&now.resource_type)?.outputs;
     if declared.is_empty() {
