@@ -116,6 +116,12 @@ struct ResourceType {
   # True when operations on this type submit children or ask for permits: the core then
   # sets `OperationRequest.scheduler` for them (for other types it leaves it null, which
   # spares a capability per call).
+  readChecks @9 :Bool;
+  # True when `read` looks at the real resource: it fails with `notFound` when the resource
+  # does not exist, and it can find one from its inputs alone (a read whose
+  # `previousOutputs` is empty: what an interrupted create may have made). The core checks
+  # interrupted operations with it, and `--refresh` finds resources changed or deleted
+  # behind its back. False: `read` only echoes what is recorded.
 }
 
 struct InputSpec {
@@ -265,4 +271,7 @@ enum ErrorKind {
   # The operation stopped because it was cancelled.
   internal @4;
   # A bug in the provider, such as a panic.
+  notFound @5;
+  # From `read` only: the resource does not exist (deleted behind the core's back, or never
+  # made by an interrupted create).
 }

@@ -11,6 +11,7 @@ use capstan_engine::events::{Event, EventSink};
 use capstan_engine::model::Deployment;
 use capstan_engine::nix;
 use capstan_engine::plan::{self, Action, PlannedChange};
+use capstan_engine::reconcile;
 use capstan_engine::run::{self, BuiltinLauncher, Providers, RunOptions};
 use capstan_engine::state::{self, DirectoryBackend, State, StateBackend, StateError};
 use clap::Args;
@@ -124,6 +125,10 @@ pub struct RunArgs {
     /// resource). Capstan asks only on a terminal.
     #[arg(short = 'y', long)]
     yes: bool,
+    /// Read every recorded resource whose provider can look at the real thing first: what
+    /// drifted is updated, what is gone is made again (or, for destroy, not deleted twice).
+    #[arg(long)]
+    refresh: bool,
 }
 
 /// Options of `plan` alone.
@@ -133,6 +138,11 @@ pub struct PlanArgs {
     /// Terraform's -detailed-exitcode).
     #[arg(long)]
     pub detailed_exitcode: bool,
+    /// Read every recorded resource whose provider can look at the real thing first, and
+    /// plan what changed behind Capstan's back: an update where it drifted, a create where it
+    /// is gone (writes nothing).
+    #[arg(long)]
+    pub refresh: bool,
 }
 
 /// The most `--jobs` Capstan takes (far beyond what one machine's providers can use).
@@ -417,13 +427,16 @@ async fn read_nix(
 
 /// Starts every provider the deployment or the plan uses and checks the deployment against
 /// their handshakes.
+#[allow(clippy::too_many_arguments)]
 async fn start_providers(
-    session: &Session,
-    changes: &mut [PlannedChange],
+    session: &mut Session,
+    changes: &mut Vec<PlannedChange>,
     stop: &Stop,
     max_message_mib: Option<u32>,
     jobs: usize,
     timeout: Option<Duration>,
+    mode: Mode,
+    refresh: bool,
 ) -> Result<Providers, ExitCode> {
     // Every provider the deployment declares: one no declared resource uses may be there for
     // children that another resource's provider asks for while it runs.
@@ -480,6 +493,46 @@ async fn start_providers(
         say!("error: {e}");
         ExitCode::from(EXIT_INVALID)
     })?;
+    // Interrupted operations, checked with their providers before anything is planned on them.
+    if !session.state.pending.is_empty() {
+        let check = reconcile::check_interrupted(&session.state, &providers, jobs, timeout);
+        let checked = tokio::select! {
+            checked = check => checked,
+            () = stop.token.cancelled() => {
+                providers.shutdown().await;
+                return Err(stop.stopped_code());
+            }
+        };
+        for warning in &checked.warnings {
+            say!("warning: {warning}");
+        }
+        for (address, note) in &checked.notes {
+            say!("note: {address}: {note}");
+        }
+        if !checked.records.is_empty() {
+            if let Err(code) = settle(session, checked.records.clone()).await {
+                providers.shutdown().await;
+                return Err(code);
+            }
+            match replan(session, mode).await {
+                Ok(again) => *changes = again,
+                Err(e) => {
+                    say!("error: {e}");
+                    providers.shutdown().await;
+                    return Err(ExitCode::from(EXIT_INVALID));
+                }
+            }
+            for change in changes.iter_mut() {
+                if let Some((_, note)) = checked.notes.iter().find(|(a, _)| *a == change.address) {
+                    change.note = Some(note.clone());
+                }
+                if change.action == Action::Noop && checked.adopted.contains(&change.address) {
+                    change.action = Action::Update;
+                    change.read_changed = true;
+                }
+            }
+        }
+    }
     plan::annotate(changes, &providers.infos());
     let reads = run::read_on_plan(
         changes,
@@ -488,16 +541,29 @@ async fn start_providers(
         &providers,
         jobs,
         timeout,
+        refresh,
     );
-    let warnings = tokio::select! {
-        warnings = reads => warnings,
+    let reads = tokio::select! {
+        reads = reads => reads,
         () = stop.token.cancelled() => {
             providers.shutdown().await;
             return Err(stop.stopped_code());
         }
     };
-    for warning in warnings {
+    for warning in reads.warnings {
         say!("warning: {warning}");
+    }
+    if !reads.gone.is_empty() {
+        // What its provider no longer finds is no longer in the state.
+        let records = reads
+            .gone
+            .into_iter()
+            .map(|address| capstan_engine::state::Record::Deleted { address })
+            .collect();
+        if let Err(code) = settle(session, records).await {
+            providers.shutdown().await;
+            return Err(code);
+        }
     }
     if let Err(e) = session.deployment.check_against(&providers.infos()) {
         say!("error: {e}");
@@ -513,7 +579,7 @@ pub async fn plan_cmd(
     plan_args: PlanArgs,
     stdout: Stdout,
 ) -> ExitCode {
-    let code = plan_inner(args, view, stdout).await;
+    let code = plan_inner(args, view, stdout, plan_args.refresh).await;
     if !plan_args.detailed_exitcode {
         return code.map_or_else(|code| code, |_| ExitCode::SUCCESS);
     }
@@ -531,6 +597,7 @@ async fn plan_inner(
     args: DeploymentArgs,
     view: ViewArgs,
     stdout: Stdout,
+    refresh: bool,
 ) -> Result<bool, ExitCode> {
     let stop = Stop::watch();
     let mut session = open(&args, &view, None, stdout, Mode::Plan, &stop).await?;
@@ -541,7 +608,17 @@ async fn plan_inner(
             ExitCode::from(EXIT_INVALID)
         })?,
     };
-    let providers = start_providers(&session, &mut changes, &stop, None, 16, None).await?;
+    let providers = start_providers(
+        &mut session,
+        &mut changes,
+        &stop,
+        None,
+        16,
+        None,
+        Mode::Plan,
+        refresh,
+    )
+    .await?;
     if let Some(nix) = session.nix.as_mut() {
         nix::defer_stale(&mut changes, &session.deployment, &mut nix.deferred);
     }
@@ -590,12 +667,14 @@ pub async fn apply_cmd(
         }
     };
     let providers = match start_providers(
-        &session,
+        &mut session,
         &mut changes,
         &stop,
         run_args.max_message_mib,
         run_args.jobs as usize,
         run_args.timeout,
+        mode,
+        run_args.refresh,
     )
     .await
     {
@@ -677,6 +756,48 @@ pub async fn apply_cmd(
     };
     compact_if_large(backend);
     stop.finished(summary.succeeded())
+}
+
+/// Applies records found before the run to the state: journaled first for commands that
+/// write (`plan` only looks, and changes only its own copy).
+async fn settle(
+    session: &mut Session,
+    records: Vec<capstan_engine::state::Record>,
+) -> Result<(), ExitCode> {
+    if let Some(backend) = &session.backend {
+        if let Err(e) = state::append_durably(&**backend, records.clone()).await {
+            say!("error: the state could not be written: {e}");
+            return Err(ExitCode::from(EXIT_FAILED));
+        }
+    }
+    for record in records {
+        session.state.apply_owned(record);
+    }
+    Ok(())
+}
+
+/// Plans again, after the state changed under the plan.
+async fn replan(session: &mut Session, mode: Mode) -> Result<Vec<PlannedChange>, String> {
+    if mode == Mode::Destroy {
+        return Ok(plan::plan_destroy(&session.state));
+    }
+    let Some(nix) = session.nix.as_mut() else {
+        return plan::plan(&session.deployment, &session.state).map_err(|e| e.to_string());
+    };
+    let staged = nix::evaluate_and_plan(
+        &nix.file,
+        &nix.params,
+        &session.state,
+        Default::default(),
+        &mut nix.uses,
+        &*session.events,
+        &mut nix.stage,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    session.deployment = staged.deployment;
+    nix.deferred = staged.deferred;
+    Ok(staged.changes)
 }
 
 /// Shows what a deployment in Nix left for a later evaluation.

@@ -386,3 +386,74 @@ fn editing_the_nix_file_is_a_change_the_plan_sees_and_apply_builds() {
         "and then nothing is left to do: {plan}"
     );
 }
+
+#[test]
+fn refresh_notices_a_profile_switched_or_removed_behind_capstan_s_back() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = nonce();
+    std::fs::write(dir.path().join("good.nix"), derivation(&nonce, 0, false)).unwrap();
+    write(
+        dir.path(),
+        json!({
+            "build": {"provider": "nix", "type": "build", "inputs": build_inputs("good.nix")},
+            "switch": {"provider": "nix", "type": "activate", "inputs": {"profile": "profiles/test", "path": {"$ref": "build#outPath"}}}
+        }),
+    );
+    apply_ok(dir.path());
+    let profiles = dir.path().join("profiles");
+    let out_path = std::fs::canonicalize(profiles.join("test")).unwrap();
+    let action = |args: &[&str]| -> (String, String) {
+        let (out, events) = run(dir.path(), args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let change = events
+            .iter()
+            .find(|e| e["type"] == "plan")
+            .and_then(|p| {
+                p["changes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["address"] == "switch")
+                    .cloned()
+            })
+            .expect("switch is planned");
+        (
+            change["action"].as_str().unwrap().to_string(),
+            change["note"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    // Switched by hand to a generation of someone else's.
+    std::os::unix::fs::symlink(&out_path, profiles.join("test-7-link")).unwrap();
+    std::fs::remove_file(profiles.join("test")).unwrap();
+    std::os::unix::fs::symlink("test-7-link", profiles.join("test")).unwrap();
+    assert_eq!(
+        action(&["plan"]).0,
+        "noop",
+        "nothing is read without --refresh"
+    );
+    let (what, note) = action(&["plan", "--refresh"]);
+    assert_eq!(what, "update", "{note}");
+    assert!(note.contains("`generation`"), "{note}");
+    // Removed by hand: made again.
+    std::fs::remove_file(profiles.join("test")).unwrap();
+    let (what, note) = action(&["plan", "--refresh"]);
+    assert_eq!(what, "create", "{note}");
+    let (out, _) = run(dir.path(), &["apply", "--refresh"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::canonicalize(profiles.join("test")).unwrap(),
+        out_path
+    );
+    assert_eq!(action(&["plan", "--refresh"]).0, "noop");
+}

@@ -55,6 +55,8 @@ impl From<capstan_schema::ErrorKind> for FailureKind {
             K::Transient => FailureKind::Transient,
             K::Cancelled => FailureKind::Cancelled,
             K::Internal => FailureKind::Internal,
+            // Only a read may say so; from any other operation it is a plain failure.
+            K::NotFound => FailureKind::Permanent,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod events;
 pub mod model;
 pub mod nix;
 pub mod plan;
+pub mod reconcile;
 pub mod run;
 pub mod scheduler;
 pub mod secrets;

@@ -58,10 +58,10 @@ impl Default for RunOptions {
 
 /// The providers of one run: one connection each, started once.
 pub struct Providers {
-    connections: BTreeMap<String, Rc<ProviderConnection>>,
+    pub(crate) connections: BTreeMap<String, Rc<ProviderConnection>>,
     /// Each provider's concurrency limit, if it has one.
     limits: BTreeMap<String, usize>,
-    timeouts: BTreeMap<String, Duration>,
+    pub(crate) timeouts: BTreeMap<String, Duration>,
 }
 
 /// How to start built-in providers: this program, re-executed with `__provider NAME`.
@@ -2436,40 +2436,52 @@ fn failure(address: &str, error: CallError, was_pending: bool) -> CallFailure {
     }
 }
 
-/// For unchanged resources of types that ask for it (`readOnPlan`): asks each provider what
-/// the resource is now (`read`, at most `jobs` at once) and plans an update where that differs
-/// from what the state records. Returns a warning for each resource that could not be read
-/// (it stays unchanged in the plan).
+/// What the plan's reads found.
+#[derive(Debug, Default)]
+pub struct PlanReads {
+    /// Reads that failed (the resource is planned as if unread).
+    pub warnings: Vec<String>,
+    /// Recorded resources their providers no longer find: made again (or, for a delete,
+    /// already gone). The caller drops them from the state (and journals it, for an apply).
+    pub gone: Vec<String>,
+}
+
+/// Reads recorded resources while planning, and plans what it finds: an update when the
+/// outputs differ from those recorded, a create when the resource is gone. Without
+/// `refresh`, only unchanged resources of types that declare `readOnPlan`; with it, also
+/// every recorded resource (to be updated, replaced, deleted or left) of a type whose reads
+/// look at the real resource (`readChecks`): drift made behind Capstan's back.
 pub async fn read_on_plan(
-    changes: &mut [PlannedChange],
+    changes: &mut Vec<PlannedChange>,
     deployment: &Deployment,
     state: &State,
     providers: &Providers,
     jobs: usize,
     timeout: Option<Duration>,
-) -> Vec<String> {
+    refresh: bool,
+) -> PlanReads {
     let reads = changes.iter().enumerate().filter_map(|(i, change)| {
-        if change.action != Action::Noop {
+        let recorded = state.resources.get(&change.address)?;
+        // The recorded resource's own provider and type (a replace changes them).
+        let connection = providers.connections.get(&recorded.provider)?;
+        let info = connection.info().resource_type(&recorded.resource_type)?;
+        let wanted = (change.action == Action::Noop && info.read_on_plan)
+            || (refresh && info.read_checks && change.action != Action::Create);
+        if !wanted {
             return None;
         }
-        let connection = providers.connections.get(&change.provider)?;
-        connection
-            .info()
-            .resource_type(&change.resource_type)
-            .filter(|t| t.read_on_plan)?;
-        let recorded = state.resources.get(&change.address)?;
         let call = OperationCall {
             previous_inputs: Some(recorded.inputs.clone()),
             previous_outputs: Some(recorded.outputs.clone()),
             // As for any operation: the provider's timeout, else the run's.
             timeout: providers
                 .timeouts
-                .get(&change.provider)
+                .get(&recorded.provider)
                 .copied()
                 .or(timeout),
             ..OperationCall::new(
                 OperationKind::Read,
-                &change.resource_type,
+                &recorded.resource_type,
                 &change.address,
                 recorded.inputs.clone(),
             )
@@ -2481,8 +2493,9 @@ pub async fn read_on_plan(
         })
     });
     let mut found = futures::stream::iter(reads).buffer_unordered(jobs.max(1));
-    let mut warnings = Vec::new();
+    let mut reads = PlanReads::default();
     let mut updates = Vec::new();
+    let mut gone = Vec::new();
     while let Some((i, recorded, read)) = found.next().await {
         match read {
             Ok(now) if now.outputs != recorded.outputs => updates.push((
@@ -2490,19 +2503,50 @@ pub async fn read_on_plan(
                 crate::plan::changed_keys(&recorded.outputs, &now.outputs),
             )),
             Ok(_) => {}
-            Err(e) => warnings.push(format!(
-                "could not read `{}` to see whether it changed ({e}); it is planned as unchanged",
+            Err(CallError::Failed { error, .. })
+                if error.kind == capstan_schema::ErrorKind::NotFound =>
+            {
+                gone.push(i);
+            }
+            Err(e) => reads.warnings.push(format!(
+                "could not read `{}` to see whether it changed ({e}); it is planned as if unread",
                 changes[i].address
             )),
         }
     }
     drop(found);
-    if updates.is_empty() {
-        return warnings;
-    }
     let mut changing: std::collections::HashSet<String> = Default::default();
+    let mut drop_changes = Vec::new();
+    for i in gone {
+        let change = &mut changes[i];
+        reads.gone.push(change.address.clone());
+        if change.action == Action::Delete {
+            // Nothing left to delete.
+            drop_changes.push(i);
+            continue;
+        }
+        change.action = Action::Create;
+        change.replaces = None;
+        change.changed_inputs = Vec::new();
+        change.note =
+            Some("not found by its provider (deleted outside Capstan): made again".into());
+        changing.insert(change.address.clone());
+    }
     for (i, keys) in updates {
         let change = &mut changes[i];
+        if change.action != Action::Noop {
+            // Drift of one that changes anyway: said, and made as declared.
+            change.note.get_or_insert_with(|| {
+                format!(
+                    "changed outside Capstan: its {} differ from what is recorded",
+                    keys.iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            });
+            continue;
+        }
         change.action = Action::Update;
         change.read_changed = true;
         change.note = Some(format!(
@@ -2513,6 +2557,15 @@ pub async fn read_on_plan(
                 .join(", ")
         ));
         changing.insert(change.address.clone());
+    }
+    if !drop_changes.is_empty() {
+        drop_changes.sort_unstable();
+        for i in drop_changes.into_iter().rev() {
+            changes.remove(i);
+        }
+    }
+    if changing.is_empty() {
+        return reads;
     }
     // What refers to them may change with them: known only once they ran (the plan lists
     // changes dependencies first, so one pass reaches every dependent).
@@ -2530,7 +2583,7 @@ pub async fn read_on_plan(
             .map(|r| r.address.clone())
             .filter(|a| changing.contains(a))
             .collect();
-        if waits.is_empty() || change.read_changed {
+        if waits.is_empty() || change.read_changed || change.action == Action::Create {
             continue;
         }
         if change.action == Action::Noop {
@@ -2543,7 +2596,7 @@ pub async fn read_on_plan(
         }
         changing.insert(change.address.clone());
     }
-    warnings
+    reads
 }
 
 /// Learns the outputs `now`'s provider marks sensitive, and records where the known secrets

@@ -105,6 +105,14 @@ impl ResourceType {
         self
     }
 
+    /// Declares that [`Resource::read`] looks at the real resource (answering
+    /// [`OperationError::not_found`] when it is gone) and [`Resource::find`] finds one from
+    /// its inputs: the core then checks interrupted operations and `--refresh` with them.
+    pub fn read_checks(mut self, read_checks: bool) -> Self {
+        self.0.read_checks = read_checks;
+        self
+    }
+
     /// Operations on this type use [`Operation::child`](crate::Operation::child) or
     /// [`Operation::permit`](crate::Operation::permit): the core gives them its scheduler.
     pub fn uses_scheduler(mut self, uses_scheduler: bool) -> Self {
@@ -148,7 +156,24 @@ pub trait Resource: 'static {
         inputs: Self::Inputs,
     ) -> impl Future<Output = Result<Self::Outputs, OperationError>>;
 
-    /// Reports the resource's current outputs without changing anything.
+    /// Finds the resource its inputs describe, with nothing recorded (what an interrupted
+    /// create may have made): its outputs, or [`OperationError::not_found`]. Only called for
+    /// types that declare [`ResourceType::read_checks`].
+    fn find(
+        &self,
+        op: &Operation,
+        inputs: Self::Inputs,
+    ) -> impl Future<Output = Result<Self::Outputs, OperationError>> {
+        let _ = (op, inputs);
+        async move {
+            Err(OperationError::permanent(
+                "this type cannot find a resource from its inputs",
+            ))
+        }
+    }
+
+    /// Reports the resource's current outputs without changing anything (for a type that
+    /// declares [`ResourceType::read_checks`]: [`OperationError::not_found`] when it is gone).
     fn read(
         &self,
         op: &Operation,
@@ -323,6 +348,14 @@ impl<R: Resource> ErasedResource for Erased<R> {
                 Call::Create { inputs } => {
                     let inputs = decode(op, "inputs", &inputs)?;
                     encode(op, &self.resource.create(op, inputs).await?)
+                }
+                Call::Read {
+                    prior_inputs,
+                    prior_outputs,
+                } if matches!(prior_outputs.trim(), "" | "null") => {
+                    // Nothing recorded: find it from its inputs.
+                    let inputs = decode(op, "inputs", &prior_inputs)?;
+                    encode(op, &self.resource.find(op, inputs).await?)
                 }
                 Call::Read {
                     prior_inputs,

@@ -15,6 +15,8 @@ pub enum ErrorKind {
     Cancelled,
     /// A bug in the provider, such as a panic.
     Internal,
+    /// From `read` only: the resource does not exist.
+    NotFound,
 }
 
 impl ErrorKind {
@@ -26,6 +28,7 @@ impl ErrorKind {
             ErrorKind::Transient => "transient",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Internal => "internal",
+            ErrorKind::NotFound => "not_found",
         }
     }
 
@@ -38,6 +41,7 @@ impl ErrorKind {
             Ok(W::Transient) => ErrorKind::Transient,
             Ok(W::Cancelled) => ErrorKind::Cancelled,
             Ok(W::Internal) => ErrorKind::Internal,
+            Ok(W::NotFound) => ErrorKind::NotFound,
         }
     }
 
@@ -50,6 +54,7 @@ impl ErrorKind {
             ErrorKind::Transient => W::Transient,
             ErrorKind::Cancelled => W::Cancelled,
             ErrorKind::Internal => W::Internal,
+            ErrorKind::NotFound => W::NotFound,
         }
     }
 }
@@ -106,6 +111,11 @@ impl OperationError {
     /// A bug in the provider.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
+    }
+
+    /// From `read`: the resource does not exist.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
     }
 
     /// Adds longer context.

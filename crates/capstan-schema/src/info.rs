@@ -41,6 +41,9 @@ pub struct ResourceTypeInfo {
     /// Its operations submit children or ask for permits (they get a `Scheduler`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub uses_scheduler: bool,
+    /// Its `read` looks at the real resource (answers `NotFound`, finds one from inputs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_checks: bool,
 }
 
 /// One input of a resource type.
@@ -102,6 +105,7 @@ impl ProviderInfo {
                 open_inputs: t.get_open_inputs(),
                 no_delete: t.get_no_delete(),
                 read_on_plan: t.get_read_on_plan(),
+                read_checks: t.get_read_checks(),
                 uses_scheduler: t.get_uses_scheduler(),
             });
         }
@@ -133,6 +137,7 @@ impl ProviderInfo {
             tb.set_open_inputs(t.open_inputs);
             tb.set_no_delete(t.no_delete);
             tb.set_read_on_plan(t.read_on_plan);
+            tb.set_read_checks(t.read_checks);
             tb.set_uses_scheduler(t.uses_scheduler);
             let mut inputs = tb.reborrow().init_inputs(t.inputs.len() as u32);
             for (k, i) in t.inputs.iter().enumerate() {
@@ -198,6 +203,7 @@ mod tests {
                 open_inputs: true,
                 no_delete: false,
                 read_on_plan: true,
+                read_checks: true,
                 uses_scheduler: true,
             }],
         };

@@ -108,6 +108,23 @@ fn absolute(path: &str) -> Result<PathBuf, OperationError> {
     Ok(cwd.join(path))
 }
 
+/// A file's outputs as it is now; `not_found` when there is none.
+async fn read_file(path: PathBuf) -> Result<FileOut, OperationError> {
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => Ok(FileOut {
+            path: path.display().to_string(),
+            content: String::from_utf8_lossy(&bytes).into_owned(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(OperationError::not_found(
+            format!("{} does not exist", path.display()),
+        )),
+        Err(e) => Err(OperationError::transient(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 impl Resource for File {
     type Inputs = FileIn;
     type Outputs = FileOut;
@@ -124,6 +141,21 @@ impl Resource for File {
             .output("path", "The absolute path written")
             .output("content", "The text written")
             .stateful(true)
+            .read_checks(true)
+    }
+
+    /// The file as it is: edited by hand (its content drifted), or gone.
+    async fn read(
+        &self,
+        _op: &Operation,
+        prior: Prior<FileIn, FileOut>,
+    ) -> Result<FileOut, OperationError> {
+        read_file(PathBuf::from(&prior.outputs.path)).await
+    }
+
+    /// The file an interrupted create may have written.
+    async fn find(&self, _op: &Operation, inputs: FileIn) -> Result<FileOut, OperationError> {
+        read_file(absolute(&inputs.path)?).await
     }
 
     async fn create(&self, op: &Operation, inputs: FileIn) -> Result<FileOut, OperationError> {
@@ -347,6 +379,12 @@ impl Resource for Memo {
             .required("value", "Any JSON value")
             .output("value", "The value remembered")
             .stateful(true)
+            // Nothing outside the state: what its inputs say is what there is.
+            .read_checks(true)
+    }
+
+    async fn find(&self, _op: &Operation, inputs: MemoValue) -> Result<MemoValue, OperationError> {
+        Ok(inputs)
     }
 
     async fn create(

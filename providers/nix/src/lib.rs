@@ -616,6 +616,62 @@ impl Resource for Activate {
             .output("path", "The store path activated")
             .output("generation", "The profile generation created")
             .stateful(true)
+            .read_checks(true)
+    }
+
+    /// The profile as it is: switched to another generation behind Capstan's back (drift:
+    /// the update activates the declared path again), or gone.
+    async fn read(
+        &self,
+        _op: &Operation,
+        prior: Prior<ActivateIn, ActivateOut>,
+    ) -> Result<ActivateOut, OperationError> {
+        let profile = &prior.outputs.profile;
+        let Some(generation) = current_generation(profile) else {
+            return Err(OperationError::not_found(format!(
+                "the profile {profile} does not exist"
+            )));
+        };
+        if generation == prior.outputs.generation {
+            return Ok(prior.outputs);
+        }
+        Ok(ActivateOut {
+            path: std::fs::read_link(&generation)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            profile: profile.clone(),
+            generation,
+        })
+    }
+
+    /// What an interrupted activation did: the profile points at the path, or not.
+    async fn find(
+        &self,
+        _op: &Operation,
+        inputs: ActivateIn,
+    ) -> Result<ActivateOut, OperationError> {
+        let profile = std::path::absolute(&inputs.profile)
+            .map_err(|e| {
+                OperationError::invalid_input(format!("profile `{}`: {e}", inputs.profile))
+            })?
+            .display()
+            .to_string();
+        let current = current_generation(&profile);
+        let target = current
+            .as_deref()
+            .and_then(|g| std::fs::read_link(g).ok())
+            .map(|p| p.display().to_string());
+        match (current, target) {
+            (Some(generation), Some(path)) if path == inputs.path => Ok(ActivateOut {
+                profile,
+                path,
+                generation,
+            }),
+            _ => Err(OperationError::not_found(format!(
+                "the profile {profile} is not at {}",
+                inputs.path
+            ))),
+        }
     }
 
     async fn create(

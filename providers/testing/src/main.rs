@@ -864,6 +864,92 @@ fn serve_v0_once() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+// ---- made ----------------------------------------------------------------------------------
+
+/// A file made slowly, whose reads look at the real file (`readChecks`): for interrupted
+/// operations and drift. It waits `before_ms`, writes the file, then waits `after_ms` before
+/// answering (a kill in either wait leaves the create interrupted, without or with the file).
+struct Made;
+
+#[derive(Serialize, Deserialize)]
+struct MadeIn {
+    path: String,
+    #[serde(default)]
+    before_ms: u64,
+    #[serde(default)]
+    after_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MadeOut {
+    path: String,
+    content: String,
+}
+
+fn read_made(path: &str) -> Result<MadeOut, OperationError> {
+    match std::fs::read_to_string(path) {
+        Ok(content) => Ok(MadeOut {
+            path: path.to_string(),
+            content,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(OperationError::not_found(format!("{path} does not exist")))
+        }
+        Err(e) => Err(OperationError::transient(format!(
+            "cannot read {path}: {e}"
+        ))),
+    }
+}
+
+impl Resource for Made {
+    type Inputs = MadeIn;
+    type Outputs = MadeOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("made")
+            .description("Writes a file slowly; its reads look at the file")
+            .required("path", "The file")
+            .optional("before_ms", "Wait before writing")
+            .optional("after_ms", "Wait after writing, before answering")
+            .output("path", "The file")
+            .output("content", "What it holds now")
+            .read_checks(true)
+    }
+
+    async fn create(&self, _op: &Operation, inputs: MadeIn) -> Result<MadeOut, OperationError> {
+        tokio::time::sleep(Duration::from_millis(inputs.before_ms)).await;
+        std::fs::write(&inputs.path, "made\n")
+            .map_err(|e| OperationError::permanent(format!("cannot write {}: {e}", inputs.path)))?;
+        tokio::time::sleep(Duration::from_millis(inputs.after_ms)).await;
+        read_made(&inputs.path)
+    }
+
+    async fn find(&self, _op: &Operation, inputs: MadeIn) -> Result<MadeOut, OperationError> {
+        read_made(&inputs.path)
+    }
+
+    async fn read(
+        &self,
+        _op: &Operation,
+        prior: capstan_provider::Prior<MadeIn, MadeOut>,
+    ) -> Result<MadeOut, OperationError> {
+        read_made(&prior.outputs.path)
+    }
+
+    async fn delete(
+        &self,
+        _op: &Operation,
+        prior: capstan_provider::Prior<MadeIn, MadeOut>,
+    ) -> Result<(), OperationError> {
+        match std::fs::remove_file(&prior.outputs.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(OperationError::permanent(
+                format!("cannot remove {}: {e}", prior.outputs.path),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 // ---- secret --------------------------------------------------------------------------------
 
 /// A type whose output is a secret, and which leaks it everywhere a careless provider could:
@@ -944,6 +1030,7 @@ fn main() -> ExitCode {
         .resource(Fanout)
         .resource(Permits)
         .resource(Secret)
+        .resource(Made)
         .cancel_grace(Duration::from_secs(2));
     if let Some(n) = args.max_concurrency {
         provider = provider.max_concurrency(n);
