@@ -480,7 +480,9 @@ impl ProviderConnection {
     /// the host started) waits, sends SIGTERM, waits, sends SIGKILL.
     pub async fn shutdown(mut self) -> ShutdownReport {
         let mut report = ShutdownReport::default();
-        if !self.is_closed() {
+        // Only a provider this host started is asked to stop: a standing service (a socket
+        // it connected to) serves other runs and clients too, and only this connection ends.
+        if !self.is_closed() && self.process.is_some() {
             let polite = self.client.shutdown_request().send().promise;
             report.acknowledged = tokio::time::timeout(self.options.shutdown_grace, polite)
                 .await

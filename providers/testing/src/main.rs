@@ -950,6 +950,87 @@ impl Resource for Made {
     }
 }
 
+// ---- stash / usestash ------------------------------------------------------------------------
+
+thread_local! {
+    /// The capability a `stash` was handed, kept past its operation (and its run).
+    static STASH: std::cell::RefCell<Option<capstan_schema::provider_capnp::resource_handle::Client>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps the first capability it is handed, as a provider trying to hold on to one would.
+struct Stash;
+
+#[derive(Serialize, Deserialize)]
+struct StashOut {
+    stashed: bool,
+}
+
+impl Resource for Stash {
+    type Inputs = Value;
+    type Outputs = StashOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("stash")
+            .description("Keeps the capability it is handed, past the operation")
+            .open_inputs(true)
+            .output("stashed", "Whether it was handed one")
+    }
+
+    async fn create(&self, op: &Operation, _inputs: Value) -> Result<StashOut, OperationError> {
+        let handle = op.capabilities().first().map(|(_, c)| c.clone());
+        let stashed = handle.is_some();
+        STASH.with(|s| *s.borrow_mut() = handle);
+        Ok(StashOut { stashed })
+    }
+}
+
+/// Tries the capability a `stash` kept (in this run or an earlier one).
+struct UseStash;
+
+#[derive(Serialize, Deserialize)]
+struct UseStashOut {
+    reachable: bool,
+    detail: String,
+}
+
+impl Resource for UseStash {
+    type Inputs = Value;
+    type Outputs = UseStashOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("usestash")
+            .description("Calls the capability a `stash` kept")
+            .open_inputs(true)
+            .output("reachable", "Whether the call answered")
+            .output("detail", "Its answer, or why not")
+    }
+
+    async fn create(&self, _op: &Operation, _inputs: Value) -> Result<UseStashOut, OperationError> {
+        let Some(handle) = STASH.with(|s| s.borrow().clone()) else {
+            return Ok(UseStashOut {
+                reachable: false,
+                detail: "nothing stashed".into(),
+            });
+        };
+        let call = tokio::time::timeout(Duration::from_secs(5), describe_handle(&handle)).await;
+        Ok(match call {
+            Ok(Ok((kind, address, summary))) => UseStashOut {
+                reachable: true,
+                detail: format!("{kind} {address} {summary}"),
+            },
+            Ok(Err(e)) => UseStashOut {
+                reachable: false,
+                detail: e.to_string(),
+            },
+            Err(_) => UseStashOut {
+                reachable: false,
+                detail: "no answer in 5 s".into(),
+            },
+        })
+    }
+}
+
 // ---- secret --------------------------------------------------------------------------------
 
 /// A type whose output is a secret, and which leaks it everywhere a careless provider could:
@@ -1031,6 +1112,8 @@ fn main() -> ExitCode {
         .resource(Permits)
         .resource(Secret)
         .resource(Made)
+        .resource(Stash)
+        .resource(UseStash)
         .cancel_grace(Duration::from_secs(2));
     if let Some(n) = args.max_concurrency {
         provider = provider.max_concurrency(n);
