@@ -247,3 +247,37 @@ fn refresh_finds_what_changed_behind_capstan_s_back() {
     let list = capstan(dir, &["state", "list"]);
     assert!(String::from_utf8_lossy(&list.stdout).trim().is_empty());
 }
+
+#[test]
+fn a_create_that_failed_after_making_something_is_recorded_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let markers = dir.join("markers");
+    std::fs::create_dir(&markers).unwrap();
+    let deployment = |fault: &str| {
+        json!({"p": {"provider": "t", "type": "faulty",
+                     "inputs": {"dir": markers, "name": "p", "fault": fault}}})
+    };
+    write(dir, deployment("partial"));
+    let apply = capstan(dir, &["apply"]);
+    assert_eq!(apply.status.code(), Some(1), "{}", shown(&apply));
+    assert!(markers.join("p").exists());
+    // What it made is known to the state, marked to be replaced.
+    let show = capstan(dir, &["state", "show", "p"]);
+    let recorded: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(recorded["tainted"], true, "{recorded}");
+    assert!(pending(dir).is_empty());
+    let changes = planned(dir, &[]);
+    assert_eq!(change(&changes, "p")["action"], "replace");
+    assert!(change(&changes, "p")["note"]
+        .as_str()
+        .unwrap()
+        .contains("a create failed after making part of it"));
+    write(dir, deployment("none"));
+    let apply = capstan(dir, &["apply"]);
+    assert!(apply.status.success(), "{}", shown(&apply));
+    let show = capstan(dir, &["state", "show", "p"]);
+    let recorded: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(recorded.get("tainted"), None, "{recorded}");
+    assert!(markers.join("p").exists());
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The library, handed to Nix with each evaluation (so nothing is installed beside `capstan`).
 pub const LIBRARY: &str = include_str!("../../../nix/lib.nix");
@@ -130,12 +130,50 @@ pub async fn evaluate(request: &Request<'_>) -> Result<Evaluation, EvalError> {
     let started = Instant::now();
     let file = std::path::absolute(request.file).unwrap_or_else(|_| request.file.to_path_buf());
     let first = instantiate(&file, request, &[]).await?;
+    match interpret(&file, first, request.settled)? {
+        Interpreted::Read(mut evaluation) => {
+            evaluation.elapsed = started.elapsed();
+            Ok(evaluation)
+        }
+        Interpreted::OwnError(address) => {
+            // It failed, but not for an output: its own error (a `throw`, an `assert`, a
+            // missing `provider`). Read it again without catching, for Nix's message.
+            let again = instantiate(&file, request, std::slice::from_ref(&address)).await;
+            Err(match again {
+                Err(e) => e,
+                Ok(_) => EvalError::Nix {
+                    file,
+                    message: format!(
+                        "`{address}` failed to evaluate, and evaluated when read again"
+                    ),
+                },
+            })
+        }
+    }
+}
+
+/// What a successful `nix-instantiate` run means.
+enum Interpreted {
+    Read(Evaluation),
+    /// This item failed for its own reasons: read it again to show Nix's error.
+    OwnError(String),
+}
+
+/// Reads Nix's answer and trace lines (no I/O): the deployment, what was deferred and why.
+fn interpret(
+    file: &Path,
+    first: Run,
+    settled: &BTreeSet<String>,
+) -> Result<Interpreted, EvalError> {
     let answer: Answer = serde_json::from_str(&first.stdout).map_err(|e| EvalError::Answer {
-        file: file.clone(),
+        file: file.to_path_buf(),
         message: e.to_string(),
     })?;
     if let Some(path) = first.cycles.into_iter().next() {
-        return Err(EvalError::Cycle { file, path });
+        return Err(EvalError::Cycle {
+            file: file.to_path_buf(),
+            path,
+        });
     }
     let mut deferred = Vec::with_capacity(answer.deferred.len());
     for item in answer.deferred {
@@ -145,19 +183,7 @@ pub async fn evaluate(request: &Request<'_>) -> Result<Evaluation, EvalError> {
             .map(|t| t.iter().cloned().collect())
             .unwrap_or_default();
         if waits_for.is_empty() {
-            // It failed, but not for an output: its own error (a `throw`, an `assert`, a
-            // missing `provider`). Read it again without catching, for Nix's message.
-            let again = instantiate(&file, request, std::slice::from_ref(&item.address)).await;
-            return Err(match again {
-                Err(e) => e,
-                Ok(_) => EvalError::Nix {
-                    file,
-                    message: format!(
-                        "`{}` failed to evaluate, and evaluated when read again",
-                        item.address
-                    ),
-                },
-            });
+            return Ok(Interpreted::OwnError(item.address));
         }
         deferred.push(Deferred {
             address: item.address,
@@ -189,7 +215,7 @@ pub async fn evaluate(request: &Request<'_>) -> Result<Evaluation, EvalError> {
     if let Some(all) = uses.remove("") {
         let mut path = Vec::new();
         visit_resources(&resources, &mut path, &mut |address, _| {
-            if !request.settled.contains(address) {
+            if !settled.contains(address) {
                 uses.insert(address.to_string(), all.clone());
             }
         });
@@ -199,13 +225,21 @@ pub async fn evaluate(request: &Request<'_>) -> Result<Evaluation, EvalError> {
         "resources": resources,
     })
     .to_string();
-    Ok(Evaluation {
+    Ok(Interpreted::Read(Evaluation {
         document,
         deferred,
         uses,
         messages: first.messages,
-        elapsed: started.elapsed(),
-    })
+        elapsed: Duration::ZERO,
+    }))
+}
+
+/// Reads what a `nix-instantiate` run printed (its standard output, then its standard error),
+/// as `evaluate` does: for fuzzing, whatever the bytes. `Ok` when it reads as a deployment (or
+/// as an item failing on its own), else the error a user would see.
+pub fn read_output(stdout: &[u8], stderr: &[u8]) -> Result<(), EvalError> {
+    let run = Run::read(String::from_utf8_lossy(stdout).into_owned(), stderr);
+    interpret(Path::new("fuzz.nix"), run, &BTreeSet::new()).map(drop)
 }
 
 /// Defers, too, each resource that refers (`$ref`, `$cap`) to one that is deferred: it
@@ -321,6 +355,70 @@ struct Run {
     uses: BTreeMap<String, BTreeSet<String>>,
     cycles: Vec<Vec<String>>,
     messages: Vec<String>,
+}
+
+impl Run {
+    /// Reads the trace lines Capstan's library prints (lines that are not UTF-8 lossily; any
+    /// other line is a message of Nix's).
+    fn read(stdout: String, stderr: &[u8]) -> Run {
+        let mut run = Run {
+            stdout,
+            touched: BTreeMap::new(),
+            uses: BTreeMap::new(),
+            cycles: Vec::new(),
+            messages: Vec::new(),
+        };
+        let mut current: Option<String> = None;
+        let mut using: Option<String> = None;
+        let stderr = stderr.strip_suffix(b"\n").unwrap_or(stderr);
+        for bytes in stderr.split(|&b| b == b'\n').filter(|_| !stderr.is_empty()) {
+            let line = String::from_utf8_lossy(bytes)
+                .trim_end_matches('\r')
+                .to_string();
+            let Some(trace) = line.strip_prefix("trace: capstan-") else {
+                run.messages.push(line);
+                continue;
+            };
+            let mut fields = trace.split('#');
+            match (fields.next(), fields.next()) {
+                (Some("eval"), Some(address)) => current = Some(address.to_string()),
+                (Some("uses"), Some(address)) => {
+                    current = None;
+                    using = Some(address.to_string());
+                }
+                (Some("uses-all"), _) => {
+                    current = None;
+                    using = Some(String::new());
+                }
+                (Some("use"), Some(address)) => {
+                    if let Some(item) = &using {
+                        run.uses
+                            .entry(item.clone())
+                            .or_default()
+                            .insert(address.to_string());
+                    }
+                }
+                (Some("touch"), Some(address)) => {
+                    if let Some(item) = &current {
+                        run.touched
+                            .entry(item.clone())
+                            .or_default()
+                            .insert(address.to_string());
+                    }
+                }
+                (Some("cycle"), Some(first)) => {
+                    run.cycles.push(
+                        std::iter::once(first)
+                            .chain(fields)
+                            .map(str::to_string)
+                            .collect(),
+                    );
+                }
+                _ => run.messages.push(line),
+            }
+        }
+        run
+    }
 }
 
 /// A Nix string literal holding `text`.
@@ -444,69 +542,21 @@ async fn instantiate(
         text
     };
     let read_err = async move {
-        let mut reader = tokio::io::BufReader::new(stderr);
-        let mut touched: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let mut cycles = Vec::new();
-        let mut messages = Vec::new();
-        let mut current: Option<String> = None;
-        let mut uses: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let mut using: Option<String> = None;
+        // To the end whatever the bytes (a deployment may trace anything).
         let mut bytes = Vec::new();
-        // Read to the end whatever the bytes (a deployment may trace anything): a line that is
-        // not UTF-8 is read lossily, never a reason to stop reading.
-        loop {
-            bytes.clear();
-            match reader.read_until(b'\n', &mut bytes).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            let line = String::from_utf8_lossy(&bytes)
-                .trim_end_matches(['\n', '\r'])
-                .to_string();
-            let Some(trace) = line.strip_prefix("trace: capstan-") else {
-                messages.push(line);
-                continue;
-            };
-            let mut fields = trace.split('#');
-            match (fields.next(), fields.next()) {
-                (Some("eval"), Some(address)) => current = Some(address.to_string()),
-                (Some("uses"), Some(address)) => {
-                    current = None;
-                    using = Some(address.to_string());
-                }
-                (Some("uses-all"), _) => {
-                    current = None;
-                    using = Some(String::new());
-                }
-                (Some("use"), Some(address)) => {
-                    if let Some(item) = &using {
-                        uses.entry(item.clone())
-                            .or_default()
-                            .insert(address.to_string());
-                    }
-                }
-                (Some("touch"), Some(address)) => {
-                    if let Some(item) = &current {
-                        touched
-                            .entry(item.clone())
-                            .or_default()
-                            .insert(address.to_string());
-                    }
-                }
-                (Some("cycle"), Some(first)) => {
-                    cycles.push(
-                        std::iter::once(first)
-                            .chain(fields)
-                            .map(str::to_string)
-                            .collect(),
-                    );
-                }
-                _ => messages.push(line),
-            }
-        }
-        (touched, uses, cycles, messages)
+        let _ = tokio::io::BufReader::new(stderr)
+            .read_to_end(&mut bytes)
+            .await;
+        bytes
     };
-    let ((), stdout, (touched, uses, cycles, messages)) = tokio::join!(write, read_out, read_err);
+    let ((), stdout, stderr) = tokio::join!(write, read_out, read_err);
+    let Run {
+        stdout,
+        touched,
+        uses,
+        cycles,
+        messages,
+    } = Run::read(stdout, &stderr);
     let status = child.wait().await.map_err(|error| EvalError::Spawn {
         file: file.to_path_buf(),
         program: program.display().to_string(),
@@ -598,7 +648,7 @@ pub async fn evaluate_and_plan(
             deferred: evaluation.deferred.len(),
             elapsed_seconds: evaluation.elapsed.as_secs_f64(),
         });
-        for message in &evaluation.messages {
+        for message in evaluation.messages.iter().filter(|m| !m.trim().is_empty()) {
             events.emit(Event::ProviderLog {
                 provider: "nix".into(),
                 stream: capstan_schema::LogStream::Stderr,

@@ -177,7 +177,9 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
         let recorded = recorded_of[i];
         // A new provider or type cannot take over what the old one made: replace it.
         let replaces = recorded
-            .filter(|old| old.provider != r.provider || old.resource_type != r.resource_type)
+            .filter(|old| {
+                old.provider != r.provider || old.resource_type != r.resource_type || old.tainted
+            })
             .map(|old| Replaced {
                 provider: old.provider.clone(),
                 resource_type: old.resource_type.clone(),
@@ -227,10 +229,15 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
             waits_on,
             interrupted: state.pending.get(address).map(|p| p.operation),
             note: replaces.as_ref().map(|old| {
-                format!(
-                    "was a `{}` of provider `{}`: it is deleted, then created anew",
-                    old.resource_type, old.provider
-                )
+                if recorded.is_some_and(|r| r.tainted) {
+                    "a create failed after making part of it: it is deleted, then created anew"
+                        .to_string()
+                } else {
+                    format!(
+                        "was a `{}` of provider `{}`: it is deleted, then created anew",
+                        old.resource_type, old.provider
+                    )
+                }
             }),
             replaces,
             declared: Some(i),

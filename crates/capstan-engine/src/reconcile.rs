@@ -101,6 +101,7 @@ pub async fn check_interrupted(
                     dependencies: recorded.map(|r| r.dependencies.clone()).unwrap_or_default(),
                     parent: recorded.and_then(|r| r.parent.clone()),
                     sensitive: recorded.map(|r| r.sensitive.clone()).unwrap_or_default(),
+                    tainted: false,
                 };
                 checked.records.push(Record::Done {
                     address: address.clone(),

@@ -985,7 +985,7 @@ impl<'a> Driver<'a> {
             deferred: evaluation.deferred.len(),
             elapsed_seconds: evaluation.elapsed.as_secs_f64(),
         });
-        for message in &evaluation.messages {
+        for message in evaluation.messages.iter().filter(|m| !m.trim().is_empty()) {
             self.events.emit(Event::ProviderLog {
                 provider: "nix".into(),
                 stream: capstan_schema::LogStream::Stderr,
@@ -2189,6 +2189,7 @@ fn unrecorded() -> ResourceState {
         dependencies: Vec::new(),
         parent: None,
         sensitive: Vec::new(),
+        tainted: false,
     }
 }
 
@@ -2268,13 +2269,41 @@ async fn finish(
         Ok(success) => success,
         Err(error) => {
             let failure = failure(&address, error, op.was_pending);
-            if op.journaled() && failure.settled {
-                let failed = Record::Failed {
-                    address: address.clone(),
-                    operation: op.operation,
-                    error: failure.error.clone(),
+            // A create its provider reports failed may have made part of the resource: where
+            // its reads can tell, what it made is recorded (tainted: the next plan replaces it),
+            // so no side effect is left unknown to the state.
+            let made = if op.operation == OperationKind::Create && failure.settled {
+                made_anyway(&address, &op).await
+            } else {
+                None
+            };
+            let recorded = made.map(|outputs| {
+                let mut state = ResourceState {
+                    provider: op.provider.clone(),
+                    resource_type: op.resource_type.clone(),
+                    inputs: op.inputs.clone(),
+                    outputs,
+                    dependencies: op.dependencies.clone(),
+                    parent: op.parent.clone(),
+                    sensitive: Vec::new(),
+                    tainted: true,
                 };
-                if let Err(e) = append_durably(&*backend, vec![failed]).await {
+                note_sensitive(&mut state, &op.connection, &secrets);
+                Box::new(state)
+            });
+            if op.journaled() && failure.settled {
+                let settle = match &recorded {
+                    Some(state) => Record::Done {
+                        address: address.clone(),
+                        state: (**state).clone(),
+                    },
+                    None => Record::Failed {
+                        address: address.clone(),
+                        operation: op.operation,
+                        error: failure.error.clone(),
+                    },
+                };
+                if let Err(e) = append_durably(&*backend, vec![settle]).await {
                     return Done::Finished(i, Outcome::State(e));
                 }
             }
@@ -2290,13 +2319,7 @@ async fn finish(
                 details: failure.details,
                 elapsed_seconds: elapsed,
             });
-            return Done::Finished(
-                i,
-                Outcome::Failed {
-                    recorded: None,
-                    error,
-                },
-            );
+            return Done::Finished(i, Outcome::Failed { recorded, error });
         }
     };
     if op.operation == OperationKind::Delete {
@@ -2323,6 +2346,7 @@ async fn finish(
         dependencies: op.dependencies,
         parent: op.parent,
         sensitive: Vec::new(),
+        tainted: false,
     };
     note_sensitive(&mut now, &op.connection, &secrets);
     if journaled {
@@ -2373,6 +2397,34 @@ async fn finish(
             counted,
         },
     )
+}
+
+/// After a create its provider reports failed: what the provider finds was made anyway, for
+/// types whose reads look at the real resource.
+async fn made_anyway(address: &str, op: &Op) -> Option<Json> {
+    let checks = op
+        .connection
+        .info()
+        .resource_type(&op.resource_type)
+        .is_some_and(|t| t.read_checks);
+    if !checks {
+        return None;
+    }
+    let call = OperationCall {
+        previous_inputs: Some(op.inputs.clone()),
+        previous_outputs: None,
+        ..OperationCall::new(
+            OperationKind::Read,
+            &op.resource_type,
+            address,
+            op.inputs.clone(),
+        )
+    };
+    let read = op.connection.call(call, capstan_host::ignore_progress());
+    match tokio::time::timeout(Duration::from_secs(60), read).await {
+        Ok(Ok(found)) => Some(found.outputs),
+        _ => None,
+    }
 }
 
 /// Where a finished operation's result goes: the journal, the events, and the secrets it

@@ -54,6 +54,10 @@ pub struct ResourceState {
     /// they are here (the state is private), redacted wherever they are shown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sensitive: Vec<String>,
+    /// Made by a create that then failed (its provider found what it had made): the next
+    /// plan replaces it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tainted: bool,
 }
 
 /// An operation that started and has no recorded end: interrupted by a crash or Ctrl-C.
@@ -824,6 +828,7 @@ mod tests {
             state: ResourceState {
                 parent: None,
                 sensitive: vec![],
+                tainted: false,
                 provider: "p".into(),
                 resource_type: "t".into(),
                 inputs: json!({"n": n}).into(),

@@ -53,6 +53,26 @@ impl Drop for TempFile {
 
 /// Removes temporary files for `path` left by a provider process that no longer runs (one
 /// that was SIGKILLed between writing and renaming).
+/// Whether process `pid` runs: it exists and is not a zombie (a provider killed with its
+/// capstan stays one until something reaps it, which in a container may be never).
+fn process_running(pid: i32) -> bool {
+    // SAFETY: signal 0 only asks whether the process exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    if !exists {
+        return false;
+    }
+    // /proc/PID/stat: "PID (COMM) STATE …"; COMM may hold spaces and parentheses.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z' | 'X')
+        ),
+        Err(_) => true,
+    }
+}
+
 async fn remove_stray_temps(path: &std::path::Path) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return;
@@ -69,10 +89,7 @@ async fn remove_stray_temps(path: &std::path::Path) {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
-        // SAFETY: signal 0 only asks whether the process exists.
-        let gone = pid > 0
-            && unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        let gone = pid > 0 && !process_running(pid);
         if gone {
             tracing::info!(file = %entry.path().display(), "removing a temporary file left by a killed provider");
             let _ = tokio::fs::remove_file(entry.path()).await;

@@ -1031,6 +1031,118 @@ impl Resource for UseStash {
     }
 }
 
+// ---- faulty --------------------------------------------------------------------------------
+
+/// For the fault campaign: does its side effect (a marker file named after the resource) or
+/// one of the faults a provider can have.
+struct Faulty;
+
+#[derive(Serialize, Deserialize)]
+struct FaultyIn {
+    /// The marker's directory.
+    dir: String,
+    name: String,
+    /// none | slow | error | partial | crash | hang | garbage
+    #[serde(default)]
+    fault: String,
+    /// Anything (what it depends on, say); echoed.
+    #[serde(default)]
+    after: Value,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FaultyOut {
+    marker: String,
+}
+
+impl Faulty {
+    fn mark(inputs: &FaultyIn) -> Result<String, OperationError> {
+        let path = std::path::Path::new(&inputs.dir).join(&inputs.name);
+        std::fs::write(&path, "made\n").map_err(|e| {
+            OperationError::permanent(format!("cannot write {}: {e}", path.display()))
+        })?;
+        Ok(path.display().to_string())
+    }
+}
+
+impl Resource for Faulty {
+    type Inputs = FaultyIn;
+    type Outputs = FaultyOut;
+
+    fn resource_type() -> ResourceType {
+        ResourceType::new("faulty")
+            .description("Writes a marker file, or fails in one of the ways a provider can")
+            .required("dir", "Where markers go")
+            .required("name", "The marker's name")
+            .optional(
+                "fault",
+                "none | slow | error | partial | crash | hang | garbage",
+            )
+            .optional("after", "Anything")
+            .output("marker", "The marker file")
+            .read_checks(true)
+    }
+
+    async fn create(&self, op: &Operation, inputs: FaultyIn) -> Result<FaultyOut, OperationError> {
+        match inputs.fault.as_str() {
+            "error" => Err(OperationError::permanent("failed on purpose")),
+            "partial" => {
+                Self::mark(&inputs)?;
+                Err(OperationError::permanent("made its marker, then failed"))
+            }
+            "crash" => {
+                // The side effect happened; the result never arrives.
+                Self::mark(&inputs)?;
+                std::process::exit(3)
+            }
+            "hang" => std::future::pending().await,
+            "garbage" => {
+                let fd: RawFd = RAW_SOCKET.load(Ordering::Relaxed);
+                if fd >= 0 {
+                    let garbage = [0xffu8; 64];
+                    // SAFETY: writes to a descriptor this process owns.
+                    unsafe {
+                        libc::write(fd, garbage.as_ptr().cast(), garbage.len());
+                    }
+                }
+                std::future::pending().await
+            }
+            "slow" => {
+                for n in 0..5 {
+                    op.log(LogStream::Stdout, format!("slowly {n}")).await;
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                }
+                Ok(FaultyOut {
+                    marker: Self::mark(&inputs)?,
+                })
+            }
+            _ => Ok(FaultyOut {
+                marker: Self::mark(&inputs)?,
+            }),
+        }
+    }
+
+    async fn find(&self, _op: &Operation, inputs: FaultyIn) -> Result<FaultyOut, OperationError> {
+        let path = std::path::Path::new(&inputs.dir).join(&inputs.name);
+        if path.exists() {
+            Ok(FaultyOut {
+                marker: path.display().to_string(),
+            })
+        } else {
+            Err(OperationError::not_found("no marker"))
+        }
+    }
+
+    async fn delete(
+        &self,
+        _op: &Operation,
+        prior: capstan_provider::Prior<FaultyIn, FaultyOut>,
+    ) -> Result<(), OperationError> {
+        let _ = std::fs::remove_file(&prior.outputs.marker);
+        Ok(())
+    }
+}
+
 // ---- secret --------------------------------------------------------------------------------
 
 /// A type whose output is a secret, and which leaks it everywhere a careless provider could:
@@ -1114,6 +1226,7 @@ fn main() -> ExitCode {
         .resource(Made)
         .resource(Stash)
         .resource(UseStash)
+        .resource(Faulty)
         .cancel_grace(Duration::from_secs(2));
     if let Some(n) = args.max_concurrency {
         provider = provider.max_concurrency(n);
