@@ -76,6 +76,27 @@ pub struct DeploymentArgs {
     /// Deployment parameters: a JSON object file, read by `{"$param": NAME}`.
     #[arg(long, value_name = "FILE")]
     params: Option<PathBuf>,
+    /// Sensitive parameters (passwords, keys): a JSON object file like --params, whose values
+    /// are passed and stored but shown nowhere (keep it 0600).
+    #[arg(long, value_name = "FILE")]
+    secrets: Option<PathBuf>,
+}
+
+impl DeploymentArgs {
+    /// `--params` and `--secrets` together, and the secret values alone.
+    fn parameters(&self) -> anyhow::Result<(Map<String, Value>, Vec<Value>)> {
+        let mut params = load_params(self.params.as_deref())?;
+        let secrets = load_params(self.secrets.as_deref())?;
+        let mut values = Vec::with_capacity(secrets.len());
+        for (name, value) in secrets {
+            if params.contains_key(&name) {
+                bail!("parameter `{name}` is in both --params and --secrets; give it once");
+            }
+            values.push(value.clone());
+            params.insert(name, value);
+        }
+        Ok((params, values))
+    }
 }
 
 /// How a command shows what it does.
@@ -280,9 +301,10 @@ async fn open(
     let file = &args.place.file();
     let in_nix = nix::is_nix(file);
     let mut params = Map::new();
+    let mut secret_params = Vec::new();
     let deployment = if in_nix {
         // Destroy too: a provider declaration may use a parameter.
-        params = load_params(args.params.as_deref()).map_err(|e| fail(&format!("{e:#}")))?;
+        (params, secret_params) = args.parameters().map_err(|e| fail(&format!("{e:#}")))?;
         if !file.is_file() {
             return Err(fail(&format!(
                 "{}: cannot read it: no such file",
@@ -298,7 +320,8 @@ async fn open(
             ))
         })?)
     } else {
-        let params = load_params(args.params.as_deref()).map_err(|e| fail(&format!("{e:#}")))?;
+        let (params, secret) = args.parameters().map_err(|e| fail(&format!("{e:#}")))?;
+        secret_params = secret;
         Some(Deployment::load(file, &params).map_err(|e| fail(&e))?)
     };
     let dir = args.place.checked_state_dir().map_err(|e| fail(&e))?;
@@ -353,6 +376,9 @@ async fn open(
     // Every event passes through the redaction of the secrets known by then.
     let secrets = capstan_engine::secrets::Secrets::new();
     capstan_engine::secrets::learn(&secrets, &state, None);
+    for value in &secret_params {
+        secrets.add_value(value);
+    }
     let events: Rc<dyn EventSink> = Rc::new(capstan_engine::secrets::Redacting::new(
         events(view, stdout, mode),
         secrets.clone(),

@@ -15,14 +15,21 @@ use support::{capstan_bin, testing_provider};
 
 const PASSWORD: &str = "hunter2-correct-horse";
 const SEED: &str = "seeded-secret-token";
+const API_KEY: &str = "api-key-from-the-secrets-file";
 
+/// Runs capstan with umask 000: the state must be private whatever the umask.
 fn capstan(dir: &Path, args: &[&str]) -> Output {
-    Command::new(capstan_bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    let mut command = Command::new(capstan_bin());
+    command.args(args).current_dir(dir).stdin(Stdio::null());
+    // SAFETY: umask only, between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    command.output().unwrap()
 }
 
 /// Everything a command showed.
@@ -49,6 +56,8 @@ fn project() -> tempfile::TempDir {
             "echo": {"provider": "local", "type": "exec",
                      "inputs": {"command": "sh", "args": ["-c", "read p; echo \"the password is $p\"; echo \"also $p\" >&2"],
                                 "stdin": {"$sensitive": {"$param": "pw"}}}},
+            // A parameter from --secrets, used without any marker.
+            "api": {"provider": "local", "type": "memo", "inputs": {"value": {"key": {"$param": "api_key"}}}},
             // A token its provider marks sensitive (made up by the provider).
             "tok": {"provider": "t", "type": "secret", "inputs": {}},
             // The token passed on by reference.
@@ -65,6 +74,9 @@ fn project() -> tempfile::TempDir {
     let params = dir.path().join("params.json");
     std::fs::write(&params, json!({"pw": PASSWORD}).to_string()).unwrap();
     std::fs::set_permissions(&params, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secrets = dir.path().join("secrets.json");
+    std::fs::write(&secrets, json!({"api_key": API_KEY}).to_string()).unwrap();
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
     dir
 }
 
@@ -72,17 +84,20 @@ fn project() -> tempfile::TempDir {
 fn a_planted_secret_reaches_no_output_and_no_readable_file() {
     let dir = project();
     let dir = dir.path();
-    let p = ["--params", "params.json"];
+    let p = ["--params", "params.json", "--secrets", "secrets.json"];
     let mut channels: Vec<(String, String)> = Vec::new();
     let mut run = |name: &str, args: &[&str]| -> Output {
         let out = capstan(dir, args);
         channels.push((name.to_string(), shown(&out)));
         out
     };
-    let plan = run("plan", &["plan", p[0], p[1], "-v"]);
+    let plan = run("plan", &["plan", p[0], p[1], p[2], p[3], "-v"]);
     assert_eq!(plan.status.code(), Some(0), "{}", shown(&plan));
     // `bad` fails on purpose (after printing its seed); everything else is made.
-    let apply = run("apply --json", &["apply", p[0], p[1], "--json", "-vv"]);
+    let apply = run(
+        "apply --json",
+        &["apply", p[0], p[1], p[2], p[3], "--json", "-vv"],
+    );
     assert_eq!(apply.status.code(), Some(1), "{}", shown(&apply));
     let events: Vec<Value> = support::events(&apply.stdout);
     let complete = |address: &str| -> Value {
@@ -101,6 +116,7 @@ fn a_planted_secret_reaches_no_output_and_no_readable_file() {
     assert_eq!(complete("login")["value"]["password"], "(sensitive)");
     assert_eq!(complete("login")["value"]["user"], "admin");
     assert_eq!(complete("uses")["value"], "(sensitive)");
+    assert_eq!(complete("api")["value"]["key"], "(sensitive)");
     let failed = events
         .iter()
         .find(|e| e["type"] == "resource_failed" && e["address"] == "bad")
@@ -110,10 +126,10 @@ fn a_planted_secret_reaches_no_output_and_no_readable_file() {
         "{failed}"
     );
     // Human output, and a second apply that changes nothing (secrets known from the state).
-    run("apply (human)", &["apply", p[0], p[1], "-vv"]);
-    run("plan again", &["plan", p[0], p[1], "-vv"]);
-    run("plan --json", &["plan", p[0], p[1], "--json"]);
-    for address in ["login", "echo", "tok", "uses", "bad"] {
+    run("apply (human)", &["apply", p[0], p[1], p[2], p[3], "-vv"]);
+    run("plan again", &["plan", p[0], p[1], p[2], p[3], "-vv"]);
+    run("plan --json", &["plan", p[0], p[1], p[2], p[3], "--json"]);
+    for address in ["login", "echo", "tok", "uses", "bad", "api"] {
         run(
             &format!("state show {address}"),
             &["state", "show", address],
@@ -136,7 +152,7 @@ fn a_planted_secret_reaches_no_output_and_no_readable_file() {
     assert_eq!(login["inputs"]["value"]["user"], "admin");
 
     for (name, text) in &channels {
-        for secret in [PASSWORD, SEED, token.as_str()] {
+        for secret in [PASSWORD, SEED, API_KEY, token.as_str()] {
             assert!(
                 !text.contains(secret),
                 "`{secret}` leaked in {name}:\n{text}"
@@ -162,7 +178,8 @@ fn a_planted_secret_reaches_no_output_and_no_readable_file() {
     // (the `file`-less deployment writes none).
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
         let path = entry.path();
-        if path.is_file() && path.file_name().unwrap() != "params.json" {
+        let name = path.file_name().unwrap();
+        if path.is_file() && name != "params.json" && name != "secrets.json" {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             assert!(!text.contains(PASSWORD), "{}", path.display());
         }
@@ -199,7 +216,17 @@ fn another_user_can_neither_read_the_state_nor_reach_a_standing_socket() {
     let root = dir.path();
     // The project itself is open to all; only what Capstan makes is private.
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let apply = capstan(root, &["apply", "--params", "params.json", "--json"]);
+    let apply = capstan(
+        root,
+        &[
+            "apply",
+            "--params",
+            "params.json",
+            "--secrets",
+            "secrets.json",
+            "--json",
+        ],
+    );
     assert!(root.join(".capstan/journal").exists(), "{}", shown(&apply));
     let as_other = |args: &[&str]| {
         Command::new("runuser")
