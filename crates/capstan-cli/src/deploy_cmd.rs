@@ -85,8 +85,8 @@ pub struct DeploymentArgs {
 impl DeploymentArgs {
     /// `--params` and `--secrets` together, and the secret values alone.
     fn parameters(&self) -> anyhow::Result<(Map<String, Value>, Vec<Value>)> {
-        let mut params = load_params(self.params.as_deref())?;
-        let secrets = load_params(self.secrets.as_deref())?;
+        let mut params = load_params(self.params.as_deref(), "--params")?;
+        let secrets = load_params(self.secrets.as_deref(), "--secrets")?;
         let mut values = Vec::with_capacity(secrets.len());
         for (name, value) in secrets {
             if params.contains_key(&name) {
@@ -215,6 +215,9 @@ struct Session {
     nix: Option<NixSession>,
     /// The sensitive values known (hidden from `events`).
     secrets: Rc<capstan_engine::secrets::Secrets>,
+    /// What the checks before planning found, applied to `state` and journaled only when the
+    /// run starts (after any "delete everything?" question; `plan` never journals).
+    unjournaled: Vec<capstan_engine::state::Record>,
 }
 
 /// A deployment in Nix between evaluations.
@@ -248,12 +251,12 @@ impl Mode {
     }
 }
 
-fn load_params(path: Option<&Path>) -> anyhow::Result<Map<String, Value>> {
+fn load_params(path: Option<&Path>, flag: &str) -> anyhow::Result<Map<String, Value>> {
     let Some(path) = path else {
         return Ok(Map::new());
     };
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read --params {}", path.display()))?;
+        .with_context(|| format!("cannot read {flag} {}", path.display()))?;
     match capstan_engine::strict_json::parse(&text) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => bail!(
@@ -375,6 +378,7 @@ async fn open(
     }
     // Every event passes through the redaction of the secrets known by then.
     let secrets = capstan_engine::secrets::Secrets::new();
+    crate::output::hide_in_messages(secrets.clone());
     capstan_engine::secrets::learn(&secrets, &state, None);
     for value in &secret_params {
         secrets.add_value(value);
@@ -409,6 +413,7 @@ async fn open(
         events,
         nix,
         secrets,
+        unjournaled: Vec::new(),
     })
 }
 
@@ -521,7 +526,14 @@ async fn start_providers(
     })?;
     // Interrupted operations, checked with their providers before anything is planned on them.
     if !session.state.pending.is_empty() {
-        let check = reconcile::check_interrupted(&session.state, &providers, jobs, timeout);
+        let check = reconcile::check_interrupted(
+            &session.state,
+            &session.deployment,
+            &providers,
+            &session.secrets,
+            jobs,
+            timeout,
+        );
         let checked = tokio::select! {
             checked = check => checked,
             () = stop.token.cancelled() => {
@@ -748,6 +760,15 @@ pub async fn apply_cmd(
     let Some(backend) = session.backend.take() else {
         unreachable!("apply and destroy open the state for writing");
     };
+    // What the checks before the plan found (interrupted operations settled, resources gone).
+    let found = std::mem::take(&mut session.unjournaled);
+    if !found.is_empty() {
+        if let Err(e) = state::append_durably(&*backend, found).await {
+            providers.shutdown().await;
+            say!("error: the state could not be written: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    }
     // A deployment in Nix with items left for later evaluates again as the run goes on.
     let stages = session
         .nix
@@ -784,20 +805,15 @@ pub async fn apply_cmd(
     stop.finished(summary.succeeded())
 }
 
-/// Applies records found before the run to the state: journaled first for commands that
-/// write (`plan` only looks, and changes only its own copy).
+/// Applies records found before the run to the state's copy; an apply journals them when
+/// its run starts (`plan` only looks).
 async fn settle(
     session: &mut Session,
     records: Vec<capstan_engine::state::Record>,
 ) -> Result<(), ExitCode> {
-    if let Some(backend) = &session.backend {
-        if let Err(e) = state::append_durably(&**backend, records.clone()).await {
-            say!("error: the state could not be written: {e}");
-            return Err(ExitCode::from(EXIT_FAILED));
-        }
-    }
     for record in records {
-        session.state.apply_owned(record);
+        session.state.apply_owned(record.clone());
+        session.unjournaled.push(record);
     }
     Ok(())
 }

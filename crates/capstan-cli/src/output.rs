@@ -275,10 +275,29 @@ impl Write for TracingWriter {
 /// `eprintln!` that never panics or blocks: a line on stderr, or nothing once it is closed.
 macro_rules! say {
     ($($arg:tt)*) => {{
-        let mut line = format!($($arg)*);
+        let mut line = crate::output::scrubbed(format!($($arg)*));
         line.push('\n');
         crate::output::to_stderr(line.as_bytes());
     }};
+}
+
+thread_local! {
+    /// The command's secrets, once it knows them: no message names one.
+    static SECRETS: std::cell::RefCell<Option<std::rc::Rc<capstan_engine::secrets::Secrets>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Hides the secrets in every message `say!` prints from now on (errors and warnings carry
+/// providers' and Nix's words, which may hold one).
+pub fn hide_in_messages(secrets: std::rc::Rc<capstan_engine::secrets::Secrets>) {
+    SECRETS.with(|s| *s.borrow_mut() = Some(secrets));
+}
+
+pub fn scrubbed(text: String) -> String {
+    SECRETS.with(|s| match &*s.borrow() {
+        Some(secrets) => secrets.scrub(&text).into_owned(),
+        None => text,
+    })
 }
 
 /// Our private handle on the original stdout (written by the output thread).

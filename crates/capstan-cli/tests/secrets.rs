@@ -16,6 +16,9 @@ use support::{capstan_bin, testing_provider};
 const PASSWORD: &str = "hunter2-correct-horse";
 const SEED: &str = "seeded-secret-token";
 const API_KEY: &str = "api-key-from-the-secrets-file";
+const DB_PASSWORD: &str = "db-password-made-plain";
+const KEY: &str =
+    "-----BEGIN KEY-----\nline-one-of-the-key\nline-two-of-the-key\n-----END KEY-----\n";
 
 /// Runs capstan with umask 000: the state must be private whatever the umask.
 fn capstan(dir: &Path, args: &[&str]) -> Output {
@@ -63,7 +66,23 @@ fn project() -> tempfile::TempDir {
             // The token passed on by reference.
             "uses": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "tok#token"}}},
             // An input the provider marks sensitive, and an error that prints it.
-            "bad": {"provider": "t", "type": "secret", "inputs": {"seed": SEED, "fail": true}}
+            "bad": {"provider": "t", "type": "secret", "inputs": {"seed": SEED, "fail": true}},
+            // A token made up, printed, then never returned (the create fails): what it
+            // printed is not shown at all.
+            "lost": {"provider": "t", "type": "secret", "inputs": {"fail": true}},
+            // A plain output, made sensitive by the deployment where it is used: hidden where
+            // it is made too.
+            "db": {"provider": "local", "type": "memo", "inputs": {"value": DB_PASSWORD}},
+            "conn": {"provider": "local", "type": "memo",
+                     "inputs": {"value": {"pw": {"$sensitive": {"$ref": "db#value"}}, "port": 5432}}},
+            // A marked object with a number in it, and a secret of many lines.
+            "mixed": {"provider": "local", "type": "exec",
+                      "inputs": {"command": "sh", "args": ["-c", "cat"],
+                                 "stdin": {"$sensitive": KEY}}},
+            "numbers": {"provider": "local", "type": "memo",
+                        "inputs": {"value": {"$sensitive": {"n": 1, "word": "numbers-secret-word"}}}},
+            "says": {"provider": "local", "type": "exec",
+                     "inputs": {"command": "sh", "args": ["-c", "echo the word is numbers-secret-word"]}}
         }
     });
     std::fs::write(
@@ -117,6 +136,9 @@ fn a_planted_secret_reaches_no_output_and_no_readable_file() {
     assert_eq!(complete("login")["value"]["user"], "admin");
     assert_eq!(complete("uses")["value"], "(sensitive)");
     assert_eq!(complete("api")["value"]["key"], "(sensitive)");
+    assert_eq!(complete("db")["value"], "(sensitive)");
+    assert_eq!(complete("conn")["value"]["pw"], "(sensitive)");
+    assert_eq!(complete("conn")["value"]["port"], 5432);
     let failed = events
         .iter()
         .find(|e| e["type"] == "resource_failed" && e["address"] == "bad")
@@ -129,7 +151,9 @@ fn a_planted_secret_reaches_no_output_and_no_readable_file() {
     run("apply (human)", &["apply", p[0], p[1], p[2], p[3], "-vv"]);
     run("plan again", &["plan", p[0], p[1], p[2], p[3], "-vv"]);
     run("plan --json", &["plan", p[0], p[1], p[2], p[3], "--json"]);
-    for address in ["login", "echo", "tok", "uses", "bad", "api"] {
+    for address in [
+        "login", "echo", "tok", "uses", "bad", "api", "db", "conn", "mixed",
+    ] {
         run(
             &format!("state show {address}"),
             &["state", "show", address],
@@ -152,7 +176,17 @@ fn a_planted_secret_reaches_no_output_and_no_readable_file() {
     assert_eq!(login["inputs"]["value"]["user"], "admin");
 
     for (name, text) in &channels {
-        for secret in [PASSWORD, SEED, API_KEY, token.as_str()] {
+        for secret in [
+            PASSWORD,
+            SEED,
+            API_KEY,
+            DB_PASSWORD,
+            "line-one-of-the-key",
+            "line-two-of-the-key",
+            "numbers-secret-word",
+            "issued tok-",
+            token.as_str(),
+        ] {
             assert!(
                 !text.contains(secret),
                 "`{secret}` leaked in {name}:\n{text}"

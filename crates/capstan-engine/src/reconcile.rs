@@ -33,7 +33,9 @@ pub struct Checked {
 /// once).
 pub async fn check_interrupted(
     state: &State,
+    deployment: &crate::model::Deployment,
     providers: &Providers,
+    secrets: &crate::secrets::Secrets,
     jobs: usize,
     timeout: Option<Duration>,
 ) -> Checked {
@@ -69,12 +71,12 @@ pub async fn check_interrupted(
         let connection = connection.clone();
         Some(async move {
             let read = connection.call(call, capstan_host::ignore_progress()).await;
-            (address, pending, inputs, read)
+            (address, pending, inputs, read, connection)
         })
     });
     let mut found = futures::stream::iter(checks).buffer_unordered(jobs.max(1));
     let mut checked = Checked::default();
-    while let Some((address, pending, inputs, read)) = found.next().await {
+    while let Some((address, pending, inputs, read, connection)) = found.next().await {
         let operation = pending.operation;
         match read {
             Ok(now) => {
@@ -93,16 +95,22 @@ pub async fn check_interrupted(
                     continue;
                 }
                 let recorded = state.resources.get(address);
-                let resource = ResourceState {
+                // What it depends on: as recorded, else as the deployment declares it now.
+                let dependencies = recorded
+                    .map(|r| r.dependencies.clone())
+                    .or_else(|| deployment.resources.get(address).map(|d| d.dependencies()))
+                    .unwrap_or_default();
+                let mut resource = ResourceState {
                     provider: pending.provider.clone(),
                     resource_type: pending.resource_type.clone(),
                     inputs: recorded.map(|r| r.inputs.clone()).unwrap_or(inputs),
                     outputs: now.outputs,
-                    dependencies: recorded.map(|r| r.dependencies.clone()).unwrap_or_default(),
+                    dependencies,
                     parent: recorded.and_then(|r| r.parent.clone()),
-                    sensitive: recorded.map(|r| r.sensitive.clone()).unwrap_or_default(),
+                    sensitive: Vec::new(),
                     tainted: false,
                 };
+                crate::run::note_sensitive(address, &mut resource, &connection, secrets);
                 checked.records.push(Record::Done {
                     address: address.clone(),
                     state: resource,

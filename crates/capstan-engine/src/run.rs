@@ -1976,15 +1976,25 @@ impl<'a> Driver<'a> {
             let mut new = dependencies.clone();
             old.sort();
             new.sort();
-            if old == new {
+            // Where its secrets are, as known now (a value newly marked sensitive).
+            let sensitive = match self.providers.connections.get(&decl.provider) {
+                Some(connection) if !self.options.secrets.is_empty() => {
+                    let mut probe = recorded.clone();
+                    note_sensitive(&address, &mut probe, connection, &self.options.secrets);
+                    probe.sensitive
+                }
+                _ => recorded.sensitive.clone(),
+            };
+            if old == new && sensitive == recorded.sensitive {
                 self.summary.unchanged += 1;
                 obey(self.scheduler.end(i, End::Succeeded));
                 return Ok(None);
             }
-            // Same inputs, new wiring (a `$ref` became an equal literal, or a `$cap` went):
-            // record the dependencies, so deletes stay ordered.
+            // Same inputs, new wiring (a `$ref` became an equal literal, or a `$cap` went) or
+            // newly known secrets: recorded, so deletes stay ordered and `state show` hides them.
             let mut updated = recorded.clone();
             updated.dependencies = dependencies;
+            updated.sensitive = sensitive;
             let backend = self.backend.clone();
             self.spawn(work, i, async move {
                 let done = Record::Done {
@@ -2288,7 +2298,7 @@ async fn finish(
                     sensitive: Vec::new(),
                     tainted: true,
                 };
-                note_sensitive(&mut state, &op.connection, &secrets);
+                note_sensitive(&address, &mut state, &op.connection, &secrets);
                 Box::new(state)
             });
             if op.journaled() && failure.settled {
@@ -2348,7 +2358,7 @@ async fn finish(
         sensitive: Vec::new(),
         tainted: false,
     };
-    note_sensitive(&mut now, &op.connection, &secrets);
+    note_sensitive(&address, &mut now, &op.connection, &secrets);
     if journaled {
         let done = Record::Done {
             address: address.clone(),
@@ -2544,6 +2554,23 @@ pub async fn read_on_plan(
             (i, recorded, read)
         })
     });
+    let checks: Vec<bool> = changes
+        .iter()
+        .map(|c| {
+            state
+                .resources
+                .get(&c.address)
+                .and_then(|r| {
+                    providers
+                        .connections
+                        .get(&r.provider)?
+                        .info()
+                        .resource_type(&r.resource_type)
+                        .map(|t| t.read_checks)
+                })
+                .unwrap_or(false)
+        })
+        .collect();
     let mut found = futures::stream::iter(reads).buffer_unordered(jobs.max(1));
     let mut reads = PlanReads::default();
     let mut updates = Vec::new();
@@ -2555,8 +2582,9 @@ pub async fn read_on_plan(
                 crate::plan::changed_keys(&recorded.outputs, &now.outputs),
             )),
             Ok(_) => {}
+            // Only a type whose reads look at the real thing is believed when it says so.
             Err(CallError::Failed { error, .. })
-                if error.kind == capstan_schema::ErrorKind::NotFound =>
+                if error.kind == capstan_schema::ErrorKind::NotFound && checks[i] =>
             {
                 gone.push(i);
             }
@@ -2653,28 +2681,31 @@ pub async fn read_on_plan(
 
 /// Learns the outputs `now`'s provider marks sensitive, and records where the known secrets
 /// are in its inputs and outputs.
-fn note_sensitive(
+pub(crate) fn note_sensitive(
+    address: &str,
     now: &mut ResourceState,
     connection: &ProviderConnection,
     secrets: &crate::secrets::Secrets,
 ) {
-    let marked: Vec<&str> = connection
+    // Marked by its provider, or by the deployment (`{"$sensitive": {"$ref": …}}`).
+    let mut marked: Vec<String> = connection
         .info()
         .resource_type(&now.resource_type)
         .map(|t| {
             t.outputs
                 .iter()
                 .filter(|o| o.sensitive)
-                .map(|o| o.name.as_str())
+                .map(|o| o.name.clone())
                 .collect()
         })
         .unwrap_or_default();
+    marked.extend(secrets.marked_outputs(address));
     if marked.is_empty() && secrets.is_empty() {
         return;
     }
     let outputs = now.outputs.value();
     for name in &marked {
-        if let Some(value) = outputs.get(*name) {
+        if let Some(value) = outputs.get(name) {
             secrets.add_value(value);
         }
     }
@@ -2683,7 +2714,7 @@ fn note_sensitive(
     secrets.pointers(&outputs, "/outputs", &mut pointers);
     for name in marked {
         let pointer = format!("/outputs/{}", name.replace('~', "~0").replace('/', "~1"));
-        if outputs.get(name).is_some() && !pointers.contains(&pointer) {
+        if outputs.get(&name).is_some() && !pointers.contains(&pointer) {
             pointers.push(pointer);
         }
     }

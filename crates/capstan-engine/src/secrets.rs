@@ -28,6 +28,8 @@ pub struct Secrets {
     /// `(provider, type)` pairs whose outputs are sensitive: their operations' progress is
     /// held back until the result (and its secrets) are known.
     held_types: RefCell<std::collections::HashSet<(String, String)>>,
+    /// Outputs the deployment marks sensitive, by address.
+    marked_outputs: RefCell<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -42,7 +44,9 @@ impl Secrets {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.texts.borrow().is_empty() && self.held_types.borrow().is_empty()
+        self.texts.borrow().is_empty()
+            && self.held_types.borrow().is_empty()
+            && self.marked_outputs.borrow().is_empty()
     }
 
     /// Notes that resources of `resource_type` from `provider` return sensitive outputs: a
@@ -53,10 +57,35 @@ impl Secrets {
             .insert((provider.to_string(), resource_type.to_string()));
     }
 
-    fn holds(&self, provider: &str, resource_type: &str) -> bool {
+    fn holds(&self, provider: &str, resource_type: &str, address: &str) -> bool {
         self.held_types
             .borrow()
             .contains(&(provider.to_string(), resource_type.to_string()))
+            || self.marked_outputs.borrow().contains_key(address)
+    }
+
+    /// Whether `provider` serves a type whose outputs are sensitive.
+    fn holds_provider(&self, provider: &str) -> bool {
+        self.held_types.borrow().iter().any(|(p, _)| p == provider)
+    }
+
+    /// Notes that output `output` of `address` is sensitive: the deployment passes it on
+    /// inside `{"$sensitive": …}`.
+    pub fn mark_output(&self, address: &str, output: &str) {
+        self.marked_outputs
+            .borrow_mut()
+            .entry(address.to_string())
+            .or_default()
+            .insert(output.to_string());
+    }
+
+    /// The outputs of `address` the deployment marks sensitive.
+    pub fn marked_outputs(&self, address: &str) -> Vec<String> {
+        self.marked_outputs
+            .borrow()
+            .get(address)
+            .map(|o| o.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Learns every string (and number) in `value` as a secret.
@@ -73,6 +102,18 @@ impl Secrets {
     pub fn add_text(&self, text: &str) {
         if text.is_empty() {
             return;
+        }
+        // A secret of many lines (a key) reaches logs a line at a time.
+        if text.contains('\n') {
+            for line in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.len() >= MIN_SCRUBBED)
+            {
+                if line != text {
+                    self.add_text(line);
+                }
+            }
         }
         let mut texts = self.texts.borrow_mut();
         if texts.iter().any(|t| t == text) {
@@ -109,6 +150,16 @@ impl Secrets {
             }
         }
         out
+    }
+
+    /// Every string in `value` scrubbed (numbers and the shape left alone).
+    fn scrub_strings(&self, value: &mut Value) {
+        match value {
+            Value::String(s) => self.scrub_string(s),
+            Value::Array(items) => items.iter_mut().for_each(|v| self.scrub_strings(v)),
+            Value::Object(map) => map.values_mut().for_each(|v| self.scrub_strings(v)),
+            _ => {}
+        }
     }
 
     fn scrub_string(&self, text: &mut String) {
@@ -190,6 +241,8 @@ fn learn_marked(secrets: &Secrets, value: &Value, state: &crate::state::State) {
         Value::Object(map) => {
             if let (1, Some(Value::String(target))) = (map.len(), map.get("$ref")) {
                 if let Some((address, output)) = target.split_once('#') {
+                    // Sensitive where it is made too, not only where it is used.
+                    secrets.mark_output(address, output);
                     if let Some(v) = state
                         .resources
                         .get(address)
@@ -218,7 +271,8 @@ pub fn redact_at(value: &mut Value, pointers: &[String]) {
 
 /// An event sink that hides every known secret from the one it wraps. The progress of an
 /// operation whose outputs are sensitive (and its provider's own log lines meanwhile) is held
-/// back until it ends: a secret it prints before returning it is known by then.
+/// back until it ends: a secret it prints before returning it is known by then. If it ends
+/// without returning them (a failure, an interrupt), what it printed is not shown at all.
 pub struct Redacting {
     inner: Rc<dyn EventSink>,
     secrets: Rc<Secrets>,
@@ -231,6 +285,10 @@ struct Held {
     running: std::collections::HashMap<String, String>,
     /// Their progress, and their providers' log lines, in order.
     events: Vec<Event>,
+    /// Providers one of whose held operations ended without returning its outputs: their
+    /// own log lines (which arrive on their own, maybe after the operation ended) are not
+    /// shown this run.
+    failed: std::collections::HashSet<String>,
 }
 
 impl EventSink for Redacting {
@@ -238,13 +296,15 @@ impl EventSink for Redacting {
         if self.secrets.is_empty() {
             return self.inner.emit(event);
         }
+        // Which held operation ended, and whether with its outputs.
+        let mut ended: Option<(String, bool)> = None;
         match &event {
             Event::ResourceStart {
                 address,
                 provider,
                 resource_type,
                 ..
-            } if self.secrets.holds(provider, resource_type) => {
+            } if self.secrets.holds(provider, resource_type, address) => {
                 self.held
                     .borrow_mut()
                     .running
@@ -256,41 +316,45 @@ impl EventSink for Redacting {
                 self.held.borrow_mut().events.push(event);
                 return;
             }
+            // A provider's own lines are not tied to an operation: those of a provider with
+            // sensitive outputs wait for the end of the run.
             Event::ProviderLog { provider, .. }
-                if self.held.borrow().running.values().any(|p| p == provider) =>
+                if self.secrets.holds_provider(provider)
+                    || self.held.borrow().running.values().any(|p| p == provider) =>
             {
                 self.held.borrow_mut().events.push(event);
                 return;
             }
-            Event::ResourceComplete { address, .. } | Event::ResourceFailed { address, .. } => {
-                self.held.borrow_mut().running.remove(address);
+            Event::ResourceComplete { address, .. }
+                if self.held.borrow_mut().running.remove(address).is_some() =>
+            {
+                ended = Some((address.clone(), true));
             }
-            Event::Interrupted { .. } | Event::Summary { .. } => {
-                self.held.borrow_mut().running.clear();
+            Event::ResourceFailed { address, .. } => {
+                let mut held = self.held.borrow_mut();
+                if let Some(provider) = held.running.remove(address) {
+                    held.failed.insert(provider);
+                    ended = Some((address.clone(), false));
+                }
             }
+            Event::Interrupted { .. } | Event::Summary { .. } => self.drop_held(),
             _ => {}
         }
-        // What was held and is no longer: the ended operation's progress, and its provider's
-        // lines once no held operation of it runs.
-        let release: Vec<Event> = {
-            let mut held = self.held.borrow_mut();
-            let Held { running, events } = &mut *held;
-            let (out, keep): (Vec<Event>, Vec<Event>) =
-                std::mem::take(events).into_iter().partition(|e| match e {
-                    Event::ResourceProgress { address, .. } => !running.contains_key(address),
-                    Event::ProviderLog { provider, .. } => !running.values().any(|p| p == provider),
-                    _ => true,
-                });
-            *events = keep;
-            out
-        };
-        for mut e in release {
-            self.redact(&mut e);
-            self.inner.emit(e);
+        if let Some((address, with_outputs)) = ended {
+            self.release(&address, with_outputs);
         }
         let mut event = event;
-        self.redact(&mut event);
-        self.inner.emit(event);
+        if self.redact(&mut event) {
+            self.inner.emit(event);
+        }
+    }
+}
+
+impl Drop for Redacting {
+    /// Whatever ends the command (a state that cannot be written ends a run without its
+    /// last events), nothing held is shown unredacted.
+    fn drop(&mut self) {
+        self.drop_held();
     }
 }
 
@@ -303,19 +367,96 @@ impl Redacting {
         }
     }
 
-    fn redact(&self, event: &mut Event) {
+    /// What `address` held, once it ended: shown redacted if it returned its outputs (its
+    /// secrets are known now), else replaced by a line saying so.
+    fn release(&self, address: &str, with_outputs: bool) {
+        let out: Vec<Event> = {
+            let mut held = self.held.borrow_mut();
+            let Held { events, .. } = &mut *held;
+            // Only the operation's own progress: its provider's lines wait for the run's end.
+            let (out, keep): (Vec<Event>, Vec<Event>) =
+                std::mem::take(events).into_iter().partition(|e| match e {
+                    Event::ResourceProgress { address: a, .. } => a == address,
+                    _ => false,
+                });
+            *events = keep;
+            out
+        };
+        if with_outputs {
+            for mut e in out {
+                if self.redact(&mut e) {
+                    self.inner.emit(e);
+                }
+            }
+        } else if !out.is_empty() {
+            self.notice(address, out.len());
+        }
+    }
+
+    /// At the end of the run: providers' lines shown (redacted) unless one of their held
+    /// operations failed; what is held of operations that never ended, not shown.
+    fn drop_held(&self) {
+        let (held, failed) = {
+            let mut held = self.held.borrow_mut();
+            // An operation still running (interrupted) never returned its outputs either.
+            let running: Vec<String> = held.running.drain().map(|(_, p)| p).collect();
+            held.failed.extend(running);
+            // Kept for the rest of the command: lines may still come as providers stop.
+            (std::mem::take(&mut held.events), held.failed.clone())
+        };
+        let mut hidden = Vec::new();
+        for mut e in held {
+            match &e {
+                Event::ProviderLog { provider, .. } if !failed.contains(provider) => {
+                    if self.redact(&mut e) {
+                        self.inner.emit(e);
+                    }
+                }
+                _ => hidden.push(e),
+            }
+        }
+        let held = hidden;
+        let mut count: std::collections::BTreeMap<String, usize> = Default::default();
+        for e in &held {
+            let key = match e {
+                Event::ResourceProgress { address, .. } => address.clone(),
+                Event::ProviderLog { provider, .. } => format!("provider {provider}"),
+                _ => continue,
+            };
+            *count.entry(key).or_default() += 1;
+        }
+        for (what, n) in count {
+            self.notice(&what, n);
+        }
+    }
+
+    fn notice(&self, what: &str, lines: usize) {
+        self.inner.emit(Event::ProviderLog {
+            provider: "capstan".into(),
+            stream: capstan_schema::LogStream::Stderr,
+            line: format!(
+                "{lines} line(s) of {what} not shown: its outputs are sensitive and it ended without returning them, so what it printed may hold a secret"
+            ),
+        });
+    }
+
+    /// Hides secrets in `event`; `false` when it cannot be shown safely at all.
+    fn redact(&self, event: &mut Event) -> bool {
         let s = &self.secrets;
         match event {
             Event::ResourceProgress { progress, .. } => {
-                // Every text a provider sent (messages, fields, log lines, names).
+                // Every text a provider sent (messages, fields, log lines, names); only the
+                // texts change, so the event reads back as the same kind.
                 let Ok(mut value) = serde_json::to_value(&progress.kind) else {
-                    return;
+                    return false;
                 };
                 let before = value.clone();
-                s.redact_value(&mut value);
+                s.scrub_strings(&mut value);
                 if value != before {
-                    if let Ok(kind) = serde_json::from_value(value) {
-                        progress.kind = kind;
+                    match serde_json::from_value(value) {
+                        Ok(kind) => progress.kind = kind,
+                        // Never shown unredacted.
+                        Err(_) => return false,
                     }
                 }
             }
@@ -342,6 +483,7 @@ impl Redacting {
             | Event::Deferred { .. }
             | Event::Summary { .. } => {}
         }
+        true
     }
 }
 

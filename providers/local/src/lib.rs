@@ -51,8 +51,6 @@ impl Drop for TempFile {
     }
 }
 
-/// Removes temporary files for `path` left by a provider process that no longer runs (one
-/// that was SIGKILLed between writing and renaming).
 /// Whether process `pid` runs: it exists and is not a zombie (a provider killed with its
 /// capstan stays one until something reaps it, which in a container may be never).
 fn process_running(pid: i32) -> bool {
@@ -73,6 +71,8 @@ fn process_running(pid: i32) -> bool {
     }
 }
 
+/// Removes temporary files for `path` left by a provider process that no longer runs (one
+/// that was SIGKILLed between writing and renaming).
 async fn remove_stray_temps(path: &std::path::Path) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return;
@@ -170,9 +170,19 @@ impl Resource for File {
         read_file(PathBuf::from(&prior.outputs.path)).await
     }
 
-    /// The file an interrupted create may have written.
+    /// The file an interrupted (or failed) create wrote: one at the path with the content it
+    /// was to write. A file there with other content is not taken for it (it may be someone
+    /// else's, which a later delete must not remove): "not found", and a create writes it.
     async fn find(&self, _op: &Operation, inputs: FileIn) -> Result<FileOut, OperationError> {
-        read_file(absolute(&inputs.path)?).await
+        let found = read_file(absolute(&inputs.path)?).await?;
+        if found.content == inputs.content {
+            Ok(found)
+        } else {
+            Err(OperationError::not_found(format!(
+                "{} holds other content than this resource writes",
+                found.path
+            )))
+        }
     }
 
     async fn create(&self, op: &Operation, inputs: FileIn) -> Result<FileOut, OperationError> {
