@@ -11,19 +11,7 @@ use serde_json::{json, Value};
 use support::capstan_bin;
 
 fn nix_available() -> bool {
-    let found = Command::new("nix-build")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        let message = "nix-build is not installed: the Nix provider tests cannot run. Install it with: apt-get install -y nix-bin";
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{message} (a missing Nix is a failure under CI)");
-        }
-        eprintln!("\n=== SKIPPED: {message} ===\n");
-    }
-    found
+    support::nix_tool("nix-build", "the Nix provider tests")
 }
 
 const OFFLINE: [&str; 4] = ["--option", "substituters", "", "--option"];

@@ -13,19 +13,7 @@ use serde_json::Value;
 use support::{capstan_bin, events};
 
 fn nix_available() -> bool {
-    let found = Command::new("nix-instantiate")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        let message = "nix-instantiate is not installed: the Nix deployment tests cannot run. Install it with: apt-get install -y nix-bin";
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{message} (a missing Nix is a failure under CI)");
-        }
-        eprintln!("\n=== SKIPPED: {message} ===\n");
-    }
-    found
+    support::nix_tool("nix-instantiate", "the Nix deployment tests")
 }
 
 fn capstan(dir: &Path, args: &[&str]) -> Output {

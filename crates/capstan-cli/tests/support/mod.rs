@@ -113,3 +113,23 @@ pub fn events(stdout: &[u8]) -> Vec<Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// Whether `program` (a Nix tool) runs here. Without it a test says so loudly and skips;
+/// under `CI=true` a missing Nix is a failure.
+pub fn nix_tool(program: &str, what: &str) -> bool {
+    let found = std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        let message = format!(
+            "{program} is not installed: {what} cannot run. Install it with: apt-get install -y nix-bin"
+        );
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("{message} (a missing Nix is a failure under CI)");
+        }
+        eprintln!("\n=== SKIPPED: {message} ===\n");
+    }
+    found
+}
