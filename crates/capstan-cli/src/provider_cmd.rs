@@ -70,15 +70,20 @@ pub struct CallArgs {
     /// The resource type, as listed by `capstan provider describe`.
     #[arg(long = "type", value_name = "TYPE")]
     resource_type: String,
-    /// The inputs, a JSON object.
+    /// The inputs, a JSON object; `@FILE` reads it from a file (keeps a secret out of the
+    /// process list), `@-` from standard input.
     #[arg(long, value_name = "JSON", default_value = "{}")]
     inputs: String,
-    /// Previous inputs (for read, update, delete), a JSON object; defaults to --inputs.
+    /// Previous inputs (for read, update, delete), a JSON object (or `@FILE`); defaults to
+    /// --inputs.
     #[arg(long, value_name = "JSON")]
     previous_inputs: Option<String>,
-    /// Previous outputs (for read, update, delete), a JSON object.
+    /// Previous outputs (for read, update, delete), a JSON object (or `@FILE`).
     #[arg(long, value_name = "JSON")]
     previous_outputs: Option<String>,
+    /// Show the inputs and outputs the provider marks sensitive (hidden otherwise).
+    #[arg(long)]
+    show_sensitive: bool,
     /// The resource address shown in messages.
     #[arg(long, default_value = "cli")]
     address: String,
@@ -127,8 +132,25 @@ fn provider_name(target: &Target) -> String {
     }
 }
 
-/// A flag's JSON object (inputs and outputs are objects of names to values).
+/// A flag's JSON object (inputs and outputs are objects of names to values), given inline,
+/// or as `@FILE` / `@-` (standard input).
 fn parse_json(flag: &str, text: &str) -> anyhow::Result<Value> {
+    let read;
+    let text = match text.strip_prefix('@') {
+        Some("-") => {
+            let mut all = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut all)
+                .map_err(|e| anyhow::anyhow!("{flag} @-: cannot read standard input: {e}"))?;
+            read = all;
+            read.as_str()
+        }
+        Some(path) => {
+            read = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{flag} @{path}: cannot read it: {e}"))?;
+            read.as_str()
+        }
+        None => text,
+    };
     match capstan_engine::strict_json::parse(text) {
         Ok(value @ Value::Object(_)) => Ok(value),
         Ok(_) => bail!("{flag} must be a JSON object of names to values, e.g. {{\"value\": 1}}"),
@@ -136,18 +158,23 @@ fn parse_json(flag: &str, text: &str) -> anyhow::Result<Value> {
     }
 }
 
-/// Shows the provider's own stderr as it arrives.
-fn spawn_log_printer(json: bool) -> tokio::sync::mpsc::Sender<ProviderLog> {
+/// Lines held back while `Some` (see `call`).
+type HeldLines = Rc<RefCell<Option<Vec<String>>>>;
+
+/// Shows the provider's own stderr as it arrives (or keeps it in `held` while that is set).
+fn spawn_log_printer(json: bool, held: HeldLines) -> tokio::sync::mpsc::Sender<ProviderLog> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<ProviderLog>(256);
     tokio::task::spawn_local(async move {
         while let Some(log) = rx.recv().await {
-            if json {
-                say!(
-                    "{}",
-                    json!({"type": "provider_log", "provider": log.provider, "line": log.line})
-                );
+            let line = if json {
+                json!({"type": "provider_log", "provider": log.provider, "line": log.line})
+                    .to_string()
             } else {
-                say!("  provider {}: {}", log.provider, log.line);
+                format!("  provider {}: {}", log.provider, log.line)
+            };
+            match &mut *held.borrow_mut() {
+                Some(lines) => lines.push(line),
+                None => say!("{line}"),
             }
         }
     });
@@ -159,7 +186,7 @@ impl ProviderCmd {
         match self {
             ProviderCmd::Describe { target } => {
                 let name = provider_name(&target);
-                let logs = spawn_log_printer(false);
+                let logs = spawn_log_printer(false, HeldLines::default());
                 let provider = ProviderConnection::launch(
                     &name,
                     &source(&target)?,
@@ -194,7 +221,9 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
         );
     }
     let name = provider_name(&args.target);
-    let logs = spawn_log_printer(args.json);
+    // The provider's stderr waits until its handshake says whether anything is sensitive.
+    let held_lines: HeldLines = Rc::new(RefCell::new(Some(Vec::new())));
+    let logs = spawn_log_printer(args.json, held_lines.clone());
     let provider = ProviderConnection::launch(
         &name,
         &source(&args.target)?,
@@ -217,18 +246,63 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
         );
     }
 
+    // What the provider marks sensitive is hidden from every line this prints, unless asked.
+    let secrets = capstan_engine::secrets::Secrets::new();
+    let info = provider
+        .info()
+        .resource_type(&args.resource_type)
+        .cloned()
+        .unwrap_or_default();
+    let sensitive_outputs: Vec<String> = info
+        .outputs
+        .iter()
+        .filter(|o| o.sensitive)
+        .map(|o| o.name.clone())
+        .collect();
+    if !args.show_sensitive {
+        crate::output::hide_in_messages(secrets.clone());
+        for input in info.inputs.iter().filter(|i| i.sensitive) {
+            for given in [Some(&inputs), previous_inputs.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                if let Some(v) = given.get(&input.name) {
+                    secrets.add_value(v);
+                }
+            }
+        }
+        for name in &sensitive_outputs {
+            if let Some(v) = previous_outputs.as_ref().and_then(|o| o.get(name)) {
+                secrets.add_value(v);
+            }
+        }
+    }
+    // A type with sensitive outputs may print one before returning it: its progress is shown
+    // once the result (and so the secret) is in.
+    let hold = !args.show_sensitive && !sensitive_outputs.is_empty();
+    if !hold {
+        for line in held_lines.borrow_mut().take().into_iter().flatten() {
+            say!("{line}");
+        }
+    }
     let mut call = OperationCall::new(kind, &args.resource_type, &args.address, inputs);
     call.previous_inputs = previous_inputs.map(Json::from);
     call.previous_outputs = previous_outputs.map(Json::from);
     call.timeout = args.timeout;
     let stdout = Rc::new(RefCell::new(stdout));
     let renderer = Rc::new(RefCell::new(Renderer::new(args.json, stdout.clone())));
+    let held: Rc<RefCell<Vec<ProgressEvent>>> = Rc::default();
     let observer = {
         let renderer = renderer.clone();
+        let held = held.clone();
         Rc::new(move |events: Vec<ProgressEvent>| {
-            let mut renderer = renderer.borrow_mut();
-            for event in &events {
-                renderer.event(event);
+            if hold {
+                held.borrow_mut().extend(events);
+            } else {
+                let mut renderer = renderer.borrow_mut();
+                for event in &events {
+                    renderer.event(event);
+                }
             }
             async {}
         })
@@ -236,6 +310,32 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let outcome = provider.call(call, observer).await;
     let elapsed = started.elapsed();
+    let mut outcome = outcome;
+    if let Ok(success) = &mut outcome {
+        if !args.show_sensitive && !sensitive_outputs.is_empty() {
+            let mut outputs = success.outputs.value();
+            for name in &sensitive_outputs {
+                if let Some(v) = outputs.get_mut(name) {
+                    secrets.add_value(v);
+                    *v = Value::String(capstan_engine::secrets::REDACTED.into());
+                }
+            }
+            success.outputs = Json::from(outputs);
+        }
+    }
+    let held = std::mem::take(&mut *held.borrow_mut());
+    let succeeded = outcome.is_ok();
+    if succeeded {
+        let mut renderer = renderer.borrow_mut();
+        for event in &held {
+            renderer.event(event);
+        }
+    } else if !held.is_empty() {
+        say!(
+            "  ({} progress event(s) not shown: this type's outputs are sensitive and it failed before returning them)",
+            held.len()
+        );
+    }
     let code = match outcome {
         Ok(success) => {
             let mut handles = Vec::new();
@@ -250,7 +350,7 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
             }
             let mut out = stdout.borrow_mut();
             if args.json {
-                out.line(&json!({"type": "result", "ok": true, "outputs": success.outputs.value(), "capabilities": handles, "elapsed_seconds": elapsed.as_secs_f64()}).to_string());
+                out.line(&crate::output::scrubbed(json!({"type": "result", "ok": true, "outputs": success.outputs.value(), "capabilities": handles, "elapsed_seconds": elapsed.as_secs_f64()}).to_string()));
             } else {
                 say!(
                     "{} {} `{}` done in {:.2?}",
@@ -262,14 +362,16 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
                 for handle in &handles {
                     say!("  capability {handle}");
                 }
-                out.line(&serde_json::to_string_pretty(&success.outputs.value())?);
+                out.line(&crate::output::scrubbed(serde_json::to_string_pretty(
+                    &success.outputs.value(),
+                )?));
             }
             ExitCode::SUCCESS
         }
         Err(error) => {
             if args.json {
                 let kind = error.kind().map(|k| k.as_str()).unwrap_or("provider");
-                stdout.borrow_mut().line(&json!({"type": "result", "ok": false, "error": error.to_string(), "kind": kind}).to_string());
+                stdout.borrow_mut().line(&crate::output::scrubbed(json!({"type": "result", "ok": false, "error": error.to_string(), "kind": kind}).to_string()));
             }
             say!("error: {error}");
             if let CallError::Failed { error, .. } = &error {
@@ -281,6 +383,21 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
         }
     };
     provider.shutdown().await;
+    // The provider's stderr, once it has exited (its lines come on their own).
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+    let lines = held_lines.borrow_mut().take().unwrap_or_default();
+    if succeeded {
+        for line in lines {
+            say!("{line}");
+        }
+    } else if !lines.is_empty() {
+        say!(
+            "  ({} line(s) of the provider's stderr not shown: this type's outputs are sensitive and it failed before returning them)",
+            lines.len()
+        );
+    }
     Ok(code)
 }
 
@@ -315,7 +432,9 @@ impl Renderer {
             if let Some(object) = value.as_object_mut() {
                 object.insert("type".into(), json!("progress"));
             }
-            self.stdout.borrow_mut().line(&value.to_string());
+            self.stdout
+                .borrow_mut()
+                .line(&crate::output::scrubbed(value.to_string()));
             return;
         }
         let at = self.started.elapsed().as_secs_f64();

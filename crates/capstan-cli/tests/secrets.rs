@@ -316,3 +316,33 @@ fn another_user_can_neither_read_the_state_nor_reach_a_standing_socket() {
     );
     assert!(!shown(&theirs).contains("connected"));
 }
+
+#[test]
+fn provider_call_hides_what_the_provider_marks_sensitive() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("inputs.json");
+    std::fs::write(&inputs, json!({"seed": SEED}).to_string()).unwrap();
+    let call = |args: &[&str]| {
+        let mut all = vec!["provider", "call", "--type", "secret"];
+        all.extend_from_slice(args);
+        let provider = testing_provider();
+        all.extend_from_slice(&["--", provider.as_str()]);
+        capstan(dir.path(), &all)
+    };
+    // Inputs from a file (not the process list); the seed is hidden in every line.
+    let out = call(&["--inputs", &format!("@{}", inputs.display())]);
+    assert!(out.status.success(), "{}", shown(&out));
+    assert!(!shown(&out).contains(SEED), "{}", shown(&out));
+    assert!(shown(&out).contains("(sensitive)"));
+    // A token it makes up is hidden in its log and stderr, printed before it is returned.
+    let out = call(&["--inputs", "{}", "--json"]);
+    let text = shown(&out);
+    assert!(!text.contains("issued tok-"), "{text}");
+    // Asked for, it is shown.
+    let out = call(&[
+        "--inputs",
+        &format!("@{}", inputs.display()),
+        "--show-sensitive",
+    ]);
+    assert!(shown(&out).contains(SEED));
+}
