@@ -1,0 +1,89 @@
+//! The examples in `examples/` work as the README says: each applied with its README command
+//! (in a copy, so the checkout stays clean), then a plan is a no-op, then destroy empties the
+//! state.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use support::capstan_bin;
+
+fn copy_example(name: &str, to: &Path) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name);
+    for entry in std::fs::read_dir(&from).unwrap().flatten() {
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+fn capstan(dir: &Path, args: &[&str]) -> Output {
+    Command::new(capstan_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn round_trip(example: &str, file: &str, params: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    copy_example(example, dir);
+    let mut apply = vec!["apply", "-f", file];
+    apply.extend_from_slice(params);
+    let out = capstan(dir, &apply);
+    assert!(
+        out.status.success(),
+        "{example}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut plan = vec!["plan", "-f", file, "--detailed-exitcode"];
+    plan.extend_from_slice(params);
+    let out = capstan(dir, &plan);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{example}: the plan after apply is not a no-op: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut destroy = vec!["destroy", "-f", file, "--yes"];
+    destroy.extend_from_slice(params);
+    let out = capstan(dir, &destroy);
+    assert!(
+        out.status.success(),
+        "{example}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = capstan(dir, &["state", "list", "-f", file]);
+    assert!(String::from_utf8_lossy(&list.stdout).trim().is_empty());
+}
+
+#[test]
+fn the_quickstart_applies_as_the_readme_says() {
+    round_trip("quickstart", "capstan.json", &["--params", "params.json"]);
+}
+
+#[test]
+fn the_nix_deployment_example_applies_as_the_readme_says() {
+    if !support::nix_tool("nix-instantiate", "the Nix deployment example") {
+        return;
+    }
+    round_trip(
+        "nix-deployment",
+        "capstan.nix",
+        &["--params", "params.json"],
+    );
+}
+
+#[test]
+fn the_nix_build_example_applies_as_the_readme_says() {
+    if !support::nix_tool("nix-build", "the Nix build example") {
+        return;
+    }
+    round_trip("nix", "capstan.json", &[]);
+}
