@@ -125,7 +125,7 @@ pub enum Event {
     /// A resource or nested deployment left for a later evaluation (after the plan).
     Deferred {
         address: String,
-        what: crate::nix::DeferredKind,
+        what: DeferredKind,
         /// The resources whose outputs it used before they existed.
         waits_for: Vec<String>,
     },
@@ -147,4 +147,16 @@ pub enum Event {
 /// Where events go.
 pub trait EventSink {
     fn emit(&self, event: Event);
+}
+
+/// What a deferred item of a deployment in Nix is (see `crate::nix`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeferredKind {
+    /// A resource whose inputs use outputs that do not exist yet.
+    Resource,
+    /// A nested deployment whose members depend on such outputs.
+    Nested,
+    /// A member whose very declaration depends on them (not known to be either).
+    Member,
 }

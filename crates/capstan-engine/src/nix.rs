@@ -33,17 +33,7 @@ pub fn is_nix(file: &Path) -> bool {
     file.extension().is_some_and(|e| e == "nix")
 }
 
-/// What a deferred item is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeferredKind {
-    /// A resource whose inputs use outputs that do not exist yet.
-    Resource,
-    /// A nested deployment whose members depend on such outputs.
-    Nested,
-    /// A member whose very declaration depends on them (not known to be either).
-    Member,
-}
+pub use crate::events::DeferredKind;
 
 /// A resource or nested deployment left for a later evaluation.
 #[derive(Clone, Debug, PartialEq, Eq)]
