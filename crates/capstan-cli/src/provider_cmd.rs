@@ -27,6 +27,9 @@ pub enum ProviderCmd {
     ///
     /// Built in: `capstan provider describe local` (file, exec, memo) and `capstan provider
     /// describe nix` (build, activate). Others: capstan provider describe -- capstan-provider-testing
+    ///
+    /// A Terraform provider binary, unchanged (started as go-plugin does, protocol 5): its
+    /// schema as Capstan types: capstan provider describe --terraform ./terraform-provider-null
     Describe {
         #[command(flatten)]
         target: Target,
@@ -48,11 +51,14 @@ pub struct Target {
     /// Connect to a provider already listening at this Unix socket instead of starting one.
     #[arg(long, value_name = "PATH", conflicts_with = "command")]
     socket: Option<PathBuf>,
+    /// A Terraform provider binary (describe only, so far).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["socket", "command", "builtin"])]
+    terraform: Option<PathBuf>,
     /// The provider executable and its arguments, after `--`.
     #[arg(
         last = true,
         value_name = "EXE [ARGS]...",
-        required_unless_present_any = ["socket", "builtin"]
+        required_unless_present_any = ["socket", "builtin", "terraform"]
     )]
     command: Vec<OsString>,
 }
@@ -184,6 +190,20 @@ fn spawn_log_printer(json: bool, held: HeldLines) -> tokio::sync::mpsc::Sender<P
 impl ProviderCmd {
     pub async fn run(self, mut stdout: Stdout) -> anyhow::Result<ExitCode> {
         match self {
+            ProviderCmd::Describe { target } if target.terraform.is_some() => {
+                let binary = target.terraform.expect("checked");
+                let plugin =
+                    capstan_terraform::Plugin::start(&binary, Duration::from_secs(30)).await?;
+                let schema = plugin.schema().await;
+                plugin.stop().await;
+                let name = binary
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let info = capstan_terraform::provider_info(&name, &schema?);
+                stdout.line(&serde_json::to_string_pretty(&info)?);
+                Ok(ExitCode::SUCCESS)
+            }
             ProviderCmd::Describe { target } => {
                 let name = provider_name(&target);
                 let logs = spawn_log_printer(false, HeldLines::default());

@@ -1,0 +1,377 @@
+//! Terraform providers, unchanged, as seen by Capstan. This crate starts a provider binary as
+//! HashiCorp's go-plugin does (the magic cookie, the protocol versions, the handshake line on
+//! its stdout, gRPC over the unix socket or loopback TCP it names) and reads its schema
+//! (`GetSchema`, protocol 5), mapped to Capstan resource types: what `capstan provider
+//! describe --terraform` shows.
+//!
+//! Not yet: AutoMTLS (`PLUGIN_CLIENT_CERT`), protocol 6, the life cycle (configure, plan,
+//! apply, read), values in MessagePack: the bridge that serves these as a Capstan provider.
+
+pub mod wire;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use capstan_schema::info::{InputInfo, OutputInfo};
+use capstan_schema::{ProviderInfo, ResourceTypeInfo};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+
+/// go-plugin's magic cookie for Terraform providers: without it a provider prints a message for
+/// humans and exits.
+const MAGIC_COOKIE_KEY: &str = "TF_PLUGIN_MAGIC_COOKIE";
+const MAGIC_COOKIE_VALUE: &str = "d602bf8f470bc67ca7faa0386276bbdd4330efaf76d1a219cb4d6991ca9872b2";
+
+/// The tfplugin versions this crate speaks.
+const PROTOCOLS: &str = "5";
+
+/// Why a Terraform provider could not be started or read.
+#[derive(Debug, thiserror::Error)]
+pub enum TerraformError {
+    #[error("cannot start {program}: {error}")]
+    Spawn {
+        program: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "{program} exited ({status}) without printing go-plugin's handshake line \
+         (CORE|PROTOCOL|NETWORK|ADDRESS|grpc|CERT): is it a Terraform provider?{tail}"
+    )]
+    NoHandshake {
+        program: PathBuf,
+        status: String,
+        tail: String,
+    },
+    #[error(
+        "{program} printed no go-plugin handshake line within {after:?}; a Terraform provider \
+         prints one at once (is it one?)"
+    )]
+    HandshakeTimeout { program: PathBuf, after: Duration },
+    #[error(
+        "{program} printed `{line}` where go-plugin's handshake line \
+         (CORE|PROTOCOL|NETWORK|ADDRESS|grpc|CERT) was expected"
+    )]
+    BadHandshake { program: PathBuf, line: String },
+    #[error(
+        "{program} speaks Terraform plugin protocol {version}; Capstan speaks {PROTOCOLS} so far"
+    )]
+    Protocol { program: PathBuf, version: String },
+    #[error("{program} listens on {network} {address}, which Capstan does not connect to: {why}")]
+    Address {
+        program: PathBuf,
+        network: String,
+        address: String,
+        why: &'static str,
+    },
+    #[error("{program}: gRPC: {0}", program = .1.display())]
+    Grpc(String, PathBuf),
+    #[error("{program}: {summary}{detail}", program = .program.display())]
+    Diagnostic {
+        program: PathBuf,
+        summary: String,
+        detail: String,
+    },
+}
+
+/// go-plugin's handshake line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handshake {
+    pub core_version: String,
+    pub protocol: String,
+    pub network: String,
+    pub address: String,
+    pub server_cert: String,
+}
+
+impl Handshake {
+    /// Reads `CORE|APP|NETWORK|ADDRESS|PROTOCOL|CERT` (the certificate may be absent).
+    pub fn parse(line: &str) -> Option<Handshake> {
+        let fields: Vec<&str> = line.trim().split('|').collect();
+        if !(5..=6).contains(&fields.len()) || fields[0] != "1" || fields[4] != "grpc" {
+            return None;
+        }
+        Some(Handshake {
+            core_version: fields[0].to_string(),
+            protocol: fields[1].to_string(),
+            network: fields[2].to_string(),
+            address: fields[3].to_string(),
+            server_cert: fields.get(5).unwrap_or(&"").to_string(),
+        })
+    }
+}
+
+/// A running Terraform provider: its process and a gRPC channel to it.
+pub struct Plugin {
+    program: PathBuf,
+    child: tokio::process::Child,
+    channel: tonic::transport::Channel,
+    pub handshake: Handshake,
+}
+
+impl Plugin {
+    /// Starts `program` as go-plugin does and connects to it.
+    pub async fn start(program: &Path, timeout: Duration) -> Result<Plugin, TerraformError> {
+        let program = program.to_path_buf();
+        let mut command = tokio::process::Command::new(&program);
+        command
+            .env(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE)
+            .env("PLUGIN_PROTOCOL_VERSIONS", PROTOCOLS)
+            .env("PLUGIN_MIN_PORT", "10000")
+            .env("PLUGIN_MAX_PORT", "25000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|error| TerraformError::Spawn {
+            program: program.clone(),
+            error,
+        })?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = match tokio::time::timeout(timeout, lines.next_line()).await {
+            Err(_) => {
+                return Err(TerraformError::HandshakeTimeout {
+                    program,
+                    after: timeout,
+                })
+            }
+            Ok(Ok(Some(line))) => line,
+            Ok(_) => {
+                let status = child
+                    .wait()
+                    .await
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string());
+                let mut tail = String::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), stderr.read_to_string(&mut tail))
+                        .await;
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                let tail: String = tail.into_iter().rev().map(|l| format!("\n  {l}")).collect();
+                return Err(TerraformError::NoHandshake {
+                    program,
+                    status,
+                    tail,
+                });
+            }
+        };
+        let Some(handshake) = Handshake::parse(&line) else {
+            return Err(TerraformError::BadHandshake { program, line });
+        };
+        if handshake.protocol != "5" {
+            return Err(TerraformError::Protocol {
+                program,
+                version: handshake.protocol,
+            });
+        }
+        // Its logs go on after the line; drained so it never blocks on a full pipe.
+        tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = stderr.read_to_end(&mut sink).await;
+        });
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let channel = connect(&program, &handshake).await?;
+        Ok(Plugin {
+            program,
+            child,
+            channel,
+            handshake,
+        })
+    }
+
+    /// `GetSchema`: the provider's resource and data source types.
+    pub async fn schema(&self) -> Result<wire::GetProviderSchemaResponse, TerraformError> {
+        let response: wire::GetProviderSchemaResponse = self
+            .unary(wire::GET_SCHEMA, wire::GetProviderSchemaRequest {})
+            .await?;
+        if let Some(error) = response.diagnostics.iter().find(|d| d.severity == 1) {
+            return Err(TerraformError::Diagnostic {
+                program: self.program.clone(),
+                summary: error.summary.clone(),
+                detail: if error.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", error.detail)
+                },
+            });
+        }
+        Ok(response)
+    }
+
+    async fn unary<Q, R>(&self, path: &'static str, request: Q) -> Result<R, TerraformError>
+    where
+        Q: prost::Message + Send + Sync + 'static,
+        R: prost::Message + Default + Send + Sync + 'static,
+    {
+        let grpc_error = |e: String| TerraformError::Grpc(e, self.program.clone());
+        let mut grpc =
+            tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(256 << 20);
+        grpc.ready().await.map_err(|e| grpc_error(e.to_string()))?;
+        let response = grpc
+            .unary(
+                tonic::Request::new(request),
+                tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                tonic::codec::ProstCodec::default(),
+            )
+            .await
+            .map_err(|status| grpc_error(status.message().to_string()))?;
+        Ok(response.into_inner())
+    }
+
+    /// Asks the plugin to exit (go-plugin's controller), then makes sure it did.
+    pub async fn stop(mut self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.unary::<wire::Empty, wire::Empty>(wire::CONTROLLER_SHUTDOWN, wire::Empty {}),
+        )
+        .await;
+        if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+async fn connect(
+    program: &Path,
+    handshake: &Handshake,
+) -> Result<tonic::transport::Channel, TerraformError> {
+    let bad = |why| TerraformError::Address {
+        program: program.to_path_buf(),
+        network: handshake.network.clone(),
+        address: handshake.address.clone(),
+        why,
+    };
+    if !handshake.server_cert.is_empty() {
+        return Err(bad(
+            "it serves TLS, which Capstan does not speak to providers yet",
+        ));
+    }
+    let grpc = |e: tonic::transport::Error| {
+        TerraformError::Grpc(format!("cannot connect: {e}"), program.to_path_buf())
+    };
+    match handshake.network.as_str() {
+        "unix" => {
+            let path = PathBuf::from(&handshake.address);
+            tonic::transport::Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                }))
+                .await
+                .map_err(grpc)
+        }
+        "tcp" => {
+            let addr: std::net::SocketAddr = handshake
+                .address
+                .parse()
+                .map_err(|_| bad("not an address"))?;
+            if !addr.ip().is_loopback() {
+                return Err(bad("only loopback addresses are trusted"));
+            }
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(grpc)?
+                .connect()
+                .await
+                .map_err(grpc)
+        }
+        _ => Err(bad("the network is neither unix nor tcp")),
+    }
+}
+
+/// A Terraform provider's schema as Capstan's handshake describes it: each resource type's
+/// required and optional attributes are inputs, all its attributes (computed ones too)
+/// outputs; nested blocks are inputs and outputs holding JSON objects or arrays; sensitive
+/// attributes are marked so. Data sources are types named `data.NAME` (read-only).
+pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> ProviderInfo {
+    let mut types: Vec<ResourceTypeInfo> = Vec::new();
+    let mut add = |type_name: String, schema: &wire::Schema, data: bool| {
+        let block = schema.block.clone().unwrap_or_default();
+        let mut info = ResourceTypeInfo {
+            name: type_name,
+            description: block.description.clone(),
+            stateful: !data,
+            ..Default::default()
+        };
+        for a in &block.attributes {
+            let settable = a.required || a.optional;
+            if settable {
+                info.inputs.push(InputInfo {
+                    name: a.name.clone(),
+                    required: a.required,
+                    description: a.description.clone(),
+                    sensitive: a.sensitive,
+                });
+            }
+            info.outputs.push(OutputInfo {
+                name: a.name.clone(),
+                description: a.description.clone(),
+                sensitive: a.sensitive,
+            });
+        }
+        for b in &block.block_types {
+            let kind = match b.nesting {
+                1 | 5 => "an object",
+                4 => "an object of objects",
+                _ => "a list of objects",
+            };
+            info.inputs.push(InputInfo {
+                name: b.type_name.clone(),
+                required: b.min_items > 0,
+                description: format!("a nested block: {kind}"),
+                sensitive: false,
+            });
+            info.outputs.push(OutputInfo {
+                name: b.type_name.clone(),
+                description: format!("a nested block: {kind}"),
+                sensitive: false,
+            });
+        }
+        types.push(info);
+    };
+    let mut resources: Vec<_> = schema.resource_schemas.iter().collect();
+    resources.sort_by(|a, b| a.0.cmp(b.0));
+    for (type_name, s) in resources {
+        add(type_name.clone(), s, false);
+    }
+    let mut data: Vec<_> = schema.data_source_schemas.iter().collect();
+    data.sort_by(|a, b| a.0.cmp(b.0));
+    for (type_name, s) in data {
+        add(format!("data.{type_name}"), s, true);
+    }
+    ProviderInfo {
+        name: name.to_string(),
+        version: String::new(),
+        min_protocol: 0,
+        max_protocol: 0,
+        protocol: 0,
+        max_concurrency: 0,
+        resource_types: types,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_lines_are_read_or_refused() {
+        let h = Handshake::parse("1|5|unix|/tmp/plugin123|grpc|\n").unwrap();
+        assert_eq!(h.protocol, "5");
+        assert_eq!(h.network, "unix");
+        assert_eq!(h.address, "/tmp/plugin123");
+        assert_eq!(h.server_cert, "");
+        let h = Handshake::parse("1|6|tcp|127.0.0.1:10000|grpc|MIIB").unwrap();
+        assert_eq!(h.server_cert, "MIIB");
+        assert!(Handshake::parse("This binary is a plugin. These are not meant").is_none());
+        assert!(Handshake::parse("1|5|unix|/tmp/x|netrpc|").is_none());
+        assert!(Handshake::parse("2|5|unix|/tmp/x|grpc|").is_none());
+    }
+}

@@ -1,0 +1,108 @@
+//! Capstan's own definitions of the parts of Terraform's plugin protocol (`tfplugin5`) it
+//! uses, wire-compatible with the published protocol: the same package, service, messages and
+//! field numbers. Written as `prost` messages, so `cargo build` needs no protobuf compiler.
+
+/// `tfplugin5.GetProviderSchema.Request`: empty.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GetProviderSchemaRequest {}
+
+/// `tfplugin5.GetProviderSchema.Response`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GetProviderSchemaResponse {
+    #[prost(message, optional, tag = "1")]
+    pub provider: Option<Schema>,
+    #[prost(map = "string, message", tag = "2")]
+    pub resource_schemas: std::collections::HashMap<String, Schema>,
+    #[prost(map = "string, message", tag = "3")]
+    pub data_source_schemas: std::collections::HashMap<String, Schema>,
+    #[prost(message, repeated, tag = "4")]
+    pub diagnostics: Vec<Diagnostic>,
+    #[prost(message, optional, tag = "5")]
+    pub provider_meta: Option<Schema>,
+}
+
+/// `tfplugin5.Schema`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Schema {
+    #[prost(int64, tag = "1")]
+    pub version: i64,
+    #[prost(message, optional, tag = "2")]
+    pub block: Option<Block>,
+}
+
+/// `tfplugin5.Schema.Block`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Block {
+    #[prost(int64, tag = "1")]
+    pub version: i64,
+    #[prost(message, repeated, tag = "2")]
+    pub attributes: Vec<Attribute>,
+    #[prost(message, repeated, tag = "3")]
+    pub block_types: Vec<NestedBlock>,
+    #[prost(string, tag = "4")]
+    pub description: String,
+    #[prost(int32, tag = "5")]
+    pub description_kind: i32,
+    #[prost(bool, tag = "6")]
+    pub deprecated: bool,
+}
+
+/// `tfplugin5.Schema.Attribute`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Attribute {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// The attribute's type, as a JSON type expression (`"string"`, `["map","string"]`).
+    #[prost(bytes = "vec", tag = "2")]
+    pub r#type: Vec<u8>,
+    #[prost(string, tag = "3")]
+    pub description: String,
+    #[prost(bool, tag = "4")]
+    pub required: bool,
+    #[prost(bool, tag = "5")]
+    pub optional: bool,
+    #[prost(bool, tag = "6")]
+    pub computed: bool,
+    #[prost(bool, tag = "7")]
+    pub sensitive: bool,
+    #[prost(int32, tag = "8")]
+    pub description_kind: i32,
+    #[prost(bool, tag = "9")]
+    pub deprecated: bool,
+}
+
+/// `tfplugin5.Schema.NestedBlock`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NestedBlock {
+    #[prost(string, tag = "1")]
+    pub type_name: String,
+    #[prost(message, optional, tag = "2")]
+    pub block: Option<Block>,
+    /// INVALID 0, SINGLE 1, LIST 2, SET 3, MAP 4, GROUP 5.
+    #[prost(int32, tag = "3")]
+    pub nesting: i32,
+    #[prost(int64, tag = "4")]
+    pub min_items: i64,
+    #[prost(int64, tag = "5")]
+    pub max_items: i64,
+}
+
+/// `tfplugin5.Diagnostic` (without its attribute path, which Capstan does not read yet).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Diagnostic {
+    /// INVALID 0, ERROR 1, WARNING 2.
+    #[prost(int32, tag = "1")]
+    pub severity: i32,
+    #[prost(string, tag = "2")]
+    pub summary: String,
+    #[prost(string, tag = "3")]
+    pub detail: String,
+}
+
+/// `plugin.Empty` (go-plugin's controller).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Empty {}
+
+/// The gRPC method paths.
+pub const GET_SCHEMA: &str = "/tfplugin5.Provider/GetSchema";
+pub const CONTROLLER_SHUTDOWN: &str = "/plugin.GRPCController/Shutdown";

