@@ -4,8 +4,14 @@
 //! (`GetSchema`, protocol 5), mapped to Capstan resource types: what `capstan provider
 //! describe --terraform` shows.
 //!
-//! Not yet: AutoMTLS (`PLUGIN_CLIENT_CERT`), protocol 6, the life cycle (configure, plan,
-//! apply, read), values in MessagePack: the bridge that serves these as a Capstan provider.
+//! AutoMTLS as go-plugin does it: a client certificate made for the run is handed over in
+//! `PLUGIN_CLIENT_CERT`, and the server certificate the handshake line carries is trusted for
+//! that connection only (P-521 included: rustls with aws-lc-rs).
+//!
+//! Not yet: protocol 6, the life cycle (configure, plan, apply, read), values in MessagePack:
+//! the bridge that serves these as a Capstan provider.
+
+mod tls;
 
 pub mod wire;
 
@@ -106,13 +112,38 @@ pub struct Plugin {
     child: tokio::process::Child,
     channel: tonic::transport::Channel,
     pub handshake: Handshake,
+    /// Whether the connection is mutual TLS.
+    pub tls: bool,
 }
 
 impl Plugin {
-    /// Starts `program` as go-plugin does and connects to it.
+    /// Starts `program` as go-plugin does (with AutoMTLS) and connects to it.
     pub async fn start(program: &Path, timeout: Duration) -> Result<Plugin, TerraformError> {
+        Self::start_with(program, timeout, true).await
+    }
+
+    /// As [`Plugin::start`]; without `mtls`, no client certificate is offered (the plugin then
+    /// serves plain gRPC, as go-plugin does without AutoMTLS).
+    pub async fn start_with(
+        program: &Path,
+        timeout: Duration,
+        mtls: bool,
+    ) -> Result<Plugin, TerraformError> {
         let program = program.to_path_buf();
+        let client = if mtls {
+            Some(tls::ClientIdentity::generate().map_err(|e| {
+                TerraformError::Grpc(
+                    format!("cannot make a client certificate: {e}"),
+                    program.clone(),
+                )
+            })?)
+        } else {
+            None
+        };
         let mut command = tokio::process::Command::new(&program);
+        if let Some(client) = &client {
+            command.env("PLUGIN_CLIENT_CERT", &client.pem);
+        }
         command
             .env(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE)
             .env("PLUGIN_PROTOCOL_VERSIONS", PROTOCOLS)
@@ -172,12 +203,28 @@ impl Plugin {
             let _ = stderr.read_to_end(&mut sink).await;
         });
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let channel = connect(&program, &handshake).await?;
+        let tls = match (&client, handshake.server_cert.is_empty()) {
+            (Some(client), false) => Some(
+                tls::client_config(client, &handshake.server_cert).map_err(|e| {
+                    TerraformError::Grpc(format!("its server certificate: {e}"), program.clone())
+                })?,
+            ),
+            (None, false) => {
+                return Err(TerraformError::Grpc(
+                    "it serves TLS without having been given a client certificate".into(),
+                    program,
+                ))
+            }
+            (_, true) => None,
+        };
+        let mtls = tls.is_some();
+        let channel = connect(&program, &handshake, tls).await?;
         Ok(Plugin {
             program,
             child,
             channel,
             handshake,
+            tls: mtls,
         })
     }
 
@@ -236,9 +283,16 @@ impl Plugin {
     }
 }
 
+/// The plugin's socket.
+enum Socket {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
 async fn connect(
     program: &Path,
     handshake: &Handshake,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 ) -> Result<tonic::transport::Channel, TerraformError> {
     let bad = |why| TerraformError::Address {
         program: program.to_path_buf(),
@@ -246,28 +300,8 @@ async fn connect(
         address: handshake.address.clone(),
         why,
     };
-    if !handshake.server_cert.is_empty() {
-        return Err(bad(
-            "it serves TLS, which Capstan does not speak to providers yet",
-        ));
-    }
-    let grpc = |e: tonic::transport::Error| {
-        TerraformError::Grpc(format!("cannot connect: {e}"), program.to_path_buf())
-    };
-    match handshake.network.as_str() {
-        "unix" => {
-            let path = PathBuf::from(&handshake.address);
-            tonic::transport::Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_| {
-                    let path = path.clone();
-                    async move {
-                        let stream = tokio::net::UnixStream::connect(path).await?;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                    }
-                }))
-                .await
-                .map_err(grpc)
-        }
+    let socket = match handshake.network.as_str() {
+        "unix" => Socket::Unix(PathBuf::from(&handshake.address)),
         "tcp" => {
             let addr: std::net::SocketAddr = handshake
                 .address
@@ -276,14 +310,37 @@ async fn connect(
             if !addr.ip().is_loopback() {
                 return Err(bad("only loopback addresses are trusted"));
             }
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(grpc)?
-                .connect()
-                .await
-                .map_err(grpc)
+            Socket::Tcp(addr)
         }
-        _ => Err(bad("the network is neither unix nor tcp")),
-    }
+        _ => return Err(bad("the network is neither unix nor tcp")),
+    };
+    let socket = std::sync::Arc::new(socket);
+    // HTTP/2 with prior knowledge, over the plain or the TLS stream.
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (socket, tls) = (socket.clone(), tls.clone());
+            async move {
+                let stream: Box<dyn tls::Stream> = match &*socket {
+                    Socket::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
+                    Socket::Tcp(addr) => Box::new(tokio::net::TcpStream::connect(addr).await?),
+                };
+                let stream: Box<dyn tls::Stream> = match tls {
+                    None => stream,
+                    Some(config) => {
+                        let name =
+                            rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+                        Box::new(
+                            tokio_rustls::TlsConnector::from(config)
+                                .connect(name, stream)
+                                .await?,
+                        )
+                    }
+                };
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| TerraformError::Grpc(format!("cannot connect: {e}"), program.to_path_buf()))
 }
 
 /// A Terraform provider's schema as Capstan's handshake describes it: each resource type's

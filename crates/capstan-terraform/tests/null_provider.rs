@@ -85,6 +85,9 @@ fn the_null_provider_starts_and_its_schema_becomes_capstan_types() {
             .unwrap();
         assert_eq!(plugin.handshake.protocol, "5");
         assert_eq!(plugin.handshake.network, "unix");
+        // AutoMTLS: it was handed a client certificate and answered with its own.
+        assert!(plugin.tls, "{:?}", plugin.handshake);
+        assert!(!plugin.handshake.server_cert.is_empty());
         let schema = plugin.schema().await.unwrap();
         let info = provider_info("null", &schema);
         let resource = info.resource_type("null_resource").expect("null_resource");
@@ -150,5 +153,22 @@ fn a_binary_that_is_not_a_terraform_provider_is_named_as_such() {
             matches!(error, TerraformError::HandshakeTimeout { .. }),
             "{error}"
         );
+    });
+}
+
+#[test]
+fn without_a_client_certificate_it_serves_plain_grpc() {
+    let Some(binary) = null_provider() else {
+        return;
+    };
+    run(async {
+        let plugin = Plugin::start_with(&binary, Duration::from_secs(20), false)
+            .await
+            .unwrap();
+        assert!(!plugin.tls);
+        assert!(plugin.handshake.server_cert.is_empty());
+        let schema = plugin.schema().await.unwrap();
+        assert!(schema.resource_schemas.contains_key("null_resource"));
+        plugin.stop().await;
     });
 }
