@@ -8,11 +8,17 @@
 //! `PLUGIN_CLIENT_CERT`, and the server certificate the handshake line carries is trusted for
 //! that connection only (P-521 included: rustls with aws-lc-rs).
 //!
-//! Not yet: protocol 6, the life cycle (configure, plan, apply, read), values in MessagePack:
-//! the bridge that serves these as a Capstan provider.
+//! The life cycle as Terraform core drives it: `Configure`; a create is `PlanResourceChange`
+//! (with the proposed new state core would compute) then `ApplyResourceChange`; a read is
+//! `ReadResource` (null: gone); a delete applies a null planned state. Values travel in
+//! MessagePack shaped by the schema (`values`).
+//!
+//! Not yet: update, replace and `UpgradeResourceState`, protocol 6, data source reads, and the
+//! bridge that serves all this as a Capstan provider in deployments.
 
 mod tls;
 
+pub mod values;
 pub mod wire;
 
 use std::path::{Path, PathBuf};
@@ -245,6 +251,161 @@ impl Plugin {
             });
         }
         Ok(response)
+    }
+
+    /// `Configure`, once per run, with the provider block's configuration (JSON).
+    pub async fn configure(
+        &self,
+        schema: &wire::GetProviderSchemaResponse,
+        config: &serde_json::Value,
+    ) -> Result<(), TerraformError> {
+        let block = schema
+            .provider
+            .as_ref()
+            .and_then(|s| s.block.clone())
+            .unwrap_or_default();
+        let config = values::encode(&values::block_type(&block), config);
+        let response: wire::ConfigureResponse = self
+            .unary(
+                wire::CONFIGURE,
+                wire::ConfigureRequest {
+                    terraform_version: "1.0.3".into(),
+                    config: Some(values::dynamic(&config)),
+                },
+            )
+            .await?;
+        self.errors(&response.diagnostics)
+    }
+
+    /// Creates a resource of `type_name` from its configuration (JSON): plans it, then applies
+    /// the plan. Returns its state (JSON: every attribute) and the provider's private bytes.
+    pub async fn create(
+        &self,
+        schema: &wire::GetProviderSchemaResponse,
+        type_name: &str,
+        config: &serde_json::Value,
+    ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
+        let block = self.block(schema, type_name)?;
+        let config_mp = values::encode(&values::block_type(&block), config);
+        let plan: wire::PlanResourceChangeResponse = self
+            .unary(
+                wire::PLAN_RESOURCE_CHANGE,
+                wire::PlanResourceChangeRequest {
+                    type_name: type_name.to_string(),
+                    prior_state: Some(values::dynamic(&rmpv::Value::Nil)),
+                    proposed_new_state: Some(values::dynamic(&values::proposed_create(
+                        &block, config,
+                    ))),
+                    config: Some(values::dynamic(&config_mp)),
+                    prior_private: Vec::new(),
+                    provider_meta: None,
+                },
+            )
+            .await?;
+        self.errors(&plan.diagnostics)?;
+        let applied: wire::ApplyResourceChangeResponse = self
+            .unary(
+                wire::APPLY_RESOURCE_CHANGE,
+                wire::ApplyResourceChangeRequest {
+                    type_name: type_name.to_string(),
+                    prior_state: Some(values::dynamic(&rmpv::Value::Nil)),
+                    planned_state: plan.planned_state,
+                    config: Some(values::dynamic(&config_mp)),
+                    planned_private: plan.planned_private,
+                    provider_meta: None,
+                },
+            )
+            .await?;
+        self.errors(&applied.diagnostics)?;
+        let state = values::from_dynamic(applied.new_state.as_ref()).map_err(|e| {
+            TerraformError::Grpc(format!("its new state: {e}"), self.program.clone())
+        })?;
+        Ok((values::decode(&state), applied.private))
+    }
+
+    /// `ReadResource`: the resource as it is now, or `None` when it is gone.
+    pub async fn read(
+        &self,
+        schema: &wire::GetProviderSchemaResponse,
+        type_name: &str,
+        state: &serde_json::Value,
+        private: &[u8],
+    ) -> Result<Option<serde_json::Value>, TerraformError> {
+        let block = self.block(schema, type_name)?;
+        let current = values::encode(&values::block_type(&block), state);
+        let read: wire::ReadResourceResponse = self
+            .unary(
+                wire::READ_RESOURCE,
+                wire::ReadResourceRequest {
+                    type_name: type_name.to_string(),
+                    current_state: Some(values::dynamic(&current)),
+                    private: private.to_vec(),
+                    provider_meta: None,
+                },
+            )
+            .await?;
+        self.errors(&read.diagnostics)?;
+        let now = values::from_dynamic(read.new_state.as_ref())
+            .map_err(|e| TerraformError::Grpc(format!("its state: {e}"), self.program.clone()))?;
+        Ok((!now.is_nil()).then(|| values::decode(&now)))
+    }
+
+    /// Deletes a resource: applies a plan whose new state is null.
+    pub async fn delete(
+        &self,
+        schema: &wire::GetProviderSchemaResponse,
+        type_name: &str,
+        state: &serde_json::Value,
+        private: &[u8],
+    ) -> Result<(), TerraformError> {
+        let block = self.block(schema, type_name)?;
+        let prior = values::encode(&values::block_type(&block), state);
+        let applied: wire::ApplyResourceChangeResponse = self
+            .unary(
+                wire::APPLY_RESOURCE_CHANGE,
+                wire::ApplyResourceChangeRequest {
+                    type_name: type_name.to_string(),
+                    prior_state: Some(values::dynamic(&prior)),
+                    planned_state: Some(values::dynamic(&rmpv::Value::Nil)),
+                    config: Some(values::dynamic(&rmpv::Value::Nil)),
+                    planned_private: private.to_vec(),
+                    provider_meta: None,
+                },
+            )
+            .await?;
+        self.errors(&applied.diagnostics)
+    }
+
+    fn block(
+        &self,
+        schema: &wire::GetProviderSchemaResponse,
+        type_name: &str,
+    ) -> Result<wire::Block, TerraformError> {
+        schema
+            .resource_schemas
+            .get(type_name)
+            .and_then(|s| s.block.clone())
+            .ok_or_else(|| TerraformError::Diagnostic {
+                program: self.program.clone(),
+                summary: format!("no resource type `{type_name}`"),
+                detail: String::new(),
+            })
+    }
+
+    /// The first error among `diagnostics` (warnings are not failures).
+    fn errors(&self, diagnostics: &[wire::Diagnostic]) -> Result<(), TerraformError> {
+        match diagnostics.iter().find(|d| d.severity == 1) {
+            None => Ok(()),
+            Some(error) => Err(TerraformError::Diagnostic {
+                program: self.program.clone(),
+                summary: error.summary.clone(),
+                detail: if error.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", error.detail)
+                },
+            }),
+        }
     }
 
     async fn unary<Q, R>(&self, path: &'static str, request: Q) -> Result<R, TerraformError>

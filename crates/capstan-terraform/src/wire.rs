@@ -103,6 +103,118 @@ pub struct Diagnostic {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Empty {}
 
+/// `tfplugin5.DynamicValue`: a value in MessagePack (what Terraform sends) or JSON.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DynamicValue {
+    #[prost(bytes = "vec", tag = "1")]
+    pub msgpack: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub json: Vec<u8>,
+}
+
+/// `tfplugin5.Configure.Request`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ConfigureRequest {
+    #[prost(string, tag = "1")]
+    pub terraform_version: String,
+    #[prost(message, optional, tag = "2")]
+    pub config: Option<DynamicValue>,
+}
+
+/// `tfplugin5.Configure.Response`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ConfigureResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// `tfplugin5.PlanResourceChange.Request`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PlanResourceChangeRequest {
+    #[prost(string, tag = "1")]
+    pub type_name: String,
+    #[prost(message, optional, tag = "2")]
+    pub prior_state: Option<DynamicValue>,
+    #[prost(message, optional, tag = "3")]
+    pub proposed_new_state: Option<DynamicValue>,
+    #[prost(message, optional, tag = "4")]
+    pub config: Option<DynamicValue>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub prior_private: Vec<u8>,
+    #[prost(message, optional, tag = "6")]
+    pub provider_meta: Option<DynamicValue>,
+}
+
+/// `tfplugin5.PlanResourceChange.Response` (attribute paths of `requires_replace` counted, not
+/// read).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PlanResourceChangeResponse {
+    #[prost(message, optional, tag = "1")]
+    pub planned_state: Option<DynamicValue>,
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub requires_replace: Vec<Vec<u8>>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub planned_private: Vec<u8>,
+    #[prost(message, repeated, tag = "4")]
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// `tfplugin5.ApplyResourceChange.Request`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ApplyResourceChangeRequest {
+    #[prost(string, tag = "1")]
+    pub type_name: String,
+    #[prost(message, optional, tag = "2")]
+    pub prior_state: Option<DynamicValue>,
+    #[prost(message, optional, tag = "3")]
+    pub planned_state: Option<DynamicValue>,
+    #[prost(message, optional, tag = "4")]
+    pub config: Option<DynamicValue>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub planned_private: Vec<u8>,
+    #[prost(message, optional, tag = "6")]
+    pub provider_meta: Option<DynamicValue>,
+}
+
+/// `tfplugin5.ApplyResourceChange.Response`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ApplyResourceChangeResponse {
+    #[prost(message, optional, tag = "1")]
+    pub new_state: Option<DynamicValue>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub private: Vec<u8>,
+    #[prost(message, repeated, tag = "3")]
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// `tfplugin5.ReadResource.Request`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadResourceRequest {
+    #[prost(string, tag = "1")]
+    pub type_name: String,
+    #[prost(message, optional, tag = "2")]
+    pub current_state: Option<DynamicValue>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub private: Vec<u8>,
+    #[prost(message, optional, tag = "4")]
+    pub provider_meta: Option<DynamicValue>,
+}
+
+/// `tfplugin5.ReadResource.Response`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadResourceResponse {
+    #[prost(message, optional, tag = "1")]
+    pub new_state: Option<DynamicValue>,
+    #[prost(message, repeated, tag = "2")]
+    pub diagnostics: Vec<Diagnostic>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub private: Vec<u8>,
+}
+
 /// The gRPC method paths.
 pub const GET_SCHEMA: &str = "/tfplugin5.Provider/GetSchema";
+pub const CONFIGURE: &str = "/tfplugin5.Provider/Configure";
+pub const PLAN_RESOURCE_CHANGE: &str = "/tfplugin5.Provider/PlanResourceChange";
+pub const APPLY_RESOURCE_CHANGE: &str = "/tfplugin5.Provider/ApplyResourceChange";
+pub const READ_RESOURCE: &str = "/tfplugin5.Provider/ReadResource";
 pub const CONTROLLER_SHUTDOWN: &str = "/plugin.GRPCController/Shutdown";

@@ -172,3 +172,40 @@ fn without_a_client_certificate_it_serves_plain_grpc() {
         plugin.stop().await;
     });
 }
+
+#[test]
+fn a_null_resource_is_created_read_and_deleted_through_the_real_provider() {
+    let Some(binary) = null_provider() else {
+        return;
+    };
+    run(async {
+        let plugin = Plugin::start(&binary, Duration::from_secs(20))
+            .await
+            .unwrap();
+        let schema = plugin.schema().await.unwrap();
+        plugin
+            .configure(&schema, &serde_json::json!({}))
+            .await
+            .unwrap();
+        let config = serde_json::json!({"triggers": {"version": "1"}});
+        let (state, private) = plugin
+            .create(&schema, "null_resource", &config)
+            .await
+            .unwrap();
+        // The provider made up an id (computed, unknown until applied) and kept the triggers.
+        let id = state["id"].as_str().expect("an id").to_string();
+        assert!(!id.is_empty());
+        assert_eq!(state["triggers"], serde_json::json!({"version": "1"}));
+        let read = plugin
+            .read(&schema, "null_resource", &state, &private)
+            .await
+            .unwrap()
+            .expect("it exists");
+        assert_eq!(read["id"], state["id"]);
+        plugin
+            .delete(&schema, "null_resource", &state, &private)
+            .await
+            .unwrap();
+        plugin.stop().await;
+    });
+}
