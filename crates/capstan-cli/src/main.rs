@@ -101,6 +101,41 @@ enum BuiltinProvider {
     /// The bridge to a NixOps4 version-0 provider program.
     #[command(name = "nixops4-v0")]
     Nixops4V0(V0Args),
+    /// The bridge to a Terraform provider binary.
+    Terraform(TerraformArgs),
+}
+
+/// `capstan __provider terraform [--config JSON] -- PROGRAM`.
+#[derive(clap::Args)]
+struct TerraformArgs {
+    /// The provider block's configuration, a JSON object.
+    #[arg(long, value_name = "JSON")]
+    config: Option<String>,
+    /// The Terraform provider binary.
+    #[arg(last = true, required = true, value_name = "PROGRAM")]
+    program: Vec<String>,
+}
+
+fn serve_terraform_bridge(args: TerraformArgs) -> ExitCode {
+    let config = match args.config.as_deref().map(serde_json::from_str) {
+        None => serde_json::json!({}),
+        Some(Ok(config)) => config,
+        Some(Err(e)) => {
+            say!("error: --config is not JSON: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(program) = args.program.into_iter().next() else {
+        say!("error: give the Terraform provider binary after `--`");
+        return ExitCode::from(2);
+    };
+    match capstan_terraform::bridge::provider(program.into(), config) {
+        Ok(provider) => provider.serve(),
+        Err(e) => {
+            say!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// `capstan __provider nixops4-v0 [--type NAME=OUT,… | --types JSON]… [--stateless-types
@@ -187,6 +222,7 @@ fn main() -> ExitCode {
                 BuiltinProvider::Local => capstan_provider_local::provider().serve(),
                 BuiltinProvider::Nix => capstan_provider_nix::provider().serve(),
                 BuiltinProvider::Nixops4V0(args) => serve_v0_bridge(args),
+                BuiltinProvider::Terraform(args) => serve_terraform_bridge(args),
             }
         }
         command => Cli { command },

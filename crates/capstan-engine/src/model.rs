@@ -49,6 +49,8 @@ pub struct ProviderDecl {
     /// For a NixOps4 v0 provider: the types NixOps4 keeps no state for (`requireState =
     /// false`), created again instead of updated.
     pub stateless_types: Vec<String>,
+    /// For a Terraform provider: its provider block's configuration (JSON).
+    pub terraform_config: Option<Value>,
 }
 
 /// The largest message limit a deployment or flag may ask for, in MiB.
@@ -73,6 +75,8 @@ pub fn seconds(value: f64, zero_ok: bool) -> Result<std::time::Duration, String>
 
 /// The one foreign provider protocol Capstan bridges to.
 pub const NIXOPS4_V0: &str = "nixops4-v0";
+/// A Terraform provider binary, unchanged, through Capstan's bridge.
+pub const TERRAFORM: &str = "terraform";
 
 /// A reference from a resource's inputs to another resource's output.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -347,7 +351,7 @@ impl Deployment {
                     ),
                 ));
             }
-            let v0 = self.providers[&r.provider].protocol.is_some();
+            let v0 = self.providers[&r.provider].protocol.as_deref() == Some(NIXOPS4_V0);
             if v0 && r.outputs.is_none() {
                 return Err((
                     format!("{place}.outputs"),
@@ -576,6 +580,7 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
             "protocol",
             "maxMessageMiB",
             "statelessTypes",
+            "config",
         ]
         .contains(&key.as_str())
         {
@@ -649,17 +654,33 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
     }
     let protocol = match decl.get("protocol") {
         None => None,
+        Some(Value::String(p)) if p == TERRAFORM => {
+            if !matches!(source, ProviderSourceDecl::Executable { .. }) {
+                return Err(format!(
+                    "a `{TERRAFORM}` provider is an `executable` (the provider binary)"
+                ));
+            }
+            Some(p.clone())
+        }
         Some(Value::String(p)) if p == NIXOPS4_V0 => {
             if !matches!(source, ProviderSourceDecl::Executable { .. }) {
                 return Err(format!("a `{NIXOPS4_V0}` provider is an `executable` (it is started once per operation)"));
             }
             Some(p.clone())
         }
-        Some(other) => {
+        Some(other) => return Err(format!(
+            "unknown `protocol` {other}; those supported are \"{NIXOPS4_V0}\" and \"{TERRAFORM}\""
+        )),
+    };
+    let terraform_config = match decl.get("config") {
+        None => None,
+        Some(_) if protocol.as_deref() != Some(TERRAFORM) => {
             return Err(format!(
-                "unknown `protocol` {other}; the one supported is \"{NIXOPS4_V0}\""
+                "`config` is for a `\"protocol\": \"{TERRAFORM}\"` provider (its provider block)"
             ))
         }
+        Some(Value::Object(config)) => Some(Value::Object(config.clone())),
+        Some(_) => return Err("`config` must be an object (the provider block's settings)".into()),
     };
     Ok(ProviderDecl {
         name: name.to_string(),
@@ -669,6 +690,7 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
         protocol,
         max_message_mib,
         stateless_types,
+        terraform_config,
     })
 }
 

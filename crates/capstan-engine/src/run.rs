@@ -81,7 +81,7 @@ pub fn v0_types(
         if deployment
             .providers
             .get(&r.provider)
-            .is_some_and(|p| p.protocol.is_some())
+            .is_some_and(|p| p.protocol.as_deref() == Some(crate::model::NIXOPS4_V0))
         {
             types
                 .entry(r.provider.clone())
@@ -95,7 +95,7 @@ pub fn v0_types(
         if deployment
             .providers
             .get(&r.provider)
-            .is_some_and(|p| p.protocol.is_some())
+            .is_some_and(|p| p.protocol.as_deref() == Some(crate::model::NIXOPS4_V0))
         {
             let outputs = r.outputs.keys();
             types
@@ -115,6 +115,26 @@ fn source_for(
     builtin: &BuiltinLauncher,
     v0_types: Option<&BTreeMap<String, BTreeSet<String>>>,
 ) -> ProviderSource {
+    if let (Some(crate::model::TERRAFORM), ProviderSourceDecl::Executable { program, .. }) =
+        (decl.protocol.as_deref(), &decl.source)
+    {
+        // The bridge serves the Terraform provider as a Capstan provider.
+        let mut bridge: Vec<String> = vec!["__provider".into(), crate::model::TERRAFORM.into()];
+        if let Some(config) = &decl.terraform_config {
+            bridge.push("--config".into());
+            bridge.push(config.to_string());
+        }
+        bridge.push("--".into());
+        let resolved = if program.contains('/') && Path::new(program).is_relative() {
+            dir.join(program).display().to_string()
+        } else {
+            program.clone()
+        };
+        bridge.push(resolved);
+        let mut command = ProviderCommand::new(builtin.program.clone(), bridge);
+        command.cwd = Some(dir.to_path_buf());
+        return ProviderSource::Command(command);
+    }
     if let (Some(_), ProviderSourceDecl::Executable { program, args }) =
         (&decl.protocol, &decl.source)
     {

