@@ -668,9 +668,11 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
             }
             Some(p.clone())
         }
-        Some(other) => return Err(format!(
+        Some(other) => {
+            return Err(format!(
             "unknown `protocol` {other}; those supported are \"{NIXOPS4_V0}\" and \"{TERRAFORM}\""
-        )),
+        ))
+        }
     };
     let terraform_config = match decl.get("config") {
         None => None,

@@ -310,41 +310,10 @@ impl Plugin {
         config: &serde_json::Value,
     ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
         let block = self.block(schema, type_name)?;
-        let config_mp = values::encode(&values::block_type(&block), config);
-        let plan: wire::PlanResourceChangeResponse = self
-            .unary(
-                wire::PLAN_RESOURCE_CHANGE,
-                wire::PlanResourceChangeRequest {
-                    type_name: type_name.to_string(),
-                    prior_state: Some(values::dynamic(&rmpv::Value::Nil)),
-                    proposed_new_state: Some(values::dynamic(&values::proposed_create(
-                        &block, config,
-                    ))),
-                    config: Some(values::dynamic(&config_mp)),
-                    prior_private: Vec::new(),
-                    provider_meta: None,
-                },
-            )
-            .await?;
-        self.errors(&plan.diagnostics)?;
-        let applied: wire::ApplyResourceChangeResponse = self
-            .unary(
-                wire::APPLY_RESOURCE_CHANGE,
-                wire::ApplyResourceChangeRequest {
-                    type_name: type_name.to_string(),
-                    prior_state: Some(values::dynamic(&rmpv::Value::Nil)),
-                    planned_state: plan.planned_state,
-                    config: Some(values::dynamic(&config_mp)),
-                    planned_private: plan.planned_private,
-                    provider_meta: None,
-                },
-            )
-            .await?;
-        self.errors(&applied.diagnostics)?;
-        let state = values::from_dynamic(applied.new_state.as_ref()).map_err(|e| {
-            TerraformError::Grpc(format!("its new state: {e}"), self.program.clone())
-        })?;
-        Ok((values::decode(&state), applied.private))
+        let proposed = values::proposed_create(&block, config);
+        let config = values::encode(&values::block_type(&block), config);
+        self.plan_and_apply(type_name, rmpv::Value::Nil, proposed, config, Vec::new())
+            .await
     }
 
     /// Changes a resource to match a new configuration: plans from its prior state (the
@@ -372,21 +341,41 @@ impl Plugin {
                 }
             }
         }
+        let proposed = values::encode(&t, &proposed);
+        self.plan_and_apply(type_name, prior_mp, proposed, config_mp, private.to_vec())
+            .await
+    }
+
+    /// `PlanResourceChange`, then `ApplyResourceChange` of that plan: the new state (JSON)
+    /// and private bytes. A change that requires replacing the resource is refused.
+    async fn plan_and_apply(
+        &self,
+        type_name: &str,
+        prior: rmpv::Value,
+        proposed: rmpv::Value,
+        config: rmpv::Value,
+        prior_private: Vec<u8>,
+    ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
+        // On a create, providers report the attributes that would force a replacement too;
+        // only a change of an existing resource is refused for them (as Terraform core does).
+        let creating = prior.is_nil();
+        let prior = values::dynamic(&prior);
+        let config = values::dynamic(&config);
         let plan: wire::PlanResourceChangeResponse = self
             .unary(
                 wire::PLAN_RESOURCE_CHANGE,
                 wire::PlanResourceChangeRequest {
                     type_name: type_name.to_string(),
-                    prior_state: Some(values::dynamic(&prior_mp)),
-                    proposed_new_state: Some(values::dynamic(&values::encode(&t, &proposed))),
-                    config: Some(values::dynamic(&config_mp)),
-                    prior_private: private.to_vec(),
+                    prior_state: Some(prior.clone()),
+                    proposed_new_state: Some(values::dynamic(&proposed)),
+                    config: Some(config.clone()),
+                    prior_private,
                     provider_meta: None,
                 },
             )
             .await?;
         self.errors(&plan.diagnostics)?;
-        if !plan.requires_replace.is_empty() {
+        if !creating && !plan.requires_replace.is_empty() {
             return Err(TerraformError::Diagnostic {
                 program: self.program.clone(),
                 summary: format!(
@@ -401,9 +390,9 @@ impl Plugin {
                 wire::APPLY_RESOURCE_CHANGE,
                 wire::ApplyResourceChangeRequest {
                     type_name: type_name.to_string(),
-                    prior_state: Some(values::dynamic(&prior_mp)),
+                    prior_state: Some(prior),
                     planned_state: plan.planned_state,
-                    config: Some(values::dynamic(&config_mp)),
+                    config: Some(config),
                     planned_private: plan.planned_private,
                     provider_meta: None,
                 },
