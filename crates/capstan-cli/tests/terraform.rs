@@ -73,20 +73,20 @@ fn a_null_resource_is_applied_refreshed_and_destroyed_beside_local_resources() {
     // Read through the provider: nothing drifted.
     let plan = capstan(dir, &["plan", "--refresh", "--detailed-exitcode"]);
     assert_eq!(plan.status.code(), Some(0), "{}", shown(&plan));
-    // Its triggers force a new resource: a change is refused, saying what to do, and the
-    // recorded one stays as it was.
+    // Its triggers force a new resource: a change replaces it (deleted, then created: a new
+    // id), and what refers to it follows.
     let mut changed = deployment.clone();
     changed["resources"]["version"]["inputs"]["value"] = json!("v2");
     std::fs::write(dir.join("capstan.json"), changed.to_string()).unwrap();
     let apply = capstan(dir, &["apply"]);
-    assert!(!apply.status.success(), "{}", shown(&apply));
-    assert!(
-        shown(&apply).contains("requires replacing it"),
-        "{}",
-        shown(&apply)
+    assert!(apply.status.success(), "{}", shown(&apply));
+    let new_id = show("gate")["outputs"]["id"].as_str().unwrap().to_string();
+    assert_ne!(new_id, id);
+    assert_eq!(
+        show("gate")["outputs"]["triggers"],
+        json!({"version": "v2"})
     );
-    assert_eq!(show("gate")["outputs"]["id"], id);
-    std::fs::write(dir.join("capstan.json"), deployment.to_string()).unwrap();
+    assert_eq!(show("after")["outputs"]["value"], new_id);
     let destroy = capstan(dir, &["destroy", "--yes"]);
     assert!(destroy.status.success(), "{}", shown(&destroy));
     let list = capstan(dir, &["state", "list"]);

@@ -168,10 +168,25 @@ impl Resource for TfResource {
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
         let (state, private) = split(&prior.outputs);
-        let (state, private) = plugin
+        let updated = plugin
             .update(&shared.schema, &self.name, &state, &private, &inputs)
-            .await
-            .map_err(failure)?;
+            .await;
+        let (state, private) = match updated {
+            // Attributes that force a new resource changed: replaced as Terraform does by
+            // default, the old one deleted, then the new one created.
+            Err(TerraformError::ReplaceRequired { .. }) => {
+                op.phase("replace: delete, then create").await;
+                plugin
+                    .delete(&shared.schema, &self.name, &state, &private)
+                    .await
+                    .map_err(failure)?;
+                plugin
+                    .create(&shared.schema, &self.name, &inputs)
+                    .await
+                    .map_err(failure)?
+            }
+            other => other.map_err(failure)?,
+        };
         Ok(join(state, &private))
     }
 

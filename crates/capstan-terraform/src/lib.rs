@@ -13,8 +13,9 @@
 //! `ReadResource` (null: gone); a delete applies a null planned state. Values travel in
 //! MessagePack shaped by the schema (`values`).
 //!
-//! [`bridge`] serves all this as a Capstan provider in deployments. Not yet: replace,
-//! `UpgradeResourceState`, protocol 6, data source reads.
+//! [`bridge`] serves all this as a Capstan provider in deployments (a change that requires
+//! replacing is a delete, then a create). Not yet: `UpgradeResourceState`, protocol 6, data
+//! source reads.
 
 mod tls;
 
@@ -80,6 +81,9 @@ pub enum TerraformError {
     },
     #[error("{program}: gRPC: {0}", program = .1.display())]
     Grpc(String, PathBuf),
+    /// A change of attributes that force a new resource: the caller replaces it.
+    #[error("{program}: changing the `{type_name}` requires replacing it", program = .program.display())]
+    ReplaceRequired { program: PathBuf, type_name: String },
     #[error("{program}: {summary}{detail}", program = .program.display())]
     Diagnostic {
         program: PathBuf,
@@ -318,7 +322,7 @@ impl Plugin {
 
     /// Changes a resource to match a new configuration: plans from its prior state (the
     /// proposed new state keeps the computed attributes the configuration leaves null), then
-    /// applies. A plan that requires replacing it is refused with the attributes named.
+    /// applies. A plan that requires replacing it is [`TerraformError::ReplaceRequired`].
     pub async fn update(
         &self,
         schema: &wire::GetProviderSchemaResponse,
@@ -347,7 +351,8 @@ impl Plugin {
     }
 
     /// `PlanResourceChange`, then `ApplyResourceChange` of that plan: the new state (JSON)
-    /// and private bytes. A change that requires replacing the resource is refused.
+    /// and private bytes. A change that requires replacing the resource is
+    /// [`TerraformError::ReplaceRequired`], before anything is applied.
     async fn plan_and_apply(
         &self,
         type_name: &str,
@@ -376,13 +381,9 @@ impl Plugin {
             .await?;
         self.errors(&plan.diagnostics)?;
         if !creating && !plan.requires_replace.is_empty() {
-            return Err(TerraformError::Diagnostic {
+            return Err(TerraformError::ReplaceRequired {
                 program: self.program.clone(),
-                summary: format!(
-                    "this change to the `{type_name}` requires replacing it, which Capstan does not do for Terraform resources yet"
-                ),
-                detail: ": delete it (remove it from the deployment and apply), then add it again"
-                    .into(),
+                type_name: type_name.to_string(),
             });
         }
         let applied: wire::ApplyResourceChangeResponse = self
