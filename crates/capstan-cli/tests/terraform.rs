@@ -53,7 +53,10 @@ fn a_null_resource_is_applied_refreshed_and_destroyed_beside_local_resources() {
             "version": {"provider": "local", "type": "memo", "inputs": {"value": "v1"}},
             "gate": {"provider": "null", "type": "null_resource",
                      "inputs": {"triggers": {"version": {"$ref": "version#value"}}}},
-            "after": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "gate#id"}}}
+            "after": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "gate#id"}}},
+            // A data source, read with an input from a local resource.
+            "lookup": {"provider": "null", "type": "data.null_data_source",
+                       "inputs": {"inputs": {"greeting": {"$ref": "version#value"}}}}
         }
     });
     std::fs::write(dir.join("capstan.json"), deployment.to_string()).unwrap();
@@ -68,6 +71,11 @@ fn a_null_resource_is_applied_refreshed_and_destroyed_beside_local_resources() {
         .expect("the provider's id")
         .to_string();
     assert_eq!(gate["outputs"]["triggers"], json!({"version": "v1"}));
+    // The data source was read by the provider: its computed `outputs` echo its `inputs`.
+    assert_eq!(
+        show("lookup")["outputs"]["outputs"],
+        json!({"greeting": "v1"})
+    );
     // Its id flowed on into a local resource.
     assert_eq!(show("after")["outputs"]["value"], id);
     // Read through the provider: nothing drifted.

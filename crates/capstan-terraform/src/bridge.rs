@@ -67,19 +67,17 @@ pub fn provider(program: PathBuf, config: Value) -> Result<Provider, TerraformEr
         plugin: tokio::sync::OnceCell::new(),
     });
     let mut provider = Provider::new("terraform", env!("CARGO_PKG_VERSION"));
-    for t in info
-        .resource_types
-        .iter()
-        .filter(|t| !t.name.starts_with("data."))
-    {
+    for t in &info.resource_types {
+        let data = t.name.starts_with("data.");
         let mut description = ResourceType::new(&t.name)
             .description(format!(
-                "Terraform resource `{}` of {}",
+                "Terraform {} `{}` of {}",
+                if data { "data source" } else { "resource" },
                 t.name,
                 program.display()
             ))
-            .stateful(true)
-            .read_checks(true);
+            .stateful(!data)
+            .read_checks(!data);
         for i in &t.inputs {
             description = if i.required {
                 description.required(&i.name, &i.description)
@@ -148,9 +146,17 @@ impl Resource for TfResource {
     }
 
     async fn create(&self, op: &Operation, inputs: Value) -> Result<Value, OperationError> {
-        op.phase("plan and apply").await;
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
+        if let Some(data) = self.name.strip_prefix("data.") {
+            // A data source is read, never made: each create or update reads it again.
+            op.phase("read").await;
+            return plugin
+                .read_data(&shared.schema, data, &inputs)
+                .await
+                .map_err(failure);
+        }
+        op.phase("plan and apply").await;
         let (state, private) = plugin
             .create(&shared.schema, &self.name, &inputs)
             .await
@@ -164,6 +170,9 @@ impl Resource for TfResource {
         prior: Prior<Value, Value>,
         inputs: Value,
     ) -> Result<Value, OperationError> {
+        if self.name.starts_with("data.") {
+            return self.create(op, inputs).await;
+        }
         op.phase("plan and apply").await;
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
@@ -195,6 +204,10 @@ impl Resource for TfResource {
         _op: &Operation,
         prior: Prior<Value, Value>,
     ) -> Result<Value, OperationError> {
+        if self.name.starts_with("data.") {
+            // What was read: a data source has nothing of its own to find.
+            return Ok(prior.outputs);
+        }
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
         let (state, private) = split(&prior.outputs);
@@ -216,6 +229,10 @@ impl Resource for TfResource {
         _op: &Operation,
         prior: Prior<Value, Value>,
     ) -> Result<(), OperationError> {
+        if self.name.starts_with("data.") {
+            // Nothing was made.
+            return Ok(());
+        }
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
         let (state, private) = split(&prior.outputs);

@@ -14,8 +14,8 @@
 //! MessagePack shaped by the schema (`values`).
 //!
 //! [`bridge`] serves all this as a Capstan provider in deployments (a change that requires
-//! replacing is a delete, then a create). Not yet: `UpgradeResourceState`, protocol 6, data
-//! source reads.
+//! replacing is a delete, then a create; data sources are read with `ReadDataSource`). Not yet:
+//! `UpgradeResourceState`, protocol 6.
 
 mod tls;
 
@@ -431,6 +431,40 @@ impl Plugin {
         let now = values::from_dynamic(read.new_state.as_ref())
             .map_err(|e| TerraformError::Grpc(format!("its state: {e}"), self.program.clone()))?;
         Ok((!now.is_nil()).then(|| values::decode(&now)))
+    }
+
+    /// `ReadDataSource`: what the data source `type_name` (without `data.`) reads for its
+    /// configuration (computed attributes unknown in the request, known in the answer).
+    pub async fn read_data(
+        &self,
+        schema: &wire::GetProviderSchemaResponse,
+        type_name: &str,
+        config: &serde_json::Value,
+    ) -> Result<serde_json::Value, TerraformError> {
+        let block = schema
+            .data_source_schemas
+            .get(type_name)
+            .and_then(|s| s.block.clone())
+            .ok_or_else(|| TerraformError::Diagnostic {
+                program: self.program.clone(),
+                summary: format!("no data source `{type_name}`"),
+                detail: String::new(),
+            })?;
+        let config = values::encode(&values::block_type(&block), config);
+        let read: wire::ReadDataSourceResponse = self
+            .unary(
+                wire::READ_DATA_SOURCE,
+                wire::ReadDataSourceRequest {
+                    type_name: type_name.to_string(),
+                    config: Some(values::dynamic(&config)),
+                    provider_meta: None,
+                },
+            )
+            .await?;
+        self.errors(&read.diagnostics)?;
+        let state = values::from_dynamic(read.state.as_ref())
+            .map_err(|e| TerraformError::Grpc(format!("its state: {e}"), self.program.clone()))?;
+        Ok(values::decode(&state))
     }
 
     /// Deletes a resource: applies a plan whose new state is null.

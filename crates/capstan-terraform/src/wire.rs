@@ -211,10 +211,31 @@ pub struct ReadResourceResponse {
     pub private: Vec<u8>,
 }
 
+/// `tfplugin5.ReadDataSource.Request`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadDataSourceRequest {
+    #[prost(string, tag = "1")]
+    pub type_name: String,
+    #[prost(message, optional, tag = "2")]
+    pub config: Option<DynamicValue>,
+    #[prost(message, optional, tag = "3")]
+    pub provider_meta: Option<DynamicValue>,
+}
+
+/// `tfplugin5.ReadDataSource.Response`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadDataSourceResponse {
+    #[prost(message, optional, tag = "1")]
+    pub state: Option<DynamicValue>,
+    #[prost(message, repeated, tag = "2")]
+    pub diagnostics: Vec<Diagnostic>,
+}
+
 /// The gRPC method paths.
 pub const GET_SCHEMA: &str = "/tfplugin5.Provider/GetSchema";
 pub const CONFIGURE: &str = "/tfplugin5.Provider/Configure";
 pub const PLAN_RESOURCE_CHANGE: &str = "/tfplugin5.Provider/PlanResourceChange";
 pub const APPLY_RESOURCE_CHANGE: &str = "/tfplugin5.Provider/ApplyResourceChange";
 pub const READ_RESOURCE: &str = "/tfplugin5.Provider/ReadResource";
+pub const READ_DATA_SOURCE: &str = "/tfplugin5.Provider/ReadDataSource";
 pub const CONTROLLER_SHUTDOWN: &str = "/plugin.GRPCController/Shutdown";
