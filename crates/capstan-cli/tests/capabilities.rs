@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{capstan_bin, events, testing_provider};
+use support::{events, testing_provider};
 
 /// The service, stopped however the test ends.
 struct KillOnDrop(std::process::Child);
@@ -24,12 +24,7 @@ impl Drop for KillOnDrop {
 }
 
 fn capstan(dir: &Path, args: &[&str]) -> Output {
-    Command::new(capstan_bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    support::capstan_in(dir, args)
 }
 
 fn outputs(events: &[Value], address: &str) -> Value {

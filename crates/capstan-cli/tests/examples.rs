@@ -5,9 +5,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-
-use support::capstan_bin;
+use std::process::Output;
 
 fn copy_example(name: &str, to: &Path) {
     let from = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -21,12 +19,7 @@ fn copy_example(name: &str, to: &Path) {
 }
 
 fn capstan(dir: &Path, args: &[&str]) -> Output {
-    Command::new(capstan_bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    support::capstan_in(dir, args)
 }
 
 fn round_trip(example: &str, file: &str, params: &[&str]) {

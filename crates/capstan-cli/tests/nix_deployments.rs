@@ -17,12 +17,7 @@ fn nix_available() -> bool {
 }
 
 fn capstan(dir: &Path, args: &[&str]) -> Output {
-    Command::new(capstan_bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    support::capstan_in(dir, args)
 }
 
 fn stderr(output: &Output) -> String {

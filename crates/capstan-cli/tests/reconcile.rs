@@ -11,23 +11,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{capstan_bin, events, testing_provider};
+use support::{capstan_bin, events, shown, testing_provider};
 
 fn capstan(dir: &Path, args: &[&str]) -> Output {
-    Command::new(capstan_bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn shown(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+    support::capstan_in(dir, args)
 }
 
 fn write(dir: &Path, resources: Value) {

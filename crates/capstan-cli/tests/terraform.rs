@@ -6,26 +6,13 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use serde_json::{json, Value};
-use support::capstan_bin;
+use support::shown;
 
 fn capstan(dir: &Path, args: &[&str]) -> Output {
-    Command::new(capstan_bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn shown(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    support::capstan_in(dir, args)
 }
 
 #[test]

@@ -2569,42 +2569,26 @@ pub async fn read_on_plan(
             )
         };
         let connection = connection.clone();
+        // Only a type whose reads look at the real thing is believed when it says "gone".
+        let checks = info.read_checks;
         Some(async move {
             let read = connection.call(call, capstan_host::ignore_progress()).await;
-            (i, recorded, read)
+            (i, recorded, read, checks)
         })
     });
-    let checks: Vec<bool> = changes
-        .iter()
-        .map(|c| {
-            state
-                .resources
-                .get(&c.address)
-                .and_then(|r| {
-                    providers
-                        .connections
-                        .get(&r.provider)?
-                        .info()
-                        .resource_type(&r.resource_type)
-                        .map(|t| t.read_checks)
-                })
-                .unwrap_or(false)
-        })
-        .collect();
     let mut found = futures::stream::iter(reads).buffer_unordered(jobs.max(1));
     let mut reads = PlanReads::default();
     let mut updates = Vec::new();
     let mut gone = Vec::new();
-    while let Some((i, recorded, read)) = found.next().await {
+    while let Some((i, recorded, read, checks)) = found.next().await {
         match read {
             Ok(now) if now.outputs != recorded.outputs => updates.push((
                 i,
                 crate::plan::changed_keys(&recorded.outputs, &now.outputs),
             )),
             Ok(_) => {}
-            // Only a type whose reads look at the real thing is believed when it says so.
             Err(CallError::Failed { error, .. })
-                if error.kind == capstan_schema::ErrorKind::NotFound && checks[i] =>
+                if error.kind == capstan_schema::ErrorKind::NotFound && checks =>
             {
                 gone.push(i);
             }

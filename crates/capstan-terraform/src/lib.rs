@@ -400,10 +400,8 @@ impl Plugin {
             )
             .await?;
         self.errors(&applied.diagnostics)?;
-        let state = values::from_dynamic(applied.new_state.as_ref()).map_err(|e| {
-            TerraformError::Grpc(format!("its new state: {e}"), self.program.clone())
-        })?;
-        Ok((values::decode(&state), applied.private))
+        let state = self.state_of(applied.new_state.as_ref())?;
+        Ok((state.unwrap_or_default(), applied.private))
     }
 
     /// `ReadResource`: the resource as it is now, or `None` when it is gone.
@@ -428,9 +426,7 @@ impl Plugin {
             )
             .await?;
         self.errors(&read.diagnostics)?;
-        let now = values::from_dynamic(read.new_state.as_ref())
-            .map_err(|e| TerraformError::Grpc(format!("its state: {e}"), self.program.clone()))?;
-        Ok((!now.is_nil()).then(|| values::decode(&now)))
+        self.state_of(read.new_state.as_ref())
     }
 
     /// `ReadDataSource`: what the data source `type_name` (without `data.`) reads for its
@@ -462,9 +458,7 @@ impl Plugin {
             )
             .await?;
         self.errors(&read.diagnostics)?;
-        let state = values::from_dynamic(read.state.as_ref())
-            .map_err(|e| TerraformError::Grpc(format!("its state: {e}"), self.program.clone()))?;
-        Ok(values::decode(&state))
+        Ok(self.state_of(read.state.as_ref())?.unwrap_or_default())
     }
 
     /// Deletes a resource: applies a plan whose new state is null.
@@ -507,6 +501,16 @@ impl Plugin {
                 summary: format!("no resource type `{type_name}`"),
                 detail: String::new(),
             })
+    }
+
+    /// A state the plugin answered with, as JSON; `None` for a null one.
+    fn state_of(
+        &self,
+        value: Option<&wire::DynamicValue>,
+    ) -> Result<Option<serde_json::Value>, TerraformError> {
+        let value = values::from_dynamic(value)
+            .map_err(|e| TerraformError::Grpc(format!("its state: {e}"), self.program.clone()))?;
+        Ok((!value.is_nil()).then(|| values::decode(&value)))
     }
 
     /// The first error among `diagnostics` (warnings are not failures).

@@ -133,3 +133,22 @@ pub fn nix_tool(program: &str, what: &str) -> bool {
     }
     found
 }
+
+/// Runs `capstan ARGS` in `dir` with no standard input.
+pub fn capstan_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(capstan_bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Everything a command printed, stdout then stderr.
+pub fn shown(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
