@@ -87,7 +87,11 @@ pub struct Provider {
     resources: HashMap<String, Rc<dyn resource::ErasedResource>>,
     cancel_grace: Duration,
     max_message_words: usize,
+    at_exit: Option<AtExit>,
 }
+
+/// What [`Provider::at_exit`] runs.
+type AtExit = Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>;
 
 impl Provider {
     /// A provider with no resource types yet.
@@ -105,7 +109,20 @@ impl Provider {
             resources: HashMap::new(),
             cancel_grace: Duration::from_secs(5),
             max_message_words: capstan_schema::DEFAULT_MAX_MESSAGE_WORDS,
+            at_exit: None,
         }
+    }
+
+    /// Runs `f` when [`serve`](Self::serve) ends (the core disconnected or asked it to shut
+    /// down, or a SIGTERM came), on the provider's runtime: for a provider that keeps
+    /// processes of its own and must stop them in order.
+    pub fn at_exit<F, Fut>(mut self, f: F) -> Self
+    where
+        F: FnOnce() -> Fut + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        self.at_exit = Some(Box::new(move || Box::pin(f())));
+        self
     }
 
     /// Adds a resource type.
@@ -229,11 +246,15 @@ impl Provider {
         let local = tokio::task::LocalSet::new();
         let name = self.info.name.clone();
         let shutdown = CancellationToken::new();
+        let at_exit = self.at_exit.take();
         let (client, max_words) = self.into_server(shutdown.clone());
-        let result = local.block_on(
-            &runtime,
-            serve::serve_endpoint(endpoint, client, max_words, shutdown),
-        );
+        let result = local.block_on(&runtime, async {
+            let result = serve::serve_endpoint(endpoint, client, max_words, shutdown).await;
+            if let Some(at_exit) = at_exit {
+                at_exit().await;
+            }
+            result
+        });
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -281,8 +302,16 @@ fn redirect_and_init() {
                 env,
                 outside_operations,
             ));
+        // The debug chatter of the transport crates a provider may use for its own peers
+        // (gRPC, HTTP/2, TLS) is not the operation's progress.
+        let not_transport_chatter = tracing_subscriber::filter::filter_fn(|meta| {
+            let transport = ["h2", "hyper", "hyper_util", "tower", "tonic", "rustls"]
+                .iter()
+                .any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::")));
+            !(transport && *meta.level() > tracing::Level::INFO)
+        });
         let _ = tracing_subscriber::registry()
-            .with(progress_layer())
+            .with(progress_layer().with_filter(not_transport_chatter))
             .with(stderr)
             .try_init();
     });

@@ -1,20 +1,42 @@
 //! A Terraform provider served as a Capstan provider (`capstan __provider terraform -- PATH`):
 //! its resource types from its schema, each operation through its life cycle. The provider
 //! process is started once for the handshake's types, and once more, on the first operation,
-//! for the run (inside the serving runtime); its private bytes ride in each resource's outputs
-//! under [`PRIVATE`], so they are kept in Capstan's state and passed back.
+//! for the run (inside the serving runtime), and shut down (go-plugin's
+//! `GRPCController.Shutdown`, then a kill) when the run ends. Its private bytes and the schema
+//! version a state was made with ride in each resource's outputs under [`PRIVATE`] and
+//! [`SCHEMA_VERSION`], so they are kept in Capstan's state and passed back; a state of an older
+//! version is upgraded (`UpgradeResourceState`) before it is used.
+//!
+//! What the provider logs (stderr, `GRPCStdio`) goes to the operation it is about: the one
+//! operation of its resource type in flight (hclog's `tf_resource_type`), or the one operation
+//! in flight at all; otherwise to the bridge's own stderr, which the core keeps as the
+//! provider's. Lines with a level are `tracing` events at that level (shown as `-v` asks);
+//! others are the operation's log. Warnings are `warn` events of the operation. A cancelled
+//! operation sends `StopProvider` (which, as in Terraform, asks every operation of the
+//! provider to stop). If the provider process dies, the bridge exits at once: what was in
+//! flight stays pending in Capstan's state, as after any provider crash.
 
+use std::cell::Cell;
+use std::future::Future;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
-use capstan_provider::{Operation, OperationError, Prior, Provider, Resource, ResourceType};
+use capstan_provider::{
+    LogStream, Operation, OperationError, Prior, Provider, Resource, ResourceType,
+};
 use serde_json::Value;
 
-use crate::{wire, Plugin, TerraformError};
+use crate::{wire, Channel, LogLine, Plugin, StartOptions, TerraformError};
 
 /// The output that carries the provider's private bytes (base64).
 pub const PRIVATE: &str = "__terraform_private";
+
+/// The output that carries the schema version the state was made with.
+pub const SCHEMA_VERSION: &str = "__terraform_schema_version";
+
+/// Operations in flight, by number: their resource type and where their log lines go.
+type InFlight = Arc<Mutex<Vec<(u64, String, tokio::sync::mpsc::UnboundedSender<LogLine>)>>>;
 
 /// The running plugin of a run, started on first use, and its schema.
 struct Shared {
@@ -22,18 +44,137 @@ struct Shared {
     config: Value,
     schema: wire::GetProviderSchemaResponse,
     plugin: tokio::sync::OnceCell<Plugin>,
+    in_flight: InFlight,
+    next_op: Cell<u64>,
 }
 
 impl Shared {
-    async fn plugin(&self) -> Result<&Plugin, OperationError> {
+    async fn plugin(self: &Rc<Self>) -> Result<&Plugin, OperationError> {
         self.plugin
             .get_or_try_init(|| async {
-                let plugin = Plugin::start(&self.program, Duration::from_secs(30)).await?;
-                plugin.configure(&self.schema, &self.config).await?;
+                let in_flight = self.in_flight.clone();
+                let options = StartOptions {
+                    logs: Some(Arc::new(move |line| route(&in_flight, line))),
+                    ..StartOptions::default()
+                };
+                let plugin = Plugin::start_with(&self.program, options).await?;
+                let mut warnings = Vec::new();
+                plugin
+                    .configure(&self.schema, &self.config, &mut warnings)
+                    .await?;
+                for w in warnings {
+                    eprintln!("{}: warning: {w}", self.program.display());
+                }
                 Ok::<_, TerraformError>(plugin)
             })
             .await
-            .map_err(failure)
+            .map_err(failure)?;
+        let plugin = self.plugin.get().expect("initialised");
+        if self.next_op.get() == 0 {
+            // Once: a provider that dies takes the bridge with it (see the module's notes).
+            self.next_op.set(1);
+            let shared = self.clone();
+            tokio::task::spawn_local(async move {
+                let Some(plugin) = shared.plugin.get() else {
+                    return;
+                };
+                let status = plugin.unexpected_exit().await;
+                eprintln!(
+                    "the Terraform provider {} exited ({status}) while Capstan was using it; \
+                     what it was doing stays pending",
+                    shared.program.display()
+                );
+                std::process::exit(70);
+            });
+        }
+        Ok(plugin)
+    }
+
+    /// Runs `call` (one use of the plugin by `op`): the provider's log lines about it become
+    /// the operation's, and a cancellation sends `StopProvider`.
+    async fn traced<T>(
+        &self,
+        op: &Operation,
+        plugin: &Plugin,
+        type_name: &str,
+        call: impl Future<Output = Result<T, TerraformError>>,
+    ) -> Result<T, TerraformError> {
+        let id = self.next_op.get() + 1;
+        self.next_op.set(id);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.in_flight
+            .lock()
+            .expect("not poisoned")
+            .push((id, type_name.to_string(), tx));
+        let _registered = Registered(&self.in_flight, id);
+        tokio::pin!(call);
+        let mut stop_sent = false;
+        let result = loop {
+            tokio::select! {
+                result = &mut call => break result,
+                Some(line) = rx.recv() => emit(op, line).await,
+                _ = op.cancelled(), if !stop_sent => {
+                    stop_sent = true;
+                    plugin.stop_operations().await;
+                }
+            }
+        };
+        while let Ok(line) = rx.try_recv() {
+            emit(op, line).await;
+        }
+        result
+    }
+}
+
+/// Takes an operation off the in-flight list when it ends, however it ends.
+struct Registered<'a>(&'a InFlight, u64);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut in_flight) = self.0.lock() {
+            in_flight.retain(|(id, _, _)| *id != self.1);
+        }
+    }
+}
+
+/// Sends a log line to the operation it is about, or to the bridge's stderr.
+fn route(in_flight: &InFlight, line: LogLine) {
+    let Ok(in_flight) = in_flight.lock() else {
+        return;
+    };
+    let of_type: Vec<_> = match &line.resource_type {
+        Some(t) => in_flight.iter().filter(|(_, ty, _)| ty == t).collect(),
+        None => Vec::new(),
+    };
+    let target = match (of_type.as_slice(), in_flight.as_slice()) {
+        ([one], _) => Some(&one.2),
+        ([], [one]) => Some(&one.2),
+        _ => None,
+    };
+    match target {
+        Some(tx) => {
+            if let Err(e) = tx.send(line) {
+                eprintln!("{}", e.0.message);
+            }
+        }
+        None => eprintln!("{}", line.message),
+    }
+}
+
+/// Reports a log line as `op`'s.
+async fn emit(op: &Operation, line: LogLine) {
+    if line.message.trim().is_empty() {
+        return;
+    }
+    let message = line.message;
+    match (line.channel, line.level) {
+        (Channel::StdioOut, _) => op.log(LogStream::Stdout, message).await,
+        (_, None) => op.log(LogStream::Stderr, message).await,
+        (_, Some("trace")) => tracing::trace!(target: "terraform", "{message}"),
+        (_, Some("debug")) => tracing::debug!(target: "terraform", "{message}"),
+        (_, Some("info")) => tracing::info!(target: "terraform", "{message}"),
+        (_, Some("warn")) => tracing::warn!(target: "terraform", "{message}"),
+        (_, Some(_)) => tracing::error!(target: "terraform", "{message}"),
     }
 }
 
@@ -41,7 +182,12 @@ fn failure(e: TerraformError) -> OperationError {
     match e {
         TerraformError::Diagnostic {
             summary, detail, ..
-        } => OperationError::permanent(summary).with_details(detail.trim_start_matches(": ")),
+        } => OperationError::permanent(summary).with_details(
+            detail
+                .trim_start_matches(": ")
+                .trim_start_matches(' ')
+                .to_string(),
+        ),
         other => OperationError::transient(other.to_string()),
     }
 }
@@ -53,7 +199,7 @@ pub fn provider(program: PathBuf, config: Value) -> Result<Provider, TerraformEr
         .build()
         .expect("a runtime");
     let schema = runtime.block_on(async {
-        let plugin = Plugin::start(&program, Duration::from_secs(30)).await?;
+        let plugin = Plugin::start(&program, std::time::Duration::from_secs(30)).await?;
         let schema = plugin.schema().await;
         plugin.stop().await;
         schema
@@ -65,8 +211,16 @@ pub fn provider(program: PathBuf, config: Value) -> Result<Provider, TerraformEr
         config,
         schema,
         plugin: tokio::sync::OnceCell::new(),
+        in_flight: Arc::default(),
+        next_op: Cell::new(0),
     });
-    let mut provider = Provider::new("terraform", env!("CARGO_PKG_VERSION"));
+    let at_exit = shared.clone();
+    let mut provider =
+        Provider::new("terraform", env!("CARGO_PKG_VERSION")).at_exit(move || async move {
+            if let Some(plugin) = at_exit.plugin.get() {
+                plugin.shutdown().await;
+            }
+        });
     for t in &info.resource_types {
         let data = t.name.starts_with("data.");
         let mut description = ResourceType::new(&t.name)
@@ -113,27 +267,115 @@ struct TfResource {
     shared: SharedRc,
 }
 
-fn split(outputs: &Value) -> (Value, Vec<u8>) {
-    use base64::Engine;
-    let mut state = outputs.clone();
-    let private = state
-        .as_object_mut()
-        .and_then(|o| o.remove(PRIVATE))
-        .and_then(|v| v.as_str().map(str::to_string))
-        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-        .unwrap_or_default();
-    (state, private)
+/// A recorded state: the provider's attributes, its private bytes and the schema version.
+struct Recorded {
+    state: Value,
+    private: Vec<u8>,
+    version: i64,
 }
 
-fn join(mut state: Value, private: &[u8]) -> Value {
+fn split(outputs: &Value) -> Recorded {
+    use base64::Engine;
+    let mut state = outputs.clone();
+    let object = state.as_object_mut();
+    let (private, version) = match object {
+        Some(o) => (o.remove(PRIVATE), o.remove(SCHEMA_VERSION)),
+        None => (None, None),
+    };
+    Recorded {
+        state,
+        private: private
+            .and_then(|v| v.as_str().map(str::to_string))
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .unwrap_or_default(),
+        // States from before the version was kept were made with version 0 or, at worst,
+        // the current one (which the provider then upgrades as a no-op).
+        version: version.and_then(|v| v.as_i64()).unwrap_or(0),
+    }
+}
+
+fn join(mut state: Value, private: &[u8], version: i64) -> Value {
     use base64::Engine;
     if let Some(o) = state.as_object_mut() {
         o.insert(
             PRIVATE.into(),
             Value::String(base64::engine::general_purpose::STANDARD.encode(private)),
         );
+        o.insert(SCHEMA_VERSION.into(), Value::from(version));
     }
     state
+}
+
+/// Reports the provider's warnings as `op`'s `warn` events.
+fn warn(warnings: Vec<String>) {
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+}
+
+impl TfResource {
+    /// The recorded state, upgraded to the current schema version if it is older.
+    async fn recorded(
+        &self,
+        op: &Operation,
+        plugin: &Plugin,
+        outputs: &Value,
+    ) -> Result<Recorded, OperationError> {
+        let shared = &self.shared.0;
+        let mut recorded = split(outputs);
+        let current = crate::schema_version(&shared.schema, &self.name);
+        if recorded.version != current {
+            op.phase(format!(
+                "upgrade state from schema version {} to {current}",
+                recorded.version
+            ))
+            .await;
+            let mut warnings = Vec::new();
+            recorded.state = shared
+                .traced(
+                    op,
+                    plugin,
+                    &self.name,
+                    plugin.upgrade(
+                        &shared.schema,
+                        &self.name,
+                        recorded.version,
+                        &recorded.state,
+                        &mut warnings,
+                    ),
+                )
+                .await
+                .map_err(failure)?;
+            warn(warnings);
+            recorded.version = current;
+        }
+        Ok(recorded)
+    }
+
+    async fn create_new(
+        &self,
+        op: &Operation,
+        plugin: &Plugin,
+        inputs: &Value,
+    ) -> Result<Value, OperationError> {
+        let shared = &self.shared.0;
+        let mut warnings = Vec::new();
+        let made = shared
+            .traced(
+                op,
+                plugin,
+                &self.name,
+                plugin.create(&shared.schema, &self.name, inputs, &mut warnings),
+            )
+            .await;
+        warn(warnings);
+        let (state, private) = made.map_err(failure)?;
+        Ok(join(
+            state,
+            &private,
+            crate::schema_version(&shared.schema, &self.name),
+        ))
+    }
 }
 
 impl Resource for TfResource {
@@ -151,17 +393,20 @@ impl Resource for TfResource {
         if let Some(data) = self.name.strip_prefix("data.") {
             // A data source is read, never made: each create or update reads it again.
             op.phase("read").await;
-            return plugin
-                .read_data(&shared.schema, data, &inputs)
-                .await
-                .map_err(failure);
+            let mut warnings = Vec::new();
+            let read = shared
+                .traced(
+                    op,
+                    plugin,
+                    data,
+                    plugin.read_data(&shared.schema, data, &inputs, &mut warnings),
+                )
+                .await;
+            warn(warnings);
+            return read.map_err(failure);
         }
         op.phase("plan and apply").await;
-        let (state, private) = plugin
-            .create(&shared.schema, &self.name, &inputs)
-            .await
-            .map_err(failure)?;
-        Ok(join(state, &private))
+        self.create_new(op, plugin, &inputs).await
     }
 
     async fn update(
@@ -173,35 +418,63 @@ impl Resource for TfResource {
         if self.name.starts_with("data.") {
             return self.create(op, inputs).await;
         }
-        op.phase("plan and apply").await;
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
-        let (state, private) = split(&prior.outputs);
-        let updated = plugin
-            .update(&shared.schema, &self.name, &state, &private, &inputs)
+        let recorded = self.recorded(op, plugin, &prior.outputs).await?;
+        op.phase("plan and apply").await;
+        let mut warnings = Vec::new();
+        let updated = shared
+            .traced(
+                op,
+                plugin,
+                &self.name,
+                plugin.update(
+                    &shared.schema,
+                    &self.name,
+                    &recorded.state,
+                    &recorded.private,
+                    &inputs,
+                    &mut warnings,
+                ),
+            )
             .await;
-        let (state, private) = match updated {
+        warn(warnings);
+        match updated {
             // Attributes that force a new resource changed: replaced as Terraform does by
             // default, the old one deleted, then the new one created.
-            Err(TerraformError::ReplaceRequired { .. }) => {
-                op.phase("replace: delete, then create").await;
-                plugin
-                    .delete(&shared.schema, &self.name, &state, &private)
-                    .await
-                    .map_err(failure)?;
-                plugin
-                    .create(&shared.schema, &self.name, &inputs)
-                    .await
-                    .map_err(failure)?
+            Err(TerraformError::ReplaceRequired { paths, .. }) => {
+                op.phase(format!(
+                    "replace ({} changed): delete, then create",
+                    paths.join(", ")
+                ))
+                .await;
+                let mut warnings = Vec::new();
+                let deleted = shared
+                    .traced(
+                        op,
+                        plugin,
+                        &self.name,
+                        plugin.delete(
+                            &shared.schema,
+                            &self.name,
+                            &recorded.state,
+                            &recorded.private,
+                            &mut warnings,
+                        ),
+                    )
+                    .await;
+                warn(warnings);
+                deleted.map_err(failure)?;
+                self.create_new(op, plugin, &inputs).await
             }
-            other => other.map_err(failure)?,
-        };
-        Ok(join(state, &private))
+            Err(other) => Err(failure(other)),
+            Ok((state, private)) => Ok(join(state, &private, recorded.version)),
+        }
     }
 
     async fn read(
         &self,
-        _op: &Operation,
+        op: &Operation,
         prior: Prior<Value, Value>,
     ) -> Result<Value, OperationError> {
         if self.name.starts_with("data.") {
@@ -210,13 +483,25 @@ impl Resource for TfResource {
         }
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
-        let (state, private) = split(&prior.outputs);
-        match plugin
-            .read(&shared.schema, &self.name, &state, &private)
-            .await
-            .map_err(failure)?
-        {
-            Some(now) => Ok(join(now, &private)),
+        let recorded = self.recorded(op, plugin, &prior.outputs).await?;
+        let mut warnings = Vec::new();
+        let read = shared
+            .traced(
+                op,
+                plugin,
+                &self.name,
+                plugin.read(
+                    &shared.schema,
+                    &self.name,
+                    &recorded.state,
+                    &recorded.private,
+                    &mut warnings,
+                ),
+            )
+            .await;
+        warn(warnings);
+        match read.map_err(failure)? {
+            Some((now, private)) => Ok(join(now, &private, recorded.version)),
             None => Err(OperationError::not_found(format!(
                 "its Terraform provider no longer finds this `{}`",
                 self.name
@@ -226,7 +511,7 @@ impl Resource for TfResource {
 
     async fn delete(
         &self,
-        _op: &Operation,
+        op: &Operation,
         prior: Prior<Value, Value>,
     ) -> Result<(), OperationError> {
         if self.name.starts_with("data.") {
@@ -235,10 +520,23 @@ impl Resource for TfResource {
         }
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
-        let (state, private) = split(&prior.outputs);
-        plugin
-            .delete(&shared.schema, &self.name, &state, &private)
-            .await
-            .map_err(failure)
+        let recorded = self.recorded(op, plugin, &prior.outputs).await?;
+        let mut warnings = Vec::new();
+        let deleted = shared
+            .traced(
+                op,
+                plugin,
+                &self.name,
+                plugin.delete(
+                    &shared.schema,
+                    &self.name,
+                    &recorded.state,
+                    &recorded.private,
+                    &mut warnings,
+                ),
+            )
+            .await;
+        warn(warnings);
+        deleted.map_err(failure)
     }
 }

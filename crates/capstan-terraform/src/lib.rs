@@ -1,21 +1,26 @@
 //! Terraform providers, unchanged, as seen by Capstan. This crate starts a provider binary as
 //! HashiCorp's go-plugin does (the magic cookie, the protocol versions, the handshake line on
 //! its stdout, gRPC over the unix socket or loopback TCP it names) and reads its schema
-//! (`GetSchema`, protocol 5), mapped to Capstan resource types: what `capstan provider
-//! describe --terraform` shows.
+//! (`GetProviderSchema`), mapped to Capstan resource types: what `capstan provider describe
+//! --terraform` shows. Protocols 5 (the older SDK: most providers) and 6 (the plugin
+//! framework) are both spoken; the plugin picks.
 //!
 //! AutoMTLS as go-plugin does it: a client certificate made for the run is handed over in
 //! `PLUGIN_CLIENT_CERT`, and the server certificate the handshake line carries is trusted for
 //! that connection only (P-521 included: rustls with aws-lc-rs).
 //!
-//! The life cycle as Terraform core drives it: `Configure`; a create is `PlanResourceChange`
+//! The life cycle as Terraform core drives it: `ValidateProviderConfig` and
+//! `ConfigureProvider`; a create or update is `ValidateResourceConfig`, `PlanResourceChange`
 //! (with the proposed new state core would compute) then `ApplyResourceChange`; a read is
-//! `ReadResource` (null: gone); a delete applies a null planned state. Values travel in
-//! MessagePack shaped by the schema (`values`).
+//! `ReadResource` (null: gone); a delete applies a null planned state; a state recorded with an
+//! older schema version goes through `UpgradeResourceState` first; `provider_meta` is sent
+//! whenever the schema declares one. Values travel in MessagePack shaped by the schema
+//! (`values`). Error diagnostics are errors (with their attribute path); warnings are handed
+//! back to the caller. The plugin's stderr and its `GRPCStdio` stream are handed, line by
+//! line, to a [`LogSink`].
 //!
 //! [`bridge`] serves all this as a Capstan provider in deployments (a change that requires
-//! replacing is a delete, then a create; data sources are read with `ReadDataSource`). Not yet:
-//! `UpgradeResourceState`, protocol 6.
+//! replacing is a delete, then a create; data sources are read with `ReadDataSource`).
 
 mod tls;
 
@@ -38,8 +43,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 const MAGIC_COOKIE_KEY: &str = "TF_PLUGIN_MAGIC_COOKIE";
 const MAGIC_COOKIE_VALUE: &str = "d602bf8f470bc67ca7faa0386276bbdd4330efaf76d1a219cb4d6991ca9872b2";
 
-/// The tfplugin versions this crate speaks.
-const PROTOCOLS: &str = "5";
+/// The tfplugin versions this crate speaks (go-plugin's `PLUGIN_PROTOCOL_VERSIONS`: the plugin
+/// picks the highest it speaks too).
+const PROTOCOLS: &str = "5,6";
 
 /// Why a Terraform provider could not be started or read.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +75,8 @@ pub enum TerraformError {
     )]
     BadHandshake { program: PathBuf, line: String },
     #[error(
-        "{program} speaks Terraform plugin protocol {version}; Capstan speaks {PROTOCOLS} so far"
+        "{program} speaks Terraform plugin protocol {version}; Capstan speaks 5 and 6 (a \
+         provider built for Terraform 0.12 or later speaks one of them)"
     )]
     Protocol { program: PathBuf, version: String },
     #[error("{program} listens on {network} {address}, which Capstan does not connect to: {why}")]
@@ -82,12 +89,22 @@ pub enum TerraformError {
     #[error("{program}: gRPC: {0}", program = .1.display())]
     Grpc(String, PathBuf),
     /// A change of attributes that force a new resource: the caller replaces it.
-    #[error("{program}: changing the `{type_name}` requires replacing it", program = .program.display())]
-    ReplaceRequired { program: PathBuf, type_name: String },
+    #[error(
+        "{program}: changing {paths} of the `{type_name}` requires replacing it",
+        program = .program.display(),
+        paths = .paths.join(", ")
+    )]
+    ReplaceRequired {
+        program: PathBuf,
+        type_name: String,
+        /// The attributes whose change forces it, as Terraform writes them.
+        paths: Vec<String>,
+    },
     #[error("{program}: {summary}{detail}", program = .program.display())]
     Diagnostic {
         program: PathBuf,
         summary: String,
+        /// `: ` and the diagnostic's detail, with its attribute path (or nothing).
         detail: String,
     },
 }
@@ -119,29 +136,141 @@ impl Handshake {
     }
 }
 
+/// Where a plugin's output came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    /// Its stderr (Terraform providers log there, in hclog's JSON or in plain lines).
+    Stderr,
+    /// go-plugin's `GRPCStdio` stream: what the plugin's own code wrote to stdout or stderr.
+    StdioOut,
+    StdioErr,
+}
+
+/// One line a plugin wrote, read as a log line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogLine {
+    pub channel: Channel,
+    /// `trace`, `debug`, `info`, `warn` or `error`, when the line says (hclog's JSON
+    /// `@level`, or a `[DEBUG]`-style prefix).
+    pub level: Option<&'static str>,
+    /// The message (hclog's `@message`, or the whole line).
+    pub message: String,
+    /// The resource type it is about, when the line says (`tf_resource_type`).
+    pub resource_type: Option<String>,
+}
+
+impl LogLine {
+    /// Reads one line of a plugin's output.
+    pub fn parse(channel: Channel, line: &str) -> LogLine {
+        let line = line.trim_end();
+        if let Ok(serde_json::Value::Object(o)) = serde_json::from_str::<serde_json::Value>(line) {
+            if let Some(message) = o.get("@message").and_then(|m| m.as_str()) {
+                return LogLine {
+                    channel,
+                    level: o.get("@level").and_then(|l| l.as_str()).and_then(level),
+                    message: message.to_string(),
+                    resource_type: o
+                        .get("tf_resource_type")
+                        .and_then(|t| t.as_str())
+                        .map(str::to_string),
+                };
+            }
+        }
+        let bracketed = line.find('[').and_then(|start| {
+            let end = start + line[start..].find(']')?;
+            level(&line[start + 1..end])
+        });
+        LogLine {
+            channel,
+            level: bracketed,
+            message: line.to_string(),
+            resource_type: None,
+        }
+    }
+}
+
+fn level(name: &str) -> Option<&'static str> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "trace" => "trace",
+        "debug" => "debug",
+        "info" => "info",
+        "warn" | "warning" => "warn",
+        "error" => "error",
+        _ => return None,
+    })
+}
+
+/// Where a plugin's log lines go (called from the tasks that read them).
+pub type LogSink = std::sync::Arc<dyn Fn(LogLine) + Send + Sync>;
+
+/// How to start a plugin.
+#[derive(Clone)]
+pub struct StartOptions {
+    /// How long to wait for the handshake line.
+    pub timeout: Duration,
+    /// AutoMTLS: offer a client certificate (the plugin then serves TLS). Without it, plain
+    /// gRPC, as go-plugin does without AutoMTLS.
+    pub mtls: bool,
+    /// Where its output goes; without a sink it is read and dropped.
+    pub logs: Option<LogSink>,
+    /// Extra environment for the plugin.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions {
+            timeout: Duration::from_secs(30),
+            mtls: true,
+            logs: None,
+            env: Vec::new(),
+        }
+    }
+}
+
 /// A running Terraform provider: its process and a gRPC channel to it.
 pub struct Plugin {
     program: PathBuf,
-    child: tokio::process::Child,
+    /// Its exit status, once it exited.
+    exit: tokio::sync::watch::Receiver<Option<String>>,
+    /// Kills it.
+    kill: std::sync::Arc<tokio::sync::Notify>,
+    /// Whether [`Plugin::shutdown`] was called (its exit is then expected).
+    shutting_down: std::sync::atomic::AtomicBool,
     channel: tonic::transport::Channel,
     pub handshake: Handshake,
+    /// The protocol it speaks.
+    pub protocol: wire::Protocol,
     /// Whether the connection is mutual TLS.
     pub tls: bool,
+    /// Whether `StopProvider` was sent.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Plugin {
     /// Starts `program` as go-plugin does (with AutoMTLS) and connects to it.
     pub async fn start(program: &Path, timeout: Duration) -> Result<Plugin, TerraformError> {
-        Self::start_with(program, timeout, true).await
+        Self::start_with(
+            program,
+            StartOptions {
+                timeout,
+                ..StartOptions::default()
+            },
+        )
+        .await
     }
 
-    /// As [`Plugin::start`]; without `mtls`, no client certificate is offered (the plugin then
-    /// serves plain gRPC, as go-plugin does without AutoMTLS).
+    /// As [`Plugin::start`], as `options` say.
     pub async fn start_with(
         program: &Path,
-        timeout: Duration,
-        mtls: bool,
+        options: StartOptions,
     ) -> Result<Plugin, TerraformError> {
+        let StartOptions {
+            timeout,
+            mtls,
+            logs,
+            env,
+        } = options;
         let program = program.to_path_buf();
         let client = if mtls {
             Some(tls::ClientIdentity::generate().map_err(|e| {
@@ -162,6 +291,7 @@ impl Plugin {
             .env("PLUGIN_PROTOCOL_VERSIONS", PROTOCOLS)
             .env("PLUGIN_MIN_PORT", "10000")
             .env("PLUGIN_MAX_PORT", "25000")
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -204,16 +334,26 @@ impl Plugin {
         let Some(handshake) = Handshake::parse(&line) else {
             return Err(TerraformError::BadHandshake { program, line });
         };
-        if handshake.protocol != "5" {
+        let Some(protocol) = wire::Protocol::parse(&handshake.protocol) else {
             return Err(TerraformError::Protocol {
                 program,
                 version: handshake.protocol,
             });
-        }
-        // Its logs go on after the line; drained so it never blocks on a full pipe.
+        };
+        // Its logs go on after the line: read on, so it never blocks on a full pipe.
+        let sink = logs.clone();
         tokio::spawn(async move {
-            let mut sink = Vec::new();
-            let _ = stderr.read_to_end(&mut sink).await;
+            let mut stderr = tokio::io::BufReader::new(stderr);
+            let mut line = Vec::new();
+            while matches!(stderr.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
+                if let Some(sink) = &sink {
+                    sink(LogLine::parse(
+                        Channel::Stderr,
+                        &String::from_utf8_lossy(&line),
+                    ));
+                }
+                line.clear();
+            }
         });
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let tls = match (&client, handshake.server_cert.is_empty()) {
@@ -232,39 +372,95 @@ impl Plugin {
         };
         let mtls = tls.is_some();
         let channel = connect(&program, &handshake, tls).await?;
-        Ok(Plugin {
+        // The process is waited for (and killed when asked) by a task of its own, so its exit
+        // is seen whenever it happens.
+        let (exited, exit) = tokio::sync::watch::channel(None);
+        let kill = std::sync::Arc::new(tokio::sync::Notify::new());
+        let killer = kill.clone();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = killer.notified() => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+            let _ = exited.send(Some(status));
+        });
+        let plugin = Plugin {
             program,
-            child,
+            exit,
+            kill,
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             channel,
             handshake,
+            protocol,
             tls: mtls,
-        })
+            stopped: std::sync::atomic::AtomicBool::new(false),
+        };
+        plugin.stream_stdio(logs);
+        Ok(plugin)
     }
 
-    /// `GetSchema`: the provider's resource and data source types.
+    /// Reads go-plugin's `GRPCStdio` stream (called once, early, as go-plugin asks) into
+    /// `logs`. A plugin without the service (older go-plugin) has nothing to read.
+    fn stream_stdio(&self, logs: Option<LogSink>) {
+        let channel = self.channel.clone();
+        let path = self.protocol.path(wire::Method::StreamStdio);
+        tokio::spawn(async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            if grpc.ready().await.is_err() {
+                return;
+            }
+            let Ok(response) = grpc
+                .server_streaming(
+                    tonic::Request::new(wire::Empty {}),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                    tonic::codec::ProstCodec::<wire::Empty, wire::StdioData>::default(),
+                )
+                .await
+            else {
+                return;
+            };
+            let mut stream = response.into_inner();
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            while let Ok(Some(chunk)) = stream.message().await {
+                let (buffer, channel) = match chunk.channel {
+                    1 => (&mut out, Channel::StdioOut),
+                    _ => (&mut err, Channel::StdioErr),
+                };
+                buffer.extend_from_slice(&chunk.data);
+                while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=end).collect();
+                    if let Some(sink) = &logs {
+                        sink(LogLine::parse(channel, &String::from_utf8_lossy(&line)));
+                    }
+                }
+            }
+        });
+    }
+
+    /// `GetProviderSchema`: the provider's resource and data source types.
     pub async fn schema(&self) -> Result<wire::GetProviderSchemaResponse, TerraformError> {
         let response: wire::GetProviderSchemaResponse = self
-            .unary(wire::GET_SCHEMA, wire::GetProviderSchemaRequest {})
+            .unary(
+                wire::Method::GetProviderSchema,
+                wire::GetProviderSchemaRequest {},
+            )
             .await?;
-        if let Some(error) = response.diagnostics.iter().find(|d| d.severity == 1) {
-            return Err(TerraformError::Diagnostic {
-                program: self.program.clone(),
-                summary: error.summary.clone(),
-                detail: if error.detail.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", error.detail)
-                },
-            });
-        }
+        self.errors(&response.diagnostics, &mut Vec::new())?;
         Ok(response)
     }
 
-    /// `Configure`, once per run, with the provider block's configuration (JSON).
+    /// `ValidateProviderConfig` (protocol 5: `PrepareProviderConfig`, whose prepared
+    /// configuration is the one used), then `ConfigureProvider`: once per run, with the
+    /// provider block's configuration (JSON).
     pub async fn configure(
         &self,
         schema: &wire::GetProviderSchemaResponse,
         config: &serde_json::Value,
+        warnings: &mut Vec<String>,
     ) -> Result<(), TerraformError> {
         let block = schema
             .provider
@@ -292,37 +488,89 @@ impl Plugin {
                 },
             });
         }
-        let config = values::encode(&values::block_type(&block), config);
-        let response: wire::ConfigureResponse = self
+        let mut config = values::dynamic(&values::encode(&values::block_type(&block), config));
+        let validated: wire::ValidateProviderConfigResponse = self
             .unary(
-                wire::CONFIGURE,
-                wire::ConfigureRequest {
-                    terraform_version: "1.0.3".into(),
-                    config: Some(values::dynamic(&config)),
+                wire::Method::ValidateProviderConfig,
+                wire::ValidateProviderConfigRequest {
+                    config: Some(config.clone()),
                 },
             )
             .await?;
-        self.errors(&response.diagnostics)
+        self.errors(&validated.diagnostics, warnings)?;
+        if let Some(prepared) = validated.prepared_config {
+            if !prepared.msgpack.is_empty() || !prepared.json.is_empty() {
+                config = prepared;
+            }
+        }
+        let response: wire::ConfigureResponse = self
+            .unary(
+                wire::Method::ConfigureProvider,
+                wire::ConfigureRequest {
+                    terraform_version: "1.0.3".into(),
+                    config: Some(config),
+                },
+            )
+            .await?;
+        self.errors(&response.diagnostics, warnings)
     }
 
-    /// Creates a resource of `type_name` from its configuration (JSON): plans it, then applies
-    /// the plan. Returns its state (JSON: every attribute) and the provider's private bytes.
+    /// `ValidateResourceConfig` (or, for a data source, `ValidateDataResourceConfig`) of a
+    /// configuration in MessagePack.
+    async fn validate(
+        &self,
+        type_name: &str,
+        data: bool,
+        config: &rmpv::Value,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), TerraformError> {
+        let method = if data {
+            wire::Method::ValidateDataResourceConfig
+        } else {
+            wire::Method::ValidateResourceConfig
+        };
+        let validated: wire::ValidateConfigResponse = self
+            .unary(
+                method,
+                wire::ValidateConfigRequest {
+                    type_name: type_name.to_string(),
+                    config: Some(values::dynamic(config)),
+                },
+            )
+            .await?;
+        self.errors(&validated.diagnostics, warnings)
+    }
+
+    /// Creates a resource of `type_name` from its configuration (JSON): validates and plans
+    /// it, then applies the plan. Returns its state (JSON: every attribute) and the provider's
+    /// private bytes.
     pub async fn create(
         &self,
         schema: &wire::GetProviderSchemaResponse,
         type_name: &str,
         config: &serde_json::Value,
+        warnings: &mut Vec<String>,
     ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
         let block = self.block(schema, type_name)?;
-        let proposed = values::proposed_create(&block, config);
         let config = values::encode(&values::block_type(&block), config);
-        self.plan_and_apply(type_name, rmpv::Value::Nil, proposed, config, Vec::new())
-            .await
+        let proposed = values::proposed_new(&block, &rmpv::Value::Nil, &config);
+        self.validate(type_name, false, &config, warnings).await?;
+        self.plan_and_apply(
+            schema,
+            type_name,
+            rmpv::Value::Nil,
+            proposed,
+            config,
+            Vec::new(),
+            warnings,
+        )
+        .await
     }
 
     /// Changes a resource to match a new configuration: plans from its prior state (the
-    /// proposed new state keeps the computed attributes the configuration leaves null), then
-    /// applies. A plan that requires replacing it is [`TerraformError::ReplaceRequired`].
+    /// proposed new state keeps the computed attributes the configuration leaves null, as
+    /// Terraform core computes it), then applies. A plan that requires replacing it is
+    /// [`TerraformError::ReplaceRequired`].
     pub async fn update(
         &self,
         schema: &wire::GetProviderSchemaResponse,
@@ -330,36 +578,39 @@ impl Plugin {
         prior: &serde_json::Value,
         private: &[u8],
         config: &serde_json::Value,
+        warnings: &mut Vec<String>,
     ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
         let block = self.block(schema, type_name)?;
         let t = values::block_type(&block);
-        let prior_mp = values::encode(&t, prior);
-        let config_mp = values::encode(&t, config);
-        let mut proposed = config.clone();
-        if let (Some(proposed), Some(prior)) = (proposed.as_object_mut(), prior.as_object()) {
-            for a in block.attributes.iter().filter(|a| a.computed) {
-                if proposed.get(&a.name).is_none_or(|v| v.is_null()) {
-                    if let Some(v) = prior.get(&a.name) {
-                        proposed.insert(a.name.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        let proposed = values::encode(&t, &proposed);
-        self.plan_and_apply(type_name, prior_mp, proposed, config_mp, private.to_vec())
-            .await
+        let prior = values::encode(&t, prior);
+        let config = values::encode(&t, config);
+        let proposed = values::proposed_new(&block, &prior, &config);
+        self.validate(type_name, false, &config, warnings).await?;
+        self.plan_and_apply(
+            schema,
+            type_name,
+            prior,
+            proposed,
+            config,
+            private.to_vec(),
+            warnings,
+        )
+        .await
     }
 
     /// `PlanResourceChange`, then `ApplyResourceChange` of that plan: the new state (JSON)
     /// and private bytes. A change that requires replacing the resource is
     /// [`TerraformError::ReplaceRequired`], before anything is applied.
+    #[allow(clippy::too_many_arguments)]
     async fn plan_and_apply(
         &self,
+        schema: &wire::GetProviderSchemaResponse,
         type_name: &str,
         prior: rmpv::Value,
         proposed: rmpv::Value,
         config: rmpv::Value,
         prior_private: Vec<u8>,
+        warnings: &mut Vec<String>,
     ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
         // On a create, providers report the attributes that would force a replacement too;
         // only a change of an existing resource is refused for them (as Terraform core does).
@@ -368,65 +619,80 @@ impl Plugin {
         let config = values::dynamic(&config);
         let plan: wire::PlanResourceChangeResponse = self
             .unary(
-                wire::PLAN_RESOURCE_CHANGE,
+                wire::Method::PlanResourceChange,
                 wire::PlanResourceChangeRequest {
                     type_name: type_name.to_string(),
                     prior_state: Some(prior.clone()),
                     proposed_new_state: Some(values::dynamic(&proposed)),
                     config: Some(config.clone()),
                     prior_private,
-                    provider_meta: None,
+                    provider_meta: provider_meta(schema),
                 },
             )
             .await?;
-        self.errors(&plan.diagnostics)?;
+        self.errors(&plan.diagnostics, warnings)?;
         if !creating && !plan.requires_replace.is_empty() {
             return Err(TerraformError::ReplaceRequired {
                 program: self.program.clone(),
                 type_name: type_name.to_string(),
+                paths: plan
+                    .requires_replace
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect(),
             });
         }
         let applied: wire::ApplyResourceChangeResponse = self
             .unary(
-                wire::APPLY_RESOURCE_CHANGE,
+                wire::Method::ApplyResourceChange,
                 wire::ApplyResourceChangeRequest {
                     type_name: type_name.to_string(),
                     prior_state: Some(prior),
                     planned_state: plan.planned_state,
                     config: Some(config),
                     planned_private: plan.planned_private,
-                    provider_meta: None,
+                    provider_meta: provider_meta(schema),
                 },
             )
             .await?;
-        self.errors(&applied.diagnostics)?;
+        self.errors(&applied.diagnostics, warnings)?;
         let state = self.state_of(applied.new_state.as_ref())?;
         Ok((state.unwrap_or_default(), applied.private))
     }
 
-    /// `ReadResource`: the resource as it is now, or `None` when it is gone.
+    /// `ReadResource`: the resource as it is now (and its private bytes), or `None` when it
+    /// is gone.
     pub async fn read(
         &self,
         schema: &wire::GetProviderSchemaResponse,
         type_name: &str,
         state: &serde_json::Value,
         private: &[u8],
-    ) -> Result<Option<serde_json::Value>, TerraformError> {
+        warnings: &mut Vec<String>,
+    ) -> Result<Option<(serde_json::Value, Vec<u8>)>, TerraformError> {
         let block = self.block(schema, type_name)?;
         let current = values::encode(&values::block_type(&block), state);
         let read: wire::ReadResourceResponse = self
             .unary(
-                wire::READ_RESOURCE,
+                wire::Method::ReadResource,
                 wire::ReadResourceRequest {
                     type_name: type_name.to_string(),
                     current_state: Some(values::dynamic(&current)),
                     private: private.to_vec(),
-                    provider_meta: None,
+                    provider_meta: provider_meta(schema),
                 },
             )
             .await?;
-        self.errors(&read.diagnostics)?;
-        self.state_of(read.new_state.as_ref())
+        self.errors(&read.diagnostics, warnings)?;
+        // A provider that answers no private bytes keeps the ones it had.
+        let private = if read.private.is_empty() {
+            private.to_vec()
+        } else {
+            read.private
+        };
+        Ok(self
+            .state_of(read.new_state.as_ref())?
+            .map(|state| (state, private)))
     }
 
     /// `ReadDataSource`: what the data source `type_name` (without `data.`) reads for its
@@ -436,6 +702,7 @@ impl Plugin {
         schema: &wire::GetProviderSchemaResponse,
         type_name: &str,
         config: &serde_json::Value,
+        warnings: &mut Vec<String>,
     ) -> Result<serde_json::Value, TerraformError> {
         let block = schema
             .data_source_schemas
@@ -447,17 +714,18 @@ impl Plugin {
                 detail: String::new(),
             })?;
         let config = values::encode(&values::block_type(&block), config);
+        self.validate(type_name, true, &config, warnings).await?;
         let read: wire::ReadDataSourceResponse = self
             .unary(
-                wire::READ_DATA_SOURCE,
+                wire::Method::ReadDataSource,
                 wire::ReadDataSourceRequest {
                     type_name: type_name.to_string(),
                     config: Some(values::dynamic(&config)),
-                    provider_meta: None,
+                    provider_meta: provider_meta(schema),
                 },
             )
             .await?;
-        self.errors(&read.diagnostics)?;
+        self.errors(&read.diagnostics, warnings)?;
         Ok(self.state_of(read.state.as_ref())?.unwrap_or_default())
     }
 
@@ -468,23 +736,72 @@ impl Plugin {
         type_name: &str,
         state: &serde_json::Value,
         private: &[u8],
+        warnings: &mut Vec<String>,
     ) -> Result<(), TerraformError> {
         let block = self.block(schema, type_name)?;
         let prior = values::encode(&values::block_type(&block), state);
         let applied: wire::ApplyResourceChangeResponse = self
             .unary(
-                wire::APPLY_RESOURCE_CHANGE,
+                wire::Method::ApplyResourceChange,
                 wire::ApplyResourceChangeRequest {
                     type_name: type_name.to_string(),
                     prior_state: Some(values::dynamic(&prior)),
                     planned_state: Some(values::dynamic(&rmpv::Value::Nil)),
                     config: Some(values::dynamic(&rmpv::Value::Nil)),
                     planned_private: private.to_vec(),
-                    provider_meta: None,
+                    provider_meta: provider_meta(schema),
                 },
             )
             .await?;
-        self.errors(&applied.diagnostics)
+        self.errors(&applied.diagnostics, warnings)
+    }
+
+    /// `UpgradeResourceState`: a state recorded (as JSON) with schema `version` of the type,
+    /// as the current schema has it. A state of the current version is returned as it is.
+    pub async fn upgrade(
+        &self,
+        schema: &wire::GetProviderSchemaResponse,
+        type_name: &str,
+        version: i64,
+        state: &serde_json::Value,
+        warnings: &mut Vec<String>,
+    ) -> Result<serde_json::Value, TerraformError> {
+        if version == schema_version(schema, type_name) {
+            return Ok(state.clone());
+        }
+        let upgraded: wire::UpgradeResourceStateResponse = self
+            .unary(
+                wire::Method::UpgradeResourceState,
+                wire::UpgradeResourceStateRequest {
+                    type_name: type_name.to_string(),
+                    version,
+                    raw_state: Some(wire::RawState {
+                        json: serde_json::to_vec(state).expect("JSON"),
+                        flatmap: Default::default(),
+                    }),
+                },
+            )
+            .await?;
+        self.errors(&upgraded.diagnostics, warnings)?;
+        Ok(self
+            .state_of(upgraded.upgraded_state.as_ref())?
+            .unwrap_or_default())
+    }
+
+    /// `StopProvider`: asks the plugin to stop what it is doing (every operation in it, as
+    /// Terraform asks on an interrupt). Sent once; later calls do nothing.
+    pub async fn stop_operations(&self) {
+        if self.stopped.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.unary::<wire::Empty, wire::StopProviderResponse>(
+                wire::Method::StopProvider,
+                wire::Empty {},
+            ),
+        )
+        .await;
     }
 
     fn block(
@@ -513,23 +830,27 @@ impl Plugin {
         Ok((!value.is_nil()).then(|| values::decode(&value)))
     }
 
-    /// The first error among `diagnostics` (warnings are not failures).
-    fn errors(&self, diagnostics: &[wire::Diagnostic]) -> Result<(), TerraformError> {
+    /// The first error among `diagnostics`; the warnings among them are added to
+    /// `warnings` (they are not failures).
+    fn errors(
+        &self,
+        diagnostics: &[wire::Diagnostic],
+        warnings: &mut Vec<String>,
+    ) -> Result<(), TerraformError> {
+        for warning in diagnostics.iter().filter(|d| d.severity == 2) {
+            warnings.push(format!("{}{}", warning.summary, detail_of(warning)));
+        }
         match diagnostics.iter().find(|d| d.severity == 1) {
             None => Ok(()),
             Some(error) => Err(TerraformError::Diagnostic {
                 program: self.program.clone(),
                 summary: error.summary.clone(),
-                detail: if error.detail.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", error.detail)
-                },
+                detail: detail_of(error),
             }),
         }
     }
 
-    async fn unary<Q, R>(&self, path: &'static str, request: Q) -> Result<R, TerraformError>
+    async fn unary<Q, R>(&self, method: wire::Method, request: Q) -> Result<R, TerraformError>
     where
         Q: prost::Message + Send + Sync + 'static,
         R: prost::Message + Default + Send + Sync + 'static,
@@ -541,7 +862,7 @@ impl Plugin {
         let response = grpc
             .unary(
                 tonic::Request::new(request),
-                tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                tonic::codegen::http::uri::PathAndQuery::from_static(self.protocol.path(method)),
                 tonic::codec::ProstCodec::default(),
             )
             .await
@@ -549,20 +870,89 @@ impl Plugin {
         Ok(response.into_inner())
     }
 
-    /// Asks the plugin to exit (go-plugin's controller), then makes sure it did.
-    pub async fn stop(mut self) {
+    /// The plugin's program.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
+    /// Waits until the plugin process exits when nobody asked it to (it crashed, or was
+    /// killed from outside), and says how it ended. Never returns after [`Plugin::shutdown`].
+    pub async fn unexpected_exit(&self) -> String {
+        let mut exit = self.exit.clone();
+        let status = match exit.wait_for(|s| s.is_some()).await {
+            Ok(status) => status.clone().unwrap_or_default(),
+            Err(_) => "gone".to_string(),
+        };
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        status
+    }
+
+    /// Asks the plugin to exit (go-plugin's `GRPCController.Shutdown`), then makes sure it did:
+    /// killed after two seconds.
+    pub async fn shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
-            self.unary::<wire::Empty, wire::Empty>(wire::CONTROLLER_SHUTDOWN, wire::Empty {}),
+            self.unary::<wire::Empty, wire::Empty>(wire::Method::Shutdown, wire::Empty {}),
         )
         .await;
-        if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
+        let mut exit = self.exit.clone();
+        if tokio::time::timeout(Duration::from_secs(2), exit.wait_for(|s| s.is_some()))
             .await
             .is_err()
         {
-            let _ = self.child.kill().await;
+            self.kill.notify_one();
+            let _ = exit.wait_for(|s| s.is_some()).await;
         }
     }
+
+    /// [`Plugin::shutdown`], taking it.
+    pub async fn stop(self) {
+        self.shutdown().await
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        // The process never outlives its handle.
+        self.kill.notify_one();
+    }
+}
+
+/// A diagnostic's detail and attribute path, as `: …` (or nothing).
+fn detail_of(d: &wire::Diagnostic) -> String {
+    let path = d
+        .attribute
+        .as_ref()
+        .map(|p| p.to_string())
+        .filter(|p| !p.is_empty());
+    match (d.detail.is_empty(), path) {
+        (true, None) => String::new(),
+        (false, None) => format!(": {}", d.detail),
+        (true, Some(path)) => format!(" (at `{path}`)"),
+        (false, Some(path)) => format!(" (at `{path}`): {}", d.detail),
+    }
+}
+
+/// The schema version of a resource type.
+pub fn schema_version(schema: &wire::GetProviderSchemaResponse, type_name: &str) -> i64 {
+    schema
+        .resource_schemas
+        .get(type_name)
+        .map_or(0, |s| s.version)
+}
+
+/// `provider_meta` as Terraform sends it when the schema declares one and the deployment sets
+/// none: an object of nulls.
+fn provider_meta(schema: &wire::GetProviderSchemaResponse) -> Option<wire::DynamicValue> {
+    let block = schema.provider_meta.as_ref()?.block.as_ref()?;
+    Some(values::dynamic(&values::encode(
+        &values::block_type(block),
+        &serde_json::json!({}),
+    )))
 }
 
 /// The plugin's socket.

@@ -13,11 +13,7 @@ pub type Type = Json;
 /// The object type of a schema block: its attributes, and its nested blocks as lists, sets,
 /// maps or single objects of their own object type.
 pub fn block_type(block: &wire::Block) -> Type {
-    let mut attributes = serde_json::Map::new();
-    for a in &block.attributes {
-        let t = serde_json::from_slice(&a.r#type).unwrap_or(Json::String("dynamic".into()));
-        attributes.insert(a.name.clone(), t);
-    }
+    let mut attributes = attributes_type(&block.attributes);
     for b in &block.block_types {
         let inner = b.block.as_ref().map(block_type).unwrap_or(Json::Null);
         let t = match b.nesting {
@@ -29,6 +25,29 @@ pub fn block_type(block: &wire::Block) -> Type {
         attributes.insert(b.type_name.clone(), t);
     }
     serde_json::json!(["object", attributes])
+}
+
+/// The types of `attributes`, nested attributes (protocol 6) as objects or collections of them.
+fn attributes_type(attributes: &[wire::Attribute]) -> serde_json::Map<String, Type> {
+    attributes
+        .iter()
+        .map(|a| (a.name.clone(), attribute_type(a)))
+        .collect()
+}
+
+fn attribute_type(a: &wire::Attribute) -> Type {
+    match &a.nested_type {
+        Some(object) => {
+            let inner = serde_json::json!(["object", attributes_type(&object.attributes)]);
+            match object.nesting {
+                2 => serde_json::json!(["list", inner]),
+                3 => serde_json::json!(["set", inner]),
+                4 => serde_json::json!(["map", inner]),
+                _ => inner,
+            }
+        }
+        None => serde_json::from_slice(&a.r#type).unwrap_or(Json::String("dynamic".into())),
+    }
 }
 
 /// What a value is to be: known JSON, or not known yet.
@@ -99,23 +118,91 @@ pub fn encode(t: &Type, value: &Json) -> Mp {
     }
 }
 
-/// The proposed new state of a create, as Terraform core computes it: the configuration, with
-/// every computed attribute it leaves null unknown.
-pub fn proposed_create(block: &wire::Block, config: &Json) -> Mp {
-    let t = block_type(block);
-    let Mp::Map(mut entries) = encode(&t, config) else {
+/// The proposed new state, as Terraform core computes it (`objchange.ProposedNew`) from the
+/// prior state (`Nil` for a create) and the configuration, both already shaped by the block's
+/// type: the configuration, where each computed attribute it leaves null keeps its prior
+/// value; nested blocks and nested attributes likewise, element by element (lists by index,
+/// maps by key, sets without a prior).
+pub fn proposed_new(block: &wire::Block, prior: &Mp, config: &Mp) -> Mp {
+    if config.is_nil() {
         return Mp::Nil;
-    };
-    for (key, value) in entries.iter_mut() {
-        let computed = block
-            .attributes
-            .iter()
-            .any(|a| a.computed && key.as_str() == Some(a.name.as_str()));
-        if computed && value.is_nil() {
-            *value = unknown();
-        }
     }
-    Mp::Map(entries)
+    let mut out = Vec::new();
+    for a in &block.attributes {
+        let p = field(prior, &a.name);
+        let c = field(config, &a.name);
+        let v = if a.computed && c.is_nil() {
+            p.clone()
+        } else if let (Some(object), false) = (&a.nested_type, c.is_nil()) {
+            let inner = wire::Block {
+                attributes: object.attributes.clone(),
+                ..Default::default()
+            };
+            nested(&inner, object.nesting, p, c)
+        } else {
+            c.clone()
+        };
+        out.push((Mp::from(a.name.as_str()), v));
+    }
+    for b in &block.block_types {
+        let inner = b.block.clone().unwrap_or_default();
+        let v = nested(
+            &inner,
+            b.nesting,
+            field(prior, &b.type_name),
+            field(config, &b.type_name),
+        );
+        out.push((Mp::from(b.type_name.as_str()), v));
+    }
+    Mp::Map(out)
+}
+
+/// A nested value of nesting mode `nesting` (SINGLE 1, LIST 2, SET 3, MAP 4, GROUP 5).
+fn nested(block: &wire::Block, nesting: i32, prior: &Mp, config: &Mp) -> Mp {
+    match (nesting, config) {
+        (2, Mp::Array(items)) => Mp::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let p = match prior {
+                        Mp::Array(prior) => prior.get(i).unwrap_or(&Mp::Nil),
+                        _ => &Mp::Nil,
+                    };
+                    proposed_new(block, p, c)
+                })
+                .collect(),
+        ),
+        (3, Mp::Array(items)) => Mp::Array(
+            items
+                .iter()
+                .map(|c| proposed_new(block, &Mp::Nil, c))
+                .collect(),
+        ),
+        (4, Mp::Map(entries)) => Mp::Map(
+            entries
+                .iter()
+                .map(|(k, c)| {
+                    let p = k.as_str().map_or(&Mp::Nil, |k| field(prior, k));
+                    (k.clone(), proposed_new(block, p, c))
+                })
+                .collect(),
+        ),
+        (1 | 5, c) => proposed_new(block, prior, c),
+        (_, c) => c.clone(),
+    }
+}
+
+/// The attribute `name` of an object value (`Nil` when absent).
+fn field<'a>(object: &'a Mp, name: &str) -> &'a Mp {
+    static NIL: Mp = Mp::Nil;
+    match object {
+        Mp::Map(entries) => entries
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(name))
+            .map_or(&NIL, |(_, v)| v),
+        _ => &NIL,
+    }
 }
 
 /// Terraform's unknown value.
@@ -209,6 +296,87 @@ pub fn dynamic(value: &Mp) -> wire::DynamicValue {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn attribute(name: &str, t: &str, computed: bool, optional: bool) -> wire::Attribute {
+        wire::Attribute {
+            name: name.into(),
+            r#type: format!("{t:?}").into_bytes(),
+            computed,
+            optional,
+            required: !computed && !optional,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_proposed_new_state_keeps_prior_computed_values_as_terraform_does() {
+        let tag = wire::Block {
+            attributes: vec![
+                attribute("key", "string", false, false),
+                attribute("uid", "string", true, false),
+            ],
+            ..Default::default()
+        };
+        let block = wire::Block {
+            attributes: vec![
+                attribute("id", "string", true, false),
+                attribute("name", "string", false, false),
+                attribute("size", "number", true, true),
+            ],
+            block_types: vec![wire::NestedBlock {
+                type_name: "tag".into(),
+                block: Some(tag),
+                nesting: 2,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let t = block_type(&block);
+        let prior = encode(
+            &t,
+            &json!({"id": "a1", "name": "x", "size": 3, "tag": [{"key": "k", "uid": "u1"}]}),
+        );
+        let config = encode(
+            &t,
+            &json!({"name": "y", "tag": [{"key": "k2"}, {"key": "k3"}]}),
+        );
+        let proposed = decode(&proposed_new(&block, &prior, &config));
+        assert_eq!(
+            proposed,
+            json!({"id": "a1", "name": "y", "size": 3,
+                   "tag": [{"key": "k2", "uid": "u1"}, {"key": "k3", "uid": null}]})
+        );
+        // A create: nothing prior, computed attributes null for the provider to plan.
+        let created = decode(&proposed_new(&block, &Mp::Nil, &config));
+        assert_eq!(created["id"], Json::Null);
+        // An optional and computed attribute set in the configuration is the configuration's.
+        let config = encode(&t, &json!({"name": "y", "size": 9, "tag": []}));
+        assert_eq!(
+            decode(&proposed_new(&block, &prior, &config))["size"],
+            json!(9)
+        );
+    }
+
+    #[test]
+    fn nested_attributes_are_objects_or_collections_of_them() {
+        let a = wire::Attribute {
+            name: "rules".into(),
+            nested_type: Some(wire::Object {
+                attributes: vec![attribute("port", "number", false, false)],
+                nesting: 2,
+            }),
+            optional: true,
+            ..Default::default()
+        };
+        let block = wire::Block {
+            attributes: vec![a],
+            ..Default::default()
+        };
+        assert_eq!(
+            block_type(&block),
+            json!(["object", {"rules": ["list", ["object", {"port": "number"}]]}])
+        );
+    }
 
     #[test]
     fn objects_carry_every_attribute_and_round_trip() {

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use capstan_terraform::{provider_info, Plugin, TerraformError};
+use capstan_terraform::{provider_info, Plugin, StartOptions, TerraformError};
 
 fn skip_or_fail(message: &str) -> Option<PathBuf> {
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
@@ -123,9 +123,15 @@ fn without_a_client_certificate_it_serves_plain_grpc() {
         return;
     };
     run(async {
-        let plugin = Plugin::start_with(&binary, Duration::from_secs(20), false)
-            .await
-            .unwrap();
+        let plugin = Plugin::start_with(
+            &binary,
+            StartOptions {
+                mtls: false,
+                ..StartOptions::default()
+            },
+        )
+        .await
+        .unwrap();
         assert!(!plugin.tls);
         assert!(plugin.handshake.server_cert.is_empty());
         let schema = plugin.schema().await.unwrap();
@@ -144,13 +150,14 @@ fn a_null_resource_is_created_read_and_deleted_through_the_real_provider() {
             .await
             .unwrap();
         let schema = plugin.schema().await.unwrap();
+        let mut warnings = Vec::new();
         plugin
-            .configure(&schema, &serde_json::json!({}))
+            .configure(&schema, &serde_json::json!({}), &mut warnings)
             .await
             .unwrap();
         let config = serde_json::json!({"triggers": {"version": "1"}});
         let (state, private) = plugin
-            .create(&schema, "null_resource", &config)
+            .create(&schema, "null_resource", &config, &mut warnings)
             .await
             .unwrap();
         // The provider made up an id (computed, unknown until applied) and kept the triggers.
@@ -158,13 +165,13 @@ fn a_null_resource_is_created_read_and_deleted_through_the_real_provider() {
         assert!(!id.is_empty());
         assert_eq!(state["triggers"], serde_json::json!({"version": "1"}));
         let read = plugin
-            .read(&schema, "null_resource", &state, &private)
+            .read(&schema, "null_resource", &state, &private, &mut warnings)
             .await
             .unwrap()
             .expect("it exists");
-        assert_eq!(read["id"], state["id"]);
+        assert_eq!(read.0["id"], state["id"]);
         plugin
-            .delete(&schema, "null_resource", &state, &private)
+            .delete(&schema, "null_resource", &state, &private, &mut warnings)
             .await
             .unwrap();
         plugin.stop().await;
