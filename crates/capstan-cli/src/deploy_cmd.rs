@@ -304,7 +304,7 @@ async fn open(
     let file = &args.place.file();
     let in_nix = nix::is_nix(file);
     let mut params = Map::new();
-    let mut secret_params = Vec::new();
+    let secret_params;
     let deployment = if in_nix {
         // Destroy too: a provider declaration may use a parameter.
         (params, secret_params) = args.parameters().map_err(|e| fail(&format!("{e:#}")))?;
@@ -317,7 +317,10 @@ async fn open(
         // Read once the state is: which outputs exist comes from it.
         None
     } else if mode == Mode::Destroy {
-        Some(Deployment::load_providers(file).map_err(|e| {
+        // A provider's configuration may use a parameter.
+        let (params, secret) = args.parameters().map_err(|e| fail(&format!("{e:#}")))?;
+        secret_params = secret;
+        Some(Deployment::load_providers(file, &params).map_err(|e| {
             fail(&format!(
                 "{e}\n  destroy starts the providers that file declares to delete what the state holds; point -f at the deployment"
             ))

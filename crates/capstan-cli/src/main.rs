@@ -105,26 +105,32 @@ enum BuiltinProvider {
     Terraform(TerraformArgs),
 }
 
-/// `capstan __provider terraform [--config JSON] -- PROGRAM`.
+/// `capstan __provider terraform -- PROGRAM`; the provider block's configuration (a JSON
+/// object) comes in `CAPSTAN_TERRAFORM_CONFIG`, never on the command line, which any user can
+/// read.
 #[derive(clap::Args)]
 struct TerraformArgs {
-    /// The provider block's configuration, a JSON object.
-    #[arg(long, value_name = "JSON")]
-    config: Option<String>,
     /// The Terraform provider binary.
     #[arg(last = true, required = true, value_name = "PROGRAM")]
     program: Vec<String>,
 }
 
 fn serve_terraform_bridge(args: TerraformArgs) -> ExitCode {
-    let config = match args.config.as_deref().map(serde_json::from_str) {
-        None => serde_json::json!({}),
-        Some(Ok(config)) => config,
-        Some(Err(e)) => {
-            say!("error: --config is not JSON: {e}");
-            return ExitCode::from(2);
-        }
+    let config = match std::env::var(capstan_engine::model::TERRAFORM_CONFIG_ENV) {
+        Err(_) => serde_json::json!({}),
+        Ok(config) => match serde_json::from_str(&config) {
+            Ok(config) => config,
+            Err(e) => {
+                say!(
+                    "error: {} is not JSON: {e}",
+                    capstan_engine::model::TERRAFORM_CONFIG_ENV
+                );
+                return ExitCode::from(2);
+            }
+        },
     };
+    // Not passed on to the Terraform provider it starts.
+    std::env::remove_var(capstan_engine::model::TERRAFORM_CONFIG_ENV);
     let Some(program) = args.program.into_iter().next() else {
         say!("error: give the Terraform provider binary after `--`");
         return ExitCode::from(2);

@@ -105,3 +105,224 @@ fn a_null_resource_is_applied_refreshed_and_destroyed_beside_local_resources() {
         shown(&apply)
     );
 }
+
+/// The provider built with the crates.io crate `tf-provider` (protocol 6, loopback TCP, TLS),
+/// copied into `dir` so that its processes are found by their path.
+fn fixture_in(dir: &Path) -> Option<std::path::PathBuf> {
+    match capstan_terraform::fetch::fixture_provider() {
+        Ok(binary) => {
+            let copy = dir.join("terraform-provider-capstanfixture");
+            std::fs::copy(binary, &copy).unwrap();
+            Some(copy)
+        }
+        Err(e) => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "{e} (under CI this is a failure)"
+            );
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+    }
+}
+
+/// Live (not zombie) processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rfind(')')
+            .and_then(|at| stat[at + 1..].split_whitespace().next())
+            == Some("Z");
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !zombie && cmdline.contains(marker) {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_protocol_6_provider_lives_through_apply_drift_replace_failure_crash_and_cancel() {
+    let work = tempfile::tempdir().unwrap();
+    let Some(binary) = fixture_in(work.path()) else {
+        return;
+    };
+    let dir = work.path().join("deployment");
+    let root = work.path().join("files");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    let dir = dir.as_path();
+    let secret = "fixture-secret-value-4711";
+    std::fs::write(
+        dir.join("params.json"),
+        json!({"root": root, "greeting": secret}).to_string(),
+    )
+    .unwrap();
+    // Where the file resource puts its file (the replace below moves it).
+    let path = std::cell::Cell::new("a.txt");
+    let deployment = |extra: Value| -> Value {
+        let mut d = json!({
+            "providers": {
+                "fx": {"executable": binary, "protocol": "terraform",
+                       "config": {"root": {"$param": "root"},
+                                  "greeting": {"$sensitive": {"$param": "greeting"}}}},
+                "local": {"builtin": "local"}
+            },
+            "resources": {
+                "seed": {"provider": "local", "type": "memo", "inputs": {"value": "hello"}},
+                "file": {"provider": "fx", "type": "capstanfixture_file",
+                         "inputs": {"path": path.get(), "content": {"$ref": "seed#value"},
+                                    "tag": [{"key": "k", "value": "v"}]}},
+                "size": {"provider": "local", "type": "memo",
+                         "inputs": {"value": {"$ref": "file#size"}}},
+                "look": {"provider": "fx", "type": "data.capstanfixture_read",
+                         "inputs": {"path": {"$ref": "file#id"}}}
+            }
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            d["resources"][k] = v.clone();
+        }
+        d
+    };
+    let write = |d: &Value| std::fs::write(dir.join("capstan.json"), d.to_string()).unwrap();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--params", "params.json"]);
+        capstan(dir, &all)
+    };
+    let show = |address: &str| -> Value {
+        serde_json::from_slice(&capstan(dir, &["state", "show", address]).stdout).unwrap()
+    };
+    write(&deployment(json!({})));
+    let apply = run(&["apply", "--json"]);
+    assert!(apply.status.success(), "{}", shown(&apply));
+    assert_eq!(
+        std::fs::read_to_string(root.join("a.txt")).unwrap(),
+        "hello"
+    );
+    assert_eq!(show("size")["outputs"]["value"], 5);
+    assert_eq!(show("look")["outputs"]["content"], "hello");
+    let token = show("file")["outputs"]["token"].clone();
+    assert_eq!(token, "(sensitive)", "a sensitive attribute is redacted");
+    assert!(!shown(&apply).contains(secret));
+    // Read through the provider: nothing drifted.
+    let plan = run(&["plan", "--refresh", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", shown(&plan));
+    // Deleted behind Capstan's back: the read finds it gone, the plan makes it again.
+    std::fs::remove_file(root.join("a.txt")).unwrap();
+    let plan = run(&["plan", "--refresh", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", shown(&plan));
+    let apply = run(&["apply", "--refresh"]);
+    assert!(apply.status.success(), "{}", shown(&apply));
+    assert_eq!(
+        std::fs::read_to_string(root.join("a.txt")).unwrap(),
+        "hello"
+    );
+    // A new path forces a new resource: replaced, the old file gone.
+    path.set("b.txt");
+    write(&deployment(json!({})));
+    let apply = run(&["apply", "--json"]);
+    assert!(apply.status.success(), "{}", shown(&apply));
+    let replaced = support::events(&apply.stdout).iter().any(|e| {
+        e["address"] == "file"
+            && e["progress"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("replace (path changed)"))
+    });
+    assert!(replaced, "{}", shown(&apply));
+    assert!(!root.join("a.txt").exists());
+    assert_eq!(show("look")["outputs"]["path"], "b.txt");
+    // A failing apply: the provider's diagnostic with its attribute, its warning and its log
+    // lines, attributed to the resource.
+    write(&deployment(json!({
+        "slow": {"provider": "fx", "type": "capstanfixture_slow",
+                 "inputs": {"seconds": 0.3, "fail": true, "label": "doomed"}}
+    })));
+    let apply = run(&["apply", "--json", "-v"]);
+    assert!(!apply.status.success(), "{}", shown(&apply));
+    let events = support::events(&apply.stdout);
+    let of_slow: Vec<&Value> = events.iter().filter(|e| e["address"] == "slow").collect();
+    let failed = of_slow
+        .iter()
+        .find(|e| e["type"] == "resource_failed")
+        .unwrap_or_else(|| panic!("{}", shown(&apply)));
+    let error = failed.to_string();
+    assert!(
+        error.contains("the fixture was told to fail") && error.contains("at `fail`"),
+        "{error}"
+    );
+    let progress = |what: &str| {
+        of_slow
+            .iter()
+            .any(|e| e["progress"].to_string().contains(what))
+    };
+    assert!(progress("slow doomed: step 1 of 3"), "{}", shown(&apply));
+    assert!(progress("slow things are slow"), "{}", shown(&apply));
+    // A provider that dies mid-apply: the operation stays pending, the rest of the state is
+    // intact, and the next apply settles it.
+    write(&deployment(json!({
+        "slow": {"provider": "fx", "type": "capstanfixture_slow",
+                 "inputs": {"seconds": 1, "crash": true, "label": "crashing"}}
+    })));
+    let apply = run(&["apply"]);
+    assert!(!apply.status.success(), "{}", shown(&apply));
+    let pending = capstan(dir, &["state", "pending"]);
+    assert!(
+        String::from_utf8_lossy(&pending.stdout).contains("slow"),
+        "{}\n{}",
+        shown(&apply),
+        shown(&pending)
+    );
+    assert_eq!(show("file")["outputs"]["id"], "b.txt");
+    assert!(processes_with(&binary.display().to_string()).is_empty());
+    // Cancelled (Ctrl-C) while a slow apply runs: StopProvider, then everything stops; no
+    // process is left.
+    write(&deployment(json!({
+        "slow": {"provider": "fx", "type": "capstanfixture_slow",
+                 "inputs": {"seconds": 60, "label": "long"}}
+    })));
+    let mut child = std::process::Command::new(support::capstan_bin())
+        .current_dir(dir)
+        .args(["apply", "--json", "--params", "params.json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    for line in lines.by_ref() {
+        if line.unwrap().contains("slow long: step 2") {
+            break;
+        }
+    }
+    let started = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "the cancel took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        processes_with(&binary.display().to_string()).is_empty(),
+        "{:?}",
+        processes_with(&binary.display().to_string())
+    );
+    assert!(
+        rest.iter().any(|l| l.contains("\"address\":\"slow\"")),
+        "{rest:?}"
+    );
+    // Without the slow resource, everything converges and destroy removes it all.
+    write(&deployment(json!({})));
+    let apply = run(&["apply"]);
+    assert!(apply.status.success(), "{}", shown(&apply));
+    let destroy = run(&["destroy", "--yes"]);
+    assert!(destroy.status.success(), "{}", shown(&destroy));
+    assert!(!root.join("b.txt").exists());
+    assert!(processes_with(&binary.display().to_string()).is_empty());
+}

@@ -49,8 +49,11 @@ pub struct ProviderDecl {
     /// For a NixOps4 v0 provider: the types NixOps4 keeps no state for (`requireState =
     /// false`), created again instead of updated.
     pub stateless_types: Vec<String>,
-    /// For a Terraform provider: its provider block's configuration (JSON).
+    /// For a Terraform provider: its provider block's configuration (JSON), parameters
+    /// filled in.
     pub terraform_config: Option<Value>,
+    /// Values of `terraform_config` marked `{"$sensitive": …}`.
+    pub sensitive: Vec<Value>,
 }
 
 /// The largest message limit a deployment or flag may ask for, in MiB.
@@ -77,6 +80,10 @@ pub fn seconds(value: f64, zero_ok: bool) -> Result<std::time::Duration, String>
 pub const NIXOPS4_V0: &str = "nixops4-v0";
 /// A Terraform provider binary, unchanged, through Capstan's bridge.
 pub const TERRAFORM: &str = "terraform";
+
+/// The environment variable that carries a Terraform provider's configuration (JSON) to the
+/// bridge (`capstan __provider terraform`).
+pub const TERRAFORM_CONFIG_ENV: &str = "CAPSTAN_TERRAFORM_CONFIG";
 
 /// A reference from a resource's inputs to another resource's output.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -236,7 +243,7 @@ impl Deployment {
     /// Reads only the providers a deployment file declares: what `destroy` needs to delete
     /// what the state holds, even when the resources no longer read (a parameter left out, a
     /// resource half-edited).
-    pub fn load_providers(file: &Path) -> Result<Self, ModelError> {
+    pub fn load_providers(file: &Path, params: &Map<String, Value>) -> Result<Self, ModelError> {
         let text = std::fs::read_to_string(file).map_err(|e| ModelError {
             file: file.to_path_buf(),
             place: "(file)".into(),
@@ -259,7 +266,8 @@ impl Deployment {
             resources: AddressMap::default(),
         };
         if let Some((_, decls)) = members.iter().find(|(k, _)| k == "providers") {
-            deployment.providers = parse_providers(decls).map_err(|(place, m)| err(&place, m))?;
+            deployment.providers =
+                parse_providers(decls, params).map_err(|(place, m)| err(&place, m))?;
         }
         Ok(deployment)
     }
@@ -310,7 +318,7 @@ impl Deployment {
             }
         }
         let providers = match root.get("providers") {
-            Some(decls) => parse_providers(decls).map_err(|(place, m)| err(&place, m))?,
+            Some(decls) => parse_providers(decls, params).map_err(|(place, m)| err(&place, m))?,
             None => BTreeMap::new(),
         };
         let mut resources = AddressMap::default();
@@ -543,7 +551,10 @@ pub fn dir_of(file: &Path) -> PathBuf {
     std::path::absolute(&dir).unwrap_or(dir)
 }
 
-fn parse_providers(decls: &RawValue) -> Result<BTreeMap<String, ProviderDecl>, (String, String)> {
+fn parse_providers(
+    decls: &RawValue,
+    params: &Map<String, Value>,
+) -> Result<BTreeMap<String, ProviderDecl>, (String, String)> {
     let decls = match strict_json::parse(decls.get()) {
         Ok(Value::Object(decls)) => decls,
         Ok(_) => {
@@ -559,13 +570,17 @@ fn parse_providers(decls: &RawValue) -> Result<BTreeMap<String, ProviderDecl>, (
         let place = format!("providers.{}", printable(name));
         providers.insert(
             name.clone(),
-            parse_provider(name, decl).map_err(|m| (place, m))?,
+            parse_provider(name, decl, params).map_err(|m| (place, m))?,
         );
     }
     Ok(providers)
 }
 
-fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
+fn parse_provider(
+    name: &str,
+    decl: &Value,
+    params: &Map<String, Value>,
+) -> Result<ProviderDecl, String> {
     let Value::Object(decl) = decl else {
         return Err("must be an object with `builtin`, `executable` or `socket`".into());
     };
@@ -684,6 +699,34 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
         Some(Value::Object(config)) => Some(Value::Object(config.clone())),
         Some(_) => return Err("`config` must be an object (the provider block's settings)".into()),
     };
+    // Parameters are filled in and secrets marked as in any input; a provider starts before
+    // the run makes anything, so its configuration cannot refer to a resource's outputs.
+    let mut sensitive = Vec::new();
+    let terraform_config = match terraform_config {
+        None => None,
+        Some(config) => {
+            let (mut refs, mut escaped) = (Vec::new(), false);
+            let mut place = "config".to_string();
+            let config = substitute(
+                config,
+                &mut place,
+                Some(params),
+                &mut refs,
+                &mut escaped,
+                &mut sensitive,
+            )
+            .map_err(|(place, m)| format!("{place}: {m}"))?;
+            if let Some(r) = refs.first() {
+                return Err(format!(
+                    "`config` refers to `{}#{}`: a provider's configuration cannot use `$ref` \
+                     (the provider starts before anything is made); pass the value with \
+                     `$param` instead",
+                    r.address, r.output
+                ));
+            }
+            Some(config)
+        }
+    };
     Ok(ProviderDecl {
         name: name.to_string(),
         source,
@@ -693,6 +736,7 @@ fn parse_provider(name: &str, decl: &Value) -> Result<ProviderDecl, String> {
         max_message_mib,
         stateless_types,
         terraform_config,
+        sensitive,
     })
 }
 

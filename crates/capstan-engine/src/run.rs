@@ -120,10 +120,6 @@ fn source_for(
     {
         // The bridge serves the Terraform provider as a Capstan provider.
         let mut bridge: Vec<String> = vec!["__provider".into(), crate::model::TERRAFORM.into()];
-        if let Some(config) = &decl.terraform_config {
-            bridge.push("--config".into());
-            bridge.push(config.to_string());
-        }
         bridge.push("--".into());
         let resolved = if program.contains('/') && Path::new(program).is_relative() {
             dir.join(program).display().to_string()
@@ -133,6 +129,14 @@ fn source_for(
         bridge.push(resolved);
         let mut command = ProviderCommand::new(builtin.program.clone(), bridge);
         command.cwd = Some(dir.to_path_buf());
+        if let Some(config) = &decl.terraform_config {
+            // In the environment, which only this user can read (a command line is anyone's):
+            // the configuration may hold secrets.
+            command.env.push((
+                crate::model::TERRAFORM_CONFIG_ENV.into(),
+                config.to_string().into(),
+            ));
+        }
         return ProviderSource::Command(command);
     }
     if let (Some(_), ProviderSourceDecl::Executable { program, args }) =

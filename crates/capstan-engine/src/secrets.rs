@@ -233,6 +233,11 @@ pub fn learn(
             learn_marked(secrets, value, state);
         }
     }
+    for decl in deployment.iter().flat_map(|d| d.providers.values()) {
+        for value in &decl.sensitive {
+            learn_marked(secrets, value, state);
+        }
+    }
 }
 
 /// A marked value's strings, and for each `$ref` in it the output recorded now.

@@ -41,3 +41,36 @@ pub fn null_provider(dir: &Path) -> Result<PathBuf, String> {
     }
     Ok(binary)
 }
+
+/// For tests: the Terraform provider in `tests/tf-fixture/` (protocol 6, built on the
+/// crates.io crate `tf-provider`, which nobody here wrote), built with cargo into
+/// `target/tf-fixture` unless it is there and newer than its sources. Its build needs `protoc`
+/// (Debian's protobuf-compiler) and crates.io.
+pub fn fixture_provider() -> Result<PathBuf, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let crate_dir = root.join("tests/tf-fixture");
+    let target = root.join("target/tf-fixture");
+    let binary = target.join("debug/terraform-provider-capstanfixture");
+    if Command::new("protoc").arg("--version").output().is_err() {
+        return Err("protoc is not installed (apt-get install protobuf-compiler)".into());
+    }
+    // One build at a time across test processes; cargo's own lock covers the rest.
+    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .arg("build")
+        .arg("--quiet")
+        .arg("--locked")
+        .arg("--manifest-path")
+        .arg(crate_dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .env_remove("RUSTFLAGS")
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !output.status.success() || !binary.exists() {
+        return Err(format!(
+            "building tests/tf-fixture failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(binary)
+}
