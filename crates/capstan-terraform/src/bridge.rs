@@ -144,13 +144,22 @@ fn route(in_flight: &InFlight, line: LogLine) {
         ([], [one]) => Some(&one.2),
         _ => None,
     };
-    match target {
-        Some(tx) => {
-            if let Err(e) = tx.send(line) {
-                eprintln!("{}", e.0.message);
-            }
-        }
-        None => eprintln!("{}", line.message),
+    let line = match target {
+        Some(tx) => match tx.send(line) {
+            Ok(()) => return,
+            Err(e) => e.0,
+        },
+        None => line,
+    };
+    // The provider's own: at its level (debug lines show only as RUST_LOG asks), or as is.
+    let message = line.message;
+    match line.level {
+        None => eprintln!("{message}"),
+        Some("trace") => tracing::trace!(target: "terraform", "{message}"),
+        Some("debug") => tracing::debug!(target: "terraform", "{message}"),
+        Some("info") => tracing::info!(target: "terraform", "{message}"),
+        Some("warn") => tracing::warn!(target: "terraform", "{message}"),
+        Some(_) => tracing::error!(target: "terraform", "{message}"),
     }
 }
 
