@@ -333,3 +333,158 @@ fn a_protocol_6_provider_lives_through_apply_drift_replace_failure_crash_and_can
     assert!(!root.join("b.txt").exists());
     assert!(processes_with(&binary.display().to_string()).is_empty());
 }
+
+/// Processes whose program (argv[0]) contains `marker`.
+fn programs_with(marker: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        if String::from_utf8_lossy(program).contains(marker) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// HashiCorp's null provider killed in the middle of an apply, then a run interrupted with
+/// Ctrl-C: what was in flight stays pending (and only that: what was never sent is a plain
+/// failure), the rest is recorded, nothing is left running, and the next apply converges.
+#[test]
+fn the_null_provider_killed_mid_apply_or_the_run_cancelled_loses_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let binary =
+        match capstan_terraform::fetch::null_provider(Path::new(env!("CARGO_TARGET_TMPDIR"))) {
+            Ok(binary) => binary,
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").is_err(),
+                    "{e} (under CI this is a failure)"
+                );
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+        };
+    let dir = work.path();
+    let marker = dir.join("terraform-provider-null-under-test");
+    std::fs::copy(&binary, &marker).unwrap();
+    let mut resources = serde_json::Map::new();
+    for c in 0..100 {
+        for i in 0..4 {
+            let triggers = if i == 0 {
+                json!({"n": c.to_string()})
+            } else {
+                json!({"prev": {"$ref": format!("r{c}_{}#id", i - 1)}})
+            };
+            resources.insert(
+                format!("r{c}_{i}"),
+                json!({"provider": "null", "type": "null_resource", "inputs": {"triggers": triggers}}),
+            );
+        }
+    }
+    let deployment = json!({
+        "providers": {"null": {"executable": marker, "protocol": "terraform"}},
+        "resources": resources
+    });
+    std::fs::write(dir.join("capstan.json"), deployment.to_string()).unwrap();
+    let marker = marker.display().to_string();
+    let lines = |o: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    // Run an apply, and act once `after` resources are made.
+    let interrupt = |after: usize, act: &dyn Fn(u32)| -> Vec<Value> {
+        let mut child = std::process::Command::new(support::capstan_bin())
+            .current_dir(dir)
+            .args(["apply", "--json", "-j", "2"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut events = Vec::new();
+        let mut made = 0;
+        let mut acted = false;
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let event: Value = serde_json::from_str(&line).unwrap();
+            if event["type"] == "resource_complete" {
+                made += 1;
+            }
+            if made == after && !acted {
+                acted = true;
+                act(child.id());
+            }
+            events.push(event);
+        }
+        assert!(!child.wait().unwrap().success());
+        assert!(acted, "the apply ended before {after} resources were made");
+        events
+    };
+    // 1. The provider process dies (SIGKILL) mid-apply.
+    let events = interrupt(40, &|_| {
+        let plugins = programs_with(&marker);
+        assert_eq!(plugins.len(), 1, "one provider process");
+        unsafe { libc::kill(plugins[0], libc::SIGKILL) };
+    });
+    let completed = events
+        .iter()
+        .filter(|e| e["type"] == "resource_complete")
+        .count();
+    let listed = capstan(dir, &["state", "list"]);
+    assert_eq!(
+        lines(&listed).len(),
+        completed,
+        "every completed resource is recorded"
+    );
+    let pending = lines(&capstan(dir, &["state", "pending"]));
+    assert!(
+        pending.len() <= 2,
+        "at most what was in flight (-j 2): {pending:?}"
+    );
+    let not_sent = events
+        .iter()
+        .filter(|e| e["type"] == "resource_failed")
+        .filter(|e| {
+            e["error"]
+                .as_str()
+                .is_some_and(|m| m.contains("not sent, so nothing was done"))
+        })
+        .count();
+    assert!(
+        not_sent > 0,
+        "operations after the crash are refused, known not sent"
+    );
+    assert!(
+        processes_with(&marker).is_empty(),
+        "{:?}",
+        processes_with(&marker)
+    );
+    // 2. The run is cancelled (Ctrl-C) mid-apply.
+    let events = interrupt(completed + 40, &|capstan| unsafe {
+        libc::kill(capstan as i32, libc::SIGINT);
+    });
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "summary" || e["type"] == "resource_failed"));
+    assert!(
+        processes_with(&marker).is_empty(),
+        "{:?}",
+        processes_with(&marker)
+    );
+    // What is pending is settled by the next apply, which converges; the plan after it is a
+    // no-op; destroy deletes everything.
+    let apply = capstan(dir, &["apply", "-j", "8"]);
+    assert!(apply.status.success(), "{}", shown(&apply));
+    assert!(lines(&capstan(dir, &["state", "pending"])).is_empty());
+    assert_eq!(lines(&capstan(dir, &["state", "list"])).len(), 400);
+    let plan = capstan(dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", shown(&plan));
+    let destroy = capstan(dir, &["destroy", "--yes"]);
+    assert!(destroy.status.success(), "{}", shown(&destroy));
+    assert!(processes_with(&marker).is_empty());
+}

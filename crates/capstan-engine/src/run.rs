@@ -2499,7 +2499,7 @@ fn failure(address: &str, error: CallError, was_pending: bool) -> CallFailure {
     // this run. (A refused request leaves an earlier run's interruption as it was.)
     let settled = match error {
         CallError::Failed { .. } => true,
-        CallError::RequestTooLarge { .. } => !was_pending,
+        CallError::RequestTooLarge { .. } | CallError::NotSent { .. } => !was_pending,
         _ => false,
     };
     let (kind, details) = match &error {

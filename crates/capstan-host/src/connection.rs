@@ -362,7 +362,20 @@ impl ProviderConnection {
             None => None,
         };
         if self.is_closed() {
-            return Err(self.connection_lost(&call.address).await);
+            // Known not sent: whatever ended the provider, this operation did not start.
+            let lost = self.connection_lost(&call.address).await;
+            let why = match &lost {
+                CallError::ProviderExited { status, .. } => status.to_string(),
+                other => other
+                    .to_string()
+                    .trim_start_matches(&format!("{}: ", call.address))
+                    .to_string(),
+            };
+            return Err(CallError::NotSent {
+                provider: self.name.clone(),
+                address: call.address,
+                why,
+            });
         }
         // A request over the provider's limit would close the connection (and every other
         // operation on it) without reaching the provider: refuse it here, known not sent.

@@ -173,6 +173,14 @@ pub enum CallError {
         bytes: u64,
         limit: u64,
     },
+    /// The provider was gone before the request was sent: nothing was done.
+    #[error("{address}: not sent, so nothing was done: provider `{provider}` is no longer running ({why})")]
+    NotSent {
+        provider: String,
+        address: String,
+        /// How it went (its exit, or the connection's end).
+        why: String,
+    },
     #[error("{address}: provider `{provider}` sent a malformed response: {message}")]
     BadResponse {
         provider: String,
