@@ -65,6 +65,30 @@ interface Provider {
   # Asks the provider to stop: cancel what is in flight, release what it holds, and exit once
   # the core closes the connection. The core follows up with SIGTERM and then SIGKILL if the
   # process does not exit within its grace period.
+
+  plan @6 (request :OperationRequest) -> (result :PlanResult);
+  # Asked while planning, only for types that declare `plansChanges`: what a create (empty
+  # `previousOutputs`) or an update from the previous inputs and outputs to `inputs` would
+  # make, changing nothing. No progress is expected (`request.progress` may be ignored). An
+  # older provider answers `unimplemented`; the core then plans without it.
+}
+
+struct PlanResult {
+  union {
+    planned @0 :Planned;
+    failure @1 :OperationError;
+  }
+
+  struct Planned {
+    outputs @0 :Text;
+    # A JSON object: the outputs as they will be; those known only once the operation runs
+    # are null here and named in `unknown`.
+    unknown @1 :List(Text);
+    # The outputs (top-level names) known only after the operation runs.
+    replace @2 :List(Text);
+    # For an update: the attributes whose change forces a new resource (the operation will
+    # delete it and make it again). Empty: an update in place.
+  }
 }
 
 struct CoreInfo {
@@ -122,6 +146,10 @@ struct ResourceType {
   # `previousOutputs` is empty: what an interrupted create may have made). The core checks
   # interrupted operations with it, and `--refresh` finds resources changed or deleted
   # behind its back. False: `read` only echoes what is recorded.
+  plansChanges @10 :Bool;
+  # True when the provider answers `plan` for this type: `capstan plan` then shows the outputs
+  # a create or update will make (and which are known only after it runs) and whether an
+  # update replaces the resource. False: the plan shows inputs only.
 }
 
 struct InputSpec {

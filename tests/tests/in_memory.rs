@@ -590,13 +590,14 @@ fn a_vanished_provider_fails_pending_calls_with_a_disconnect() {
         let err = call.await.unwrap().err().expect("the call fails");
         assert!(matches!(err, CallError::Disconnected { .. }), "{err:?}");
         assert!(err.to_string().contains("mem"), "names the provider: {err}");
-        // Later calls fail at once, too.
+        // Later calls fail at once, too, known not sent (nothing was done).
         let err = connection
             .call(create("echo", json!({})), Recorder::default().observer())
             .await
             .err()
             .unwrap();
-        assert!(matches!(err, CallError::Disconnected { .. }), "{err:?}");
+        assert!(matches!(err, CallError::NotSent { .. }), "{err:?}");
+        assert!(err.to_string().contains("nothing was done"), "{err}");
     });
 }
 

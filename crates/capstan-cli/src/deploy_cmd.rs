@@ -675,6 +675,18 @@ async fn plan_inner(
     if let Some(nix) = session.nix.as_mut() {
         nix::defer_stale(&mut changes, &session.deployment, &mut nix.deferred);
     }
+    // What providers that plan their own changes (Terraform's) say each change will make.
+    let warnings = run::plan_with_providers(
+        &mut changes,
+        &session.deployment,
+        &session.state,
+        &providers,
+        jobs,
+    )
+    .await;
+    for warning in warnings {
+        say!("warning: {warning}");
+    }
     providers.shutdown().await;
     if let Some(code) = stop.exit_code() {
         return Err(code);

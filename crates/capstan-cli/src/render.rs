@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::output::Stdout;
 
 /// The JSON stream's version; minor versions only add fields and event types.
-pub const JSON_STREAM_VERSION: &str = "1.1";
+pub const JSON_STREAM_VERSION: &str = "1.2";
 
 /// Newline-delimited JSON on stdout: a `version` line, then one line per event, each with
 /// `type`, a monotonic `seq` and a `timestamp`.
@@ -161,7 +161,12 @@ impl HumanEvents {
                     .iter()
                     .filter(|c| c.action != Action::Noop || self.verbose > 0)
                 {
+                    let replaced = change
+                        .planned
+                        .as_ref()
+                        .is_some_and(|p| !p.replace.is_empty());
                     let (sign, code) = match change.action {
+                        Action::Update if replaced => ("-/+", "35"),
                         Action::Create => ("+", "32"),
                         Action::Update => ("~", "33"),
                         Action::Delete => ("-", "31"),
@@ -190,7 +195,24 @@ impl HumanEvents {
                     if let Some(op) = &change.interrupted {
                         line.push_str(&format!("  [an earlier {op} was interrupted]"));
                     }
+                    if let Some(planned) = change.planned.as_ref().filter(|p| !p.replace.is_empty())
+                    {
+                        line.push_str(&format!(
+                            "  (replaced: changing {} forces a new resource)",
+                            planned
+                                .replace
+                                .iter()
+                                .map(|p| format!("`{p}`"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
                     put!("{line}");
+                    if let Some(planned) = &change.planned {
+                        for line in planned_outputs(planned) {
+                            put!("      {line}");
+                        }
+                    }
                 }
             }
             Event::ResourceStart { .. } if live => {}
@@ -558,4 +580,31 @@ impl EventSink for LiveEvents {
             self.redraw();
         }
     }
+}
+
+/// A provider's planned outputs, one per line: those known only after the run as such, the
+/// others (not null) as compact JSON, long values cut.
+fn planned_outputs(planned: &capstan_engine::plan::ProviderPlanned) -> Vec<String> {
+    let Some(outputs) = planned.outputs.as_object() else {
+        return Vec::new();
+    };
+    let mut names: Vec<&String> = outputs.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            if planned.unknown.contains(name) {
+                return Some(format!("{name} = (known after apply)"));
+            }
+            let value = &outputs[name];
+            if value.is_null() {
+                return None;
+            }
+            let mut text = value.to_string();
+            if text.chars().count() > 72 {
+                text = text.chars().take(71).collect::<String>() + "…";
+            }
+            Some(format!("{name} = {text}"))
+        })
+        .collect()
 }

@@ -196,6 +196,22 @@ fn a_protocol_6_provider_lives_through_apply_drift_replace_failure_crash_and_can
     let show = |address: &str| -> Value {
         serde_json::from_slice(&capstan(dir, &["state", "show", address]).stdout).unwrap()
     };
+    // The plan asks the provider (PlanResourceChange) what a resource whose inputs are known
+    // will be: computed attributes are known after apply, a sensitive one is never shown.
+    let mut direct = deployment(json!({}));
+    direct["resources"]["file"]["inputs"]["content"] = json!("hello");
+    write(&direct);
+    let plan = run(&["plan"]);
+    let text = String::from_utf8_lossy(&plan.stdout).to_string();
+    assert!(plan.status.success(), "{}", shown(&plan));
+    for line in [
+        "+ file (fx.capstanfixture_file)",
+        "id = (known after apply)",
+        "token = (known after apply)",
+        "content = \"hello\"",
+    ] {
+        assert!(text.contains(line), "`{line}` not in:\n{text}");
+    }
     write(&deployment(json!({})));
     let apply = run(&["apply", "--json"]);
     assert!(apply.status.success(), "{}", shown(&apply));
@@ -224,6 +240,32 @@ fn a_protocol_6_provider_lives_through_apply_drift_replace_failure_crash_and_can
     // A new path forces a new resource: replaced, the old file gone.
     path.set("b.txt");
     write(&deployment(json!({})));
+    // The plan says so ahead of the run: the provider's requires_replace.
+    let plan = run(&["plan", "--json"]);
+    let planned = support::events(&plan.stdout)
+        .into_iter()
+        .find(|e| e["type"] == "plan")
+        .unwrap();
+    let file = planned["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["address"] == "file")
+        .unwrap()
+        .clone();
+    assert_eq!(file["planned"]["replace"], json!(["path"]), "{file}");
+    assert!(file["planned"]["unknown"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("id")));
+    let plan = run(&["plan"]);
+    assert!(
+        String::from_utf8_lossy(&plan.stdout).contains(
+            "-/+ file (fx.capstanfixture_file)  changed: path  (replaced: changing `path` forces a new resource)"
+        ),
+        "{}",
+        shown(&plan)
+    );
     let apply = run(&["apply", "--json"]);
     assert!(apply.status.success(), "{}", shown(&apply));
     let replaced = support::events(&apply.stdout).iter().any(|e| {

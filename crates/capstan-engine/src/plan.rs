@@ -77,6 +77,24 @@ pub struct PlannedChange {
     /// it is no longer what is recorded (`readOnPlan` types).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub read_changed: bool,
+    /// What its provider plans for it (`capstan plan`, types that declare `plansChanges`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub planned: Option<Box<ProviderPlanned>>,
+}
+
+/// A provider's own plan for a create or update: the outputs it will make (those not known
+/// until it runs, and sensitive ones, shown as such), and whether it replaces the resource.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProviderPlanned {
+    /// The outputs as planned: unknown ones null, sensitive ones `"(sensitive)"`.
+    pub outputs: serde_json::Value,
+    /// Outputs known only after the operation runs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown: Vec<String>,
+    /// For an update: the attributes whose change forces a new resource (deleted, then made
+    /// again by the same operation).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replace: Vec<String>,
 }
 
 /// What a replace deletes.
@@ -242,6 +260,7 @@ pub fn plan(deployment: &Deployment, state: &State) -> Result<Vec<PlannedChange>
             replaces,
             declared: Some(i),
             read_changed: false,
+            planned: None,
         });
     }
     for (address, old) in &state.resources {
@@ -295,6 +314,7 @@ fn delete_change(address: &str, old: &crate::state::ResourceState, state: &State
         replaces: None,
         declared: None,
         read_changed: false,
+        planned: None,
     }
 }
 

@@ -2255,6 +2255,7 @@ fn planned(address: String, action: Action) -> PlannedChange {
         replaces: None,
         declared: None,
         read_changed: false,
+        planned: None,
     }
 }
 
@@ -2530,6 +2531,93 @@ pub struct PlanReads {
     /// Recorded resources their providers no longer find: made again (or, for a delete,
     /// already gone). The caller drops them from the state (and journals it, for an apply).
     pub gone: Vec<String>,
+}
+
+/// Asks the providers of types that declare `plansChanges` what each create and update whose
+/// inputs are known now will make (for `capstan plan`): the planned outputs, which are known
+/// only after the run, and whether an update replaces the resource. Changes nothing. Returns
+/// what could not be planned, as warnings (the change is shown without the provider's plan).
+pub async fn plan_with_providers(
+    changes: &mut [PlannedChange],
+    deployment: &Deployment,
+    state: &State,
+    providers: &Providers,
+    jobs: usize,
+) -> Vec<String> {
+    let lookup = |target: &str, output: &str| {
+        state
+            .resources
+            .get(target)
+            .and_then(|r| r.outputs.get_raw(output))
+    };
+    let asks = changes.iter().enumerate().filter_map(|(i, change)| {
+        if !matches!(change.action, Action::Create | Action::Update) || !change.waits_on.is_empty()
+        {
+            return None;
+        }
+        let connection = providers.connections.get(&change.provider)?;
+        let info = connection.info().resource_type(&change.resource_type)?;
+        if !info.plans_changes {
+            return None;
+        }
+        let (_, decl) = deployment.resources.get_index(change.declared?)?;
+        let inputs = decl.resolve(&lookup)?;
+        let recorded = state
+            .resources
+            .get(&change.address)
+            .filter(|_| change.action == Action::Update);
+        let call = OperationCall {
+            previous_inputs: recorded.map(|r| r.inputs.clone()),
+            previous_outputs: recorded.map(|r| r.outputs.clone()),
+            timeout: providers.timeouts.get(&change.provider).copied(),
+            ..OperationCall::new(
+                change.action.first_operation(),
+                &change.resource_type,
+                &change.address,
+                inputs,
+            )
+        };
+        let sensitive: Vec<String> = info
+            .outputs
+            .iter()
+            .filter(|o| o.sensitive)
+            .map(|o| o.name.clone())
+            .collect();
+        let connection = connection.clone();
+        Some(async move { (i, connection.plan(&call).await, sensitive) })
+    });
+    let asks: Vec<_> = asks.collect();
+    let mut answers = futures::stream::iter(asks).buffer_unordered(jobs.max(1));
+    let mut warnings = Vec::new();
+    while let Some((i, answer, sensitive)) = answers.next().await {
+        let change = &mut changes[i];
+        match answer {
+            Ok(Some(plan)) => {
+                let mut outputs: serde_json::Value =
+                    serde_json::from_str(&plan.outputs).unwrap_or_default();
+                if let Some(o) = outputs.as_object_mut() {
+                    // Capstan's own bookkeeping in a provider's outputs is not shown.
+                    o.retain(|k, _| !k.starts_with("__"));
+                    for name in &sensitive {
+                        if let Some(v) = o.get_mut(name).filter(|v| !v.is_null()) {
+                            *v = serde_json::Value::String("(sensitive)".into());
+                        }
+                    }
+                }
+                change.planned = Some(Box::new(crate::plan::ProviderPlanned {
+                    outputs,
+                    unknown: plan.unknown,
+                    replace: plan.replace,
+                }));
+            }
+            Ok(None) => {}
+            Err(e) => warnings.push(format!(
+                "its provider could not plan `{}` ({e}); it is shown without the provider's plan",
+                change.address
+            )),
+        }
+    }
+    warnings
 }
 
 /// Reads recorded resources while planning, and plans what it finds: an update when the

@@ -481,8 +481,17 @@ impl Redacting {
             Event::ProviderLog { line, .. } => s.scrub_string(line),
             Event::EvaluationFailed { error, .. } => s.scrub_string(error),
             Event::Interrupted { message } => s.scrub_string(message),
-            Event::Plan { .. }
-            | Event::ResourceStart { .. }
+            Event::Plan { changes } => {
+                // Providers' planned outputs may hold a secret, as outputs do.
+                if changes.iter().any(|c| c.planned.is_some()) {
+                    for change in Rc::make_mut(changes).iter_mut() {
+                        if let Some(planned) = change.planned.as_mut() {
+                            s.redact_value(&mut planned.outputs);
+                        }
+                    }
+                }
+            }
+            Event::ResourceStart { .. }
             | Event::EvaluationStart { .. }
             | Event::EvaluationComplete { .. }
             | Event::Deferred { .. }

@@ -439,6 +439,68 @@ impl ProviderConnection {
         }
     }
 
+    /// Asks the provider to plan `call` (a create, or an update with the previous inputs and
+    /// outputs), for a type that declares `plansChanges`. `Ok(None)` from a provider without
+    /// the method (an older one). Changes nothing, so it takes no concurrency slot.
+    pub async fn plan(
+        &self,
+        call: &OperationCall,
+    ) -> Result<Option<capstan_schema::ProviderPlan>, CallError> {
+        if self.is_closed() {
+            return Err(self.connection_lost(&call.address).await);
+        }
+        let mut request = self.client.plan_request();
+        fill_request(
+            request.get().init_request(),
+            call,
+            capnp_rpc::new_client(SinkServer {
+                observer: crate::sink::ignore_progress(),
+            }),
+        );
+        let send = async {
+            let response = request.send().promise.await?;
+            use capstan_schema::provider_capnp::plan_result::Which;
+            match response.get()?.get_result()?.which() {
+                Ok(Which::Planned(planned)) => {
+                    Ok(Ok(capstan_schema::ProviderPlan::read(planned?)?))
+                }
+                Ok(Which::Failure(failure)) => Ok(Err(OperationError::read(failure?)?)),
+                Err(_) => Err(capnp::Error::failed(
+                    "the plan is of a kind this capstan does not know; upgrade capstan".into(),
+                )),
+            }
+        };
+        let outcome = match call.timeout {
+            Some(after) => match tokio::time::timeout(after, send).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    return Err(CallError::Timeout {
+                        provider: self.name.clone(),
+                        address: call.address.clone(),
+                        after,
+                    })
+                }
+            },
+            None => send.await,
+        };
+        match outcome {
+            Ok(Ok(plan)) => Ok(Some(plan)),
+            Ok(Err(error)) => Err(CallError::Failed {
+                address: call.address.clone(),
+                error,
+            }),
+            Err(e) if e.kind == capnp::ErrorKind::Unimplemented => Ok(None),
+            Err(e) if e.kind == capnp::ErrorKind::Disconnected || self.is_closed() => {
+                Err(self.connection_lost(&call.address).await)
+            }
+            Err(e) => Err(CallError::BadResponse {
+                provider: self.name.clone(),
+                address: call.address.clone(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
     /// The error for an operation whose provider went away: its exit status and last output
     /// if the host started it, else the connection's error.
     async fn connection_lost(&self, address: &str) -> CallError {

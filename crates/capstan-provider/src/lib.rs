@@ -75,7 +75,7 @@ pub use command::{
     read_line_lossy, spawn_piped, stream_command, CommandOutput, LastLines, ProcessGroupGuard,
 };
 pub use operation::{Operation, Permit};
-pub use resource::{Prior, Resource, ResourceType};
+pub use resource::{Planned, Prior, Resource, ResourceType};
 pub use serve::{Endpoint, ServeError, LISTEN_ENV};
 
 /// Re-exported so provider code can name capabilities without depending on the schema crate.

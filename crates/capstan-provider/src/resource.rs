@@ -120,11 +120,28 @@ impl ResourceType {
         self
     }
 
+    /// Declares that [`Resource::plan`] answers for this type: `capstan plan` then shows what
+    /// a create or update will make, what is known only after it runs, and replacements.
+    pub fn plans_changes(mut self, plans_changes: bool) -> Self {
+        self.0.plans_changes = plans_changes;
+        self
+    }
+
     /// Whether the resource exists outside the deployment's state (so deleting it matters).
     pub fn stateful(mut self, stateful: bool) -> Self {
         self.0.stateful = stateful;
         self
     }
+}
+
+/// What [`Resource::plan`] answers: the outputs a create or update will make (those not known
+/// until it runs null, and named in `unknown`), and for an update the attributes whose change
+/// forces a new resource (`replace`; empty for an update in place).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Planned {
+    pub outputs: serde_json::Value,
+    pub unknown: Vec<String>,
+    pub replace: Vec<String>,
 }
 
 /// The inputs and outputs recorded after a resource's last successful operation.
@@ -194,6 +211,21 @@ pub trait Resource: 'static {
         self.create(op, inputs)
     }
 
+    /// Plans a create (`prior` is `None`) or an update to `inputs`, changing nothing. Only
+    /// called for types that declare [`ResourceType::plans_changes`].
+    fn plan(
+        &self,
+        prior: Option<Prior<Self::Inputs, Self::Outputs>>,
+        inputs: Self::Inputs,
+    ) -> impl Future<Output = Result<Planned, OperationError>> {
+        let _ = (prior, inputs);
+        async {
+            Err(OperationError::permanent(
+                "this type does not plan its changes",
+            ))
+        }
+    }
+
     /// Deletes the resource.
     fn delete(
         &self,
@@ -234,6 +266,14 @@ pub(crate) trait ErasedResource {
         op: &'a Operation,
         call: Call,
     ) -> LocalBoxFuture<'a, Result<String, OperationError>>;
+    /// [`Resource::plan`], for `address`, from JSON texts: the recorded inputs and outputs
+    /// (none for a create) and the new inputs.
+    fn plan<'a>(
+        &'a self,
+        address: &'a str,
+        prior: Option<(String, String)>,
+        inputs: String,
+    ) -> LocalBoxFuture<'a, Result<capstan_schema::ProviderPlan, OperationError>>;
 }
 
 pub(crate) struct Erased<R> {
@@ -264,24 +304,30 @@ fn decode<T: DeserializeOwned>(
     what: &str,
     text: &str,
 ) -> Result<T, OperationError> {
+    decode_for(op.resource_type(), op.address(), what, text)
+}
+
+/// [`decode`] for a resource type and address without an operation.
+fn decode_for<T: DeserializeOwned>(
+    resource_type: &str,
+    address: &str,
+    what: &str,
+    text: &str,
+) -> Result<T, OperationError> {
     if text.trim().is_empty() {
         return Err(OperationError::invalid_input(format!(
-            "{} `{}`: the request carries no {what}",
-            op.resource_type(),
-            op.address()
+            "{resource_type} `{address}`: the request carries no {what}"
         )));
     }
     if !text.trim_start().starts_with('{') {
         // serde would fill a struct from an array too: `[1]` is not `{"value": 1}`.
         return Err(OperationError::invalid_input(format!(
-            "{} `{}`: {what} must be a JSON object, not {}",
-            op.resource_type(),
-            op.address(),
+            "{resource_type} `{address}`: {what} must be a JSON object, not {}",
             text.trim().chars().take(40).collect::<String>()
         )));
     }
     serde_json::from_str(text).map_err(|e| {
-        let header = format!("{} `{}`", op.resource_type(), op.address());
+        let header = format!("{resource_type} `{address}`");
         if matches!(
             e.classify(),
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof
@@ -382,6 +428,32 @@ impl<R: Resource> ErasedResource for Erased<R> {
                     Ok("{}".to_string())
                 }
             }
+        }
+        .boxed_local()
+    }
+
+    fn plan<'a>(
+        &'a self,
+        address: &'a str,
+        prior: Option<(String, String)>,
+        inputs: String,
+    ) -> LocalBoxFuture<'a, Result<capstan_schema::ProviderPlan, OperationError>> {
+        async move {
+            let name = &self.info.name;
+            let prior = match prior {
+                None => None,
+                Some((inputs, outputs)) => Some(Prior {
+                    inputs: decode_for(name, address, "recorded inputs", &inputs)?,
+                    outputs: decode_for(name, address, "recorded outputs", &outputs)?,
+                }),
+            };
+            let inputs = decode_for(name, address, "inputs", &inputs)?;
+            let planned = self.resource.plan(prior, inputs).await?;
+            Ok(capstan_schema::ProviderPlan {
+                outputs: planned.outputs.to_string(),
+                unknown: planned.unknown,
+                replace: planned.replace,
+            })
         }
         .boxed_local()
     }

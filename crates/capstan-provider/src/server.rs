@@ -235,6 +235,51 @@ impl ProviderServer {
         result
     }
 
+    /// `plan` for one request: no progress, no concurrency slot (a plan changes nothing and
+    /// is quick); a panic is an internal error, never the connection's end.
+    async fn plan_one(
+        &self,
+        request: Request,
+    ) -> Result<capstan_schema::ProviderPlan, OperationError> {
+        let resource = self
+            .resources
+            .get(&request.resource_type)
+            .cloned()
+            .ok_or_else(|| {
+                OperationError::invalid_input(format!(
+                    "provider `{}` has no resource type `{}`",
+                    self.info.name, request.resource_type
+                ))
+            })?;
+        if !resource.info().plans_changes {
+            return Err(OperationError::permanent(format!(
+                "provider `{}` does not plan `{}` changes (it does not declare plansChanges)",
+                self.info.name, request.resource_type
+            )));
+        }
+        let prior = (!matches!(request.previous_outputs.trim(), "" | "null")).then(|| {
+            (
+                request.previous_inputs.clone(),
+                request.previous_outputs.clone(),
+            )
+        });
+        let planned = std::panic::AssertUnwindSafe(resource.plan(
+            &request.address,
+            prior,
+            request.inputs.clone(),
+        ))
+        .catch_unwind()
+        .await;
+        match planned {
+            Ok(result) => result,
+            Err(panic) => Err(OperationError::internal(format!(
+                "provider `{}` panicked while planning: {}",
+                self.info.name,
+                panic_message(panic)
+            ))),
+        }
+    }
+
     async fn operation(
         &self,
         kind: OperationKind,
@@ -322,6 +367,29 @@ impl provider::Server for ProviderServer {
         read => Read, ReadParams, ReadResults;
         update => Update, UpdateParams, UpdateResults;
         delete => Delete, DeleteParams, DeleteResults;
+    }
+
+    async fn plan(
+        self: CapRc<Self>,
+        params: provider::PlanParams,
+        mut results: provider::PlanResults,
+    ) -> Result<(), capnp::Error> {
+        let planned = match params
+            .get()
+            .and_then(|p| p.get_request())
+            .and_then(Request::read)
+        {
+            Ok(request) => self.plan_one(request).await,
+            Err(e) => Err(OperationError::invalid_input(format!(
+                "malformed plan request: {e}"
+            ))),
+        };
+        let result = results.get().init_result();
+        match planned {
+            Ok(planned) => planned.write(result.init_planned()),
+            Err(error) => error.write(result.init_failure()),
+        }
+        Ok(())
     }
 
     async fn shutdown(

@@ -44,6 +44,9 @@ pub struct ResourceTypeInfo {
     /// Its `read` looks at the real resource (answers `NotFound`, finds one from inputs).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_checks: bool,
+    /// The provider answers `plan` for it (planned outputs, unknowns, replacements).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plans_changes: bool,
 }
 
 /// One input of a resource type.
@@ -106,6 +109,7 @@ impl ProviderInfo {
                 no_delete: t.get_no_delete(),
                 read_on_plan: t.get_read_on_plan(),
                 read_checks: t.get_read_checks(),
+                plans_changes: t.get_plans_changes(),
                 uses_scheduler: t.get_uses_scheduler(),
             });
         }
@@ -138,6 +142,7 @@ impl ProviderInfo {
             tb.set_no_delete(t.no_delete);
             tb.set_read_on_plan(t.read_on_plan);
             tb.set_read_checks(t.read_checks);
+            tb.set_plans_changes(t.plans_changes);
             tb.set_uses_scheduler(t.uses_scheduler);
             let mut inputs = tb.reborrow().init_inputs(t.inputs.len() as u32);
             for (k, i) in t.inputs.iter().enumerate() {
@@ -204,6 +209,7 @@ mod tests {
                 no_delete: false,
                 read_on_plan: true,
                 read_checks: true,
+                plans_changes: true,
                 uses_scheduler: true,
             }],
         };
@@ -213,5 +219,44 @@ mod tests {
             .get_root_as_reader::<provider_capnp::provider_info::Reader>()
             .unwrap();
         assert_eq!(ProviderInfo::read(reader).unwrap(), info);
+    }
+}
+
+/// What a provider plans for a create or update (`Provider.plan`): the outputs as they will be
+/// (JSON text; unknown ones null), the names of those known only after the operation runs, and,
+/// for an update, the attributes whose change forces a new resource.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderPlan {
+    pub outputs: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unknown: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replace: Vec<String>,
+}
+
+impl ProviderPlan {
+    /// Reads a plan off the wire.
+    pub fn read(reader: provider_capnp::plan_result::planned::Reader<'_>) -> capnp::Result<Self> {
+        let list = |l: capnp::text_list::Reader<'_>| -> capnp::Result<Vec<String>> {
+            l.iter().map(|t| Ok(t?.to_string()?)).collect()
+        };
+        Ok(ProviderPlan {
+            outputs: reader.get_outputs()?.to_string()?,
+            unknown: list(reader.get_unknown()?)?,
+            replace: list(reader.get_replace()?)?,
+        })
+    }
+
+    /// Writes a plan to the wire.
+    pub fn write(&self, mut builder: provider_capnp::plan_result::planned::Builder<'_>) {
+        builder.set_outputs(&self.outputs[..]);
+        let mut unknown = builder.reborrow().init_unknown(self.unknown.len() as u32);
+        for (n, name) in self.unknown.iter().enumerate() {
+            unknown.set(n as u32, &name[..]);
+        }
+        let mut replace = builder.init_replace(self.replace.len() as u32);
+        for (n, name) in self.replace.iter().enumerate() {
+            replace.set(n as u32, &name[..]);
+        }
     }
 }

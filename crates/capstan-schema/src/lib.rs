@@ -26,7 +26,7 @@ pub mod progress;
 mod trace;
 
 pub use error::{ErrorKind, OperationError};
-pub use info::{ProviderInfo, ResourceTypeInfo};
+pub use info::{ProviderInfo, ProviderPlan, ResourceTypeInfo};
 pub use progress::{Level, LogStream, ProgressEvent, ProgressKind};
 pub use trace::TraceContext;
 

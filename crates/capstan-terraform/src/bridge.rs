@@ -23,7 +23,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use capstan_provider::{
-    LogStream, Operation, OperationError, Prior, Provider, Resource, ResourceType,
+    LogStream, Operation, OperationError, Planned, Prior, Provider, Resource, ResourceType,
 };
 use serde_json::Value;
 
@@ -240,7 +240,8 @@ pub fn provider(
                 program.display()
             ))
             .stateful(!data)
-            .read_checks(!data);
+            .read_checks(!data)
+            .plans_changes(!data);
         for i in &t.inputs {
             description = if i.required {
                 description.required(&i.name, &i.description)
@@ -513,6 +514,54 @@ impl Resource for TfResource {
                 self.name
             ))),
         }
+    }
+
+    async fn plan(
+        &self,
+        prior: Option<Prior<Value, Value>>,
+        inputs: Value,
+    ) -> Result<Planned, OperationError> {
+        let shared = &self.shared.0;
+        let plugin = shared.plugin().await?;
+        let mut warnings = Vec::new();
+        let recorded = match prior {
+            None => None,
+            Some(prior) => {
+                let mut recorded = split(&prior.outputs);
+                let current = crate::schema_version(&shared.schema, &self.name);
+                if recorded.version != current {
+                    recorded.state = plugin
+                        .upgrade(
+                            &shared.schema,
+                            &self.name,
+                            recorded.version,
+                            &recorded.state,
+                            &mut warnings,
+                        )
+                        .await
+                        .map_err(failure)?;
+                }
+                Some(recorded)
+            }
+        };
+        let planned = plugin
+            .plan(
+                &shared.schema,
+                &self.name,
+                recorded.as_ref().map(|r| (&r.state, r.private.as_slice())),
+                &inputs,
+                &mut warnings,
+            )
+            .await
+            .map_err(failure)?;
+        for w in warnings {
+            eprintln!("{}: warning: {w}", self.name);
+        }
+        Ok(Planned {
+            outputs: planned.state,
+            unknown: planned.unknown,
+            replace: planned.replace,
+        })
     }
 
     async fn delete(

@@ -598,6 +598,104 @@ impl Plugin {
         .await
     }
 
+    /// Plans a create (`prior` is `None`) or an update of a resource (its state and private
+    /// bytes) to a new configuration, applying nothing: `ValidateResourceConfig`, then
+    /// `PlanResourceChange`. When the update requires replacing it, the attributes that force
+    /// that are named and the new resource's plan is the one returned (as Terraform shows).
+    pub async fn plan(
+        &self,
+        schema: &wire::GetProviderSchemaResponse,
+        type_name: &str,
+        prior: Option<(&serde_json::Value, &[u8])>,
+        config: &serde_json::Value,
+        warnings: &mut Vec<String>,
+    ) -> Result<Planned, TerraformError> {
+        let block = self.block(schema, type_name)?;
+        let t = values::block_type(block);
+        let config = values::encode(&t, config);
+        self.validate(type_name, false, &config, warnings).await?;
+        let mut replace = Vec::new();
+        let mut planned = match prior {
+            Some((state, private)) => {
+                let prior = values::encode(&t, state);
+                let proposed = values::proposed_new(block, &prior, &config);
+                let plan = self
+                    .plan_change(
+                        schema,
+                        type_name,
+                        &prior,
+                        proposed,
+                        &config,
+                        private.to_vec(),
+                        warnings,
+                    )
+                    .await?;
+                replace = forcing(&plan, &prior);
+                (replace.is_empty()).then_some(plan)
+            }
+            None => None,
+        };
+        if planned.is_none() {
+            let proposed = values::proposed_new(block, &rmpv::Value::Nil, &config);
+            planned = Some(
+                self.plan_change(
+                    schema,
+                    type_name,
+                    &rmpv::Value::Nil,
+                    proposed,
+                    &config,
+                    Vec::new(),
+                    warnings,
+                )
+                .await?,
+            );
+        }
+        let state = values::from_dynamic(planned.and_then(|p| p.planned_state).as_ref())
+            .map_err(|e| TerraformError::Grpc(format!("its plan: {e}"), self.program.clone()))?;
+        let unknown = match &state {
+            rmpv::Value::Map(entries) => entries
+                .iter()
+                .filter(|(_, v)| values::has_unknown(v))
+                .filter_map(|(k, _)| k.as_str().map(str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Planned {
+            state: values::decode(&state),
+            unknown,
+            replace,
+        })
+    }
+
+    /// `PlanResourceChange`, its errors as errors.
+    #[allow(clippy::too_many_arguments)]
+    async fn plan_change(
+        &self,
+        schema: &wire::GetProviderSchemaResponse,
+        type_name: &str,
+        prior: &rmpv::Value,
+        proposed: rmpv::Value,
+        config: &rmpv::Value,
+        prior_private: Vec<u8>,
+        warnings: &mut Vec<String>,
+    ) -> Result<wire::PlanResourceChangeResponse, TerraformError> {
+        let plan: wire::PlanResourceChangeResponse = self
+            .unary(
+                wire::Method::PlanResourceChange,
+                wire::PlanResourceChangeRequest {
+                    type_name: type_name.to_string(),
+                    prior_state: Some(values::dynamic(prior)),
+                    proposed_new_state: Some(values::dynamic(&proposed)),
+                    config: Some(values::dynamic(config)),
+                    prior_private,
+                    provider_meta: provider_meta(schema),
+                },
+            )
+            .await?;
+        self.errors(&plan.diagnostics, warnings)?;
+        Ok(plan)
+    }
+
     /// `PlanResourceChange`, then `ApplyResourceChange` of that plan: the new state (JSON)
     /// and private bytes. A change that requires replacing the resource is
     /// [`TerraformError::ReplaceRequired`], before anything is applied.
@@ -615,7 +713,8 @@ impl Plugin {
         // On a create, providers report the attributes that would force a replacement too;
         // only a change of an existing resource is refused for them (as Terraform core does).
         let creating = prior.is_nil();
-        let prior = values::dynamic(&prior);
+        let prior_value = prior;
+        let prior = values::dynamic(&prior_value);
         let config = values::dynamic(&config);
         let plan: wire::PlanResourceChangeResponse = self
             .unary(
@@ -631,15 +730,16 @@ impl Plugin {
             )
             .await?;
         self.errors(&plan.diagnostics, warnings)?;
-        if !creating && !plan.requires_replace.is_empty() {
+        let paths = if creating {
+            Vec::new()
+        } else {
+            forcing(&plan, &prior_value)
+        };
+        if !paths.is_empty() {
             return Err(TerraformError::ReplaceRequired {
                 program: self.program.clone(),
                 type_name: type_name.to_string(),
-                paths: plan
-                    .requires_replace
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect(),
+                paths,
             });
         }
         let applied: wire::ApplyResourceChangeResponse = self
@@ -769,6 +869,19 @@ impl Plugin {
         if version == schema_version(schema, type_name) {
             return Ok(state.clone());
         }
+        self.upgrade_state(type_name, version, state, warnings)
+            .await
+    }
+
+    /// `UpgradeResourceState` itself, whatever the versions (Terraform core calls it for every
+    /// state it reads; Capstan only when the version moved).
+    pub async fn upgrade_state(
+        &self,
+        type_name: &str,
+        version: i64,
+        state: &serde_json::Value,
+        warnings: &mut Vec<String>,
+    ) -> Result<serde_json::Value, TerraformError> {
         let upgraded: wire::UpgradeResourceStateResponse = self
             .unary(
                 wire::Method::UpgradeResourceState,
@@ -920,6 +1033,33 @@ impl Drop for Plugin {
         // The process never outlives its handle.
         self.kill.notify_one();
     }
+}
+
+/// The attributes among a plan's `requires_replace` whose value changes from `prior` to the
+/// planned state (or is not known yet), as Terraform core counts them: a provider may name
+/// attributes that would force a new resource if they changed (the old SDK names `id`).
+fn forcing(plan: &wire::PlanResourceChangeResponse, prior: &rmpv::Value) -> Vec<String> {
+    let planned = values::from_dynamic(plan.planned_state.as_ref()).unwrap_or(rmpv::Value::Nil);
+    plan.requires_replace
+        .iter()
+        .filter(|path| {
+            let before = values::at_path(prior, path);
+            let after = values::at_path(&planned, path);
+            after.is_some_and(values::has_unknown) || before != after
+        })
+        .map(|path| path.to_string())
+        .collect()
+}
+
+/// A planned create or update ([`Plugin::plan`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Planned {
+    /// Every attribute as planned; those not known until applied are null.
+    pub state: serde_json::Value,
+    /// The attributes (top-level) holding a value not known until applied.
+    pub unknown: Vec<String>,
+    /// For an update: the attributes whose change forces a new resource.
+    pub replace: Vec<String>,
 }
 
 /// A diagnostic's detail and attribute path, as `: …` (or nothing).

@@ -205,6 +205,37 @@ fn field<'a>(object: &'a Mp, name: &str) -> &'a Mp {
     }
 }
 
+/// The part of `value` at `path` (`None` where the path leads nowhere).
+pub fn at_path<'a>(value: &'a Mp, path: &wire::AttributePath) -> Option<&'a Mp> {
+    let mut here = value;
+    for step in &path.steps {
+        here = match (&step.selector, here) {
+            (
+                Some(wire::Selector::AttributeName(key) | wire::Selector::ElementKeyString(key)),
+                Mp::Map(entries),
+            ) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key.as_str()))
+                .map(|(_, v)| v)?,
+            (Some(wire::Selector::ElementKeyInt(i)), Mp::Array(items)) => {
+                items.get(usize::try_from(*i).ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    Some(here)
+}
+
+/// Whether `value` is, or holds, an unknown value.
+pub fn has_unknown(value: &Mp) -> bool {
+    match value {
+        Mp::Ext(0, _) => true,
+        Mp::Array(items) => items.iter().any(has_unknown),
+        Mp::Map(entries) => entries.iter().any(|(_, v)| has_unknown(v)),
+        _ => false,
+    }
+}
+
 /// Terraform's unknown value.
 pub fn unknown() -> Mp {
     Mp::Ext(0, vec![0])

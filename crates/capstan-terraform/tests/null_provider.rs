@@ -177,3 +177,30 @@ fn a_null_resource_is_created_read_and_deleted_through_the_real_provider() {
         plugin.stop().await;
     });
 }
+
+#[test]
+fn upgrade_resource_state_is_answered_by_the_real_provider() {
+    let Some(binary) = null_provider() else {
+        return;
+    };
+    run(async {
+        let plugin = Plugin::start(&binary, Duration::from_secs(20))
+            .await
+            .unwrap();
+        let schema = plugin.schema().await.unwrap();
+        let mut warnings = Vec::new();
+        plugin
+            .configure(&schema, &serde_json::json!({}), &mut warnings)
+            .await
+            .unwrap();
+        // A recorded state (as JSON, the way Terraform's state file holds it) upgraded by the
+        // provider's own SDK: the same attributes come back, in MessagePack, every one there.
+        let state = serde_json::json!({"id": "42", "triggers": {"a": "1"}});
+        let upgraded = plugin
+            .upgrade_state("null_resource", 0, &state, &mut warnings)
+            .await
+            .unwrap();
+        assert_eq!(upgraded, state);
+        plugin.stop().await;
+    });
+}

@@ -290,6 +290,14 @@ fn a_state_of_an_older_schema_version_is_sent_to_upgrade_resource_state() {
             .await
             .unwrap();
         assert_eq!(same, state);
+        // Sent anyway (as Terraform core does), tf-provider answers with the state in JSON,
+        // not MessagePack: read all the same.
+        let answered = plugin
+            .upgrade_state("capstanfixture_file", 2, &state, &mut warnings)
+            .await
+            .unwrap();
+        assert_eq!(answered["content"], "x");
+        assert_eq!(answered["size"], 1);
         // An older one is: tf-provider 0.2.2 cannot upgrade (its hook's argument type is
         // private to the crate), and says so; the answer is its own.
         let error = plugin
