@@ -303,6 +303,34 @@ fn a_protocol_6_provider_lives_through_apply_drift_replace_failure_crash_and_can
     };
     assert!(progress("slow doomed: step 1 of 3"), "{}", shown(&apply));
     assert!(progress("slow things are slow"), "{}", shown(&apply));
+    // A create that fails after making the resource (Apply answers an error and a state):
+    // what exists is recorded, tainted, and the next apply replaces it (as Terraform does).
+    write(&deployment(json!({
+        "half": {"provider": "fx", "type": "capstanfixture_file",
+                 "inputs": {"path": "half.txt", "content": "half-made"}}
+    })));
+    let apply = run(&["apply"]);
+    assert!(!apply.status.success(), "{}", shown(&apply));
+    assert!(
+        shown(&apply).contains("made, but the check after failed"),
+        "{}",
+        shown(&apply)
+    );
+    assert!(root.join("half.txt").exists());
+    let half = show("half");
+    assert_eq!(half["tainted"], true, "{half}");
+    assert_eq!(half["outputs"]["id"], "half.txt", "{half}");
+    write(&deployment(json!({
+        "half": {"provider": "fx", "type": "capstanfixture_file",
+                 "inputs": {"path": "half.txt", "content": "whole"}}
+    })));
+    let apply = run(&["apply"]);
+    assert!(apply.status.success(), "{}", shown(&apply));
+    assert_eq!(
+        std::fs::read_to_string(root.join("half.txt")).unwrap(),
+        "whole"
+    );
+    assert_eq!(show("half").get("tainted"), None);
     // A provider that dies mid-apply: the operation stays pending, the rest of the state is
     // intact, and the next apply settles it.
     write(&deployment(json!({

@@ -42,6 +42,11 @@ type InFlight = Arc<Mutex<Vec<(u64, String, tokio::sync::mpsc::UnboundedSender<L
 struct Shared {
     program: PathBuf,
     config: Value,
+    /// The provider block's sensitive settings (by its schema), never shown by the bridge.
+    config_secrets: Vec<String>,
+    /// What a failed create made all the same (Apply answered a state with its error), by
+    /// address: what the core's read of it finds (`find`), to record it tainted.
+    made_anyway: std::cell::RefCell<std::collections::HashMap<String, Value>>,
     schema: wire::GetProviderSchemaResponse,
     plugin: Plugin,
     configured: tokio::sync::OnceCell<()>,
@@ -59,12 +64,12 @@ impl Shared {
                     .configure(&self.schema, &self.config, &mut warnings)
                     .await?;
                 for w in warnings {
-                    eprintln!("{}: warning: {w}", self.program.display());
+                    eprintln!("{}: warning: {}", self.program.display(), self.scrub(&w));
                 }
                 Ok::<_, TerraformError>(())
             })
             .await
-            .map_err(failure)?;
+            .map_err(|e| self.failure(e))?;
         let plugin = &self.plugin;
         if self.next_op.get() == 0 {
             // Once: a provider that dies takes the bridge with it (see the module's notes).
@@ -115,7 +120,45 @@ impl Shared {
         while let Ok(line) = rx.try_recv() {
             emit(op, line).await;
         }
+        if let Err(TerraformError::Transport(why, _)) = &result {
+            if !plugin.is_shutting_down() {
+                // No answer: whether it took effect is unknown, for this call and for every
+                // other one on the connection. The bridge ends, so the core keeps them pending
+                // (a provider that died is reported by the watcher first, if it is quick).
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    plugin.unexpected_exit(),
+                )
+                .await;
+                eprintln!(
+                    "lost the Terraform provider {} during `{}` of {} ({why}); what was in flight stays pending",
+                    self.program.display(),
+                    type_name,
+                    op.address()
+                );
+                std::process::exit(70);
+            }
+        }
         result
+    }
+
+    /// `text` with the provider block's sensitive settings hidden.
+    fn scrub(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        for secret in &self.config_secrets {
+            text = text.replace(secret.as_str(), "(sensitive)");
+        }
+        text
+    }
+
+    /// An error of the plugin as the operation's, its secrets hidden.
+    fn failure(&self, e: TerraformError) -> OperationError {
+        let e = failure(e);
+        OperationError {
+            message: self.scrub(&e.message),
+            details: self.scrub(&e.details),
+            ..e
+        }
     }
 }
 
@@ -128,6 +171,16 @@ impl Drop for Registered<'_> {
             in_flight.retain(|(id, _, _)| *id != self.1);
         }
     }
+}
+
+/// `line` with the provider block's sensitive settings hidden.
+fn scrubbed(mut line: LogLine, hidden: &std::sync::OnceLock<Vec<String>>) -> LogLine {
+    for secret in hidden.get().into_iter().flatten() {
+        if line.message.contains(secret.as_str()) {
+            line.message = line.message.replace(secret.as_str(), "(sensitive)");
+        }
+    }
+    line
 }
 
 /// Sends a log line to the operation it is about, or to the bridge's stderr.
@@ -194,6 +247,29 @@ fn failure(e: TerraformError) -> OperationError {
     }
 }
 
+/// The string values of the provider block's settings its schema marks sensitive (and those
+/// inside them), at least 4 characters long.
+fn config_secrets(schema: &wire::GetProviderSchemaResponse, config: &Value) -> Vec<String> {
+    fn strings(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) if s.chars().count() >= 4 => out.push(s.clone()),
+            Value::Array(items) => items.iter().for_each(|i| strings(i, out)),
+            Value::Object(map) => map.values().for_each(|i| strings(i, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    let Some(block) = schema.provider.as_ref().and_then(|p| p.block.as_ref()) else {
+        return out;
+    };
+    for a in block.attributes.iter().filter(|a| a.sensitive) {
+        if let Some(v) = config.get(&a.name) {
+            strings(v, &mut out);
+        }
+    }
+    out
+}
+
 /// Starts the provider and reads its schema, and builds the Capstan provider, to be served
 /// on the runtime returned (where the provider's process is watched and its logs read).
 pub fn provider(
@@ -206,9 +282,12 @@ pub fn provider(
         .expect("a runtime");
     let in_flight: InFlight = Arc::default();
     let routes = in_flight.clone();
+    // Known once the schema is: the sensitive settings its log lines must not show.
+    let hidden: Arc<std::sync::OnceLock<Vec<String>>> = Arc::default();
+    let hide = hidden.clone();
     let (plugin, schema) = runtime.block_on(async {
         let options = StartOptions {
-            logs: Some(Arc::new(move |line| route(&routes, line))),
+            logs: Some(Arc::new(move |line| route(&routes, scrubbed(line, &hide)))),
             ..StartOptions::default()
         };
         let plugin = Plugin::start_with(&program, options).await?;
@@ -216,10 +295,14 @@ pub fn provider(
         Ok::<_, TerraformError>((plugin, schema))
     })?;
     let info = crate::provider_info("terraform", &schema);
+    let secrets = config_secrets(&schema, &config);
+    let _ = hidden.set(secrets.clone());
     let shared = Rc::new(Shared {
         program: program.clone(),
         config,
         schema,
+        config_secrets: secrets,
+        made_anyway: Default::default(),
         plugin,
         configured: tokio::sync::OnceCell::new(),
         in_flight,
@@ -284,7 +367,9 @@ struct Recorded {
     version: i64,
 }
 
-fn split(outputs: &Value) -> Recorded {
+/// A recorded state from a resource's outputs; `current` is the schema version taken for a
+/// state made before the version was kept (made with the schema of then: the current one).
+fn split(outputs: &Value, current: i64) -> Recorded {
     use base64::Engine;
     let mut state = outputs.clone();
     let object = state.as_object_mut();
@@ -298,9 +383,7 @@ fn split(outputs: &Value) -> Recorded {
             .and_then(|v| v.as_str().map(str::to_string))
             .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
             .unwrap_or_default(),
-        // States from before the version was kept were made with version 0 or, at worst,
-        // the current one (which the provider then upgrades as a no-op).
-        version: version.and_then(|v| v.as_i64()).unwrap_or(0),
+        version: version.and_then(|v| v.as_i64()).unwrap_or(current),
     }
 }
 
@@ -316,10 +399,12 @@ fn join(mut state: Value, private: &[u8], version: i64) -> Value {
     state
 }
 
-/// Reports the provider's warnings as `op`'s `warn` events.
-fn warn(warnings: Vec<String>) {
-    for w in warnings {
-        tracing::warn!("{w}");
+impl Shared {
+    /// Reports the provider's warnings as the current operation's `warn` events.
+    fn warn(&self, warnings: Vec<String>) {
+        for w in warnings {
+            tracing::warn!("{}", self.scrub(&w));
+        }
     }
 }
 
@@ -332,8 +417,8 @@ impl TfResource {
         outputs: &Value,
     ) -> Result<Recorded, OperationError> {
         let shared = &self.shared.0;
-        let mut recorded = split(outputs);
         let current = crate::schema_version(&shared.schema, &self.name);
+        let mut recorded = split(outputs, current);
         if recorded.version != current {
             op.phase(format!(
                 "upgrade state from schema version {} to {current}",
@@ -355,8 +440,8 @@ impl TfResource {
                     ),
                 )
                 .await
-                .map_err(failure)?;
-            warn(warnings);
+                .map_err(|e| shared.failure(e))?;
+            shared.warn(warnings);
             recorded.version = current;
         }
         Ok(recorded)
@@ -378,13 +463,32 @@ impl TfResource {
                 plugin.create(&shared.schema, &self.name, inputs, &mut warnings),
             )
             .await;
-        warn(warnings);
-        let (state, private) = made.map_err(failure)?;
-        Ok(join(
-            state,
-            &private,
-            crate::schema_version(&shared.schema, &self.name),
-        ))
+        shared.warn(warnings);
+        let version = crate::schema_version(&shared.schema, &self.name);
+        let (state, private) = match made {
+            Ok(made) => made,
+            Err(TerraformError::AppliedWithError {
+                program,
+                summary,
+                detail,
+                made,
+            }) => {
+                let (state, private) = *made;
+                // Failed, but made: the core's read after a failed create finds it (`find`),
+                // and records it tainted, to be replaced (as Terraform core does).
+                shared
+                    .made_anyway
+                    .borrow_mut()
+                    .insert(op.address().to_string(), join(state, &private, version));
+                return Err(shared.failure(TerraformError::Diagnostic {
+                    program,
+                    summary,
+                    detail,
+                }));
+            }
+            Err(e) => return Err(shared.failure(e)),
+        };
+        Ok(join(state, &private, version))
     }
 }
 
@@ -411,8 +515,8 @@ impl Resource for TfResource {
                     plugin.read_data(&shared.schema, data, &inputs, &mut warnings),
                 )
                 .await;
-            warn(warnings);
-            return read.map_err(failure);
+            shared.warn(warnings);
+            return read.map_err(|e| shared.failure(e));
         }
         self.create_new(op, plugin, &inputs).await
     }
@@ -445,7 +549,7 @@ impl Resource for TfResource {
                 ),
             )
             .await;
-        warn(warnings);
+        shared.warn(warnings);
         match updated {
             // Attributes that force a new resource changed: replaced as Terraform does by
             // default, the old one deleted, then the new one created.
@@ -470,8 +574,8 @@ impl Resource for TfResource {
                         ),
                     )
                     .await;
-                warn(warnings);
-                deleted.map_err(failure)?;
+                shared.warn(warnings);
+                deleted.map_err(|e| shared.failure(e))?;
                 self.create_new(op, plugin, &inputs).await
             }
             Err(other) => Err(failure(other)),
@@ -506,13 +610,32 @@ impl Resource for TfResource {
                 ),
             )
             .await;
-        warn(warnings);
-        match read.map_err(failure)? {
+        shared.warn(warnings);
+        match read.map_err(|e| shared.failure(e))? {
+            // Unchanged: as recorded (a provider's read may answer other private bytes for
+            // the same resource, which is no change of it).
+            Some((now, _)) if now == recorded.state => Ok(prior.outputs),
+            // Changed: as read, with the private bytes the read answered (as Terraform core
+            // keeps them), or the recorded ones when it answered none.
+            Some((now, private)) if private.is_empty() => {
+                Ok(join(now, &recorded.private, recorded.version))
+            }
             Some((now, private)) => Ok(join(now, &private, recorded.version)),
             None => Err(OperationError::not_found(format!(
                 "its Terraform provider no longer finds this `{}`",
                 self.name
             ))),
+        }
+    }
+
+    async fn find(&self, op: &Operation, _inputs: Value) -> Result<Value, OperationError> {
+        // A Terraform provider cannot find a resource from its configuration; what a failed
+        // create of this run made (Apply answered its state) is known.
+        match self.shared.0.made_anyway.borrow_mut().remove(op.address()) {
+            Some(made) => Ok(made),
+            None => Err(OperationError::permanent(
+                "a Terraform provider cannot find a resource from its configuration alone",
+            )),
         }
     }
 
@@ -527,7 +650,10 @@ impl Resource for TfResource {
         let recorded = match prior {
             None => None,
             Some(prior) => {
-                let mut recorded = split(&prior.outputs);
+                let mut recorded = split(
+                    &prior.outputs,
+                    crate::schema_version(&shared.schema, &self.name),
+                );
                 let current = crate::schema_version(&shared.schema, &self.name);
                 if recorded.version != current {
                     recorded.state = plugin
@@ -539,7 +665,7 @@ impl Resource for TfResource {
                             &mut warnings,
                         )
                         .await
-                        .map_err(failure)?;
+                        .map_err(|e| shared.failure(e))?;
                 }
                 Some(recorded)
             }
@@ -553,9 +679,9 @@ impl Resource for TfResource {
                 &mut warnings,
             )
             .await
-            .map_err(failure)?;
+            .map_err(|e| shared.failure(e))?;
         for w in warnings {
-            eprintln!("{}: warning: {w}", self.name);
+            eprintln!("{}: warning: {}", self.name, shared.scrub(&w));
         }
         Ok(Planned {
             outputs: planned.state,
@@ -591,7 +717,7 @@ impl Resource for TfResource {
                 ),
             )
             .await;
-        warn(warnings);
-        deleted.map_err(failure)
+        shared.warn(warnings);
+        deleted.map_err(|e| shared.failure(e))
     }
 }

@@ -88,6 +88,20 @@ pub enum TerraformError {
     },
     #[error("{program}: gRPC: {0}", program = .1.display())]
     Grpc(String, PathBuf),
+    /// The call got no answer (the connection failed, or the plugin died): whether it took
+    /// effect is unknown.
+    #[error("{program}: no answer: {0}", program = .1.display())]
+    Transport(String, PathBuf),
+    /// `ApplyResourceChange` failed but answered a state: the resource exists (partly made),
+    /// as Terraform core records it (tainted).
+    #[error("{program}: {summary}{detail}", program = .program.display())]
+    AppliedWithError {
+        program: PathBuf,
+        summary: String,
+        detail: String,
+        /// What exists: its state and private bytes.
+        made: Box<(serde_json::Value, Vec<u8>)>,
+    },
     /// A change of attributes that force a new resource: the caller replaces it.
     #[error(
         "{program}: changing {paths} of the `{type_name}` requires replacing it",
@@ -243,7 +257,7 @@ pub struct Plugin {
     pub protocol: wire::Protocol,
     /// Whether the connection is mutual TLS.
     pub tls: bool,
-    /// Whether `StopProvider` was sent.
+    /// Whether a `StopProvider` is being sent.
     stopped: std::sync::atomic::AtomicBool,
 }
 
@@ -297,6 +311,16 @@ impl Plugin {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        // SAFETY: between fork and exec, only `prctl`, which is async-signal-safe: the plugin
+        // dies with the bridge, even a bridge killed with SIGKILL.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = command.spawn().map_err(|error| TerraformError::Spawn {
             program: program.clone(),
             error,
@@ -488,7 +512,7 @@ impl Plugin {
                 },
             });
         }
-        let mut config = values::dynamic(&values::encode(&values::block_type(&block), config));
+        let mut config = values::dynamic(&self.config_of(&block, config)?);
         let validated: wire::ValidateProviderConfigResponse = self
             .unary(
                 wire::Method::ValidateProviderConfig,
@@ -552,7 +576,7 @@ impl Plugin {
         warnings: &mut Vec<String>,
     ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
         let block = self.block(schema, type_name)?;
-        let config = values::encode(&values::block_type(block), config);
+        let config = self.config_of(block, config)?;
         let proposed = values::proposed_new(block, &rmpv::Value::Nil, &config);
         self.validate(type_name, false, &config, warnings).await?;
         self.plan_and_apply(
@@ -583,7 +607,7 @@ impl Plugin {
         let block = self.block(schema, type_name)?;
         let t = values::block_type(block);
         let prior = values::encode(&t, prior);
-        let config = values::encode(&t, config);
+        let config = self.config_of(block, config)?;
         let proposed = values::proposed_new(block, &prior, &config);
         self.validate(type_name, false, &config, warnings).await?;
         self.plan_and_apply(
@@ -612,7 +636,7 @@ impl Plugin {
     ) -> Result<Planned, TerraformError> {
         let block = self.block(schema, type_name)?;
         let t = values::block_type(block);
-        let config = values::encode(&t, config);
+        let config = self.config_of(block, config)?;
         self.validate(type_name, false, &config, warnings).await?;
         let mut replace = Vec::new();
         let mut planned = match prior {
@@ -755,7 +779,24 @@ impl Plugin {
                 },
             )
             .await?;
-        self.errors(&applied.diagnostics, warnings)?;
+        if let Err(error) = self.errors(&applied.diagnostics, warnings) {
+            // Made in part: the state it answered says what exists.
+            if let (
+                TerraformError::Diagnostic {
+                    summary, detail, ..
+                },
+                Ok(Some(state)),
+            ) = (&error, self.state_of(applied.new_state.as_ref()))
+            {
+                return Err(TerraformError::AppliedWithError {
+                    program: self.program.clone(),
+                    summary: summary.clone(),
+                    detail: detail.clone(),
+                    made: Box::new((state, applied.private)),
+                });
+            }
+            return Err(error);
+        }
         let state = self.state_of(applied.new_state.as_ref())?;
         Ok((state.unwrap_or_default(), applied.private))
     }
@@ -784,15 +825,10 @@ impl Plugin {
             )
             .await?;
         self.errors(&read.diagnostics, warnings)?;
-        // A provider that answers no private bytes keeps the ones it had.
-        let private = if read.private.is_empty() {
-            private.to_vec()
-        } else {
-            read.private
-        };
+        // As Terraform core: the private bytes are those the read answered.
         Ok(self
             .state_of(read.new_state.as_ref())?
-            .map(|state| (state, private)))
+            .map(|state| (state, read.private)))
     }
 
     /// `ReadDataSource`: what the data source `type_name` (without `data.`) reads for its
@@ -813,7 +849,7 @@ impl Plugin {
                 summary: format!("no data source `{type_name}`"),
                 detail: String::new(),
             })?;
-        let config = values::encode(&values::block_type(&block), config);
+        let config = self.config_of(&block, config)?;
         self.validate(type_name, true, &config, warnings).await?;
         let read: wire::ReadDataSourceResponse = self
             .unary(
@@ -866,8 +902,18 @@ impl Plugin {
         state: &serde_json::Value,
         warnings: &mut Vec<String>,
     ) -> Result<serde_json::Value, TerraformError> {
-        if version == schema_version(schema, type_name) {
+        let current = schema_version(schema, type_name);
+        if version == current {
             return Ok(state.clone());
+        }
+        if version > current {
+            return Err(TerraformError::Diagnostic {
+                program: self.program.clone(),
+                summary: format!(
+                    "the recorded `{type_name}` was made with schema version {version}, newer than this provider's {current}"
+                ),
+                detail: ": use the provider version that made it (or newer)".into(),
+            });
         }
         self.upgrade_state(type_name, version, state, warnings)
             .await
@@ -902,7 +948,8 @@ impl Plugin {
     }
 
     /// `StopProvider`: asks the plugin to stop what it is doing (every operation in it, as
-    /// Terraform asks on an interrupt). Sent once; later calls do nothing.
+    /// Terraform asks on an interrupt). Sent for each cancellation (providers re-arm after
+    /// one), not again while one is being sent.
     pub async fn stop_operations(&self) {
         if self.stopped.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
@@ -915,6 +962,21 @@ impl Plugin {
             ),
         )
         .await;
+        self.stopped
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A configuration (JSON) encoded for the plugin, checked against its block's schema.
+    fn config_of(
+        &self,
+        block: &wire::Block,
+        config: &serde_json::Value,
+    ) -> Result<rmpv::Value, TerraformError> {
+        values::encode_config(block, config).map_err(|why| TerraformError::Diagnostic {
+            program: self.program.clone(),
+            summary: why,
+            detail: String::new(),
+        })
     }
 
     fn block<'s>(
@@ -979,8 +1041,26 @@ impl Plugin {
                 tonic::codec::ProstCodec::default(),
             )
             .await
-            .map_err(|status| grpc_error(status.message().to_string()))?;
+            .map_err(|status| {
+                use tonic::Code;
+                match status.code() {
+                    // No answer from the provider's code: the connection or the process failed.
+                    Code::Unavailable
+                    | Code::Unknown
+                    | Code::Cancelled
+                    | Code::DeadlineExceeded => TerraformError::Transport(
+                        status.message().to_string(),
+                        self.program.clone(),
+                    ),
+                    _ => grpc_error(status.message().to_string()),
+                }
+            })?;
         Ok(response.into_inner())
+    }
+
+    /// Whether [`Plugin::shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The plugin's program.
@@ -1045,7 +1125,9 @@ fn forcing(plan: &wire::PlanResourceChangeResponse, prior: &rmpv::Value) -> Vec<
         .filter(|path| {
             let before = values::at_path(prior, path);
             let after = values::at_path(&planned, path);
-            after.is_some_and(values::has_unknown) || before != after
+            // As JSON: maps compare whatever their order, and missing is null.
+            let json = |v: Option<&rmpv::Value>| v.map_or(serde_json::Value::Null, values::decode);
+            after.is_some_and(values::has_unknown) || json(before) != json(after)
         })
         .map(|path| path.to_string())
         .collect()
@@ -1155,6 +1237,22 @@ async fn connect(
         .map_err(|e| TerraformError::Grpc(format!("cannot connect: {e}"), program.to_path_buf()))
 }
 
+/// Whether an attribute is sensitive, or holds one (nested attributes).
+fn attribute_sensitive(a: &wire::Attribute) -> bool {
+    a.sensitive
+        || a.nested_type
+            .as_ref()
+            .is_some_and(|o| o.attributes.iter().any(attribute_sensitive))
+}
+
+/// Whether a block holds a sensitive attribute, at any depth.
+fn block_sensitive(b: &wire::Block) -> bool {
+    b.attributes.iter().any(attribute_sensitive)
+        || b.block_types
+            .iter()
+            .any(|n| n.block.as_ref().is_some_and(block_sensitive))
+}
+
 /// A Terraform provider's schema as Capstan's handshake describes it: each resource type's
 /// required and optional attributes are inputs, all its attributes (computed ones too)
 /// outputs; nested blocks are inputs and outputs holding JSON objects or arrays; sensitive
@@ -1171,18 +1269,20 @@ pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> Pr
         };
         for a in &block.attributes {
             let settable = a.required || a.optional;
+            // A nested attribute holding a sensitive one is hidden whole.
+            let sensitive = attribute_sensitive(a);
             if settable {
                 info.inputs.push(InputInfo {
                     name: a.name.clone(),
                     required: a.required,
                     description: a.description.clone(),
-                    sensitive: a.sensitive,
+                    sensitive,
                 });
             }
             info.outputs.push(OutputInfo {
                 name: a.name.clone(),
                 description: a.description.clone(),
-                sensitive: a.sensitive,
+                sensitive,
             });
         }
         for b in &block.block_types {
@@ -1191,16 +1291,18 @@ pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> Pr
                 4 => "an object of objects",
                 _ => "a list of objects",
             };
+            // A block holding a sensitive attribute is hidden whole.
+            let sensitive = b.block.as_ref().is_some_and(block_sensitive);
             info.inputs.push(InputInfo {
                 name: b.type_name.clone(),
                 required: b.min_items > 0,
                 description: format!("a nested block: {kind}"),
-                sensitive: false,
+                sensitive,
             });
             info.outputs.push(OutputInfo {
                 name: b.type_name.clone(),
                 description: format!("a nested block: {kind}"),
-                sensitive: false,
+                sensitive,
             });
         }
         types.push(info);
@@ -1229,6 +1331,32 @@ pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> Pr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_are_read_in_hclog_json_or_plain() {
+        let json = LogLine::parse(
+            Channel::Stderr,
+            r#"{"@level":"debug","@message":"Calling downstream","@module":"sdk.proto","tf_resource_type":"null_resource","tf_rpc":"ApplyResourceChange"}"#,
+        );
+        assert_eq!(json.level, Some("debug"));
+        assert_eq!(json.message, "Calling downstream");
+        assert_eq!(json.resource_type.as_deref(), Some("null_resource"));
+        let plain = LogLine::parse(
+            Channel::Stderr,
+            "2026-11-29T10:00:00.000Z [WARN]  provider: something odd\n",
+        );
+        assert_eq!(plain.level, Some("warn"));
+        assert_eq!(
+            plain.message,
+            "2026-11-29T10:00:00.000Z [WARN]  provider: something odd"
+        );
+        let bare = LogLine::parse(Channel::StdioOut, "step 3 of 10 [done]");
+        assert_eq!(bare.level, None, "a bracket that is no level is no level");
+        assert_eq!(bare.resource_type, None);
+        // JSON that is not hclog's is a plain line.
+        let other = LogLine::parse(Channel::Stderr, r#"{"a":1}"#);
+        assert_eq!(other.message, r#"{"a":1}"#);
+    }
 
     #[test]
     fn handshake_lines_are_read_or_refused() {

@@ -50,6 +50,199 @@ fn attribute_type(a: &wire::Attribute) -> Type {
     }
 }
 
+/// A configuration (JSON, as a deployment gives it) as Terraform encodes a block's value,
+/// checked against the schema: a value of the wrong type is an error naming the attribute
+/// (never data dropped). As Terraform's configuration language does, numbers and bools are
+/// taken for strings and numeric or boolean strings for numbers and bools; a single object is
+/// taken for a list or set block of at most one; an absent list or set block is empty, an
+/// absent map block empty.
+pub fn encode_config(block: &wire::Block, value: &Json) -> Result<Mp, String> {
+    encode_block(block, value, "")
+}
+
+fn encode_block(block: &wire::Block, value: &Json, at: &str) -> Result<Mp, String> {
+    let place = |name: &str| {
+        if at.is_empty() {
+            name.to_string()
+        } else {
+            format!("{at}.{name}")
+        }
+    };
+    let map = match value {
+        Json::Null => return Ok(Mp::Nil),
+        Json::Object(map) => map,
+        other => {
+            return Err(format!(
+                "`{}` must be an object, not {}",
+                if at.is_empty() {
+                    "the configuration"
+                } else {
+                    at
+                },
+                kind_of(other)
+            ))
+        }
+    };
+    let mut out = Vec::new();
+    for a in &block.attributes {
+        let v = map.get(&a.name).unwrap_or(&Json::Null);
+        out.push((
+            Mp::from(a.name.as_str()),
+            encode_checked(&attribute_type(a), v, &place(&a.name))?,
+        ));
+    }
+    for b in &block.block_types {
+        let inner = b.block.clone().unwrap_or_default();
+        let here = place(&b.type_name);
+        let v = map.get(&b.type_name).unwrap_or(&Json::Null);
+        let encoded = match (b.nesting, v) {
+            (2 | 3, Json::Null) => Mp::Array(Vec::new()),
+            (4, Json::Null) => Mp::Map(Vec::new()),
+            (2 | 3, Json::Object(_)) if b.max_items == 1 => {
+                Mp::Array(vec![encode_block(&inner, v, &format!("{here}[0]"))?])
+            }
+            (2 | 3, Json::Array(items)) => Mp::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(n, i)| encode_block(&inner, i, &format!("{here}[{n}]")))
+                    .collect::<Result<_, _>>()?,
+            ),
+            (4, Json::Object(entries)) => Mp::Map(
+                entries
+                    .iter()
+                    .map(|(k, i)| {
+                        Ok((
+                            Mp::from(k.as_str()),
+                            encode_block(&inner, i, &format!("{here}[{k:?}]"))?,
+                        ))
+                    })
+                    .collect::<Result<_, String>>()?,
+            ),
+            (1 | 5, v) => encode_block(&inner, v, &here)?,
+            (2 | 3, other) => {
+                return Err(format!(
+                    "`{here}` is a list of blocks: give an array of objects, not {}",
+                    kind_of(other)
+                ))
+            }
+            (_, other) => {
+                return Err(format!(
+                    "`{here}` is a map of blocks: give an object of objects, not {}",
+                    kind_of(other)
+                ))
+            }
+        };
+        out.push((Mp::from(b.type_name.as_str()), encoded));
+    }
+    if let Some(unknown) = map.keys().find(|k| {
+        !block.attributes.iter().any(|a| &a.name == *k)
+            && !block.block_types.iter().any(|b| &b.type_name == *k)
+    }) {
+        return Err(format!(
+            "`{}` has no attribute or block `{unknown}`",
+            if at.is_empty() { "it" } else { at }
+        ));
+    }
+    Ok(Mp::Map(out))
+}
+
+/// `value` as type `t` requires, or why it cannot be.
+fn encode_checked(t: &Type, value: &Json, at: &str) -> Result<Mp, String> {
+    let wrong = |want: &str| format!("`{at}` must be {want}, not {}", kind_of(value));
+    match (t, value) {
+        (_, Json::Null) => Ok(Mp::Nil),
+        (Json::String(s), v) => match (s.as_str(), v) {
+            ("string", Json::String(x)) => Ok(Mp::from(x.as_str())),
+            ("string", Json::Number(n)) => Ok(Mp::from(n.to_string().as_str())),
+            ("string", Json::Bool(b)) => Ok(Mp::from(b.to_string().as_str())),
+            ("string", _) => Err(wrong("a string")),
+            ("number", Json::Number(_)) => Ok(encode(t, v)),
+            ("number", Json::String(x)) if x.trim().parse::<f64>().is_ok() => {
+                Ok(Mp::from(x.trim()))
+            }
+            ("number", _) => Err(wrong("a number")),
+            ("bool", Json::Bool(b)) => Ok(Mp::from(*b)),
+            ("bool", Json::String(x)) if x == "true" || x == "false" => Ok(Mp::from(x == "true")),
+            ("bool", _) => Err(wrong("true or false")),
+            ("dynamic", v) => Ok(encode(t, v)),
+            (other, _) => Err(format!("`{at}` has a type Capstan does not know: {other}")),
+        },
+        (Json::Array(kind), v) if kind.len() >= 2 => match (kind[0].as_str(), v) {
+            (Some("list" | "set"), Json::Array(items)) => Ok(Mp::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(n, i)| encode_checked(&kind[1], i, &format!("{at}[{n}]")))
+                    .collect::<Result<_, _>>()?,
+            )),
+            (Some("list" | "set"), _) => Err(wrong("an array")),
+            (Some("map"), Json::Object(map)) => Ok(Mp::Map(
+                map.iter()
+                    .map(|(k, i)| {
+                        Ok((
+                            Mp::from(k.as_str()),
+                            encode_checked(&kind[1], i, &format!("{at}[{k:?}]"))?,
+                        ))
+                    })
+                    .collect::<Result<_, String>>()?,
+            )),
+            (Some("map"), _) => Err(wrong("an object")),
+            (Some("object"), Json::Object(map)) => {
+                let attributes = kind[1].as_object().cloned().unwrap_or_default();
+                if let Some(k) = map.keys().find(|k| !attributes.contains_key(*k)) {
+                    return Err(format!("`{at}` has no attribute `{k}`"));
+                }
+                Ok(Mp::Map(
+                    attributes
+                        .iter()
+                        .map(|(k, at_t)| {
+                            Ok((
+                                Mp::from(k.as_str()),
+                                encode_checked(
+                                    at_t,
+                                    map.get(k).unwrap_or(&Json::Null),
+                                    &format!("{at}.{k}"),
+                                )?,
+                            ))
+                        })
+                        .collect::<Result<_, String>>()?,
+                ))
+            }
+            (Some("object"), _) => Err(wrong("an object")),
+            (Some("tuple"), Json::Array(items)) => {
+                let types = kind[1].as_array().cloned().unwrap_or_default();
+                if types.len() != items.len() {
+                    return Err(format!("`{at}` must have {} elements", types.len()));
+                }
+                Ok(Mp::Array(
+                    types
+                        .iter()
+                        .zip(items)
+                        .enumerate()
+                        .map(|(n, (t, v))| encode_checked(t, v, &format!("{at}[{n}]")))
+                        .collect::<Result<_, _>>()?,
+                ))
+            }
+            (Some("tuple"), _) => Err(wrong("an array")),
+            _ => Err(format!("`{at}` has a type Capstan does not know: {t}")),
+        },
+        _ => Err(format!("`{at}` has a type Capstan does not know: {t}")),
+    }
+}
+
+/// A JSON value's kind, for messages.
+fn kind_of(value: &Json) -> &'static str {
+    match value {
+        Json::Null => "null",
+        Json::Bool(_) => "a bool",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
 /// What a value is to be: known JSON, or not known yet.
 pub enum Want<'a> {
     Known(&'a Json),
@@ -80,7 +273,7 @@ pub fn encode(t: &Type, value: &Json) -> Mp {
                 ])
             }
         },
-        (Json::Array(kind), v) if kind.len() == 2 => match (kind[0].as_str(), v) {
+        (Json::Array(kind), v) if kind.len() >= 2 => match (kind[0].as_str(), v) {
             (Some("list" | "set"), Json::Array(items)) => {
                 Mp::Array(items.iter().map(|i| encode(&kind[1], i)).collect())
             }
@@ -241,8 +434,16 @@ pub fn unknown() -> Mp {
     Mp::Ext(0, vec![0])
 }
 
-/// A value back as JSON (unknowns as null).
+/// A value back as JSON (unknowns as null). A value of a `dynamic` attribute, which travels as
+/// `[type JSON as bytes, value]` (cty's encoding; plain strings are never bytes), is the value.
 pub fn decode(value: &Mp) -> Json {
+    if let Mp::Array(pair) = value {
+        if let [Mp::Binary(t), inner] = pair.as_slice() {
+            if serde_json::from_slice::<Json>(t).is_ok() {
+                return decode(inner);
+            }
+        }
+    }
     match value {
         Mp::Nil | Mp::Ext(..) => Json::Null,
         Mp::Boolean(b) => Json::Bool(*b),
@@ -407,6 +608,62 @@ mod tests {
             block_type(&block),
             json!(["object", {"rules": ["list", ["object", {"port": "number"}]]}])
         );
+    }
+
+    #[test]
+    fn dynamic_values_round_trip_without_growing() {
+        let t = json!(["object", {"manifest": "dynamic"}]);
+        let v = json!({"manifest": {"kind": "ConfigMap", "data": {"a": "1"}}});
+        let once = decode(&encode(&t, &v));
+        assert_eq!(once, v);
+        assert_eq!(decode(&encode(&t, &once)), v);
+    }
+
+    #[test]
+    fn configurations_are_checked_against_the_schema() {
+        let inner = wire::Block {
+            attributes: vec![attribute("role", "string", false, false)],
+            ..Default::default()
+        };
+        let block = wire::Block {
+            attributes: vec![
+                attribute("count", "number", false, true),
+                attribute("name", "string", false, true),
+            ],
+            block_types: vec![
+                wire::NestedBlock {
+                    type_name: "assume".into(),
+                    block: Some(inner.clone()),
+                    nesting: 2,
+                    max_items: 1,
+                    ..Default::default()
+                },
+                wire::NestedBlock {
+                    type_name: "rule".into(),
+                    block: Some(inner),
+                    nesting: 3,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        // A single object for a block of at most one; absent blocks empty; strings for
+        // numbers and numbers for strings, as Terraform's language converts them.
+        let ok = encode_config(
+            &block,
+            &json!({"count": "3", "name": 7, "assume": {"role": "r"}}),
+        )
+        .unwrap();
+        assert_eq!(
+            decode(&ok),
+            json!({"count": "3", "name": "7", "assume": [{"role": "r"}], "rule": []})
+        );
+        let err = encode_config(&block, &json!({"count": true})).unwrap_err();
+        assert_eq!(err, "`count` must be a number, not a bool");
+        let err = encode_config(&block, &json!({"rule": [{"role": ["x"]}]})).unwrap_err();
+        assert_eq!(err, "`rule[0].role` must be a string, not an array");
+        let err = encode_config(&block, &json!({"nmae": "x"})).unwrap_err();
+        assert!(err.contains("no attribute or block `nmae`"), "{err}");
     }
 
     #[test]

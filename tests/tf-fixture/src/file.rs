@@ -295,6 +295,14 @@ impl Resource for FileResource {
         state.id = state.path.clone();
         state.size = size_of(&state.content);
         state.token = Value::Value(new_token().into());
+        // A create that fails after it made the file (as SDK providers do when a check after
+        // the create fails): the error, and the state of what exists.
+        if matches!(&state.content, Value::Value(c) if c.contains("half-made")) {
+            diags.root_error(
+                "made, but the check after failed",
+                "the file was written; its content says half-made",
+            );
+        }
         Some((state, planned_private_state))
     }
 
