@@ -558,3 +558,78 @@ fn the_null_provider_killed_mid_apply_or_the_run_cancelled_loses_nothing() {
     assert!(destroy.status.success(), "{}", shown(&destroy));
     assert!(processes_with(&marker).is_empty());
 }
+
+/// A provider's `config` refers to another resource's output: taken from the state when the
+/// provider starts. Until the state records it, or while the run changes it, the apply says
+/// what to do instead of configuring the provider with a value that does not exist yet.
+#[test]
+fn a_provider_config_takes_recorded_outputs_of_other_resources() {
+    let work = tempfile::tempdir().unwrap();
+    let Some(binary) = fixture_in(work.path()) else {
+        return;
+    };
+    let dir = work.path().join("deployment");
+    let root = work.path().join("files");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    let dir = dir.as_path();
+    let deployment = |with_file: bool, place: &Path| {
+        let mut d = json!({
+            "providers": {
+                "fx": {"executable": binary, "protocol": "terraform",
+                       "config": {"root": {"$ref": "place#value"}}},
+                "local": {"builtin": "local"}
+            },
+            "resources": {
+                "place": {"provider": "local", "type": "memo", "inputs": {"value": place}}
+            }
+        });
+        if with_file {
+            d["resources"]["file"] = json!({"provider": "fx", "type": "capstanfixture_file",
+                                            "inputs": {"path": "f.txt", "content": "x"}});
+        }
+        std::fs::write(dir.join("capstan.json"), d.to_string()).unwrap();
+    };
+    // Nothing recorded yet: refused, saying what to do, and nothing is made.
+    deployment(true, &root);
+    let apply = capstan(dir, &["apply"]);
+    assert_eq!(apply.status.code(), Some(2), "{}", shown(&apply));
+    assert!(
+        shown(&apply).contains("refers to `place#value`, which the state does not record yet"),
+        "{}",
+        shown(&apply)
+    );
+    assert!(
+        String::from_utf8_lossy(&capstan(dir, &["state", "list"]).stdout)
+            .trim()
+            .is_empty()
+    );
+    // The output first (the provider, used by nothing, is not configured), then the rest.
+    deployment(false, &root);
+    let apply = capstan(dir, &["apply"]);
+    assert!(apply.status.success(), "{}", shown(&apply));
+    deployment(true, &root);
+    let apply = capstan(dir, &["apply"]);
+    assert!(apply.status.success(), "{}", shown(&apply));
+    assert_eq!(std::fs::read_to_string(root.join("f.txt")).unwrap(), "x");
+    // A run that changes the output the configuration uses is refused.
+    let elsewhere = work.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    deployment(true, &elsewhere);
+    let mut changed: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("capstan.json")).unwrap()).unwrap();
+    changed["resources"]["file"]["inputs"]["content"] = json!("y");
+    std::fs::write(dir.join("capstan.json"), changed.to_string()).unwrap();
+    let apply = capstan(dir, &["apply"]);
+    assert_eq!(apply.status.code(), Some(2), "{}", shown(&apply));
+    assert!(
+        shown(&apply).contains("which this run changes"),
+        "{}",
+        shown(&apply)
+    );
+    // Destroy takes the recorded value.
+    deployment(true, &root);
+    let destroy = capstan(dir, &["destroy", "--yes"]);
+    assert!(destroy.status.success(), "{}", shown(&destroy));
+    assert!(!root.join("f.txt").exists());
+}

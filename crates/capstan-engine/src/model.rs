@@ -54,6 +54,10 @@ pub struct ProviderDecl {
     pub terraform_config: Option<Value>,
     /// Values of `terraform_config` marked `{"$sensitive": …}`.
     pub sensitive: Vec<Value>,
+    /// The outputs `terraform_config` refers to (`{"$ref": …}`, left in it): filled in from
+    /// the state when the provider starts, so each must be recorded and left unchanged by the
+    /// run.
+    pub config_refs: Vec<OutputRef>,
 }
 
 /// The largest message limit a deployment or flag may ask for, in MiB.
@@ -699,9 +703,10 @@ fn parse_provider(
         Some(Value::Object(config)) => Some(Value::Object(config.clone())),
         Some(_) => return Err("`config` must be an object (the provider block's settings)".into()),
     };
-    // Parameters are filled in and secrets marked as in any input; a provider starts before
-    // the run makes anything, so its configuration cannot refer to a resource's outputs.
+    // Parameters are filled in and secrets marked as in any input; references are to outputs
+    // the state holds (a provider starts before the run makes anything).
     let mut sensitive = Vec::new();
+    let mut config_refs = Vec::new();
     let terraform_config = match terraform_config {
         None => None,
         Some(config) => {
@@ -716,14 +721,7 @@ fn parse_provider(
                 &mut sensitive,
             )
             .map_err(|(place, m)| format!("{place}: {m}"))?;
-            if let Some(r) = refs.first() {
-                return Err(format!(
-                    "`config` refers to `{}#{}`: a provider's configuration cannot use `$ref` \
-                     (the provider starts before anything is made); pass the value with \
-                     `$param` instead",
-                    r.address, r.output
-                ));
-            }
+            config_refs = refs;
             Some(config)
         }
     };
@@ -737,6 +735,7 @@ fn parse_provider(
         stateless_types,
         terraform_config,
         sensitive,
+        config_refs,
     })
 }
 

@@ -109,8 +109,82 @@ pub fn v0_types(
     types
 }
 
+/// `value` with each `{"$ref": "ADDRESS#OUTPUT"}` replaced by that output as the state records
+/// it (null when it records none; `config_refs_unready` says which, beforehand).
+fn with_recorded_outputs(value: &serde_json::Value, state: &State) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            if let (1, Some(Value::String(target))) = (map.len(), map.get("$ref")) {
+                return target
+                    .split_once('#')
+                    .and_then(|(address, output)| state.resources.get(address)?.outputs.get(output))
+                    .unwrap_or(Value::Null);
+            }
+            Value::Object(
+                map.iter()
+                    .map(|(k, v)| (k.clone(), with_recorded_outputs(v, state)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| with_recorded_outputs(v, state))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// The references in a provider's `config` that cannot be filled in when it starts: to an
+/// output the state does not record, or (unless every change is a delete) to a resource
+/// this run changes; for providers this run uses. Each as a message naming it and what to do.
+pub fn config_refs_unready(
+    deployment: &Deployment,
+    state: &State,
+    changes: &[PlannedChange],
+    destroying: bool,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, decl) in &deployment.providers {
+        // A provider with nothing to do this run is never configured (its configuration
+        // matters at its first operation).
+        let used = changes.iter().any(|c| {
+            c.action != Action::Noop
+                && (&c.provider == name || c.replaces.as_ref().is_some_and(|r| &r.provider == name))
+        });
+        if !used {
+            continue;
+        }
+        for r in &decl.config_refs {
+            let recorded = state
+                .resources
+                .get(&r.address)
+                .is_some_and(|res| res.outputs.get_raw(&r.output).is_some());
+            let changing = changes
+                .iter()
+                .find(|c| c.address == r.address)
+                .is_some_and(|c| c.action != Action::Noop);
+            if !recorded {
+                problems.push(format!(
+                    "provider `{name}`: its `config` refers to `{}#{}`, which the state does not record yet: a provider is configured before the run makes anything; apply `{}` first (with the resources of `{name}` left out), then again",
+                    r.address, r.output, r.address
+                ));
+            } else if changing && !destroying {
+                problems.push(format!(
+                    "provider `{name}`: its `config` refers to `{}#{}`, which this run changes: a provider is configured before the run makes anything; apply the change to `{}` first (with the resources of `{name}` left out), then again",
+                    r.address, r.output, r.address
+                ));
+            }
+        }
+    }
+    problems
+}
+
 fn source_for(
     decl: &ProviderDecl,
+    state: &State,
     dir: &Path,
     builtin: &BuiltinLauncher,
     v0_types: Option<&BTreeMap<String, BTreeSet<String>>>,
@@ -131,10 +205,10 @@ fn source_for(
         command.cwd = Some(dir.to_path_buf());
         if let Some(config) = &decl.terraform_config {
             // In the environment, which only this user can read (a command line is anyone's):
-            // the configuration may hold secrets.
+            // the configuration may hold secrets. References are filled in from the state.
             command.env.push((
                 crate::model::TERRAFORM_CONFIG_ENV.into(),
-                config.to_string().into(),
+                with_recorded_outputs(config, state).to_string().into(),
             ));
         }
         return ProviderSource::Command(command);
@@ -214,7 +288,7 @@ impl Providers {
         // with "not started", naming it.
         let launches = names.iter().filter_map(|name| {
             let decl = deployment.providers.get(name)?;
-            let source = source_for(decl, &dir, builtin, v0.get(name));
+            let source = source_for(decl, state, &dir, builtin, v0.get(name));
             let logs = logs.clone();
             let mut options = HostOptions::default();
             if let Some(mib) = decl.max_message_mib.or(max_message_mib) {
