@@ -136,6 +136,8 @@ struct ResourceType {
   # Nix file it builds was edited): the core calls `read` on every recorded resource of the
   # type whose inputs did not change while it plans, and plans an update when the outputs
   # `read` returns differ from those recorded. `read` must then be cheap and change nothing.
+  # In a run, the core also updates such a resource when something it waits on changed, even
+  # if its inputs come out the same.
   usesScheduler @8 :Bool;
   # True when operations on this type submit children or ask for permits: the core then
   # sets `OperationRequest.scheduler` for them (for other types it leaves it null, which

@@ -633,3 +633,142 @@ fn a_provider_config_takes_recorded_outputs_of_other_resources() {
     assert!(destroy.status.success(), "{}", shown(&destroy));
     assert!(!root.join("f.txt").exists());
 }
+
+/// Terraform 1.0.3 itself as the reference: the same resources applied by Terraform and by
+/// Capstan through the same provider binary (the tf-provider fixture, protocol 6) end with
+/// the same attributes, after a create and after an update in place.
+#[test]
+fn capstan_and_terraform_make_the_same_resources_through_the_same_provider() {
+    let work = tempfile::tempdir().unwrap();
+    let Some(binary) = fixture_in(work.path()) else {
+        return;
+    };
+    let terraform =
+        match capstan_terraform::fetch::terraform(Path::new(env!("CARGO_TARGET_TMPDIR"))) {
+            Ok(terraform) => terraform,
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").is_err(),
+                    "{e} (under CI this is a failure)"
+                );
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+        };
+    let tf_dir = work.path().join("terraform");
+    let tf_root = work.path().join("tf-files");
+    let cs_dir = work.path().join("capstan");
+    let cs_root = work.path().join("capstan-files");
+    for d in [&tf_dir, &tf_root, &cs_dir, &cs_root] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let tfrc = work.path().join("cli.tfrc");
+    std::fs::write(
+        &tfrc,
+        format!(
+            "provider_installation {{\n  dev_overrides {{\n    \"hashicorp/capstanfixture\" = \"{}\"\n  }}\n  direct {{}}\n}}\n",
+            work.path().display()
+        ),
+    )
+    .unwrap();
+    let write_tf = |content: &str| {
+        std::fs::write(
+            tf_dir.join("main.tf"),
+            format!(
+                r#"terraform {{
+  required_providers {{
+    capstanfixture = {{ source = "hashicorp/capstanfixture" }}
+  }}
+}}
+provider "capstanfixture" {{
+  root = "{root}"
+}}
+resource "capstanfixture_file" "f" {{
+  path    = "t.txt"
+  content = "{content}"
+  tag {{
+    key = "k"
+  }}
+  tag {{
+    key   = "l"
+    value = "v"
+  }}
+}}
+data "capstanfixture_read" "r" {{
+  path = capstanfixture_file.f.id
+}}
+"#,
+                root = tf_root.display()
+            ),
+        )
+        .unwrap();
+    };
+    let write_capstan = |content: &str| {
+        let d = json!({
+            "providers": {"fx": {"executable": binary, "protocol": "terraform",
+                                 "config": {"root": cs_root}}},
+            "resources": {
+                "f": {"provider": "fx", "type": "capstanfixture_file",
+                      "inputs": {"path": "t.txt", "content": content,
+                                 "tag": [{"key": "k"}, {"key": "l", "value": "v"}]}},
+                "r": {"provider": "fx", "type": "data.capstanfixture_read",
+                      "inputs": {"path": {"$ref": "f#id"}}}
+            }
+        });
+        std::fs::write(cs_dir.join("capstan.json"), d.to_string()).unwrap();
+    };
+    let tf = |args: &[&str]| {
+        let out = std::process::Command::new(&terraform)
+            .args(args)
+            .current_dir(&tf_dir)
+            .env("TF_CLI_CONFIG_FILE", &tfrc)
+            .env("TF_IN_AUTOMATION", "1")
+            .env("CHECKPOINT_DISABLE", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "terraform {args:?}: {}", shown(&out));
+        out
+    };
+    // The attributes each made, without what is random (the token) or Capstan's own keys.
+    let terraform_state = || -> (Value, Value) {
+        let shown: Value = serde_json::from_slice(&tf(&["show", "-json"]).stdout).unwrap();
+        let resources = shown["values"]["root_module"]["resources"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let of = |mode: &str| {
+            let mut v = resources.iter().find(|r| r["mode"] == mode).unwrap()["values"].clone();
+            v.as_object_mut().unwrap().remove("token");
+            v
+        };
+        (of("managed"), of("data"))
+    };
+    let capstan_state = || -> (Value, Value) {
+        let show = |a: &str| -> Value {
+            let mut v: Value = serde_json::from_slice(
+                &capstan(&cs_dir, &["state", "show", "--show-sensitive", a]).stdout,
+            )
+            .unwrap();
+            let mut outputs = v["outputs"].take();
+            let o = outputs.as_object_mut().unwrap();
+            o.retain(|k, _| !k.starts_with("__") && k != "token");
+            outputs
+        };
+        (show("f"), show("r"))
+    };
+    for content in ["hello", "hello, world"] {
+        write_tf(content);
+        tf(&["apply", "-auto-approve", "-input=false", "-no-color"]);
+        write_capstan(content);
+        let apply = capstan(&cs_dir, &["apply"]);
+        assert!(apply.status.success(), "{}", shown(&apply));
+        let (tf_file, tf_read) = terraform_state();
+        let (cs_file, cs_read) = capstan_state();
+        assert_eq!(cs_file, tf_file, "the resource after `{content}`");
+        assert_eq!(cs_read, tf_read, "the data source after `{content}`");
+        assert_eq!(cs_file["size"], content.len());
+    }
+    tf(&["destroy", "-auto-approve", "-input=false", "-no-color"]);
+    let destroy = capstan(&cs_dir, &["destroy", "--yes"]);
+    assert!(destroy.status.success(), "{}", shown(&destroy));
+}

@@ -2065,8 +2065,19 @@ impl<'a> Driver<'a> {
             Action::Create => None,
             _ => state.resources.get(&address),
         };
+        // A type whose result can change while its inputs stay the same (`readOnPlan`: a
+        // Terraform data source, a build) is run again when something it waited on changed,
+        // even if its inputs came out the same.
+        let reads_the_world = !change.waits_on.is_empty()
+            && self
+                .providers
+                .connections
+                .get(&decl.provider)
+                .and_then(|c| c.info().resource_type(&decl.resource_type))
+                .is_some_and(|t| t.read_on_plan);
         let unchanged = action != Action::Replace
             && !change.read_changed
+            && !reads_the_world
             && recorded.is_some_and(|r| r.inputs == inputs);
         let dependencies = decl.dependencies();
         if let (true, false, Some(recorded)) = (unchanged, node.capability_source, recorded) {

@@ -99,7 +99,9 @@ impl ResourceType {
 
     /// Asks the core to `read` unchanged resources of this type while it plans, and to plan
     /// an update when the outputs differ from those recorded: for types whose result can
-    /// change while their inputs stay the same. `read` must be cheap and change nothing.
+    /// change while their inputs stay the same. `read` must be cheap and change nothing. In
+    /// a run, the core also updates such a resource when something it waits on changed, even
+    /// if its inputs came out the same.
     pub fn read_on_plan(mut self, read_on_plan: bool) -> Self {
         self.0.read_on_plan = read_on_plan;
         self

@@ -324,7 +324,12 @@ pub fn provider(
             ))
             .stateful(!data)
             .read_checks(!data)
-            .plans_changes(!data);
+            .plans_changes(!data)
+            // What a data source reads changes while its configuration does not: declared so,
+            // the core runs it again whenever something it waits on changed in the run (as
+            // Terraform reads it after what it depends on). Its plan-time read answers what
+            // was read, so that a plan is not a change for a data source alone.
+            .read_on_plan(data);
         for i in &t.inputs {
             description = if i.required {
                 description.required(&i.name, &i.description)
@@ -589,7 +594,8 @@ impl Resource for TfResource {
         prior: Prior<Value, Value>,
     ) -> Result<Value, OperationError> {
         if self.name.starts_with("data.") {
-            // What was read: a data source has nothing of its own to find.
+            // What was read (see `read_on_plan` above): a data source is read by its create
+            // and update.
             return Ok(prior.outputs);
         }
         let shared = &self.shared.0;

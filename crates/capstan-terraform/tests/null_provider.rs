@@ -114,6 +114,26 @@ fn a_binary_that_is_not_a_terraform_provider_is_named_as_such() {
             matches!(error, TerraformError::HandshakeTimeout { .. }),
             "{error}"
         );
+        // Speaks only a protocol Capstan does not (Terraform 0.11's, say).
+        let old = dir.path().join("old");
+        std::fs::write(
+            &old,
+            "#!/bin/sh\necho '1|4|unix|/tmp/nowhere|grpc|'\nsleep 30\n",
+        )
+        .unwrap();
+        let mut perms = std::fs::metadata(&old).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&old, perms).unwrap();
+        let Err(error) = Plugin::start(&old, Duration::from_secs(5)).await else {
+            panic!("a protocol-4 plugin started")
+        };
+        assert!(matches!(error, TerraformError::Protocol { .. }), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("protocol 4; Capstan speaks 5 and 6"),
+            "{error}"
+        );
     });
 }
 
