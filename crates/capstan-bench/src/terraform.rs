@@ -9,6 +9,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use futures::StreamExt;
+
+use super::median;
 use serde_json::json;
 
 /// `main.tf`: `chains` chains of `length` null resources, each triggered by the previous one's
@@ -187,11 +189,6 @@ fn direct_throughput(provider: &Path, count: usize, jobs: usize) -> f64 {
                 .await;
             throughput(&mut completions)
         })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 pub fn terraform_bench(json_output: bool, quick: bool) {

@@ -126,6 +126,30 @@ fn fixture_in(dir: &Path) -> Option<std::path::PathBuf> {
     }
 }
 
+/// A place for a test with the fixture provider: the binary (copied in), a directory for the
+/// deployment and one for the files it makes.
+struct FixtureWork {
+    work: tempfile::TempDir,
+    binary: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    root: std::path::PathBuf,
+}
+
+fn fixture_work() -> Option<FixtureWork> {
+    let work = tempfile::tempdir().unwrap();
+    let binary = fixture_in(work.path())?;
+    let dir = work.path().join("deployment");
+    let root = work.path().join("files");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    Some(FixtureWork {
+        work,
+        binary,
+        dir,
+        root,
+    })
+}
+
 /// Live (not zombie) processes whose command line contains `marker`.
 fn processes_with(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -146,14 +170,16 @@ fn processes_with(marker: &str) -> Vec<String> {
 
 #[test]
 fn a_protocol_6_provider_lives_through_apply_drift_replace_failure_crash_and_cancel() {
-    let work = tempfile::tempdir().unwrap();
-    let Some(binary) = fixture_in(work.path()) else {
+    // `_work` holds the temporary directory to the end.
+    let Some(FixtureWork {
+        work: _work,
+        binary,
+        dir,
+        root,
+    }) = fixture_work()
+    else {
         return;
     };
-    let dir = work.path().join("deployment");
-    let root = work.path().join("files");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::create_dir_all(&root).unwrap();
     let dir = dir.as_path();
     let secret = "fixture-secret-value-4711";
     std::fs::write(
@@ -564,14 +590,15 @@ fn the_null_provider_killed_mid_apply_or_the_run_cancelled_loses_nothing() {
 /// what to do instead of configuring the provider with a value that does not exist yet.
 #[test]
 fn a_provider_config_takes_recorded_outputs_of_other_resources() {
-    let work = tempfile::tempdir().unwrap();
-    let Some(binary) = fixture_in(work.path()) else {
+    let Some(FixtureWork {
+        work,
+        binary,
+        dir,
+        root,
+    }) = fixture_work()
+    else {
         return;
     };
-    let dir = work.path().join("deployment");
-    let root = work.path().join("files");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::create_dir_all(&root).unwrap();
     let dir = dir.as_path();
     let deployment = |with_file: bool, place: &Path| {
         let mut d = json!({

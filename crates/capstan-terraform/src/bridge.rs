@@ -88,9 +88,25 @@ impl Shared {
         Ok(plugin)
     }
 
-    /// Runs `call` (one use of the plugin by `op`): the provider's log lines about it become
-    /// the operation's, and a cancellation sends `StopProvider`.
+    /// Runs `call` (one use of the plugin by `op`, handed where to put the provider's
+    /// warnings): the provider's log lines about it become the operation's, its warnings the
+    /// operation's `warn` events, and a cancellation sends `StopProvider`.
     async fn traced<T>(
+        &self,
+        op: &Operation,
+        plugin: &Plugin,
+        type_name: &str,
+        call: impl AsyncFnOnce(&mut Vec<String>) -> Result<T, TerraformError>,
+    ) -> Result<T, TerraformError> {
+        let mut warnings = Vec::new();
+        let result = self
+            .traced_call(op, plugin, type_name, call(&mut warnings))
+            .await;
+        self.warn(warnings);
+        result
+    }
+
+    async fn traced_call<T>(
         &self,
         op: &Operation,
         plugin: &Plugin,
@@ -430,26 +446,37 @@ impl TfResource {
                 recorded.version
             ))
             .await;
-            let mut warnings = Vec::new();
             recorded.state = shared
-                .traced(
-                    op,
-                    plugin,
-                    &self.name,
-                    plugin.upgrade(
-                        &shared.schema,
-                        &self.name,
-                        recorded.version,
-                        &recorded.state,
-                        &mut warnings,
-                    ),
-                )
+                .traced(op, plugin, &self.name, async |w| {
+                    let (schema, name) = (&shared.schema, &self.name);
+                    plugin
+                        .upgrade(schema, name, recorded.version, &recorded.state, w)
+                        .await
+                })
                 .await
                 .map_err(|e| shared.failure(e))?;
-            shared.warn(warnings);
             recorded.version = current;
         }
         Ok(recorded)
+    }
+
+    /// Deletes what `recorded` describes.
+    async fn delete_recorded(
+        &self,
+        op: &Operation,
+        plugin: &Plugin,
+        recorded: &Recorded,
+    ) -> Result<(), OperationError> {
+        let shared = &self.shared.0;
+        shared
+            .traced(op, plugin, &self.name, async |w| {
+                let (state, private) = (&recorded.state, &recorded.private);
+                plugin
+                    .delete(&shared.schema, &self.name, state, private, w)
+                    .await
+            })
+            .await
+            .map_err(|e| shared.failure(e))
     }
 
     async fn create_new(
@@ -459,16 +486,11 @@ impl TfResource {
         inputs: &Value,
     ) -> Result<Value, OperationError> {
         let shared = &self.shared.0;
-        let mut warnings = Vec::new();
         let made = shared
-            .traced(
-                op,
-                plugin,
-                &self.name,
-                plugin.create(&shared.schema, &self.name, inputs, &mut warnings),
-            )
+            .traced(op, plugin, &self.name, async |w| {
+                plugin.create(&shared.schema, &self.name, inputs, w).await
+            })
             .await;
-        shared.warn(warnings);
         let version = crate::schema_version(&shared.schema, &self.name);
         let (state, private) = match made {
             Ok(made) => made,
@@ -511,17 +533,12 @@ impl Resource for TfResource {
         let plugin = shared.plugin().await?;
         if let Some(data) = self.name.strip_prefix("data.") {
             // A data source is read, never made: each create or update reads it again.
-            let mut warnings = Vec::new();
-            let read = shared
-                .traced(
-                    op,
-                    plugin,
-                    data,
-                    plugin.read_data(&shared.schema, data, &inputs, &mut warnings),
-                )
-                .await;
-            shared.warn(warnings);
-            return read.map_err(|e| shared.failure(e));
+            return shared
+                .traced(op, plugin, data, async |w| {
+                    plugin.read_data(&shared.schema, data, &inputs, w).await
+                })
+                .await
+                .map_err(|e| shared.failure(e));
         }
         self.create_new(op, plugin, &inputs).await
     }
@@ -538,23 +555,14 @@ impl Resource for TfResource {
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
         let recorded = self.recorded(op, plugin, &prior.outputs).await?;
-        let mut warnings = Vec::new();
         let updated = shared
-            .traced(
-                op,
-                plugin,
-                &self.name,
-                plugin.update(
-                    &shared.schema,
-                    &self.name,
-                    &recorded.state,
-                    &recorded.private,
-                    &inputs,
-                    &mut warnings,
-                ),
-            )
+            .traced(op, plugin, &self.name, async |w| {
+                let (state, private) = (&recorded.state, &recorded.private);
+                plugin
+                    .update(&shared.schema, &self.name, state, private, &inputs, w)
+                    .await
+            })
             .await;
-        shared.warn(warnings);
         match updated {
             // Attributes that force a new resource changed: replaced as Terraform does by
             // default, the old one deleted, then the new one created.
@@ -564,23 +572,7 @@ impl Resource for TfResource {
                     paths.join(", ")
                 ))
                 .await;
-                let mut warnings = Vec::new();
-                let deleted = shared
-                    .traced(
-                        op,
-                        plugin,
-                        &self.name,
-                        plugin.delete(
-                            &shared.schema,
-                            &self.name,
-                            &recorded.state,
-                            &recorded.private,
-                            &mut warnings,
-                        ),
-                    )
-                    .await;
-                shared.warn(warnings);
-                deleted.map_err(|e| shared.failure(e))?;
+                self.delete_recorded(op, plugin, &recorded).await?;
                 self.create_new(op, plugin, &inputs).await
             }
             Err(other) => Err(failure(other)),
@@ -601,22 +593,14 @@ impl Resource for TfResource {
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
         let recorded = self.recorded(op, plugin, &prior.outputs).await?;
-        let mut warnings = Vec::new();
         let read = shared
-            .traced(
-                op,
-                plugin,
-                &self.name,
-                plugin.read(
-                    &shared.schema,
-                    &self.name,
-                    &recorded.state,
-                    &recorded.private,
-                    &mut warnings,
-                ),
-            )
+            .traced(op, plugin, &self.name, async |w| {
+                let (state, private) = (&recorded.state, &recorded.private);
+                plugin
+                    .read(&shared.schema, &self.name, state, private, w)
+                    .await
+            })
             .await;
-        shared.warn(warnings);
         match read.map_err(|e| shared.failure(e))? {
             // Unchanged: as recorded (a provider's read may answer other private bytes for
             // the same resource, which is no change of it).
@@ -708,22 +692,6 @@ impl Resource for TfResource {
         let shared = &self.shared.0;
         let plugin = shared.plugin().await?;
         let recorded = self.recorded(op, plugin, &prior.outputs).await?;
-        let mut warnings = Vec::new();
-        let deleted = shared
-            .traced(
-                op,
-                plugin,
-                &self.name,
-                plugin.delete(
-                    &shared.schema,
-                    &self.name,
-                    &recorded.state,
-                    &recorded.private,
-                    &mut warnings,
-                ),
-            )
-            .await;
-        shared.warn(warnings);
-        deleted.map_err(|e| shared.failure(e))
+        self.delete_recorded(op, plugin, &recorded).await
     }
 }
