@@ -71,6 +71,12 @@ interface Provider {
   # `previousOutputs`) or an update from the previous inputs and outputs to `inputs` would
   # make, changing nothing. No progress is expected (`request.progress` may be ignored). An
   # older provider answers `unimplemented`; the core then plans without it.
+
+  configure @7 (settings :Text) -> ();
+  # The provider's settings for this run (a JSON object), when the deployment can give them
+  # only once other resources are made (a Terraform provider block referring to their
+  # outputs): called once, before the first operation that needs them. A provider that takes
+  # no settings answers `unimplemented`.
 }
 
 struct PlanResult {

@@ -495,19 +495,6 @@ async fn start_providers(
             names.insert(provider.clone());
         }
     }
-    // A provider's configuration may refer to outputs: only to recorded ones this run keeps.
-    let unready = run::config_refs_unready(
-        &session.deployment,
-        &session.state,
-        changes,
-        mode == Mode::Destroy,
-    );
-    if !unready.is_empty() {
-        for problem in unready {
-            say!("error: {}: {problem}", session.deployment.file.display());
-        }
-        return Err(ExitCode::from(EXIT_INVALID));
-    }
     let program = std::env::current_exe().map_err(|e| {
         say!("error: cannot find the capstan executable to start built-in providers: {e}");
         ExitCode::from(EXIT_INVALID)

@@ -585,11 +585,12 @@ fn the_null_provider_killed_mid_apply_or_the_run_cancelled_loses_nothing() {
     assert!(processes_with(&marker).is_empty());
 }
 
-/// A provider's `config` refers to another resource's output: taken from the state when the
-/// provider starts. Until the state records it, or while the run changes it, the apply says
-/// what to do instead of configuring the provider with a value that does not exist yet.
+/// A provider's `config` refers to another resource's output, like any input: the provider's
+/// resources wait for it, and the provider is handed its settings (`Provider.configure`)
+/// before its first operation — in the same run that makes what they refer to, and again
+/// (in a later run) when that changes.
 #[test]
-fn a_provider_config_takes_recorded_outputs_of_other_resources() {
+fn a_provider_config_takes_outputs_of_other_resources() {
     let Some(FixtureWork {
         work,
         binary,
@@ -600,65 +601,68 @@ fn a_provider_config_takes_recorded_outputs_of_other_resources() {
         return;
     };
     let dir = dir.as_path();
-    let deployment = |with_file: bool, place: &Path| {
-        let mut d = json!({
+    let deployment = |content: &str, place: &Path| {
+        let d = json!({
             "providers": {
                 "fx": {"executable": binary, "protocol": "terraform",
                        "config": {"root": {"$ref": "place#value"}}},
                 "local": {"builtin": "local"}
             },
             "resources": {
-                "place": {"provider": "local", "type": "memo", "inputs": {"value": place}}
+                "place": {"provider": "local", "type": "memo", "inputs": {"value": place}},
+                "file": {"provider": "fx", "type": "capstanfixture_file",
+                         "inputs": {"path": "f.txt", "content": content}}
             }
         });
-        if with_file {
-            d["resources"]["file"] = json!({"provider": "fx", "type": "capstanfixture_file",
-                                            "inputs": {"path": "f.txt", "content": "x"}});
-        }
         std::fs::write(dir.join("capstan.json"), d.to_string()).unwrap();
     };
-    // Nothing recorded yet: refused, saying what to do, and nothing is made.
-    deployment(true, &root);
-    let apply = capstan(dir, &["apply"]);
-    assert_eq!(apply.status.code(), Some(2), "{}", shown(&apply));
+    // One apply makes the place, then configures the provider with it, then the file.
+    deployment("x", &root);
+    let plan = capstan(dir, &["plan"]);
     assert!(
-        shown(&apply).contains("refers to `place#value`, which the state does not record yet"),
+        String::from_utf8_lossy(&plan.stdout).contains("(inputs known after place)"),
         "{}",
-        shown(&apply)
+        shown(&plan)
     );
-    assert!(
-        String::from_utf8_lossy(&capstan(dir, &["state", "list"]).stdout)
-            .trim()
-            .is_empty()
-    );
-    // The output first (the provider, used by nothing, is not configured), then the rest.
-    deployment(false, &root);
-    let apply = capstan(dir, &["apply"]);
-    assert!(apply.status.success(), "{}", shown(&apply));
-    deployment(true, &root);
     let apply = capstan(dir, &["apply"]);
     assert!(apply.status.success(), "{}", shown(&apply));
     assert_eq!(std::fs::read_to_string(root.join("f.txt")).unwrap(), "x");
-    // A run that changes the output the configuration uses is refused.
+    let file =
+        serde_json::from_slice::<Value>(&capstan(dir, &["state", "show", "file"]).stdout).unwrap();
+    assert!(
+        file["dependencies"].to_string().contains("place"),
+        "recorded as depending on what its provider's settings use: {file}"
+    );
+    // A run that moves the place configures the provider with the new one.
     let elsewhere = work.path().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
-    deployment(true, &elsewhere);
-    let mut changed: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("capstan.json")).unwrap()).unwrap();
-    changed["resources"]["file"]["inputs"]["content"] = json!("y");
-    std::fs::write(dir.join("capstan.json"), changed.to_string()).unwrap();
+    deployment("y", &elsewhere);
     let apply = capstan(dir, &["apply"]);
-    assert_eq!(apply.status.code(), Some(2), "{}", shown(&apply));
-    assert!(
-        shown(&apply).contains("which this run changes"),
-        "{}",
-        shown(&apply)
+    assert!(apply.status.success(), "{}", shown(&apply));
+    assert_eq!(
+        std::fs::read_to_string(elsewhere.join("f.txt")).unwrap(),
+        "y"
     );
-    // Destroy takes the recorded value.
-    deployment(true, &root);
+    // Unchanged: a no-op, with the recorded value.
+    let plan = capstan(dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", shown(&plan));
+    // A reference to a resource the deployment does not declare is named.
+    let mut bad: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("capstan.json")).unwrap()).unwrap();
+    bad["providers"]["fx"]["config"]["root"] = json!({"$ref": "plcae#value"});
+    std::fs::write(dir.join("capstan.json"), bad.to_string()).unwrap();
+    let plan = capstan(dir, &["plan"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", shown(&plan));
+    assert!(
+        shown(&plan).contains("providers.fx.config"),
+        "{}",
+        shown(&plan)
+    );
+    // Destroy takes the recorded value; the file goes before the place it lives in.
+    deployment("y", &elsewhere);
     let destroy = capstan(dir, &["destroy", "--yes"]);
     assert!(destroy.status.success(), "{}", shown(&destroy));
-    assert!(!root.join("f.txt").exists());
+    assert!(!elsewhere.join("f.txt").exists());
 }
 
 /// Terraform 1.0.3 itself as the reference: the same resources applied by Terraform and by

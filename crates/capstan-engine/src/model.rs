@@ -331,6 +331,28 @@ impl Deployment {
                 .map_err(|(place, m)| err(&place, m))?;
         }
         resources.sort_unstable_keys();
+        // A resource waits for what its provider's settings refer to (and is deleted before
+        // it): they are handed to the provider before its first operation.
+        for (name, decl) in &providers {
+            for r in &decl.config_refs {
+                if !resources.contains_key(&r.address) {
+                    return Err(err(
+                        &format!("providers.{}.config", printable(name)),
+                        missing_resource(&resources, &r.address, "refers to"),
+                    ));
+                }
+            }
+            if decl.config_refs.is_empty() {
+                continue;
+            }
+            for resource in resources.values_mut().filter(|res| &res.provider == name) {
+                for r in &decl.config_refs {
+                    if !resource.refs.contains(r) {
+                        resource.refs.push(r.clone());
+                    }
+                }
+            }
+        }
         let mut deployment = Deployment {
             file: file.to_path_buf(),
             providers,

@@ -137,49 +137,32 @@ fn with_recorded_outputs(value: &serde_json::Value, state: &State) -> serde_json
     }
 }
 
-/// The references in a provider's `config` that cannot be filled in when it starts: to an
-/// output the state does not record, or (unless every change is a delete) to a resource
-/// this run changes; for providers this run uses. Each as a message naming it and what to do.
-pub fn config_refs_unready(
+/// The providers whose `config` refers to outputs not known when they start (not recorded
+/// yet, or changed by this run): started with those settings null, they are handed their
+/// settings (`Provider.configure`) before their first operation in the run, once what they
+/// refer to is made; nothing else may use them before (plan-time reads and plans skip them).
+pub fn config_late(
     deployment: &Deployment,
     state: &State,
     changes: &[PlannedChange],
-    destroying: bool,
-) -> Vec<String> {
-    let mut problems = Vec::new();
-    for (name, decl) in &deployment.providers {
-        // A provider with nothing to do this run is never configured (its configuration
-        // matters at its first operation).
-        let used = changes.iter().any(|c| {
-            c.action != Action::Noop
-                && (&c.provider == name || c.replaces.as_ref().is_some_and(|r| &r.provider == name))
-        });
-        if !used {
-            continue;
-        }
-        for r in &decl.config_refs {
-            let recorded = state
-                .resources
-                .get(&r.address)
-                .is_some_and(|res| res.outputs.get_raw(&r.output).is_some());
-            let changing = changes
-                .iter()
-                .find(|c| c.address == r.address)
-                .is_some_and(|c| c.action != Action::Noop);
-            if !recorded {
-                problems.push(format!(
-                    "provider `{name}`: its `config` refers to `{}#{}`, which the state does not record yet: a provider is configured before the run makes anything; apply `{}` first (with the resources of `{name}` left out), then again",
-                    r.address, r.output, r.address
-                ));
-            } else if changing && !destroying {
-                problems.push(format!(
-                    "provider `{name}`: its `config` refers to `{}#{}`, which this run changes: a provider is configured before the run makes anything; apply the change to `{}` first (with the resources of `{name}` left out), then again",
-                    r.address, r.output, r.address
-                ));
-            }
-        }
-    }
-    problems
+) -> BTreeSet<String> {
+    deployment
+        .providers
+        .iter()
+        .filter(|(_, decl)| {
+            decl.config_refs.iter().any(|r| {
+                let recorded = state
+                    .resources
+                    .get(&r.address)
+                    .is_some_and(|res| res.outputs.get_raw(&r.output).is_some());
+                let changing = changes
+                    .iter()
+                    .any(|c| c.address == r.address && c.action != Action::Noop);
+                !recorded || changing
+            })
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 fn source_for(
@@ -650,6 +633,7 @@ pub async fn run_staged(
         scheduler.set_limit(provider, limit);
     }
     let nodes = graph(&changes, deployment, state, &mut scheduler);
+    let late = config_late(deployment, state, &changes);
     let (asks, mut asked) = tokio::sync::mpsc::unbounded_channel();
     let mut driver = Driver {
         ops: FastMap::default(),
@@ -676,10 +660,14 @@ pub async fn run_staged(
         added_index: FastMap::default(),
         node_of: FastMap::default(),
         stages: None,
+        late_config: FastMap::default(),
         evaluating: false,
         given: Default::default(),
         evaluation_failed: false,
     };
+    for provider in late {
+        driver.late_config.insert(provider, Rc::default());
+    }
     if let Some(stages) = stages {
         driver.start_stages(stages);
     }
@@ -933,6 +921,9 @@ struct Driver<'a> {
     /// no-ops, replaces; deletes too, so nothing is planned twice).
     node_of: FastMap<String, NodeId>,
     stages: Option<crate::nix::Stages>,
+    /// Providers handed their settings before their first operation ([`config_late`]), and
+    /// whether that went well, once it is done.
+    late_config: FastMap<String, Rc<tokio::sync::OnceCell<Result<(), String>>>>,
     evaluating: bool,
     /// The outputs given to the last evaluation.
     given: std::collections::HashSet<String>,
@@ -1694,11 +1685,41 @@ impl<'a> Driver<'a> {
                     provider: op.provider.clone(),
                     resource_type: call.resource_type.clone(),
                 });
+                // A provider whose settings refer to what this run makes gets them now, once,
+                // before its first operation (which waited for what they refer to).
+                let settings = self.late_config.get(&op.provider).map(|once| {
+                    let config = self
+                        .deployment
+                        .providers
+                        .get(&op.provider)
+                        .and_then(|d| d.terraform_config.as_ref())
+                        .map(|c| with_recorded_outputs(c, self.state))
+                        .unwrap_or_default();
+                    (once.clone(), config.to_string())
+                });
+                let failed_address = address.clone();
                 let observer =
                     progress_observer(self.events.clone(), address, op.operation.as_str());
                 let connection = op.connection.clone();
                 self.spawn(work, i, async move {
                     let started = Instant::now();
+                    if let Some((once, settings)) = settings {
+                        let configured = once
+                            .get_or_init(|| async {
+                                connection.configure(&settings).await.map(|_| ())
+                            })
+                            .await;
+                        if let Err(why) = configured {
+                            let error = OperationError::permanent(format!(
+                                "its provider's settings were not taken: {why}"
+                            ));
+                            let failed = CallError::Failed {
+                                address: failed_address,
+                                error,
+                            };
+                            return Done::Answered(i, Err(failed), 0.0);
+                        }
+                    }
                     let result = connection.call(call, observer).await;
                     Done::Answered(i, result, started.elapsed().as_secs_f64())
                 });
@@ -2635,8 +2656,12 @@ pub async fn plan_with_providers(
             .get(target)
             .and_then(|r| r.outputs.get_raw(output))
     };
+    // A provider configured only during the run cannot plan yet.
+    let late = config_late(deployment, state, changes);
     let asks = changes.iter().enumerate().filter_map(|(i, change)| {
-        if !matches!(change.action, Action::Create | Action::Update) || !change.waits_on.is_empty()
+        if !matches!(change.action, Action::Create | Action::Update)
+            || !change.waits_on.is_empty()
+            || late.contains(&change.provider)
         {
             return None;
         }
@@ -2719,8 +2744,13 @@ pub async fn read_on_plan(
     timeout: Option<Duration>,
     refresh: bool,
 ) -> PlanReads {
+    // A provider configured only during the run cannot read yet.
+    let late = config_late(deployment, state, changes);
     let reads = changes.iter().enumerate().filter_map(|(i, change)| {
         let recorded = state.resources.get(&change.address)?;
+        if late.contains(&recorded.provider) {
+            return None;
+        }
         // The recorded resource's own provider and type (a replace changes them).
         let connection = providers.connections.get(&recorded.provider)?;
         let info = connection.info().resource_type(&recorded.resource_type)?;

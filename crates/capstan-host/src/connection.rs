@@ -439,6 +439,24 @@ impl ProviderConnection {
         }
     }
 
+    /// Hands the provider its settings for the run (`Provider.configure`): a JSON object's
+    /// text. `Ok(false)` from a provider that takes none.
+    pub async fn configure(&self, settings: &str) -> Result<bool, String> {
+        if self.is_closed() {
+            return Err(format!("provider `{}` is no longer running", self.name));
+        }
+        let mut request = self.client.configure_request();
+        request.get().set_settings(settings);
+        match request.send().promise.await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == capnp::ErrorKind::Unimplemented => Ok(false),
+            Err(e) => Err(format!(
+                "provider `{}` refused its settings: {}",
+                self.name, e.extra
+            )),
+        }
+    }
+
     /// Asks the provider to plan `call` (a create, or an update with the previous inputs and
     /// outputs), for a type that declares `plansChanges`. `Ok(None)` from a provider without
     /// the method (an older one). Changes nothing, so it takes no concurrency slot.

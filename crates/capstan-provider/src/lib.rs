@@ -88,7 +88,11 @@ pub struct Provider {
     cancel_grace: Duration,
     max_message_words: usize,
     at_exit: Option<AtExit>,
+    on_configure: Option<OnConfigure>,
 }
+
+/// What [`Provider::on_configure`] runs.
+type OnConfigure = Rc<dyn Fn(String) -> Result<(), OperationError>>;
 
 /// What [`Provider::at_exit`] runs.
 type AtExit = Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>;
@@ -110,7 +114,19 @@ impl Provider {
             cancel_grace: Duration::from_secs(5),
             max_message_words: capstan_schema::DEFAULT_MAX_MESSAGE_WORDS,
             at_exit: None,
+            on_configure: None,
         }
+    }
+
+    /// Takes the settings the core hands over with `Provider.configure` (a JSON object's
+    /// text), for a provider whose deployment settings are known only during the run. It is
+    /// called before the first operation that needs them. An error is the core's to report.
+    pub fn on_configure(
+        mut self,
+        f: impl Fn(String) -> Result<(), OperationError> + 'static,
+    ) -> Self {
+        self.on_configure = Some(Rc::new(f));
+        self
     }
 
     /// Runs `f` when [`serve`](Self::serve) ends (the core disconnected or asked it to shut
@@ -200,6 +216,7 @@ impl Provider {
             ))
         });
         let server = server::ProviderServer {
+            on_configure: self.on_configure,
             info: self.info,
             resources: self.resources,
             limit,

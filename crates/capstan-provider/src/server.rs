@@ -28,6 +28,8 @@ pub(crate) struct ProviderServer {
     pub(crate) info: ProviderInfo,
     pub(crate) resources: HashMap<String, Rc<dyn ErasedResource>>,
     pub(crate) limit: Option<Arc<Semaphore>>,
+    /// Takes settings from `Provider.configure` (none: the method is unimplemented).
+    pub(crate) on_configure: Option<Rc<dyn Fn(String) -> Result<(), OperationError>>>,
     pub(crate) cancel_grace: Duration,
     /// Fires on `shutdown()` (or SIGTERM): every operation's token is a child of it.
     pub(crate) shutdown: CancellationToken,
@@ -367,6 +369,29 @@ impl provider::Server for ProviderServer {
         read => Read, ReadParams, ReadResults;
         update => Update, UpdateParams, UpdateResults;
         delete => Delete, DeleteParams, DeleteResults;
+    }
+
+    async fn configure(
+        self: CapRc<Self>,
+        params: provider::ConfigureParams,
+        _results: provider::ConfigureResults,
+    ) -> Result<(), capnp::Error> {
+        let Some(on_configure) = self.on_configure.clone() else {
+            return Err(capnp::Error::unimplemented(format!(
+                "provider `{}` takes no settings",
+                self.info.name
+            )));
+        };
+        let settings = params.get()?.get_settings()?.to_string()?;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_configure(settings))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(capnp::Error::failed(e.message)),
+            Err(panic) => Err(capnp::Error::failed(format!(
+                "provider `{}` panicked taking its settings: {}",
+                self.info.name,
+                panic_message(panic)
+            ))),
+        }
     }
 
     async fn plan(

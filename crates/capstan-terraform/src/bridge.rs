@@ -41,9 +41,12 @@ type InFlight = Arc<Mutex<Vec<(u64, String, tokio::sync::mpsc::UnboundedSender<L
 /// The running plugin of a run, started on first use, and its schema.
 struct Shared {
     program: PathBuf,
-    config: Value,
-    /// The provider block's sensitive settings (by its schema), never shown by the bridge.
-    config_secrets: Vec<String>,
+    /// The provider block's settings: from the environment, or (for settings that refer to
+    /// resources the run makes) from the core's `Provider.configure`.
+    config: std::cell::RefCell<Value>,
+    /// The provider block's sensitive settings (by its schema), never shown by the bridge;
+    /// shared with the tasks that read its log lines.
+    config_secrets: Arc<Mutex<Vec<String>>>,
     /// What a failed create made all the same (Apply answered a state with its error), by
     /// address: what the core's read of it finds (`find`), to record it tainted.
     made_anyway: std::cell::RefCell<std::collections::HashMap<String, Value>>,
@@ -61,7 +64,7 @@ impl Shared {
             .get_or_try_init(|| async {
                 let mut warnings = Vec::new();
                 self.plugin
-                    .configure(&self.schema, &self.config, &mut warnings)
+                    .configure(&self.schema, &self.config.borrow().clone(), &mut warnings)
                     .await?;
                 for w in warnings {
                     eprintln!("{}: warning: {}", self.program.display(), self.scrub(&w));
@@ -161,7 +164,7 @@ impl Shared {
     /// `text` with the provider block's sensitive settings hidden.
     fn scrub(&self, text: &str) -> String {
         let mut text = text.to_string();
-        for secret in &self.config_secrets {
+        for secret in self.config_secrets.lock().expect("not poisoned").iter() {
             text = text.replace(secret.as_str(), "(sensitive)");
         }
         text
@@ -190,8 +193,11 @@ impl Drop for Registered<'_> {
 }
 
 /// `line` with the provider block's sensitive settings hidden.
-fn scrubbed(mut line: LogLine, hidden: &std::sync::OnceLock<Vec<String>>) -> LogLine {
-    for secret in hidden.get().into_iter().flatten() {
+fn scrubbed(mut line: LogLine, hidden: &Mutex<Vec<String>>) -> LogLine {
+    let Ok(hidden) = hidden.lock() else {
+        return line;
+    };
+    for secret in hidden.iter() {
         if line.message.contains(secret.as_str()) {
             line.message = line.message.replace(secret.as_str(), "(sensitive)");
         }
@@ -299,7 +305,7 @@ pub fn provider(
     let in_flight: InFlight = Arc::default();
     let routes = in_flight.clone();
     // Known once the schema is: the sensitive settings its log lines must not show.
-    let hidden: Arc<std::sync::OnceLock<Vec<String>>> = Arc::default();
+    let hidden: Arc<Mutex<Vec<String>>> = Arc::default();
     let hide = hidden.clone();
     let (plugin, schema) = runtime.block_on(async {
         let options = StartOptions {
@@ -311,13 +317,12 @@ pub fn provider(
         Ok::<_, TerraformError>((plugin, schema))
     })?;
     let info = crate::provider_info("terraform", &schema);
-    let secrets = config_secrets(&schema, &config);
-    let _ = hidden.set(secrets.clone());
+    *hidden.lock().expect("not poisoned") = config_secrets(&schema, &config);
     let shared = Rc::new(Shared {
         program: program.clone(),
-        config,
+        config: std::cell::RefCell::new(config),
         schema,
-        config_secrets: secrets,
+        config_secrets: hidden,
         made_anyway: Default::default(),
         plugin,
         configured: tokio::sync::OnceCell::new(),
@@ -325,9 +330,26 @@ pub fn provider(
         next_op: Cell::new(0),
     });
     let at_exit = shared.clone();
-    let mut provider =
-        Provider::new("terraform", env!("CARGO_PKG_VERSION")).at_exit(move || async move {
+    let settings = shared.clone();
+    let mut provider = Provider::new("terraform", env!("CARGO_PKG_VERSION"))
+        .at_exit(move || async move {
             at_exit.plugin.shutdown().await;
+        })
+        .on_configure(move |text| {
+            // Settings known only during the run (they refer to what it made): they replace
+            // those of the environment, before the provider is configured with them.
+            if settings.configured.get().is_some() {
+                return Err(OperationError::permanent(
+                    "the Terraform provider is configured already; it takes its settings once",
+                ));
+            }
+            let config: Value = serde_json::from_str(&text).map_err(|e| {
+                OperationError::invalid_input(format!("the settings are not JSON: {e}"))
+            })?;
+            *settings.config_secrets.lock().expect("not poisoned") =
+                config_secrets(&settings.schema, &config);
+            *settings.config.borrow_mut() = config;
+            Ok(())
         });
     for t in &info.resource_types {
         let data = t.name.starts_with("data.");
