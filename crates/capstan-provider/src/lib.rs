@@ -92,7 +92,7 @@ pub struct Provider {
 }
 
 /// What [`Provider::on_configure`] runs.
-type OnConfigure = Rc<dyn Fn(String) -> Result<(), OperationError>>;
+pub(crate) type OnConfigure = Rc<dyn Fn(String) -> Result<(), OperationError>>;
 
 /// What [`Provider::at_exit`] runs.
 type AtExit = Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>;

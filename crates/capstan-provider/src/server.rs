@@ -29,7 +29,7 @@ pub(crate) struct ProviderServer {
     pub(crate) resources: HashMap<String, Rc<dyn ErasedResource>>,
     pub(crate) limit: Option<Arc<Semaphore>>,
     /// Takes settings from `Provider.configure` (none: the method is unimplemented).
-    pub(crate) on_configure: Option<Rc<dyn Fn(String) -> Result<(), OperationError>>>,
+    pub(crate) on_configure: Option<crate::OnConfigure>,
     pub(crate) cancel_grace: Duration,
     /// Fires on `shutdown()` (or SIGTERM): every operation's token is a child of it.
     pub(crate) shutdown: CancellationToken,

@@ -63,8 +63,9 @@ impl Shared {
         self.configured
             .get_or_try_init(|| async {
                 let mut warnings = Vec::new();
+                let config = self.config.borrow().clone();
                 self.plugin
-                    .configure(&self.schema, &self.config.borrow().clone(), &mut warnings)
+                    .configure(&self.schema, &config, &mut warnings)
                     .await?;
                 for w in warnings {
                     eprintln!("{}: warning: {}", self.program.display(), self.scrub(&w));
