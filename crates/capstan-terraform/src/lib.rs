@@ -1058,6 +1058,12 @@ impl Plugin {
         Ok(response.into_inner())
     }
 
+    /// The gRPC channel to the plugin, for calls Capstan does not make itself (go-plugin's
+    /// broker, say).
+    pub fn channel(&self) -> tonic::transport::Channel {
+        self.channel.clone()
+    }
+
     /// Whether [`Plugin::shutdown`] was called.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(std::sync::atomic::Ordering::SeqCst)

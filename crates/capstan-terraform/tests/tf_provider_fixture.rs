@@ -311,3 +311,83 @@ fn a_state_of_an_older_schema_version_is_sent_to_upgrade_resource_state() {
         plugin.stop().await;
     });
 }
+
+/// go-plugin's `ConnInfo` (the broker's message), for the test below only.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ConnInfo {
+    #[prost(uint32, tag = "1")]
+    service_id: u32,
+    #[prost(string, tag = "2")]
+    network: String,
+    #[prost(string, tag = "3")]
+    address: String,
+}
+
+/// What a plugin writes to go-plugin's `GRPCStdio` stream reaches the log sink as its stdout.
+/// tf-provider writes there only from its broker ("relay …" for each `ConnInfo` the host
+/// sends on `GRPCBroker.StartStream`), so the test sends one.
+#[test]
+fn grpc_stdio_output_reaches_the_log_sink() {
+    let Some(binary) = fixture() else { return };
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    run(async {
+        let plugin = Plugin::start_with(
+            &binary,
+            StartOptions {
+                logs: Some(std::sync::Arc::new(move |line| {
+                    sink.lock().unwrap().push(line)
+                })),
+                ..StartOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ConnInfo>();
+        let outgoing = tokio_stream_of(rx);
+        let channel = plugin.channel();
+        let broker = tokio::spawn(async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.unwrap();
+            let _ = grpc
+                .streaming(
+                    tonic::Request::new(outgoing),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(
+                        "/plugin.GRPCBroker/StartStream",
+                    ),
+                    tonic::codec::ProstCodec::<ConnInfo, ConnInfo>::default(),
+                )
+                .await;
+        });
+        // The stdio stream is read from the start; resend until a relay line comes back.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            let _ = tx.send(ConnInfo {
+                service_id: 7,
+                network: "unix".into(),
+                address: "/nowhere".into(),
+            });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let seen = lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l: &capstan_terraform::LogLine| {
+                    l.channel == capstan_terraform::Channel::StdioOut && l.message.contains("relay")
+                });
+            if seen || std::time::Instant::now() > deadline {
+                break seen;
+            }
+        };
+        assert!(found, "{:?}", lines.lock().unwrap());
+        broker.abort();
+        plugin.stop().await;
+    });
+}
+
+/// A stream of what `rx` receives.
+fn tokio_stream_of<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
