@@ -132,6 +132,18 @@ pub struct ResourceDecl {
     pub sensitive: Vec<Value>,
 }
 
+impl ProviderDecl {
+    /// Its Terraform settings with each `{"$ref": …}` replaced by the output `outputs` gives
+    /// and escaped keys (`$$…`) undone, as a resource's inputs are; `None` without settings
+    /// or when an output is not known.
+    pub fn settings<'a>(
+        &self,
+        outputs: &dyn Fn(&str, &str) -> Option<&'a RawValue>,
+    ) -> Option<Value> {
+        resolve_tree(self.terraform_config.clone()?, outputs)
+    }
+}
+
 impl ResourceDecl {
     /// Every resource this one depends on, in address order, each once.
     pub fn dependencies(&self) -> Vec<String> {

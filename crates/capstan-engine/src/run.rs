@@ -109,32 +109,20 @@ pub fn v0_types(
     types
 }
 
-/// `value` with each `{"$ref": "ADDRESS#OUTPUT"}` replaced by that output as the state records
-/// it (null when it records none; `config_refs_unready` says which, beforehand).
-fn with_recorded_outputs(value: &serde_json::Value, state: &State) -> serde_json::Value {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => {
-            if let (1, Some(Value::String(target))) = (map.len(), map.get("$ref")) {
-                return target
-                    .split_once('#')
-                    .and_then(|(address, output)| state.resources.get(address)?.outputs.get(output))
-                    .unwrap_or(Value::Null);
-            }
-            Value::Object(
-                map.iter()
-                    .map(|(k, v)| (k.clone(), with_recorded_outputs(v, state)))
-                    .collect(),
-            )
-        }
-        Value::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(|v| with_recorded_outputs(v, state))
-                .collect(),
-        ),
-        other => other.clone(),
-    }
+/// A provider's settings with each reference filled in from the state (null where it records
+/// nothing yet: a provider configured during the run, [`config_late`]).
+fn recorded_settings(decl: &ProviderDecl, state: &State) -> Option<serde_json::Value> {
+    static NULL: std::sync::OnceLock<Box<serde_json::value::RawValue>> = std::sync::OnceLock::new();
+    let null = NULL.get_or_init(|| {
+        serde_json::value::RawValue::from_string("null".into()).expect("null is JSON")
+    });
+    decl.settings(&|address, output| {
+        let recorded = state
+            .resources
+            .get(address)
+            .and_then(|r| r.outputs.get_raw(output));
+        Some(recorded.unwrap_or(null))
+    })
 }
 
 /// The providers whose `config` refers to outputs not known when they start (not recorded
@@ -186,12 +174,12 @@ fn source_for(
         bridge.push(resolved);
         let mut command = ProviderCommand::new(builtin.program.clone(), bridge);
         command.cwd = Some(dir.to_path_buf());
-        if let Some(config) = &decl.terraform_config {
+        if let Some(settings) = recorded_settings(decl, state) {
             // In the environment, which only this user can read (a command line is anyone's):
             // the configuration may hold secrets. References are filled in from the state.
             command.env.push((
                 crate::model::TERRAFORM_CONFIG_ENV.into(),
-                with_recorded_outputs(config, state).to_string().into(),
+                settings.to_string().into(),
             ));
         }
         return ProviderSource::Command(command);
@@ -1692,8 +1680,7 @@ impl<'a> Driver<'a> {
                         .deployment
                         .providers
                         .get(&op.provider)
-                        .and_then(|d| d.terraform_config.as_ref())
-                        .map(|c| with_recorded_outputs(c, self.state))
+                        .and_then(|d| recorded_settings(d, self.state))
                         .unwrap_or_default();
                     (once.clone(), config.to_string())
                 });

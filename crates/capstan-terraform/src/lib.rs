@@ -575,25 +575,12 @@ impl Plugin {
         config: &serde_json::Value,
         warnings: &mut Vec<String>,
     ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
-        let block = self.block(schema, type_name)?;
-        let config = self.config_of(block, config)?;
-        let proposed = values::proposed_new(block, &rmpv::Value::Nil, &config);
-        self.validate(type_name, false, &config, warnings).await?;
-        self.plan_and_apply(
-            schema,
-            type_name,
-            rmpv::Value::Nil,
-            proposed,
-            config,
-            Vec::new(),
-            warnings,
-        )
-        .await
+        self.plan_and_apply(schema, type_name, None, config, warnings)
+            .await
     }
 
-    /// Changes a resource to match a new configuration: plans from its prior state (the
-    /// proposed new state keeps the computed attributes the configuration leaves null, as
-    /// Terraform core computes it), then applies. A plan that requires replacing it is
+    /// Changes a resource (its state and private bytes) to match a new configuration: plans
+    /// from its prior state, then applies. A plan that requires replacing it is
     /// [`TerraformError::ReplaceRequired`].
     pub async fn update(
         &self,
@@ -604,22 +591,8 @@ impl Plugin {
         config: &serde_json::Value,
         warnings: &mut Vec<String>,
     ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
-        let block = self.block(schema, type_name)?;
-        let t = values::block_type(block);
-        let prior = values::encode(&t, prior);
-        let config = self.config_of(block, config)?;
-        let proposed = values::proposed_new(block, &prior, &config);
-        self.validate(type_name, false, &config, warnings).await?;
-        self.plan_and_apply(
-            schema,
-            type_name,
-            prior,
-            proposed,
-            config,
-            private.to_vec(),
-            warnings,
-        )
-        .await
+        self.plan_and_apply(schema, type_name, Some((prior, private)), config, warnings)
+            .await
     }
 
     /// Plans a create (`prior` is `None`) or an update of a resource (its state and private
@@ -634,47 +607,17 @@ impl Plugin {
         config: &serde_json::Value,
         warnings: &mut Vec<String>,
     ) -> Result<Planned, TerraformError> {
-        let block = self.block(schema, type_name)?;
-        let t = values::block_type(block);
-        let config = self.config_of(block, config)?;
-        self.validate(type_name, false, &config, warnings).await?;
-        let mut replace = Vec::new();
-        let mut planned = match prior {
-            Some((state, private)) => {
-                let prior = values::encode(&t, state);
-                let proposed = values::proposed_new(block, &prior, &config);
-                let plan = self
-                    .plan_change(
-                        schema,
-                        type_name,
-                        &prior,
-                        proposed,
-                        &config,
-                        private.to_vec(),
-                        warnings,
-                    )
-                    .await?;
-                replace = forcing(&plan, &prior);
-                (replace.is_empty()).then_some(plan)
-            }
-            None => None,
-        };
-        if planned.is_none() {
-            let proposed = values::proposed_new(block, &rmpv::Value::Nil, &config);
-            planned = Some(
-                self.plan_change(
-                    schema,
-                    type_name,
-                    &rmpv::Value::Nil,
-                    proposed,
-                    &config,
-                    Vec::new(),
-                    warnings,
-                )
-                .await?,
-            );
+        let (mut plan, replace) = self
+            .validate_and_plan(schema, type_name, prior, config, warnings)
+            .await?;
+        if !replace.is_empty() {
+            // What replaces it: planned as a create.
+            plan = self
+                .validate_and_plan(schema, type_name, None, config, warnings)
+                .await?
+                .0;
         }
-        let state = values::from_dynamic(planned.and_then(|p| p.planned_state).as_ref())
+        let state = values::from_dynamic(plan.response.planned_state.as_ref())
             .map_err(|e| TerraformError::Grpc(format!("its plan: {e}"), self.program.clone()))?;
         let unknown = match &state {
             rmpv::Value::Map(entries) => entries
@@ -691,74 +634,72 @@ impl Plugin {
         })
     }
 
-    /// `PlanResourceChange`, its errors as errors.
-    #[allow(clippy::too_many_arguments)]
-    async fn plan_change(
+    /// `ValidateResourceConfig`, then `PlanResourceChange` with the proposed new state
+    /// Terraform core computes from the prior state (none: a create) and the configuration.
+    /// Also returns the attributes whose change forces a new resource (never for a create:
+    /// providers report those attributes then too, and core ignores them).
+    async fn validate_and_plan(
         &self,
         schema: &wire::GetProviderSchemaResponse,
         type_name: &str,
-        prior: &rmpv::Value,
-        proposed: rmpv::Value,
-        config: &rmpv::Value,
-        prior_private: Vec<u8>,
+        prior: Option<(&serde_json::Value, &[u8])>,
+        config: &serde_json::Value,
         warnings: &mut Vec<String>,
-    ) -> Result<wire::PlanResourceChangeResponse, TerraformError> {
-        let plan: wire::PlanResourceChangeResponse = self
+    ) -> Result<(PlannedChange, Vec<String>), TerraformError> {
+        let block = self.block(schema, type_name)?;
+        let config = self.config_of(block, config)?;
+        self.validate(type_name, false, &config, warnings).await?;
+        let (prior, prior_private) = match prior {
+            Some((state, private)) => (
+                values::encode(&values::block_type(block), state),
+                private.to_vec(),
+            ),
+            None => (rmpv::Value::Nil, Vec::new()),
+        };
+        let proposed = values::proposed_new(block, &prior, &config);
+        let response: wire::PlanResourceChangeResponse = self
             .unary(
                 wire::Method::PlanResourceChange,
                 wire::PlanResourceChangeRequest {
                     type_name: type_name.to_string(),
-                    prior_state: Some(values::dynamic(prior)),
+                    prior_state: Some(values::dynamic(&prior)),
                     proposed_new_state: Some(values::dynamic(&proposed)),
-                    config: Some(values::dynamic(config)),
+                    config: Some(values::dynamic(&config)),
                     prior_private,
                     provider_meta: provider_meta(schema),
                 },
             )
             .await?;
-        self.errors(&plan.diagnostics, warnings)?;
-        Ok(plan)
+        self.errors(&response.diagnostics, warnings)?;
+        let replace = if prior.is_nil() {
+            Vec::new()
+        } else {
+            forcing(&response, &prior)
+        };
+        Ok((
+            PlannedChange {
+                response,
+                prior,
+                config,
+            },
+            replace,
+        ))
     }
 
-    /// `PlanResourceChange`, then `ApplyResourceChange` of that plan: the new state (JSON)
-    /// and private bytes. A change that requires replacing the resource is
-    /// [`TerraformError::ReplaceRequired`], before anything is applied.
-    #[allow(clippy::too_many_arguments)]
+    /// [`validate_and_plan`](Self::validate_and_plan), then `ApplyResourceChange` of that
+    /// plan: the new state (JSON) and private bytes. A change that requires replacing the
+    /// resource is [`TerraformError::ReplaceRequired`], before anything is applied.
     async fn plan_and_apply(
         &self,
         schema: &wire::GetProviderSchemaResponse,
         type_name: &str,
-        prior: rmpv::Value,
-        proposed: rmpv::Value,
-        config: rmpv::Value,
-        prior_private: Vec<u8>,
+        prior: Option<(&serde_json::Value, &[u8])>,
+        config: &serde_json::Value,
         warnings: &mut Vec<String>,
     ) -> Result<(serde_json::Value, Vec<u8>), TerraformError> {
-        // On a create, providers report the attributes that would force a replacement too;
-        // only a change of an existing resource is refused for them (as Terraform core does).
-        let creating = prior.is_nil();
-        let prior_value = prior;
-        let prior = values::dynamic(&prior_value);
-        let config = values::dynamic(&config);
-        let plan: wire::PlanResourceChangeResponse = self
-            .unary(
-                wire::Method::PlanResourceChange,
-                wire::PlanResourceChangeRequest {
-                    type_name: type_name.to_string(),
-                    prior_state: Some(prior.clone()),
-                    proposed_new_state: Some(values::dynamic(&proposed)),
-                    config: Some(config.clone()),
-                    prior_private,
-                    provider_meta: provider_meta(schema),
-                },
-            )
+        let (plan, paths) = self
+            .validate_and_plan(schema, type_name, prior, config, warnings)
             .await?;
-        self.errors(&plan.diagnostics, warnings)?;
-        let paths = if creating {
-            Vec::new()
-        } else {
-            forcing(&plan, &prior_value)
-        };
         if !paths.is_empty() {
             return Err(TerraformError::ReplaceRequired {
                 program: self.program.clone(),
@@ -766,6 +707,12 @@ impl Plugin {
                 paths,
             });
         }
+        let PlannedChange {
+            response: plan,
+            prior,
+            config,
+        } = plan;
+        let (prior, config) = (values::dynamic(&prior), values::dynamic(&config));
         let applied: wire::ApplyResourceChangeResponse = self
             .unary(
                 wire::Method::ApplyResourceChange,
@@ -1137,6 +1084,13 @@ fn forcing(plan: &wire::PlanResourceChangeResponse, prior: &rmpv::Value) -> Vec<
         })
         .map(|path| path.to_string())
         .collect()
+}
+
+/// A `PlanResourceChange` answer, with the prior state and configuration it was asked for.
+struct PlannedChange {
+    response: wire::PlanResourceChangeResponse,
+    prior: rmpv::Value,
+    config: rmpv::Value,
 }
 
 /// A planned create or update ([`Plugin::plan`]).
