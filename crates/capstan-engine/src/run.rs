@@ -2690,11 +2690,17 @@ pub async fn plan_with_providers(
         let change = &mut changes[i];
         match answer {
             Ok(Some(plan)) => {
-                let mut outputs: serde_json::Value =
-                    serde_json::from_str(&plan.outputs).unwrap_or_default();
+                let mut outputs = match serde_json::from_str::<serde_json::Value>(&plan.outputs) {
+                    Ok(outputs @ serde_json::Value::Object(_)) => outputs,
+                    _ => {
+                        warnings.push(format!(
+                            "its provider planned `{}` with outputs that are not a JSON object; it is shown without the provider's plan",
+                            change.address
+                        ));
+                        continue;
+                    }
+                };
                 if let Some(o) = outputs.as_object_mut() {
-                    // Capstan's own bookkeeping in a provider's outputs is not shown.
-                    o.retain(|k, _| !k.starts_with("__"));
                     for name in &sensitive {
                         if let Some(v) = o.get_mut(name).filter(|v| !v.is_null()) {
                             *v = serde_json::Value::String("(sensitive)".into());
