@@ -414,7 +414,7 @@ fn sigkill_at_random_moments_loses_nothing_and_the_next_apply_converges() {
                 continue;
             };
             let generation = content.trim().to_string();
-            let says = |inputs: &capstan_host::Json| inputs.text().contains(&generation);
+            let says = |inputs: &capstan_schema::Json| inputs.text().contains(&generation);
             // (A resource an interrupted operation was found to have changed is recorded with
             // what was found: its outputs say so.)
             let recorded = state

@@ -86,7 +86,7 @@ pub enum Event {
         operation: &'static str,
         elapsed_seconds: f64,
         /// The resource's outputs (null after a delete).
-        outputs: capstan_host::Json,
+        outputs: capstan_schema::Json,
     },
     ResourceFailed {
         address: String,

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use capstan_host::Json;
+use capstan_schema::Json;
 use capstan_schema::ProviderInfo;
 
 use crate::maps::AddressMap;
@@ -270,7 +270,7 @@ impl Deployment {
             place: place.to_string(),
             message,
         };
-        let members = capstan_host::json::object_members(&text).map_err(|_| {
+        let members = capstan_schema::json::object_members(&text).map_err(|_| {
             err(
                 "(top level)",
                 "a deployment is a JSON object with `providers` and `resources`".into(),
@@ -308,7 +308,7 @@ impl Deployment {
         // Read one resource at a time from its raw text: a tree of every resource at once would
         // cost more memory than the deployment itself. Reading the top level checks the syntax of
         // the whole document (raw values are checked as they are taken).
-        let members = capstan_host::json::object_members(text).map_err(|e| {
+        let members = capstan_schema::json::object_members(text).map_err(|e| {
             if let Err(e) = serde_json::from_str::<&RawValue>(text) {
                 // Not JSON at all: say where.
                 return err(
@@ -784,7 +784,7 @@ fn collect_resources(
     } else {
         format!("resources.{prefix}.resources")
     };
-    let group = capstan_host::json::object_members(group.get()).map_err(|_| {
+    let group = capstan_schema::json::object_members(group.get()).map_err(|_| {
         (
             group_place.clone(),
             "must be an object of resources and groups".to_string(),
@@ -861,7 +861,7 @@ fn collect_members(
         if let Some(problem) = bad_name {
             return Err((place(), problem));
         }
-        let decl = match capstan_host::json::object_members(decl.get()) {
+        let decl = match capstan_schema::json::object_members(decl.get()) {
             Ok(decl) => decl,
             Err(_) => {
                 return Err((

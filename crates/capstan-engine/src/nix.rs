@@ -106,7 +106,7 @@ pub struct Request<'a> {
     pub file: &'a Path,
     pub params: &'a Map<String, Value>,
     /// The outputs that exist now, by address.
-    pub known: &'a BTreeMap<String, capstan_host::Json>,
+    pub known: &'a BTreeMap<String, capstan_schema::Json>,
     /// Only the providers (for `destroy`, which needs nothing else).
     pub providers_only: bool,
     /// Resources read by an earlier evaluation: what they use is known already (see
@@ -605,7 +605,7 @@ pub async fn evaluate_and_plan(
     file: &Path,
     params: &Map<String, Value>,
     state: &crate::state::State,
-    mut known: BTreeMap<String, capstan_host::Json>,
+    mut known: BTreeMap<String, capstan_schema::Json>,
     uses: &mut Uses,
     events: &dyn crate::events::EventSink,
     stage: &mut usize,
@@ -872,7 +872,7 @@ fn concise(lines: &[String]) -> String {
 pub fn outputs_of<'a>(
     state: &crate::state::State,
     addresses: impl IntoIterator<Item = &'a String>,
-) -> BTreeMap<String, capstan_host::Json> {
+) -> BTreeMap<String, capstan_schema::Json> {
     addresses
         .into_iter()
         .filter_map(|a| {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use capstan_host::Json;
+use capstan_schema::Json;
 use serde::Serialize;
 
 use crate::model::{Deployment, ModelError};

@@ -470,7 +470,7 @@ impl Redacting {
                 let before = value.clone();
                 s.redact_value(&mut value);
                 if value != before {
-                    *outputs = capstan_host::Json::from_value(&value);
+                    *outputs = capstan_schema::Json::from_value(&value);
                 }
             }
             Event::ResourceFailed { error, details, .. } => {

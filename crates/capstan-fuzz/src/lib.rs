@@ -4,6 +4,8 @@
 //! `tests/fuzz.rs` runs them on stable over the corpus in `fuzz/corpus/` and a bounded number
 //! of mutations of it, in CI.
 
+#![forbid(unsafe_code)]
+
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
@@ -227,7 +229,7 @@ pub fn recorded_traffic() -> (Vec<u8>, Vec<u8>) {
             capstan_schema::OperationKind::Create,
             "echo",
             "e",
-            capstan_host::Json::from_text(r#"{"value":[1,"two",{"three":3}]}"#).expect("JSON"),
+            capstan_schema::Json::from_text(r#"{"value":[1,"two",{"three":3}]}"#).expect("JSON"),
         );
         let _ = connection
             .call(call, capstan_host::ignore_progress())

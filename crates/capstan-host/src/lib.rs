@@ -23,17 +23,16 @@
 
 mod connection;
 mod error;
-pub mod json;
 mod process;
 pub mod reaper;
 mod sink;
 
+/// JSON kept as text: inputs and outputs of calls (defined with the contract).
+pub use capstan_schema::Json;
 pub use connection::{
     describe_handle, HostOptions, OperationCall, OperationSuccess, ProviderConnection,
     ProviderSource, ShutdownReport,
 };
 pub use error::{CallError, ExitDescription, LaunchError, OutputTail};
-/// JSON kept as text: inputs and outputs of calls.
-pub use json::Json;
 pub use process::{ProviderCommand, ProviderLog, StopReport};
 pub use sink::{ignore_progress, ProgressObserver};

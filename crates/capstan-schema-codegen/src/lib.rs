@@ -4,6 +4,8 @@
 //! bindings are missing or broken. It needs the Cap'n Proto compiler
 //! (`apt-get install -y capnproto libcapnp-dev`); nothing else in the workspace does.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

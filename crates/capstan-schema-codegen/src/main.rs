@@ -1,5 +1,7 @@
 //! `cargo run -p capstan-schema-codegen`: rewrites the checked-in bindings from `schema/`.
 
+#![forbid(unsafe_code)]
+
 fn main() {
     if !capstan_schema_codegen::compiler_available() {
         eprintln!(

@@ -10,6 +10,8 @@
 //! assert_eq!(PROTOCOL_VERSION, provider_capnp::PROTOCOL_VERSION);
 //! ```
 
+#![forbid(unsafe_code)]
+
 #[rustfmt::skip]
 #[allow(clippy::all, unused, missing_docs)]
 #[path = "generated/progress_capnp.rs"]
@@ -22,11 +24,13 @@ pub mod provider_capnp;
 
 mod error;
 pub mod info;
+pub mod json;
 pub mod progress;
 mod trace;
 
 pub use error::{ErrorKind, OperationError};
 pub use info::{ProviderInfo, ProviderPlan, ResourceTypeInfo};
+pub use json::Json;
 pub use progress::{Level, LogStream, ProgressEvent, ProgressKind};
 pub use trace::TraceContext;
 

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use capstan_host::Json;
+use capstan_schema::Json;
 use capstan_schema::OperationKind;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -41,7 +41,7 @@ pub struct ResourceState {
     pub provider: String,
     #[serde(rename = "type")]
     pub resource_type: String,
-    /// JSON object, kept as text (see `capstan_host::Json`).
+    /// JSON object, kept as text (see `capstan_schema::Json`).
     pub inputs: Json,
     pub outputs: Json,
     /// Addresses it depended on, so deletion can run in reverse order without the deployment.

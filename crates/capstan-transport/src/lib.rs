@@ -9,6 +9,8 @@
 //!
 //! It knows nothing about providers, processes or the schema's meaning.
 
+#![forbid(unsafe_code)]
+
 use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;

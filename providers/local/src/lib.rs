@@ -40,14 +40,16 @@ struct TempFile(PathBuf);
 
 impl TempFile {
     /// It became the real file: nothing to remove.
-    fn keep(self) {
-        std::mem::forget(self);
+    fn keep(mut self) {
+        self.0 = PathBuf::new();
     }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 

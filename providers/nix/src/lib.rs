@@ -12,6 +12,8 @@
 //! progress counters. Activity and result types it does not know are passed on as events, never
 //! errors (a popular consumer broke when Nix added numbers).
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::process::Stdio;
 

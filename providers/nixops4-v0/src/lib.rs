@@ -12,6 +12,8 @@
 //! passes them in ([`TypeSpec`]); inputs are the v0 program's to check. v0 has no delete: every
 //! type says so in the handshake, and a delete fails with a message saying why.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::Stdio;
 

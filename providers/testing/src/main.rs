@@ -1268,8 +1268,9 @@ fn main() -> ExitCode {
     }
     let code = provider.serve_at(endpoint);
     if let Some(child) = leaked_child {
-        // Left running on purpose: the host must find and kill it.
-        std::mem::forget(child);
+        // Left running on purpose (dropping a `Child` neither kills nor waits for it): the
+        // host must find and kill it.
+        drop(child);
     }
     if linger {
         // SAFETY: ignoring a signal has no preconditions.
