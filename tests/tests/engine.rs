@@ -6,10 +6,12 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
 
+use capstan_cli::served::SelfLauncher;
+use capstan_engine::events::CollectEvents;
 use capstan_engine::events::Event;
 use capstan_engine::model::Deployment;
 use capstan_engine::plan;
-use capstan_engine::run::{self, BuiltinLauncher, CollectEvents, Providers, RunOptions};
+use capstan_engine::run::{self, Providers, RunOptions};
 use capstan_engine::state::{DirectoryBackend, StateBackend};
 use capstan_tests::{run_local, testing_provider};
 use serde_json::json;
@@ -35,23 +37,24 @@ async fn apply(
 ) -> Vec<Event> {
     let changes = plan::plan(deployment, state).unwrap();
     let (logs, _) = tokio::sync::mpsc::channel(16);
-    let builtin = BuiltinLauncher {
-        program: testing_provider(),
+    let launcher = SelfLauncher {
+        program: capstan_tests::workspace_binary("capstan"),
     };
-    let providers = Providers::launch(names, deployment, state, &builtin, logs)
+    let providers = Providers::launch(names, deployment, state, &launcher, logs, None)
         .await
         .unwrap();
     let events = Rc::new(CollectEvents(Default::default()));
-    run::run(
-        changes,
+    run::Run {
         deployment,
         state,
-        backend.clone() as Rc<dyn StateBackend>,
-        &providers,
-        &RunOptions::default(),
-        events.clone(),
-        Default::default(),
-    )
+        backend: backend.clone() as Rc<dyn StateBackend>,
+        providers: &providers,
+        options: &RunOptions::default(),
+        events: events.clone(),
+        interrupt: Default::default(),
+        stages: None,
+    }
+    .execute(changes)
     .await
     .unwrap();
     providers.shutdown().await;

@@ -8,10 +8,11 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
 
+use capstan_engine::events::CollectEvents;
 use capstan_engine::events::{Event, FailureKind, Summary};
 use capstan_engine::model::Deployment;
 use capstan_engine::plan;
-use capstan_engine::run::{self, CollectEvents, Providers, RunOptions};
+use capstan_engine::run::{self, Providers, RunOptions};
 use capstan_engine::state::{DirectoryBackend, State, StateBackend};
 use capstan_host::{HostOptions, ProviderConnection};
 use capstan_provider::{Operation, OperationError, Provider, Resource, ResourceType};
@@ -148,16 +149,17 @@ async fn apply(
     let connection = connect(probe, max_concurrency).await;
     let providers = Providers::from_connections(&f.deployment, [("mem".to_string(), connection)]);
     let events = Rc::new(CollectEvents(Default::default()));
-    let summary = run::run(
-        changes,
-        &f.deployment,
-        &mut f.state,
-        f.backend.clone() as Rc<dyn StateBackend>,
-        &providers,
-        &options,
-        events.clone(),
+    let summary = run::Run {
+        deployment: &f.deployment,
+        state: &mut f.state,
+        backend: f.backend.clone() as Rc<dyn StateBackend>,
+        providers: &providers,
+        options: &options,
+        events: events.clone(),
         interrupt,
-    )
+        stages: None,
+    }
+    .execute(changes)
     .await
     .unwrap();
     let events = events.0.borrow().clone();

@@ -808,8 +808,9 @@ fn engine_apply(
     size: usize,
     jobs: usize,
 ) -> (f64, serde_json::Value, u64) {
+    use capstan_cli::served::SelfLauncher;
     use capstan_engine::model::Deployment;
-    use capstan_engine::run::{BuiltinLauncher, Providers, RunOptions};
+    use capstan_engine::run::{Providers, RunOptions};
     use capstan_engine::state::{DirectoryBackend, StateBackend};
     local(async {
         let start = Instant::now();
@@ -825,8 +826,9 @@ fn engine_apply(
             &names,
             &deployment,
             &state,
-            &BuiltinLauncher { program: capstan },
+            &SelfLauncher { program: capstan },
             logs,
+            None,
         )
         .await
         .unwrap();
@@ -840,16 +842,17 @@ fn engine_apply(
             jobs,
             ..RunOptions::default()
         };
-        let summary = capstan_engine::run::run(
-            changes,
-            &deployment,
-            &mut state,
+        let summary = capstan_engine::run::Run {
+            deployment: &deployment,
+            state: &mut state,
             backend,
-            &providers,
-            &options,
+            providers: &providers,
+            options: &options,
             events,
-            tokio_util::sync::CancellationToken::new(),
-        )
+            interrupt: tokio_util::sync::CancellationToken::new(),
+            stages: None,
+        }
+        .execute(changes)
         .await
         .unwrap();
         let seconds = start.elapsed().as_secs_f64();

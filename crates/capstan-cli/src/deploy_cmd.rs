@@ -7,19 +7,19 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use capstan_cli::served::SelfLauncher;
 use capstan_engine::events::{Event, EventSink};
-use capstan_engine::model::Deployment;
-use capstan_engine::nix;
-use capstan_engine::plan::{self, Action, PlannedChange};
-use capstan_engine::reconcile;
-use capstan_engine::run::{self, BuiltinLauncher, Providers, RunOptions};
-use capstan_engine::state::{self, DirectoryBackend, State, StateBackend, StateError};
+use capstan_engine::plan::Action;
+use capstan_engine::run::{Providers, RunOptions};
+use capstan_engine::session::{self, Mode, Session, Source, StartOptions};
+use capstan_engine::state::{self, DirectoryBackend, StateBackend, StateError};
 use clap::Args;
 use serde_json::{Map, Value};
 
+use crate::error::CliError;
 use crate::output::Stdout;
 use crate::render::{HumanEvents, JsonEvents, LiveEvents};
-use crate::stop::{Stop, EXIT_FAILED, EXIT_INVALID};
+use crate::stop::{Stop, EXIT_FAILED};
 use std::io::IsTerminal;
 
 /// Where a deployment and its state are.
@@ -208,53 +208,6 @@ fn wait_seconds(text: &str) -> Result<Duration, String> {
     flag_seconds(text, true)
 }
 
-/// What a deployment command works on.
-struct Session {
-    deployment: Deployment,
-    state: State,
-    /// The locked, writable state; `None` for `plan`, which only reads.
-    backend: Option<Rc<DirectoryBackend>>,
-    events: Rc<dyn EventSink>,
-    /// For a deployment in Nix: its plan (made while evaluating) and what is left for later.
-    nix: Option<NixSession>,
-    /// The sensitive values known (hidden from `events`).
-    secrets: Rc<capstan_engine::secrets::Secrets>,
-    /// What the checks before planning found, applied to `state` and journaled only when the
-    /// run starts (after any "delete everything?" question; `plan` never journals).
-    unjournaled: Vec<capstan_engine::state::Record>,
-}
-
-/// A deployment in Nix between evaluations.
-struct NixSession {
-    file: PathBuf,
-    params: Map<String, Value>,
-    /// The plan of the first evaluations (`None` for destroy).
-    changes: Option<Vec<PlannedChange>>,
-    deferred: Vec<nix::Deferred>,
-    /// Evaluations so far.
-    stage: usize,
-    /// What deferred items waited for, so that once read they depend on it.
-    uses: nix::Uses,
-}
-
-/// Which command opens a session.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Plan,
-    Apply,
-    Destroy,
-}
-
-impl Mode {
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Plan => "plan",
-            Mode::Apply => "apply",
-            Mode::Destroy => "destroy",
-        }
-    }
-}
-
 fn load_params(path: Option<&Path>, flag: &str) -> anyhow::Result<Map<String, Value>> {
     let Some(path) = path else {
         return Ok(Map::new());
@@ -290,9 +243,8 @@ fn events(view: &ViewArgs, stdout: Stdout, mode: Mode) -> Rc<dyn EventSink> {
     }
 }
 
-/// Reads the deployment and the state; `Err(code)` after reporting why not. `plan` reads
-/// the state without the lock and writes nothing; `destroy` needs only the providers the
-/// deployment declares.
+/// Reads the parameters and the state (`plan` without the lock, writing nothing), then the
+/// deployment (`destroy` needs only the providers it declares), and plans it.
 async fn open(
     args: &DeploymentArgs,
     view: &ViewArgs,
@@ -300,51 +252,30 @@ async fn open(
     stdout: Stdout,
     mode: Mode,
     stop: &Stop,
-) -> Result<Session, ExitCode> {
-    let fail = |e: &dyn std::fmt::Display| {
-        say!("error: {e}");
-        ExitCode::from(EXIT_INVALID)
-    };
-    let file = &args.place.file();
-    let in_nix = nix::is_nix(file);
-    let mut params = Map::new();
-    let secret_params;
-    let deployment = if in_nix {
-        // Destroy too: a provider declaration may use a parameter.
-        (params, secret_params) = args.parameters().map_err(|e| fail(&format!("{e:#}")))?;
-        if !file.is_file() {
-            return Err(fail(&format!(
-                "{}: cannot read it: no such file",
-                file.display()
-            )));
-        }
-        // Read once the state is: which outputs exist comes from it.
-        None
-    } else if mode == Mode::Destroy {
-        // A provider's configuration may use a parameter.
-        let (params, secret) = args.parameters().map_err(|e| fail(&format!("{e:#}")))?;
-        secret_params = secret;
-        Some(Deployment::load_providers(file, &params).map_err(|e| {
-            fail(&format!(
-                "{e}\n  destroy starts the providers that file declares to delete what the state holds; point -f at the deployment"
-            ))
-        })?)
-    } else {
-        let (params, secret) = args.parameters().map_err(|e| fail(&format!("{e:#}")))?;
-        secret_params = secret;
-        Some(Deployment::load(file, &params).map_err(|e| fail(&e))?)
-    };
-    let dir = args.place.checked_state_dir().map_err(|e| fail(&e))?;
+) -> Result<(Session, Option<Rc<DirectoryBackend>>), CliError> {
+    let invalid = |e: &dyn std::fmt::Display| CliError::Invalid(e.to_string());
+    let file = args.place.file();
+    let (params, secret_params) = args.parameters().map_err(|e| invalid(&format!("{e:#}")))?;
+    // Before the state is touched: a deployment that does not read changes nothing.
+    let reading = Session::read(
+        Source {
+            file: file.clone(),
+            params,
+        },
+        mode,
+    )
+    .map_err(|e| CliError::from_session(e, stop))?;
+    let dir = args.place.checked_state_dir().map_err(|e| invalid(&e))?;
     let owner = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let (state, backend) = match lock {
         None => {
-            state::check_owner(&dir, &owner, false).map_err(|e| fail(&e))?;
-            let (state, report) = state::read_only(&dir).map_err(|e| fail(&e))?;
+            state::check_owner(&dir, &owner, false).map_err(|e| invalid(&e))?;
+            let (state, report) = state::read_only(&dir).map_err(|e| invalid(&e))?;
             if !report.damaged.is_empty() {
-                return Err(fail(&StateError::Damaged {
+                return Err(invalid(&StateError::Damaged {
                     path: dir.join("journal"),
                     lines: report.damaged,
                 }));
@@ -355,10 +286,10 @@ async fn open(
             let mut backend = DirectoryBackend::open_with(&dir, lock.lock_timeout, &mut |holder| {
                 say!("waiting for the state lock, held by {holder} …");
             })
-            .map_err(|e| fail(&e))?;
-            state::check_owner(&dir, &owner, false).map_err(|e| fail(&e))?;
-            let (state, report) = backend.load().map_err(|e| fail(&e))?;
-            state::check_owner(&dir, &owner, true).map_err(|e| fail(&e))?;
+            .map_err(|e| invalid(&e))?;
+            state::check_owner(&dir, &owner, false).map_err(|e| invalid(&e))?;
+            let (state, report) = backend.load().map_err(|e| invalid(&e))?;
+            state::check_owner(&dir, &owner, true).map_err(|e| invalid(&e))?;
             if let Some(line) = report.torn_tail {
                 say!(
                     "note: {}: line {line} was torn by a crash in the middle of a write and was set aside; every whole record was kept",
@@ -394,113 +325,33 @@ async fn open(
         events(view, stdout, mode),
         secrets.clone(),
     ));
-    let (deployment, nix) = match deployment {
-        Some(deployment) => (deployment, None),
-        None => {
-            let mut session = NixSession {
-                file: file.clone(),
-                params,
-                changes: None,
-                deferred: Vec::new(),
-                stage: 0,
-                uses: Default::default(),
-            };
-            let deployment = tokio::select! {
-                read = read_nix(&mut session, &state, mode, &*events) => read.map_err(|e| fail(&e))?,
-                () = stop.token.cancelled() => return Err(stop.stopped_code()),
-            };
-            (deployment, Some(session))
-        }
-    };
-    capstan_engine::secrets::learn(&secrets, &state, Some(&deployment));
-    Ok(Session {
-        deployment,
+    let cx = session::Context {
         state,
-        backend,
+        backend: backend.clone().map(|b| b as Rc<dyn StateBackend>),
         events,
-        nix,
         secrets,
-        unjournaled: Vec::new(),
-    })
-}
-
-/// Evaluates a deployment in Nix: for `destroy` its providers alone, else as far as the
-/// outputs recorded in the state allow (and plans it).
-async fn read_nix(
-    session: &mut NixSession,
-    state: &State,
-    mode: Mode,
-    events: &dyn EventSink,
-) -> Result<Deployment, String> {
-    if mode == Mode::Destroy {
-        let evaluation = nix::evaluate(&nix::Request {
-            file: &session.file,
-            params: &session.params,
-            known: &Default::default(),
-            providers_only: true,
-            settled: &Default::default(),
-        })
+        interrupt: stop.token.clone(),
+    };
+    let session = Session::open(reading, cx)
         .await
-        .map_err(|e| {
-            format!("{e}\n  destroy evaluates the providers that file declares to delete what the state holds; point -f at the deployment")
-        })?;
-        return Deployment::parse(&session.file, &evaluation.document, &session.params)
-            .map_err(|e| e.to_string());
-    }
-    let staged = nix::evaluate_and_plan(
-        &session.file,
-        &session.params,
-        state,
-        Default::default(),
-        &mut session.uses,
-        events,
-        &mut session.stage,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    session.changes = Some(staged.changes);
-    session.deferred = staged.deferred;
-    Ok(staged.deployment)
+        .map_err(|e| CliError::from_session(e, stop))?;
+    Ok((session, backend))
 }
 
-/// Starts every provider the deployment or the plan uses and checks the deployment against
-/// their handshakes.
-#[allow(clippy::too_many_arguments)]
-async fn start_providers(
+/// Starts the session's providers (their log lines become events) and prints what the checks
+/// before the plan found.
+async fn start(
     session: &mut Session,
-    changes: &mut Vec<PlannedChange>,
+    options: &StartOptions,
     stop: &Stop,
-    max_message_mib: Option<u32>,
-    jobs: usize,
-    timeout: Option<Duration>,
-    mode: Mode,
-    refresh: bool,
-) -> Result<Providers, ExitCode> {
-    // Every provider the deployment declares: one no declared resource uses may be there for
-    // children that another resource's provider asks for while it runs.
-    let mut names: std::collections::BTreeSet<String> =
-        session.deployment.providers.keys().cloned().collect();
-    for (change, provider) in changes.iter().flat_map(|c| {
-        std::iter::once((c, &c.provider)).chain(c.replaces.as_ref().map(|old| (c, &old.provider)))
-    }) {
-        if !session.deployment.providers.contains_key(provider) {
-            say!(
-                "error: {}: `{}` in the state uses provider `{}`, which the deployment no longer declares; \
-                 declare it again until its resources are deleted",
-                session.deployment.file.display(), change.address, provider
-            );
-            return Err(ExitCode::from(EXIT_INVALID));
-        }
-        if !names.contains(provider) {
-            names.insert(provider.clone());
-        }
-    }
-    let program = std::env::current_exe().map_err(|e| {
-        say!("error: cannot find the capstan executable to start built-in providers: {e}");
-        ExitCode::from(EXIT_INVALID)
+) -> Result<Providers, CliError> {
+    let launcher = SelfLauncher::current().map_err(|e| {
+        CliError::Invalid(format!(
+            "cannot find the capstan executable to start built-in providers: {e}"
+        ))
     })?;
     let (logs_tx, mut logs_rx) = tokio::sync::mpsc::channel::<capstan_host::ProviderLog>(256);
-    let events = session.events.clone();
+    let events = session.events();
     tokio::task::spawn_local(async move {
         while let Some(log) = logs_rx.recv().await {
             events.emit(Event::ProviderLog {
@@ -510,110 +361,15 @@ async fn start_providers(
             });
         }
     });
-    let builtin = BuiltinLauncher { program };
-    let launch = Providers::launch_with(
-        &names,
-        &session.deployment,
-        &session.state,
-        &builtin,
-        logs_tx,
-        max_message_mib,
-    );
-    // A stop during start-up (a provider may take seconds to answer its handshake) ends the
-    // command at once: dropping the launch stops every provider process it started.
-    let launched = tokio::select! {
-        launched = launch => launched,
-        () = stop.token.cancelled() => {
-            return Err(stop.stopped_code());
-        }
-    };
-    let providers = launched.map_err(|e| {
-        say!("error: {e}");
-        ExitCode::from(EXIT_INVALID)
-    })?;
-    // Interrupted operations, checked with their providers before anything is planned on them.
-    if !session.state.pending.is_empty() {
-        let check = reconcile::check_interrupted(
-            &session.state,
-            &session.deployment,
-            &providers,
-            &session.secrets,
-            jobs,
-            timeout,
-        );
-        let checked = tokio::select! {
-            checked = check => checked,
-            () = stop.token.cancelled() => {
-                providers.shutdown().await;
-                return Err(stop.stopped_code());
-            }
-        };
-        for warning in &checked.warnings {
-            say!("warning: {warning}");
-        }
-        for (address, note) in &checked.notes {
-            say!("note: {address}: {note}");
-        }
-        if !checked.records.is_empty() {
-            if let Err(code) = settle(session, checked.records.clone()).await {
-                providers.shutdown().await;
-                return Err(code);
-            }
-            match replan(session, mode).await {
-                Ok(again) => *changes = again,
-                Err(e) => {
-                    say!("error: {e}");
-                    providers.shutdown().await;
-                    return Err(ExitCode::from(EXIT_INVALID));
-                }
-            }
-            for change in changes.iter_mut() {
-                if let Some((_, note)) = checked.notes.iter().find(|(a, _)| *a == change.address) {
-                    change.note = Some(note.clone());
-                }
-                if change.action == Action::Noop && checked.adopted.contains(&change.address) {
-                    change.action = Action::Update;
-                    change.read_changed = true;
-                }
-            }
-        }
-    }
-    plan::annotate(changes, &providers.infos());
-    let reads = run::read_on_plan(
-        changes,
-        &session.deployment,
-        &session.state,
-        &providers,
-        jobs,
-        timeout,
-        refresh,
-    );
-    let reads = tokio::select! {
-        reads = reads => reads,
-        () = stop.token.cancelled() => {
-            providers.shutdown().await;
-            return Err(stop.stopped_code());
-        }
-    };
-    for warning in reads.warnings {
+    let (providers, notices) = session
+        .start(&launcher, logs_tx, options)
+        .await
+        .map_err(|e| CliError::from_session(e, stop))?;
+    for warning in &notices.warnings {
         say!("warning: {warning}");
     }
-    if !reads.gone.is_empty() {
-        // What its provider no longer finds is no longer in the state.
-        let records = reads
-            .gone
-            .into_iter()
-            .map(|address| capstan_engine::state::Record::Deleted { address })
-            .collect();
-        if let Err(code) = settle(session, records).await {
-            providers.shutdown().await;
-            return Err(code);
-        }
-    }
-    if let Err(e) = session.deployment.check_against(&providers.infos()) {
-        say!("error: {e}");
-        providers.shutdown().await;
-        return Err(ExitCode::from(EXIT_INVALID));
+    for note in &notices.notes {
+        say!("note: {note}");
     }
     Ok(providers)
 }
@@ -623,8 +379,8 @@ pub async fn plan_cmd(
     view: ViewArgs,
     plan_args: PlanArgs,
     stdout: Stdout,
-) -> ExitCode {
-    let code = plan_inner(
+) -> Result<ExitCode, CliError> {
+    let changed = plan_inner(
         args,
         view,
         stdout,
@@ -632,75 +388,51 @@ pub async fn plan_cmd(
         plan_args.jobs as usize,
     )
     .await;
-    if !plan_args.detailed_exitcode {
-        return code.map_or_else(|code| code, |_| ExitCode::SUCCESS);
-    }
-    match code {
-        Ok(false) => ExitCode::SUCCESS,
-        Ok(true) => ExitCode::from(2),
+    match (changed, plan_args.detailed_exitcode) {
+        (Ok(_), false) => Ok(ExitCode::SUCCESS),
+        (Ok(false), true) => Ok(ExitCode::SUCCESS),
+        (Ok(true), true) => Ok(ExitCode::from(2)),
         // Every error is 1, so that 2 means "changes" alone.
-        Err(code) if code == ExitCode::from(EXIT_INVALID) => ExitCode::from(EXIT_FAILED),
-        Err(code) => code,
+        (Err(CliError::Invalid(message)), true) => {
+            say!("error: {message}");
+            Err(CliError::Exit(ExitCode::from(EXIT_FAILED)))
+        }
+        (Err(e), _) => Err(e),
     }
 }
 
-/// `Ok(whether anything would change)`, or the exit code of a failure.
+/// Whether anything would change.
 async fn plan_inner(
     args: DeploymentArgs,
     view: ViewArgs,
     stdout: Stdout,
     refresh: bool,
     jobs: usize,
-) -> Result<bool, ExitCode> {
+) -> Result<bool, CliError> {
     let stop = Stop::watch();
-    let mut session = open(&args, &view, None, stdout, Mode::Plan, &stop).await?;
-    let mut changes = match session.nix.as_mut().and_then(|n| n.changes.take()) {
-        Some(changes) => changes,
-        None => plan::plan(&session.deployment, &session.state).map_err(|e| {
-            say!("error: {e}");
-            ExitCode::from(EXIT_INVALID)
-        })?,
-    };
-    let providers = start_providers(
-        &mut session,
-        &mut changes,
-        &stop,
-        None,
+    let (mut session, _) = open(&args, &view, None, stdout, Mode::Plan, &stop).await?;
+    let options = StartOptions {
         jobs,
-        None,
-        Mode::Plan,
+        timeout: None,
         refresh,
-    )
-    .await?;
-    if let Some(nix) = session.nix.as_mut() {
-        nix::defer_stale(&mut changes, &session.deployment, &mut nix.deferred);
-    }
+        max_message_mib: None,
+    };
+    let providers = start(&mut session, &options, &stop).await?;
     // What providers that plan their own changes (Terraform's) say each change will make.
-    let warnings = run::plan_with_providers(
-        &mut changes,
-        &session.deployment,
-        &session.state,
-        &providers,
-        jobs,
-    )
-    .await;
+    let warnings = session.plan_with_providers(&providers, jobs).await;
+    providers.shutdown().await;
     for warning in warnings {
         say!("warning: {warning}");
     }
-    providers.shutdown().await;
     if let Some(code) = stop.exit_code() {
-        return Err(code);
+        return Err(CliError::Exit(code));
     }
-    let deferred = session.nix.map(|n| n.deferred).unwrap_or_default();
-    let changed = changes.iter().any(|c| c.action != Action::Noop) || !deferred.is_empty();
-    session.events.emit(Event::Plan {
-        changes: Rc::new(changes),
-    });
-    show_deferred(&*session.events, &deferred);
+    let changed = session.changes_anything();
+    session.show_plan();
     // A closed output turns success into 141 (`finished` waits for what was written).
     match stop.finished(true) {
         code if code == ExitCode::SUCCESS => Ok(changed),
-        code => Err(code),
+        code => Err(CliError::Exit(code)),
     }
 }
 
@@ -710,174 +442,62 @@ pub async fn apply_cmd(
     run_args: RunArgs,
     stdout: Stdout,
     destroy: bool,
-) -> ExitCode {
+) -> Result<ExitCode, CliError> {
     let mode = if destroy { Mode::Destroy } else { Mode::Apply };
     let stop = Stop::watch();
-    let mut session = match open(&args, &view, Some(&run_args.lock), stdout, mode, &stop).await {
-        Ok(s) => s,
-        Err(code) => return code,
+    let (mut session, backend) =
+        open(&args, &view, Some(&run_args.lock), stdout, mode, &stop).await?;
+    let options = StartOptions {
+        jobs: run_args.jobs as usize,
+        timeout: run_args.timeout,
+        refresh: run_args.refresh,
+        max_message_mib: run_args.max_message_mib,
     };
-    let staged = session.nix.as_mut().and_then(|n| n.changes.take());
-    let mut changes = if destroy {
-        plan::plan_destroy(&session.state)
-    } else if let Some(changes) = staged {
-        changes
-    } else {
-        match plan::plan(&session.deployment, &session.state) {
-            Ok(c) => c,
-            Err(e) => {
-                say!("error: {e}");
-                return ExitCode::from(EXIT_INVALID);
-            }
-        }
-    };
-    let providers = match start_providers(
-        &mut session,
-        &mut changes,
-        &stop,
-        run_args.max_message_mib,
-        run_args.jobs as usize,
-        run_args.timeout,
-        mode,
-        run_args.refresh,
-    )
-    .await
-    {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    if let Some(nix) = session.nix.as_mut() {
-        nix::defer_stale(&mut changes, &session.deployment, &mut nix.deferred);
+    let providers = start(&mut session, &options, &stop).await?;
+    // From here the providers run: every way out stops them first.
+    let result = apply_with(session, &providers, &run_args, &stop).await;
+    providers.shutdown().await;
+    if let (Ok(_), Some(backend)) = (&result, backend) {
+        compact_if_large(backend);
     }
-    // Shown, then run: the sinks here do not keep events, so the run gets the plan back
-    // without a copy.
-    let changes = Rc::new(changes);
-    session.events.emit(Event::Plan {
-        changes: changes.clone(),
-    });
-    if let Some(nix) = &session.nix {
-        show_deferred(&*session.events, &nix.deferred);
-    }
-    let deletes = changes
+    result
+}
+
+/// Shows the plan, asks before deleting everything, and runs it.
+async fn apply_with(
+    mut session: Session,
+    providers: &Providers,
+    run_args: &RunArgs,
+    stop: &Stop,
+) -> Result<ExitCode, CliError> {
+    session.show_plan();
+    let deletes = session
+        .changes
         .iter()
         .filter(|c| c.action == Action::Delete)
         .count();
-    let everything = deletes > 0 && changes.iter().all(|c| c.action == Action::Delete);
+    let everything = deletes > 0 && session.changes.iter().all(|c| c.action == Action::Delete);
     if everything && !run_args.yes {
-        match confirm(deletes, &stop).await {
+        match confirm(deletes, stop).await {
             Confirmed::Yes => {}
             Confirmed::No => {
-                providers.shutdown().await;
                 say!("Nothing was deleted.");
-                return ExitCode::from(EXIT_FAILED);
+                return Err(CliError::Exit(ExitCode::from(EXIT_FAILED)));
             }
-            Confirmed::Stopped => {
-                providers.shutdown().await;
-                return stop.finished(false);
-            }
+            Confirmed::Stopped => return Err(CliError::Exit(stop.finished(false))),
         }
     }
-    let changes = Rc::try_unwrap(changes).unwrap_or_else(|shared| (*shared).clone());
     let options = RunOptions {
         jobs: run_args.jobs as usize,
         fail_fast: run_args.fail_fast,
         timeout: run_args.timeout,
-        secrets: session.secrets.clone(),
+        secrets: session.secrets(),
     };
-    let Some(backend) = session.backend.take() else {
-        unreachable!("apply and destroy open the state for writing");
-    };
-    // What the checks before the plan found (interrupted operations settled, resources gone).
-    let found = std::mem::take(&mut session.unjournaled);
-    if !found.is_empty() {
-        if let Err(e) = state::append_durably(&*backend, found).await {
-            providers.shutdown().await;
-            say!("error: the state could not be written: {e}");
-            return ExitCode::from(EXIT_FAILED);
-        }
-    }
-    // A deployment in Nix with items left for later evaluates again as the run goes on.
-    let stages = session
-        .nix
-        .take()
-        .filter(|_| !destroy)
-        .map(|n| nix::Stages {
-            file: n.file,
-            params: n.params,
-            deferred: n.deferred,
-            uses: n.uses,
-            stage: n.stage,
-        });
-    let result = run::run_staged(
-        changes,
-        &session.deployment,
-        &mut session.state,
-        backend.clone() as Rc<dyn StateBackend>,
-        &providers,
-        &options,
-        session.events.clone(),
-        stop.token.clone(),
-        stages,
-    )
-    .await;
-    providers.shutdown().await;
-    let summary = match result {
-        Ok(summary) => summary,
-        Err(e) => {
-            say!("error: the state could not be written, so the run stopped: {e}");
-            return ExitCode::from(EXIT_FAILED);
-        }
-    };
-    compact_if_large(backend);
-    stop.finished(summary.succeeded())
-}
-
-/// Applies records found before the run to the state's copy; an apply journals them when
-/// its run starts (`plan` only looks).
-async fn settle(
-    session: &mut Session,
-    records: Vec<capstan_engine::state::Record>,
-) -> Result<(), ExitCode> {
-    for record in records {
-        session.state.apply_owned(record.clone());
-        session.unjournaled.push(record);
-    }
-    Ok(())
-}
-
-/// Plans again, after the state changed under the plan.
-async fn replan(session: &mut Session, mode: Mode) -> Result<Vec<PlannedChange>, String> {
-    if mode == Mode::Destroy {
-        return Ok(plan::plan_destroy(&session.state));
-    }
-    let Some(nix) = session.nix.as_mut() else {
-        return plan::plan(&session.deployment, &session.state).map_err(|e| e.to_string());
-    };
-    let staged = nix::evaluate_and_plan(
-        &nix.file,
-        &nix.params,
-        &session.state,
-        Default::default(),
-        &mut nix.uses,
-        &*session.events,
-        &mut nix.stage,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    session.deployment = staged.deployment;
-    nix.deferred = staged.deferred;
-    Ok(staged.changes)
-}
-
-/// Shows what a deployment in Nix left for a later evaluation.
-fn show_deferred(events: &dyn EventSink, deferred: &[nix::Deferred]) {
-    for d in deferred {
-        events.emit(Event::Deferred {
-            address: d.address.clone(),
-            what: d.kind,
-            waits_for: d.waits_for.clone(),
-        });
-    }
+    let summary = session
+        .run(providers, &options)
+        .await
+        .map_err(|e| CliError::from_session(e, stop))?;
+    Ok(stop.finished(summary.succeeded()))
 }
 
 /// A person's answer to "delete everything?".

@@ -4,6 +4,7 @@
 #[macro_use]
 mod output;
 mod deploy_cmd;
+mod error;
 mod provider_cmd;
 mod render;
 mod state_cmd;
@@ -11,6 +12,7 @@ mod stop;
 
 use std::process::ExitCode;
 
+use capstan_cli::served;
 use clap::{Parser, Subcommand};
 
 /// glibc's allocator spends a large share of each RPC in malloc/free; mimalloc does not.
@@ -88,122 +90,7 @@ enum Command {
     Reaper,
     /// Serve a built-in provider on the socket capstan passes in (used by capstan itself).
     #[command(name = "__provider", hide = true, subcommand)]
-    BuiltinProvider(BuiltinProvider),
-}
-
-/// The providers `capstan __provider` serves.
-#[derive(Subcommand)]
-enum BuiltinProvider {
-    /// Files, commands, memoized values.
-    Local,
-    /// Nix builds and activations.
-    Nix,
-    /// The bridge to a NixOps4 version-0 provider program.
-    #[command(name = "nixops4-v0")]
-    Nixops4V0(V0Args),
-    /// The bridge to a Terraform provider binary.
-    Terraform(TerraformArgs),
-}
-
-/// `capstan __provider terraform -- PROGRAM`; the provider block's configuration (a JSON
-/// object) comes in `CAPSTAN_TERRAFORM_CONFIG`, never on the command line, which any user can
-/// read.
-#[derive(clap::Args)]
-struct TerraformArgs {
-    /// The Terraform provider binary.
-    #[arg(last = true, required = true, value_name = "PROGRAM")]
-    program: Vec<String>,
-}
-
-fn serve_terraform_bridge(args: TerraformArgs) -> ExitCode {
-    let config = match std::env::var(capstan_engine::model::TERRAFORM_CONFIG_ENV) {
-        Err(_) => serde_json::json!({}),
-        Ok(config) => match serde_json::from_str(&config) {
-            Ok(config) => config,
-            Err(e) => {
-                say!(
-                    "error: {} is not JSON: {e}",
-                    capstan_engine::model::TERRAFORM_CONFIG_ENV
-                );
-                return ExitCode::from(2);
-            }
-        },
-    };
-    // Not passed on to the Terraform provider it starts.
-    std::env::remove_var(capstan_engine::model::TERRAFORM_CONFIG_ENV);
-    let Some(program) = args.program.into_iter().next() else {
-        say!("error: give the Terraform provider binary after `--`");
-        return ExitCode::from(2);
-    };
-    match capstan_terraform::bridge::provider(program.into(), config) {
-        Ok((provider, runtime)) => provider.serve_on(runtime),
-        Err(e) => {
-            say!("error: {e}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-/// `capstan __provider nixops4-v0 [--type NAME=OUT,… | --types JSON]… [--stateless-types
-/// JSON] -- PROGRAM ARGS…` (the engine passes `--types`: names may hold any character).
-#[derive(clap::Args)]
-struct V0Args {
-    /// A resource type and its output names, `NAME=OUT,OUT` (repeat for more).
-    #[arg(long = "type", value_name = "NAME=OUTPUTS", value_parser = type_spec)]
-    type_specs: Vec<capstan_provider_nixops4_v0::TypeSpec>,
-    /// Resource types as JSON: `{"NAME": ["OUT", …], …}` (repeat for more).
-    #[arg(long = "types", value_name = "JSON", value_parser = type_specs_json)]
-    types_json: Vec<TypeSpecs>,
-    /// The types NixOps4 keeps no state for, as a JSON list of names.
-    #[arg(long, value_name = "JSON", value_parser = names_json)]
-    stateless_types: Option<TypeNames>,
-    /// The v0 provider program and its arguments.
-    #[arg(last = true, required = true, value_name = "PROGRAM [ARGS]...")]
-    program: Vec<String>,
-}
-
-fn type_spec(text: &str) -> Result<capstan_provider_nixops4_v0::TypeSpec, String> {
-    capstan_provider_nixops4_v0::TypeSpec::parse(text)
-        .ok_or_else(|| "give NAME=OUTPUT,OUTPUT".to_string())
-}
-
-/// One `--types` value (a newtype: clap reads a bare `Vec` as repeated values).
-#[derive(Clone)]
-struct TypeSpecs(Vec<capstan_provider_nixops4_v0::TypeSpec>);
-
-/// The `--stateless-types` value.
-#[derive(Clone)]
-struct TypeNames(Vec<String>);
-
-fn type_specs_json(text: &str) -> Result<TypeSpecs, String> {
-    capstan_provider_nixops4_v0::TypeSpec::parse_all_json(text)
-        .map(TypeSpecs)
-        .ok_or_else(|| "give a JSON object of type names to lists of output names".to_string())
-}
-
-fn names_json(text: &str) -> Result<TypeNames, String> {
-    serde_json::from_str(text)
-        .map(TypeNames)
-        .map_err(|_| "give a JSON list of type names".to_string())
-}
-
-/// Serves the NixOps4 v0 bridge.
-fn serve_v0_bridge(args: V0Args) -> ExitCode {
-    let mut types = args.type_specs;
-    types.extend(args.types_json.into_iter().flat_map(|specs| specs.0));
-    let stateless = args
-        .stateless_types
-        .map(|names| names.0)
-        .unwrap_or_default();
-    for spec in &mut types {
-        spec.stateless = stateless.contains(&spec.name);
-    }
-    let mut program = args.program.into_iter();
-    let Some(path) = program.next() else {
-        say!("error: give the NixOps4 v0 provider program after `--`");
-        return ExitCode::from(2);
-    };
-    capstan_provider_nixops4_v0::provider(path.into(), program.collect(), &types).serve()
+    BuiltinProvider(served::BuiltinProvider),
 }
 
 fn main() -> ExitCode {
@@ -225,10 +112,10 @@ fn main() -> ExitCode {
     let cli = match cli.command {
         Command::BuiltinProvider(provider) => {
             return match provider {
-                BuiltinProvider::Local => capstan_provider_local::provider().serve(),
-                BuiltinProvider::Nix => capstan_provider_nix::provider().serve(),
-                BuiltinProvider::Nixops4V0(args) => serve_v0_bridge(args),
-                BuiltinProvider::Terraform(args) => serve_terraform_bridge(args),
+                served::BuiltinProvider::Local => capstan_provider_local::provider().serve(),
+                served::BuiltinProvider::Nix => capstan_provider_nix::provider().serve(),
+                served::BuiltinProvider::Nixops4V0(args) => served::serve_v0_bridge(args),
+                served::BuiltinProvider::Terraform(args) => served::serve_terraform_bridge(args),
             }
         }
         command => Cli { command },
@@ -276,41 +163,9 @@ fn main() -> ExitCode {
     };
     let local = tokio::task::LocalSet::new();
     let code = local.block_on(&runtime, async move {
-        match cli.command {
-            Command::Plan {
-                deployment,
-                view,
-                plan,
-            } => deploy_cmd::plan_cmd(deployment, view, plan, stdout).await,
-            Command::Apply {
-                deployment,
-                view,
-                run,
-            } => deploy_cmd::apply_cmd(deployment, view, run, stdout, false).await,
-            Command::Destroy {
-                deployment,
-                view,
-                run,
-            } => deploy_cmd::apply_cmd(deployment, view, run, stdout, true).await,
-            Command::State { place, command } => state_cmd::state_cmd(place, command, stdout).await,
-            Command::Provider(command) => match command.run(stdout).await {
-                Ok(code) => code,
-                Err(e) => {
-                    // The chain of causes, each once (many messages already quote their cause).
-                    let mut text = e.to_string();
-                    for cause in e.chain().skip(1) {
-                        let cause = cause.to_string();
-                        if !text.contains(&cause) {
-                            text.push_str(": ");
-                            text.push_str(&cause);
-                        }
-                    }
-                    say!("error: {text}");
-                    ExitCode::from(2)
-                }
-            },
-            Command::BuiltinProvider(_) | Command::Reaper => unreachable!("handled above"),
-        }
+        run(cli.command, stdout)
+            .await
+            .unwrap_or_else(error::CliError::report)
     });
     // Providers are stopped by now; wait until the reaper has made sure of it.
     drop(local);
@@ -319,4 +174,30 @@ fn main() -> ExitCode {
     runtime.shutdown_background();
     capstan_host::reaper::finish();
     code
+}
+
+/// Runs a command; every error comes back here, to be printed once.
+async fn run(command: Command, stdout: output::Stdout) -> Result<ExitCode, error::CliError> {
+    match command {
+        Command::Plan {
+            deployment,
+            view,
+            plan,
+        } => deploy_cmd::plan_cmd(deployment, view, plan, stdout).await,
+        Command::Apply {
+            deployment,
+            view,
+            run,
+        } => deploy_cmd::apply_cmd(deployment, view, run, stdout, false).await,
+        Command::Destroy {
+            deployment,
+            view,
+            run,
+        } => deploy_cmd::apply_cmd(deployment, view, run, stdout, true).await,
+        Command::State { place, command } => Ok(state_cmd::state_cmd(place, command, stdout).await),
+        Command::Provider(command) => Ok(command.run(stdout).await?),
+        Command::BuiltinProvider(_) | Command::Reaper => {
+            unreachable!("served before the runtime starts")
+        }
+    }
 }

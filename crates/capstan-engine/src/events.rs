@@ -160,3 +160,12 @@ pub enum DeferredKind {
     /// A member whose very declaration depends on them (not known to be either).
     Member,
 }
+
+/// Keeps `RefCell` out of the public API while letting tests collect events.
+pub struct CollectEvents(pub std::cell::RefCell<Vec<Event>>);
+
+impl EventSink for CollectEvents {
+    fn emit(&self, event: Event) {
+        self.0.borrow_mut().push(event);
+    }
+}

@@ -3,9 +3,16 @@
 //! runs the plan through long-lived providers ([`run`], a driver around the I/O-free
 //! [`scheduler`]), reporting every step as an [`events::Event`].
 //!
-//! It is not the CLI (rendering, signals and flags live in `capstan-cli`) and it does not speak
-//! the provider protocol itself (that is `capstan-host`), except to serve the `Scheduler` and
-//! `Permit` capabilities through which running operations hand work back to the run.
+//! [`session::Session`] is the pipeline every deploying command goes through: the deployment
+//! read and planned, providers started, interrupted operations reconciled, the plan's reads,
+//! the run.
+//!
+//! It is not the CLI (rendering, signals and flags live in `capstan-cli`), it does not speak
+//! the provider protocol (that is `capstan-host`, which also serves the `Scheduler` and
+//! `Permit` capabilities over the run's [`run`] requests), and it does not know how the
+//! program embedding it starts built-in providers ([`run::ProviderLauncher`]).
+
+#![forbid(unsafe_code)]
 
 pub mod events;
 pub mod model;
@@ -15,6 +22,7 @@ pub mod reconcile;
 pub mod run;
 pub mod scheduler;
 pub mod secrets;
+pub mod session;
 pub mod strict_json;
 
 /// The durable state the engine plans against and records into (its own crate, so another

@@ -486,22 +486,11 @@ async fn instantiate(
         .current_dir(crate::model::dir_of(file))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Not in the terminal's process group: Ctrl-C is capstan's to handle (it stops the
-        // evaluation by dropping it), not a failure of Nix's to report.
-        .process_group(0)
-        // A stopped run (its future dropped) stops the evaluation.
-        .kill_on_drop(true);
-    // SAFETY: between fork and exec, only `prctl`, which is async-signal-safe: the evaluator
-    // dies with capstan, even a capstan killed with SIGKILL.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+        .stderr(Stdio::piped());
+    // Not in the terminal's process group: Ctrl-C is capstan's to handle (it stops the
+    // evaluation by dropping it, which kills it), not a failure of Nix's to report; and the
+    // evaluator dies with capstan, even a capstan killed with SIGKILL.
+    capstan_process::dies_with_parent(&mut command);
     let mut child = command.spawn().map_err(|error| {
         if error.kind() == std::io::ErrorKind::NotFound {
             EvalError::NixMissing {

@@ -70,13 +70,14 @@ pub struct OperationCall {
     pub previous_inputs: Option<Json>,
     pub previous_outputs: Option<Json>,
     /// Capabilities from other resources, by the name this resource knows them under.
-    pub capabilities: Vec<(String, resource_handle::Client)>,
+    pub capabilities: Vec<(String, Handle)>,
     pub trace: TraceContext,
     /// Cancel the operation (the provider sees it) and fail after this long.
     pub timeout: Option<Duration>,
-    /// Where the operation may submit children and borrow permits (`None`: the field is left
-    /// null, as an older core leaves it).
-    pub scheduler: Option<capstan_schema::provider_capnp::scheduler::Client>,
+    /// Where the operation may submit children and borrow permits, served to the provider
+    /// as its `Scheduler` capability (`None`: the field is left null, as an older core
+    /// leaves it).
+    pub scheduler: Option<std::rc::Rc<dyn crate::RunRequests>>,
 }
 
 impl OperationCall {
@@ -108,8 +109,12 @@ pub struct OperationSuccess {
     pub outputs: Json,
     /// Capabilities the provider returned, by name; they stay valid while the connection to
     /// the provider that made them is open.
-    pub capabilities: Vec<(String, resource_handle::Client)>,
+    pub capabilities: Vec<(String, Handle)>,
 }
+
+/// A capability a provider returned for a resource it made (a `ResourceHandle`): kept by the
+/// core and passed, as it is, to other operations that take it.
+pub type Handle = resource_handle::Client;
 
 /// A live connection to a provider.
 pub struct ProviderConnection {
@@ -619,8 +624,8 @@ fn fill_request(
         builder.set_previous_outputs(previous.text());
     }
     builder.set_progress(sink);
-    if let Some(scheduler) = &call.scheduler {
-        builder.set_scheduler(scheduler.clone());
+    if let Some(requests) = &call.scheduler {
+        builder.set_scheduler(crate::scheduler::scheduler_client(requests.clone()));
     }
     // This host takes the result as the end of a stream nothing was pushed into.
     builder.set_silent_finish_optional(true);

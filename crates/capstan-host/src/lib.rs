@@ -25,14 +25,16 @@ mod connection;
 mod error;
 mod process;
 pub mod reaper;
+mod scheduler;
 mod sink;
 
 /// JSON kept as text: inputs and outputs of calls (defined with the contract).
 pub use capstan_schema::Json;
 pub use connection::{
-    describe_handle, HostOptions, OperationCall, OperationSuccess, ProviderConnection,
+    describe_handle, Handle, HostOptions, OperationCall, OperationSuccess, ProviderConnection,
     ProviderSource, ShutdownReport,
 };
 pub use error::{CallError, ExitDescription, LaunchError, OutputTail};
 pub use process::{ProviderCommand, ProviderLog, StopReport};
+pub use scheduler::{ChildRequest, PermitGuard, RunRequests};
 pub use sink::{ignore_progress, ProgressObserver};

@@ -22,6 +22,8 @@
 //! [`bridge`] serves all this as a Capstan provider in deployments (a change that requires
 //! replacing is a delete, then a create; data sources are read with `ReadDataSource`).
 
+#![forbid(unsafe_code)]
+
 mod tls;
 
 pub mod bridge;
@@ -308,19 +310,9 @@ impl Plugin {
             .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        // SAFETY: between fork and exec, only `prctl`, which is async-signal-safe: the plugin
-        // dies with the bridge, even a bridge killed with SIGKILL.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+            .stderr(Stdio::piped());
+        // The plugin dies with the bridge, even a bridge killed with SIGKILL.
+        capstan_process::dies_with_parent(&mut command);
         let mut child = command.spawn().map_err(|error| TerraformError::Spawn {
             program: program.clone(),
             error,

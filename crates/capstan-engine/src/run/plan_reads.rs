@@ -1,0 +1,271 @@
+//! What providers are asked while planning: reads of resources whose reality can change
+//! while their inputs do not, and the planned outcome of creates and updates.
+
+use super::*;
+
+/// What the plan's reads found.
+#[derive(Debug, Default)]
+pub struct PlanReads {
+    /// Reads that failed (the resource is planned as if unread).
+    pub warnings: Vec<String>,
+    /// Recorded resources their providers no longer find: made again (or, for a delete,
+    /// already gone). The caller drops them from the state (and journals it, for an apply).
+    pub gone: Vec<String>,
+}
+
+/// Asks the providers of types that declare `plansChanges` what each create and update whose
+/// inputs are known now will make (for `capstan plan`): the planned outputs, which are known
+/// only after the run, and whether an update replaces the resource. Changes nothing. Returns
+/// what could not be planned, as warnings (the change is shown without the provider's plan).
+pub async fn plan_with_providers(
+    changes: &mut [PlannedChange],
+    deployment: &Deployment,
+    state: &State,
+    providers: &Providers,
+    jobs: usize,
+) -> Vec<String> {
+    let lookup = |target: &str, output: &str| {
+        state
+            .resources
+            .get(target)
+            .and_then(|r| r.outputs.get_raw(output))
+    };
+    // A provider configured only during the run cannot plan yet.
+    let late = config_late(deployment, state, changes);
+    let asks = changes.iter().enumerate().filter_map(|(i, change)| {
+        if !matches!(change.action, Action::Create | Action::Update)
+            || !change.waits_on.is_empty()
+            || late.contains(&change.provider)
+        {
+            return None;
+        }
+        let connection = providers.connections.get(&change.provider)?;
+        let info = connection.info().resource_type(&change.resource_type)?;
+        if !info.plans_changes {
+            return None;
+        }
+        let (_, decl) = deployment.resources.get_index(change.declared?)?;
+        let inputs = decl.resolve(&lookup)?;
+        let recorded = state
+            .resources
+            .get(&change.address)
+            .filter(|_| change.action == Action::Update);
+        let call = OperationCall {
+            previous_inputs: recorded.map(|r| r.inputs.clone()),
+            previous_outputs: recorded.map(|r| r.outputs.clone()),
+            timeout: providers.timeouts.get(&change.provider).copied(),
+            ..OperationCall::new(
+                change.action.first_operation(),
+                &change.resource_type,
+                &change.address,
+                inputs,
+            )
+        };
+        let sensitive: Vec<String> = info
+            .outputs
+            .iter()
+            .filter(|o| o.sensitive)
+            .map(|o| o.name.clone())
+            .collect();
+        let connection = connection.clone();
+        Some(async move { (i, connection.plan(&call).await, sensitive) })
+    });
+    let asks: Vec<_> = asks.collect();
+    let mut answers = futures::stream::iter(asks).buffer_unordered(jobs.max(1));
+    let mut warnings = Vec::new();
+    while let Some((i, answer, sensitive)) = answers.next().await {
+        let change = &mut changes[i];
+        match answer {
+            Ok(Some(plan)) => {
+                let mut outputs = match serde_json::from_str::<serde_json::Value>(&plan.outputs) {
+                    Ok(outputs @ serde_json::Value::Object(_)) => outputs,
+                    _ => {
+                        warnings.push(format!(
+                            "its provider planned `{}` with outputs that are not a JSON object; it is shown without the provider's plan",
+                            change.address
+                        ));
+                        continue;
+                    }
+                };
+                if let Some(o) = outputs.as_object_mut() {
+                    for name in &sensitive {
+                        if let Some(v) = o.get_mut(name).filter(|v| !v.is_null()) {
+                            *v = serde_json::Value::String("(sensitive)".into());
+                        }
+                    }
+                }
+                change.planned = Some(Box::new(crate::plan::ProviderPlanned {
+                    outputs,
+                    unknown: plan.unknown,
+                    replace: plan.replace,
+                }));
+            }
+            Ok(None) => {}
+            Err(e) => warnings.push(format!(
+                "its provider could not plan `{}` ({e}); it is shown without the provider's plan",
+                change.address
+            )),
+        }
+    }
+    warnings
+}
+
+/// Reads recorded resources while planning, and plans what it finds: an update when the
+/// outputs differ from those recorded, a create when the resource is gone. Without
+/// `refresh`, only unchanged resources of types that declare `readOnPlan`; with it, also
+/// every recorded resource (to be updated, replaced, deleted or left) of a type whose reads
+/// look at the real resource (`readChecks`): drift made behind Capstan's back.
+pub async fn read_on_plan(
+    changes: &mut Vec<PlannedChange>,
+    deployment: &Deployment,
+    state: &State,
+    providers: &Providers,
+    jobs: usize,
+    timeout: Option<Duration>,
+    refresh: bool,
+) -> PlanReads {
+    // A provider configured only during the run cannot read yet.
+    let late = config_late(deployment, state, changes);
+    let reads = changes.iter().enumerate().filter_map(|(i, change)| {
+        let recorded = state.resources.get(&change.address)?;
+        if late.contains(&recorded.provider) {
+            return None;
+        }
+        // The recorded resource's own provider and type (a replace changes them).
+        let connection = providers.connections.get(&recorded.provider)?;
+        let info = connection.info().resource_type(&recorded.resource_type)?;
+        let wanted = (change.action == Action::Noop && info.read_on_plan)
+            || (refresh && info.read_checks && change.action != Action::Create);
+        if !wanted {
+            return None;
+        }
+        let call = OperationCall {
+            previous_inputs: Some(recorded.inputs.clone()),
+            previous_outputs: Some(recorded.outputs.clone()),
+            // As for any operation: the provider's timeout, else the run's.
+            timeout: providers
+                .timeouts
+                .get(&recorded.provider)
+                .copied()
+                .or(timeout),
+            ..OperationCall::new(
+                OperationKind::Read,
+                &recorded.resource_type,
+                &change.address,
+                recorded.inputs.clone(),
+            )
+        };
+        let connection = connection.clone();
+        // Only a type whose reads look at the real thing is believed when it says "gone".
+        let checks = info.read_checks;
+        Some(async move {
+            let read = connection.call(call, capstan_host::ignore_progress()).await;
+            (i, recorded, read, checks)
+        })
+    });
+    let mut found = futures::stream::iter(reads).buffer_unordered(jobs.max(1));
+    let mut reads = PlanReads::default();
+    let mut updates = Vec::new();
+    let mut gone = Vec::new();
+    while let Some((i, recorded, read, checks)) = found.next().await {
+        match read {
+            Ok(now) if now.outputs != recorded.outputs => updates.push((
+                i,
+                crate::plan::changed_keys(&recorded.outputs, &now.outputs),
+            )),
+            Ok(_) => {}
+            Err(CallError::Failed { error, .. })
+                if error.kind == capstan_schema::ErrorKind::NotFound && checks =>
+            {
+                gone.push(i);
+            }
+            Err(e) => reads.warnings.push(format!(
+                "could not read `{}` to see whether it changed ({e}); it is planned as if unread",
+                changes[i].address
+            )),
+        }
+    }
+    drop(found);
+    let mut changing: std::collections::HashSet<String> = Default::default();
+    let mut drop_changes = Vec::new();
+    for i in gone {
+        let change = &mut changes[i];
+        reads.gone.push(change.address.clone());
+        if change.action == Action::Delete {
+            // Nothing left to delete.
+            drop_changes.push(i);
+            continue;
+        }
+        change.action = Action::Create;
+        change.replaces = None;
+        change.changed_inputs = Vec::new();
+        change.note =
+            Some("not found by its provider (deleted outside Capstan): made again".into());
+        changing.insert(change.address.clone());
+    }
+    for (i, keys) in updates {
+        let change = &mut changes[i];
+        if change.action != Action::Noop {
+            // Drift of one that changes anyway: said, and made as declared.
+            change.note.get_or_insert_with(|| {
+                format!(
+                    "changed outside Capstan: its {} differ from what is recorded",
+                    keys.iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            });
+            continue;
+        }
+        change.action = Action::Update;
+        change.read_changed = true;
+        change.note = Some(format!(
+            "changed while its inputs did not: read now, its {} differ from what is recorded",
+            keys.iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        changing.insert(change.address.clone());
+    }
+    if !drop_changes.is_empty() {
+        drop_changes.sort_unstable();
+        for i in drop_changes.into_iter().rev() {
+            changes.remove(i);
+        }
+    }
+    if changing.is_empty() {
+        return reads;
+    }
+    // What refers to them may change with them: known only once they ran (the plan lists
+    // changes dependencies first, so one pass reaches every dependent).
+    for change in changes.iter_mut() {
+        let Some(decl) = change
+            .declared
+            .and_then(|d| deployment.resources.get_index(d))
+        else {
+            continue;
+        };
+        let waits: Vec<String> = decl
+            .1
+            .refs
+            .iter()
+            .map(|r| r.address.clone())
+            .filter(|a| changing.contains(a))
+            .collect();
+        if waits.is_empty() || change.read_changed || change.action == Action::Create {
+            continue;
+        }
+        if change.action == Action::Noop {
+            change.action = Action::Update;
+        }
+        for address in waits {
+            if !change.waits_on.contains(&address) {
+                change.waits_on.push(address);
+            }
+        }
+        changing.insert(change.address.clone());
+    }
+    reads
+}
