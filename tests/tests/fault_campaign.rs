@@ -497,8 +497,7 @@ fn a_full_disk_stops_the_run_before_anything_unrecorded_happens() {
         .is_ok_and(|s| s.success());
     if !mounted {
         let message = "cannot mount a tmpfs (needs root): the disk faults cannot run";
-        assert!(std::env::var("CI").is_err(), "{message}");
-        eprintln!("SKIPPED: {message}");
+        capstan_test_support::skip_or_fail(message);
         return;
     }
     let _tmpfs = Tmpfs(mount.clone());

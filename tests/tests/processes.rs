@@ -256,25 +256,26 @@ fn a_panicking_provider_fails_that_operation_and_keeps_serving() {
     });
 }
 
-async fn crash_with(mode: &str) -> (CallError, Duration) {
+/// The error of a call during which the provider crashes. A crash the host did not notice
+/// would leave the call waiting forever: the deadline fails the test instead.
+async fn crash_with(mode: &str) -> CallError {
     let crashing = launch_testing(&[]).await;
-    let started = std::time::Instant::now();
-    let err = crashing
-        .call(
-            create("crash", json!({"mode": mode, "code": 7})),
-            Recorder::default().observer(),
-        )
+    let call = crashing.call(
+        create("crash", json!({"mode": mode, "code": 7})),
+        Recorder::default().observer(),
+    );
+    tokio::time::timeout(Duration::from_secs(90), call)
         .await
+        .expect("the crash is reported, not waited on forever")
         .err()
-        .expect("a crash fails the call");
-    (err, started.elapsed())
+        .expect("a crash fails the call")
 }
 
 #[test]
 fn a_provider_that_exits_mid_operation_is_reported_with_status_and_stderr() {
     run_local(async {
         let bystander = launch_testing(&[]).await;
-        let (err, elapsed) = crash_with("exit").await;
+        let err = crash_with("exit").await;
         match &err {
             CallError::ProviderExited {
                 provider,
@@ -292,10 +293,6 @@ fn a_provider_that_exits_mid_operation_is_reported_with_status_and_stderr() {
             }
             other => panic!("{other:?}"),
         }
-        assert!(
-            elapsed < Duration::from_secs(5),
-            "reported promptly, took {elapsed:?}"
-        );
         let message = err.to_string();
         assert!(
             message.contains("exited with status 7") && message.contains("crashing on purpose"),
@@ -312,7 +309,7 @@ fn a_provider_that_exits_mid_operation_is_reported_with_status_and_stderr() {
 #[test]
 fn a_sigkilled_provider_is_reported_with_the_signal() {
     run_local(async {
-        let (err, _) = crash_with("sigkill").await;
+        let err = crash_with("sigkill").await;
         assert!(
             matches!(
                 &err,

@@ -199,8 +199,9 @@ pub fn terraform_bench(json_output: bool, quick: bool) {
         |t| t.join("bench-terraform"),
     );
     std::fs::create_dir_all(&cache).unwrap();
-    let null = capstan_terraform::fetch::null_provider(&cache).unwrap_or_else(|e| panic!("{e}"));
-    let terraform = capstan_terraform::fetch::terraform(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let null = capstan_test_support::fetch::null_provider(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let terraform =
+        capstan_test_support::fetch::terraform(&cache).unwrap_or_else(|e| panic!("{e}"));
     let (chains, length) = if quick { (10, 10) } else { (100, 10) };
     let count = chains * length;
     let rounds = if quick { 1 } else { 5 };

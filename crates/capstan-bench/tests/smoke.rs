@@ -168,11 +168,9 @@ fn nix_reports_the_evaluation_figures() {
         .output()
         .is_err()
     {
-        assert!(
-            std::env::var("CI").is_err(),
-            "nix-instantiate is missing under CI (apt-get install nix-bin)"
+        capstan_test_support::skip_or_fail(
+            "nix-instantiate is not installed (apt-get install nix-bin)",
         );
-        eprintln!("SKIPPED: nix-instantiate is not installed");
         return;
     }
     let figures = bench_json(&["nix", "--quick", "--json"]);

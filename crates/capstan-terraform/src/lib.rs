@@ -28,7 +28,6 @@ mod tls;
 
 pub mod bridge;
 #[doc(hidden)]
-pub mod fetch;
 pub mod values;
 pub mod wire;
 

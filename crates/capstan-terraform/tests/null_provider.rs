@@ -9,10 +9,7 @@ use std::time::Duration;
 use capstan_terraform::{provider_info, Plugin, StartOptions, TerraformError};
 
 fn skip_or_fail(message: &str) -> Option<PathBuf> {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{message} (under CI this is a failure)");
-    }
-    eprintln!("\n=== SKIPPED: {message} ===\n");
+    capstan_test_support::skip_or_fail(message);
     None
 }
 
@@ -21,7 +18,7 @@ fn null_provider() -> Option<PathBuf> {
     static BINARY: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
     BINARY
         .get_or_init(|| {
-            capstan_terraform::fetch::null_provider(Path::new(env!("CARGO_TARGET_TMPDIR")))
+            capstan_test_support::fetch::null_provider(Path::new(env!("CARGO_TARGET_TMPDIR")))
                 .map_or_else(|e| skip_or_fail(&e), Some)
         })
         .clone()

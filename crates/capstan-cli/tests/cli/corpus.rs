@@ -1,18 +1,16 @@
 //! The bad-input corpus: every input that once made Capstan panic, hang, take a typo as data or
 //! say something misleading, kept as a case that checks the exact message a user sees
-//! (snapshots under `tests/snapshots/`, reviewed like code), the exit code, and that the state
+//! (snapshots under `tests/cli/snapshots/`, reviewed like code), the exit code, and that the state
 //! is byte for byte what it was whenever nothing should have run.
 //!
 //! To add a case, add it to `CASES` and run `INSTA_UPDATE=always cargo test -p capstan-cli
 //! --test corpus`, then read the new snapshot before committing it.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use support::{capstan_bin, testing_provider};
+use crate::support::{capstan_bin, testing_provider};
 
 struct Case {
     name: &'static str,

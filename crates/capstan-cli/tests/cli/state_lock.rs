@@ -1,12 +1,10 @@
 //! Commands that only read the state never wait for, or take, the lock an apply holds; those
 //! that write say who holds it, and since when, readably.
 
-mod support;
-
 use std::os::fd::AsRawFd;
 use std::process::Command;
 
-use support::capstan_bin;
+use crate::support::capstan_bin;
 
 #[test]
 fn reading_commands_work_while_another_holds_the_lock_and_writers_name_the_holder() {

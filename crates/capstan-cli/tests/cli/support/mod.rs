@@ -126,10 +126,7 @@ pub fn nix_tool(program: &str, what: &str) -> bool {
         let message = format!(
             "{program} is not installed: {what} cannot run. Install it with: apt-get install -y nix-bin"
         );
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{message} (a missing Nix is a failure under CI)");
-        }
-        eprintln!("\n=== SKIPPED: {message} ===\n");
+        capstan_test_support::skip_or_fail(&message);
     }
     found
 }
@@ -151,4 +148,80 @@ pub fn shown(output: &std::process::Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
+}
+
+/// How long the tests wait for anything before calling it hung. Generous, since these
+/// machines are shared and slow at times: it guards against a hang, it never measures speed
+/// (no test here asserts how fast something is; a wrong behaviour takes forever instead).
+pub const HANG: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// Waits until `check` holds, or fails naming `what` once [`HANG`] has passed. The one
+/// polling loop of these tests.
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + HANG;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Kills a child that is still running after [`HANG`], so that a test reading its output
+/// fails instead of hanging; [`Watchdog::finish`] says whether it had to.
+pub struct Watchdog {
+    what: String,
+    done: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<bool>,
+}
+
+impl Watchdog {
+    pub fn new(child: &std::process::Child, what: &str) -> Self {
+        let pid = child.id() as i32;
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let hung = finished.recv_timeout(HANG).is_err();
+            if hung {
+                // SAFETY: a plain kill of a child this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            hung
+        });
+        Watchdog {
+            what: what.to_string(),
+            done,
+            thread,
+        }
+    }
+
+    /// Call once the child has ended: fails the test if it was killed as hung.
+    pub fn finish(self) {
+        let _ = self.done.send(());
+        assert!(
+            !self.thread.join().unwrap(),
+            "{} hung (killed after {HANG:?})",
+            self.what
+        );
+    }
+}
+
+/// Waits for `child` to end, killing it and failing (naming `what`) if it is still running
+/// after [`HANG`].
+pub fn output_within(child: std::process::Child, what: &str) -> std::process::Output {
+    let watchdog = Watchdog::new(&child, what);
+    let output = child.wait_with_output().unwrap();
+    watchdog.finish();
+    output
+}
+
+/// Whether a process with this pid runs (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }

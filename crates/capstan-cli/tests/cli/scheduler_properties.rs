@@ -4,13 +4,11 @@
 //! operations at once and those of each provider name), and every resource ends created,
 //! failed, or skipped naming a failed dependency.
 
-mod support;
-
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
 
+use crate::support::{capstan_bin, deployment, events, random_graph, testing_provider, Rng};
 use serde_json::{json, Value};
-use support::{capstan_bin, deployment, events, random_graph, testing_provider, Rng};
 
 /// A testing provider serving at a socket until dropped.
 struct Service {
@@ -28,11 +26,7 @@ impl Service {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(std::time::Instant::now() < deadline, "the service listens");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        crate::support::wait_until("the service listens", || socket.exists());
         Service {
             child,
             socket,

@@ -1,13 +1,11 @@
 //! `capstan plan / apply / destroy / state` end to end: real `capstan` processes, real
 //! provider processes (the built-in `local` provider and the testing provider), real files.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use crate::support::{capstan_bin, testing_provider};
 use serde_json::{json, Value};
-use support::{capstan_bin, testing_provider};
 
 struct Project {
     dir: tempfile::TempDir,
@@ -482,11 +480,7 @@ fn ctrl_c_cancels_in_flight_work_saves_state_and_exits_130() {
         rest.iter().any(|l| l.contains("\"interrupted\"")),
         "{rest:?}"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !marker.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert!(marker.exists(), "the cancellation reached the provider");
+    crate::support::wait_until("the cancellation reached the provider", || marker.exists());
     assert!(text(&project.capstan(&["state", "pending"]).stdout).starts_with("stuck\tcreate"));
 }
 
@@ -796,22 +790,9 @@ fn cancelling_a_command_also_stops_what_it_started() {
         .trim()
         .parse()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let alive = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            !s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-    };
-    while alive(pid) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(
-        !alive(pid),
-        "the command's background `sleep` (pid {pid}) outlived the cancelled operation"
+    crate::support::wait_until(
+        &format!("the command's background `sleep` (pid {pid}) ends with the cancelled operation"),
+        || !crate::support::alive(pid),
     );
 }
 

@@ -4,14 +4,11 @@
 //! one of them a standing service that outlives the runs. (A handle handed back to the very
 //! provider that made it is that provider's own object, not the core's to take away.)
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
+use crate::support::{events, testing_provider};
 use serde_json::{json, Value};
-use support::{events, testing_provider};
 
 /// The service, stopped however the test ends.
 struct KillOnDrop(std::process::Child);
@@ -24,7 +21,7 @@ impl Drop for KillOnDrop {
 }
 
 fn capstan(dir: &Path, args: &[&str]) -> Output {
-    support::capstan_in(dir, args)
+    crate::support::capstan_in(dir, args)
 }
 
 fn outputs(events: &[Value], address: &str) -> Value {
@@ -48,11 +45,7 @@ fn a_provider_reaches_only_the_handles_it_is_handed_and_only_in_their_run() {
         .spawn()
         .unwrap();
     let _service = KillOnDrop(service);
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(start.elapsed() < Duration::from_secs(20), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::support::wait_until("the service listens", || socket.exists());
     let deployment = |resources: Value| {
         json!({
             "providers": {

@@ -2,13 +2,11 @@
 //! no completed resource is forgotten, every interrupted one is reported, and a re-run finishes
 //! the job.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 
-use support::{capstan_bin, deployment, events, random_graph, Rng};
+use crate::support::{capstan_bin, deployment, events, random_graph, Rng};
 
 fn lines_of(out: &[u8]) -> BTreeSet<String> {
     String::from_utf8_lossy(out)

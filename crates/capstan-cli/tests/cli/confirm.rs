@@ -1,13 +1,11 @@
 //! On a terminal, `destroy` (and an apply that would delete everything) asks first; `--yes`
 //! skips the question, and without a terminal nobody is asked.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 
-use support::capstan_bin;
+use crate::support::capstan_bin;
 
 /// A pseudo-terminal: (the side we talk through, the side capstan gets as its terminal).
 fn pty() -> (std::fs::File, OwnedFd) {
@@ -124,7 +122,7 @@ fn an_apply_that_deletes_everything_asks_too_and_yes_skips_the_question() {
     // --yes: no question, even on a terminal (no answer is ever written here: a question
     // would wait until the deadline below).
     let (master, slave) = pty();
-    let mut child = Command::new(capstan_bin())
+    let child = Command::new(capstan_bin())
         .args(["apply", "--yes"])
         .current_dir(dir.path())
         .stdin(Stdio::from(slave.try_clone().unwrap()))
@@ -132,19 +130,9 @@ fn an_apply_that_deletes_everything_asks_too_and_yes_skips_the_question() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("apply --yes waited for an answer");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let out = crate::support::output_within(child, "apply --yes (waiting for an answer?)");
     drop(master);
-    assert!(status.success());
+    assert!(out.status.success());
     assert_eq!(listed(dir.path()), "");
 }
 

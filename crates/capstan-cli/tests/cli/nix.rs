@@ -2,16 +2,14 @@
 //! whose builder is /bin/sh, Nix's progress arriving while the build runs, activation of a
 //! profile, rollback on a failed activation, and clear errors.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use crate::support::capstan_bin;
 use serde_json::{json, Value};
-use support::capstan_bin;
 
 fn nix_available() -> bool {
-    support::nix_tool("nix-build", "the Nix provider tests")
+    crate::support::nix_tool("nix-build", "the Nix provider tests")
 }
 
 const OFFLINE: [&str; 4] = ["--option", "substituters", "", "--option"];
@@ -68,7 +66,7 @@ fn run(dir: &Path, args: &[&str]) -> (Output, Vec<Value>) {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let events = support::events(&out.stdout);
+    let events = crate::support::events(&out.stdout);
     (out, events)
 }
 
@@ -303,7 +301,7 @@ fn without_nix_the_error_says_how_to_install_it() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let events = support::events(&out.stdout);
+    let events = crate::support::events(&out.stdout);
     let failed = events
         .iter()
         .find(|e| e["type"] == "resource_failed")

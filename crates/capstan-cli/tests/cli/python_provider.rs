@@ -2,20 +2,13 @@
 //! from the published schema alone, driven by `capstan apply`. The test makes its own
 //! virtualenv.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::support::capstan_bin;
 use serde_json::json;
-use support::capstan_bin;
 
-fn skip_or_fail(message: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{message} (required under CI)");
-    }
-    eprintln!("\n=== SKIPPED: {message} ===\n");
-}
+use capstan_test_support::skip_or_fail;
 
 /// A virtualenv with pycapnp, made once per target directory (and once per test process:
 /// the tests here run in parallel, and two `venv`s into one directory fail).
@@ -102,7 +95,7 @@ fn capstan_applies_resources_of_a_python_provider_with_its_progress() {
         std::fs::read_to_string(dir.path().join("long.txt")).unwrap(),
         format!("Hello, {long_name}!")
     );
-    let events = support::events(&out.stdout);
+    let events = crate::support::events(&out.stdout);
     let progress: Vec<&serde_json::Value> = events
         .iter()
         .filter(|e| e["type"] == "resource_progress" && e["address"] == "hello")
@@ -176,7 +169,7 @@ fn a_python_provider_hands_children_and_permits_back_to_the_scheduler() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let events = support::events(&out.stdout);
+    let events = crate::support::events(&out.stdout);
     let crew = events
         .iter()
         .find(|e| e["type"] == "resource_complete" && e["address"] == "crew")

@@ -2,12 +2,10 @@
 //! provider. Each says what happened and how to raise the limit, and the state says whether
 //! the provider may have acted.
 
-mod support;
-
 use std::process::{Command, Output};
 
+use crate::support::capstan_bin;
 use serde_json::json;
-use support::capstan_bin;
 
 fn apply(dir: &std::path::Path, deployment: serde_json::Value, extra: &[&str]) -> Output {
     std::fs::write(dir.join("capstan.json"), deployment.to_string()).unwrap();

@@ -4,17 +4,14 @@
 //! what drifted (an edited file is written again, a removed one made again). Real `capstan`
 //! processes, real provider processes, a real SIGKILL in the middle of a create.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
+use crate::support::{capstan_bin, events, shown, testing_provider};
 use serde_json::{json, Value};
-use support::{capstan_bin, events, shown, testing_provider};
 
 fn capstan(dir: &Path, args: &[&str]) -> Output {
-    support::capstan_in(dir, args)
+    crate::support::capstan_in(dir, args)
 }
 
 fn write(dir: &Path, resources: Value) {
@@ -51,12 +48,10 @@ fn apply_killed(dir: &Path, ready: impl Fn() -> bool) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !ready() {
-        assert!(start.elapsed() < Duration::from_secs(30), "never got there");
+    crate::support::wait_until("the apply gets there", || {
         assert!(child.try_wait().unwrap().is_none(), "apply ended early");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        ready()
+    });
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -4,20 +4,18 @@
 //! applied both ways, deferred resources, nested deployments inside nested ones, and the
 //! errors a Nix author meets.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use crate::support::{capstan_bin, events};
 use serde_json::Value;
-use support::{capstan_bin, events};
 
 fn nix_available() -> bool {
-    support::nix_tool("nix-instantiate", "the Nix deployment tests")
+    crate::support::nix_tool("nix-instantiate", "the Nix deployment tests")
 }
 
 fn capstan(dir: &Path, args: &[&str]) -> Output {
-    support::capstan_in(dir, args)
+    crate::support::capstan_in(dir, args)
 }
 
 fn stderr(output: &Output) -> String {
@@ -446,29 +444,20 @@ fn a_signal_during_an_evaluation_leaves_no_process_behind() {
             .spawn()
             .unwrap();
         // Until Nix runs.
-        let start = std::time::Instant::now();
-        while !processes_in(&dir)
-            .iter()
-            .any(|p| p.contains("nix-instantiate"))
-        {
-            assert!(start.elapsed().as_secs() < 30, "no evaluation started");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        crate::support::wait_until("an evaluation starts", || {
+            processes_in(&dir)
+                .iter()
+                .any(|p| p.contains("nix-instantiate"))
+        });
         // SAFETY: a signal to our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
         let status = child.wait().unwrap();
         if code > 0 {
             assert_eq!(status.code(), Some(code));
         }
-        let start = std::time::Instant::now();
-        while !processes_in(&dir).is_empty() {
-            assert!(
-                start.elapsed().as_secs() < 5,
-                "left behind after signal {signal}: {:?}",
-                processes_in(&dir)
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        crate::support::wait_until(&format!("nothing is left after signal {signal}"), || {
+            processes_in(&dir).is_empty()
+        });
     }
     // Nothing was recorded by a run that never started.
     let out = capstan(&dir, &["state", "list"]);

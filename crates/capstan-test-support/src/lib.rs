@@ -1,0 +1,19 @@
+//! For Capstan's tests and benchmarks only, never a dependency of anything shipped: fetching
+//! the software nobody here wrote that the tests run against ([`fetch`]), and the one rule for
+//! a test whose tool or download is missing ([`skip_or_fail`]).
+
+#![forbid(unsafe_code)]
+
+pub mod fetch;
+
+/// Whether this is a CI run (`CI=true` or `CI=1`, as CI services and `.ci/run` set it).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// A test cannot run here (`message` says what is missing and how to install it): under CI
+/// that is a failure; elsewhere the test says so loudly and the caller skips it.
+pub fn skip_or_fail(message: &str) {
+    assert!(!in_ci(), "{message} (under CI this is a failure)");
+    eprintln!("\n=== SKIPPED: {message} ===\n");
+}
