@@ -393,10 +393,7 @@ pub async fn plan_cmd(
         (Ok(false), true) => Ok(ExitCode::SUCCESS),
         (Ok(true), true) => Ok(ExitCode::from(2)),
         // Every error is 1, so that 2 means "changes" alone.
-        (Err(CliError::Invalid(message)), true) => {
-            say!("error: {message}");
-            Err(CliError::Exit(ExitCode::from(EXIT_FAILED)))
-        }
+        (Err(CliError::Invalid(message)), true) => Err(CliError::Failed(message)),
         (Err(e), _) => Err(e),
     }
 }

@@ -194,7 +194,7 @@ async fn run(command: Command, stdout: output::Stdout) -> Result<ExitCode, error
             view,
             run,
         } => deploy_cmd::apply_cmd(deployment, view, run, stdout, true).await,
-        Command::State { place, command } => Ok(state_cmd::state_cmd(place, command, stdout).await),
+        Command::State { place, command } => state_cmd::state_cmd(place, command, stdout).await,
         Command::Provider(command) => Ok(command.run(stdout).await?),
         Command::BuiltinProvider(_) | Command::Reaper => {
             unreachable!("served before the runtime starts")

@@ -13,8 +13,8 @@ use clap::Subcommand;
 use serde_json::json;
 
 use crate::deploy_cmd::{LockArgs, Place};
+use crate::error::CliError;
 use crate::output::Stdout;
-use crate::stop::{EXIT_FAILED, EXIT_INVALID};
 
 #[derive(Subcommand)]
 pub enum StateCmd {
@@ -60,19 +60,15 @@ pub enum StateCmd {
     },
 }
 
-pub async fn state_cmd(place: Place, command: StateCmd, mut stdout: Stdout) -> ExitCode {
-    let dir = match place.checked_state_dir() {
-        Ok(dir) => dir,
-        Err(e) => {
-            say!("error: {e}");
-            return ExitCode::from(EXIT_INVALID);
-        }
-    };
+pub async fn state_cmd(
+    place: Place,
+    command: StateCmd,
+    mut stdout: Stdout,
+) -> Result<ExitCode, CliError> {
+    let dir = place.checked_state_dir().map_err(CliError::Invalid)?;
     match command {
         StateCmd::List { json } => {
-            let Some(state) = look(&place) else {
-                return ExitCode::from(EXIT_INVALID);
-            };
+            let state = look(&place)?;
             if json {
                 let list: Vec<_> = state
                     .resources
@@ -92,9 +88,7 @@ pub async fn state_cmd(place: Place, command: StateCmd, mut stdout: Stdout) -> E
             address,
             show_sensitive,
         } => {
-            let Some(state) = look(&place) else {
-                return ExitCode::from(EXIT_INVALID);
-            };
+            let state = look(&place)?;
             match state.resources.get(&address) {
                 Some(r) if show_sensitive => stdout.line(&pretty(r)),
                 Some(r) => {
@@ -110,16 +104,11 @@ pub async fn state_cmd(place: Place, command: StateCmd, mut stdout: Stdout) -> E
                     }
                     stdout.line(&serde_json::to_string_pretty(&value).unwrap_or_default());
                 }
-                None => {
-                    say!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
-                    return ExitCode::from(EXIT_INVALID);
-                }
+                None => return Err(no_resource(&address)),
             }
         }
         StateCmd::Pending { json } => {
-            let Some(state) = look(&place) else {
-                return ExitCode::from(EXIT_INVALID);
-            };
+            let state = look(&place)?;
             if json {
                 let list: Vec<_> = state
                     .pending
@@ -143,32 +132,25 @@ pub async fn state_cmd(place: Place, command: StateCmd, mut stdout: Stdout) -> E
             }
         }
         StateCmd::Resolve { address, lock } => {
-            let Some((backend, state)) = change(&dir, &lock) else {
-                return ExitCode::from(EXIT_INVALID);
-            };
+            let (backend, state) = change(&dir, &lock)?;
             if !state.pending.contains_key(&address) {
-                say!("error: `{address}` has no interrupted operation; `capstan state pending` lists them");
-                return ExitCode::from(EXIT_INVALID);
+                return Err(CliError::Invalid(format!(
+                    "`{address}` has no interrupted operation; `capstan state pending` lists them"
+                )));
             }
-            if !record(
+            record(
                 &backend,
                 Record::Resolved {
                     address: address.clone(),
                 },
             )
-            .await
-            {
-                return ExitCode::from(EXIT_FAILED);
-            }
+            .await?;
             say!("resolved the interrupted operation on `{address}`");
         }
         StateCmd::Forget { address, lock } => {
-            let Some((backend, state)) = change(&dir, &lock) else {
-                return ExitCode::from(EXIT_INVALID);
-            };
+            let (backend, state) = change(&dir, &lock)?;
             if !state.resources.contains_key(&address) {
-                say!("error: no resource `{address}` in the state; `capstan state list` shows what there is");
-                return ExitCode::from(EXIT_INVALID);
+                return Err(no_resource(&address));
             }
             let dependents: Vec<&str> = state
                 .resources
@@ -176,16 +158,13 @@ pub async fn state_cmd(place: Place, command: StateCmd, mut stdout: Stdout) -> E
                 .filter(|(_, r)| r.dependencies.contains(&address))
                 .map(|(a, _)| a.as_str())
                 .collect();
-            if !record(
+            record(
                 &backend,
                 Record::Deleted {
                     address: address.clone(),
                 },
             )
-            .await
-            {
-                return ExitCode::from(EXIT_FAILED);
-            }
+            .await?;
             say!("forgot `{address}`: it is no longer in the state (nothing was deleted)");
             if !dependents.is_empty() {
                 say!(
@@ -200,10 +179,7 @@ pub async fn state_cmd(place: Place, command: StateCmd, mut stdout: Stdout) -> E
             }
         }
         StateCmd::Repair { lock } => {
-            let mut backend = match open_locked(&dir, &lock) {
-                Some(backend) => backend,
-                None => return ExitCode::from(EXIT_INVALID),
-            };
+            let mut backend = open_locked(&dir, &lock)?;
             match backend.repair() {
                 Ok(Some(aside)) => say!(
                     "repaired {}: the damaged lines are in {}; every intact record was kept",
@@ -211,36 +187,32 @@ pub async fn state_cmd(place: Place, command: StateCmd, mut stdout: Stdout) -> E
                     aside.display()
                 ),
                 Ok(None) => say!("{}: nothing is damaged", dir.join("journal").display()),
-                Err(e) => {
-                    say!("error: {e}");
-                    return ExitCode::from(EXIT_FAILED);
-                }
+                Err(e) => return Err(CliError::Failed(e.to_string())),
             }
         }
     }
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }
 
-/// The state as it is now, for a command that only looks; `None` after saying why not.
-fn look(place: &Place) -> Option<State> {
+fn no_resource(address: &str) -> CliError {
+    CliError::Invalid(format!(
+        "no resource `{address}` in the state; `capstan state list` shows what there is"
+    ))
+}
+
+/// The state as it is now, for a command that only looks.
+fn look(place: &Place) -> Result<State, CliError> {
     let dir = place.state_dir();
     if !dir.exists() {
         say!(
             "note: no state in {} yet (nothing was applied there; -f FILE or --state DIR picks another)",
             dir.display()
         );
-        return Some(State::default());
+        return Ok(State::default());
     }
-    match state::read_only(&dir) {
-        Ok((state, report)) => {
-            warn_damage(&dir, &report);
-            Some(state)
-        }
-        Err(e) => {
-            say!("error: {e}");
-            None
-        }
-    }
+    let (state, report) = state::read_only(&dir).map_err(|e| CliError::Invalid(e.to_string()))?;
+    warn_damage(&dir, &report);
+    Ok(state)
 }
 
 fn warn_damage(dir: &std::path::Path, report: &LoadReport) {
@@ -254,39 +226,33 @@ fn warn_damage(dir: &std::path::Path, report: &LoadReport) {
     }
 }
 
-fn open_locked(dir: &std::path::Path, lock: &LockArgs) -> Option<DirectoryBackend> {
+fn open_locked(dir: &std::path::Path, lock: &LockArgs) -> Result<DirectoryBackend, CliError> {
     if !dir.exists() {
-        say!("error: no state in {}; nothing to change", dir.display());
-        return None;
+        return Err(CliError::Invalid(format!(
+            "no state in {}; nothing to change",
+            dir.display()
+        )));
     }
     DirectoryBackend::open_with(dir, lock.lock_timeout, &mut |holder| {
         say!("waiting for the state lock, held by {holder} …");
     })
-    .map_err(|e| say!("error: {e}"))
-    .ok()
+    .map_err(|e| CliError::Invalid(e.to_string()))
 }
 
-/// The state, locked for a change; `None` after saying why not.
-fn change(dir: &std::path::Path, lock: &LockArgs) -> Option<(DirectoryBackend, State)> {
+/// The state, locked for a change.
+fn change(dir: &std::path::Path, lock: &LockArgs) -> Result<(DirectoryBackend, State), CliError> {
     let mut backend = open_locked(dir, lock)?;
-    match backend.load() {
-        Ok((state, _)) => Some((backend, state)),
-        Err(e) => {
-            say!("error: {e}");
-            None
-        }
-    }
+    let (state, _) = backend
+        .load()
+        .map_err(|e| CliError::Invalid(e.to_string()))?;
+    Ok((backend, state))
 }
 
-/// Makes one record durable; `false` after saying why not.
-async fn record(backend: &DirectoryBackend, record: Record) -> bool {
-    match append_durably(backend as &dyn StateBackend, vec![record]).await {
-        Ok(()) => true,
-        Err(e) => {
-            say!("error: {e}");
-            false
-        }
-    }
+/// Makes one record durable.
+async fn record(backend: &DirectoryBackend, record: Record) -> Result<(), CliError> {
+    append_durably(backend as &dyn StateBackend, vec![record])
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))
 }
 
 /// Indented JSON of `value`, including the inputs and outputs it keeps as compact text.
