@@ -2,4 +2,6 @@
 //! the integration tests) start providers with: [`served`], the hidden `__provider`
 //! subcommand and the launcher that re-executes `capstan` with it.
 
+#![forbid(unsafe_code)]
+
 pub mod served;

@@ -1,6 +1,8 @@
 //! `capstan`: the command-line front of Capstan. Thin glue over `capstan-engine` and
 //! `capstan-host`.
 
+#![forbid(unsafe_code)]
+
 #[macro_use]
 mod output;
 mod deploy_cmd;

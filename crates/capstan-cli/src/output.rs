@@ -11,7 +11,6 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{IsTerminal, Write};
-use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -309,18 +308,13 @@ impl Stdout {
     /// Duplicates fd 1 for our own use (handed to the output thread, which it starts) and
     /// points fd 1 at stderr, so stray prints from any library end up on stderr.
     pub fn take() -> Self {
-        // SAFETY: fcntl(F_DUPFD_CLOEXEC) and dup2 on the standard descriptors touch no memory;
-        // the duplicate is a fresh descriptor that nothing else owns, so `File` may own it.
-        let file = unsafe {
-            let copy = libc::fcntl(libc::STDOUT_FILENO, libc::F_DUPFD_CLOEXEC, 3);
-            if copy < 0 {
-                // No stdout at all (closed): write nowhere rather than fail.
-                None
-            } else {
-                libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
-                Some(File::from_raw_fd(copy))
-            }
-        };
+        // No stdout at all (closed): write nowhere rather than fail.
+        let file = rustix::io::fcntl_dupfd_cloexec(std::io::stdout(), 3)
+            .ok()
+            .map(|copy| {
+                let _ = rustix::stdio::dup2_stdout(std::io::stderr());
+                File::from(copy)
+            });
         let terminal = file.as_ref().is_some_and(|f| f.is_terminal());
         start(file);
         Stdout { terminal }

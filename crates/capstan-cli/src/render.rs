@@ -385,19 +385,16 @@ struct Running {
 
 /// The terminal's columns and rows (100 × 40 when it does not say).
 fn terminal_size() -> (usize, usize) {
-    // SAFETY: TIOCGWINSZ fills a winsize struct.
-    unsafe {
-        let mut size: libc::winsize = std::mem::zeroed();
-        if libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) == 0 && size.ws_col > 0 {
+    match rustix::termios::tcgetwinsize(std::io::stderr()) {
+        Ok(size) if size.ws_col > 0 => {
             let rows = if size.ws_row > 0 {
                 size.ws_row as usize
             } else {
                 40
             };
             (size.ws_col as usize, rows)
-        } else {
-            (100, 40)
         }
+        _ => (100, 40),
     }
 }
 

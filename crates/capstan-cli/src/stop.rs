@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_INVALID: u8 = 2;
 pub const EXIT_INTERRUPTED: u8 = 130;
-pub const EXIT_OUTPUT_CLOSED: u8 = 128 + libc::SIGPIPE as u8;
+pub const EXIT_OUTPUT_CLOSED: u8 = 128 + capstan_process::Signal::PIPE.as_raw() as u8;
 
 /// What asked a run to stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,9 +26,9 @@ impl StopCause {
     /// A shell's code for a process ended by the signal: 128 + its number.
     fn exit_code(self) -> u8 {
         match self {
-            StopCause::Interrupt => 128 + libc::SIGINT as u8,
-            StopCause::Terminate => 128 + libc::SIGTERM as u8,
-            StopCause::Hangup => 128 + libc::SIGHUP as u8,
+            StopCause::Interrupt => 128 + capstan_process::Signal::INT.as_raw() as u8,
+            StopCause::Terminate => 128 + capstan_process::Signal::TERM.as_raw() as u8,
+            StopCause::Hangup => 128 + capstan_process::Signal::HUP.as_raw() as u8,
         }
     }
 

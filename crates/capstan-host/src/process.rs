@@ -2,6 +2,7 @@
 //! own process group, killed if the host dies, their output captured line by line, and stopped
 //! politely, then firmly.
 
+use capstan_process::Signal;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::{CString, OsStr, OsString};
@@ -319,8 +320,7 @@ impl ProviderProcess {
         tokio::task::spawn_local(async move {
             if let Ok(status) = child.wait().await {
                 // Checked right at exit, before the id can be handed out again.
-                // SAFETY: signal 0 only checks for existence.
-                if unsafe { libc::kill(-pid, 0) } != 0 {
+                if !capstan_process::group_exists(pid) {
                     gone.set(true);
                 }
                 let _ = exit_tx.send(Some(status));
@@ -369,15 +369,13 @@ impl ProviderProcess {
         (ExitDescription::from_status(status), self.tail.snapshot())
     }
 
-    pub(crate) fn signal_group(&self, signal: libc::c_int) {
+    pub(crate) fn signal_group(&self, signal: Signal) {
         if self.group_gone.get() {
             // The group emptied once: its id may belong to someone else by now.
             return;
         }
-        // SAFETY: signals the provider's own process group (its pid is the group id).
-        unsafe {
-            libc::kill(-self.pid, signal);
-        }
+        // The provider's own process group: its pid is the group id.
+        capstan_process::signal_group(self.pid, signal);
     }
 
     /// Whether any process is left in the provider's process group.
@@ -385,8 +383,7 @@ impl ProviderProcess {
         if self.group_gone.get() {
             return false;
         }
-        // SAFETY: signal 0 only checks for existence.
-        let alive = unsafe { libc::kill(-self.pid, 0) == 0 };
+        let alive = capstan_process::group_exists(self.pid);
         if !alive && self.status().is_some() {
             self.group_gone.set(true);
         }
@@ -405,13 +402,13 @@ impl ProviderProcess {
         let mut report = StopReport::default();
         let mut status = self.wait_exit(grace).await;
         if status.is_none() {
-            report.escalated_to = Some(libc::SIGTERM);
-            self.signal_group(libc::SIGTERM);
+            report.escalated_to = Some(Signal::TERM.as_raw());
+            self.signal_group(Signal::TERM);
             status = self.wait_exit(term_grace).await;
         }
         if status.is_none() {
-            report.escalated_to = Some(libc::SIGKILL);
-            self.signal_group(libc::SIGKILL);
+            report.escalated_to = Some(Signal::KILL.as_raw());
+            self.signal_group(Signal::KILL);
             status = self.wait_exit(Duration::from_secs(5)).await;
         }
         if self.group_alive() {
@@ -419,7 +416,7 @@ impl ProviderProcess {
                 "provider `{provider}` left processes running in its process group; killing them"
             );
             report.leaked_processes = true;
-            self.signal_group(libc::SIGKILL);
+            self.signal_group(Signal::KILL);
         }
         report.status = ExitDescription::from_status(status);
         report
@@ -430,7 +427,7 @@ impl Drop for ProviderProcess {
     fn drop(&mut self) {
         // Providers never outlive their host's handle on them.
         if self.status().is_none() || self.group_alive() {
-            self.signal_group(libc::SIGKILL);
+            self.signal_group(Signal::KILL);
         }
     }
 }

@@ -128,8 +128,7 @@ const FORGET_EVERY: Duration = Duration::from_secs(1);
 /// SIGKILLs every process in `sessions` until none is left (a process may fork between a
 /// scan and its kill, so scan again), for at most about a second.
 fn kill_sessions(sessions: &BTreeSet<libc::pid_t>) {
-    // SAFETY: getpid cannot fail.
-    let own = unsafe { libc::getpid() };
+    let own = capstan_process::own_pid();
     for _ in 0..100 {
         let found: Vec<libc::pid_t> = processes()
             .filter(|&(pid, sid)| pid != own && sessions.contains(&sid))
@@ -139,10 +138,8 @@ fn kill_sessions(sessions: &BTreeSet<libc::pid_t>) {
             return;
         }
         for pid in found {
-            // SAFETY: kill has no memory effects; `pid` was in a session we were told about.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+            // `pid` was in a session we were told about.
+            capstan_process::signal_process(pid, capstan_process::Signal::KILL);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -190,8 +187,7 @@ mod tests {
 
     #[test]
     fn this_process_is_found_in_its_own_session() {
-        // SAFETY: getpid and getsid(0) cannot fail.
-        let (pid, sid) = unsafe { (libc::getpid(), libc::getsid(0)) };
+        let (pid, sid) = (capstan_process::own_pid(), capstan_process::own_session());
         assert!(processes().any(|p| p == (pid, sid)));
     }
 }

@@ -1,5 +1,6 @@
-//! Child processes that die with their parent: the one place where Capstan's crates set up a
-//! child between `fork` and `exec` (through `rustix`, no raw `libc`).
+//! Child processes that die with their parent, and the process and file-lock calls Capstan
+//! makes beyond std (signals to a process or a group, who we are, an exclusive `flock`): one
+//! place, through `rustix`, so the crates that use them need no `unsafe` and no raw `libc`.
 //!
 //! A command that Capstan starts for a run (a Nix evaluation, a Terraform provider) must not
 //! outlive the process that started it, even one killed with SIGKILL, which runs no cleanup:
@@ -14,7 +15,10 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
-use rustix::process::{set_parent_process_death_signal, Signal};
+use std::os::fd::AsFd;
+
+pub use rustix::process::Signal;
+use rustix::process::{set_parent_process_death_signal, Pid};
 
 /// Makes `command`'s child get SIGKILL when the thread that spawned it ends (its parent
 /// died), puts it in a process group of its own, and kills it when its `Child` is dropped.
@@ -28,6 +32,68 @@ pub fn dies_with_parent(command: &mut tokio::process::Command) -> &mut tokio::pr
         });
     }
     command
+}
+
+/// Sends `signal` to process group `pgid` (a group leader's pid); a group that is gone, or not
+/// a valid id, is left alone.
+pub fn signal_group(pgid: i32, signal: Signal) {
+    if let Some(pgid) = Pid::from_raw(pgid) {
+        let _ = rustix::process::kill_process_group(pgid, signal);
+    }
+}
+
+/// Whether any process is left in group `pgid` that we may signal.
+pub fn group_exists(pgid: i32) -> bool {
+    Pid::from_raw(pgid).is_some_and(|pgid| rustix::process::test_kill_process_group(pgid).is_ok())
+}
+
+/// Sends `signal` to process `pid`, if there is one.
+pub fn signal_process(pid: i32, signal: Signal) {
+    if let Some(pid) = Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, signal);
+    }
+}
+
+/// Whether process `pid` exists (ours to signal or not; a zombie counts).
+pub fn process_exists(pid: i32) -> bool {
+    let Some(pid) = Pid::from_raw(pid) else {
+        return false;
+    };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e != rustix::io::Errno::SRCH,
+    }
+}
+
+/// This process's id.
+pub fn own_pid() -> i32 {
+    rustix::process::getpid().as_raw_nonzero().get()
+}
+
+/// This process's session id.
+pub fn own_session() -> i32 {
+    rustix::process::getsid(None).map_or(0, |sid| sid.as_raw_nonzero().get())
+}
+
+/// The real user id this process runs as.
+pub fn own_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+/// Takes an exclusive `flock` on `file`: `Ok(false)` if someone else holds it and `wait` is
+/// false; with `wait`, blocks until it is ours.
+pub fn lock_exclusive(file: impl AsFd, wait: bool) -> std::io::Result<bool> {
+    use rustix::fs::FlockOperation;
+    let operation = if wait {
+        FlockOperation::LockExclusive
+    } else {
+        FlockOperation::NonBlockingLockExclusive
+    };
+    match rustix::fs::flock(file, operation) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) if !wait => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
@@ -49,5 +115,31 @@ mod tests {
             .parse()
             .expect("a pgid");
         assert_eq!(group, pid, "its own process group, led by itself");
+    }
+
+    #[test]
+    fn a_lock_is_refused_while_another_descriptor_holds_it() {
+        let dir = std::env::temp_dir().join(format!("capstan-process-lock-{}", own_pid()));
+        let first = std::fs::File::create(&dir).unwrap();
+        let second = std::fs::File::open(&dir).unwrap();
+        assert!(lock_exclusive(&first, false).unwrap());
+        assert!(
+            !lock_exclusive(&second, false).unwrap(),
+            "held by the first"
+        );
+        drop(first);
+        assert!(
+            lock_exclusive(&second, false).unwrap(),
+            "free once the first closed"
+        );
+        let _ = std::fs::remove_file(&dir);
+    }
+
+    #[test]
+    fn this_process_exists_in_a_session_of_its_own_and_a_made_up_one_does_not() {
+        assert!(process_exists(own_pid()));
+        assert!(!process_exists(i32::MAX - 1) || own_pid() == i32::MAX - 1);
+        assert!(own_session() > 0);
+        let _ = own_uid();
     }
 }

@@ -35,10 +35,8 @@ impl ProcessGroupGuard {
 impl Drop for ProcessGroupGuard {
     fn drop(&mut self) {
         if self.armed && self.pgid > 0 {
-            // SAFETY: signals the group this guard's command leads.
-            unsafe {
-                libc::kill(-self.pgid, libc::SIGKILL);
-            }
+            // The group this guard's command leads.
+            capstan_process::signal_group(self.pgid, capstan_process::Signal::KILL);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Where a provider's connections come from: a socket inherited by socket activation (from the
 //! Capstan host, or from systemd), or a socket path it listens on as a standing service.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -105,7 +105,7 @@ impl Endpoint {
                     // SAFETY: socket activation hands this process fd 3 to own, and nothing
                     // else in it has taken fd 3 (it was open before main).
                     let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
-                    set_cloexec(fd.as_raw_fd());
+                    set_cloexec(&fd);
                     return Ok(Endpoint::Inherited(fd));
                 }
             }
@@ -121,30 +121,15 @@ impl Endpoint {
     }
 }
 
-fn set_cloexec(fd: RawFd) {
-    // SAFETY: plain fcntl on a descriptor this process owns.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFD);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-        }
+fn set_cloexec(fd: &OwnedFd) {
+    use rustix::io::{fcntl_getfd, fcntl_setfd, FdFlags};
+    if let Ok(flags) = fcntl_getfd(fd) {
+        let _ = fcntl_setfd(fd, flags | FdFlags::CLOEXEC);
     }
 }
 
-fn is_listening(fd: RawFd) -> bool {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `value`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    rc == 0 && value != 0
+fn is_listening(fd: &OwnedFd) -> bool {
+    rustix::net::sockopt::socket_acceptconn(fd).unwrap_or(false)
 }
 
 /// Builds the RPC system for one connection, offering `bootstrap`.
@@ -227,11 +212,9 @@ fn bind_private(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
     let temporary = path.with_file_name(format!(".{name}.{}.binding", std::process::id()));
     let _ = std::fs::remove_file(&temporary);
     // Bind with a umask that leaves the socket 0600 from its first instant.
-    // SAFETY: umask only swaps the process's file-creation mask.
-    let old_mask = unsafe { libc::umask(0o177) };
+    let old_mask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(&temporary);
-    // SAFETY: as above, putting the previous mask back.
-    unsafe { libc::umask(old_mask) };
+    rustix::process::umask(old_mask);
     let listener = bound.map_err(io(format!("cannot listen at {}", path.display())))?;
     if let Err(e) = std::fs::rename(&temporary, path) {
         let _ = std::fs::remove_file(&temporary);
@@ -286,7 +269,7 @@ pub(crate) async fn serve_endpoint(
         });
     }
     match endpoint {
-        Endpoint::Inherited(fd) if is_listening(fd.as_raw_fd()) => {
+        Endpoint::Inherited(fd) if is_listening(&fd) => {
             let listener = std::os::unix::net::UnixListener::from(fd);
             listener
                 .set_nonblocking(true)
@@ -339,8 +322,5 @@ async fn wait_for_signal() {
 /// capnp-rpc's task reaper) can write to stdout. The protocol is on its own socket; stdout is
 /// never needed, and the host shows stderr as the provider's log.
 pub(crate) fn redirect_stdout_to_stderr() {
-    // SAFETY: dup2 on the process's standard descriptors.
-    unsafe {
-        libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
-    }
+    let _ = rustix::stdio::dup2_stdout(std::io::stderr());
 }

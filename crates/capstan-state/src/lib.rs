@@ -17,10 +17,11 @@
 //! damaged lines aside in a file of their own and keeps every intact record. Commands that only
 //! read use [`read_only`]: no lock, no writes, a consistent view even while a run appends.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -294,10 +295,8 @@ fn fsync_dir(dir: &Path) -> Result<(), StateError> {
 /// Who holds a lock, written into the lock file.
 pub(crate) fn holder_description() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let user = std::env::var("USER").unwrap_or_else(|_| {
-        // SAFETY: getuid cannot fail and touches no memory.
-        format!("uid {}", unsafe { libc::getuid() })
-    });
+    let user =
+        std::env::var("USER").unwrap_or_else(|_| format!("uid {}", capstan_process::own_uid()));
     let command: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
@@ -357,8 +356,7 @@ impl DirectoryBackend {
             let n = lock.read_at(&mut bytes, 0).unwrap_or(0);
             describe_holder(&String::from_utf8_lossy(&bytes[..n]))
         };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !capstan_process::lock_exclusive(&lock, false).map_err(io(&lock_path))? {
             let locked = || StateError::Locked {
                 dir: dir.to_path_buf(),
                 holder: holder(),
@@ -376,12 +374,7 @@ impl DirectoryBackend {
             std::thread::Builder::new()
                 .name("capstan-lock-wait".into())
                 .spawn(move || {
-                    // SAFETY: flock on a descriptor this thread owns.
-                    let locked = match unsafe { libc::flock(duplicate.as_raw_fd(), libc::LOCK_EX) }
-                    {
-                        0 => Ok(()),
-                        _ => Err(std::io::Error::last_os_error()),
-                    };
+                    let locked = capstan_process::lock_exclusive(&duplicate, true).map(drop);
                     let _ = got.send(locked);
                 })
                 .map_err(io(&lock_path))?;

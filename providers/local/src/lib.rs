@@ -11,6 +11,8 @@
 //! events; a non-zero exit is an error carrying the last lines. Parity with NixOps4's `local`
 //! provider.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -56,9 +58,7 @@ impl Drop for TempFile {
 /// Whether process `pid` runs: it exists and is not a zombie (a provider killed with its
 /// capstan stays one until something reaps it, which in a container may be never).
 fn process_running(pid: i32) -> bool {
-    // SAFETY: signal 0 only asks whether the process exists.
-    let exists = unsafe { libc::kill(pid, 0) } == 0
-        || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    let exists = capstan_process::process_exists(pid);
     if !exists {
         return false;
     }
