@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::plan::PlannedChange;
 
 /// Counts for the end of a run.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Summary {
     pub created: usize,
     pub updated: usize,
@@ -26,7 +26,7 @@ impl Summary {
 }
 
 /// What kind of failure ended an operation (`schema/events.schema.json` lists them).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// Reported by the provider: it will not work as asked.
@@ -62,52 +62,62 @@ impl From<capstan_schema::ErrorKind> for FailureKind {
 }
 
 /// One event. Field names are part of the JSON stream's contract: only ever add.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
+    /// The plan: one change per resource (before a run; during a run, what a later
+    /// evaluation of a deployment in Nix adds).
     Plan {
-        /// Shared with the run that follows, so a large plan is not copied to be shown.
+        // Shared with the run that follows, so a large plan is not copied to be shown.
         changes: std::rc::Rc<Vec<PlannedChange>>,
     },
+    /// An operation was recorded as started and sent to its provider.
     ResourceStart {
         address: String,
+        #[schemars(with = "OperationName")]
         operation: &'static str,
         provider: String,
         #[serde(rename = "resource_type")]
         resource_type: String,
     },
+    /// What the provider reported while the operation ran.
     ResourceProgress {
         address: String,
+        #[schemars(with = "OperationName")]
         operation: &'static str,
         progress: ProgressEvent,
     },
+    /// The operation succeeded, and its result is recorded.
     ResourceComplete {
         address: String,
+        #[schemars(with = "OperationName")]
         operation: &'static str,
         elapsed_seconds: f64,
         /// The resource's outputs (null after a delete).
         outputs: capstan_schema::Json,
     },
+    /// The operation failed (`kind` says how; the core never retries on its own).
     ResourceFailed {
         address: String,
+        #[schemars(with = "OperationName")]
         operation: &'static str,
         error: String,
         kind: FailureKind,
         details: String,
         elapsed_seconds: f64,
     },
+    /// The operation was not run: something it depends on did not succeed, or the run
+    /// stopped first.
     ResourceSkipped {
         address: String,
+        #[schemars(with = "OperationName")]
         operation: &'static str,
         reason: String,
         dependency: String,
     },
     /// A deployment written in Nix is being evaluated (stage 1 first; a stage again once
     /// outputs that deferred resources used exist).
-    EvaluationStart {
-        file: String,
-        stage: usize,
-    },
+    EvaluationStart { file: String, stage: usize },
     EvaluationComplete {
         file: String,
         stage: usize,
@@ -129,19 +139,76 @@ pub enum Event {
         /// The resources whose outputs it used before they existed.
         waits_for: Vec<String>,
     },
+    /// A line a provider process wrote outside any operation.
     ProviderLog {
         provider: String,
         stream: LogStream,
         line: String,
     },
-    Interrupted {
-        message: String,
-    },
+    /// The run was told to stop (a signal): operations in flight are being cancelled.
+    Interrupted { message: String },
+    /// The last event of a run: how many resources ended how.
     Summary {
         #[serde(flatten)]
         counts: Summary,
         elapsed_seconds: f64,
     },
+}
+
+/// The operation an event is about, as written in the stream (for the schema: the events
+/// carry it as text).
+#[derive(schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum OperationName {
+    Create,
+    Read,
+    Update,
+    Delete,
+    /// A read on an unchanged resource.
+    Noop,
+}
+
+/// The JSON Schema of the stream `--json` writes: one object per line, a `version` line first,
+/// then one per [`Event`], each with `type`, a monotonic `seq` and a `timestamp`. Derived from
+/// the types themselves (`schema/events.schema.json` is this, checked for drift by a test).
+pub fn stream_schema() -> serde_json::Value {
+    use serde_json::json;
+    // As the stream is written: a field left out when empty is not required.
+    let generator = schemars::generate::SchemaSettings::draft2020_12()
+        .for_serialize()
+        .into_generator();
+    let event = serde_json::to_value(generator.into_root_schema_for::<Event>()).unwrap_or_default();
+    let mut variants = event["oneOf"].as_array().cloned().unwrap_or_default();
+    variants.insert(
+        0,
+        json!({
+            "description": "The first line: the capstan that wrote the stream, the stream's version, and the command.",
+            "type": "object",
+            "required": ["type", "capstan", "ui", "command"],
+            "properties": {
+                "type": {"type": "string", "const": "version"},
+                "capstan": {"type": "string"},
+                "ui": {"type": "string", "description": "The stream's version: a minor version only adds fields and event types."},
+                "command": {"type": "string", "enum": ["plan", "apply", "destroy"]}
+            }
+        }),
+    );
+    json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://capstan.invalid/schema/events.schema.json",
+        "title": "Capstan JSON event stream (capstan plan|apply|destroy --json)",
+        "description": "Generated from the Rust types (capstan_engine::events::stream_schema); do not edit by hand. One JSON object per line on stdout. The first line is a `version` event. Every line has `type`, a monotonic `seq` (from 0) and a `timestamp` (seconds since the Unix epoch, fractional). Consumers must ignore fields and event types they do not know.",
+        "type": "object",
+        "required": ["type", "seq", "timestamp"],
+        "properties": {
+            "type": {"type": "string"},
+            "seq": {"type": "integer", "minimum": 0},
+            "timestamp": {"type": "number"}
+        },
+        "oneOf": variants,
+        "$defs": event["$defs"],
+    })
 }
 
 /// Where events go.
@@ -150,7 +217,9 @@ pub trait EventSink {
 }
 
 /// What a deferred item of a deployment in Nix is (see `crate::nix`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum DeferredKind {
     /// A resource whose inputs use outputs that do not exist yet.

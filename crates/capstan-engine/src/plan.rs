@@ -10,7 +10,7 @@ use crate::model::{Deployment, ModelError};
 use crate::state::State;
 
 /// What happens to one resource.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Create,
@@ -48,7 +48,7 @@ impl Action {
 }
 
 /// One resource's line in the plan.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct PlannedChange {
     pub address: String,
     pub action: Action,
@@ -84,7 +84,7 @@ pub struct PlannedChange {
 
 /// A provider's own plan for a create or update: the outputs it will make (those not known
 /// until it runs, and sensitive ones, shown as such), and whether it replaces the resource.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct ProviderPlanned {
     /// The outputs as planned: unknown ones null, sensitive ones `"(sensitive)"`.
     pub outputs: serde_json::Value,
@@ -98,7 +98,7 @@ pub struct ProviderPlanned {
 }
 
 /// What a replace deletes.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Replaced {
     pub provider: String,
     pub resource_type: String,

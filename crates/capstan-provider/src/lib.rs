@@ -80,6 +80,8 @@ pub use serve::{Endpoint, ServeError, LISTEN_ENV};
 
 /// Re-exported so provider code can name capabilities without depending on the schema crate.
 pub use capstan_schema;
+/// For `#[derive(JsonSchema)]` on inputs and outputs ([`ResourceType::inputs_from`]).
+pub use schemars;
 
 /// A provider: its name, version, resource types and limits. Build it, then [`serve`](Self::serve).
 pub struct Provider {

@@ -11,6 +11,38 @@ use serde::Serialize;
 
 use crate::Operation;
 
+/// The fields of `T`'s JSON object, in order, with their doc comments (on one line), and
+/// those that are required (deserializing) or always written (serializing).
+fn fields_of<T: schemars::JsonSchema>(
+    serializing: bool,
+) -> (Vec<(String, String)>, std::collections::BTreeSet<String>) {
+    let settings = schemars::generate::SchemaSettings::draft2020_12();
+    let settings = if serializing {
+        settings.for_serialize()
+    } else {
+        settings.for_deserialize()
+    };
+    let schema = settings.into_generator().into_root_schema_for::<T>();
+    let schema = schema.as_value();
+    let required = schema["required"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.as_str().map(str::to_string))
+        .collect();
+    let fields = schema["properties"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, property)| {
+            let description = property["description"].as_str().unwrap_or_default();
+            let one_line = description.split_whitespace().collect::<Vec<_>>().join(" ");
+            (name.clone(), one_line)
+        })
+        .collect();
+    (fields, required)
+}
+
 /// What a resource type looks like from outside: its name, inputs and outputs. Sent to the
 /// core in the handshake, so the core can check a deployment before anything runs.
 ///
@@ -60,6 +92,44 @@ impl ResourceType {
             description: description.into(),
             sensitive: false,
         });
+        self
+    }
+
+    /// The inputs, read from the type the deployment's inputs are deserialized into: each
+    /// field is an input (required unless it has a default or is an `Option`), described by its
+    /// doc comment, under the name serde reads it by. So the handshake cannot drift from what
+    /// the provider actually accepts.
+    ///
+    /// ```
+    /// # use capstan_provider::ResourceType;
+    /// #[derive(serde::Deserialize, schemars::JsonSchema)]
+    /// struct FileIn {
+    ///     /// Where the file goes
+    ///     path: String,
+    ///     /// Octal permission bits
+    ///     #[serde(default)]
+    ///     mode: Option<String>,
+    /// }
+    /// let file = ResourceType::new("file").inputs_from::<FileIn>();
+    /// ```
+    pub fn inputs_from<T: schemars::JsonSchema>(mut self) -> Self {
+        let (fields, required) = fields_of::<T>(false);
+        for (name, description) in fields {
+            self = if required.contains(&name) {
+                self.required(name, description)
+            } else {
+                self.optional(name, description)
+            };
+        }
+        self
+    }
+
+    /// The outputs, read from the type the outputs are serialized from: each field an
+    /// output, described by its doc comment.
+    pub fn outputs_from<T: schemars::JsonSchema>(mut self) -> Self {
+        for (name, description) in fields_of::<T>(true).0 {
+            self = self.output(name, description);
+        }
         self
     }
 
@@ -458,5 +528,70 @@ impl<R: Resource> ErasedResource for Erased<R> {
             })
         }
         .boxed_local()
+    }
+}
+
+#[cfg(test)]
+mod described_by_types {
+    use super::*;
+
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct In {
+        /// Where it goes,
+        /// over two lines
+        target_path: String,
+        /// How many
+        #[serde(default)]
+        count: u32,
+        /// Maybe
+        maybe: Option<String>,
+        #[serde(rename = "secretKey")]
+        /// A key
+        key: String,
+    }
+
+    #[derive(serde::Serialize, schemars::JsonSchema)]
+    struct Out {
+        /// Made
+        made: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    }
+
+    #[test]
+    fn inputs_and_outputs_come_from_the_types_with_their_names_and_docs() {
+        let t = ResourceType::new("t")
+            .inputs_from::<In>()
+            .outputs_from::<Out>()
+            .sensitive("secretKey");
+        let inputs: Vec<(&str, bool, &str, bool)> =
+            t.0.inputs
+                .iter()
+                .map(|i| {
+                    (
+                        i.name.as_str(),
+                        i.required,
+                        i.description.as_str(),
+                        i.sensitive,
+                    )
+                })
+                .collect();
+        assert_eq!(
+            inputs,
+            [
+                ("targetPath", true, "Where it goes, over two lines", false),
+                ("count", false, "How many", false),
+                ("maybe", false, "Maybe", false),
+                ("secretKey", true, "A key", true),
+            ]
+        );
+        let outputs: Vec<(&str, &str)> =
+            t.0.outputs
+                .iter()
+                .map(|o| (o.name.as_str(), o.description.as_str()))
+                .collect();
+        assert_eq!(outputs, [("made", "Made"), ("note", "")]);
     }
 }

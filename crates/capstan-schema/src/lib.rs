@@ -36,7 +36,9 @@ pub use trace::TraceContext;
 
 /// Which of the four operations is running. Written as "create", "read", "update" or
 /// "delete" wherever it is stored or shown (the journal, the event stream, flags).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum OperationKind {
     Create,

@@ -6,7 +6,19 @@ use serde::{Deserialize, Serialize};
 use crate::progress_capnp::{self, progress_item};
 
 /// Severity, in tracing's order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     Trace,
@@ -52,7 +64,7 @@ impl Level {
 }
 
 /// Where a raw log line came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogStream {
     Stdout,
@@ -79,7 +91,7 @@ impl LogStream {
 }
 
 /// One thing that happened during an operation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ProgressEvent {
     /// Provider clock, nanoseconds since the Unix epoch; 0 if unknown.
     pub time_unix_nanos: u64,
@@ -88,7 +100,7 @@ pub struct ProgressEvent {
 }
 
 /// What happened. Span ids are unique within one operation; span 0 is the operation itself.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ProgressKind {
     SpanStart {

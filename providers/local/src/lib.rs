@@ -18,6 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 
+use capstan_provider::schemars::{self, JsonSchema};
 use capstan_provider::{Operation, OperationError, Prior, Provider, Resource, ResourceType};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -101,18 +102,23 @@ async fn remove_stray_temps(path: &std::path::Path) {
 
 struct File;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct FileIn {
+    /// Where to write, relative to the deployment file's directory
     path: String,
+    /// The file's text
     content: String,
+    /// Permission bits in octal, e.g. "0644"
     #[serde(default)]
     mode: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 struct FileOut {
+    /// The absolute path written
     path: String,
+    /// The text written
     content: String,
 }
 
@@ -151,14 +157,8 @@ impl Resource for File {
     fn resource_type() -> ResourceType {
         ResourceType::new("file")
             .description("A file with the given content; deleting the resource removes it")
-            .required(
-                "path",
-                "Where to write, relative to the deployment file's directory",
-            )
-            .required("content", "The file's text")
-            .optional("mode", "Permission bits in octal, e.g. \"0644\"")
-            .output("path", "The absolute path written")
-            .output("content", "The text written")
+            .inputs_from::<FileIn>()
+            .outputs_from::<FileOut>()
             .stateful(true)
             .read_checks(true)
     }
@@ -290,24 +290,32 @@ impl Resource for File {
 
 struct Exec;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ExecIn {
+    /// The program, a path or a name on PATH
     command: String,
+    /// Arguments, a list of strings
     #[serde(default)]
     args: Vec<String>,
+    /// Extra environment variables, an object of strings
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// Text fed to the command's standard input
     #[serde(default)]
     stdin: Option<String>,
+    /// Working directory
     #[serde(default)]
     cwd: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 struct ExecOut {
+    /// Everything the command wrote to stdout, byte for byte (a command whose stdout is not
+    /// UTF-8 fails: pipe it through `base64`)
     stdout: String,
+    /// Its exit status (always 0 on success)
     exit_code: i32,
 }
 
@@ -318,16 +326,8 @@ impl Resource for Exec {
     fn resource_type() -> ResourceType {
         ResourceType::new("exec")
             .description("Runs a command; its output lines stream live; stdout is an output")
-            .required("command", "The program, a path or a name on PATH")
-            .optional("args", "Arguments, a list of strings")
-            .optional("env", "Extra environment variables, an object of strings")
-            .optional("stdin", "Text fed to the command's standard input")
-            .optional("cwd", "Working directory")
-            .output(
-                "stdout",
-                "Everything the command wrote to stdout, byte for byte (a command whose stdout is not UTF-8 fails: pipe it through `base64`)",
-            )
-            .output("exitCode", "Its exit status (always 0 on success)")
+            .inputs_from::<ExecIn>()
+            .outputs_from::<ExecOut>()
     }
 
     async fn create(&self, op: &Operation, inputs: ExecIn) -> Result<ExecOut, OperationError> {
@@ -392,9 +392,10 @@ impl Resource for Exec {
 
 struct Memo;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct MemoValue {
+    /// The value remembered: any JSON value
     value: Value,
 }
 
@@ -405,8 +406,8 @@ impl Resource for Memo {
     fn resource_type() -> ResourceType {
         ResourceType::new("memo")
             .description("Remembers a value in the deployment's state")
-            .required("value", "Any JSON value")
-            .output("value", "The value remembered")
+            .inputs_from::<MemoValue>()
+            .outputs_from::<MemoValue>()
             .stateful(true)
             // Nothing outside the state: what its inputs say is what there is.
             .read_checks(true)

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::process::Stdio;
 
+use capstan_provider::schemars::{self, JsonSchema};
 use capstan_provider::{
     LogStream, Operation, OperationError, Prior, Provider, Resource, ResourceType,
 };
@@ -198,26 +199,33 @@ fn strip_ansi(text: &str) -> String {
 
 struct Build;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct BuildIn {
+    /// A .nix file, relative to the deployment file
     #[serde(default)]
     file: Option<String>,
+    /// A Nix expression (instead of file)
     #[serde(default)]
     expr: Option<String>,
+    /// An attribute to build (-A)
     #[serde(default)]
     attr: Option<String>,
+    /// Extra nix-build arguments, e.g. ["--option", "substituters", ""]
     #[serde(default)]
     args: Vec<String>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 struct BuildOut {
+    /// The first output's store path
     out_path: String,
+    /// Every output's store path
     out_paths: Vec<String>,
-    /// The derivations built (`nix-instantiate`'s answer): what `read` compares to notice that
-    /// what is built changed while the inputs did not (the `.nix` file was edited).
+    /// The derivations built
+    // (`nix-instantiate`'s answer: what `read` compares to notice that what is built changed
+    // while the inputs did not, the `.nix` file was edited.)
     #[serde(default)]
     drv_paths: Vec<String>,
 }
@@ -343,16 +351,8 @@ impl Resource for Build {
                 "Builds a Nix file or expression with nix-build, showing Nix's progress live; \
                  a plan notices when what it builds changed (the file was edited)",
             )
-            .optional("file", "A .nix file, relative to the deployment file")
-            .optional("expr", "A Nix expression (instead of file)")
-            .optional("attr", "An attribute to build (-A)")
-            .optional(
-                "args",
-                "Extra nix-build arguments, e.g. [\"--option\", \"substituters\", \"\"]",
-            )
-            .output("outPath", "The first output's store path")
-            .output("outPaths", "Every output's store path")
-            .output("drvPaths", "The derivations built")
+            .inputs_from::<BuildIn>()
+            .outputs_from::<BuildOut>()
             .read_on_plan(true)
     }
 
@@ -439,19 +439,25 @@ fn error_summary(error: &str) -> String {
 
 struct Activate;
 
-#[derive(Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ActivateIn {
+    /// The profile, e.g. /nix/var/nix/profiles/system or a path of your own
     profile: String,
+    /// The store path to activate (e.g. a build's outPath)
     path: String,
+    /// The program inside the store path to run (default bin/activate)
     #[serde(default)]
     command: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 struct ActivateOut {
+    /// The profile's absolute path
     profile: String,
+    /// The store path activated
     path: String,
+    /// The profile generation created
     generation: String,
 }
 
@@ -611,12 +617,8 @@ impl Resource for Activate {
     fn resource_type() -> ResourceType {
         ResourceType::new("activate")
             .description("Points a Nix profile at a store path and runs its activation program; rolls back on failure")
-            .required("profile", "The profile, e.g. /nix/var/nix/profiles/system or a path of your own")
-            .required("path", "The store path to activate (e.g. a build's outPath)")
-            .optional("command", "The program inside the store path to run (default bin/activate)")
-            .output("profile", "The profile's absolute path")
-            .output("path", "The store path activated")
-            .output("generation", "The profile generation created")
+            .inputs_from::<ActivateIn>()
+            .outputs_from::<ActivateOut>()
             .stateful(true)
             .read_checks(true)
     }
