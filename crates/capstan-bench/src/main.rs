@@ -1123,7 +1123,9 @@ fn nix_log_lines_per_s(lines: usize) -> Option<f64> {
         r#"derivation {{ name = "capstan-bench-log"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin"; nonce = "{nonce}"; args = [ "-c" "i=0; while [ $i -lt {lines} ]; do echo log line $i; i=$((i+1)); done; mkdir $out" ]; }}"#
     );
     Some(local(async move {
-        let source = ProviderSource::Command(ProviderCommand::new(capstan, ["__provider", "nix"]));
+        use capstan_engine::run::{ProviderLauncher, Served};
+        let launcher = capstan_cli::served::SelfLauncher { program: capstan };
+        let source = ProviderSource::Command(launcher.command(Served::Builtin("nix")));
         let provider = ProviderConnection::launch("nix", &source, HostOptions::default(), None)
             .await
             .unwrap();

@@ -90,10 +90,13 @@ fn bridge_throughput(capstan: &Path, provider: &Path, count: usize, jobs: usize)
         .build()
         .unwrap();
     tokio::task::LocalSet::new().block_on(&runtime, async {
-        let source = capstan_host::ProviderSource::Command(capstan_host::ProviderCommand::new(
-            capstan,
-            ["__provider", "terraform", "--", provider.to_str().unwrap()],
-        ));
+        use capstan_engine::run::{ProviderLauncher, Served};
+        let launcher = capstan_cli::served::SelfLauncher {
+            program: capstan.to_path_buf(),
+        };
+        let source = capstan_host::ProviderSource::Command(
+            launcher.command(Served::Terraform { program: provider }),
+        );
         let bridge = capstan_host::ProviderConnection::launch(
             "null",
             &source,

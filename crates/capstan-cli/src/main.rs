@@ -91,7 +91,7 @@ enum Command {
     #[command(name = "__reaper", hide = true)]
     Reaper,
     /// Serve a built-in provider on the socket capstan passes in (used by capstan itself).
-    #[command(name = "__provider", hide = true, subcommand)]
+    #[command(name = served::SUBCOMMAND, hide = true, subcommand)]
     BuiltinProvider(served::BuiltinProvider),
 }
 

@@ -109,11 +109,12 @@ fn source(target: &Target) -> anyhow::Result<ProviderSource> {
     }
     if let Some(name) = &target.builtin {
         // Served by this very binary, out of process, as a deployment would run it.
-        let program = std::env::current_exe().context("cannot find the capstan executable")?;
-        return Ok(ProviderSource::Command(ProviderCommand::new(
-            program,
-            ["__provider", name.as_str()],
-        )));
+        use capstan_engine::run::{ProviderLauncher, Served};
+        let launcher = capstan_cli::served::SelfLauncher::current()
+            .context("cannot find the capstan executable")?;
+        return Ok(ProviderSource::Command(
+            launcher.command(Served::Builtin(name)),
+        ));
     }
     let Some((program, args)) = target.command.split_first() else {
         bail!("give the provider to run after `--`, or --socket PATH");
