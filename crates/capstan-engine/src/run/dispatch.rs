@@ -7,130 +7,140 @@ impl<'a> Driver<'a> {
     pub(super) fn step(&mut self, step: Step, work: &mut Work) {
         match step {
             Step::Prepare(i) => self.prepare(i, work),
-            Step::Record(i) => {
-                let Some(op) = self.ops.get(&i) else { return };
-                let intent = Record::Intent {
-                    address: self.changes[i].address.clone(),
-                    operation: op.operation,
-                    provider: op.provider.clone(),
-                    resource_type: op.resource_type.clone(),
-                    inputs: op.inputs.clone(),
-                    time: now_unix(),
-                };
-                let backend = self.backend.clone();
-                self.spawn(work, i, async move {
-                    match append_durably(&*backend, vec![intent]).await {
-                        Ok(()) => Done::Recorded(i),
-                        Err(e) => Done::Finished(i, Outcome::State(e)),
-                    }
-                });
-            }
-            Step::Call(i) if self.is_permit(i) => {
-                // Granted: the provider holds the slot until it gives the permit back.
-                let held: PermitGuard = Box::new(HeldPermit {
-                    node: i,
-                    asks: self.asks.clone(),
-                });
-                if let Some(Kid::Permit { reply }) = self.kids.get_mut(&i) {
-                    if let Some(reply) = reply.take() {
-                        if let Err(unsent) = reply.send(Ok(held)) {
-                            // Nobody waits for it any more (the ask was cancelled).
-                            drop(unsent);
-                            self.release_permit(i);
-                        }
-                    }
-                }
-            }
-            Step::Call(i) => {
-                let Some(op) = self.ops.get_mut(&i) else {
-                    return;
-                };
-                let Some(mut call) = op.call.take() else {
-                    return;
-                };
-                let info = op.connection.info().resource_type(&op.resource_type);
-                if info.is_some_and(|t| t.uses_scheduler) {
-                    call.scheduler = Some(Rc::new(OperationAsks {
-                        parent: i,
-                        asks: self.asks.clone(),
-                    }));
-                }
-                let address = self.changes[i].address.clone();
-                // Started means recorded: the intent is durable before anyone is told.
-                self.events.emit(Event::ResourceStart {
-                    address: address.clone(),
-                    operation: op.operation.as_str(),
-                    provider: op.provider.clone(),
-                    resource_type: call.resource_type.clone(),
-                });
-                // A provider whose settings refer to what this run makes gets them now, once,
-                // before its first operation (which waited for what they refer to).
-                let settings = self.late_config.get(&op.provider).map(|once| {
-                    let config = self
-                        .deployment
-                        .providers
-                        .get(&op.provider)
-                        .and_then(|d| recorded_settings(d, self.state))
-                        .unwrap_or_default();
-                    (once.clone(), config.to_string())
-                });
-                let failed_address = address.clone();
-                let observer =
-                    progress_observer(self.events.clone(), address, op.operation.as_str());
-                let connection = op.connection.clone();
-                self.spawn(work, i, async move {
-                    let started = Instant::now();
-                    if let Some((once, settings)) = settings {
-                        let configured = once
-                            .get_or_init(|| async {
-                                connection.configure(&settings).await.map(|_| ())
-                            })
-                            .await;
-                        if let Err(why) = configured {
-                            let error = OperationError::permanent(format!(
-                                "its provider's settings were not taken: {why}"
-                            ));
-                            let failed = CallError::Failed {
-                                address: failed_address,
-                                error,
-                            };
-                            return Done::Answered(i, Err(failed), 0.0);
-                        }
-                    }
-                    let result = connection.call(call, observer).await;
-                    Done::Answered(i, result, started.elapsed().as_secs_f64())
-                });
-            }
-            Step::Settle(i, stop) => {
-                let change = &self.changes[i];
-                // Its intent is in the journal, but it never reached its provider: settle it,
-                // so the next run does not ask anyone to check. (Not if an earlier run left it
-                // pending: that one still needs a check.)
-                let settle = self.ops.get(&i).is_some_and(|op| op.journaled())
-                    && change.interrupted.is_none();
-                let settled = settle.then(|| Record::Failed {
-                    address: change.address.clone(),
-                    operation: self
-                        .ops
-                        .get(&i)
-                        .map_or(OperationKind::Read, |op| op.operation),
-                    error: "not sent to its provider: the run stopped".into(),
-                });
-                let backend = self.backend.clone();
-                self.spawn(work, i, async move {
-                    if let Some(settled) = settled {
-                        if let Err(e) = append_durably(&*backend, vec![settled]).await {
-                            return Done::Finished(i, Outcome::State(e));
-                        }
-                    }
-                    Done::Settled(i, stop)
-                });
-            }
+            Step::Record(i) => self.record_intent(i, work),
+            Step::Call(i) if self.is_permit(i) => self.grant_permit(i),
+            Step::Call(i) => self.send_call(i, work),
+            Step::Settle(i, stop) => self.settle_unsent(i, stop, work),
             Step::Skipped(i, skip) => self.report_skip(i, skip),
             Step::Cancel(i) => {
                 self.cancel(i, work);
             }
         }
+    }
+
+    /// Journals the intent of node `i`'s operation.
+    fn record_intent(&mut self, i: NodeId, work: &mut Work) {
+        let Some(op) = self.ops.get(&i) else { return };
+        let intent = Record::Intent {
+            address: self.changes[i].address.clone(),
+            operation: op.operation,
+            provider: op.provider.clone(),
+            resource_type: op.resource_type.clone(),
+            inputs: op.inputs.clone(),
+            time: now_unix(),
+        };
+        let backend = self.backend.clone();
+        self.spawn(work, i, async move {
+            match append_durably(&*backend, vec![intent]).await {
+                Ok(()) => Done::Recorded(i),
+                Err(e) => Done::Finished(i, Outcome::State(e)),
+            }
+        });
+    }
+
+    /// Lends node `i`'s slot to the provider that asked for a permit: it holds it until it
+    /// gives the permit back.
+    fn grant_permit(&mut self, i: NodeId) {
+        let held: PermitGuard = Box::new(HeldPermit {
+            node: i,
+            asks: self.asks.clone(),
+        });
+        if let Some(Kid::Permit { reply }) = self.kids.get_mut(&i) {
+            if let Some(reply) = reply.take() {
+                if let Err(unsent) = reply.send(Ok(held)) {
+                    // Nobody waits for it any more (the ask was cancelled).
+                    drop(unsent);
+                    self.release_permit(i);
+                }
+            }
+        }
+    }
+
+    /// Sends node `i`'s operation to its provider (handing the provider its settings first,
+    /// if they wait for this run).
+    fn send_call(&mut self, i: NodeId, work: &mut Work) {
+        let Some(op) = self.ops.get_mut(&i) else {
+            return;
+        };
+        let Some(mut call) = op.call.take() else {
+            return;
+        };
+        let info = op.connection.info().resource_type(&op.resource_type);
+        if info.is_some_and(|t| t.uses_scheduler) {
+            call.scheduler = Some(Rc::new(OperationAsks {
+                parent: i,
+                asks: self.asks.clone(),
+            }));
+        }
+        let address = self.changes[i].address.clone();
+        // Started means recorded: the intent is durable before anyone is told.
+        self.events.emit(Event::ResourceStart {
+            address: address.clone(),
+            operation: op.operation.as_str(),
+            provider: op.provider.clone(),
+            resource_type: call.resource_type.clone(),
+        });
+        // A provider whose settings refer to what this run makes gets them now, once,
+        // before its first operation (which waited for what they refer to).
+        let settings = self.late_config.get(&op.provider).map(|once| {
+            let config = self
+                .deployment
+                .providers
+                .get(&op.provider)
+                .and_then(|d| recorded_settings(d, self.state))
+                .unwrap_or_default();
+            (once.clone(), config.to_string())
+        });
+        let failed_address = address.clone();
+        let observer = progress_observer(self.events.clone(), address, op.operation.as_str());
+        let connection = op.connection.clone();
+        self.spawn(work, i, async move {
+            let started = Instant::now();
+            if let Some((once, settings)) = settings {
+                let configured = once
+                    .get_or_init(|| async { connection.configure(&settings).await.map(|_| ()) })
+                    .await;
+                if let Err(why) = configured {
+                    let error = OperationError::permanent(format!(
+                        "its provider's settings were not taken: {why}"
+                    ));
+                    let failed = CallError::Failed {
+                        address: failed_address,
+                        error,
+                    };
+                    return Done::Answered(i, Err(failed), 0.0);
+                }
+            }
+            let result = connection.call(call, observer).await;
+            Done::Answered(i, result, started.elapsed().as_secs_f64())
+        });
+    }
+
+    /// Node `i` was dispatched but never sent (the run stopped).
+    fn settle_unsent(&mut self, i: NodeId, stop: Stop, work: &mut Work) {
+        let change = &self.changes[i];
+        // Its intent is in the journal, but it never reached its provider: settle it,
+        // so the next run does not ask anyone to check. (Not if an earlier run left it
+        // pending: that one still needs a check.)
+        let settle =
+            self.ops.get(&i).is_some_and(|op| op.journaled()) && change.interrupted.is_none();
+        let settled = settle.then(|| Record::Failed {
+            address: change.address.clone(),
+            operation: self
+                .ops
+                .get(&i)
+                .map_or(OperationKind::Read, |op| op.operation),
+            error: "not sent to its provider: the run stopped".into(),
+        });
+        let backend = self.backend.clone();
+        self.spawn(work, i, async move {
+            if let Some(settled) = settled {
+                if let Err(e) = append_durably(&*backend, vec![settled]).await {
+                    return Done::Finished(i, Outcome::State(e));
+                }
+            }
+            Done::Settled(i, stop)
+        });
     }
 
     /// What a dispatched node does: nothing (unchanged), fail at once (what it needs is
@@ -284,49 +294,8 @@ impl<'a> Driver<'a> {
                 FailureKind::InvalidInput,
             ));
         };
+        let inputs = self.inputs_of(&decl, &address)?;
         let state = &*self.state;
-        let lookup = |target: &str, output: &str| {
-            // Every finished resource's outputs are in the state by now.
-            state
-                .resources
-                .get(target)
-                .and_then(|r| r.outputs.get_raw(output))
-        };
-        if !decl.sensitive.is_empty() {
-            learn_sensitive(&decl, &self.options.secrets, &lookup);
-        }
-        let Some(inputs) = decl.resolve(&lookup) else {
-            // A dependency finished without the output: the provider broke its handshake's
-            // promise.
-            let missing: Vec<String> = decl
-                .refs
-                .iter()
-                .filter(|r| lookup(&r.address, &r.output).is_none())
-                .map(|r| format!("{}#{}", r.address, r.output))
-                .collect();
-            return Err(CoreFailure::new(
-                format!(
-                    "{address}: the outputs it refers to were not produced: {}",
-                    missing.join(", ")
-                ),
-                FailureKind::InvalidInput,
-            ));
-        };
-        // Inputs its provider marks sensitive are secrets from now on.
-        let marked = self
-            .providers
-            .connections
-            .get(&decl.provider)
-            .and_then(|c| c.info().resource_type(&decl.resource_type))
-            .is_some_and(|t| t.inputs.iter().any(|i| i.sensitive));
-        if marked {
-            learn_sensitive_inputs(
-                &inputs,
-                &self.providers.connections[&decl.provider],
-                &decl.resource_type,
-                &self.options.secrets,
-            );
-        }
         // The plan creates only what the state does not hold.
         debug_assert!(
             action != Action::Create || !state.resources.contains_key(&address),
@@ -351,74 +320,23 @@ impl<'a> Driver<'a> {
             && !reads_the_world
             && recorded.is_some_and(|r| r.inputs == inputs);
         let dependencies = decl.dependencies();
-        if let (true, false, Some(recorded)) = (unchanged, node.capability_source, recorded) {
-            let mut old = recorded.dependencies.clone();
-            let mut new = dependencies.clone();
-            old.sort();
-            new.sort();
-            // Where its secrets are, as known now (a value newly marked sensitive).
-            let sensitive = match self.providers.connections.get(&decl.provider) {
-                Some(connection) if !self.options.secrets.is_empty() => {
-                    let mut probe = recorded.clone();
-                    note_sensitive(&address, &mut probe, connection, &self.options.secrets);
-                    probe.sensitive
-                }
-                _ => recorded.sensitive.clone(),
-            };
-            if old == new && sensitive == recorded.sensitive {
-                self.summary.unchanged += 1;
-                obey(self.scheduler.end(i, End::Succeeded));
-                return Ok(None);
-            }
-            // Same inputs, new wiring (a `$ref` became an equal literal, or a `$cap` went) or
-            // newly known secrets: recorded, so deletes stay ordered and `state show` hides them.
-            let mut updated = recorded.clone();
-            updated.dependencies = dependencies;
-            updated.sensitive = sensitive;
-            let backend = self.backend.clone();
-            self.spawn(work, i, async move {
-                let done = Record::Done {
-                    address,
-                    state: updated.clone(),
-                };
-                let outcome = match append_durably(&*backend, vec![done]).await {
-                    Ok(()) => Outcome::Done {
-                        state: updated,
-                        handles: Vec::new(),
-                        counted: Action::Noop,
-                    },
-                    Err(e) => Outcome::State(e),
-                };
-                Done::Finished(i, outcome)
-            });
+        if unchanged
+            && !node.capability_source
+            && self.leave_alone(i, &address, &decl.provider, &dependencies, work)
+        {
             return Ok(None);
-        }
-        let mut capabilities = Vec::new();
-        for cap in &decl.capabilities {
-            let found = self
-                .handles
-                .get(&cap.address)
-                .and_then(|hs| hs.iter().find(|(n, _)| n == &cap.name))
-                .map(|(_, c)| c.clone());
-            match found {
-                Some(client) => capabilities.push((cap.input.clone(), client)),
-                None => {
-                    return Err(CoreFailure::new(
-                        format!(
-                            "{address}: `{}` returned no capability named `{}`",
-                            cap.address, cap.name
-                        ),
-                        FailureKind::InvalidInput,
-                    ))
-                }
-            }
         }
         let desired = Desired {
             provider: decl.provider.clone(),
             resource_type: decl.resource_type.clone(),
+            capabilities: self.capabilities_for(&decl, &address)?,
             inputs,
-            capabilities,
             dependencies,
+        };
+        let state = &*self.state;
+        let recorded = match action {
+            Action::Create => None,
+            _ => state.resources.get(&address),
         };
         let empty;
         let (operation, recorded) = match (action, unchanged, recorded) {
@@ -439,6 +357,137 @@ impl<'a> Driver<'a> {
         };
         self.op(&address, operation, recorded, Some(desired), was_pending)
             .map(Some)
+    }
+
+    /// `decl`'s inputs with every reference filled in from the state (every finished
+    /// resource's outputs are there by now); the secrets among them learned.
+    fn inputs_of(&self, decl: &ResourceDecl, address: &str) -> Result<Json, CoreFailure> {
+        let state = &*self.state;
+        let lookup = |target: &str, output: &str| {
+            state
+                .resources
+                .get(target)
+                .and_then(|r| r.outputs.get_raw(output))
+        };
+        if !decl.sensitive.is_empty() {
+            learn_sensitive(decl, &self.options.secrets, &lookup);
+        }
+        let Some(inputs) = decl.resolve(&lookup) else {
+            // A dependency finished without the output: the provider broke its handshake's
+            // promise.
+            let missing: Vec<String> = decl
+                .refs
+                .iter()
+                .filter(|r| lookup(&r.address, &r.output).is_none())
+                .map(|r| format!("{}#{}", r.address, r.output))
+                .collect();
+            return Err(CoreFailure::new(
+                format!(
+                    "{address}: the outputs it refers to were not produced: {}",
+                    missing.join(", ")
+                ),
+                FailureKind::InvalidInput,
+            ));
+        };
+        // Inputs its provider marks sensitive are secrets from now on.
+        if let Some(connection) = self.providers.connections.get(&decl.provider) {
+            let marked = connection
+                .info()
+                .resource_type(&decl.resource_type)
+                .is_some_and(|t| t.inputs.iter().any(|i| i.sensitive));
+            if marked {
+                learn_sensitive_inputs(
+                    &inputs,
+                    connection,
+                    &decl.resource_type,
+                    &self.options.secrets,
+                );
+            }
+        }
+        Ok(inputs)
+    }
+
+    /// A resource whose inputs are as recorded: nothing to ask its provider. If its wiring
+    /// changed (a `$ref` became an equal literal, a `$cap` went) or a value of it became known
+    /// as a secret, the record is updated, so deletes stay ordered and `state show` hides it.
+    /// `false` if the state records no such resource (nothing done).
+    fn leave_alone(
+        &mut self,
+        i: NodeId,
+        address: &str,
+        provider: &str,
+        dependencies: &[String],
+        work: &mut Work,
+    ) -> bool {
+        let Some(recorded) = self.state.resources.get(address) else {
+            return false;
+        };
+        let mut old = recorded.dependencies.clone();
+        let mut new = dependencies.to_vec();
+        old.sort();
+        new.sort();
+        // Where its secrets are, as known now (a value newly marked sensitive).
+        let sensitive = match self.providers.connections.get(provider) {
+            Some(connection) if !self.options.secrets.is_empty() => {
+                let mut probe = recorded.clone();
+                note_sensitive(address, &mut probe, connection, &self.options.secrets);
+                probe.sensitive
+            }
+            _ => recorded.sensitive.clone(),
+        };
+        if old == new && sensitive == recorded.sensitive {
+            self.summary.unchanged += 1;
+            obey(self.scheduler.end(i, End::Succeeded));
+            return true;
+        }
+        let mut updated = recorded.clone();
+        updated.dependencies = dependencies.to_vec();
+        updated.sensitive = sensitive;
+        let address = address.to_string();
+        let backend = self.backend.clone();
+        self.spawn(work, i, async move {
+            let done = Record::Done {
+                address,
+                state: updated.clone(),
+            };
+            let outcome = match append_durably(&*backend, vec![done]).await {
+                Ok(()) => Outcome::Done {
+                    state: updated,
+                    handles: Vec::new(),
+                    counted: Action::Noop,
+                },
+                Err(e) => Outcome::State(e),
+            };
+            Done::Finished(i, outcome)
+        });
+        true
+    }
+
+    /// The capabilities `decl` takes from other resources, by the input names it knows them
+    /// under.
+    fn capabilities_for(
+        &self,
+        decl: &ResourceDecl,
+        address: &str,
+    ) -> Result<Vec<(String, Handle)>, CoreFailure> {
+        decl.capabilities
+            .iter()
+            .map(|cap| {
+                self.handles
+                    .get(&cap.address)
+                    .and_then(|hs| hs.iter().find(|(n, _)| n == &cap.name))
+                    .map(|(_, c)| (cap.input.clone(), c.clone()))
+                    .ok_or_else(|| {
+                        CoreFailure::new(
+                            format!(
+                                "{address}: `{}` returned no capability named `{}`",
+                                cap.address, cap.name
+                            ),
+                            FailureKind::InvalidInput,
+                        )
+                    })
+            })
+            .collect()
     }
 }
 

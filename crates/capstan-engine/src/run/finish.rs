@@ -272,69 +272,16 @@ pub(super) async fn finish(
     elapsed: f64,
     outlets: Outlets,
 ) -> Done {
+    let success = match result {
+        Ok(success) => success,
+        Err(error) => return finish_failed(i, address, op, error, elapsed, outlets).await,
+    };
     let Outlets {
         backend,
         events,
         secrets,
     } = outlets;
     let verb = op.operation.as_str();
-    let success = match result {
-        Ok(success) => success,
-        Err(error) => {
-            let failure = failure(&address, error, op.was_pending);
-            // A create its provider reports failed may have made part of the resource: where
-            // its reads can tell, what it made is recorded (tainted: the next plan replaces it),
-            // so no side effect is left unknown to the state.
-            let made = if op.operation == OperationKind::Create && failure.settled {
-                made_anyway(&address, &op).await
-            } else {
-                None
-            };
-            let recorded = made.map(|outputs| {
-                let mut state = ResourceState {
-                    provider: op.provider.clone(),
-                    resource_type: op.resource_type.clone(),
-                    inputs: op.inputs.clone(),
-                    outputs,
-                    dependencies: op.dependencies.clone(),
-                    parent: op.parent.clone(),
-                    sensitive: Vec::new(),
-                    tainted: true,
-                };
-                note_sensitive(&address, &mut state, &op.connection, &secrets);
-                Box::new(state)
-            });
-            if op.journaled() && failure.settled {
-                let settle = match &recorded {
-                    Some(state) => Record::Done {
-                        address: address.clone(),
-                        state: (**state).clone(),
-                    },
-                    None => Record::Failed {
-                        address: address.clone(),
-                        operation: op.operation,
-                        error: failure.error.clone(),
-                    },
-                };
-                if let Err(e) = append_durably(&*backend, vec![settle]).await {
-                    return Done::Finished(i, Outcome::State(e));
-                }
-            }
-            let error = Box::new(
-                OperationError::new(error_kind(failure.kind), failure.error.clone())
-                    .with_details(failure.details.clone()),
-            );
-            events.emit(Event::ResourceFailed {
-                address,
-                operation: verb,
-                error: failure.error,
-                kind: failure.kind,
-                details: failure.details,
-                elapsed_seconds: elapsed,
-            });
-            return Done::Finished(i, Outcome::Failed { recorded, error });
-        }
-    };
     if op.operation == OperationKind::Delete {
         let deleted = Record::Deleted {
             address: address.clone(),
@@ -410,6 +357,76 @@ pub(super) async fn finish(
             counted,
         },
     )
+}
+
+/// Journals and reports a failed call: settled where the provider said it failed (with what
+/// a create made anyway, recorded tainted), left pending where nobody knows what it did.
+async fn finish_failed(
+    i: NodeId,
+    address: String,
+    op: Op,
+    error: CallError,
+    elapsed: f64,
+    outlets: Outlets,
+) -> Done {
+    let Outlets {
+        backend,
+        events,
+        secrets,
+    } = outlets;
+    let verb = op.operation.as_str();
+    let failure = failure(&address, error, op.was_pending);
+    // A create its provider reports failed may have made part of the resource: where
+    // its reads can tell, what it made is recorded (tainted: the next plan replaces it),
+    // so no side effect is left unknown to the state.
+    let made = if op.operation == OperationKind::Create && failure.settled {
+        made_anyway(&address, &op).await
+    } else {
+        None
+    };
+    let recorded = made.map(|outputs| {
+        let mut state = ResourceState {
+            provider: op.provider.clone(),
+            resource_type: op.resource_type.clone(),
+            inputs: op.inputs.clone(),
+            outputs,
+            dependencies: op.dependencies.clone(),
+            parent: op.parent.clone(),
+            sensitive: Vec::new(),
+            tainted: true,
+        };
+        note_sensitive(&address, &mut state, &op.connection, &secrets);
+        Box::new(state)
+    });
+    if op.journaled() && failure.settled {
+        let settle = match &recorded {
+            Some(state) => Record::Done {
+                address: address.clone(),
+                state: (**state).clone(),
+            },
+            None => Record::Failed {
+                address: address.clone(),
+                operation: op.operation,
+                error: failure.error.clone(),
+            },
+        };
+        if let Err(e) = append_durably(&*backend, vec![settle]).await {
+            return Done::Finished(i, Outcome::State(e));
+        }
+    }
+    let error = Box::new(
+        OperationError::new(error_kind(failure.kind), failure.error.clone())
+            .with_details(failure.details.clone()),
+    );
+    events.emit(Event::ResourceFailed {
+        address,
+        operation: verb,
+        error: failure.error,
+        kind: failure.kind,
+        details: failure.details,
+        elapsed_seconds: elapsed,
+    });
+    Done::Finished(i, Outcome::Failed { recorded, error })
 }
 
 /// After a create its provider reports failed: what the provider finds was made anyway, for

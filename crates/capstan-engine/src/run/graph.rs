@@ -9,6 +9,24 @@ pub(super) fn graph(
     state: &State,
     scheduler: &mut Scheduler,
 ) -> Vec<Node> {
+    let nodes = nodes(changes, deployment);
+    let mut edges = edges(changes, &nodes, deployment, state);
+    if changes.iter().any(|c| c.action == Action::Replace) {
+        replace_edges(changes, state, &mut edges);
+    }
+    scheduler.reserve(nodes.len());
+    for _ in &nodes {
+        obey(scheduler.add(&[]).map(drop));
+    }
+    for (waits, first) in edges {
+        obey(scheduler.depend(waits, first));
+    }
+    nodes
+}
+
+/// What the driver keeps per change: where it is declared, and whether another resource of
+/// the run takes a capability from it.
+fn nodes(changes: &[PlannedChange], deployment: &Deployment) -> Vec<Node> {
     // Resources some resource of this run takes a capability from (usually none).
     let capability_sources: BTreeSet<&str> = if deployment
         .resources
@@ -24,7 +42,7 @@ pub(super) fn graph(
     } else {
         BTreeSet::new()
     };
-    let nodes: Vec<Node> = changes
+    changes
         .iter()
         .map(|change| {
             let decl = match change.action {
@@ -46,8 +64,18 @@ pub(super) fn graph(
                 capability_source: capability_sources.contains(change.address.as_str()),
             }
         })
-        .collect();
-    drop(capability_sources);
+        .collect()
+}
+
+/// The edges as (waits, first): `waits` starts only after `first` is done. Creates and
+/// updates wait for what they depend on; deletes for the deletes of what depends on them; a
+/// delete of what a resource that stays used to depend on, for that resource's change.
+fn edges(
+    changes: &[PlannedChange],
+    nodes: &[Node],
+    deployment: &Deployment,
+    state: &State,
+) -> Vec<(usize, usize)> {
     // Edges as (waits, first): `waits` starts only after `first` is done.
     let mut edges: Vec<(usize, usize)> = Vec::with_capacity(nodes.len() * 2);
     // Declared dependencies are indices into the deployment; only deletes (and recorded
@@ -58,12 +86,7 @@ pub(super) fn graph(
             node_of_decl[d] = n;
         }
     }
-    let deletes: FastMap<&str, usize> = changes
-        .iter()
-        .enumerate()
-        .filter(|(_, change)| change.action == Action::Delete)
-        .map(|(n, change)| (change.address.as_str(), n))
-        .collect();
+    let deletes = deletes_of(changes);
     for (i, node) in nodes.iter().enumerate() {
         match node.decl() {
             // Creates and updates wait for what they depend on.
@@ -100,38 +123,43 @@ pub(super) fn graph(
             }
         }
     }
-    // A replace deletes first: what was recorded as depending on it (its children, say) and is
-    // deleted in this run goes before.
-    if changes.iter().any(|c| c.action == Action::Replace) {
-        let mut deleted_dependents: FastMap<&str, Vec<usize>> = FastMap::default();
-        for (&address, &j) in &deletes {
-            for dep in state
-                .resources
-                .get(address)
-                .iter()
-                .flat_map(|r| &r.dependencies)
+    edges
+}
+
+/// A replace deletes first: what was recorded as depending on it (its children, say) and is
+/// deleted in this run goes before.
+fn replace_edges(changes: &[PlannedChange], state: &State, edges: &mut Vec<(usize, usize)>) {
+    let deletes = deletes_of(changes);
+    let mut deleted_dependents: FastMap<&str, Vec<usize>> = FastMap::default();
+    for (&address, &j) in &deletes {
+        for dep in state
+            .resources
+            .get(address)
+            .iter()
+            .flat_map(|r| &r.dependencies)
+        {
+            deleted_dependents.entry(dep.as_str()).or_default().push(j);
+        }
+    }
+    for (i, change) in changes.iter().enumerate() {
+        if change.action == Action::Replace {
+            for &j in deleted_dependents
+                .get(change.address.as_str())
+                .into_iter()
+                .flatten()
             {
-                deleted_dependents.entry(dep.as_str()).or_default().push(j);
-            }
-        }
-        for (i, change) in changes.iter().enumerate() {
-            if change.action == Action::Replace {
-                for &j in deleted_dependents
-                    .get(change.address.as_str())
-                    .into_iter()
-                    .flatten()
-                {
-                    edges.push((i, j));
-                }
+                edges.push((i, j));
             }
         }
     }
-    scheduler.reserve(nodes.len());
-    for _ in &nodes {
-        obey(scheduler.add(&[]).map(drop));
-    }
-    for (waits, first) in edges {
-        obey(scheduler.depend(waits, first));
-    }
-    nodes
+}
+
+/// The node of each delete, by address.
+fn deletes_of(changes: &[PlannedChange]) -> FastMap<&str, usize> {
+    changes
+        .iter()
+        .enumerate()
+        .filter(|(_, change)| change.action == Action::Delete)
+        .map(|(n, change)| (change.address.as_str(), n))
+        .collect()
 }

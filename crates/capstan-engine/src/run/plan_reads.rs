@@ -124,6 +124,36 @@ pub async fn read_on_plan(
     timeout: Option<Duration>,
     refresh: bool,
 ) -> PlanReads {
+    let (updates, gone, warnings) = read_all(
+        changes, deployment, state, providers, jobs, timeout, refresh,
+    )
+    .await;
+    let mut reads = PlanReads {
+        warnings,
+        ..PlanReads::default()
+    };
+    let changing = plan_what_was_read(changes, updates, gone, &mut reads.gone);
+    if !changing.is_empty() {
+        wait_on_changing(changes, deployment, changing);
+    }
+    reads
+}
+
+/// What the reads found: the changes whose resource drifted (with the outputs that differ),
+/// those whose provider no longer finds it, and the reads that failed.
+type Found = (Vec<(usize, Vec<String>)>, Vec<usize>, Vec<String>);
+
+/// Reads, concurrently under `jobs`, every recorded resource that the plan must read.
+async fn read_all(
+    changes: &[PlannedChange],
+    deployment: &Deployment,
+    state: &State,
+    providers: &Providers,
+    jobs: usize,
+    timeout: Option<Duration>,
+    refresh: bool,
+) -> Found {
+    let mut warnings = Vec::new();
     // A provider configured only during the run cannot read yet.
     let late = config_late(deployment, state, changes);
     let reads = changes.iter().enumerate().filter_map(|(i, change)| {
@@ -164,7 +194,6 @@ pub async fn read_on_plan(
         })
     });
     let mut found = futures::stream::iter(reads).buffer_unordered(jobs.max(1));
-    let mut reads = PlanReads::default();
     let mut updates = Vec::new();
     let mut gone = Vec::new();
     while let Some((i, recorded, read, checks)) = found.next().await {
@@ -179,18 +208,29 @@ pub async fn read_on_plan(
             {
                 gone.push(i);
             }
-            Err(e) => reads.warnings.push(format!(
+            Err(e) => warnings.push(format!(
                 "could not read `{}` to see whether it changed ({e}); it is planned as if unread",
                 changes[i].address
             )),
         }
     }
     drop(found);
+    (updates, gone, warnings)
+}
+
+/// Turns what the reads found into the plan: gone is made again (or, for a delete, no longer
+/// deleted), drifted is updated. Returns the addresses that now change.
+fn plan_what_was_read(
+    changes: &mut Vec<PlannedChange>,
+    updates: Vec<(usize, Vec<String>)>,
+    gone: Vec<usize>,
+    gone_addresses: &mut Vec<String>,
+) -> std::collections::HashSet<String> {
     let mut changing: std::collections::HashSet<String> = Default::default();
     let mut drop_changes = Vec::new();
     for i in gone {
         let change = &mut changes[i];
-        reads.gone.push(change.address.clone());
+        gone_addresses.push(change.address.clone());
         if change.action == Action::Delete {
             // Nothing left to delete.
             drop_changes.push(i);
@@ -235,11 +275,16 @@ pub async fn read_on_plan(
             changes.remove(i);
         }
     }
-    if changing.is_empty() {
-        return reads;
-    }
-    // What refers to them may change with them: known only once they ran (the plan lists
-    // changes dependencies first, so one pass reaches every dependent).
+    changing
+}
+
+/// What refers to resources that now change may change with them: known only once they ran
+/// (the plan lists changes dependencies first, so one pass reaches every dependent).
+fn wait_on_changing(
+    changes: &mut [PlannedChange],
+    deployment: &Deployment,
+    mut changing: std::collections::HashSet<String>,
+) {
     for change in changes.iter_mut() {
         let Some(decl) = change
             .declared
@@ -267,5 +312,4 @@ pub async fn read_on_plan(
         }
         changing.insert(change.address.clone());
     }
-    reads
 }

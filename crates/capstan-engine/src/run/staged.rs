@@ -148,6 +148,27 @@ impl<'a> Driver<'a> {
             })
             .collect();
         drop(kept);
+        let mut shown = self.join(new, &parsed);
+        crate::plan::annotate(&mut shown, &self.providers.infos());
+        self.events.emit(Event::Plan {
+            changes: Rc::new(shown),
+        });
+        for d in &deferred {
+            self.events.emit(Event::Deferred {
+                address: d.address.clone(),
+                what: d.kind,
+                waits_for: d.waits_for.clone(),
+            });
+        }
+        if let Some(stages) = self.stages.as_mut() {
+            stages.deferred = deferred;
+        }
+    }
+
+    /// Adds what a later evaluation yields to the running scheduler: new resources as nodes
+    /// after what they depend on, stale members as deletes (each after what was recorded as
+    /// depending on it, as `graph` orders them at the start). Returns what joined, to show.
+    fn join(&mut self, new: Vec<PlannedChange>, parsed: &Deployment) -> Vec<PlannedChange> {
         let mut shown = Vec::with_capacity(new.len());
         let mut deletes: Vec<NodeId> = Vec::new();
         for mut change in new {
@@ -214,20 +235,7 @@ impl<'a> Driver<'a> {
                 obey(self.scheduler.depend(j, k));
             }
         }
-        crate::plan::annotate(&mut shown, &self.providers.infos());
-        self.events.emit(Event::Plan {
-            changes: Rc::new(shown),
-        });
-        for d in &deferred {
-            self.events.emit(Event::Deferred {
-                address: d.address.clone(),
-                what: d.kind,
-                waits_for: d.waits_for.clone(),
-            });
-        }
-        if let Some(stages) = self.stages.as_mut() {
-            stages.deferred = deferred;
-        }
+        shown
     }
 
     /// What is still deferred at the end never had what it waited for: reported as skipped
