@@ -195,16 +195,8 @@ fn direct_throughput(provider: &Path, count: usize, jobs: usize) -> f64 {
 }
 
 pub fn terraform_bench(json_output: bool, quick: bool) {
-    let exe = std::env::current_exe().unwrap();
-    let capstan = exe.with_file_name("capstan");
-    let cache = exe.parent().and_then(Path::parent).map_or_else(
-        || PathBuf::from("bench-terraform"),
-        |t| t.join("bench-terraform"),
-    );
-    std::fs::create_dir_all(&cache).unwrap();
-    let null = capstan_test_support::fetch::null_provider(&cache).unwrap_or_else(|e| panic!("{e}"));
-    let terraform =
-        capstan_test_support::fetch::terraform(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let capstan = std::env::current_exe().unwrap().with_file_name("capstan");
+    let (null, terraform) = fetched();
     let (chains, length) = if quick { (10, 10) } else { (100, 10) };
     let count = chains * length;
     let rounds = if quick { 1 } else { 5 };
@@ -213,23 +205,7 @@ pub fn terraform_bench(json_output: bool, quick: bool) {
         .and_then(|j| j.parse().ok())
         .unwrap_or(100);
     let work = tempfile::tempdir().unwrap();
-    // One binary, used by both: Terraform finds it through dev_overrides by its name.
-    let plugins = work.path().join("plugins");
-    std::fs::create_dir_all(&plugins).unwrap();
-    let provider = plugins.join("terraform-provider-null");
-    std::fs::copy(&null, &provider).unwrap();
-    let tfrc = work.path().join("cli.tfrc");
-    std::fs::write(
-        &tfrc,
-        format!(
-            "provider_installation {{\n  dev_overrides {{\n    \"hashicorp/null\" = \"{}\"\n  }}\n  direct {{}}\n}}\n",
-            plugins.display()
-        ),
-    )
-    .unwrap();
-    let tf_dir = work.path().join("terraform");
-    std::fs::create_dir_all(&tf_dir).unwrap();
-    std::fs::write(tf_dir.join("main.tf"), main_tf(chains, length)).unwrap();
+    let (provider, tf_dir, tfrc) = terraform_dir(work.path(), &null, chains, length);
     let tf_env = [
         ("TF_CLI_CONFIG_FILE", tfrc.to_str().unwrap()),
         ("TF_IN_AUTOMATION", "1"),
@@ -328,8 +304,56 @@ pub fn terraform_bench(json_output: bool, quick: bool) {
     });
     if json_output {
         println!("{figures}");
-        return;
+    } else {
+        print_table(&figures);
     }
+}
+
+/// A working directory where Terraform finds the null provider binary (copied in, by
+/// `dev_overrides`) and a configuration of `chains` chains of `length`: the provider's path,
+/// the configuration's directory and the CLI config file.
+fn terraform_dir(
+    work: &Path,
+    null: &Path,
+    chains: usize,
+    length: usize,
+) -> (PathBuf, PathBuf, PathBuf) {
+    // One binary, used by both: Terraform finds it through dev_overrides by its name.
+    let plugins = work.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let provider = plugins.join("terraform-provider-null");
+    std::fs::copy(null, &provider).unwrap();
+    let tfrc = work.join("cli.tfrc");
+    std::fs::write(
+        &tfrc,
+        format!(
+            "provider_installation {{\n  dev_overrides {{\n    \"hashicorp/null\" = \"{}\"\n  }}\n  direct {{}}\n}}\n",
+            plugins.display()
+        ),
+    )
+    .unwrap();
+    let tf_dir = work.join("terraform");
+    std::fs::create_dir_all(&tf_dir).unwrap();
+    std::fs::write(tf_dir.join("main.tf"), main_tf(chains, length)).unwrap();
+    (provider, tf_dir, tfrc)
+}
+
+/// The Terraform figures as a table, each beside Terraform's.
+fn print_table(figures: &serde_json::Value) {
+    let f = |key: &str| figures[key].as_f64().unwrap_or(f64::NAN);
+    let (jobs, count, length) = (
+        figures["jobs"].as_u64().unwrap_or(0),
+        figures["resources"].as_u64().unwrap_or(0),
+        figures["chain"].as_u64().unwrap_or(0),
+    );
+    let (tf_apply, apply) = (f("terraform_apply_s"), f("capstan_apply_s"));
+    let (tf_destroy, destroy) = (f("terraform_destroy_s"), f("capstan_destroy_s"));
+    let (tf_plan, plan) = (f("terraform_plan_s"), f("capstan_plan_s"));
+    let (bridge, engine, direct) = (
+        f("bridge_ops_per_s"),
+        f("apply_ops_per_s"),
+        f("direct_ops_per_s"),
+    );
     println!(
         "{:<58} {:>10}   goal",
         format!("measure (both: {jobs} operations at once)"),
@@ -373,4 +397,18 @@ pub fn terraform_bench(json_output: bool, quick: bool) {
         bridge / direct
     );
     println!("{:<58} {:>10.2}", "apply_vs_direct_ratio", engine / direct);
+}
+
+/// HashiCorp's null provider and Terraform, fetched once into the target directory.
+fn fetched() -> (PathBuf, PathBuf) {
+    let exe = std::env::current_exe().unwrap();
+    let cache = exe.parent().and_then(Path::parent).map_or_else(
+        || PathBuf::from("bench-terraform"),
+        |t| t.join("bench-terraform"),
+    );
+    std::fs::create_dir_all(&cache).unwrap();
+    let null = capstan_test_support::fetch::null_provider(&cache).unwrap_or_else(|e| panic!("{e}"));
+    let terraform =
+        capstan_test_support::fetch::terraform(&cache).unwrap_or_else(|e| panic!("{e}"));
+    (null, terraform)
 }

@@ -226,14 +226,8 @@ impl ProviderCmd {
 
 async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
     let inputs = parse_json("--inputs", &args.inputs)?;
-    let previous_inputs = match &args.previous_inputs {
-        Some(text) => Some(parse_json("--previous-inputs", text)?),
-        None => None,
-    };
-    let previous_outputs = match &args.previous_outputs {
-        Some(text) => Some(parse_json("--previous-outputs", text)?),
-        None => None,
-    };
+    let previous_inputs = optional_json("--previous-inputs", args.previous_inputs.as_deref())?;
+    let previous_outputs = optional_json("--previous-outputs", args.previous_outputs.as_deref())?;
     let kind = args.op;
     if kind != OperationKind::Create && previous_outputs.is_none() {
         bail!(
@@ -268,36 +262,17 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
     }
 
     // What the provider marks sensitive is hidden from every line this prints, unless asked.
-    let secrets = capstan_engine::secrets::Secrets::new();
     let info = provider
         .info()
         .resource_type(&args.resource_type)
         .cloned()
         .unwrap_or_default();
-    let sensitive_outputs: Vec<String> = info
-        .outputs
-        .iter()
-        .filter(|o| o.sensitive)
-        .map(|o| o.name.clone())
-        .collect();
-    if !args.show_sensitive {
-        crate::output::hide_in_messages(secrets.clone());
-        for input in info.inputs.iter().filter(|i| i.sensitive) {
-            for given in [Some(&inputs), previous_inputs.as_ref()]
-                .into_iter()
-                .flatten()
-            {
-                if let Some(v) = given.get(&input.name) {
-                    secrets.add_value(v);
-                }
-            }
-        }
-        for name in &sensitive_outputs {
-            if let Some(v) = previous_outputs.as_ref().and_then(|o| o.get(name)) {
-                secrets.add_value(v);
-            }
-        }
-    }
+    let (secrets, sensitive_outputs) = call_secrets(
+        &info,
+        &args,
+        [Some(&inputs), previous_inputs.as_ref()],
+        previous_outputs.as_ref(),
+    );
     // A type with sensitive outputs may print one before returning it: its progress is shown
     // once the result (and so the secret) is in.
     let hold = !args.show_sensitive && !sensitive_outputs.is_empty();
@@ -344,65 +319,13 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
             success.outputs = Json::from(outputs);
         }
     }
-    let held = std::mem::take(&mut *held.borrow_mut());
     let succeeded = outcome.is_ok();
-    if succeeded {
-        let mut renderer = renderer.borrow_mut();
-        for event in &held {
-            renderer.event(event);
-        }
-    } else if !held.is_empty() {
-        say!(
-            "  ({} progress event(s) not shown: this type's outputs are sensitive and it failed before returning them)",
-            held.len()
-        );
-    }
-    let code = match outcome {
-        Ok(success) => {
-            let mut handles = Vec::new();
-            for (name, handle) in &success.capabilities {
-                let described = describe_handle(handle).await;
-                handles.push(match described {
-                    Ok((kind, address, summary)) => {
-                        json!({"name": name, "kind": kind, "address": address, "summary": summary})
-                    }
-                    Err(e) => json!({"name": name, "error": e.to_string()}),
-                });
-            }
-            let mut out = stdout.borrow_mut();
-            if args.json {
-                out.line(&crate::output::scrubbed(json!({"type": "result", "ok": true, "outputs": success.outputs.value(), "capabilities": handles, "elapsed_seconds": elapsed.as_secs_f64()}).to_string()));
-            } else {
-                say!(
-                    "{} {} `{}` done in {:.2?}",
-                    kind.as_str(),
-                    args.resource_type,
-                    args.address,
-                    elapsed
-                );
-                for handle in &handles {
-                    say!("  capability {handle}");
-                }
-                out.line(&crate::output::scrubbed(serde_json::to_string_pretty(
-                    &success.outputs.value(),
-                )?));
-            }
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            if args.json {
-                let kind = error.kind().map(|k| k.as_str()).unwrap_or("provider");
-                stdout.borrow_mut().line(&crate::output::scrubbed(json!({"type": "result", "ok": false, "error": error.to_string(), "kind": kind}).to_string()));
-            }
-            say!("error: {error}");
-            if let CallError::Failed { error, .. } = &error {
-                if !error.details.is_empty() {
-                    say!("{}", error.details);
-                }
-            }
-            ExitCode::from(1)
-        }
-    };
+    show_held(
+        std::mem::take(&mut *held.borrow_mut()),
+        succeeded,
+        &renderer,
+    );
+    let code = report_outcome(outcome, &args, elapsed, &stdout).await;
     provider.shutdown().await;
     // The provider's stderr, once it has exited (its lines come on their own).
     for _ in 0..8 {
@@ -420,6 +343,116 @@ async fn call(args: CallArgs, stdout: Stdout) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(code)
+}
+
+/// The secrets of a call: the inputs (and recorded outputs) its type marks sensitive, hidden
+/// from every message from now on unless `--show-sensitive`; and the names of the outputs
+/// it marks.
+fn call_secrets(
+    info: &capstan_schema::ResourceTypeInfo,
+    args: &CallArgs,
+    given_inputs: [Option<&Value>; 2],
+    previous_outputs: Option<&Value>,
+) -> (Rc<capstan_engine::secrets::Secrets>, Vec<String>) {
+    let secrets = capstan_engine::secrets::Secrets::new();
+    let sensitive_outputs: Vec<String> = info
+        .outputs
+        .iter()
+        .filter(|o| o.sensitive)
+        .map(|o| o.name.clone())
+        .collect();
+    if !args.show_sensitive {
+        crate::output::hide_in_messages(secrets.clone());
+        for input in info.inputs.iter().filter(|i| i.sensitive) {
+            for given in given_inputs.into_iter().flatten() {
+                if let Some(v) = given.get(&input.name) {
+                    secrets.add_value(v);
+                }
+            }
+        }
+        for name in &sensitive_outputs {
+            if let Some(v) = previous_outputs.and_then(|o| o.get(name)) {
+                secrets.add_value(v);
+            }
+        }
+    }
+    (secrets, sensitive_outputs)
+}
+
+/// A flag's JSON, if given.
+fn optional_json(flag: &str, text: Option<&str>) -> anyhow::Result<Option<Value>> {
+    text.map(|text| parse_json(flag, text)).transpose()
+}
+
+/// The progress held back while a type with sensitive outputs ran: shown once it returned
+/// them, counted only if it failed first.
+fn show_held(held: Vec<ProgressEvent>, succeeded: bool, renderer: &RefCell<Renderer>) {
+    if succeeded {
+        let mut renderer = renderer.borrow_mut();
+        for event in &held {
+            renderer.event(event);
+        }
+    } else if !held.is_empty() {
+        say!(
+            "  ({} progress event(s) not shown: this type's outputs are sensitive and it failed before returning them)",
+            held.len()
+        );
+    }
+}
+
+/// Prints what a call returned (outputs on stdout, the rest on stderr) and says how it went.
+async fn report_outcome(
+    outcome: Result<capstan_host::OperationSuccess, CallError>,
+    args: &CallArgs,
+    elapsed: std::time::Duration,
+    stdout: &Rc<RefCell<Stdout>>,
+) -> ExitCode {
+    match outcome {
+        Ok(success) => {
+            let mut handles = Vec::new();
+            for (name, handle) in &success.capabilities {
+                let described = describe_handle(handle).await;
+                handles.push(match described {
+                    Ok((kind, address, summary)) => {
+                        json!({"name": name, "kind": kind, "address": address, "summary": summary})
+                    }
+                    Err(e) => json!({"name": name, "error": e.to_string()}),
+                });
+            }
+            let mut out = stdout.borrow_mut();
+            if args.json {
+                out.line(&crate::output::scrubbed(json!({"type": "result", "ok": true, "outputs": success.outputs.value(), "capabilities": handles, "elapsed_seconds": elapsed.as_secs_f64()}).to_string()));
+            } else {
+                say!(
+                    "{} {} `{}` done in {:.2?}",
+                    args.op.as_str(),
+                    args.resource_type,
+                    args.address,
+                    elapsed
+                );
+                for handle in &handles {
+                    say!("  capability {handle}");
+                }
+                let pretty =
+                    serde_json::to_string_pretty(&success.outputs.value()).unwrap_or_default();
+                out.line(&crate::output::scrubbed(pretty));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            if args.json {
+                let kind = error.kind().map(|k| k.as_str()).unwrap_or("provider");
+                stdout.borrow_mut().line(&crate::output::scrubbed(json!({"type": "result", "ok": false, "error": error.to_string(), "kind": kind}).to_string()));
+            }
+            say!("error: {error}");
+            if let CallError::Failed { error, .. } = &error {
+                if !error.details.is_empty() {
+                    say!("{}", error.details);
+                }
+            }
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Turns progress into lines a person can follow (on stderr), or JSON lines (on stdout).

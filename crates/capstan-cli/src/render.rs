@@ -144,77 +144,7 @@ impl HumanEvents {
             ($($arg:tt)*) => { out.push(format!($($arg)*)) };
         }
         match event {
-            Event::Plan { changes } => {
-                let count = |a: Action| changes.iter().filter(|c| c.action == a).count();
-                let replace = match count(Action::Replace) {
-                    0 => String::new(),
-                    n => format!(", {n} to replace"),
-                };
-                put!(
-                    "Plan: {} to create, {} to update, {} to delete{replace}, {} unchanged.",
-                    count(Action::Create),
-                    count(Action::Update),
-                    count(Action::Delete),
-                    count(Action::Noop)
-                );
-                for change in changes
-                    .iter()
-                    .filter(|c| c.action != Action::Noop || self.verbose > 0)
-                {
-                    let replaced = change
-                        .planned
-                        .as_ref()
-                        .is_some_and(|p| !p.replace.is_empty());
-                    let (sign, code) = match change.action {
-                        Action::Update if replaced => ("-/+", "35"),
-                        Action::Create => ("+", "32"),
-                        Action::Update => ("~", "33"),
-                        Action::Delete => ("-", "31"),
-                        Action::Noop => ("=", "2"),
-                        Action::Replace => ("-/+", "35"),
-                    };
-                    let mut line = format!(
-                        "  {} {} ({}.{})",
-                        self.paint(code, sign),
-                        change.address,
-                        change.provider,
-                        change.resource_type
-                    );
-                    if !change.changed_inputs.is_empty() {
-                        line.push_str(&format!("  changed: {}", change.changed_inputs.join(", ")));
-                    }
-                    if !change.waits_on.is_empty() {
-                        line.push_str(&format!(
-                            "  (inputs known after {})",
-                            change.waits_on.join(", ")
-                        ));
-                    }
-                    if let Some(note) = &change.note {
-                        line.push_str(&format!("  ({note})"));
-                    }
-                    if let Some(op) = &change.interrupted {
-                        line.push_str(&format!("  [an earlier {op} was interrupted]"));
-                    }
-                    if let Some(planned) = change.planned.as_ref().filter(|p| !p.replace.is_empty())
-                    {
-                        line.push_str(&format!(
-                            "  (replaced: changing {} forces a new resource)",
-                            planned
-                                .replace
-                                .iter()
-                                .map(|p| format!("`{p}`"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ));
-                    }
-                    put!("{line}");
-                    if let Some(planned) = &change.planned {
-                        for line in planned_outputs(planned) {
-                            put!("      {line}");
-                        }
-                    }
-                }
-            }
+            Event::Plan { changes } => self.plan_lines(&changes, &mut out),
             Event::ResourceStart { .. } if live => {}
             Event::ResourceStart {
                 address, operation, ..
@@ -223,38 +153,7 @@ impl HumanEvents {
             }
             Event::ResourceProgress {
                 address, progress, ..
-            } => match progress.kind {
-                ProgressKind::Log { line, .. } => {
-                    put!("  {} {line}", self.paint("2", &format!("{address} │")))
-                }
-                ProgressKind::Event { level, message, .. }
-                    if (level >= Level::Info && !live) || self.verbose > 0 =>
-                {
-                    put!(
-                        "  {} {}: {message}",
-                        self.paint("2", &format!("{address} │")),
-                        level.as_str()
-                    );
-                }
-                ProgressKind::Phase { name, .. } if !live => {
-                    put!("  {} {name}", self.paint("2", &format!("{address} ▸")))
-                }
-                ProgressKind::Counter {
-                    done,
-                    expected,
-                    unit,
-                    ..
-                } if self.verbose > 0 => {
-                    put!(
-                        "  {} {done}/{expected} {unit}",
-                        self.paint("2", &format!("{address} ▸"))
-                    );
-                }
-                ProgressKind::SpanStart { name, .. } if self.verbose > 1 => {
-                    put!("  {} ▶ {name}", self.paint("2", &format!("{address} │")))
-                }
-                _ => {}
-            },
+            } => self.progress_lines(&address, progress.kind, live, &mut out),
             Event::ResourceComplete {
                 address,
                 operation,
@@ -350,6 +249,120 @@ impl HumanEvents {
             }
         }
         out
+    }
+
+    /// The plan: counts, then a line per change (unchanged ones with -v).
+    fn plan_lines(&self, changes: &[capstan_engine::plan::PlannedChange], out: &mut Vec<String>) {
+        macro_rules! put {
+            ($($arg:tt)*) => { out.push(format!($($arg)*)) };
+        }
+        let count = |a: Action| changes.iter().filter(|c| c.action == a).count();
+        let replace = match count(Action::Replace) {
+            0 => String::new(),
+            n => format!(", {n} to replace"),
+        };
+        put!(
+            "Plan: {} to create, {} to update, {} to delete{replace}, {} unchanged.",
+            count(Action::Create),
+            count(Action::Update),
+            count(Action::Delete),
+            count(Action::Noop)
+        );
+        for change in changes
+            .iter()
+            .filter(|c| c.action != Action::Noop || self.verbose > 0)
+        {
+            let replaced = change
+                .planned
+                .as_ref()
+                .is_some_and(|p| !p.replace.is_empty());
+            let (sign, code) = match change.action {
+                Action::Update if replaced => ("-/+", "35"),
+                Action::Create => ("+", "32"),
+                Action::Update => ("~", "33"),
+                Action::Delete => ("-", "31"),
+                Action::Noop => ("=", "2"),
+                Action::Replace => ("-/+", "35"),
+            };
+            let mut line = format!(
+                "  {} {} ({}.{})",
+                self.paint(code, sign),
+                change.address,
+                change.provider,
+                change.resource_type
+            );
+            if !change.changed_inputs.is_empty() {
+                line.push_str(&format!("  changed: {}", change.changed_inputs.join(", ")));
+            }
+            if !change.waits_on.is_empty() {
+                line.push_str(&format!(
+                    "  (inputs known after {})",
+                    change.waits_on.join(", ")
+                ));
+            }
+            if let Some(note) = &change.note {
+                line.push_str(&format!("  ({note})"));
+            }
+            if let Some(op) = &change.interrupted {
+                line.push_str(&format!("  [an earlier {op} was interrupted]"));
+            }
+            if let Some(planned) = change.planned.as_ref().filter(|p| !p.replace.is_empty()) {
+                line.push_str(&format!(
+                    "  (replaced: changing {} forces a new resource)",
+                    planned
+                        .replace
+                        .iter()
+                        .map(|p| format!("`{p}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            put!("{line}");
+            if let Some(planned) = &change.planned {
+                for line in planned_outputs(planned) {
+                    put!("      {line}");
+                }
+            }
+        }
+    }
+
+    /// A provider's progress report, as far as it is shown in this mode.
+    fn progress_lines(&self, address: &str, kind: ProgressKind, live: bool, out: &mut Vec<String>) {
+        macro_rules! put {
+            ($($arg:tt)*) => { out.push(format!($($arg)*)) };
+        }
+        match kind {
+            ProgressKind::Log { line, .. } => {
+                put!("  {} {line}", self.paint("2", &format!("{address} │")))
+            }
+            ProgressKind::Event { level, message, .. }
+                if (level >= Level::Info && !live) || self.verbose > 0 =>
+            {
+                put!(
+                    "  {} {}: {message}",
+                    self.paint("2", &format!("{address} │")),
+                    level.as_str()
+                );
+            }
+            ProgressKind::Phase { name, .. } if !live => {
+                put!("  {} {name}", self.paint("2", &format!("{address} ▸")))
+            }
+            ProgressKind::Counter {
+                done,
+                expected,
+                unit,
+                ..
+            } if self.verbose > 0 => {
+                put!(
+                    "  {} {done}/{expected} {unit}",
+                    self.paint("2", &format!("{address} ▸"))
+                );
+            }
+            ProgressKind::SpanStart { name, .. } if self.verbose > 1 => {
+                put!("  {} ▶ {name}", self.paint("2", &format!("{address} │")))
+            }
+            _ => {}
+        }
     }
 }
 

@@ -87,50 +87,8 @@ pub async fn state_cmd(
         StateCmd::Show {
             address,
             show_sensitive,
-        } => {
-            let state = look(&place)?;
-            match state.resources.get(&address) {
-                Some(r) if show_sensitive => stdout.line(&pretty(r)),
-                Some(r) => {
-                    let mut value = serde_json::to_value(r).unwrap_or_default();
-                    capstan_engine::secrets::redact_at(&mut value, &r.sensitive);
-                    // Secrets of other resources that this one holds too.
-                    let secrets = capstan_engine::secrets::Secrets::default();
-                    capstan_engine::secrets::learn(&secrets, &state, None);
-                    for key in ["inputs", "outputs"] {
-                        if let Some(v) = value.get_mut(key) {
-                            secrets.redact_value(v);
-                        }
-                    }
-                    stdout.line(&serde_json::to_string_pretty(&value).unwrap_or_default());
-                }
-                None => return Err(no_resource(&address)),
-            }
-        }
-        StateCmd::Pending { json } => {
-            let state = look(&place)?;
-            if json {
-                let list: Vec<_> = state
-                    .pending
-                    .iter()
-                    .map(|(address, op)| {
-                        json!({"address": address, "operation": op.operation, "provider": op.provider,
-                               "type": op.resource_type, "started": rfc3339(op.started)})
-                    })
-                    .collect();
-                stdout.line(&serde_json::Value::Array(list).to_string());
-            } else {
-                for (address, op) in &state.pending {
-                    stdout.line(&format!(
-                        "{address}\t{}\t{}.{}\tstarted {}",
-                        op.operation,
-                        op.provider,
-                        op.resource_type,
-                        rfc3339(op.started)
-                    ));
-                }
-            }
-        }
+        } => show(&look(&place)?, &address, show_sensitive, &mut stdout)?,
+        StateCmd::Pending { json } => pending(&look(&place)?, json, &mut stdout),
         StateCmd::Resolve { address, lock } => {
             let (backend, state) = change(&dir, &lock)?;
             if !state.pending.contains_key(&address) {
@@ -192,6 +150,58 @@ pub async fn state_cmd(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `state show ADDRESS`: the resource as recorded, its secrets hidden unless asked.
+fn show(
+    state: &State,
+    address: &str,
+    show_sensitive: bool,
+    stdout: &mut Stdout,
+) -> Result<(), CliError> {
+    match state.resources.get(address) {
+        Some(r) if show_sensitive => stdout.line(&pretty(r)),
+        Some(r) => {
+            let mut value = serde_json::to_value(r).unwrap_or_default();
+            capstan_engine::secrets::redact_at(&mut value, &r.sensitive);
+            // Secrets of other resources that this one holds too.
+            let secrets = capstan_engine::secrets::Secrets::default();
+            capstan_engine::secrets::learn(&secrets, state, None);
+            for key in ["inputs", "outputs"] {
+                if let Some(v) = value.get_mut(key) {
+                    secrets.redact_value(v);
+                }
+            }
+            stdout.line(&serde_json::to_string_pretty(&value).unwrap_or_default());
+        }
+        None => return Err(no_resource(address)),
+    }
+    Ok(())
+}
+
+/// `state pending`: the operations interrupted in an earlier run.
+fn pending(state: &State, json: bool, stdout: &mut Stdout) {
+    if json {
+        let list: Vec<_> = state
+            .pending
+            .iter()
+            .map(|(address, op)| {
+                json!({"address": address, "operation": op.operation, "provider": op.provider,
+                       "type": op.resource_type, "started": rfc3339(op.started)})
+            })
+            .collect();
+        stdout.line(&serde_json::Value::Array(list).to_string());
+    } else {
+        for (address, op) in &state.pending {
+            stdout.line(&format!(
+                "{address}\t{}\t{}.{}\tstarted {}",
+                op.operation,
+                op.provider,
+                op.resource_type,
+                rfc3339(op.started)
+            ));
+        }
+    }
 }
 
 fn no_resource(address: &str) -> CliError {

@@ -24,6 +24,9 @@
 
 #![forbid(unsafe_code)]
 
+mod info;
+mod logs;
+mod startup;
 mod tls;
 
 pub mod bridge;
@@ -38,6 +41,10 @@ use std::time::Duration;
 use capstan_schema::info::{InputInfo, OutputInfo};
 use capstan_schema::{ProviderInfo, ResourceTypeInfo};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+
+pub use info::{provider_info, schema_version};
+pub use logs::{Channel, LogLine, LogSink};
+pub use startup::{Handshake, StartOptions};
 
 /// go-plugin's magic cookie for Terraform providers: without it a provider prints a message for
 /// humans and exits.
@@ -124,338 +131,26 @@ pub enum TerraformError {
     },
 }
 
-/// go-plugin's handshake line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Handshake {
-    pub core_version: String,
-    pub protocol: String,
-    pub network: String,
-    pub address: String,
-    pub server_cert: String,
-}
-
-impl Handshake {
-    /// Reads `CORE|APP|NETWORK|ADDRESS|PROTOCOL|CERT` (the certificate may be absent).
-    pub fn parse(line: &str) -> Option<Handshake> {
-        let fields: Vec<&str> = line.trim().split('|').collect();
-        if !(5..=6).contains(&fields.len()) || fields[0] != "1" || fields[4] != "grpc" {
-            return None;
-        }
-        Some(Handshake {
-            core_version: fields[0].to_string(),
-            protocol: fields[1].to_string(),
-            network: fields[2].to_string(),
-            address: fields[3].to_string(),
-            server_cert: fields.get(5).unwrap_or(&"").to_string(),
-        })
-    }
-}
-
-/// Where a plugin's output came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Channel {
-    /// Its stderr (Terraform providers log there, in hclog's JSON or in plain lines).
-    Stderr,
-    /// go-plugin's `GRPCStdio` stream: what the plugin's own code wrote to stdout or stderr.
-    StdioOut,
-    StdioErr,
-}
-
-/// One line a plugin wrote, read as a log line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LogLine {
-    pub channel: Channel,
-    /// `trace`, `debug`, `info`, `warn` or `error`, when the line says (hclog's JSON
-    /// `@level`, or a `[DEBUG]`-style prefix).
-    pub level: Option<&'static str>,
-    /// The message (hclog's `@message`, or the whole line).
-    pub message: String,
-    /// The resource type it is about, when the line says (`tf_resource_type`).
-    pub resource_type: Option<String>,
-}
-
-impl LogLine {
-    /// Reads one line of a plugin's output.
-    pub fn parse(channel: Channel, line: &str) -> LogLine {
-        let line = line.trim_end();
-        if let Ok(serde_json::Value::Object(o)) = serde_json::from_str::<serde_json::Value>(line) {
-            if let Some(message) = o.get("@message").and_then(|m| m.as_str()) {
-                return LogLine {
-                    channel,
-                    level: o.get("@level").and_then(|l| l.as_str()).and_then(level),
-                    message: message.to_string(),
-                    resource_type: o
-                        .get("tf_resource_type")
-                        .and_then(|t| t.as_str())
-                        .map(str::to_string),
-                };
-            }
-        }
-        let bracketed = line.find('[').and_then(|start| {
-            let end = start + line[start..].find(']')?;
-            level(&line[start + 1..end])
-        });
-        LogLine {
-            channel,
-            level: bracketed,
-            message: line.to_string(),
-            resource_type: None,
-        }
-    }
-}
-
-fn level(name: &str) -> Option<&'static str> {
-    Some(match name.to_ascii_lowercase().as_str() {
-        "trace" => "trace",
-        "debug" => "debug",
-        "info" => "info",
-        "warn" | "warning" => "warn",
-        "error" => "error",
-        _ => return None,
-    })
-}
-
-/// Where a plugin's log lines go (called from the tasks that read them).
-pub type LogSink = std::sync::Arc<dyn Fn(LogLine) + Send + Sync>;
-
-/// How to start a plugin.
-#[derive(Clone)]
-pub struct StartOptions {
-    /// How long to wait for the handshake line.
-    pub timeout: Duration,
-    /// AutoMTLS: offer a client certificate (the plugin then serves TLS). Without it, plain
-    /// gRPC, as go-plugin does without AutoMTLS.
-    pub mtls: bool,
-    /// Where its output goes; without a sink it is read and dropped.
-    pub logs: Option<LogSink>,
-    /// Extra environment for the plugin.
-    pub env: Vec<(String, String)>,
-}
-
-impl Default for StartOptions {
-    fn default() -> Self {
-        StartOptions {
-            timeout: Duration::from_secs(30),
-            mtls: true,
-            logs: None,
-            env: Vec::new(),
-        }
-    }
-}
-
 /// A running Terraform provider: its process and a gRPC channel to it.
 pub struct Plugin {
-    program: PathBuf,
+    pub(crate) program: PathBuf,
     /// Its exit status, once it exited.
-    exit: tokio::sync::watch::Receiver<Option<String>>,
+    pub(crate) exit: tokio::sync::watch::Receiver<Option<String>>,
     /// Kills it.
-    kill: std::sync::Arc<tokio::sync::Notify>,
+    pub(crate) kill: std::sync::Arc<tokio::sync::Notify>,
     /// Whether [`Plugin::shutdown`] was called (its exit is then expected).
-    shutting_down: std::sync::atomic::AtomicBool,
-    channel: tonic::transport::Channel,
+    pub(crate) shutting_down: std::sync::atomic::AtomicBool,
+    pub(crate) channel: tonic::transport::Channel,
     pub handshake: Handshake,
     /// The protocol it speaks.
     pub protocol: wire::Protocol,
     /// Whether the connection is mutual TLS.
     pub tls: bool,
     /// Whether a `StopProvider` is being sent.
-    stopped: std::sync::atomic::AtomicBool,
+    pub(crate) stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Plugin {
-    /// Starts `program` as go-plugin does (with AutoMTLS) and connects to it.
-    pub async fn start(program: &Path, timeout: Duration) -> Result<Plugin, TerraformError> {
-        Self::start_with(
-            program,
-            StartOptions {
-                timeout,
-                ..StartOptions::default()
-            },
-        )
-        .await
-    }
-
-    /// As [`Plugin::start`], as `options` say.
-    pub async fn start_with(
-        program: &Path,
-        options: StartOptions,
-    ) -> Result<Plugin, TerraformError> {
-        let StartOptions {
-            timeout,
-            mtls,
-            logs,
-            env,
-        } = options;
-        let program = program.to_path_buf();
-        let client = if mtls {
-            Some(tls::ClientIdentity::generate().map_err(|e| {
-                TerraformError::Grpc(
-                    format!("cannot make a client certificate: {e}"),
-                    program.clone(),
-                )
-            })?)
-        } else {
-            None
-        };
-        let mut command = tokio::process::Command::new(&program);
-        if let Some(client) = &client {
-            command.env("PLUGIN_CLIENT_CERT", &client.pem);
-        }
-        command
-            .env(MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE)
-            .env("PLUGIN_PROTOCOL_VERSIONS", PROTOCOLS)
-            .env("PLUGIN_MIN_PORT", "10000")
-            .env("PLUGIN_MAX_PORT", "25000")
-            .envs(env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // The plugin dies with the bridge, even a bridge killed with SIGKILL.
-        capstan_process::dies_with_parent(&mut command);
-        let mut child = command.spawn().map_err(|error| TerraformError::Spawn {
-            program: program.clone(),
-            error,
-        })?;
-        let stdout = child.stdout.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = match tokio::time::timeout(timeout, lines.next_line()).await {
-            Err(_) => {
-                return Err(TerraformError::HandshakeTimeout {
-                    program,
-                    after: timeout,
-                })
-            }
-            Ok(Ok(Some(line))) => line,
-            Ok(_) => {
-                let status = child
-                    .wait()
-                    .await
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|e| e.to_string());
-                let mut tail = String::new();
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), stderr.read_to_string(&mut tail))
-                        .await;
-                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                let tail: String = tail.into_iter().rev().map(|l| format!("\n  {l}")).collect();
-                return Err(TerraformError::NoHandshake {
-                    program,
-                    status,
-                    tail,
-                });
-            }
-        };
-        let Some(handshake) = Handshake::parse(&line) else {
-            return Err(TerraformError::BadHandshake { program, line });
-        };
-        let Some(protocol) = wire::Protocol::parse(&handshake.protocol) else {
-            return Err(TerraformError::Protocol {
-                program,
-                version: handshake.protocol,
-            });
-        };
-        // Its logs go on after the line: read on, so it never blocks on a full pipe.
-        let sink = logs.clone();
-        tokio::spawn(async move {
-            let mut stderr = tokio::io::BufReader::new(stderr);
-            let mut line = Vec::new();
-            while matches!(stderr.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
-                if let Some(sink) = &sink {
-                    sink(LogLine::parse(
-                        Channel::Stderr,
-                        &String::from_utf8_lossy(&line),
-                    ));
-                }
-                line.clear();
-            }
-        });
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let tls = match (&client, handshake.server_cert.is_empty()) {
-            (Some(client), false) => Some(
-                tls::client_config(client, &handshake.server_cert).map_err(|e| {
-                    TerraformError::Grpc(format!("its server certificate: {e}"), program.clone())
-                })?,
-            ),
-            (None, false) => {
-                return Err(TerraformError::Grpc(
-                    "it serves TLS without having been given a client certificate".into(),
-                    program,
-                ))
-            }
-            (_, true) => None,
-        };
-        let mtls = tls.is_some();
-        let channel = connect(&program, &handshake, tls).await?;
-        // The process is waited for (and killed when asked) by a task of its own, so its exit
-        // is seen whenever it happens.
-        let (exited, exit) = tokio::sync::watch::channel(None);
-        let kill = std::sync::Arc::new(tokio::sync::Notify::new());
-        let killer = kill.clone();
-        tokio::spawn(async move {
-            let status = tokio::select! {
-                status = child.wait() => status,
-                _ = killer.notified() => {
-                    let _ = child.start_kill();
-                    child.wait().await
-                }
-            };
-            let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-            let _ = exited.send(Some(status));
-        });
-        let plugin = Plugin {
-            program,
-            exit,
-            kill,
-            shutting_down: std::sync::atomic::AtomicBool::new(false),
-            channel,
-            handshake,
-            protocol,
-            tls: mtls,
-            stopped: std::sync::atomic::AtomicBool::new(false),
-        };
-        plugin.stream_stdio(logs);
-        Ok(plugin)
-    }
-
-    /// Reads go-plugin's `GRPCStdio` stream (called once, early, as go-plugin asks) into
-    /// `logs`. A plugin without the service (older go-plugin) has nothing to read.
-    fn stream_stdio(&self, logs: Option<LogSink>) {
-        let channel = self.channel.clone();
-        let path = self.protocol.path(wire::Method::StreamStdio);
-        tokio::spawn(async move {
-            let mut grpc = tonic::client::Grpc::new(channel);
-            if grpc.ready().await.is_err() {
-                return;
-            }
-            let Ok(response) = grpc
-                .server_streaming(
-                    tonic::Request::new(wire::Empty {}),
-                    tonic::codegen::http::uri::PathAndQuery::from_static(path),
-                    tonic::codec::ProstCodec::<wire::Empty, wire::StdioData>::default(),
-                )
-                .await
-            else {
-                return;
-            };
-            let mut stream = response.into_inner();
-            let (mut out, mut err) = (Vec::new(), Vec::new());
-            while let Ok(Some(chunk)) = stream.message().await {
-                let (buffer, channel) = match chunk.channel {
-                    1 => (&mut out, Channel::StdioOut),
-                    _ => (&mut err, Channel::StdioErr),
-                };
-                buffer.extend_from_slice(&chunk.data);
-                while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buffer.drain(..=end).collect();
-                    if let Some(sink) = &logs {
-                        sink(LogLine::parse(channel, &String::from_utf8_lossy(&line)));
-                    }
-                }
-            }
-        });
-    }
-
     /// `GetProviderSchema`: the provider's resource and data source types.
     pub async fn schema(&self) -> Result<wire::GetProviderSchemaResponse, TerraformError> {
         let response: wire::GetProviderSchemaResponse = self
@@ -1110,14 +805,6 @@ fn detail_of(d: &wire::Diagnostic) -> String {
     }
 }
 
-/// The schema version of a resource type.
-pub fn schema_version(schema: &wire::GetProviderSchemaResponse, type_name: &str) -> i64 {
-    schema
-        .resource_schemas
-        .get(type_name)
-        .map_or(0, |s| s.version)
-}
-
 /// `provider_meta` as Terraform sends it when the schema declares one and the deployment sets
 /// none: an object of nulls.
 fn provider_meta(schema: &wire::GetProviderSchemaResponse) -> Option<wire::DynamicValue> {
@@ -1126,157 +813,6 @@ fn provider_meta(schema: &wire::GetProviderSchemaResponse) -> Option<wire::Dynam
         &values::block_type(block),
         &serde_json::json!({}),
     )))
-}
-
-/// The plugin's socket.
-enum Socket {
-    Unix(PathBuf),
-    Tcp(std::net::SocketAddr),
-}
-
-async fn connect(
-    program: &Path,
-    handshake: &Handshake,
-    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
-) -> Result<tonic::transport::Channel, TerraformError> {
-    let bad = |why| TerraformError::Address {
-        program: program.to_path_buf(),
-        network: handshake.network.clone(),
-        address: handshake.address.clone(),
-        why,
-    };
-    let socket = match handshake.network.as_str() {
-        "unix" => Socket::Unix(PathBuf::from(&handshake.address)),
-        "tcp" => {
-            let addr: std::net::SocketAddr = handshake
-                .address
-                .parse()
-                .map_err(|_| bad("not an address"))?;
-            if !addr.ip().is_loopback() {
-                return Err(bad("only loopback addresses are trusted"));
-            }
-            Socket::Tcp(addr)
-        }
-        _ => return Err(bad("the network is neither unix nor tcp")),
-    };
-    let socket = std::sync::Arc::new(socket);
-    // HTTP/2 with prior knowledge, over the plain or the TLS stream.
-    tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let (socket, tls) = (socket.clone(), tls.clone());
-            async move {
-                let stream: Box<dyn tls::Stream> = match &*socket {
-                    Socket::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
-                    Socket::Tcp(addr) => Box::new(tokio::net::TcpStream::connect(addr).await?),
-                };
-                let stream: Box<dyn tls::Stream> = match tls {
-                    None => stream,
-                    Some(config) => {
-                        let name =
-                            rustls::pki_types::ServerName::try_from("localhost").expect("a name");
-                        Box::new(
-                            tokio_rustls::TlsConnector::from(config)
-                                .connect(name, stream)
-                                .await?,
-                        )
-                    }
-                };
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await
-        .map_err(|e| TerraformError::Grpc(format!("cannot connect: {e}"), program.to_path_buf()))
-}
-
-/// Whether an attribute is sensitive, or holds one (nested attributes).
-fn attribute_sensitive(a: &wire::Attribute) -> bool {
-    a.sensitive
-        || a.nested_type
-            .as_ref()
-            .is_some_and(|o| o.attributes.iter().any(attribute_sensitive))
-}
-
-/// Whether a block holds a sensitive attribute, at any depth.
-fn block_sensitive(b: &wire::Block) -> bool {
-    b.attributes.iter().any(attribute_sensitive)
-        || b.block_types
-            .iter()
-            .any(|n| n.block.as_ref().is_some_and(block_sensitive))
-}
-
-/// A Terraform provider's schema as Capstan's handshake describes it: each resource type's
-/// required and optional attributes are inputs, all its attributes (computed ones too)
-/// outputs; nested blocks are inputs and outputs holding JSON objects or arrays; sensitive
-/// attributes are marked so. Data sources are types named `data.NAME` (read-only).
-pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> ProviderInfo {
-    let mut types: Vec<ResourceTypeInfo> = Vec::new();
-    let mut add = |type_name: String, schema: &wire::Schema, data: bool| {
-        let block = schema.block.clone().unwrap_or_default();
-        let mut info = ResourceTypeInfo {
-            name: type_name,
-            description: block.description.clone(),
-            stateful: !data,
-            ..Default::default()
-        };
-        for a in &block.attributes {
-            let settable = a.required || a.optional;
-            // A nested attribute holding a sensitive one is hidden whole.
-            let sensitive = attribute_sensitive(a);
-            if settable {
-                info.inputs.push(InputInfo {
-                    name: a.name.clone(),
-                    required: a.required,
-                    description: a.description.clone(),
-                    sensitive,
-                });
-            }
-            info.outputs.push(OutputInfo {
-                name: a.name.clone(),
-                description: a.description.clone(),
-                sensitive,
-            });
-        }
-        for b in &block.block_types {
-            let kind = match b.nesting {
-                1 | 5 => "an object",
-                4 => "an object of objects",
-                _ => "a list of objects",
-            };
-            // A block holding a sensitive attribute is hidden whole.
-            let sensitive = b.block.as_ref().is_some_and(block_sensitive);
-            info.inputs.push(InputInfo {
-                name: b.type_name.clone(),
-                required: b.min_items > 0,
-                description: format!("a nested block: {kind}"),
-                sensitive,
-            });
-            info.outputs.push(OutputInfo {
-                name: b.type_name.clone(),
-                description: format!("a nested block: {kind}"),
-                sensitive,
-            });
-        }
-        types.push(info);
-    };
-    let mut resources: Vec<_> = schema.resource_schemas.iter().collect();
-    resources.sort_by(|a, b| a.0.cmp(b.0));
-    for (type_name, s) in resources {
-        add(type_name.clone(), s, false);
-    }
-    let mut data: Vec<_> = schema.data_source_schemas.iter().collect();
-    data.sort_by(|a, b| a.0.cmp(b.0));
-    for (type_name, s) in data {
-        add(format!("data.{type_name}"), s, true);
-    }
-    ProviderInfo {
-        name: name.to_string(),
-        version: String::new(),
-        min_protocol: 0,
-        max_protocol: 0,
-        protocol: 0,
-        max_concurrency: 0,
-        resource_types: types,
-    }
 }
 
 #[cfg(test)]

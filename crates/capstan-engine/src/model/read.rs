@@ -328,20 +328,7 @@ pub(super) fn collect_members(
             })?),
         };
         let raw_inputs = field("inputs");
-        let inputs = match raw_inputs.map(|raw| strict_json::parse(raw.get())) {
-            None => Map::new(),
-            Some(Ok(Value::Object(inputs))) => inputs,
-            Some(Ok(other)) => {
-                return Err((
-                    format!("{}.inputs", place()),
-                    format!(
-                        "must be an object of input names to values, not {}",
-                        kind_of(&other)
-                    ),
-                ))
-            }
-            Some(Err(e)) => return Err((format!("{}.inputs", place()), e.to_string())),
-        };
+        let inputs = parse_inputs(raw_inputs).map_err(|e| (format!("{}.inputs", place()), e))?;
         // `$ref`, `$param`, `$cap` and `$$` escapes need a `$` in the text, written as is or
         // escaped: without one, the inputs are plain data and are kept as they are.
         let markers = raw_inputs.is_some_and(|raw| {
@@ -387,6 +374,19 @@ pub(super) fn collect_members(
         );
     }
     Ok(())
+}
+
+/// A resource's `inputs` as JSON (strictly: no key twice), an object or nothing.
+fn parse_inputs(raw: Option<&RawValue>) -> Result<Map<String, Value>, String> {
+    match raw.map(|raw| strict_json::parse(raw.get())) {
+        None => Ok(Map::new()),
+        Some(Ok(Value::Object(inputs))) => Ok(inputs),
+        Some(Ok(other)) => Err(format!(
+            "must be an object of input names to values, not {}",
+            kind_of(&other)
+        )),
+        Some(Err(e)) => Err(e.to_string()),
+    }
 }
 
 /// A resource's inputs with their markers taken out: parameters filled in, references and

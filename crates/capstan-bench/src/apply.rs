@@ -1,0 +1,351 @@
+//! The engine applying deployments of no-op resources, from small to a million.
+
+use super::*;
+
+// ---- apply: the engine ---------------------------------------------------------------------
+
+/// Counts events and nothing else.
+pub(super) struct CountEvents(pub(super) Cell<u64>);
+
+impl capstan_engine::events::EventSink for CountEvents {
+    fn emit(&self, _event: capstan_engine::events::Event) {
+        self.0.set(self.0.get() + 1);
+    }
+}
+
+/// A deployment of `size` no-op resources in a random DAG (each refers to up to two earlier
+/// ones), all served by one testing provider.
+pub(super) fn noop_deployment(size: usize) -> String {
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n.max(1) as u64) as usize
+    };
+    let mut resources = serde_json::Map::new();
+    for i in 0..size {
+        let refs: Vec<serde_json::Value> = if i == 0 {
+            Vec::new()
+        } else {
+            (0..next(3))
+                .map(|_| json!({"$ref": format!("r{}#id", next(i))}))
+                .collect()
+        };
+        resources.insert(
+            format!("r{i}"),
+            json!({"provider": "t", "type": "noop", "inputs": {"value": [i, refs]}}),
+        );
+    }
+    json!({"providers": {"t": {"executable": testing_provider()}}, "resources": resources})
+        .to_string()
+}
+
+/// One apply of `size` resources with durable state, then a plan of the same, in this (child)
+/// process, so its peak memory is the engine's alone. Prints one JSON line.
+/// Loads, plans and applies the deployment in `file` with the engine and durable state in
+/// `state_dir`, starting built-in providers from `capstan`. Returns the seconds it took (load,
+/// plan, provider start and run), those seconds split by phase, and the peak RSS (KiB) right
+/// after the run.
+pub(super) fn engine_apply(
+    file: &Path,
+    state_dir: &Path,
+    capstan: PathBuf,
+    size: usize,
+    jobs: usize,
+) -> (f64, serde_json::Value, u64) {
+    use capstan_cli::served::SelfLauncher;
+    use capstan_engine::model::Deployment;
+    use capstan_engine::run::{Providers, RunOptions};
+    use capstan_engine::state::{DirectoryBackend, StateBackend};
+    local(async {
+        let start = Instant::now();
+        let deployment = Deployment::load(file, &serde_json::Map::new()).unwrap();
+        let mut backend = DirectoryBackend::open(state_dir, Duration::ZERO).unwrap();
+        let (mut state, _) = backend.load().unwrap();
+        let loaded = start.elapsed();
+        let changes = capstan_engine::plan::plan(&deployment, &state).unwrap();
+        let planned = start.elapsed();
+        let (logs, _ignored) = tokio::sync::mpsc::channel(1024);
+        let names = capstan_engine::run::providers_needed(&changes);
+        let providers = Providers::launch(
+            &names,
+            &deployment,
+            &state,
+            &SelfLauncher { program: capstan },
+            logs,
+            None,
+        )
+        .await
+        .unwrap();
+        let launched = start.elapsed();
+        let cpu_before_run = thread_cpu_seconds();
+        let wait_before_run = thread_runqueue_wait_seconds();
+        let process_cpu_before_run = cpu_seconds(libc::CLOCK_PROCESS_CPUTIME_ID);
+        let backend: Rc<dyn StateBackend> = Rc::new(backend);
+        let events = Rc::new(CountEvents(Cell::new(0)));
+        let options = RunOptions {
+            jobs,
+            ..RunOptions::default()
+        };
+        let summary = capstan_engine::run::Run {
+            deployment: &deployment,
+            state: &mut state,
+            backend,
+            providers: &providers,
+            options: &options,
+            events,
+            interrupt: tokio_util::sync::CancellationToken::new(),
+            stages: None,
+        }
+        .execute(changes)
+        .await
+        .unwrap();
+        let seconds = start.elapsed().as_secs_f64();
+        let run_cpu = thread_cpu_seconds() - cpu_before_run;
+        let run_wait = thread_runqueue_wait_seconds() - wait_before_run;
+        let run_process_cpu = cpu_seconds(libc::CLOCK_PROCESS_CPUTIME_ID) - process_cpu_before_run;
+        assert_eq!(
+            summary.created, size,
+            "every resource was created: {summary:?}"
+        );
+        let peak = rss_kib("VmHWM:");
+        providers.shutdown().await;
+        let split = json!({
+            "providers_cpu": children_cpu_seconds(),
+            "load": loaded.as_secs_f64(),
+            "plan": (planned - loaded).as_secs_f64(),
+            "launch_providers": (launched - planned).as_secs_f64(),
+            "run": seconds - launched.as_secs_f64(),
+            "run_engine_thread_cpu": run_cpu,
+            "run_engine_thread_runqueue_wait": run_wait,
+            "run_engine_process_cpu": run_process_cpu,
+        });
+        (seconds, split, peak)
+    })
+}
+
+pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize) {
+    use capstan_engine::model::Deployment;
+    use capstan_engine::state::{DirectoryBackend, StateBackend};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let rss_before = rss_kib("VmRSS:");
+    let (apply_seconds, apply_split, peak_after_apply) = engine_apply(
+        &file,
+        &dir.path().join("state"),
+        std::env::current_exe().unwrap().with_file_name("capstan"),
+        size,
+        jobs,
+    );
+    let figures = local(async {
+        let empty = serde_json::Map::new();
+        let journal_bytes = std::fs::metadata(dir.path().join("state/journal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        // Plan the same deployment over the state just written: load both, compare.
+        let start = Instant::now();
+        let deployment = Deployment::load(&file, &empty).unwrap();
+        let t1 = start.elapsed();
+        let mut backend =
+            DirectoryBackend::open(&dir.path().join("state"), Duration::ZERO).unwrap();
+        let (state, _) = backend.load().unwrap();
+        let t2 = start.elapsed();
+        let changes = capstan_engine::plan::plan(&deployment, &state).unwrap();
+        let plan_seconds = start.elapsed().as_secs_f64();
+        let split = (
+            t1.as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            plan_seconds - t2.as_secs_f64(),
+        );
+        assert!(changes
+            .iter()
+            .all(|c| c.action == capstan_engine::plan::Action::Noop));
+        (
+            apply_seconds,
+            plan_seconds,
+            journal_bytes,
+            peak_after_apply,
+            split,
+        )
+    });
+    let (apply_seconds, plan_seconds, journal_bytes, peak, split) = figures;
+    println!(
+        "{}",
+        json!({
+            "resources": size,
+            "apply_seconds": apply_seconds,
+            "apply_split_seconds": apply_split,
+            "resources_per_s": size as f64 / apply_seconds,
+            "plan_unchanged_seconds": plan_seconds,
+            "plan_split_seconds": {"load_deployment": split.0, "load_state": split.1, "plan": split.2},
+            "state_bytes_per_resource": journal_bytes as f64 / size as f64,
+            "peak_rss_mib": peak as f64 / 1024.0,
+            "host_bytes_per_resource": (peak.saturating_sub(rss_before)) as f64 * 1024.0 / size as f64,
+        })
+    );
+}
+
+/// Runs `apply-child` on `file` and returns its figures.
+pub(super) fn run_apply_child(file: &Path, size: usize, jobs: usize) -> serde_json::Value {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "apply-child",
+            file.to_str().unwrap(),
+            &size.to_string(),
+            &jobs.to_string(),
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run apply child");
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+        panic!(
+            "apply child failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+pub(super) fn apply_bench(json_output: bool, quick: bool, million: bool) {
+    let (small, large) = if quick {
+        (1_000, 10_000)
+    } else {
+        (10_000, 100_000)
+    };
+    let jobs = 64;
+    let run = |size: usize| -> serde_json::Value {
+        // Written here, so the child's memory holds only what the engine uses.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("capstan.json");
+        std::fs::write(&file, noop_deployment(size)).unwrap();
+        run_apply_child(&file, size, jobs)
+    };
+    // Interleaved rounds; each size's figures are those of its median round by apply time
+    // (a single run of the small size is short enough for machine noise to swing the ratio).
+    let rounds = if quick { 1 } else { 5 };
+    let (mut smalls, mut larges, mut rpcs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        smalls.push(run(small));
+        larges.push(run(large));
+        // The protocol's own capacity, same round: as many no-op calls as the large apply
+        // makes, 64 in flight (as its --jobs), through the host with no engine and no state.
+        rpcs.push(ops_per_s_64(large as u32));
+    }
+    let rpc_ops = median(rpcs);
+    let median_round = |mut figures: Vec<serde_json::Value>| {
+        figures.sort_by(|x, y| {
+            x["apply_seconds"]
+                .as_f64()
+                .unwrap()
+                .total_cmp(&y["apply_seconds"].as_f64().unwrap())
+        });
+        figures.swap_remove(figures.len() / 2)
+    };
+    let a = median_round(smalls);
+    let b = median_round(larges);
+    let ratio = b["apply_seconds"].as_f64().unwrap() / a["apply_seconds"].as_f64().unwrap();
+    // The keys (named for the full sizes; with --quick they hold the quick sizes'
+    // figures), then everything measured, per size.
+    // One round at ten times the large size: how time and memory grow.
+    let huge = million.then(|| run(large * 10));
+    let growth = huge.as_ref().map(|c| {
+        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        json!({
+            "size": large * 10,
+            "time_ratio": f(c, "apply_seconds") / f(&b, "apply_seconds"),
+            "peak_rss_ratio": f(c, "peak_rss_mib") / f(&b, "peak_rss_mib"),
+            "host_bytes_per_resource": c["host_bytes_per_resource"],
+            "resources_per_s": c["resources_per_s"],
+        })
+    });
+    let figures = json!({
+        "apply_resources_per_s_100k": b["resources_per_s"],
+        "plan_100k_s": b["plan_unchanged_seconds"],
+        "scaling_10k_100k": ratio,
+        "peak_rss_mib_100k": b["peak_rss_mib"],
+        "host_bytes_per_resource_100k": b["host_bytes_per_resource"],
+        "state_bytes_per_resource": b["state_bytes_per_resource"],
+        "rpc_ops_per_s": rpc_ops,
+        "apply_vs_rpc_ratio": b["resources_per_s"].as_f64().unwrap_or(0.0) / rpc_ops,
+        "jobs": jobs,
+        "small": a,
+        "large": b,
+        "scaling_ratio": ratio,
+        "size_ratio": large as f64 / small as f64,
+        "rounds": rounds,
+        "growth_to_10x_large": growth,
+        "huge": huge,
+    });
+    if json_output {
+        println!("{figures}");
+    } else {
+        print_apply_table(&figures, small, large);
+    }
+}
+
+/// The `apply` figures as a table: each size's, the ratios, and the growth to ten times.
+fn print_apply_table(figures: &serde_json::Value, small: usize, large: usize) {
+    let (a, b) = (&figures["small"], &figures["large"]);
+    let ratio = figures["scaling_ratio"].as_f64().unwrap_or(f64::NAN);
+    let rpc_ops = figures["rpc_ops_per_s"].as_f64().unwrap_or(f64::NAN);
+    let growth = figures["growth_to_10x_large"]
+        .as_object()
+        .map(|_| &figures["growth_to_10x_large"]);
+    println!(
+        "{:<40} {:>16} {:>16}   goal",
+        "measure (--jobs 64, durable state)",
+        format!("{small}"),
+        format!("{large}")
+    );
+    let row = |what: &str, key: &str, unit: &str, goal: &str| {
+        println!(
+            "{what:<40} {:>16} {:>16}   {goal}",
+            format!("{:.1}{unit}", a[key].as_f64().unwrap()),
+            format!("{:.1}{unit}", b[key].as_f64().unwrap())
+        );
+    };
+    row("apply: resources/s", "resources_per_s", "/s", "≥ 50,000/s");
+    row("apply: seconds", "apply_seconds", " s", "");
+    row(
+        "plan of all unchanged: seconds",
+        "plan_unchanged_seconds",
+        " s",
+        "≤ 1 s at 100k",
+    );
+    row(
+        "state bytes written per resource",
+        "state_bytes_per_resource",
+        " B",
+        "",
+    );
+    row(
+        "host memory per resource",
+        "host_bytes_per_resource",
+        " B",
+        "≤ 2 KiB",
+    );
+    row("host peak RSS", "peak_rss_mib", " MiB", "");
+    println!(
+        "{:<40} {:>33.2}   ≤ 11 (sizes ×{:.0})",
+        "apply time ratio large/small",
+        ratio,
+        large as f64 / small as f64
+    );
+    println!(
+        "{:<40} {:>33.2}   ≥ 0.6 (no-op calls, no engine: {rpc_ops:.0}/s)",
+        "apply / bare protocol throughput",
+        b["resources_per_s"].as_f64().unwrap_or(0.0) / rpc_ops,
+    );
+    if let Some(g) = &growth {
+        println!(
+            "{:<40} {:>33}",
+            format!("{} resources", large * 10),
+            format!(
+                "{:.0}/s, time ×{:.2}, peak RSS ×{:.2}, {:.0} B/resource",
+                g["resources_per_s"].as_f64().unwrap_or(0.0),
+                g["time_ratio"].as_f64().unwrap_or(0.0),
+                g["peak_rss_ratio"].as_f64().unwrap_or(0.0),
+                g["host_bytes_per_resource"].as_f64().unwrap_or(0.0)
+            )
+        );
+    }
+}
