@@ -109,7 +109,8 @@ pub struct ViewArgs {
     /// More detail: -v shows counters and debug events, -vv spans.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// Colour: auto (on a terminal, unless NO_COLOR is set), always, never.
+    /// Colour: auto (on a terminal, unless NO_COLOR is set and not empty; CLICOLOR_FORCE=1
+    /// forces it), always, never.
     #[arg(long, value_name = "WHEN", value_enum, default_value_t = ColorChoice::Auto)]
     color: ColorChoice,
 }

@@ -11,6 +11,7 @@ mod provider_cmd;
 mod render;
 mod state_cmd;
 mod stop;
+mod style;
 
 use std::process::ExitCode;
 

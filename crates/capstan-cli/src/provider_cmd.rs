@@ -466,7 +466,7 @@ struct Renderer {
 
 impl Renderer {
     fn new(json: bool, stdout: Rc<RefCell<Stdout>>) -> Self {
-        let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        let color = crate::style::enabled(std::io::stderr().is_terminal(), None);
         Renderer {
             json,
             stdout,
@@ -493,9 +493,12 @@ impl Renderer {
         }
         let at = self.started.elapsed().as_secs_f64();
         let (dim, reset) = if self.color {
-            ("\x1b[2m", "\x1b[0m")
+            (crate::style::DIM.render(), crate::style::DIM.render_reset())
         } else {
-            ("", "")
+            (
+                anstyle::Style::new().render(),
+                anstyle::Style::new().render_reset(),
+            )
         };
         let fields = |fields: &[(String, String)]| {
             fields

@@ -1,5 +1,6 @@
 //! Turning engine events into what the user sees: lines on a terminal, or JSON lines.
 
+use crate::style;
 use std::cell::{Cell, RefCell};
 use std::io::IsTerminal;
 use std::rc::Rc;
@@ -77,9 +78,7 @@ pub struct HumanEvents {
 
 impl HumanEvents {
     pub fn new(verbose: u8, color: Option<bool>) -> Self {
-        let color = color.unwrap_or_else(|| {
-            std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
-        });
+        let color = crate::style::enabled(std::io::stderr().is_terminal(), color);
         HumanEvents {
             verbose,
             color,
@@ -90,18 +89,13 @@ impl HumanEvents {
     /// Prints the plan on `stdout` (coloured only if that is a terminal, when the colour is
     /// not forced), everything else on stderr.
     pub fn plan_to(mut self, stdout: Stdout, color: Option<bool>) -> Self {
-        self.color =
-            color.unwrap_or_else(|| stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none());
+        self.color = crate::style::enabled(stdout.is_terminal(), color);
         self.plan_out = Some(RefCell::new(stdout));
         self
     }
 
-    fn paint(&self, code: &str, text: &str) -> String {
-        if self.color {
-            format!("\x1b[{code}m{text}\x1b[0m")
-        } else {
-            text.to_string()
-        }
+    fn paint(&self, style: anstyle::Style, text: &str) -> String {
+        crate::style::paint(self.color, style, text)
     }
 }
 
@@ -149,7 +143,7 @@ impl HumanEvents {
             Event::ResourceStart {
                 address, operation, ..
             } => {
-                put!("  {} {address}: {operation}…", self.paint("2", "·"));
+                put!("  {} {address}: {operation}…", self.paint(style::DIM, "·"));
             }
             Event::ResourceProgress {
                 address, progress, ..
@@ -162,12 +156,12 @@ impl HumanEvents {
             } => {
                 put!(
                     "  {} {address}: {} in {elapsed_seconds:.2}s",
-                    self.paint("32", "✓"),
+                    self.paint(style::GREEN, "✓"),
                     past(operation)
                 );
             }
             Event::ResourceFailed { error, details, .. } => {
-                put!("  {} {error}", self.paint("31", "✗"));
+                put!("  {} {error}", self.paint(style::RED, "✗"));
                 for line in details.lines() {
                     put!("      {line}");
                 }
@@ -175,13 +169,16 @@ impl HumanEvents {
             Event::ResourceSkipped {
                 address, reason, ..
             } => {
-                put!("  {} {address}: skipped ({reason})", self.paint("33", "↷"));
+                put!(
+                    "  {} {address}: skipped ({reason})",
+                    self.paint(style::YELLOW, "↷")
+                );
             }
             Event::EvaluationStart { .. } if live => {}
             Event::EvaluationStart { file, stage } => {
                 put!(
                     "  {} {file}: evaluating (stage {stage})…",
-                    self.paint("2", "·")
+                    self.paint(style::DIM, "·")
                 );
             }
             Event::EvaluationComplete {
@@ -197,13 +194,13 @@ impl HumanEvents {
                 };
                 put!(
                     "  {} {file}: evaluated (stage {stage}) in {elapsed_seconds:.2}s: {resources} resource(s){deferred}",
-                    self.paint("32", "✓"),
+                    self.paint(style::GREEN, "✓"),
                 );
             }
             Event::EvaluationFailed { file, stage, error } => {
                 put!(
                     "  {} {file}: evaluation (stage {stage}) failed:",
-                    self.paint("31", "✗")
+                    self.paint(style::RED, "✗")
                 );
                 for line in error.lines() {
                     put!("      {line}");
@@ -221,7 +218,7 @@ impl HumanEvents {
                 };
                 put!(
                     "  {} {address}  (deferred: {what} outputs of {}; evaluated again once they exist)",
-                    self.paint("36", "…"),
+                    self.paint(style::CYAN, "…"),
                     waits_for
                         .iter()
                         .map(|w| format!("`{w}`"))
@@ -232,10 +229,10 @@ impl HumanEvents {
             Event::ProviderLog { provider, line, .. } => {
                 put!(
                     "  {} {line}",
-                    self.paint("2", &format!("provider {provider}:"))
+                    self.paint(style::DIM, &format!("provider {provider}:"))
                 );
             }
-            Event::Interrupted { message } => put!("{}", self.paint("33", &message)),
+            Event::Interrupted { message } => put!("{}", self.paint(style::YELLOW, &message)),
             Event::Summary {
                 counts,
                 elapsed_seconds,
@@ -277,12 +274,12 @@ impl HumanEvents {
                 .as_ref()
                 .is_some_and(|p| !p.replace.is_empty());
             let (sign, code) = match change.action {
-                Action::Update if replaced => ("-/+", "35"),
-                Action::Create => ("+", "32"),
-                Action::Update => ("~", "33"),
-                Action::Delete => ("-", "31"),
-                Action::Noop => ("=", "2"),
-                Action::Replace => ("-/+", "35"),
+                Action::Update if replaced => ("-/+", style::MAGENTA),
+                Action::Create => ("+", style::GREEN),
+                Action::Update => ("~", style::YELLOW),
+                Action::Delete => ("-", style::RED),
+                Action::Noop => ("=", style::DIM),
+                Action::Replace => ("-/+", style::MAGENTA),
             };
             let mut line = format!(
                 "  {} {} ({}.{})",
@@ -333,19 +330,25 @@ impl HumanEvents {
         }
         match kind {
             ProgressKind::Log { line, .. } => {
-                put!("  {} {line}", self.paint("2", &format!("{address} │")))
+                put!(
+                    "  {} {line}",
+                    self.paint(style::DIM, &format!("{address} │"))
+                )
             }
             ProgressKind::Event { level, message, .. }
                 if (level >= Level::Info && !live) || self.verbose > 0 =>
             {
                 put!(
                     "  {} {}: {message}",
-                    self.paint("2", &format!("{address} │")),
+                    self.paint(style::DIM, &format!("{address} │")),
                     level.as_str()
                 );
             }
             ProgressKind::Phase { name, .. } if !live => {
-                put!("  {} {name}", self.paint("2", &format!("{address} ▸")))
+                put!(
+                    "  {} {name}",
+                    self.paint(style::DIM, &format!("{address} ▸"))
+                )
             }
             ProgressKind::Counter {
                 done,
@@ -355,11 +358,14 @@ impl HumanEvents {
             } if self.verbose > 0 => {
                 put!(
                     "  {} {done}/{expected} {unit}",
-                    self.paint("2", &format!("{address} ▸"))
+                    self.paint(style::DIM, &format!("{address} ▸"))
                 );
             }
             ProgressKind::SpanStart { name, .. } if self.verbose > 1 => {
-                put!("  {} ▶ {name}", self.paint("2", &format!("{address} │")))
+                put!(
+                    "  {} ▶ {name}",
+                    self.paint(style::DIM, &format!("{address} │"))
+                )
             }
             _ => {}
         }
@@ -482,7 +488,11 @@ impl LiveEvents {
                 "{spinner} {address} {} {elapsed:5.1}s{bar} {}",
                 r.operation, r.status
             );
-            out.push_str(&self.lines.paint("36", &fit(&line, width.saturating_sub(1))));
+            out.push_str(
+                &self
+                    .lines
+                    .paint(style::CYAN, &fit(&line, width.saturating_sub(1))),
+            );
             out.push('\n');
             drawn += 1;
         }
@@ -491,7 +501,7 @@ impl LiveEvents {
                 &format!("  … and {hidden} more running"),
                 width.saturating_sub(1),
             );
-            out.push_str(&self.lines.paint("2", &more));
+            out.push_str(&self.lines.paint(style::DIM, &more));
             out.push('\n');
             drawn += 1;
         }

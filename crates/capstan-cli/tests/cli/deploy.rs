@@ -915,3 +915,43 @@ fn file_writes_leave_no_temporary_files_behind() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn colour_follows_clicolor_force_no_color_and_the_flag_in_that_order() {
+    let project = Project::new(json!({
+        "providers": {"local": {"builtin": "local"}},
+        "resources": {"m": {"provider": "local", "type": "memo", "inputs": {"value": 1}}}
+    }));
+    let plan = |env: &[(&str, &str)], args: &[&str]| {
+        let mut command = Command::new(capstan_bin());
+        command
+            .arg("plan")
+            .args(args)
+            .current_dir(project.dir.path())
+            .env_remove("NO_COLOR")
+            .env_remove("CLICOLOR_FORCE")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        text(&command.output().unwrap().stdout)
+    };
+    let coloured = |out: &str| out.contains('\u{1b}');
+    // A pipe gets no colour by itself, whatever an empty NO_COLOR says.
+    assert!(!coloured(&plan(&[("NO_COLOR", "")], &[])));
+    // CLICOLOR_FORCE gives it colour, even past NO_COLOR (as the convention says)...
+    assert!(coloured(&plan(&[("CLICOLOR_FORCE", "1")], &[])));
+    assert!(coloured(&plan(
+        &[("CLICOLOR_FORCE", "1"), ("NO_COLOR", "1")],
+        &[]
+    )));
+    // ... and the flag wins over both.
+    assert!(!coloured(&plan(
+        &[("CLICOLOR_FORCE", "1")],
+        &["--color", "never"]
+    )));
+    assert!(coloured(&plan(
+        &[("NO_COLOR", "1")],
+        &["--color", "always"]
+    )));
+}
