@@ -113,13 +113,13 @@ pub(super) fn error_kind(kind: FailureKind) -> ErrorKind {
 
 impl<'a> Driver<'a> {
     pub(super) fn is_permit(&self, i: NodeId) -> bool {
-        matches!(self.kids.get(&i), Some(Kid::Permit { .. }))
+        matches!(self.kin.kids.get(&i), Some(Kid::Permit { .. }))
     }
 
     /// Sends a child's outcome to the parent waiting for it (once), and forgets the kid.
     pub(super) fn settle_kid(&mut self, i: NodeId, result: Result<Json, OperationError>) {
-        self.aborts.remove(&i);
-        match self.kids.remove(&i) {
+        self.kin.aborts.remove(&i);
+        match self.kin.kids.remove(&i) {
             Some(Kid::Child {
                 reply: Some(reply), ..
             }) => {
@@ -145,7 +145,7 @@ impl<'a> Driver<'a> {
                 reply,
             } => match self.add_child(parent, &name, provider, resource_type, &inputs) {
                 Ok(i) => {
-                    self.kids.insert(
+                    self.kin.kids.insert(
                         i,
                         Kid::Child {
                             inputs: Json::from_text(&inputs).unwrap_or_else(|_| Json::null()),
@@ -174,8 +174,8 @@ impl<'a> Driver<'a> {
                     ..planned(address, Action::Noop)
                 });
                 debug_assert_eq!(i + 1, self.changes.len());
-                self.kids.insert(i, Kid::Permit { reply: Some(reply) });
-                self.permits_of.entry(parent).or_default().push(i);
+                self.kin.kids.insert(i, Kid::Permit { reply: Some(reply) });
+                self.kin.permits_of.entry(parent).or_default().push(i);
             }
             Ask::Release(i) => self.release_permit(i),
         }
@@ -261,18 +261,18 @@ impl<'a> Driver<'a> {
                 "{address}: a resource of the deployment (or another parent's child) has this address; give the child another name"
             ));
         }
-        if self.deleting.contains(&address) {
+        if self.kin.deleting.contains(&address) {
             return invalid(format!(
                 "{address}: it is being deleted in this run; ask for it again in the next"
             ));
         }
-        if !self.child_addresses.insert(address.clone()) {
+        if !self.kin.child_addresses.insert(address.clone()) {
             return invalid(format!("{address}: asked for twice in this run"));
         }
         let action = match self.state.resources.get(&address) {
             None => Action::Create,
             Some(r) if r.provider != provider || r.resource_type != resource_type => {
-                self.child_addresses.remove(&address);
+                self.kin.child_addresses.remove(&address);
                 return invalid(format!(
                     "{address}: recorded as a `{}` of provider `{}`; delete its parent first, or `capstan state forget` it",
                     r.resource_type, r.provider
@@ -300,11 +300,12 @@ impl<'a> Driver<'a> {
     pub(super) fn delete_stale_children(&mut self, parent: &str, work: &mut Work) {
         let mut stale = Vec::new();
         let mut stack: Vec<String> = self
+            .kin
             .recorded_children
             .get(parent)
             .into_iter()
             .flatten()
-            .filter(|c| !self.child_addresses.contains(*c))
+            .filter(|c| !self.kin.child_addresses.contains(*c))
             .cloned()
             .collect();
         while let Some(address) = stack.pop() {
@@ -316,10 +317,10 @@ impl<'a> Driver<'a> {
                 .get(&address)
                 .and_then(|r| r.parent.as_deref())
                 .is_some_and(|p| p == parent || stale.iter().any(|s: &String| s.as_str() == p));
-            if self.declares(&address) || !still_ours || self.deleting.contains(&address) {
+            if self.declares(&address) || !still_ours || self.kin.deleting.contains(&address) {
                 continue;
             }
-            if let Some(theirs) = self.recorded_children.get(&address) {
+            if let Some(theirs) = self.kin.recorded_children.get(&address) {
                 stack.extend(theirs.iter().cloned());
             }
             stale.push(address);
@@ -335,7 +336,7 @@ impl<'a> Driver<'a> {
                     state: recorded.clone(),
                 });
             }
-            self.deleting.insert(address.clone());
+            self.kin.deleting.insert(address.clone());
         }
         if !orphans.is_empty() {
             let backend = self.backend.clone();
@@ -381,7 +382,7 @@ impl<'a> Driver<'a> {
     pub(super) fn child_op(&mut self, i: NodeId) -> Result<Option<Op>, CoreFailure> {
         let change = &self.changes[i];
         let address = change.address.clone();
-        let Some(Kid::Child { inputs, .. }) = self.kids.get(&i) else {
+        let Some(Kid::Child { inputs, .. }) = self.kin.kids.get(&i) else {
             return Err(CoreFailure::new(
                 format!("{address}: not a child of this run"),
                 FailureKind::Internal,
@@ -426,7 +427,7 @@ impl<'a> Driver<'a> {
             // Its provider answered: its result is being journaled, and ends it as usual.
             return;
         }
-        if let Some(handle) = self.aborts.remove(&i) {
+        if let Some(handle) = self.kin.aborts.remove(&i) {
             handle.abort();
         }
         let op = self.ops.remove(&i);

@@ -43,9 +43,9 @@ impl<'a> Driver<'a> {
     fn grant_permit(&mut self, i: NodeId) {
         let held: PermitGuard = Box::new(HeldPermit {
             node: i,
-            asks: self.asks.clone(),
+            asks: self.kin.asks.clone(),
         });
-        if let Some(Kid::Permit { reply }) = self.kids.get_mut(&i) {
+        if let Some(Kid::Permit { reply }) = self.kin.kids.get_mut(&i) {
             if let Some(reply) = reply.take() {
                 if let Err(unsent) = reply.send(Ok(held)) {
                     // Nobody waits for it any more (the ask was cancelled).
@@ -69,7 +69,7 @@ impl<'a> Driver<'a> {
         if info.is_some_and(|t| t.uses_scheduler) {
             call.scheduler = Some(Rc::new(OperationAsks {
                 parent: i,
-                asks: self.asks.clone(),
+                asks: self.kin.asks.clone(),
             }));
         }
         let address = self.changes[i].address.clone();
@@ -155,7 +155,7 @@ impl<'a> Driver<'a> {
             return;
         }
         let prepared = match action {
-            _ if self.kids.contains_key(&i) => self.child_op(i),
+            _ if self.kin.kids.contains_key(&i) => self.child_op(i),
             Action::Delete => self.delete_op(i, was_pending),
             _ => self.change_op(i, was_pending, work),
         };

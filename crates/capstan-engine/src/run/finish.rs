@@ -10,7 +10,7 @@ impl<'a> Driver<'a> {
             Done::Answered(i, result, elapsed) => {
                 obey(self.scheduler.answered(i, result.is_ok()));
                 // Permits are lent to an operation while it runs.
-                if let Some(permits) = self.permits_of.remove(&i) {
+                if let Some(permits) = self.kin.permits_of.remove(&i) {
                     for k in permits {
                         self.release_permit(k);
                     }
@@ -76,7 +76,7 @@ impl<'a> Driver<'a> {
                     recorded.outputs = now.outputs;
                     recorded.dependencies = now.dependencies;
                 }
-                if self.kids.contains_key(&i) {
+                if self.kin.kids.contains_key(&i) {
                     let outputs = self
                         .state
                         .resources
@@ -85,7 +85,7 @@ impl<'a> Driver<'a> {
                     self.settle_kid(i, Ok(outputs.unwrap_or_else(Json::empty_object)));
                 }
                 let made = matches!(counted, Action::Create | Action::Update);
-                if made && self.recorded_children.contains_key(&address) {
+                if made && self.kin.recorded_children.contains_key(&address) {
                     self.delete_stale_children(&address, work);
                 }
                 if !handles.is_empty() {

@@ -237,6 +237,17 @@ struct Driver<'a> {
     summary: Summary,
     state_error: Option<StateError>,
     scheduler: Scheduler,
+    /// What running operations handed back: children and permits.
+    kin: Kin,
+    /// For a deployment in Nix: what later evaluations added, and where they stand.
+    staging: Staging,
+    /// Providers handed their settings before their first operation ([`config_late`]), and
+    /// whether that went well, once it is done.
+    late_config: FastMap<String, Rc<tokio::sync::OnceCell<Result<(), String>>>>,
+}
+
+/// What running operations hand back to the run (`children.rs`).
+struct Kin {
     /// Children and permits operations asked for, until they end.
     kids: FastMap<NodeId, Kid>,
     /// How to drop a child's work when its parent ends without it.
@@ -253,6 +264,11 @@ struct Driver<'a> {
     asks: Asks,
     /// What operations ask (taken by the loop).
     asked: Option<tokio::sync::mpsc::UnboundedReceiver<Ask>>,
+}
+
+/// A deployment in Nix evaluated again while the run goes on (`staged.rs`).
+#[derive(Default)]
+struct Staging {
     /// Resources a later evaluation of a deployment in Nix declared while the run went on;
     /// node `decl` indices past the deployment's resources point here.
     added: Vec<Rc<ResourceDecl>>,
@@ -261,9 +277,6 @@ struct Driver<'a> {
     /// no-ops, replaces; deletes too, so nothing is planned twice).
     node_of: FastMap<String, NodeId>,
     stages: Option<crate::nix::Stages>,
-    /// Providers handed their settings before their first operation ([`config_late`]), and
-    /// whether that went well, once it is done.
-    late_config: FastMap<String, Rc<tokio::sync::OnceCell<Result<(), String>>>>,
     evaluating: bool,
     /// The outputs given to the last evaluation.
     given: std::collections::HashSet<String>,
@@ -308,14 +321,16 @@ impl<'a> Driver<'a> {
         let (asks, asked) = tokio::sync::mpsc::unbounded_channel();
         let mut driver = Driver {
             ops: FastMap::default(),
-            kids: FastMap::default(),
-            aborts: FastMap::default(),
-            deleting: Default::default(),
-            recorded_children: recorded_children(state),
-            permits_of: FastMap::default(),
-            child_addresses: Default::default(),
-            asks,
-            asked: Some(asked),
+            kin: Kin {
+                kids: FastMap::default(),
+                aborts: FastMap::default(),
+                deleting: Default::default(),
+                recorded_children: recorded_children(state),
+                permits_of: FastMap::default(),
+                child_addresses: Default::default(),
+                asks,
+                asked: Some(asked),
+            },
             changes,
             nodes,
             deployment,
@@ -328,14 +343,8 @@ impl<'a> Driver<'a> {
             summary: Summary::default(),
             state_error: None,
             scheduler,
-            added: Vec::new(),
-            added_index: FastMap::default(),
-            node_of: FastMap::default(),
-            stages: None,
+            staging: Staging::default(),
             late_config: FastMap::default(),
-            evaluating: false,
-            given: Default::default(),
-            evaluation_failed: false,
         };
         for provider in late {
             driver.late_config.insert(provider, Rc::default());
@@ -343,9 +352,9 @@ impl<'a> Driver<'a> {
         if let Some(stages) = stages {
             driver.start_stages(stages);
         }
-        if !driver.recorded_children.is_empty() {
+        if !driver.kin.recorded_children.is_empty() {
             // (Only a recorded child's address can be asked for again while being deleted.)
-            driver.deleting = driver
+            driver.kin.deleting = driver
                 .changes
                 .iter()
                 .filter(|c| c.action == Action::Delete)
@@ -364,7 +373,7 @@ impl<'a> Driver<'a> {
 
     /// Hands out steps and takes in what is done until nothing is left, or the interrupt.
     async fn drive(&mut self, interrupt: &CancellationToken) {
-        let mut asked = self.asked.take().expect("driven once");
+        let mut asked = self.kin.asked.take().expect("driven once");
         let mut work: Work = FuturesUnordered::new();
         let cancelled = interrupt.cancelled();
         tokio::pin!(cancelled);
@@ -431,20 +440,25 @@ impl<'a> Driver<'a> {
                 .get_index(d)
                 .map(|(_, r)| DeclRef::Base(r))
         } else {
-            self.added.get(d - base).cloned().map(DeclRef::Added)
+            self.staging
+                .added
+                .get(d - base)
+                .cloned()
+                .map(DeclRef::Added)
         }
     }
 
     /// Whether the deployment (as evaluated so far) declares `address`.
     fn declares(&self, address: &str) -> bool {
-        self.deployment.resources.contains_key(address) || self.added_index.contains_key(address)
+        self.deployment.resources.contains_key(address)
+            || self.staging.added_index.contains_key(address)
     }
 
     /// Adds an operation's work (abortable for children, which their parent may take along).
     fn spawn(&mut self, work: &mut Work, i: NodeId, future: impl Future<Output = Done> + 'static) {
-        if self.kids.contains_key(&i) {
+        if self.kin.kids.contains_key(&i) {
             let (handle, registration) = futures::future::AbortHandle::new_pair();
-            self.aborts.insert(i, handle);
+            self.kin.aborts.insert(i, handle);
             work.push(
                 futures::future::Abortable::new(future, registration)
                     .map(Result::ok)

@@ -5,26 +5,32 @@ use super::*;
 
 impl<'a> Driver<'a> {
     pub(super) fn start_stages(&mut self, stages: crate::nix::Stages) {
-        self.node_of = self
+        self.staging.node_of = self
             .changes
             .iter()
             .enumerate()
             .map(|(i, c)| (c.address.clone(), i))
             .collect();
-        self.stages = Some(stages);
+        self.staging.stages = Some(stages);
     }
 
     /// Starts an evaluation when something deferred waits for a resource that was made (or
     /// left as it is) since the last one, and none is running.
     pub(super) fn maybe_evaluate(&mut self, work: &mut Work) {
-        let Some(stages) = &self.stages else { return };
-        if self.evaluating || self.evaluation_failed || self.scheduler.stopped().is_some() {
+        let Some(stages) = &self.staging.stages else {
+            return;
+        };
+        if self.staging.evaluating
+            || self.staging.evaluation_failed
+            || self.scheduler.stopped().is_some()
+        {
             return;
         }
         // Made in this run, or left as it is (its recorded outputs stand, as the plan's
         // evaluations were told), and not failed since.
         let made = |address: &str| {
-            self.node_of
+            self.staging
+                .node_of
                 .get(address)
                 .is_some_and(|&i| match self.scheduler.state(i) {
                     Some(NodeState::Ended(End::Succeeded)) => true,
@@ -35,7 +41,7 @@ impl<'a> Driver<'a> {
         let ready = stages.deferred.iter().any(|d| {
             d.waits_for
                 .iter()
-                .any(|w| !self.given.contains(w) && made(w))
+                .any(|w| !self.staging.given.contains(w) && made(w))
         });
         if !ready {
             return;
@@ -43,13 +49,14 @@ impl<'a> Driver<'a> {
         // Every resource of the run that ended well gives its outputs.
         let known = crate::nix::outputs_of(
             self.state,
-            self.node_of
+            self.staging
+                .node_of
                 .iter()
                 .filter(|(a, _)| self.declares(a) && made(a))
                 .map(|(a, _)| a),
         );
-        self.given = known.keys().cloned().collect();
-        let Some(stages) = &mut self.stages else {
+        self.staging.given = known.keys().cloned().collect();
+        let Some(stages) = &mut self.staging.stages else {
             return;
         };
         stages.stage += 1;
@@ -58,8 +65,8 @@ impl<'a> Driver<'a> {
             stage: stages.stage,
         });
         let (file, params) = (stages.file.clone(), stages.params.clone());
-        let settled: BTreeSet<String> = self.node_of.keys().cloned().collect();
-        self.evaluating = true;
+        let settled: BTreeSet<String> = self.staging.node_of.keys().cloned().collect();
+        self.staging.evaluating = true;
         work.push(
             async move {
                 let evaluation = crate::nix::evaluate(&crate::nix::Request {
@@ -82,8 +89,8 @@ impl<'a> Driver<'a> {
         &mut self,
         result: Result<crate::nix::Evaluation, crate::nix::EvalError>,
     ) {
-        self.evaluating = false;
-        let Some(stages) = self.stages.as_mut() else {
+        self.staging.evaluating = false;
+        let Some(stages) = self.staging.stages.as_mut() else {
             return;
         };
         let file = stages.file.display().to_string();
@@ -95,7 +102,7 @@ impl<'a> Driver<'a> {
                 error,
             });
             driver.summary.failed += 1;
-            driver.evaluation_failed = true;
+            driver.staging.evaluation_failed = true;
         };
         let evaluation = match result {
             Ok(evaluation) => evaluation,
@@ -136,15 +143,16 @@ impl<'a> Driver<'a> {
         let deferred: Vec<crate::nix::Deferred> = evaluation
             .deferred
             .into_iter()
-            .filter(|d| !self.node_of.contains_key(&d.address))
+            .filter(|d| !self.staging.node_of.contains_key(&d.address))
             .collect();
         let kept = crate::nix::kept_for_deferred(self.state, &deferred);
         let new: Vec<PlannedChange> = planned
             .into_iter()
-            .filter(|c| !self.node_of.contains_key(&c.address))
+            .filter(|c| !self.staging.node_of.contains_key(&c.address))
             .filter(|c| {
                 c.action != Action::Delete
-                    || (!kept.contains(c.address.as_str()) && !self.deleting.contains(&c.address))
+                    || (!kept.contains(c.address.as_str())
+                        && !self.kin.deleting.contains(&c.address))
             })
             .collect();
         drop(kept);
@@ -160,7 +168,7 @@ impl<'a> Driver<'a> {
                 waits_for: d.waits_for.clone(),
             });
         }
-        if let Some(stages) = self.stages.as_mut() {
+        if let Some(stages) = self.staging.stages.as_mut() {
             stages.deferred = deferred;
         }
     }
@@ -187,15 +195,15 @@ impl<'a> Driver<'a> {
                 let firsts: Vec<NodeId> = decl
                     .dependencies()
                     .iter()
-                    .filter_map(|a| self.node_of.get(a).copied())
+                    .filter_map(|a| self.staging.node_of.get(a).copied())
                     .collect();
                 let mut decl = decl.clone();
                 // Indices into the evaluation's deployment mean nothing here; the driver
                 // reads dependencies by address.
                 decl.depends_on = Vec::new();
-                let index = self.deployment.resources.len() + self.added.len();
-                self.added_index.insert(address.clone(), index);
-                self.added.push(Rc::new(decl));
+                let index = self.deployment.resources.len() + self.staging.added.len();
+                self.staging.added_index.insert(address.clone(), index);
+                self.staging.added.push(Rc::new(decl));
                 let Ok(i) = self.scheduler.add(&firsts) else {
                     continue;
                 };
@@ -205,7 +213,7 @@ impl<'a> Driver<'a> {
                 });
                 change.declared = None;
                 self.changes.push(change.clone());
-                self.node_of.insert(address, i);
+                self.staging.node_of.insert(address, i);
                 shown.push(change);
                 debug_assert_eq!(i + 1, self.changes.len());
                 continue;
@@ -214,9 +222,9 @@ impl<'a> Driver<'a> {
                 decl: NO_DECL,
                 capability_source: false,
             });
-            self.deleting.insert(address.clone());
+            self.kin.deleting.insert(address.clone());
             self.changes.push(change.clone());
-            self.node_of.insert(address, i);
+            self.staging.node_of.insert(address, i);
             shown.push(change);
         }
         // A delete waits for what was recorded as depending on it: its delete, or its create
@@ -228,7 +236,7 @@ impl<'a> Driver<'a> {
                 .resources
                 .iter()
                 .filter(|(_, r)| r.dependencies.contains(&address))
-                .filter_map(|(a, _)| self.node_of.get(a).copied())
+                .filter_map(|(a, _)| self.staging.node_of.get(a).copied())
                 .filter(|&k| k != j)
                 .collect();
             for k in dependents {
@@ -241,7 +249,7 @@ impl<'a> Driver<'a> {
     /// What is still deferred at the end never had what it waited for: reported as skipped
     /// (unless the run was interrupted, which says so itself).
     pub(super) fn report_deferred(&mut self, interrupted: bool) {
-        let Some(stages) = self.stages.take() else {
+        let Some(stages) = self.staging.stages.take() else {
             return;
         };
         if interrupted {
@@ -249,7 +257,7 @@ impl<'a> Driver<'a> {
         }
         for d in &stages.deferred {
             let ended_badly = |a: &String| {
-                self.node_of.get(a).is_some_and(|&i| {
+                self.staging.node_of.get(a).is_some_and(|&i| {
                     matches!(
                         self.scheduler.state(i),
                         Some(NodeState::Ended(End::Failed | End::Skipped(_)))
@@ -263,7 +271,7 @@ impl<'a> Driver<'a> {
                 .or(d.waits_for.first())
                 .cloned()
                 .unwrap_or_default();
-            let reason = if self.evaluation_failed {
+            let reason = if self.staging.evaluation_failed {
                 "deferred, and the deployment's evaluation failed".to_string()
             } else if ended_badly(&dependency) {
                 format!("deferred: its evaluation uses outputs of `{dependency}`, which did not succeed")

@@ -16,11 +16,18 @@ use capstan_engine::run::{self, Providers, RunOptions};
 use capstan_engine::state::{DirectoryBackend, State, StateBackend};
 use capstan_host::{HostOptions, ProviderConnection};
 use capstan_provider::{Operation, OperationError, Provider, Resource, ResourceType};
-use capstan_tests::run_local;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tokio_util::sync::CancellationToken;
+
+fn run_local<F: std::future::Future>(f: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tokio::task::LocalSet::new().block_on(&runtime, f)
+}
 
 #[derive(Default)]
 struct Probe {
@@ -79,12 +86,33 @@ impl Resource for Fail {
     }
 }
 
+/// Makes a child `c` (an `echo` of its own `value`) through the run's scheduler, then a
+/// permit it gives back; answers with the child's outputs.
+struct Parent(Rc<Probe>);
+impl Resource for Parent {
+    type Inputs = Value;
+    type Outputs = Value;
+    fn resource_type() -> ResourceType {
+        ResourceType::new("parent")
+            .optional("value", "")
+            .uses_scheduler(true)
+    }
+    async fn create(&self, op: &Operation, inputs: Value) -> Result<Value, OperationError> {
+        let child = op.child("c", None, "echo", &inputs).await?;
+        let permit = op.permit().await?;
+        self.0.calls.set(self.0.calls.get() + 1);
+        permit.release().await?;
+        Ok(json!({"value": inputs["value"], "child": child}))
+    }
+}
+
 /// A provider in this process, connected over an in-memory pipe.
 async fn connect(probe: &Rc<Probe>, max_concurrency: u32) -> ProviderConnection {
     let provider = Provider::new("mem", "0.0.1")
         .resource(Echo(probe.clone()))
         .resource(Hang(probe.clone()))
         .resource(Fail(probe.clone()))
+        .resource(Parent(probe.clone()))
         .max_concurrency(max_concurrency);
     let (host_end, provider_end) = tokio::io::duplex(64 * 1024);
     let (pr, pw) = tokio::io::split(provider_end);
@@ -364,5 +392,47 @@ fn a_providers_limit_holds_in_the_provider_under_many_jobs() {
         let (summary, _) = apply(&mut f, &probe, 2, options, CancellationToken::new()).await;
         assert_eq!(summary.created, 24);
         assert_eq!(probe.max_running.get(), 2);
+    });
+}
+
+#[test]
+fn a_child_and_a_permit_asked_for_by_a_running_operation_are_run_and_recorded_under_it() {
+    run_local(async {
+        let probe = Rc::new(Probe::default());
+        let mut f = fixture(json!({"executable": "unused"}), &[("p", "parent", &[])]);
+        let options = RunOptions {
+            jobs: 1,
+            ..RunOptions::default()
+        };
+        let (summary, events) = apply(&mut f, &probe, 0, options, CancellationToken::new()).await;
+        assert!(summary.succeeded(), "{summary:?} {events:#?}");
+        assert_eq!(summary.created, 2, "the parent and its child");
+        // The parent got the child's outputs, and its permit came back (or the parent,
+        // holding the only job, would never have finished).
+        let parent = &f.state.resources["p"];
+        assert_eq!(parent.outputs.value()["child"]["value"], "p");
+        assert_eq!(
+            probe.calls.get(),
+            2,
+            "the child's echo and the parent's own work"
+        );
+        // The child is recorded under its parent, and so is the next run's state.
+        for state in [&f.state, &reloaded(f.dir.path())] {
+            let child = &state.resources["p/c"];
+            assert_eq!(child.parent.as_deref(), Some("p"));
+            assert_eq!(child.resource_type, "echo");
+        }
+        let completed: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::ResourceComplete { address, .. } => Some(address.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            completed,
+            ["p/c", "p"],
+            "the child ends before its parent answers"
+        );
     });
 }
