@@ -11,7 +11,7 @@ use capstan_cli::served::SelfLauncher;
 use capstan_engine::events::{Event, EventSink};
 use capstan_engine::plan::Action;
 use capstan_engine::run::{Providers, RunOptions};
-use capstan_engine::session::{self, Mode, Session, Source, StartOptions};
+use capstan_engine::session::{self, Mode, Notice, Session, Source, StartOptions};
 use capstan_engine::state::{self, DirectoryBackend, StateBackend, StateError};
 use clap::Args;
 use serde_json::{Map, Value};
@@ -362,16 +362,18 @@ async fn start(
             });
         }
     });
-    let (providers, notices) = session
-        .start(&launcher, logs_tx, options)
-        .await
-        .map_err(|e| CliError::from_session(e, stop))?;
-    for warning in &notices.warnings {
-        say!("warning: {warning}");
+    let mut notices = Vec::new();
+    let started = session
+        .start(&launcher, logs_tx, options, &mut notices)
+        .await;
+    // Said whether or not the start went on to succeed.
+    for notice in notices {
+        match notice {
+            Notice::Warning(warning) => say!("warning: {warning}"),
+            Notice::Note(note) => say!("note: {note}"),
+        }
     }
-    for note in &notices.notes {
-        say!("note: {note}");
-    }
+    let providers = started.map_err(|e| CliError::from_session(e, stop))?;
     Ok(providers)
 }
 
@@ -453,12 +455,34 @@ pub async fn apply_cmd(
     };
     let providers = start(&mut session, &options, &stop).await?;
     // From here the providers run: every way out stops them first.
-    let result = apply_with(session, &providers, &run_args, &stop).await;
+    let ended = apply_with(session, &providers, &run_args, &stop).await;
     providers.shutdown().await;
-    if let (Ok(_), Some(backend)) = (&result, backend) {
-        compact_if_large(backend);
+    // The exit code once everything is stopped and written: a signal or a closed output
+    // during the shutdown still counts.
+    match ended? {
+        Ended::Ran { succeeded } => {
+            if let Some(backend) = backend {
+                compact_if_large(backend);
+            }
+            Ok(stop.finished(succeeded))
+        }
+        Ended::Declined => {
+            say!("Nothing was deleted.");
+            Err(CliError::Exit(ExitCode::from(EXIT_FAILED)))
+        }
+        Ended::Stopped => Ok(stop.finished(false)),
     }
-    result
+}
+
+/// How an apply ended, before its providers are stopped.
+enum Ended {
+    Ran {
+        succeeded: bool,
+    },
+    /// "Delete everything?" was answered no.
+    Declined,
+    /// Stopped at that question.
+    Stopped,
 }
 
 /// Shows the plan, asks before deleting everything, and runs it.
@@ -467,7 +491,7 @@ async fn apply_with(
     providers: &Providers,
     run_args: &RunArgs,
     stop: &Stop,
-) -> Result<ExitCode, CliError> {
+) -> Result<Ended, CliError> {
     session.show_plan();
     let deletes = session
         .changes
@@ -478,11 +502,8 @@ async fn apply_with(
     if everything && !run_args.yes {
         match confirm(deletes, stop).await {
             Confirmed::Yes => {}
-            Confirmed::No => {
-                say!("Nothing was deleted.");
-                return Err(CliError::Exit(ExitCode::from(EXIT_FAILED)));
-            }
-            Confirmed::Stopped => return Err(CliError::Exit(stop.finished(false))),
+            Confirmed::No => return Ok(Ended::Declined),
+            Confirmed::Stopped => return Ok(Ended::Stopped),
         }
     }
     let options = RunOptions {
@@ -495,7 +516,9 @@ async fn apply_with(
         .run(providers, &options)
         .await
         .map_err(|e| CliError::from_session(e, stop))?;
-    Ok(stop.finished(summary.succeeded()))
+    Ok(Ended::Ran {
+        succeeded: summary.succeeded(),
+    })
 }
 
 /// A person's answer to "delete everything?".

@@ -12,6 +12,14 @@ use capstan_engine::run::{ProviderLauncher, Served};
 use capstan_host::ProviderCommand;
 use clap::Subcommand;
 
+/// Writes a line to stderr, ignoring a stderr that is gone (the host may have exited).
+macro_rules! say_stderr {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// The name of the hidden subcommand.
 pub const SUBCOMMAND: &str = "__provider";
 
@@ -98,7 +106,7 @@ pub fn serve_terraform_bridge(args: TerraformArgs) -> ExitCode {
         Ok(config) => match serde_json::from_str(&config) {
             Ok(config) => config,
             Err(e) => {
-                eprintln!(
+                say_stderr!(
                     "error: {} is not JSON: {e}",
                     capstan_engine::model::TERRAFORM_CONFIG_ENV
                 );
@@ -109,13 +117,13 @@ pub fn serve_terraform_bridge(args: TerraformArgs) -> ExitCode {
     // Not passed on to the Terraform provider it starts.
     std::env::remove_var(capstan_engine::model::TERRAFORM_CONFIG_ENV);
     let Some(program) = args.program.into_iter().next() else {
-        eprintln!("error: give the Terraform provider binary after `--`");
+        say_stderr!("error: give the Terraform provider binary after `--`");
         return ExitCode::from(2);
     };
     match capstan_terraform::bridge::provider(program.into(), config) {
         Ok((provider, runtime)) => provider.serve_on(runtime),
         Err(e) => {
-            eprintln!("error: {e}");
+            say_stderr!("error: {e}");
             ExitCode::from(1)
         }
     }
@@ -177,7 +185,7 @@ pub fn serve_v0_bridge(args: V0Args) -> ExitCode {
     }
     let mut program = args.program.into_iter();
     let Some(path) = program.next() else {
-        eprintln!("error: give the NixOps4 v0 provider program after `--`");
+        say_stderr!("error: give the NixOps4 v0 provider program after `--`");
         return ExitCode::from(2);
     };
     capstan_provider_nixops4_v0::provider(path.into(), program.collect(), &types).serve()

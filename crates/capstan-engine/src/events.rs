@@ -167,6 +167,8 @@ enum OperationName {
     Delete,
     /// A read on an unchanged resource.
     Noop,
+    /// A replace: its delete, then its create.
+    Replace,
 }
 
 /// The JSON Schema of the stream `--json` writes: one object per line, a `version` line first,

@@ -7,7 +7,7 @@
 //! changed the state, reads what the plan must read (`readOnPlan`, `--refresh`) and checks the
 //! deployment against the providers' handshakes. Then [`Session::plan_with_providers`] (for a
 //! plan) or [`Session::run`]. Every failure is one [`SessionError`]; the session prints
-//! nothing: what a person should read comes back as [`Notices`].
+//! nothing: what a person should read comes back as [`Notice`]s, even when it fails.
 
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -60,12 +60,12 @@ pub enum SessionError {
     Stopped,
 }
 
-/// What the checks before the plan found that a person should read: warnings (something
-/// could not be checked) and notes (something was found and settled), in order.
-#[derive(Debug, Default)]
-pub struct Notices {
-    pub warnings: Vec<String>,
-    pub notes: Vec<String>,
+/// What the checks before the plan found that a person should read, in the order found:
+/// warnings (something could not be checked) and notes (something was found and settled).
+#[derive(Debug)]
+pub enum Notice {
+    Warning(String),
+    Note(String),
 }
 
 /// How the session's providers are started and how many reads it runs at once.
@@ -113,6 +113,8 @@ struct NixSession {
 
 /// What `destroy` needs of the deployment, said with its errors.
 const DESTROY_HINT: &str = "destroy starts the providers that file declares to delete what the state holds; point -f at the deployment";
+/// The same, for a deployment in Nix.
+const DESTROY_HINT_NIX: &str = "destroy evaluates the providers that file declares to delete what the state holds; point -f at the deployment";
 
 /// A deployment read, before its state is opened ([`Session::read`]).
 pub struct Reading {
@@ -212,7 +214,7 @@ impl Session {
             };
             let evaluation = unless_stopped(&session.interrupt.clone(), nix::evaluate(&request))
                 .await?
-                .map_err(|e| SessionError::Invalid(format!("{e}\n  {DESTROY_HINT}")))?;
+                .map_err(|e| SessionError::Invalid(format!("{e}\n  {DESTROY_HINT_NIX}")))?;
             session.deployment = Deployment::parse(&file, &evaluation.document, &params)
                 .map_err(|e| SessionError::Invalid(e.to_string()))?;
         } else if nix::is_nix(&file) {
@@ -259,13 +261,15 @@ impl Session {
 
     /// Starts every provider the deployment declares or the plan uses, then checks what the
     /// plan stands on with them (interrupted operations, the plan's reads) and the deployment
-    /// against their handshakes. On an error, the providers started are stopped.
+    /// against their handshakes. What a person should read is added to `notices` as it is
+    /// found, whatever happens next. On an error, the providers started are stopped.
     pub async fn start(
         &mut self,
         launcher: &dyn ProviderLauncher,
         logs: tokio::sync::mpsc::Sender<capstan_host::ProviderLog>,
         options: &StartOptions,
-    ) -> Result<(Providers, Notices), SessionError> {
+        notices: &mut Vec<Notice>,
+    ) -> Result<Providers, SessionError> {
         let names = self.providers_to_start()?;
         let launch = Providers::launch(
             &names,
@@ -280,9 +284,8 @@ impl Session {
         let providers = unless_stopped(&self.interrupt.clone(), launch)
             .await?
             .map_err(|e| SessionError::Invalid(e.to_string()))?;
-        let mut notices = Notices::default();
-        match self.check(&providers, options, &mut notices).await {
-            Ok(()) => Ok((providers, notices)),
+        match self.check(&providers, options, notices).await {
+            Ok(()) => Ok(providers),
             Err(e) => {
                 providers.shutdown().await;
                 Err(e)
@@ -318,7 +321,7 @@ impl Session {
         &mut self,
         providers: &Providers,
         options: &StartOptions,
-        notices: &mut Notices,
+        notices: &mut Vec<Notice>,
     ) -> Result<(), SessionError> {
         if !self.state.pending.is_empty() {
             self.reconcile(providers, options, notices).await?;
@@ -334,7 +337,7 @@ impl Session {
             options.refresh,
         );
         let reads = unless_stopped(&self.interrupt.clone(), reads).await?;
-        notices.warnings.extend(reads.warnings);
+        notices.extend(reads.warnings.into_iter().map(Notice::Warning));
         // What its provider no longer finds is no longer in the state.
         self.settle(
             reads
@@ -358,7 +361,7 @@ impl Session {
         &mut self,
         providers: &Providers,
         options: &StartOptions,
-        notices: &mut Notices,
+        notices: &mut Vec<Notice>,
     ) -> Result<(), SessionError> {
         let check = reconcile::check_interrupted(
             &self.state,
@@ -369,12 +372,12 @@ impl Session {
             options.timeout,
         );
         let checked = unless_stopped(&self.interrupt.clone(), check).await?;
-        notices.warnings.extend(checked.warnings);
-        notices.notes.extend(
+        notices.extend(checked.warnings.iter().cloned().map(Notice::Warning));
+        notices.extend(
             checked
                 .notes
                 .iter()
-                .map(|(address, note)| format!("{address}: {note}")),
+                .map(|(address, note)| Notice::Note(format!("{address}: {note}"))),
         );
         if checked.records.is_empty() {
             return Ok(());

@@ -34,29 +34,38 @@ pub fn dies_with_parent(command: &mut tokio::process::Command) -> &mut tokio::pr
     command
 }
 
+/// A process or group id (0 and negative ones mean other things to `kill`: never sent).
+fn valid(id: i32) -> Option<Pid> {
+    if id > 0 {
+        Pid::from_raw(id)
+    } else {
+        None
+    }
+}
+
 /// Sends `signal` to process group `pgid` (a group leader's pid); a group that is gone, or not
 /// a valid id, is left alone.
 pub fn signal_group(pgid: i32, signal: Signal) {
-    if let Some(pgid) = Pid::from_raw(pgid) {
+    if let Some(pgid) = valid(pgid) {
         let _ = rustix::process::kill_process_group(pgid, signal);
     }
 }
 
 /// Whether any process is left in group `pgid` that we may signal.
 pub fn group_exists(pgid: i32) -> bool {
-    Pid::from_raw(pgid).is_some_and(|pgid| rustix::process::test_kill_process_group(pgid).is_ok())
+    valid(pgid).is_some_and(|pgid| rustix::process::test_kill_process_group(pgid).is_ok())
 }
 
 /// Sends `signal` to process `pid`, if there is one.
 pub fn signal_process(pid: i32, signal: Signal) {
-    if let Some(pid) = Pid::from_raw(pid) {
+    if let Some(pid) = valid(pid) {
         let _ = rustix::process::kill_process(pid, signal);
     }
 }
 
 /// Whether process `pid` exists (ours to signal or not; a zombie counts).
 pub fn process_exists(pid: i32) -> bool {
-    let Some(pid) = Pid::from_raw(pid) else {
+    let Some(pid) = valid(pid) else {
         return false;
     };
     match rustix::process::test_kill_process(pid) {
@@ -139,6 +148,7 @@ mod tests {
     fn this_process_exists_in_a_session_of_its_own_and_a_made_up_one_does_not() {
         assert!(process_exists(own_pid()));
         assert!(!process_exists(i32::MAX - 1) || own_pid() == i32::MAX - 1);
+        assert!(!process_exists(0) && !process_exists(-1) && !group_exists(-own_pid()));
         assert!(own_session() > 0);
         let _ = own_uid();
     }
