@@ -104,3 +104,81 @@ fn a_caller_that_starts_only_the_changed_providers_gets_an_error_not_a_panic() {
             .any(|e| matches!(e, Event::ResourceSkipped { address, .. } if address == "u")));
     });
 }
+
+/// An embedder's whole job through the engine's `Session`: open, start, run; then a plan of
+/// nothing; then destroy. Real provider processes, a real journal.
+#[test]
+fn a_deployment_driven_through_a_session_applies_plans_to_nothing_and_destroys() {
+    use capstan_engine::session::{Context, Mode, Session, Source, StartOptions};
+    run_local(async {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("capstan.json");
+        let provider = json!({"executable": testing_provider()});
+        std::fs::write(
+            &file,
+            json!({
+                "providers": {"t": provider},
+                "resources": {
+                    "a": {"provider": "t", "type": "noop", "inputs": {"value": 1}},
+                    "b": {"provider": "t", "type": "noop", "inputs": {"value": {"$ref": "a#id"}}}
+                }
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let launcher = SelfLauncher {
+            program: capstan_tests::workspace_binary("capstan"),
+        };
+        let session_for = |mode: Mode| {
+            let mut backend =
+                DirectoryBackend::open(&dir.path().join(".capstan"), Duration::ZERO).unwrap();
+            let (state, _) = backend.load().unwrap();
+            let events = Rc::new(CollectEvents(Default::default()));
+            let cx = Context {
+                state,
+                backend: Some(Rc::new(backend) as Rc<dyn StateBackend>),
+                events: events.clone(),
+                secrets: capstan_engine::secrets::Secrets::new(),
+                interrupt: Default::default(),
+            };
+            let source = Source {
+                file: file.clone(),
+                params: Default::default(),
+            };
+            (Session::read(source, mode).unwrap(), cx, events)
+        };
+        let options = StartOptions {
+            jobs: 4,
+            timeout: None,
+            refresh: false,
+            max_message_mib: None,
+        };
+        for (mode, expect_changes) in [
+            (Mode::Apply, true),
+            (Mode::Apply, false),
+            (Mode::Destroy, true),
+        ] {
+            let (reading, cx, events) = session_for(mode);
+            let mut session = Session::open(reading, cx).await.unwrap();
+            assert_eq!(session.changes_anything(), expect_changes, "{mode:?}");
+            let (logs, _) = tokio::sync::mpsc::channel(16);
+            let mut notices = Vec::new();
+            let providers = session
+                .start(&launcher, logs, &options, &mut notices)
+                .await
+                .unwrap();
+            assert!(notices.is_empty(), "{notices:?}");
+            let summary = session
+                .run(&providers, &RunOptions::default())
+                .await
+                .unwrap();
+            providers.shutdown().await;
+            assert!(summary.succeeded(), "{:?}", events.0.borrow());
+            match (mode, expect_changes) {
+                (Mode::Apply, true) => assert_eq!(summary.created, 2),
+                (Mode::Apply, false) => assert_eq!(summary.unchanged, 2),
+                _ => assert_eq!(summary.deleted, 2),
+            }
+        }
+    });
+}
