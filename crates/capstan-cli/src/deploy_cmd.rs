@@ -266,6 +266,11 @@ async fn open(
         mode,
     )
     .map_err(|e| CliError::from_session(e, stop))?;
+    if let Ok(launcher) = SelfLauncher::current() {
+        reading
+            .check_providers(&launcher)
+            .map_err(|e| CliError::from_session(e, stop))?;
+    }
     let dir = args.place.checked_state_dir().map_err(|e| invalid(&e))?;
     let owner = file
         .file_name()

@@ -39,7 +39,14 @@ impl SelfLauncher {
     }
 }
 
+/// The providers built into `capstan`, by the name a deployment gives them.
+pub const BUILTINS: [&str; 2] = ["local", "nix"];
+
 impl ProviderLauncher for SelfLauncher {
+    fn builtins(&self) -> Option<&[&str]> {
+        Some(&BUILTINS)
+    }
+
     fn command(&self, served: Served<'_>) -> ProviderCommand {
         let mut args: Vec<OsString> = vec![SUBCOMMAND.into()];
         match served {

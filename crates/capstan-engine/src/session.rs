@@ -271,6 +271,7 @@ impl Session {
         notices: &mut Vec<Notice>,
     ) -> Result<Providers, SessionError> {
         let names = self.providers_to_start()?;
+        check_builtins(&self.deployment, launcher)?;
         let launch = Providers::launch(
             &names,
             &self.deployment,
@@ -495,6 +496,39 @@ impl Session {
             stages,
         };
         Ok(run.execute(std::mem::take(&mut self.changes)).await?)
+    }
+}
+
+/// Every `{"builtin": NAME}` of `deployment` names a provider the launcher has.
+fn check_builtins(
+    deployment: &Deployment,
+    launcher: &dyn ProviderLauncher,
+) -> Result<(), SessionError> {
+    let Some(known) = launcher.builtins() else {
+        return Ok(());
+    };
+    for (name, decl) in &deployment.providers {
+        if let crate::model::ProviderSourceDecl::Builtin(builtin) = &decl.source {
+            if !known.contains(&builtin.as_str()) {
+                return Err(SessionError::Invalid(format!(
+                    "{}: providers.{name}: unknown builtin `{builtin}`; built in: {}",
+                    deployment.file.display(),
+                    known.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Reading {
+    /// Checks what can be checked of the providers before the state is opened: that every
+    /// built-in one exists (a deployment in Nix is checked once evaluated, when it starts).
+    pub fn check_providers(&self, launcher: &dyn ProviderLauncher) -> Result<(), SessionError> {
+        match &self.deployment {
+            Some(deployment) => check_builtins(deployment, launcher),
+            None => Ok(()),
+        }
     }
 }
 

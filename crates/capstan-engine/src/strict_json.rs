@@ -137,11 +137,14 @@ impl<'de> Visitor<'de> for UniqueValue {
 /// `text` with control characters shown as escapes, for messages that quote a name a user
 /// wrote (a name with an ANSI escape must not reach the terminal raw).
 pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(char::is_control) {
+    let hidden = |c: char| c.is_control() || invisible(c);
+    if text.chars().any(hidden) {
         text.chars()
             .flat_map(|c| {
                 if c.is_control() {
                     c.escape_default().collect::<Vec<_>>()
+                } else if invisible(c) {
+                    c.escape_unicode().collect::<Vec<_>>()
                 } else {
                     vec![c]
                 }
@@ -151,6 +154,29 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     } else {
         text.into()
     }
+}
+
+/// Characters that show nothing or reorder what follows: zero-width spaces and joiners, the
+/// byte-order mark, soft hyphens, and the bidirectional controls (Trojan Source).
+pub fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{17B4}'
+            | '\u{17B5}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+    )
 }
 
 #[cfg(test)]

@@ -684,6 +684,13 @@ pub fn check_owner(dir: &Path, deployment: &str, claim: bool) -> Result<(), Stat
     let path = dir.join(OWNER_FILE);
     match std::fs::read_to_string(&path) {
         Ok(owner) if owner.trim() == deployment => Ok(()),
+        // A claim a full disk left empty claims nothing.
+        Ok(owner) if owner.trim().is_empty() => {
+            if claim {
+                write_claim(dir, &path, deployment)?;
+            }
+            Ok(())
+        }
         Ok(owner) => Err(StateError::OtherDeployment {
             dir: dir.to_path_buf(),
             owner: owner.trim().to_string(),
@@ -691,20 +698,33 @@ pub fn check_owner(dir: &Path, deployment: &str, claim: bool) -> Result<(), Stat
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if claim {
-                let mut file = private_file()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&path)
-                    .map_err(io(&path))?;
-                file.write_all(format!("{deployment}\n").as_bytes())
-                    .and_then(|()| file.sync_all())
-                    .map_err(io(&path))?;
+                write_claim(dir, &path, deployment)?;
             }
             Ok(())
         }
         Err(e) => Err(io(&path)(e)),
     }
+}
+
+/// Writes the claim whole or not at all: a temporary file, synced, renamed into place, the
+/// directory synced (a full disk leaves no empty claim behind).
+fn write_claim(dir: &Path, path: &Path, deployment: &str) -> Result<(), StateError> {
+    let temporary = dir.join(format!("{OWNER_FILE}.tmp"));
+    let written = private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(format!("{deployment}\n").as_bytes())?;
+            file.sync_all()
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(io(&temporary)(e));
+    }
+    std::fs::rename(&temporary, path).map_err(io(path))?;
+    fsync_dir(dir)
 }
 
 /// The longest the journal writer waits for more records before a group commit, when records

@@ -311,19 +311,24 @@ fn a_crash_mid_way_keeps_the_childrens_state_and_gives_permits_back() {
 }
 
 #[test]
-fn a_child_may_not_take_the_address_of_a_declared_resource() {
+fn a_declared_resource_may_not_take_a_childs_address() {
+    // `/` separates a child from its parent: a declared name with one is refused before
+    // anything runs, instead of colliding with a child at run time.
     let project = Project::new(json!({
         "a": {"provider": "t", "type": "fanout", "inputs": {"count": 1}},
         "a/c0": {"provider": "t", "type": "probe", "inputs": {}}
     }));
     let (code, events) = project.json(&["apply"]);
-    assert_eq!(code, Some(1), "{events:#?}");
-    let failed = failures(&events);
+    assert_eq!(code, Some(2), "{events:#?}");
     assert!(
-        failed
-            .iter()
-            .any(|f| f.starts_with("a ") && f.contains("has this address")),
-        "{failed:#?}"
+        !events.iter().any(|e| e["type"] == "resource_start"),
+        "{events:#?}"
+    );
+    let out = crate::support::capstan_in(project.dir.path(), &["plan"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("resources.a/c0") && said.contains("`/`"),
+        "{said}"
     );
 }
 

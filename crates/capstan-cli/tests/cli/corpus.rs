@@ -54,6 +54,11 @@ fn bad(
 const APPLY: &[&str] = &["apply"];
 const PLAN: &[&str] = &["plan"];
 
+/// One memo, nothing to give it.
+const MEMO_PLAIN: &str = r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "m": {"provider": "local", "type": "memo", "inputs": {"value": "hi"}}
+}}"#;
+
 /// `m` takes the parameter `greeting`.
 const MEMO_WITH_PARAM: &str = r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
   "m": {"provider": "local", "type": "memo", "inputs": {"value": {"$param": "greeting"}}}
@@ -161,6 +166,50 @@ fn cases() -> Vec<Case> {
             2,
         ),
         bad("marker_as_inputs", memo(r#"{"$ref": "x#value"}"#), PLAN, 2),
+        // Issue 20: a builtin nobody has, `args` where nothing reads them, names that collide
+        // with children's or look like others.
+        bad(
+            "builtin_unknown",
+            r#"{"providers": {"l": {"builtin": "lokal"}}, "resources": {}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "builtin_terraform",
+            r#"{"providers": {"l": {"builtin": "terraform"}}, "resources": {}}"#,
+            APPLY,
+            2,
+        ),
+        bad(
+            "args_on_a_builtin",
+            r#"{"providers": {"l": {"builtin": "local", "args": ["-v"]}}, "resources": {}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "args_on_a_terraform_provider",
+            r#"{"providers": {"t": {"executable": "./tf", "protocol": "terraform", "args": ["-v"]}}, "resources": {}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "name_with_a_slash",
+            r#"{"providers": {"local": {"builtin": "local"}}, "resources": {"a/b": {"provider": "local", "type": "memo", "inputs": {"value": 1}}}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "name_with_a_zero_width_space",
+            "{\"providers\": {\"local\": {\"builtin\": \"local\"}}, \"resources\": {\"a\u{200B}b\": {\"provider\": \"local\", \"type\": \"memo\", \"inputs\": {\"value\": 1}}}}",
+            PLAN,
+            2,
+        ),
+        bad(
+            "name_with_a_bidi_override",
+            "{\"providers\": {\"local\": {\"builtin\": \"local\"}}, \"resources\": {\"ab\u{202E}c\": {\"provider\": \"local\", \"type\": \"memo\", \"inputs\": {\"value\": 1}}}}",
+            PLAN,
+            2,
+        ),
         bad(
             "marker_unknown_nested",
             memo(r#"{"value": {"config": {"$schema": "x"}}}"#),
@@ -268,6 +317,13 @@ fn cases() -> Vec<Case> {
             2,
         ),
         bad("inputs_not_an_object", memo(r#"[1, 2]"#), PLAN, 2),
+        // Issue 20: a claim a full disk left empty claims nothing; the apply goes on.
+        Case {
+            name: "empty_claim_left_by_a_full_disk",
+            files: &[(".capstan/deployment", "")],
+            state_untouched: false,
+            ..bad("", MEMO_PLAIN, &["apply"], 0)
+        },
         // ---- state commands need only the state, and never write ----
         Case {
             name: "state_list_without_the_deployment",

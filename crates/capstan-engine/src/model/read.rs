@@ -116,6 +116,9 @@ fn provider_source(decl: &Map<String, Value>) -> Result<ProviderSourceDecl, Stri
     if sources != 1 {
         return Err("give exactly one of `builtin`, `executable` or `socket`".into());
     }
+    if decl.contains_key("args") && !decl.contains_key("executable") {
+        return Err("`args` is for an `executable` provider (its command line)".into());
+    }
     if let Some(builtin) = text("builtin") {
         return Ok(ProviderSourceDecl::Builtin(builtin));
     }
@@ -147,6 +150,9 @@ fn provider_protocol(
         None => Ok(None),
         Some(Value::String(p)) if p == TERRAFORM && !executable => Err(format!(
             "a `{TERRAFORM}` provider is an `executable` (the provider binary)"
+        )),
+        Some(Value::String(p)) if p == TERRAFORM && decl.contains_key("args") => Err(format!(
+            "a `{TERRAFORM}` provider takes no `args`: its binary is started as Terraform starts it (settings go in `config`)"
         )),
         Some(Value::String(p)) if p == NIXOPS4_V0 && !executable => Err(format!(
             "a `{NIXOPS4_V0}` provider is an `executable` (it is started once per operation)"
@@ -451,11 +457,17 @@ pub(super) fn bad_name(name: &str) -> Option<String> {
     if name.is_empty() {
         return Some("a resource name must not be empty".into());
     }
-    if name.contains(['.', '#']) {
+    if name.contains(['.', '#', '/']) {
         return Some(
-            "a resource name must not contain `.` or `#` (they separate groups and outputs in addresses)"
+            "a resource name must not contain `.`, `#` or `/` (they separate groups, outputs and children in addresses)"
                 .into(),
         );
+    }
+    if let Some(c) = name.chars().find(|&c| strict_json::invisible(c)) {
+        return Some(format!(
+            "a resource name must not contain invisible or direction-changing characters (found U+{:04X}): two names that look the same must be the same",
+            c as u32
+        ));
     }
     if name.chars().any(char::is_control) {
         return Some(

@@ -37,6 +37,12 @@ pub enum Served<'a> {
 /// environment it needs on the command returned.
 pub trait ProviderLauncher {
     fn command(&self, served: Served<'_>) -> ProviderCommand;
+
+    /// The names `{"builtin": NAME}` may take, if the launcher knows them (a name outside
+    /// them is then an error before anything starts).
+    fn builtins(&self) -> Option<&[&str]> {
+        None
+    }
 }
 
 /// The resource types (with declared output names) each NixOps4 v0 provider must serve: those
