@@ -12,7 +12,7 @@ use capstan_engine::events::{Event, EventSink};
 use capstan_engine::plan::Action;
 use capstan_engine::run::{Providers, RunOptions};
 use capstan_engine::session::{self, Mode, Notice, Session, Source, StartOptions};
-use capstan_engine::state::{self, DirectoryBackend, StateBackend, StateError};
+use capstan_engine::state::{self, DirectoryBackend, StateBackend};
 use clap::Args;
 use serde_json::{Map, Value};
 
@@ -280,12 +280,9 @@ async fn open(
         None => {
             state::check_owner(&dir, &owner, false).map_err(|e| invalid(&e))?;
             let (state, report) = state::read_only(&dir).map_err(|e| invalid(&e))?;
-            if !report.damaged.is_empty() {
-                return Err(invalid(&StateError::Damaged {
-                    path: dir.join("journal"),
-                    lines: report.damaged,
-                }));
-            }
+            // A plan writes nothing: it plans from every intact record, and says which lines
+            // it could not read (an apply would stop on them).
+            crate::state_cmd::warn_damage(&dir, &report);
             (state, None)
         }
         Some(lock) => {

@@ -225,7 +225,7 @@ fn look(place: &Place) -> Result<State, CliError> {
     Ok(state)
 }
 
-fn warn_damage(dir: &std::path::Path, report: &LoadReport) {
+pub(crate) fn warn_damage(dir: &std::path::Path, report: &LoadReport) {
     if !report.damaged.is_empty() {
         say!(
             "warning: {}: line(s) {} are damaged; this shows every intact record. \

@@ -185,7 +185,7 @@ pub enum StateError {
         owner: String,
         deployment: String,
     },
-    #[error("{}: line(s) {} are damaged (they fail their checksum), so nothing was changed. Every intact record is still there: `capstan state repair` keeps them and sets the damaged lines aside in a file beside the journal", .path.display(), list_lines(.lines))]
+    #[error("{}: line(s) {} are damaged (they fail their checksum, or hold a record this capstan cannot read), so nothing was changed. Every intact record is still there: `capstan state repair` keeps them and sets the damaged lines aside in a file beside the journal", .path.display(), list_lines(.lines))]
     Damaged { path: PathBuf, lines: Vec<usize> },
 }
 

@@ -198,6 +198,9 @@ fn provider_config(
     Ok((Some(config), sensitive, refs))
 }
 
+/// How deep groups may nest (as deep as JSON may nest inside inputs).
+const MAX_GROUP_DEPTH: usize = 127;
+
 pub(super) fn collect_resources(
     group: &RawValue,
     prefix: &str,
@@ -209,6 +212,18 @@ pub(super) fn collect_resources(
     } else {
         format!("resources.{prefix}.resources")
     };
+    // Each group is read on its own, so JSON's own depth limit never sees the whole: count.
+    let depth = if prefix.is_empty() {
+        0
+    } else {
+        prefix.matches('.').count() + 1
+    };
+    if depth >= MAX_GROUP_DEPTH {
+        return Err((
+            group_place,
+            format!("nested too deeply: groups may nest at most {MAX_GROUP_DEPTH} deep"),
+        ));
+    }
     let group = capstan_schema::json::object_members(group.get()).map_err(|_| {
         (
             group_place.clone(),
