@@ -215,7 +215,7 @@ fn load_params(path: Option<&Path>, flag: &str) -> anyhow::Result<Map<String, Va
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read {flag} {}", path.display()))?;
-    match capstan_engine::strict_json::parse(&text) {
+    match capstan_engine::strict_json::parse_document(&text) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => bail!(
             "{}: parameters must be a JSON object of names to values",

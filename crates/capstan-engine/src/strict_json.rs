@@ -63,6 +63,26 @@ pub fn parse(text: &str) -> Result<Value, StrictError> {
     Ok(value)
 }
 
+/// Parses a whole file (`--params`, `--secrets`) as [`parse`] does, skipping a UTF-8
+/// byte-order mark (editors on some systems write one), and saying where in the file a
+/// syntax error is.
+pub fn parse_document(text: &str) -> Result<Value, String> {
+    let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = UniqueValue
+        .deserialize(&mut de)
+        .and_then(|value| de.end().map(|()| value));
+    parsed.map_err(|e| {
+        let (line, column) = (e.line(), e.column());
+        match classify(e) {
+            StrictError::Syntax(message) if line > 0 => {
+                format!("not valid JSON at line {line}, column {column}: {message}")
+            }
+            other => other.to_string(),
+        }
+    })
+}
+
 /// Checks that no two of `keys` are the same; the first repeated one otherwise.
 pub fn check_unique<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<(), StrictError> {
     let mut seen = std::collections::HashSet::new();
@@ -211,6 +231,18 @@ mod tests {
         assert_eq!(odd, StrictError::DuplicateKey("x at line 1".into()));
         let evil = parse("{\"\\u001b[31m\": 1, \"\\u001b[31m\": 2}").unwrap_err();
         assert!(!evil.to_string().contains('\u{1b}'), "{evil}");
+    }
+
+    #[test]
+    fn a_document_skips_a_byte_order_mark_and_says_where_it_is_wrong() {
+        assert_eq!(
+            parse_document("\u{FEFF}{\"a\": 1}"),
+            Ok(serde_json::json!({"a": 1}))
+        );
+        let error = parse_document("{\n  \"a\": 1,\n  \"b\": \n}").unwrap_err();
+        assert!(error.contains("line 4, column 1"), "{error}");
+        let twice = parse_document("{\"a\": 1, \"a\": 2}").unwrap_err();
+        assert!(twice.contains("appears twice"), "{twice}");
     }
 
     #[test]

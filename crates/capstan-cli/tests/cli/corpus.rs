@@ -329,6 +329,17 @@ fn cases() -> Vec<Case> {
             2,
         ),
         bad("inputs_not_an_object", memo(r#"[1, 2]"#), PLAN, 2),
+        // Issue 20: a parameter file's syntax error says where; a byte-order mark is skipped.
+        Case {
+            name: "params_syntax_error_says_where",
+            files: &[("p.json", "{\n  \"greeting\": \"hi\",\n  \"b\": \n}")],
+            ..bad("", MEMO_WITH_PARAM, &["plan", "--params", "p.json"], 2)
+        },
+        Case {
+            name: "params_with_a_byte_order_mark",
+            files: &[("p.json", "\u{FEFF}{\"greeting\": \"hi\"}")],
+            ..bad("", MEMO_WITH_PARAM, &["plan", "--params", "p.json"], 0)
+        },
         // Issue 20: groups nested 5,000 deep overflowed the stack (exit 134).
         bad("groups_nested_too_deep", deep_groups(5_000), PLAN, 2),
         // Issue 20: a claim a full disk left empty claims nothing; the apply goes on.
