@@ -72,16 +72,16 @@ impl LastLines {
 /// Starts `command` the way a provider should run a command for an operation: stdout and
 /// stderr piped (to read them as they come), in a process group of its own (so that a
 /// [`ProcessGroupGuard`], or [`stream_command`], can stop everything it started), killed if
-/// its `Child` is dropped. Set stdin yourself.
+/// its `Child` is dropped, and killed by the kernel if the provider dies (even of SIGKILL,
+/// with its core and reaper at once: nothing is left to clean up after it). Set stdin
+/// yourself.
 pub fn spawn_piped(
     command: &mut tokio::process::Command,
 ) -> std::io::Result<tokio::process::Child> {
     command
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
+        .stderr(std::process::Stdio::piped());
+    capstan_process::dies_with_parent(command).spawn()
 }
 
 /// Reads one line from a child process's output, without its line ending; bytes that are not

@@ -588,16 +588,11 @@ impl Activate {
 }
 
 async fn run_streaming(op: &Operation, program: &str) -> Result<(), OperationError> {
-    let child = tokio::process::Command::new(program)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            OperationError::permanent(format!("cannot run the activation program {program}: {e}"))
-        })?;
+    let mut command = tokio::process::Command::new(program);
+    command.stdin(Stdio::null());
+    let child = capstan_provider::spawn_piped(&mut command).map_err(|e| {
+        OperationError::permanent(format!("cannot run the activation program {program}: {e}"))
+    })?;
     let output = capstan_provider::stream_command(op, child, "activation").await?;
     if output.status.success() {
         Ok(())

@@ -280,3 +280,48 @@ fn a_reader_that_falls_behind_does_not_hold_the_run_back() {
         "the whole stream arrives"
     );
 }
+
+#[test]
+fn a_command_dies_with_its_provider_even_when_every_capstan_process_is_killed_at_once() {
+    // `pkill -9` of the core, the reaper and the provider together: nobody is left to clean
+    // up, so the provider's command must go with the provider by itself.
+    let dir = tempfile::tempdir().unwrap();
+    let marker = marker(7);
+    let file = dir.path().join("capstan.json");
+    let deployment = serde_json::json!({
+        "providers": {"local": {"builtin": "local"}},
+        "resources": {
+            "nap": {"provider": "local", "type": "exec", "inputs": {"command": "sleep", "args": [marker]}}
+        }
+    });
+    std::fs::write(&file, deployment.to_string()).unwrap();
+    let mut apply = Command::new(capstan_bin())
+        .args(["apply", "-f"])
+        .arg(&file)
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the command runs", || !processes_with(&marker).is_empty());
+    // Every capstan process working in this directory: the core, its reaper, the provider.
+    let ours: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let exe = std::fs::read_link(entry.path().join("exe")).ok()?;
+            let cwd = std::fs::read_link(entry.path().join("cwd")).ok()?;
+            (exe == Path::new(capstan_bin()) && cwd == dir.path()).then_some(pid)
+        })
+        .collect();
+    assert!(ours.len() >= 3, "core, reaper and provider: {ours:?}");
+    for pid in &ours {
+        // SAFETY: SIGKILL to processes this test started.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let _ = apply.wait();
+    wait_until("the provider's command is gone with it", || {
+        processes_with(&marker).is_empty()
+    });
+}
