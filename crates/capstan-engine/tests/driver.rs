@@ -436,3 +436,65 @@ fn a_child_and_a_permit_asked_for_by_a_running_operation_are_run_and_recorded_un
         );
     });
 }
+
+/// A state that takes nothing: every append fails, as on a full disk.
+struct FullDisk;
+
+impl StateBackend for FullDisk {
+    fn load(
+        &mut self,
+    ) -> Result<(State, capstan_engine::state::LoadReport), capstan_engine::state::StateError> {
+        Ok(Default::default())
+    }
+    fn append(
+        &self,
+        _: Vec<capstan_engine::state::Record>,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+        let (tell, told) = tokio::sync::oneshot::channel();
+        let _ = tell.send(Err("No space left on device".into()));
+        told
+    }
+    fn compact(&mut self, _: &State) -> Result<(), capstan_engine::state::StateError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_run_the_state_stops_still_ends_with_its_summary() {
+    run_local(async {
+        let probe = Rc::new(Probe::default());
+        let f = fixture(
+            json!({"executable": "unused"}),
+            &[("a", "echo", &[]), ("b", "echo", &["a"])],
+        );
+        let mut state = State::default();
+        let changes = plan::plan(&f.deployment, &state).unwrap();
+        let connection = connect(&probe, 0).await;
+        let providers =
+            Providers::from_connections(&f.deployment, [("mem".to_string(), connection)]);
+        let events = Rc::new(CollectEvents(Default::default()));
+        let result = run::Run {
+            deployment: &f.deployment,
+            state: &mut state,
+            backend: Rc::new(FullDisk),
+            providers: &providers,
+            options: &RunOptions::default(),
+            events: events.clone(),
+            interrupt: CancellationToken::new(),
+            stages: None,
+        }
+        .execute(changes)
+        .await;
+        assert!(result.is_err(), "the state error comes back");
+        let events = events.0.borrow();
+        assert!(
+            matches!(events.last(), Some(Event::Summary { .. })),
+            "{events:#?}"
+        );
+        assert_eq!(
+            probe.calls.get(),
+            0,
+            "nothing reached the provider unrecorded"
+        );
+    });
+}

@@ -352,7 +352,7 @@ fn editing_the_nix_file_is_a_change_the_plan_sees_and_apply_builds() {
         .unwrap();
     let plan = String::from_utf8_lossy(&out.stdout);
     assert!(
-        plan.contains("~ build (nix.build)  (changed while its inputs did not: read now, its `drvPaths` differ"),
+        plan.contains("~ build (nix.build)  (changed while its inputs did not: read now, its `drvPaths` differs"),
         "{plan}"
     );
     assert!(

@@ -196,14 +196,15 @@ impl<'a> Run<'a> {
         }
         driver.report_deferred(interrupt.is_cancelled());
         debug_assert_eq!(driver.scheduler.unended(), 0);
-        if let Some(e) = driver.state_error {
-            return Err(e);
-        }
+        // Said even when the state stopped the run (a full disk): what happened until then.
         events.emit(Event::Summary {
             counts: driver.summary.clone(),
             elapsed_seconds: run_started.elapsed().as_secs_f64(),
         });
-        Ok(driver.summary)
+        match driver.state_error {
+            Some(e) => Err(e),
+            None => Ok(driver.summary),
+        }
     }
 }
 

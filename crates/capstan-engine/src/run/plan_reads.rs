@@ -247,25 +247,16 @@ fn plan_what_was_read(
         let change = &mut changes[i];
         if change.action != Action::Noop {
             // Drift of one that changes anyway: said, and made as declared.
-            change.note.get_or_insert_with(|| {
-                format!(
-                    "changed outside Capstan: its {} differ from what is recorded",
-                    keys.iter()
-                        .map(|k| format!("`{k}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            });
+            change
+                .note
+                .get_or_insert_with(|| format!("changed outside Capstan: {}", differ(&keys)));
             continue;
         }
         change.action = Action::Update;
         change.read_changed = true;
         change.note = Some(format!(
-            "changed while its inputs did not: read now, its {} differ from what is recorded",
-            keys.iter()
-                .map(|k| format!("`{k}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "changed while its inputs did not: read now, {}",
+            differ(&keys)
         ));
         changing.insert(change.address.clone());
     }
@@ -311,5 +302,31 @@ fn wait_on_changing(
             }
         }
         changing.insert(change.address.clone());
+    }
+}
+
+/// "its `a` differs from what is recorded", or "its `a`, `b` differ …".
+fn differ(keys: &[String]) -> String {
+    let names: Vec<String> = keys.iter().map(|k| format!("`{k}`")).collect();
+    let verb = if names.len() == 1 {
+        "differs"
+    } else {
+        "differ"
+    };
+    format!("its {} {verb} from what is recorded", names.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_output_differs_and_several_differ() {
+        assert_eq!(
+            super::differ(&["content".into()]),
+            "its `content` differs from what is recorded"
+        );
+        assert_eq!(
+            super::differ(&["a".into(), "b".into()]),
+            "its `a`, `b` differ from what is recorded"
+        );
     }
 }
