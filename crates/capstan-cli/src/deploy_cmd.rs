@@ -169,6 +169,10 @@ pub struct PlanArgs {
     /// interrupted operations).
     #[arg(short, long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=MAX_JOBS))]
     pub jobs: u32,
+    /// The largest message to or from a provider, in MiB (default 16): a read (`--refresh`)
+    /// of a large resource may need more. A provider's `maxMessageMiB` wins.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..=capstan_engine::model::MAX_MESSAGE_MIB as i64))]
+    pub max_message_mib: Option<u32>,
 }
 
 /// The most `--jobs` Capstan takes (far beyond what one machine's providers can use).
@@ -385,14 +389,13 @@ pub async fn plan_cmd(
     plan_args: PlanArgs,
     stdout: Stdout,
 ) -> Result<ExitCode, CliError> {
-    let changed = plan_inner(
-        args,
-        view,
-        stdout,
-        plan_args.refresh,
-        plan_args.jobs as usize,
-    )
-    .await;
+    let options = StartOptions {
+        jobs: plan_args.jobs as usize,
+        timeout: None,
+        refresh: plan_args.refresh,
+        max_message_mib: plan_args.max_message_mib,
+    };
+    let changed = plan_inner(args, view, stdout, options).await;
     match (changed, plan_args.detailed_exitcode) {
         (Ok(_), false) => Ok(ExitCode::SUCCESS),
         (Ok(false), true) => Ok(ExitCode::SUCCESS),
@@ -408,20 +411,13 @@ async fn plan_inner(
     args: DeploymentArgs,
     view: ViewArgs,
     stdout: Stdout,
-    refresh: bool,
-    jobs: usize,
+    options: StartOptions,
 ) -> Result<bool, CliError> {
     let stop = Stop::watch();
     let (mut session, _) = open(&args, &view, None, stdout, Mode::Plan, &stop).await?;
-    let options = StartOptions {
-        jobs,
-        timeout: None,
-        refresh,
-        max_message_mib: None,
-    };
     let providers = start(&mut session, &options, &stop).await?;
     // What providers that plan their own changes (Terraform's) say each change will make.
-    let warnings = session.plan_with_providers(&providers, jobs).await;
+    let warnings = session.plan_with_providers(&providers, options.jobs).await;
     providers.shutdown().await;
     for warning in warnings {
         say!("warning: {warning}");

@@ -107,14 +107,18 @@ fn source(target: &Target) -> anyhow::Result<ProviderSource> {
     if let Some(socket) = &target.socket {
         return Ok(ProviderSource::Socket(socket.clone()));
     }
-    if let Some(name) = &target.builtin {
-        // Served by this very binary, out of process, as a deployment would run it.
+    if target.builtin.is_some() || target.terraform.is_some() {
+        // Served by this very binary, out of process, as a deployment would run it: a
+        // built-in, or a Terraform provider through the bridge.
         use capstan_engine::run::{ProviderLauncher, Served};
         let launcher = capstan_cli::served::SelfLauncher::current()
             .context("cannot find the capstan executable")?;
-        return Ok(ProviderSource::Command(
-            launcher.command(Served::Builtin(name)),
-        ));
+        let served = match (&target.builtin, &target.terraform) {
+            (Some(name), _) => Served::Builtin(name),
+            (None, Some(program)) => Served::Terraform { program },
+            (None, None) => unreachable!("one of the two, checked above"),
+        };
+        return Ok(ProviderSource::Command(launcher.command(served)));
     }
     let Some((program, args)) = target.command.split_first() else {
         bail!("give the provider to run after `--`, or --socket PATH");
@@ -128,6 +132,12 @@ fn source(target: &Target) -> anyhow::Result<ProviderSource> {
 fn provider_name(target: &Target) -> String {
     if let Some(name) = &target.builtin {
         return name.clone();
+    }
+    if let Some(program) = &target.terraform {
+        return program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "terraform".into());
     }
     match (&target.socket, target.command.first()) {
         (Some(socket), _) => socket.display().to_string(),

@@ -340,6 +340,11 @@ fn cases() -> Vec<Case> {
             files: &[("p.json", "\u{FEFF}{\"greeting\": \"hi\"}")],
             ..bad("", MEMO_WITH_PARAM, &["plan", "--params", "p.json"], 0)
         },
+        // Issue 20: the advice a large read gives (--max-message-mib) is taken by plan too.
+        Case {
+            name: "plan_takes_max_message_mib",
+            ..bad("", LOCAL, &["plan", "--max-message-mib", "64"], 0)
+        },
         // Issue 20: groups nested 5,000 deep overflowed the stack (exit 134).
         bad("groups_nested_too_deep", deep_groups(5_000), PLAN, 2),
         // Issue 20: a claim a full disk left empty claims nothing; the apply goes on.

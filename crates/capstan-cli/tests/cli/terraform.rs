@@ -782,3 +782,43 @@ data "capstanfixture_read" "r" {{
     let destroy = capstan(&cs_dir, &["destroy", "--yes"]);
     assert!(destroy.status.success(), "{}", shown(&destroy));
 }
+
+#[test]
+fn provider_call_runs_a_terraform_provider_through_the_bridge() {
+    // `--terraform` was read by `describe` only: `call` asked for a provider after `--`.
+    let binary =
+        match capstan_test_support::fetch::null_provider(Path::new(env!("CARGO_TARGET_TMPDIR"))) {
+            Ok(binary) => binary,
+            Err(e) => {
+                capstan_test_support::skip_or_fail(&e);
+                return;
+            }
+        };
+    let out = std::process::Command::new(crate::support::capstan_bin())
+        .args(["provider", "call", "--terraform"])
+        .arg(&binary)
+        .args([
+            "--type",
+            "null_resource",
+            "--inputs",
+            r#"{"triggers": {"a": "b"}}"#,
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = crate::support::events(&out.stdout)
+        .into_iter()
+        .find(|e| e["type"] == "result")
+        .expect("a result line");
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(result["outputs"]["triggers"]["a"], "b", "{result}");
+    assert!(result["outputs"]["id"]
+        .as_str()
+        .is_some_and(|id| !id.is_empty()));
+}
