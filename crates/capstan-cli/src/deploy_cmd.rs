@@ -286,7 +286,7 @@ async fn open(
             let (state, report) = state::read_only(&dir).map_err(|e| invalid(&e))?;
             // A plan writes nothing: it plans from every intact record, and says which lines
             // it could not read (an apply would stop on them).
-            crate::state_cmd::warn_damage(&dir, &report);
+            warn_damage(&dir, &report);
             (state, None)
         }
         Some(lock) => {
@@ -564,5 +564,17 @@ fn compact_if_large(backend: Rc<DirectoryBackend>) {
                 say!("warning: could not compact the state journal (nothing is lost): {e}");
             }
         }
+    }
+}
+
+/// Says which journal lines a command that only reads could not read.
+pub(crate) fn warn_damage(dir: &std::path::Path, report: &state::LoadReport) {
+    if !report.damaged.is_empty() {
+        say!(
+            "warning: {}: line(s) {} are damaged; this shows every intact record. \
+             Commands that change the state refuse until `capstan state repair`.",
+            dir.join("journal").display(),
+            state::list_lines(&report.damaged)
+        );
     }
 }

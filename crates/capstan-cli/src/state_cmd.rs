@@ -7,12 +7,12 @@
 use std::process::ExitCode;
 
 use capstan_engine::state::{
-    self, append_durably, rfc3339, DirectoryBackend, LoadReport, Record, State, StateBackend,
+    self, append_durably, rfc3339, DirectoryBackend, Record, State, StateBackend,
 };
 use clap::Subcommand;
 use serde_json::json;
 
-use crate::deploy_cmd::{LockArgs, Place};
+use crate::deploy_cmd::{warn_damage, LockArgs, Place};
 use crate::error::CliError;
 use crate::output::Stdout;
 
@@ -223,17 +223,6 @@ fn look(place: &Place) -> Result<State, CliError> {
     let (state, report) = state::read_only(&dir).map_err(|e| CliError::Invalid(e.to_string()))?;
     warn_damage(&dir, &report);
     Ok(state)
-}
-
-pub(crate) fn warn_damage(dir: &std::path::Path, report: &LoadReport) {
-    if !report.damaged.is_empty() {
-        say!(
-            "warning: {}: line(s) {} are damaged; this shows every intact record. \
-             Commands that change the state refuse until `capstan state repair`.",
-            dir.join("journal").display(),
-            state::list_lines(&report.damaged)
-        );
-    }
 }
 
 fn open_locked(dir: &std::path::Path, lock: &LockArgs) -> Result<DirectoryBackend, CliError> {

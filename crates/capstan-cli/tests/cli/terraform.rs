@@ -13,16 +13,19 @@ fn capstan(dir: &Path, args: &[&str]) -> Output {
     crate::support::capstan_in(dir, args)
 }
 
+/// HashiCorp's null provider, fetched once per target directory; `None` (a loud skip, a
+/// failure under CI) where it cannot be fetched.
+fn null_provider() -> Option<std::path::PathBuf> {
+    capstan_test_support::fetch::null_provider(Path::new(env!("CARGO_TARGET_TMPDIR")))
+        .map_err(|e| capstan_test_support::skip_or_fail(&e))
+        .ok()
+}
+
 #[test]
 fn a_null_resource_is_applied_refreshed_and_destroyed_beside_local_resources() {
-    let binary =
-        match capstan_test_support::fetch::null_provider(Path::new(env!("CARGO_TARGET_TMPDIR"))) {
-            Ok(binary) => binary,
-            Err(e) => {
-                capstan_test_support::skip_or_fail(&e);
-                return;
-            }
-        };
+    let Some(binary) = null_provider() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let deployment = json!({
@@ -439,14 +442,9 @@ fn programs_with(marker: &str) -> Vec<i32> {
 #[test]
 fn the_null_provider_killed_mid_apply_or_the_run_cancelled_loses_nothing() {
     let work = tempfile::tempdir().unwrap();
-    let binary =
-        match capstan_test_support::fetch::null_provider(Path::new(env!("CARGO_TARGET_TMPDIR"))) {
-            Ok(binary) => binary,
-            Err(e) => {
-                capstan_test_support::skip_or_fail(&e);
-                return;
-            }
-        };
+    let Some(binary) = null_provider() else {
+        return;
+    };
     let dir = work.path();
     let marker = dir.join("terraform-provider-null-under-test");
     std::fs::copy(&binary, &marker).unwrap();
@@ -786,14 +784,9 @@ data "capstanfixture_read" "r" {{
 #[test]
 fn provider_call_runs_a_terraform_provider_through_the_bridge() {
     // `--terraform` was read by `describe` only: `call` asked for a provider after `--`.
-    let binary =
-        match capstan_test_support::fetch::null_provider(Path::new(env!("CARGO_TARGET_TMPDIR"))) {
-            Ok(binary) => binary,
-            Err(e) => {
-                capstan_test_support::skip_or_fail(&e);
-                return;
-            }
-        };
+    let Some(binary) = null_provider() else {
+        return;
+    };
     let out = std::process::Command::new(crate::support::capstan_bin())
         .args(["provider", "call", "--terraform"])
         .arg(&binary)
