@@ -306,7 +306,19 @@ async fn open(
             (state, Some(Rc::new(backend)))
         }
     };
-    if !state.pending.is_empty() && !view.json {
+    let running = lock
+        .is_none()
+        .then(|| state::running_holder(&dir))
+        .flatten();
+    if let (false, false, Some(holder)) = (state.pending.is_empty(), view.json, &running) {
+        say!(
+            "note: {} operation(s) are in flight in the command holding the state now ({holder}); this plan is of the state as it was before them:",
+            state.pending.len()
+        );
+        for (address, op) in &state.pending {
+            say!("  {address}: {}", op.operation);
+        }
+    } else if !state.pending.is_empty() && !view.json {
         say!(
             "warning: {} operation(s) were interrupted in an earlier run:",
             state.pending.len()

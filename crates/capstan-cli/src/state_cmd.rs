@@ -88,7 +88,10 @@ pub async fn state_cmd(
             address,
             show_sensitive,
         } => show(&look(&place)?, &address, show_sensitive, &mut stdout)?,
-        StateCmd::Pending { json } => pending(&look(&place)?, json, &mut stdout),
+        StateCmd::Pending { json } => {
+            let running = state::running_holder(&place.state_dir());
+            pending(&look(&place)?, json, running.as_deref(), &mut stdout)
+        }
         StateCmd::Resolve { address, lock } => {
             let (backend, state) = change(&dir, &lock)?;
             if !state.pending.contains_key(&address) {
@@ -180,14 +183,21 @@ fn show(
 }
 
 /// `state pending`: the operations interrupted in an earlier run.
-fn pending(state: &State, json: bool, stdout: &mut Stdout) {
+/// `running`: the command holding the state now, whose operations these may be.
+fn pending(state: &State, json: bool, running: Option<&str>, stdout: &mut Stdout) {
+    if let (Some(holder), false) = (running, state.pending.is_empty()) {
+        say!(
+            "note: a command holds the state now ({holder}): these operations may be in flight in it, not interrupted; look again once it ends before resolving any"
+        );
+    }
     if json {
         let list: Vec<_> = state
             .pending
             .iter()
             .map(|(address, op)| {
                 json!({"address": address, "operation": op.operation, "provider": op.provider,
-                       "type": op.resource_type, "started": rfc3339(op.started)})
+                       "type": op.resource_type, "started": rfc3339(op.started),
+                       "running": running.is_some()})
             })
             .collect();
         stdout.line(&serde_json::Value::Array(list).to_string());

@@ -327,6 +327,23 @@ fn describe_holder(text: &str) -> String {
     }
 }
 
+/// Who holds the state in `dir` right now, if a capstan on this machine does (read from the
+/// lock file, without taking the lock: a command that only looks must not get in a writer's
+/// way). Its interrupted-looking operations are then in flight in that command.
+pub fn running_holder(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("lock")).ok()?;
+    let holder: Value = serde_json::from_str(&text).ok()?;
+    let pid = i32::try_from(holder["pid"].as_u64()?).ok()?;
+    let here = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    if holder["host"].as_str() != Some(here.trim()) || !capstan_process::process_exists(pid) {
+        return None;
+    }
+    // The same command still (a pid can be handed out again once it exits).
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let command = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    (command.trim() == holder["command"].as_str()?.trim()).then(|| describe_holder(&text))
+}
+
 impl DirectoryBackend {
     /// Opens (creating if needed) the state directory and takes its lock, waiting up to
     /// `lock_timeout` for another holder.

@@ -68,3 +68,51 @@ fn reading_commands_work_while_another_holds_the_lock_and_writers_name_the_holde
     );
     assert_eq!(out.status.code(), Some(2), "{stderr}");
 }
+
+#[test]
+fn operations_of_a_running_apply_are_in_flight_not_interrupted() {
+    // Issue 20: plan and state pending called the running apply's operation "interrupted in
+    // an earlier run" and advised resolving it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        serde_json::json!({
+            "providers": {"t": {"executable": crate::support::testing_provider()}},
+            "resources": {"stuck": {"provider": "t", "type": "hang", "inputs": {}}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let capstan = |args: &[&str]| {
+        Command::new(capstan_bin())
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let mut apply = Command::new(capstan_bin())
+        .arg("apply")
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::support::wait_until("the apply's operation is recorded as started", || {
+        String::from_utf8_lossy(&capstan(&["state", "pending"]).stdout).starts_with("stuck\t")
+    });
+    let pending = capstan(&["state", "pending"]);
+    let said = String::from_utf8_lossy(&pending.stderr);
+    assert!(said.contains("may be in flight"), "{said}");
+    let plan = capstan(&["plan"]);
+    let said = String::from_utf8_lossy(&plan.stderr);
+    assert!(said.contains("in flight"), "{said}");
+    assert!(!said.contains("interrupted in an earlier run"), "{said}");
+    assert!(!said.contains("state resolve"), "{said}");
+    // SAFETY: signals the child we started.
+    unsafe { libc::kill(apply.id() as i32, libc::SIGINT) };
+    let _ = apply.wait();
+    // Once it is gone, what it left pending is what an earlier run left.
+    let plan = capstan(&["plan"]);
+    let said = String::from_utf8_lossy(&plan.stderr);
+    assert!(!said.contains("in flight"), "{said}");
+}
