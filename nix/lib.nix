@@ -91,14 +91,15 @@ let
   # Reads a deployment for `capstan`. `known` maps addresses to the outputs that exist now; an
   # output that does not exist yet throws when it is used, so a resource whose inputs use one
   # is deferred (listed, not declared) and a nested deployment whose members need one is left
-  # for later. Trace lines tell `capstan` what each deferred thing waited for:
-  # (fields after `#`, which no address holds):
-  #   capstan-eval#ADDRESS    the next item being read
-  #   capstan-touch#ADDRESS   it used outputs of ADDRESS, which do not exist yet
-  #   capstan-cycle#A#B…      the members of nested deployment A depend on themselves
+  # for later. Trace lines tell `capstan` what each deferred thing waited for (fields after
+  # `#`, which no address holds), each starting with `mark`, a word made for this evaluation
+  # that the deployment never sees (so its own traces cannot pass for these):
+  #   MARK-eval#ADDRESS    the next item being read
+  #   MARK-touch#ADDRESS   it used outputs of ADDRESS, which do not exist yet
+  #   MARK-cycle#A#B…      the members of nested deployment A depend on themselves
   # `raise` lists items to read without catching, to show the error that deferred them.
   evaluate =
-    { file, params, known, raise ? [ ], only ? "all", settled ? { } }:
+    { file, params, known, raise ? [ ], only ? "all", settled ? { }, mark ? "capstan" }:
     let
       args = view: {
         inherit capstan params;
@@ -108,7 +109,7 @@ let
       inherit (main) root view topChecked;
 
       # The deployment, called with its own view of `resources`. With `tracing`, each known
-      # output traces `capstan-use#ADDRESS` when first used: an instance read for one item
+      # output traces `MARK-use#ADDRESS` when first used: an instance read for one item
       # tells everything that item used (see `usesOf`).
       instance = tracing: rec {
         top = call (import file) (args root);
@@ -136,7 +137,7 @@ let
             resourceView address d;
         nestedView = stack: address: d:
           if elem address stack then
-            trace "capstan-cycle#${concatStringsSep "#" (stack ++ [ address ])}"
+            trace "${mark}-cycle#${concatStringsSep "#" (stack ++ [ address ])}"
               (throw "capstan: the members of nested deployment `${address}` depend on themselves (${concatStringsSep " → " (stack ++ [ address ])})")
           else
             members stack address (call d.function (args (view (stack ++ [ address ]))));
@@ -146,9 +147,9 @@ let
           type = d.type;
           outputs =
             if known ? ${address} then
-              (if tracing then trace "capstan-use#${address}" known.${address} else known.${address})
+              (if tracing then trace "${mark}-use#${address}" known.${address} else known.${address})
             else
-              trace "capstan-touch#${address}"
+              trace "${mark}-touch#${address}"
                 (throw "capstan: the outputs of `${address}` do not exist yet; a provider declaration or the set of resources cannot depend on them (put what depends on them in `capstan.nested`)");
           output = capstan.ref address;
           capability = capstan.cap address;
@@ -156,7 +157,7 @@ let
       };
 
       # What the resources read for the first time with outputs given used, as trace lines:
-      # `capstan-uses#ADDRESS` then a `capstan-use#X` per resource X whose outputs it used
+      # `MARK-uses#ADDRESS` then a `MARK-use#X` per resource X whose outputs it used
       # (its nested deployments' structure included). Each is read from an instance of its
       # own, so outputs another item used first are seen too; past `perItem` of them, one
       # instance reads them all (`capstan-uses-all#`: each is taken to use all it found).
@@ -178,10 +179,10 @@ let
       usesTraces = fresh:
         if !someKnown || fresh == [ ] then [ ]
         else if builtins.length fresh <= perItem then
-          map (address: trace "capstan-uses#${address}" (deepSeq (readIn (traced address) address) null)) fresh
+          map (address: trace "${mark}-uses#${address}" (deepSeq (readIn (traced address) address) null)) fresh
         else
           let t = traced null; in
-          [ (trace "capstan-uses-all#" (deepSeq (map (readIn t) fresh) null)) ];
+          [ (trace "${mark}-uses-all#" (deepSeq (map (readIn t) fresh) null)) ];
 
       # Reads `value` fully for item `address`, catching what it throws unless told not to.
       attempt = address: value:
@@ -191,7 +192,7 @@ let
             value = deepSeq value value;
           }
         else
-          trace "capstan-eval#${address}" (tryEval (deepSeq value value));
+          trace "${mark}-eval#${address}" (tryEval (deepSeq value value));
 
       kindOf = d: if isNested d then "nested" else if isGroup d then "group" else "resource";
 

@@ -228,7 +228,11 @@ fn interpret(
 /// as `evaluate` does: for fuzzing, whatever the bytes. `Ok` when it reads as a deployment (or
 /// as an item failing on its own), else the error a user would see.
 pub fn read_output(stdout: &[u8], stderr: &[u8]) -> Result<(), EvalError> {
-    let run = Run::read(String::from_utf8_lossy(stdout).into_owned(), stderr);
+    let run = Run::read(
+        String::from_utf8_lossy(stdout).into_owned(),
+        stderr,
+        DEFAULT_MARK,
+    );
     interpret(Path::new("fuzz.nix"), run, &BTreeSet::new()).map(drop)
 }
 
@@ -336,6 +340,25 @@ struct DeferredItem {
     what: DeferredKind,
 }
 
+/// The library's own mark when none is given (what the fuzz targets read).
+const DEFAULT_MARK: &str = "capstan";
+
+/// A word for one evaluation's trace lines that the deployment cannot know: a user's
+/// `builtins.trace "capstan-touch#b"` must not pass for the library's.
+fn trace_mark() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // The standard library's hasher is seeded at random per process.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("capstan{:016x}", hasher.finish())
+}
+
 /// One run of `nix-instantiate`: its answer and what its trace lines said.
 struct Run {
     stdout: String,
@@ -350,7 +373,8 @@ struct Run {
 impl Run {
     /// Reads the trace lines Capstan's library prints (lines that are not UTF-8 lossily; any
     /// other line is a message of Nix's).
-    fn read(stdout: String, stderr: &[u8]) -> Run {
+    fn read(stdout: String, stderr: &[u8], mark: &str) -> Run {
+        let prefix = format!("trace: {mark}-");
         let mut run = Run {
             stdout,
             touched: BTreeMap::new(),
@@ -365,7 +389,7 @@ impl Run {
             let line = String::from_utf8_lossy(bytes)
                 .trim_end_matches('\r')
                 .to_string();
-            let Some(trace) = line.strip_prefix("trace: capstan-") else {
+            let Some(trace) = line.strip_prefix(prefix.as_str()) else {
                 run.messages.push(line);
                 continue;
             };
@@ -432,7 +456,7 @@ fn nix_string(text: &str) -> String {
 
 /// The expression Nix reads on its standard input: the library, applied to the file and the
 /// values of this evaluation (as JSON in strings, so no size limit of a command line applies).
-fn expression(file: &Path, request: &Request<'_>, raise: &[String]) -> String {
+fn expression(file: &Path, request: &Request<'_>, raise: &[String], mark: &str) -> String {
     let mut known = String::from("{");
     for (i, (address, outputs)) in request.known.iter().enumerate() {
         if i > 0 {
@@ -446,7 +470,8 @@ fn expression(file: &Path, request: &Request<'_>, raise: &[String]) -> String {
     format!(
         "let capstan = (\n{LIBRARY}\n); in capstan.evaluate {{ file = /. + {file}; params = builtins.fromJSON {params}; \
          known = builtins.fromJSON {known}; raise = builtins.fromJSON {raise}; only = {only}; \
-         settled = builtins.fromJSON {settled}; }}\n",
+         settled = builtins.fromJSON {settled}; mark = {mark}; }}\n",
+        mark = nix_string(mark),
         file = nix_string(&file.to_string_lossy()),
         params = nix_string(&Value::Object(request.params.clone()).to_string()),
         known = nix_string(&known),
@@ -505,7 +530,8 @@ async fn instantiate(
             }
         }
     })?;
-    let input = expression(file, request, raise);
+    let mark = trace_mark();
+    let input = expression(file, request, raise, &mark);
     let mut stdin = child.stdin.take().expect("piped");
     let mut stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
@@ -535,7 +561,7 @@ async fn instantiate(
         uses,
         cycles,
         messages,
-    } = Run::read(stdout, &stderr);
+    } = Run::read(stdout, &stderr, &mark);
     let status = child.wait().await.map_err(|error| EvalError::Spawn {
         file: file.to_path_buf(),
         program: program.display().to_string(),

@@ -726,3 +726,27 @@ fn a_value_computed_from_a_build_that_changed_behind_its_inputs_is_computed_agai
     assert_ne!(new_path, old_path);
     assert_eq!(recorded("path")["outputs"]["value"], new_path);
 }
+
+#[test]
+fn a_deployments_own_trace_cannot_pass_for_the_librarys() {
+    // Issue 20: `builtins.trace "capstan-touch#b"` made `a` wait for `b`'s outputs forever.
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write(
+        dir,
+        "capstan.nix",
+        r#"{ capstan, resources, ... }: {
+  providers.local = { builtin = "local"; };
+  resources.a = { provider = "local"; type = "memo"; inputs.value = builtins.trace "capstan-touch#b" 1; };
+  resources.b = { provider = "local"; type = "memo"; inputs.value = 2; };
+}"#,
+    );
+    let out = capstan(dir, &["apply"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(state_list(dir), ["a", "b"], "{}", stderr(&out));
+    let plan = capstan(dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", stderr(&plan));
+}
