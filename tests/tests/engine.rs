@@ -152,6 +152,7 @@ fn a_deployment_driven_through_a_session_applies_plans_to_nothing_and_destroys()
             timeout: None,
             refresh: false,
             max_message_mib: None,
+            state_dir: Some(dir.path().join(".capstan")),
         };
         for (mode, expect_changes) in [
             (Mode::Apply, true),

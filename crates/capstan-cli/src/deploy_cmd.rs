@@ -406,6 +406,7 @@ pub async fn plan_cmd(
         timeout: None,
         refresh: plan_args.refresh,
         max_message_mib: plan_args.max_message_mib,
+        state_dir: Some(args.place.state_dir()),
     };
     let changed = plan_inner(args, view, stdout, options).await;
     match (changed, plan_args.detailed_exitcode) {
@@ -462,6 +463,7 @@ pub async fn apply_cmd(
         timeout: run_args.timeout,
         refresh: run_args.refresh,
         max_message_mib: run_args.max_message_mib,
+        state_dir: Some(args.place.state_dir()),
     };
     let providers = start(&mut session, &options, &stop).await?;
     // From here the providers run: every way out stops them first.

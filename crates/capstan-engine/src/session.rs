@@ -78,6 +78,9 @@ pub struct StartOptions {
     pub refresh: bool,
     /// Every provider's message limit (a provider's own `maxMessageMiB` wins).
     pub max_message_mib: Option<u32>,
+    /// Where the state lives, told to the built-in providers (`CAPSTAN_STATE_DIR`), so the
+    /// one that writes files refuses to write over it.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A deployment read against its state, planned, and (after [`start`](Session::start)) with
@@ -272,11 +275,15 @@ impl Session {
     ) -> Result<Providers, SessionError> {
         let names = self.providers_to_start()?;
         check_builtins(&self.deployment, launcher)?;
+        let launcher = StateDirLauncher {
+            inner: launcher,
+            state_dir: options.state_dir.as_deref(),
+        };
         let launch = Providers::launch(
             &names,
             &self.deployment,
             &self.state,
-            launcher,
+            &launcher,
             logs,
             options.max_message_mib,
         );
@@ -496,6 +503,32 @@ impl Session {
             stages,
         };
         Ok(run.execute(std::mem::take(&mut self.changes)).await?)
+    }
+}
+
+/// The environment variable that tells a provider where the state lives.
+pub const STATE_DIR_ENV: &str = "CAPSTAN_STATE_DIR";
+
+/// A launcher whose built-in providers (and bridges) are told where the state lives.
+struct StateDirLauncher<'a> {
+    inner: &'a dyn ProviderLauncher,
+    state_dir: Option<&'a std::path::Path>,
+}
+
+impl ProviderLauncher for StateDirLauncher<'_> {
+    fn command(&self, served: run::Served<'_>) -> capstan_host::ProviderCommand {
+        let mut command = self.inner.command(served);
+        if let Some(dir) = self.state_dir {
+            let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+            command
+                .env
+                .push((STATE_DIR_ENV.into(), dir.into_os_string()));
+        }
+        command
+    }
+
+    fn builtins(&self) -> Option<&[&str]> {
+        self.inner.builtins()
     }
 }
 

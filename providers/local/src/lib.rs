@@ -122,6 +122,31 @@ struct FileOut {
     content: String,
 }
 
+/// A file inside the state directory (`CAPSTAN_STATE_DIR`, which capstan tells every provider)
+/// would be written over the very record of what was done: refused.
+fn refuse_the_state(path: &std::path::Path) -> Result<(), OperationError> {
+    let Some(state) = std::env::var_os("CAPSTAN_STATE_DIR").map(PathBuf::from) else {
+        return Ok(());
+    };
+    // Compared as the file system sees them (`./.capstan/../.capstan/journal`, links).
+    let real = |p: &std::path::Path| {
+        let parent = p.parent().and_then(|d| std::fs::canonicalize(d).ok());
+        match (parent, p.file_name()) {
+            (Some(parent), Some(name)) => parent.join(name),
+            _ => p.to_path_buf(),
+        }
+    };
+    let state = std::fs::canonicalize(&state).unwrap_or(state);
+    if real(path).starts_with(&state) {
+        return Err(OperationError::invalid_input(format!(
+            "{} is inside the state directory {}: writing it would overwrite the record of what was done; choose another path",
+            path.display(),
+            state.display()
+        )));
+    }
+    Ok(())
+}
+
 fn absolute(path: &str) -> Result<PathBuf, OperationError> {
     let path = PathBuf::from(path);
     if path.is_absolute() {
@@ -189,6 +214,7 @@ impl Resource for File {
 
     async fn create(&self, op: &Operation, inputs: FileIn) -> Result<FileOut, OperationError> {
         let path = absolute(&inputs.path)?;
+        refuse_the_state(&path)?;
         let mode = match &inputs.mode {
             Some(text) => Some(
                 u32::from_str_radix(text.trim_start_matches("0o"), 8).map_err(|_| {

@@ -340,6 +340,20 @@ fn cases() -> Vec<Case> {
             files: &[("p.json", "\u{FEFF}{\"greeting\": \"hi\"}")],
             ..bad("", MEMO_WITH_PARAM, &["plan", "--params", "p.json"], 0)
         },
+        // Issue 20: a file resource inside the state directory wiped the journal and reported
+        // success; it is refused, and the state is as it was.
+        Case {
+            name: "file_inside_the_state_directory",
+            state_untouched: false,
+            ..bad(
+                "",
+                r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "oops": {"provider": "local", "type": "file", "inputs": {"path": ".capstan/journal", "content": "x"}}
+}}"#,
+                APPLY,
+                1,
+            )
+        },
         // Issue 20: the advice a large read gives (--max-message-mib) is taken by plan too.
         Case {
             name: "plan_takes_max_message_mib",
