@@ -301,6 +301,9 @@ impl Resource for File {
         _op: &Operation,
         prior: Prior<FileIn, FileOut>,
     ) -> Result<(), OperationError> {
+        // What a killed provider left beside it goes with it (nothing would write the path
+        // again to clean up).
+        remove_stray_temps(std::path::Path::new(&prior.outputs.path)).await;
         match tokio::fs::remove_file(&prior.outputs.path).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

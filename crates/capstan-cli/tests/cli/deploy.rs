@@ -955,3 +955,26 @@ fn colour_follows_clicolor_force_no_color_and_the_flag_in_that_order() {
         &["--color", "always"]
     )));
 }
+
+#[test]
+fn a_deleted_file_takes_the_temporary_files_a_killed_provider_left_beside_it() {
+    // Issue 20: stray temporary files were removed only when the same path was written again;
+    // a file resource dropped from the deployment left them forever.
+    let project = Project::new(json!({
+        "providers": {"local": {"builtin": "local"}},
+        "resources": {"f": {"provider": "local", "type": "file", "inputs": {"path": "out/x.txt", "content": "x"}}}
+    }));
+    let (code, _) = project.json(&["apply"]);
+    assert_eq!(code, Some(0));
+    // Left by a provider SIGKILLed mid-write (its pid no longer runs).
+    let stray = project.path("out/x.txt.capstan-tmp-999999999-3");
+    std::fs::write(&stray, "half").unwrap();
+    project.write(json!({"providers": {"local": {"builtin": "local"}}, "resources": {}}));
+    let (code, events) = project.json(&["apply"]);
+    assert_eq!(code, Some(0), "{events:?}");
+    assert!(!project.path("out/x.txt").exists());
+    assert!(
+        !stray.exists(),
+        "the stray temporary file went with its file"
+    );
+}
