@@ -38,8 +38,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Built-in providers: `local` (types file, exec, memo) and `nix` (build, activate);
 /// `capstan provider describe local` shows their inputs and outputs.
 ///
-/// Exit codes: 0 success, 1 some resource failed, 2 invalid deployment or usage, 130 / 143 /
-/// 129 stopped by SIGINT / SIGTERM / SIGHUP, 141 finished but its output was closed.
+/// Exit codes: 0 success, 1 some resource failed (or "delete everything?" was declined), 2
+/// invalid deployment or usage, 130 / 143 / 129 stopped by SIGINT / SIGTERM / SIGHUP, 141
+/// finished but its output was closed. With `plan --detailed-exitcode`: 0 no changes, 2
+/// changes, 1 any error.
 #[derive(Parser)]
 #[command(name = "capstan", version, about, long_about)]
 struct Cli {

@@ -164,3 +164,21 @@ fn failures_exit_1_with_the_message_and_usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("not found"));
 }
+
+#[test]
+fn help_lists_every_exit_code_a_script_can_see() {
+    // Issue 20: --help's exit codes left out --detailed-exitcode's 2 and a declined prompt's 1.
+    let out = capstan(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for said in [
+        "1 some resource failed (or \"delete everything?\" was declined)",
+        "With `plan --detailed-exitcode`: 0 no changes, 2 changes, 1 any error.",
+        "141 finished but its output was closed",
+    ] {
+        assert!(help.contains(said), "`{said}` is not in:\n{help}");
+    }
+}
