@@ -50,30 +50,33 @@ impl RunRequests for OperationAsks {
         &self,
         request: ChildRequest,
     ) -> LocalBoxFuture<'static, Result<Json, OperationError>> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let sent = self.asks.send(Ask::Child {
+        self.ask(|reply| Ask::Child {
             parent: self.parent,
             name: request.name,
             provider: request.provider,
             resource_type: request.resource_type,
             inputs: request.inputs,
             reply,
-        });
-        async move {
-            match sent {
-                Ok(()) => answer.await.unwrap_or_else(|_| Err(run_over())),
-                Err(_) => Err(run_over()),
-            }
-        }
-        .boxed_local()
+        })
     }
 
     fn permit(&self) -> LocalBoxFuture<'static, Result<PermitGuard, OperationError>> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let sent = self.asks.send(Ask::Permit {
+        self.ask(|reply| Ask::Permit {
             parent: self.parent,
             reply,
-        });
+        })
+    }
+}
+
+impl OperationAsks {
+    /// Hands an ask to the run's loop and waits for its answer (the run having ended is an
+    /// answer too).
+    fn ask<T: 'static>(
+        &self,
+        ask: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, OperationError>>) -> Ask,
+    ) -> LocalBoxFuture<'static, Result<T, OperationError>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let sent = self.asks.send(ask(reply));
         async move {
             match sent {
                 Ok(()) => answer.await.unwrap_or_else(|_| Err(run_over())),
