@@ -159,18 +159,11 @@ fn processes() -> impl Iterator<Item = (libc::pid_t, libc::pid_t)> {
         })
 }
 
-/// The session id in a `/proc/PID/stat` line, unless the process is a zombie. The command
-/// name (field 2) is in parentheses and may itself contain `)` and spaces: read after the
-/// last one.
+/// The session id in a `/proc/PID/stat` line, unless the process is a zombie.
 fn session_of(stat: &str) -> Option<libc::pid_t> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_ascii_whitespace();
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    // state, ppid, pgrp, session
-    fields.nth(2)?.parse().ok()
+    capstan_process::stat_fields(stat)
+        .filter(|fields| !fields.is_dead())
+        .map(|fields| fields.session)
 }
 
 #[cfg(test)]

@@ -79,9 +79,41 @@ pub fn own_pid() -> i32 {
     rustix::process::getpid().as_raw_nonzero().get()
 }
 
-/// This process's session id.
+/// This process's session id, as `/proc/self/stat` gives it: 0 when the session's leader is
+/// outside our PID namespace (a container started inside someone else's session). Not
+/// `getsid`: rustix turns its result into a `Pid`, which cannot be 0, and panics on it.
 pub fn own_session() -> i32 {
-    rustix::process::getsid(None).map_or(0, |sid| sid.as_raw_nonzero().get())
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| stat_fields(&stat).map(|fields| fields.session))
+        .unwrap_or(0)
+}
+
+/// What Capstan reads of a `/proc/PID/stat` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFields {
+    /// The state letter (`R`, `S`, `Z`, ...).
+    pub state: char,
+    /// The session id (0 when its leader is outside our PID namespace).
+    pub session: i32,
+}
+
+impl StatFields {
+    /// Whether the process has exited and only waits for its parent (`Z`, `X`).
+    pub fn is_dead(self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// The state and session of a `/proc/PID/stat` line. The command name (field 2) is in
+/// parentheses and may itself contain `)` and spaces: the fields are read after the last one.
+pub fn stat_fields(stat: &str) -> Option<StatFields> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // state, ppid, pgrp, session
+    let session = fields.nth(2)?.parse().ok()?;
+    Some(StatFields { state, session })
 }
 
 /// The real user id this process runs as.
@@ -127,6 +159,18 @@ mod tests {
     }
 
     #[test]
+    fn a_stat_line_gives_state_and_session_even_with_odd_command_names() {
+        let line = "4242 (a) b (c)) S 1 4242 4240 34816 4242 4194560 0 0";
+        let fields = stat_fields(line).expect("parsed");
+        assert_eq!((fields.state, fields.session), ('S', 4240));
+        assert!(!fields.is_dead());
+        assert!(stat_fields("77 (sleep) Z 1 77 77 0").unwrap().is_dead());
+        let outside = stat_fields("9 (sh) S 1 9 0 0").expect("session 0 parses");
+        assert_eq!(outside.session, 0, "a leader outside the namespace");
+        assert_eq!(stat_fields("garbage"), None);
+    }
+
+    #[test]
     fn a_lock_is_refused_while_another_descriptor_holds_it() {
         let dir = std::env::temp_dir().join(format!("capstan-process-lock-{}", own_pid()));
         let first = std::fs::File::create(&dir).unwrap();
@@ -149,7 +193,10 @@ mod tests {
         assert!(process_exists(own_pid()));
         assert!(!process_exists(i32::MAX - 1) || own_pid() == i32::MAX - 1);
         assert!(!process_exists(0) && !process_exists(-1) && !group_exists(-own_pid()));
-        assert!(own_session() > 0);
+        assert!(
+            own_session() >= 0,
+            "0 where the leader is outside our namespace"
+        );
         let _ = own_uid();
     }
 }
