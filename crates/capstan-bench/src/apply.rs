@@ -55,52 +55,57 @@ pub(super) fn engine_apply(
     jobs: usize,
 ) -> (f64, serde_json::Value, u64) {
     use capstan_cli::served::SelfLauncher;
-    use capstan_engine::model::Deployment;
-    use capstan_engine::run::{Providers, RunOptions};
+    use capstan_engine::run::RunOptions;
+    use capstan_engine::session::{Context, Mode, Session, Source, StartOptions};
     use capstan_engine::state::{DirectoryBackend, StateBackend};
     local(async {
         let start = Instant::now();
-        let deployment = Deployment::load(file, &serde_json::Map::new()).unwrap();
+        let source = Source {
+            file: file.to_path_buf(),
+            params: serde_json::Map::new(),
+        };
+        let reading = Session::read(source, Mode::Apply).unwrap();
         let mut backend = DirectoryBackend::open(state_dir, Duration::ZERO).unwrap();
-        let (mut state, _) = backend.load().unwrap();
+        let (state, _) = backend.load().unwrap();
         let loaded = start.elapsed();
-        let changes = capstan_engine::plan::plan(&deployment, &state).unwrap();
+        let backend: Rc<dyn StateBackend> = Rc::new(backend);
+        let events = Rc::new(CountEvents(Cell::new(0)));
+        let context = Context {
+            state,
+            backend: Some(backend),
+            events,
+            secrets: Default::default(),
+            interrupt: tokio_util::sync::CancellationToken::new(),
+        };
+        let mut session = Session::open(reading, context).await.unwrap();
         let planned = start.elapsed();
         let (logs, _ignored) = tokio::sync::mpsc::channel(1024);
-        let names = capstan_engine::run::providers_needed(&changes);
-        let providers = Providers::launch(
-            &names,
-            &deployment,
-            &state,
-            &SelfLauncher { program: capstan },
-            logs,
-            None,
-        )
-        .await
-        .unwrap();
+        let start_options = StartOptions {
+            jobs,
+            timeout: None,
+            refresh: false,
+            max_message_mib: None,
+            state_dir: Some(state_dir.to_path_buf()),
+        };
+        let mut notices = Vec::new();
+        let providers = session
+            .start(
+                &SelfLauncher { program: capstan },
+                logs,
+                &start_options,
+                &mut notices,
+            )
+            .await
+            .unwrap();
         let launched = start.elapsed();
         let cpu_before_run = thread_cpu_seconds();
         let wait_before_run = thread_runqueue_wait_seconds();
         let process_cpu_before_run = cpu_seconds(libc::CLOCK_PROCESS_CPUTIME_ID);
-        let backend: Rc<dyn StateBackend> = Rc::new(backend);
-        let events = Rc::new(CountEvents(Cell::new(0)));
         let options = RunOptions {
             jobs,
             ..RunOptions::default()
         };
-        let summary = capstan_engine::run::Run {
-            deployment: &deployment,
-            state: &mut state,
-            backend,
-            providers: &providers,
-            options: &options,
-            events,
-            interrupt: tokio_util::sync::CancellationToken::new(),
-            stages: None,
-        }
-        .execute(changes)
-        .await
-        .unwrap();
+        let summary = session.run(&providers, &options).await.unwrap();
         let seconds = start.elapsed().as_secs_f64();
         let run_cpu = thread_cpu_seconds() - cpu_before_run;
         let run_wait = thread_runqueue_wait_seconds() - wait_before_run;
@@ -126,7 +131,6 @@ pub(super) fn engine_apply(
 }
 
 pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize) {
-    use capstan_engine::model::Deployment;
     use capstan_engine::state::{DirectoryBackend, StateBackend};
     let dir = tempfile::tempdir().expect("temp dir");
     let rss_before = rss_kib("VmRSS:");
@@ -138,19 +142,30 @@ pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize) {
         jobs,
     );
     let figures = local(async {
-        let empty = serde_json::Map::new();
         let journal_bytes = std::fs::metadata(dir.path().join("state/journal"))
             .map(|m| m.len())
             .unwrap_or(0);
         // Plan the same deployment over the state just written: load both, compare.
+        use capstan_engine::session::{Context, Mode, Session, Source};
         let start = Instant::now();
-        let deployment = Deployment::load(&file, &empty).unwrap();
+        let source = Source {
+            file: file.clone(),
+            params: serde_json::Map::new(),
+        };
+        let reading = Session::read(source, Mode::Plan).unwrap();
         let t1 = start.elapsed();
         let mut backend =
             DirectoryBackend::open(&dir.path().join("state"), Duration::ZERO).unwrap();
         let (state, _) = backend.load().unwrap();
         let t2 = start.elapsed();
-        let changes = capstan_engine::plan::plan(&deployment, &state).unwrap();
+        let context = Context {
+            state,
+            backend: None,
+            events: Rc::new(CountEvents(Cell::new(0))),
+            secrets: Default::default(),
+            interrupt: tokio_util::sync::CancellationToken::new(),
+        };
+        let changes = Session::open(reading, context).await.unwrap().changes;
         let plan_seconds = start.elapsed().as_secs_f64();
         let split = (
             t1.as_secs_f64(),
