@@ -17,8 +17,9 @@ use clap::Args;
 use serde_json::{Map, Value};
 
 use crate::error::CliError;
+use crate::live::LiveEvents;
 use crate::output::Stdout;
-use crate::render::{HumanEvents, JsonEvents, LiveEvents};
+use crate::render::{HumanEvents, JsonEvents};
 use crate::stop::{Stop, EXIT_FAILED};
 use std::io::IsTerminal;
 

@@ -7,6 +7,7 @@
 mod output;
 mod deploy_cmd;
 mod error;
+mod live;
 mod provider_cmd;
 mod render;
 mod state_cmd;

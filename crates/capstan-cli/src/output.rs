@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -27,9 +27,9 @@ pub fn closed() -> &'static CancellationToken {
 /// Set once stderr cannot be written (stdout may still be fine, and the other way round).
 static STDERR_CLOSED: AtomicBool = AtomicBool::new(false);
 
-/// How many lines the live view's block of running resources takes at the bottom of the
-/// terminal right now: whoever writes to stderr next clears them first (see `to_stderr`).
-static LIVE_LINES: AtomicUsize = AtomicUsize::new(0);
+/// The live view, while it is up: every other write to stderr goes through it, so that its
+/// block of running resources is cleared first and drawn again below (see `to_stderr`).
+static LIVE_VIEW: Mutex<Option<indicatif::MultiProgress>> = Mutex::new(None);
 
 /// Output waiting for the writer beyond this many bytes makes a writer wait for room.
 const QUEUE_LIMIT: usize = 64 * 1024 * 1024;
@@ -221,27 +221,31 @@ fn drain(limit: Option<Duration>, end: bool) {
 }
 
 /// Queues `bytes` for stderr (written in one call), or drops them once stderr is closed.
-/// The live view's block of running resources, if one is drawn, is cleared first, so that
-/// what is written stays (the view draws its block again below it).
+/// While the live view is up, its block of running resources is cleared first and drawn
+/// again below, so that what is written stays.
 pub fn to_stderr(bytes: &[u8]) {
     if STDERR_CLOSED.load(Ordering::Relaxed) {
         return;
     }
-    let mut out = erase_live_lines();
-    out.extend_from_slice(bytes);
-    send(Target::Stderr, out);
+    let view = LIVE_VIEW.lock().ok().and_then(|view| view.clone());
+    match view {
+        Some(view) => view.suspend(|| send(Target::Stderr, bytes.to_vec())),
+        None => send(Target::Stderr, bytes.to_vec()),
+    }
 }
 
-/// The terminal sequence that erases the live view's block, which is then gone.
-pub fn erase_live_lines() -> Vec<u8> {
-    "\x1b[1A\x1b[2K"
-        .repeat(LIVE_LINES.swap(0, Ordering::Relaxed))
-        .into_bytes()
+/// Queues `bytes` for stderr as they are: for the live view itself, which draws its block.
+pub fn to_stderr_under_view(bytes: Vec<u8>) {
+    if !bytes.is_empty() && !STDERR_CLOSED.load(Ordering::Relaxed) {
+        send(Target::Stderr, bytes);
+    }
 }
 
-/// The live view drew a block of `lines` lines at the bottom (written with `to_stderr`).
-pub fn set_live_lines(lines: usize) {
-    LIVE_LINES.store(lines, Ordering::Relaxed);
+/// From now on, writes to stderr go through `view` (the live view is up), or directly again.
+pub fn route_stderr_through(view: Option<indicatif::MultiProgress>) {
+    if let Ok(mut routed) = LIVE_VIEW.lock() {
+        *routed = view;
+    }
 }
 
 /// Whether stderr output is still waiting to be written (a live view skips a redraw then).

@@ -2,7 +2,7 @@
 //! skips the question, and without a terminal nobody is asked.
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 
 use crate::support::capstan_bin;
@@ -191,5 +191,101 @@ fn the_live_view_on_a_terminal_loses_no_line() {
     assert!(
         seen.rfind("Done: 300 created").unwrap() > last,
         "the summary comes last"
+    );
+}
+
+/// A pseudo-terminal of `rows` × `cols`, as a terminal emulator would make it.
+fn pty_sized(rows: u16, cols: u16) -> (std::fs::File, OwnedFd) {
+    let (master, slave) = pty();
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which outlives the call.
+    let set = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+    assert_eq!(set, 0, "TIOCSWINSZ");
+    (master, slave)
+}
+
+#[test]
+fn the_live_view_draws_what_runs_and_leaves_the_screen_as_a_log() {
+    // What a person sees: while `slow` runs, a line for it under what has finished; at the
+    // end, every finished resource once, the summary last, and no line of the block left.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        serde_json::json!({
+            "providers": {"local": {"builtin": "local"}},
+            "resources": {
+                "slow": {"provider": "local", "type": "exec", "inputs": {
+                    "command": "sh", "args": ["-c", "echo begin; sleep 1; echo end"]}},
+                "q1": {"provider": "local", "type": "memo", "inputs": {"value": 1}},
+                "q2": {"provider": "local", "type": "memo", "inputs": {"value": 2}},
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let (rows, cols) = (40, 100);
+    let (mut master, slave) = pty_sized(rows, cols);
+    let mut child = Command::new(capstan_bin())
+        .args(["apply", "--color", "never"])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .unwrap();
+    let mut reader = master.try_clone().unwrap();
+    let collector = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buffer = [0u8; 65536];
+        while let Ok(n) = reader.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buffer[..n]);
+        }
+        all
+    });
+    let watchdog = crate::support::Watchdog::new(&child, "apply on a terminal");
+    let status = child.wait().unwrap();
+    watchdog.finish();
+    assert!(status.success());
+    let _ = master.flush();
+    let raw = collector.join().unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text.contains("slow create"),
+        "the running resource was drawn: {text:?}"
+    );
+    let nonzero = |n: u16| std::num::NonZeroU16::new(n).expect("a size");
+    let mut terminal = vt100::Parser::new(nonzero(rows), nonzero(cols), 0);
+    terminal.process(&raw);
+    let screen = terminal.screen().contents();
+    let shown: Vec<&str> = screen.lines().filter(|l| !l.trim().is_empty()).collect();
+    for name in ["slow", "q1", "q2"] {
+        let line = format!("{name}: created");
+        assert_eq!(
+            shown.iter().filter(|l| l.contains(&line)).count(),
+            1,
+            "`{line}` once on the screen:\n{screen}"
+        );
+    }
+    assert!(
+        !screen.contains("slow create"),
+        "the block is gone at the end:\n{screen}"
+    );
+    assert!(
+        shown
+            .last()
+            .is_some_and(|l| l.starts_with("Done: 3 created")),
+        "the summary is the last line:\n{screen}"
+    );
+    assert!(
+        screen.contains("slow │ begin") && screen.contains("slow │ end"),
+        "the command's output stays above:\n{screen}"
     );
 }
