@@ -6,21 +6,27 @@ use super::*;
 
 pub(super) struct Noop;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NoopIn {
+    /// Any JSON value, echoed as the output `value`
     #[serde(default)]
     pub(super) value: Value,
-    /// Printed with `println!`, to show that stdout cannot corrupt the protocol.
+    /// A line to println! (it ends up on stderr, never the socket)
+    // (Shows that stdout cannot corrupt the protocol.)
     #[serde(default)]
     pub(super) print: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct NoopOut {
+    /// The input `value`
     pub(super) value: Value,
+    /// Unique per create
     pub(super) id: String,
+    /// The capabilities handed in (not declared: only there when some were).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(skip)]
     pub(super) handles: Vec<Value>,
 }
 
@@ -31,13 +37,8 @@ impl Resource for Noop {
     fn resource_type() -> ResourceType {
         ResourceType::new("noop")
             .description("Does nothing; echoes its input")
-            .optional("value", "Any JSON value, echoed as the output `value`")
-            .optional(
-                "print",
-                "A line to println! (it ends up on stderr, never the socket)",
-            )
-            .output("value", "The input `value`")
-            .output("id", "Unique per create")
+            .inputs_from::<NoopIn>()
+            .outputs_from::<NoopOut>()
     }
 
     async fn create(&self, op: &Operation, inputs: NoopIn) -> Result<NoopOut, OperationError> {
@@ -64,22 +65,29 @@ impl Resource for Noop {
 
 pub(super) struct Handle;
 
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HandleIn {
+    /// Put in the handle's summary
+    #[serde(default)]
+    pub(super) value: Value,
+}
+
 impl Resource for Handle {
-    type Inputs = NoopIn;
+    type Inputs = HandleIn;
     type Outputs = NoopOut;
 
     fn resource_type() -> ResourceType {
         ResourceType::new("handle")
             .description("Returns a capability named `handle` describing `value`")
-            .optional("value", "Put in the handle's summary")
-            .output("value", "The input `value`")
-            .output("id", "Unique per create")
+            .inputs_from::<HandleIn>()
+            .outputs_from::<NoopOut>()
     }
 
     async fn read(
         &self,
         op: &Operation,
-        prior: capstan_provider::Prior<NoopIn, NoopOut>,
+        prior: capstan_provider::Prior<HandleIn, NoopOut>,
     ) -> Result<NoopOut, OperationError> {
         // A live handle again, for a run that needs it without re-creating anything.
         op.return_handle(
@@ -90,7 +98,7 @@ impl Resource for Handle {
         Ok(prior.outputs)
     }
 
-    async fn create(&self, op: &Operation, inputs: NoopIn) -> Result<NoopOut, OperationError> {
+    async fn create(&self, op: &Operation, inputs: HandleIn) -> Result<NoopOut, OperationError> {
         op.return_handle(
             "handle",
             "testing-handle",
@@ -108,14 +116,16 @@ impl Resource for Handle {
 
 pub(super) struct Sleep;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SleepIn {
+    /// Milliseconds to sleep
     pub(super) ms: u64,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct SleepOut {
+    /// The time slept
     pub(super) slept_ms: u64,
 }
 
@@ -126,8 +136,8 @@ impl Resource for Sleep {
     fn resource_type() -> ResourceType {
         ResourceType::new("sleep")
             .description("Sleeps, reporting progress every tenth of the time")
-            .required("ms", "Milliseconds to sleep")
-            .output("slept_ms", "The time slept")
+            .inputs_from::<SleepIn>()
+            .outputs_from::<SleepOut>()
     }
 
     async fn create(&self, op: &Operation, inputs: SleepIn) -> Result<SleepOut, OperationError> {

@@ -9,29 +9,38 @@ pub(super) static PEAK: AtomicU64 = AtomicU64::new(0);
 
 pub(super) struct Probe;
 
-#[derive(Deserialize)]
+// The fields are in the order the handshake lists the inputs.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ProbeIn {
+    /// How long to take
     #[serde(default)]
     pub(super) ms: u64,
-    /// Deleting fails while a file exists at this path.
-    #[serde(default, rename = "blockDelete")]
-    pub(super) block_delete: Option<String>,
+    /// Fail instead of succeeding
     #[serde(default)]
     pub(super) fail: bool,
-    /// Anything; lets a deployment wire references through a probe.
+    /// Echoed as the output `value`
+    // Anything; lets a deployment wire references through a probe.
     #[serde(default)]
     pub(super) value: Value,
-    /// Also counts operations at once among probes of this group (`group_peak`).
+    /// Counts operations at once among probes of this group too
+    // (In `group_peak`.)
     #[serde(default)]
     pub(super) group: String,
+    /// A path: deleting fails while a file exists there
+    #[serde(default, rename = "blockDelete")]
+    pub(super) block_delete: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct ProbeOut {
+    /// The input `value`
     pub(super) value: Value,
+    /// Unique per operation
     pub(super) id: String,
+    /// The most operations this process has run at once so far
     pub(super) peak: u64,
+    /// The most operations of this probe's group run at once so far
     pub(super) group_peak: u64,
 }
 
@@ -76,27 +85,8 @@ impl Resource for Probe {
     fn resource_type() -> ResourceType {
         ResourceType::new("probe")
             .description("Measures how many operations the provider runs at once")
-            .optional("ms", "How long to take")
-            .optional("fail", "Fail instead of succeeding")
-            .optional("value", "Echoed as the output `value`")
-            .optional(
-                "group",
-                "Counts operations at once among probes of this group too",
-            )
-            .optional(
-                "blockDelete",
-                "A path: deleting fails while a file exists there",
-            )
-            .output("value", "The input `value`")
-            .output("id", "Unique per operation")
-            .output(
-                "peak",
-                "The most operations this process has run at once so far",
-            )
-            .output(
-                "group_peak",
-                "The most operations of this probe's group run at once so far",
-            )
+            .inputs_from::<ProbeIn>()
+            .outputs_from::<ProbeOut>()
             .stateful(true)
     }
 
@@ -136,27 +126,34 @@ impl Resource for Probe {
 
 pub(super) struct Fanout;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FanoutIn {
+    /// How many children
     pub(super) count: u32,
+    /// The children's type (default `probe`)
     #[serde(default = "probe_type", rename = "type")]
     pub(super) child_type: String,
-    /// Every child's inputs (each also gets `index` for a `noop`'s `value`, or a probe's).
+    /// Every child's inputs
+    // Each also gets `index` (for a `noop`'s `value`, or a probe's).
     #[serde(default)]
     pub(super) inputs: serde_json::Map<String, Value>,
-    /// Children whose inputs get `"fail": true` (for probes).
+    /// Indices of children asked to fail
+    // Their inputs get `"fail": true` (for probes).
     #[serde(default)]
     pub(super) fail: Vec<u32>,
+    /// The children's provider (default this one)
     #[serde(default)]
     pub(super) provider: Option<String>,
-    /// Succeed although children failed (reporting them).
+    /// Succeed although children failed
+    // (Reporting them.)
     #[serde(default)]
     pub(super) tolerate: bool,
-    /// The child input that gets the child's index (`""`: none).
+    /// The child input set to its index (default `value`; "": none)
     #[serde(default = "value_key")]
     pub(super) index: String,
-    /// End the provider process once the children are done (a crash mid-way).
+    /// End the provider process once the children are done
+    // (A crash mid-way.)
     #[serde(default)]
     pub(super) crash: bool,
 }
@@ -169,10 +166,12 @@ pub(super) fn value_key() -> String {
     "value".into()
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct FanoutOut {
-    /// Each child's outputs (or `{"error": message}`), in order.
+    /// Each child's outputs, or its error
+    // In order; an error as `{"error": message}`.
     pub(super) children: Vec<Value>,
+    /// How many children failed
     pub(super) failed: u32,
 }
 
@@ -235,22 +234,8 @@ impl Resource for Fanout {
     fn resource_type() -> ResourceType {
         ResourceType::new("fanout")
             .description("Runs children through the core's scheduler")
-            .required("count", "How many children")
-            .optional("type", "The children's type (default `probe`)")
-            .optional("inputs", "Every child's inputs")
-            .optional("fail", "Indices of children asked to fail")
-            .optional("provider", "The children's provider (default this one)")
-            .optional("tolerate", "Succeed although children failed")
-            .optional(
-                "index",
-                "The child input set to its index (default `value`; \"\": none)",
-            )
-            .optional(
-                "crash",
-                "End the provider process once the children are done",
-            )
-            .output("children", "Each child's outputs, or its error")
-            .output("failed", "How many children failed")
+            .inputs_from::<FanoutIn>()
+            .outputs_from::<FanoutOut>()
             .stateful(true)
             .uses_scheduler(true)
     }
@@ -271,22 +256,26 @@ impl Resource for Fanout {
 
 pub(super) struct Permits;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PermitsIn {
+    /// How many pieces of work, each under a permit
     pub(super) count: u32,
+    /// How long each takes
     #[serde(default)]
     pub(super) ms: u64,
+    /// The probe group they count in
     #[serde(default)]
     pub(super) group: String,
-    /// End the provider process while holding the permits.
+    /// End the provider process while holding the permits
     #[serde(default)]
     pub(super) crash: bool,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct PermitsOut {
-    /// The most permits' work this process ran at once (in `group`).
+    /// The most run at once
+    // The most permits' work this process ran at once (in `group`).
     pub(super) group_peak: u64,
 }
 
@@ -297,14 +286,8 @@ impl Resource for Permits {
     fn resource_type() -> ResourceType {
         ResourceType::new("permits")
             .description("Does work of its own under permits borrowed from the core")
-            .required("count", "How many pieces of work, each under a permit")
-            .optional("ms", "How long each takes")
-            .optional("group", "The probe group they count in")
-            .optional(
-                "crash",
-                "End the provider process while holding the permits",
-            )
-            .output("group_peak", "The most run at once")
+            .inputs_from::<PermitsIn>()
+            .outputs_from::<PermitsOut>()
             .uses_scheduler(true)
     }
 

@@ -7,11 +7,13 @@ use super::*;
 
 pub(super) struct Fail;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FailIn {
+    /// permanent | invalid_input | transient | cancelled | internal
     #[serde(default)]
     pub(super) kind: Option<String>,
+    /// The error message
     #[serde(default)]
     pub(super) message: Option<String>,
 }
@@ -23,11 +25,7 @@ impl Resource for Fail {
     fn resource_type() -> ResourceType {
         ResourceType::new("fail")
             .description("Always fails")
-            .optional(
-                "kind",
-                "permanent | invalid_input | transient | cancelled | internal",
-            )
-            .optional("message", "The error message")
+            .inputs_from::<FailIn>()
     }
 
     async fn create(&self, _op: &Operation, inputs: FailIn) -> Result<Value, OperationError> {
@@ -48,17 +46,25 @@ impl Resource for Fail {
 
 pub(super) struct Panic;
 
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PanicIn {
+    /// The panic message
+    #[serde(default)]
+    pub(super) message: Option<String>,
+}
+
 impl Resource for Panic {
-    type Inputs = FailIn;
+    type Inputs = PanicIn;
     type Outputs = Value;
 
     fn resource_type() -> ResourceType {
         ResourceType::new("panic")
             .description("Panics in the middle of the operation")
-            .optional("message", "The panic message")
+            .inputs_from::<PanicIn>()
     }
 
-    async fn create(&self, _op: &Operation, inputs: FailIn) -> Result<Value, OperationError> {
+    async fn create(&self, _op: &Operation, inputs: PanicIn) -> Result<Value, OperationError> {
         tokio::task::yield_now().await;
         panic!(
             "{}",
@@ -69,11 +75,13 @@ impl Resource for Panic {
 
 pub(super) struct Crash;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CrashIn {
+    /// exit (default) | abort | sigkill
     #[serde(default)]
     pub(super) mode: Option<String>,
+    /// Exit status for mode exit (default 3)
     #[serde(default)]
     pub(super) code: Option<i32>,
 }
@@ -85,8 +93,7 @@ impl Resource for Crash {
     fn resource_type() -> ResourceType {
         ResourceType::new("crash")
             .description("Ends the provider process mid-operation")
-            .optional("mode", "exit (default) | abort | sigkill")
-            .optional("code", "Exit status for mode exit (default 3)")
+            .inputs_from::<CrashIn>()
     }
 
     async fn create(&self, op: &Operation, inputs: CrashIn) -> Result<Value, OperationError> {
@@ -108,11 +115,13 @@ impl Resource for Crash {
 
 pub(super) struct Hang;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct HangIn {
+    /// A file written when the operation sees its cancellation
     #[serde(default)]
     pub(super) cancel_marker: Option<String>,
+    /// Keep hanging after cancellation (tests the grace period)
     #[serde(default)]
     pub(super) ignore_cancel: bool,
 }
@@ -124,14 +133,7 @@ impl Resource for Hang {
     fn resource_type() -> ResourceType {
         ResourceType::new("hang")
             .description("Never finishes; notices cancellation")
-            .optional(
-                "cancelMarker",
-                "A file written when the operation sees its cancellation",
-            )
-            .optional(
-                "ignoreCancel",
-                "Keep hanging after cancellation (tests the grace period)",
-            )
+            .inputs_from::<HangIn>()
     }
 
     async fn create(&self, op: &Operation, inputs: HangIn) -> Result<Value, OperationError> {
@@ -151,13 +153,16 @@ impl Resource for Hang {
 
 pub(super) struct Chatty;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ChattyIn {
+    /// How many events (default 1000)
     #[serde(default = "default_count")]
     pub(super) count: u64,
+    /// tracing (default) | log
     #[serde(default)]
     pub(super) via: Option<String>,
+    /// Pause between events
     #[serde(default)]
     pub(super) delay_ms: u64,
 }
@@ -166,8 +171,9 @@ pub(super) fn default_count() -> u64 {
     1000
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct ChattyOut {
+    /// How many were emitted
     pub(super) count: u64,
 }
 
@@ -178,10 +184,8 @@ impl Resource for Chatty {
     fn resource_type() -> ResourceType {
         ResourceType::new("chatty")
             .description("Emits many progress events inside a span")
-            .optional("count", "How many events (default 1000)")
-            .optional("via", "tracing (default) | log")
-            .optional("delay_ms", "Pause between events")
-            .output("count", "How many were emitted")
+            .inputs_from::<ChattyIn>()
+            .outputs_from::<ChattyOut>()
     }
 
     async fn create(&self, op: &Operation, inputs: ChattyIn) -> Result<ChattyOut, OperationError> {
@@ -217,14 +221,16 @@ impl Resource for Chatty {
 
 pub(super) struct Big;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct BigIn {
+    /// Size of the output `data`
     pub(super) bytes: usize,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct BigOut {
+    /// `bytes` characters
     pub(super) data: String,
 }
 
@@ -235,8 +241,8 @@ impl Resource for Big {
     fn resource_type() -> ResourceType {
         ResourceType::new("big")
             .description("Returns a large output")
-            .required("bytes", "Size of the output `data`")
-            .output("data", "`bytes` characters")
+            .inputs_from::<BigIn>()
+            .outputs_from::<BigOut>()
     }
 
     async fn create(&self, _op: &Operation, inputs: BigIn) -> Result<BigOut, OperationError> {

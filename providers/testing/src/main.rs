@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use capstan_host::describe_handle;
+use capstan_provider::schemars::{self, JsonSchema};
 use capstan_provider::{
     Endpoint, ErrorKind, LogStream, Operation, OperationError, Provider, Resource, ResourceType,
 };

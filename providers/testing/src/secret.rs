@@ -8,19 +8,21 @@ use super::*;
 /// its log, a tracing event, its stderr, and its error message. The core must hide it in all.
 pub(super) struct Secret;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct SecretIn {
-    /// The token to issue (else one is made up).
+    /// The token to issue (sensitive); made up when absent
     #[serde(default)]
     pub(super) seed: Option<String>,
-    /// Fail after issuing, with the token in the error.
+    /// Fail after issuing, with the token in the error
     #[serde(default)]
     pub(super) fail: bool,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct SecretOut {
+    /// The token (sensitive)
     pub(super) token: String,
+    /// The token's length
     pub(super) length: usize,
 }
 
@@ -31,13 +33,8 @@ impl Resource for Secret {
     fn resource_type() -> ResourceType {
         ResourceType::new("secret")
             .description("Issues a token (a sensitive output), and carelessly prints it too")
-            .optional(
-                "seed",
-                "The token to issue (sensitive); made up when absent",
-            )
-            .optional("fail", "Fail after issuing, with the token in the error")
-            .output("token", "The token (sensitive)")
-            .output("length", "The token's length")
+            .inputs_from::<SecretIn>()
+            .outputs_from::<SecretOut>()
             .sensitive("seed")
             .sensitive("token")
     }

@@ -10,18 +10,23 @@ use super::*;
 /// answering (a kill in either wait leaves the create interrupted, without or with the file).
 pub(super) struct Made;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct MadeIn {
+    /// The file
     pub(super) path: String,
+    /// Wait before writing
     #[serde(default)]
     pub(super) before_ms: u64,
+    /// Wait after writing, before answering
     #[serde(default)]
     pub(super) after_ms: u64,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct MadeOut {
+    /// The file
     pub(super) path: String,
+    /// What it holds now
     pub(super) content: String,
 }
 
@@ -47,11 +52,8 @@ impl Resource for Made {
     fn resource_type() -> ResourceType {
         ResourceType::new("made")
             .description("Writes a file slowly; its reads look at the file")
-            .required("path", "The file")
-            .optional("before_ms", "Wait before writing")
-            .optional("after_ms", "Wait after writing, before answering")
-            .output("path", "The file")
-            .output("content", "What it holds now")
+            .inputs_from::<MadeIn>()
+            .outputs_from::<MadeOut>()
             .read_checks(true)
     }
 
@@ -100,8 +102,9 @@ thread_local! {
 /// Keeps the first capability it is handed, as a provider trying to hold on to one would.
 pub(super) struct Stash;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct StashOut {
+    /// Whether it was handed one
     pub(super) stashed: bool,
 }
 
@@ -113,7 +116,7 @@ impl Resource for Stash {
         ResourceType::new("stash")
             .description("Keeps the capability it is handed, past the operation")
             .open_inputs(true)
-            .output("stashed", "Whether it was handed one")
+            .outputs_from::<StashOut>()
     }
 
     async fn create(&self, op: &Operation, _inputs: Value) -> Result<StashOut, OperationError> {
@@ -127,9 +130,11 @@ impl Resource for Stash {
 /// Tries the capability a `stash` kept (in this run or an earlier one).
 pub(super) struct UseStash;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct UseStashOut {
+    /// Whether the call answered
     pub(super) reachable: bool,
+    /// Its answer, or why not
     pub(super) detail: String,
 }
 
@@ -141,8 +146,7 @@ impl Resource for UseStash {
         ResourceType::new("usestash")
             .description("Calls the capability a `stash` kept")
             .open_inputs(true)
-            .output("reachable", "Whether the call answered")
-            .output("detail", "Its answer, or why not")
+            .outputs_from::<UseStashOut>()
     }
 
     async fn create(&self, _op: &Operation, _inputs: Value) -> Result<UseStashOut, OperationError> {
@@ -176,21 +180,25 @@ impl Resource for UseStash {
 /// one of the faults a provider can have.
 pub(super) struct Faulty;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct FaultyIn {
-    /// The marker's directory.
+    /// Where markers go
+    // The marker's directory.
     pub(super) dir: String,
+    /// The marker's name
     pub(super) name: String,
     /// none | slow | error | partial | crash | hang | garbage
     #[serde(default)]
     pub(super) fault: String,
-    /// Anything (what it depends on, say); echoed.
+    /// Anything
+    // What it depends on, say; echoed.
     #[serde(default)]
     pub(super) after: Value,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, JsonSchema)]
 pub(super) struct FaultyOut {
+    /// The marker file
     pub(super) marker: String,
 }
 
@@ -211,14 +219,8 @@ impl Resource for Faulty {
     fn resource_type() -> ResourceType {
         ResourceType::new("faulty")
             .description("Writes a marker file, or fails in one of the ways a provider can")
-            .required("dir", "Where markers go")
-            .required("name", "The marker's name")
-            .optional(
-                "fault",
-                "none | slow | error | partial | crash | hang | garbage",
-            )
-            .optional("after", "Anything")
-            .output("marker", "The marker file")
+            .inputs_from::<FaultyIn>()
+            .outputs_from::<FaultyOut>()
             .read_checks(true)
     }
 
