@@ -174,6 +174,11 @@ struct OutputSpec {
   description @1 :Text;
   sensitive @2 :Bool;
   # As InputSpec.sensitive: the core hides this output's value wherever it would show it.
+  public @3 :Bool;
+  # True when this output never carries what the inputs held (an exit status, a count): it is
+  # shown even when the operation's inputs hold a secret. False (the default, and what older
+  # providers say): when an operation's inputs hold a secret, the core treats this output as
+  # sensitive too, since a command may have turned the secret into it (`base64`, `tr`).
 }
 
 struct TraceContext {

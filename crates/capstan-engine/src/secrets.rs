@@ -12,6 +12,9 @@ use serde_json::Value;
 
 use crate::events::{Event, EventSink};
 
+/// Why what an operation printed is not shown when it fails.
+const WHY_HIDDEN: &str = "its outputs are sensitive (or its inputs hold a secret) and it ended without returning them, so what it printed may hold a secret";
+
 /// What is shown instead of a sensitive value.
 pub const REDACTED: &str = "(sensitive)";
 
@@ -30,6 +33,9 @@ pub struct Secrets {
     held_types: RefCell<std::collections::HashSet<(String, String)>>,
     /// Outputs the deployment marks sensitive, by address.
     marked_outputs: RefCell<std::collections::HashMap<String, std::collections::BTreeSet<String>>>,
+    /// Resources whose inputs hold a secret this run: their progress is held back like that
+    /// of a type with sensitive outputs (their outputs are treated as secrets).
+    tainted: RefCell<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -62,6 +68,32 @@ impl Secrets {
             .borrow()
             .contains(&(provider.to_string(), resource_type.to_string()))
             || self.marked_outputs.borrow().contains_key(address)
+            || self.tainted.borrow().contains(address)
+    }
+
+    /// Notes that `address`'s inputs hold a secret: what its operation prints is held back
+    /// until its outputs (secrets too, unless declared public) are known.
+    pub fn taint(&self, address: &str) {
+        self.tainted.borrow_mut().insert(address.to_string());
+    }
+
+    /// Whether any known secret is in `value` (whole, or inside a longer string).
+    pub fn found_in(&self, value: &Value) -> bool {
+        let mut found = Vec::new();
+        self.pointers(value, "", &mut found);
+        !found.is_empty()
+    }
+
+    /// Learns what an output made from a secret holds: its strings long enough to search for
+    /// (a number or a short word derived from a secret would blot out every equal value
+    /// shown; where it is recorded, the state still marks it).
+    pub fn add_derived(&self, value: &Value) {
+        match value {
+            Value::String(s) if s.trim().len() >= MIN_SCRUBBED => self.add_text(s),
+            Value::Array(items) => items.iter().for_each(|v| self.add_derived(v)),
+            Value::Object(map) => map.values().for_each(|v| self.add_derived(v)),
+            _ => {}
+        }
     }
 
     /// Whether `provider` serves a type whose outputs are sensitive.
@@ -345,10 +377,17 @@ impl EventSink for Redacting {
             Event::Interrupted { .. } | Event::Summary { .. } => self.drop_held(),
             _ => {}
         }
+        let mut event = event;
         if let Some((address, with_outputs)) = ended {
             self.release(&address, with_outputs);
+            // What it printed, carried in its error (a command's last lines), is as unsafe to
+            // show as its progress.
+            if let Event::ResourceFailed { details, .. } = &mut event {
+                if !with_outputs && !details.is_empty() {
+                    *details = format!("{REDACTED}: {WHY_HIDDEN}");
+                }
+            }
         }
-        let mut event = event;
         if self.redact(&mut event) {
             self.inner.emit(event);
         }
@@ -439,9 +478,7 @@ impl Redacting {
         self.inner.emit(Event::ProviderLog {
             provider: "capstan".into(),
             stream: capstan_schema::LogStream::Stderr,
-            line: format!(
-                "{lines} line(s) of {what} not shown: its outputs are sensitive and it ended without returning them, so what it printed may hold a secret"
-            ),
+            line: format!("{lines} line(s) of {what} not shown: {WHY_HIDDEN}"),
         });
     }
 

@@ -296,6 +296,7 @@ pub fn wire_seeds() -> Vec<Vec<u8>> {
                 name: "hash".into(),
                 description: String::new(),
                 sensitive: true,
+                public: false,
             }],
             stateful: true,
             ..Default::default()

@@ -139,6 +139,7 @@ impl ResourceType {
             name: name.into(),
             description: description.into(),
             sensitive: false,
+            public: false,
         });
         self
     }
@@ -151,6 +152,16 @@ impl ResourceType {
         }
         for o in self.0.outputs.iter_mut().filter(|o| o.name == name) {
             o.sensitive = true;
+        }
+        self
+    }
+
+    /// Marks the output called `name` (declared before) as one that never carries what the
+    /// inputs held (an exit status, a count): the core shows it even when the operation's
+    /// inputs hold a secret, where it would otherwise treat every output as a secret too.
+    pub fn public(mut self, name: &str) -> Self {
+        for o in self.0.outputs.iter_mut().filter(|o| o.name == name) {
+            o.public = true;
         }
         self
     }

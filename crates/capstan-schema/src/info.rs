@@ -70,6 +70,10 @@ pub struct OutputInfo {
     /// A secret: hidden wherever the core would show it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sensitive: bool,
+    /// Never carries what the inputs held: shown even when the inputs hold a secret (else an
+    /// output of an operation whose inputs hold a secret is treated as one too).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
 }
 
 impl ProviderInfo {
@@ -97,6 +101,7 @@ impl ProviderInfo {
                     name: o.get_name()?.to_string()?,
                     description: o.get_description()?.to_string()?,
                     sensitive: o.get_sensitive(),
+                    public: o.get_public(),
                 });
             }
             resource_types.push(ResourceTypeInfo {
@@ -158,6 +163,7 @@ impl ProviderInfo {
                 ob.set_name(&o.name[..]);
                 ob.set_description(&o.description[..]);
                 ob.set_sensitive(o.sensitive);
+                ob.set_public(o.public);
             }
         }
     }
@@ -203,6 +209,7 @@ mod tests {
                     name: "hash".into(),
                     description: "sha".into(),
                     sensitive: true,
+                    public: true,
                 }],
                 stateful: true,
                 open_inputs: true,

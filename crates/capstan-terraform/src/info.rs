@@ -56,6 +56,7 @@ pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> Pr
                 name: a.name.clone(),
                 description: a.description.clone(),
                 sensitive,
+                public: false,
             });
         }
         for b in &block.block_types {
@@ -76,6 +77,7 @@ pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> Pr
                 name: b.type_name.clone(),
                 description: format!("a nested block: {kind}"),
                 sensitive,
+                public: false,
             });
         }
         types.push(info);

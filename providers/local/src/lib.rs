@@ -184,6 +184,8 @@ impl Resource for File {
             .description("A file with the given content; deleting the resource removes it")
             .inputs_from::<FileIn>()
             .outputs_from::<FileOut>()
+            // Where it was written is never the secret its content may be.
+            .public("path")
             .stateful(true)
             .read_checks(true)
     }
@@ -357,6 +359,8 @@ impl Resource for Exec {
             .description("Runs a command; its output lines stream live; stdout is an output")
             .inputs_from::<ExecIn>()
             .outputs_from::<ExecOut>()
+            // A secret in its stdin or arguments can reach its stdout, never its status.
+            .public("exitCode")
     }
 
     async fn create(&self, op: &Operation, inputs: ExecIn) -> Result<ExecOut, OperationError> {

@@ -191,10 +191,15 @@ fn a_planted_secret_reaches_no_output_and_no_readable_file() {
             );
         }
     }
-    // The secrets were there to hide: the log and the error did print them.
-    assert!(channels
-        .iter()
-        .any(|(_, t)| t.contains("the password is (sensitive)")));
+    // The secrets were there to hide: the log and the error did print them. (Its stdout,
+    // which holds the password, is an output made of a secret, so the whole line is one; its
+    // stderr is no output, so only the password in it is hidden.)
+    let all: String = channels.iter().map(|(_, t)| t.as_str()).collect();
+    assert!(
+        all.contains(r#""stream":"stdout","line":"(sensitive)""#),
+        "{all}"
+    );
+    assert!(all.contains("also (sensitive)"), "{all}");
 
     // Files: the state directory is private, whatever the umask.
     let state = dir.join(".capstan");
@@ -335,4 +340,87 @@ fn provider_call_hides_what_the_provider_marks_sensitive() {
         "--show-sensitive",
     ]);
     assert!(shown(&out).contains(SEED));
+}
+
+/// A command that turns a secret into something else (`tr`, `base64`): what it prints and
+/// what it returns are secrets too (every output of an operation whose inputs hold a secret,
+/// except those its type declares public, as `exec`'s exit status), wherever they go next.
+#[test]
+fn what_a_command_makes_of_a_secret_is_a_secret_too() {
+    use base64_of as b64;
+    fn base64_of(text: &str) -> String {
+        let out = Command::new("base64")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(text.as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+    const TOKEN: &str = "quiet-token-for-tr";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        json!({
+            "providers": {"local": {"builtin": "local"}},
+            "resources": {
+                "upper": {"provider": "local", "type": "exec",
+                          "inputs": {"command": "tr", "args": ["a-z", "A-Z"], "stdin": {"$param": "token"}}},
+                "encoded": {"provider": "local", "type": "exec",
+                            "inputs": {"command": "base64", "stdin": {"$param": "token"}}},
+                // Fails after printing what it made of the secret.
+                "broken": {"provider": "local", "type": "exec",
+                           "inputs": {"command": "sh", "args": ["-c", "tr a-z A-Z; exit 3"],
+                                      "stdin": {"$param": "token"}}},
+                "copy": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "upper#stdout"}}},
+                "plain": {"provider": "local", "type": "exec", "inputs": {"command": "echo", "args": ["nothing-secret-here"]}}
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let secrets = dir.path().join("secrets.json");
+    std::fs::write(&secrets, json!({"token": TOKEN}).to_string()).unwrap();
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secrets = secrets.to_str().unwrap();
+    let derived = [TOKEN.to_uppercase(), b64(TOKEN)];
+
+    let mut seen = String::new();
+    for args in [
+        vec!["apply", "--secrets", secrets, "-v"],
+        vec!["apply", "--secrets", secrets, "--json"],
+        vec!["plan", "--secrets", secrets],
+        vec!["state", "show", "upper"],
+        vec!["state", "show", "copy"],
+        vec!["state", "list"],
+    ] {
+        seen.push_str(&shown(&capstan(dir.path(), &args)));
+    }
+    for value in &derived {
+        assert!(
+            !seen.contains(value.as_str()),
+            "`{value}` was shown:\n{seen}"
+        );
+    }
+    assert!(
+        seen.contains("nothing-secret-here"),
+        "an operation without a secret is shown as it is:\n{seen}"
+    );
+
+    // Recorded as secrets, with the exit status (declared public) left plain.
+    let shown_upper: Value =
+        serde_json::from_slice(&capstan(dir.path(), &["state", "show", "upper"]).stdout).unwrap();
+    let marked: Vec<&str> = shown_upper["sensitive"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(marked.contains(&"/outputs/stdout"), "{shown_upper}");
+    assert!(!marked.contains(&"/outputs/exitCode"), "{shown_upper}");
+    assert_eq!(shown_upper["outputs"]["exitCode"], 0, "{shown_upper}");
 }

@@ -404,6 +404,11 @@ impl<'a> Driver<'a> {
                 );
             }
         }
+        // Inputs that hold a secret: what the operation prints waits for its outputs.
+        let secrets = &self.options.secrets;
+        if !secrets.is_empty() && secrets.found_in(&inputs.value()) {
+            secrets.taint(address);
+        }
         Ok(inputs)
     }
 

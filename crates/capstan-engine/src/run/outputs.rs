@@ -12,9 +12,8 @@ pub(crate) fn note_sensitive(
     secrets: &crate::secrets::Secrets,
 ) {
     // Marked by its provider, or by the deployment (`{"$sensitive": {"$ref": …}}`).
-    let mut marked: Vec<String> = connection
-        .info()
-        .resource_type(&now.resource_type)
+    let declared = connection.info().resource_type(&now.resource_type);
+    let mut marked: Vec<String> = declared
         .map(|t| {
             t.outputs
                 .iter()
@@ -27,22 +26,97 @@ pub(crate) fn note_sensitive(
     if marked.is_empty() && secrets.is_empty() {
         return;
     }
+    let mut pointers = Vec::new();
+    secrets.pointers(&now.inputs.value(), "/inputs", &mut pointers);
     let outputs = now.outputs.value();
     for name in &marked {
         if let Some(value) = outputs.get(name) {
             secrets.add_value(value);
         }
     }
-    let mut pointers = Vec::new();
-    secrets.pointers(&now.inputs.value(), "/inputs", &mut pointers);
+    // Inputs that hold a secret make what the operation made of them a secret too (a command
+    // may have turned one into its stdout): every value in its outputs that is not a copy of
+    // an input, except in outputs its type declares public.
+    let mut derived = Vec::new();
+    if !pointers.is_empty() {
+        let public = |name: &str| {
+            declared.is_some_and(|t| t.outputs.iter().any(|o| o.public && o.name == name))
+        };
+        let inputs = now.inputs.value();
+        let mut given = std::collections::HashSet::new();
+        leaves(&inputs, &mut given);
+        for (name, value) in outputs.as_object().into_iter().flatten() {
+            if !public(name) && !marked.contains(name) {
+                let pointer = format!("/outputs/{}", escape_pointer(name));
+                made_of_secrets(value, &pointer, &given, secrets, &mut derived);
+            }
+        }
+    }
     secrets.pointers(&outputs, "/outputs", &mut pointers);
+    for pointer in derived {
+        if !pointers.contains(&pointer) {
+            pointers.push(pointer);
+        }
+    }
     for name in marked {
-        let pointer = format!("/outputs/{}", name.replace('~', "~0").replace('/', "~1"));
+        let pointer = format!("/outputs/{}", escape_pointer(&name));
         if outputs.get(&name).is_some() && !pointers.contains(&pointer) {
             pointers.push(pointer);
         }
     }
     now.sensitive = pointers;
+}
+
+fn escape_pointer(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Every string and number in `value`, as text.
+fn leaves(value: &serde_json::Value, out: &mut std::collections::HashSet<String>) {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => {
+            out.insert(s.clone());
+        }
+        Value::Number(n) => {
+            out.insert(n.to_string());
+        }
+        Value::Array(items) => items.iter().for_each(|v| leaves(v, out)),
+        Value::Object(map) => map.values().for_each(|v| leaves(v, out)),
+        Value::Null | Value::Bool(_) => {}
+    }
+}
+
+/// The values in `value` (at `pointer`) that are not copies of an input (`given`): their
+/// pointers, for the state to mark; their strings long enough to search for, learned as
+/// secrets (a number or a short word would blot out every equal value shown).
+fn made_of_secrets(
+    value: &serde_json::Value,
+    pointer: &str,
+    given: &std::collections::HashSet<String>,
+    secrets: &crate::secrets::Secrets,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if !given.contains(s) => {
+            secrets.add_derived(value);
+            out.push(pointer.to_string());
+        }
+        Value::Number(n) if !given.contains(&n.to_string()) => out.push(pointer.to_string()),
+        Value::Array(items) => {
+            for (n, v) in items.iter().enumerate() {
+                made_of_secrets(v, &format!("{pointer}/{n}"), given, secrets, out);
+            }
+        }
+        Value::Object(map) => {
+            for (k, v) in map {
+                let at = format!("{pointer}/{}", escape_pointer(k));
+                made_of_secrets(v, &at, given, secrets, out);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Learns the inputs a provider's handshake marks sensitive.
