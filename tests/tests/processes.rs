@@ -619,7 +619,10 @@ fn a_standing_provider_service_listens_privately_and_cleans_up() {
         assert_eq!(mode(socket.parent().unwrap()), 0o700);
         assert_eq!(mode(&socket), 0o600);
 
-        let source = ProviderSource::Socket(socket.clone());
+        let source = ProviderSource::Socket {
+            path: socket.clone(),
+            owner: None,
+        };
         let first = ProviderConnection::launch("svc", &source, HostOptions::default(), None)
             .await
             .unwrap();
@@ -672,7 +675,10 @@ fn a_socket_activated_service_serves_an_inherited_listening_socket() {
         }
         let mut service = capstan_tests::KillOnDrop(command.spawn().unwrap());
         drop(listener);
-        let source = ProviderSource::Socket(socket.clone());
+        let source = ProviderSource::Socket {
+            path: socket.clone(),
+            owner: None,
+        };
         let provider =
             ProviderConnection::launch("activated", &source, HostOptions::default(), None)
                 .await

@@ -105,7 +105,10 @@ pub struct CallArgs {
 
 fn source(target: &Target) -> anyhow::Result<ProviderSource> {
     if let Some(socket) = &target.socket {
-        return Ok(ProviderSource::Socket(socket.clone()));
+        return Ok(ProviderSource::Socket {
+            path: socket.clone(),
+            owner: None,
+        });
     }
     if target.builtin.is_some() || target.terraform.is_some() {
         // Served by this very binary, out of process, as a deployment would run it: a

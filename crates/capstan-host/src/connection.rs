@@ -25,8 +25,10 @@ use crate::sink::{ProgressObserver, SinkServer};
 pub enum ProviderSource {
     /// Start this executable, one process for the whole run.
     Command(ProviderCommand),
-    /// Connect to a provider already listening at this Unix socket (a standing service).
-    Socket(PathBuf),
+    /// Connect to a provider already listening at this Unix socket (a standing service),
+    /// served by user `owner`, or (when `None`) by this user or root: a socket another user
+    /// put there would be sent inputs, secrets among them, and run commands as that user.
+    Socket { path: PathBuf, owner: Option<u32> },
 }
 
 /// Timeouts and limits for talking to providers.
@@ -213,7 +215,7 @@ impl ProviderConnection {
                 let rpc = start_rpc(reader.compat(), writer.compat_write(), &options);
                 Self::handshake(name, rpc, Some(process), options).await
             }
-            ProviderSource::Socket(path) => {
+            ProviderSource::Socket { path, owner } => {
                 let stream = tokio::net::UnixStream::connect(path)
                     .await
                     .map_err(|source| LaunchError::Connect {
@@ -221,6 +223,7 @@ impl ProviderConnection {
                         socket: path.clone(),
                         source,
                     })?;
+                check_peer(name, path, &stream, *owner)?;
                 let (reader, writer) = stream.into_split();
                 let rpc = start_rpc(reader.compat(), writer.compat_write(), &options);
                 Self::handshake(name, rpc, None, options).await
@@ -707,4 +710,44 @@ fn too_large_words(reason: &str) -> Option<u64> {
         return None;
     }
     rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Refuses a socket served by anyone but `owner` (by default: this user or root), as the
+/// kernel reports the process at its other end (`SO_PEERCRED`).
+fn check_peer(
+    name: &str,
+    path: &std::path::Path,
+    stream: &tokio::net::UnixStream,
+    owner: Option<u32>,
+) -> Result<(), LaunchError> {
+    let untrusted = |uid: Option<u32>| LaunchError::UntrustedSocket {
+        provider: name.to_string(),
+        socket: path.to_path_buf(),
+        served_by: uid.map_or_else(
+            || "a process whose user cannot be told".to_string(),
+            crate::error::user_description,
+        ),
+        expected: match (owner, capstan_process::own_uid()) {
+            (Some(uid), _) => crate::error::user_description(uid),
+            (None, 0) => crate::error::user_description(0),
+            (None, me) => format!("{} or root", crate::error::user_description(me)),
+        },
+        owner_hint: uid.map_or_else(
+            || "USER".to_string(),
+            |uid| match capstan_process::user_name(uid) {
+                Some(name) => format!("\"{name}\""),
+                None => uid.to_string(),
+            },
+        ),
+    };
+    let uid = stream.peer_cred().map_err(|_| untrusted(None))?.uid();
+    let trusted = match owner {
+        Some(expected) => uid == expected,
+        None => uid == capstan_process::own_uid() || uid == 0,
+    };
+    if trusted {
+        Ok(())
+    } else {
+        Err(untrusted(Some(uid)))
+    }
 }

@@ -103,6 +103,15 @@ pub enum LaunchError {
         socket: PathBuf,
         source: std::io::Error,
     },
+    #[error("provider `{provider}`: the socket {} is served by {served_by}, not by {expected}: refused (it would be sent inputs, secrets among them). If that user's service is the one meant, name it in the provider's declaration: \"owner\": {owner_hint}", .socket.display())]
+    UntrustedSocket {
+        provider: String,
+        socket: PathBuf,
+        served_by: String,
+        expected: String,
+        /// The peer as the deployment would name it (`"alice"`, or a uid).
+        owner_hint: String,
+    },
     #[error("provider `{provider}` {status} before completing the handshake{tail}")]
     ExitedEarly {
         provider: String,
@@ -206,5 +215,13 @@ impl CallError {
             CallError::Failed { error, .. } => Some(error.kind),
             _ => None,
         }
+    }
+}
+
+/// "user `alice` (uid 1000)", or "uid 1000" for a uid with no name.
+pub(crate) fn user_description(uid: u32) -> String {
+    match capstan_process::user_name(uid) {
+        Some(name) => format!("user `{name}` (uid {uid})"),
+        None => format!("uid {uid}"),
     }
 }

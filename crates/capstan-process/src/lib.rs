@@ -121,6 +121,32 @@ pub fn own_uid() -> u32 {
     rustix::process::getuid().as_raw()
 }
 
+/// The uid of user `name` in `/etc/passwd`, if there is one.
+pub fn uid_of(name: &str) -> Option<u32> {
+    passwd_entries()
+        .find(|(n, _)| n == name)
+        .map(|(_, uid)| uid)
+}
+
+/// The name of the user with `uid` in `/etc/passwd`, if there is one.
+pub fn user_name(uid: u32) -> Option<String> {
+    passwd_entries().find(|(_, u)| *u == uid).map(|(n, _)| n)
+}
+
+/// `(name, uid)` of every well-formed line of `/etc/passwd`.
+fn passwd_entries() -> impl Iterator<Item = (String, u32)> {
+    let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let uid = fields.nth(1)?.parse().ok()?;
+            Some((name.to_string(), uid))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
 /// Takes an exclusive `flock` on `file`: `Ok(false)` if someone else holds it and `wait` is
 /// false; with `wait`, blocks until it is ours.
 pub fn lock_exclusive(file: impl AsFd, wait: bool) -> std::io::Result<bool> {
@@ -168,6 +194,13 @@ mod tests {
         let outside = stat_fields("9 (sh) S 1 9 0 0").expect("session 0 parses");
         assert_eq!(outside.session, 0, "a leader outside the namespace");
         assert_eq!(stat_fields("garbage"), None);
+    }
+
+    #[test]
+    fn root_is_found_by_name_and_by_uid() {
+        assert_eq!(uid_of("root"), Some(0));
+        assert_eq!(user_name(0).as_deref(), Some("root"));
+        assert_eq!(uid_of("no-such-user-here"), None);
     }
 
     #[test]

@@ -192,6 +192,31 @@ fn cases() -> Vec<Case> {
             APPLY,
             2,
         ),
+        // Issue 20 item 22: who serves a socket is named right, or refused.
+        bad(
+            "owner_without_a_socket",
+            r#"{"providers": {"l": {"builtin": "local", "owner": "root"}}, "resources": {}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "owner_no_such_user",
+            r#"{"providers": {"s": {"socket": "s.sock", "owner": "no-such-user-here"}}, "resources": {}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "owner_negative",
+            r#"{"providers": {"s": {"socket": "s.sock", "owner": -1}}, "resources": {}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "owner_a_list",
+            r#"{"providers": {"s": {"socket": "s.sock", "owner": ["root"]}}, "resources": {}}"#,
+            PLAN,
+            2,
+        ),
         bad(
             "args_on_a_builtin",
             r#"{"providers": {"l": {"builtin": "local", "args": ["-v"]}}, "resources": {}}"#,

@@ -225,26 +225,7 @@ fn a_planted_secret_reaches_no_output_and_no_readable_file() {
 
 #[test]
 fn another_user_can_neither_read_the_state_nor_reach_a_standing_socket() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        let message = "not root: cannot make a second user for the isolation test";
-        capstan_test_support::skip_or_fail(message);
-        return;
-    }
-    let user = "capstan-probe";
-    let exists = Command::new("id")
-        .arg(user)
-        .output()
-        .unwrap()
-        .status
-        .success();
-    if !exists {
-        let made = Command::new("useradd")
-            .args(["--no-create-home", "--shell", "/usr/sbin/nologin", user])
-            .status()
-            .unwrap();
-        assert!(made.success(), "useradd failed");
-    }
+    let Some(user) = other_user() else { return };
     let dir = project();
     let root = dir.path();
     // The project itself is open to all; only what Capstan makes is private.
@@ -423,4 +404,110 @@ fn what_a_command_makes_of_a_secret_is_a_secret_too() {
     assert!(marked.contains(&"/outputs/stdout"), "{shown_upper}");
     assert!(!marked.contains(&"/outputs/exitCode"), "{shown_upper}");
     assert_eq!(shown_upper["outputs"]["exitCode"], 0, "{shown_upper}");
+}
+
+/// A second user for the isolation tests (made once, when the tests run as root); `None`
+/// when they cannot make one (not root: skipped, or failed in CI).
+fn other_user() -> Option<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        capstan_test_support::skip_or_fail("not root: cannot make a second user");
+        return None;
+    }
+    let user = "capstan-probe";
+    let exists = Command::new("id")
+        .arg(user)
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !exists {
+        // Another test may be making it at the same moment: check again after a failure.
+        let made = Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/usr/sbin/nologin", user])
+            .status()
+            .unwrap();
+        let exists = Command::new("id")
+            .arg(user)
+            .output()
+            .unwrap()
+            .status
+            .success();
+        assert!(made.success() || exists, "useradd failed");
+    }
+    Some(user)
+}
+
+#[test]
+fn a_socket_another_user_serves_is_refused_unless_the_deployment_names_them() {
+    let Some(user) = other_user() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // A place the other user can make a socket in.
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = run.join("squatted.sock");
+    let mut service = Command::new("runuser")
+        .args(["-u", user, "--", "env"])
+        .arg(format!("CAPSTAN_PROVIDER_LISTEN={}", socket.display()))
+        .arg(testing_provider())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::support::wait_until("the other user's socket appears", || socket.exists());
+    let deployment = |owner: Option<&str>| {
+        let mut provider = json!({"socket": socket});
+        if let Some(owner) = owner {
+            provider["owner"] = json!(owner);
+        }
+        json!({
+            "providers": {"t": provider},
+            "resources": {"n": {"provider": "t", "type": "noop",
+                                "inputs": {"value": {"$sensitive": {"$param": "pw"}}}}}
+        })
+        .to_string()
+    };
+    std::fs::write(
+        dir.path().join("params.json"),
+        json!({"pw": PASSWORD}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("capstan.json"), deployment(None)).unwrap();
+    let refused = capstan(dir.path(), &["apply", "--params", "params.json"]);
+    let text = shown(&refused);
+    assert!(!refused.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("served by user `{user}`")) && text.contains("refused"),
+        "{text}"
+    );
+    assert!(text.contains("\"owner\""), "says how to trust it: {text}");
+    let listed = capstan(dir.path(), &["state", "list"]);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "",
+        "nothing was done"
+    );
+
+    // Named as the owner, it is trusted.
+    std::fs::write(dir.path().join("capstan.json"), deployment(Some(user))).unwrap();
+    let trusted = capstan(dir.path(), &["apply", "--params", "params.json"]);
+    let _ = service.kill();
+    let _ = service.wait();
+    assert!(trusted.status.success(), "{}", shown(&trusted));
+
+    // An owner that is no user is a mistake in the deployment, said as such.
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        deployment(Some("no-such-user-here")),
+    )
+    .unwrap();
+    let typo = capstan(dir.path(), &["plan", "--params", "params.json"]);
+    assert_eq!(typo.status.code(), Some(2), "{}", shown(&typo));
+    assert!(
+        shown(&typo).contains("no user `no-such-user-here`"),
+        "{}",
+        shown(&typo)
+    );
 }

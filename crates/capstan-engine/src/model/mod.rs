@@ -29,8 +29,9 @@ pub enum ProviderSourceDecl {
     Builtin(String),
     /// A program, resolved relative to the deployment file or on PATH.
     Executable { program: String, args: Vec<String> },
-    /// A provider service listening at this socket.
-    Socket(PathBuf),
+    /// A provider service listening at this socket, served by user `owner` (a uid), or by
+    /// this user or root when the deployment names none.
+    Socket { path: PathBuf, owner: Option<u32> },
 }
 
 /// A provider as the deployment declares it.

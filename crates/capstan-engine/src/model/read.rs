@@ -36,11 +36,12 @@ pub(super) fn parse_provider(
     let Value::Object(decl) = decl else {
         return Err("must be an object with `builtin`, `executable` or `socket`".into());
     };
-    const KEYS: [&str; 10] = [
+    const KEYS: [&str; 11] = [
         "builtin",
         "executable",
         "args",
         "socket",
+        "owner",
         "maxConcurrency",
         "timeout",
         "protocol",
@@ -119,6 +120,9 @@ fn provider_source(decl: &Map<String, Value>) -> Result<ProviderSourceDecl, Stri
     if decl.contains_key("args") && !decl.contains_key("executable") {
         return Err("`args` is for an `executable` provider (its command line)".into());
     }
+    if decl.contains_key("owner") && !decl.contains_key("socket") {
+        return Err("`owner` is for a `socket` provider (the user its service runs as)".into());
+    }
     if let Some(builtin) = text("builtin") {
         return Ok(ProviderSourceDecl::Builtin(builtin));
     }
@@ -135,7 +139,22 @@ fn provider_source(decl: &Map<String, Value>) -> Result<ProviderSourceDecl, Stri
         return Ok(ProviderSourceDecl::Executable { program, args });
     }
     if let Some(socket) = text("socket") {
-        return Ok(ProviderSourceDecl::Socket(PathBuf::from(socket)));
+        let owner = match decl.get("owner") {
+            None => None,
+            Some(Value::Number(n)) => Some(
+                n.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| format!("`owner` {n} is not a user id"))?,
+            ),
+            Some(Value::String(name)) => Some(capstan_process::uid_of(name).ok_or_else(|| {
+                format!("`owner`: no user `{name}` on this machine (give a name from /etc/passwd or a uid)")
+            })?),
+            Some(_) => return Err("`owner` is a user name or a uid".into()),
+        };
+        return Ok(ProviderSourceDecl::Socket {
+            path: PathBuf::from(socket),
+            owner,
+        });
     }
     Err("`builtin`, `executable` and `socket` take a string".into())
 }

@@ -145,7 +145,12 @@ pub(super) fn source_for(
         }
     };
     let mut command = match (&decl.source, decl.protocol.as_deref()) {
-        (ProviderSourceDecl::Socket(path), _) => return ProviderSource::Socket(dir.join(path)),
+        (ProviderSourceDecl::Socket { path, owner }, _) => {
+            return ProviderSource::Socket {
+                path: dir.join(path),
+                owner: *owner,
+            }
+        }
         (ProviderSourceDecl::Builtin(name), _) => launcher.command(Served::Builtin(name)),
         (ProviderSourceDecl::Executable { program, .. }, Some(crate::model::TERRAFORM)) => {
             let program = resolve(program);
