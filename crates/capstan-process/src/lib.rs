@@ -121,6 +121,18 @@ pub fn own_uid() -> u32 {
     rustix::process::getuid().as_raw()
 }
 
+/// Makes `options` refuse to open a symbolic link (`O_NOFOLLOW`): a state file another user
+/// replaced with a link to some file of theirs (or of root's) is never written through.
+pub fn no_follow(options: &mut std::fs::OpenOptions) -> &mut std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    options.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+}
+
+/// Whether `error` is an open refused by [`no_follow`] because the path is a symbolic link.
+pub fn is_symlink_refusal(error: &std::io::Error) -> bool {
+    error.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
+}
+
 /// The uid of user `name` in `/etc/passwd`, if there is one.
 pub fn uid_of(name: &str) -> Option<u32> {
     passwd_entries()

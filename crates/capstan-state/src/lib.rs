@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Seek, Write};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -185,6 +185,8 @@ pub enum StateError {
         owner: String,
         deployment: String,
     },
+    #[error("{}: {why}. Capstan refuses a state another user could have changed or could read (as OpenSSH refuses a loose authorized_keys): if it is yours, make it a plain file or directory of yours again (chown, or remove the link); else give this deployment a state of its own with --state DIR", .path.display())]
+    Untrusted { path: PathBuf, why: String },
     #[error("{}: line(s) {} are damaged (they fail their checksum, or hold a record this capstan cannot read), so nothing was changed. Every intact record is still there: `capstan state repair` keeps them and sets the damaged lines aside in a file beside the journal", .path.display(), list_lines(.lines))]
     Damaged { path: PathBuf, lines: Vec<usize> },
 }
@@ -359,14 +361,16 @@ impl DirectoryBackend {
         waiting: &mut dyn FnMut(&str),
     ) -> Result<Self, StateError> {
         make_private_dir(dir)?;
+        check_dir(dir)?;
         let lock_path = dir.join("lock");
-        let mut lock = private_file()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io(&lock_path))?;
+        let mut lock = open_owned(
+            private_file()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+            &lock_path,
+        )?;
         let holder = || {
             use std::os::unix::fs::FileExt;
             let mut bytes = vec![0; 4096];
@@ -480,11 +484,7 @@ impl DirectoryBackend {
 
     fn start_writer(&mut self) -> Result<(), StateError> {
         let path = self.journal_path();
-        let mut file = private_file()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let mut file = open_owned(private_file().create(true).append(true), &path)?;
         let (tx, rx) = mpsc::channel::<WriteRequest>();
         let thread = std::thread::Builder::new()
             .name("capstan-journal".into())
@@ -581,10 +581,15 @@ fn make_private(dir: &Path) -> Result<(), StateError> {
     if meta.permissions().mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
     }
-    // Files made before the state was private.
+    // Files made before the state was private: ours alone, never through a link (a chmod
+    // follows one, to whatever file it names).
     for name in ["journal", "snapshot.json", "lock", OWNER_FILE] {
         let path = dir.join(name);
-        if let Ok(meta) = std::fs::metadata(&path) {
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if !meta.is_file() {
+                return Err(untrusted(&path, "is not a plain file".into()));
+            }
+            check_owned(&meta, &path)?;
             if meta.permissions().mode() & 0o077 != 0 {
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                     .map_err(io(&path))?;
@@ -592,6 +597,75 @@ fn make_private(dir: &Path) -> Result<(), StateError> {
         }
     }
     Ok(())
+}
+
+/// A state file opened as its owner's alone: never through a symbolic link, and refused if
+/// another user owns it (root writing secrets into a file another user can read, or into one
+/// a link points at, is what this prevents).
+fn open_owned(options: &mut OpenOptions, path: &Path) -> Result<File, StateError> {
+    let file = capstan_process::no_follow(options)
+        .open(path)
+        .map_err(|e| {
+            if capstan_process::is_symlink_refusal(&e) {
+                untrusted(path, "is a symbolic link".into())
+            } else {
+                io(path)(e)
+            }
+        })?;
+    check_owned(&file.metadata().map_err(io(path))?, path)?;
+    Ok(file)
+}
+
+/// A temporary file made anew (`O_EXCL`): whatever was left at its name (a crash's, or a link
+/// another user put there) is removed first, never written through.
+fn create_temporary(path: &Path) -> Result<File, StateError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(path)(e)),
+    }
+    open_owned(private_file().write(true).create_new(true), path)
+}
+
+/// Refuses what another user owns.
+fn check_owned(meta: &std::fs::Metadata, path: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt;
+    if meta.uid() == capstan_process::own_uid() {
+        Ok(())
+    } else {
+        Err(untrusted(
+            path,
+            format!(
+                "belongs to {}, not to you ({})",
+                user(meta.uid()),
+                user(capstan_process::own_uid())
+            ),
+        ))
+    }
+}
+
+/// The state directory is ours (and so is the link to it, if it is one).
+fn check_dir(dir: &Path) -> Result<(), StateError> {
+    let link = std::fs::symlink_metadata(dir).map_err(io(dir))?;
+    if link.file_type().is_symlink() {
+        check_owned(&link, dir)?;
+    }
+    check_owned(&std::fs::metadata(dir).map_err(io(dir))?, dir)
+}
+
+fn untrusted(path: &Path, why: String) -> StateError {
+    StateError::Untrusted {
+        path: path.to_path_buf(),
+        why,
+    }
+}
+
+/// "user `alice` (uid 1000)", or "uid 1000" for a uid with no name.
+fn user(uid: u32) -> String {
+    match capstan_process::user_name(uid) {
+        Some(name) => format!("user `{name}` (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
 }
 
 /// Options for a state file: created 0600, whatever the umask.
@@ -610,19 +684,18 @@ fn read_stored(dir: &Path) -> Result<(State, LoadReport), StateError> {
         // The journal is opened before the snapshot: a compaction in between then gives an old
         // journal over a new snapshot that already holds it, and replaying records is
         // idempotent; the other order could miss the records folded away.
-        let journal = match File::open(&journal_path) {
-            Ok(file) => Some(file),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io(&journal_path)(e)),
-        };
+        let journal = open_existing(&journal_path)?;
         let snapshot_path = dir.join("snapshot.json");
-        let mut state = match std::fs::read(&snapshot_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateError::BadSnapshot {
-                path: snapshot_path.clone(),
-                message: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => return Err(io(&snapshot_path)(e)),
+        let mut state = match open_existing(&snapshot_path)? {
+            Some(mut file) => {
+                let mut bytes = Vec::new();
+                file.read_to_end(&mut bytes).map_err(io(&snapshot_path))?;
+                serde_json::from_slice(&bytes).map_err(|e| StateError::BadSnapshot {
+                    path: snapshot_path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+            None => State::default(),
         };
         let mut report = LoadReport::default();
         if let Some(file) = journal {
@@ -649,6 +722,19 @@ fn read_stored(dir: &Path) -> Result<(State, LoadReport), StateError> {
         }
         state.resources.sort_unstable_keys();
         return Ok((state, report));
+    }
+}
+
+/// A state file to read, if it exists, never through a symbolic link (what a link points at
+/// is not this state's).
+fn open_existing(path: &Path) -> Result<Option<File>, StateError> {
+    match capstan_process::no_follow(OpenOptions::new().read(true)).open(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if capstan_process::is_symlink_refusal(&e) => {
+            Err(untrusted(path, "is a symbolic link".into()))
+        }
+        Err(e) => Err(io(path)(e)),
     }
 }
 
@@ -699,7 +785,21 @@ pub const OWNER_FILE: &str = "deployment";
 /// claimed for `deployment` when `claim` is set — by commands that write, holding the lock.
 pub fn check_owner(dir: &Path, deployment: &str, claim: bool) -> Result<(), StateError> {
     let path = dir.join(OWNER_FILE);
-    match std::fs::read_to_string(&path) {
+    let read = |path: &Path| -> Result<String, StateError> {
+        let mut text = String::new();
+        open_owned(OpenOptions::new().read(true), path)?
+            .read_to_string(&mut text)
+            .map_err(io(path))?;
+        Ok(text)
+    };
+    let read = match read(&path) {
+        Ok(text) => Ok(text),
+        Err(StateError::Io { source, .. }) => Err(source),
+        Err(other) if claim => return Err(other),
+        // A command that only reads reads what it can.
+        Err(_) => std::fs::read_to_string(&path),
+    };
+    match read {
         Ok(owner) if owner.trim() == deployment => Ok(()),
         // A claim a full disk left empty claims nothing.
         Ok(owner) if owner.trim().is_empty() => {
@@ -727,18 +827,14 @@ pub fn check_owner(dir: &Path, deployment: &str, claim: bool) -> Result<(), Stat
 /// directory synced (a full disk leaves no empty claim behind).
 fn write_claim(dir: &Path, path: &Path, deployment: &str) -> Result<(), StateError> {
     let temporary = dir.join(format!("{OWNER_FILE}.tmp"));
-    let written = private_file()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&temporary)
-        .and_then(|mut file| {
-            file.write_all(format!("{deployment}\n").as_bytes())?;
-            file.sync_all()
-        });
+    let written = create_temporary(&temporary).and_then(|mut file| {
+        file.write_all(format!("{deployment}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io(&temporary))
+    });
     if let Err(e) = written {
         let _ = std::fs::remove_file(&temporary);
-        return Err(io(&temporary)(e));
+        return Err(e);
     }
     std::fs::rename(&temporary, path).map_err(io(path))?;
     fsync_dir(dir)
@@ -790,12 +886,7 @@ impl StateBackend for DirectoryBackend {
         let snapshot = self.dir.join("snapshot.json");
         let temp = self.dir.join("snapshot.json.tmp");
         {
-            let file = private_file()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&temp)
-                .map_err(io(&temp))?;
+            let file = create_temporary(&temp)?;
             // Buffered: serde_json writes token by token, a system call each on a bare file.
             let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
             serde_json::to_writer(&mut writer, state).map_err(|e| StateError::Io {
@@ -813,13 +904,7 @@ impl StateBackend for DirectoryBackend {
         fsync_dir(&self.dir)?;
         let journal = self.journal_path();
         let empty = self.dir.join("journal.tmp");
-        private_file()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&empty)
-            .and_then(|f| f.sync_all())
-            .map_err(io(&empty))?;
+        create_temporary(&empty)?.sync_all().map_err(io(&empty))?;
         std::fs::rename(&empty, &journal).map_err(io(&journal))?;
         fsync_dir(&self.dir)?;
         self.start_writer()
@@ -1143,5 +1228,98 @@ mod tests {
         drop(backend);
         let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
         assert_eq!(backend.load().unwrap().0, state);
+    }
+
+    /// Another user's uid to give files to; `None` (skipped, or failed in CI) when this test
+    /// cannot, not being root.
+    fn other_uid() -> Option<u32> {
+        if capstan_process::own_uid() != 0 {
+            capstan_test_support::skip_or_fail("not root: cannot give a file to another user");
+            return None;
+        }
+        Some(65534)
+    }
+
+    #[test]
+    fn a_lock_or_journal_that_is_a_link_is_refused_and_its_target_untouched() {
+        for name in ["lock", "journal"] {
+            let dir = tempfile::tempdir().unwrap();
+            let state = dir.path().join("state");
+            std::fs::create_dir(&state).unwrap();
+            let victim = dir.path().join("victim");
+            std::fs::write(&victim, "precious\n").unwrap();
+            std::os::unix::fs::symlink(&victim, state.join(name)).unwrap();
+            let opened = DirectoryBackend::open(&state, Duration::ZERO)
+                .and_then(|mut backend| backend.load().map(drop));
+            let message = opened.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains("is a symbolic link"), "{name}: {message}");
+            assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        }
+    }
+
+    #[test]
+    fn temporary_files_left_as_links_are_replaced_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        let mut backend = DirectoryBackend::open(&state, Duration::ZERO).unwrap();
+        let (state_now, _) = backend.load().unwrap();
+        for name in ["snapshot.json.tmp", "journal.tmp", "deployment.tmp"] {
+            std::os::unix::fs::symlink(&victim, state.join(name)).unwrap();
+        }
+        backend.compact(&state_now).unwrap();
+        check_owner(&state, "capstan.json", true).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert_eq!(
+            std::fs::read_to_string(state.join(OWNER_FILE)).unwrap(),
+            "capstan.json\n"
+        );
+    }
+
+    #[test]
+    fn a_dangling_claim_link_creates_nothing_where_it_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let target = dir.path().join("made-by-root");
+        std::os::unix::fs::symlink(&target, state.join(OWNER_FILE)).unwrap();
+        let claimed = check_owner(&state, "capstan.json", true);
+        assert!(
+            claimed
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("is a symbolic link")),
+            "{claimed:?}"
+        );
+        assert!(!target.exists(), "nothing made through the link");
+    }
+
+    #[test]
+    fn a_state_directory_or_journal_of_another_user_is_refused() {
+        let Some(other) = other_uid() else { return };
+        // The directory itself.
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::os::unix::fs::chown(&state, Some(other), Some(other)).unwrap();
+        let refused = DirectoryBackend::open(&state, Duration::ZERO).err();
+        let message = refused.map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("belongs to"), "{message}");
+        assert!(!state.join("lock").exists(), "nothing made in it");
+
+        // A journal someone else owns in a directory of ours.
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::write(state.join("journal"), "").unwrap();
+        std::os::unix::fs::chown(state.join("journal"), Some(other), Some(other)).unwrap();
+        let loaded = DirectoryBackend::open(&state, Duration::ZERO)
+            .and_then(|mut backend| backend.load().map(drop));
+        let message = loaded.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.contains("journal") && message.contains("belongs to uid 65534")
+                || message.contains("belongs to user"),
+            "{message}"
+        );
     }
 }

@@ -511,3 +511,67 @@ fn a_socket_another_user_serves_is_refused_unless_the_deployment_names_them() {
         shown(&typo)
     );
 }
+
+#[test]
+fn a_state_another_user_planted_is_refused_and_nothing_is_written_through_it() {
+    let Some(user) = other_user() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(
+        root.join("capstan.json"),
+        json!({"providers": {"local": {"builtin": "local"}},
+               "resources": {"m": {"provider": "local", "type": "memo",
+                                   "inputs": {"value": {"$sensitive": {"$param": "pw"}}}}}})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("params.json"),
+        json!({"pw": PASSWORD}).to_string(),
+    )
+    .unwrap();
+    // The other user made `.capstan` (a directory they control), with a journal of theirs.
+    let chown = |path: &Path| {
+        let made = Command::new("chown").arg(user).arg(path).status().unwrap();
+        assert!(made.success());
+    };
+    let state = root.join(".capstan");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("journal"), "").unwrap();
+    chown(&state.join("journal"));
+    chown(&state);
+    let apply = capstan(root, &["apply", "--params", "params.json"]);
+    assert_eq!(apply.status.code(), Some(2), "{}", shown(&apply));
+    assert!(
+        shown(&apply).contains(&format!("belongs to user `{user}`")),
+        "{}",
+        shown(&apply)
+    );
+    assert_eq!(std::fs::read(state.join("journal")).unwrap(), b"");
+
+    // A directory of ours, but a journal of theirs in it: the secret is not written into it.
+    let made = Command::new("chown")
+        .arg("root")
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let apply = capstan(root, &["apply", "--params", "params.json"]);
+    assert_eq!(apply.status.code(), Some(2), "{}", shown(&apply));
+    assert_eq!(std::fs::read(state.join("journal")).unwrap(), b"");
+
+    // A lock that is a link to a file of root's: refused, the file untouched.
+    std::fs::remove_file(state.join("journal")).unwrap();
+    let _ = std::fs::remove_file(state.join("lock"));
+    let victim = root.join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, state.join("lock")).unwrap();
+    let apply = capstan(root, &["apply", "--params", "params.json"]);
+    assert_eq!(apply.status.code(), Some(2), "{}", shown(&apply));
+    assert!(
+        shown(&apply).contains("is a symbolic link"),
+        "{}",
+        shown(&apply)
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+}
