@@ -232,7 +232,9 @@ impl HumanEvents {
                     self.paint(style::DIM, &format!("provider {provider}:"))
                 );
             }
-            Event::Interrupted { message } => put!("{}", self.paint(style::YELLOW, &message)),
+            // The signal that stopped the run already said so, once (`stop.rs`); the JSON
+            // stream carries the event.
+            Event::Interrupted { .. } => {}
             Event::Summary {
                 counts,
                 elapsed_seconds,

@@ -148,11 +148,22 @@ pub async fn state_cmd(
                     aside.display()
                 ),
                 Ok(None) => say!("{}: nothing is damaged", dir.join("journal").display()),
-                Err(e) => return Err(CliError::Failed(e.to_string())),
+                Err(e) => return Err(state_error(e)),
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A state that is not as it must be (a snapshot that does not read, a file of another user)
+/// is the user's to fix, as everywhere else (exit 2); one that could not be written failed
+/// (exit 1).
+fn state_error(e: capstan_engine::state::StateError) -> CliError {
+    use capstan_engine::state::StateError;
+    match e {
+        StateError::Io { .. } | StateError::WriterGone(_) => CliError::Failed(e.to_string()),
+        _ => CliError::Invalid(e.to_string()),
+    }
 }
 
 /// `state show ADDRESS`: the resource as recorded, its secrets hidden unless asked.

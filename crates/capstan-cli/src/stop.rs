@@ -87,7 +87,7 @@ impl Stop {
                     None => {
                         cause.set(Some(now));
                         say!(
-                            "{}: stopping gracefully (signal again to stop at once)",
+                            "{}: stopping gracefully: what runs is cancelled, and the state is saved (signal again to stop at once)",
                             now.describe()
                         );
                         token.cancel();

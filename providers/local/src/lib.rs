@@ -148,6 +148,16 @@ fn refuse_the_state(path: &std::path::Path) -> Result<(), OperationError> {
 }
 
 fn absolute(path: &str) -> Result<PathBuf, OperationError> {
+    if path.is_empty() {
+        return Err(OperationError::invalid_input(
+            "input `path` is empty: give the file to write, relative to the deployment's directory",
+        ));
+    }
+    if path.ends_with('/') || path.ends_with("/.") || path == "." || path.ends_with("/..") {
+        return Err(OperationError::invalid_input(format!(
+            "input `path` ({path}) names a directory: give the file to write in it"
+        )));
+    }
     let path = PathBuf::from(path);
     if path.is_absolute() {
         return Ok(path);

@@ -677,6 +677,39 @@ fn cases() -> Vec<Case> {
             state_untouched: false,
             ..bad("", LOCAL, &["state", "repair"], 0)
         },
+        // Issue 20 item 18: a file with no path, or a directory's, is said as such.
+        Case {
+            name: "file_with_an_empty_path",
+            deployment: Some(
+                r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "f": {"provider": "local", "type": "file", "inputs": {"path": "", "content": "x"}}}}"#
+                    .into(),
+            ),
+            state_untouched: false,
+            ..bad("", LOCAL, APPLY, 1)
+        },
+        Case {
+            name: "file_with_a_directory_path",
+            deployment: Some(
+                r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "f": {"provider": "local", "type": "file", "inputs": {"path": "sub/", "content": "x"}}}}"#
+                    .into(),
+            ),
+            state_untouched: false,
+            ..bad("", LOCAL, APPLY, 1)
+        },
+        // Issue 20 item 18: a snapshot that does not read is the same error, with the same
+        // exit code, whichever command meets it.
+        Case {
+            name: "bad_snapshot_stops_apply",
+            files: &[(".capstan/snapshot.json", "{not json")],
+            ..bad("", LOCAL, APPLY, 2)
+        },
+        Case {
+            name: "bad_snapshot_stops_repair_too",
+            files: &[(".capstan/snapshot.json", "{not json")],
+            ..bad("", LOCAL, &["state", "repair"], 2)
+        },
     ]
 }
 

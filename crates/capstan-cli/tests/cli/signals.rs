@@ -94,6 +94,11 @@ fn graceful_stop_on(signal: libc::c_int, tag: u32) {
         "exit code after signal {signal}:\n{stderr}"
     );
     assert!(stderr.contains("stopping gracefully"), "{stderr}");
+    let said = stderr
+        .lines()
+        .filter(|l| l.contains("stopping") || l.contains("cancelling"))
+        .count();
+    assert_eq!(said, 1, "the stop is said once:\n{stderr}");
     assert!(
         processes_with(&marker).is_empty(),
         "processes outlived capstan: {:?}",
