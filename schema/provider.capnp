@@ -289,6 +289,9 @@ struct OperationResult {
     # A JSON object with the resource's outputs ("{}" when it has none).
     capabilities @1 :List(NamedCapability);
     # Handles to what was created, kept by the core for the rest of the run.
+    replaced @2 :Bool;
+    # True when, to apply an update, the provider deleted the resource and made it anew (a
+    # change it cannot make in place): the core counts a replacement, not an update.
   }
 }
 

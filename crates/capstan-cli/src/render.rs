@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::output::Stdout;
 
 /// The JSON stream's version; minor versions only add fields and event types.
-pub const JSON_STREAM_VERSION: &str = "1.2";
+pub const JSON_STREAM_VERSION: &str = "1.3";
 
 /// Newline-delimited JSON on stdout: a `version` line, then one line per event, each with
 /// `type`, a monotonic `seq` and a `timestamp`.
@@ -240,9 +240,11 @@ impl HumanEvents {
                 elapsed_seconds,
             } => {
                 put!(
-                    "{}: {} created, {} updated, {} deleted, {} unchanged, {} failed, {} skipped{} in {elapsed_seconds:.2}s.",
+                    "{}: {} created, {} updated, {}{} deleted, {} unchanged, {} failed, {} skipped{} in {elapsed_seconds:.2}s.",
                     if counts.succeeded() { "Done" } else { "Finished with problems" },
-                    counts.created, counts.updated, counts.deleted, counts.unchanged, counts.failed, counts.skipped,
+                    counts.created, counts.updated,
+                    if counts.replaced > 0 { format!("{} replaced, ", counts.replaced) } else { String::new() },
+                    counts.deleted, counts.unchanged, counts.failed, counts.skipped,
                     if counts.interrupted > 0 { format!(", {} interrupted", counts.interrupted) } else { String::new() },
                 );
             }

@@ -11,6 +11,9 @@ use crate::plan::PlannedChange;
 pub struct Summary {
     pub created: usize,
     pub updated: usize,
+    /// Deleted and made again: a change of provider or type, or of an input its provider
+    /// cannot change in place (counted here, not as created, updated or deleted).
+    pub replaced: usize,
     pub deleted: usize,
     pub unchanged: usize,
     pub failed: usize,

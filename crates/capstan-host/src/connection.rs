@@ -112,6 +112,8 @@ pub struct OperationSuccess {
     /// Capabilities the provider returned, by name; they stay valid while the connection to
     /// the provider that made them is open.
     pub capabilities: Vec<(String, Handle)>,
+    /// The provider deleted the resource and made it anew to apply an update.
+    pub replaced: bool,
 }
 
 /// A capability a provider returned for a resource it made (a `ResourceHandle`): kept by the
@@ -662,6 +664,7 @@ fn read_result(
             Ok(Ok(OperationSuccess {
                 outputs,
                 capabilities,
+                replaced: success.get_replaced(),
             }))
         }
         Ok(Which::Failure(failure)) => Ok(Err(OperationError::read(failure?)?)),

@@ -25,6 +25,8 @@ pub struct Operation {
     pub(crate) capabilities: Vec<(String, resource_handle::Client)>,
     pub(crate) returned: RefCell<Vec<(String, resource_handle::Client)>>,
     pub(crate) scheduler: Option<scheduler::Client>,
+    /// Set by [`Operation::replaced`].
+    pub(crate) replaced: std::cell::Cell<bool>,
 }
 
 /// A share of the run's concurrency lent to the provider (see [`Operation::permit`]). The slot
@@ -266,6 +268,12 @@ impl Operation {
     ) {
         let handle = HandleServer::client(kind.into(), self.address.clone(), summary.to_string());
         self.return_capability(name, handle);
+    }
+
+    /// Says that this update deleted the resource and made it anew (a change it cannot make
+    /// in place): the core counts a replacement, as the plan said.
+    pub fn replaced(&self) {
+        self.replaced.set(true);
     }
 
     pub(crate) fn take_returned(&self) -> Vec<(String, resource_handle::Client)> {

@@ -80,6 +80,7 @@ struct Success {
     /// JSON text.
     outputs: String,
     capabilities: Vec<(String, resource_handle::Client)>,
+    replaced: bool,
 }
 
 /// The call for `kind`, taking the request's JSON texts (read into the resource's types only
@@ -172,6 +173,7 @@ impl ProviderServer {
             capabilities: request.capabilities,
             returned: RefCell::new(Vec::new()),
             scheduler: request.scheduler,
+            replaced: std::cell::Cell::new(false),
         };
         let grace = self.cancel_grace;
         let root_span = crate::bridge::root_span(queue.clone());
@@ -184,6 +186,7 @@ impl ProviderServer {
                 Ok(Success {
                     outputs,
                     capabilities: op.take_returned(),
+                    replaced: op.replaced.get(),
                 })
             };
             let deadline = async {
@@ -299,6 +302,7 @@ impl ProviderServer {
             Ok(success) => {
                 let mut s = results.init_success();
                 s.set_outputs(&success.outputs[..]);
+                s.set_replaced(success.replaced);
                 let mut caps = s.init_capabilities(success.capabilities.len() as u32);
                 for (n, (name, client)) in success.capabilities.into_iter().enumerate() {
                     let mut entry = caps.reborrow().get(n as u32);

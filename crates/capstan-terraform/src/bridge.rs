@@ -596,7 +596,9 @@ impl Resource for TfResource {
                 ))
                 .await;
                 self.delete_recorded(op, plugin, &recorded).await?;
-                self.create_new(op, plugin, &inputs).await
+                let made = self.create_new(op, plugin, &inputs).await;
+                op.replaced();
+                made
             }
             Err(other) => Err(failure(other)),
             Ok((state, private)) => Ok(join(state, &private, recorded.version)),

@@ -855,13 +855,21 @@ fn changing_a_resources_type_replaces_it_delete_first() {
     );
     assert!(!project.path("out/a.txt").exists(), "the file was deleted");
     let s = summary(&events);
+    // A replacement is counted as one, not as a create and a delete.
     assert_eq!(
         (
             s["created"].as_u64(),
             s["deleted"].as_u64(),
-            s["updated"].as_u64()
+            s["updated"].as_u64(),
+            s["replaced"].as_u64()
         ),
-        (Some(1), Some(1), Some(1))
+        (Some(0), Some(0), Some(1), Some(1))
+    );
+    let out = project.capstan(&["plan"]);
+    assert!(
+        text(&out.stdout).contains("0 to create"),
+        "{}",
+        text(&out.stdout)
     );
     let shown: Value =
         serde_json::from_slice(&project.capstan(&["state", "show", "thing"]).stdout).unwrap();

@@ -294,6 +294,17 @@ fn a_protocol_6_provider_lives_through_apply_drift_replace_failure_crash_and_can
                 .is_some_and(|n| n.starts_with("replace (path changed)"))
     });
     assert!(replaced, "{}", shown(&apply));
+    // Counted as a replacement, as the plan said, not as an update (`look`, which reads its
+    // path, is the one update).
+    let summary = crate::support::events(&apply.stdout)
+        .into_iter()
+        .find(|e| e["type"] == "summary")
+        .unwrap();
+    assert_eq!(
+        (summary["replaced"].as_u64(), summary["updated"].as_u64()),
+        (Some(1), Some(1)),
+        "{summary}"
+    );
     assert!(!root.join("a.txt").exists());
     assert_eq!(show("look")["outputs"]["path"], "b.txt");
     // A failing apply: the provider's diagnostic with its attribute, its warning and its log

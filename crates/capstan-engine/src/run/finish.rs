@@ -62,7 +62,14 @@ impl<'a> Driver<'a> {
                 counted,
             } => {
                 match counted {
+                    // The second half of a replace: its delete was counted as one till now.
+                    Action::Create if self.changes[i].action == Action::Replace => {
+                        self.summary.deleted = self.summary.deleted.saturating_sub(1);
+                        self.summary.replaced += 1;
+                    }
                     Action::Create => self.summary.created += 1,
+                    // An update the provider could only make by making the resource anew.
+                    Action::Replace => self.summary.replaced += 1,
                     Action::Update => self.summary.updated += 1,
                     _ => self.summary.unchanged += 1,
                 }
@@ -84,7 +91,7 @@ impl<'a> Driver<'a> {
                         .map(|r| r.outputs.clone());
                     self.settle_kid(i, Ok(outputs.unwrap_or_else(Json::empty_object)));
                 }
-                let made = matches!(counted, Action::Create | Action::Update);
+                let made = matches!(counted, Action::Create | Action::Update | Action::Replace);
                 if made && self.kin.recorded_children.contains_key(&address) {
                     self.delete_stale_children(&address, work);
                 }
@@ -346,6 +353,7 @@ pub(super) async fn finish(
     });
     let counted = match op.operation {
         OperationKind::Create => Action::Create,
+        OperationKind::Update if success.replaced => Action::Replace,
         OperationKind::Update => Action::Update,
         _ => Action::Noop,
     };
