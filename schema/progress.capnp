@@ -104,7 +104,12 @@ interface ProgressSink {
   finish @1 ();
   # Ends the stream. Returns the first error any `push` hit, if there was one. Required: a
   # provider calls it exactly once per operation, after its last `push` and before it returns
-  # the operation's result — also when it pushed nothing, and after a failed `push`. A host may
-  # wait for it before taking the result. (The one exception: a request with
-  # `silentFinishOptional` set lets an operation that pushed nothing skip it.)
+  # the operation's result — also when it pushed nothing, after a failed `push`, and when it
+  # refuses the operation before running it (a type it does not serve, a provider shutting
+  # down). A host may wait for it before taking the result. (The one exception: a request with
+  # `silentFinishOptional` set lets an operation that pushed nothing skip it.) When the core
+  # cancels the call itself (it drops the request: a timeout, an interrupt), it has stopped
+  # reading the stream and waits for nothing: `finish()` is then not required, and a provider
+  # may stop pushing at once. An operation the provider ends as cancelled on its own (it saw
+  # its cancellation and returned) still returns a result, and so calls `finish()` first.
 }

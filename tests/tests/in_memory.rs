@@ -603,7 +603,8 @@ fn a_vanished_provider_fails_pending_calls_with_a_disconnect() {
 
 /// A host written against the schema alone, whose progress sink counts `finish()` and only
 /// takes a result once `finish()` has arrived: the SDK must call it for every operation,
-/// including one that reported nothing.
+/// including one that reported nothing and one refused before it ran (a type the provider
+/// does not serve).
 #[test]
 fn finish_is_called_for_every_operation_even_one_that_reported_nothing() {
     use capstan_schema::progress_capnp::progress_sink;
@@ -643,7 +644,11 @@ fn finish_is_called_for_every_operation_even_one_that_reported_nothing() {
         );
         let client: provider::Client = rpc.bootstrap(capnp_rpc::rpc_twoparty_capnp::Side::Server);
         tokio::task::spawn_local(rpc);
-        for (resource_type, inputs) in [("echo", r#"{"value": 1}"#), ("nested", "{}")] {
+        for (resource_type, inputs, succeeds) in [
+            ("echo", r#"{"value": 1}"#, true),
+            ("nested", "{}", true),
+            ("no-such-type", "{}", false),
+        ] {
             let finished = Rc::new(Cell::new(0));
             let arrived = Rc::new(Notify::new());
             let sink: progress_sink::Client =
@@ -657,7 +662,11 @@ fn finish_is_called_for_every_operation_even_one_that_reported_nothing() {
                 op.set_progress(sink);
             }
             let response = request.send().promise.await.expect("a result");
-            assert!(response.get().unwrap().get_result().unwrap().has_success());
+            assert_eq!(
+                response.get().unwrap().get_result().unwrap().has_success(),
+                succeeds,
+                "`{resource_type}`"
+            );
             // This host waits for finish() before it takes the result; a bounded wait, so a
             // provider that never calls it fails the test instead of hanging it.
             tokio::time::timeout(std::time::Duration::from_secs(10), async {

@@ -163,6 +163,15 @@ pub(crate) async fn pump(
     }
 }
 
+/// Ends the stream of an operation refused before it ran (a type the provider does not serve,
+/// a provider shutting down): `finish()`, as for any other, unless the core made it optional
+/// for an operation that pushed nothing. Its own error is not the operation's: ignored.
+pub(crate) async fn finish_unstarted(sink: &progress_sink::Client, silent_finish_optional: bool) {
+    if !silent_finish_optional {
+        let _ = sink.finish_request().send().promise.await;
+    }
+}
+
 /// Polls the operation's future only while its progress queue has room.
 pub(crate) struct Gated<T> {
     inner: LocalBoxFuture<'static, T>,

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::operation::Operation;
-use crate::progress::{pump, Gated, ProgressQueue};
+use crate::progress::{finish_unstarted, pump, Gated, ProgressQueue};
 use crate::resource::{Call, ErasedResource};
 use capstan_schema::OperationKind;
 
@@ -132,20 +132,20 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 
 impl ProviderServer {
     async fn run(&self, kind: OperationKind, request: Request) -> Result<Success, OperationError> {
-        let resource = self
-            .resources
-            .get(&request.resource_type)
-            .cloned()
-            .ok_or_else(|| {
-                let mut known: Vec<&str> = self.resources.keys().map(|k| k.as_str()).collect();
-                known.sort();
-                OperationError::invalid_input(format!(
-                    "provider `{}` has no resource type `{}` (it serves: {})",
-                    self.info.name,
-                    request.resource_type,
-                    known.join(", ")
-                ))
-            })?;
+        let found = self.resources.get(&request.resource_type).cloned();
+        let Some(resource) = found else {
+            let mut known: Vec<&str> = self.resources.keys().map(|k| k.as_str()).collect();
+            known.sort();
+            let refused = OperationError::invalid_input(format!(
+                "provider `{}` has no resource type `{}` (it serves: {})",
+                self.info.name,
+                request.resource_type,
+                known.join(", ")
+            ));
+            // Refused before it ran, but its stream is ended like any other's.
+            finish_unstarted(&request.progress, request.silent_finish_optional).await;
+            return Err(refused);
+        };
         let mut request = request;
         let call = build_call(kind, &mut request);
         let permit = match &self.limit {
@@ -153,6 +153,7 @@ impl ProviderServer {
             None => None,
         };
         if self.shutdown.is_cancelled() {
+            finish_unstarted(&request.progress, request.silent_finish_optional).await;
             return Err(OperationError::cancelled(format!(
                 "provider `{}` is shutting down",
                 self.info.name
