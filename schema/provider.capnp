@@ -158,6 +158,12 @@ struct ResourceType {
   # True when the provider answers `plan` for this type: `capstan plan` then shows the outputs
   # a create or update will make (and which are known only after it runs) and whether an
   # update replaces the resource. False: the plan shows inputs only.
+  readOnly @11 :Bool;
+  # True when operations on this type change nothing outside the state (a Terraform data
+  # source, a lookup): the core journals no intent before calling it, so one cut short by a
+  # crash is never left pending for a person to check; the next run simply does it again.
+  # False (the default, what older providers say): every create, update and delete is
+  # journaled before the call.
 }
 
 struct InputSpec {

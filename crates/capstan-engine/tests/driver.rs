@@ -73,6 +73,24 @@ impl Resource for Hang {
     }
 }
 
+/// A lookup that never answers: a type that changes nothing outside the state (as a
+/// Terraform data source), so it journals no intent.
+struct Lookup(Rc<Probe>);
+impl Resource for Lookup {
+    type Inputs = Value;
+    type Outputs = Value;
+    fn resource_type() -> ResourceType {
+        ResourceType::new("lookup")
+            .optional("value", "")
+            .read_only(true)
+    }
+    async fn create(&self, _op: &Operation, _inputs: Value) -> Result<Value, OperationError> {
+        self.0.hanging.set(self.0.hanging.get() + 1);
+        self.0.started.notify_waiters();
+        std::future::pending().await
+    }
+}
+
 struct Fail(Rc<Probe>);
 impl Resource for Fail {
     type Inputs = Value;
@@ -111,6 +129,7 @@ async fn connect(probe: &Rc<Probe>, max_concurrency: u32) -> ProviderConnection 
     let provider = Provider::new("mem", "0.0.1")
         .resource(Echo(probe.clone()))
         .resource(Hang(probe.clone()))
+        .resource(Lookup(probe.clone()))
         .resource(Fail(probe.clone()))
         .resource(Parent(probe.clone()))
         .max_concurrency(max_concurrency);
@@ -353,6 +372,42 @@ fn an_interrupt_keeps_calls_in_flight_pending_and_settles_the_rest() {
         }
         let state = reloaded(f.dir.path());
         // Only the call that reached its provider is left to check.
+        assert_eq!(
+            state.pending.keys().collect::<Vec<_>>(),
+            vec!["stuck"],
+            "{:?}",
+            state.pending
+        );
+    });
+}
+
+#[test]
+fn a_lookup_cut_short_is_never_left_pending_but_a_create_is() {
+    run_local(async {
+        let probe = Rc::new(Probe::default());
+        let mut f = fixture(
+            json!({"executable": "unused"}),
+            &[("stuck", "hang", &[]), ("looking", "lookup", &[])],
+        );
+        let interrupt = CancellationToken::new();
+        let cancel = interrupt.clone();
+        let probe2 = probe.clone();
+        tokio::task::spawn_local(async move {
+            while probe2.hanging.get() < 2 {
+                probe2.started.notified().await;
+            }
+            cancel.cancel();
+        });
+        let (summary, events) = apply(&mut f, &probe, 0, RunOptions::default(), interrupt).await;
+        assert_eq!(summary.interrupted, 2, "{events:?}");
+        // Both were in their providers when the run stopped; only the one that may have
+        // changed something is left for a person to check.
+        let journal = std::fs::read_to_string(f.dir.path().join("state/journal")).unwrap();
+        assert!(
+            !journal.contains("\"looking\""),
+            "no intent for a lookup: {journal}"
+        );
+        let state = reloaded(f.dir.path());
         assert_eq!(
             state.pending.keys().collect::<Vec<_>>(),
             vec!["stuck"],

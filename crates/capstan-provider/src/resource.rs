@@ -210,6 +210,14 @@ impl ResourceType {
         self
     }
 
+    /// Declares that operations on this type change nothing outside the state (a lookup, a
+    /// data source): the core journals no intent before calling it, so one cut short by a
+    /// crash is never left for a person to check.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.0.read_only = read_only;
+        self
+    }
+
     /// Whether the resource exists outside the deployment's state (so deleting it matters).
     pub fn stateful(mut self, stateful: bool) -> Self {
         self.0.stateful = stateful;

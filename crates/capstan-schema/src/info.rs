@@ -47,6 +47,9 @@ pub struct ResourceTypeInfo {
     /// The provider answers `plan` for it (planned outputs, unknowns, replacements).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub plans_changes: bool,
+    /// Operations change nothing outside the state (a data source): no intent is journaled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 /// One input of a resource type.
@@ -115,6 +118,7 @@ impl ProviderInfo {
                 read_on_plan: t.get_read_on_plan(),
                 read_checks: t.get_read_checks(),
                 plans_changes: t.get_plans_changes(),
+                read_only: t.get_read_only(),
                 uses_scheduler: t.get_uses_scheduler(),
             });
         }
@@ -148,6 +152,7 @@ impl ProviderInfo {
             tb.set_read_on_plan(t.read_on_plan);
             tb.set_read_checks(t.read_checks);
             tb.set_plans_changes(t.plans_changes);
+            tb.set_read_only(t.read_only);
             tb.set_uses_scheduler(t.uses_scheduler);
             let mut inputs = tb.reborrow().init_inputs(t.inputs.len() as u32);
             for (k, i) in t.inputs.iter().enumerate() {
@@ -217,6 +222,7 @@ mod tests {
                 read_on_plan: true,
                 read_checks: true,
                 plans_changes: true,
+                read_only: true,
                 uses_scheduler: true,
             }],
         };

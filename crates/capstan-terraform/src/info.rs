@@ -38,6 +38,8 @@ pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> Pr
             name: type_name,
             description: block.description.clone(),
             stateful: !data,
+            // Reading a data source changes nothing: no intent, never left pending.
+            read_only: data,
             ..Default::default()
         };
         for a in &block.attributes {

@@ -435,7 +435,7 @@ impl<'a> Driver<'a> {
         }
         let op = self.ops.remove(&i);
         if let (Some(op), Phase::Recording | Phase::Recorded) = (&op, phase) {
-            if op.journaled() && !op.was_pending {
+            if op.has_intent() && !op.was_pending {
                 // Its intent is (or is about to be) durable, but it never reached its
                 // provider: settled, so the next run does not ask anyone to check it.
                 let settled = Record::Failed {

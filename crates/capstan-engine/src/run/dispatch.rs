@@ -123,7 +123,7 @@ impl<'a> Driver<'a> {
         // so the next run does not ask anyone to check. (Not if an earlier run left it
         // pending: that one still needs a check.)
         let settle =
-            self.ops.get(&i).is_some_and(|op| op.journaled()) && change.interrupted.is_none();
+            self.ops.get(&i).is_some_and(|op| op.has_intent()) && change.interrupted.is_none();
         let settled = settle.then(|| Record::Failed {
             address: change.address.clone(),
             operation: self
@@ -162,9 +162,9 @@ impl<'a> Driver<'a> {
         match prepared {
             Ok(Some(op)) => {
                 let provider = op.provider.clone();
-                let journaled = op.journaled();
+                let has_intent = op.has_intent();
                 self.ops.insert(i, op);
-                obey(self.scheduler.queue(i, Some(&provider), journaled));
+                obey(self.scheduler.queue(i, Some(&provider), has_intent));
             }
             // Ended, or a future of its own.
             Ok(None) => {}

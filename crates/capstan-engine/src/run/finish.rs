@@ -230,8 +230,8 @@ impl<'a> Driver<'a> {
                     });
                 }
                 _ => {
-                    let journaled = self.ops.get(&i).is_some_and(|op| op.journaled());
-                    if journaled
+                    let has_intent = self.ops.get(&i).is_some_and(|op| op.has_intent());
+                    if has_intent
                         && matches!(phase, Phase::Recording | Phase::Recorded)
                         && change.interrupted.is_none()
                     {

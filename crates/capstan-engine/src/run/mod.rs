@@ -119,9 +119,21 @@ struct Op {
 }
 
 impl Op {
+    /// Whether its result is journaled (a read's is not: it changes nothing).
     fn journaled(&self) -> bool {
-        // Reads change nothing: no intent.
         self.operation != OperationKind::Read
+    }
+
+    /// Whether its intent is journaled before the call, to be settled if it is never sent:
+    /// not for a read, nor for a type that changes nothing outside the state (a data source),
+    /// which a crash can cut short without leaving anything to check.
+    fn has_intent(&self) -> bool {
+        self.journaled()
+            && !self
+                .connection
+                .info()
+                .resource_type(&self.resource_type)
+                .is_some_and(|t| t.read_only)
     }
 }
 
