@@ -187,6 +187,8 @@ pub enum StateError {
     },
     #[error("{}: {why}. Capstan refuses a state another user could have changed or could read (as OpenSSH refuses a loose authorized_keys): if it is yours, make it a plain file or directory of yours again (chown, or remove the link); else give this deployment a state of its own with --state DIR", .path.display())]
     Untrusted { path: PathBuf, why: String },
+    #[error("{} is the state of the deployment in {}, copied here: its file resources record absolute paths, so a plan here would call that deployment's files unchanged and an apply would change them. Give this copy a state of its own (--state DIR, or remove {} to start empty); if the original is gone (moved to another disk, restored from a backup), delete {} so that this state takes its place", .dir.display(), .original.display(), .dir.display(), .dir.join(LOCATION_FILE).display())]
+    Copied { dir: PathBuf, original: PathBuf },
     #[error("{}: line(s) {} are damaged (they fail their checksum, or hold a record this capstan cannot read), so nothing was changed. Every intact record is still there: `capstan state repair` keeps them and sets the damaged lines aside in a file beside the journal", .path.display(), list_lines(.lines))]
     Damaged { path: PathBuf, lines: Vec<usize> },
 }
@@ -784,6 +786,7 @@ pub const OWNER_FILE: &str = "deployment";
 /// by accident. A state that names no deployment yet (new, or made by an older capstan) is
 /// claimed for `deployment` when `claim` is set — by commands that write, holding the lock.
 pub fn check_owner(dir: &Path, deployment: &str, claim: bool) -> Result<(), StateError> {
+    check_location(dir, claim)?;
     let path = dir.join(OWNER_FILE);
     let read = |path: &Path| -> Result<String, StateError> {
         let mut text = String::new();
@@ -826,9 +829,69 @@ pub fn check_owner(dir: &Path, deployment: &str, claim: bool) -> Result<(), Stat
 /// Writes the claim whole or not at all: a temporary file, synced, renamed into place, the
 /// directory synced (a full disk leaves no empty claim behind).
 fn write_claim(dir: &Path, path: &Path, deployment: &str) -> Result<(), StateError> {
-    let temporary = dir.join(format!("{OWNER_FILE}.tmp"));
+    write_whole(dir, path, &format!("{deployment}\n"))
+}
+
+/// The file in a state directory that says where it lives: its path, and the device and inode
+/// of the directory (which a move keeps and a copy does not).
+pub const LOCATION_FILE: &str = "location";
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Location {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+/// Refuses a state copied from another directory: its file resources record absolute paths,
+/// so it would plan the original's files as unchanged and change them. A state moved (the
+/// same directory, renamed) or restored where it was is its own; `claim` records where it
+/// lives now (for commands that write, holding the lock).
+fn check_location(dir: &Path, claim: bool) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        // No state yet: nothing to compare.
+        return Ok(());
+    };
+    let here = Location {
+        path: std::fs::canonicalize(dir).map_err(io(dir))?,
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    let path = dir.join(LOCATION_FILE);
+    let recorded: Option<Location> = match open_existing(&path) {
+        Ok(Some(mut file)) => {
+            let mut text = String::new();
+            file.read_to_string(&mut text).map_err(io(&path))?;
+            serde_json::from_str(&text).ok()
+        }
+        Ok(None) => None,
+        Err(e) if claim => return Err(e),
+        Err(_) => None,
+    };
+    match recorded {
+        Some(r) if r == here => Ok(()),
+        Some(r) if r.path != here.path && (r.dev, r.ino) != (here.dev, here.ino) => {
+            Err(StateError::Copied {
+                dir: dir.to_path_buf(),
+                original: r.path,
+            })
+        }
+        // New, made by an older capstan, moved, or restored in place.
+        _ if claim => {
+            let text = serde_json::to_string(&here).unwrap_or_default();
+            write_whole(dir, &path, &format!("{text}\n"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes a small state file whole or not at all.
+fn write_whole(dir: &Path, path: &Path, contents: &str) -> Result<(), StateError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let temporary = dir.join(format!("{}.tmp", name.unwrap_or_default()));
     let written = create_temporary(&temporary).and_then(|mut file| {
-        file.write_all(format!("{deployment}\n").as_bytes())
+        file.write_all(contents.as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(io(&temporary))
     });
@@ -1321,5 +1384,32 @@ mod tests {
                 || message.contains("belongs to user"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_state_restored_where_it_was_is_its_own_and_a_copy_elsewhere_is_not() {
+        let top = tempfile::tempdir().unwrap();
+        let state = top.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        check_owner(&state, "capstan.json", true).unwrap();
+        let saved = top.path().join("saved");
+        std::fs::rename(&state, &saved).unwrap();
+        // Copied elsewhere: refused, naming where it came from.
+        let elsewhere = top.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        for name in [OWNER_FILE, LOCATION_FILE] {
+            std::fs::copy(saved.join(name), elsewhere.join(name)).unwrap();
+        }
+        let refused = check_owner(&elsewhere, "capstan.json", false);
+        assert!(
+            matches!(&refused, Err(StateError::Copied { original, .. }) if original.ends_with("state")),
+            "{refused:?}"
+        );
+        // Restored where it was (a new directory, the same path): its own.
+        std::fs::create_dir(&state).unwrap();
+        for name in [OWNER_FILE, LOCATION_FILE] {
+            std::fs::copy(saved.join(name), state.join(name)).unwrap();
+        }
+        check_owner(&state, "capstan.json", true).unwrap();
     }
 }

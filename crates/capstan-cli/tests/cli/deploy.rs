@@ -986,3 +986,79 @@ fn a_deleted_file_takes_the_temporary_files_a_killed_provider_left_beside_it() {
         "the stray temporary file went with its file"
     );
 }
+
+/// A deployment directory copied with its state is refused (its file resources name the
+/// original's files); one moved, or renamed, is still its own.
+#[test]
+fn a_copied_state_is_refused_and_a_moved_one_is_its_own() {
+    let top = tempfile::tempdir().unwrap();
+    let original = top.path().join("original");
+    std::fs::create_dir(&original).unwrap();
+    std::fs::write(
+        original.join("capstan.json"),
+        json!({"providers": {"local": {"builtin": "local"}},
+               "resources": {"f": {"provider": "local", "type": "file",
+                                   "inputs": {"path": "out.txt", "content": "mine"}}}})
+        .to_string(),
+    )
+    .unwrap();
+    let run = |dir: &Path, args: &[&str]| -> Output {
+        Command::new(capstan_bin())
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let said = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(run(&original, &["apply"]).status.success());
+
+    // A copy, edited: its apply would have rewritten the original's file.
+    let copy = top.path().join("copy");
+    let copied = Command::new("cp")
+        .args(["-a"])
+        .arg(&original)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let edited = std::fs::read_to_string(copy.join("capstan.json"))
+        .unwrap()
+        .replace("mine", "the copy's");
+    std::fs::write(copy.join("capstan.json"), edited).unwrap();
+    for args in [&["plan"][..], &["apply"]] {
+        let out = run(&copy, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", said(&out));
+        assert!(said(&out).contains("copied here"), "{}", said(&out));
+        assert!(
+            said(&out).contains(&original.canonicalize().unwrap().display().to_string()),
+            "names the original: {}",
+            said(&out)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(original.join("out.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        std::fs::read_to_string(copy.join("out.txt")).unwrap(),
+        "mine",
+        "the copy's own file is as copied"
+    );
+
+    // Moved: the same directory under another name plans and applies as before.
+    let moved = top.path().join("moved");
+    std::fs::rename(&original, &moved).unwrap();
+    let plan = run(&moved, &["plan", "--detailed-exitcode"]);
+    assert_eq!(
+        plan.status.code(),
+        Some(0),
+        "nothing to do: {}",
+        said(&plan)
+    );
+    assert!(run(&moved, &["apply"]).status.success());
+    assert_eq!(
+        std::fs::read_to_string(moved.join("out.txt")).unwrap(),
+        "mine"
+    );
+}
