@@ -750,3 +750,60 @@ fn a_deployments_own_trace_cannot_pass_for_the_librarys() {
     let plan = capstan(dir, &["plan", "--detailed-exitcode"]);
     assert_eq!(plan.status.code(), Some(0), "{}", stderr(&plan));
 }
+
+#[test]
+fn an_interrupt_during_a_later_evaluation_names_and_counts_what_was_deferred() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    // `b` waits for `a`'s output, and its evaluation then takes seconds; `c` waits for `b`.
+    write(
+        &dir,
+        "capstan.nix",
+        r#"{ capstan, resources, ... }: { providers.local = capstan.builtin "local"; resources = {
+  a = { provider = "local"; type = "memo"; inputs.value = "a"; };
+  b = { provider = "local"; type = "memo";
+        inputs.value = "${resources.a.outputs.value}-${toString (builtins.foldl' (x: y: x + y) 0 (builtins.genList (i: i) 40000000))}"; };
+  c = { provider = "local"; type = "memo"; inputs.value = resources.b.outputs.value; };
+}; }"#,
+    );
+    let child = Command::new(capstan_bin())
+        .args(["apply", "--json"])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `a` is made; then the second evaluation runs.
+    crate::support::wait_until("`a` is recorded", || {
+        String::from_utf8_lossy(&capstan(&dir, &["state", "list"]).stdout).contains("a\t")
+    });
+    crate::support::wait_until("the second evaluation runs", || {
+        processes_in(&dir)
+            .iter()
+            .any(|p| p.contains("nix-instantiate"))
+    });
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = crate::support::output_within(child, "apply interrupted in an evaluation");
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let events = events(&out.stdout);
+    let skipped: Vec<&str> = of_type(&events, "resource_skipped")
+        .iter()
+        .filter(|e| {
+            e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("interrupted"))
+        })
+        .filter_map(|e| e["address"].as_str())
+        .collect();
+    assert!(skipped.contains(&"b"), "`b` is named: {events:?}");
+    let summary = of_type(&events, "summary")[0];
+    assert!(
+        summary["skipped"].as_u64().unwrap_or(0) >= 1,
+        "what was deferred is counted: {summary}"
+    );
+}

@@ -246,15 +246,12 @@ impl<'a> Driver<'a> {
         shown
     }
 
-    /// What is still deferred at the end never had what it waited for: reported as skipped
-    /// (unless the run was interrupted, which says so itself).
+    /// What is still deferred at the end never had what it waited for: reported as skipped,
+    /// each named with why (an interrupt too: it is not done).
     pub(super) fn report_deferred(&mut self, interrupted: bool) {
         let Some(stages) = self.staging.stages.take() else {
             return;
         };
-        if interrupted {
-            return;
-        }
         for d in &stages.deferred {
             let ended_badly = |a: &String| {
                 self.staging.node_of.get(a).is_some_and(|&i| {
@@ -271,7 +268,9 @@ impl<'a> Driver<'a> {
                 .or(d.waits_for.first())
                 .cloned()
                 .unwrap_or_default();
-            let reason = if self.staging.evaluation_failed {
+            let reason = if interrupted {
+                "deferred, and the run was interrupted before its evaluation".to_string()
+            } else if self.staging.evaluation_failed {
                 "deferred, and the deployment's evaluation failed".to_string()
             } else if ended_badly(&dependency) {
                 format!("deferred: its evaluation uses outputs of `{dependency}`, which did not succeed")
