@@ -96,6 +96,15 @@ pub enum EvalError {
         path[0], path.join(" → ")
     )]
     Cycle { file: PathBuf, path: Vec<String> },
+    /// Resources whose inputs use each other's outputs (`resources.a.outputs.x` in `b`, and
+    /// `b`'s in `a`): none can ever be evaluated.
+    #[error(
+        "{file}: resources: dependency cycle through outputs: {}\n  \
+         Each is evaluated only once the outputs it uses exist, so none of them ever can be; \
+         break the cycle (one of them must not use the other's outputs).",
+        path.join(" -> ")
+    )]
+    OutputCycle { file: PathBuf, path: Vec<String> },
     #[error("{file}: Nix's answer could not be read: {message}")]
     Answer { file: PathBuf, message: String },
 }
@@ -675,6 +684,13 @@ pub async fn evaluate_and_plan(
             .filter(|a| waited.contains(a.as_str()) && !known.contains_key(*a))
             .collect();
         if newly.is_empty() {
+            if let Some(path) = output_cycle(&deferred) {
+                return Err(EvalError::OutputCycle {
+                    file: file.to_path_buf(),
+                    path,
+                }
+                .into());
+            }
             return Ok(Staged {
                 deployment,
                 changes,
@@ -683,6 +699,62 @@ pub async fn evaluate_and_plan(
         }
         known.extend(outputs_of(state, newly));
     }
+}
+
+/// A cycle among deferred items, each waiting for outputs of the next (which is itself
+/// deferred, so never made), as a path that ends where it starts; `None` if there is none.
+fn output_cycle(deferred: &[Deferred]) -> Option<Vec<String>> {
+    // What each deferred item waits for that is deferred too (or inside one that is).
+    let next = |d: &Deferred| -> Vec<usize> {
+        deferred
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| d.waits_for.iter().any(|w| e.covers(w)))
+            .map(|(n, _)| n)
+            .collect()
+    };
+    let edges: Vec<Vec<usize>> = deferred.iter().map(next).collect();
+    // Depth first, colouring: 0 unseen, 1 on the current path, 2 done.
+    let mut colour = vec![0u8; deferred.len()];
+    fn visit(
+        n: usize,
+        edges: &[Vec<usize>],
+        colour: &mut [u8],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
+        colour[n] = 1;
+        path.push(n);
+        for &m in &edges[n] {
+            if colour[m] == 1 {
+                let start = path.iter().position(|&p| p == m).unwrap_or(0);
+                let mut cycle = path[start..].to_vec();
+                cycle.push(m);
+                return Some(cycle);
+            }
+            if colour[m] == 0 {
+                if let Some(cycle) = visit(m, edges, colour, path) {
+                    return Some(cycle);
+                }
+            }
+        }
+        path.pop();
+        colour[n] = 2;
+        None
+    }
+    for start in 0..deferred.len() {
+        if colour[start] == 0 {
+            let mut path = Vec::new();
+            if let Some(cycle) = visit(start, &edges, &mut colour, &mut path) {
+                return Some(
+                    cycle
+                        .into_iter()
+                        .map(|n| deferred[n].address.clone())
+                        .collect(),
+                );
+            }
+        }
+    }
+    None
 }
 
 /// After the plan's reads (`run::read_on_plan`): a resource computed with the recorded outputs

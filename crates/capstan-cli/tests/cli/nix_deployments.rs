@@ -807,3 +807,49 @@ fn an_interrupt_during_a_later_evaluation_names_and_counts_what_was_deferred() {
         "what was deferred is counted: {summary}"
     );
 }
+
+#[test]
+fn a_cycle_through_outputs_is_a_cycle_in_the_plan() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let two = plan_fails(
+        dir,
+        "two.nix",
+        r#"{ capstan, resources, ... }: { providers.local = capstan.builtin "local"; resources = {
+  a = { provider = "local"; type = "memo"; inputs.value = resources.b.outputs.value; };
+  b = { provider = "local"; type = "memo"; inputs.value = resources.a.outputs.value; };
+  fine = { provider = "local"; type = "memo"; inputs.value = 1; };
+}; }"#,
+    );
+    assert!(
+        two.contains("dependency cycle through outputs: a -> b -> a")
+            || two.contains("dependency cycle through outputs: b -> a -> b"),
+        "{two}"
+    );
+    let own = plan_fails(
+        dir,
+        "own.nix",
+        r#"{ capstan, resources, ... }: { providers.local = capstan.builtin "local"; resources = {
+  a = { provider = "local"; type = "memo"; inputs.value = resources.a.outputs.value; };
+}; }"#,
+    );
+    assert!(
+        own.contains("dependency cycle through outputs: a -> a"),
+        "{own}"
+    );
+    // Waiting on something that will be made is no cycle.
+    write(
+        dir,
+        "chain.nix",
+        r#"{ capstan, resources, ... }: { providers.local = capstan.builtin "local"; resources = {
+  a = { provider = "local"; type = "memo"; inputs.value = 1; };
+  b = { provider = "local"; type = "memo"; inputs.value = resources.a.outputs.value; };
+  c = { provider = "local"; type = "memo"; inputs.value = resources.b.outputs.value; };
+}; }"#,
+    );
+    let out = capstan(dir, &["plan", "-f", "chain.nix"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
