@@ -232,6 +232,9 @@ impl HumanEvents {
                     self.paint(style::DIM, &format!("provider {provider}:"))
                 );
             }
+            Event::EvaluationLog { file, line } => {
+                put!("  {} {line}", self.paint(style::DIM, &format!("{file}:")));
+            }
             // The signal that stopped the run already said so, once (`stop.rs`); the JSON
             // stream carries the event.
             Event::Interrupted { .. } => {}

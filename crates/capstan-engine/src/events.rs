@@ -148,6 +148,9 @@ pub enum Event {
         stream: LogStream,
         line: String,
     },
+    /// A line Nix printed while evaluating the deployment: a `builtins.trace` of its author, a
+    /// warning (never a provider's).
+    EvaluationLog { file: String, line: String },
     /// The run was told to stop (a signal): operations in flight are being cancelled.
     Interrupted { message: String },
     /// The last event of a run: how many resources ended how.

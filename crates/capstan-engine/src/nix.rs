@@ -663,9 +663,8 @@ pub async fn evaluate_and_plan(
             elapsed_seconds: evaluation.elapsed.as_secs_f64(),
         });
         for message in evaluation.messages.iter().filter(|m| !m.trim().is_empty()) {
-            events.emit(Event::ProviderLog {
-                provider: "nix".into(),
-                stream: capstan_schema::LogStream::Stderr,
+            events.emit(Event::EvaluationLog {
+                file: name.clone(),
                 line: message.clone(),
             });
         }

@@ -515,7 +515,9 @@ impl Redacting {
                 s.scrub_string(details);
             }
             Event::ResourceSkipped { reason, .. } => s.scrub_string(reason),
-            Event::ProviderLog { line, .. } => s.scrub_string(line),
+            Event::ProviderLog { line, .. } | Event::EvaluationLog { line, .. } => {
+                s.scrub_string(line)
+            }
             Event::EvaluationFailed { error, .. } => s.scrub_string(error),
             Event::Interrupted { message } => s.scrub_string(message),
             Event::Plan { changes } => {

@@ -747,6 +747,20 @@ fn a_deployments_own_trace_cannot_pass_for_the_librarys() {
     let out = capstan(dir, &["apply"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(state_list(dir), ["a", "b"], "{}", stderr(&out));
+    // The author's trace is shown as the evaluation's, not as a provider's (the built-in
+    // provider called `nix` is another thing).
+    assert!(
+        stderr(&out).contains("capstan.nix: trace: capstan-touch#b"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("provider nix"), "{}", stderr(&out));
+    let json = capstan(dir, &["plan", "--json"]);
+    let traced = events(&json.stdout)
+        .into_iter()
+        .find(|e| e["type"] == "evaluation_log")
+        .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&json.stdout)));
+    assert_eq!(traced["file"], "capstan.nix", "{traced}");
     let plan = capstan(dir, &["plan", "--detailed-exitcode"]);
     assert_eq!(plan.status.code(), Some(0), "{}", stderr(&plan));
 }

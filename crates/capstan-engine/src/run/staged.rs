@@ -122,9 +122,8 @@ impl<'a> Driver<'a> {
             elapsed_seconds: evaluation.elapsed.as_secs_f64(),
         });
         for message in evaluation.messages.iter().filter(|m| !m.trim().is_empty()) {
-            self.events.emit(Event::ProviderLog {
-                provider: "nix".into(),
-                stream: capstan_schema::LogStream::Stderr,
+            self.events.emit(Event::EvaluationLog {
+                file: file.clone(),
                 line: message.clone(),
             });
         }
