@@ -255,7 +255,7 @@ async fn open(
     args: &DeploymentArgs,
     view: &ViewArgs,
     lock: Option<&LockArgs>,
-    stdout: Stdout,
+    sink: Rc<dyn EventSink>,
     mode: Mode,
     stop: &Stop,
 ) -> Result<(Session, Option<Rc<DirectoryBackend>>), CliError> {
@@ -342,7 +342,7 @@ async fn open(
         secrets.add_value(value);
     }
     let events: Rc<dyn EventSink> = Rc::new(capstan_engine::secrets::Redacting::new(
-        events(view, stdout, mode),
+        sink,
         secrets.clone(),
     ));
     let cx = session::Context {
@@ -409,14 +409,31 @@ pub async fn plan_cmd(
         max_message_mib: plan_args.max_message_mib,
         state_dir: Some(args.place.state_dir()),
     };
-    let changed = plan_inner(args, view, stdout, options).await;
-    match (changed, plan_args.detailed_exitcode) {
+    let sink = events(&view, stdout, Mode::Plan);
+    let json = view.json;
+    let changed = plan_inner(args, view, sink.clone(), options).await;
+    let result = match (changed, plan_args.detailed_exitcode) {
         (Ok(_), false) => Ok(ExitCode::SUCCESS),
         (Ok(false), true) => Ok(ExitCode::SUCCESS),
         (Ok(true), true) => Ok(ExitCode::from(2)),
         // Every error is 1, so that 2 means "changes" alone.
         (Err(CliError::Invalid(message)), true) => Err(CliError::Failed(message)),
         (Err(e), _) => Err(e),
+    };
+    report_on_stream(&sink, json, &result);
+    result
+}
+
+/// With `--json`, a command that stops with an error says so on its stream too, as its last
+/// event, so a front end that reads only stdout learns why (stderr has it as well).
+fn report_on_stream(sink: &Rc<dyn EventSink>, json: bool, result: &Result<ExitCode, CliError>) {
+    if let (true, Err(error)) = (json, result) {
+        if let Some((message, exit_code)) = error.message_and_code() {
+            sink.emit(Event::Error {
+                message: crate::output::scrubbed(message.to_string()),
+                exit_code,
+            });
+        }
     }
 }
 
@@ -424,11 +441,11 @@ pub async fn plan_cmd(
 async fn plan_inner(
     args: DeploymentArgs,
     view: ViewArgs,
-    stdout: Stdout,
+    sink: Rc<dyn EventSink>,
     options: StartOptions,
 ) -> Result<bool, CliError> {
     let stop = Stop::watch();
-    let (mut session, _) = open(&args, &view, None, stdout, Mode::Plan, &stop).await?;
+    let (mut session, _) = open(&args, &view, None, sink, Mode::Plan, &stop).await?;
     let providers = start(&mut session, &options, &stop).await?;
     // What providers that plan their own changes (Terraform's) say each change will make.
     let warnings = session.plan_with_providers(&providers, options.jobs).await;
@@ -456,9 +473,21 @@ pub async fn apply_cmd(
     destroy: bool,
 ) -> Result<ExitCode, CliError> {
     let mode = if destroy { Mode::Destroy } else { Mode::Apply };
+    let sink = events(&view, stdout, mode);
+    let result = apply_inner(args, &view, run_args, sink.clone(), mode).await;
+    report_on_stream(&sink, view.json, &result);
+    result
+}
+
+async fn apply_inner(
+    args: DeploymentArgs,
+    view: &ViewArgs,
+    run_args: RunArgs,
+    sink: Rc<dyn EventSink>,
+    mode: Mode,
+) -> Result<ExitCode, CliError> {
     let stop = Stop::watch();
-    let (mut session, backend) =
-        open(&args, &view, Some(&run_args.lock), stdout, mode, &stop).await?;
+    let (mut session, backend) = open(&args, view, Some(&run_args.lock), sink, mode, &stop).await?;
     let options = StartOptions {
         jobs: run_args.jobs as usize,
         timeout: run_args.timeout,

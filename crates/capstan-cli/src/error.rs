@@ -34,6 +34,15 @@ impl CliError {
         }
     }
 
+    /// The message and exit code of an error not yet said; `None` for one already said.
+    pub fn message_and_code(&self) -> Option<(&str, u8)> {
+        match self {
+            CliError::Invalid(message) => Some((message, EXIT_INVALID)),
+            CliError::Failed(message) => Some((message, EXIT_FAILED)),
+            CliError::Exit(_) => None,
+        }
+    }
+
     pub fn from_session(error: SessionError, stop: &Stop) -> Self {
         match error {
             SessionError::Invalid(message) => CliError::Invalid(message),

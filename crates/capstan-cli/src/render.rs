@@ -197,13 +197,21 @@ impl HumanEvents {
                     self.paint(style::GREEN, "✓"),
                 );
             }
-            Event::EvaluationFailed { file, stage, error } => {
-                put!(
-                    "  {} {file}: evaluation (stage {stage}) failed:",
-                    self.paint(style::RED, "✗")
-                );
-                for line in error.lines() {
-                    put!("      {line}");
+            Event::EvaluationFailed {
+                file,
+                stage,
+                error,
+                stops_command,
+            } => {
+                let failed = self.paint(style::RED, "✗");
+                if stops_command {
+                    // The command's error, printed once, right after.
+                    put!("  {failed} {file}: evaluation (stage {stage}) failed");
+                } else {
+                    put!("  {failed} {file}: evaluation (stage {stage}) failed:");
+                    for line in error.lines() {
+                        put!("      {line}");
+                    }
                 }
             }
             Event::Deferred {
@@ -238,6 +246,8 @@ impl HumanEvents {
             // The signal that stopped the run already said so, once (`stop.rs`); the JSON
             // stream carries the event.
             Event::Interrupted { .. } => {}
+            // Only the JSON stream carries it: the error itself is printed once, on stderr.
+            Event::Error { .. } => {}
             Event::Summary {
                 counts,
                 elapsed_seconds,

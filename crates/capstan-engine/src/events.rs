@@ -129,11 +129,14 @@ pub enum Event {
         deferred: usize,
         elapsed_seconds: f64,
     },
-    /// An evaluation during the run failed: what still waits on it is skipped.
+    /// An evaluation failed: during the run, what still waits on it is skipped; before it
+    /// (`stops_command`), the command stops with this error (the `error` event follows).
     EvaluationFailed {
         file: String,
         stage: usize,
         error: String,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        stops_command: bool,
     },
     /// A resource or nested deployment left for a later evaluation (after the plan).
     Deferred {
@@ -151,6 +154,9 @@ pub enum Event {
     /// A line Nix printed while evaluating the deployment: a `builtins.trace` of its author, a
     /// warning (never a provider's).
     EvaluationLog { file: String, line: String },
+    /// The command stopped with this error (written by the CLI with `--json`, as the last
+    /// event: no summary follows). The same message goes to stderr.
+    Error { message: String, exit_code: u8 },
     /// The run was told to stop (a signal): operations in flight are being cancelled.
     Interrupted { message: String },
     /// The last event of a run: how many resources ended how.

@@ -644,15 +644,32 @@ pub async fn evaluate_and_plan(
             file: name.clone(),
             stage: *stage,
         });
-        let evaluation = evaluate(&Request {
+        let evaluated = evaluate(&Request {
             file,
             params,
             known: &known,
             providers_only: false,
             settled: &settled,
         })
-        .await?;
-        let mut deployment = crate::model::Deployment::parse(file, &evaluation.document, params)?;
+        .await;
+        let parsed = evaluated.map_err(StagedError::from).and_then(|evaluation| {
+            crate::model::Deployment::parse(file, &evaluation.document, params)
+                .map(|deployment| (evaluation, deployment))
+                .map_err(StagedError::from)
+        });
+        let (evaluation, mut deployment) = match parsed {
+            Ok(both) => both,
+            Err(e) => {
+                // Every evaluation that starts ends, in the stream too.
+                events.emit(Event::EvaluationFailed {
+                    file: name.clone(),
+                    stage: *stage,
+                    error: e.to_string(),
+                    stops_command: true,
+                });
+                return Err(e);
+            }
+        };
         note_uses(&mut deployment, uses, &evaluation);
         settled = deployment.resources.keys().cloned().collect();
         events.emit(Event::EvaluationComplete {

@@ -519,7 +519,9 @@ impl Redacting {
                 s.scrub_string(line)
             }
             Event::EvaluationFailed { error, .. } => s.scrub_string(error),
-            Event::Interrupted { message } => s.scrub_string(message),
+            Event::Interrupted { message } | Event::Error { message, .. } => {
+                s.scrub_string(message)
+            }
             Event::Plan { changes } => {
                 // Providers' planned outputs may hold a secret, as outputs do.
                 if changes.iter().any(|c| c.planned.is_some()) {

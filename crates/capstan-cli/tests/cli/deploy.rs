@@ -1062,3 +1062,56 @@ fn a_copied_state_is_refused_and_a_moved_one_is_its_own() {
         "mine"
     );
 }
+
+/// With `--json`, a command that stops with an error ends its stream with an `error` event
+/// (a front end that reads only stdout learns why), and an evaluation that started ends.
+#[test]
+fn a_fatal_error_ends_the_json_stream_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| -> (Option<i32>, Vec<Value>) {
+        let out = Command::new(capstan_bin())
+            .args(args)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), crate::support::events(&out.stdout))
+    };
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        r#"{"providers": {}, "resources": {"a": {"provider": "nope"}}}"#,
+    )
+    .unwrap();
+    for args in [&["plan", "--json"][..], &["apply", "--json"]] {
+        let (code, events) = run(args);
+        assert_eq!(code, Some(2), "{args:?}");
+        assert_eq!(events[0]["type"], "version", "{events:?}");
+        let last = events.last().unwrap();
+        assert_eq!(last["type"], "error", "{events:?}");
+        assert_eq!(last["exit_code"], 2, "{last}");
+        assert!(
+            last["message"].as_str().unwrap().contains("resources.a"),
+            "{last}"
+        );
+    }
+    // `--detailed-exitcode` makes every error 1, in the stream too.
+    let (code, events) = run(&["plan", "--json", "--detailed-exitcode"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(events.last().unwrap()["exit_code"], 1);
+    if !crate::support::nix_tool("nix-instantiate", "the Nix part of the JSON error test") {
+        return;
+    }
+    std::fs::write(
+        dir.path().join("bad.nix"),
+        "{ capstan, ... }: { resources = 5; }",
+    )
+    .unwrap();
+    let (code, events) = run(&["plan", "--json", "-f", "bad.nix"]);
+    assert_eq!(code, Some(2));
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["version", "evaluation_start", "evaluation_failed", "error"],
+        "{events:?}"
+    );
+}

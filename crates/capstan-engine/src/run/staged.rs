@@ -100,6 +100,7 @@ impl<'a> Driver<'a> {
                 file: file.clone(),
                 stage,
                 error,
+                stops_command: false,
             });
             driver.summary.failed += 1;
             driver.staging.evaluation_failed = true;
