@@ -141,14 +141,24 @@ pub async fn state_cmd(
         }
         StateCmd::Repair { lock } => {
             let mut backend = open_locked(&dir, &lock)?;
-            match backend.repair() {
-                Ok(Some(aside)) => say!(
+            let repaired = backend.repair().map_err(state_error)?;
+            if let Some(aside) = &repaired.damaged_snapshot {
+                say!(
+                    "repaired {}: rebuilt from the previous snapshot and the journals; the damaged one is in {}",
+                    dir.join("snapshot.json").display(),
+                    aside.display()
+                );
+            }
+            match &repaired.damaged_lines {
+                Some(aside) => say!(
                     "repaired {}: the damaged lines are in {}; every intact record was kept",
                     dir.join("journal").display(),
                     aside.display()
                 ),
-                Ok(None) => say!("{}: nothing is damaged", dir.join("journal").display()),
-                Err(e) => return Err(state_error(e)),
+                None if repaired.damaged_snapshot.is_none() => {
+                    say!("{}: nothing is damaged", dir.join("journal").display())
+                }
+                None => {}
             }
         }
     }

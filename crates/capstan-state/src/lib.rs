@@ -173,8 +173,14 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{}: the snapshot is not valid ({message}); restore it from a backup or move it away to start empty", .path.display())]
+    #[error("{}: the snapshot is not valid ({message}); `capstan state repair` rebuilds it from the previous snapshot and the journals (kept beside it since this capstan's first compaction), else restore it from a backup", .path.display())]
     BadSnapshot { path: PathBuf, message: String },
+    #[error("{}: the snapshot is not valid ({message}), and it cannot be rebuilt: {why}", .path.display())]
+    Unrepairable {
+        path: PathBuf,
+        message: String,
+        why: String,
+    },
     #[error("the state in {} is locked by {holder}; wait for it to finish, or pass --lock-timeout SECONDS to wait", .dir.display())]
     Locked { dir: PathBuf, holder: String },
     #[error("the state journal writer stopped: {0}")]
@@ -207,6 +213,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// What `state repair` set aside.
+#[derive(Debug, Default)]
+pub struct Repaired {
+    /// The journal's damaged lines, copied out byte for byte.
+    pub damaged_lines: Option<PathBuf>,
+    /// A damaged snapshot, replaced by one rebuilt from the previous one and the journals.
+    pub damaged_snapshot: Option<PathBuf>,
 }
 
 /// What loading found.
@@ -442,11 +457,28 @@ impl DirectoryBackend {
         self.compact(&state)
     }
 
-    /// Repairs a damaged journal, as the user asked: copies every damaged line, byte for
-    /// byte, into `journal.damaged-TIME` (0600) beside the journal, then folds every intact
-    /// record into a new snapshot. Returns the file the damaged lines went to, if any.
-    pub fn repair(&mut self) -> Result<Option<PathBuf>, StateError> {
+    /// Repairs a damaged state, as the user asked: a snapshot that does not read (a changed
+    /// byte fails its checksum) is rebuilt from the previous snapshot and the journals, and set
+    /// aside as `snapshot.json.damaged-TIME`; every damaged journal line is copied, byte for
+    /// byte, into `journal.damaged-TIME` (0600); then every intact record is folded into a new
+    /// snapshot. Says where what was damaged went.
+    pub fn repair(&mut self) -> Result<Repaired, StateError> {
         self.stop_writer();
+        let snapshot = self.dir.join("snapshot.json");
+        let rebuilt = match read_snapshot(&snapshot) {
+            Ok(_) => None,
+            Err(StateError::BadSnapshot { message, .. }) => {
+                let state =
+                    self.rebuild_from_previous()
+                        .map_err(|why| StateError::Unrepairable {
+                            path: snapshot.clone(),
+                            message,
+                            why,
+                        })?;
+                Some(state)
+            }
+            Err(e) => return Err(e),
+        };
         let journal = self.journal_path();
         let mut damaged = Vec::new();
         if let Ok(file) = File::open(&journal) {
@@ -472,9 +504,51 @@ impl DirectoryBackend {
             fsync_dir(&self.dir)?;
             Some(path)
         };
-        let (state, _) = self.read_stored()?;
-        self.compact(&state)?;
-        Ok(aside)
+        let Some(state) = rebuilt else {
+            let (state, _) = self.read_stored()?;
+            self.compact(&state)?;
+            return Ok(Repaired {
+                damaged_lines: aside,
+                damaged_snapshot: None,
+            });
+        };
+        // The damaged snapshot goes aside first, so that it is not kept as the previous one.
+        let snapshot_aside = self
+            .dir
+            .join(format!("snapshot.json.damaged-{}", now_unix()));
+        std::fs::rename(&snapshot, &snapshot_aside).map_err(io(&snapshot))?;
+        fsync_dir(&self.dir)?;
+        self.write_snapshot(&state, false)?;
+        Ok(Repaired {
+            damaged_lines: aside,
+            damaged_snapshot: Some(snapshot_aside),
+        })
+    }
+
+    /// The state as the previous snapshot and journal (kept by the last compaction) and the
+    /// journal since give it; why not, if they are not there.
+    fn rebuild_from_previous(&self) -> Result<State, String> {
+        let previous = self.dir.join(PREVIOUS_DIR);
+        if std::fs::symlink_metadata(&previous).is_err() {
+            return Err(format!(
+                "there is no previous snapshot ({} is made by compaction); restore the state from a backup",
+                previous.display()
+            ));
+        }
+        let mut state =
+            read_snapshot(&previous.join("snapshot.json")).map_err(|e| e.to_string())?;
+        for journal in [previous.join("journal"), self.journal_path()] {
+            if let Some(file) = open_existing(&journal).map_err(|e| e.to_string())? {
+                for_each_line(file, &journal, |_, line, _| {
+                    if let Some(record) = decode_bytes(line) {
+                        state.apply_owned(record);
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            }
+        }
+        state.resources.sort_unstable_keys();
+        Ok(state)
     }
 
     fn stop_writer(&mut self) {
@@ -688,17 +762,7 @@ fn read_stored(dir: &Path) -> Result<(State, LoadReport), StateError> {
         // idempotent; the other order could miss the records folded away.
         let journal = open_existing(&journal_path)?;
         let snapshot_path = dir.join("snapshot.json");
-        let mut state = match open_existing(&snapshot_path)? {
-            Some(mut file) => {
-                let mut bytes = Vec::new();
-                file.read_to_end(&mut bytes).map_err(io(&snapshot_path))?;
-                serde_json::from_slice(&bytes).map_err(|e| StateError::BadSnapshot {
-                    path: snapshot_path.clone(),
-                    message: e.to_string(),
-                })?
-            }
-            None => State::default(),
-        };
+        let mut state = read_snapshot(&snapshot_path)?;
         let mut report = LoadReport::default();
         if let Some(file) = journal {
             use std::os::unix::fs::MetadataExt;
@@ -726,6 +790,51 @@ fn read_stored(dir: &Path) -> Result<(State, LoadReport), StateError> {
         return Ok((state, report));
     }
 }
+
+/// The last line of a snapshot: its checksum (CRC-32 of every byte before this line).
+const SNAPSHOT_CHECKSUM: &str = "capstan-snapshot-crc32 ";
+
+/// The state a snapshot holds (an empty one if there is none), its checksum verified (a
+/// snapshot written before snapshots had one is read as it is).
+fn read_snapshot(path: &Path) -> Result<State, StateError> {
+    let Some(mut file) = open_existing(path)? else {
+        return Ok(State::default());
+    };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(io(path))?;
+    let bad = |message: String| StateError::BadSnapshot {
+        path: path.to_path_buf(),
+        message,
+    };
+    let body = match checksummed_body(&bytes) {
+        Some(Ok(body)) => body,
+        Some(Err(())) => {
+            return Err(bad(
+                "it fails its checksum: it was changed or damaged on disk".into(),
+            ))
+        }
+        None => &bytes[..],
+    };
+    serde_json::from_slice(body).map_err(|e| bad(e.to_string()))
+}
+
+/// A snapshot's body if its last line is a checksum: `Ok` if the body matches it, `Err` if
+/// not; `None` for a snapshot without one.
+fn checksummed_body(bytes: &[u8]) -> Option<Result<&[u8], ()>> {
+    let text = bytes.strip_suffix(b"\n")?;
+    let at = text.iter().rposition(|&b| b == b'\n')? + 1;
+    let line = std::str::from_utf8(&text[at..]).ok()?;
+    let sum = line.strip_prefix(SNAPSHOT_CHECKSUM)?;
+    let body = &bytes[..at];
+    Some(match u32::from_str_radix(sum, 16) {
+        Ok(sum) if sum == crc32fast::hash(body) => Ok(body),
+        _ => Err(()),
+    })
+}
+
+/// Where compaction keeps the snapshot and journal it replaces (which, replayed, give the new
+/// snapshot): what `state repair` rebuilds from when the snapshot is damaged.
+pub const PREVIOUS_DIR: &str = "previous";
 
 /// A state file to read, if it exists, never through a symbolic link (what a link points at
 /// is not this state's).
@@ -944,6 +1053,14 @@ impl StateBackend for DirectoryBackend {
     }
 
     fn compact(&mut self, state: &State) -> Result<(), StateError> {
+        self.write_snapshot(state, true)
+    }
+}
+
+impl DirectoryBackend {
+    /// Writes `state` as the snapshot and empties the journal; `keep` keeps the snapshot and
+    /// journal it replaces in `previous/` (not when what it replaces is damaged).
+    fn write_snapshot(&mut self, state: &State, keep: bool) -> Result<(), StateError> {
         // Stop the writer so nothing is appended to the journal being replaced.
         self.stop_writer();
         let snapshot = self.dir.join("snapshot.json");
@@ -951,16 +1068,30 @@ impl StateBackend for DirectoryBackend {
         {
             let file = create_temporary(&temp)?;
             // Buffered: serde_json writes token by token, a system call each on a bare file.
-            let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+            // Checksummed on the way (a last line holds it), so a byte changed on disk later
+            // is found, not read as another state.
+            let mut writer = Checksummed {
+                inner: std::io::BufWriter::with_capacity(1 << 20, file),
+                hasher: crc32fast::Hasher::new(),
+            };
             serde_json::to_writer(&mut writer, state).map_err(|e| StateError::Io {
                 path: temp.clone(),
                 source: e.into(),
             })?;
-            let file = writer.into_inner().map_err(|e| StateError::Io {
+            writer.write_all(b"\n").map_err(io(&temp))?;
+            let sum = writer.hasher.clone().finalize();
+            let mut inner = writer.inner;
+            inner
+                .write_all(format!("{SNAPSHOT_CHECKSUM}{sum:08x}\n").as_bytes())
+                .map_err(io(&temp))?;
+            let file = inner.into_inner().map_err(|e| StateError::Io {
                 path: temp.clone(),
                 source: e.into_error(),
             })?;
             file.sync_all().map_err(io(&temp))?;
+        }
+        if keep {
+            self.keep_previous()?;
         }
         std::fs::rename(&temp, &snapshot).map_err(io(&snapshot))?;
         // The new snapshot must be durable before the journal it replaces is emptied.
@@ -971,6 +1102,64 @@ impl StateBackend for DirectoryBackend {
         std::fs::rename(&empty, &journal).map_err(io(&journal))?;
         fsync_dir(&self.dir)?;
         self.start_writer()
+    }
+}
+
+impl DirectoryBackend {
+    /// Keeps the snapshot and journal about to be replaced in `previous/` (hard links: no
+    /// copy), as one pair made whole before it replaces the pair before it.
+    fn keep_previous(&self) -> Result<(), StateError> {
+        let previous = self.dir.join(PREVIOUS_DIR);
+        let making = self.dir.join(format!("{PREVIOUS_DIR}.tmp"));
+        let replaced = self.dir.join(format!("{PREVIOUS_DIR}.old"));
+        for leftover in [&making, &replaced] {
+            if std::fs::symlink_metadata(leftover).is_ok() {
+                std::fs::remove_dir_all(leftover).map_err(io(leftover))?;
+            }
+        }
+        let mut kept = false;
+        for name in ["snapshot.json", "journal"] {
+            let from = self.dir.join(name);
+            if std::fs::symlink_metadata(&from).is_err() {
+                continue;
+            }
+            if !kept {
+                make_private_dir(&making)?;
+                kept = true;
+            }
+            std::fs::hard_link(&from, making.join(name)).map_err(io(&from))?;
+        }
+        if !kept {
+            return Ok(());
+        }
+        fsync_dir(&making)?;
+        if std::fs::symlink_metadata(&previous).is_ok() {
+            std::fs::rename(&previous, &replaced).map_err(io(&previous))?;
+        }
+        std::fs::rename(&making, &previous).map_err(io(&making))?;
+        fsync_dir(&self.dir)?;
+        if std::fs::symlink_metadata(&replaced).is_ok() {
+            std::fs::remove_dir_all(&replaced).map_err(io(&replaced))?;
+        }
+        Ok(())
+    }
+}
+
+/// Hashes what passes through it.
+struct Checksummed<W> {
+    inner: W,
+    hasher: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for Checksummed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -1122,7 +1311,11 @@ mod tests {
         }
         assert_eq!(std::fs::read_to_string(&journal).unwrap(), text);
         // Repair, on the user's say-so: the damaged line is kept aside, byte for byte.
-        let aside = backend.repair().unwrap().expect("a file of damaged lines");
+        let aside = backend
+            .repair()
+            .unwrap()
+            .damaged_lines
+            .expect("a file of damaged lines");
         assert_eq!(
             std::fs::read_to_string(&aside).unwrap(),
             format!("{damaged}0badc0de {{\"done\":{{\"addr\n"),
@@ -1237,7 +1430,11 @@ mod tests {
         assert!(!report.damaged.is_empty(), "{report:?}");
         let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
         assert!(matches!(backend.load(), Err(StateError::Damaged { .. })));
-        let aside = backend.repair().unwrap().expect("damage set aside");
+        let aside = backend
+            .repair()
+            .unwrap()
+            .damaged_lines
+            .expect("damage set aside");
         // Byte for byte, even where the bytes are not text (line breaks are the separators).
         let mut expected = bytes.clone();
         if expected.last() != Some(&b'\n') {
@@ -1411,5 +1608,74 @@ mod tests {
             std::fs::copy(saved.join(name), state.join(name)).unwrap();
         }
         check_owner(&state, "capstan.json", true).unwrap();
+    }
+
+    #[test]
+    fn a_flipped_byte_in_the_snapshot_is_found_and_repair_rebuilds_it_from_the_previous_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let (mut state, _) = backend.load().unwrap();
+        let mut append = |backend: &DirectoryBackend, state: &mut State, records: Vec<Record>| {
+            block_on(append_durably(backend, records.clone())).unwrap();
+            for r in &records {
+                state.apply(r);
+            }
+        };
+        append(&backend, &mut state, vec![done("a", 1), done("b", 2)]);
+        backend.compact(&state).unwrap();
+        append(&backend, &mut state, vec![done("c", 3)]);
+        backend.compact(&state).unwrap();
+        append(
+            &backend,
+            &mut state,
+            vec![
+                done("d", 4),
+                Record::Deleted {
+                    address: "a".into(),
+                },
+            ],
+        );
+        drop(backend);
+
+        // One byte changed on disk, inside a value: still JSON, another state.
+        let snapshot = dir.path().join("snapshot.json");
+        let text = std::fs::read_to_string(&snapshot).unwrap();
+        let changed = text.replacen("\"c\"", "\"x\"", 1);
+        assert_ne!(text, changed);
+        std::fs::write(&snapshot, changed).unwrap();
+        let refused = read_only(dir.path())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(refused.contains("fails its checksum"), "{refused}");
+        assert!(
+            refused.contains("state repair"),
+            "says what to do: {refused}"
+        );
+
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let repaired = backend.repair().unwrap();
+        assert!(repaired.damaged_snapshot.is_some_and(|p| p.exists()));
+        drop(backend);
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        assert_eq!(backend.load().unwrap().0, state, "every record is back");
+    }
+
+    #[test]
+    fn a_damaged_snapshot_with_nothing_to_rebuild_from_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("snapshot.json"),
+            "{\"resources\": {}}\ncapstan-snapshot-crc32 00000000\n",
+        )
+        .unwrap();
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let message = backend
+            .repair()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("no previous snapshot"), "{message}");
+        assert!(dir.path().join("snapshot.json").exists(), "left as it was");
     }
 }
