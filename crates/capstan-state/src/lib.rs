@@ -1615,7 +1615,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
         let (mut state, _) = backend.load().unwrap();
-        let mut append = |backend: &DirectoryBackend, state: &mut State, records: Vec<Record>| {
+        let append = |backend: &DirectoryBackend, state: &mut State, records: Vec<Record>| {
             block_on(append_durably(backend, records.clone())).unwrap();
             for r in &records {
                 state.apply(r);
