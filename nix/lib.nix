@@ -41,6 +41,19 @@ let
       f (intersectAttrs (functionArgs f) args);
 
   isNested = d: isAttrs d && (d._capstan or null) == "nested";
+  # What a value is, for a message: "an integer", "a string", …
+  kindName = v:
+    {
+      int = "an integer";
+      float = "a number";
+      string = "a string";
+      bool = "a boolean";
+      null = "null";
+      list = "a list";
+      lambda = "a function";
+      path = "a path";
+      set = "an attribute set";
+    }.${typeOf v} or (typeOf v);
   isGroup = d: isAttrs d && !(d ? type) && !(d ? provider) && d ? resources;
 
   # An address: names joined with `.`; a name with `.`, `#` or a control character would make
@@ -115,11 +128,15 @@ let
         top = call (import file) (args root);
         topChecked =
           if !isAttrs top then
-            throw "capstan: ${toString file} must give an attribute set { providers = …; resources = …; } (or a function returning one), not a ${typeOf top}"
+            throw "capstan: ${toString file} must give an attribute set { providers = …; resources = …; } (or a function returning one), not ${kindName top}"
           else
             let unknown = filter (k: !(elem k [ "providers" "resources" ])) (attrNames top);
             in if unknown != [ ] then
               throw "capstan: ${toString file}: unknown key `${concatStringsSep "`, `" unknown}`; a deployment has `providers` and `resources`"
+            else if top ? resources && !isAttrs top.resources then
+              throw "capstan: ${toString file}: `resources` must be an attribute set of resources (name = { provider = …; type = …; inputs = …; }), not ${kindName top.resources}"
+            else if top ? providers && !isAttrs top.providers then
+              throw "capstan: ${toString file}: `providers` must be an attribute set of providers (name = capstan.builtin \"local\", …), not ${kindName top.providers}"
             else
               top;
 
@@ -128,6 +145,11 @@ let
         view = stack: members stack "" (topChecked.resources or { });
         root = view [ ];
         members = stack: prefix: decls: mapAttrs (name: d: member stack (join prefix name) d) decls;
+        # A nested deployment's members, as its function gives them for `resources`.
+        membersOf = address: d: resources:
+          let got = call d.function (args resources); in
+          if isAttrs got then got
+          else throw "capstan: nested deployment `${address}`: its function must return an attribute set of members (name = { provider = …; type = …; … }), not ${kindName got}";
         member = stack: address: d:
           if isNested d then
             nestedView stack address d
@@ -140,7 +162,7 @@ let
             trace "${mark}-cycle#${concatStringsSep "#" (stack ++ [ address ])}"
               (throw "capstan: the members of nested deployment `${address}` depend on themselves (${concatStringsSep " → " (stack ++ [ address ])})")
           else
-            members stack address (call d.function (args (view (stack ++ [ address ]))));
+            members stack address (membersOf address d (view (stack ++ [ address ])));
         resourceView = address: d: {
           inherit address;
           provider = d.provider;
@@ -236,8 +258,8 @@ let
           # The members' names and kinds, from a view in which this deployment's own members
           # cannot be looked into.
           structure = attempt address
-            (mapAttrs (_: kindOf) (call d.function (args (view [ address ]))));
-          w = walk address (call d.function (args root));
+            (mapAttrs (_: kindOf) (main.membersOf address d (view [ address ])));
+          w = walk address (main.membersOf address d root);
         in
         if !structure.success then
           { deferred = [{ inherit address; what = "nested"; }]; }

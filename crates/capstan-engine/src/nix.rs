@@ -377,6 +377,8 @@ struct Run {
     uses: BTreeMap<String, BTreeSet<String>>,
     cycles: Vec<Vec<String>>,
     messages: Vec<String>,
+    /// The item the library was reading last (where an error that stopped Nix happened).
+    reading: Option<String>,
 }
 
 impl Run {
@@ -390,6 +392,7 @@ impl Run {
             uses: BTreeMap::new(),
             cycles: Vec::new(),
             messages: Vec::new(),
+            reading: None,
         };
         let mut current: Option<String> = None;
         let mut using: Option<String> = None;
@@ -404,7 +407,10 @@ impl Run {
             };
             let mut fields = trace.split('#');
             match (fields.next(), fields.next()) {
-                (Some("eval"), Some(address)) => current = Some(address.to_string()),
+                (Some("eval"), Some(address)) => {
+                    current = Some(address.to_string());
+                    run.reading = current.clone();
+                }
                 (Some("uses"), Some(address)) => {
                     current = None;
                     using = Some(address.to_string());
@@ -503,15 +509,38 @@ fn expression(file: &Path, request: &Request<'_>, raise: &[String], mark: &str) 
     )
 }
 
+/// Evaluates; an evaluation that fails is run again with `--show-trace`, only to find the
+/// place in the deployment's own files (without it, Nix names a place in the library, read
+/// from standard input, or none), which the error then shows instead of Nix's advice to use a
+/// flag `capstan` does not take.
 async fn instantiate(
     file: &Path,
     request: &Request<'_>,
     raise: &[String],
 ) -> Result<Run, EvalError> {
+    let traced = !raise.is_empty();
+    let first = instantiate_once(file, request, raise, traced).await;
+    match first {
+        Err(EvalError::Nix { .. }) if !traced => {
+            match Box::pin(instantiate_once(file, request, raise, true)).await {
+                Err(placed @ EvalError::Nix { .. }) => Err(placed),
+                _ => first,
+            }
+        }
+        other => other,
+    }
+}
+
+async fn instantiate_once(
+    file: &Path,
+    request: &Request<'_>,
+    raise: &[String],
+    show_trace: bool,
+) -> Result<Run, EvalError> {
     let program = program();
     let mut command = tokio::process::Command::new(&program);
     command.args(["--eval", "--strict", "--json"]);
-    if !raise.is_empty() {
+    if show_trace {
         // For the place in the deployment's own files (Nix names it for a `throw` only then).
         command.arg("--show-trace");
     }
@@ -570,6 +599,7 @@ async fn instantiate(
         uses,
         cycles,
         messages,
+        reading,
     } = Run::read(stdout, &stderr, &mark);
     let status = child.wait().await.map_err(|error| EvalError::Spawn {
         file: file.to_path_buf(),
@@ -583,13 +613,20 @@ async fn instantiate(
                 path,
             });
         }
-        let mut message = if raise.is_empty() {
-            messages.join("\n")
-        } else {
+        let mut message = if show_trace {
             concise(&messages)
+        } else {
+            messages.join("\n")
         };
         if message.trim().is_empty() {
             message = format!("{} exited with {status}", program.display());
+        }
+        // Nix named no place in the deployment's files (an `import` of a file that is not
+        // there, say): at least the resource it was reading.
+        if !message.contains(" at /") {
+            if let Some(address) = &reading {
+                message.push_str(&format!("\n  (while reading `{address}`)"));
+            }
         }
         return Err(EvalError::Nix {
             file: file.to_path_buf(),
@@ -602,6 +639,7 @@ async fn instantiate(
         uses,
         cycles,
         messages,
+        reading,
     })
 }
 

@@ -283,6 +283,21 @@ fn nix_errors_are_shown_with_nix_s_message_and_place() {
         "{ capstan, ... }: { providers.local = capstan.builtin \"local\"; resources.a = { provider = \"nope\"; type = \"memo\"; }; }",
     );
     assert!(err.contains("nope"), "{err}");
+
+    // Issue 20 item 16: what goes wrong in the shape of a deployment is said in its words,
+    // never as a place in the library, and no error advises a flag capstan does not take.
+    let shapes = [
+        ("five.nix", "{ capstan, ... }: { resources = 5; }", "`resources` must be an attribute set of resources (name = { provider = …; type = …; inputs = …; }), not an integer"),
+        ("nested.nix", "{ capstan, ... }: { providers.local = capstan.builtin \"local\"; resources.n = capstan.nested (_: 42); }", "nested deployment `n`: its function must return an attribute set of members"),
+        ("import.nix", "{ capstan, ... }: { providers.local = capstan.builtin \"local\"; resources.a = import ./nope.nix; }", "nope.nix': No such file or directory\n  (while reading `a`)"),
+        ("add.nix", "{ capstan, ... }: { providers.local = capstan.builtin \"local\";\n  resources.a = { provider = \"local\"; type = \"memo\"; inputs.value = 1 + \"x\"; }; }", "add.nix:2:"),
+    ];
+    for (file, text, said) in shapes {
+        let err = plan_fails(dir, file, text);
+        assert!(err.contains(said), "{file}: {err}");
+        assert!(!err.contains("«stdin»"), "{file}: {err}");
+        assert!(!err.contains("--show-trace"), "{file}: {err}");
+    }
     assert!(!dir.join(".capstan").exists(), "plan wrote the state");
 }
 
