@@ -293,6 +293,25 @@ fn config_secrets(schema: &wire::GetProviderSchemaResponse, config: &Value) -> V
     out
 }
 
+/// How long the bridge waits for a Terraform provider's go-plugin handshake line:
+/// `CAPSTAN_TERRAFORM_HANDSHAKE_TIMEOUT` seconds, else 20 — well inside the time the core
+/// gives the bridge for its own handshake (a minute: `TERRAFORM_BRIDGE_HANDSHAKE` in the
+/// engine), so that a program that is no Terraform provider is reported as such, not as a
+/// bridge that did not answer.
+pub fn handshake_timeout() -> std::time::Duration {
+    std::env::var(HANDSHAKE_TIMEOUT_ENV)
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(
+            std::time::Duration::from_secs(20),
+            std::time::Duration::from_secs_f64,
+        )
+}
+
+/// Overrides how long the bridge waits for a Terraform provider's handshake line (seconds).
+pub const HANDSHAKE_TIMEOUT_ENV: &str = "CAPSTAN_TERRAFORM_HANDSHAKE_TIMEOUT";
+
 /// Starts the provider and reads its schema, and builds the Capstan provider, to be served
 /// on the runtime returned (where the provider's process is watched and its logs read).
 pub fn provider(
@@ -311,6 +330,7 @@ pub fn provider(
     let (plugin, schema) = runtime.block_on(async {
         let options = StartOptions {
             logs: Some(Arc::new(move |line| route(&routes, scrubbed(line, &hide)))),
+            timeout: handshake_timeout(),
             ..StartOptions::default()
         };
         let plugin = Plugin::start_with(&program, options).await?;

@@ -826,3 +826,40 @@ fn provider_call_runs_a_terraform_provider_through_the_bridge() {
         .as_str()
         .is_some_and(|id| !id.is_empty()));
 }
+
+/// A program declared as a Terraform provider that never prints go-plugin's handshake line is
+/// reported as what it is (no Terraform provider), by the bridge, before the core gives up on
+/// the bridge, and nothing is left running.
+#[test]
+fn a_program_that_is_no_terraform_provider_is_named_as_such() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("no-handshake-{}", std::process::id());
+    let program = dir.path().join("not-terraform");
+    std::fs::write(&program, format!("#!/bin/sh\nexec sleep 300 # {marker}\n")).unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        json!({"providers": {"tf": {"executable": "./not-terraform", "protocol": "terraform"}},
+               "resources": {"r": {"provider": "tf", "type": "x"}}})
+        .to_string(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::support::capstan_bin())
+        .arg("plan")
+        .current_dir(dir.path())
+        // Longer than the 10 s the core gives any provider's handshake: the bridge's own
+        // (a minute) must outlast it, so that the bridge says what is wrong.
+        .env("CAPSTAN_TERRAFORM_HANDSHAKE_TIMEOUT", "12")
+        .output()
+        .unwrap();
+    let said = shown(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("printed no go-plugin handshake line")
+            && said.contains("a Terraform provider"),
+        "{said}"
+    );
+    assert!(!said.contains("Capstan provider?"), "{said}");
+    crate::support::wait_until("the program is gone", || processes_with(&marker).is_empty());
+}

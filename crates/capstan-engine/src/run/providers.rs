@@ -35,6 +35,11 @@ pub enum Served<'a> {
 /// `capstan` command re-executes itself with a hidden subcommand; an embedder may start
 /// anything that speaks the protocol on fd 3. The engine sets the working directory and the
 /// environment it needs on the command returned.
+/// How long the core waits for a Terraform bridge's handshake: the bridge starts the Terraform
+/// provider and reads its schema first (seconds, for the largest providers), and gives up on
+/// a program that prints no go-plugin handshake line itself, well within this.
+const TERRAFORM_BRIDGE_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub trait ProviderLauncher {
     fn command(&self, served: Served<'_>) -> ProviderCommand;
 
@@ -204,6 +209,11 @@ impl Providers {
             let source = source_for(decl, state, &dir, launcher, v0.get(name));
             let logs = logs.clone();
             let mut options = HostOptions::default();
+            if decl.protocol.as_deref() == Some(crate::model::TERRAFORM) {
+                // The bridge starts the Terraform provider and reads its schema before it
+                // answers; it reports a program that is no Terraform provider itself, sooner.
+                options.handshake_timeout = TERRAFORM_BRIDGE_HANDSHAKE;
+            }
             if let Some(mib) = decl.max_message_mib.or(max_message_mib) {
                 options.max_message_words = mib as usize * (1024 * 1024 / 8);
             }
