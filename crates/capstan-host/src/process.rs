@@ -458,6 +458,24 @@ fn spawn_reader(
     tokio::task::spawn_local(async move {
         let mut reader = BufReader::new(pipe);
         let mut buf = Vec::new();
+        let mut flood = Flood::new();
+        let send = |line: String| {
+            let logs = logs.clone();
+            let provider = provider.clone();
+            async move {
+                if let Some(logs) = &logs {
+                    // Awaiting here applies backpressure: a provider that floods its stderr
+                    // blocks on the pipe instead of growing the host's memory.
+                    let _ = logs
+                        .send(ProviderLog {
+                            provider,
+                            stream,
+                            line,
+                        })
+                        .await;
+                }
+            }
+        };
         loop {
             buf.clear();
             match reader.read_until(b'\n', &mut buf).await {
@@ -468,18 +486,85 @@ fn spawn_reader(
                 .trim_end_matches(['\n', '\r'])
                 .to_string();
             tail.push(line.clone());
-            if let Some(logs) = &logs {
-                // Awaiting here applies backpressure: a provider that floods its stderr
-                // blocks on the pipe instead of growing the host's memory.
-                let _ = logs
-                    .send(ProviderLog {
-                        provider: provider.clone(),
-                        stream,
-                        line,
-                    })
-                    .await;
+            match flood.admit(std::time::Instant::now()) {
+                Admit::Pass { dropped } => {
+                    if dropped > 0 {
+                        send(Flood::notice(dropped)).await;
+                    }
+                    send(line).await;
+                }
+                Admit::Drop => {}
             }
+        }
+        if flood.dropped > 0 {
+            send(Flood::notice(flood.dropped)).await;
         }
         closed.send_modify(|n| *n += 1);
     });
+}
+
+/// How many of a provider's own output lines are passed on: a burst of `FLOOD_BURST`, then
+/// `FLOOD_RATE` a second. A program that floods its output (`yes`, a provider stuck in a
+/// loop that logs) would otherwise bury the terminal and the event stream in it; what is
+/// left out is counted and said, and its last lines still reach its error message (the tail).
+const FLOOD_BURST: f64 = 2000.0;
+const FLOOD_RATE: f64 = 100.0;
+/// How often, at most, a flood is said to go on.
+const FLOOD_NOTICE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A token bucket over output lines.
+struct Flood {
+    tokens: f64,
+    at: std::time::Instant,
+    /// Lines left out and not yet said.
+    dropped: u64,
+    noticed: Option<std::time::Instant>,
+}
+
+enum Admit {
+    /// Pass the line on, after saying how many were left out before it.
+    Pass {
+        dropped: u64,
+    },
+    Drop,
+}
+
+impl Flood {
+    fn new() -> Self {
+        Flood {
+            tokens: FLOOD_BURST,
+            at: std::time::Instant::now(),
+            dropped: 0,
+            noticed: None,
+        }
+    }
+
+    fn admit(&mut self, now: std::time::Instant) -> Admit {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * FLOOD_RATE).min(FLOOD_BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            // What was left out is said once a second at most, before a line passed on.
+            let due = self
+                .noticed
+                .is_none_or(|at| now.saturating_duration_since(at) >= FLOOD_NOTICE_EVERY);
+            let dropped = if self.dropped > 0 && due {
+                self.noticed = Some(now);
+                std::mem::take(&mut self.dropped)
+            } else {
+                0
+            };
+            Admit::Pass { dropped }
+        } else {
+            self.dropped += 1;
+            Admit::Drop
+        }
+    }
+
+    fn notice(dropped: u64) -> String {
+        format!(
+            "({dropped} line(s) of output not shown: written faster than {FLOOD_RATE} a second)"
+        )
+    }
 }

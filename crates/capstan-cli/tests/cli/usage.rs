@@ -182,3 +182,33 @@ fn help_lists_every_exit_code_a_script_can_see() {
         assert!(help.contains(said), "`{said}` is not in:\n{help}");
     }
 }
+
+/// A program that floods its output (`yes`) is not relayed whole: a burst, then a trickle,
+/// with what was left out counted; the handshake still times out on time.
+#[test]
+fn a_flood_of_output_is_counted_not_relayed() {
+    let child = std::process::Command::new(crate::support::capstan_bin())
+        .args(["provider", "describe", "--", "yes"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = crate::support::output_within(child, "provider describe -- yes");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("did not answer the handshake"),
+        "{}",
+        &stderr[stderr.len().saturating_sub(2000)..]
+    );
+    assert!(
+        stderr.contains("line(s) of output not shown"),
+        "the flood is counted"
+    );
+    assert!(
+        out.stderr.len() < 1024 * 1024,
+        "{} bytes relayed",
+        out.stderr.len()
+    );
+}
