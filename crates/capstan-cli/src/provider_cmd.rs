@@ -28,8 +28,11 @@ pub enum ProviderCmd {
     /// Built in: `capstan provider describe local` (file, exec, memo) and `capstan provider
     /// describe nix` (build, activate). Others: capstan provider describe -- capstan-provider-testing
     ///
-    /// A Terraform provider binary, unchanged (started as go-plugin does, protocol 5): its
-    /// schema as Capstan types: capstan provider describe --terraform ./terraform-provider-null
+    /// A Terraform provider binary, unchanged (started as go-plugin does, plugin protocol 5 or
+    /// 6): its types as Capstan types, with the protocol it speaks, its settings' schema
+    /// (`providerConfig`) and each type's Terraform schema in full (`terraform`: attribute
+    /// types, nested blocks, sensitive, deprecated):
+    /// capstan provider describe --terraform ./terraform-provider-null
     Describe {
         #[command(flatten)]
         target: Target,
@@ -51,7 +54,7 @@ pub struct Target {
     /// Connect to a provider already listening at this Unix socket instead of starting one.
     #[arg(long, value_name = "PATH", conflicts_with = "command")]
     socket: Option<PathBuf>,
-    /// A Terraform provider binary (describe only, so far).
+    /// A Terraform provider binary, run through Capstan's bridge (`call` too).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["socket", "command", "builtin"])]
     terraform: Option<PathBuf>,
     /// The provider executable and its arguments, after `--`.
@@ -209,13 +212,14 @@ impl ProviderCmd {
                 let plugin =
                     capstan_terraform::Plugin::start(&binary, Duration::from_secs(30)).await?;
                 let schema = plugin.schema().await;
+                let protocol = plugin.protocol;
                 plugin.stop().await;
                 let name = binary
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let info = capstan_terraform::provider_info(&name, &schema?);
-                stdout.line(&serde_json::to_string_pretty(&info)?);
+                let described = capstan_terraform::describe(&name, protocol, &schema?);
+                stdout.line(&serde_json::to_string_pretty(&described)?);
                 Ok(ExitCode::SUCCESS)
             }
             ProviderCmd::Describe { target } => {

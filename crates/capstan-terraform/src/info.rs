@@ -104,3 +104,130 @@ pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> Pr
         resource_types: types,
     }
 }
+
+/// What `capstan provider describe --terraform` prints: the provider as Capstan types (as any
+/// provider's handshake), with the plugin protocol it speaks (5 or 6), its own settings'
+/// schema (`providerConfig`, what `config` takes), and each type's Terraform schema in full
+/// (`terraform`: every attribute with its type, required/optional/computed, sensitive and
+/// deprecated; nested blocks with their nesting, item counts and contents).
+pub fn describe(
+    name: &str,
+    protocol: wire::Protocol,
+    schema: &wire::GetProviderSchemaResponse,
+) -> serde_json::Value {
+    let info = provider_info(name, schema);
+    let mut out = serde_json::to_value(&info).unwrap_or_default();
+    let number = match protocol {
+        wire::Protocol::V5 => 5,
+        wire::Protocol::V6 => 6,
+    };
+    if let Some(object) = out.as_object_mut() {
+        object.insert("protocol".into(), number.into());
+        object.remove("minProtocol");
+        object.remove("maxProtocol");
+        object.insert(
+            "providerConfig".into(),
+            schema
+                .provider
+                .as_ref()
+                .and_then(|s| s.block.as_ref())
+                .map_or(serde_json::Value::Null, block_json),
+        );
+    }
+    let schema_of = |type_name: &str| {
+        match type_name.strip_prefix("data.") {
+            Some(data) => schema.data_source_schemas.get(data),
+            None => schema.resource_schemas.get(type_name),
+        }
+        .and_then(|s| s.block.as_ref())
+    };
+    let types = out
+        .get_mut("resourceTypes")
+        .and_then(serde_json::Value::as_array_mut);
+    for t in types.into_iter().flatten() {
+        let name = t
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or_default()
+            .to_string();
+        if let (Some(block), Some(t)) = (schema_of(&name), t.as_object_mut()) {
+            t.insert("terraform".into(), block_json(block));
+        }
+    }
+    out
+}
+
+/// A Terraform schema block as JSON: its attributes by name and its nested blocks by name.
+fn block_json(block: &wire::Block) -> serde_json::Value {
+    let attributes: serde_json::Map<String, serde_json::Value> = block
+        .attributes
+        .iter()
+        .map(|a| (a.name.clone(), attribute_json(a)))
+        .collect();
+    let blocks: serde_json::Map<String, serde_json::Value> = block
+        .block_types
+        .iter()
+        .map(|b| {
+            let mut nested = b.block.as_ref().map_or(serde_json::json!({}), block_json);
+            if let Some(n) = nested.as_object_mut() {
+                n.insert("nesting".into(), nesting_name(b.nesting).into());
+                n.insert("minItems".into(), b.min_items.into());
+                n.insert("maxItems".into(), b.max_items.into());
+            }
+            (b.type_name.clone(), nested)
+        })
+        .collect();
+    let mut out = serde_json::json!({"attributes": attributes, "blocks": blocks});
+    if block.deprecated {
+        out["deprecated"] = true.into();
+    }
+    if !block.description.is_empty() {
+        out["description"] = block.description.clone().into();
+    }
+    out
+}
+
+fn attribute_json(a: &wire::Attribute) -> serde_json::Value {
+    let mut out = serde_json::json!({
+        "required": a.required,
+        "optional": a.optional,
+        "computed": a.computed,
+    });
+    if !a.r#type.is_empty() {
+        // A cty type expression: "string", ["list","number"], ["object",{…}].
+        out["type"] = serde_json::from_slice(&a.r#type)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&a.r#type).into_owned().into());
+    }
+    if let Some(nested) = &a.nested_type {
+        let attributes: serde_json::Map<String, serde_json::Value> = nested
+            .attributes
+            .iter()
+            .map(|n| (n.name.clone(), attribute_json(n)))
+            .collect();
+        out["nested"] = serde_json::json!({
+            "nesting": nesting_name(nested.nesting),
+            "attributes": attributes,
+        });
+    }
+    for (flag, set) in [("sensitive", a.sensitive), ("deprecated", a.deprecated)] {
+        if set {
+            out[flag] = true.into();
+        }
+    }
+    if !a.description.is_empty() {
+        out["description"] = a.description.clone().into();
+    }
+    out
+}
+
+/// Terraform's nesting modes by name.
+fn nesting_name(nesting: i32) -> &'static str {
+    match nesting {
+        1 => "single",
+        2 => "list",
+        3 => "set",
+        4 => "map",
+        5 => "group",
+        _ => "invalid",
+    }
+}

@@ -42,7 +42,7 @@ use capstan_schema::info::{InputInfo, OutputInfo};
 use capstan_schema::{ProviderInfo, ResourceTypeInfo};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
-pub use info::{provider_info, schema_version};
+pub use info::{describe, provider_info, schema_version};
 pub use logs::{Channel, LogLine, LogSink};
 pub use startup::{Handshake, StartOptions};
 

@@ -6,7 +6,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
-use tf_provider::schema::{AttributeConstraint, AttributeType, Block, Description, Schema};
+use tf_provider::schema::{
+    Attribute, AttributeConstraint, AttributeType, Block, Description, Schema,
+};
 use tf_provider::value::{Value, ValueBool, ValueEmpty, ValueString};
 use tf_provider::{map, AttributePath, Diagnostics, Resource};
 
@@ -96,6 +98,9 @@ pub struct SlowState {
     pub crash: ValueBool,
     #[serde(default)]
     pub label: ValueString<'static>,
+    /// Deprecated, and read by nothing: `provider describe` shows it as such.
+    #[serde(default)]
+    pub note: ValueString<'static>,
 }
 
 impl SlowState {
@@ -192,6 +197,11 @@ impl Resource for SlowResource {
                         "Exit the provider process (status 3) after the first step"),
                     "label" => attr(AttributeType::String, AttributeConstraint::Optional, false,
                         "Name used in logs and diagnostics"),
+                    "note" => Attribute {
+                        deprecated: true,
+                        ..attr(AttributeType::String, AttributeConstraint::Optional, false,
+                            "Kept for old configurations; use label")
+                    },
                 },
                 ..Default::default()
             },

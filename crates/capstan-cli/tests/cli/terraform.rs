@@ -863,3 +863,47 @@ fn a_program_that_is_no_terraform_provider_is_named_as_such() {
     assert!(!said.contains("Capstan provider?"), "{said}");
     crate::support::wait_until("the program is gone", || processes_with(&marker).is_empty());
 }
+
+/// `provider describe --terraform` tells what a Terraform user reads in the provider's docs:
+/// the plugin protocol, the settings `config` takes, every attribute's type, nested blocks
+/// with their contents, what is sensitive or deprecated.
+#[test]
+fn describe_shows_a_terraform_providers_schema_in_full() {
+    let Some(work) = fixture_work() else {
+        return;
+    };
+    let out = std::process::Command::new(crate::support::capstan_bin())
+        .args(["provider", "describe", "--terraform"])
+        .arg(&work.binary)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", shown(&out));
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["protocol"], 6, "{d}");
+    let config = &d["providerConfig"]["attributes"];
+    assert_eq!(config["root"]["required"], true, "{d}");
+    assert_eq!(config["root"]["type"], "string", "{d}");
+    let of = |name: &str| -> Value {
+        d["resourceTypes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {d}"))["terraform"]
+            .clone()
+    };
+    let file = of("capstanfixture_file");
+    assert_eq!(file["attributes"]["size"]["type"], "number", "{file}");
+    assert_eq!(file["attributes"]["size"]["computed"], true, "{file}");
+    assert_eq!(file["attributes"]["token"]["sensitive"], true, "{file}");
+    assert_eq!(file["blocks"]["tag"]["nesting"], "list", "{file}");
+    assert_eq!(
+        file["blocks"]["tag"]["attributes"]["key"]["type"], "string",
+        "{file}"
+    );
+    assert_eq!(
+        of("capstanfixture_slow")["attributes"]["note"]["deprecated"],
+        true
+    );
+    assert!(of("data.capstanfixture_read")["attributes"]["content"]["computed"] == true);
+}
