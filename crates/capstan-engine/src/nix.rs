@@ -910,6 +910,9 @@ pub type Uses = BTreeMap<String, BTreeSet<String>>;
 pub struct Stages {
     pub file: PathBuf,
     pub params: Map<String, Value>,
+    /// The deployment's Nix files as they were when the run started: a later evaluation of
+    /// files edited since would apply half of the edit.
+    pub sources: Sources,
     /// What the last evaluation left for later.
     pub deferred: Vec<Deferred>,
     pub uses: Uses,
@@ -1051,5 +1054,69 @@ mod tests {
         };
         assert!(resource.covers("rest/child"));
         assert!(!resource.covers("rest.vm"));
+    }
+}
+
+/// The Nix files a deployment is read from, as they are now: the file itself and every `.nix`
+/// file under its directory (hidden directories, such as the state's, left out), each with
+/// its length and modification time. Files the run writes (a `file` resource's) are not
+/// `.nix` files; data a deployment reads with `builtins.readFile` is not watched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sources(Vec<(PathBuf, u64, Option<std::time::SystemTime>)>);
+
+/// At most this many files are watched (a deployment in a large tree: its own file alone then).
+const MAX_SOURCES: usize = 5000;
+
+impl Sources {
+    pub fn of(file: &Path) -> Sources {
+        let stamp = |path: &Path| {
+            let meta = std::fs::metadata(path).ok();
+            (
+                path.to_path_buf(),
+                meta.as_ref().map_or(0, |m| m.len()),
+                meta.and_then(|m| m.modified().ok()),
+            )
+        };
+        let mut found = vec![stamp(file)];
+        let mut dirs = vec![(crate::model::dir_of(file), 0)];
+        while let Some((dir, depth)) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                let path = entry.path();
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() && depth < 8 => dirs.push((path, depth + 1)),
+                    Ok(t) if t.is_file() && path.extension().is_some_and(|e| e == "nix") => {
+                        found.push(stamp(&path));
+                    }
+                    _ => {}
+                }
+                if found.len() > MAX_SOURCES {
+                    return Sources(vec![stamp(file)]);
+                }
+            }
+        }
+        found.sort();
+        found.dedup();
+        Sources(found)
+    }
+
+    /// A file that is not as it was in `earlier` (changed, added or removed), if any.
+    pub fn changed_since(&self, earlier: &Sources) -> Option<PathBuf> {
+        let now: BTreeMap<&PathBuf, _> = self.0.iter().map(|(p, l, m)| (p, (l, m))).collect();
+        let then: BTreeMap<&PathBuf, _> = earlier.0.iter().map(|(p, l, m)| (p, (l, m))).collect();
+        now.iter()
+            .find(|(p, stamp)| then.get(*p) != Some(*stamp))
+            .map(|(p, _)| (*p).clone())
+            .or_else(|| {
+                then.keys()
+                    .find(|p| !now.contains_key(*p))
+                    .map(|p| (*p).clone())
+            })
     }
 }

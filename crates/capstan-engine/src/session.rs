@@ -107,6 +107,8 @@ pub struct Session {
 struct NixSession {
     file: PathBuf,
     params: Map<String, Value>,
+    /// Its Nix files as they were before the first evaluation.
+    sources: nix::Sources,
     deferred: Vec<nix::Deferred>,
     /// Evaluations so far.
     stage: usize,
@@ -222,6 +224,7 @@ impl Session {
                 .map_err(|e| SessionError::Invalid(e.to_string()))?;
         } else if nix::is_nix(&file) {
             session.nix = Some(NixSession {
+                sources: nix::Sources::of(&file),
                 file,
                 params,
                 deferred: Vec::new(),
@@ -488,6 +491,7 @@ impl Session {
             .map(|n| nix::Stages {
                 file: n.file,
                 params: n.params,
+                sources: n.sources,
                 deferred: n.deferred,
                 uses: n.uses,
                 stage: n.stage,

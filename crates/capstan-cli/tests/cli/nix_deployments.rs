@@ -882,3 +882,69 @@ fn a_cycle_through_outputs_is_a_cycle_in_the_plan() {
     let out = capstan(dir, &["plan", "-f", "chain.nix"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+#[test]
+fn an_edit_during_the_run_is_not_half_applied() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().canonicalize().unwrap();
+    let started = dir.join("started");
+    let deployment = |second: &str| {
+        format!(
+            r#"{{ capstan, resources, ... }}: {{ providers.local = capstan.builtin "local"; resources = {{
+  slow = {{ provider = "local"; type = "exec"; inputs = {{ command = "sh"; args = [ "-c" "touch {}; sleep 2; echo made" ]; }}; }};
+  {second}
+}}; }}"#,
+            started.display()
+        )
+    };
+    write(
+        &dir,
+        "capstan.nix",
+        &deployment(
+            r#"later = { provider = "local"; type = "memo"; inputs.value = "from ${resources.slow.outputs.stdout}"; };"#,
+        ),
+    );
+    let child = Command::new(capstan_bin())
+        .args(["apply", "--json"])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While `slow` runs, `later` is removed and another resource takes its place.
+    crate::support::wait_until("`slow` runs", || started.exists());
+    write(
+        &dir,
+        "capstan.nix",
+        &deployment(
+            r#"other = { provider = "local"; type = "memo"; inputs.value = "new ${resources.slow.outputs.stdout}"; };"#,
+        ),
+    );
+    let out = crate::support::output_within(child, "apply while its deployment is edited");
+    let events = events(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        state_list(&dir),
+        ["slow"],
+        "neither the old nor the new: {events:?}"
+    );
+    let failed = of_type(&events, "evaluation_failed");
+    assert!(
+        failed.iter().any(|e| e["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("changed since the run started"))),
+        "{events:?}"
+    );
+    let skipped = of_type(&events, "resource_skipped");
+    assert!(
+        skipped.iter().any(|e| e["address"] == "later"
+            && e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("changed during the run"))),
+        "{events:?}"
+    );
+}

@@ -294,6 +294,8 @@ struct Staging {
     /// The outputs given to the last evaluation.
     given: std::collections::HashSet<String>,
     evaluation_failed: bool,
+    /// The deployment's files changed during the run: no later evaluation reads them.
+    deployment_changed: bool,
 }
 
 impl<'a> Driver<'a> {

@@ -60,6 +60,25 @@ impl<'a> Driver<'a> {
             return;
         };
         stages.stage += 1;
+        // Evaluated as it was when the run started, or not at all: half an edit is never
+        // applied.
+        if let Some(changed) = crate::nix::Sources::of(&stages.file).changed_since(&stages.sources)
+        {
+            let file = stages.file.display().to_string();
+            self.events.emit(Event::EvaluationFailed {
+                file,
+                stage: stages.stage,
+                error: format!(
+                    "{} changed since the run started, so what still waited for a later evaluation is not read from it (the edit would be half applied); apply again to apply the edit",
+                    changed.display()
+                ),
+                stops_command: false,
+            });
+            self.summary.failed += 1;
+            self.staging.evaluation_failed = true;
+            self.staging.deployment_changed = true;
+            return;
+        }
         self.events.emit(Event::EvaluationStart {
             file: stages.file.display().to_string(),
             stage: stages.stage,
@@ -270,6 +289,8 @@ impl<'a> Driver<'a> {
                 .unwrap_or_default();
             let reason = if interrupted {
                 "deferred, and the run was interrupted before its evaluation".to_string()
+            } else if self.staging.deployment_changed {
+                "deferred, and the deployment changed during the run".to_string()
             } else if self.staging.evaluation_failed {
                 "deferred, and the deployment's evaluation failed".to_string()
             } else if ended_badly(&dependency) {
