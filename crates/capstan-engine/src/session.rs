@@ -357,6 +357,23 @@ impl Session {
                 .map(|address| Record::Deleted { address })
                 .collect(),
         );
+        // What a refresh found changed is recorded as it is, so an update starts from it.
+        let refreshed = reads
+            .refreshed
+            .into_iter()
+            .filter_map(|(address, outputs)| {
+                let mut now = self.state.resources.get(&address)?.clone();
+                now.outputs = outputs;
+                if let Some(connection) = providers.connections.get(&now.provider) {
+                    run::note_sensitive(&address, &mut now, connection, &self.secrets);
+                }
+                Some(Record::Done {
+                    address,
+                    state: now,
+                })
+            })
+            .collect();
+        self.settle(refreshed);
         self.deployment
             .check_against(&providers.infos())
             .map_err(|e| SessionError::Invalid(e.to_string()))?;

@@ -315,6 +315,27 @@ impl Resource for FileResource {
         planned_private_state: ValueEmpty,
         _meta: Meta,
     ) -> Option<(FileState, ValueEmpty)> {
+        // As providers that compute what to change from the prior state do (a list of rules
+        // to add and remove): a prior state that is not what is there is refused, so a host
+        // that updates from a stale record is found out. Terraform refreshes first.
+        if let (Some(file), Value::Value(recorded)) = (
+            resolve(&self.shared, diags, &prior_state.path),
+            &prior_state.size,
+        ) {
+            if let Ok(meta) = tokio::fs::metadata(&file).await {
+                if meta.len() as i64 != *recorded {
+                    diags.root_error(
+                        "state contract violation: the prior state is stale",
+                        format!(
+                            "{} holds {} bytes, the prior state says {recorded} (value mismatch): update from the state as it is (refresh first)",
+                            file.display(),
+                            meta.len()
+                        ),
+                    );
+                    return Some((prior_state, planned_private_state));
+                }
+            }
+        }
         if self.write(diags, &planned_state).await.is_none() {
             // Nothing changed that we know of: keep the prior state with the errors.
             return Some((prior_state, planned_private_state));

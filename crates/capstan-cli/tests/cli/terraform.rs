@@ -907,3 +907,43 @@ fn describe_shows_a_terraform_providers_schema_in_full() {
     );
     assert!(of("data.capstanfixture_read")["attributes"]["content"]["computed"] == true);
 }
+
+/// A refresh that finds a resource changed behind Capstan's back plans and applies the update
+/// from what it found, as Terraform does: the fixture refuses an update whose prior state is
+/// not what is on disk ("state contract violation … value mismatch").
+#[test]
+fn a_refresh_that_finds_drift_updates_from_what_it_found() {
+    let Some(work) = fixture_work() else {
+        return;
+    };
+    let (dir, root) = (&work.dir, &work.root);
+    std::fs::write(
+        dir.join("capstan.json"),
+        json!({
+            "providers": {"fx": {"executable": work.binary, "protocol": "terraform",
+                                 "config": {"root": root}}},
+            "resources": {"f": {"provider": "fx", "type": "capstanfixture_file",
+                                "inputs": {"path": "a.txt", "content": "hello"}}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let apply = capstan(dir, &["apply"]);
+    assert!(apply.status.success(), "{}", shown(&apply));
+    // Changed behind Capstan's back: its size (computed) is not what is recorded.
+    std::fs::write(root.join("a.txt"), "hello world, changed by hand").unwrap();
+    let plan = capstan(dir, &["plan", "--refresh", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", shown(&plan));
+    let apply = capstan(dir, &["apply", "--refresh"]);
+    assert!(apply.status.success(), "{}", shown(&apply));
+    assert_eq!(
+        std::fs::read_to_string(root.join("a.txt")).unwrap(),
+        "hello"
+    );
+    let shown_f: Value =
+        serde_json::from_slice(&capstan(dir, &["state", "show", "f"]).stdout).unwrap();
+    assert_eq!(shown_f["outputs"]["size"], 5, "{shown_f}");
+    // Nothing is left to do.
+    let plan = capstan(dir, &["plan", "--refresh", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", shown(&plan));
+}

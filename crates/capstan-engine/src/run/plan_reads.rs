@@ -11,6 +11,10 @@ pub struct PlanReads {
     /// Recorded resources their providers no longer find: made again (or, for a delete,
     /// already gone). The caller drops them from the state (and journals it, for an apply).
     pub gone: Vec<String>,
+    /// Recorded resources a refresh found changed behind Capstan's back, with the outputs it
+    /// read: the caller records them, so that what is planned on them (an update) starts
+    /// from what is there, as Terraform's refresh does.
+    pub refreshed: Vec<(String, capstan_schema::Json)>,
 }
 
 /// Asks the providers of types that declare `plansChanges` what each create and update whose
@@ -130,8 +134,13 @@ pub async fn read_on_plan(
     .await;
     let mut reads = PlanReads {
         warnings,
+        refreshed: updates
+            .iter()
+            .filter_map(|(i, _, now)| now.clone().map(|now| (changes[*i].address.clone(), now)))
+            .collect(),
         ..PlanReads::default()
     };
+    let updates = updates.into_iter().map(|(i, keys, _)| (i, keys)).collect();
     let changing = plan_what_was_read(changes, updates, gone, &mut reads.gone);
     if !changing.is_empty() {
         wait_on_changing(changes, deployment, changing);
@@ -139,9 +148,14 @@ pub async fn read_on_plan(
     reads
 }
 
-/// What the reads found: the changes whose resource drifted (with the outputs that differ),
-/// those whose provider no longer finds it, and the reads that failed.
-type Found = (Vec<(usize, Vec<String>)>, Vec<usize>, Vec<String>);
+/// What the reads found: the changes whose resource drifted (with the outputs that differ,
+/// and, when the read looked at the real resource, the outputs it found), those whose
+/// provider no longer finds it, and the reads that failed.
+type Found = (
+    Vec<(usize, Vec<String>, Option<capstan_schema::Json>)>,
+    Vec<usize>,
+    Vec<String>,
+);
 
 /// Reads, concurrently under `jobs`, every recorded resource that the plan must read.
 async fn read_all(
@@ -164,8 +178,10 @@ async fn read_all(
         // The recorded resource's own provider and type (a replace changes them).
         let connection = providers.connections.get(&recorded.provider)?;
         let info = connection.info().resource_type(&recorded.resource_type)?;
-        let wanted = (change.action == Action::Noop && info.read_on_plan)
-            || (refresh && info.read_checks && change.action != Action::Create);
+        // A refresh looks at the real resource; a read on plan says what it would be now (a
+        // build of an edited file), which is not what exists.
+        let refreshing = refresh && info.read_checks && change.action != Action::Create;
+        let wanted = (change.action == Action::Noop && info.read_on_plan) || refreshing;
         if !wanted {
             return None;
         }
@@ -190,17 +206,18 @@ async fn read_all(
         let checks = info.read_checks;
         Some(async move {
             let read = connection.call(call, capstan_host::ignore_progress()).await;
-            (i, recorded, read, checks)
+            (i, recorded, read, checks, refreshing)
         })
     });
     let mut found = futures::stream::iter(reads).buffer_unordered(jobs.max(1));
     let mut updates = Vec::new();
     let mut gone = Vec::new();
-    while let Some((i, recorded, read, checks)) = found.next().await {
+    while let Some((i, recorded, read, checks, refreshing)) = found.next().await {
         match read {
             Ok(now) if now.outputs != recorded.outputs => updates.push((
                 i,
                 crate::plan::changed_keys(&recorded.outputs, &now.outputs),
+                refreshing.then_some(now.outputs),
             )),
             Ok(_) => {}
             Err(CallError::Failed { error, .. })
