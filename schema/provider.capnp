@@ -164,6 +164,12 @@ struct ResourceType {
   # crash is never left pending for a person to check; the next run simply does it again.
   # False (the default, what older providers say): every create, update and delete is
   # journaled before the call.
+  checksInputs @12 :Bool;
+  # True when `plan` checks the inputs of a create or update even for a type that does not
+  # declare `plansChanges`: the core then asks it for each while planning, and a `failure`
+  # (invalidInput, naming the input) is an error of the plan, as it would be of the apply.
+  # For such a type a `planned` answer only says the inputs fit. False (the default, what
+  # older providers say): the core asks only types that declare `plansChanges`.
 }
 
 struct InputSpec {

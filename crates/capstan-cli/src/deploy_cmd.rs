@@ -448,9 +448,9 @@ async fn plan_inner(
     let (mut session, _) = open(&args, &view, None, sink, Mode::Plan, &stop).await?;
     let providers = start(&mut session, &options, &stop).await?;
     // What providers that plan their own changes (Terraform's) say each change will make.
-    let warnings = session.plan_with_providers(&providers, options.jobs).await;
+    let checks = session.plan_with_providers(&providers, options.jobs).await;
     providers.shutdown().await;
-    for warning in warnings {
+    for warning in checks.warnings {
         say!("warning: {warning}");
     }
     if let Some(code) = stop.exit_code() {
@@ -458,6 +458,15 @@ async fn plan_inner(
     }
     let changed = session.changes_anything();
     session.show_plan();
+    // What a provider refuses now, an apply would fail on: the plan fails (exit 1), as
+    // Terraform's does, naming each resource and what is wrong.
+    if !checks.errors.is_empty() {
+        return Err(CliError::Failed(format!(
+            "the plan cannot be applied: its providers refuse {} change(s):\n  {}",
+            checks.errors.len(),
+            checks.errors.join("\n  ")
+        )));
+    }
     // A closed output turns success into 141 (`finished` waits for what was written).
     match stop.finished(true) {
         code if code == ExitCode::SUCCESS => Ok(changed),

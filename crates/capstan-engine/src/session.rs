@@ -473,7 +473,11 @@ impl Session {
 
     /// Asks providers that plan their own changes (Terraform's) what each change will make
     /// (for a plan; changes nothing). Returns what could not be planned, as warnings.
-    pub async fn plan_with_providers(&mut self, providers: &Providers, jobs: usize) -> Vec<String> {
+    pub async fn plan_with_providers(
+        &mut self,
+        providers: &Providers,
+        jobs: usize,
+    ) -> run::ProviderChecks {
         run::plan_with_providers(
             &mut self.changes,
             &self.deployment,

@@ -63,6 +63,9 @@ impl ResourceType {
     pub fn new(name: impl Into<String>) -> Self {
         ResourceType(ResourceTypeInfo {
             name: name.into(),
+            // The SDK checks any create's or update's inputs when the core plans: it reads
+            // them into the type's `Inputs`, as the operation would.
+            checks_inputs: true,
             ..Default::default()
         })
     }
@@ -539,6 +542,14 @@ impl<R: Resource> ErasedResource for Erased<R> {
                 }),
             };
             let inputs = decode_for(name, address, "inputs", &inputs)?;
+            if !self.info.plans_changes {
+                // Asked only to check the inputs (`checksInputs`): they fit.
+                return Ok(capstan_schema::ProviderPlan {
+                    outputs: "{}".into(),
+                    unknown: Vec::new(),
+                    replace: Vec::new(),
+                });
+            }
             let planned = self.resource.plan(prior, inputs).await?;
             Ok(capstan_schema::ProviderPlan {
                 outputs: planned.outputs.to_string(),

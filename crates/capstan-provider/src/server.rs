@@ -257,7 +257,7 @@ impl ProviderServer {
                     self.info.name, request.resource_type
                 ))
             })?;
-        if !resource.info().plans_changes {
+        if !resource.info().plans_changes && !resource.info().checks_inputs {
             return Err(OperationError::permanent(format!(
                 "provider `{}` does not plan `{}` changes (it does not declare plansChanges)",
                 self.info.name, request.resource_type

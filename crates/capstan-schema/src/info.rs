@@ -50,6 +50,9 @@ pub struct ResourceTypeInfo {
     /// Operations change nothing outside the state (a data source): no intent is journaled.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+    /// Its `plan` checks a create's or update's inputs (even without `plans_changes`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checks_inputs: bool,
 }
 
 /// One input of a resource type.
@@ -119,6 +122,7 @@ impl ProviderInfo {
                 read_checks: t.get_read_checks(),
                 plans_changes: t.get_plans_changes(),
                 read_only: t.get_read_only(),
+                checks_inputs: t.get_checks_inputs(),
                 uses_scheduler: t.get_uses_scheduler(),
             });
         }
@@ -153,6 +157,7 @@ impl ProviderInfo {
             tb.set_read_checks(t.read_checks);
             tb.set_plans_changes(t.plans_changes);
             tb.set_read_only(t.read_only);
+            tb.set_checks_inputs(t.checks_inputs);
             tb.set_uses_scheduler(t.uses_scheduler);
             let mut inputs = tb.reborrow().init_inputs(t.inputs.len() as u32);
             for (k, i) in t.inputs.iter().enumerate() {
@@ -223,6 +228,7 @@ mod tests {
                 read_checks: true,
                 plans_changes: true,
                 read_only: true,
+                checks_inputs: true,
                 uses_scheduler: true,
             }],
         };

@@ -1115,3 +1115,33 @@ fn a_fatal_error_ends_the_json_stream_too() {
         "{events:?}"
     );
 }
+
+/// An input of the wrong type is found by `plan`, not first by `apply`: the provider checks
+/// the inputs of every create and update while planning (exit 1, resource and input named).
+#[test]
+fn a_plan_finds_an_input_of_the_wrong_type() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        json!({"providers": {"local": {"builtin": "local"}},
+               "resources": {
+                   "fine": {"provider": "local", "type": "memo", "inputs": {"value": 1}},
+                   "greeting": {"provider": "local", "type": "file",
+                                "inputs": {"path": "hello.txt", "content": 42}}}})
+        .to_string(),
+    )
+    .unwrap();
+    let out = Command::new(capstan_bin())
+        .arg("plan")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("file `greeting`: input `content` is invalid"),
+        "{said}"
+    );
+    assert!(!said.contains("fine"), "{said}");
+    assert!(!dir.path().join(".capstan").exists(), "plan wrote nothing");
+}

@@ -947,3 +947,37 @@ fn a_refresh_that_finds_drift_updates_from_what_it_found() {
     let plan = capstan(dir, &["plan", "--refresh", "--detailed-exitcode"]);
     assert_eq!(plan.status.code(), Some(0), "{}", shown(&plan));
 }
+
+/// What the provider refuses while planning, the apply would fail on: `plan` fails (exit 1),
+/// naming the resource and the attribute, as Terraform's plan does.
+#[test]
+fn a_plan_fails_on_what_the_provider_refuses() {
+    let Some(work) = fixture_work() else {
+        return;
+    };
+    let (dir, root) = (&work.dir, &work.root);
+    std::fs::write(
+        dir.join("capstan.json"),
+        json!({
+            "providers": {"fx": {"executable": work.binary, "protocol": "terraform",
+                                 "config": {"root": root}}},
+            "resources": {"out": {"provider": "fx", "type": "capstanfixture_file",
+                                  "inputs": {"path": "../outside.txt", "content": "x"}}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let plan = capstan(dir, &["plan"]);
+    assert_eq!(plan.status.code(), Some(1), "{}", shown(&plan));
+    let said = shown(&plan);
+    assert!(said.contains("refuse 1 change"), "{said}");
+    assert!(said.contains("out: "), "names the resource: {said}");
+    assert!(said.contains("path"), "names the attribute: {said}");
+    let plan = capstan(dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(
+        plan.status.code(),
+        Some(1),
+        "not 2 (changes): {}",
+        shown(&plan)
+    );
+}

@@ -42,7 +42,7 @@ use outputs::*;
 use providers::*;
 
 pub(crate) use outputs::note_sensitive;
-pub use plan_reads::{plan_with_providers, read_on_plan, PlanReads};
+pub use plan_reads::{plan_with_providers, read_on_plan, PlanReads, ProviderChecks};
 pub use providers::{config_late, providers_needed, v0_types, ProviderLauncher, Providers, Served};
 
 use crate::state::{

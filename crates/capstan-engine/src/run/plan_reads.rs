@@ -17,17 +17,26 @@ pub struct PlanReads {
     pub refreshed: Vec<(String, capstan_schema::Json)>,
 }
 
+/// What providers said of the plan: what they refuse (the apply would fail on it: a `plan`
+/// fails), and what they could not plan (the change is shown without their plan).
+#[derive(Debug, Default)]
+pub struct ProviderChecks {
+    /// Each as "ADDRESS: what is wrong" (the provider's message names the input).
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
 /// Asks the providers of types that declare `plansChanges` what each create and update whose
 /// inputs are known now will make (for `capstan plan`): the planned outputs, which are known
-/// only after the run, and whether an update replaces the resource. Changes nothing. Returns
-/// what could not be planned, as warnings (the change is shown without the provider's plan).
+/// only after the run, and whether an update replaces the resource; and those that declare
+/// `checksInputs` whether the inputs fit. Changes nothing.
 pub async fn plan_with_providers(
     changes: &mut [PlannedChange],
     deployment: &Deployment,
     state: &State,
     providers: &Providers,
     jobs: usize,
-) -> Vec<String> {
+) -> ProviderChecks {
     let lookup = |target: &str, output: &str| {
         state
             .resources
@@ -45,9 +54,10 @@ pub async fn plan_with_providers(
         }
         let connection = providers.connections.get(&change.provider)?;
         let info = connection.info().resource_type(&change.resource_type)?;
-        if !info.plans_changes {
+        if !info.plans_changes && !info.checks_inputs {
             return None;
         }
+        let plans = info.plans_changes;
         let (_, decl) = deployment.resources.get_index(change.declared?)?;
         let inputs = decl.resolve(&lookup)?;
         let recorded = state
@@ -72,14 +82,36 @@ pub async fn plan_with_providers(
             .map(|o| o.name.clone())
             .collect();
         let connection = connection.clone();
-        Some(async move { (i, connection.plan(&call).await, sensitive) })
+        Some(async move { (i, connection.plan(&call).await, sensitive, plans) })
     });
     let asks: Vec<_> = asks.collect();
     let mut answers = futures::stream::iter(asks).buffer_unordered(jobs.max(1));
-    let mut warnings = Vec::new();
-    while let Some((i, answer, sensitive)) = answers.next().await {
+    let mut checks = ProviderChecks::default();
+    let warnings = &mut checks.warnings;
+    let mut errors = Vec::new();
+    while let Some((i, answer, sensitive, plans)) = answers.next().await {
         let change = &mut changes[i];
         match answer {
+            // Asked only whether the inputs fit: they do.
+            Ok(Some(_)) if !plans => {}
+            // Refused: the apply would fail the same way.
+            Err(CallError::Failed { error, .. })
+                if matches!(
+                    error.kind,
+                    capstan_schema::ErrorKind::InvalidInput | capstan_schema::ErrorKind::Permanent
+                ) =>
+            {
+                // Named once: the provider's message may name it already.
+                let mut said = if error.message.contains(&format!("`{}`", change.address)) {
+                    error.message.clone()
+                } else {
+                    format!("{}: {}", change.address, error.message)
+                };
+                if !error.details.trim().is_empty() {
+                    said.push_str(&format!(" ({})", error.details.trim()));
+                }
+                errors.push(said);
+            }
             Ok(Some(plan)) => {
                 let mut outputs = match serde_json::from_str::<serde_json::Value>(&plan.outputs) {
                     Ok(outputs @ serde_json::Value::Object(_)) => outputs,
@@ -111,7 +143,9 @@ pub async fn plan_with_providers(
             )),
         }
     }
-    warnings
+    errors.sort();
+    checks.errors = errors;
+    checks
 }
 
 /// Reads recorded resources while planning, and plans what it finds: an update when the
