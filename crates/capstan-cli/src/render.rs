@@ -218,21 +218,28 @@ impl HumanEvents {
                 address,
                 what,
                 waits_for,
+                may_delete,
             } => {
                 let what = match what {
                     capstan_engine::nix::DeferredKind::Resource => "its inputs use",
                     capstan_engine::nix::DeferredKind::Nested => "its members depend on",
                     capstan_engine::nix::DeferredKind::Member => "its declaration uses",
                 };
+                let outputs = waits_for
+                    .iter()
+                    .map(|w| format!("`{w}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 put!(
-                    "  {} {address}  (deferred: {what} outputs of {}; evaluated again once they exist)",
+                    "  {} {address}  (deferred: {what} outputs of {outputs}; evaluated again once they exist)",
                     self.paint(style::CYAN, "…"),
-                    waits_for
-                        .iter()
-                        .map(|w| format!("`{w}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
                 );
+                for member in may_delete {
+                    put!(
+                        "  {} {member}  (may be deleted: depends on the new outputs of {outputs})",
+                        self.paint(style::RED, "?"),
+                    );
+                }
             }
             Event::ProviderLog { provider, line, .. } => {
                 put!(

@@ -144,6 +144,11 @@ pub enum Event {
         what: DeferredKind,
         /// The resources whose outputs it used before they existed.
         waits_for: Vec<String>,
+        /// For a nested deployment (or a member whose declaration waits): its recorded
+        /// members, which the apply deletes if the evaluation with the new outputs no longer
+        /// yields them (whether it will is known only then).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        may_delete: Vec<String>,
     },
     /// A line a provider process wrote outside any operation.
     ProviderLog {

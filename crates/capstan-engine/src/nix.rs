@@ -45,6 +45,21 @@ pub struct Deferred {
 }
 
 impl Deferred {
+    /// The recorded resources the apply may delete once this item is evaluated with the new
+    /// outputs: a nested deployment's (or a waiting member's) recorded members, which that
+    /// evaluation may no longer yield. A deferred resource is declared: never deleted.
+    pub fn may_delete(&self, state: &crate::state::State) -> Vec<String> {
+        if self.kind == DeferredKind::Resource {
+            return Vec::new();
+        }
+        state
+            .resources
+            .keys()
+            .filter(|a| self.covers(a) && a.as_str() != self.address)
+            .cloned()
+            .collect()
+    }
+
     /// Whether a recorded resource at `address` belongs to this deferred item, so that it is
     /// kept (not deleted as no longer declared) until the item is evaluated.
     pub fn covers(&self, address: &str) -> bool {

@@ -465,6 +465,7 @@ impl Session {
                 address: d.address.clone(),
                 what: d.kind,
                 waits_for: d.waits_for.clone(),
+                may_delete: d.may_delete(&self.state),
             });
         }
         // The sinks here do not keep events, so the plan comes back without a copy.

@@ -119,7 +119,31 @@ fn the_seed_expression_applies_and_unapplies() {
     let again = capstan(dir, &["plan", "--params", "on.json", "--detailed-exitcode"]);
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
 
-    // `f` false: the next apply deletes `vm` (and what was nested under it), leaf first.
+    // `f` false: the plan cannot know yet (it depends on `config`'s new outputs), but it
+    // names every member the apply may delete.
+    let plan = capstan(dir, &["plan", "--params", "off.json"]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let shown = String::from_utf8_lossy(&plan.stdout);
+    for member in ["machines.vm", "machines.deeper.leaf"] {
+        assert!(
+            shown.contains(&format!(
+                "? {member}  (may be deleted: depends on the new outputs of `config`)"
+            )),
+            "{member} not named:\n{shown}"
+        );
+    }
+    let plan = capstan(dir, &["plan", "--params", "off.json", "--json"]);
+    let deferred = of_type(&events(&plan.stdout), "deferred")
+        .into_iter()
+        .find(|e| e["address"] == "machines")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        deferred["may_delete"],
+        serde_json::json!(["machines.deeper.leaf", "machines.vm"]),
+        "{deferred}"
+    );
+    // The next apply deletes `vm` (and what was nested under it), leaf first.
     let off = capstan(dir, &["apply", "--params", "off.json", "--json"]);
     assert!(off.status.success(), "{}", stderr(&off));
     assert!(!dir.join("out/vm.txt").exists());

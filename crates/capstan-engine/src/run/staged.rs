@@ -185,6 +185,7 @@ impl<'a> Driver<'a> {
                 address: d.address.clone(),
                 what: d.kind,
                 waits_for: d.waits_for.clone(),
+                may_delete: d.may_delete(self.state),
             });
         }
         if let Some(stages) = self.staging.stages.as_mut() {
