@@ -119,6 +119,10 @@ struct ProviderInfo {
   maxConcurrency @6 :UInt32;
   # How many operations the provider is willing to run at once; 0 means no limit of its own.
   # The core never sends more concurrent operations than this.
+  priorInputsOnce @7 :Bool;
+  # True when the provider reads a read's or a delete's inputs from `previousInputs` alone:
+  # the core then leaves `inputs` empty for them, so a large resource crosses the connection
+  # once less. False (the default, what older providers say): `inputs` repeats them.
 }
 
 struct ResourceType {

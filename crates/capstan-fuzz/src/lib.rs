@@ -283,6 +283,7 @@ pub fn wire_seeds() -> Vec<Vec<u8>> {
         max_protocol: 1,
         protocol: 1,
         max_concurrency: 4,
+        prior_inputs_once: false,
         resource_types: vec![capstan_schema::ResourceTypeInfo {
             name: "file".into(),
             description: "a file".into(),

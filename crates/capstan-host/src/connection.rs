@@ -390,8 +390,14 @@ impl ProviderConnection {
         // A request over the provider's limit would close the connection (and every other
         // operation on it) without reaching the provider: refuse it here, known not sent.
         let len = |json: &Option<Json>| json.as_ref().map_or(0, |j| j.text().len() as u64);
-        let bytes = call.inputs.text().len() as u64
-            + len(&call.previous_inputs)
+        let inputs_sent = !(self.info.prior_inputs_once
+            && matches!(call.kind, OperationKind::Read | OperationKind::Delete)
+            && call.previous_inputs.is_some());
+        let bytes = if inputs_sent {
+            call.inputs.text().len() as u64
+        } else {
+            0
+        } + len(&call.previous_inputs)
             + len(&call.previous_outputs)
             + 4096;
         let limit = self.options.max_message_words as u64 * 8;
@@ -410,7 +416,12 @@ impl ProviderConnection {
             macro_rules! send {
                 ($request:ident) => {{
                     let mut request = self.client.$request();
-                    fill_request(request.get().init_request(), &call, sink);
+                    fill_request(
+                        request.get().init_request(),
+                        &call,
+                        sink,
+                        self.info.prior_inputs_once,
+                    );
                     let response = request.send().promise.await?;
                     read_result(response.get()?.get_result()?)
                 }};
@@ -484,6 +495,7 @@ impl ProviderConnection {
             capnp_rpc::new_client(SinkServer {
                 observer: crate::sink::ignore_progress(),
             }),
+            self.info.prior_inputs_once,
         );
         let send = async {
             let response = request.send().promise.await?;
@@ -618,10 +630,18 @@ fn fill_request(
     mut builder: operation_request::Builder<'_>,
     call: &OperationCall,
     sink: capstan_schema::progress_capnp::progress_sink::Client,
+    prior_inputs_once: bool,
 ) {
     builder.set_resource_type(&call.resource_type[..]);
     builder.set_address(&call.address[..]);
-    builder.set_inputs(call.inputs.text());
+    // A read's or delete's inputs are its previous ones: sent once, to a provider that says
+    // it reads them there.
+    let once = prior_inputs_once
+        && matches!(call.kind, OperationKind::Read | OperationKind::Delete)
+        && call.previous_inputs.is_some();
+    if !once {
+        builder.set_inputs(call.inputs.text());
+    }
     if let Some(previous) = &call.previous_inputs {
         builder.set_previous_inputs(previous.text());
     }

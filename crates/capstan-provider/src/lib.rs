@@ -111,6 +111,8 @@ impl Provider {
                 max_protocol: capstan_schema::PROTOCOL_VERSION,
                 resource_types: Vec::new(),
                 max_concurrency: 0,
+                // `build_call` takes a read's or delete's inputs from `previousInputs`.
+                prior_inputs_once: true,
             },
             resources: HashMap::new(),
             cancel_grace: Duration::from_secs(5),

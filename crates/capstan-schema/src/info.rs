@@ -17,6 +17,10 @@ pub struct ProviderInfo {
     pub resource_types: Vec<ResourceTypeInfo>,
     /// 0 means the provider sets no limit of its own.
     pub max_concurrency: u32,
+    /// It reads a read's or delete's inputs from `previousInputs` alone (`inputs` is then
+    /// left empty for them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prior_inputs_once: bool,
 }
 
 /// One resource type a provider serves.
@@ -134,6 +138,7 @@ impl ProviderInfo {
             max_protocol: reader.get_max_protocol(),
             resource_types,
             max_concurrency: reader.get_max_concurrency(),
+            prior_inputs_once: reader.get_prior_inputs_once(),
         })
     }
 
@@ -145,6 +150,7 @@ impl ProviderInfo {
         builder.set_min_protocol(self.min_protocol);
         builder.set_max_protocol(self.max_protocol);
         builder.set_max_concurrency(self.max_concurrency);
+        builder.set_prior_inputs_once(self.prior_inputs_once);
         let mut types = builder.init_resource_types(self.resource_types.len() as u32);
         for (n, t) in self.resource_types.iter().enumerate() {
             let mut tb = types.reborrow().get(n as u32);
@@ -206,6 +212,7 @@ mod tests {
             min_protocol: 1,
             max_protocol: 1,
             max_concurrency: 4,
+            prior_inputs_once: true,
             resource_types: vec![ResourceTypeInfo {
                 name: "file".into(),
                 description: "a file".into(),

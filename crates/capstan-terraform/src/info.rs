@@ -101,6 +101,7 @@ pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> Pr
         max_protocol: 0,
         protocol: 0,
         max_concurrency: 0,
+        prior_inputs_once: false,
         resource_types: types,
     }
 }

@@ -87,3 +87,47 @@ fn an_input_over_the_limit_is_never_sent_and_a_provider_may_raise_its_limit() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A large file resource crosses the connection as few times as it can: a delete or a
+/// refresh sends its recorded inputs once (not again as `inputs`), so 20 MB of content fits
+/// a 48 MiB limit on the way out as it did on the way in (three copies would not).
+#[test]
+fn a_large_resource_is_read_and_deleted_within_the_limit_it_was_made_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = "x".repeat(20 * 1024 * 1024);
+    let deployment = serde_json::json!({
+        "providers": {"local": {"builtin": "local"}},
+        "resources": {"big": {"provider": "local", "type": "file",
+                              "inputs": {"path": "big.txt", "content": content}}}
+    });
+    let limit = ["--max-message-mib", "48"];
+    let made = apply(dir.path(), deployment, &limit);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let refreshed = Command::new(capstan_bin())
+        .args(["apply", "--refresh"])
+        .args(limit)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        refreshed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&refreshed.stderr)
+    );
+    let destroyed = Command::new(capstan_bin())
+        .args(["destroy", "--yes"])
+        .args(limit)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        destroyed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&destroyed.stderr)
+    );
+    assert!(!dir.path().join("big.txt").exists());
+}
