@@ -493,11 +493,7 @@ impl DirectoryBackend {
             None
         } else {
             let path = self.dir.join(format!("journal.damaged-{}", now_unix()));
-            let mut file = private_file()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(io(&path))?;
+            let mut file = open_owned(private_file().write(true).create_new(true), &path)?;
             file.write_all(&damaged)
                 .and_then(|()| file.sync_all())
                 .map_err(io(&path))?;
