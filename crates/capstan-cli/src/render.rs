@@ -174,6 +174,45 @@ impl HumanEvents {
                     self.paint(style::YELLOW, "↷")
                 );
             }
+            event @ (Event::EvaluationStart { .. }
+            | Event::EvaluationComplete { .. }
+            | Event::EvaluationFailed { .. }
+            | Event::Deferred { .. }
+            | Event::EvaluationLog { .. }) => self.evaluation_lines(event, live, &mut out),
+            Event::ProviderLog { provider, line, .. } => {
+                put!(
+                    "  {} {line}",
+                    self.paint(style::DIM, &format!("provider {provider}:"))
+                );
+            }
+            // The signal that stopped the run already said so, once (`stop.rs`); the JSON
+            // stream carries the event.
+            Event::Interrupted { .. } => {}
+            // Only the JSON stream carries it: the error itself is printed once, on stderr.
+            Event::Error { .. } => {}
+            Event::Summary {
+                counts,
+                elapsed_seconds,
+            } => {
+                put!(
+                    "{}: {} created, {} updated, {}{} deleted, {} unchanged, {} failed, {} skipped{} in {elapsed_seconds:.2}s.",
+                    if counts.succeeded() { "Done" } else { "Finished with problems" },
+                    counts.created, counts.updated,
+                    if counts.replaced > 0 { format!("{} replaced, ", counts.replaced) } else { String::new() },
+                    counts.deleted, counts.unchanged, counts.failed, counts.skipped,
+                    if counts.interrupted > 0 { format!(", {} interrupted", counts.interrupted) } else { String::new() },
+                );
+            }
+        }
+        out
+    }
+
+    /// The lines of a Nix evaluation's events: its stages, what it deferred, its own lines.
+    fn evaluation_lines(&self, event: Event, live: bool, out: &mut Vec<String>) {
+        macro_rules! put {
+            ($($arg:tt)*) => { out.push(format!($($arg)*)) };
+        }
+        match event {
             Event::EvaluationStart { .. } if live => {}
             Event::EvaluationStart { file, stage } => {
                 put!(
@@ -241,35 +280,11 @@ impl HumanEvents {
                     );
                 }
             }
-            Event::ProviderLog { provider, line, .. } => {
-                put!(
-                    "  {} {line}",
-                    self.paint(style::DIM, &format!("provider {provider}:"))
-                );
-            }
             Event::EvaluationLog { file, line } => {
                 put!("  {} {line}", self.paint(style::DIM, &format!("{file}:")));
             }
-            // The signal that stopped the run already said so, once (`stop.rs`); the JSON
-            // stream carries the event.
-            Event::Interrupted { .. } => {}
-            // Only the JSON stream carries it: the error itself is printed once, on stderr.
-            Event::Error { .. } => {}
-            Event::Summary {
-                counts,
-                elapsed_seconds,
-            } => {
-                put!(
-                    "{}: {} created, {} updated, {}{} deleted, {} unchanged, {} failed, {} skipped{} in {elapsed_seconds:.2}s.",
-                    if counts.succeeded() { "Done" } else { "Finished with problems" },
-                    counts.created, counts.updated,
-                    if counts.replaced > 0 { format!("{} replaced, ", counts.replaced) } else { String::new() },
-                    counts.deleted, counts.unchanged, counts.failed, counts.skipped,
-                    if counts.interrupted > 0 { format!(", {} interrupted", counts.interrupted) } else { String::new() },
-                );
-            }
+            _ => {}
         }
-        out
     }
 
     /// The plan: counts, then a line per change (unchanged ones with -v).

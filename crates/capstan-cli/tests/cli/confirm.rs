@@ -164,22 +164,10 @@ fn the_live_view_on_a_terminal_loses_no_line() {
         .stderr(Stdio::from(slave))
         .spawn()
         .unwrap();
-    let mut reader = master.try_clone().unwrap();
-    let collector = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let mut buffer = [0u8; 65536];
-        // Ends with EIO once capstan (the only holder of the terminal's other side) exits.
-        while let Ok(n) = reader.read(&mut buffer) {
-            if n == 0 {
-                break;
-            }
-            all.extend_from_slice(&buffer[..n]);
-        }
-        String::from_utf8_lossy(&all).into_owned()
-    });
+    let collector = everything_shown(&master);
     assert!(child.wait().unwrap().success());
     let _ = master.flush();
-    let seen = collector.join().unwrap();
+    let seen = String::from_utf8_lossy(&collector.join().unwrap()).into_owned();
     let mut last = 0;
     for i in 0..300 {
         let line = format!("m{i:03}: created");
@@ -192,6 +180,23 @@ fn the_live_view_on_a_terminal_loses_no_line() {
         seen.rfind("Done: 300 created").unwrap() > last,
         "the summary comes last"
     );
+}
+
+/// Everything the terminal shows, read from its `master` side until the other side is
+/// closed (capstan, its only holder, exited: the read ends with EIO).
+fn everything_shown(master: &std::fs::File) -> std::thread::JoinHandle<Vec<u8>> {
+    let mut reader = master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buffer = [0u8; 65536];
+        while let Ok(n) = reader.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buffer[..n]);
+        }
+        all
+    })
 }
 
 /// A pseudo-terminal of `rows` × `cols`, as a terminal emulator would make it.
@@ -238,18 +243,7 @@ fn the_live_view_draws_what_runs_and_leaves_the_screen_as_a_log() {
         .stderr(Stdio::from(slave))
         .spawn()
         .unwrap();
-    let mut reader = master.try_clone().unwrap();
-    let collector = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let mut buffer = [0u8; 65536];
-        while let Ok(n) = reader.read(&mut buffer) {
-            if n == 0 {
-                break;
-            }
-            all.extend_from_slice(&buffer[..n]);
-        }
-        all
-    });
+    let collector = everything_shown(&master);
     let watchdog = crate::support::Watchdog::new(&child, "apply on a terminal");
     let status = child.wait().unwrap();
     watchdog.finish();

@@ -128,6 +128,19 @@ struct FixtureWork {
     root: std::path::PathBuf,
 }
 
+impl FixtureWork {
+    /// Writes a deployment of `resources` with the fixture as provider `fx`, its root the
+    /// work's file directory.
+    fn deploy(&self, resources: Value) {
+        let deployment = json!({
+            "providers": {"fx": {"executable": self.binary, "protocol": "terraform",
+                                 "config": {"root": self.root}}},
+            "resources": resources
+        });
+        std::fs::write(self.dir.join("capstan.json"), deployment.to_string()).unwrap();
+    }
+}
+
 fn fixture_work() -> Option<FixtureWork> {
     let work = tempfile::tempdir().unwrap();
     let binary = fixture_in(work.path())?;
@@ -917,17 +930,10 @@ fn a_refresh_that_finds_drift_updates_from_what_it_found() {
         return;
     };
     let (dir, root) = (&work.dir, &work.root);
-    std::fs::write(
-        dir.join("capstan.json"),
-        json!({
-            "providers": {"fx": {"executable": work.binary, "protocol": "terraform",
-                                 "config": {"root": root}}},
-            "resources": {"f": {"provider": "fx", "type": "capstanfixture_file",
-                                "inputs": {"path": "a.txt", "content": "hello"}}}
-        })
-        .to_string(),
-    )
-    .unwrap();
+    work.deploy(
+        json!({"f": {"provider": "fx", "type": "capstanfixture_file",
+                             "inputs": {"path": "a.txt", "content": "hello"}}}),
+    );
     let apply = capstan(dir, &["apply"]);
     assert!(apply.status.success(), "{}", shown(&apply));
     // Changed behind Capstan's back: its size (computed) is not what is recorded.
@@ -955,18 +961,11 @@ fn a_plan_fails_on_what_the_provider_refuses() {
     let Some(work) = fixture_work() else {
         return;
     };
-    let (dir, root) = (&work.dir, &work.root);
-    std::fs::write(
-        dir.join("capstan.json"),
-        json!({
-            "providers": {"fx": {"executable": work.binary, "protocol": "terraform",
-                                 "config": {"root": root}}},
-            "resources": {"out": {"provider": "fx", "type": "capstanfixture_file",
-                                  "inputs": {"path": "../outside.txt", "content": "x"}}}
-        })
-        .to_string(),
-    )
-    .unwrap();
+    let dir = &work.dir;
+    work.deploy(
+        json!({"out": {"provider": "fx", "type": "capstanfixture_file",
+                               "inputs": {"path": "../outside.txt", "content": "x"}}}),
+    );
     let plan = capstan(dir, &["plan"]);
     assert_eq!(plan.status.code(), Some(1), "{}", shown(&plan));
     let said = shown(&plan);
