@@ -334,4 +334,8 @@ enum ErrorKind {
   notFound @5;
   # From `read` only: the resource does not exist (deleted behind the core's back, or never
   # made by an interrupted create).
+  settings @6;
+  # The provider's own settings are wrong, not this operation's inputs (a Terraform provider
+  # block the provider refuses): the core reports it once, for the provider. An older core
+  # reads it as `permanent`.
 }

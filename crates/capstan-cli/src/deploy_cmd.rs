@@ -462,7 +462,7 @@ async fn plan_inner(
     // Terraform's does, naming each resource and what is wrong.
     if !checks.errors.is_empty() {
         return Err(CliError::Failed(format!(
-            "the plan cannot be applied: its providers refuse {} change(s):\n  {}",
+            "the plan cannot be applied: its providers found {} problem(s):\n  {}",
             checks.errors.len(),
             checks.errors.join("\n  ")
         )));

@@ -60,6 +60,8 @@ impl From<capstan_schema::ErrorKind> for FailureKind {
             K::Internal => FailureKind::Internal,
             // Only a read may say so; from any other operation it is a plain failure.
             K::NotFound => FailureKind::Permanent,
+            // The deployment's provider settings must change.
+            K::Settings => FailureKind::InvalidInput,
         }
     }
 }

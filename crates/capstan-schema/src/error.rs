@@ -17,6 +17,8 @@ pub enum ErrorKind {
     Internal,
     /// From `read` only: the resource does not exist.
     NotFound,
+    /// The provider's own settings are wrong, not the operation's inputs.
+    Settings,
 }
 
 impl ErrorKind {
@@ -29,6 +31,7 @@ impl ErrorKind {
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Internal => "internal",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::Settings => "settings",
         }
     }
 
@@ -42,6 +45,7 @@ impl ErrorKind {
             Ok(W::Cancelled) => ErrorKind::Cancelled,
             Ok(W::Internal) => ErrorKind::Internal,
             Ok(W::NotFound) => ErrorKind::NotFound,
+            Ok(W::Settings) => ErrorKind::Settings,
         }
     }
 
@@ -55,6 +59,7 @@ impl ErrorKind {
             ErrorKind::Cancelled => W::Cancelled,
             ErrorKind::Internal => W::Internal,
             ErrorKind::NotFound => W::NotFound,
+            ErrorKind::Settings => W::Settings,
         }
     }
 }

@@ -73,7 +73,11 @@ impl Shared {
                 Ok::<_, TerraformError>(())
             })
             .await
-            .map_err(|e| self.failure(e))?;
+            // The provider block is wrong, not this operation's inputs.
+            .map_err(|e| OperationError {
+                kind: capstan_schema::ErrorKind::Settings,
+                ..self.failure(e)
+            })?;
         let plugin = &self.plugin;
         if self.next_op.get() == 0 {
             // Once: a provider that dies takes the bridge with it (see the module's notes).

@@ -969,7 +969,7 @@ fn a_plan_fails_on_what_the_provider_refuses() {
     let plan = capstan(dir, &["plan"]);
     assert_eq!(plan.status.code(), Some(1), "{}", shown(&plan));
     let said = shown(&plan);
-    assert!(said.contains("refuse 1 change"), "{said}");
+    assert!(said.contains("found 1 problem"), "{said}");
     assert!(said.contains("out: "), "names the resource: {said}");
     assert!(said.contains("path"), "names the attribute: {said}");
     let plan = capstan(dir, &["plan", "--detailed-exitcode"]);
@@ -978,5 +978,40 @@ fn a_plan_fails_on_what_the_provider_refuses() {
         Some(1),
         "not 2 (changes): {}",
         shown(&plan)
+    );
+}
+
+/// A provider block the Terraform provider refuses is said once, for the provider, not as a
+/// failure of each resource that uses it.
+#[test]
+fn a_plan_names_the_provider_whose_settings_are_refused() {
+    let Some(work) = fixture_work() else {
+        return;
+    };
+    let dir = &work.dir;
+    let file = |path: &str| {
+        json!({"provider": "fx", "type": "capstanfixture_file",
+                                   "inputs": {"path": path, "content": "x"}})
+    };
+    let deployment = json!({
+        "providers": {"fx": {"executable": work.binary, "protocol": "terraform",
+                             "config": {"root": "not/absolute"}}},
+        "resources": {"a": file("a.txt"), "b": file("b.txt")}
+    });
+    std::fs::write(dir.join("capstan.json"), deployment.to_string()).unwrap();
+    let plan = capstan(dir, &["plan"]);
+    assert_eq!(plan.status.code(), Some(1), "{}", shown(&plan));
+    let said = shown(&plan);
+    assert!(
+        said.contains("found 1 problem"),
+        "once, not per resource: {said}"
+    );
+    assert!(
+        said.contains("provider `fx`: its settings are refused") && said.contains("root"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("\n  a: ") && !said.contains("\n  b: "),
+        "{said}"
     );
 }

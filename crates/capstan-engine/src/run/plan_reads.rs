@@ -89,11 +89,20 @@ pub async fn plan_with_providers(
     let mut checks = ProviderChecks::default();
     let warnings = &mut checks.warnings;
     let mut errors = Vec::new();
+    // A provider's own settings refused: said once, for the provider.
+    let mut settings: BTreeMap<String, String> = BTreeMap::new();
     while let Some((i, answer, sensitive, plans)) = answers.next().await {
         let change = &mut changes[i];
         match answer {
             // Asked only whether the inputs fit: they do.
             Ok(Some(_)) if !plans => {}
+            Err(CallError::Failed { error, .. })
+                if error.kind == capstan_schema::ErrorKind::Settings =>
+            {
+                settings
+                    .entry(change.provider.clone())
+                    .or_insert_with(|| with_details(&error));
+            }
             // Refused: the apply would fail the same way.
             Err(CallError::Failed { error, .. })
                 if matches!(
@@ -102,15 +111,14 @@ pub async fn plan_with_providers(
                 ) =>
             {
                 // Named once: the provider's message may name it already.
-                let mut said = if error.message.contains(&format!("`{}`", change.address)) {
-                    error.message.clone()
-                } else {
-                    format!("{}: {}", change.address, error.message)
-                };
-                if !error.details.trim().is_empty() {
-                    said.push_str(&format!(" ({})", error.details.trim()));
-                }
-                errors.push(said);
+                let said = with_details(&error);
+                errors.push(
+                    if error.message.contains(&format!("`{}`", change.address)) {
+                        said
+                    } else {
+                        format!("{}: {said}", change.address)
+                    },
+                );
             }
             Ok(Some(plan)) => {
                 let mut outputs = match serde_json::from_str::<serde_json::Value>(&plan.outputs) {
@@ -144,8 +152,22 @@ pub async fn plan_with_providers(
         }
     }
     errors.sort();
-    checks.errors = errors;
+    checks.errors = settings
+        .into_iter()
+        .map(|(provider, said)| format!("provider `{provider}`: its settings are refused: {said}"))
+        .chain(errors)
+        .collect();
     checks
+}
+
+/// A provider's error as one line: its message, then its details (in parentheses, unless
+/// they are already).
+fn with_details(error: &OperationError) -> String {
+    match error.details.trim() {
+        "" => error.message.clone(),
+        d if d.starts_with('(') => format!("{} {d}", error.message),
+        d => format!("{} ({d})", error.message),
+    }
 }
 
 /// Reads recorded resources while planning, and plans what it finds: an update when the

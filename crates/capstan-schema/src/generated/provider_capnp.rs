@@ -10301,6 +10301,7 @@ pub enum ErrorKind {
     Cancelled = 3,
     Internal = 4,
     NotFound = 5,
+    Settings = 6,
 }
 
 impl ::capnp::introspect::Introspect for ErrorKind {
@@ -10319,6 +10320,7 @@ impl ::core::convert::TryFrom<u16> for ErrorKind {
             3 => ::core::result::Result::Ok(Self::Cancelled),
             4 => ::core::result::Result::Ok(Self::Internal),
             5 => ::core::result::Result::Ok(Self::NotFound),
+            6 => ::core::result::Result::Ok(Self::Settings),
             n => ::core::result::Result::Err(::capnp::NotInSchema(n)),
         }
     }
@@ -10331,7 +10333,7 @@ impl ::capnp::traits::HasTypeId for ErrorKind {
     const TYPE_ID: u64 = 0xbbad_6c88_1bac_7adfu64;
 }
 mod error_kind {
-pub(crate) static ENCODED_NODE: [::capnp::Word; 48] = [
+pub(crate) static ENCODED_NODE: [::capnp::Word; 53] = [
     ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
     ::capnp::word(223, 122, 172, 27, 136, 108, 173, 187),
     ::capnp::word(15, 0, 0, 0, 2, 0, 0, 0),
@@ -10341,7 +10343,7 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 48] = [
     ::capnp::word(21, 0, 0, 0, 202, 0, 0, 0),
     ::capnp::word(33, 0, 0, 0, 7, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(29, 0, 0, 0, 151, 0, 0, 0),
+    ::capnp::word(29, 0, 0, 0, 175, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(112, 114, 111, 118, 105, 100, 101, 114),
@@ -10349,24 +10351,27 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 48] = [
     ::capnp::word(114, 114, 111, 114, 75, 105, 110, 100),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 1, 0, 1, 0),
-    ::capnp::word(24, 0, 0, 0, 1, 0, 2, 0),
+    ::capnp::word(28, 0, 0, 0, 1, 0, 2, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(65, 0, 0, 0, 82, 0, 0, 0),
+    ::capnp::word(77, 0, 0, 0, 82, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(61, 0, 0, 0, 106, 0, 0, 0),
+    ::capnp::word(73, 0, 0, 0, 106, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(2, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(57, 0, 0, 0, 82, 0, 0, 0),
+    ::capnp::word(69, 0, 0, 0, 82, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(3, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(53, 0, 0, 0, 82, 0, 0, 0),
+    ::capnp::word(65, 0, 0, 0, 82, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(4, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(49, 0, 0, 0, 74, 0, 0, 0),
+    ::capnp::word(61, 0, 0, 0, 74, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(5, 0, 0, 0, 0, 0, 0, 0),
-    ::capnp::word(45, 0, 0, 0, 74, 0, 0, 0),
+    ::capnp::word(57, 0, 0, 0, 74, 0, 0, 0),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(6, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(53, 0, 0, 0, 74, 0, 0, 0),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(112, 101, 114, 109, 97, 110, 101, 110),
     ::capnp::word(116, 0, 0, 0, 0, 0, 0, 0),
@@ -10379,6 +10384,8 @@ pub(crate) static ENCODED_NODE: [::capnp::Word; 48] = [
     ::capnp::word(105, 110, 116, 101, 114, 110, 97, 108),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
     ::capnp::word(110, 111, 116, 70, 111, 117, 110, 100),
+    ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ::capnp::word(115, 101, 116, 116, 105, 110, 103, 115),
     ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
 ];
 pub(crate) fn get_annotation_types(child_index: Option<u16>, index: u32) -> ::capnp::introspect::Type {
