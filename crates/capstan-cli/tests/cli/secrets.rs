@@ -406,6 +406,16 @@ fn what_a_command_makes_of_a_secret_is_a_secret_too() {
     assert_eq!(shown_upper["outputs"]["exitCode"], 0, "{shown_upper}");
 }
 
+/// A child process killed (and reaped) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A second user for the isolation tests (made once, when the tests run as root); `None`
 /// when they cannot make one (not root: skipped, or failed in CI).
 fn other_user() -> Option<&'static str> {
@@ -448,14 +458,25 @@ fn a_socket_another_user_serves_is_refused_unless_the_deployment_names_them() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
     let socket = run.join("squatted.sock");
-    let mut service = Command::new("runuser")
-        .args(["-u", user, "--", "env"])
-        .arg(format!("CAPSTAN_PROVIDER_LISTEN={}", socket.display()))
-        .arg(testing_provider())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Started as that user directly (no `runuser` in between), so that killing it at the end
+    // kills the service itself and leaves nothing behind.
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id").args([flag, user]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    let _service = {
+        use std::os::unix::process::CommandExt;
+        let child = Command::new(testing_provider())
+            .env("CAPSTAN_PROVIDER_LISTEN", &socket)
+            .uid(id("-u"))
+            .gid(id("-g"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Killed however the test ends (a failed assertion too).
+        KillOnDrop(child)
+    };
     crate::support::wait_until("the other user's socket appears", || socket.exists());
     let deployment = |owner: Option<&str>| {
         let mut provider = json!({"socket": socket});
@@ -493,8 +514,6 @@ fn a_socket_another_user_serves_is_refused_unless_the_deployment_names_them() {
     // Named as the owner, it is trusted.
     std::fs::write(dir.path().join("capstan.json"), deployment(Some(user))).unwrap();
     let trusted = capstan(dir.path(), &["apply", "--params", "params.json"]);
-    let _ = service.kill();
-    let _ = service.wait();
     assert!(trusted.status.success(), "{}", shown(&trusted));
 
     // An owner that is no user is a mistake in the deployment, said as such.
