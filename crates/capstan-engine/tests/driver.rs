@@ -67,10 +67,15 @@ impl Resource for Hang {
         ResourceType::new("hang").optional("value", "")
     }
     async fn create(&self, _op: &Operation, _inputs: Value) -> Result<Value, OperationError> {
-        self.0.hanging.set(self.0.hanging.get() + 1);
-        self.0.started.notify_waiters();
-        std::future::pending().await
+        hang_forever(&self.0).await
     }
+}
+
+/// Counts the operation as hanging, says so, and never answers.
+async fn hang_forever(probe: &Probe) -> Result<Value, OperationError> {
+    probe.hanging.set(probe.hanging.get() + 1);
+    probe.started.notify_waiters();
+    std::future::pending().await
 }
 
 /// A lookup that never answers: a type that changes nothing outside the state (as a
@@ -85,9 +90,7 @@ impl Resource for Lookup {
             .read_only(true)
     }
     async fn create(&self, _op: &Operation, _inputs: Value) -> Result<Value, OperationError> {
-        self.0.hanging.set(self.0.hanging.get() + 1);
-        self.0.started.notify_waiters();
-        std::future::pending().await
+        hang_forever(&self.0).await
     }
 }
 

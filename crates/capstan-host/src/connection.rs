@@ -390,10 +390,7 @@ impl ProviderConnection {
         // A request over the provider's limit would close the connection (and every other
         // operation on it) without reaching the provider: refuse it here, known not sent.
         let len = |json: &Option<Json>| json.as_ref().map_or(0, |j| j.text().len() as u64);
-        let inputs_sent = !(self.info.prior_inputs_once
-            && matches!(call.kind, OperationKind::Read | OperationKind::Delete)
-            && call.previous_inputs.is_some());
-        let bytes = if inputs_sent {
+        let bytes = if sends_inputs(&call, self.info.prior_inputs_once) {
             call.inputs.text().len() as u64
         } else {
             0
@@ -626,6 +623,14 @@ fn to_tokio(stream: std::os::unix::net::UnixStream) -> std::io::Result<tokio::ne
     tokio::net::UnixStream::from_std(stream)
 }
 
+/// Whether `call` carries `inputs`: a read's or delete's inputs are its previous ones, sent
+/// once to a provider that says it reads them there (`priorInputsOnce`).
+fn sends_inputs(call: &OperationCall, prior_inputs_once: bool) -> bool {
+    !(prior_inputs_once
+        && matches!(call.kind, OperationKind::Read | OperationKind::Delete)
+        && call.previous_inputs.is_some())
+}
+
 fn fill_request(
     mut builder: operation_request::Builder<'_>,
     call: &OperationCall,
@@ -634,12 +639,7 @@ fn fill_request(
 ) {
     builder.set_resource_type(&call.resource_type[..]);
     builder.set_address(&call.address[..]);
-    // A read's or delete's inputs are its previous ones: sent once, to a provider that says
-    // it reads them there.
-    let once = prior_inputs_once
-        && matches!(call.kind, OperationKind::Read | OperationKind::Delete)
-        && call.previous_inputs.is_some();
-    if !once {
+    if sends_inputs(call, prior_inputs_once) {
         builder.set_inputs(call.inputs.text());
     }
     if let Some(previous) = &call.previous_inputs {
@@ -748,12 +748,12 @@ fn check_peer(
         socket: path.to_path_buf(),
         served_by: uid.map_or_else(
             || "a process whose user cannot be told".to_string(),
-            crate::error::user_description,
+            capstan_process::describe_user,
         ),
         expected: match (owner, capstan_process::own_uid()) {
-            (Some(uid), _) => crate::error::user_description(uid),
-            (None, 0) => crate::error::user_description(0),
-            (None, me) => format!("{} or root", crate::error::user_description(me)),
+            (Some(uid), _) => capstan_process::describe_user(uid),
+            (None, 0) => capstan_process::describe_user(0),
+            (None, me) => format!("{} or root", capstan_process::describe_user(me)),
         },
         owner_hint: uid.map_or_else(
             || "USER".to_string(),

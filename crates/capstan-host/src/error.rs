@@ -217,11 +217,3 @@ impl CallError {
         }
     }
 }
-
-/// "user `alice` (uid 1000)", or "uid 1000" for a uid with no name.
-pub(crate) fn user_description(uid: u32) -> String {
-    match capstan_process::user_name(uid) {
-        Some(name) => format!("user `{name}` (uid {uid})"),
-        None => format!("uid {uid}"),
-    }
-}

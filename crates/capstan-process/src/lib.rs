@@ -145,6 +145,15 @@ pub fn user_name(uid: u32) -> Option<String> {
     passwd_entries().find(|(_, u)| *u == uid).map(|(n, _)| n)
 }
 
+/// A user as a message names it: "user `alice` (uid 1000)", or "uid 1000" for one with no
+/// name.
+pub fn describe_user(uid: u32) -> String {
+    match user_name(uid) {
+        Some(name) => format!("user `{name}` (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
 /// `(name, uid)` of every well-formed line of `/etc/passwd`.
 fn passwd_entries() -> impl Iterator<Item = (String, u32)> {
     let text = std::fs::read_to_string("/etc/passwd").unwrap_or_default();

@@ -81,8 +81,8 @@ pub(crate) fn check_owned(meta: &std::fs::Metadata, path: &Path) -> Result<(), S
             path,
             format!(
                 "belongs to {}, not to you ({})",
-                user(meta.uid()),
-                user(capstan_process::own_uid())
+                capstan_process::describe_user(meta.uid()),
+                capstan_process::describe_user(capstan_process::own_uid())
             ),
         ))
     }
@@ -101,14 +101,6 @@ pub(crate) fn untrusted(path: &Path, why: String) -> StateError {
     StateError::Untrusted {
         path: path.to_path_buf(),
         why,
-    }
-}
-
-/// "user `alice` (uid 1000)", or "uid 1000" for a uid with no name.
-pub(crate) fn user(uid: u32) -> String {
-    match capstan_process::user_name(uid) {
-        Some(name) => format!("user `{name}` (uid {uid})"),
-        None => format!("uid {uid}"),
     }
 }
 
