@@ -195,6 +195,11 @@ struct OutputSpec {
   # shown even when the operation's inputs hold a secret. False (the default, and what older
   # providers say): when an operation's inputs hold a secret, the core treats this output as
   # sensitive too, since a command may have turned the secret into it (`base64`, `tr`).
+  priorUnused @4 :Bool;
+  # True when the provider never reads this output back from a request's `previousOutputs`
+  # (it repeats an input, which `previousInputs` holds): the core leaves it out of the
+  # previous outputs it sends with `read`, `update` and `delete`, so a large value crosses the
+  # connection once, not twice. False (the default, what older providers say): sent.
 }
 
 struct TraceContext {

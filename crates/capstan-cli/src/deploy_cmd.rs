@@ -304,6 +304,12 @@ async fn open(
                     dir.join("journal").display()
                 );
             }
+            if !report.never_sent.is_empty() {
+                say!(
+                    "note: {} operation(s) a stopped run had journaled ahead of its calls were never sent to their providers; they are settled, not pending",
+                    report.never_sent.len()
+                );
+            }
             (state, Some(Rc::new(backend)))
         }
     };

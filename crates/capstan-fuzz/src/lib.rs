@@ -298,6 +298,7 @@ pub fn wire_seeds() -> Vec<Vec<u8>> {
                 description: String::new(),
                 sensitive: true,
                 public: false,
+                prior_unused: false,
             }],
             stateful: true,
             ..Default::default()

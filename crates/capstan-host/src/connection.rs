@@ -364,9 +364,17 @@ impl ProviderConnection {
     /// sent at a time. Dropping the returned future cancels the operation in the provider.
     pub async fn call(
         &self,
-        call: OperationCall,
+        mut call: OperationCall,
         observer: Rc<dyn ProgressObserver>,
     ) -> Result<OperationSuccess, CallError> {
+        if let (Some(previous), Some(info)) = (
+            &call.previous_outputs,
+            self.info.resource_type(&call.resource_type),
+        ) {
+            if let Some(kept) = without_unused_outputs(previous, info) {
+                call.previous_outputs = Some(kept);
+            }
+        }
         let _permit = match &self.limit {
             Some(limit) => Some(limit.clone().acquire_owned().await.expect("never closed")),
             None => None,
@@ -621,6 +629,28 @@ impl ProviderConnection {
 fn to_tokio(stream: std::os::unix::net::UnixStream) -> std::io::Result<tokio::net::UnixStream> {
     stream.set_nonblocking(true)?;
     tokio::net::UnixStream::from_std(stream)
+}
+
+/// `previous` without the outputs its type never reads back (`priorUnused`), if it has any.
+fn without_unused_outputs(
+    previous: &Json,
+    info: &capstan_schema::info::ResourceTypeInfo,
+) -> Option<Json> {
+    let unused: Vec<&str> = info
+        .outputs
+        .iter()
+        .filter(|o| o.prior_unused)
+        .map(|o| o.name.as_str())
+        .collect();
+    if unused.is_empty() {
+        return None;
+    }
+    let serde_json::Value::Object(mut outputs) = serde_json::from_str(previous.text()).ok()? else {
+        return None;
+    };
+    let before = outputs.len();
+    outputs.retain(|name, _| !unused.contains(&name.as_str()));
+    (outputs.len() != before).then(|| serde_json::Value::Object(outputs).into())
 }
 
 /// Whether `call` carries `inputs`: a read's or delete's inputs are its previous ones, sent

@@ -143,6 +143,7 @@ impl ResourceType {
             description: description.into(),
             sensitive: false,
             public: false,
+            prior_unused: false,
         });
         self
     }
@@ -165,6 +166,16 @@ impl ResourceType {
     pub fn public(mut self, name: &str) -> Self {
         for o in self.0.outputs.iter_mut().filter(|o| o.name == name) {
             o.public = true;
+        }
+        self
+    }
+
+    /// Output `name` is never read back from a request's previous outputs (it repeats an
+    /// input): the core leaves it out of them, so a large value crosses the connection once.
+    /// The outputs type must then default it when it is missing (`#[serde(default)]`).
+    pub fn prior_unused(mut self, name: &str) -> Self {
+        for o in self.0.outputs.iter_mut().filter(|o| o.name == name) {
+            o.prior_unused = true;
         }
         self
     }

@@ -84,6 +84,10 @@ pub struct OutputInfo {
     /// output of an operation whose inputs hold a secret is treated as one too).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub public: bool,
+    /// The provider never reads it back from previous outputs (it repeats an input): left
+    /// out of the previous outputs the core sends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prior_unused: bool,
 }
 
 impl ProviderInfo {
@@ -112,6 +116,7 @@ impl ProviderInfo {
                     description: o.get_description()?.to_string()?,
                     sensitive: o.get_sensitive(),
                     public: o.get_public(),
+                    prior_unused: o.get_prior_unused(),
                 });
             }
             resource_types.push(ResourceTypeInfo {
@@ -180,6 +185,7 @@ impl ProviderInfo {
                 ob.set_description(&o.description[..]);
                 ob.set_sensitive(o.sensitive);
                 ob.set_public(o.public);
+                ob.set_prior_unused(o.prior_unused);
             }
         }
     }
@@ -227,6 +233,7 @@ mod tests {
                     description: "sha".into(),
                     sensitive: true,
                     public: true,
+                    prior_unused: true,
                 }],
                 stateful: true,
                 open_inputs: true,

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 mod claim;
 mod files;
+mod sent;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -81,6 +82,9 @@ pub struct PendingOperation {
     pub resource_type: String,
     pub inputs: Json,
     pub started: u64,
+    /// The run that journaled it (see `sent.rs`), when its backend says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<u64>,
 }
 
 /// Everything the state knows.
@@ -106,6 +110,9 @@ pub enum Record {
         resource_type: String,
         inputs: Json,
         time: u64,
+        /// The run that journals it: stamped by the backend, so leave it `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run: Option<u64>,
     },
     /// The resource exists with these inputs and outputs.
     Done {
@@ -140,7 +147,14 @@ impl State {
                 resource_type,
                 inputs,
                 time,
+                run,
             } => {
+                // Over an operation an earlier run left pending (still unchecked), the new
+                // intent cannot be settled as "never sent": that one may have run.
+                let run = match self.pending.get(&address) {
+                    Some(earlier) if earlier.run != run => None,
+                    _ => run,
+                };
                 self.pending.insert(
                     address,
                     PendingOperation {
@@ -149,6 +163,7 @@ impl State {
                         resource_type,
                         inputs,
                         started: time,
+                        run,
                     },
                 );
             }
@@ -248,6 +263,9 @@ pub struct LoadReport {
     /// The last line is a whole record without its line break (a write cut just before it):
     /// kept, and ended by the next command that writes.
     pub unterminated_tail: bool,
+    /// Operations a killed run journaled but never sent to their providers (it journals
+    /// intents a little ahead of its calls): settled, no longer pending.
+    pub never_sent: Vec<String>,
 }
 
 /// Seconds since the Unix epoch as RFC 3339 in UTC, e.g. `2026-11-29T14:50:12Z`.
@@ -281,6 +299,14 @@ pub trait StateBackend {
     fn append(&self, records: Vec<Record>) -> oneshot::Receiver<Result<(), String>>;
     /// Rewrites the stored state as one snapshot of `state`.
     fn compact(&mut self, state: &State) -> Result<(), StateError>;
+    /// Notes, before their calls are sent, that the operations on `addresses` (whose intents
+    /// are durable) are being sent, so the next load can tell intents journaled ahead and
+    /// never sent from operations that may have run. A backend that does not keep this says
+    /// nothing, and every intent without a result stays pending.
+    fn mark_sent(&self, addresses: &[String]) -> Result<(), StateError> {
+        let _ = addresses;
+        Ok(())
+    }
 }
 
 /// Encoded records and who to tell once they are durable.
@@ -291,6 +317,9 @@ pub struct DirectoryBackend {
     dir: PathBuf,
     writer: Option<mpsc::Sender<WriteRequest>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
+    /// This run's number, stamped on its intents, and its `sent` file (from `load`).
+    run: u64,
+    sent: Option<sent::SentLog>,
     _lock: File,
 }
 
@@ -438,6 +467,8 @@ impl DirectoryBackend {
             dir: dir.to_path_buf(),
             writer: None,
             writer_thread: None,
+            run: sent::new_run_id(),
+            sent: None,
             _lock: lock,
         })
     }
@@ -716,7 +747,16 @@ fn decode_bytes(line: &[u8]) -> Option<Record> {
 /// written (a missing directory is an empty state), consistent even while another command
 /// appends or compacts. A torn last line is left out (it may be a write in progress).
 pub fn read_only(dir: &Path) -> Result<(State, LoadReport), StateError> {
-    read_stored(dir)
+    let (mut state, mut report) = read_stored(dir)?;
+    // While a command holds the state, its intents are its own business (in flight, or about
+    // to be); once it is gone, those it never sent are not pending.
+    if running_holder(dir).is_none() {
+        report.never_sent = sent::never_sent(dir, &state)?;
+        for address in &report.never_sent {
+            state.pending.remove(address);
+        }
+    }
+    Ok((state, report))
 }
 
 /// The longest the journal writer waits for more records before a group commit, when records
@@ -736,15 +776,28 @@ impl StateBackend for DirectoryBackend {
             });
         }
         make_private(&self.dir)?;
-        if report.torn_tail.is_some() || report.unterminated_tail {
-            // Start a clean journal so appends never follow a torn or unended line.
+        let mut state = state;
+        let mut report = report;
+        report.never_sent = sent::never_sent(&self.dir, &state)?;
+        for address in &report.never_sent {
+            state.pending.remove(address);
+        }
+        if report.torn_tail.is_some() || report.unterminated_tail || !report.never_sent.is_empty() {
+            // Start a clean journal so appends never follow a torn or unended line; and
+            // settle, in the snapshot, what was never sent (before `sent` starts anew).
             self.compact(&state)?;
         }
+        self.sent = Some(sent::SentLog::start(&self.dir, self.run)?);
         self.start_writer()?;
         Ok((state, report))
     }
 
-    fn append(&self, records: Vec<Record>) -> oneshot::Receiver<Result<(), String>> {
+    fn append(&self, mut records: Vec<Record>) -> oneshot::Receiver<Result<(), String>> {
+        for record in &mut records {
+            if let Record::Intent { run, .. } = record {
+                *run = Some(self.run);
+            }
+        }
         let (ack, done) = oneshot::channel();
         match &self.writer {
             Some(writer) => {
@@ -761,6 +814,15 @@ impl StateBackend for DirectoryBackend {
 
     fn compact(&mut self, state: &State) -> Result<(), StateError> {
         self.write_snapshot(state, true)
+    }
+
+    fn mark_sent(&self, addresses: &[String]) -> Result<(), StateError> {
+        match &self.sent {
+            Some(sent) => sent.mark(&self.dir, addresses),
+            None => Err(StateError::WriterGone(
+                "the state was not loaded before writing".into(),
+            )),
+        }
     }
 }
 

@@ -25,6 +25,7 @@ fn intent(address: &str) -> Record {
         resource_type: "t".into(),
         inputs: Json::empty_object(),
         time: 1,
+        run: None,
     }
 }
 
@@ -46,6 +47,7 @@ fn records_survive_reopening_and_pending_operations_are_reported() {
             vec![intent("a"), done("a", 1), intent("b")],
         ))
         .unwrap();
+        backend.mark_sent(&["b".into()]).unwrap();
     }
     let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
     let (state, report) = backend.load().unwrap();
@@ -489,4 +491,100 @@ fn a_damaged_snapshot_with_nothing_to_rebuild_from_says_so() {
         .unwrap_or_default();
     assert!(message.contains("no previous snapshot"), "{message}");
     assert!(dir.path().join("snapshot.json").exists(), "left as it was");
+}
+
+/// Journals intents for `addresses` in a run of its own, marks `sent` as sent, and ends as a
+/// killed run would (nothing settled).
+fn killed_run(dir: &Path, addresses: &[&str], sent: &[&str]) {
+    let mut backend = DirectoryBackend::open(dir, Duration::ZERO).unwrap();
+    backend.load().unwrap();
+    let intents = addresses.iter().map(|a| intent(a)).collect();
+    block_on(append_durably(&backend, intents)).unwrap();
+    let sent: Vec<String> = sent.iter().map(|a| a.to_string()).collect();
+    backend.mark_sent(&sent).unwrap();
+}
+
+fn pending_of(state: &State) -> Vec<&str> {
+    state.pending.keys().map(String::as_str).collect()
+}
+
+#[test]
+fn intents_journaled_ahead_and_never_sent_are_settled_by_the_next_load() {
+    let dir = tempfile::tempdir().unwrap();
+    killed_run(dir.path(), &["x", "y", "z"], &["x", "z"]);
+    {
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let (state, report) = backend.load().unwrap();
+        assert_eq!(pending_of(&state), ["x", "z"]);
+        assert_eq!(report.never_sent, ["y"]);
+    }
+    // Settled for good: the next load (whose `sent` file is that run's) finds the same.
+    let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+    let (state, report) = backend.load().unwrap();
+    assert_eq!(pending_of(&state), ["x", "z"]);
+    assert!(report.never_sent.is_empty());
+}
+
+#[test]
+fn a_sent_file_from_another_boot_or_run_proves_nothing() {
+    // Another boot: the machine may have crashed, losing marks that were never synced.
+    let dir = tempfile::tempdir().unwrap();
+    killed_run(dir.path(), &["x", "y"], &["x"]);
+    let path = dir.path().join("sent");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (header, rest) = text.split_once('\n').unwrap();
+    let (start, _boot) = header.rsplit_once(' ').unwrap();
+    std::fs::write(
+        &path,
+        format!("{start} 00000000-0000-0000-0000-000000000000\n{rest}"),
+    )
+    .unwrap();
+    let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+    let (state, report) = backend.load().unwrap();
+    assert_eq!(pending_of(&state), ["x", "y"]);
+    assert!(report.never_sent.is_empty());
+    drop(backend);
+
+    // An intent journaled by a capstan that kept no `sent` file (no run on it).
+    let dir = tempfile::tempdir().unwrap();
+    killed_run(dir.path(), &[], &[]);
+    let mut journal = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("journal"))
+        .unwrap();
+    journal.write_all(&encode(&intent("old"))).unwrap();
+    let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+    let (state, _) = backend.load().unwrap();
+    assert_eq!(pending_of(&state), ["old"]);
+}
+
+#[test]
+fn a_mark_cut_short_by_the_kill_counts_as_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    killed_run(dir.path(), &["x", "y"], &["x"]);
+    let mut sent = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("sent"))
+        .unwrap();
+    sent.write_all(b"\"y").unwrap();
+    let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+    let (state, report) = backend.load().unwrap();
+    assert_eq!(pending_of(&state), ["x"]);
+    assert_eq!(report.never_sent, ["y"]);
+}
+
+#[test]
+fn an_intent_over_one_left_pending_earlier_is_never_settled_as_unsent() {
+    let dir = tempfile::tempdir().unwrap();
+    killed_run(dir.path(), &["x"], &["x"]);
+    // The next run journals a new intent for `x` and is killed before sending it.
+    killed_run(dir.path(), &["x"], &[]);
+    let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+    let (state, report) = backend.load().unwrap();
+    assert_eq!(
+        pending_of(&state),
+        ["x"],
+        "the first run's call may have run"
+    );
+    assert!(report.never_sent.is_empty());
 }

@@ -59,6 +59,7 @@ pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> Pr
                 description: a.description.clone(),
                 sensitive,
                 public: false,
+                prior_unused: false,
             });
         }
         for b in &block.block_types {
@@ -80,6 +81,7 @@ pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> Pr
                 description: format!("a nested block: {kind}"),
                 sensitive,
                 public: false,
+                prior_unused: false,
             });
         }
         types.push(info);

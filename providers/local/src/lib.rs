@@ -119,6 +119,9 @@ struct FileOut {
     /// The absolute path written
     path: String,
     /// The text written
+    // Never read back from a request's previous outputs (`prior_unused`: the inputs hold it),
+    // so a large file crosses the connection once per request.
+    #[serde(default)]
     content: String,
 }
 
@@ -196,6 +199,7 @@ impl Resource for File {
             .outputs_from::<FileOut>()
             // Where it was written is never the secret its content may be.
             .public("path")
+            .prior_unused("content")
             .stateful(true)
             .read_checks(true)
     }

@@ -94,13 +94,14 @@ fn an_input_over_the_limit_is_never_sent_and_a_provider_may_raise_its_limit() {
 #[test]
 fn a_large_resource_is_read_and_deleted_within_the_limit_it_was_made_in() {
     let dir = tempfile::tempdir().unwrap();
-    let content = "x".repeat(20 * 1024 * 1024);
+    // Each message may carry the content once, never twice: 30 MiB under a 32 MiB limit.
+    let content = "x".repeat(30 * 1024 * 1024);
     let deployment = serde_json::json!({
         "providers": {"local": {"builtin": "local"}},
         "resources": {"big": {"provider": "local", "type": "file",
                               "inputs": {"path": "big.txt", "content": content}}}
     });
-    let limit = ["--max-message-mib", "48"];
+    let limit = ["--max-message-mib", "32"];
     let made = apply(dir.path(), deployment, &limit);
     assert!(
         made.status.success(),

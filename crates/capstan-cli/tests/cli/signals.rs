@@ -157,6 +157,68 @@ fn after_sigkill_nothing_capstan_started_survives() {
 }
 
 #[test]
+fn after_sigkill_only_the_operations_that_were_sent_are_pending() {
+    // 16 creates with `-j 2`: the run journals intents a window ahead of its calls, but only
+    // two calls are out when it is killed.
+    let dir = tempfile::tempdir().unwrap();
+    let marker = marker(6);
+    let file = dir.path().join("capstan.json");
+    let resources: serde_json::Map<String, serde_json::Value> = (0..16)
+        .map(|i| {
+            (
+                format!("nap{i:02}"),
+                serde_json::json!({"provider": "local", "type": "exec",
+                    "inputs": {"command": "sh", "args": ["-c", format!("sleep {marker}")]}}),
+            )
+        })
+        .collect();
+    std::fs::write(
+        &file,
+        serde_json::json!({"providers": {"local": {"builtin": "local"}}, "resources": resources})
+            .to_string(),
+    )
+    .unwrap();
+    let mut apply = Command::new(capstan_bin())
+        .args(["apply", "-j", "2", "-f"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("two commands run", || processes_with(&marker).len() >= 2);
+    // The intents journaled ahead are durable by now.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    apply.kill().unwrap();
+    apply.wait().unwrap();
+    wait_until("the commands are gone", || {
+        processes_with(&marker).is_empty()
+    });
+    let journal = std::fs::read_to_string(dir.path().join(".capstan/journal")).unwrap();
+    assert!(
+        journal.matches("\"intent\"").count() > 2,
+        "the run journaled intents ahead of its calls:\n{journal}"
+    );
+    let pending = pending(&file);
+    assert_eq!(
+        pending.lines().count(),
+        2,
+        "only the two operations sent are pending:\n{pending}"
+    );
+    // A command that takes the lock settles the others for good (the next run's `sent` file
+    // no longer tells about them): after resolving one, the other is all that is left.
+    let first = pending.split('\t').next().unwrap().to_string();
+    let out = Command::new(capstan_bin())
+        .args(["state", "resolve", &first, "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let pending = self::pending(&file);
+    assert_eq!(pending.lines().count(), 1, "{pending}");
+    assert!(!pending.contains(&first), "{pending}");
+}
+
+#[test]
 fn a_stop_while_a_provider_starts_up_ends_the_command_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let marker = marker(5);

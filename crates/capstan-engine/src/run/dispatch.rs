@@ -28,6 +28,7 @@ impl<'a> Driver<'a> {
             resource_type: op.resource_type.clone(),
             inputs: op.inputs.clone(),
             time: now_unix(),
+            run: None,
         };
         let backend = self.backend.clone();
         self.spawn(work, i, async move {
@@ -92,9 +93,10 @@ impl<'a> Driver<'a> {
             (once.clone(), config.to_string())
         });
         let failed_address = address.clone();
+        let marked = op.has_intent().then(|| address.clone());
         let observer = progress_observer(self.events.clone(), address, op.operation.as_str());
         let connection = op.connection.clone();
-        self.spawn(work, i, async move {
+        let call = async move {
             let started = Instant::now();
             if let Some((once, settings)) = settings {
                 let configured = once
@@ -113,7 +115,40 @@ impl<'a> Driver<'a> {
             }
             let result = connection.call(call, observer).await;
             Done::Answered(i, result, started.elapsed().as_secs_f64())
-        });
+        };
+        match marked {
+            // Held until the backend has noted that it is sent ([`Self::send_held`]).
+            Some(address) => self.held.push((i, address, Box::pin(call))),
+            None => self.spawn(work, i, call),
+        }
+    }
+
+    /// Sends the calls held since the last turn, once the backend has noted them as sent (one
+    /// write for all of them), so the next run can tell the intents journaled ahead that a kill
+    /// left unsent. If it cannot note them, they are not sent: the run stops on a state error.
+    pub(super) fn send_held(&mut self, work: &mut Work) {
+        if self.held.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        let addresses: Vec<String> = held.iter().map(|(_, a, _)| a.clone()).collect();
+        match self.backend.mark_sent(&addresses) {
+            Ok(()) => {
+                for (i, _, call) in held {
+                    self.spawn(work, i, call);
+                }
+            }
+            Err(e) => {
+                // The run reports the first state error; the others only need to stop.
+                let mut first = Some(e);
+                for (i, _, _) in held {
+                    let e = first.take().unwrap_or_else(|| {
+                        StateError::WriterGone("an earlier state write failed".into())
+                    });
+                    self.spawn(work, i, async move { Done::Finished(i, Outcome::State(e)) });
+                }
+            }
+        }
     }
 
     /// Node `i` was dispatched but never sent (the run stopped).

@@ -257,7 +257,12 @@ struct Driver<'a> {
     /// Providers handed their settings before their first operation ([`config_late`]), and
     /// whether that went well, once it is done.
     late_config: FastMap<String, Rc<tokio::sync::OnceCell<Result<(), String>>>>,
+    /// Calls whose intents are durable, held until the backend notes them as sent.
+    held: Vec<(NodeId, String, HeldCall)>,
 }
+
+/// A call whose intent is durable, not sent yet.
+type HeldCall = std::pin::Pin<Box<dyn Future<Output = Done>>>;
 
 /// What running operations hand back to the run (`children.rs`).
 struct Kin {
@@ -360,6 +365,7 @@ impl<'a> Driver<'a> {
             scheduler,
             staging: Staging::default(),
             late_config: FastMap::default(),
+            held: Vec::new(),
         };
         for provider in late {
             driver.late_config.insert(provider, Rc::default());
@@ -396,6 +402,7 @@ impl<'a> Driver<'a> {
             while let Some(step) = self.scheduler.next_step() {
                 self.step(step, &mut work);
             }
+            self.send_held(&mut work);
             self.maybe_evaluate(&mut work);
             if work.is_empty() {
                 break;
