@@ -120,6 +120,7 @@ fn main() -> ExitCode {
             return match provider {
                 served::BuiltinProvider::Local => capstan_provider_local::provider().serve(),
                 served::BuiltinProvider::Nix => capstan_provider_nix::provider().serve(),
+                served::BuiltinProvider::Machine => capstan_provider_machine::provider().serve(),
                 served::BuiltinProvider::Nixops4V0(args) => served::serve_v0_bridge(args),
                 served::BuiltinProvider::Terraform(args) => served::serve_terraform_bridge(args),
             }

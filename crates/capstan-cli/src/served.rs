@@ -40,7 +40,7 @@ impl SelfLauncher {
 }
 
 /// The providers built into `capstan`, by the name a deployment gives them.
-pub const BUILTINS: [&str; 2] = ["local", "nix"];
+pub const BUILTINS: [&str; 3] = ["local", "nix", "machine"];
 
 impl ProviderLauncher for SelfLauncher {
     fn builtins(&self) -> Option<&[&str]> {
@@ -90,6 +90,8 @@ pub enum BuiltinProvider {
     Local,
     /// Nix builds and activations.
     Nix,
+    /// NixOS machines over SSH.
+    Machine,
     /// The bridge to a NixOps4 version-0 provider program.
     #[command(name = "nixops4-v0")]
     Nixops4V0(V0Args),

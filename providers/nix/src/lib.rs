@@ -275,11 +275,32 @@ impl GcRoots {
 }
 
 /// Runs a Nix command with Nix's progress translated live, and returns the lines it printed
-/// on stdout (store paths). `what` names it in errors, e.g. "nix-build".
+/// on stdout (store paths). `what` names it in errors, e.g. "nix-build". It fails when the
+/// command printed nothing.
 async fn run_nix(
+    op: &Operation,
+    command: tokio::process::Command,
+    what: &str,
+) -> Result<Vec<String>, OperationError> {
+    run_nix_inner(op, command, what, true).await
+}
+
+/// Runs a Nix command that logs with `--log-format internal-json` (`nix copy`,
+/// `nix-store --realise`) with its activity tree turned into the operation's progress, as
+/// the `build` type does: the lines it printed on stdout, or its error with Nix's message.
+pub async fn run_nix_logged(
+    op: &Operation,
+    command: tokio::process::Command,
+    what: &str,
+) -> Result<Vec<String>, OperationError> {
+    run_nix_inner(op, command, what, false).await
+}
+
+async fn run_nix_inner(
     op: &Operation,
     mut command: tokio::process::Command,
     what: &str,
+    prints: bool,
 ) -> Result<Vec<String>, OperationError> {
     command.stdin(Stdio::null());
     let tool = command
@@ -322,7 +343,7 @@ async fn run_nix(
         .await
         .map_err(|e| OperationError::permanent(format!("waiting for {what}: {e}")))?;
     group.disarm();
-    if !status.success() || printed.is_empty() {
+    if !status.success() || (prints && printed.is_empty()) {
         let message = log
             .errors
             .first()

@@ -12,6 +12,7 @@ mod crash;
 mod deploy;
 mod examples;
 mod limits;
+mod machines;
 mod nix;
 mod nix_deployments;
 mod nixops4_v0;

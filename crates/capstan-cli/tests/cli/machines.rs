@@ -1,0 +1,545 @@
+//! NixOS machines over SSH, end to end: real `sshd` (Debian's openssh-server) as several
+//! machines, each in a mount namespace with its own Nix store; systems built by the real
+//! `nix-build`; `capstan apply` with the built-in `machine` provider as a real process. Logins
+//! are counted from each sshd's log.
+
+use capstan_test_support::machine::{
+    build_system, instantiate_system, unavailable, ClientKey, Machine,
+};
+use serde_json::{json, Value};
+use std::path::Path;
+
+use crate::support::{events, shown};
+
+/// Machines can run here (root, sshd, Nix); otherwise the test says why and skips (fails
+/// under CI).
+fn available() -> bool {
+    if let Some(why) = unavailable() {
+        capstan_test_support::skip_or_fail(&why);
+        return false;
+    }
+    crate::support::nix_tool("nix-build", "the machine tests")
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    key: ClientKey,
+}
+
+impl Fleet {
+    fn new() -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ClientKey::new(&dir.path().join("client"));
+        Fleet { dir, key }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn machine(&self, name: &str) -> Machine {
+        Machine::start(&self.path().join("machines"), name, &self.key)
+    }
+
+    fn system(&self, name: &str, activate: &str) -> String {
+        build_system(self.path(), name, 64, activate)
+    }
+
+    /// A `nixos` resource deploying `system` to `machine`, with `extra` inputs.
+    fn resource(&self, machine: &Machine, system: &str, extra: Value) -> Value {
+        let mut inputs = json!({
+            "target": "root@127.0.0.1",
+            "port": machine.port,
+            "hostKey": machine.host_key(),
+            "identity": self.key.identity(),
+            "system": system,
+            "checkSigs": false,
+            "confirmTimeout": 5,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            inputs[k] = v.clone();
+        }
+        json!({"provider": "machine", "type": "nixos", "inputs": inputs})
+    }
+
+    fn write(&self, resources: Value) {
+        let deployment = json!({
+            "providers": {"machine": {"builtin": "machine"}},
+            "resources": resources
+        });
+        std::fs::write(self.path().join("capstan.json"), deployment.to_string()).unwrap();
+    }
+
+    fn capstan(&self, args: &[&str]) -> std::process::Output {
+        crate::support::capstan_in(self.path(), args)
+    }
+
+    fn apply(&self) -> (std::process::Output, Vec<Value>) {
+        let out = self.capstan(&["apply", "--json"]);
+        let events = events(&out.stdout);
+        (out, events)
+    }
+
+    fn outputs(&self, address: &str) -> Value {
+        let out = self.capstan(&["state", "show", address]);
+        assert!(out.status.success(), "{}", shown(&out));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["outputs"].clone()
+    }
+}
+
+fn failure<'a>(events: &'a [Value], address: &str) -> &'a str {
+    events
+        .iter()
+        .find(|e| e["type"] == "resource_failed" && e["address"] == address)
+        .and_then(|e| e["error"].as_str())
+        .unwrap_or("")
+}
+
+fn phases(events: &[Value], address: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "resource_progress" && e["address"] == address)
+        .filter(|e| e["progress"]["kind"] == "phase")
+        .filter_map(|e| e["progress"]["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_machine_is_deployed_changed_and_a_no_op_apply_never_logs_in() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let web = fleet.machine("web");
+    let one = fleet.system("one", "");
+    let two = fleet.system("two", "");
+    fleet.write(json!({"web": fleet.resource(&web, &one, json!({}))}));
+
+    // First deploy: copied into the machine's own store, activated, confirmed.
+    let (out, events) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(web.running(), one);
+    assert_eq!(web.profile(), one);
+    let seen = phases(&events, "web");
+    for phase in ["connecting", "copying", "activating", "confirming"] {
+        assert!(seen.iter().any(|p| p == phase), "no `{phase}` in {seen:?}");
+    }
+    let outputs = fleet.outputs("web");
+    assert_eq!(outputs["system"], one.as_str());
+    assert_eq!(outputs["generation"], 1);
+    assert_eq!(outputs["running"], one.as_str());
+    // The activation's own output reached the log, line by line.
+    assert!(
+        events.iter().any(|e| e["type"] == "resource_progress"
+            && e["progress"]["line"].as_str() == Some("one is active")),
+        "{events:?}"
+    );
+
+    // Nothing changed: no login at all.
+    let before = web.logins();
+    let (out, _) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(web.logins(), before, "a no-op apply logged in");
+
+    // A change: generation 2, the previous system named.
+    fleet.write(json!({"web": fleet.resource(&web, &two, json!({}))}));
+    let (out, _) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(web.running(), two);
+    let outputs = fleet.outputs("web");
+    assert_eq!(outputs["generation"], 2);
+    assert_eq!(outputs["previous"], one.as_str());
+
+    // Switched back by hand: `--refresh` sees it, and the apply puts `two` back.
+    web.run(&format!(
+        "nix-env -p /nix/var/nix/profiles/system --switch-generation 1 && {one}/bin/switch-to-configuration switch"
+    ));
+    assert_eq!(web.running(), one);
+    let plan = fleet.capstan(&["plan", "--refresh", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", shown(&plan));
+    let out = fleet.capstan(&["apply", "--refresh"]);
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(web.running(), two);
+}
+
+#[test]
+fn each_goal_does_what_nixos_rebuild_does() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let m = fleet.machine("goals");
+    let one = fleet.system("g-one", "");
+    let two = fleet.system("g-two", "");
+    let three = fleet.system("g-three", "");
+    fleet.write(json!({"m": fleet.resource(&m, &one, json!({}))}));
+    assert!(fleet.apply().0.status.success());
+
+    // test: runs now, the profile (what boots) stays.
+    fleet.write(json!({"m": fleet.resource(&m, &two, json!({"goal": "test"}))}));
+    let (out, _) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!((m.running(), m.profile()), (two.clone(), one.clone()));
+
+    // boot: the profile moves, what runs stays.
+    fleet.write(json!({"m": fleet.resource(&m, &three, json!({"goal": "boot"}))}));
+    let (out, _) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!((m.running(), m.profile()), (two.clone(), three.clone()));
+
+    // dry-activate: nothing moves, its output is shown.
+    fleet.write(json!({"m": fleet.resource(&m, &one, json!({"goal": "dry-activate"}))}));
+    let (out, events) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!((m.running(), m.profile()), (two, three));
+    assert!(
+        events.iter().any(|e| e["progress"]["line"]
+            .as_str()
+            .is_some_and(|l| l.contains("activating g-one (dry-activate)"))),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_failing_activation_is_rolled_back() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let m = fleet.machine("fails");
+    let good = fleet.system("good", "");
+    let bad = fleet.system("bad", "echo 'unit foo.service failed' >&2; exit 4");
+    fleet.write(json!({"m": fleet.resource(&m, &good, json!({}))}));
+    assert!(fleet.apply().0.status.success());
+    fleet.write(json!({"m": fleet.resource(&m, &bad, json!({}))}));
+    let (out, events) = fleet.apply();
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    let message = failure(&events, "m");
+    assert!(message.contains("rolled back"), "{message}");
+    assert!(message.contains(&good), "{message}");
+    assert_eq!((m.running(), m.profile()), (good.clone(), good.clone()));
+    // The state keeps what really runs.
+    assert_eq!(fleet.outputs("m")["system"], good.as_str());
+}
+
+#[test]
+fn a_configuration_that_breaks_ssh_rolls_itself_back() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let m = fleet.machine("cutoff");
+    let keys = m.root().join("etc/authorized_keys");
+    // Each system sets who may log in: `good` restores the key, `locked` removes it (the
+    // master connection, already in, keeps working; a new one cannot).
+    let restore = format!("[ -f {k}.off ] && mv {k}.off {k}; true", k = keys.display());
+    let lock = format!("mv {k} {k}.off", k = keys.display());
+    let good = fleet.system("reachable", &restore);
+    let locked = fleet.system("locked-out", &lock);
+    fleet.write(json!({"m": fleet.resource(&m, &good, json!({}))}));
+    assert!(fleet.apply().0.status.success());
+    fleet.write(json!({"m": fleet.resource(&m, &locked, json!({"confirmTimeout": 4}))}));
+    let (out, events) = fleet.apply();
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    let message = failure(&events, "m");
+    assert!(message.contains("rolled"), "{message}");
+    assert!(message.contains("new SSH connection"), "{message}");
+    assert_eq!((m.running(), m.profile()), (good.clone(), good.clone()));
+    assert!(
+        keys.exists(),
+        "the previous generation's activation gave the key back"
+    );
+    assert_eq!(fleet.outputs("m")["system"], good.as_str());
+}
+
+#[test]
+fn a_failing_health_check_rolls_back_and_skips_dependents() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let m = fleet.machine("checked");
+    // A service the deployer checks over HTTP: healthy until `unhealthy` runs (each system's
+    // activation writes its health where the service reads it).
+    let health = m.root().join("health");
+    let one = fleet.system("healthy", &format!("echo fine > {}", health.display()));
+    let two = fleet.system("unhealthy", &format!("echo failing > {}", health.display()));
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/health",
+        server.local_addr().unwrap().port()
+    );
+    std::thread::spawn(move || {
+        for mut stream in server.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut buffer = [0u8; 1024];
+            let _ = stream.read(&mut buffer);
+            let now = std::fs::read_to_string(&health).unwrap_or_default();
+            let status = if now.contains("fine") {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let checks = json!({
+        "checks": [{"command": "test -e /run/current-system"}, {"http": url}],
+        "checkTimeout": 3, "checkInterval": 1
+    });
+    fleet.write(json!({"m": fleet.resource(&m, &one, checks.clone())}));
+    let (out, _) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    fleet.write(json!({
+        "m": fleet.resource(&m, &two, checks),
+        "after": {"provider": "machine", "type": "nixos",
+                  "inputs": {"target": "x", "hostKey": "ssh-ed25519 AAAA", "system": {"$ref": "m#system"}}}
+    }));
+    let (out, events) = fleet.apply();
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    let message = failure(&events, "m");
+    assert!(
+        message.contains("health check"),
+        "{message}: {}",
+        shown(&out)
+    );
+    assert!(message.contains("503"), "{message}");
+    assert!(message.contains("rolled back"), "{message}");
+    assert_eq!(m.running(), one);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "resource_skipped" && e["address"] == "after"),
+        "the dependent is skipped: {events:?}"
+    );
+}
+
+#[test]
+fn a_key_reaches_the_machine_with_its_owner_and_mode_and_nowhere_else() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let m = fleet.machine("keyed");
+    let system = fleet.system("with-key", "");
+    let secret = "hunter2-do-not-leak-7f3a";
+    std::fs::write(
+        fleet.path().join("secrets.json"),
+        json!({"db": secret}).to_string(),
+    )
+    .unwrap();
+    fleet.write(json!({"m": fleet.resource(&m, &system, json!({
+        "keys": {"db-password": {"value": {"$param": "db"}, "user": "nobody", "group": "nogroup", "mode": "0440"}}
+    }))}));
+    let out = fleet.capstan(&["apply", "--json", "--secrets", "secrets.json"]);
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(m.run("cat /run/keys/db-password"), secret);
+    assert_eq!(
+        m.run("stat -c '%U %G %a' /run/keys/db-password").trim(),
+        "nobody nogroup 440"
+    );
+    // Not in the machine's store, nor in anything capstan printed.
+    assert!(m
+        .run(&format!("grep -rl {secret} /nix/store || true"))
+        .trim()
+        .is_empty());
+    assert!(!shown(&out).contains(secret));
+    assert!(!m.log().contains(secret), "sshd logged it");
+    assert_eq!(
+        fleet.outputs("m")["keyPaths"]["db-password"],
+        "/run/keys/db-password"
+    );
+
+    // Destroyed: the key goes, the system stays.
+    let out = fleet.capstan(&["destroy", "--yes", "--secrets", "secrets.json"]);
+    assert!(out.status.success(), "{}", shown(&out));
+    assert!(m.run("ls /run/keys").trim().is_empty());
+    assert_eq!(m.running(), system);
+}
+
+#[test]
+fn a_reboot_waits_for_the_machine_and_checks_what_it_runs() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let m = fleet.machine("rebooted");
+    let one = fleet.system("before-reboot", "");
+    let two = fleet.system("after-reboot", "");
+    fleet.write(json!({"m": fleet.resource(&m, &one, json!({}))}));
+    assert!(fleet.apply().0.status.success());
+    fleet.write(json!({"m": fleet.resource(&m, &two, json!({
+        "goal": "boot", "reboot": true, "rebootCommand": m.reboot_command(), "rebootTimeout": 30
+    }))}));
+    let (out, events) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert!(phases(&events, "m").iter().any(|p| p == "rebooting"));
+    assert_eq!(m.running(), two);
+    assert_eq!(fleet.outputs("m")["running"], two.as_str());
+}
+
+#[test]
+fn an_unreachable_machine_and_a_wrong_host_key_fail_clearly_and_the_others_go_on() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let good = fleet.machine("fine");
+    let impostor = fleet.machine("impostor");
+    let system = fleet.system("fleet-sys", "");
+    let mut wrong_key = fleet.resource(&impostor, &system, json!({}));
+    // The impostor shows its own key, not the one pinned (the good machine's).
+    wrong_key["inputs"]["hostKey"] = json!(good.host_key());
+    let mut gone = fleet.resource(&good, &system, json!({}));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    gone["inputs"]["port"] = json!(closed.local_addr().unwrap().port());
+    drop(closed);
+    fleet.write(json!({
+        "fine": fleet.resource(&good, &system, json!({})),
+        "impostor": wrong_key,
+        "gone": gone,
+    }));
+    let (out, events) = fleet.apply();
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert_eq!(good.running(), system);
+    let refused = failure(&events, "impostor");
+    assert!(refused.contains("pinned host key"), "{refused}");
+    assert!(impostor.running().is_empty());
+    let unreachable = failure(&events, "gone");
+    assert!(unreachable.contains("cannot reach"), "{unreachable}");
+}
+
+#[test]
+fn a_derivation_is_built_here_or_on_the_machine() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let here = fleet.machine("built-here");
+    let there = fleet.machine("built-there");
+    // Names of their own, so neither output exists anywhere yet.
+    let unique = std::process::id();
+    let local_drv = instantiate_system(fleet.path(), &format!("local-{unique}"), 16, "");
+    let remote_drv = instantiate_system(fleet.path(), &format!("remote-{unique}"), 16, "");
+    fleet.write(json!({
+        "here": fleet.resource(&here, &local_drv, json!({})),
+        "there": fleet.resource(&there, &remote_drv, json!({"buildOn": "target"})),
+    }));
+    let (out, events) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    for (address, machine) in [("here", &here), ("there", &there)] {
+        assert!(phases(&events, address).iter().any(|p| p == "building"));
+        let system = fleet.outputs(address)["system"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(!system.ends_with(".drv") && system.contains(&format!("{unique}")));
+        assert_eq!(machine.running(), system);
+    }
+    // Built on the machine: the deployer's store never had it.
+    let built_there = fleet.outputs("there")["system"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let valid_here = std::process::Command::new("nix-store")
+        .args(["--check-validity", &built_there])
+        .output()
+        .unwrap();
+    assert!(!valid_here.status.success(), "{built_there} was built here");
+}
+
+/// Deployer processes of this test's runs: ssh and nix copy through its control sockets.
+fn deployer_processes() -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'));
+        let ours = [
+            "capstan-ssh-",
+            "__provider machine",
+            "ssh-ng://root@127.0.0.1",
+        ];
+        if !zombie && ours.iter().any(|o| cmdline.contains(o)) {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_run_killed_mid_copy_or_mid_activation_leaves_nothing_and_the_next_converges() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let m = fleet.machine("killed");
+    let one = fleet.system("calm", "");
+    fleet.write(json!({"m": fleet.resource(&m, &one, json!({}))}));
+    assert!(fleet.apply().0.status.success());
+    let marker = m.root().join("activating");
+    // A large closure (a copy that takes a moment) and an activation that takes a while.
+    let big = build_system(
+        fleet.path(),
+        "slow",
+        48 * 1024,
+        &format!("touch {}; sleep 4", marker.display()),
+    );
+    fleet.write(json!({"m": fleet.resource(&m, &big, json!({"confirmTimeout": 3}))}));
+    let start = || {
+        std::process::Command::new(crate::support::capstan_bin())
+            .args(["apply"])
+            .current_dir(fleet.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+
+    // SIGKILL while copying.
+    let mut apply = start();
+    crate::support::wait_until("the copy runs", || {
+        deployer_processes().iter().any(|p| p.contains("copy --to"))
+    });
+    apply.kill().unwrap();
+    apply.wait().unwrap();
+    crate::support::wait_until("no deployer process is left", || {
+        deployer_processes().is_empty()
+    });
+    assert_eq!(m.running(), one, "the machine still runs what it ran");
+
+    // SIGTERM while activating: the activation finishes on the machine (it is detached
+    // there), nobody confirms it, and the machine's watchdog rolls it back.
+    let apply = start();
+    crate::support::wait_until("the activation runs", || marker.exists());
+    // SAFETY: signals the child this test started.
+    unsafe { libc::kill(apply.id() as i32, libc::SIGTERM) };
+    let out = crate::support::output_within(apply, "capstan stops on SIGTERM");
+    assert_eq!(out.status.code(), Some(143));
+    crate::support::wait_until("no deployer process is left", || {
+        deployer_processes().is_empty()
+    });
+    crate::support::wait_until("the machine's watchdog is done", || {
+        m.capstan_processes().is_empty()
+    });
+    assert_eq!(m.running(), one, "rolled back: nobody confirmed");
+
+    // The next apply settles what was interrupted and converges.
+    std::fs::remove_file(&marker).unwrap();
+    let (out, _) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(m.running(), big);
+    assert!(
+        m.capstan_processes().is_empty(),
+        "{:?}",
+        m.capstan_processes()
+    );
+    // Its payload is not left in the deployer's store (nothing roots it).
+    let _ = std::process::Command::new("nix-store")
+        .args(["--delete", &big])
+        .output();
+}

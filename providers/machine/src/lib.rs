@@ -1,0 +1,1009 @@
+//! The `machine` provider, built into `capstan`: NixOS machines over SSH.
+//!
+//! | type | inputs | outputs |
+//! | --- | --- | --- |
+//! | `nixos` | `target`, `port`, `hostKey`, `system`, `goal`, … (see [`MachineIn`]) | `system`, `generation`, `running`, `previous`, `keyPaths` |
+//!
+//! A deploy opens one SSH connection to the machine (OpenSSH's ControlMaster, the host key
+//! pinned in a known-hosts file made for it) and reuses it for every step: build (a `.drv`,
+//! here or on the machine), copy (`nix copy` to `ssh-ng://`, Nix's activity tree as
+//! progress), keys (secrets over stdin into files outside the store), activation (detached on
+//! the machine, its output line by line), confirmation over a *new* connection (magic
+//! rollback: a watchdog on the machine rolls back unless it comes in time), health checks,
+//! and a reboot when asked. A machine already running the system is not activated again.
+//! Deleting the resource removes the keys it uploaded and leaves the system running.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use capstan_provider::schemars::{self, JsonSchema};
+use capstan_provider::{Operation, OperationError, Prior, Provider, Resource, ResourceType};
+use serde::{Deserialize, Serialize};
+
+mod checks;
+mod remote;
+mod ssh;
+
+use checks::Check;
+use ssh::{Ssh, Target};
+
+/// The provider, ready to serve.
+pub fn provider() -> Provider {
+    Provider::new("machine", env!("CARGO_PKG_VERSION")).resource(Nixos)
+}
+
+struct Nixos;
+
+/// What `switch-to-configuration` is asked to do.
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+enum Goal {
+    /// Activate now and at boot
+    #[default]
+    Switch,
+    /// Activate at the next boot only
+    Boot,
+    /// Activate now, not at boot
+    Test,
+    /// Print what would change
+    DryActivate,
+}
+
+impl Goal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Goal::Switch => "switch",
+            Goal::Boot => "boot",
+            Goal::Test => "test",
+            Goal::DryActivate => "dry-activate",
+        }
+    }
+
+    /// Whether it points the profile at the system.
+    fn sets_profile(self) -> bool {
+        matches!(self, Goal::Switch | Goal::Boot)
+    }
+
+    /// Whether it changes what runs now (and so can cut the connection).
+    fn activates_now(self) -> bool {
+        matches!(self, Goal::Switch | Goal::Test)
+    }
+}
+
+/// Where a `.drv` is built.
+#[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+enum BuildOn {
+    /// Here (or on Nix's remote builders, with `builders`)
+    #[default]
+    Local,
+    /// On the machine itself
+    Target,
+}
+
+/// A secret to put on the machine, outside the Nix store.
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Key {
+    /// The secret itself
+    value: String,
+    /// The directory it goes to (default /run/keys)
+    #[serde(default = "default_key_dir")]
+    dir: String,
+    /// Its owner (default root)
+    #[serde(default = "root")]
+    user: String,
+    /// Its group (default root)
+    #[serde(default = "root")]
+    group: String,
+    /// Its permission bits in octal (default 0400)
+    #[serde(default = "default_key_mode")]
+    mode: String,
+}
+
+fn default_key_dir() -> String {
+    "/run/keys".into()
+}
+fn root() -> String {
+    "root".into()
+}
+fn default_key_mode() -> String {
+    "0400".into()
+}
+fn default_port() -> u16 {
+    22
+}
+fn yes() -> bool {
+    true
+}
+fn default_profile() -> String {
+    "/nix/var/nix/profiles/system".into()
+}
+fn default_confirm_timeout() -> u64 {
+    30
+}
+fn default_check_timeout() -> u64 {
+    60
+}
+fn default_check_interval() -> u64 {
+    2
+}
+fn default_reboot_command() -> String {
+    "systemctl reboot".into()
+}
+fn default_reboot_timeout() -> u64 {
+    300
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MachineIn {
+    /// Where to deploy: `user@host`, or `host` for root
+    target: String,
+    /// The SSH port (default 22)
+    #[serde(default = "default_port")]
+    port: u16,
+    /// The machine's SSH host key, pinned: `ssh-ed25519 AAAA…` (no other key is accepted)
+    host_key: String,
+    /// A private key file to log in with (default: what ssh picks)
+    #[serde(default)]
+    identity: Option<String>,
+    /// The system: a NixOS toplevel store path, or its `.drv` to build first
+    system: String,
+    /// `switch` (default), `boot`, `test` or `dry-activate`
+    #[serde(default)]
+    goal: Goal,
+    /// Where a `.drv` is built: `local` (default; Nix's remote builders with `builders`) or `target`
+    #[serde(default)]
+    build_on: BuildOn,
+    /// Nix remote builders for a local build, in Nix's `--builders` syntax
+    #[serde(default)]
+    builders: Option<String>,
+    /// Let the machine fetch what it can from its own substituters
+    #[serde(default)]
+    substitute_on_destination: bool,
+    /// Whether the machine requires signed paths (false: `--no-check-sigs`, for unsigned builds)
+    #[serde(default = "yes")]
+    check_sigs: bool,
+    /// Become root with `sudo -n` on the machine (when the SSH user is not root)
+    #[serde(default)]
+    sudo: bool,
+    /// The system profile (default /nix/var/nix/profiles/system)
+    #[serde(default = "default_profile")]
+    profile: String,
+    /// Seconds the machine waits for a confirmation over a new SSH connection before it rolls back by itself (default 30; 0: no magic rollback)
+    #[serde(default = "default_confirm_timeout")]
+    confirm_timeout: u64,
+    /// Health checks after activation: `{"command": "…"}` on the machine, `{"http": "http://…", "status": 200}` from here
+    #[serde(default)]
+    checks: Vec<Check>,
+    /// Seconds the checks have to pass (default 60)
+    #[serde(default = "default_check_timeout")]
+    check_timeout: u64,
+    /// Seconds between check attempts (default 2)
+    #[serde(default = "default_check_interval")]
+    check_interval: u64,
+    /// Roll back when a health check fails (default true)
+    #[serde(default = "yes")]
+    rollback_on_failure: bool,
+    /// Secrets to upload, by name: `{"value": …, "dir": "/run/keys", "user": "root", "group": "root", "mode": "0400"}`
+    #[serde(default)]
+    keys: BTreeMap<String, Key>,
+    /// Reboot after the activation and wait for SSH (how a `boot` goal starts the new system)
+    #[serde(default)]
+    reboot: bool,
+    /// The command that reboots (default `systemctl reboot`)
+    #[serde(default = "default_reboot_command")]
+    reboot_command: String,
+    /// Seconds to wait for SSH after a reboot (default 300)
+    #[serde(default = "default_reboot_timeout")]
+    reboot_timeout: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MachineOut {
+    /// The system deployed (its toplevel store path)
+    system: String,
+    /// Its profile generation (0 when the goal sets no profile: `test`, `dry-activate`)
+    generation: u64,
+    /// What the machine runs now (`/run/current-system`)
+    running: String,
+    /// What it ran before this deployment
+    previous: String,
+    /// Where each key went, by name
+    #[serde(default)]
+    key_paths: BTreeMap<String, String>,
+}
+
+impl MachineIn {
+    fn check(&self) -> Result<Target, OperationError> {
+        let target = Target::parse(&self.target, self.port)?;
+        if !self.system.starts_with('/') {
+            return Err(OperationError::invalid_input(format!(
+                "input `system` ({:?}) is not a store path: give the toplevel, e.g. a `$ref` to a `nix` build's `outPath`",
+                self.system
+            )));
+        }
+        if !self.profile.starts_with('/') {
+            return Err(OperationError::invalid_input(format!(
+                "input `profile` ({:?}) is not an absolute path",
+                self.profile
+            )));
+        }
+        if self.goal == Goal::DryActivate && self.reboot {
+            return Err(OperationError::invalid_input(
+                "`reboot` with goal `dry-activate`: a dry activation changes nothing to reboot into",
+            ));
+        }
+        if self.check_interval == 0 {
+            return Err(OperationError::invalid_input("input `checkInterval` is 0"));
+        }
+        for check in &self.checks {
+            check.validate()?;
+        }
+        for (name, key) in &self.keys {
+            key_path(name, key)?;
+        }
+        Ok(target)
+    }
+}
+
+/// Where key `name` goes, once its settings are checked.
+fn key_path(name: &str, key: &Key) -> Result<String, OperationError> {
+    let bad = |why: String| OperationError::invalid_input(format!("key `{name}`: {why}"));
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(bad("a key's name is a file name (no `/`)".into()));
+    }
+    if !key.dir.starts_with('/') || key.dir.starts_with("/nix/store") {
+        return Err(bad(format!(
+            "`dir` ({}) must be an absolute path outside the Nix store",
+            key.dir
+        )));
+    }
+    let digits = key.mode.trim_start_matches("0o");
+    if digits.is_empty() || digits.len() > 4 || !digits.chars().all(|c| ('0'..='7').contains(&c)) {
+        return Err(bad(format!(
+            "`mode` ({}) is not octal permission bits like \"0400\"",
+            key.mode
+        )));
+    }
+    let fine = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('-')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    };
+    if !fine(&key.user) || !fine(&key.group) {
+        return Err(bad("`user` and `group` are user and group names".into()));
+    }
+    Ok(format!("{}/{name}", key.dir.trim_end_matches('/')))
+}
+
+/// What a machine runs, as [`remote::PROBE`] says.
+#[derive(Debug, Default)]
+struct Probe {
+    /// The profile's generation link (`system-3-link`) and what it points at.
+    profile_link: Option<String>,
+    profile_target: Option<String>,
+    running: Option<String>,
+}
+
+impl Probe {
+    fn generation(&self) -> u64 {
+        self.profile_link
+            .as_deref()
+            .and_then(|l| l.strip_suffix("-link")?.rsplit('-').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+async fn probe(ssh: &Ssh, profile: &str, sudo: bool) -> Result<Probe, OperationError> {
+    let out = ssh.output(sudo, remote::PROBE, &[profile], None).await?;
+    let mut probe = Probe::default();
+    let some = |s: &str| (s != "-").then(|| s.to_string());
+    for line in out.lines() {
+        let words: Vec<&str> = line.split(' ').collect();
+        match words.as_slice() {
+            ["profile", link, target] => {
+                probe.profile_link = some(link);
+                probe.profile_target = some(target);
+            }
+            ["running", target] => probe.running = some(target),
+            _ => {}
+        }
+    }
+    Ok(probe)
+}
+
+/// A name for one activation's notes on the machine.
+fn activation_dir() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    hasher.write_u32(std::process::id());
+    format!("/run/capstan/{:016x}", hasher.finish())
+}
+
+/// How an activation went, as the machine told.
+struct Activated {
+    dir: String,
+    generation: u64,
+}
+
+impl Nixos {
+    async fn deploy(
+        &self,
+        op: &Operation,
+        inputs: &MachineIn,
+        prior: Option<&MachineOut>,
+    ) -> Result<MachineOut, OperationError> {
+        let target = inputs.check()?;
+        let mut ssh = Ssh::new(target, &inputs.host_key, inputs.identity.as_deref())?;
+        op.phase("connecting").await;
+        ssh.open().await?;
+        let system = if inputs.system.ends_with(".drv") {
+            op.phase("building").await;
+            self.build(op, &ssh, inputs).await?
+        } else {
+            inputs.system.clone()
+        };
+        let before = probe(&ssh, &inputs.profile, inputs.sudo).await?;
+        let previous = before.running.clone().unwrap_or_default();
+        let already = inputs.goal != Goal::DryActivate
+            && (!inputs.goal.activates_now() || before.running.as_deref() == Some(&system))
+            && (!inputs.goal.sets_profile() || before.profile_target.as_deref() == Some(&system));
+        let key_paths = self.upload_keys(op, &ssh, inputs, prior).await?;
+        let mut activated = None;
+        if already {
+            op.phase("already running").await;
+            tracing::info!(system = %system, "the machine already has this system: nothing to copy or activate");
+        } else {
+            // Built on the machine: it is there already (and not here).
+            if !(inputs.system.ends_with(".drv") && inputs.build_on == BuildOn::Target) {
+                op.phase("copying").await;
+                self.copy(op, &ssh, &system, inputs).await?;
+            }
+            op.phase("activating").await;
+            let done = self.activate(op, &mut ssh, inputs, &system).await?;
+            activated = Some(done);
+        }
+        if inputs.reboot && !already {
+            self.reboot(op, &mut ssh, inputs, &system).await?;
+        }
+        if !inputs.checks.is_empty() {
+            op.phase("checking").await;
+            let checked = checks::run(
+                op,
+                &ssh,
+                &inputs.checks,
+                Duration::from_secs(inputs.check_timeout),
+                Duration::from_secs(inputs.check_interval),
+            )
+            .await;
+            if let Err(failed) = checked {
+                return Err(self
+                    .after_failed_checks(op, &ssh, inputs, &system, activated.as_ref(), failed)
+                    .await);
+            }
+        }
+        let after = probe(&ssh, &inputs.profile, inputs.sudo).await?;
+        if let Some(done) = &activated {
+            let _ = ssh
+                .output(inputs.sudo, remote::CLEAN, &[&done.dir], None)
+                .await;
+        }
+        ssh.close().await;
+        Ok(MachineOut {
+            generation: match &activated {
+                Some(done) if done.generation > 0 => done.generation,
+                _ if inputs.goal.sets_profile() => after.generation(),
+                _ => 0,
+            },
+            running: after.running.unwrap_or_default(),
+            previous: if already {
+                prior.map(|p| p.previous.clone()).unwrap_or(previous)
+            } else {
+                previous
+            },
+            system,
+            key_paths,
+        })
+    }
+
+    /// Builds a `.drv`: here (or on Nix's remote builders), or on the machine.
+    async fn build(
+        &self,
+        op: &Operation,
+        ssh: &Ssh,
+        inputs: &MachineIn,
+    ) -> Result<String, OperationError> {
+        match inputs.build_on {
+            BuildOn::Local => {
+                let mut command = tokio::process::Command::new("nix-store");
+                command.args(["--realise", &inputs.system]).args([
+                    "--log-format",
+                    "internal-json",
+                    "-v",
+                ]);
+                if let Some(builders) = &inputs.builders {
+                    command.args(["--builders", builders]);
+                }
+                let printed =
+                    capstan_provider_nix::run_nix_logged(op, command, "nix-store --realise")
+                        .await?;
+                first_path(printed, &inputs.system)
+            }
+            BuildOn::Target => {
+                let mut command = nix_copy(ssh, inputs);
+                command.args(["--derivation", &inputs.system]);
+                capstan_provider_nix::run_nix_logged(op, command, "nix copy --derivation").await?;
+                let mut realise =
+                    ssh.command(false, r#"nix-store --realise "$1""#, &[&inputs.system]);
+                realise.stdin(std::process::Stdio::null());
+                let child =
+                    capstan_provider::spawn_piped(&mut realise).map_err(ssh::missing_ssh)?;
+                let output =
+                    capstan_provider::stream_command(op, child, "the build on the machine").await?;
+                if !output.status.success() {
+                    return Err(OperationError::permanent(format!(
+                        "building {} on {} failed ({})",
+                        inputs.system,
+                        ssh.target.shown(),
+                        output.status
+                    ))
+                    .with_details(output.tail.join("\n")));
+                }
+                let printed = String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .map(|l| l.trim().to_string())
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                first_path(printed, &inputs.system)
+            }
+        }
+    }
+
+    async fn copy(
+        &self,
+        op: &Operation,
+        ssh: &Ssh,
+        system: &str,
+        inputs: &MachineIn,
+    ) -> Result<(), OperationError> {
+        let mut command = nix_copy(ssh, inputs);
+        command.arg(system);
+        capstan_provider_nix::run_nix_logged(op, command, "nix copy")
+            .await
+            .map(drop)
+    }
+
+    /// Uploads the keys (and removes those the resource no longer has).
+    async fn upload_keys(
+        &self,
+        op: &Operation,
+        ssh: &Ssh,
+        inputs: &MachineIn,
+        prior: Option<&MachineOut>,
+    ) -> Result<BTreeMap<String, String>, OperationError> {
+        let mut paths = BTreeMap::new();
+        if !inputs.keys.is_empty() {
+            op.phase("keys").await;
+        }
+        for (name, key) in &inputs.keys {
+            let path = key_path(name, key)?;
+            let mode = format!("{:0>4}", key.mode.trim_start_matches("0o"));
+            ssh.output(
+                inputs.sudo,
+                remote::UPLOAD_KEY,
+                &[&path, &key.user, &key.group, &mode],
+                Some(key.value.as_bytes()),
+            )
+            .await
+            .map_err(|e| {
+                OperationError::new(e.kind, format!("uploading key `{name}`: {}", e.message))
+            })?;
+            tracing::info!(key = %name, path = %path, "key uploaded");
+            paths.insert(name.clone(), path);
+        }
+        let stale: Vec<&str> = prior
+            .map(|p| {
+                p.key_paths
+                    .values()
+                    .filter(|old| !paths.values().any(|new| new == *old))
+                    .map(String::as_str)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !stale.is_empty() {
+            ssh.output(inputs.sudo, remote::REMOVE_KEYS, &stale, None)
+                .await?;
+        }
+        Ok(paths)
+    }
+
+    /// Activates on the machine (detached there), and confirms over a new connection when
+    /// the goal changes what runs now.
+    async fn activate(
+        &self,
+        op: &Operation,
+        ssh: &mut Ssh,
+        inputs: &MachineIn,
+        system: &str,
+    ) -> Result<Activated, OperationError> {
+        let dir = activation_dir();
+        let confirm = inputs.confirm_timeout > 0 && inputs.goal.activates_now();
+        let timeout = inputs.confirm_timeout.to_string();
+        let launcher = remote::launcher();
+        let mut command = ssh.command(
+            inputs.sudo,
+            &launcher,
+            &[
+                &inputs.profile,
+                system,
+                inputs.goal.as_str(),
+                &dir,
+                if confirm { "1" } else { "0" },
+                &timeout,
+            ],
+        );
+        command.stdin(std::process::Stdio::null());
+        let child = capstan_provider::spawn_piped(&mut command).map_err(ssh::missing_ssh)?;
+        let output = capstan_provider::stream_command(op, child, "the activation").await?;
+        let said = String::from_utf8_lossy(&output.stdout).into_owned();
+        let note = |key: &str| {
+            said.lines()
+                .rev()
+                .filter_map(|l| l.strip_prefix("@capstan "))
+                .find_map(|l| l.strip_prefix(key))
+                .map(|l| l.trim().to_string())
+        };
+        let generation = note("generation ")
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(0);
+        let previous = note("previous ").unwrap_or_default();
+        let host = ssh.target.shown();
+        let details = output.tail.join("\n");
+        match output.status.code() {
+            Some(0) => {}
+            Some(3) if inputs.goal == Goal::DryActivate => {
+                return Err(OperationError::permanent(format!(
+                    "the dry activation of {system} on {host} failed (nothing was changed)"
+                ))
+                .with_details(details));
+            }
+            Some(3) => {
+                let back = if previous.is_empty() {
+                    "the profile was reset".to_string()
+                } else {
+                    format!("it runs {previous} again")
+                };
+                return Err(OperationError::permanent(format!(
+                    "`switch-to-configuration {}` of {system} failed on {host}, so it was rolled back: {back}",
+                    inputs.goal.as_str()
+                ))
+                .with_details(details));
+            }
+            Some(2) => {
+                return Err(OperationError::permanent(format!(
+                    "{host}: nix-env could not point {} at {system} (is the SSH user root, or `sudo` set?)",
+                    inputs.profile
+                ))
+                .with_details(details));
+            }
+            Some(255) => {
+                // The connection broke while the activation ran (it goes on, detached): ask
+                // over a new connection how it ended.
+                tracing::warn!("the connection broke during the activation; asking how it ended");
+                let outcome = ssh
+                    .fresh_output(inputs.sudo, remote::OUTCOME, &[&dir])
+                    .await
+                    .unwrap_or_default();
+                if outcome.lines().next().map(str::trim) != Some("0") {
+                    return Err(OperationError::permanent(format!(
+                        "the SSH connection to {host} broke during the activation of {system}, and how it ended is unknown ({}); run `capstan apply --refresh` to see what the machine runs",
+                        outcome.lines().next().unwrap_or("no answer over a new connection")
+                    ))
+                    .with_details(details));
+                }
+                let _ = ssh.open().await;
+            }
+            _ => {
+                return Err(OperationError::permanent(format!(
+                    "the activation on {host} failed ({}): {}",
+                    output.status,
+                    output.tail.last().cloned().unwrap_or_default()
+                ))
+                .with_details(details));
+            }
+        }
+        if confirm {
+            op.phase("confirming").await;
+            self.confirm(op, ssh, inputs, system, &dir, &previous)
+                .await?;
+        }
+        Ok(Activated { dir, generation })
+    }
+
+    /// Confirms the activation over a new connection before the machine's watchdog rolls it
+    /// back; if none gets through, waits for the rollback and says so.
+    async fn confirm(
+        &self,
+        op: &Operation,
+        ssh: &Ssh,
+        inputs: &MachineIn,
+        system: &str,
+        dir: &str,
+        previous: &str,
+    ) -> Result<(), OperationError> {
+        let timeout = Duration::from_secs(inputs.confirm_timeout);
+        let started = Instant::now();
+        let host = ssh.target.shown();
+        let mut last = String::new();
+        while started.elapsed() < timeout {
+            match ssh.fresh_output(inputs.sudo, remote::CONFIRM, &[dir]).await {
+                Ok(out) if out.trim() == "confirmed" => {
+                    tracing::info!("confirmed over a new SSH connection");
+                    return Ok(());
+                }
+                Ok(out) => {
+                    last = format!(
+                        "the machine's watchdog had already rolled back ({})",
+                        out.trim()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    last = e.message;
+                    tracing::warn!("no confirmation yet: {last}");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = op.cancelled() => return Err(OperationError::cancelled("the confirmation was cancelled (the machine rolls back by itself)")),
+            }
+        }
+        // The watchdog rolls back at its deadline; wait for it, then look.
+        op.phase("waiting for the rollback").await;
+        let deadline = timeout + ROLLBACK_GRACE;
+        loop {
+            if let Ok(outcome) = ssh.fresh_output(inputs.sudo, remote::OUTCOME, &[dir]).await {
+                let why: Vec<&str> = outcome.lines().skip(1).collect();
+                if !why.is_empty() {
+                    let now = ssh
+                        .fresh_output(inputs.sudo, remote::PROBE, &[&inputs.profile])
+                        .await
+                        .ok()
+                        .and_then(|p| {
+                            p.lines()
+                                .find_map(|l| l.strip_prefix("running ").map(str::to_string))
+                        })
+                        .unwrap_or_else(|| previous.to_string());
+                    return Err(OperationError::permanent(format!(
+                        "{host} rolled {system} back by itself: {} (the last attempt: {last}); it runs {now} again",
+                        why.join(" ")
+                    )));
+                }
+            }
+            if started.elapsed() > deadline {
+                return Err(OperationError::permanent(format!(
+                    "{system} was not confirmed on {host} over a new SSH connection within {} s ({last}), and the machine cannot be reached since: whether it rolled back is unknown",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = op.cancelled() => return Err(OperationError::cancelled("waiting for the rollback was cancelled")),
+            }
+        }
+    }
+
+    /// Reboots, waits until the machine is back over SSH, and checks it runs `system`.
+    async fn reboot(
+        &self,
+        op: &Operation,
+        ssh: &mut Ssh,
+        inputs: &MachineIn,
+        system: &str,
+    ) -> Result<(), OperationError> {
+        op.phase("rebooting").await;
+        let host = ssh.target.shown();
+        let boot_id = |out: &str| out.trim().to_string();
+        let before = ssh
+            .output(false, "cat /proc/sys/kernel/random/boot_id", &[], None)
+            .await
+            .map(|out| boot_id(&out))
+            .unwrap_or_default();
+        ssh.output(inputs.sudo, remote::REBOOT, &[&inputs.reboot_command], None)
+            .await?;
+        ssh.close().await;
+        let started = Instant::now();
+        let limit = Duration::from_secs(inputs.reboot_timeout);
+        // Down first (or up with another boot id), then up.
+        let mut went_down = false;
+        loop {
+            let answer = ssh
+                .fresh_output(false, "cat /proc/sys/kernel/random/boot_id", &[])
+                .await;
+            match answer {
+                Ok(id) if went_down || (!before.is_empty() && boot_id(&id) != before) => break,
+                Ok(_) => {}
+                Err(_) => went_down = true,
+            }
+            if started.elapsed() > limit {
+                return Err(OperationError::permanent(format!(
+                    "{host} {} within {} s of `{}`",
+                    if went_down {
+                        "did not come back"
+                    } else {
+                        "did not go down"
+                    },
+                    limit.as_secs(),
+                    inputs.reboot_command
+                )));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                () = op.cancelled() => return Err(OperationError::cancelled("waiting for the reboot was cancelled")),
+            }
+        }
+        tracing::info!("back after {:.1} s", started.elapsed().as_secs_f64());
+        ssh.open().await?;
+        let now = probe(ssh, &inputs.profile, inputs.sudo).await?;
+        if now.running.as_deref() != Some(system) {
+            return Err(OperationError::permanent(format!(
+                "after the reboot {host} runs {}, not {system}: the boot loader did not start the new generation",
+                now.running.as_deref().unwrap_or("no system")
+            )));
+        }
+        Ok(())
+    }
+
+    /// A health check failed: roll back if asked (and if this run activated something).
+    async fn after_failed_checks(
+        &self,
+        op: &Operation,
+        ssh: &Ssh,
+        inputs: &MachineIn,
+        system: &str,
+        activated: Option<&Activated>,
+        failed: OperationError,
+    ) -> OperationError {
+        let host = ssh.target.shown();
+        let Some(done) = activated.filter(|_| inputs.rollback_on_failure) else {
+            return OperationError::permanent(format!("{host}: {}", failed.message));
+        };
+        op.phase("rolling back").await;
+        let why = format!("a health check failed: {}", failed.message);
+        let rolled = ssh
+            .output(
+                inputs.sudo,
+                remote::ROLLBACK,
+                &[
+                    &inputs.profile,
+                    system,
+                    inputs.goal.as_str(),
+                    &done.dir,
+                    &why,
+                ],
+                None,
+            )
+            .await;
+        let _ = ssh
+            .output(inputs.sudo, remote::CLEAN, &[&done.dir], None)
+            .await;
+        match rolled {
+            Ok(_) => {
+                let now = probe(ssh, &inputs.profile, inputs.sudo)
+                    .await
+                    .ok()
+                    .and_then(|p| p.running)
+                    .unwrap_or_default();
+                OperationError::permanent(format!(
+                    "{host}: {}; {system} was rolled back, it runs {now} again",
+                    failed.message
+                ))
+            }
+            Err(e) => OperationError::permanent(format!(
+                "{host}: {}; rolling back failed too: {}",
+                failed.message, e.message
+            )),
+        }
+    }
+}
+
+/// How long after its deadline the watchdog's rollback may take before the machine counts as
+/// lost.
+const ROLLBACK_GRACE: Duration = Duration::from_secs(60);
+
+/// `nix copy` to the machine over the master connection, its activities as JSON.
+fn nix_copy(ssh: &Ssh, inputs: &MachineIn) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new("nix");
+    command
+        .args(["--extra-experimental-features", "nix-command", "copy"])
+        .args(["--to", &ssh.store_url()])
+        .args(["--log-format", "internal-json", "-v"])
+        .env("NIX_SSHOPTS", ssh.nix_sshopts());
+    if inputs.substitute_on_destination {
+        command.arg("--substitute-on-destination");
+    }
+    if !inputs.check_sigs {
+        command.arg("--no-check-sigs");
+    }
+    command
+}
+
+fn first_path(printed: Vec<String>, drv: &str) -> Result<String, OperationError> {
+    printed
+        .into_iter()
+        .find(|l| l.starts_with('/'))
+        .ok_or_else(|| OperationError::permanent(format!("building {drv} printed no store path")))
+}
+
+impl Resource for Nixos {
+    type Inputs = MachineIn;
+    type Outputs = MachineOut;
+
+    fn resource_type() -> ResourceType {
+        let mut t = ResourceType::new("nixos")
+            .description("A NixOS machine over SSH: its system copied, activated, confirmed over a new connection (else rolled back), checked; keys uploaded")
+            .inputs_from::<MachineIn>()
+            .outputs_from::<MachineOut>()
+            .sensitive("keys")
+            .stateful(true)
+            .read_checks(true);
+        for output in ["system", "generation", "running", "previous", "keyPaths"] {
+            t = t.public(output);
+        }
+        t
+    }
+
+    async fn create(
+        &self,
+        op: &Operation,
+        inputs: MachineIn,
+    ) -> Result<MachineOut, OperationError> {
+        self.deploy(op, &inputs, None).await
+    }
+
+    async fn update(
+        &self,
+        op: &Operation,
+        prior: Prior<MachineIn, MachineOut>,
+        inputs: MachineIn,
+    ) -> Result<MachineOut, OperationError> {
+        self.deploy(op, &inputs, Some(&prior.outputs)).await
+    }
+
+    /// What the machine runs now: a system switched by hand shows as a change.
+    async fn read(
+        &self,
+        _op: &Operation,
+        prior: Prior<MachineIn, MachineOut>,
+    ) -> Result<MachineOut, OperationError> {
+        let inputs = prior.inputs;
+        let target = inputs.check()?;
+        let mut ssh = Ssh::new(target, &inputs.host_key, inputs.identity.as_deref())?;
+        ssh.open().await?;
+        let now = probe(&ssh, &inputs.profile, inputs.sudo).await?;
+        ssh.close().await;
+        let mut outputs = prior.outputs;
+        match inputs.goal {
+            Goal::Switch => {
+                outputs.system = now.profile_target.clone().unwrap_or_default();
+                outputs.generation = now.generation();
+                outputs.running = now.running.unwrap_or_default();
+            }
+            Goal::Boot => {
+                outputs.system = now.profile_target.clone().unwrap_or_default();
+                outputs.generation = now.generation();
+            }
+            Goal::Test => outputs.running = now.running.unwrap_or_default(),
+            Goal::DryActivate => {}
+        }
+        Ok(outputs)
+    }
+
+    /// What an interrupted deploy left: the machine has the system, or not.
+    async fn find(&self, _op: &Operation, inputs: MachineIn) -> Result<MachineOut, OperationError> {
+        let target = inputs.check()?;
+        let mut ssh = Ssh::new(target, &inputs.host_key, inputs.identity.as_deref())?;
+        ssh.open().await?;
+        let now = probe(&ssh, &inputs.profile, inputs.sudo).await?;
+        ssh.close().await;
+        let has = match inputs.goal {
+            Goal::Switch => {
+                now.running.as_deref() == Some(&inputs.system)
+                    && now.profile_target.as_deref() == Some(&inputs.system)
+            }
+            Goal::Boot => now.profile_target.as_deref() == Some(&inputs.system),
+            Goal::Test => now.running.as_deref() == Some(&inputs.system),
+            Goal::DryActivate => false,
+        };
+        if !has {
+            return Err(OperationError::not_found(format!(
+                "{} does not run {}",
+                inputs.target, inputs.system
+            )));
+        }
+        // Keys are uploaded again by the next deploy: none are known to be there.
+        Ok(MachineOut {
+            system: inputs.system.clone(),
+            generation: if inputs.goal.sets_profile() {
+                now.generation()
+            } else {
+                0
+            },
+            running: now.running.unwrap_or_default(),
+            previous: String::new(),
+            key_paths: BTreeMap::new(),
+        })
+    }
+
+    /// Removes the keys it uploaded; the machine keeps running its system.
+    async fn delete(
+        &self,
+        _op: &Operation,
+        prior: Prior<MachineIn, MachineOut>,
+    ) -> Result<(), OperationError> {
+        if prior.outputs.key_paths.is_empty() {
+            return Ok(());
+        }
+        let inputs = prior.inputs;
+        let target = inputs.check()?;
+        let mut ssh = Ssh::new(target, &inputs.host_key, inputs.identity.as_deref())?;
+        ssh.open().await?;
+        let paths: Vec<&str> = prior
+            .outputs
+            .key_paths
+            .values()
+            .map(String::as_str)
+            .collect();
+        ssh.output(inputs.sudo, remote::REMOVE_KEYS, &paths, None)
+            .await?;
+        ssh.close().await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked_before_anything_is_sent() {
+        let key = |dir: &str, mode: &str| Key {
+            value: "s3cret".into(),
+            dir: dir.into(),
+            user: "root".into(),
+            group: "root".into(),
+            mode: mode.into(),
+        };
+        assert_eq!(
+            key_path("db", &key("/run/keys/", "0400")).unwrap(),
+            "/run/keys/db"
+        );
+        assert!(key_path("../x", &key("/run/keys", "0400")).is_err());
+        assert!(key_path("db", &key("/nix/store/k", "0400")).is_err());
+        assert!(key_path("db", &key("keys", "0400")).is_err());
+        assert!(key_path("db", &key("/run/keys", "0999")).is_err());
+        assert!(key_path("db", &key("/run/keys", "rw")).is_err());
+    }
+
+    #[test]
+    fn generation_numbers_come_from_the_profile_link() {
+        let probe = Probe {
+            profile_link: Some("system-12-link".into()),
+            ..Probe::default()
+        };
+        assert_eq!(probe.generation(), 12);
+        assert_eq!(Probe::default().generation(), 0);
+    }
+}
