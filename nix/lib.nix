@@ -63,7 +63,7 @@ let
       throw "capstan: the name `${name}`${if prefix == "" then "" else " in `${prefix}`"} must be non-empty and must not contain `.`, `#` or control characters (they separate groups, members and outputs in addresses)"
     else if prefix == "" then name else "${prefix}.${name}";
 
-  resourceKeys = [ "provider" "type" "inputs" "outputs" ];
+  resourceKeys = [ "provider" "type" "inputs" "outputs" "tags" ];
 
   capstan = {
     # Providers, as `providers.<name> = …`. Each is an attribute set like a capstan.json
@@ -270,14 +270,15 @@ let
         provider = d.provider or (throw "capstan: resource `${address}` has no `provider`");
         type = d.type or (throw "capstan: resource `${address}` has no `type`");
         inputs = d.inputs or { };
-      } // (if d ? outputs then { inherit (d) outputs; } else { });
+      } // (if d ? outputs then { inherit (d) outputs; } else { })
+        // (if d ? tags then { inherit (d) tags; } else { });
 
       walkResource = address: d: decl:
         let
           unknown = filter (k: !(elem k resourceKeys)) (attrNames d);
         in
         if unknown != [ ] then
-          throw "capstan: resource `${address}`: unknown key `${concatStringsSep "`, `" unknown}`; a resource has `provider`, `type`, `inputs` and `outputs`"
+          throw "capstan: resource `${address}`: unknown key `${concatStringsSep "`, `" unknown}`; a resource has `provider`, `type`, `inputs`, `outputs` and `tags`"
         else if !isString decl.provider || !isString decl.type then
           throw "capstan: resource `${address}`: `provider` and `type` are strings (a provider's name in `providers`, a type it offers)"
         else

@@ -81,6 +81,11 @@ pub struct DeploymentArgs {
     /// are passed and stored but shown nowhere (keep it 0600).
     #[arg(long, value_name = "FILE")]
     secrets: Option<PathBuf>,
+    /// Only these resources and what they depend on (for destroy: and what depends on them):
+    /// an address (`web`, `machines.web`), a glob (`machines.*`) or a tag declared with
+    /// `"tags"` (`@frontend`); repeatable. Everything else is left as it is, and listed.
+    #[arg(long = "target", value_name = "PATTERN")]
+    targets: Vec<String>,
 }
 
 impl DeploymentArgs {
@@ -277,6 +282,21 @@ async fn open(
             .map_err(|e| CliError::from_session(e, stop))?;
     }
     let dir = args.place.checked_state_dir().map_err(|e| invalid(&e))?;
+    let selection = if args.targets.is_empty() {
+        None
+    } else {
+        let selection =
+            capstan_engine::select::Selection::parse(&args.targets).map_err(|e| invalid(&e))?;
+        // A typo is found before the state is touched (a deployment in Nix is evaluated
+        // first, so its selection is checked once it is).
+        if let Some(deployment) = reading.deployment() {
+            let (recorded, _) = state::read_only(&dir).unwrap_or_default();
+            selection
+                .check(deployment, &recorded)
+                .map_err(|e| invalid(&e))?;
+        }
+        Some(selection)
+    };
     let owner = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -358,9 +378,14 @@ async fn open(
         secrets,
         interrupt: stop.token.clone(),
     };
-    let session = Session::open(reading, cx)
+    let mut session = Session::open(reading, cx)
         .await
         .map_err(|e| CliError::from_session(e, stop))?;
+    if let Some(selection) = selection {
+        session
+            .select(selection)
+            .map_err(|e| CliError::from_session(e, stop))?;
+    }
     Ok((session, backend))
 }
 

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::output::Stdout;
 
 /// The JSON stream's version; minor versions only add fields and event types.
-pub const JSON_STREAM_VERSION: &str = "1.3";
+pub const JSON_STREAM_VERSION: &str = "1.4";
 
 /// Newline-delimited JSON on stdout: a `version` line, then one line per event, each with
 /// `type`, a monotonic `seq` and a `timestamp`.
@@ -112,8 +112,10 @@ fn past(operation: &str) -> &'static str {
 impl EventSink for HumanEvents {
     fn emit(&self, event: Event) {
         // The plan, with what it left for a later evaluation.
-        let to_stdout =
-            matches!(event, Event::Plan { .. } | Event::Deferred { .. }) && self.plan_out.is_some();
+        let to_stdout = matches!(
+            event,
+            Event::Plan { .. } | Event::Deferred { .. } | Event::NotSelected { .. }
+        ) && self.plan_out.is_some();
         let mut text = String::new();
         for line in self.lines(event, false) {
             text.push_str(&line);
@@ -179,6 +181,21 @@ impl HumanEvents {
             | Event::EvaluationFailed { .. }
             | Event::Deferred { .. }
             | Event::EvaluationLog { .. }) => self.evaluation_lines(event, live, &mut out),
+            Event::NotSelected { addresses } => {
+                let mut shown: Vec<&str> = addresses.iter().take(10).map(String::as_str).collect();
+                let more = addresses.len().saturating_sub(10);
+                let more = if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                };
+                shown.sort_unstable();
+                put!(
+                    "  {} not selected by --target, left as they are: {}{more}",
+                    self.paint(style::DIM, "·"),
+                    shown.join(", ")
+                );
+            }
             Event::ProviderLog { provider, line, .. } => {
                 put!(
                     "  {} {line}",

@@ -152,6 +152,9 @@ pub enum Event {
         #[serde(skip_serializing_if = "Vec::is_empty")]
         may_delete: Vec<String>,
     },
+    /// With `--target`: the resources the plan would change that the selection leaves as they
+    /// are (after the plan).
+    NotSelected { addresses: Vec<String> },
     /// A line a provider process wrote outside any operation.
     ProviderLog {
         provider: String,

@@ -22,6 +22,7 @@ pub mod reconcile;
 pub mod run;
 pub mod scheduler;
 pub mod secrets;
+pub mod select;
 pub mod session;
 pub mod strict_json;
 

@@ -933,6 +933,8 @@ pub struct Stages {
     pub uses: Uses,
     /// Evaluations so far (for events).
     pub stage: usize,
+    /// `--target`: later evaluations add only what it selects.
+    pub selection: Option<crate::select::Selection>,
 }
 
 /// Adds what `deferred` waited for to `uses`, and gives each resource of `deployment` the

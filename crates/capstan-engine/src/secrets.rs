@@ -536,6 +536,7 @@ impl Redacting {
             | Event::EvaluationStart { .. }
             | Event::EvaluationComplete { .. }
             | Event::Deferred { .. }
+            | Event::NotSelected { .. }
             | Event::Summary { .. } => {}
         }
         true

@@ -101,6 +101,9 @@ pub struct Session {
     /// What the checks before planning found, applied to `state` and journaled only when the
     /// run starts (after any "delete everything?" question; a plan never journals).
     unjournaled: Vec<Record>,
+    /// `--target`: what the run is limited to, and what it leaves that would change.
+    selection: Option<crate::select::Selection>,
+    not_selected: Vec<String>,
 }
 
 /// A deployment in Nix between evaluations.
@@ -128,6 +131,13 @@ pub struct Reading {
     mode: Mode,
     /// `None` for a deployment in Nix, which is evaluated against the state.
     deployment: Option<Deployment>,
+}
+
+impl Reading {
+    /// The deployment as read, when it is JSON (a deployment in Nix is evaluated later).
+    pub fn deployment(&self) -> Option<&Deployment> {
+        self.deployment.as_ref()
+    }
 }
 
 /// Where the deployment is and what it is given.
@@ -207,6 +217,8 @@ impl Session {
             interrupt: cx.interrupt,
             nix: None,
             unjournaled: Vec::new(),
+            selection: None,
+            not_selected: Vec::new(),
         };
         if nix::is_nix(&file) && mode == Mode::Destroy {
             let (known, settled) = (Default::default(), Default::default());
@@ -237,8 +249,40 @@ impl Session {
         Ok(session)
     }
 
+    /// Limits the session to what `selection` selects (`--target`) and what that depends on;
+    /// a pattern that selects nothing is an error (a typo, most likely).
+    pub fn select(&mut self, selection: crate::select::Selection) -> Result<(), SessionError> {
+        selection
+            .check(&self.deployment, &self.state)
+            .map_err(SessionError::Invalid)?;
+        let changes = std::mem::take(&mut self.changes);
+        let (kept, left) = selection.apply(&self.deployment, &self.state, self.mode, changes);
+        self.changes = kept;
+        self.not_selected = left;
+        self.selection = Some(selection);
+        Ok(())
+    }
+
+    /// The plan, limited to the selection if there is one.
+    fn selected(&mut self, changes: Vec<PlannedChange>) -> Vec<PlannedChange> {
+        match &self.selection {
+            None => changes,
+            Some(selection) => {
+                let (kept, left) =
+                    selection.apply(&self.deployment, &self.state, self.mode, changes);
+                self.not_selected = left;
+                kept
+            }
+        }
+    }
+
     /// Plans (again): the state changed under the plan, or nothing is planned yet.
     async fn replan(&mut self) -> Result<Vec<PlannedChange>, SessionError> {
+        let changes = self.replan_all().await?;
+        Ok(self.selected(changes))
+    }
+
+    async fn replan_all(&mut self) -> Result<Vec<PlannedChange>, SessionError> {
         if self.mode == Mode::Destroy {
             return Ok(plan::plan_destroy(&self.state));
         }
@@ -460,6 +504,11 @@ impl Session {
         self.events.emit(Event::Plan {
             changes: changes.clone(),
         });
+        if !self.not_selected.is_empty() {
+            self.events.emit(Event::NotSelected {
+                addresses: self.not_selected.clone(),
+            });
+        }
         for d in self.deferred() {
             self.events.emit(Event::Deferred {
                 address: d.address.clone(),
@@ -517,6 +566,7 @@ impl Session {
                 deferred: n.deferred,
                 uses: n.uses,
                 stage: n.stage,
+                selection: self.selection.clone(),
             });
         let run = run::Run {
             deployment: &self.deployment,

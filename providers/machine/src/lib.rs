@@ -556,19 +556,9 @@ impl Nixos {
         );
         command.stdin(std::process::Stdio::null());
         let child = capstan_provider::spawn_piped(&mut command).map_err(ssh::missing_ssh)?;
-        let output = capstan_provider::stream_command(op, child, "the activation").await?;
-        let said = String::from_utf8_lossy(&output.stdout).into_owned();
-        let note = |key: &str| {
-            said.lines()
-                .rev()
-                .filter_map(|l| l.strip_prefix("@capstan "))
-                .find_map(|l| l.strip_prefix(key))
-                .map(|l| l.trim().to_string())
-        };
-        let generation = note("generation ")
-            .and_then(|g| g.parse().ok())
-            .unwrap_or(0);
-        let previous = note("previous ").unwrap_or_default();
+        let output = stream_activation(op, child).await?;
+        let generation = output.generation;
+        let previous = output.previous.clone();
         let host = ssh.target.shown();
         let details = output.tail.join("\n");
         match output.status.code() {
@@ -817,6 +807,87 @@ impl Nixos {
             )),
         }
     }
+}
+
+/// What the activation said: its exit status, its last lines, and its notes (`@capstan KEY
+/// VALUE` lines on stdout, which become events instead of log lines).
+struct ActivationOutput {
+    status: std::process::ExitStatus,
+    tail: Vec<String>,
+    generation: u64,
+    previous: String,
+}
+
+/// Follows the activation's output: every line to the operation's log as it arrives, except
+/// the notes of Capstan's own script on the machine.
+async fn stream_activation(
+    op: &Operation,
+    mut child: tokio::process::Child,
+) -> Result<ActivationOutput, OperationError> {
+    use capstan_provider::LogStream;
+    let group = capstan_provider::ProcessGroupGuard::new(child.id());
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().expect("stderr is piped"));
+    let (mut out_buffer, mut err_buffer) = (Vec::new(), Vec::new());
+    let (mut out_open, mut err_open) = (true, true);
+    let mut tail = capstan_provider::LastLines::default();
+    let (mut generation, mut previous) = (0, String::new());
+    while out_open || err_open {
+        let (stream, line) = tokio::select! {
+            line = capstan_provider::read_line_lossy(&mut stdout, &mut out_buffer), if out_open => (LogStream::Stdout, line),
+            line = capstan_provider::read_line_lossy(&mut stderr, &mut err_buffer), if err_open => (LogStream::Stderr, line),
+            () = op.cancelled() => return Err(OperationError::cancelled("the activation was cancelled (it goes on on the machine, which rolls back unless it is confirmed)")),
+        };
+        let Ok(Some(line)) = line else {
+            match stream {
+                LogStream::Stdout => out_open = false,
+                _ => err_open = false,
+            }
+            continue;
+        };
+        let Some(note) = line.strip_prefix("@capstan ") else {
+            tail.push(line.clone());
+            op.log(stream, line).await;
+            continue;
+        };
+        let (key, value) = note.split_once(' ').unwrap_or((note, ""));
+        match key {
+            "previous" => {
+                previous = value.trim().to_string();
+                if !previous.is_empty() {
+                    tracing::info!(system = %previous, "it ran this before");
+                }
+            }
+            "generation" => {
+                generation = value.trim().parse().unwrap_or(0);
+                tracing::info!(generation, "the profile's new generation");
+            }
+            "waiting" => {
+                tracing::info!(
+                    "it rolls back unless confirmed over a new SSH connection within {value} s"
+                )
+            }
+            "rollback" => {
+                tail.push(format!("rolling back: {value}"));
+                tracing::warn!("rolling back: {value}");
+            }
+            _ => {
+                tail.push(value.to_string());
+                tracing::error!("{value}");
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| OperationError::permanent(format!("waiting for ssh: {e}")))?;
+    group.disarm();
+    Ok(ActivationOutput {
+        status,
+        tail: tail.into_vec(),
+        generation,
+        previous,
+    })
 }
 
 /// How long after its deadline the watchdog's rollback may take before the machine counts as

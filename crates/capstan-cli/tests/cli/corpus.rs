@@ -107,6 +107,22 @@ fn cases() -> Vec<Case> {
         bad("timeout_huge", LOCAL, &["apply", "--timeout", "1e300"], 2),
         bad("timeout_zero", LOCAL, &["apply", "--timeout", "0"], 2),
         bad("timeout_words", LOCAL, &["apply", "--timeout", "ten"], 2),
+        // ---- --target: a typo selects nothing; an empty pattern; tags that are not a list ----
+        bad("target_typo", LOCAL, &["apply", "--target", "wbe"], 2),
+        bad("target_empty", LOCAL, &["plan", "--target", ""], 2),
+        bad("target_bare_at", LOCAL, &["plan", "--target", "@"], 2),
+        bad(
+            "tags_not_a_list",
+            r#"{"providers": {"local": {"builtin": "local"}}, "resources": {"a": {"provider": "local", "type": "memo", "tags": "web"}}}"#,
+            PLAN,
+            2,
+        ),
+        bad(
+            "tags_with_space",
+            r#"{"providers": {"local": {"builtin": "local"}}, "resources": {"a": {"provider": "local", "type": "memo", "tags": ["a b"]}}}"#,
+            PLAN,
+            2,
+        ),
         bad(
             "lock_timeout_inf",
             LOCAL,

@@ -109,3 +109,49 @@ fn the_terraform_example_fetches_its_provider_and_applies_as_the_readme_says() {
         &["--params", "params.json"],
     );
 }
+
+#[test]
+fn the_machines_example_starts_its_machines_and_applies_as_the_readme_says() {
+    if let Some(why) = capstan_test_support::machine::unavailable() {
+        capstan_test_support::skip_or_fail(&why);
+        return;
+    }
+    if !crate::support::nix_tool("nix-build", "the machines example") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    copy_example("machines", dir.path());
+    let script = dir.path().join("machines.sh");
+    let started = std::process::Command::new("sh")
+        .arg(&script)
+        .args(["start", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    // Stopped whatever happens next.
+    struct Stop(std::path::PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("sh")
+                .arg(&self.0)
+                .arg("stop")
+                .output();
+        }
+    }
+    let _stop = Stop(script);
+    round_trip_in(
+        dir.path(),
+        "machines",
+        "capstan.nix",
+        &[
+            "--params",
+            "run/machines.json",
+            "--secrets",
+            "run/secrets.json",
+        ],
+    );
+}

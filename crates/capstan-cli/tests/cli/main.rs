@@ -20,6 +20,7 @@ mod python_provider;
 mod reconcile;
 mod scheduler_properties;
 mod secrets;
+mod selection;
 mod signals;
 mod state_lock;
 mod terraform;

@@ -131,6 +131,8 @@ pub struct ResourceDecl {
     /// Values the deployment marked `{"$sensitive": …}` (parameters filled in; a `$ref`
     /// inside stays a marker, and the output it names is sensitive).
     pub sensitive: Vec<Value>,
+    /// Its tags (`"tags": ["web"]`), which `--target @web` selects by.
+    pub tags: Vec<String>,
 }
 
 impl ProviderDecl {

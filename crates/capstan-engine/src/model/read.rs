@@ -337,10 +337,10 @@ pub(super) fn collect_members(
             continue;
         }
         for (key, _) in &decl {
-            if !["provider", "type", "inputs", "outputs"].contains(&key.as_str()) {
+            if !["provider", "type", "inputs", "outputs", "tags"].contains(&key.as_str()) {
                 return Err((
                     format!("{}.{key}", place()),
-                    "unknown key; a resource has `provider`, `type`, `inputs` and `outputs` (a group has only `resources`)".into(),
+                    "unknown key; a resource has `provider`, `type`, `inputs`, `outputs` and `tags` (a group has only `resources`)".into(),
                 ));
             }
         }
@@ -366,6 +366,26 @@ pub(super) fn collect_members(
                     "must be a list of output names".to_string(),
                 )
             })?),
+        };
+        let tags = match field("tags") {
+            None => Vec::new(),
+            Some(raw) => {
+                let bad = || {
+                    (
+                        format!("{}.tags", place()),
+                        "must be a list of tags: words without spaces, e.g. [\"web\", \"eu\"]"
+                            .to_string(),
+                    )
+                };
+                let tags = serde_json::from_str::<Vec<String>>(raw.get()).map_err(|_| bad())?;
+                if tags
+                    .iter()
+                    .any(|t| t.is_empty() || t.contains(|c: char| c.is_whitespace() || c == '@'))
+                {
+                    return Err(bad());
+                }
+                tags
+            }
         };
         let raw_inputs = field("inputs");
         let inputs = parse_inputs(raw_inputs).map_err(|e| (format!("{}.inputs", place()), e))?;
@@ -410,6 +430,7 @@ pub(super) fn collect_members(
                 escaped,
                 uses: Vec::new(),
                 sensitive,
+                tags,
             },
         );
     }

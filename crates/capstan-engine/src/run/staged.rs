@@ -175,6 +175,22 @@ impl<'a> Driver<'a> {
             })
             .collect();
         drop(kept);
+        let selection = self
+            .staging
+            .stages
+            .as_ref()
+            .and_then(|s| s.selection.as_ref());
+        let new = match selection {
+            None => new,
+            Some(selection) => {
+                let mode = crate::session::Mode::Apply;
+                let (kept, left) = selection.apply(&parsed, self.state, mode, new);
+                if !left.is_empty() {
+                    self.events.emit(Event::NotSelected { addresses: left });
+                }
+                kept
+            }
+        };
         let mut shown = self.join(new, &parsed);
         crate::plan::annotate(&mut shown, &self.providers.infos());
         self.events.emit(Event::Plan {
