@@ -1,7 +1,7 @@
 #!/bin/sh
 # Machines to deploy the example to, on this computer: each a real OpenSSH server on a
 # loopback port, in a mount namespace of its own with a private /nix (its own Nix store and
-# profiles) and /run, with its own host key. Needs root, openssh-server and Nix
+# profiles), /run and root's home, with its own host key. Needs root, openssh-server and Nix
 # (apt-get install openssh-server nix-bin).
 #
 #   machines.sh start N   start N machines (web1 … webN); writes run/machines.json (ports,
@@ -64,6 +64,7 @@ CONFIG
         mount --make-rprivate /
         mount --bind '$dir/nix' /nix
         mount -t tmpfs tmpfs /run
+        mount -t tmpfs tmpfs /root
         mkdir -p /run/sshd
         while [ ! -e '$dir/stop' ]; do
           /usr/sbin/sshd -D -f '$dir/etc/sshd_config' -E '$dir/sshd.log'

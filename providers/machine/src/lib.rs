@@ -292,6 +292,24 @@ struct Probe {
 }
 
 impl Probe {
+    /// From what `remote::PROBE` printed.
+    fn parse(out: &str) -> Probe {
+        let mut probe = Probe::default();
+        let some = |s: &str| (s != "-").then(|| s.to_string());
+        for line in out.lines() {
+            let words: Vec<&str> = line.split(' ').collect();
+            match words.as_slice() {
+                ["profile", link, target] => {
+                    probe.profile_link = some(link);
+                    probe.profile_target = some(target);
+                }
+                ["running", target] => probe.running = some(target),
+                _ => {}
+            }
+        }
+        probe
+    }
+
     fn generation(&self) -> u64 {
         self.profile_link
             .as_deref()
@@ -302,20 +320,15 @@ impl Probe {
 
 async fn probe(ssh: &Ssh, profile: &str, sudo: bool) -> Result<Probe, OperationError> {
     let out = ssh.output(sudo, remote::PROBE, &[profile], None).await?;
-    let mut probe = Probe::default();
-    let some = |s: &str| (s != "-").then(|| s.to_string());
-    for line in out.lines() {
-        let words: Vec<&str> = line.split(' ').collect();
-        match words.as_slice() {
-            ["profile", link, target] => {
-                probe.profile_link = some(link);
-                probe.profile_target = some(target);
-            }
-            ["running", target] => probe.running = some(target),
-            _ => {}
-        }
-    }
-    Ok(probe)
+    Ok(Probe::parse(&out))
+}
+
+/// Removes an activation's notes (`dir`) and probes, over one command.
+async fn finish(ssh: &Ssh, profile: &str, sudo: bool, dir: &str) -> Result<Probe, OperationError> {
+    let out = ssh
+        .output(sudo, remote::FINISH, &[profile, dir], None)
+        .await?;
+    Ok(Probe::parse(&out))
 }
 
 /// A name for one activation's notes on the machine.
@@ -336,6 +349,12 @@ fn activation_dir() -> String {
 struct Activated {
     dir: String,
     generation: u64,
+    /// What ran before.
+    previous: String,
+    /// The machine already ran the system: nothing was activated.
+    already: bool,
+    /// What the machine runs, when the confirmation asked (and removed the notes).
+    finished: Option<Probe>,
 }
 
 impl Nixos {
@@ -355,27 +374,22 @@ impl Nixos {
         } else {
             inputs.system.clone()
         };
-        let before = probe(&ssh, &inputs.profile, inputs.sudo).await?;
-        let previous = before.running.clone().unwrap_or_default();
-        let already = inputs.goal != Goal::DryActivate
-            && (!inputs.goal.activates_now() || before.running.as_deref() == Some(&system))
-            && (!inputs.goal.sets_profile() || before.profile_target.as_deref() == Some(&system));
         let key_paths = self.upload_keys(op, &ssh, inputs, prior).await?;
-        let mut activated = None;
-        if already {
-            op.phase("already running").await;
-            tracing::info!(system = %system, "the machine already has this system: nothing to copy or activate");
-        } else {
-            // Built on the machine: it is there already (and not here).
-            if !(inputs.system.ends_with(".drv") && inputs.build_on == BuildOn::Target) {
-                op.phase("copying").await;
-                self.copy(op, &ssh, &system, inputs).await?;
-            }
-            op.phase("activating").await;
-            let done = self.activate(op, &mut ssh, inputs, &system).await?;
-            activated = Some(done);
+        // Built on the machine: it is there already (and not here). Copying what the
+        // machine has is one question Nix asks it.
+        if !(inputs.system.ends_with(".drv") && inputs.build_on == BuildOn::Target) {
+            op.phase("copying").await;
+            self.copy(op, &ssh, &system, inputs).await?;
         }
-        if inputs.reboot && !already {
+        // The activation itself finds a machine that already runs the system (switched by
+        // hand, or by an interrupted run) and leaves it be.
+        op.phase("activating").await;
+        let mut done = self.activate(op, &mut ssh, inputs, &system).await?;
+        if done.already {
+            op.phase("already running").await;
+            tracing::info!(system = %system, "the machine already runs this system: nothing to activate");
+        }
+        if inputs.reboot && !done.already {
             self.reboot(op, &mut ssh, inputs, &system).await?;
         }
         if !inputs.checks.is_empty() {
@@ -390,28 +404,36 @@ impl Nixos {
             .await;
             if let Err(failed) = checked {
                 return Err(self
-                    .after_failed_checks(op, &ssh, inputs, &system, activated.as_ref(), failed)
+                    .after_failed_checks(
+                        op,
+                        &ssh,
+                        inputs,
+                        &system,
+                        Some(&done).filter(|d| !d.already),
+                        failed,
+                    )
                     .await);
             }
         }
-        let after = probe(&ssh, &inputs.profile, inputs.sudo).await?;
-        if let Some(done) = &activated {
-            let _ = ssh
-                .output(inputs.sudo, remote::CLEAN, &[&done.dir], None)
-                .await;
-        }
+        // What it runs now, and the activation's notes removed, in one command.
+        let after = match done.finished.take() {
+            Some(after) => after,
+            None => finish(&ssh, &inputs.profile, inputs.sudo, &done.dir).await?,
+        };
         ssh.close().await;
         Ok(MachineOut {
-            generation: match &activated {
-                Some(done) if done.generation > 0 => done.generation,
-                _ if inputs.goal.sets_profile() => after.generation(),
-                _ => 0,
+            generation: if done.generation > 0 {
+                done.generation
+            } else if inputs.goal.sets_profile() {
+                after.generation()
+            } else {
+                0
             },
             running: after.running.unwrap_or_default(),
-            previous: if already {
-                prior.map(|p| p.previous.clone()).unwrap_or(previous)
+            previous: if done.already {
+                prior.map(|p| p.previous.clone()).unwrap_or(done.previous)
             } else {
-                previous
+                done.previous
             },
             system,
             key_paths,
@@ -614,12 +636,20 @@ impl Nixos {
                 .with_details(details));
             }
         }
-        if confirm {
+        let mut finished = None;
+        if confirm && !output.already {
             op.phase("confirming").await;
-            self.confirm(op, ssh, inputs, system, &dir, &previous)
+            finished = self
+                .confirm(op, ssh, inputs, system, &dir, &previous)
                 .await?;
         }
-        Ok(Activated { dir, generation })
+        Ok(Activated {
+            dir,
+            generation,
+            previous,
+            already: output.already,
+            finished,
+        })
     }
 
     /// Confirms the activation over a new connection before the machine's watchdog rolls it
@@ -632,16 +662,27 @@ impl Nixos {
         system: &str,
         dir: &str,
         previous: &str,
-    ) -> Result<(), OperationError> {
+    ) -> Result<Option<Probe>, OperationError> {
+        // With nothing to do after it, the confirmation also says what runs and removes the
+        // activation's notes: one command fewer.
+        let finish = inputs.checks.is_empty() && !inputs.reboot;
         let timeout = Duration::from_secs(inputs.confirm_timeout);
         let started = Instant::now();
         let host = ssh.target.shown();
         let mut last = String::new();
         while started.elapsed() < timeout {
-            match ssh.fresh_output(inputs.sudo, remote::CONFIRM, &[dir]).await {
-                Ok(out) if out.trim() == "confirmed" => {
+            let finish = if finish { "1" } else { "0" };
+            match ssh
+                .fresh_output(
+                    inputs.sudo,
+                    remote::CONFIRM,
+                    &[dir, &inputs.profile, finish],
+                )
+                .await
+            {
+                Ok(out) if out.lines().next() == Some("confirmed") => {
                     tracing::info!("confirmed over a new SSH connection");
-                    return Ok(());
+                    return Ok((finish == "1").then(|| Probe::parse(&out)));
                 }
                 Ok(out) => {
                     last = format!(
@@ -816,6 +857,8 @@ struct ActivationOutput {
     tail: Vec<String>,
     generation: u64,
     previous: String,
+    /// The machine already ran the system, so nothing was activated.
+    already: bool,
 }
 
 /// Follows the activation's output: every line to the operation's log as it arrives, except
@@ -831,7 +874,7 @@ async fn stream_activation(
     let (mut out_buffer, mut err_buffer) = (Vec::new(), Vec::new());
     let (mut out_open, mut err_open) = (true, true);
     let mut tail = capstan_provider::LastLines::default();
-    let (mut generation, mut previous) = (0, String::new());
+    let (mut generation, mut previous, mut already) = (0, String::new(), false);
     while out_open || err_open {
         let (stream, line) = tokio::select! {
             line = capstan_provider::read_line_lossy(&mut stdout, &mut out_buffer), if out_open => (LogStream::Stdout, line),
@@ -862,6 +905,7 @@ async fn stream_activation(
                 generation = value.trim().parse().unwrap_or(0);
                 tracing::info!(generation, "the profile's new generation");
             }
+            "already" => already = true,
             "waiting" => {
                 tracing::info!(
                     "it rolls back unless confirmed over a new SSH connection within {value} s"
@@ -887,6 +931,7 @@ async fn stream_activation(
         tail: tail.into_vec(),
         generation,
         previous,
+        already,
     })
 }
 

@@ -2,6 +2,17 @@
 //! Nix's `nix-env`: what every NixOS has). Paths and names travel as arguments, never
 //! spliced into the text; secrets travel on stdin, never as arguments.
 
+/// Shell that prints what runs: `profile LINK TARGET` for the profile `$p`, and `running
+/// TARGET` (`-` for none).
+macro_rules! what_runs {
+    () => {
+        r#"
+if [ -L "$p" ]; then echo "profile $(readlink "$p") $(readlink -f "$p")"; else echo "profile - -"; fi
+if [ -L /run/current-system ]; then echo "running $(readlink -f /run/current-system)"; else echo "running -"; fi
+"#
+    };
+}
+
 /// Sourced by the worker, the watchdog and a rollback asked for later: how to go back to
 /// what ran before. Needs `profile`, `goal` and `dir` (where the activation keeps its notes:
 /// `prevlink`, `prev`, `running`, `newlink`).
@@ -43,19 +54,28 @@ set -u
 profile=$1 system=$2 goal=$3 dir=$4 confirm=$5 timeout=$6
 . "$dir/lib.sh"
 finish() { echo "$1" > "$dir/status.tmp"; mv "$dir/status.tmp" "$dir/status"; exit "$1"; }
-if [ -L "$profile" ]; then
-  readlink "$profile" > "$dir/prevlink"; readlink -f "$profile" > "$dir/prev"
-else
-  : > "$dir/prevlink"; : > "$dir/prev"
+prevlink= prev= running=
+if [ -L "$profile" ]; then prevlink=$(readlink "$profile"); prev=$(readlink -f "$profile"); fi
+[ -L /run/current-system ] && running=$(readlink -f /run/current-system)
+printf '%s\n' "$prevlink" > "$dir/prevlink"
+printf '%s\n' "$prev" > "$dir/prev"
+printf '%s\n' "$running" > "$dir/running"
+say previous "$running"
+# Already what was asked for (switched by hand, or by a run that was interrupted): nothing
+# to do.
+if [ "$goal" != dry-activate ]; then
+  same=1
+  case $goal in switch|test) [ "$running" = "$system" ] || same=0 ;; esac
+  case $goal in switch|boot) [ "$prev" = "$system" ] || same=0 ;; esac
+  if [ "$same" = 1 ]; then say already "$system"; finish 0; fi
 fi
-if [ -L /run/current-system ]; then readlink -f /run/current-system > "$dir/running"; else : > "$dir/running"; fi
-say previous "$(cat "$dir/running")"
 case $goal in
   switch|boot)
-    mkdir -p "$(dirname "$profile")"
+    [ -d "${profile%/*}" ] || mkdir -p "${profile%/*}"
     if ! nix-env -p "$profile" --set "$system"; then say error "nix-env could not point $profile at $system"; finish 2; fi
-    readlink "$profile" > "$dir/newlink"
-    say generation "$(num "$(cat "$dir/newlink")")" ;;
+    newlink=$(readlink "$profile")
+    printf '%s\n' "$newlink" > "$dir/newlink"
+    say generation "$(num "$newlink")" ;;
 esac
 if ! "$system/bin/switch-to-configuration" "$goal"; then
   [ "$goal" = dry-activate ] && finish 3
@@ -64,63 +84,76 @@ if ! "$system/bin/switch-to-configuration" "$goal"; then
 fi
 if [ "$confirm" = 1 ]; then
   setsid sh "$dir/watchdog" "$@" </dev/null >>"$dir/watchdog.log" 2>&1 &
+  echo "$!" > "$dir/watchdog.pid"
   say waiting "$timeout"
 fi
 finish 0
 "#;
 
-/// Waits for the deployer's confirmation (`$dir/claim`, made over a new connection); without
-/// it, claims the activation itself and rolls back.
+/// Sleeps until the deadline, then claims the activation and rolls back, unless the deployer
+/// claimed it first (`$dir/claim`, made over a new connection; the deployer then stops this
+/// watchdog, its process group, so nothing lingers).
 const WATCHDOG: &str = r#"
 set -u
 profile=$1 system=$2 goal=$3 dir=$4 confirm=$5 timeout=$6
 . "$dir/lib.sh"
-i=0
-while [ "$i" -lt $((timeout * 10)) ]; do
-  [ -e "$dir/claim" ] && exit 0
-  sleep 0.1
-  i=$((i + 1))
-done
+sleep "$timeout"
 if mkdir "$dir/claim" 2>/dev/null; then
   echo watchdog > "$dir/claim/by"
   rollback "it was not confirmed over a new SSH connection within ${timeout} s"
 fi
 "#;
 
-/// Run over the master connection: writes the scripts, starts the worker detached, and
-/// follows its log until it ends; exits with its status (99: it left none).
+/// Run over the master connection: writes the scripts (with the shell's own `printf`: no
+/// process per file), starts the worker detached, and follows its log until it ends; exits
+/// with its status (99: it left none).
 pub(crate) fn launcher() -> String {
+    use crate::ssh::quote;
     format!(
         r#"set -eu
 dir=$4
 umask 077
-mkdir -p /run/capstan
+[ -d /run/capstan ] || mkdir -p /run/capstan
 mkdir "$dir"
-cat > "$dir/lib.sh" <<'CAPSTAN_LIB'
-{LIB}
-CAPSTAN_LIB
-cat > "$dir/worker" <<'CAPSTAN_WORKER'
-{WORKER}
-CAPSTAN_WORKER
-cat > "$dir/watchdog" <<'CAPSTAN_WATCHDOG'
-{WATCHDOG}
-CAPSTAN_WATCHDOG
+printf '%s' {lib} > "$dir/lib.sh"
+printf '%s' {worker} > "$dir/worker"
+printf '%s' {watchdog} > "$dir/watchdog"
 : > "$dir/log"
 setsid sh "$dir/worker" "$@" </dev/null >"$dir/log" 2>&1 &
 pid=$!
-tail -n +1 -s 0.1 --pid="$pid" -f "$dir/log"
+tail -n +1 -s 0.02 --pid="$pid" -f "$dir/log"
 wait "$pid" 2>/dev/null || true
-status=$(cat "$dir/status" 2>/dev/null || echo 99)
+status=99
+[ -f "$dir/status" ] && read -r status < "$dir/status"
 exit "$status"
-"#
+"#,
+        lib = quote(LIB),
+        worker = quote(WORKER),
+        watchdog = quote(WATCHDOG),
     )
 }
 
-/// Over a new connection: claims the activation for the deployer (`confirmed`), unless the
-/// watchdog already has (prints who has).
-pub(crate) const CONFIRM: &str = r#"
-if mkdir "$1/claim" 2>/dev/null; then echo deployer > "$1/claim/by"; echo confirmed; else cat "$1/claim/by" 2>/dev/null || echo unknown; fi
-"#;
+/// Over a new connection: claims the activation for the deployer (`confirmed`) and stops the
+/// watchdog, unless the watchdog already has (prints who has): `dir profile finish`. With
+/// `finish` 1, then says what `PROBE` says and removes the activation's notes.
+pub(crate) const CONFIRM: &str = concat!(
+    r#"
+if mkdir "$1/claim" 2>/dev/null; then
+  echo deployer > "$1/claim/by"
+  [ -f "$1/watchdog.pid" ] && read -r w < "$1/watchdog.pid" && kill -TERM "-$w" 2>/dev/null
+  echo confirmed
+  if [ "$3" = 1 ]; then
+    p=$2
+"#,
+    what_runs!(),
+    r#"
+    rm -rf "$1"
+  fi
+else
+  cat "$1/claim/by" 2>/dev/null || echo unknown
+fi
+"#
+);
 
 /// What happened to an activation the connection lost: its status, and the rollback's reason.
 pub(crate) const OUTCOME: &str = r#"
@@ -136,12 +169,11 @@ profile=$1 system=$2 goal=$3 dir=$4
 rollback "$5" 2>&1
 "#;
 
-/// What the machine runs: `profile LINK TARGET` and `running TARGET` (`-` for none).
-pub(crate) const PROBE: &str = r#"
-p=$1
-if [ -L "$p" ]; then echo "profile $(readlink "$p") $(readlink -f "$p")"; else echo "profile - -"; fi
-if [ -L /run/current-system ]; then echo "running $(readlink -f /run/current-system)"; else echo "running -"; fi
-"#;
+/// What the machine runs: `profile`.
+pub(crate) const PROBE: &str = concat!("p=$1\n", what_runs!());
+
+/// Removes an activation's notes (`$2`, when not empty), then says what `PROBE` says.
+pub(crate) const FINISH: &str = concat!("[ -n \"$2\" ] && rm -rf \"$2\"\np=$1\n", what_runs!());
 
 /// Writes a key from stdin: `dest user group mode`, atomically, never readable by others
 /// on the way.
@@ -188,6 +220,7 @@ mod tests {
             ("outcome", OUTCOME.to_string()),
             ("rollback", ROLLBACK.to_string()),
             ("probe", PROBE.to_string()),
+            ("finish", FINISH.to_string()),
             ("upload", UPLOAD_KEY.to_string()),
             ("remove", REMOVE_KEYS.to_string()),
             ("reboot", REBOOT.to_string()),

@@ -221,7 +221,9 @@ impl Ssh {
         let started = Instant::now();
         let deadline = Duration::from_secs(self.connect_timeout + 5);
         loop {
-            if self.control_path().exists() && self.check().await {
+            // OpenSSH puts the control socket in place (a link made after `listen`) only
+            // once the login succeeded: its presence means the master is up.
+            if self.control_path().exists() {
                 self.master = Some(master);
                 return Ok(());
             }
@@ -241,20 +243,6 @@ impl Ssh {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    /// Whether the master connection answers.
-    async fn check(&self) -> bool {
-        tokio::process::Command::new("ssh")
-            .args(self.multiplexed())
-            .args(["-O", "check"])
-            .arg(self.target.destination())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .is_ok_and(|s| s.success())
     }
 
     /// Closes the master connection.

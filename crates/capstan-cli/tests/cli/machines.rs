@@ -160,6 +160,29 @@ fn a_machine_is_deployed_changed_and_a_no_op_apply_never_logs_in() {
     let out = fleet.capstan(&["apply", "--refresh"]);
     assert!(out.status.success(), "{}", shown(&out));
     assert_eq!(web.running(), two);
+
+    // Asked for what the machine already runs (switched by hand again): nothing is
+    // activated, and the outputs say what runs.
+    web.run(&format!(
+        "nix-env -p /nix/var/nix/profiles/system --set {one} && {one}/bin/switch-to-configuration switch"
+    ));
+    fleet.write(json!({"web": fleet.resource(&web, &one, json!({}))}));
+    let (out, events) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert!(
+        phases(&events, "web")
+            .iter()
+            .any(|p| p == "already running"),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e["progress"]["line"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("activating one"))),
+        "activated again: {events:?}"
+    );
+    assert_eq!((web.running(), web.profile()), (one.clone(), one.clone()));
+    assert_eq!(fleet.outputs("web")["running"], one.as_str());
 }
 
 #[test]
@@ -500,33 +523,49 @@ fn a_run_killed_mid_copy_or_mid_activation_leaves_nothing_and_the_next_converges
             .unwrap()
     };
 
-    // SIGKILL while copying.
-    let mut apply = start();
-    crate::support::wait_until("the copy runs", || {
-        deployer_processes().iter().any(|p| p.contains("copy --to"))
-    });
-    apply.kill().unwrap();
-    apply.wait().unwrap();
-    crate::support::wait_until("no deployer process is left", || {
-        deployer_processes().is_empty()
-    });
-    assert_eq!(m.running(), one, "the machine still runs what it ran");
-
-    // SIGTERM while activating: the activation finishes on the machine (it is detached
-    // there), nobody confirms it, and the machine's watchdog rolls it back.
-    let apply = start();
-    crate::support::wait_until("the activation runs", || marker.exists());
-    // SAFETY: signals the child this test started.
-    unsafe { libc::kill(apply.id() as i32, libc::SIGTERM) };
-    let out = crate::support::output_within(apply, "capstan stops on SIGTERM");
-    assert_eq!(out.status.code(), Some(143));
-    crate::support::wait_until("no deployer process is left", || {
-        deployer_processes().is_empty()
-    });
-    crate::support::wait_until("the machine's watchdog is done", || {
-        m.capstan_processes().is_empty()
-    });
-    assert_eq!(m.running(), one, "rolled back: nobody confirmed");
+    // Each signal that ends a run, while copying and while activating. A copy stopped
+    // leaves the machine as it was; an activation stopped finishes on the machine (it is
+    // detached there), nobody confirms it, and the machine's watchdog rolls it back.
+    let cases = [
+        (libc::SIGKILL, "copy"),
+        (libc::SIGINT, "copy"),
+        (libc::SIGTERM, "activation"),
+        (libc::SIGKILL, "activation"),
+        (libc::SIGHUP, "activation"),
+    ];
+    for (signal, during) in cases {
+        let _ = std::fs::remove_file(&marker);
+        let apply = start();
+        if during == "copy" {
+            crate::support::wait_until("the copy runs", || {
+                deployer_processes().iter().any(|p| p.contains("copy --to"))
+            });
+        } else {
+            crate::support::wait_until("the activation runs", || marker.exists());
+        }
+        // SAFETY: signals the child this test started.
+        unsafe { libc::kill(apply.id() as i32, signal) };
+        let out = crate::support::output_within(apply, "capstan stops on a signal");
+        if signal != libc::SIGKILL {
+            assert_eq!(
+                out.status.code(),
+                Some(128 + signal),
+                "signal {signal} during the {during}"
+            );
+        }
+        crate::support::wait_until("no deployer process is left", || {
+            deployer_processes().is_empty()
+        });
+        crate::support::wait_until("the machine's watchdog is done", || {
+            m.capstan_processes().is_empty()
+        });
+        assert_eq!(
+            m.running(),
+            one,
+            "signal {signal} during the {during}: the machine runs what it ran"
+        );
+        assert_eq!(m.profile(), one, "signal {signal} during the {during}");
+    }
 
     // The next apply settles what was interrupted and converges.
     std::fs::remove_file(&marker).unwrap();
