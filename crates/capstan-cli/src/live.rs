@@ -130,12 +130,18 @@ struct Running {
 }
 
 /// The templates of a running resource's line: with no counter, with a counter that knows its
-/// total (a bar), and with one that does not.
+/// total (a bar), and with one that does not; bytes as bytes (`12.5 MiB/48 MiB`).
 fn line_style(counter: Option<&(u64, u64, String)>) -> ProgressStyle {
     let template = match counter {
         None => "{spinner} {prefix} {elapsed:>4} {wide_msg}",
+        Some((_, expected, unit)) if *expected > 0 && unit == "bytes" => {
+            "{spinner} {prefix} {elapsed:>4} [{bar:20}] {bytes}/{total_bytes} {wide_msg}"
+        }
         Some((_, expected, _)) if *expected > 0 => {
             "{spinner} {prefix} {elapsed:>4} [{bar:20}] {pos}/{len} {wide_msg}"
+        }
+        Some((_, _, unit)) if unit == "bytes" => {
+            "{spinner} {prefix} {elapsed:>4} {bytes} {wide_msg}"
         }
         Some(_) => "{spinner} {prefix} {elapsed:>4} {pos} {wide_msg}",
     };
@@ -327,10 +333,10 @@ impl EventSink for LiveEvents {
                                 unit,
                                 ..
                             } => {
-                                let was_bar = r.counter.as_ref().map(|c| c.1 > 0);
+                                let was = r.counter.as_ref().map(|c| (c.1 > 0, c.2 == "bytes"));
                                 r.counter = Some((*done, *expected, unit.clone()));
                                 if let Some(bar) = &r.bar {
-                                    if was_bar != Some(*expected > 0) {
+                                    if was != Some((*expected > 0, unit == "bytes")) {
                                         bar.set_style(line_style(r.counter.as_ref()));
                                     }
                                 }

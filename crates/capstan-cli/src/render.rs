@@ -412,8 +412,17 @@ impl HumanEvents {
                 unit,
                 ..
             } if self.verbose > 0 => {
+                let counted = if unit == "bytes" {
+                    format!(
+                        "{}/{}",
+                        indicatif::HumanBytes(done),
+                        indicatif::HumanBytes(expected)
+                    )
+                } else {
+                    format!("{done}/{expected} {unit}")
+                };
                 put!(
-                    "  {} {done}/{expected} {unit}",
+                    "  {} {counted}",
                     self.paint(style::DIM, &format!("{address} ▸"))
                 );
             }

@@ -15,7 +15,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use capstan_provider::schemars::{self, JsonSchema};
@@ -31,10 +31,19 @@ use ssh::{Ssh, Target};
 
 /// The provider, ready to serve.
 pub fn provider() -> Provider {
-    Provider::new("machine", env!("CARGO_PKG_VERSION")).resource(Nixos)
+    Provider::new("machine", env!("CARGO_PKG_VERSION")).resource(Nixos::default())
 }
 
-struct Nixos;
+#[derive(Default)]
+struct Nixos {
+    /// The NAR size of every path of each system's closure, asked of the local store once
+    /// per system (a fleet copies the same closure to many machines).
+    closures: std::cell::RefCell<HashMap<String, std::rc::Rc<HashMap<String, u64>>>>,
+}
+
+/// From this size on, a copy asks the machine which paths it lacks so that its progress
+/// counts bytes against a known total (one more command; a small copy counts paths only).
+const COUNT_BYTES_FROM: u64 = 16 * 1024 * 1024;
 
 /// What `switch-to-configuration` is asked to do.
 #[derive(Clone, Copy, Debug, Default, Deserialize, JsonSchema, PartialEq)]
@@ -500,11 +509,48 @@ impl Nixos {
         system: &str,
         inputs: &MachineIn,
     ) -> Result<(), OperationError> {
+        let sizes = self.copy_sizes(ssh, system, inputs.sudo).await;
         let mut command = nix_copy(ssh, inputs);
         command.arg(system);
-        capstan_provider_nix::run_nix_logged(op, command, "nix copy")
+        capstan_provider_nix::run_nix_copy(op, command, sizes.as_ref())
             .await
             .map(drop)
+    }
+
+    /// For a large closure, what the copy will send: the NAR sizes of its paths (from the
+    /// local store) and the sum over those the machine lacks. Best effort: `None` when small
+    /// or when either store cannot say.
+    async fn copy_sizes(
+        &self,
+        ssh: &Ssh,
+        system: &str,
+        sudo: bool,
+    ) -> Option<capstan_provider_nix::CopySizes> {
+        let cached = self.closures.borrow().get(system).cloned();
+        let nar_size = match cached {
+            Some(sizes) => sizes,
+            None => {
+                let sizes = std::rc::Rc::new(closure_sizes(system).await?);
+                self.closures
+                    .borrow_mut()
+                    .insert(system.to_string(), sizes.clone());
+                sizes
+            }
+        };
+        if nar_size.values().sum::<u64>() < COUNT_BYTES_FROM {
+            return None;
+        }
+        let paths: String = nar_size.keys().map(|p| format!("{p}\n")).collect();
+        let missing = ssh
+            .output(sudo, remote::INVALID, &[], Some(paths.as_bytes()))
+            .await
+            .map_err(|e| tracing::debug!("cannot ask which paths the machine lacks: {}", e.message))
+            .ok()?;
+        let expected_bytes = missing.lines().filter_map(|p| nar_size.get(p.trim())).sum();
+        Some(capstan_provider_nix::CopySizes {
+            nar_size,
+            expected_bytes,
+        })
     }
 
     /// Uploads the keys (and removes those the resource no longer has).
@@ -938,6 +984,33 @@ async fn stream_activation(
 /// How long after its deadline the watchdog's rollback may take before the machine counts as
 /// lost.
 const ROLLBACK_GRACE: Duration = Duration::from_secs(60);
+
+/// The NAR size of every path in `system`'s closure, from the local store.
+async fn closure_sizes(system: &str) -> Option<HashMap<String, u64>> {
+    let out = tokio::process::Command::new("nix")
+        .args([
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--json",
+            "-r",
+        ])
+        .arg(system)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .ok()
+        .filter(|o| o.status.success())?;
+    let infos: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+    Some(
+        infos
+            .iter()
+            .filter_map(|i| Some((i["path"].as_str()?.to_string(), i["narSize"].as_u64()?)))
+            .collect(),
+    )
+}
 
 /// `nix copy` to the machine over the master connection, its activities as JSON.
 fn nix_copy(ssh: &Ssh, inputs: &MachineIn) -> tokio::process::Command {

@@ -175,6 +175,9 @@ pub(crate) const PROBE: &str = concat!("p=$1\n", what_runs!());
 /// Removes an activation's notes (`$2`, when not empty), then says what `PROBE` says.
 pub(crate) const FINISH: &str = concat!("[ -n \"$2\" ] && rm -rf \"$2\"\np=$1\n", what_runs!());
 
+/// Of the store paths on stdin (one per line), those the machine's store lacks.
+pub(crate) const INVALID: &str = r#"xargs -r nix-store --check-validity --print-invalid"#;
+
 /// Writes a key from stdin: `dest user group mode`, atomically, never readable by others
 /// on the way.
 pub(crate) const UPLOAD_KEY: &str = r#"
@@ -221,6 +224,7 @@ mod tests {
             ("rollback", ROLLBACK.to_string()),
             ("probe", PROBE.to_string()),
             ("finish", FINISH.to_string()),
+            ("invalid", INVALID.to_string()),
             ("upload", UPLOAD_KEY.to_string()),
             ("remove", REMOVE_KEYS.to_string()),
             ("reboot", REBOOT.to_string()),

@@ -64,10 +64,27 @@ fn activity_name(kind: u64) -> &'static str {
     }
 }
 
+/// What a copy has done so far, from its `copy paths` and `copy path` activities: Nix 2.8
+/// announces how many paths it copies but reports no bytes for a copy to `ssh-ng://`, so
+/// the bytes come from the paths' NAR sizes, when the caller knows them.
+#[derive(Default)]
+struct CopyTally {
+    /// The `copy paths` activity that announced the count (its span carries the counters).
+    announced: Option<u64>,
+    expected_paths: u64,
+    done_paths: u64,
+    done_bytes: u64,
+    /// `copy path` activities running: their store paths.
+    running: HashMap<u64, String>,
+}
+
 /// Turns `@nix {…}` lines into the operation's progress, keeping Nix's activity tree.
 struct NixLog<'a> {
     op: &'a Operation,
     activities: HashMap<u64, tracing::Span>,
+    copy: CopyTally,
+    /// NAR sizes of the paths a copy may copy, and the bytes it is expected to copy.
+    sizes: Option<&'a CopySizes>,
     /// Nix's own `error:` messages, for the operation's error.
     errors: Vec<String>,
     tail: capstan_provider::LastLines,
@@ -78,8 +95,93 @@ impl<'a> NixLog<'a> {
         NixLog {
             op,
             activities: HashMap::new(),
+            copy: CopyTally::default(),
+            sizes: None,
             errors: Vec::new(),
             tail: capstan_provider::LastLines::default(),
+        }
+    }
+
+    /// A `copy paths` activity that says how many (`copying 3 paths`), or a `copy path`.
+    async fn copy_started(
+        &mut self,
+        id: u64,
+        kind: u64,
+        text: &str,
+        fields: &Value,
+        span: &tracing::Span,
+    ) {
+        match kind {
+            103 => {
+                let count = text
+                    .strip_prefix("copying ")
+                    .and_then(|t| t.split(' ').next())
+                    .and_then(|n| n.parse::<u64>().ok());
+                if let Some(count) = count.filter(|&c| c > 0) {
+                    self.copy.announced = Some(id);
+                    self.copy.expected_paths += count;
+                    // One counter per copy: bytes when their total is known, else paths.
+                    match self.sizes.filter(|s| s.expected_bytes > 0) {
+                        Some(sizes) => {
+                            self.op
+                                .progress_in(
+                                    span,
+                                    self.copy.done_bytes,
+                                    sizes.expected_bytes,
+                                    "bytes",
+                                )
+                                .await
+                        }
+                        None => {
+                            self.op
+                                .progress_in(
+                                    span,
+                                    self.copy.done_paths,
+                                    self.copy.expected_paths,
+                                    "paths",
+                                )
+                                .await
+                        }
+                    }
+                }
+            }
+            100 => {
+                if let Some(path) = fields[0].as_str() {
+                    self.copy.running.insert(id, path.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A `copy path` that ended: one path (and its bytes) more done.
+    async fn copy_stopped(&mut self, id: u64) {
+        let Some(path) = self.copy.running.remove(&id) else {
+            return;
+        };
+        let Some(span) = self
+            .copy
+            .announced
+            .and_then(|a| self.activities.get(&a))
+            .cloned()
+        else {
+            return;
+        };
+        self.copy.done_paths += 1;
+        match self.sizes.filter(|s| s.expected_bytes > 0) {
+            Some(sizes) => {
+                self.copy.done_bytes += sizes.nar_size.get(&path).copied().unwrap_or(0);
+                let expected = sizes.expected_bytes.max(self.copy.done_bytes);
+                self.op
+                    .progress_in(&span, self.copy.done_bytes, expected, "bytes")
+                    .await;
+            }
+            None => {
+                let expected = self.copy.expected_paths.max(self.copy.done_paths);
+                self.op
+                    .progress_in(&span, self.copy.done_paths, expected, "paths")
+                    .await;
+            }
         }
     }
 
@@ -115,6 +217,8 @@ impl<'a> NixLog<'a> {
                         tracing::info_span!("nix", activity = name, nix_type = kind, text = %text)
                     }
                 };
+                self.copy_started(id, kind, &text, &message["fields"], &span)
+                    .await;
                 // Nix's own verbosity: level 3 is "info"; chattier activities stay spans only.
                 if !text.is_empty() && message["level"].as_u64().unwrap_or(0) <= 3 {
                     self.op.phase_in(&span, text).await;
@@ -122,6 +226,7 @@ impl<'a> NixLog<'a> {
                 self.activities.insert(id, span);
             }
             "stop" => {
+                self.copy_stopped(id).await;
                 self.activities.remove(&id);
             }
             "result" => {
@@ -282,7 +387,7 @@ async fn run_nix(
     command: tokio::process::Command,
     what: &str,
 ) -> Result<Vec<String>, OperationError> {
-    run_nix_inner(op, command, what, true).await
+    run_nix_inner(op, command, what, true, None).await
 }
 
 /// Runs a Nix command that logs with `--log-format internal-json` (`nix copy`,
@@ -293,7 +398,25 @@ pub async fn run_nix_logged(
     command: tokio::process::Command,
     what: &str,
 ) -> Result<Vec<String>, OperationError> {
-    run_nix_inner(op, command, what, false).await
+    run_nix_inner(op, command, what, false, None).await
+}
+
+/// The NAR sizes of the paths a copy may copy, and the sum over those it will: with them,
+/// [`run_nix_copy`] counts bytes as well as paths.
+#[derive(Debug, Default)]
+pub struct CopySizes {
+    pub nar_size: std::rc::Rc<HashMap<String, u64>>,
+    pub expected_bytes: u64,
+}
+
+/// [`run_nix_logged`] for `nix copy`: progress counts the paths copied (`paths`) and, with
+/// `sizes`, their bytes (`bytes`), each against what is expected.
+pub async fn run_nix_copy(
+    op: &Operation,
+    command: tokio::process::Command,
+    sizes: Option<&CopySizes>,
+) -> Result<Vec<String>, OperationError> {
+    run_nix_inner(op, command, "nix copy", false, sizes).await
 }
 
 async fn run_nix_inner(
@@ -301,6 +424,7 @@ async fn run_nix_inner(
     mut command: tokio::process::Command,
     what: &str,
     prints: bool,
+    sizes: Option<&CopySizes>,
 ) -> Result<Vec<String>, OperationError> {
     command.stdin(Stdio::null());
     let tool = command
@@ -322,6 +446,7 @@ async fn run_nix_inner(
     let mut stderr = BufReader::new(stderr);
     let mut stderr_buffer = Vec::new();
     let mut log = NixLog::new(op);
+    log.sizes = sizes;
     let mut printed = Vec::new();
     let (mut out_open, mut err_open) = (true, true);
     while out_open || err_open {

@@ -128,6 +128,25 @@ fn a_machine_is_deployed_changed_and_a_no_op_apply_never_logs_in() {
     assert_eq!(outputs["system"], one.as_str());
     assert_eq!(outputs["generation"], 1);
     assert_eq!(outputs["running"], one.as_str());
+    // A small copy counts paths (bytes are counted from 16 MiB on).
+    let counters: Vec<(String, u64, u64)> = events
+        .iter()
+        .filter(|e| e["type"] == "resource_progress" && e["progress"]["kind"] == "counter")
+        .map(|e| {
+            let p = &e["progress"];
+            let unit = p["unit"].as_str().unwrap().to_string();
+            (
+                unit,
+                p["done"].as_u64().unwrap(),
+                p["expected"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counters.last(),
+        Some(&("paths".to_string(), 1, 1)),
+        "{counters:?}"
+    );
     // The activation's own output reached the log, line by line.
     assert!(
         events.iter().any(|e| e["type"] == "resource_progress"
@@ -572,6 +591,34 @@ fn a_run_killed_mid_copy_or_mid_activation_leaves_nothing_and_the_next_converges
     let (out, _) = fleet.apply();
     assert!(out.status.success(), "{}", shown(&out));
     assert_eq!(m.running(), big);
+
+    // To a machine that lacks it, the copy counts bytes against what the machine lacked.
+    let fresh = fleet.machine("fresh");
+    fleet.write(json!({
+        "m": fleet.resource(&m, &big, json!({"confirmTimeout": 3})),
+        "fresh": fleet.resource(&fresh, &big, json!({})),
+    }));
+    let (out, events) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(fresh.running(), big);
+    let last = |unit: &str| {
+        events
+            .iter()
+            .filter(|e| e["type"] == "resource_progress" && e["address"] == "fresh")
+            .filter(|e| e["progress"]["kind"] == "counter")
+            .filter(|e| e["progress"]["unit"] == unit)
+            .map(|e| {
+                (
+                    e["progress"]["done"].as_u64().unwrap(),
+                    e["progress"]["expected"].as_u64().unwrap(),
+                )
+            })
+            .next_back()
+    };
+    assert_eq!(last("paths"), None, "one counter per copy: {events:?}");
+    let (done, expected) = last("bytes").expect("a bytes counter");
+    assert_eq!(done, expected);
+    assert!(expected > 48 * 1024 * 1024, "{expected} bytes");
     assert!(
         m.capstan_processes().is_empty(),
         "{:?}",
