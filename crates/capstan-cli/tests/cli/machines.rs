@@ -488,6 +488,57 @@ fn a_derivation_is_built_here_or_on_the_machine() {
         .output()
         .unwrap();
     assert!(!valid_here.status.success(), "{built_there} was built here");
+
+    // On Nix's remote builders (`builders`, Nix's own syntax, its host key pinned there):
+    // built on the builder machine, then copied here and on to the target.
+    let builder = fleet.machine("builder");
+    let farmed = fleet.machine("farmed");
+    let drv = instantiate_system(fleet.path(), &format!("farmed-{unique}"), 16, "");
+    let host_key = {
+        use std::io::Write;
+        let mut child = std::process::Command::new("base64")
+            .arg("-w0")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(builder.host_key().as_bytes())
+            .unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let builders = format!(
+        "ssh-ng://root@127.0.0.1 x86_64-linux {} 1 1 - - {host_key}",
+        fleet.key.identity().display()
+    );
+    fleet.write(json!({
+        "farmed": fleet.resource(&farmed, &drv, json!({"builders": builders})),
+    }));
+    // Nix's own SSH settings reach its builders (here: the builder's port).
+    let out = std::process::Command::new(crate::support::capstan_bin())
+        .args(["apply", "--json"])
+        .current_dir(fleet.path())
+        .env("NIX_SSHOPTS", format!("-p {}", builder.port))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", shown(&out));
+    let system = fleet.outputs("farmed")["system"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(farmed.running(), system);
+    assert_eq!(
+        builder
+            .run(&format!("[ -e {system} ] && echo built"))
+            .trim(),
+        "built",
+        "{system} was not built on the builder"
+    );
+    assert!(builder.logins() > 0);
 }
 
 /// Deployer processes of this test's runs: ssh and nix copy through its control sockets.
