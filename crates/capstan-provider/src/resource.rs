@@ -316,6 +316,14 @@ pub trait Resource: 'static {
         self.create(op, inputs)
     }
 
+    /// Checks inputs beyond their types (a malformed address, options that contradict each
+    /// other), changing and contacting nothing. Called when the core plans, so `plan` refuses
+    /// what the operation would; the operation itself may call it too.
+    fn validate(&self, inputs: &Self::Inputs) -> Result<(), OperationError> {
+        let _ = inputs;
+        Ok(())
+    }
+
     /// Plans a create (`prior` is `None`) or an update to `inputs`, changing nothing. Only
     /// called for types that declare [`ResourceType::plans_changes`].
     fn plan(
@@ -553,6 +561,7 @@ impl<R: Resource> ErasedResource for Erased<R> {
                 }),
             };
             let inputs = decode_for(name, address, "inputs", &inputs)?;
+            self.resource.validate(&inputs)?;
             if !self.info.plans_changes {
                 // Asked only to check the inputs (`checksInputs`): they fit.
                 return Ok(capstan_schema::ProviderPlan {

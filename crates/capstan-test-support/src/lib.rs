@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fetch;
+pub mod https;
 pub mod machine;
 
 /// Whether this is a CI run (`CI=true` or `CI=1`, as CI services and `.ci/run` set it).

@@ -12,16 +12,21 @@ use crate::remote;
 use crate::ssh::Ssh;
 
 /// One check: a `command` run on the machine (it passes when it exits 0), or an `http` URL
-/// requested from the deployer (it passes on `status`, or any 2xx or 3xx).
+/// (`http://` or `https://`) requested from the deployer (it passes on `status`, or any 2xx
+/// or 3xx).
 #[derive(Clone, Debug, Deserialize, JsonSchema, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(crate) struct Check {
     /// A shell command run on the machine as the SSH user
     #[serde(default)]
     pub command: Option<String>,
-    /// An `http://` URL requested from the deployer
+    /// An `http://` or `https://` URL requested from the deployer
     #[serde(default)]
     pub http: Option<String>,
+    /// For an `https://` check: a PEM file (on the deployer) of the certificate authorities
+    /// to trust instead of this computer's
+    #[serde(default)]
+    pub ca_file: Option<String>,
     /// The HTTP status that passes (default: any 2xx or 3xx)
     #[serde(default)]
     pub status: Option<u16>,
@@ -31,7 +36,20 @@ impl Check {
     pub(crate) fn validate(&self) -> Result<(), OperationError> {
         match (&self.command, &self.http) {
             (Some(_), None) => Ok(()),
-            (None, Some(url)) => parse_url(url).map(drop),
+            (None, Some(url)) => {
+                let parsed = parse_url(url)?;
+                match &self.ca_file {
+                    Some(_) if !parsed.tls => Err(OperationError::invalid_input(format!(
+                        "check `http` {url:?}: `caFile` is for https:// checks"
+                    ))),
+                    Some(file) if !std::path::Path::new(file).is_file() => {
+                        Err(OperationError::invalid_input(format!(
+                            "check `http` {url:?}: `caFile` {file} is not a file here (the deployer)"
+                        )))
+                    }
+                    _ => Ok(()),
+                }
+            }
             _ => Err(OperationError::invalid_input(
                 "each entry of `checks` gives exactly one of `command` and `http`",
             )),
@@ -111,7 +129,7 @@ async fn one(ssh: &Ssh, check: &Check) -> Result<(), String> {
             .map_err(|e| e.message);
     }
     let url = check.http.as_deref().unwrap_or_default();
-    let status = tokio::time::timeout(Duration::from_secs(5), get(url))
+    let status = tokio::time::timeout(Duration::from_secs(5), get(url, check.ca_file.as_deref()))
         .await
         .map_err(|_| "no answer within 5 s".to_string())??;
     let passes = match check.status {
@@ -125,12 +143,25 @@ async fn one(ssh: &Ssh, check: &Check) -> Result<(), String> {
     }
 }
 
-/// `http://host[:port]/path` as host, port and path.
-fn parse_url(url: &str) -> Result<(String, u16, String), OperationError> {
-    let Some(rest) = url.strip_prefix("http://") else {
-        return Err(OperationError::invalid_input(format!(
-            "check `http` {url:?}: only http:// URLs are requested from the deployer so far; check an https service with a `command` on the machine (e.g. `curl -fsS https://localhost/`)"
-        )));
+/// A URL a check requests.
+#[derive(Debug, PartialEq)]
+struct Url {
+    tls: bool,
+    host: String,
+    port: u16,
+    path: String,
+}
+
+/// `http://host[:port]/path` or `https://…`.
+fn parse_url(url: &str) -> Result<Url, OperationError> {
+    let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => {
+            return Err(OperationError::invalid_input(format!(
+                "check `http` {url:?}: give an http:// or https:// URL"
+            )))
+        }
     };
     let (authority, path) = match rest.find('/') {
         Some(at) => (&rest[..at], &rest[at..]),
@@ -143,30 +174,85 @@ fn parse_url(url: &str) -> Result<(String, u16, String), OperationError> {
             })?;
             (host, port)
         }
-        _ => (authority, 80),
+        _ => (authority, if tls { 443 } else { 80 }),
     };
     if host.is_empty() || path.contains(char::is_whitespace) {
         return Err(OperationError::invalid_input(format!(
             "check `http` {url:?} is not a URL"
         )));
     }
-    Ok((
-        host.trim_start_matches('[')
+    Ok(Url {
+        tls,
+        host: host
+            .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string(),
         port,
-        path.to_string(),
-    ))
+        path: path.to_string(),
+    })
 }
 
 /// One `GET`: the status code.
-async fn get(url: &str) -> Result<u16, String> {
-    let (host, port, path) = parse_url(url).map_err(|e| e.message)?;
-    let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
+async fn get(url: &str, ca_file: Option<&str>) -> Result<u16, String> {
+    let url = parse_url(url).map_err(|e| e.message)?;
+    let stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
+    if !url.tls {
+        return exchange(stream, &url).await;
+    }
+    let config = tls_config(ca_file)?;
+    let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+        .map_err(|e| format!("{}: not a name TLS can check: {e}", url.host))?;
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    exchange(stream, &url).await
+}
+
+/// TLS trusting `ca_file`'s certificate authorities, or else this computer's.
+fn tls_config(ca_file: Option<&str>) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(file) => {
+            let certs = CertificateDer::pem_file_iter(file)
+                .map_err(|e| format!("reading caFile {file}: {e}"))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| format!("reading caFile {file}: {e}"))?;
+                roots.add(cert).map_err(|e| format!("caFile {file}: {e}"))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err(match ca_file {
+            Some(file) => format!("caFile {file} holds no certificate"),
+            None => "this computer trusts no certificate authority (install `ca-certificates`), and the check gives no `caFile`".into(),
+        });
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
+/// Sends the request, reads the status line.
+async fn exchange<S>(mut stream: S, url: &Url) -> Result<u16, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: capstan\r\nConnection: close\r\n\r\n"
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: capstan\r\nConnection: close\r\n\r\n",
+        url.path, url.host
     );
     stream
         .write_all(request.as_bytes())
@@ -202,15 +288,26 @@ mod tests {
 
     #[test]
     fn urls_are_read() {
+        let url = |tls, host: &str, port, path: &str| Url {
+            tls,
+            host: host.into(),
+            port,
+            path: path.into(),
+        };
         assert_eq!(
             parse_url("http://10.0.0.1:8080/health").unwrap(),
-            ("10.0.0.1".into(), 8080, "/health".into())
+            url(false, "10.0.0.1", 8080, "/health")
+        );
+        assert_eq!(parse_url("http://web").unwrap(), url(false, "web", 80, "/"));
+        assert_eq!(
+            parse_url("https://web/").unwrap(),
+            url(true, "web", 443, "/")
         );
         assert_eq!(
-            parse_url("http://web").unwrap(),
-            ("web".into(), 80, "/".into())
+            parse_url("https://[::1]:8443/x").unwrap(),
+            url(true, "::1", 8443, "/x")
         );
-        assert!(parse_url("https://web/").is_err());
+        assert!(parse_url("ftp://web/").is_err());
         assert!(parse_url("http://:80/").is_err());
     }
 }

@@ -1054,6 +1054,10 @@ impl Resource for Nixos {
         t
     }
 
+    fn validate(&self, inputs: &MachineIn) -> Result<(), OperationError> {
+        inputs.check().map(drop)
+    }
+
     async fn create(
         &self,
         op: &Operation,

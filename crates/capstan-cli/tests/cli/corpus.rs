@@ -123,6 +123,19 @@ fn cases() -> Vec<Case> {
             PLAN,
             2,
         ),
+        // ---- machines: what the operation would refuse, refused by the plan ----
+        bad(
+            "machine_target_no_host",
+            r#"{"providers": {"m": {"builtin": "machine"}}, "resources": {"web": {"provider": "m", "type": "nixos", "inputs": {"target": "root@", "hostKey": "ssh-ed25519 AAAA", "system": "/nix/store/x-system"}}}}"#,
+            PLAN,
+            1,
+        ),
+        bad(
+            "machine_ca_file_on_http",
+            r#"{"providers": {"m": {"builtin": "machine"}}, "resources": {"web": {"provider": "m", "type": "nixos", "inputs": {"target": "web", "hostKey": "ssh-ed25519 AAAA", "system": "/nix/store/x-system", "checks": [{"http": "http://web/", "caFile": "/etc/hostname"}]}}}}"#,
+            PLAN,
+            1,
+        ),
         bad(
             "lock_timeout_inf",
             LOCAL,

@@ -357,6 +357,55 @@ fn a_failing_health_check_rolls_back_and_skips_dependents() {
 }
 
 #[test]
+fn an_https_check_trusts_this_computer_or_the_given_authority() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let trusting = fleet.machine("trusting");
+    let default = fleet.machine("default-roots");
+    let server = capstan_test_support::https::HttpsServer::start(fleet.path(), || "200 OK".into());
+    let url = format!("https://127.0.0.1:{}/health", server.port);
+    let system = fleet.system("served", "");
+    let check = |ca: Option<&Path>| {
+        let mut check = json!({"http": url});
+        if let Some(ca) = ca {
+            check["caFile"] = json!(ca);
+        }
+        json!({"checks": [check], "checkTimeout": 2, "checkInterval": 1})
+    };
+    fleet.write(json!({
+        "trusting": fleet.resource(&trusting, &system, check(Some(&server.ca_file))),
+        "default-roots": fleet.resource(&default, &system, check(None)),
+    }));
+    let (out, events) = fleet.apply();
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    // Trusting the authority that signed the server's certificate: passes.
+    assert!(failure(&events, "trusting").is_empty(), "{events:?}");
+    assert_eq!(trusting.running(), system);
+    // This computer's authorities never signed it: the TLS check fails, saying why.
+    let refused = failure(&events, "default-roots");
+    assert!(refused.contains("TLS"), "{refused}");
+    assert!(refused.contains("UnknownIssuer"), "{refused}");
+    // A first deploy rolled back: nothing boots it (there was nothing before to go back to).
+    assert!(default.profile().is_empty(), "its profile was reset");
+
+    // `caFile` belongs to https:// checks.
+    fleet.write(json!({
+        "trusting": fleet.resource(&trusting, &system, json!({
+            "checks": [{"http": "http://127.0.0.1:1/", "caFile": server.ca_file}]
+        })),
+    }));
+    let out = fleet.capstan(&["plan"]);
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    assert!(
+        shown(&out).contains("`caFile` is for https:// checks"),
+        "{}",
+        shown(&out)
+    );
+}
+
+#[test]
 fn a_key_reaches_the_machine_with_its_owner_and_mode_and_nowhere_else() {
     if !available() {
         return;
