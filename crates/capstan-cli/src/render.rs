@@ -74,7 +74,13 @@ pub struct HumanEvents {
     color: bool,
     /// Where the plan goes, when it is the command's output (`capstan plan`); else stderr.
     plan_out: Option<RefCell<Stdout>>,
+    /// What failed or was skipped so far, one line each: listed again under the summary of
+    /// a run of several resources (a fleet's failures are far apart in its log).
+    not_done: RefCell<Vec<String>>,
 }
+
+/// At most this many resources are listed again under the summary.
+const NOT_DONE_LISTED: usize = 20;
 
 impl HumanEvents {
     pub fn new(verbose: u8, color: Option<bool>) -> Self {
@@ -83,6 +89,7 @@ impl HumanEvents {
             verbose,
             color,
             plan_out: None,
+            not_done: RefCell::new(Vec::new()),
         }
     }
 
@@ -163,6 +170,10 @@ impl HumanEvents {
                 );
             }
             Event::ResourceFailed { error, details, .. } => {
+                let first = error.lines().next().unwrap_or_default();
+                self.not_done
+                    .borrow_mut()
+                    .push(format!("  {} {first}", self.paint(style::RED, "✗")));
                 put!("  {} {error}", self.paint(style::RED, "✗"));
                 for line in details.lines() {
                     put!("      {line}");
@@ -171,10 +182,12 @@ impl HumanEvents {
             Event::ResourceSkipped {
                 address, reason, ..
             } => {
-                put!(
+                let line = format!(
                     "  {} {address}: skipped ({reason})",
                     self.paint(style::YELLOW, "↷")
                 );
+                self.not_done.borrow_mut().push(line.clone());
+                out.push(line);
             }
             event @ (Event::EvaluationStart { .. }
             | Event::EvaluationComplete { .. }
@@ -219,6 +232,20 @@ impl HumanEvents {
                     counts.deleted, counts.unchanged, counts.failed, counts.skipped,
                     if counts.interrupted > 0 { format!(", {} interrupted", counts.interrupted) } else { String::new() },
                 );
+                let ran = counts.created
+                    + counts.updated
+                    + counts.deleted
+                    + counts.unchanged
+                    + counts.failed
+                    + counts.skipped;
+                let not_done = self.not_done.take();
+                if ran > 1 && !not_done.is_empty() {
+                    let more = not_done.len().saturating_sub(NOT_DONE_LISTED);
+                    out.extend(not_done.into_iter().take(NOT_DONE_LISTED));
+                    if more > 0 {
+                        put!("  … and {more} more above");
+                    }
+                }
             }
         }
         out

@@ -570,6 +570,21 @@ fn cases() -> Vec<Case> {
                 1,
             )
         },
+        // ---- several resources, some not done: listed again under the summary ----
+        Case {
+            name: "failures_listed_under_the_summary",
+            state_untouched: false,
+            ..bad(
+                "",
+                r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+  "web1": {"provider": "local", "type": "exec", "inputs": {"command": "no-such-program-capstan"}},
+  "web2": {"provider": "local", "type": "memo", "inputs": {"value": "fine"}},
+  "after": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "web1#stdout"}}}
+}}"#,
+                &["apply", "-j", "1"],
+                1,
+            )
+        },
         // ---- two deployments in one directory never share a state ----
         Case {
             name: "second_deployment_refused_by_apply",
