@@ -152,6 +152,21 @@ struct Url {
     path: String,
 }
 
+impl Url {
+    /// The `Host` header: an IPv6 address in brackets, the port unless the scheme's own.
+    fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match (self.tls, self.port) {
+            (false, 80) | (true, 443) => host,
+            (_, port) => format!("{host}:{port}"),
+        }
+    }
+}
+
 /// `http://host[:port]/path` or `https://…`.
 fn parse_url(url: &str) -> Result<Url, OperationError> {
     let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
@@ -201,7 +216,10 @@ async fn get(url: &str, ca_file: Option<&str>) -> Result<u16, String> {
     if !url.tls {
         return exchange(stream, &url).await;
     }
-    let config = tls_config(ca_file)?;
+    let config = match ca_file {
+        Some(_) => tls_config(ca_file)?,
+        None => system_tls_config().await?,
+    };
     let name = rustls::pki_types::ServerName::try_from(url.host.clone())
         .map_err(|e| format!("{}: not a name TLS can check: {e}", url.host))?;
     let stream = tokio_rustls::TlsConnector::from(config)
@@ -209,6 +227,20 @@ async fn get(url: &str, ca_file: Option<&str>) -> Result<u16, String> {
         .await
         .map_err(|e| format!("TLS: {e}"))?;
     exchange(stream, &url).await
+}
+
+/// TLS trusting this computer's certificate authorities: read once (off the async thread, so
+/// other machines' operations go on meanwhile) and kept.
+async fn system_tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    static CONFIG: std::sync::OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> =
+        std::sync::OnceLock::new();
+    if let Some(config) = CONFIG.get() {
+        return config.clone();
+    }
+    let built = tokio::task::spawn_blocking(|| tls_config(None))
+        .await
+        .map_err(|e| format!("reading this computer's certificate authorities: {e}"))?;
+    CONFIG.get_or_init(|| built).clone()
 }
 
 /// TLS trusting `ca_file`'s certificate authorities, or else this computer's.
@@ -252,7 +284,8 @@ where
 {
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: capstan\r\nConnection: close\r\n\r\n",
-        url.path, url.host
+        url.path,
+        url.authority()
     );
     stream
         .write_all(request.as_bytes())
@@ -308,6 +341,15 @@ mod tests {
             url(true, "::1", 8443, "/x")
         );
         assert!(parse_url("ftp://web/").is_err());
+        assert_eq!(
+            parse_url("https://[::1]:8443/x").unwrap().authority(),
+            "[::1]:8443"
+        );
+        assert_eq!(parse_url("http://web:80/").unwrap().authority(), "web");
+        assert_eq!(
+            parse_url("http://web:8080/").unwrap().authority(),
+            "web:8080"
+        );
         assert!(parse_url("http://:80/").is_err());
     }
 }

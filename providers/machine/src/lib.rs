@@ -412,7 +412,7 @@ impl Nixos {
             )
             .await;
             if let Err(failed) = checked {
-                return Err(self
+                let error = self
                     .after_failed_checks(
                         op,
                         &ssh,
@@ -421,7 +421,12 @@ impl Nixos {
                         Some(&done).filter(|d| !d.already),
                         failed,
                     )
-                    .await);
+                    .await;
+                // The activation's notes go, whatever the checks led to.
+                let _ = ssh
+                    .output(inputs.sudo, remote::CLEAN, &[&done.dir], None)
+                    .await;
+                return Err(error);
             }
         }
         // What it runs now, and the activation's notes removed, in one command.
@@ -873,9 +878,6 @@ impl Nixos {
                 None,
             )
             .await;
-        let _ = ssh
-            .output(inputs.sudo, remote::CLEAN, &[&done.dir], None)
-            .await;
         match rolled {
             Ok(_) => {
                 let now = probe(ssh, &inputs.profile, inputs.sudo)
@@ -1003,13 +1005,23 @@ async fn closure_sizes(system: &str) -> Option<HashMap<String, u64>> {
         .await
         .ok()
         .filter(|o| o.status.success())?;
-    let infos: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
-    Some(
-        infos
-            .iter()
-            .filter_map(|i| Some((i["path"].as_str()?.to_string(), i["narSize"].as_u64()?)))
-            .collect(),
-    )
+    // Nix before 2.19 prints a list of objects with a `path`; later ones an object keyed by
+    // path.
+    let infos: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let size = |i: &serde_json::Value| i["narSize"].as_u64();
+    match infos {
+        serde_json::Value::Array(list) => Some(
+            list.iter()
+                .filter_map(|i| Some((i["path"].as_str()?.to_string(), size(i)?)))
+                .collect(),
+        ),
+        serde_json::Value::Object(map) => Some(
+            map.iter()
+                .filter_map(|(path, i)| Some((path.clone(), size(i)?)))
+                .collect(),
+        ),
+        _ => None,
+    }
 }
 
 /// `nix copy` to the machine over the master connection, its activities as JSON.

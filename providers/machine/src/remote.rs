@@ -60,10 +60,36 @@ if [ -L "$profile" ]; then prevlink=$(readlink "$profile"); prev=$(readlink -f "
 printf '%s\n' "$prevlink" > "$dir/prevlink"
 printf '%s\n' "$prev" > "$dir/prev"
 printf '%s\n' "$running" > "$dir/running"
+# Watchdogs of earlier activations still waiting (a run stopped while confirming): this
+# activation supersedes them. Each is claimed and stopped, so none rolls back what follows,
+# and what ran before it (the last confirmed state) is what this one goes back to.
+superseded=
+for other in /run/capstan/*; do
+  [ "$other" = "$dir" ] && continue
+  [ -f "$other/watchdog.pid" ] || continue
+  if mkdir "$other/claim" 2>/dev/null; then
+    echo superseded > "$other/claim/by"
+    read -r w < "$other/watchdog.pid" && kill -TERM "-$w" 2>/dev/null
+    superseded=$other
+  fi
+done
+if [ -n "$superseded" ]; then
+  for note in prevlink prev running; do
+    cp "$superseded/$note" "$dir/$note" 2>/dev/null || true
+  done
+  read -r prevlink < "$dir/prevlink" || prevlink=
+  read -r prev < "$dir/prev" || prev=
+  read -r running < "$dir/running" || running=
+  rm -rf "$superseded"
+fi
+# Notes of activations settled (claimed) over an hour ago: nobody asks for them any more.
+for claim in /run/capstan/*/claim; do
+  [ -d "$claim" ] && [ -n "$(find "$claim" -maxdepth 0 -mmin +60)" ] && rm -rf "${claim%/claim}"
+done
 say previous "$running"
-# Already what was asked for (switched by hand, or by a run that was interrupted): nothing
-# to do.
-if [ "$goal" != dry-activate ]; then
+# Already what was asked for (switched by hand, or by a run that was interrupted and
+# confirmed): nothing to do. An unconfirmed activation just superseded is confirmed anew.
+if [ "$goal" != dry-activate ] && [ -z "$superseded" ]; then
   same=1
   case $goal in switch|test) [ "$running" = "$system" ] || same=0 ;; esac
   case $goal in switch|boot) [ "$prev" = "$system" ] || same=0 ;; esac
@@ -134,13 +160,21 @@ exit "$status"
 }
 
 /// Over a new connection: claims the activation for the deployer (`confirmed`) and stops the
-/// watchdog, unless the watchdog already has (prints who has): `dir profile finish`. With
+/// watchdog, unless the watchdog already has (prints who has): `dir profile finish`. A claim
+/// the deployer already holds (an attempt whose answer was lost) is `confirmed` too. With
 /// `finish` 1, then says what `PROBE` says and removes the activation's notes.
 pub(crate) const CONFIRM: &str = concat!(
     r#"
+claimed=
 if mkdir "$1/claim" 2>/dev/null; then
   echo deployer > "$1/claim/by"
   [ -f "$1/watchdog.pid" ] && read -r w < "$1/watchdog.pid" && kill -TERM "-$w" 2>/dev/null
+  claimed=1
+elif [ ! -d "$1" ] || [ "$(cat "$1/claim/by" 2>/dev/null)" = deployer ]; then
+  # An earlier attempt of this confirmation got through; its answer was lost.
+  claimed=1
+fi
+if [ -n "$claimed" ]; then
   echo confirmed
   if [ "$3" = 1 ]; then
     p=$2

@@ -207,7 +207,9 @@ impl Ssh {
 
     /// Opens the master connection (waits until it is up, or says why it is not).
     pub(crate) async fn open(&mut self) -> Result<(), OperationError> {
-        self.master = None;
+        // An old master (a broken connection) is stopped first: exiting later, it would
+        // remove the control socket the new one made.
+        self.close().await;
         let _ = std::fs::remove_file(self.control_path());
         let mut command = tokio::process::Command::new("ssh");
         command

@@ -156,6 +156,23 @@ impl<'a> NixLog<'a> {
 
     /// A `copy path` that ended: one path (and its bytes) more done.
     async fn copy_stopped(&mut self, id: u64) {
+        if self.copy.announced == Some(id) {
+            // The copy is over: what was done is all there was (a path the machine fetched
+            // from its own caches is never copied).
+            if let Some(span) = self.activities.get(&id).cloned() {
+                match self.sizes.filter(|s| s.expected_bytes > 0) {
+                    Some(_) => {
+                        let done = self.copy.done_bytes;
+                        self.op.progress_in(&span, done, done, "bytes").await
+                    }
+                    None => {
+                        let done = self.copy.done_paths;
+                        self.op.progress_in(&span, done, done, "paths").await
+                    }
+                }
+            }
+            return;
+        }
         let Some(path) = self.copy.running.remove(&id) else {
             return;
         };

@@ -724,6 +724,48 @@ fn a_run_killed_mid_copy_or_mid_activation_leaves_nothing_and_the_next_converges
         "{:?}",
         m.capstan_processes()
     );
+    // A run killed while its activation waits for confirmation, then the next run: it
+    // supersedes the waiting watchdog (which must not roll back later what the next run
+    // confirmed) and confirms the system itself. The system keeps new logins out for 2 s
+    // after its activation, so the killed run cannot have confirmed it yet.
+    let keys = m.root().join("etc/authorized_keys");
+    let shy = fleet.system(
+        "shy",
+        &format!(
+            "mv {k} {k}.off; (sleep 2; mv {k}.off {k}) </dev/null >/dev/null 2>&1 &",
+            k = keys.display()
+        ),
+    );
+    let fresh_resource = fleet.resource(&fresh, &big, json!({}));
+    fleet.write(json!({"m": fleet.resource(&m, &one, json!({})), "fresh": fresh_resource.clone()}));
+    assert!(fleet.apply().0.status.success());
+    assert_eq!(m.running(), one);
+    fleet.write(json!({
+        "m": fleet.resource(&m, &shy, json!({"confirmTimeout": 8})),
+        "fresh": fresh_resource,
+    }));
+    let mut apply = start();
+    crate::support::wait_until("the watchdog waits for a confirmation", || {
+        let waiting = "for d in /run/capstan/*; do [ -f $d/watchdog.pid ] && [ ! -d $d/claim ] && echo $d; done";
+        !m.run(waiting).trim().is_empty()
+    });
+    let armed = std::time::Instant::now();
+    apply.kill().unwrap();
+    apply.wait().unwrap();
+    crate::support::wait_until("logins are back", || keys.exists());
+    let (out, _) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(m.running(), shy);
+    // Past the killed run's deadline: still the system the second run confirmed.
+    let deadline = std::time::Duration::from_secs(8 + 2);
+    std::thread::sleep(deadline.saturating_sub(armed.elapsed()));
+    assert_eq!((m.running(), m.profile()), (shy.clone(), shy.clone()));
+    assert!(
+        m.capstan_processes().is_empty(),
+        "{:?}",
+        m.capstan_processes()
+    );
+
     // Its payload is not left in the deployer's store (nothing roots it).
     let _ = std::process::Command::new("nix-store")
         .args(["--delete", &big])
