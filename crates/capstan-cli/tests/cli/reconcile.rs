@@ -122,9 +122,10 @@ fn an_interrupted_create_that_made_nothing_is_created() {
         dir,
         json!({"m": {"provider": "t", "type": "made", "inputs": {"path": made, "before_ms": 60000}}}),
     );
-    let journal = dir.join(".capstan/journal");
+    // Killed once the call was sent (an intent never sent is settled, not pending).
+    let sent = dir.join(".capstan/sent");
     apply_killed(dir, || {
-        std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("\"m\""))
+        std::fs::read_to_string(&sent).is_ok_and(|j| j.lines().any(|l| l == "\"m\""))
     });
     assert_eq!(pending(dir), ["m create"]);
     assert!(!made.exists());
@@ -155,9 +156,10 @@ fn an_interrupted_operation_nobody_can_check_stays_pending() {
         dir,
         json!({"s": {"provider": "t", "type": "sleep", "inputs": {"ms": 60000}}}),
     );
-    let journal = dir.join(".capstan/journal");
+    // Killed once the call was sent (an intent never sent is settled, not pending).
+    let sent = dir.join(".capstan/sent");
     apply_killed(dir, || {
-        std::fs::read_to_string(&journal).is_ok_and(|j| j.contains("\"s\""))
+        std::fs::read_to_string(&sent).is_ok_and(|j| j.lines().any(|l| l == "\"s\""))
     });
     let plan = capstan(dir, &["plan"]);
     assert!(shown(&plan).contains("interrupted"), "{}", shown(&plan));
