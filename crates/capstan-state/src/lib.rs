@@ -211,6 +211,11 @@ pub enum StateError {
     Locked { dir: PathBuf, holder: String },
     #[error("the state journal writer stopped: {0}")]
     WriterGone(String),
+    /// A state kept elsewhere than a directory (a database) could not be read or written.
+    #[error("{place}: {message}")]
+    Backend { place: String, message: String },
+    #[error("the state {place} is locked by {holder}; wait for it to finish, or pass --lock-timeout SECONDS to wait")]
+    LockedBy { place: String, holder: String },
     #[error("{} holds the state of deployment `{owner}`, not `{deployment}`: planning one deployment against another's state would delete its resources. Give `{deployment}` a state of its own with --state DIR (e.g. --state .capstan-{}); if `{deployment}` is `{owner}` renamed, delete {} so that it takes over", .dir.display(), .deployment.trim_end_matches(".json"), .dir.join(OWNER_FILE).display())]
     OtherDeployment {
         dir: PathBuf,
@@ -348,7 +353,7 @@ fn decode(line: &str) -> Option<Record> {
 }
 
 /// Who holds a lock, written into the lock file.
-pub(crate) fn holder_description() -> String {
+pub fn holder_description() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let user =
         std::env::var("USER").unwrap_or_else(|_| format!("uid {}", capstan_process::own_uid()));
@@ -365,7 +370,7 @@ pub(crate) fn holder_description() -> String {
     .to_string()
 }
 
-fn describe_holder(text: &str) -> String {
+pub fn describe_holder(text: &str) -> String {
     match serde_json::from_str::<Value>(text) {
         Ok(v) => format!(
             "pid {} on {} (user {}, `{}`, since {})",

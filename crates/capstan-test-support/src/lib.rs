@@ -7,6 +7,7 @@
 pub mod fetch;
 pub mod https;
 pub mod machine;
+pub mod postgres;
 
 /// Whether this is a CI run (`CI=true` or `CI=1`, as CI services and `.ci/run` set it).
 pub fn in_ci() -> bool {
