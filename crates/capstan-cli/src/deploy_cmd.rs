@@ -12,7 +12,7 @@ use capstan_engine::events::{Event, EventSink};
 use capstan_engine::plan::Action;
 use capstan_engine::run::{Providers, RunOptions};
 use capstan_engine::session::{self, Mode, Notice, Session, Source, StartOptions};
-use capstan_engine::state::{self, DirectoryBackend, StateBackend};
+use capstan_engine::state::{self, StateBackend};
 use clap::Args;
 use serde_json::{Map, Value};
 
@@ -23,6 +23,8 @@ use crate::render::{HumanEvents, JsonEvents};
 use crate::stop::{Stop, EXIT_FAILED};
 use std::io::IsTerminal;
 
+use crate::store::{Locked, Store};
+
 /// Where a deployment and its state are.
 #[derive(Args, Clone)]
 pub struct Place {
@@ -30,9 +32,18 @@ pub struct Place {
     /// `nix-instantiate`) [default: capstan.json, else capstan.nix if only that exists].
     #[arg(short = 'f', long = "file", value_name = "FILE", global = true)]
     file: Option<PathBuf>,
-    /// The state directory [default: .capstan beside the deployment file].
-    #[arg(long, value_name = "DIR", global = true)]
-    pub state: Option<PathBuf>,
+    /// Where the state is kept: a directory [default: .capstan beside the deployment file],
+    /// or a PostgreSQL database a team shares, `postgres://[USER@]HOST[:PORT]/DB?deployment=NAME`
+    /// (libpq's URL; what it leaves out comes from PGHOST, PGPORT, PGUSER, PGDATABASE,
+    /// PGPASSWORD and ~/.pgpass — keep the password out of the URL).
+    #[arg(
+        long,
+        value_name = "DIR|URL",
+        global = true,
+        env = "CAPSTAN_STATE",
+        hide_env_values = true
+    )]
+    pub state: Option<String>,
 }
 
 impl Place {
@@ -50,22 +61,30 @@ impl Place {
         }
     }
 
-    pub fn state_dir(&self) -> PathBuf {
-        self.state
-            .clone()
-            .unwrap_or_else(|| capstan_engine::model::dir_of(&self.file()).join(".capstan"))
+    /// Where the state is, or why `--state` cannot be one (something else is at a
+    /// directory's path, a URL that does not read).
+    pub fn store(&self) -> Result<Store, String> {
+        let store = match &self.state {
+            Some(text) if text.is_empty() => {
+                return Err("--state is empty: give a directory or a postgres:// URL".into())
+            }
+            Some(text) => Store::parse(text)?,
+            None => Store::Dir(capstan_engine::model::dir_of(&self.file()).join(".capstan")),
+        };
+        if let Some(dir) = store.dir() {
+            if dir.exists() && !dir.is_dir() {
+                return Err(format!(
+                    "{} is not a directory, so it cannot hold the state; give --state a directory",
+                    dir.display()
+                ));
+            }
+        }
+        Ok(store)
     }
 
-    /// The state directory, or why it cannot be one (something else is at its path).
-    pub fn checked_state_dir(&self) -> Result<PathBuf, String> {
-        let dir = self.state_dir();
-        if dir.exists() && !dir.is_dir() {
-            return Err(format!(
-                "{} is not a directory, so it cannot hold the state; give --state a directory",
-                dir.display()
-            ));
-        }
-        Ok(dir)
+    /// The state directory, when the state is kept in one.
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        self.store().ok()?.dir().map(PathBuf::from)
     }
 }
 
@@ -263,7 +282,7 @@ async fn open(
     sink: Rc<dyn EventSink>,
     mode: Mode,
     stop: &Stop,
-) -> Result<(Session, Option<Rc<DirectoryBackend>>), CliError> {
+) -> Result<(Session, Option<Rc<Locked>>), CliError> {
     let invalid = |e: &dyn std::fmt::Display| CliError::Invalid(e.to_string());
     let file = args.place.file();
     let (params, secret_params) = args.parameters().map_err(|e| invalid(&format!("{e:#}")))?;
@@ -281,7 +300,7 @@ async fn open(
             .check_providers(&launcher)
             .map_err(|e| CliError::from_session(e, stop))?;
     }
-    let dir = args.place.checked_state_dir().map_err(|e| invalid(&e))?;
+    let store = args.place.store().map_err(|e| invalid(&e))?;
     let selection = if args.targets.is_empty() {
         None
     } else {
@@ -290,7 +309,7 @@ async fn open(
         // A typo is found before the state is touched (a deployment in Nix is evaluated
         // first, so its selection is checked once it is).
         if let Some(deployment) = reading.deployment() {
-            let (recorded, _) = state::read_only(&dir).unwrap_or_default();
+            let recorded = store.look().map(|l| l.state).unwrap_or_default();
             selection
                 .check(deployment, &recorded)
                 .map_err(|e| invalid(&e))?;
@@ -301,27 +320,32 @@ async fn open(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let (state, backend) = match lock {
+    let check_owner = |loaded: bool| match store.dir() {
+        Some(dir) => state::check_owner(dir, &owner, loaded).map_err(|e| invalid(&e)),
+        None => Ok(()),
+    };
+    let (state, backend, running) = match lock {
         None => {
-            state::check_owner(&dir, &owner, false).map_err(|e| invalid(&e))?;
-            let (state, report) = state::read_only(&dir).map_err(|e| invalid(&e))?;
+            check_owner(false)?;
+            let look = store.look().map_err(|e| invalid(&e))?;
             // A plan writes nothing: it plans from every intact record, and says which lines
             // it could not read (an apply would stop on them).
-            warn_damage(&dir, &report);
-            (state, None)
+            warn_damage(&store, &look.report);
+            (look.state, None, look.running)
         }
         Some(lock) => {
-            let mut backend = DirectoryBackend::open_with(&dir, lock.lock_timeout, &mut |holder| {
-                say!("waiting for the state lock, held by {holder} …");
-            })
-            .map_err(|e| invalid(&e))?;
-            state::check_owner(&dir, &owner, false).map_err(|e| invalid(&e))?;
+            let mut backend = store
+                .lock(lock.lock_timeout, &mut |holder| {
+                    say!("waiting for the state lock, held by {holder} …");
+                })
+                .map_err(|e| invalid(&e))?;
+            check_owner(false)?;
             let (state, report) = backend.load().map_err(|e| invalid(&e))?;
-            state::check_owner(&dir, &owner, true).map_err(|e| invalid(&e))?;
+            check_owner(true)?;
             if let Some(line) = report.torn_tail {
                 say!(
                     "note: {}: line {line} was torn by a crash in the middle of a write and was set aside; every whole record was kept",
-                    dir.join("journal").display()
+                    store.dir().map(|d| d.join("journal").display().to_string()).unwrap_or_default()
                 );
             }
             if !report.never_sent.is_empty() {
@@ -330,13 +354,9 @@ async fn open(
                     report.never_sent.len()
                 );
             }
-            (state, Some(Rc::new(backend)))
+            (state, Some(Rc::new(backend)), None)
         }
     };
-    let running = lock
-        .is_none()
-        .then(|| state::running_holder(&dir))
-        .flatten();
     if let (false, false, Some(holder)) = (state.pending.is_empty(), view.json, &running) {
         say!(
             "note: {} operation(s) are in flight in the command holding the state now ({holder}); this plan is of the state as it was before them:",
@@ -438,7 +458,7 @@ pub async fn plan_cmd(
         timeout: None,
         refresh: plan_args.refresh,
         max_message_mib: plan_args.max_message_mib,
-        state_dir: Some(args.place.state_dir()),
+        state_dir: args.place.state_dir(),
     };
     let sink = events(&view, stdout, Mode::Plan);
     let json = view.json;
@@ -533,7 +553,7 @@ async fn apply_inner(
         timeout: run_args.timeout,
         refresh: run_args.refresh,
         max_message_mib: run_args.max_message_mib,
-        state_dir: Some(args.place.state_dir()),
+        state_dir: args.place.state_dir(),
     };
     let providers = start(&mut session, &options, &stop).await?;
     // From here the providers run: every way out stops them first.
@@ -634,30 +654,26 @@ async fn confirm(deletes: usize, stop: &Stop) -> Confirmed {
     }
 }
 
-/// Folds a long journal into the snapshot: a rewrite per run at most, never per resource.
-fn compact_if_large(backend: Rc<DirectoryBackend>) {
-    const JOURNAL_LIMIT: u64 = 4 * 1024 * 1024;
+/// Folds a long journal into a snapshot: a rewrite per run at most, never per resource.
+fn compact_if_large(backend: Rc<Locked>) {
     let mut backend = backend;
-    let journal = backend.dir().join("journal");
-    let large = std::fs::metadata(&journal)
-        .map(|m| m.len() > JOURNAL_LIMIT)
-        .unwrap_or(false);
-    if large {
-        if let Some(backend) = Rc::get_mut(&mut backend) {
-            if let Err(e) = backend.compact_stored() {
-                say!("warning: could not compact the state journal (nothing is lost): {e}");
-            }
+    if let Some(backend) = Rc::get_mut(&mut backend) {
+        if let Err(e) = backend.compact_if_large() {
+            say!("warning: could not compact the state journal (nothing is lost): {e}");
         }
     }
 }
 
-/// Says which journal lines a command that only reads could not read.
-pub(crate) fn warn_damage(dir: &std::path::Path, report: &state::LoadReport) {
+/// Says which journal lines (or records) a command that only reads could not read.
+pub(crate) fn warn_damage(store: &Store, report: &state::LoadReport) {
     if !report.damaged.is_empty() {
+        let place = match store.dir() {
+            Some(dir) => format!("{}: line(s)", dir.join("journal").display()),
+            None => format!("{}: record(s)", store.shown()),
+        };
         say!(
-            "warning: {}: line(s) {} are damaged; this shows every intact record. \
+            "warning: {place} {} are damaged; this shows every intact record. \
              Commands that change the state refuse until `capstan state repair`.",
-            dir.join("journal").display(),
             state::list_lines(&report.damaged)
         );
     }

@@ -12,6 +12,7 @@ mod provider_cmd;
 mod render;
 mod state_cmd;
 mod stop;
+mod store;
 mod style;
 
 use std::process::ExitCode;

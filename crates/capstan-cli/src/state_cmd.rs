@@ -1,20 +1,20 @@
 //! `capstan state …`: look at the state, and resolve what an interrupted run left.
 //!
-//! Looking (`list`, `show`, `pending`) needs only the state directory — not the deployment,
-//! its parameters or the lock — and never writes: it works on a read-only directory and while
-//! an apply runs. Changing (`resolve`, `forget`, `repair`) takes the lock.
+//! Looking (`list`, `show`, `pending`, `history`) needs only the state — not the deployment,
+//! its parameters or the lock — and never writes: it works on a read-only directory, a
+//! read-only database user, and while an apply runs. Changing (`resolve`, `forget`, `repair`,
+//! `push`, `pull`) takes the lock.
 
 use std::process::ExitCode;
 
-use capstan_engine::state::{
-    self, append_durably, rfc3339, DirectoryBackend, Record, State, StateBackend,
-};
+use capstan_engine::state::{self, append_durably, rfc3339, Record, State, StateBackend};
 use clap::Subcommand;
 use serde_json::json;
 
 use crate::deploy_cmd::{warn_damage, LockArgs, Place};
 use crate::error::CliError;
 use crate::output::Stdout;
+use crate::store::{Locked, Store};
 
 #[derive(Subcommand)]
 pub enum StateCmd {
@@ -31,11 +31,23 @@ pub enum StateCmd {
         /// Show sensitive values as they are (the state's files are private; this prints them).
         #[arg(long)]
         show_sensitive: bool,
+        /// As it was when run RUN ended (`capstan state history` lists the runs; a PostgreSQL
+        /// state keeps them).
+        #[arg(long, value_name = "RUN")]
+        at: Option<i64>,
     },
     /// List operations that were interrupted (crash, kill, Ctrl-C) and never finished.
     Pending {
         /// A JSON array of {"address", "operation", "provider", "type", "started"} instead
         /// (`started` in RFC 3339).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the runs that changed the state, oldest first: who, when, what changed (a
+    /// PostgreSQL state keeps every run; a directory keeps only the state now).
+    History {
+        /// A JSON array of {"run", "started", "user", "host", "pid", "command", "db_user",
+        /// "operations", "failed", "recorded", "deleted"} instead.
         #[arg(long)]
         json: bool,
     },
@@ -58,6 +70,31 @@ pub enum StateCmd {
         #[command(flatten)]
         lock: LockArgs,
     },
+    /// Copy this state (--state) to another place, e.g. a directory's to PostgreSQL:
+    /// `capstan state push --to 'postgres://db.example/infra?deployment=web'`. Refuses to
+    /// overwrite a state that changed after this one, unless --force.
+    Push {
+        /// Where to: a directory or a postgres:// URL.
+        #[arg(long, value_name = "DIR|URL")]
+        to: String,
+        /// Overwrite it even if it is newer.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        lock: LockArgs,
+    },
+    /// Copy a state from another place into this one (--state), e.g. from PostgreSQL into a
+    /// directory. Refuses to overwrite a state that changed after that one, unless --force.
+    Pull {
+        /// Where from: a directory or a postgres:// URL.
+        #[arg(long, value_name = "DIR|URL")]
+        from: String,
+        /// Overwrite this state even if it is newer.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        lock: LockArgs,
+    },
 }
 
 pub async fn state_cmd(
@@ -65,10 +102,10 @@ pub async fn state_cmd(
     command: StateCmd,
     mut stdout: Stdout,
 ) -> Result<ExitCode, CliError> {
-    let dir = place.checked_state_dir().map_err(CliError::Invalid)?;
+    let store = place.store().map_err(CliError::Invalid)?;
     match command {
         StateCmd::List { json } => {
-            let state = look(&place)?;
+            let state = look(&store)?.state;
             if json {
                 let list: Vec<_> = state
                     .resources
@@ -87,13 +124,32 @@ pub async fn state_cmd(
         StateCmd::Show {
             address,
             show_sensitive,
-        } => show(&look(&place)?, &address, show_sensitive, &mut stdout)?,
-        StateCmd::Pending { json } => {
-            let running = state::running_holder(&place.state_dir());
-            pending(&look(&place)?, json, running.as_deref(), &mut stdout)
+            at,
+        } => {
+            let state = match at {
+                None => look(&store)?.state,
+                Some(run) => match &store {
+                    Store::Postgres(location) => {
+                        capstan_state_postgres::state_at(location, run).map_err(state_error)?
+                    }
+                    Store::Dir(dir) => return Err(no_history(dir)),
+                },
+            };
+            show(&state, &address, show_sensitive, &mut stdout)?
         }
+        StateCmd::Pending { json } => {
+            let look = look(&store)?;
+            pending(&look.state, json, look.running.as_deref(), &mut stdout)
+        }
+        StateCmd::History { json } => match &store {
+            Store::Postgres(location) => {
+                let runs = capstan_state_postgres::history(location).map_err(state_error)?;
+                history(&runs, json, &mut stdout);
+            }
+            Store::Dir(dir) => return Err(no_history(dir)),
+        },
         StateCmd::Resolve { address, lock } => {
-            let (backend, state) = change(&dir, &lock)?;
+            let (backend, state) = change(&store, &lock)?;
             if !state.pending.contains_key(&address) {
                 return Err(CliError::Invalid(format!(
                     "`{address}` has no interrupted operation; `capstan state pending` lists them"
@@ -109,7 +165,7 @@ pub async fn state_cmd(
             say!("resolved the interrupted operation on `{address}`");
         }
         StateCmd::Forget { address, lock } => {
-            let (backend, state) = change(&dir, &lock)?;
+            let (backend, state) = change(&store, &lock)?;
             if !state.resources.contains_key(&address) {
                 return Err(no_resource(&address));
             }
@@ -140,7 +196,13 @@ pub async fn state_cmd(
             }
         }
         StateCmd::Repair { lock } => {
-            let mut backend = open_locked(&dir, &lock)?;
+            let Locked::Dir(mut backend) = open_locked(&store, &lock)? else {
+                return Err(CliError::Invalid(format!(
+                    "{}: a PostgreSQL state has no journal file to repair (the database checks its own pages); `capstan state pending` and `resolve` deal with interrupted operations",
+                    store.shown()
+                )));
+            };
+            let dir = backend.dir().to_path_buf();
             let repaired = backend.repair().map_err(state_error)?;
             if let Some(aside) = &repaired.damaged_snapshot {
                 say!(
@@ -161,8 +223,182 @@ pub async fn state_cmd(
                 None => {}
             }
         }
+        StateCmd::Push { to, force, lock } => {
+            let to = Store::parse(&to).map_err(CliError::Invalid)?;
+            copy(&store, &to, force, &lock, &place).await?;
+        }
+        StateCmd::Pull { from, force, lock } => {
+            let from = Store::parse(&from).map_err(CliError::Invalid)?;
+            copy(&from, &store, force, &lock, &place).await?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn no_history(dir: &std::path::Path) -> CliError {
+    CliError::Invalid(format!(
+        "{} is a state directory, which keeps the state as it is now, not its history (its journal is folded into a snapshot); a PostgreSQL state keeps every run: see `capstan state push`",
+        dir.display()
+    ))
+}
+
+/// `state push` / `state pull`: makes `to` hold what `from` holds, unless `to` changed after
+/// `from` did (then only with `force`). Interrupted operations are copied as interrupted.
+async fn copy(
+    from: &Store,
+    to: &Store,
+    force: bool,
+    lock: &LockArgs,
+    place: &Place,
+) -> Result<(), CliError> {
+    if from.shown() == to.shown() {
+        return Err(CliError::Invalid(format!(
+            "{} is both where to copy from and to",
+            from.shown()
+        )));
+    }
+    if let Store::Dir(dir) = from {
+        if !dir.exists() {
+            return Err(CliError::Invalid(format!(
+                "no state in {} to copy",
+                dir.display()
+            )));
+        }
+    }
+    let source = from.look().map_err(state_error)?;
+    if let Some(holder) = &source.running {
+        return Err(CliError::Invalid(format!(
+            "{} is held by {holder}: copy it once that command ends",
+            from.shown()
+        )));
+    }
+    if !source.report.damaged.is_empty() {
+        return Err(CliError::Invalid(format!(
+            "{} has damaged records ({}): `capstan state repair` there first",
+            from.shown(),
+            state::list_lines(&source.report.damaged)
+        )));
+    }
+    let target = to.look().map_err(state_error)?;
+    let mut backend = to
+        .lock(lock.lock_timeout, &mut |holder| {
+            say!("waiting for the state lock, held by {holder} …");
+        })
+        .map_err(state_error)?;
+    let owner = place
+        .file()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let Some(dir) = to.dir() {
+        state::check_owner(dir, &owner, false).map_err(state_error)?;
+    }
+    let (now, _) = backend.load().map_err(state_error)?;
+    let mut wanted = source.state.clone();
+    // Their runs are not this state's: nothing may settle them as "never sent".
+    for op in wanted.pending.values_mut() {
+        op.run = None;
+    }
+    if now == wanted {
+        say!("{} already holds what {} holds", to.shown(), from.shown());
+        return Ok(());
+    }
+    let holds_something = !now.resources.is_empty() || !now.pending.is_empty();
+    if holds_something && !force {
+        if let (Some(theirs), Some(ours)) = (target.changed, source.changed) {
+            if theirs > ours {
+                return Err(CliError::Invalid(format!(
+                    "{} changed at {}, after {} (at {}): it is newer, so it was not overwritten; pass --force to overwrite it",
+                    to.shown(),
+                    rfc3339(theirs),
+                    from.shown(),
+                    rfc3339(ours)
+                )));
+            }
+        }
+        if wanted.resources.is_empty() && wanted.pending.is_empty() {
+            return Err(CliError::Invalid(format!(
+                "{} is empty and {} is not: pass --force to empty it",
+                from.shown(),
+                to.shown()
+            )));
+        }
+    }
+    // Records too, so that a database's history tells what the copy changed.
+    let mut records: Vec<Record> = now
+        .resources
+        .keys()
+        .filter(|a| !wanted.resources.contains_key(*a))
+        .map(|address| Record::Deleted {
+            address: address.clone(),
+        })
+        .collect();
+    for (address, resource) in &wanted.resources {
+        if now.resources.get(address) != Some(resource) {
+            records.push(Record::Done {
+                address: address.clone(),
+                state: resource.clone(),
+            });
+        }
+    }
+    if matches!(backend, Locked::Postgres(_)) && !records.is_empty() {
+        append_durably(&backend as &dyn StateBackend, records)
+            .await
+            .map_err(|e| CliError::Failed(e.to_string()))?;
+    }
+    backend.compact(&wanted).map_err(state_error)?;
+    if let Some(dir) = to.dir() {
+        state::check_owner(dir, &owner, true).map_err(state_error)?;
+    }
+    say!(
+        "copied {} resource(s) and {} interrupted operation(s) from {} to {}",
+        wanted.resources.len(),
+        wanted.pending.len(),
+        from.shown(),
+        to.shown()
+    );
+    Ok(())
+}
+
+/// `state history`: one line per run.
+fn history(runs: &[capstan_state_postgres::RunSummary], json: bool, stdout: &mut Stdout) {
+    if json {
+        let list: Vec<_> = runs
+            .iter()
+            .map(|r| {
+                json!({"run": r.run, "started": rfc3339(r.started), "user": r.holder["user"],
+                       "host": r.holder["host"], "pid": r.holder["pid"],
+                       "command": r.holder["command"], "db_user": r.db_user,
+                       "operations": r.operations, "failed": r.failed,
+                       "recorded": r.recorded, "deleted": r.deleted})
+            })
+            .collect();
+        stdout.line(&serde_json::Value::Array(list).to_string());
+        return;
+    }
+    for r in runs {
+        let mut changes: Vec<String> = r
+            .operations
+            .iter()
+            .map(|(kind, n)| format!("{n} {kind}"))
+            .collect();
+        if r.failed > 0 {
+            changes.push(format!("{} failed", r.failed));
+        }
+        let changes = if changes.is_empty() {
+            "no changes".to_string()
+        } else {
+            changes.join(", ")
+        };
+        stdout.line(&format!(
+            "{}\t{}\t{}@{}\t{}\t{changes}",
+            r.run,
+            rfc3339(r.started),
+            r.holder["user"].as_str().unwrap_or("?"),
+            r.holder["host"].as_str().unwrap_or("?"),
+            r.holder["command"].as_str().unwrap_or("?"),
+        ));
+    }
 }
 
 /// A state that is not as it must be (a snapshot that does not read, a file of another user)
@@ -171,7 +407,9 @@ pub async fn state_cmd(
 fn state_error(e: capstan_engine::state::StateError) -> CliError {
     use capstan_engine::state::StateError;
     match e {
-        StateError::Io { .. } | StateError::WriterGone(_) => CliError::Failed(e.to_string()),
+        StateError::Io { .. } | StateError::WriterGone(_) | StateError::Backend { .. } => {
+            CliError::Failed(e.to_string())
+        }
         _ => CliError::Invalid(e.to_string()),
     }
 }
@@ -242,44 +480,47 @@ fn no_resource(address: &str) -> CliError {
 }
 
 /// The state as it is now, for a command that only looks.
-fn look(place: &Place) -> Result<State, CliError> {
-    let dir = place.state_dir();
-    if !dir.exists() {
+fn look(store: &Store) -> Result<crate::store::Look, CliError> {
+    if !store.exists() {
         say!(
-            "note: no state in {} yet (nothing was applied there; -f FILE or --state DIR picks another)",
-            dir.display()
+            "note: no state in {} yet (nothing was applied there; -f FILE or --state DIR|URL picks another)",
+            store.shown()
         );
-        return Ok(State::default());
+        return Ok(crate::store::Look {
+            state: State::default(),
+            report: Default::default(),
+            running: None,
+            changed: None,
+        });
     }
-    let (state, report) = state::read_only(&dir).map_err(|e| CliError::Invalid(e.to_string()))?;
-    warn_damage(&dir, &report);
-    Ok(state)
+    let look = store.look().map_err(state_error)?;
+    warn_damage(store, &look.report);
+    Ok(look)
 }
 
-fn open_locked(dir: &std::path::Path, lock: &LockArgs) -> Result<DirectoryBackend, CliError> {
-    if !dir.exists() {
+fn open_locked(store: &Store, lock: &LockArgs) -> Result<Locked, CliError> {
+    if !store.exists() {
         return Err(CliError::Invalid(format!(
             "no state in {}; nothing to change",
-            dir.display()
+            store.shown()
         )));
     }
-    DirectoryBackend::open_with(dir, lock.lock_timeout, &mut |holder| {
-        say!("waiting for the state lock, held by {holder} …");
-    })
-    .map_err(|e| CliError::Invalid(e.to_string()))
+    store
+        .lock(lock.lock_timeout, &mut |holder| {
+            say!("waiting for the state lock, held by {holder} …");
+        })
+        .map_err(state_error)
 }
 
 /// The state, locked for a change.
-fn change(dir: &std::path::Path, lock: &LockArgs) -> Result<(DirectoryBackend, State), CliError> {
-    let mut backend = open_locked(dir, lock)?;
-    let (state, _) = backend
-        .load()
-        .map_err(|e| CliError::Invalid(e.to_string()))?;
+fn change(store: &Store, lock: &LockArgs) -> Result<(Locked, State), CliError> {
+    let mut backend = open_locked(store, lock)?;
+    let (state, _) = backend.load().map_err(state_error)?;
     Ok((backend, state))
 }
 
 /// Makes one record durable.
-async fn record(backend: &DirectoryBackend, record: Record) -> Result<(), CliError> {
+async fn record(backend: &Locked, record: Record) -> Result<(), CliError> {
     append_durably(backend as &dyn StateBackend, vec![record])
         .await
         .map_err(|e| CliError::Failed(e.to_string()))

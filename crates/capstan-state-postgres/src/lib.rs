@@ -73,7 +73,15 @@ fn connect(location: &Location) -> Result<Client, StateError> {
     location.config.connect(NoTls).map_err(|e| {
         failed(
             location,
-            format!("cannot connect to PostgreSQL: {}", describe(&e)),
+            format!(
+                "cannot connect to PostgreSQL: {}{}",
+                describe(&e),
+                if e.as_db_error().is_none() {
+                    " (is the server running there, and does it take connections from here?)"
+                } else {
+                    ""
+                }
+            ),
         )
     })
 }
@@ -125,6 +133,8 @@ pub struct Look {
     /// The command holding the deployment's lock now, if one does: the pending operations may
     /// be its own, in flight.
     pub running: Option<String>,
+    /// When the last record was written (seconds since the epoch), if any was.
+    pub changed: Option<u64>,
 }
 
 /// The state as it is now, for a command that only looks: no lock, nothing written (not even
@@ -144,6 +154,7 @@ pub fn read_only(location: &Location) -> Result<Look, StateError> {
                 state: State::default(),
                 report: LoadReport::default(),
                 running: None,
+                changed: None,
             });
         };
         let (mut state, mut report, _) = fold(&mut tx, deployment, None).map_err(db)?;
@@ -154,11 +165,20 @@ pub fn read_only(location: &Location) -> Result<Look, StateError> {
                 state.pending.remove(address);
             }
         }
+        let changed = tx
+            .query_one(
+                "SELECT extract(epoch FROM max(time))::bigint FROM capstan.records WHERE deployment = $1",
+                &[&deployment],
+            )
+            .map_err(db)?
+            .get::<_, Option<i64>>(0)
+            .map(|t| t.max(0) as u64);
         tx.commit().map_err(db)?;
         Ok(Look {
             state,
             report,
             running,
+            changed,
         })
     })
 }

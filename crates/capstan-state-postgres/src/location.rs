@@ -83,8 +83,9 @@ impl Location {
         };
         let mut config = postgres::Config::from_str(&rebuilt).map_err(|e| {
             format!(
-                "{} is not a PostgreSQL URL libpq would take: {e}",
-                without_password(url)
+                "{} is not a PostgreSQL URL libpq would take: {}",
+                without_password(url),
+                crate::describe(&e)
             )
         })?;
         let Some(name) = name.filter(|n| !n.trim().is_empty()) else {

@@ -463,6 +463,46 @@ fn cases() -> Vec<Case> {
             name: "state_list_where_nothing_was_applied",
             ..bad("", LOCAL, &["state", "list"], 0)
         },
+        // ---- --state: a directory or a postgres:// URL, nothing else ----
+        Case {
+            name: "state_url_without_a_deployment_name",
+            ..bad(
+                "",
+                LOCAL,
+                &["apply", "--state", "postgres://alice:hunter2@db.invalid/infra"],
+                2,
+            )
+        },
+        Case {
+            name: "state_url_of_another_kind",
+            ..bad("", LOCAL, &["plan", "--state", "s3://bucket/state"], 2)
+        },
+        Case {
+            name: "state_empty",
+            ..bad("", LOCAL, &["state", "list", "--state", ""], 2)
+        },
+        Case {
+            name: "state_url_libpq_refuses",
+            ..bad(
+                "",
+                LOCAL,
+                &["state", "list", "--state", "postgres://db/x?deployment=a&colour=blue"],
+                2,
+            )
+        },
+        Case {
+            name: "state_url_unreachable",
+            ..bad(
+                "",
+                LOCAL,
+                &[
+                    "plan",
+                    "--state",
+                    "postgres://nobody:pw@/x?host=/nonexistent&deployment=a",
+                ],
+                2,
+            )
+        },
         Case {
             name: "plan_writes_no_state",
             ..bad("", memo(r#"{"value": 2}"#), PLAN, 0)

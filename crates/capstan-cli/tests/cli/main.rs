@@ -16,6 +16,7 @@ mod machines;
 mod nix;
 mod nix_deployments;
 mod nixops4_v0;
+mod postgres;
 mod python_provider;
 mod reconcile;
 mod scheduler_properties;
