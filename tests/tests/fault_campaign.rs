@@ -20,13 +20,34 @@ fn full() -> bool {
     std::env::var("CAPSTAN_FAULTS_FULL").is_ok_and(|v| v == "1")
 }
 
+/// Where a campaign keeps the state: `None` for the directory beside the deployment, or a
+/// `postgres://` URL (a real server the test started), passed as `CAPSTAN_STATE`.
+type StateAt<'a> = Option<&'a str>;
+
 fn capstan(dir: &Path, args: &[&str]) -> Output {
-    Command::new(workspace_binary("capstan"))
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    capstan_at(dir, args, None)
+}
+
+fn capstan_at(dir: &Path, args: &[&str], at: StateAt) -> Output {
+    let mut command = Command::new(workspace_binary("capstan"));
+    command.args(args).current_dir(dir).stdin(Stdio::null());
+    if let Some(url) = at {
+        command.env("CAPSTAN_STATE", url);
+    }
+    command.output().unwrap()
+}
+
+/// A real PostgreSQL for a campaign, and the URL of a deployment's state in it.
+fn postgres(name: &str) -> Option<(capstan_test_support::postgres::Postgres, String)> {
+    use capstan_test_support::postgres::{unavailable, Postgres};
+    if let Some(why) = unavailable() {
+        capstan_test_support::skip_or_fail(&why);
+        return None;
+    }
+    let pg = Postgres::start();
+    pg.create_database("campaign");
+    let url = format!("{}&deployment={name}", pg.url("campaign"));
+    Some((pg, url))
 }
 
 fn events(stdout: &[u8]) -> Vec<Value> {
@@ -58,10 +79,14 @@ struct Seen {
 }
 
 fn state(dir: &Path, extra: &[&str]) -> Result<Seen, String> {
+    state_at(dir, extra, None)
+}
+
+fn state_at(dir: &Path, extra: &[&str], at: StateAt) -> Result<Seen, String> {
     let read = |what: &str| -> Result<Vec<Value>, String> {
         let mut args = vec!["state", what, "--json"];
         args.extend_from_slice(extra);
-        let out = capstan(dir, &args);
+        let out = capstan_at(dir, &args, at);
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
@@ -185,6 +210,18 @@ const FAULTS: [&str; 6] = ["error", "partial", "slow", "hang", "crash", "garbage
 
 #[test]
 fn provider_faults_lose_nothing_and_skip_only_what_depends_on_them() {
+    provider_faults(None, "provider faults");
+}
+
+#[test]
+fn provider_faults_lose_nothing_with_the_state_in_postgres() {
+    let Some((_pg, url)) = postgres("faults") else {
+        return;
+    };
+    provider_faults(Some(&url), "provider faults, state in PostgreSQL");
+}
+
+fn provider_faults(at: StateAt, title: &str) {
     let (runs, size) = if full() { (5, 1000) } else { (2, 150) };
     let mut figures = Figures::default();
     for run in 0..runs {
@@ -246,13 +283,15 @@ fn provider_faults_lose_nothing_and_skip_only_what_depends_on_them() {
             "resources": resources,
         });
         std::fs::write(dir.join("capstan.json"), deployment.to_string()).unwrap();
-        let out = capstan(&dir, &["apply", "--json", "--jobs", "16"]);
+        // Each run a deployment of its own (in one database: a name each).
+        let url = at.map(|url| format!("{url}-{run}"));
+        let out = capstan_at(&dir, &["apply", "--json", "--jobs", "16"], url.as_deref());
         figures.runs += 1;
         figures.operations += size;
         let all = events(&out.stdout);
         let mut v = |text: String| figures.violations.push(format!("run {run}: {text}"));
         // The state reads.
-        let seen = match state(&dir, &[]) {
+        let seen = match state_at(&dir, &[], url.as_deref()) {
             Ok(seen) => seen,
             Err(e) => {
                 v(format!("the state does not read: {e}"));
@@ -317,7 +356,7 @@ fn provider_faults_lose_nothing_and_skip_only_what_depends_on_them() {
             }
         }
     }
-    figures.print("provider faults");
+    figures.print(title);
     assert!(figures.violations.is_empty(), "{:#?}", figures.violations);
 }
 
@@ -357,6 +396,43 @@ fn host_deployment(dir: &Path, size: usize, generation: usize) {
 #[test]
 fn sigkill_at_random_moments_loses_nothing_and_the_next_apply_converges() {
     let (size, kills) = if full() { (1000, 50) } else { (200, 8) };
+    sigkills(None, size, kills, "host faults (SIGKILL)");
+}
+
+/// Issue 22: 50 kills with the state in PostgreSQL, in CI too.
+#[test]
+fn sigkill_with_the_state_in_postgres_loses_nothing_and_the_next_apply_converges() {
+    let Some((_pg, url)) = postgres("kills") else {
+        return;
+    };
+    let size = if full() { 1000 } else { 200 };
+    sigkills(
+        Some(&url),
+        size,
+        50,
+        "host faults (SIGKILL), state in PostgreSQL",
+    );
+}
+
+/// The state as it is now, read without a lock.
+fn read_state(
+    dir: &Path,
+    at: StateAt,
+) -> Result<(capstan_engine::state::State, Vec<usize>), String> {
+    match at {
+        None => capstan_engine::state::read_only(&dir.join(".capstan"))
+            .map(|(state, report)| (state, report.damaged))
+            .map_err(|e| e.to_string()),
+        Some(url) => {
+            let location = capstan_state_postgres::Location::parse(url)?;
+            capstan_state_postgres::read_only(&location)
+                .map(|look| (look.state, look.report.damaged))
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+fn sigkills(at: StateAt, size: usize, kills: usize, title: &str) {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path().canonicalize().unwrap();
     let mut rng = Rng(0xfee1_dead);
@@ -365,14 +441,17 @@ fn sigkill_at_random_moments_loses_nothing_and_the_next_apply_converges() {
     while figures.kills < kills && figures.runs < kills * 3 {
         generation += 1;
         host_deployment(&dir, size, generation);
-        let mut child = Command::new(workspace_binary("capstan"))
+        let mut command = Command::new(workspace_binary("capstan"));
+        command
             .args(["apply", "--jobs", "4"])
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::null());
+        if let Some(url) = at {
+            command.env("CAPSTAN_STATE", url);
+        }
+        let mut child = command.spawn().unwrap();
         std::thread::sleep(Duration::from_millis(
             5 + rng.below(if full() { 1500 } else { 300 }),
         ));
@@ -389,10 +468,10 @@ fn sigkill_at_random_moments_loses_nothing_and_the_next_apply_converges() {
         if !left.is_empty() {
             v(format!("processes survived: {left:?}"));
         }
-        let state = match capstan_engine::state::read_only(&dir.join(".capstan")) {
-            Ok((state, report)) if report.damaged.is_empty() => state,
-            Ok((_, report)) => {
-                v(format!("damaged journal lines: {:?}", report.damaged));
+        let state = match read_state(&dir, at) {
+            Ok((state, damaged)) if damaged.is_empty() => state,
+            Ok((_, damaged)) => {
+                v(format!("damaged journal lines: {damaged:?}"));
                 continue;
             }
             Err(e) => {
@@ -434,7 +513,7 @@ fn sigkill_at_random_moments_loses_nothing_and_the_next_apply_converges() {
         }
     }
     // The next apply converges, and a plan after it is a no-op.
-    let out = capstan(&dir, &["apply", "--jobs", "8"]);
+    let out = capstan_at(&dir, &["apply", "--jobs", "8"], at);
     figures.runs += 1;
     if !out.status.success() {
         figures.violations.push(format!(
@@ -442,7 +521,7 @@ fn sigkill_at_random_moments_loses_nothing_and_the_next_apply_converges() {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let plan = capstan(&dir, &["plan", "--detailed-exitcode"]);
+    let plan = capstan_at(&dir, &["plan", "--detailed-exitcode"], at);
     if plan.status.code() != Some(0) {
         figures.violations.push(format!(
             "the plan after converging is not a no-op: {}",
@@ -454,7 +533,7 @@ fn sigkill_at_random_moments_loses_nothing_and_the_next_apply_converges() {
             .violations
             .push(format!("left behind after converging: {left}"));
     }
-    if let Ok(seen) = state(&dir, &[]) {
+    if let Ok(seen) = state_at(&dir, &[], at) {
         if seen.recorded.len() != size || !seen.pending.is_empty() {
             figures.violations.push(format!(
                 "after converging: {} recorded, {} pending",
@@ -463,7 +542,7 @@ fn sigkill_at_random_moments_loses_nothing_and_the_next_apply_converges() {
             ));
         }
     }
-    figures.print("host faults (SIGKILL)");
+    figures.print(title);
     assert!(
         figures.kills >= kills,
         "only {} of the runs were killed before they ended",
