@@ -1,6 +1,7 @@
 //! The engine applying deployments of no-op resources, from small to a million.
 
 use super::*;
+use std::collections::BTreeMap;
 
 // ---- apply: the engine ---------------------------------------------------------------------
 
@@ -47,9 +48,39 @@ pub(super) fn noop_deployment(size: usize) -> String {
 /// `state_dir`, starting built-in providers from `capstan`. Returns the seconds it took (load,
 /// plan, provider start and run), those seconds split by phase, and the peak RSS (KiB) right
 /// after the run.
-pub(super) fn engine_apply(
+/// Where a benchmark's state is.
+pub(super) enum StateAt {
+    Dir(PathBuf),
+    Postgres(capstan_state_postgres::Location),
+}
+
+impl StateAt {
+    fn open(&self) -> Box<dyn capstan_engine::state::StateBackend> {
+        match self {
+            StateAt::Dir(dir) => Box::new(
+                capstan_engine::state::DirectoryBackend::open(dir, Duration::ZERO).unwrap(),
+            ),
+            StateAt::Postgres(location) => Box::new(
+                capstan_state_postgres::PgBackend::open(location, Duration::ZERO, &mut |_| {})
+                    .unwrap(),
+            ),
+        }
+    }
+
+    /// The state as a plan reads it: no lock, nothing written.
+    fn look(&self) -> capstan_engine::state::State {
+        match self {
+            StateAt::Dir(dir) => capstan_engine::state::read_only(dir).unwrap().0,
+            StateAt::Postgres(location) => {
+                capstan_state_postgres::read_only(location).unwrap().state
+            }
+        }
+    }
+}
+
+pub(super) fn engine_apply_at(
     file: &Path,
-    state_dir: &Path,
+    state_at: &StateAt,
     capstan: PathBuf,
     size: usize,
     jobs: usize,
@@ -57,7 +88,7 @@ pub(super) fn engine_apply(
     use capstan_cli::served::SelfLauncher;
     use capstan_engine::run::RunOptions;
     use capstan_engine::session::{Context, Mode, Session, Source, StartOptions};
-    use capstan_engine::state::{DirectoryBackend, StateBackend};
+    use capstan_engine::state::StateBackend;
     local(async {
         let start = Instant::now();
         let source = Source {
@@ -65,10 +96,10 @@ pub(super) fn engine_apply(
             params: serde_json::Map::new(),
         };
         let reading = Session::read(source, Mode::Apply).unwrap();
-        let mut backend = DirectoryBackend::open(state_dir, Duration::ZERO).unwrap();
+        let mut backend = state_at.open();
         let (state, _) = backend.load().unwrap();
         let loaded = start.elapsed();
-        let backend: Rc<dyn StateBackend> = Rc::new(backend);
+        let backend: Rc<dyn StateBackend> = Rc::from(backend);
         let events = Rc::new(CountEvents(Cell::new(0)));
         let context = Context {
             state,
@@ -85,7 +116,10 @@ pub(super) fn engine_apply(
             timeout: None,
             refresh: false,
             max_message_mib: None,
-            state_dir: Some(state_dir.to_path_buf()),
+            state_dir: match state_at {
+                StateAt::Dir(dir) => Some(dir.clone()),
+                StateAt::Postgres(_) => None,
+            },
         };
         let mut notices = Vec::new();
         let providers = session
@@ -130,13 +164,16 @@ pub(super) fn engine_apply(
     })
 }
 
-pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize) {
-    use capstan_engine::state::{DirectoryBackend, StateBackend};
+pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize, state: Option<String>) {
     let dir = tempfile::tempdir().expect("temp dir");
+    let state_at = match state {
+        Some(url) => StateAt::Postgres(capstan_state_postgres::Location::parse(&url).unwrap()),
+        None => StateAt::Dir(dir.path().join("state")),
+    };
     let rss_before = rss_kib("VmRSS:");
-    let (apply_seconds, apply_split, peak_after_apply) = engine_apply(
+    let (apply_seconds, apply_split, peak_after_apply) = engine_apply_at(
         &file,
-        &dir.path().join("state"),
+        &state_at,
         std::env::current_exe().unwrap().with_file_name("capstan"),
         size,
         jobs,
@@ -154,9 +191,8 @@ pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize) {
         };
         let reading = Session::read(source, Mode::Plan).unwrap();
         let t1 = start.elapsed();
-        let mut backend =
-            DirectoryBackend::open(&dir.path().join("state"), Duration::ZERO).unwrap();
-        let (state, _) = backend.load().unwrap();
+        // As `capstan plan` reads it: without the lock.
+        let state = state_at.look();
         let t2 = start.elapsed();
         let context = Context {
             state,
@@ -202,6 +238,16 @@ pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize) {
 
 /// Runs `apply-child` on `file` and returns its figures.
 pub(super) fn run_apply_child(file: &Path, size: usize, jobs: usize) -> serde_json::Value {
+    run_apply_child_at(file, size, jobs, None)
+}
+
+/// [`run_apply_child`] with the state at a `postgres://` URL.
+pub(super) fn run_apply_child_at(
+    file: &Path,
+    size: usize,
+    jobs: usize,
+    state: Option<&str>,
+) -> serde_json::Value {
     let output = Command::new(std::env::current_exe().unwrap())
         .args([
             "apply-child",
@@ -209,6 +255,7 @@ pub(super) fn run_apply_child(file: &Path, size: usize, jobs: usize) -> serde_js
             &size.to_string(),
             &jobs.to_string(),
         ])
+        .args(state)
         .stderr(Stdio::inherit())
         .output()
         .expect("run apply child");
@@ -363,4 +410,103 @@ fn print_apply_table(figures: &serde_json::Value, small: usize, large: usize) {
             )
         );
     }
+}
+
+/// `apply --state postgres`: the same applies (10k and 100k no-ops, as `apply`) and no-op plans
+/// with the state in a PostgreSQL started here and in a directory, interleaved round by round
+/// (each side going first in turn), medians. Same process layout for both: the child applies,
+/// then plans; PostgreSQL's server is the one process more, as it is for a team.
+pub(super) fn postgres_bench(json_output: bool, quick: bool) {
+    use capstan_test_support::postgres::{unavailable, Postgres};
+    if let Some(why) = unavailable() {
+        eprintln!("capstan-bench apply --state postgres: {why}");
+        std::process::exit(2);
+    }
+    let pg = Postgres::start();
+    pg.create_database("bench");
+    let (small, large) = if quick {
+        (1_000, 10_000)
+    } else {
+        (10_000, 100_000)
+    };
+    let rounds = if quick { 1 } else { 3 };
+    let jobs = 64;
+    let mut figures: BTreeMap<(usize, &str), Vec<serde_json::Value>> = BTreeMap::new();
+    let mut n = 0;
+    for round in 0..rounds {
+        for size in [small, large] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let file = dir.path().join("capstan.json");
+            std::fs::write(&file, noop_deployment(size)).unwrap();
+            let sides: [&str; 2] = if round % 2 == 0 {
+                ["dir", "postgres"]
+            } else {
+                ["postgres", "dir"]
+            };
+            for side in sides {
+                n += 1;
+                // A deployment of its own each time, so every apply creates everything.
+                let url = format!("{}&deployment=bench-{n}", pg.url("bench"));
+                let state = (side == "postgres").then_some(url.as_str());
+                let f = run_apply_child_at(&file, size, jobs, state);
+                figures.entry((size, side)).or_default().push(f);
+            }
+        }
+    }
+    let median_of = |size: usize, side: &str, key: &str| {
+        median(
+            figures[&(size, side)]
+                .iter()
+                .map(|f| f[key].as_f64().unwrap())
+                .collect(),
+        )
+    };
+    let ratio =
+        |size: usize, key: &str| median_of(size, "dir", key) / median_of(size, "postgres", key);
+    let out = json!({
+        "pg_vs_dir_ratio_10k": ratio(small, "apply_seconds"),
+        "pg_vs_dir_ratio_100k": ratio(large, "apply_seconds"),
+        "pg_plan_vs_dir_ratio": ratio(large, "plan_unchanged_seconds"),
+        "sizes": [small, large],
+        "rounds": rounds,
+        "jobs": jobs,
+        "seconds": {
+            "apply_dir": [median_of(small, "dir", "apply_seconds"), median_of(large, "dir", "apply_seconds")],
+            "apply_postgres": [median_of(small, "postgres", "apply_seconds"), median_of(large, "postgres", "apply_seconds")],
+            "plan_dir": [median_of(small, "dir", "plan_unchanged_seconds"), median_of(large, "dir", "plan_unchanged_seconds")],
+            "plan_postgres": [median_of(small, "postgres", "plan_unchanged_seconds"), median_of(large, "postgres", "plan_unchanged_seconds")],
+        },
+    });
+    if json_output {
+        println!("{out}");
+        return;
+    }
+    println!(
+        "{:<44} {:>10} {:>10}   goal",
+        "state in PostgreSQL vs a directory", small, large
+    );
+    let s = &out["seconds"];
+    for (what, key) in [
+        ("apply, directory: seconds", "apply_dir"),
+        ("apply, PostgreSQL: seconds", "apply_postgres"),
+        ("no-op plan, directory: seconds", "plan_dir"),
+        ("no-op plan, PostgreSQL: seconds", "plan_postgres"),
+    ] {
+        println!(
+            "{what:<44} {:>10.3} {:>10.3}",
+            s[key][0].as_f64().unwrap(),
+            s[key][1].as_f64().unwrap()
+        );
+    }
+    println!(
+        "{:<44} {:>10.2} {:>10.2}   ≥ 0.5",
+        "pg_vs_dir_ratio (apply)",
+        out["pg_vs_dir_ratio_10k"].as_f64().unwrap(),
+        out["pg_vs_dir_ratio_100k"].as_f64().unwrap()
+    );
+    println!(
+        "{:<44} {:>21.2}   ≥ 0.5",
+        "pg_plan_vs_dir_ratio (no-op plan, 100k)",
+        out["pg_plan_vs_dir_ratio"].as_f64().unwrap()
+    );
 }

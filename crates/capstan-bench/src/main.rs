@@ -115,6 +115,12 @@ struct Report {
     quick: bool,
 }
 
+/// Where `apply --state` keeps the state.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchState {
+    Postgres,
+}
+
 #[derive(clap::Subcommand)]
 enum Bench {
     /// The provider protocol against raw baselines from the same run.
@@ -128,6 +134,10 @@ enum Bench {
         /// growth from 100,000.
         #[arg(long)]
         million: bool,
+        /// `postgres`: instead, the same applies and plans with the state in a PostgreSQL this
+        /// starts (Debian's `postgresql`), each round beside the directory's.
+        #[arg(long, value_name = "postgres")]
+        state: Option<BenchState>,
     },
     /// 2,000 no-ops through a long-lived Cap'n Proto provider vs. NixOps4's one process per
     /// operation.
@@ -154,6 +164,8 @@ enum Bench {
         file: PathBuf,
         size: usize,
         jobs: usize,
+        /// A postgres:// URL for the state (else a temporary directory).
+        state: Option<String>,
     },
     /// The echo side of the raw socket baseline.
     #[command(name = "raw-echo", hide = true)]
@@ -177,13 +189,27 @@ fn main() -> ExitCode {
     let cli = <Cli as clap::Parser>::parse();
     match cli.command {
         Bench::Rpc(report) => rpc(report.json, report.quick),
-        Bench::Apply { report, million } => apply_bench(report.json, report.quick, million),
+        Bench::Apply {
+            report,
+            million,
+            state: None,
+        } => apply_bench(report.json, report.quick, million),
+        Bench::Apply {
+            report,
+            state: Some(BenchState::Postgres),
+            ..
+        } => apply::postgres_bench(report.json, report.quick),
         Bench::V0(report) => v0_bench(report.json, report.quick),
         Bench::Children(report) => children_bench(report.json, report.quick),
         Bench::Nix(report) => nix_bench(report.json, report.quick),
         Bench::Terraform(report) => terraform::terraform_bench(report.json, report.quick),
         Bench::Fleet(report) => fleet::fleet_bench(report.json, report.quick),
-        Bench::ApplyChild { file, size, jobs } => apply_child(file, size, jobs),
+        Bench::ApplyChild {
+            file,
+            size,
+            jobs,
+            state,
+        } => apply_child(file, size, jobs, state),
         Bench::RawEcho { path } => raw_echo_child(&path),
         Bench::BareCaller { path, calls, mode } => bare_caller(&path, calls, &mode),
         Bench::RawStreamSender { path, batches } => raw_stream_sender(&path, &batches),

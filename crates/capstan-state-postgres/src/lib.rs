@@ -438,6 +438,8 @@ enum Job {
 /// The connection that holds the lock and writes.
 struct Conn {
     client: Client,
+    /// The group commit's statement, prepared once.
+    insert_records: Option<postgres::Statement>,
     deployment: i32,
     run: i64,
     /// The first failed write: nothing is written after it.
@@ -449,6 +451,8 @@ struct Conn {
 /// A deployment's state in PostgreSQL, locked by this process while it lives.
 pub struct PgBackend {
     location: Location,
+    /// The sent marks' connection, from `load` on.
+    marks: Option<Marks>,
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     run: i64,
@@ -488,6 +492,7 @@ impl PgBackend {
                         .get(0);
                     Ok::<_, StateError>(Conn {
                         client,
+                        insert_records: None,
                         deployment,
                         run: 0,
                         broken: None,
@@ -507,6 +512,7 @@ impl PgBackend {
             .map_err(|e| StateError::WriterGone(e.to_string()))?;
         let mut backend = PgBackend {
             location: location.clone(),
+            marks: Some(Marks::start(location)),
             jobs: Some(jobs),
             thread: Some(thread),
             run: 0,
@@ -712,10 +718,20 @@ fn write_records<'a>(
         operations.push(operation);
         texts.push(serde_json::to_string(record).expect("records always serialize"));
     }
+    let insert = match &conn.insert_records {
+        Some(insert) => insert.clone(),
+        None => {
+            let insert = conn.client.prepare(
+                "INSERT INTO capstan.records (deployment, run, address, kind, operation, record) \
+                 SELECT $1, $2, a, k, o, r FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) \
+                 WITH ORDINALITY AS t(a, k, o, r, n) ORDER BY n",
+            )?;
+            conn.insert_records.insert(insert).clone()
+        }
+    };
+    // One statement is one transaction: the batch is committed whole or not at all.
     conn.client.execute(
-        "INSERT INTO capstan.records (deployment, run, address, kind, operation, record) \
-         SELECT $1, $2, a, k, o, r FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) \
-         WITH ORDINALITY AS t(a, k, o, r, n) ORDER BY n",
+        &insert,
         &[
             &conn.deployment,
             &conn.run,
@@ -736,6 +752,18 @@ impl StateBackend for PgBackend {
             let mut tx = conn.client.transaction().map_err(db)?;
             let (mut state, mut report, last) = fold(&mut tx, conn.deployment, None).map_err(db)?;
             report.never_sent = never_sent(&mut tx, &state).map_err(db)?;
+            // Marks of earlier runs that left nothing pending are of no more use.
+            let pending_runs: Vec<i64> = state
+                .pending
+                .values()
+                .filter_map(|p| p.run.map(|r| r as i64))
+                .collect();
+            tx.execute(
+                "DELETE FROM capstan.sent WHERE run IN (SELECT id FROM capstan.runs \
+                 WHERE deployment = $1 AND id < $2) AND run <> ALL($3)",
+                &[&conn.deployment, &conn.run, &pending_runs],
+            )
+            .map_err(db)?;
             tx.commit().map_err(db)?;
             for address in &report.never_sent {
                 state.pending.remove(address);
@@ -825,32 +853,95 @@ impl StateBackend for PgBackend {
     /// (a crash of the server may lose it, and then nothing of that run is trusted: see
     /// `never_sent`).
     fn mark_sent(&self, addresses: &[String]) -> Result<(), StateError> {
-        let addresses = addresses.to_vec();
-        self.call(move |conn| {
-            if let Some(e) = &conn.broken {
-                return Err(format!("an earlier state write failed: {e}"));
-            }
-            let db = |e: postgres::Error| describe(&e);
-            let result = (|| {
-                let mut tx = conn.client.transaction()?;
-                tx.batch_execute("SET LOCAL synchronous_commit TO OFF")?;
-                tx.execute(
-                    "INSERT INTO capstan.sent (run, address) SELECT $1, unnest($2::text[])",
-                    &[&conn.run, &addresses],
-                )?;
-                tx.commit()
-            })()
-            .map_err(db);
-            if let Err(e) = &result {
-                conn.broken.get_or_insert_with(|| e.clone());
-            }
-            result
-        })
+        let gone = || StateError::WriterGone("the sent marks' connection stopped".into());
+        let marks = self.marks.as_ref().ok_or_else(gone)?;
+        let (reply, answer) = mpsc::channel();
+        marks
+            .jobs
+            .send((self.run, addresses.to_vec(), reply))
+            .map_err(|_| gone())?;
+        answer
+            .recv()
+            .map_err(|_| gone())?
+            .map_err(|message| failed(&self.location, message))
+    }
+}
+
+/// The connection that writes sent marks: one of its own, so that a mark never waits behind a
+/// group commit's flush, and committing without waiting for the server's disk. One prepared
+/// statement, one round trip per mark.
+struct Marks {
+    jobs: mpsc::Sender<MarkJob>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+type MarkJob = (i64, Vec<String>, mpsc::Sender<Result<(), String>>);
+
+impl Marks {
+    /// Connects (at the same time as the main connection: it waits for nothing); the
+    /// statement is prepared at the first mark, once the tables surely exist.
+    fn start(location: &Location) -> Marks {
+        let (jobs, queue) = mpsc::channel::<MarkJob>();
+        let location = location.clone();
+        let thread = std::thread::Builder::new()
+            .name("capstan-postgres-sent".into())
+            .spawn(move || {
+                let connected = connect(&location).and_then(|mut client| {
+                    client
+                        .batch_execute("SET synchronous_commit TO OFF")
+                        .map_err(|e| failed(&location, describe(&e)))?;
+                    Ok(client)
+                });
+                let mut client = match connected {
+                    Ok(client) => Ok(client),
+                    Err(e) => Err(e.to_string()),
+                };
+                let mut insert: Option<postgres::Statement> = None;
+                let mut broken: Option<String> = None;
+                while let Ok((run, addresses, reply)) = queue.recv() {
+                    let result = match (&mut client, &broken) {
+                        (Err(e), _) => Err(format!("no connection for the sent marks: {e}")),
+                        (_, Some(e)) => Err(format!("an earlier sent mark failed: {e}")),
+                        (Ok(client), None) => (|| {
+                            let statement = match &insert {
+                                Some(statement) => statement.clone(),
+                                None => insert
+                                    .insert(client.prepare(
+                                        "INSERT INTO capstan.sent (run, address) SELECT $1, unnest($2::text[])",
+                                    )?)
+                                    .clone(),
+                            };
+                            client.execute(&statement, &[&run, &addresses]).map(drop)
+                        })()
+                        .map_err(|e| describe(&e)),
+                    };
+                    if let Err(e) = &result {
+                        broken.get_or_insert_with(|| e.clone());
+                    }
+                    let _ = reply.send(result);
+                }
+            })
+            .expect("a thread starts");
+        Marks {
+            jobs,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Marks {
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.jobs, closed));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
 impl Drop for PgBackend {
     fn drop(&mut self) {
+        self.marks = None;
         // The thread ends once its queue is closed; its connection (and the lock) with it.
         self.jobs = None;
         if let Some(thread) = self.thread.take() {

@@ -46,7 +46,6 @@ CREATE TABLE capstan.records (
     record text NOT NULL,
     PRIMARY KEY (deployment, seq)
 );
-CREATE INDEX records_by_run ON capstan.records (deployment, run);
 -- The state folded from the records up to `upto`.
 CREATE TABLE capstan.snapshots (
     deployment integer NOT NULL,
