@@ -51,7 +51,7 @@ pub(super) fn noop_deployment(size: usize) -> String {
 /// Where a benchmark's state is.
 pub(super) enum StateAt {
     Dir(PathBuf),
-    Postgres(capstan_state_postgres::Location),
+    Postgres(Box<capstan_state_postgres::Location>),
 }
 
 impl StateAt {
@@ -167,7 +167,9 @@ pub(super) fn engine_apply_at(
 pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize, state: Option<String>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let state_at = match state {
-        Some(url) => StateAt::Postgres(capstan_state_postgres::Location::parse(&url).unwrap()),
+        Some(url) => StateAt::Postgres(Box::new(
+            capstan_state_postgres::Location::parse(&url).unwrap(),
+        )),
         None => StateAt::Dir(dir.path().join("state")),
     };
     let rss_before = rss_kib("VmRSS:");

@@ -179,7 +179,11 @@ fn intents_never_sent_are_settled_and_sent_ones_stay_pending() {
     assert!(look.report.never_sent.is_empty());
     assert_eq!(look.state.pending.len(), 1);
     // The marks of a run stay while it has anything pending, and go once it has not.
-    let count = || pg.psql("team", "SELECT count(*) FROM capstan.sent").trim().to_string();
+    let count = || {
+        pg.psql("team", "SELECT count(*) FROM capstan.sent")
+            .trim()
+            .to_string()
+    };
     assert_eq!(count(), "1");
     {
         let mut backend = open(&web).unwrap();
