@@ -425,7 +425,7 @@ fn read_state(
             .map_err(|e| e.to_string()),
         Some(url) => {
             let location = capstan_state_postgres::Location::parse(url)?;
-            capstan_state_postgres::read_only(&location)
+            capstan_state_postgres::read_only(&location, None)
                 .map(|look| (look.state, look.report.damaged))
                 .map_err(|e| e.to_string())
         }

@@ -72,7 +72,9 @@ impl StateAt {
         match self {
             StateAt::Dir(dir) => capstan_engine::state::read_only(dir).unwrap().0,
             StateAt::Postgres(location) => {
-                capstan_state_postgres::read_only(location).unwrap().state
+                capstan_state_postgres::read_only(location, None)
+                    .unwrap()
+                    .state
             }
         }
     }

@@ -301,6 +301,7 @@ async fn open(
             .map_err(|e| CliError::from_session(e, stop))?;
     }
     let store = args.place.store().map_err(|e| invalid(&e))?;
+    let keys = state::crypt::Keys::from_env().map_err(|e| invalid(&e))?;
     let selection = if args.targets.is_empty() {
         None
     } else {
@@ -309,7 +310,10 @@ async fn open(
         // A typo is found before the state is touched (a deployment in Nix is evaluated
         // first, so its selection is checked once it is).
         if let Some(deployment) = reading.deployment() {
-            let recorded = store.look().map(|l| l.state).unwrap_or_default();
+            let recorded = store
+                .look(keys.as_ref())
+                .map(|l| l.state)
+                .unwrap_or_default();
             selection
                 .check(deployment, &recorded)
                 .map_err(|e| invalid(&e))?;
@@ -324,20 +328,24 @@ async fn open(
         Some(dir) => state::check_owner(dir, &owner, loaded).map_err(|e| invalid(&e)),
         None => Ok(()),
     };
-    let (state, backend, running) = match lock {
+    let (state, backend, running, locked) = match lock {
         None => {
             check_owner(false)?;
-            let look = store.look().map_err(|e| invalid(&e))?;
+            let look = store.look(keys.as_ref()).map_err(|e| invalid(&e))?;
             // A plan writes nothing: it plans from every intact record, and says which lines
             // it could not read (an apply would stop on them).
             warn_damage(&store, &look.report);
-            (look.state, None, look.running)
+            (look.state, None, look.running, look.report.locked)
         }
         Some(lock) => {
             let mut backend = store
-                .lock(lock.lock_timeout, &mut |holder| {
-                    say!("waiting for the state lock, held by {holder} …");
-                })
+                .lock(
+                    lock.lock_timeout,
+                    &mut |holder| {
+                        say!("waiting for the state lock, held by {holder} …");
+                    },
+                    keys.as_ref(),
+                )
                 .map_err(|e| invalid(&e))?;
             check_owner(false)?;
             let (state, report) = backend.load().map_err(|e| invalid(&e))?;
@@ -354,7 +362,7 @@ async fn open(
                     report.never_sent.len()
                 );
             }
-            (state, Some(Rc::new(backend)), None)
+            (state, Some(Rc::new(backend)), None, report.locked)
         }
     };
     if let (false, false, Some(holder)) = (state.pending.is_empty(), view.json, &running) {
@@ -405,6 +413,50 @@ async fn open(
         session
             .select(selection)
             .map_err(|e| CliError::from_session(e, stop))?;
+    }
+    // What the plan covers must be readable: a secret that no key opens cannot be compared,
+    // nor handed to a provider.
+    let needed: Vec<&str> = session
+        .changes
+        .iter()
+        .map(|c| c.address.as_str())
+        .filter(|a| locked.iter().any(|l| l == a))
+        .collect();
+    if !needed.is_empty() {
+        return Err(invalid(&format!(
+            "the secrets of {} are encrypted in {} and no key given opens them: set {} (an age identity file) or {} to the key this state was sealed to; or leave them out with --target (the rest needs no key)",
+            needed.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", "),
+            store.shown(),
+            state::crypt::IDENTITY_ENV,
+            state::crypt::PASSPHRASE_ENV
+        )));
+    }
+    // PostgreSQL never holds a secret in clear: without a key, an apply that would record one
+    // stops here, before any operation.
+    if mode != Mode::Plan && keys.is_none() && matches!(store, Store::Postgres(_)) {
+        let mut why: Vec<String> = Vec::new();
+        if !secret_params.is_empty() {
+            why.push("--secrets".into());
+        }
+        for change in session.changes.iter().filter(|c| c.action != Action::Noop) {
+            let marked = session
+                .deployment
+                .resources
+                .get(&change.address)
+                .is_some_and(|decl| !decl.sensitive.is_empty());
+            if marked {
+                why.push(format!("`{}` (marked $sensitive)", change.address));
+            }
+        }
+        if !why.is_empty() {
+            return Err(invalid(&format!(
+                "{} never holds a secret in clear, and no key was given to encrypt those of {}: set {} (an age identity file; `age-keygen -o FILE` makes one) or {}. Nothing was changed",
+                store.shown(),
+                why.join(", "),
+                state::crypt::IDENTITY_ENV,
+                state::crypt::PASSPHRASE_ENV
+            )));
+        }
     }
     Ok((session, backend))
 }

@@ -15,6 +15,8 @@ use crate::deploy_cmd::{warn_damage, LockArgs, Place};
 use crate::error::CliError;
 use crate::output::Stdout;
 use crate::store::{Locked, Store};
+use capstan_engine::state::crypt::{self, Keys};
+use std::sync::Arc;
 
 #[derive(Subcommand)]
 pub enum StateCmd {
@@ -70,6 +72,15 @@ pub enum StateCmd {
         #[command(flatten)]
         lock: LockArgs,
     },
+    /// Encrypt the state's secrets with a new key: the new one from
+    /// CAPSTAN_STATE_NEW_IDENTITY (an age identity file; CAPSTAN_STATE_NEW_RECIPIENTS adds a
+    /// team's age1… recipients) or CAPSTAN_STATE_NEW_PASSPHRASE; the current one from
+    /// CAPSTAN_STATE_IDENTITY or CAPSTAN_STATE_PASSPHRASE (none for a state kept in clear,
+    /// which this encrypts for the first time).
+    Rekey {
+        #[command(flatten)]
+        lock: LockArgs,
+    },
     /// Copy this state (--state) to another place, e.g. a directory's to PostgreSQL:
     /// `capstan state push --to 'postgres://db.example/infra?deployment=web'`. Refuses to
     /// overwrite a state that changed after this one, unless --force.
@@ -103,9 +114,11 @@ pub async fn state_cmd(
     mut stdout: Stdout,
 ) -> Result<ExitCode, CliError> {
     let store = place.store().map_err(CliError::Invalid)?;
+    let keys = Keys::from_env().map_err(CliError::Invalid)?;
+    let keys = keys.as_ref();
     match command {
         StateCmd::List { json } => {
-            let state = look(&store)?.state;
+            let state = look(&store, keys)?.state;
             if json {
                 let list: Vec<_> = state
                     .resources
@@ -126,19 +139,32 @@ pub async fn state_cmd(
             show_sensitive,
             at,
         } => {
-            let state = match at {
-                None => look(&store)?.state,
+            let (state, locked) = match at {
+                None => {
+                    let look = look(&store, keys)?;
+                    (look.state, look.report.locked)
+                }
                 Some(run) => match &store {
                     Store::Postgres(location) => {
-                        capstan_state_postgres::state_at(location, run).map_err(state_error)?
+                        let (state, report) =
+                            capstan_state_postgres::state_at(location, run, keys.cloned())
+                                .map_err(state_error)?;
+                        (state, report.locked)
                     }
                     Store::Dir(dir) => return Err(no_history(dir)),
                 },
             };
+            if show_sensitive && locked.contains(&address) {
+                say!(
+                    "note: `{address}`'s secrets are encrypted and no key given opens them; set {} or {} to see them",
+                    crypt::IDENTITY_ENV,
+                    crypt::PASSPHRASE_ENV
+                );
+            }
             show(&state, &address, show_sensitive, &mut stdout)?
         }
         StateCmd::Pending { json } => {
-            let look = look(&store)?;
+            let look = look(&store, keys)?;
             pending(&look.state, json, look.running.as_deref(), &mut stdout)
         }
         StateCmd::History { json } => match &store {
@@ -149,7 +175,7 @@ pub async fn state_cmd(
             Store::Dir(dir) => return Err(no_history(dir)),
         },
         StateCmd::Resolve { address, lock } => {
-            let (backend, state) = change(&store, &lock)?;
+            let (backend, state) = change(&store, &lock, keys)?;
             if !state.pending.contains_key(&address) {
                 return Err(CliError::Invalid(format!(
                     "`{address}` has no interrupted operation; `capstan state pending` lists them"
@@ -165,7 +191,7 @@ pub async fn state_cmd(
             say!("resolved the interrupted operation on `{address}`");
         }
         StateCmd::Forget { address, lock } => {
-            let (backend, state) = change(&store, &lock)?;
+            let (backend, state) = change(&store, &lock, keys)?;
             if !state.resources.contains_key(&address) {
                 return Err(no_resource(&address));
             }
@@ -196,7 +222,7 @@ pub async fn state_cmd(
             }
         }
         StateCmd::Repair { lock } => {
-            let Locked::Dir(mut backend) = open_locked(&store, &lock)? else {
+            let Locked::Dir(mut backend) = open_locked(&store, &lock, keys)? else {
                 return Err(CliError::Invalid(format!(
                     "{}: a PostgreSQL state has no journal file to repair (the database checks its own pages); `capstan state pending` and `resolve` deal with interrupted operations",
                     store.shown()
@@ -223,16 +249,47 @@ pub async fn state_cmd(
                 None => {}
             }
         }
+        StateCmd::Rekey { lock } => {
+            let new = Keys::from_values(
+                env(NEW_IDENTITY_ENV).as_deref(),
+                env(NEW_RECIPIENTS_ENV).as_deref(),
+                env(NEW_PASSPHRASE_ENV),
+            )
+            .map_err(|e| CliError::Invalid(e.replace("CAPSTAN_STATE_", "CAPSTAN_STATE_NEW_")))?
+            .ok_or_else(|| {
+                CliError::Invalid(format!(
+                    "give the new key: {NEW_IDENTITY_ENV}=FILE (an age identity; add {NEW_RECIPIENTS_ENV}=FILE of age1… recipients for a team) or {NEW_PASSPHRASE_ENV}; the current one comes from {} or {}",
+                    crypt::IDENTITY_ENV,
+                    crypt::PASSPHRASE_ENV
+                ))
+            })?;
+            let (mut backend, _) = change(&store, &lock, keys)?;
+            backend.rekey(new).map_err(state_error)?;
+            say!(
+                "sealed the secrets of {} with a new key; from now on {} (or {}) opens them",
+                store.shown(),
+                crypt::IDENTITY_ENV,
+                crypt::PASSPHRASE_ENV
+            );
+        }
         StateCmd::Push { to, force, lock } => {
             let to = Store::parse(&to).map_err(CliError::Invalid)?;
-            copy(&store, &to, force, &lock, &place).await?;
+            copy(&store, &to, force, &lock, &place, keys).await?;
         }
         StateCmd::Pull { from, force, lock } => {
             let from = Store::parse(&from).map_err(CliError::Invalid)?;
-            copy(&from, &store, force, &lock, &place).await?;
+            copy(&from, &store, force, &lock, &place, keys).await?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+const NEW_IDENTITY_ENV: &str = "CAPSTAN_STATE_NEW_IDENTITY";
+const NEW_RECIPIENTS_ENV: &str = "CAPSTAN_STATE_NEW_RECIPIENTS";
+const NEW_PASSPHRASE_ENV: &str = "CAPSTAN_STATE_NEW_PASSPHRASE";
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 fn no_history(dir: &std::path::Path) -> CliError {
@@ -250,6 +307,7 @@ async fn copy(
     force: bool,
     lock: &LockArgs,
     place: &Place,
+    keys: Option<&Arc<Keys>>,
 ) -> Result<(), CliError> {
     if from.shown() == to.shown() {
         return Err(CliError::Invalid(format!(
@@ -265,7 +323,7 @@ async fn copy(
             )));
         }
     }
-    let source = from.look().map_err(state_error)?;
+    let source = from.look(keys).map_err(state_error)?;
     if let Some(holder) = &source.running {
         return Err(CliError::Invalid(format!(
             "{} is held by {holder}: copy it once that command ends",
@@ -279,11 +337,24 @@ async fn copy(
             state::list_lines(&source.report.damaged)
         )));
     }
-    let target = to.look().map_err(state_error)?;
+    if !source.report.locked.is_empty() {
+        return Err(CliError::Invalid(format!(
+            "the secrets of {} in {} do not open without their key: set {} or {}",
+            source.report.locked.join(", "),
+            from.shown(),
+            crypt::IDENTITY_ENV,
+            crypt::PASSPHRASE_ENV
+        )));
+    }
+    let target = to.look(keys).map_err(state_error)?;
     let mut backend = to
-        .lock(lock.lock_timeout, &mut |holder| {
-            say!("waiting for the state lock, held by {holder} …");
-        })
+        .lock(
+            lock.lock_timeout,
+            &mut |holder| {
+                say!("waiting for the state lock, held by {holder} …");
+            },
+            keys,
+        )
         .map_err(state_error)?;
     let owner = place
         .file()
@@ -480,7 +551,7 @@ fn no_resource(address: &str) -> CliError {
 }
 
 /// The state as it is now, for a command that only looks.
-fn look(store: &Store) -> Result<crate::store::Look, CliError> {
+fn look(store: &Store, keys: Option<&Arc<Keys>>) -> Result<crate::store::Look, CliError> {
     if !store.exists() {
         say!(
             "note: no state in {} yet (nothing was applied there; -f FILE or --state DIR|URL picks another)",
@@ -493,12 +564,16 @@ fn look(store: &Store) -> Result<crate::store::Look, CliError> {
             changed: None,
         });
     }
-    let look = store.look().map_err(state_error)?;
+    let look = store.look(keys).map_err(state_error)?;
     warn_damage(store, &look.report);
     Ok(look)
 }
 
-fn open_locked(store: &Store, lock: &LockArgs) -> Result<Locked, CliError> {
+fn open_locked(
+    store: &Store,
+    lock: &LockArgs,
+    keys: Option<&Arc<Keys>>,
+) -> Result<Locked, CliError> {
     if !store.exists() {
         return Err(CliError::Invalid(format!(
             "no state in {}; nothing to change",
@@ -506,15 +581,23 @@ fn open_locked(store: &Store, lock: &LockArgs) -> Result<Locked, CliError> {
         )));
     }
     store
-        .lock(lock.lock_timeout, &mut |holder| {
-            say!("waiting for the state lock, held by {holder} …");
-        })
+        .lock(
+            lock.lock_timeout,
+            &mut |holder| {
+                say!("waiting for the state lock, held by {holder} …");
+            },
+            keys,
+        )
         .map_err(state_error)
 }
 
 /// The state, locked for a change.
-fn change(store: &Store, lock: &LockArgs) -> Result<(Locked, State), CliError> {
-    let mut backend = open_locked(store, lock)?;
+fn change(
+    store: &Store,
+    lock: &LockArgs,
+    keys: Option<&Arc<Keys>>,
+) -> Result<(Locked, State), CliError> {
+    let mut backend = open_locked(store, lock, keys)?;
     let (state, _) = backend.load().map_err(state_error)?;
     Ok((backend, state))
 }

@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use capstan_engine::state::crypt::Keys;
 use capstan_engine::state::{self, DirectoryBackend, LoadReport, Record, State, StateBackend};
 use capstan_state_postgres::{Location, PgBackend};
 use tokio::sync::oneshot;
@@ -65,11 +68,11 @@ impl Store {
         }
     }
 
-    /// The state as it is now: no lock, nothing written.
-    pub fn look(&self) -> Result<Look, state::StateError> {
+    /// The state as it is now: no lock, nothing written; its secrets opened with `keys`.
+    pub fn look(&self, keys: Option<&Arc<Keys>>) -> Result<Look, state::StateError> {
         match self {
             Store::Dir(dir) => {
-                let (state, report) = state::read_only(dir)?;
+                let (state, report) = state::read_only_with(dir, keys.map(|k| &**k))?;
                 let changed = ["journal", "snapshot.json"]
                     .iter()
                     .filter_map(|name| std::fs::metadata(dir.join(name)).ok()?.modified().ok())
@@ -84,7 +87,7 @@ impl Store {
                 })
             }
             Store::Postgres(location) => {
-                let look = capstan_state_postgres::read_only(location)?;
+                let look = capstan_state_postgres::read_only(location, keys.cloned())?;
                 Ok(Look {
                     state: look.state,
                     report: look.report,
@@ -95,16 +98,24 @@ impl Store {
         }
     }
 
-    /// Takes the lock (waiting up to `timeout`, telling `waiting` who holds it).
+    /// Takes the lock (waiting up to `timeout`, telling `waiting` who holds it); `keys` will
+    /// seal and open the state's secrets when it loads.
     pub fn lock(
         &self,
         timeout: Duration,
         waiting: &mut dyn FnMut(&str),
+        keys: Option<&Arc<Keys>>,
     ) -> Result<Locked, state::StateError> {
         match self {
-            Store::Dir(dir) => DirectoryBackend::open_with(dir, timeout, waiting).map(Locked::Dir),
+            Store::Dir(dir) => {
+                let mut backend = DirectoryBackend::open_with(dir, timeout, waiting)?;
+                backend.set_keys(keys.cloned());
+                Ok(Locked::Dir(backend))
+            }
             Store::Postgres(location) => {
-                PgBackend::open(location, timeout, waiting).map(|b| Locked::Postgres(Box::new(b)))
+                let mut backend = PgBackend::open(location, timeout, waiting)?;
+                backend.set_keys(keys.cloned());
+                Ok(Locked::Postgres(Box::new(backend)))
             }
         }
     }
@@ -131,6 +142,14 @@ impl Locked {
                 Ok(())
             }
             Locked::Postgres(backend) => backend.compact_if_large(),
+        }
+    }
+
+    /// Seals the state's secrets anew, with a data key sealed to `new` (after `load`).
+    pub fn rekey(&mut self, new: Arc<Keys>) -> Result<(), state::StateError> {
+        match self {
+            Locked::Dir(backend) => backend.rekey(new),
+            Locked::Postgres(backend) => backend.rekey(new),
         }
     }
 

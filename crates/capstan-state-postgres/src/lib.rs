@@ -22,8 +22,10 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use capstan_state::{LoadReport, Record, State, StateBackend, StateError};
+use capstan_state::crypt::{self, Crypt, Keys, StoredKey};
+use capstan_state::{in_clear_refused, LoadReport, Record, State, StateBackend, StateError};
 use postgres::{Client, GenericClient, NoTls};
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 mod location;
@@ -140,8 +142,8 @@ pub struct Look {
 /// The state as it is now, for a command that only looks: no lock, nothing written (not even
 /// Capstan's tables), one consistent snapshot. A database without this deployment is an empty
 /// state.
-pub fn read_only(location: &Location) -> Result<Look, StateError> {
-    with_connection(location, |client, location| {
+pub fn read_only(location: &Location, keys: Option<Arc<Keys>>) -> Result<Look, StateError> {
+    with_connection(location, move |client, location| {
         let db = |e: postgres::Error| failed(location, describe(&e));
         let mut tx = client
             .build_transaction()
@@ -158,6 +160,8 @@ pub fn read_only(location: &Location) -> Result<Look, StateError> {
             });
         };
         let (mut state, mut report, _) = fold(&mut tx, deployment, None).map_err(db)?;
+        let crypt = open_keys(&mut tx, location, deployment, keys.as_deref())?;
+        open_folded(location, &mut state, &mut report, crypt.as_ref())?;
         let running = holder(&mut tx, deployment).map_err(db)?;
         if running.is_none() {
             report.never_sent = never_sent(&mut tx, &state).map_err(db)?;
@@ -184,7 +188,11 @@ pub fn read_only(location: &Location) -> Result<Look, StateError> {
 }
 
 /// The state as it was when run `run` ended (every record of that run and the runs before).
-pub fn state_at(location: &Location, run: i64) -> Result<State, StateError> {
+pub fn state_at(
+    location: &Location,
+    run: i64,
+    keys: Option<Arc<Keys>>,
+) -> Result<(State, LoadReport), StateError> {
     with_connection(location, move |client, location| {
         let db = |e: postgres::Error| failed(location, describe(&e));
         let mut tx = client
@@ -210,8 +218,10 @@ pub fn state_at(location: &Location, run: i64) -> Result<State, StateError> {
                 ),
             ));
         }
-        let (state, _, _) = fold(&mut tx, deployment, Some(run)).map_err(db)?;
-        Ok(state)
+        let (mut state, mut report, _) = fold(&mut tx, deployment, Some(run)).map_err(db)?;
+        let crypt = open_keys(&mut tx, location, deployment, keys.as_deref())?;
+        open_folded(location, &mut state, &mut report, crypt.as_ref())?;
+        Ok((state, report))
     })
 }
 
@@ -331,6 +341,76 @@ fn fold(
     Ok((state, report, last))
 }
 
+/// The deployment's sealed data keys, oldest first (none before the tables had them).
+fn stored_keys(
+    client: &mut impl GenericClient,
+    deployment: i32,
+) -> Result<Vec<StoredKey>, postgres::Error> {
+    let table: bool = client
+        .query_one("SELECT to_regclass('capstan.keys') IS NOT NULL", &[])?
+        .get(0);
+    if !table {
+        return Ok(Vec::new());
+    }
+    Ok(client
+        .query(
+            "SELECT id, sealed, extract(epoch FROM time)::bigint FROM capstan.keys \
+             WHERE deployment = $1 ORDER BY time, id",
+            &[&deployment],
+        )?
+        .iter()
+        .map(|row| StoredKey {
+            id: row.get(0),
+            sealed: row.get(1),
+            time: row.get::<_, i64>(2).max(0) as u64,
+        })
+        .collect())
+}
+
+/// The data keys `keys` opens, if the state has any and a key was given.
+fn open_keys(
+    client: &mut impl GenericClient,
+    location: &Location,
+    deployment: i32,
+    keys: Option<&Keys>,
+) -> Result<Option<Crypt>, StateError> {
+    let stored = stored_keys(client, deployment).map_err(|e| failed(location, describe(&e)))?;
+    match keys {
+        Some(keys) if !stored.is_empty() => {
+            Crypt::open(&stored, keys)
+                .map(Some)
+                .map_err(|message| StateError::Keys {
+                    place: location.to_string(),
+                    message,
+                })
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Opens the secrets of a folded state; notes in `report` the resources whose secrets no key
+/// given opens.
+fn open_folded(
+    location: &Location,
+    state: &mut State,
+    report: &mut LoadReport,
+    crypt: Option<&Crypt>,
+) -> Result<(), StateError> {
+    let mut opening = crypt::Opening::default();
+    crypt::open_state(crypt, state, &mut opening);
+    if !opening.damaged.is_empty() {
+        return Err(StateError::Keys {
+            place: location.to_string(),
+            message: format!(
+                "encrypted values that do not open: {}",
+                opening.damaged.join("; ")
+            ),
+        });
+    }
+    report.locked = opening.locked.into_iter().collect();
+    Ok(())
+}
+
 /// The pending operations of runs whose sent marks can be trusted (written while the server
 /// ran as it runs now: a crash since may have lost them), that those runs never sent.
 fn never_sent(
@@ -446,6 +526,8 @@ struct Conn {
     broken: Option<String>,
     /// Records since the last snapshot.
     since_snapshot: i64,
+    /// The state's data keys, opened (from `load`, with a key given).
+    crypt: Option<Arc<Crypt>>,
 }
 
 /// A deployment's state in PostgreSQL, locked by this process while it lives.
@@ -453,6 +535,9 @@ pub struct PgBackend {
     location: Location,
     /// The sent marks' connection, from `load` on.
     marks: Option<Marks>,
+    /// The key given for the state's secrets, and whether it could seal them (after `load`).
+    keys: Option<Arc<Keys>>,
+    can_seal: bool,
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     run: i64,
@@ -497,6 +582,7 @@ impl PgBackend {
                         run: 0,
                         broken: None,
                         since_snapshot: 0,
+                        crypt: None,
                     })
                 })();
                 match setup {
@@ -513,6 +599,8 @@ impl PgBackend {
         let mut backend = PgBackend {
             location: location.clone(),
             marks: Some(Marks::start(location)),
+            keys: None,
+            can_seal: false,
             jobs: Some(jobs),
             thread: Some(thread),
             run: 0,
@@ -570,6 +658,54 @@ impl PgBackend {
             Ok(run)
         })?;
         Ok(backend)
+    }
+
+    /// The key that seals and opens the state's secrets (before `load`). Without one, a
+    /// secret is never written: PostgreSQL's state holds none in clear.
+    pub fn set_keys(&mut self, keys: Option<Arc<Keys>>) {
+        self.keys = keys;
+    }
+
+    /// Seals the state's secrets with a new data key sealed to `new` (after `load`, which
+    /// opened the current ones): a new key row and a new snapshot sealed with it. Earlier
+    /// records keep what they were sealed with (nothing is rewritten).
+    pub fn rekey(&mut self, new: Arc<Keys>) -> Result<(), StateError> {
+        let location = self.location.clone();
+        let sealing = new.clone();
+        self.call(move |conn| {
+            let db = |e: postgres::Error| describe(&e);
+            let mut tx = conn.client.transaction().map_err(db)?;
+            let (mut state, mut report, last) = fold(&mut tx, conn.deployment, None).map_err(db)?;
+            open_folded(&location, &mut state, &mut report, conn.crypt.as_deref())
+                .map_err(|e| e.to_string())?;
+            if !report.locked.is_empty() {
+                return Err(format!(
+                    "the secrets of {} do not open with the key given, so they cannot be sealed again",
+                    report.locked.join(", ")
+                ));
+            }
+            let (key, crypt) = Crypt::new_key(&sealing, None)?;
+            tx.execute(
+                "INSERT INTO capstan.keys (deployment, id, sealed) VALUES ($1, $2, $3)",
+                &[&conn.deployment, &key.id, &key.sealed],
+            )
+            .map_err(db)?;
+            let text = serde_json::to_string(&crypt::seal_state(&crypt, &state))
+                .expect("states serialize");
+            tx.execute(
+                "INSERT INTO capstan.snapshots (deployment, upto, run, state) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (deployment, upto) DO UPDATE SET state = excluded.state, run = excluded.run",
+                &[&conn.deployment, &last, &conn.run, &text],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)?;
+            conn.crypt = Some(Arc::new(crypt));
+            conn.since_snapshot = 0;
+            Ok(())
+        })?;
+        self.keys = Some(new);
+        self.can_seal = true;
+        Ok(())
     }
 
     /// Where the state is.
@@ -677,8 +813,7 @@ fn serve(mut conn: Conn, queue: mpsc::Receiver<Job>) {
                 }
                 let result = match &conn.broken {
                     Some(e) => Err(format!("an earlier state write failed: {e}")),
-                    None => write_records(&mut conn, batch.iter().flat_map(|(r, _)| r))
-                        .map_err(|e| describe(&e)),
+                    None => write_records(&mut conn, batch.iter().flat_map(|(r, _)| r)),
                 };
                 if let Err(e) = &result {
                     conn.broken.get_or_insert_with(|| e.clone());
@@ -695,7 +830,7 @@ fn serve(mut conn: Conn, queue: mpsc::Receiver<Job>) {
 fn write_records<'a>(
     conn: &mut Conn,
     records: impl Iterator<Item = &'a Record> + Clone,
-) -> Result<(), postgres::Error> {
+) -> Result<(), String> {
     let count = records.clone().count();
     let mut addresses = Vec::with_capacity(count);
     let mut kinds = Vec::with_capacity(count);
@@ -716,7 +851,13 @@ fn write_records<'a>(
         addresses.push(address.as_str());
         kinds.push(kind);
         operations.push(operation);
-        texts.push(serde_json::to_string(record).expect("records always serialize"));
+        let text = match (&conn.crypt, crypt::needs_sealing(record)) {
+            (Some(crypt), true) => serde_json::to_string(&crypt::seal_record(crypt, record)),
+            // Never in clear (`append` refuses first; this is the last line).
+            (None, true) => return Err(in_clear_refused()),
+            (_, false) => serde_json::to_string(record),
+        };
+        texts.push(text.expect("records always serialize"));
     }
     let insert = match &conn.insert_records {
         Some(insert) => insert.clone(),
@@ -725,32 +866,53 @@ fn write_records<'a>(
                 "INSERT INTO capstan.records (deployment, run, address, kind, operation, record) \
                  SELECT $1, $2, a, k, o, r FROM unnest($3::text[], $4::text[], $5::text[], $6::text[]) \
                  WITH ORDINALITY AS t(a, k, o, r, n) ORDER BY n",
-            )?;
+            ).map_err(|e| describe(&e))?;
             conn.insert_records.insert(insert).clone()
         }
     };
     // One statement is one transaction: the batch is committed whole or not at all.
-    conn.client.execute(
-        &insert,
-        &[
-            &conn.deployment,
-            &conn.run,
-            &addresses,
-            &kinds,
-            &operations,
-            &texts,
-        ],
-    )?;
+    conn.client
+        .execute(
+            &insert,
+            &[
+                &conn.deployment,
+                &conn.run,
+                &addresses,
+                &kinds,
+                &operations,
+                &texts,
+            ],
+        )
+        .map_err(|e| describe(&e))?;
     conn.since_snapshot += count as i64;
     Ok(())
 }
 
 impl StateBackend for PgBackend {
     fn load(&mut self) -> Result<(State, LoadReport), StateError> {
-        let (state, report) = self.call(|conn| {
+        let keys = self.keys.clone();
+        let location = self.location.clone();
+        let (state, report, can_seal) = self.call(move |conn| {
             let db = |e: postgres::Error| describe(&e);
             let mut tx = conn.client.transaction().map_err(db)?;
+            // The state's data keys: opened with the key given, or the first one made.
+            let stored = stored_keys(&mut tx, conn.deployment).map_err(db)?;
+            conn.crypt = match &keys {
+                Some(keys) if stored.is_empty() => {
+                    let (key, crypt) = Crypt::new_key(keys, None)?;
+                    tx.execute(
+                        "INSERT INTO capstan.keys (deployment, id, sealed) VALUES ($1, $2, $3)",
+                        &[&conn.deployment, &key.id, &key.sealed],
+                    )
+                    .map_err(db)?;
+                    Some(Arc::new(crypt))
+                }
+                Some(keys) => Some(Arc::new(Crypt::open(&stored, keys)?)),
+                None => None,
+            };
             let (mut state, mut report, last) = fold(&mut tx, conn.deployment, None).map_err(db)?;
+            open_folded(&location, &mut state, &mut report, conn.crypt.as_deref())
+                .map_err(|e| e.to_string())?;
             report.never_sent = never_sent(&mut tx, &state).map_err(db)?;
             // Marks of earlier runs that left nothing pending are of no more use.
             let pending_runs: Vec<i64> = state
@@ -777,8 +939,9 @@ impl StateBackend for PgBackend {
                 .map_err(db)?
                 .get(0);
             conn.since_snapshot = last - after;
-            Ok((state, report))
+            Ok((state, report, conn.crypt.is_some()))
         })?;
+        self.can_seal = can_seal;
         if !report.damaged.is_empty() {
             return Err(failed(
                 &self.location,
@@ -798,7 +961,7 @@ impl StateBackend for PgBackend {
                     address: address.clone(),
                 })
                 .collect();
-            self.call(move |conn| write_records(conn, records.iter()).map_err(|e| describe(&e)))?;
+            self.call(move |conn| write_records(conn, records.iter()))?;
         }
         Ok((state, report))
     }
@@ -810,6 +973,10 @@ impl StateBackend for PgBackend {
             }
         }
         let (ack, done) = oneshot::channel();
+        if !self.can_seal && records.iter().any(crypt::needs_sealing) {
+            let _ = ack.send(Err(in_clear_refused()));
+            return done;
+        }
         match &self.jobs {
             Some(jobs) => {
                 if let Err(mpsc::SendError(Job::Append(_, ack))) =
@@ -826,8 +993,19 @@ impl StateBackend for PgBackend {
     }
 
     fn compact(&mut self, state: &State) -> Result<(), StateError> {
-        let text = serde_json::to_string(state).expect("states serialize");
+        let state = state.clone();
+        let location = self.location.clone();
         self.call(move |conn| {
+            let has_secrets = state.resources.values().any(|r| !r.sensitive.is_empty())
+                || state.pending.values().any(|p| !p.sensitive.is_empty());
+            let text = match &conn.crypt {
+                Some(crypt) => serde_json::to_string(&crypt::seal_state(crypt, &state)),
+                None if has_secrets => {
+                    return Err(format!("{location}: {}", in_clear_refused()))
+                }
+                None => serde_json::to_string(&state),
+            }
+            .expect("states serialize");
             let db = |e: postgres::Error| describe(&e);
             let last: i64 = conn
                 .client

@@ -8,7 +8,7 @@
 use postgres::{Client, GenericClient};
 
 /// The version of the tables this Capstan writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The advisory lock class of Capstan's locks (`CAPS`): `(CLASS, deployment id)` is a
 /// deployment's lock, `(CLASS, 0)` is held while the tables are made.
@@ -62,6 +62,21 @@ CREATE TABLE capstan.sent (
 );
 CREATE INDEX sent_by_run ON capstan.sent (run);
 "#;
+
+/// What takes the tables from the version before each to it.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    2,
+    // The state's data keys, sealed with age (see capstan-state's `crypt.rs`).
+    r#"
+CREATE TABLE capstan.keys (
+    deployment integer NOT NULL,
+    id text NOT NULL,
+    sealed text NOT NULL,
+    time timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (deployment, id)
+);
+"#,
+)];
 
 /// What the database holds.
 pub enum Found {
@@ -135,14 +150,37 @@ pub fn ensure(client: &mut Client) -> Result<(), String> {
                 )
             })?;
             tx.execute(
-                "INSERT INTO capstan.meta (key, value) VALUES ('made_by', 'capstan'), ('schema_version', $1)",
-                &[&SCHEMA_VERSION.to_string()],
+                "INSERT INTO capstan.meta (key, value) VALUES ('made_by', 'capstan'), ('schema_version', '1')",
+                &[],
             )
             .map_err(describe)?;
+            migrate(&mut tx, 1)?;
+        }
+        Found::Capstan(version) if version < SCHEMA_VERSION => {
+            check(&found)?;
+            migrate(&mut tx, version)?;
         }
         found => check(&found)?,
     }
     tx.commit().map_err(describe)
+}
+
+/// Takes the tables from `from` to this Capstan's version, in the caller's transaction.
+fn migrate(tx: &mut postgres::Transaction<'_>, from: i64) -> Result<(), String> {
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > from) {
+        tx.batch_execute(sql).map_err(|e| {
+            format!(
+                "cannot take Capstan's tables to version {version}: {}",
+                crate::describe(&e)
+            )
+        })?;
+        tx.execute(
+            "UPDATE capstan.meta SET value = $1 WHERE key = 'schema_version'",
+            &[&version.to_string()],
+        )
+        .map_err(|e| crate::describe(&e))?;
+    }
+    Ok(())
 }
 
 /// Whether Capstan can use what it found.
@@ -153,6 +191,8 @@ pub fn check(found: &Found) -> Result<(), String> {
         Found::Capstan(version) if *version > SCHEMA_VERSION => Err(format!(
             "this database's Capstan tables are at schema version {version}, made by a newer Capstan; this one knows version {SCHEMA_VERSION}: upgrade capstan (nothing was written)"
         )),
+        // Older tables read as they are; the next command that writes migrates them.
+        Found::Capstan(version) if *version >= 1 => Ok(()),
         Found::Capstan(version) => Err(format!(
             "this database's Capstan tables are at schema version {version}, which this Capstan cannot read"
         )),

@@ -28,6 +28,7 @@ fn intent(address: &str) -> Record {
         inputs: Json::from_value(&serde_json::json!({"n": 1})),
         time: 1,
         run: None,
+        sensitive: vec![],
     }
 }
 
@@ -65,7 +66,7 @@ fn records_survive_and_history_keeps_every_run() {
     let web = location(&pg, "team", "web");
     let db = location(&pg, "team", "db");
     // Reading first writes nothing, not even the tables.
-    assert!(read_only(&web).unwrap().state.resources.is_empty());
+    assert!(read_only(&web, None).unwrap().state.resources.is_empty());
     assert_eq!(
         pg.psql(
             "team",
@@ -96,12 +97,12 @@ fn records_survive_and_history_keeps_every_run() {
         .unwrap();
     }
     // Another deployment in the same database sees none of it.
-    assert!(read_only(&db).unwrap().state.resources.is_empty());
+    assert!(read_only(&db, None).unwrap().state.resources.is_empty());
 
-    let now = read_only(&web).unwrap().state;
+    let now = read_only(&web, None).unwrap().state;
     assert_eq!(now.resources.len(), 1);
     assert_eq!(now.resources["a"].inputs.value()["n"], 2);
-    let then = state_at(&web, run1).unwrap();
+    let (then, _) = state_at(&web, run1, None).unwrap();
     assert_eq!(then.resources.len(), 2);
     assert_eq!(then.resources["a"].inputs.value()["n"], 1);
 
@@ -115,7 +116,7 @@ fn records_survive_and_history_keeps_every_run() {
             .trim(),
         "7"
     );
-    let e = state_at(&web, 999).unwrap_err().to_string();
+    let e = state_at(&web, 999, None).unwrap_err().to_string();
     assert!(e.contains("no run 999"), "{e}");
 }
 
@@ -134,7 +135,7 @@ fn the_lock_names_its_holder_and_a_look_takes_none() {
     // Another deployment is not locked by it.
     drop(open(&location(&pg, "team", "db")).unwrap());
     // A look while it runs: its operation is in flight, not settled.
-    let look = read_only(&web).unwrap();
+    let look = read_only(&web, None).unwrap();
     assert!(look.running.is_some());
     assert!(look.state.pending.contains_key("a"));
     // Waiting: it gets the lock once the first lets go.
@@ -166,7 +167,7 @@ fn intents_never_sent_are_settled_and_sent_ones_stay_pending() {
         .unwrap();
         backend.mark_sent(&["sent".to_string()]).unwrap();
     }
-    let look = read_only(&web).unwrap();
+    let look = read_only(&web, None).unwrap();
     assert_eq!(look.report.never_sent, vec!["unsent".to_string()]);
     assert!(look.state.pending.contains_key("sent"));
     let mut backend = open(&web).unwrap();
@@ -175,7 +176,7 @@ fn intents_never_sent_are_settled_and_sent_ones_stay_pending() {
     assert_eq!(state.pending.keys().collect::<Vec<_>>(), ["sent"]);
     drop(backend);
     // Settled for good (recorded), not just left out.
-    let look = read_only(&web).unwrap();
+    let look = read_only(&web, None).unwrap();
     assert!(look.report.never_sent.is_empty());
     assert_eq!(look.state.pending.len(), 1);
     // The marks of a run stay while it has anything pending, and go once it has not.
@@ -242,7 +243,7 @@ fn foreign_newer_and_unreachable_databases_are_refused_without_writing() {
         .trim(),
         "1"
     );
-    let e = read_only(&location(&pg, "other", "web"))
+    let e = read_only(&location(&pg, "other", "web"), None)
         .err()
         .unwrap()
         .to_string();
@@ -298,4 +299,49 @@ fn a_wrong_password_is_refused_and_never_shown() {
     // The holder recorded for the run hides a password its command line carried.
     let holders = pg.psql("postgres", "SELECT holder::text FROM capstan.runs");
     assert!(!holders.contains("right-horse"));
+}
+
+#[test]
+fn tables_of_an_older_capstan_are_read_as_they_are_and_migrated_by_a_writer() {
+    let Some(pg) = server() else { return };
+    pg.create_database("team");
+    let web = location(&pg, "team", "web");
+    {
+        let mut backend = open(&web).unwrap();
+        backend.load().unwrap();
+        block(append_durably(&backend, vec![intent("a"), done("a", 1)])).unwrap();
+    }
+    // As schema version 1 left them: no table of keys.
+    pg.psql(
+        "team",
+        "DROP TABLE capstan.keys; UPDATE capstan.meta SET value = '1' WHERE key = 'schema_version'",
+    );
+    let before = pg
+        .dump("team")
+        .lines()
+        .filter(|l| !l.contains("restrict "))
+        .count();
+    assert_eq!(read_only(&web, None).unwrap().state.resources.len(), 1);
+    let after = pg
+        .dump("team")
+        .lines()
+        .filter(|l| !l.contains("restrict "))
+        .count();
+    assert_eq!(before, after, "a look migrated");
+    let mut backend = open(&web).unwrap();
+    assert_eq!(backend.load().unwrap().0.resources.len(), 1);
+    drop(backend);
+    let version = pg.psql(
+        "team",
+        "SELECT value FROM capstan.meta WHERE key = 'schema_version'",
+    );
+    assert_eq!(
+        version.trim(),
+        capstan_state_postgres::SCHEMA_VERSION.to_string()
+    );
+    assert_eq!(
+        pg.psql("team", "SELECT to_regclass('capstan.keys') IS NOT NULL")
+            .trim(),
+        "t"
+    );
 }

@@ -27,7 +27,7 @@ pub(crate) fn make_private(dir: &Path) -> Result<(), StateError> {
     }
     // Files made before the state was private: ours alone, never through a link (a chmod
     // follows one, to whatever file it names).
-    for name in ["journal", "snapshot.json", "lock", OWNER_FILE] {
+    for name in ["journal", "snapshot.json", "lock", OWNER_FILE, KEYS_FILE] {
         let path = dir.join(name);
         if let Ok(meta) = std::fs::symlink_metadata(&path) {
             if !meta.is_file() {

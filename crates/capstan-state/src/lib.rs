@@ -23,10 +23,11 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 mod claim;
+pub mod crypt;
 mod files;
 mod sent;
 mod snapshot;
@@ -85,6 +86,9 @@ pub struct PendingOperation {
     /// The run that journaled it (see `sent.rs`), when its backend says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<u64>,
+    /// JSON pointers (`/inputs/password`) of its sensitive inputs (encrypted when stored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensitive: Vec<String>,
 }
 
 /// Everything the state knows.
@@ -113,6 +117,10 @@ pub enum Record {
         /// The run that journals it: stamped by the backend, so leave it `None`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         run: Option<u64>,
+        /// JSON pointers (`/inputs/password`) of the inputs that are secrets: encrypted when
+        /// a key is configured (see `crypt.rs`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        sensitive: Vec<String>,
     },
     /// The resource exists with these inputs and outputs.
     Done {
@@ -148,6 +156,7 @@ impl State {
                 inputs,
                 time,
                 run,
+                sensitive,
             } => {
                 // Over an operation an earlier run left pending (still unchecked), the new
                 // intent cannot be settled as "never sent": that one may have run.
@@ -164,6 +173,7 @@ impl State {
                         inputs,
                         started: time,
                         run,
+                        sensitive,
                     },
                 );
             }
@@ -216,6 +226,9 @@ pub enum StateError {
     Backend { place: String, message: String },
     #[error("the state {place} is locked by {holder}; wait for it to finish, or pass --lock-timeout SECONDS to wait")]
     LockedBy { place: String, holder: String },
+    /// The key for the state's secrets is missing, wrong, or cannot be used.
+    #[error("{place}: {message}")]
+    Keys { place: String, message: String },
     #[error("{} holds the state of deployment `{owner}`, not `{deployment}`: planning one deployment against another's state would delete its resources. Give `{deployment}` a state of its own with --state DIR (e.g. --state .capstan-{}); if `{deployment}` is `{owner}` renamed, delete {} so that it takes over", .dir.display(), .deployment.trim_end_matches(".json"), .dir.join(OWNER_FILE).display())]
     OtherDeployment {
         dir: PathBuf,
@@ -271,6 +284,9 @@ pub struct LoadReport {
     /// Operations a killed run journaled but never sent to their providers (it journals
     /// intents a little ahead of its calls): settled, no longer pending.
     pub never_sent: Vec<String>,
+    /// Resources holding encrypted values that no key given opens (none was given, or not
+    /// the one): they are as stored, `{"$encrypted": …}`.
+    pub locked: Vec<String>,
 }
 
 /// Seconds since the Unix epoch as RFC 3339 in UTC, e.g. `2026-11-29T14:50:12Z`.
@@ -325,6 +341,11 @@ pub struct DirectoryBackend {
     /// This run's number, stamped on its intents, and its `sent` file (from `load`).
     run: u64,
     sent: Option<sent::SentLog>,
+    /// The key the user gave, and the state's data keys it opened (from `load`).
+    keys: Option<Arc<crypt::Keys>>,
+    crypt: Option<Arc<crypt::Crypt>>,
+    /// The state's secrets are encrypted (it has a data key): none may be written in clear.
+    sealed: bool,
     _lock: File,
 }
 
@@ -474,8 +495,74 @@ impl DirectoryBackend {
             writer_thread: None,
             run: sent::new_run_id(),
             sent: None,
+            keys: None,
+            crypt: None,
+            sealed: false,
             _lock: lock,
         })
+    }
+
+    /// The key that seals and opens the state's secrets (before `load`); with none, a state
+    /// whose secrets are encrypted loads with them as they are, and takes no new one.
+    pub fn set_keys(&mut self, keys: Option<Arc<crypt::Keys>>) {
+        self.keys = keys;
+    }
+
+    /// Opens the state's data keys with the key given; makes the first one if there is none
+    /// and a key was given.
+    fn open_keys(&mut self) -> Result<(), StateError> {
+        let stored = read_keys(&self.dir)?;
+        self.sealed = !stored.is_empty();
+        let Some(keys) = &self.keys else {
+            return Ok(());
+        };
+        let crypt = if stored.is_empty() {
+            let (key, crypt) =
+                crypt::Crypt::new_key(keys, None).map_err(|message| StateError::Keys {
+                    place: self.dir.display().to_string(),
+                    message,
+                })?;
+            write_keys(&self.dir, &[key])?;
+            self.sealed = true;
+            crypt
+        } else {
+            crypt::Crypt::open(&stored, keys).map_err(|message| StateError::Keys {
+                place: self.dir.display().to_string(),
+                message,
+            })?
+        };
+        self.crypt = Some(Arc::new(crypt));
+        Ok(())
+    }
+
+    /// Seals the state's secrets with a new data key, sealed to the key given now (and opened
+    /// with the one given before, `old`): every secret is encrypted again, in a new snapshot.
+    pub fn rekey(&mut self, new: Arc<crypt::Keys>) -> Result<(), StateError> {
+        self.stop_writer();
+        let (state, report) = self.read_stored()?;
+        if !report.locked.is_empty() {
+            return Err(StateError::Keys {
+                place: self.dir.display().to_string(),
+                message: format!(
+                    "the secrets of {} do not open with the key given, so they cannot be sealed again",
+                    report.locked.join(", ")
+                ),
+            });
+        }
+        let (key, crypt) =
+            crypt::Crypt::new_key(&new, None).map_err(|message| StateError::Keys {
+                place: self.dir.display().to_string(),
+                message,
+            })?;
+        // The key list first (the new key beside the older ones, which still open what the
+        // previous snapshots hold), then the snapshot sealed with it.
+        let mut keys = read_keys(&self.dir)?;
+        keys.push(key);
+        write_keys(&self.dir, &keys)?;
+        self.crypt = Some(Arc::new(crypt));
+        self.keys = Some(new);
+        self.sealed = true;
+        self.write_snapshot(&state, false)
     }
 
     /// The state directory.
@@ -488,7 +575,7 @@ impl DirectoryBackend {
     }
 
     fn read_stored(&self) -> Result<(State, LoadReport), StateError> {
-        read_stored(&self.dir)
+        read_stored(&self.dir, self.crypt.as_deref())
     }
 
     /// Folds what is stored (snapshot and journal, as read back from disk) into a new
@@ -601,6 +688,7 @@ impl DirectoryBackend {
         let path = self.journal_path();
         let mut file = open_owned(private_file().create(true).append(true), &path)?;
         let (tx, rx) = mpsc::channel::<WriteRequest>();
+        let crypt = self.crypt.clone();
         let thread = std::thread::Builder::new()
             .name("capstan-journal".into())
             .spawn(move || {
@@ -647,11 +735,17 @@ impl DirectoryBackend {
                         }
                     }
                     busy = batch.len() > 1;
-                    // Encoded here, off the thread that runs the operations.
+                    // Encoded (and secrets encrypted) here, off the thread that runs the
+                    // operations.
                     let mut bytes = Vec::with_capacity(512 * batch.len());
                     for (records, _) in &batch {
                         for record in records {
-                            encode_into(record, &mut bytes);
+                            match &crypt {
+                                Some(crypt) if crypt::needs_sealing(record) => {
+                                    encode_into(&crypt::seal_record(crypt, record), &mut bytes)
+                                }
+                                _ => encode_into(record, &mut bytes),
+                            }
                         }
                     }
                     let started = Instant::now();
@@ -679,7 +773,28 @@ impl DirectoryBackend {
 }
 
 /// Reads the state stored in `dir` (snapshot, then journal) as it is now.
-fn read_stored(dir: &Path) -> Result<(State, LoadReport), StateError> {
+fn read_stored(
+    dir: &Path,
+    crypt: Option<&crypt::Crypt>,
+) -> Result<(State, LoadReport), StateError> {
+    let mut opening = crypt::Opening::default();
+    let (mut state, mut report) = read_stored_sealed(dir)?;
+    crypt::open_state(crypt, &mut state, &mut opening);
+    if !opening.damaged.is_empty() {
+        return Err(StateError::Keys {
+            place: dir.display().to_string(),
+            message: format!(
+                "encrypted values that do not open: {}",
+                opening.damaged.join("; ")
+            ),
+        });
+    }
+    report.locked = opening.locked.into_iter().collect();
+    Ok((state, report))
+}
+
+/// The state stored in `dir`, its secrets as stored.
+fn read_stored_sealed(dir: &Path) -> Result<(State, LoadReport), StateError> {
     // Retried when a compaction replaced the journal while we read (its inode changed).
     loop {
         let journal_path = dir.join("journal");
@@ -752,7 +867,26 @@ fn decode_bytes(line: &[u8]) -> Option<Record> {
 /// written (a missing directory is an empty state), consistent even while another command
 /// appends or compacts. A torn last line is left out (it may be a write in progress).
 pub fn read_only(dir: &Path) -> Result<(State, LoadReport), StateError> {
-    let (mut state, mut report) = read_stored(dir)?;
+    read_only_with(dir, None)
+}
+
+/// [`read_only`], opening the state's secrets with `keys` (a key that does not open them is
+/// an error; without one they stay as stored and `LoadReport::locked` names their resources).
+pub fn read_only_with(
+    dir: &Path,
+    keys: Option<&crypt::Keys>,
+) -> Result<(State, LoadReport), StateError> {
+    let stored = read_keys(dir)?;
+    let crypt = match keys {
+        Some(keys) if !stored.is_empty() => Some(crypt::Crypt::open(&stored, keys).map_err(
+            |message| StateError::Keys {
+                place: dir.display().to_string(),
+                message,
+            },
+        )?),
+        _ => None,
+    };
+    let (mut state, mut report) = read_stored(dir, crypt.as_ref())?;
     // While a command holds the state, its intents are its own business (in flight, or about
     // to be); once it is gone, those it never sent are not pending.
     if running_holder(dir).is_none() {
@@ -773,6 +907,7 @@ const GROUP_COMMIT_IDLE: Duration = Duration::from_millis(1);
 
 impl StateBackend for DirectoryBackend {
     fn load(&mut self) -> Result<(State, LoadReport), StateError> {
+        self.open_keys()?;
         let (state, report) = self.read_stored()?;
         if !report.damaged.is_empty() {
             return Err(StateError::Damaged {
@@ -804,6 +939,10 @@ impl StateBackend for DirectoryBackend {
             }
         }
         let (ack, done) = oneshot::channel();
+        if self.sealed && self.crypt.is_none() && records.iter().any(crypt::needs_sealing) {
+            let _ = ack.send(Err(in_clear_refused()));
+            return done;
+        }
         match &self.writer {
             Some(writer) => {
                 if let Err(mpsc::SendError((_, ack))) = writer.send((records, ack)) {
@@ -851,3 +990,43 @@ pub async fn append_durably(
         Err(_) => Err(StateError::WriterGone("no acknowledgement".into())),
     }
 }
+
+/// Why a record with a secret is not written: the state's secrets are encrypted and no key
+/// was given to encrypt this one.
+pub fn in_clear_refused() -> String {
+    format!(
+        "this state's secrets are encrypted and no key to encrypt a new one was given, so it was not written in clear: set {} (an age identity file) or {}",
+        crypt::IDENTITY_ENV,
+        crypt::PASSPHRASE_ENV
+    )
+}
+
+/// The state's data keys, sealed (`keys` in the directory: one JSON object a line).
+fn read_keys(dir: &Path) -> Result<Vec<crypt::StoredKey>, StateError> {
+    let path = dir.join(KEYS_FILE);
+    let Some(mut file) = open_existing(&path)? else {
+        return Ok(Vec::new());
+    };
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io(&path))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            serde_json::from_str(line).map_err(|e| StateError::Keys {
+                place: path.display().to_string(),
+                message: format!("a line does not read as a sealed key: {e}"),
+            })
+        })
+        .collect()
+}
+
+fn write_keys(dir: &Path, keys: &[crypt::StoredKey]) -> Result<(), StateError> {
+    let text: String = keys
+        .iter()
+        .map(|k| format!("{}\n", serde_json::to_string(k).expect("keys serialize")))
+        .collect();
+    write_whole(dir, &dir.join(KEYS_FILE), &text)
+}
+
+/// The file of the state's sealed data keys.
+pub const KEYS_FILE: &str = "keys";

@@ -65,9 +65,15 @@ impl DirectoryBackend {
                 inner: std::io::BufWriter::with_capacity(1 << 20, file),
                 hasher: crc32fast::Hasher::new(),
             };
-            serde_json::to_writer(&mut writer, state).map_err(|e| StateError::Io {
-                path: temp.clone(),
-                source: e.into(),
+            let sealed = self
+                .crypt
+                .as_ref()
+                .map(|crypt| crypt::seal_state(crypt, state));
+            serde_json::to_writer(&mut writer, sealed.as_ref().unwrap_or(state)).map_err(|e| {
+                StateError::Io {
+                    path: temp.clone(),
+                    source: e.into(),
+                }
             })?;
             writer.write_all(b"\n").map_err(io(&temp))?;
             let sum = writer.hasher.clone().finalize();

@@ -26,6 +26,7 @@ fn intent(address: &str) -> Record {
         inputs: Json::empty_object(),
         time: 1,
         run: None,
+        sensitive: vec![],
     }
 }
 

@@ -10,6 +10,7 @@ mod confirm;
 mod corpus;
 mod crash;
 mod deploy;
+mod encryption;
 mod examples;
 mod limits;
 mod machines;

@@ -21,6 +21,14 @@ impl<'a> Driver<'a> {
     /// Journals the intent of node `i`'s operation.
     fn record_intent(&mut self, i: NodeId, work: &mut Work) {
         let Some(op) = self.ops.get(&i) else { return };
+        // Where its inputs hold secrets, so the state can encrypt them (a look only when any
+        // secret is known).
+        let mut sensitive = Vec::new();
+        if !self.options.secrets.is_empty() {
+            self.options
+                .secrets
+                .pointers(&op.inputs.value(), "/inputs", &mut sensitive);
+        }
         let intent = Record::Intent {
             address: self.changes[i].address.clone(),
             operation: op.operation,
@@ -29,6 +37,7 @@ impl<'a> Driver<'a> {
             inputs: op.inputs.clone(),
             time: now_unix(),
             run: None,
+            sensitive,
         };
         let backend = self.backend.clone();
         self.spawn(work, i, async move {

@@ -11,6 +11,18 @@ pub struct Providers {
     pub(crate) timeouts: BTreeMap<String, Duration>,
 }
 
+impl Providers {
+    /// Whether `provider`'s `resource_type` marks any input or output sensitive.
+    pub fn declares_sensitive(&self, provider: &str, resource_type: &str) -> bool {
+        self.connections
+            .get(provider)
+            .and_then(|c| c.info().resource_type(resource_type).cloned())
+            .is_some_and(|t| {
+                t.inputs.iter().any(|i| i.sensitive) || t.outputs.iter().any(|o| o.sensitive)
+            })
+    }
+}
+
 /// A provider the engine cannot start by itself: one built into the program that embeds the
 /// engine, or a program another protocol's bridge serves as a Capstan provider.
 #[derive(Clone, Copy, Debug)]
