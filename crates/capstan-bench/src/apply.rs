@@ -17,6 +17,11 @@ impl capstan_engine::events::EventSink for CountEvents {
 /// A deployment of `size` no-op resources in a random DAG (each refers to up to two earlier
 /// ones), all served by one testing provider.
 pub(super) fn noop_deployment(size: usize) -> String {
+    noop_deployment_with(size, None)
+}
+
+/// [`noop_deployment`], with `secret` among every resource's inputs.
+pub(super) fn noop_deployment_with(size: usize, secret: Option<&str>) -> String {
     let mut seed = 0x2545_F491_4F6C_DD1Du64;
     let mut next = move |n: usize| {
         seed ^= seed << 13;
@@ -33,9 +38,13 @@ pub(super) fn noop_deployment(size: usize) -> String {
                 .map(|_| json!({"$ref": format!("r{}#id", next(i))}))
                 .collect()
         };
+        let value = match secret {
+            Some(secret) => json!([i, refs, secret]),
+            None => json!([i, refs]),
+        };
         resources.insert(
             format!("r{i}"),
-            json!({"provider": "t", "type": "noop", "inputs": {"value": [i, refs]}}),
+            json!({"provider": "t", "type": "noop", "inputs": {"value": value}}),
         );
     }
     json!({"providers": {"t": {"executable": testing_provider()}}, "resources": resources})
@@ -48,6 +57,16 @@ pub(super) fn noop_deployment(size: usize) -> String {
 /// `state_dir`, starting built-in providers from `capstan`. Returns the seconds it took (load,
 /// plan, provider start and run), those seconds split by phase, and the peak RSS (KiB) right
 /// after the run.
+/// The secret the deployment holds (`CAPSTAN_BENCH_SECRET`), known as one, as `--secrets`
+/// makes it.
+fn bench_secrets() -> Rc<capstan_engine::secrets::Secrets> {
+    let secrets = capstan_engine::secrets::Secrets::new();
+    if let Ok(secret) = std::env::var("CAPSTAN_BENCH_SECRET") {
+        secrets.add_value(&serde_json::Value::String(secret));
+    }
+    secrets
+}
+
 /// Where a benchmark's state is.
 pub(super) enum StateAt {
     Dir(PathBuf),
@@ -55,24 +74,37 @@ pub(super) enum StateAt {
 }
 
 impl StateAt {
+    /// Locked, with the key the environment gives (as `capstan` takes it).
     fn open(&self) -> Box<dyn capstan_engine::state::StateBackend> {
+        let keys = capstan_engine::state::crypt::Keys::from_env().unwrap();
         match self {
-            StateAt::Dir(dir) => Box::new(
-                capstan_engine::state::DirectoryBackend::open(dir, Duration::ZERO).unwrap(),
-            ),
-            StateAt::Postgres(location) => Box::new(
-                capstan_state_postgres::PgBackend::open(location, Duration::ZERO, &mut |_| {})
-                    .unwrap(),
-            ),
+            StateAt::Dir(dir) => {
+                let mut backend =
+                    capstan_engine::state::DirectoryBackend::open(dir, Duration::ZERO).unwrap();
+                backend.set_keys(keys);
+                Box::new(backend)
+            }
+            StateAt::Postgres(location) => {
+                let mut backend =
+                    capstan_state_postgres::PgBackend::open(location, Duration::ZERO, &mut |_| {})
+                        .unwrap();
+                backend.set_keys(keys);
+                Box::new(backend)
+            }
         }
     }
 
     /// The state as a plan reads it: no lock, nothing written.
     fn look(&self) -> capstan_engine::state::State {
+        let keys = capstan_engine::state::crypt::Keys::from_env().unwrap();
         match self {
-            StateAt::Dir(dir) => capstan_engine::state::read_only(dir).unwrap().0,
+            StateAt::Dir(dir) => {
+                capstan_engine::state::read_only_with(dir, keys.as_deref())
+                    .unwrap()
+                    .0
+            }
             StateAt::Postgres(location) => {
-                capstan_state_postgres::read_only(location, None)
+                capstan_state_postgres::read_only(location, keys)
                     .unwrap()
                     .state
             }
@@ -107,7 +139,7 @@ pub(super) fn engine_apply_at(
             state,
             backend: Some(backend),
             events,
-            secrets: Default::default(),
+            secrets: bench_secrets(),
             interrupt: tokio_util::sync::CancellationToken::new(),
         };
         let mut session = Session::open(reading, context).await.unwrap();
@@ -202,7 +234,7 @@ pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize, state: Option
             state,
             backend: None,
             events: Rc::new(CountEvents(Cell::new(0))),
-            secrets: Default::default(),
+            secrets: bench_secrets(),
             interrupt: tokio_util::sync::CancellationToken::new(),
         };
         let changes = Session::open(reading, context).await.unwrap().changes;
@@ -242,7 +274,7 @@ pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize, state: Option
 
 /// Runs `apply-child` on `file` and returns its figures.
 pub(super) fn run_apply_child(file: &Path, size: usize, jobs: usize) -> serde_json::Value {
-    run_apply_child_at(file, size, jobs, None)
+    run_apply_child_at(file, size, jobs, None, &[])
 }
 
 /// [`run_apply_child`] with the state at a `postgres://` URL.
@@ -251,8 +283,10 @@ pub(super) fn run_apply_child_at(
     size: usize,
     jobs: usize,
     state: Option<&str>,
+    envs: &[(&str, &str)],
 ) -> serde_json::Value {
     let output = Command::new(std::env::current_exe().unwrap())
+        .envs(envs.iter().copied())
         .args([
             "apply-child",
             file.to_str().unwrap(),
@@ -452,9 +486,39 @@ pub(super) fn postgres_bench(json_output: bool, quick: bool) {
                 // A deployment of its own each time, so every apply creates everything.
                 let url = format!("{}&deployment=bench-{n}", pg.url("bench"));
                 let state = (side == "postgres").then_some(url.as_str());
-                let f = run_apply_child_at(&file, size, jobs, state);
+                let f = run_apply_child_at(&file, size, jobs, state, &[]);
                 figures.entry((size, side)).or_default().push(f);
             }
+        }
+    }
+    // Encryption's cost: 10k resources each with a secret among its inputs, in a directory,
+    // with a key (every secret encrypted) and without (kept in clear), interleaved.
+    let key_dir = tempfile::tempdir().expect("temp dir");
+    let identity = key_dir.path().join("identity");
+    {
+        use age::secrecy::ExposeSecret;
+        use std::os::unix::fs::PermissionsExt;
+        let key = age::x25519::Identity::generate();
+        std::fs::write(&identity, format!("{}\n", key.to_string().expose_secret())).unwrap();
+        std::fs::set_permissions(&identity, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let secret = "bench-secret-value-0123456789";
+    for round in 0..rounds {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("capstan.json");
+        std::fs::write(&file, noop_deployment_with(small, Some(secret))).unwrap();
+        let sides: [&str; 2] = if round % 2 == 0 {
+            ["clear", "encrypted"]
+        } else {
+            ["encrypted", "clear"]
+        };
+        for side in sides {
+            let mut envs = vec![("CAPSTAN_BENCH_SECRET", secret)];
+            if side == "encrypted" {
+                envs.push(("CAPSTAN_STATE_IDENTITY", identity.to_str().unwrap()));
+            }
+            let f = run_apply_child_at(&file, small, jobs, None, &envs);
+            figures.entry((small, side)).or_default().push(f);
         }
     }
     let median_of = |size: usize, side: &str, key: &str| {
@@ -471,6 +535,8 @@ pub(super) fn postgres_bench(json_output: bool, quick: bool) {
         "pg_vs_dir_ratio_10k": ratio(small, "apply_seconds"),
         "pg_vs_dir_ratio_100k": ratio(large, "apply_seconds"),
         "pg_plan_vs_dir_ratio": ratio(large, "plan_unchanged_seconds"),
+        "encrypted_vs_clear_ratio": median_of(small, "clear", "apply_seconds")
+            / median_of(small, "encrypted", "apply_seconds"),
         "sizes": [small, large],
         "rounds": rounds,
         "jobs": jobs,
@@ -479,6 +545,8 @@ pub(super) fn postgres_bench(json_output: bool, quick: bool) {
             "apply_postgres": [median_of(small, "postgres", "apply_seconds"), median_of(large, "postgres", "apply_seconds")],
             "plan_dir": [median_of(small, "dir", "plan_unchanged_seconds"), median_of(large, "dir", "plan_unchanged_seconds")],
             "plan_postgres": [median_of(small, "postgres", "plan_unchanged_seconds"), median_of(large, "postgres", "plan_unchanged_seconds")],
+            "apply_secrets_clear": median_of(small, "clear", "apply_seconds"),
+            "apply_secrets_encrypted": median_of(small, "encrypted", "apply_seconds"),
         },
     });
     if json_output {
@@ -512,5 +580,20 @@ pub(super) fn postgres_bench(json_output: bool, quick: bool) {
         "{:<44} {:>21.2}   ≥ 0.5",
         "pg_plan_vs_dir_ratio (no-op plan, 100k)",
         out["pg_plan_vs_dir_ratio"].as_f64().unwrap()
+    );
+    println!(
+        "{:<44} {:>10.3}",
+        "apply, a secret each, in clear: seconds",
+        s["apply_secrets_clear"].as_f64().unwrap()
+    );
+    println!(
+        "{:<44} {:>10.3}",
+        "apply, a secret each, encrypted: seconds",
+        s["apply_secrets_encrypted"].as_f64().unwrap()
+    );
+    println!(
+        "{:<44} {:>10.2}   ≥ 0.9",
+        "encrypted_vs_clear_ratio",
+        out["encrypted_vs_clear_ratio"].as_f64().unwrap()
     );
 }
