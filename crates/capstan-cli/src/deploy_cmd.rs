@@ -68,8 +68,11 @@ impl Place {
             Some(text) if text.is_empty() => {
                 return Err("--state is empty: give a directory or a postgres:// URL".into())
             }
-            Some(text) => Store::parse(text)?,
-            None => Store::Dir(capstan_engine::model::dir_of(&self.file()).join(".capstan")),
+            Some(text) => Store::parse(text).map_err(|e| format!("--state {e}"))?,
+            None => match self.declared_state()? {
+                Some(store) => store,
+                None => Store::Dir(capstan_engine::model::dir_of(&self.file()).join(".capstan")),
+            },
         };
         if let Some(dir) = store.dir() {
             if dir.exists() && !dir.is_dir() {
@@ -80,6 +83,39 @@ impl Place {
             }
         }
         Ok(store)
+    }
+
+    /// Where a JSON deployment says its state is (`"state": DIR|URL`; a directory relative to
+    /// the deployment's). Only the top level is read here: the deployment's own reading says
+    /// what else is wrong with it.
+    fn declared_state(&self) -> Result<Option<Store>, String> {
+        let file = self.file();
+        if file.extension().is_some_and(|e| e == "nix") {
+            return Ok(None);
+        }
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            return Ok(None);
+        };
+        let Ok(Value::Object(top)) = serde_json::from_str::<Value>(&text) else {
+            return Ok(None);
+        };
+        match top.get("state") {
+            Some(Value::String(text)) if !text.trim().is_empty() => {
+                let store =
+                    Store::parse(text).map_err(|e| format!("{}: `state`: {e}", file.display()))?;
+                Ok(Some(match store {
+                    Store::Dir(dir) if dir.is_relative() => {
+                        Store::Dir(capstan_engine::model::dir_of(&file).join(dir))
+                    }
+                    other => other,
+                }))
+            }
+            Some(_) => Err(format!(
+                "{}: `state` must be a directory or a postgres:// URL, as a string",
+                file.display()
+            )),
+            None => Ok(None),
+        }
     }
 
     /// The state directory, when the state is kept in one.

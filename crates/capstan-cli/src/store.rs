@@ -36,7 +36,7 @@ impl Store {
             Location::parse(text).map(|l| Store::Postgres(Box::new(l)))
         } else if text.contains("://") {
             Err(format!(
-                "--state {}: a state is a directory or a postgres:// URL",
+                "{}: a state is a directory or a postgres:// URL",
                 capstan_state_postgres::without_password(text)
             ))
         } else {

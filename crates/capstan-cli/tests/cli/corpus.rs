@@ -478,6 +478,24 @@ fn cases() -> Vec<Case> {
             ..bad("", LOCAL, &["plan", "--state", "s3://bucket/state"], 2)
         },
         Case {
+            name: "state_declared_not_a_string",
+            ..bad(
+                "",
+                r#"{"state": 5, "providers": {"local": {"builtin": "local"}}, "resources": {}}"#,
+                PLAN,
+                2,
+            )
+        },
+        Case {
+            name: "state_declared_of_another_kind",
+            ..bad(
+                "",
+                r#"{"state": "s3://bucket/x", "providers": {"local": {"builtin": "local"}}, "resources": {}}"#,
+                &["state", "list"],
+                2,
+            )
+        },
+        Case {
             name: "state_empty",
             ..bad("", LOCAL, &["state", "list", "--state", ""], 2)
         },

@@ -310,7 +310,27 @@ fn history_push_and_pull_and_a_newer_state_is_not_overwritten() {
 #[test]
 fn the_server_restarted_mid_apply_stops_the_run_and_the_next_converges() {
     let Some(mut pg) = server(None) else { return };
-    let url = state_url(&pg, "web");
+    fault_mid_apply(&mut pg, |pg| {
+        pg.stop_immediately();
+        pg.start_again();
+    });
+}
+
+#[test]
+fn connections_cut_mid_apply_stop_the_run_and_the_next_converges() {
+    let Some(mut pg) = server(None) else { return };
+    fault_mid_apply(&mut pg, |pg| {
+        pg.psql(
+            "postgres",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'capstan'",
+        );
+    });
+}
+
+/// An apply of 60 slow resources, `fault` once a few are made: the run stops (exit 1, saying
+/// the state failed), nothing made is unknown to the state, the next apply converges.
+fn fault_mid_apply(pg: &mut Postgres, fault: impl FnOnce(&mut Postgres)) {
+    let url = state_url(pg, "web");
     let dir = tempfile::tempdir().unwrap();
     let markers = tempfile::tempdir().unwrap();
     let names: Vec<String> = (0..60).map(|i| format!("r{i}")).collect();
@@ -328,9 +348,8 @@ fn the_server_restarted_mid_apply_stops_the_run_and_the_next_converges() {
     wait_until("some operations are recorded", || {
         std::fs::read_dir(markers.path()).unwrap().count() >= 4
     });
-    pg.stop_immediately();
-    pg.start_again();
-    let out = crate::support::output_within(child, "the apply whose database restarted");
+    fault(pg);
+    let out = crate::support::output_within(child, "the apply whose database failed");
     let said = shown(&out);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("state"), "{said}");
@@ -353,6 +372,38 @@ fn the_server_restarted_mid_apply_stops_the_run_and_the_next_converges() {
     assert!(out.status.success(), "{}", shown(&out));
     let out = capstan(dir.path(), &url, &["plan", "--detailed-exitcode"]);
     assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
-    let done: usize = count(&pg, "records WHERE kind = 'done'").parse().unwrap();
+    let done: usize = count(pg, "records WHERE kind = 'done'").parse().unwrap();
     assert!(done >= 60, "{done} results recorded");
+}
+
+#[test]
+fn a_deployment_can_say_where_its_state_is() {
+    let Some(pg) = server(None) else { return };
+    let url = state_url(&pg, "declared");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        json!({"state": url, "providers": {"local": {"builtin": "local"}},
+               "resources": {"m": {"provider": "local", "type": "memo", "inputs": {"value": 1}}}})
+        .to_string(),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(capstan_bin())
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("CAPSTAN_STATE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["apply"]);
+    assert!(out.status.success(), "{}", shown(&out));
+    assert!(!dir.path().join(".capstan").exists());
+    assert_eq!(count(&pg, "records"), "2");
+    let out = run(&["state", "list"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "m\tlocal.memo\n");
+    // --state comes first.
+    let out = run(&["state", "list", "--state", "elsewhere"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
 }

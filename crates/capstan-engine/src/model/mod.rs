@@ -329,11 +329,30 @@ impl Deployment {
             .map_err(|e| err("(top level)", e.to_string()))?;
         let root: BTreeMap<String, &RawValue> = members.into_iter().collect();
         for key in root.keys() {
-            if key != "providers" && key != "resources" && key != "$schema" {
+            if key != "providers" && key != "resources" && key != "$schema" && key != "state" {
                 return Err(err(
                     key,
-                    "unknown key; a deployment has `providers` and `resources`".into(),
+                    "unknown key; a deployment has `providers`, `resources` and `state`".into(),
                 ));
+            }
+        }
+        // Where the state is kept: read by the command before the deployment (see the CLI's
+        // `Place::store`); checked here so that a mistake in it is found.
+        if let Some(state) = root.get("state") {
+            if file.extension().is_some_and(|e| e == "nix") {
+                return Err(err(
+                    "state",
+                    "a deployment in Nix cannot choose where its state is (the state is read before it is evaluated): give --state or CAPSTAN_STATE".into(),
+                ));
+            }
+            match serde_json::from_str::<Value>(state.get()) {
+                Ok(Value::String(text)) if !text.trim().is_empty() => {}
+                _ => {
+                    return Err(err(
+                        "state",
+                        "must be a directory or a postgres:// URL, as a string (keep the password out of it: PGPASSWORD or ~/.pgpass)".into(),
+                    ))
+                }
             }
         }
         let providers = match root.get("providers") {
