@@ -489,24 +489,10 @@ fn holder(
     }))
 }
 
-/// What this process tells others about itself (the lock holder's description), with any
-/// PostgreSQL password on its command line hidden.
+/// What this process tells others about itself (the lock holder's description; any password
+/// on its command line hidden).
 fn holder_json() -> String {
-    let mut holder: serde_json::Value =
-        serde_json::from_str(&capstan_state::holder_description()).unwrap_or_default();
-    if let Some(command) = holder["command"].as_str() {
-        let scrubbed: Vec<String> = command
-            .split(' ')
-            .map(|word| match word.find("postgres") {
-                Some(at) if is_postgres(&word[at..]) => {
-                    format!("{}{}", &word[..at], without_password(&word[at..]))
-                }
-                _ => word.to_string(),
-            })
-            .collect();
-        holder["command"] = scrubbed.join(" ").into();
-    }
-    holder.to_string()
+    capstan_state::holder_description()
 }
 
 /// Work for the connection's thread.

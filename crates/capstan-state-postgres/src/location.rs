@@ -103,6 +103,12 @@ impl Location {
             ));
         }
         fill_from_env(&mut config, env);
+        if config.get_ssl_mode() == postgres::config::SslMode::Require {
+            return Err(format!(
+                "{}: sslmode=require: this capstan does not speak TLS to PostgreSQL yet; connect over a Unix socket (host=/run/postgresql) or an SSH tunnel, or leave sslmode out",
+                without_password(url)
+            ));
+        }
         Ok(Location { config, name })
     }
 
@@ -329,6 +335,13 @@ mod tests {
         .unwrap_err();
         assert!(!e.contains("hunter2"), "{e}");
         assert!(e.contains("u:***@db"), "{e}");
+    }
+
+    #[test]
+    fn tls_required_is_refused_clearly() {
+        let e = Location::parse_with("postgres://h/x?deployment=a&sslmode=require", &env(&[]))
+            .unwrap_err();
+        assert!(e.contains("TLS"), "{e}");
     }
 
     #[test]

@@ -29,7 +29,8 @@ use capstan_schema::Json;
 pub const ENCRYPTED: &str = "$encrypted";
 const PREFIX: &str = "capstan1:";
 
-/// The environment variables that give the key.
+/// The environment variables that give the key (`CAPSTAN_STATE_IDENTITY`: an identity file,
+/// or the identity itself).
 pub const IDENTITY_ENV: &str = "CAPSTAN_STATE_IDENTITY";
 pub const RECIPIENTS_ENV: &str = "CAPSTAN_STATE_RECIPIENTS";
 pub const PASSPHRASE_ENV: &str = "CAPSTAN_STATE_PASSPHRASE";
@@ -89,7 +90,12 @@ impl Keys {
                 })))
             }
             (Some(file), None) => {
-                let identities = read_identities(Path::new(file))?;
+                // The identity itself (a CI secret), or the file that holds it.
+                let identities = if file.trim_start().starts_with("AGE-SECRET-KEY-") {
+                    parse_identities(file, IDENTITY_ENV)?
+                } else {
+                    read_identities(Path::new(file))?
+                };
                 let mut recipients: Vec<_> = identities.iter().map(|i| i.to_public()).collect();
                 if let Some(more) = recipients_file {
                     recipients.extend(read_recipients(Path::new(more))?);
@@ -173,6 +179,12 @@ fn read_identities(path: &Path) -> Result<Vec<age::x25519::Identity>, String> {
         ));
     }
     let text = std::fs::read_to_string(path).map_err(|e| format!("{IDENTITY_ENV}={shown}: {e}"))?;
+    parse_identities(&text, &format!("{IDENTITY_ENV}={shown}"))
+}
+
+/// Identities from text (`AGE-SECRET-KEY-1…` lines, `#` comments); `what` names where it
+/// came from (never the key itself).
+fn parse_identities(text: &str, what: &str) -> Result<Vec<age::x25519::Identity>, String> {
     let mut identities = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -181,7 +193,7 @@ fn read_identities(path: &Path) -> Result<Vec<age::x25519::Identity>, String> {
         }
         let identity = line.parse::<age::x25519::Identity>().map_err(|_| {
             format!(
-                "{IDENTITY_ENV}={shown}: line {} is not an age identity (AGE-SECRET-KEY-1…; `age-keygen` makes one)",
+                "{what}: line {} is not an age identity (AGE-SECRET-KEY-1…; `age-keygen` makes one)",
                 n + 1
             )
         })?;
@@ -189,7 +201,7 @@ fn read_identities(path: &Path) -> Result<Vec<age::x25519::Identity>, String> {
     }
     if identities.is_empty() {
         return Err(format!(
-            "{IDENTITY_ENV}={shown} holds no age identity (AGE-SECRET-KEY-1…; `age-keygen` makes one)"
+            "{what} holds no age identity (AGE-SECRET-KEY-1…; `age-keygen` makes one)"
         ));
     }
     Ok(identities)
@@ -628,6 +640,16 @@ mod tests {
         assert!(Keys::from_values(None, Some("/x"), None).is_err());
         let e = Keys::from_values(Some("/nonexistent/key"), None, None).unwrap_err();
         assert!(e.contains(IDENTITY_ENV), "{e}");
+        // The identity itself, as a CI secret holds it; a broken one is not repeated back.
+        use age::secrecy::ExposeSecret;
+        let identity = age::x25519::Identity::generate();
+        let text = identity.to_string().expose_secret().to_string();
+        let keys = Keys::from_values(Some(&text), None, None).unwrap().unwrap();
+        let (stored, _) = Crypt::new_key(&keys, None).unwrap();
+        assert!(Crypt::open(&[stored], &keys).is_ok());
+        let broken = format!("{}x", &text[..text.len() - 1]);
+        let e = Keys::from_values(Some(&broken), None, None).unwrap_err();
+        assert!(!e.contains(&broken[20..]), "{e}");
     }
 
     #[test]

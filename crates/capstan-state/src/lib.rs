@@ -385,10 +385,42 @@ pub fn holder_description() -> String {
         "pid": std::process::id(),
         "host": host.trim(),
         "user": user,
-        "command": command.join(" "),
+        "command": scrub_command(&command.join(" ")),
         "since": now_unix(),
     })
     .to_string()
+}
+
+/// A command line with any password in it hidden (`scheme://user:PASSWORD@host`, and
+/// `password=…` as libpq takes it), for the lock's holder and a database's run rows.
+pub fn scrub_command(command: &str) -> String {
+    command
+        .split(' ')
+        .map(|word| {
+            let mut out = word.to_string();
+            if let Some(at) = word.find("://") {
+                let rest = &word[at + 3..];
+                let end = rest.find(['/', '?']).unwrap_or(rest.len());
+                if let Some(user_end) = rest[..end].rfind('@') {
+                    if let Some(colon) = rest[..user_end].find(':') {
+                        out = format!(
+                            "{}{}:***{}",
+                            &word[..at + 3],
+                            &rest[..colon],
+                            &rest[user_end..]
+                        );
+                    }
+                }
+            }
+            if let Some(p) = out.find("password=") {
+                let start = p + "password=".len();
+                let end = out[start..].find('&').map_or(out.len(), |e| start + e);
+                out.replace_range(start..end, "***");
+            }
+            out
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub fn describe_holder(text: &str) -> String {
@@ -421,7 +453,7 @@ pub fn running_holder(dir: &Path) -> Option<String> {
     }
     // The same command still (a pid can be handed out again once it exits).
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let command = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let command = scrub_command(&String::from_utf8_lossy(&cmdline).replace('\0', " "));
     (command.trim() == holder["command"].as_str()?.trim()).then(|| describe_holder(&text))
 }
 
@@ -995,7 +1027,7 @@ pub async fn append_durably(
 /// was given to encrypt this one.
 pub fn in_clear_refused() -> String {
     format!(
-        "this state's secrets are encrypted and no key to encrypt a new one was given, so it was not written in clear: set {} (an age identity file) or {}",
+        "a secret would have been written in clear, which this state does not take (PostgreSQL never does; a directory whose secrets are encrypted neither): set {} (an age identity file) or {} to encrypt it",
         crypt::IDENTITY_ENV,
         crypt::PASSPHRASE_ENV
     )

@@ -589,3 +589,21 @@ fn an_intent_over_one_left_pending_earlier_is_never_settled_as_unsent() {
     );
     assert!(report.never_sent.is_empty());
 }
+
+#[test]
+fn passwords_on_a_command_line_are_hidden() {
+    assert_eq!(
+        crate::scrub_command(
+            "capstan apply --state postgres://alice:s3cret@db:5432/x?deployment=a --from=postgresql://bob:pw@h/y"
+        ),
+        "capstan apply --state postgres://alice:***@db:5432/x?deployment=a --from=postgresql://bob:***@h/y"
+    );
+    assert_eq!(
+        crate::scrub_command("x --state postgres://h/db?password=pw&deployment=a"),
+        "x --state postgres://h/db?password=***&deployment=a"
+    );
+    assert_eq!(
+        crate::scrub_command("capstan apply --jobs 4"),
+        "capstan apply --jobs 4"
+    );
+}
