@@ -644,6 +644,27 @@ async fn apply_inner(
         state_dir: args.place.state_dir(),
     };
     let providers = start(&mut session, &options, &stop).await?;
+    // A state that takes no secret in clear (PostgreSQL, or a directory whose secrets are
+    // encrypted) with no key: a type that marks its inputs or outputs sensitive would have
+    // one recorded, after its operation. Stopped before any.
+    if backend.as_ref().is_some_and(|b| b.refuses_clear_secrets()) {
+        let marked: Vec<String> = session
+            .changes
+            .iter()
+            .filter(|c| c.action != Action::Noop)
+            .filter(|c| providers.declares_sensitive(&c.provider, &c.resource_type))
+            .map(|c| format!("`{}` ({}.{})", c.address, c.provider, c.resource_type))
+            .collect();
+        if !marked.is_empty() {
+            providers.shutdown().await;
+            return Err(CliError::Invalid(format!(
+                "{} would record secrets (their types mark inputs or outputs sensitive), and this state takes none in clear while no key is given: set {} (an age identity file) or {}. Nothing was changed",
+                marked.join(", "),
+                state::crypt::IDENTITY_ENV,
+                state::crypt::PASSPHRASE_ENV
+            )));
+        }
+    }
     // From here the providers run: every way out stops them first.
     let ended = apply_with(session, &providers, &run_args, &stop).await;
     providers.shutdown().await;

@@ -153,6 +153,15 @@ impl Locked {
         }
     }
 
+    /// Whether a secret given now would be refused (after `load`): PostgreSQL without a key,
+    /// a directory whose secrets are encrypted without one.
+    pub fn refuses_clear_secrets(&self) -> bool {
+        match self {
+            Locked::Dir(backend) => backend.refuses_clear_secrets(),
+            Locked::Postgres(backend) => !backend.can_seal(),
+        }
+    }
+
     fn inner(&self) -> &dyn StateBackend {
         match self {
             Locked::Dir(backend) => backend,

@@ -694,6 +694,11 @@ impl PgBackend {
         Ok(())
     }
 
+    /// Whether secrets can be written (after `load`): only sealed, with a key given.
+    pub fn can_seal(&self) -> bool {
+        self.can_seal
+    }
+
     /// Where the state is.
     pub fn location(&self) -> &Location {
         &self.location

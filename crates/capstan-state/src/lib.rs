@@ -597,6 +597,12 @@ impl DirectoryBackend {
         self.write_snapshot(&state, false)
     }
 
+    /// Whether a secret given now would be refused (after `load`): the state's secrets are
+    /// encrypted and no key was given to encrypt more.
+    pub fn refuses_clear_secrets(&self) -> bool {
+        self.sealed && self.crypt.is_none()
+    }
+
     /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir

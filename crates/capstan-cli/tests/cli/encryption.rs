@@ -237,3 +237,51 @@ fn postgres_never_holds_a_secret_in_clear() {
     assert_eq!(files_holding(&local, SECRET), Vec::<String>::new());
     assert!(local.join("keys").exists());
 }
+
+#[test]
+fn a_type_that_marks_outputs_sensitive_is_stopped_before_it_runs_without_a_key() {
+    if let Some(why) = pg::unavailable() {
+        capstan_test_support::skip_or_fail(&why);
+        return;
+    }
+    let server = Postgres::start();
+    server.create_database("team");
+    let url = format!("{}&deployment=tokens", server.url("team"));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        serde_json::json!({
+            "providers": {"t": {"executable": crate::support::testing_provider()}},
+            "resources": {"token": {"provider": "t", "type": "secret", "inputs": {}}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = capstan(dir.path(), &[("CAPSTAN_STATE", url.as_str())], &["apply"]);
+    let said = shown(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("`token` (t.secret)") && said.contains("Nothing was changed"),
+        "{said}"
+    );
+    assert_eq!(
+        server
+            .psql("team", "SELECT count(*) FROM capstan.records")
+            .trim(),
+        "0"
+    );
+    let out = capstan(
+        dir.path(),
+        &[
+            ("CAPSTAN_STATE", url.as_str()),
+            ("CAPSTAN_STATE_PASSPHRASE", "team passphrase"),
+        ],
+        &["apply"],
+    );
+    assert!(out.status.success(), "{}", shown(&out));
+    let token = server.psql(
+        "team",
+        "SELECT record FROM capstan.records WHERE kind = 'done'",
+    );
+    assert!(token.contains("$encrypted"), "{token}");
+}
