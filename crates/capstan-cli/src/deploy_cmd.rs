@@ -548,7 +548,8 @@ pub async fn plan_cmd(
         max_message_mib: plan_args.max_message_mib,
         state_dir: args.place.state_dir(),
     };
-    let sink = events(&view, stdout, Mode::Plan);
+    capstan_engine::trace::start_run(capstan_engine::trace::parent_from_env());
+    let (sink, tracing) = Tracing::start(events(&view, stdout, Mode::Plan))?;
     let json = view.json;
     let changed = plan_inner(args, view, sink.clone(), options).await;
     let result = match (changed, plan_args.detailed_exitcode) {
@@ -560,6 +561,7 @@ pub async fn plan_cmd(
         (Err(e), _) => Err(e),
     };
     report_on_stream(&sink, json, &result);
+    tracing.finish(&result);
     result
 }
 
@@ -621,10 +623,57 @@ pub async fn apply_cmd(
     destroy: bool,
 ) -> Result<ExitCode, CliError> {
     let mode = if destroy { Mode::Destroy } else { Mode::Apply };
-    let sink = events(&view, stdout, mode);
+    capstan_engine::trace::start_run(capstan_engine::trace::parent_from_env());
+    let (sink, tracing) = Tracing::start(events(&view, stdout, mode))?;
     let result = apply_inner(args, &view, run_args, sink.clone(), mode).await;
     report_on_stream(&sink, view.json, &result);
+    tracing.finish(&result);
     result
+}
+
+/// The run as an OpenTelemetry trace, when OpenTelemetry's variables ask for one
+/// (`OTEL_TRACES_EXPORTER=otlp`); else nothing at all.
+struct Tracing(
+    Option<(
+        capstan_telemetry::Telemetry,
+        Rc<capstan_telemetry::TraceEvents>,
+    )>,
+);
+
+impl Tracing {
+    /// Starts the export and puts its sink in front of `sink`.
+    fn start(sink: Rc<dyn EventSink>) -> Result<(Rc<dyn EventSink>, Tracing), CliError> {
+        let config = capstan_telemetry::Config::from_env().map_err(CliError::Invalid)?;
+        let Some(config) = config else {
+            return Ok((sink, Tracing(None)));
+        };
+        let telemetry = capstan_telemetry::Telemetry::start(&config).map_err(CliError::Invalid)?;
+        let traced = telemetry.sink(sink);
+        Ok((traced.clone(), Tracing(Some((telemetry, traced)))))
+    }
+
+    /// Ends the trace (the run's span says how the command ended) and says what could not be
+    /// exported, once.
+    fn finish(self, result: &Result<ExitCode, CliError>) {
+        let Some((telemetry, traced)) = self.0 else {
+            return;
+        };
+        if let Err(error) = result {
+            if let Some((message, code)) = error.message_and_code() {
+                traced.failed(&crate::output::scrubbed(message.to_string()), code);
+            }
+        }
+        traced.end();
+        drop(traced);
+        let report = telemetry.finish();
+        if report.dropped > 0 {
+            say!(
+                "note: {} of the run's trace spans could not be exported ({}); the run itself is unaffected",
+                report.dropped,
+                report.error.as_deref().unwrap_or("the collector did not take them in time")
+            );
+        }
+    }
 }
 
 async fn apply_inner(

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::output::Stdout;
 
 /// The JSON stream's version; minor versions only add fields and event types.
-pub const JSON_STREAM_VERSION: &str = "1.4";
+pub const JSON_STREAM_VERSION: &str = "1.5";
 
 /// Newline-delimited JSON on stdout: a `version` line, then one line per event, each with
 /// `type`, a monotonic `seq` and a `timestamp`.
@@ -63,7 +63,15 @@ impl JsonEvents {
 impl EventSink for JsonEvents {
     fn emit(&self, event: Event) {
         // Events hold strings, numbers and JSON values only: encoding cannot fail.
-        self.write(serde_json::to_string(&event).expect("events always encode"));
+        let mut object = serde_json::to_string(&event).expect("events always encode");
+        // The trace and span it belongs to, so a front end can join it with the trace.
+        if let Some((trace, span)) = capstan_engine::trace::ids_of(&event) {
+            object.pop();
+            object.push_str(&format!(
+                ",\"trace_id\":\"{trace}\",\"span_id\":\"{span}\"}}"
+            ));
+        }
+        self.write(object);
     }
 }
 

@@ -222,13 +222,15 @@ pub fn stream_schema() -> serde_json::Value {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://capstan.invalid/schema/events.schema.json",
         "title": "Capstan JSON event stream (capstan plan|apply|destroy --json)",
-        "description": "Generated from the Rust types (capstan_engine::events::stream_schema); do not edit by hand. One JSON object per line on stdout. The first line is a `version` event. Every line has `type`, a monotonic `seq` (from 0) and a `timestamp` (seconds since the Unix epoch, fractional). Consumers must ignore fields and event types they do not know.",
+        "description": "Generated from the Rust types (capstan_engine::events::stream_schema); do not edit by hand. One JSON object per line on stdout. The first line is a `version` event. Every line has `type`, a monotonic `seq` (from 0) and a `timestamp` (seconds since the Unix epoch, fractional); every line after the first, `trace_id` and `span_id`. Consumers must ignore fields and event types they do not know.",
         "type": "object",
         "required": ["type", "seq", "timestamp"],
         "properties": {
             "type": {"type": "string"},
             "seq": {"type": "integer", "minimum": 0},
-            "timestamp": {"type": "number"}
+            "timestamp": {"type": "number"},
+            "trace_id": {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "The run's OpenTelemetry trace (W3C hex; the caller's with TRACEPARENT). On every event after the version line."},
+            "span_id": {"type": "string", "pattern": "^[0-9a-f]{16}$", "description": "The span the event belongs to: its operation's (the traceparent its provider was given) for a resource's events, else the run's."}
         },
         "oneOf": variants,
         "$defs": event["$defs"],

@@ -25,6 +25,7 @@ pub mod secrets;
 pub mod select;
 pub mod session;
 pub mod strict_json;
+pub mod trace;
 
 /// The durable state the engine plans against and records into (its own crate, so another
 /// backend can sit beside the embedded journal).

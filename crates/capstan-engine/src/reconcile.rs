@@ -61,6 +61,7 @@ pub async fn check_interrupted(
                 .get(&pending.provider)
                 .copied()
                 .or(timeout),
+            trace: crate::trace::call(),
             ..OperationCall::new(
                 OperationKind::Read,
                 &pending.resource_type,

@@ -25,5 +25,6 @@ mod secrets;
 mod selection;
 mod signals;
 mod state_lock;
+mod telemetry;
 mod terraform;
 mod usage;

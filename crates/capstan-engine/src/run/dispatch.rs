@@ -305,6 +305,7 @@ impl<'a> Driver<'a> {
             previous_outputs: previous.then(|| recorded.outputs.clone()),
             capabilities,
             timeout,
+            trace: crate::trace::operation(address),
             ..OperationCall::new(operation, &resource_type, address, inputs.clone())
         };
         Ok(Op {

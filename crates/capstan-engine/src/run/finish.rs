@@ -451,6 +451,7 @@ pub(super) async fn made_anyway(address: &str, op: &Op) -> Option<Json> {
     let call = OperationCall {
         previous_inputs: Some(op.inputs.clone()),
         previous_outputs: None,
+        trace: crate::trace::call(),
         ..OperationCall::new(
             OperationKind::Read,
             &op.resource_type,

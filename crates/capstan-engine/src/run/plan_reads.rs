@@ -68,6 +68,7 @@ pub async fn plan_with_providers(
             previous_inputs: recorded.map(|r| r.inputs.clone()),
             previous_outputs: recorded.map(|r| r.outputs.clone()),
             timeout: providers.timeouts.get(&change.provider).copied(),
+            trace: crate::trace::call(),
             ..OperationCall::new(
                 change.action.first_operation(),
                 &change.resource_type,
@@ -250,6 +251,7 @@ async fn read_all(
                 .get(&recorded.provider)
                 .copied()
                 .or(timeout),
+            trace: crate::trace::call(),
             ..OperationCall::new(
                 OperationKind::Read,
                 &recorded.resource_type,

@@ -1,0 +1,865 @@
+//! Every run as one OpenTelemetry trace, exported over OTLP — and nothing at all when off.
+//!
+//! Turned on as Terraform and OpenTofu turn theirs on, by OpenTelemetry's own variables:
+//! `OTEL_TRACES_EXPORTER=otlp`, `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`),
+//! `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc` or `http/protobuf`), `OTEL_EXPORTER_OTLP_HEADERS`,
+//! `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`; `TRACEPARENT` makes the run a child of the
+//! caller's trace (see `capstan_engine::trace`).
+//!
+//! The spans are made from the run's events ([`TraceEvents`] sits in the event pipeline, after
+//! the redaction every other channel gets, so a secret is never exported): the run; each
+//! evaluation stage of a deployment in Nix; each resource operation, with the span id its
+//! provider was given as `traceparent`; under it, the spans the provider reported through the
+//! progress protocol with their parents kept (its SDK's `tracing` spans, the nix provider's
+//! activity tree: builds, substitutions, copies); log lines and events become span events,
+//! counters attributes. Finished spans go to a bounded queue that a thread of its own exports:
+//! a collector that is down or slow never slows or fails a run, and what could not be sent is
+//! counted and reported once, at the end.
+
+#![forbid(unsafe_code)]
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use capstan_engine::events::{Event, EventSink};
+use capstan_engine::trace::RunTrace;
+use capstan_schema::progress::ProgressKind;
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
+
+/// How many finished spans may wait for the exporter; more are dropped (and counted).
+const QUEUE: usize = 8192;
+/// Spans sent in one export.
+const BATCH: usize = 512;
+/// How long the end of a run waits for the last spans to go out.
+const FLUSH: Duration = Duration::from_secs(5);
+
+/// The protocols OTLP speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// What the environment asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub protocol: Protocol,
+}
+
+impl Config {
+    /// `None` unless `OTEL_TRACES_EXPORTER` says `otlp` (OpenTelemetry's default is also
+    /// `otlp`, but a deployment tool that starts sending its runs somewhere unasked would
+    /// surprise: it is off unless set). A value it does not know is an error, not ignored.
+    pub fn from_env() -> Result<Option<Config>, String> {
+        Self::from_values(&|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    pub fn from_values(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Config>, String> {
+        match env("OTEL_TRACES_EXPORTER").as_deref() {
+            None | Some("none") => return Ok(None),
+            Some("otlp") => {}
+            Some(other) => {
+                return Err(format!(
+                    "OTEL_TRACES_EXPORTER={other}: capstan exports traces over OTLP (`otlp`) or not at all (`none`)"
+                ))
+            }
+        }
+        let protocol = env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"));
+        let protocol = match protocol.as_deref() {
+            None | Some("http/protobuf") => Protocol::HttpProtobuf,
+            Some("grpc") => Protocol::Grpc,
+            Some(other) => {
+                return Err(format!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL={other}: capstan speaks `grpc` and `http/protobuf`"
+                ))
+            }
+        };
+        Ok(Some(Config { protocol }))
+    }
+}
+
+/// What the export did, told once at the end of a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub exported: u64,
+    /// Spans that never reached the collector: the queue was full, an export failed, or the
+    /// end of the run could not wait longer.
+    pub dropped: u64,
+    /// The first export error, if any.
+    pub error: Option<String>,
+}
+
+struct Counts {
+    exported: AtomicU64,
+    dropped: AtomicU64,
+    error: std::sync::Mutex<Option<String>>,
+}
+
+/// The exporter's side: a bounded queue and the thread that empties it.
+pub struct Telemetry {
+    queue: Option<mpsc::SyncSender<SpanData>>,
+    counts: Arc<Counts>,
+    done: mpsc::Receiver<()>,
+    /// Spans handed to the queue.
+    queued: Rc<AtomicU64>,
+}
+
+impl Telemetry {
+    /// Starts the export described by `config` (the exporter reads the endpoint, headers and
+    /// timeout from OpenTelemetry's variables itself).
+    pub fn start(config: &Config) -> Result<Telemetry, String> {
+        let (queue, spans) = mpsc::sync_channel::<SpanData>(QUEUE);
+        let counts = Arc::new(Counts {
+            exported: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            error: std::sync::Mutex::new(None),
+        });
+        let (ready, started) = mpsc::channel::<Result<(), String>>();
+        let (finished, done) = mpsc::channel();
+        let for_thread = counts.clone();
+        let protocol = config.protocol;
+        std::thread::Builder::new()
+            .name("capstan-otlp".into())
+            .spawn(move || {
+                // gRPC (tonic) needs a Tokio runtime, built and run here; HTTP's blocking
+                // client must not run inside one (it has its own).
+                let runtime = match protocol {
+                    Protocol::Grpc => match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => Some(runtime),
+                        Err(e) => {
+                            let _ = ready.send(Err(e.to_string()));
+                            return;
+                        }
+                    },
+                    Protocol::HttpProtobuf => None,
+                };
+                let exporter = match &runtime {
+                    Some(runtime) => runtime.block_on(async { build_exporter(protocol) }),
+                    None => build_exporter(protocol),
+                };
+                let mut exporter = match exporter {
+                    Ok(exporter) => {
+                        let _ = ready.send(Ok(()));
+                        exporter
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                exporter.set_resource(&resource());
+                export_loop(runtime.as_ref(), &mut exporter, spans, &for_thread);
+                let _ = exporter.shutdown_with_timeout(Duration::from_secs(1));
+                let _ = finished.send(());
+            })
+            .map_err(|e| e.to_string())?;
+        started
+            .recv()
+            .unwrap_or_else(|_| Err("the exporter's thread stopped".into()))?;
+        Ok(Telemetry {
+            queue: Some(queue),
+            counts,
+            done,
+            queued: Rc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The sink that turns `inner`'s events into spans too (put it where the events are
+    /// already redacted).
+    pub fn sink(&self, inner: Rc<dyn EventSink>) -> Rc<TraceEvents> {
+        Rc::new(TraceEvents {
+            inner,
+            builder: RefCell::new(Builder::new(capstan_engine::trace::run())),
+            queue: self.queue.clone(),
+            dropped: self.counts.clone(),
+            queued: self.queued.clone(),
+        })
+    }
+
+    /// Sends what is left and says what happened (waits at most a few seconds).
+    pub fn finish(mut self) -> Report {
+        self.queue = None;
+        let waited = self.done.recv_timeout(FLUSH).is_ok();
+        let exported = self.counts.exported.load(Ordering::Relaxed);
+        let mut dropped = self.counts.dropped.load(Ordering::Relaxed);
+        if !waited {
+            // Whatever was queued and not exported by now is not going to be.
+            let queued = self.queued.load(Ordering::Relaxed);
+            dropped = dropped.max(queued.saturating_sub(exported));
+        }
+        Report {
+            exported,
+            dropped,
+            error: self.counts.error.lock().ok().and_then(|e| e.clone()),
+        }
+    }
+}
+
+fn build_exporter(protocol: Protocol) -> Result<opentelemetry_otlp::SpanExporter, String> {
+    use opentelemetry_otlp::WithExportConfig;
+    let built = match protocol {
+        Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_timeout(Duration::from_secs(3))
+            .build(),
+        Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_timeout(Duration::from_secs(3))
+            .build(),
+    };
+    built.map_err(|e| format!("cannot set up the OTLP exporter: {e}"))
+}
+
+/// The service (`capstan`, unless `OTEL_SERVICE_NAME` says) and `OTEL_RESOURCE_ATTRIBUTES`.
+fn resource() -> opentelemetry_sdk::Resource {
+    let builder = opentelemetry_sdk::Resource::builder();
+    let builder = if std::env::var_os("OTEL_SERVICE_NAME").is_some() {
+        builder
+    } else {
+        builder.with_service_name("capstan")
+    };
+    builder
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+fn export_loop(
+    runtime: Option<&tokio::runtime::Runtime>,
+    exporter: &mut opentelemetry_otlp::SpanExporter,
+    spans: mpsc::Receiver<SpanData>,
+    counts: &Counts,
+) {
+    while let Ok(first) = spans.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match spans.try_recv() {
+                Ok(span) => batch.push(span),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
+        let exported = match runtime {
+            Some(runtime) => runtime.block_on(exporter.export(batch)),
+            None => futures::executor::block_on(exporter.export(batch)),
+        };
+        match exported {
+            Ok(()) => {
+                counts.exported.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                counts.dropped.fetch_add(n, Ordering::Relaxed);
+                if let Ok(mut first) = counts.error.lock() {
+                    first.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// The event sink that makes spans of the events it passes on.
+pub struct TraceEvents {
+    inner: Rc<dyn EventSink>,
+    builder: RefCell<Builder>,
+    queue: Option<mpsc::SyncSender<SpanData>>,
+    dropped: Arc<Counts>,
+    queued: Rc<AtomicU64>,
+}
+
+impl TraceEvents {
+    /// The command failed with `message` (exit code `code`): the run's span says so.
+    pub fn failed(&self, message: &str, code: u8) {
+        if let Some(run) = &mut self.builder.borrow_mut().run {
+            run.data.status = Status::error(message.to_string());
+            run.data
+                .attributes
+                .push(KeyValue::new("process.exit.code", code as i64));
+        }
+    }
+
+    /// Ends the run's span (and any left open) now: the run is over.
+    pub fn end(&self) {
+        let spans = self.builder.borrow_mut().end(SystemTime::now());
+        self.send(spans);
+    }
+
+    fn send(&self, spans: Vec<SpanData>) {
+        let Some(queue) = &self.queue else { return };
+        for span in spans {
+            if !span.span_context.is_sampled() {
+                continue;
+            }
+            match queue.try_send(span) {
+                Ok(()) => {
+                    self.queued.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    self.dropped.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+impl EventSink for TraceEvents {
+    fn emit(&self, event: Event) {
+        let finished = self.builder.borrow_mut().event(&event, SystemTime::now());
+        self.send(finished);
+        self.inner.emit(event);
+    }
+}
+
+/// A span being built.
+struct Open {
+    data: SpanData,
+}
+
+/// Spans from events: those open, by what they belong to.
+struct Builder {
+    trace_id: TraceId,
+    flags: TraceFlags,
+    run: Option<Open>,
+    /// Each resource's open operation span.
+    operations: HashMap<String, Open>,
+    /// Spans a provider reported, by (resource, the provider's id for it).
+    reported: HashMap<(String, u64), Open>,
+    /// Each evaluation stage's span, by stage.
+    stages: HashMap<usize, Open>,
+}
+
+impl Builder {
+    fn new(run: Option<RunTrace>) -> Builder {
+        let run = run.unwrap_or_else(|| capstan_engine::trace::start_run(None));
+        let trace_id = TraceId::from(run.trace_id);
+        let flags = if run.sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        let mut root = span(
+            trace_id,
+            flags,
+            run.span_id,
+            run.parent.unwrap_or(0),
+            "capstan".into(),
+            SystemTime::now(),
+            SpanKind::Internal,
+        );
+        root.parent_span_is_remote = run.parent.is_some();
+        let command: Vec<String> = std::env::args().skip(1).take(1).collect();
+        if let Some(command) = command.first() {
+            root.name = format!("capstan {command}").into();
+            root.attributes
+                .push(KeyValue::new("capstan.command", command.clone()));
+        }
+        Builder {
+            trace_id,
+            flags,
+            run: Some(Open { data: root }),
+            operations: HashMap::new(),
+            reported: HashMap::new(),
+            stages: HashMap::new(),
+        }
+    }
+
+    fn root_id(&self) -> u64 {
+        self.run
+            .as_ref()
+            .map(|r| u64::from_be_bytes(r.data.span_context.span_id().to_bytes()))
+            .unwrap_or(0)
+    }
+
+    fn child(&self, id: u64, parent: u64, name: String, at: SystemTime) -> SpanData {
+        span(
+            self.trace_id,
+            self.flags,
+            id,
+            parent,
+            name,
+            at,
+            SpanKind::Internal,
+        )
+    }
+
+    /// Takes in one event; returns the spans it finished.
+    fn event(&mut self, event: &Event, now: SystemTime) -> Vec<SpanData> {
+        let mut done = Vec::new();
+        match event {
+            Event::Plan { changes } => {
+                if let Some(run) = &mut self.run {
+                    run.data
+                        .attributes
+                        .push(KeyValue::new("capstan.plan.changes", changes.len() as i64));
+                }
+            }
+            Event::EvaluationStart { file, stage } => {
+                let mut data = self.child(
+                    random_id(),
+                    self.root_id(),
+                    format!("evaluate stage {stage}"),
+                    now,
+                );
+                data.attributes.extend([
+                    KeyValue::new("code.filepath", file.clone()),
+                    KeyValue::new("capstan.evaluation.stage", *stage as i64),
+                ]);
+                self.stages.insert(*stage, Open { data });
+            }
+            Event::EvaluationComplete {
+                stage,
+                resources,
+                deferred,
+                ..
+            } => {
+                if let Some(mut open) = self.stages.remove(stage) {
+                    open.data.attributes.extend([
+                        KeyValue::new("capstan.evaluation.resources", *resources as i64),
+                        KeyValue::new("capstan.evaluation.deferred", *deferred as i64),
+                    ]);
+                    open.data.status = Status::Ok;
+                    open.data.end_time = now;
+                    done.push(open.data);
+                }
+            }
+            Event::EvaluationFailed { stage, error, .. } => {
+                if let Some(mut open) = self.stages.remove(stage) {
+                    open.data.status = Status::error(error.clone());
+                    open.data.end_time = now;
+                    done.push(open.data);
+                }
+            }
+            Event::EvaluationLog { line, .. } => {
+                self.event_on_run("log", now, vec![KeyValue::new("log.message", line.clone())])
+            }
+            Event::ResourceStart {
+                address,
+                operation,
+                provider,
+                resource_type,
+            } => {
+                let id = capstan_engine::trace::operation_span(address).unwrap_or_else(random_id);
+                // A child a provider asked for (`parent/child`) is part of its parent's
+                // operation while that runs.
+                let parent = address
+                    .rsplit_once('/')
+                    .and_then(|(parent, _)| self.operations.get(parent))
+                    .map(|open| u64::from_be_bytes(open.data.span_context.span_id().to_bytes()))
+                    .unwrap_or_else(|| self.root_id());
+                let mut data = self.child(id, parent, format!("{operation} {address}"), now);
+                data.attributes.extend([
+                    KeyValue::new("capstan.resource.address", address.clone()),
+                    KeyValue::new("capstan.resource.type", resource_type.clone()),
+                    KeyValue::new("capstan.provider", provider.clone()),
+                    KeyValue::new("capstan.operation", *operation),
+                ]);
+                if let Some(old) = self.operations.insert(address.clone(), Open { data }) {
+                    done.push(old.data);
+                }
+            }
+            Event::ResourceProgress {
+                address, progress, ..
+            } => self.progress(address, progress, &mut done),
+            Event::ResourceComplete {
+                address,
+                elapsed_seconds,
+                ..
+            } => self.end_operation(address, now, Status::Ok, None, *elapsed_seconds, &mut done),
+            Event::ResourceFailed {
+                address,
+                error,
+                kind,
+                elapsed_seconds,
+                ..
+            } => {
+                let kind = serde_json::to_value(kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                self.end_operation(
+                    address,
+                    now,
+                    Status::error(error.clone()),
+                    Some(kind),
+                    *elapsed_seconds,
+                    &mut done,
+                );
+            }
+            Event::ResourceSkipped {
+                address,
+                operation,
+                reason,
+                dependency,
+            } => {
+                let mut data = self.child(
+                    random_id(),
+                    self.root_id(),
+                    format!("{operation} {address}"),
+                    now,
+                );
+                data.attributes.extend([
+                    KeyValue::new("capstan.resource.address", address.clone()),
+                    KeyValue::new("capstan.operation", *operation),
+                    KeyValue::new("capstan.outcome", "skipped"),
+                    KeyValue::new("capstan.skipped.reason", reason.clone()),
+                    KeyValue::new("capstan.skipped.dependency", dependency.clone()),
+                ]);
+                data.end_time = now;
+                done.push(data);
+            }
+            Event::ProviderLog {
+                provider,
+                stream,
+                line,
+            } => self.event_on_run(
+                "log",
+                now,
+                vec![
+                    KeyValue::new("capstan.provider", provider.clone()),
+                    KeyValue::new("log.iostream", stream_name(*stream)),
+                    KeyValue::new("log.message", line.clone()),
+                ],
+            ),
+            Event::Interrupted { message } => self.event_on_run(
+                "interrupted",
+                now,
+                vec![KeyValue::new("message", message.clone())],
+            ),
+            Event::Error { message, exit_code } => {
+                if let Some(run) = &mut self.run {
+                    run.data.status = Status::error(message.clone());
+                    run.data
+                        .attributes
+                        .push(KeyValue::new("process.exit.code", *exit_code as i64));
+                }
+            }
+            Event::Summary { counts, .. } => {
+                if let Some(run) = &mut self.run {
+                    if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(counts) {
+                        for (name, value) in &map {
+                            if let Some(n) = value.as_i64() {
+                                run.data
+                                    .attributes
+                                    .push(KeyValue::new(format!("capstan.summary.{name}"), n));
+                            }
+                        }
+                        let failed = map.get("failed").and_then(|v| v.as_i64()).unwrap_or(0);
+                        run.data.status = if failed > 0 {
+                            Status::error(format!("{failed} resource(s) failed"))
+                        } else {
+                            Status::Ok
+                        };
+                    }
+                }
+                done.extend(self.end(now));
+            }
+            Event::Deferred { .. } | Event::NotSelected { .. } => {}
+        }
+        done
+    }
+
+    fn event_on_run(&mut self, name: &'static str, at: SystemTime, attributes: Vec<KeyValue>) {
+        if let Some(run) = &mut self.run {
+            run.data
+                .events
+                .events
+                .push(opentelemetry::trace::Event::new(name, at, attributes, 0));
+        }
+    }
+
+    fn progress(
+        &mut self,
+        address: &str,
+        progress: &capstan_schema::ProgressEvent,
+        done: &mut Vec<SpanData>,
+    ) {
+        let at = UNIX_EPOCH + Duration::from_nanos(progress.time_unix_nanos);
+        let operation_id = match self.operations.get(address) {
+            Some(open) => u64::from_be_bytes(open.data.span_context.span_id().to_bytes()),
+            None => return,
+        };
+        let key = |id: u64| (address.to_string(), id);
+        match &progress.kind {
+            ProgressKind::SpanStart {
+                id,
+                parent,
+                name,
+                level,
+                target,
+                fields,
+            } => {
+                let parent_id = match self.reported.get(&key(*parent)) {
+                    Some(open) if *parent != 0 => {
+                        u64::from_be_bytes(open.data.span_context.span_id().to_bytes())
+                    }
+                    _ => operation_id,
+                };
+                let mut data = self.child(random_id(), parent_id, span_name(name, fields), at);
+                data.attributes
+                    .push(KeyValue::new("code.namespace", target.clone()));
+                data.attributes
+                    .push(KeyValue::new("capstan.level", level.as_str()));
+                for (field, value) in fields {
+                    data.attributes
+                        .push(KeyValue::new(field.clone(), value.clone()));
+                }
+                if let Some(old) = self.reported.insert(key(*id), Open { data }) {
+                    done.push(old.data);
+                }
+            }
+            ProgressKind::SpanEnd { id } => {
+                if let Some(mut open) = self.reported.remove(&key(*id)) {
+                    open.data.end_time = at;
+                    done.push(open.data);
+                }
+            }
+            ProgressKind::Event {
+                span,
+                level,
+                message,
+                target,
+                fields,
+            } => {
+                let mut attributes = vec![
+                    KeyValue::new("capstan.level", level.as_str()),
+                    KeyValue::new("code.namespace", target.clone()),
+                ];
+                for (field, value) in fields {
+                    attributes.push(KeyValue::new(field.clone(), value.clone()));
+                }
+                let event = opentelemetry::trace::Event::new(message.clone(), at, attributes, 0);
+                self.target(address, *span).events.events.push(event);
+            }
+            ProgressKind::Log { span, stream, line } => {
+                let event = opentelemetry::trace::Event::new(
+                    "log",
+                    at,
+                    vec![
+                        KeyValue::new("log.iostream", stream_name(*stream)),
+                        KeyValue::new("log.message", line.clone()),
+                    ],
+                    0,
+                );
+                self.target(address, *span).events.events.push(event);
+            }
+            ProgressKind::Counter {
+                span,
+                done: count,
+                expected,
+                unit,
+            } => {
+                let data = self.target(address, *span);
+                set_attribute(data, "capstan.progress.done", *count as i64);
+                set_attribute(data, "capstan.progress.expected", *expected as i64);
+                if !unit.is_empty() {
+                    data.attributes
+                        .retain(|kv| kv.key.as_str() != "capstan.progress.unit");
+                    data.attributes
+                        .push(KeyValue::new("capstan.progress.unit", unit.clone()));
+                }
+            }
+            ProgressKind::Phase { span, name } => {
+                let event = opentelemetry::trace::Event::new(
+                    "phase",
+                    at,
+                    vec![KeyValue::new("capstan.phase", name.clone())],
+                    0,
+                );
+                self.target(address, *span).events.events.push(event);
+            }
+        }
+    }
+
+    /// The span a provider's item is about: one it reported, else the operation's.
+    fn target(&mut self, address: &str, span: u64) -> &mut SpanData {
+        let key = (address.to_string(), span);
+        if span != 0 && self.reported.contains_key(&key) {
+            return &mut self.reported.get_mut(&key).expect("just looked").data;
+        }
+        &mut self
+            .operations
+            .get_mut(address)
+            .expect("progress comes between an operation's start and end")
+            .data
+    }
+
+    fn end_operation(
+        &mut self,
+        address: &str,
+        at: SystemTime,
+        status: Status,
+        error_kind: Option<String>,
+        elapsed_seconds: f64,
+        done: &mut Vec<SpanData>,
+    ) {
+        // What the provider left open ends with its operation.
+        let left: Vec<(String, u64)> = self
+            .reported
+            .keys()
+            .filter(|(a, _)| a == address)
+            .cloned()
+            .collect();
+        for key in left {
+            if let Some(mut open) = self.reported.remove(&key) {
+                open.data.end_time = at;
+                done.push(open.data);
+            }
+        }
+        if let Some(mut open) = self.operations.remove(address) {
+            open.data.status = status;
+            let outcome = if error_kind.is_some() {
+                "failed"
+            } else {
+                "done"
+            };
+            open.data
+                .attributes
+                .push(KeyValue::new("capstan.outcome", outcome));
+            if let Some(kind) = error_kind {
+                open.data.attributes.push(KeyValue::new("error.type", kind));
+            }
+            open.data
+                .attributes
+                .push(KeyValue::new("capstan.elapsed_seconds", elapsed_seconds));
+            open.data.end_time = at;
+            done.push(open.data);
+        }
+    }
+
+    /// Ends everything still open, the run last.
+    fn end(&mut self, at: SystemTime) -> Vec<SpanData> {
+        let mut done = Vec::new();
+        for (_, mut open) in self.reported.drain() {
+            open.data.end_time = at;
+            done.push(open.data);
+        }
+        for (_, mut open) in self.operations.drain() {
+            open.data.end_time = at;
+            open.data
+                .attributes
+                .push(KeyValue::new("capstan.outcome", "unfinished"));
+            done.push(open.data);
+        }
+        for (_, mut open) in self.stages.drain() {
+            open.data.end_time = at;
+            done.push(open.data);
+        }
+        if let Some(mut run) = self.run.take() {
+            run.data.end_time = at;
+            done.push(run.data);
+        }
+        done
+    }
+}
+
+fn set_attribute(data: &mut SpanData, key: &'static str, value: i64) {
+    data.attributes.retain(|kv| kv.key.as_str() != key);
+    data.attributes.push(KeyValue::new(key, value));
+}
+
+/// A reported span's name: Nix's activities are all `nix`, told apart by their `activity`.
+fn span_name(name: &str, fields: &[(String, String)]) -> String {
+    match fields.iter().find(|(f, _)| f == "activity") {
+        Some((_, activity)) if name == "nix" => format!("nix {activity}"),
+        _ => name.to_string(),
+    }
+}
+
+fn stream_name(stream: capstan_schema::progress::LogStream) -> &'static str {
+    use capstan_schema::progress::LogStream;
+    match stream {
+        LogStream::Stdout => "stdout",
+        LogStream::Stderr => "stderr",
+        LogStream::Other => "other",
+    }
+}
+
+fn span(
+    trace_id: TraceId,
+    flags: TraceFlags,
+    id: u64,
+    parent: u64,
+    name: String,
+    start: SystemTime,
+    kind: SpanKind,
+) -> SpanData {
+    SpanData {
+        span_context: SpanContext::new(
+            trace_id,
+            SpanId::from(id),
+            flags,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: SpanId::from(parent),
+        parent_span_is_remote: false,
+        span_kind: kind,
+        name: name.into(),
+        start_time: start,
+        end_time: start,
+        attributes: Vec::new(),
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: Status::Unset,
+        instrumentation_scope: InstrumentationScope::builder("capstan")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build(),
+    }
+}
+
+fn random_id() -> u64 {
+    capstan_schema::TraceContext::random().span_id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_unless_asked_and_unknown_values_are_errors() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(Config::from_values(&env(&[])), Ok(None));
+        assert_eq!(
+            Config::from_values(&env(&[("OTEL_TRACES_EXPORTER", "none")])),
+            Ok(None)
+        );
+        assert_eq!(
+            Config::from_values(&env(&[("OTEL_TRACES_EXPORTER", "otlp")])),
+            Ok(Some(Config {
+                protocol: Protocol::HttpProtobuf
+            }))
+        );
+        assert_eq!(
+            Config::from_values(&env(&[
+                ("OTEL_TRACES_EXPORTER", "otlp"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            ])),
+            Ok(Some(Config {
+                protocol: Protocol::Grpc
+            }))
+        );
+        assert!(Config::from_values(&env(&[("OTEL_TRACES_EXPORTER", "zipkin")])).is_err());
+        assert!(Config::from_values(&env(&[
+            ("OTEL_TRACES_EXPORTER", "otlp"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/jsonx")
+        ]))
+        .is_err());
+    }
+}
