@@ -292,3 +292,145 @@ fn off_by_default_and_a_typo_is_an_error() {
         shown(&out)
     );
 }
+
+/// A deployment in Nix whose second stage builds a derivation with the nix provider: the
+/// evaluation stages and Nix's own activity tree (the build) in the trace.
+#[test]
+fn evaluation_stages_and_nix_builds_are_spans_of_the_run() {
+    if !crate::support::nix_tool("nix-build", "the OpenTelemetry test of Nix builds") {
+        return;
+    }
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    std::fs::write(
+        dir.path().join("thing.nix"),
+        format!(
+            r#"derivation {{
+  name = "otel-test";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  nonce = "{nonce}";
+  args = [ "-c" "echo building; echo made > $out" ];
+}}"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("capstan.nix"),
+        r#"{ capstan, resources, ... }:
+{
+  providers.local = capstan.builtin "local";
+  providers.nix = capstan.builtin "nix";
+  resources = {
+    config = { provider = "local"; type = "memo"; inputs.value = "thing.nix"; };
+    later = capstan.nested ({ resources, ... }: {
+      thing = { provider = "nix"; type = "build";
+                inputs = { file = resources.config.outputs.value;
+                           args = [ "--option" "substituters" "" "--option" "sandbox" "false" ]; }; };
+    });
+  };
+}
+"#,
+    )
+    .unwrap();
+    let receiver = Receiver::start(&python, "http", dir.path());
+    let out = Command::new(capstan_bin())
+        .args(["apply"])
+        .current_dir(dir.path())
+        .env("OTEL_TRACES_EXPORTER", "otlp")
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{}", receiver.port),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", shown(&out));
+    let spans = receiver.spans();
+    let run = by_name(&spans, "capstan apply");
+    let stages: Vec<&Value> = spans
+        .iter()
+        .filter(|s| {
+            s["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("evaluate stage"))
+        })
+        .collect();
+    assert!(stages.len() >= 2, "{:#?}", names(&spans));
+    assert!(stages.iter().all(|s| s["parent_span_id"] == run["span_id"]));
+    let build = by_name(&spans, "create later.thing");
+    // Nix's activities under the build, parent to child.
+    let nix: Vec<&Value> = spans
+        .iter()
+        .filter(|s| s["name"].as_str().is_some_and(|n| n.starts_with("nix ")))
+        .collect();
+    assert!(!nix.is_empty(), "{:#?}", names(&spans));
+    let ids: Vec<&Value> = nix.iter().map(|s| &s["span_id"]).collect();
+    for span in &nix {
+        let parent = &span["parent_span_id"];
+        assert!(
+            *parent == build["span_id"] || ids.contains(&parent),
+            "{span:#} is not under the build"
+        );
+    }
+    assert!(
+        nix.iter().any(|s| s["name"] == "nix build"),
+        "{:#?}",
+        names(&spans)
+    );
+}
+
+#[test]
+fn a_receiver_killed_mid_run_leaves_the_run_as_it_was() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        json!({
+            "providers": {"t": {"executable": testing_provider()}},
+            "resources": {
+                "quick": {"provider": "t", "type": "chatty", "inputs": {"count": 1}},
+                "slow": {"provider": "t", "type": "chatty", "inputs": {"count": 40, "delay_ms": 50}}
+            }
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let mut receiver = Receiver::start(&python, "http", dir.path());
+    let child = Command::new(capstan_bin())
+        .args(["apply"])
+        .current_dir(dir.path())
+        .env("OTEL_TRACES_EXPORTER", "otlp")
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{}", receiver.port),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::support::wait_until("the quick operation's span arrives", || {
+        receiver.spans().iter().any(|s| s["name"] == "create quick")
+    });
+    receiver.child.kill().unwrap();
+    receiver.child.wait().unwrap();
+    let out = crate::support::output_within(child, "the apply whose receiver was killed");
+    let said = shown(&out);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(said.matches("could not be exported").count(), 1, "{said}");
+    let plan = Command::new(capstan_bin())
+        .args(["plan", "--detailed-exitcode"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(plan.status.code(), Some(0), "{}", shown(&plan));
+}
