@@ -134,7 +134,22 @@ pub(super) fn engine_apply_at(
         let (state, _) = backend.load().unwrap();
         let loaded = start.elapsed();
         let backend: Rc<dyn StateBackend> = Rc::from(backend);
-        let events = Rc::new(CountEvents(Cell::new(0)));
+        // As `capstan` does: the run's trace always; its export when asked
+        // (`CAPSTAN_BENCH_OTEL`, with OpenTelemetry's variables saying where).
+        capstan_engine::trace::start_run(None);
+        let counted = Rc::new(CountEvents(Cell::new(0)));
+        let telemetry = std::env::var_os("CAPSTAN_BENCH_OTEL").map(|_| {
+            let config = capstan_telemetry::Config::from_env()
+                .unwrap()
+                .expect("OTEL_TRACES_EXPORTER=otlp");
+            let telemetry = capstan_telemetry::Telemetry::start(&config).unwrap();
+            let traced = telemetry.sink(counted.clone());
+            (telemetry, traced)
+        });
+        let events: Rc<dyn capstan_engine::events::EventSink> = match &telemetry {
+            Some((_, traced)) => traced.clone(),
+            None => counted,
+        };
         let context = Context {
             state,
             backend: Some(backend),
@@ -174,6 +189,13 @@ pub(super) fn engine_apply_at(
             ..RunOptions::default()
         };
         let summary = session.run(&providers, &options).await.unwrap();
+        // With the export on, the run is over once its spans are out (as `capstan` waits).
+        let exported = telemetry.map(|(telemetry, traced)| {
+            traced.end();
+            let report = telemetry.finish();
+            assert_eq!(report.dropped, 0, "spans dropped: {report:?}");
+            report.exported
+        });
         let seconds = start.elapsed().as_secs_f64();
         let run_cpu = thread_cpu_seconds() - cpu_before_run;
         let run_wait = thread_runqueue_wait_seconds() - wait_before_run;
@@ -185,6 +207,7 @@ pub(super) fn engine_apply_at(
         let peak = rss_kib("VmHWM:");
         providers.shutdown().await;
         let split = json!({
+            "spans_exported": exported,
             "providers_cpu": children_cpu_seconds(),
             "load": loaded.as_secs_f64(),
             "plan": (planned - loaded).as_secs_f64(),
@@ -596,4 +619,130 @@ pub(super) fn postgres_bench(json_output: bool, quick: bool) {
         "encrypted_vs_clear_ratio",
         out["encrypted_vs_clear_ratio"].as_f64().unwrap()
     );
+}
+
+/// `apply --otel`: the same applies (10k and 100k no-ops) with the run's trace exported over
+/// OTLP/HTTP to a receiver in this process (it takes every request and answers 200) and with
+/// the export off, interleaved round by round (each side first in turn), medians.
+pub(super) fn otel_bench(json_output: bool, quick: bool) {
+    let (small, large) = if quick {
+        (1_000, 10_000)
+    } else {
+        (10_000, 100_000)
+    };
+    let rounds = if quick { 1 } else { 3 };
+    let jobs = 64;
+    let port = receiver();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut figures: BTreeMap<(usize, &str), Vec<serde_json::Value>> = BTreeMap::new();
+    for round in 0..rounds {
+        for size in [small, large] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let file = dir.path().join("capstan.json");
+            std::fs::write(&file, noop_deployment(size)).unwrap();
+            let sides: [&str; 2] = if round % 2 == 0 {
+                ["off", "on"]
+            } else {
+                ["on", "off"]
+            };
+            for side in sides {
+                let envs: Vec<(&str, &str)> = if side == "on" {
+                    vec![
+                        ("CAPSTAN_BENCH_OTEL", "1"),
+                        ("OTEL_TRACES_EXPORTER", "otlp"),
+                        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                    ]
+                } else {
+                    Vec::new()
+                };
+                let f = run_apply_child_at(&file, size, jobs, None, &envs);
+                figures.entry((size, side)).or_default().push(f);
+            }
+        }
+    }
+    let median_of = |size: usize, side: &str| {
+        median(
+            figures[&(size, side)]
+                .iter()
+                .map(|f| f["apply_seconds"].as_f64().unwrap())
+                .collect(),
+        )
+    };
+    let spans = figures[&(large, "on")][0]["apply_split_seconds"]["spans_exported"].clone();
+    let out = json!({
+        "otel_on_ratio_10k": median_of(small, "off") / median_of(small, "on"),
+        "otel_on_ratio_100k": median_of(large, "off") / median_of(large, "on"),
+        "apply_seconds": {
+            "off": [median_of(small, "off"), median_of(large, "off")],
+            "on": [median_of(small, "on"), median_of(large, "on")],
+        },
+        "spans_exported_100k": spans,
+        "sizes": [small, large],
+        "rounds": rounds,
+        "jobs": jobs,
+    });
+    if json_output {
+        println!("{out}");
+        return;
+    }
+    println!("{:<44} {:>10} {:>10}   goal", "apply, trace exported over OTLP", small, large);
+    for side in ["off", "on"] {
+        println!(
+            "{:<44} {:>10.3} {:>10.3}",
+            format!("apply seconds, export {side}"),
+            median_of(small, side),
+            median_of(large, side)
+        );
+    }
+    println!(
+        "{:<44} {:>10.2} {:>10.2}   ≥ 0.9",
+        "otel_on_ratio",
+        out["otel_on_ratio_10k"].as_f64().unwrap(),
+        out["otel_on_ratio_100k"].as_f64().unwrap()
+    );
+}
+
+/// An OTLP/HTTP receiver that takes every request and answers 200 with an empty
+/// `ExportTraceServiceResponse` (a valid one: every field is optional). Its port.
+fn receiver() -> u16 {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let header = line.trim_end();
+                        if header.is_empty() {
+                            break;
+                        }
+                        if let Some((name, value)) = header.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let reply = "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n";
+                    if stream.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
 }

@@ -138,6 +138,10 @@ enum Bench {
         /// starts (Debian's `postgresql`), each round beside the directory's.
         #[arg(long, value_name = "postgres")]
         state: Option<BenchState>,
+        /// Instead, the same applies with the run's trace exported over OTLP to a local
+        /// receiver, each round beside the same with the export off.
+        #[arg(long, conflicts_with = "state")]
+        otel: bool,
     },
     /// 2,000 no-ops through a long-lived Cap'n Proto provider vs. NixOps4's one process per
     /// operation.
@@ -190,9 +194,13 @@ fn main() -> ExitCode {
     match cli.command {
         Bench::Rpc(report) => rpc(report.json, report.quick),
         Bench::Apply {
+            report, otel: true, ..
+        } => apply::otel_bench(report.json, report.quick),
+        Bench::Apply {
             report,
             million,
             state: None,
+            ..
         } => apply_bench(report.json, report.quick, million),
         Bench::Apply {
             report,

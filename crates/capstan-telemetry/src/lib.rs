@@ -37,7 +37,7 @@ use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
 /// How many finished spans may wait for the exporter; more are dropped (and counted).
 const QUEUE: usize = 8192;
 /// Spans sent in one export.
-const BATCH: usize = 512;
+const BATCH: usize = 2048;
 /// How long the end of a run waits for the last spans to go out.
 const FLUSH: Duration = Duration::from_secs(5);
 
@@ -182,7 +182,7 @@ impl Telemetry {
         Rc::new(TraceEvents {
             inner,
             builder: RefCell::new(Builder::new(capstan_engine::trace::run())),
-            queue: self.queue.clone(),
+            queue: RefCell::new(self.queue.clone()),
             dropped: self.counts.clone(),
             queued: self.queued.clone(),
         })
@@ -272,7 +272,8 @@ fn export_loop(
 pub struct TraceEvents {
     inner: Rc<dyn EventSink>,
     builder: RefCell<Builder>,
-    queue: Option<mpsc::SyncSender<SpanData>>,
+    /// Until the run ends (then closed, so that the exporter's thread can finish).
+    queue: RefCell<Option<mpsc::SyncSender<SpanData>>>,
     dropped: Arc<Counts>,
     queued: Rc<AtomicU64>,
 }
@@ -288,14 +289,17 @@ impl TraceEvents {
         }
     }
 
-    /// Ends the run's span (and any left open) now: the run is over.
+    /// Ends the run's span (and any left open) now: the run is over, and nothing more is
+    /// exported.
     pub fn end(&self) {
         let spans = self.builder.borrow_mut().end(SystemTime::now());
         self.send(spans);
+        self.queue.borrow_mut().take();
     }
 
     fn send(&self, spans: Vec<SpanData>) {
-        let Some(queue) = &self.queue else { return };
+        let queue = self.queue.borrow();
+        let Some(queue) = queue.as_ref() else { return };
         for span in spans {
             if !span.span_context.is_sampled() {
                 continue;
@@ -812,10 +816,20 @@ fn span(
         events: SpanEvents::default(),
         links: SpanLinks::default(),
         status: Status::Unset,
-        instrumentation_scope: InstrumentationScope::builder("capstan")
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build(),
+        instrumentation_scope: scope(),
     }
+}
+
+/// Capstan's instrumentation scope, made once.
+fn scope() -> InstrumentationScope {
+    static SCOPE: std::sync::OnceLock<InstrumentationScope> = std::sync::OnceLock::new();
+    SCOPE
+        .get_or_init(|| {
+            InstrumentationScope::builder("capstan")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build()
+        })
+        .clone()
 }
 
 fn random_id() -> u64 {
