@@ -686,7 +686,10 @@ pub(super) fn otel_bench(json_output: bool, quick: bool) {
         println!("{out}");
         return;
     }
-    println!("{:<44} {:>10} {:>10}   goal", "apply, trace exported over OTLP", small, large);
+    println!(
+        "{:<44} {:>10} {:>10}   goal",
+        "apply, trace exported over OTLP", small, large
+    );
     for side in ["off", "on"] {
         println!(
             "{:<44} {:>10.3} {:>10.3}",

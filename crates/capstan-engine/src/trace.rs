@@ -6,8 +6,9 @@
 //! One run per process (a command runs one), so this is process-wide, like `tracing`'s
 //! dispatcher; before [`start_run`], operations get a trace of their own each, as before.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::OnceLock;
 
 use capstan_schema::TraceContext;
 
@@ -27,16 +28,21 @@ pub struct RunTrace {
 struct Registry {
     run: Option<RunTrace>,
     /// The span of each resource's current operation.
-    operations: BTreeMap<String, u64>,
+    operations: HashMap<String, u64>,
 }
 
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
-    run: None,
-    operations: BTreeMap::new(),
-});
+static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
 
 fn registry() -> std::sync::MutexGuard<'static, Registry> {
-    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+    REGISTRY
+        .get_or_init(|| {
+            Mutex::new(Registry {
+                run: None,
+                operations: HashMap::new(),
+            })
+        })
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
 
 /// Starts the run's trace: a child of `parent` (the caller's `TRACEPARENT`), else a new one.
@@ -79,9 +85,14 @@ pub fn operation(address: &str) -> TraceContext {
         sampled: run.sampled,
         ..TraceContext::random()
     };
-    registry
-        .operations
-        .insert(address.to_string(), context.span_id);
+    match registry.operations.get_mut(address) {
+        Some(span) => *span = context.span_id,
+        None => {
+            registry
+                .operations
+                .insert(address.to_string(), context.span_id);
+        }
+    }
     context
 }
 
