@@ -128,6 +128,22 @@ fn find_deployment(
     Ok(row.map(|r| r.get(0)))
 }
 
+/// One consistent, read-only look: a `REPEATABLE READ` transaction, and the deployment's id if
+/// Capstan's tables and the deployment are there (nothing is written, not even the tables).
+fn look_at<'a>(
+    client: &'a mut Client,
+    location: &Location,
+) -> Result<(postgres::Transaction<'a>, Option<i32>), StateError> {
+    let mut tx = client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .map_err(|e| failed(location, describe(&e)))?;
+    let deployment = find_deployment(&mut tx, location)?;
+    Ok((tx, deployment))
+}
+
 /// What a command that only looks reads.
 pub struct Look {
     pub state: State,
@@ -145,13 +161,8 @@ pub struct Look {
 pub fn read_only(location: &Location, keys: Option<Arc<Keys>>) -> Result<Look, StateError> {
     with_connection(location, move |client, location| {
         let db = |e: postgres::Error| failed(location, describe(&e));
-        let mut tx = client
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .map_err(db)?;
-        let Some(deployment) = find_deployment(&mut tx, location)? else {
+        let (mut tx, deployment) = look_at(client, location)?;
+        let Some(deployment) = deployment else {
             return Ok(Look {
                 state: State::default(),
                 report: LoadReport::default(),
@@ -195,13 +206,8 @@ pub fn state_at(
 ) -> Result<(State, LoadReport), StateError> {
     with_connection(location, move |client, location| {
         let db = |e: postgres::Error| failed(location, describe(&e));
-        let mut tx = client
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .map_err(db)?;
-        let Some(deployment) = find_deployment(&mut tx, location)? else {
+        let (mut tx, deployment) = look_at(client, location)?;
+        let Some(deployment) = deployment else {
             return Err(failed(location, "no state here yet, so no runs"));
         };
         let known = tx
@@ -247,13 +253,8 @@ pub struct RunSummary {
 pub fn history(location: &Location) -> Result<Vec<RunSummary>, StateError> {
     with_connection(location, |client, location| {
         let db = |e: postgres::Error| failed(location, describe(&e));
-        let mut tx = client
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .map_err(db)?;
-        let Some(deployment) = find_deployment(&mut tx, location)? else {
+        let (mut tx, deployment) = look_at(client, location)?;
+        let Some(deployment) = deployment else {
             return Ok(Vec::new());
         };
         let mut runs: Vec<RunSummary> = tx
