@@ -720,21 +720,16 @@ impl Builder {
             }
         }
         if let Some(mut open) = self.operations.remove(address) {
+            // The status says it succeeded, the span's times how long it took: only a failure
+            // adds attributes (every attribute is encoded and sent once per operation).
             open.data.status = status;
-            let outcome = if error_kind.is_some() {
-                "failed"
-            } else {
-                "done"
-            };
-            open.data
-                .attributes
-                .push(KeyValue::new("capstan.outcome", outcome));
             if let Some(kind) = error_kind {
-                open.data.attributes.push(KeyValue::new("error.type", kind));
+                open.data.attributes.extend([
+                    KeyValue::new("capstan.outcome", "failed"),
+                    KeyValue::new("error.type", kind),
+                    KeyValue::new("capstan.elapsed_seconds", elapsed_seconds),
+                ]);
             }
-            open.data
-                .attributes
-                .push(KeyValue::new("capstan.elapsed_seconds", elapsed_seconds));
             open.data.end_time = at;
             done.push(open.data);
         }
