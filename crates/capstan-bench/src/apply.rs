@@ -143,7 +143,7 @@ pub(super) fn engine_apply_at(
                 .unwrap()
                 .expect("OTEL_TRACES_EXPORTER=otlp");
             let telemetry = capstan_telemetry::Telemetry::start(&config).unwrap();
-            let traced = telemetry.sink(counted.clone());
+            let traced = telemetry.sink(counted.clone(), "apply");
             (telemetry, traced)
         });
         let events: Rc<dyn capstan_engine::events::EventSink> = match &telemetry {

@@ -467,9 +467,9 @@ async fn open(
             state::crypt::PASSPHRASE_ENV
         )));
     }
-    // PostgreSQL never holds a secret in clear: without a key, an apply that would record one
-    // stops here, before any operation.
-    if mode != Mode::Plan && keys.is_none() && matches!(store, Store::Postgres(_)) {
+    // PostgreSQL never holds a secret in clear, nor a directory whose secrets are encrypted:
+    // without a key, an apply that would record one stops here, before any operation.
+    if mode != Mode::Plan && backend.as_ref().is_some_and(|b| b.refuses_clear_secrets()) {
         let mut why: Vec<String> = Vec::new();
         if !secret_params.is_empty() {
             why.push("--secrets".into());
@@ -549,7 +549,7 @@ pub async fn plan_cmd(
         state_dir: args.place.state_dir(),
     };
     capstan_engine::trace::start_run(capstan_engine::trace::parent_from_env());
-    let (sink, tracing) = Tracing::start(events(&view, stdout, Mode::Plan))?;
+    let (sink, tracing) = Tracing::start(events(&view, stdout, Mode::Plan), Mode::Plan)?;
     let json = view.json;
     let changed = plan_inner(args, view, sink.clone(), options).await;
     let result = match (changed, plan_args.detailed_exitcode) {
@@ -624,7 +624,7 @@ pub async fn apply_cmd(
 ) -> Result<ExitCode, CliError> {
     let mode = if destroy { Mode::Destroy } else { Mode::Apply };
     capstan_engine::trace::start_run(capstan_engine::trace::parent_from_env());
-    let (sink, tracing) = Tracing::start(events(&view, stdout, mode))?;
+    let (sink, tracing) = Tracing::start(events(&view, stdout, mode), mode)?;
     let result = apply_inner(args, &view, run_args, sink.clone(), mode).await;
     report_on_stream(&sink, view.json, &result);
     tracing.finish(&result);
@@ -642,13 +642,16 @@ struct Tracing(
 
 impl Tracing {
     /// Starts the export and puts its sink in front of `sink`.
-    fn start(sink: Rc<dyn EventSink>) -> Result<(Rc<dyn EventSink>, Tracing), CliError> {
+    fn start(
+        sink: Rc<dyn EventSink>,
+        mode: Mode,
+    ) -> Result<(Rc<dyn EventSink>, Tracing), CliError> {
         let config = capstan_telemetry::Config::from_env().map_err(CliError::Invalid)?;
         let Some(config) = config else {
             return Ok((sink, Tracing(None)));
         };
         let telemetry = capstan_telemetry::Telemetry::start(&config).map_err(CliError::Invalid)?;
-        let traced = telemetry.sink(sink);
+        let traced = telemetry.sink(sink, mode.name());
         Ok((traced.clone(), Tracing(Some((telemetry, traced)))))
     }
 

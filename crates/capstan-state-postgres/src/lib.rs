@@ -170,10 +170,14 @@ pub fn read_only(location: &Location, keys: Option<Arc<Keys>>) -> Result<Look, S
                 changed: None,
             });
         };
-        let (mut state, mut report, _) = fold(&mut tx, deployment, None).map_err(db)?;
+        // Who holds it, before the snapshot and after: one that ended in between had its
+        // operations in flight in what was read.
+        let before = holder(&mut tx, deployment).map_err(db)?;
+        let (mut state, mut report, _) =
+            fold(&mut tx, deployment, None).map_err(|e| failed(location, e))?;
         let crypt = open_keys(&mut tx, location, deployment, keys.as_deref())?;
         open_folded(location, &mut state, &mut report, crypt.as_ref())?;
-        let running = holder(&mut tx, deployment).map_err(db)?;
+        let running = holder(&mut tx, deployment).map_err(db)?.or(before);
         if running.is_none() {
             report.never_sent = never_sent(&mut tx, &state).map_err(db)?;
             for address in &report.never_sent {
@@ -224,7 +228,8 @@ pub fn state_at(
                 ),
             ));
         }
-        let (mut state, mut report, _) = fold(&mut tx, deployment, Some(run)).map_err(db)?;
+        let (mut state, mut report, _) =
+            fold(&mut tx, deployment, Some(run)).map_err(|e| failed(location, e))?;
         let crypt = open_keys(&mut tx, location, deployment, keys.as_deref())?;
         open_folded(location, &mut state, &mut report, crypt.as_ref())?;
         Ok((state, report))
@@ -307,7 +312,31 @@ fn fold(
     client: &mut impl GenericClient,
     deployment: i32,
     upto_run: Option<i64>,
-) -> Result<(State, LoadReport, i64), postgres::Error> {
+) -> Result<(State, LoadReport, i64), String> {
+    fold_rows(client, deployment, upto_run).map_err(|e| match e {
+        Folding::Db(e) => describe(&e),
+        Folding::BadSnapshot(upto) => format!(
+            "the snapshot of the records up to {upto} does not read as a state; nothing was changed (the records it folds are all kept: delete that row of capstan.snapshots to fold them again)"
+        ),
+    })
+}
+
+enum Folding {
+    Db(postgres::Error),
+    BadSnapshot(i64),
+}
+
+impl From<postgres::Error> for Folding {
+    fn from(e: postgres::Error) -> Self {
+        Folding::Db(e)
+    }
+}
+
+fn fold_rows(
+    client: &mut impl GenericClient,
+    deployment: i32,
+    upto_run: Option<i64>,
+) -> Result<(State, LoadReport, i64), Folding> {
     let mut state = State::default();
     let mut after: i64 = 0;
     if upto_run.is_none() {
@@ -317,7 +346,11 @@ fn fold(
             &[&deployment],
         )? {
             after = row.get(0);
-            state = serde_json::from_str(row.get(1)).unwrap_or_default();
+            state = match serde_json::from_str(row.get(1)) {
+                Ok(state) => state,
+                // Never an empty state in its place: everything before it would be forgotten.
+                Err(_) => return Err(Folding::BadSnapshot(after)),
+            };
         }
     }
     let rows = client.query(
@@ -356,7 +389,7 @@ fn stored_keys(
     Ok(client
         .query(
             "SELECT id, sealed, extract(epoch FROM time)::bigint FROM capstan.keys \
-             WHERE deployment = $1 ORDER BY time, id",
+             WHERE deployment = $1 ORDER BY seq",
             &[&deployment],
         )?
         .iter()
@@ -428,11 +461,24 @@ fn never_sent(
         return Ok(Vec::new());
     }
     let runs: Vec<i64> = runs.into_iter().collect();
+    // Trusted: the run's marks survived (its `alive` row is there: no crash recovery since,
+    // which empties that UNLOGGED table and may have lost marks committed without waiting for
+    // the disk), and nothing of it can still send (its marks connection, which holds the run's
+    // lock, is gone).
+    let alive = client
+        .query_one("SELECT to_regclass('capstan.alive') IS NOT NULL", &[])?
+        .get::<_, bool>(0);
+    if !alive {
+        return Ok(Vec::new());
+    }
     let trusted: HashSet<i64> = client
         .query(
-            "SELECT id FROM capstan.runs WHERE id = ANY($1) \
-             AND postmaster_start = pg_postmaster_start_time()",
-            &[&runs],
+            "SELECT r.id FROM capstan.runs r JOIN capstan.alive a ON a.run = r.id \
+             WHERE r.id = ANY($1) AND r.postmaster_start = pg_postmaster_start_time() \
+             AND NOT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' \
+                 AND l.classid = $2::int4::oid AND l.objid = (r.id % 2147483647)::int4::oid \
+                 AND l.objsubid = 2)",
+            &[&runs, &schema::RUN_LOCK_CLASS],
         )?
         .iter()
         .map(|r| r.get(0))
@@ -547,6 +593,8 @@ impl PgBackend {
                 let location = for_thread;
                 let setup = (|| {
                     let mut client = connect(&location)?;
+                    // The lock lives with this session: it must not end on its own.
+                    let _ = client.batch_execute("SET idle_session_timeout = 0");
                     schema::ensure(&mut client).map_err(|e| failed(&location, e))?;
                     let db = |e: postgres::Error| failed(&location, describe(&e));
                     client
@@ -662,7 +710,7 @@ impl PgBackend {
         self.call(move |conn| {
             let db = |e: postgres::Error| describe(&e);
             let mut tx = conn.client.transaction().map_err(db)?;
-            let (mut state, mut report, last) = fold(&mut tx, conn.deployment, None).map_err(db)?;
+            let (mut state, mut report, last) = fold(&mut tx, conn.deployment, None)?;
             open_folded(&location, &mut state, &mut report, conn.crypt.as_deref())
                 .map_err(|e| e.to_string())?;
             if !report.locked.is_empty() {
@@ -738,7 +786,7 @@ impl PgBackend {
             if conn.since_snapshot < SNAPSHOT_AFTER_RECORDS {
                 return Ok(());
             }
-            snapshot_stored(conn).map_err(|e| describe(&e))
+            snapshot_stored(conn)
         })
     }
 
@@ -758,22 +806,25 @@ impl PgBackend {
 }
 
 /// Folds what is stored and writes it as a new snapshot (keeping the last two).
-fn snapshot_stored(conn: &mut Conn) -> Result<(), postgres::Error> {
-    let mut tx = conn.client.transaction()?;
+fn snapshot_stored(conn: &mut Conn) -> Result<(), String> {
+    let db = |e: postgres::Error| describe(&e);
+    let mut tx = conn.client.transaction().map_err(db)?;
     let (state, _, last) = fold(&mut tx, conn.deployment, None)?;
     let text = serde_json::to_string(&state).expect("states serialize");
     tx.execute(
         "INSERT INTO capstan.snapshots (deployment, upto, run, state) VALUES ($1, $2, $3, $4) \
          ON CONFLICT DO NOTHING",
         &[&conn.deployment, &last, &conn.run, &text],
-    )?;
+    )
+    .map_err(db)?;
     tx.execute(
         "DELETE FROM capstan.snapshots WHERE deployment = $1 AND upto < \
          (SELECT min(upto) FROM (SELECT upto FROM capstan.snapshots WHERE deployment = $1 \
           ORDER BY upto DESC LIMIT 2) AS newest)",
         &[&conn.deployment],
-    )?;
-    tx.commit()?;
+    )
+    .map_err(db)?;
+    tx.commit().map_err(db)?;
     conn.since_snapshot = 0;
     Ok(())
 }
@@ -786,7 +837,11 @@ fn serve(mut conn: Conn, queue: mpsc::Receiver<Job>) {
             Some(job) => job,
             None => match queue.recv() {
                 Ok(job) => job,
-                Err(_) => return,
+                Err(_) => {
+                    // The deployment's lock goes now, not when the server notices.
+                    let _ = conn.client.batch_execute("SELECT pg_advisory_unlock_all()");
+                    return;
+                }
             },
         };
         match job {
@@ -882,6 +937,20 @@ fn write_records<'a>(
 
 impl StateBackend for PgBackend {
     fn load(&mut self) -> Result<(State, LoadReport), StateError> {
+        // Before anything of this run is written: its marks connection holds the run's lock,
+        // so no later run trusts its marks while it may still send.
+        let gone = || StateError::WriterGone("the sent marks' connection stopped".into());
+        let (reply, answer) = mpsc::channel();
+        self.marks
+            .as_ref()
+            .ok_or_else(gone)?
+            .jobs
+            .send(MarkJob::Hold(self.run, reply))
+            .map_err(|_| gone())?;
+        answer
+            .recv()
+            .map_err(|_| gone())?
+            .map_err(|message| failed(&self.location, message))?;
         let keys = self.keys.clone();
         let location = self.location.clone();
         let (state, report, can_seal) = self.call(move |conn| {
@@ -902,7 +971,7 @@ impl StateBackend for PgBackend {
                 Some(keys) => Some(Arc::new(Crypt::open(&stored, keys)?)),
                 None => None,
             };
-            let (mut state, mut report, last) = fold(&mut tx, conn.deployment, None).map_err(db)?;
+            let (mut state, mut report, last) = fold(&mut tx, conn.deployment, None)?;
             open_folded(&location, &mut state, &mut report, conn.crypt.as_deref())
                 .map_err(|e| e.to_string())?;
             report.never_sent = never_sent(&mut tx, &state).map_err(db)?;
@@ -916,6 +985,18 @@ impl StateBackend for PgBackend {
                 "DELETE FROM capstan.sent WHERE run IN (SELECT id FROM capstan.runs \
                  WHERE deployment = $1 AND id < $2) AND run <> ALL($3)",
                 &[&conn.deployment, &conn.run, &pending_runs],
+            )
+            .map_err(db)?;
+            tx.execute(
+                "DELETE FROM capstan.alive WHERE run IN (SELECT id FROM capstan.runs \
+                 WHERE deployment = $1 AND id < $2) AND run <> ALL($3)",
+                &[&conn.deployment, &conn.run, &pending_runs],
+            )
+            .map_err(db)?;
+            // This run's marks can be trusted until a crash recovery empties this table.
+            tx.execute(
+                "INSERT INTO capstan.alive (run) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&conn.run],
             )
             .map_err(db)?;
             tx.commit().map_err(db)?;
@@ -1010,7 +1091,7 @@ impl StateBackend for PgBackend {
             conn.client
                 .execute(
                     "INSERT INTO capstan.snapshots (deployment, upto, run, state) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT DO NOTHING",
+                     ON CONFLICT (deployment, upto) DO UPDATE SET state = excluded.state, run = excluded.run",
                     &[&conn.deployment, &last, &conn.run, &text],
                 )
                 .map_err(db)?;
@@ -1028,7 +1109,7 @@ impl StateBackend for PgBackend {
         let (reply, answer) = mpsc::channel();
         marks
             .jobs
-            .send((self.run, addresses.to_vec(), reply))
+            .send(MarkJob::Mark(self.run, addresses.to_vec(), reply))
             .map_err(|_| gone())?;
         answer
             .recv()
@@ -1045,7 +1126,11 @@ struct Marks {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-type MarkJob = (i64, Vec<String>, mpsc::Sender<Result<(), String>>);
+enum MarkJob {
+    /// Take the run's own lock (before its first intent), held while this connection lives.
+    Hold(i64, mpsc::Sender<Result<(), String>>),
+    Mark(i64, Vec<String>, mpsc::Sender<Result<(), String>>),
+}
 
 impl Marks {
     /// Connects (at the same time as the main connection: it waits for nothing); the
@@ -1060,6 +1145,8 @@ impl Marks {
                     client
                         .batch_execute("SET synchronous_commit TO OFF")
                         .map_err(|e| failed(&location, describe(&e)))?;
+                    // This session must not end on its own while the run may send.
+                    let _ = client.batch_execute("SET idle_session_timeout = 0");
                     Ok(client)
                 });
                 let mut client = match connected {
@@ -1068,7 +1155,24 @@ impl Marks {
                 };
                 let mut insert: Option<postgres::Statement> = None;
                 let mut broken: Option<String> = None;
-                while let Ok((run, addresses, reply)) = queue.recv() {
+                while let Ok(job) = queue.recv() {
+                    let (run, addresses, reply) = match job {
+                        MarkJob::Mark(run, addresses, reply) => (run, addresses, reply),
+                        MarkJob::Hold(run, reply) => {
+                            let held = match &mut client {
+                                Ok(client) => client
+                                    .execute(
+                                        "SELECT pg_advisory_lock($1, ($2::bigint % 2147483647)::int4)",
+                                        &[&schema::RUN_LOCK_CLASS, &run],
+                                    )
+                                    .map(drop)
+                                    .map_err(|e| describe(&e)),
+                                Err(e) => Err(format!("no connection for the sent marks: {e}")),
+                            };
+                            let _ = reply.send(held);
+                            continue;
+                        }
+                    };
                     let result = match (&mut client, &broken) {
                         (Err(e), _) => Err(format!("no connection for the sent marks: {e}")),
                         (_, Some(e)) => Err(format!("an earlier sent mark failed: {e}")),
@@ -1089,6 +1193,11 @@ impl Marks {
                         broken.get_or_insert_with(|| e.clone());
                     }
                     let _ = reply.send(result);
+                }
+                // Let go at once (the server would notice the closed connection a moment
+                // later): the next run trusts these marks only once this lock is free.
+                if let Ok(client) = &mut client {
+                    let _ = client.batch_execute("SELECT pg_advisory_unlock_all()");
                 }
             })
             .expect("a thread starts");

@@ -13,6 +13,9 @@ pub const SCHEMA_VERSION: i64 = 2;
 /// The advisory lock class of Capstan's locks (`CAPS`): `(CLASS, deployment id)` is a
 /// deployment's lock, `(CLASS, 0)` is held while the tables are made.
 pub const LOCK_CLASS: i32 = 0x4341_5053;
+/// The class of a run's own lock (`CAPR`), `(RUN_CLASS, run)`: held by the connection that
+/// writes its sent marks for as long as it may send anything.
+pub const RUN_LOCK_CLASS: i32 = 0x4341_5052;
 
 const CREATE: &str = r#"
 CREATE TABLE capstan.meta (
@@ -70,10 +73,16 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     r#"
 CREATE TABLE capstan.keys (
     deployment integer NOT NULL,
+    seq bigint GENERATED ALWAYS AS IDENTITY,
     id text NOT NULL,
     sealed text NOT NULL,
     time timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (deployment, id)
+);
+-- One row per run whose sent marks may be trusted: UNLOGGED, so that any crash recovery of the
+-- server (which may lose marks committed without waiting for the disk) empties it.
+CREATE UNLOGGED TABLE capstan.alive (
+    run bigint PRIMARY KEY
 );
 "#,
 )];

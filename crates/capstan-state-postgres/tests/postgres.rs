@@ -314,7 +314,7 @@ fn tables_of_an_older_capstan_are_read_as_they_are_and_migrated_by_a_writer() {
     // As schema version 1 left them: no table of keys.
     pg.psql(
         "team",
-        "DROP TABLE capstan.keys; UPDATE capstan.meta SET value = '1' WHERE key = 'schema_version'",
+        "DROP TABLE capstan.keys, capstan.alive; UPDATE capstan.meta SET value = '1' WHERE key = 'schema_version'",
     );
     let before = pg
         .dump("team")
@@ -344,4 +344,63 @@ fn tables_of_an_older_capstan_are_read_as_they_are_and_migrated_by_a_writer() {
             .trim(),
         "t"
     );
+}
+
+/// A run whose lock connection was cut while its marks connection lives may still send: a
+/// later run does not settle its intents until that connection is gone too.
+#[test]
+fn a_run_that_lost_its_lock_but_may_still_send_is_not_settled() {
+    let Some(pg) = server() else { return };
+    pg.create_database("team");
+    let web = location(&pg, "team", "web");
+    let mut first = open(&web).unwrap();
+    first.load().unwrap();
+    block(append_durably(&first, vec![intent("a")])).unwrap();
+    // Its main connection (the deployment's lock) is cut; its marks connection is not.
+    pg.psql(
+        "team",
+        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' \
+         AND l.granted AND l.objsubid = 2 AND l.classid = 1128353875",
+    );
+    let mut second = loop {
+        match open(&web) {
+            Ok(backend) => break backend,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let (state, report) = second.load().unwrap();
+    assert!(report.never_sent.is_empty(), "{report:?}");
+    assert!(state.pending.contains_key("a"));
+    drop(second);
+    drop(first);
+    // Gone for good: what it never marked was never sent.
+    let mut third = open(&web).unwrap();
+    let (state, report) = third.load().unwrap();
+    assert_eq!(report.never_sent, vec!["a".to_string()]);
+    assert!(state.pending.is_empty());
+}
+
+/// A crash of one server process makes the server recover (the postmaster itself stays, so its
+/// start time does not change): marks committed without waiting for the disk may be gone, and
+/// nothing of the runs before is trusted.
+#[test]
+fn marks_from_before_a_crash_recovery_are_not_trusted() {
+    let Some(pg) = server() else { return };
+    pg.create_database("team");
+    let web = location(&pg, "team", "web");
+    {
+        let mut backend = open(&web).unwrap();
+        backend.load().unwrap();
+        block(append_durably(
+            &backend,
+            vec![intent("sent"), intent("unsent")],
+        ))
+        .unwrap();
+        backend.mark_sent(&["sent".to_string()]).unwrap();
+    }
+    pg.crash_one_backend();
+    let mut backend = open(&web).unwrap();
+    let (state, report) = backend.load().unwrap();
+    assert!(report.never_sent.is_empty(), "{report:?}");
+    assert_eq!(state.pending.len(), 2);
 }

@@ -406,10 +406,23 @@ pub fn seal_state(crypt: &Crypt, state: &State) -> State {
     sealed
 }
 
+/// The pointers to seal: those inside another of them are sealed with it (sealing the inner
+/// one first would leave it sealed inside the outer one once that is opened).
+fn outermost(pointers: &[String]) -> Vec<&String> {
+    pointers
+        .iter()
+        .filter(|p| {
+            !pointers
+                .iter()
+                .any(|outer| outer != *p && p.starts_with(&format!("{outer}/")))
+        })
+        .collect()
+}
+
 fn seal_resource(crypt: &Crypt, address: &str, state: &mut ResourceState) {
     let mut whole =
         serde_json::json!({"inputs": state.inputs.value(), "outputs": state.outputs.value()});
-    for pointer in &state.sensitive {
+    for pointer in outermost(&state.sensitive) {
         seal_at(crypt, address, &mut whole, pointer);
     }
     state.inputs = Json::from_value(&whole["inputs"]);
@@ -418,7 +431,7 @@ fn seal_resource(crypt: &Crypt, address: &str, state: &mut ResourceState) {
 
 fn seal_inputs(crypt: &Crypt, address: &str, inputs: &mut Json, sensitive: &[String]) {
     let mut whole = serde_json::json!({"inputs": inputs.value()});
-    for pointer in sensitive {
+    for pointer in outermost(sensitive) {
         seal_at(crypt, address, &mut whole, pointer);
     }
     *inputs = Json::from_value(&whole["inputs"]);
@@ -513,6 +526,9 @@ fn open_value(
         match crypt.map(|c| c.decrypt(&text, &aad(address, pointer))) {
             Some(Ok(Some(plain))) => {
                 *value = plain;
+                // What an older capstan sealed inside it (an inner secret sealed first).
+                let mut inner = false;
+                open_value(crypt, address, pointer, value, opening, &mut inner);
                 *changed = true;
             }
             Some(Err(why)) => opening.damaged.push(format!("{address}{pointer}: {why}")),
@@ -623,6 +639,27 @@ mod tests {
         let (_dir2, other, _) = identity_keys();
         let e = Crypt::open(&[stored], &other).unwrap_err();
         assert!(e.contains("does not open"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_inside_a_secret_opens_whole() {
+        let (_dir, keys, _) = identity_keys();
+        let (_, crypt) = Crypt::new_key(&keys, None).unwrap();
+        let mut state = resource("x");
+        state.outputs = Json::from_value(&serde_json::json!({"token": {"value": "inner-secret"}}));
+        state.sensitive = vec!["/outputs/token/value".into(), "/outputs/token".into()];
+        let done = Record::Done {
+            address: "db".into(),
+            state,
+        };
+        let sealed = seal_record(&crypt, &done);
+        assert!(!serde_json::to_string(&sealed)
+            .unwrap()
+            .contains("inner-secret"));
+        let mut opened = sealed;
+        let mut opening = Opening::default();
+        open_record(Some(&crypt), &mut opened, &mut opening);
+        assert_eq!(opened, done);
     }
 
     #[test]

@@ -594,7 +594,15 @@ impl DirectoryBackend {
         self.crypt = Some(Arc::new(crypt));
         self.keys = Some(new);
         self.sealed = true;
-        self.write_snapshot(&state, false)
+        self.write_snapshot(&state, false)?;
+        // The pair compaction kept holds what the old key (or none) sealed: it goes, so that
+        // no secret stays behind in clear or under a key that was meant to be left.
+        let previous = self.dir.join(PREVIOUS_DIR);
+        if std::fs::symlink_metadata(&previous).is_ok() {
+            std::fs::remove_dir_all(&previous).map_err(io(&previous))?;
+            fsync_dir(&self.dir)?;
+        }
+        Ok(())
     }
 
     /// Whether a secret given now would be refused (after `load`): the state's secrets are
@@ -995,6 +1003,14 @@ impl StateBackend for DirectoryBackend {
     }
 
     fn compact(&mut self, state: &State) -> Result<(), StateError> {
+        let has_secrets = state.resources.values().any(|r| !r.sensitive.is_empty())
+            || state.pending.values().any(|p| !p.sensitive.is_empty());
+        if has_secrets && self.refuses_clear_secrets() {
+            return Err(StateError::Keys {
+                place: self.dir.display().to_string(),
+                message: in_clear_refused(),
+            });
+        }
         self.write_snapshot(state, true)
     }
 

@@ -177,11 +177,11 @@ impl Telemetry {
     }
 
     /// The sink that turns `inner`'s events into spans too (put it where the events are
-    /// already redacted).
-    pub fn sink(&self, inner: Rc<dyn EventSink>) -> Rc<TraceEvents> {
+    /// already redacted); `command` names the run (`apply`, …).
+    pub fn sink(&self, inner: Rc<dyn EventSink>, command: &str) -> Rc<TraceEvents> {
         Rc::new(TraceEvents {
             inner,
-            builder: RefCell::new(Builder::new(capstan_engine::trace::run())),
+            builder: RefCell::new(Builder::new(capstan_engine::trace::run(), command)),
             queue: RefCell::new(self.queue.clone()),
             dropped: self.counts.clone(),
             queued: self.queued.clone(),
@@ -343,7 +343,7 @@ struct Builder {
 }
 
 impl Builder {
-    fn new(run: Option<RunTrace>) -> Builder {
+    fn new(run: Option<RunTrace>, command: &str) -> Builder {
         let run = run.unwrap_or_else(|| capstan_engine::trace::start_run(None));
         let trace_id = TraceId::from(run.trace_id);
         let flags = if run.sampled {
@@ -356,17 +356,15 @@ impl Builder {
             flags,
             run.span_id,
             run.parent.unwrap_or(0),
-            "capstan".into(),
+            format!("capstan {command}"),
             SystemTime::now(),
             SpanKind::Internal,
         );
         root.parent_span_is_remote = run.parent.is_some();
-        let command: Vec<String> = std::env::args().skip(1).take(1).collect();
-        if let Some(command) = command.first() {
-            root.name = format!("capstan {command}").into();
-            root.attributes
-                .push(KeyValue::new("capstan.command", command.clone()));
-        }
+        // The subcommand's name only: the command line may hold a password (a state's URL).
+        root.attributes
+            .push(KeyValue::new("capstan.command", command.to_string()));
+
         Builder {
             trace_id,
             flags,

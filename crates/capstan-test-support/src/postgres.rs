@@ -248,6 +248,64 @@ impl Postgres {
         }
     }
 
+    /// Kills one server process (a session's) with SIGKILL: the postmaster resets every
+    /// session and recovers from its WAL, without restarting itself. Waits until it takes
+    /// connections again.
+    pub fn crash_one_backend(&self) {
+        let mut sleeper = self.command("psql");
+        sleeper
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args(["-U", SUPERUSER, "-d", "postgres", "-X", "-q", "-c"])
+            .arg("SELECT pg_sleep(60)")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(password) = &self.password {
+            sleeper.env("PGPASSWORD", password);
+        }
+        let mut sleeper = sleeper.spawn().expect("psql runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let pid = loop {
+            let pid = self.psql(
+                "postgres",
+                "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+            );
+            if let Ok(pid) = pid.trim().parse::<u32>() {
+                break pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sleeping session never showed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        let _ = sleeper.wait();
+        // The reset takes a moment to start: wait until it has been through recovery.
+        std::thread::sleep(Duration::from_millis(300));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = self
+                .command("pg_isready")
+                .arg("-h")
+                .arg(self.socket_dir())
+                .args(["-U", SUPERUSER, "-q"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no recovery after 30 s: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts the server again after [`stop_immediately`](Self::stop_immediately).
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "the server is running");

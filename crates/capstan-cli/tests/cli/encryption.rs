@@ -174,7 +174,12 @@ fn a_state_directory_with_a_key_holds_no_secret_and_needs_the_key_only_where_it_
         &[],
         &["apply", "--secrets", "s.json", "--target", "web"],
     );
-    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", shown(&out));
+    assert!(
+        shown(&out).contains("never holds a secret in clear"),
+        "{}",
+        shown(&out)
+    );
     assert_eq!(
         files_holding(&state, "another-secret-value"),
         Vec::<String>::new()

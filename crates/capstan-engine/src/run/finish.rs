@@ -412,10 +412,11 @@ async fn finish_failed(
                 address: address.clone(),
                 state: (**state).clone(),
             },
+            // The error as every other channel shows it: a provider may have echoed a secret.
             None => Record::Failed {
                 address: address.clone(),
                 operation: op.operation,
-                error: failure.error.clone(),
+                error: secrets.scrub(&failure.error).into_owned(),
             },
         };
         if let Err(e) = append_durably(&*backend, vec![settle]).await {
