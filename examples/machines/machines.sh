@@ -42,8 +42,11 @@ case "${1:-}" in
     while [ "$i" -le "$count" ]; do
       name="web$i"
       dir="$run/machine-$name"
-      mkdir -p "$dir/nix" "$dir/etc"
+      mkdir -p "$dir/nix" "$dir/etc" "$dir/etc-nix"
       chmod 700 "$dir/etc"
+      # Nix's settings of its own: builds as root, not as this computer's build users (two
+      # stores handing out nixbld1 at once kill each other's builds).
+      printf 'sandbox = false\nbuild-users-group =\n' > "$dir/etc-nix/nix.conf"
       ssh-keygen -q -t ed25519 -N '' -f "$dir/etc/host_key"
       cp "$run/client/id.pub" "$dir/etc/authorized_keys"
       port=$(free_port)
@@ -63,6 +66,7 @@ CONFIG
       unshare -m --propagation private sh -c "
         mount --make-rprivate /
         mount --bind '$dir/nix' /nix
+        mount --bind '$dir/etc-nix' /etc/nix
         mount -t tmpfs tmpfs /run
         mount -t tmpfs tmpfs /root
         mkdir -p /run/sshd

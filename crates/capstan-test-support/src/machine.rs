@@ -82,9 +82,17 @@ impl Machine {
     /// Starts machine `name` under `dir`, accepting `key`.
     pub fn start(dir: &Path, name: &str, key: &ClientKey) -> Machine {
         let root = dir.join(name);
-        for sub in ["nix", "etc"] {
+        for sub in ["nix", "etc", "etc-nix"] {
             std::fs::create_dir_all(root.join(sub)).unwrap();
         }
+        // Nix's settings of its own: builds as root, without the build users (nixbld1, …)
+        // that this computer's Nix uses too. Two stores handing out the same build user at
+        // once kill each other's builds (Nix kills every process of a build user it takes).
+        std::fs::write(
+            root.join("etc-nix/nix.conf"),
+            "sandbox = false\nbuild-users-group =\n",
+        )
+        .unwrap();
         let status = Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-f"])
             .arg(root.join("etc/host_key"))
@@ -106,6 +114,7 @@ impl Machine {
             r#"set -u
 mount --make-rprivate /
 mount --bind {root}/nix /nix
+mount --bind {root}/etc-nix /etc/nix
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /root
 mkdir -p /run/sshd
