@@ -494,26 +494,20 @@ pub(super) fn postgres_bench(json_output: bool, quick: bool) {
     let jobs = 64;
     let mut figures: BTreeMap<(usize, &str), Vec<serde_json::Value>> = BTreeMap::new();
     let mut n = 0;
-    for round in 0..rounds {
-        for size in [small, large] {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let file = dir.path().join("capstan.json");
-            std::fs::write(&file, noop_deployment(size)).unwrap();
-            let sides: [&str; 2] = if round % 2 == 0 {
-                ["dir", "postgres"]
-            } else {
-                ["postgres", "dir"]
-            };
-            for side in sides {
-                n += 1;
-                // A deployment of its own each time, so every apply creates everything.
-                let url = format!("{}&deployment=bench-{n}", pg.url("bench"));
-                let state = (side == "postgres").then_some(url.as_str());
-                let f = run_apply_child_at(&file, size, jobs, state, &[]);
-                figures.entry((size, side)).or_default().push(f);
-            }
-        }
-    }
+    interleaved(
+        rounds,
+        &[small, large],
+        ["dir", "postgres"],
+        noop_deployment,
+        &mut figures,
+        |file, size, side| {
+            n += 1;
+            // A deployment of its own each time, so every apply creates everything.
+            let url = format!("{}&deployment=bench-{n}", pg.url("bench"));
+            let state = (side == "postgres").then_some(url.as_str());
+            run_apply_child_at(file, size, jobs, state, &[])
+        },
+    );
     // Encryption's cost: 10k resources each with a secret among its inputs, in a directory,
     // with a key (every secret encrypted) and without (kept in clear), interleaved.
     let key_dir = tempfile::tempdir().expect("temp dir");
@@ -526,24 +520,20 @@ pub(super) fn postgres_bench(json_output: bool, quick: bool) {
         std::fs::set_permissions(&identity, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     let secret = "bench-secret-value-0123456789";
-    for round in 0..rounds {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let file = dir.path().join("capstan.json");
-        std::fs::write(&file, noop_deployment_with(small, Some(secret))).unwrap();
-        let sides: [&str; 2] = if round % 2 == 0 {
-            ["clear", "encrypted"]
-        } else {
-            ["encrypted", "clear"]
-        };
-        for side in sides {
+    interleaved(
+        rounds,
+        &[small],
+        ["clear", "encrypted"],
+        |size| noop_deployment_with(size, Some(secret)),
+        &mut figures,
+        |file, size, side| {
             let mut envs = vec![("CAPSTAN_BENCH_SECRET", secret)];
             if side == "encrypted" {
                 envs.push(("CAPSTAN_STATE_IDENTITY", identity.to_str().unwrap()));
             }
-            let f = run_apply_child_at(&file, small, jobs, None, &envs);
-            figures.entry((small, side)).or_default().push(f);
-        }
-    }
+            run_apply_child_at(file, size, jobs, None, &envs)
+        },
+    );
     let median_of = |size: usize, side: &str, key: &str| {
         median(
             figures[&(size, side)]
@@ -635,32 +625,26 @@ pub(super) fn otel_bench(json_output: bool, quick: bool) {
     let port = receiver();
     let endpoint = format!("http://127.0.0.1:{port}");
     let mut figures: BTreeMap<(usize, &str), Vec<serde_json::Value>> = BTreeMap::new();
-    for round in 0..rounds {
-        for size in [small, large] {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let file = dir.path().join("capstan.json");
-            std::fs::write(&file, noop_deployment(size)).unwrap();
-            let sides: [&str; 2] = if round % 2 == 0 {
-                ["off", "on"]
+    interleaved(
+        rounds,
+        &[small, large],
+        ["off", "on"],
+        noop_deployment,
+        &mut figures,
+        |file, size, side| {
+            let envs: Vec<(&str, &str)> = if side == "on" {
+                vec![
+                    ("CAPSTAN_BENCH_OTEL", "1"),
+                    ("OTEL_TRACES_EXPORTER", "otlp"),
+                    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ]
             } else {
-                ["on", "off"]
+                Vec::new()
             };
-            for side in sides {
-                let envs: Vec<(&str, &str)> = if side == "on" {
-                    vec![
-                        ("CAPSTAN_BENCH_OTEL", "1"),
-                        ("OTEL_TRACES_EXPORTER", "otlp"),
-                        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-                        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-                    ]
-                } else {
-                    Vec::new()
-                };
-                let f = run_apply_child_at(&file, size, jobs, None, &envs);
-                figures.entry((size, side)).or_default().push(f);
-            }
-        }
-    }
+            run_apply_child_at(file, size, jobs, None, &envs)
+        },
+    );
     let median_of = |size: usize, side: &str| {
         median(
             figures[&(size, side)]
@@ -748,4 +732,33 @@ fn receiver() -> u16 {
         }
     });
     port
+}
+
+/// Like-for-like rounds: each round, for each size, one deployment (`deployment(size)`) applied
+/// once per side, each side going first in turn; the figures go to `figures` by (size, side).
+fn interleaved<'a>(
+    rounds: usize,
+    sizes: &[usize],
+    sides: [&'a str; 2],
+    deployment: impl Fn(usize) -> String,
+    figures: &mut BTreeMap<(usize, &'a str), Vec<serde_json::Value>>,
+    mut run: impl FnMut(&Path, usize, &'a str) -> serde_json::Value,
+) {
+    for round in 0..rounds {
+        for &size in sizes {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let file = dir.path().join("capstan.json");
+            std::fs::write(&file, deployment(size)).unwrap();
+            let [first, second] = sides;
+            let order = if round % 2 == 0 {
+                [first, second]
+            } else {
+                [second, first]
+            };
+            for side in order {
+                let figure = run(&file, size, side);
+                figures.entry((size, side)).or_default().push(figure);
+            }
+        }
+    }
 }

@@ -146,14 +146,7 @@ impl Postgres {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let ready = self
-                .command("pg_isready")
-                .arg("-h")
-                .arg(self.socket_dir())
-                .args(["-U", SUPERUSER, "-q"])
-                .status()
-                .is_ok_and(|s| s.success());
-            if ready {
+            if self.ready() {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
@@ -166,6 +159,27 @@ impl Postgres {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// A client program of the server's, connecting to `database` as the superuser.
+    fn client(&self, program: &str, database: &str) -> Command {
+        let mut command = self.command(program);
+        command
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args(["-U", SUPERUSER, "-d", database]);
+        if let Some(password) = &self.password {
+            command.env("PGPASSWORD", password);
+        }
+        command
+    }
+
+    /// Whether the server takes connections (`pg_isready`).
+    fn ready(&self) -> bool {
+        self.client("pg_isready", "postgres")
+            .arg("-q")
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     /// The server's log.
@@ -188,18 +202,12 @@ impl Postgres {
 
     /// Runs SQL with `psql` in `database`; its output (unaligned, tuples only).
     pub fn psql(&self, database: &str, sql: &str) -> String {
-        let mut command = self.command("psql");
-        command
-            .arg("-h")
-            .arg(self.socket_dir())
-            .args(["-U", SUPERUSER, "-d", database, "-X", "-A", "-t", "-v"])
-            .arg("ON_ERROR_STOP=1")
-            .arg("-c")
-            .arg(sql);
-        if let Some(password) = &self.password {
-            command.env("PGPASSWORD", password);
-        }
-        let out = command.output().expect("psql runs");
+        let out = self
+            .client("psql", database)
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c"])
+            .arg(sql)
+            .output()
+            .expect("psql runs");
         assert!(
             out.status.success(),
             "psql failed on {sql}: {}",
@@ -215,15 +223,10 @@ impl Postgres {
 
     /// Everything in `database`, as `pg_dump` writes it.
     pub fn dump(&self, database: &str) -> String {
-        let mut command = self.command("pg_dump");
-        command
-            .arg("-h")
-            .arg(self.socket_dir())
-            .args(["-U", SUPERUSER, "-d", database]);
-        if let Some(password) = &self.password {
-            command.env("PGPASSWORD", password);
-        }
-        let out = command.output().expect("pg_dump runs");
+        let out = self
+            .client("pg_dump", database)
+            .output()
+            .expect("pg_dump runs");
         assert!(
             out.status.success(),
             "pg_dump failed: {}",
@@ -252,18 +255,13 @@ impl Postgres {
     /// session and recovers from its WAL, without restarting itself. Waits until it takes
     /// connections again.
     pub fn crash_one_backend(&self) {
-        let mut sleeper = self.command("psql");
-        sleeper
-            .arg("-h")
-            .arg(self.socket_dir())
-            .args(["-U", SUPERUSER, "-d", "postgres", "-X", "-q", "-c"])
-            .arg("SELECT pg_sleep(60)")
+        let mut sleeper = self
+            .client("psql", "postgres")
+            .args(["-X", "-q", "-c", "SELECT pg_sleep(60)"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Some(password) = &self.password {
-            sleeper.env("PGPASSWORD", password);
-        }
-        let mut sleeper = sleeper.spawn().expect("psql runs");
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("psql runs");
         let deadline = Instant::now() + Duration::from_secs(30);
         let pid = loop {
             let pid = self.psql(
@@ -287,14 +285,7 @@ impl Postgres {
         std::thread::sleep(Duration::from_millis(300));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let ready = self
-                .command("pg_isready")
-                .arg("-h")
-                .arg(self.socket_dir())
-                .args(["-U", SUPERUSER, "-q"])
-                .status()
-                .is_ok_and(|s| s.success());
-            if ready {
+            if self.ready() {
                 return;
             }
             assert!(
