@@ -9,6 +9,18 @@ pub mod https;
 pub mod machine;
 pub mod postgres;
 
+/// Whether this process runs as root (its real uid, from `/proc/self/status`).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next().map(|uid| uid == "0"))
+        })
+        .unwrap_or(false)
+}
+
 /// Whether this is a CI run (`CI=true` or `CI=1`, as CI services and `.ci/run` set it).
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

@@ -55,15 +55,7 @@ pub fn unavailable() -> Option<String> {
             "sshd is not installed: install it with `apt-get install -y openssh-server`".into(),
         );
     }
-    let uid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        })
-        .unwrap_or_default();
-    if uid != "0" {
+    if !crate::is_root() {
         return Some("the machine tests need root (a mount namespace per machine)".into());
     }
     None

@@ -62,7 +62,7 @@ impl Postgres {
             .prefix("capstan-pg-")
             .tempdir()
             .expect("temporary directory");
-        let as_nobody = is_root();
+        let as_nobody = crate::is_root();
         if as_nobody {
             chown_nobody(dir.path());
         }
@@ -314,13 +314,6 @@ impl Drop for Postgres {
             let _ = child.wait();
         }
     }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
 fn chown_nobody(path: &Path) {
