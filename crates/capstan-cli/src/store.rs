@@ -34,7 +34,7 @@ impl Store {
     pub fn parse(text: &str) -> Result<Store, String> {
         if capstan_state_postgres::is_postgres(text) {
             Location::parse(text).map(|l| Store::Postgres(Box::new(l)))
-        } else if text.contains("://") {
+        } else if text.contains("://") || looks_like_a_url(text) {
             Err(format!(
                 "{}: a state is a directory or a postgres:// URL",
                 capstan_state_postgres::without_password(text)
@@ -191,5 +191,20 @@ impl StateBackend for Locked {
 
     fn mark_sent(&self, addresses: &[String]) -> Result<(), state::StateError> {
         self.inner().mark_sent(addresses)
+    }
+}
+
+/// `postgres:/db`, `postgresql:host/db`: a scheme (letters, then `:`) — a URL mistyped, never a
+/// directory to make.
+fn looks_like_a_url(text: &str) -> bool {
+    match text.split_once(':') {
+        Some((scheme, _)) => {
+            !scheme.is_empty()
+                && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        }
+        None => false,
     }
 }

@@ -496,6 +496,10 @@ fn cases() -> Vec<Case> {
             )
         },
         Case {
+            name: "state_url_mistyped",
+            ..bad("", LOCAL, &["apply", "--state", "postgres:/infra?deployment=web"], 2)
+        },
+        Case {
             name: "state_empty",
             ..bad("", LOCAL, &["state", "list", "--state", ""], 2)
         },
