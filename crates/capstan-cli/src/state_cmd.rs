@@ -448,11 +448,15 @@ fn history(runs: &[capstan_state_postgres::RunSummary], json: bool, stdout: &mut
         return;
     }
     for r in runs {
+        // Operations started, by kind; then how they ended (an interrupted run's may not have).
         let mut changes: Vec<String> = r
             .operations
             .iter()
             .map(|(kind, n)| format!("{n} {kind}"))
             .collect();
+        if r.recorded + r.deleted < r.operations.values().sum::<i64>() {
+            changes.push(format!("{} recorded", r.recorded + r.deleted));
+        }
         if r.failed > 0 {
             changes.push(format!("{} failed", r.failed));
         }
