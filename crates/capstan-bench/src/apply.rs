@@ -138,6 +138,7 @@ pub(super) fn engine_apply_at(
         // (`CAPSTAN_BENCH_OTEL`, with OpenTelemetry's variables saying where).
         capstan_engine::trace::start_run(None);
         let counted = Rc::new(CountEvents(Cell::new(0)));
+        let telemetry_started = Instant::now();
         let telemetry = std::env::var_os("CAPSTAN_BENCH_OTEL").map(|_| {
             let config = capstan_telemetry::Config::from_env()
                 .unwrap()
@@ -146,6 +147,7 @@ pub(super) fn engine_apply_at(
             let traced = telemetry.sink(counted.clone(), "apply");
             (telemetry, traced)
         });
+        let telemetry_start = telemetry_started.elapsed();
         let events: Rc<dyn capstan_engine::events::EventSink> = match &telemetry {
             Some((_, traced)) => traced.clone(),
             None => counted,
@@ -190,12 +192,14 @@ pub(super) fn engine_apply_at(
         };
         let summary = session.run(&providers, &options).await.unwrap();
         // With the export on, the run is over once its spans are out (as `capstan` waits).
+        let flush_started = Instant::now();
         let exported = telemetry.map(|(telemetry, traced)| {
             traced.end();
             let report = telemetry.finish();
             assert_eq!(report.dropped, 0, "spans dropped: {report:?}");
             report.exported
         });
+        let telemetry_flush = flush_started.elapsed();
         let seconds = start.elapsed().as_secs_f64();
         let run_cpu = thread_cpu_seconds() - cpu_before_run;
         let run_wait = thread_runqueue_wait_seconds() - wait_before_run;
@@ -208,6 +212,8 @@ pub(super) fn engine_apply_at(
         providers.shutdown().await;
         let split = json!({
             "spans_exported": exported,
+            "telemetry_start": telemetry_start.as_secs_f64(),
+            "telemetry_flush": telemetry_flush.as_secs_f64(),
             "providers_cpu": children_cpu_seconds(),
             "load": loaded.as_secs_f64(),
             "plan": (planned - loaded).as_secs_f64(),
@@ -620,7 +626,7 @@ pub(super) fn otel_bench(json_output: bool, quick: bool) {
     } else {
         (10_000, 100_000)
     };
-    let rounds = if quick { 1 } else { 3 };
+    let rounds = if quick { 1 } else { 5 };
     let jobs = 64;
     let port = receiver();
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -654,6 +660,19 @@ pub(super) fn otel_bench(json_output: bool, quick: bool) {
         )
     };
     let spans = figures[&(large, "on")][0]["apply_split_seconds"]["spans_exported"].clone();
+    // The engine process's CPU during the run, export included: what a span costs whatever
+    // the machine's other load.
+    let cpu_of = |size: usize, side: &str, key: &str| {
+        median(
+            figures[&(size, side)]
+                .iter()
+                .map(|f| f["apply_split_seconds"][key].as_f64().unwrap())
+                .collect(),
+        )
+    };
+    let per_span_us =
+        |key: &str| (cpu_of(large, "on", key) - cpu_of(large, "off", key)) * 1e6 / large as f64;
+    let cpu_per_span_us = per_span_us("run_engine_process_cpu");
     let out = json!({
         "otel_on_ratio_10k": median_of(small, "off") / median_of(small, "on"),
         "otel_on_ratio_100k": median_of(large, "off") / median_of(large, "on"),
@@ -662,6 +681,16 @@ pub(super) fn otel_bench(json_output: bool, quick: bool) {
             "on": [median_of(small, "on"), median_of(large, "on")],
         },
         "spans_exported_100k": spans,
+        "engine_cpu_seconds_100k": {
+            "off": cpu_of(large, "off", "run_engine_process_cpu"),
+            "on": cpu_of(large, "on", "run_engine_process_cpu"),
+        },
+        "export_cpu_us_per_span": cpu_per_span_us,
+        "export_cpu_us_per_span_engine_thread": per_span_us("run_engine_thread_cpu"),
+        "export_start_flush_seconds_10k": [
+            median(figures[&(small, "on")].iter().map(|f| f["apply_split_seconds"]["telemetry_start"].as_f64().unwrap()).collect()),
+            median(figures[&(small, "on")].iter().map(|f| f["apply_split_seconds"]["telemetry_flush"].as_f64().unwrap()).collect()),
+        ],
         "sizes": [small, large],
         "rounds": rounds,
         "jobs": jobs,
@@ -682,6 +711,10 @@ pub(super) fn otel_bench(json_output: bool, quick: bool) {
             median_of(large, side)
         );
     }
+    println!(
+        "{:<44} {:>21.2}",
+        "export CPU per span, µs (100k)", cpu_per_span_us
+    );
     println!(
         "{:<44} {:>10.2} {:>10.2}   ≥ 0.9",
         "otel_on_ratio",

@@ -35,9 +35,13 @@ use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
 
 /// How many finished spans may wait for the exporter; more are dropped (and counted).
-const QUEUE: usize = 8192;
+const QUEUE: usize = 16384;
+/// The exporter thread's niceness: it yields to the run's threads when the machine is busy.
+const NICE: i32 = 10;
 /// Spans sent in one export.
 const BATCH: usize = 2048;
+/// How long a batch waits to fill before it is sent anyway (the run's end sends at once).
+const LINGER: Duration = Duration::from_millis(500);
 /// How long the end of a run waits for the last spans to go out.
 const FLUSH: Duration = Duration::from_secs(5);
 
@@ -99,6 +103,8 @@ pub struct Report {
 }
 
 struct Counts {
+    /// Spans queued and not yet taken by the exporter.
+    pending: AtomicU64,
     exported: AtomicU64,
     dropped: AtomicU64,
     error: std::sync::Mutex<Option<String>>,
@@ -108,6 +114,8 @@ struct Counts {
 pub struct Telemetry {
     queue: Option<mpsc::SyncSender<SpanData>>,
     counts: Arc<Counts>,
+    /// The exporter's thread, woken when a batch is full or the run ends.
+    exporter: std::thread::Thread,
     done: mpsc::Receiver<()>,
     /// Spans handed to the queue.
     queued: Rc<AtomicU64>,
@@ -119,6 +127,7 @@ impl Telemetry {
     pub fn start(config: &Config) -> Result<Telemetry, String> {
         let (queue, spans) = mpsc::sync_channel::<SpanData>(QUEUE);
         let counts = Arc::new(Counts {
+            pending: AtomicU64::new(0),
             exported: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             error: std::sync::Mutex::new(None),
@@ -127,9 +136,12 @@ impl Telemetry {
         let (finished, done) = mpsc::channel();
         let for_thread = counts.clone();
         let protocol = config.protocol;
-        std::thread::Builder::new()
+        let exporter = std::thread::Builder::new()
             .name("capstan-otlp".into())
             .spawn(move || {
+                // Below the run's own threads: the export takes what they leave, and the end
+                // of the run waits for the rest (a failure to lower it changes nothing else).
+                let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICE);
                 // gRPC (tonic) needs a Tokio runtime, built and run here; HTTP's blocking
                 // client must not run inside one (it has its own).
                 let runtime = match protocol {
@@ -164,13 +176,16 @@ impl Telemetry {
                 let _ = exporter.shutdown_with_timeout(Duration::from_secs(1));
                 let _ = finished.send(());
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .thread()
+            .clone();
         started
             .recv()
             .unwrap_or_else(|_| Err("the exporter's thread stopped".into()))?;
         Ok(Telemetry {
             queue: Some(queue),
             counts,
+            exporter,
             done,
             queued: Rc::new(AtomicU64::new(0)),
         })
@@ -183,7 +198,8 @@ impl Telemetry {
             inner,
             builder: RefCell::new(Builder::new(capstan_engine::trace::run(), command)),
             queue: RefCell::new(self.queue.clone()),
-            dropped: self.counts.clone(),
+            counts: self.counts.clone(),
+            exporter: self.exporter.clone(),
             queued: self.queued.clone(),
         })
     }
@@ -191,6 +207,7 @@ impl Telemetry {
     /// Sends what is left and says what happened (waits at most a few seconds).
     pub fn finish(mut self) -> Report {
         self.queue = None;
+        self.exporter.unpark();
         let waited = self.done.recv_timeout(FLUSH).is_ok();
         let exported = self.counts.exported.load(Ordering::Relaxed);
         let mut dropped = self.counts.dropped.load(Ordering::Relaxed);
@@ -241,29 +258,54 @@ fn export_loop(
     spans: mpsc::Receiver<SpanData>,
     counts: &Counts,
 ) {
-    while let Ok(first) = spans.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match spans.try_recv() {
-                Ok(span) => batch.push(span),
-                Err(_) => break,
-            }
+    // The thread sleeps until a batch is full, the run ends (both wake it) or `LINGER` has
+    // passed, then sends what is queued in batches. Waking it per span (a blocking `recv`)
+    // costs the engine's thread a futex call per span and sends a request per handful of
+    // spans; a request costs far more than the spans in it.
+    loop {
+        if counts.pending.load(Ordering::Acquire) < BATCH as u64 {
+            std::thread::park_timeout(LINGER);
         }
-        let n = batch.len() as u64;
-        let exported = match runtime {
-            Some(runtime) => runtime.block_on(exporter.export(batch)),
-            None => futures::executor::block_on(exporter.export(batch)),
-        };
-        match exported {
-            Ok(()) => {
-                counts.exported.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(e) => {
-                counts.dropped.fetch_add(n, Ordering::Relaxed);
-                if let Ok(mut first) = counts.error.lock() {
-                    first.get_or_insert_with(|| e.to_string());
+        let mut closed = false;
+        loop {
+            let waiting = counts.pending.load(Ordering::Acquire) as usize;
+            let mut batch = Vec::with_capacity(waiting.clamp(1, BATCH));
+            while batch.len() < BATCH {
+                match spans.try_recv() {
+                    Ok(span) => batch.push(span),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
                 }
             }
+            if batch.is_empty() {
+                break;
+            }
+            let n = batch.len() as u64;
+            counts.pending.fetch_sub(n, Ordering::AcqRel);
+            let exported = match runtime {
+                Some(runtime) => runtime.block_on(exporter.export(batch)),
+                None => futures::executor::block_on(exporter.export(batch)),
+            };
+            match exported {
+                Ok(()) => {
+                    counts.exported.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    counts.dropped.fetch_add(n, Ordering::Relaxed);
+                    if let Ok(mut first) = counts.error.lock() {
+                        first.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+            if n < BATCH as u64 {
+                break;
+            }
+        }
+        if closed {
+            return;
         }
     }
 }
@@ -274,7 +316,8 @@ pub struct TraceEvents {
     builder: RefCell<Builder>,
     /// Until the run ends (then closed, so that the exporter's thread can finish).
     queue: RefCell<Option<mpsc::SyncSender<SpanData>>>,
-    dropped: Arc<Counts>,
+    counts: Arc<Counts>,
+    exporter: std::thread::Thread,
     queued: Rc<AtomicU64>,
 }
 
@@ -295,6 +338,7 @@ impl TraceEvents {
         let spans = self.builder.borrow_mut().end(SystemTime::now());
         self.send(spans);
         self.queue.borrow_mut().take();
+        self.exporter.unpark();
     }
 
     fn send(&self, spans: Vec<SpanData>) {
@@ -307,9 +351,12 @@ impl TraceEvents {
             match queue.try_send(span) {
                 Ok(()) => {
                     self.queued.fetch_add(1, Ordering::Relaxed);
+                    if self.counts.pending.fetch_add(1, Ordering::AcqRel) + 1 == BATCH as u64 {
+                        self.exporter.unpark();
+                    }
                 }
                 Err(_) => {
-                    self.dropped.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.counts.dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
