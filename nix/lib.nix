@@ -109,6 +109,7 @@ let
   # that the deployment never sees (so its own traces cannot pass for these):
   #   MARK-eval#ADDRESS    the next item being read
   #   MARK-touch#ADDRESS   it used outputs of ADDRESS, which do not exist yet
+  #   MARK-found#ADDRESS   outputs of ADDRESS (given in `known`) were used by something
   #   MARK-cycle#A#B…      the members of nested deployment A depend on themselves
   # `raise` lists items to read without catching, to show the error that deferred them.
   evaluate =
@@ -118,13 +119,15 @@ let
         inherit capstan params;
         resources = view;
       };
-      main = instance false;
+      # With outputs given, the instance read for the deployment traces `MARK-found#ADDRESS`
+      # when an output of ADDRESS is first used: what was used at all.
+      main = instance (if someKnown then "found" else null);
       inherit (main) root view topChecked;
 
-      # The deployment, called with its own view of `resources`. With `tracing`, each known
-      # output traces `MARK-use#ADDRESS` when first used: an instance read for one item
-      # tells everything that item used (see `usesOf`).
-      instance = tracing: rec {
+      # The deployment, called with its own view of `resources`. With a `tag`, each known
+      # output traces `MARK-TAG#ADDRESS` when first used: an instance read for one item
+      # tells everything that item used (see `usesTraces`).
+      instance = tag: rec {
         top = call (import file) (args root);
         topChecked =
           if !isAttrs top then
@@ -169,7 +172,7 @@ let
           type = d.type;
           outputs =
             if known ? ${address} then
-              (if tracing then trace "${mark}-use#${address}" known.${address} else known.${address})
+              (if tag != null then trace "${mark}-${tag}#${address}" known.${address} else known.${address})
             else
               trace "${mark}-touch#${address}"
                 (throw "capstan: the outputs of `${address}` do not exist yet; a provider declaration or the set of resources cannot depend on them (put what depends on them in `capstan.nested`)");
@@ -197,7 +200,7 @@ let
           (filter isString (builtins.split "[.]" address));
       readIn = t: address: declOf address (find t.tree address).resource;
       # A new instance at each call (a function's body is not shared between calls).
-      traced = _: let t = instance true; in t // { tree = declTree t (t.topChecked.resources or { }); };
+      traced = _: let t = instance "use"; in t // { tree = declTree t (t.topChecked.resources or { }); };
       usesTraces = fresh:
         if !someKnown || fresh == [ ] then [ ]
         else if builtins.length fresh <= perItem then

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::output::Stdout;
 
 /// The JSON stream's version; minor versions only add fields and event types.
-pub const JSON_STREAM_VERSION: &str = "1.5";
+pub const JSON_STREAM_VERSION: &str = "1.6";
 
 /// Newline-delimited JSON on stdout: a `version` line, then one line per event, each with
 /// `type`, a monotonic `seq` and a `timestamp`.
@@ -240,6 +240,14 @@ impl HumanEvents {
                     counts.deleted, counts.unchanged, counts.failed, counts.skipped,
                     if counts.interrupted > 0 { format!(", {} interrupted", counts.interrupted) } else { String::new() },
                 );
+                if counts.evaluations > 0 {
+                    let s = if counts.evaluations == 1 { "" } else { "s" };
+                    put!(
+                        "  {} {} evaluation{s} of the deployment",
+                        self.paint(style::DIM, "·"),
+                        counts.evaluations
+                    );
+                }
                 let ran = counts.created
                     + counts.updated
                     + counts.deleted
@@ -293,9 +301,16 @@ impl HumanEvents {
                 stage,
                 error,
                 stops_command,
+                retried,
             } => {
                 let failed = self.paint(style::RED, "✗");
-                if stops_command {
+                if retried {
+                    // Expected when an output changes the deployment's shape: nothing failed.
+                    put!(
+                        "  {} {file}: evaluation (stage {stage}) with the recorded outputs stopped on one that no longer holds; evaluating from no output",
+                        self.paint(style::DIM, "·")
+                    );
+                } else if stops_command {
                     // The command's error, printed once, right after.
                     put!("  {failed} {file}: evaluation (stage {stage}) failed");
                 } else {

@@ -19,6 +19,8 @@ pub struct Summary {
     pub failed: usize,
     pub skipped: usize,
     pub interrupted: usize,
+    /// Evaluations of a deployment in Nix, the plan's and the run's (0 for JSON).
+    pub evaluations: usize,
 }
 
 impl Summary {
@@ -139,6 +141,10 @@ pub enum Event {
         error: String,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         stops_command: bool,
+        /// An evaluation given the recorded outputs, which took the deployment where one of
+        /// them no longer holds: it is evaluated again from no output (nothing failed).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        retried: bool,
     },
     /// A resource or nested deployment left for a later evaluation (after the plan).
     Deferred {

@@ -82,6 +82,8 @@ pub struct Evaluation {
     /// For each resource read for the first time with outputs given: every resource whose
     /// outputs it used (so that it is recorded as depending on them).
     pub uses: BTreeMap<String, BTreeSet<String>>,
+    /// Every resource whose given outputs anything in the deployment used.
+    pub found: BTreeSet<String>,
     /// What Nix printed besides Capstan's own trace lines (warnings, the deployment's traces).
     pub messages: Vec<String>,
     pub elapsed: Duration,
@@ -243,6 +245,7 @@ fn interpret(
         document,
         deferred,
         uses,
+        found: first.found,
         messages: first.messages,
         elapsed: Duration::ZERO,
     }))
@@ -390,6 +393,8 @@ struct Run {
     touched: BTreeMap<String, BTreeSet<String>>,
     /// Per newly read resource, the addresses whose outputs it used.
     uses: BTreeMap<String, BTreeSet<String>>,
+    /// The addresses whose given outputs anything used.
+    found: BTreeSet<String>,
     cycles: Vec<Vec<String>>,
     messages: Vec<String>,
     /// The item the library was reading last (where an error that stopped Nix happened).
@@ -405,6 +410,7 @@ impl Run {
             stdout,
             touched: BTreeMap::new(),
             uses: BTreeMap::new(),
+            found: BTreeSet::new(),
             cycles: Vec::new(),
             messages: Vec::new(),
             reading: None,
@@ -441,6 +447,9 @@ impl Run {
                             .or_default()
                             .insert(address.to_string());
                     }
+                }
+                (Some("found"), Some(address)) => {
+                    run.found.insert(address.to_string());
                 }
                 (Some("touch"), Some(address)) => {
                     if let Some(item) = &current {
@@ -612,6 +621,7 @@ async fn instantiate_once(
         stdout,
         touched,
         uses,
+        found,
         cycles,
         messages,
         reading,
@@ -652,6 +662,7 @@ async fn instantiate_once(
         stdout,
         touched,
         uses,
+        found,
         cycles,
         messages,
         reading,
@@ -675,14 +686,21 @@ pub enum StagedError {
     Model(#[from] crate::model::ModelError),
 }
 
-/// Evaluates and plans until no deferred item waits for an output that exists: each
-/// resource the plan leaves as it is gives its recorded outputs to the next evaluation.
-/// `known` holds the outputs known to exist already; `stage` counts evaluations (for events).
+/// Evaluates and plans a deployment in Nix: once, when nothing changes.
+///
+/// The first evaluation is given every recorded output. A resource the plan leaves as it is
+/// keeps its outputs, so what was computed from them stands; and a recorded resource is taken
+/// to use what it used when it was last applied (its recorded dependencies, less what nothing
+/// used now): its inputs are the recorded ones, computed from the same outputs. The outputs
+/// of what the plan does not leave as it is are taken back, with those of everything that
+/// used them (transitively), and the deployment is evaluated again without them: what used
+/// them is then deferred, to be evaluated during the run once they are made. A recorded
+/// resource that changes is read again, traced, for what it uses now. `stage` counts
+/// evaluations (for events).
 pub async fn evaluate_and_plan(
     file: &Path,
     params: &Map<String, Value>,
     state: &crate::state::State,
-    mut known: BTreeMap<String, capstan_schema::Json>,
     uses: &mut Uses,
     events: &dyn crate::events::EventSink,
     stage: &mut usize,
@@ -690,7 +708,32 @@ pub async fn evaluate_and_plan(
     use crate::events::Event;
     use crate::plan::Action;
     let name = file.display().to_string();
-    let mut settled = BTreeSet::new();
+    let mut known = outputs_of(state, state.resources.keys());
+    // What each recorded resource is taken to use until it is read anew.
+    let mut assumed: Uses = state
+        .resources
+        .iter()
+        .map(|(address, recorded)| {
+            let used = recorded
+                .dependencies
+                .iter()
+                .filter(|d| known.contains_key(d.as_str()))
+                .cloned()
+                .collect();
+            (address.clone(), used)
+        })
+        .collect();
+    // Not traced for what they use: recorded resources (until they change), and what an
+    // evaluation read already.
+    let mut settled: BTreeSet<String> = state.resources.keys().cloned().collect();
+    // Until an evaluation with recorded outputs fails: a value that no longer holds can take
+    // a deployment where it cannot go (a branch naming a resource that is gone). Then the
+    // evaluations start from no output, each given those of what the last one planned
+    // unchanged and something waited for.
+    let mut optimistic = !known.is_empty();
+    // Outputs given and then found not to stand: not given again.
+    let mut taken_back: BTreeSet<String> = BTreeSet::new();
+    let uses_before = uses.clone();
     loop {
         *stage += 1;
         events.emit(Event::EvaluationStart {
@@ -712,6 +755,21 @@ pub async fn evaluate_and_plan(
         });
         let (evaluation, mut deployment) = match parsed {
             Ok(both) => both,
+            Err(e) if optimistic => {
+                events.emit(Event::EvaluationFailed {
+                    file: name.clone(),
+                    stage: *stage,
+                    error: e.to_string(),
+                    stops_command: false,
+                    retried: true,
+                });
+                optimistic = false;
+                known.clear();
+                assumed.clear();
+                settled.clear();
+                *uses = uses_before.clone();
+                continue;
+            }
             Err(e) => {
                 // Every evaluation that starts ends, in the stream too.
                 events.emit(Event::EvaluationFailed {
@@ -719,12 +777,23 @@ pub async fn evaluate_and_plan(
                     stage: *stage,
                     error: e.to_string(),
                     stops_command: true,
+                    retried: false,
                 });
                 return Err(e);
             }
         };
-        note_uses(&mut deployment, uses, &evaluation);
-        settled = deployment.resources.keys().cloned().collect();
+        // What was read anew was traced: what it uses is known, not assumed.
+        for address in deployment.resources.keys() {
+            if !settled.contains(address) {
+                assumed.remove(address);
+            }
+        }
+        for used in assumed.values_mut() {
+            used.retain(|a| evaluation.found.contains(a));
+        }
+        let effective = with_assumed(uses, &assumed, &evaluation);
+        record_uses(&mut deployment, &effective);
+        settled.extend(deployment.resources.keys().cloned());
         events.emit(Event::EvaluationComplete {
             file: name.clone(),
             stage: *stage,
@@ -742,6 +811,55 @@ pub async fn evaluate_and_plan(
         let deferred = evaluation.deferred;
         let kept = kept_for_deferred(state, &deferred);
         changes.retain(|c| c.action != Action::Delete || !kept.contains(c.address.as_str()));
+        // Given outputs that do not stand: of what the plan does not leave as it is, and of
+        // what used those (transitively).
+        let unchanged: BTreeSet<&str> = changes
+            .iter()
+            .filter(|c| c.action == Action::Noop)
+            .map(|c| c.address.as_str())
+            .collect();
+        let mut unstable: BTreeSet<String> = known
+            .keys()
+            .filter(|a| !unchanged.contains(a.as_str()))
+            .cloned()
+            .collect();
+        loop {
+            let more: Vec<String> = known
+                .keys()
+                .filter(|a| !unstable.contains(*a) && uses_any(&effective, a, &unstable))
+                .cloned()
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            unstable.extend(more);
+        }
+        let used_unstable = effective
+            .values()
+            .any(|used| used.iter().any(|u| unstable.contains(u)));
+        // A recorded resource that changes may use other outputs than it did: read it again,
+        // traced (unless nothing used any output at all: then it used none either).
+        let retrace: Vec<String> = if evaluation.found.is_empty() {
+            Vec::new()
+        } else {
+            changes
+                .iter()
+                .filter(|c| c.action != Action::Noop && c.action != Action::Delete)
+                .filter(|c| assumed.contains_key(&c.address))
+                .map(|c| c.address.clone())
+                .collect()
+        };
+        if used_unstable || !retrace.is_empty() {
+            known.retain(|a, _| !unstable.contains(a));
+            taken_back.extend(unstable);
+            for address in retrace {
+                settled.remove(&address);
+                assumed.remove(&address);
+            }
+            continue;
+        }
+        // Outputs that exist and stand, which something deferred waits for (from no output,
+        // after a failed evaluation with all of them).
         let waited: BTreeSet<&str> = deferred
             .iter()
             .flat_map(|d| d.waits_for.iter().map(String::as_str))
@@ -750,23 +868,69 @@ pub async fn evaluate_and_plan(
             .iter()
             .filter(|c| c.action == Action::Noop)
             .map(|c| &c.address)
-            .filter(|a| waited.contains(a.as_str()) && !known.contains_key(*a))
+            .filter(|a| {
+                waited.contains(a.as_str()) && !known.contains_key(*a) && !taken_back.contains(*a)
+            })
             .collect();
-        if newly.is_empty() {
-            if let Some(path) = output_cycle(&deferred) {
-                return Err(EvalError::OutputCycle {
-                    file: file.to_path_buf(),
-                    path,
-                }
-                .into());
-            }
-            return Ok(Staged {
-                deployment,
-                changes,
-                deferred,
-            });
+        if !newly.is_empty() {
+            known.extend(outputs_of(state, newly));
+            continue;
         }
-        known.extend(outputs_of(state, newly));
+        if let Some(path) = output_cycle(&deferred) {
+            return Err(EvalError::OutputCycle {
+                file: file.to_path_buf(),
+                path,
+            }
+            .into());
+        }
+        // What is read now keeps what it was taken to use.
+        for (address, used) in assumed {
+            if !used.is_empty() && deployment.resources.contains_key(&address) {
+                uses.entry(address).or_insert(used);
+            }
+        }
+        return Ok(Staged {
+            deployment,
+            changes,
+            deferred,
+        });
+    }
+}
+
+/// What each item uses: what was traced (this evaluation's folded into `uses`, with what each
+/// deferred item waited for), else what it is assumed to use.
+fn with_assumed(uses: &mut Uses, assumed: &Uses, evaluation: &Evaluation) -> Uses {
+    for (address, used) in &evaluation.uses {
+        uses.entry(address.clone())
+            .or_default()
+            .extend(used.iter().cloned());
+    }
+    for d in &evaluation.deferred {
+        uses.entry(d.address.clone())
+            .or_default()
+            .extend(d.waits_for.iter().cloned());
+    }
+    let mut effective = assumed.clone();
+    for (address, used) in uses.iter() {
+        effective.insert(address.clone(), used.clone());
+    }
+    effective
+}
+
+/// Whether `address` (or a nested deployment or group it is a member of) used outputs of
+/// any of `these` (other than its own).
+fn uses_any(uses: &Uses, address: &str, these: &BTreeSet<String>) -> bool {
+    let mut prefix = address;
+    loop {
+        if let Some(used) = uses.get(prefix) {
+            if used.iter().any(|u| u != address && these.contains(u)) {
+                return true;
+            }
+        }
+        match prefix.rfind('.') {
+            Some(dot) => prefix = &prefix[..dot],
+            None => return false,
+        }
     }
 }
 

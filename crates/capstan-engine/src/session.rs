@@ -294,7 +294,6 @@ impl Session {
             &nix.file,
             &nix.params,
             &self.state,
-            Default::default(),
             &mut nix.uses,
             &*self.events,
             &mut nix.stage,

@@ -115,9 +115,13 @@ fn the_seed_expression_applies_and_unapplies() {
     assert_eq!(summary.len(), 1, "one summary for all waves");
     assert_eq!(summary[0]["created"], 3);
 
-    // Nothing to do now.
+    // Nothing to do now, and one evaluation tells (given the recorded outputs).
     let again = capstan(dir, &["plan", "--params", "on.json", "--detailed-exitcode"]);
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    let again = capstan(dir, &["plan", "--params", "on.json", "--json"]);
+    let again = events(&again.stdout);
+    assert_eq!(of_type(&again, "evaluation_complete").len(), 1, "{again:?}");
+    assert!(of_type(&again, "deferred").is_empty(), "{again:?}");
 
     // `f` false: the plan cannot know yet (it depends on `config`'s new outputs), but it
     // names every member the apply may delete.
@@ -539,6 +543,13 @@ fn what_a_deferred_member_depends_on_is_not_deleted_before_it() {
     let plan = capstan(dir, &["plan", "--json"]);
     assert!(plan.status.success(), "{}", stderr(&plan));
     let plan_events = events(&plan.stdout);
+    // Given the recorded outputs, `c`'s old `true` takes `n` to `resources.d`, which is gone:
+    // that evaluation stops, and the plan evaluates again from no output (nothing failed).
+    let retried = of_type(&plan_events, "evaluation_failed");
+    assert!(
+        retried.len() == 1 && retried[0]["retried"] == true,
+        "{retried:?}"
+    );
     let planned = &of_type(&plan_events, "plan")[0]["changes"];
     assert!(
         !planned
@@ -971,4 +982,94 @@ fn an_edit_during_the_run_is_not_half_applied() {
                 .is_some_and(|r| r.contains("changed during the run"))),
         "{events:?}"
     );
+}
+
+/// A chain of `length` memo resources, each computing on the previous one's output.
+fn computed_chain(length: usize, first: i64) -> String {
+    let mut text = format!(
+        "{{ capstan, resources, ... }}: {{\n  providers.local = capstan.builtin \"local\";\n  resources = {{\n    r0 = {{ provider = \"local\"; type = \"memo\"; inputs.value = {first}; }};\n"
+    );
+    for i in 1..length {
+        text.push_str(&format!(
+            "    r{i} = {{ provider = \"local\"; type = \"memo\"; inputs.value = resources.r{}.outputs.value + 1; }};\n",
+            i - 1
+        ));
+    }
+    text.push_str("  };\n}\n");
+    text
+}
+
+#[test]
+fn a_no_op_plan_is_one_evaluation_and_a_change_defers_only_what_it_reaches() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write(dir, "capstan.nix", &computed_chain(10, 0));
+    let first = capstan(dir, &["apply", "--json"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let first = events(&first.stdout);
+    // From nothing, each level waits for the one before it.
+    assert_eq!(of_type(&first, "summary")[0]["evaluations"], 10);
+
+    // Unchanged: one evaluation, given every recorded output, and nothing deferred.
+    let plan = capstan(dir, &["plan", "--json"]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let plan = events(&plan.stdout);
+    assert_eq!(of_type(&plan, "evaluation_complete").len(), 1, "{plan:?}");
+    assert!(of_type(&plan, "deferred").is_empty());
+    let noop = capstan(dir, &["apply", "--json"]);
+    assert!(noop.status.success(), "{}", stderr(&noop));
+    let noop = events(&noop.stdout);
+    let summary = &of_type(&noop, "summary")[0];
+    assert_eq!(summary["evaluations"], 1, "{summary}");
+    assert_eq!(summary["unchanged"], 10, "{summary}");
+    let human = capstan(dir, &["apply"]);
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&human.stdout),
+        stderr(&human)
+    );
+    assert!(shown.contains("1 evaluation of the deployment"), "{shown}");
+
+    // The middle of the chain changes: what comes before it is planned unchanged from the
+    // first evaluation; what follows is deferred (its recorded outputs no longer stand).
+    let text = computed_chain(10, 0).replace(
+        "inputs.value = resources.r4.outputs.value + 1;",
+        "inputs.value = resources.r4.outputs.value + 100;",
+    );
+    write(dir, "capstan.nix", &text);
+    let plan = capstan(dir, &["plan", "--json"]);
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let plan = events(&plan.stdout);
+    let changes = &of_type(&plan, "plan")[0]["changes"];
+    let action = |address: &str| {
+        changes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["address"] == address)
+            .map(|c| c["action"].as_str().unwrap().to_string())
+    };
+    for unchanged in ["r0", "r1", "r2", "r3", "r4"] {
+        assert_eq!(action(unchanged).as_deref(), Some("noop"), "{changes}");
+    }
+    assert_eq!(action("r5").as_deref(), Some("update"), "{changes}");
+    let mut deferred: Vec<&str> = of_type(&plan, "deferred")
+        .iter()
+        .map(|d| d["address"].as_str().unwrap())
+        .collect();
+    deferred.sort();
+    assert_eq!(deferred, ["r6", "r7", "r8", "r9"]);
+    let apply = capstan(dir, &["apply"]);
+    assert!(apply.status.success(), "{}", stderr(&apply));
+    let out = capstan(dir, &["state", "show", "r9"]);
+    let r9: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 0 + 1 * 4 + 100 + 1 * 4: computed from the real values, never from the old ones.
+    assert_eq!(r9["outputs"]["value"], 108);
+    // And recorded as depending on what it computed from.
+    assert_eq!(r9["dependencies"], serde_json::json!(["r8"]));
+    let again = capstan(dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
 }

@@ -11,6 +11,7 @@ impl<'a> Driver<'a> {
             .enumerate()
             .map(|(i, c)| (c.address.clone(), i))
             .collect();
+        self.summary.evaluations = stages.stage;
         self.staging.stages = Some(stages);
     }
 
@@ -60,6 +61,7 @@ impl<'a> Driver<'a> {
             return;
         };
         stages.stage += 1;
+        self.summary.evaluations = stages.stage;
         // Evaluated as it was when the run started, or not at all: half an edit is never
         // applied.
         if let Some(changed) = crate::nix::Sources::of(&stages.file).changed_since(&stages.sources)
@@ -73,6 +75,7 @@ impl<'a> Driver<'a> {
                     changed.display()
                 ),
                 stops_command: false,
+                retried: false,
             });
             self.summary.failed += 1;
             self.staging.evaluation_failed = true;
@@ -120,6 +123,7 @@ impl<'a> Driver<'a> {
                 stage,
                 error,
                 stops_command: false,
+                retried: false,
             });
             driver.summary.failed += 1;
             driver.staging.evaluation_failed = true;
