@@ -1073,3 +1073,113 @@ fn a_no_op_plan_is_one_evaluation_and_a_change_defers_only_what_it_reaches() {
     let again = capstan(dir, &["plan", "--detailed-exitcode"]);
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
 }
+
+fn recorded(dir: &Path, address: &str) -> Value {
+    let out = capstan(dir, &["state", "show", address]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn memo(name: &str, value: &str) -> String {
+    format!("    {name} = {{ provider = \"local\"; type = \"memo\"; inputs.value = {value}; }};\n")
+}
+
+fn memos(members: &[String]) -> String {
+    format!(
+        "{{ capstan, resources, ... }}: {{\n  providers.local = capstan.builtin \"local\";\n  resources = {{\n{}  }};\n}}\n",
+        members.concat()
+    )
+}
+
+#[test]
+fn recorded_outputs_are_trusted_only_where_nothing_computed_from_a_changing_one() {
+    if !nix_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // `web` starts using `config`'s output, whose recorded value it already holds, while
+    // `config` is deferred (it now uses a new resource's output): `web` must wait for it.
+    write(
+        dir,
+        "capstan.nix",
+        &memos(&[
+            memo("config", "{ port = 8080; }"),
+            memo("web", "\"port=8080\""),
+        ]),
+    );
+    assert!(capstan(dir, &["apply"]).status.success());
+    write(
+        dir,
+        "capstan.nix",
+        &memos(&[
+            memo("base", "9090"),
+            memo("config", "{ port = resources.base.outputs.value; }"),
+            memo(
+                "web",
+                "\"port=${toString resources.config.outputs.value.port}\"",
+            ),
+        ]),
+    );
+    let apply = capstan(dir, &["apply"]);
+    assert!(apply.status.success(), "{}", stderr(&apply));
+    assert_eq!(recorded(dir, "web")["outputs"]["value"], "port=9090");
+    assert_eq!(
+        recorded(dir, "web")["dependencies"],
+        serde_json::json!(["config"])
+    );
+    let again = capstan(dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+
+    // A resource that now computes what it held as a literal, with the same value: planned
+    // unchanged, and recorded as depending on what it computes from.
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write(
+        dir,
+        "capstan.nix",
+        &memos(&[memo("config", "8080"), memo("web", "8080")]),
+    );
+    assert!(capstan(dir, &["apply"]).status.success());
+    write(
+        dir,
+        "capstan.nix",
+        &memos(&[
+            memo("config", "8080"),
+            memo("web", "resources.config.outputs.value"),
+        ]),
+    );
+    let plan = capstan(dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", stderr(&plan));
+    assert!(capstan(dir, &["apply"]).status.success());
+    assert_eq!(
+        recorded(dir, "web")["dependencies"],
+        serde_json::json!(["config"])
+    );
+
+    // More new resources than are traced one by one (64), while a recorded one changes to
+    // use one of them and a new one uses it: no dependency cycle is recorded.
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write(dir, "capstan.nix", &memos(&[memo("u", "1")]));
+    assert!(capstan(dir, &["apply"]).status.success());
+    let mut members: Vec<String> = (0..64)
+        .map(|i| memo(&format!("f{i}"), &i.to_string()))
+        .collect();
+    members.push(memo("u", "resources.f0.outputs.value"));
+    members.push(memo("reader", "resources.u.outputs.value"));
+    write(dir, "capstan.nix", &memos(&members));
+    let apply = capstan(dir, &["apply"]);
+    assert!(apply.status.success(), "{}", stderr(&apply));
+    assert_eq!(recorded(dir, "f0")["dependencies"], serde_json::json!([]));
+    assert_eq!(
+        recorded(dir, "u")["dependencies"],
+        serde_json::json!(["f0"])
+    );
+    assert_eq!(recorded(dir, "reader")["outputs"]["value"], 0);
+    let again = capstan(dir, &["plan", "--detailed-exitcode"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    let destroy = capstan(dir, &["destroy", "--yes"]);
+    assert!(destroy.status.success(), "{}", stderr(&destroy));
+    assert!(state_list(dir).is_empty());
+}

@@ -28,16 +28,198 @@ pub enum StagedError {
 
 /// Evaluates and plans a deployment in Nix: once, when nothing changes.
 ///
-/// The first evaluation is given every recorded output. A resource the plan leaves as it is
-/// keeps its outputs, so what was computed from them stands; and a recorded resource is taken
-/// to use what it used when it was last applied (its recorded dependencies, less what nothing
-/// used now): its inputs are the recorded ones, computed from the same outputs. The outputs
-/// of what the plan does not leave as it is are taken back, with those of everything that
-/// used them (transitively), and the deployment is evaluated again without them: what used
-/// them is then deferred, to be evaluated during the run once they are made. A recorded
-/// resource that changes is read again, traced, for what it uses now. `stage` counts
-/// evaluations (for events).
+/// The first evaluation is given every recorded output ([`with_recorded_outputs`]); when it
+/// shows that nothing used an output of what the plan does not leave as it is, it is the plan.
+/// Else the plan is made as it always was ([`from_no_output`]). `stage` counts evaluations
+/// (for events).
 pub async fn evaluate_and_plan(
+    file: &Path,
+    params: &Map<String, Value>,
+    state: &crate::state::State,
+    uses: &mut Uses,
+    events: &dyn crate::events::EventSink,
+    stage: &mut usize,
+) -> Result<Staged, StagedError> {
+    let before = uses.clone();
+    if let Some(staged) = with_recorded_outputs(file, params, state, uses, events, stage).await? {
+        return Ok(staged);
+    }
+    *uses = before;
+    from_no_output(file, params, state, uses, events, stage).await
+}
+
+/// One evaluation given every recorded output, and its plan if that stands: if nothing used
+/// an output of a resource the plan does not leave as it is (what was computed from recorded
+/// outputs is what the run would compute), and every output used is accounted for.
+///
+/// A recorded resource is not read again in an instance of its own for what it uses: one the
+/// plan leaves as it is is taken to use what its recorded dependencies say, less what nothing
+/// used (its inputs are the recorded ones, computed from the same outputs); one that changes,
+/// every output anything used (a superset: all of them stay as they are, so no cycle). What
+/// is new is traced as in every evaluation. `None` when it does not stand, or when the
+/// evaluation stopped on an output that no longer holds (a branch naming a resource that is
+/// gone): then the plan starts from no output.
+async fn with_recorded_outputs(
+    file: &Path,
+    params: &Map<String, Value>,
+    state: &crate::state::State,
+    uses: &mut Uses,
+    events: &dyn crate::events::EventSink,
+    stage: &mut usize,
+) -> Result<Option<Staged>, StagedError> {
+    use crate::events::Event;
+    use crate::plan::Action;
+    let known = outputs_of(state, state.resources.keys());
+    if known.values().all(|outputs| outputs.text() == "{}") {
+        return Ok(None);
+    }
+    let name = file.display().to_string();
+    let settled: BTreeSet<String> = state.resources.keys().cloned().collect();
+    *stage += 1;
+    events.emit(Event::EvaluationStart {
+        file: name.clone(),
+        stage: *stage,
+    });
+    let evaluated = evaluate(&Request {
+        file,
+        params,
+        known: &known,
+        providers_only: false,
+        settled: &settled,
+    })
+    .await;
+    let parsed = evaluated.map_err(StagedError::from).and_then(|evaluation| {
+        crate::model::Deployment::parse(file, &evaluation.document, params)
+            .map(|deployment| (evaluation, deployment))
+            .map_err(StagedError::from)
+    });
+    let (evaluation, mut deployment) = match parsed {
+        Ok(both) => both,
+        Err(e) => {
+            // Nix could not run: no other evaluation would do better.
+            let fatal = matches!(
+                e,
+                StagedError::Eval(
+                    EvalError::NixMissing { .. }
+                        | EvalError::Spawn { .. }
+                        | EvalError::Answer { .. }
+                )
+            );
+            events.emit(Event::EvaluationFailed {
+                file: name,
+                stage: *stage,
+                error: e.to_string(),
+                stops_command: fatal,
+                retried: !fatal,
+            });
+            return if fatal { Err(e) } else { Ok(None) };
+        }
+    };
+    let found = &evaluation.found;
+    // What each recorded resource read now is taken to use.
+    let mut assumed: Uses = state
+        .resources
+        .iter()
+        .filter(|(address, _)| deployment.resources.contains_key(*address))
+        .map(|(address, recorded)| {
+            let used = recorded
+                .dependencies
+                .iter()
+                .filter(|d| found.contains(*d))
+                .cloned()
+                .collect();
+            (address.clone(), used)
+        })
+        .collect();
+    let effective = with_assumed(uses, &assumed, &evaluation);
+    record_uses(&mut deployment, &effective);
+    events.emit(Event::EvaluationComplete {
+        file: name.clone(),
+        stage: *stage,
+        resources: deployment.resources.len(),
+        deferred: evaluation.deferred.len(),
+        elapsed_seconds: evaluation.elapsed.as_secs_f64(),
+    });
+    for message in evaluation.messages.iter().filter(|m| !m.trim().is_empty()) {
+        events.emit(Event::EvaluationLog {
+            file: name.clone(),
+            line: message.clone(),
+        });
+    }
+    let changes = crate::plan::plan(&deployment, state)?;
+    let unchanged: BTreeSet<&str> = changes
+        .iter()
+        .filter(|c| c.action == Action::Noop)
+        .map(|c| c.address.as_str())
+        .collect();
+    // An output used whose resource is not planned unchanged (it changes, is deferred or is
+    // gone): what used it was computed from a value that may not hold.
+    if found.iter().any(|a| !unchanged.contains(a.as_str())) {
+        return Ok(None);
+    }
+    // An output used that no item is known to use: something now uses what it did not.
+    let accounted: BTreeSet<&String> = effective.values().flatten().collect();
+    if found.iter().any(|a| !accounted.contains(a)) {
+        return Ok(None);
+    }
+    let deferred = evaluation.deferred;
+    if let Some(path) = output_cycle(&deferred) {
+        return Err(EvalError::OutputCycle {
+            file: file.to_path_buf(),
+            path,
+        }
+        .into());
+    }
+    // A recorded resource that changes may use other outputs than it did: all those used.
+    for change in &changes {
+        if change.action != Action::Noop && assumed.contains_key(&change.address) {
+            let all = found.iter().filter(|a| **a != change.address).cloned();
+            assumed.insert(change.address.clone(), all.collect());
+        }
+    }
+    for (address, used) in assumed {
+        if !used.is_empty() {
+            let entry = uses.entry(address).or_default();
+            entry.extend(used);
+        }
+    }
+    record_uses(&mut deployment, uses);
+    let mut changes = crate::plan::plan(&deployment, state)?;
+    let kept = kept_for_deferred(state, &deferred);
+    changes.retain(|c| c.action != Action::Delete || !kept.contains(c.address.as_str()));
+    Ok(Some(Staged {
+        deployment,
+        changes,
+        deferred,
+    }))
+}
+
+/// What each item uses: what was traced (this evaluation's folded into `uses`, with what each
+/// deferred item waited for), and what it is assumed to use.
+fn with_assumed(uses: &mut Uses, assumed: &Uses, evaluation: &Evaluation) -> Uses {
+    for (address, used) in &evaluation.uses {
+        uses.entry(address.clone())
+            .or_default()
+            .extend(used.iter().cloned());
+    }
+    for d in &evaluation.deferred {
+        uses.entry(d.address.clone())
+            .or_default()
+            .extend(d.waits_for.iter().cloned());
+    }
+    let mut effective = assumed.clone();
+    for (address, used) in uses.iter() {
+        effective
+            .entry(address.clone())
+            .or_default()
+            .extend(used.iter().cloned());
+    }
+    effective
+}
+
+/// Evaluates and plans from no output: again with the outputs of each resource the plan
+/// leaves unchanged that a deferred item waits for, until none is left.
+async fn from_no_output(
     file: &Path,
     params: &Map<String, Value>,
     state: &crate::state::State,
@@ -48,32 +230,8 @@ pub async fn evaluate_and_plan(
     use crate::events::Event;
     use crate::plan::Action;
     let name = file.display().to_string();
-    let mut known = outputs_of(state, state.resources.keys());
-    // What each recorded resource is taken to use until it is read anew.
-    let mut assumed: Uses = state
-        .resources
-        .iter()
-        .map(|(address, recorded)| {
-            let used = recorded
-                .dependencies
-                .iter()
-                .filter(|d| known.contains_key(d.as_str()))
-                .cloned()
-                .collect();
-            (address.clone(), used)
-        })
-        .collect();
-    // Not traced for what they use: recorded resources (until they change), and what an
-    // evaluation read already.
-    let mut settled: BTreeSet<String> = state.resources.keys().cloned().collect();
-    // Until an evaluation with recorded outputs fails: a value that no longer holds can take
-    // a deployment where it cannot go (a branch naming a resource that is gone). Then the
-    // evaluations start from no output, each given those of what the last one planned
-    // unchanged and something waited for.
-    let mut optimistic = !known.is_empty();
-    // Outputs given and then found not to stand: not given again.
-    let mut taken_back: BTreeSet<String> = BTreeSet::new();
-    let uses_before = uses.clone();
+    let mut known = BTreeMap::new();
+    let mut settled = BTreeSet::new();
     loop {
         *stage += 1;
         events.emit(Event::EvaluationStart {
@@ -95,21 +253,6 @@ pub async fn evaluate_and_plan(
         });
         let (evaluation, mut deployment) = match parsed {
             Ok(both) => both,
-            Err(e) if optimistic => {
-                events.emit(Event::EvaluationFailed {
-                    file: name.clone(),
-                    stage: *stage,
-                    error: e.to_string(),
-                    stops_command: false,
-                    retried: true,
-                });
-                optimistic = false;
-                known.clear();
-                assumed.clear();
-                settled.clear();
-                *uses = uses_before.clone();
-                continue;
-            }
             Err(e) => {
                 // Every evaluation that starts ends, in the stream too.
                 events.emit(Event::EvaluationFailed {
@@ -122,18 +265,8 @@ pub async fn evaluate_and_plan(
                 return Err(e);
             }
         };
-        // What was read anew was traced: what it uses is known, not assumed.
-        for address in deployment.resources.keys() {
-            if !settled.contains(address) {
-                assumed.remove(address);
-            }
-        }
-        for used in assumed.values_mut() {
-            used.retain(|a| evaluation.found.contains(a));
-        }
-        let effective = with_assumed(uses, &assumed, &evaluation);
-        record_uses(&mut deployment, &effective);
-        settled.extend(deployment.resources.keys().cloned());
+        note_uses(&mut deployment, uses, &evaluation);
+        settled = deployment.resources.keys().cloned().collect();
         events.emit(Event::EvaluationComplete {
             file: name.clone(),
             stage: *stage,
@@ -151,55 +284,6 @@ pub async fn evaluate_and_plan(
         let deferred = evaluation.deferred;
         let kept = kept_for_deferred(state, &deferred);
         changes.retain(|c| c.action != Action::Delete || !kept.contains(c.address.as_str()));
-        // Given outputs that do not stand: of what the plan does not leave as it is, and of
-        // what used those (transitively).
-        let unchanged: BTreeSet<&str> = changes
-            .iter()
-            .filter(|c| c.action == Action::Noop)
-            .map(|c| c.address.as_str())
-            .collect();
-        let mut unstable: BTreeSet<String> = known
-            .keys()
-            .filter(|a| !unchanged.contains(a.as_str()))
-            .cloned()
-            .collect();
-        loop {
-            let more: Vec<String> = known
-                .keys()
-                .filter(|a| !unstable.contains(*a) && uses_any(&effective, a, &unstable))
-                .cloned()
-                .collect();
-            if more.is_empty() {
-                break;
-            }
-            unstable.extend(more);
-        }
-        let used_unstable = effective
-            .values()
-            .any(|used| used.iter().any(|u| unstable.contains(u)));
-        // A recorded resource that changes may use other outputs than it did: read it again,
-        // traced (unless nothing used any output at all: then it used none either).
-        let retrace: Vec<String> = if evaluation.found.is_empty() {
-            Vec::new()
-        } else {
-            changes
-                .iter()
-                .filter(|c| c.action != Action::Noop && c.action != Action::Delete)
-                .filter(|c| assumed.contains_key(&c.address))
-                .map(|c| c.address.clone())
-                .collect()
-        };
-        if used_unstable || !retrace.is_empty() {
-            known.retain(|a, _| !unstable.contains(a));
-            taken_back.extend(unstable);
-            for address in retrace {
-                settled.remove(&address);
-                assumed.remove(&address);
-            }
-            continue;
-        }
-        // Outputs that exist and stand, which something deferred waits for (from no output,
-        // after a failed evaluation with all of them).
         let waited: BTreeSet<&str> = deferred
             .iter()
             .flat_map(|d| d.waits_for.iter().map(String::as_str))
@@ -208,69 +292,23 @@ pub async fn evaluate_and_plan(
             .iter()
             .filter(|c| c.action == Action::Noop)
             .map(|c| &c.address)
-            .filter(|a| {
-                waited.contains(a.as_str()) && !known.contains_key(*a) && !taken_back.contains(*a)
-            })
+            .filter(|a| waited.contains(a.as_str()) && !known.contains_key(*a))
             .collect();
-        if !newly.is_empty() {
-            known.extend(outputs_of(state, newly));
-            continue;
-        }
-        if let Some(path) = output_cycle(&deferred) {
-            return Err(EvalError::OutputCycle {
-                file: file.to_path_buf(),
-                path,
+        if newly.is_empty() {
+            if let Some(path) = output_cycle(&deferred) {
+                return Err(EvalError::OutputCycle {
+                    file: file.to_path_buf(),
+                    path,
+                }
+                .into());
             }
-            .into());
+            return Ok(Staged {
+                deployment,
+                changes,
+                deferred,
+            });
         }
-        // What is read now keeps what it was taken to use.
-        for (address, used) in assumed {
-            if !used.is_empty() && deployment.resources.contains_key(&address) {
-                uses.entry(address).or_insert(used);
-            }
-        }
-        return Ok(Staged {
-            deployment,
-            changes,
-            deferred,
-        });
-    }
-}
-
-/// What each item uses: what was traced (this evaluation's folded into `uses`, with what each
-/// deferred item waited for), else what it is assumed to use.
-fn with_assumed(uses: &mut Uses, assumed: &Uses, evaluation: &Evaluation) -> Uses {
-    for (address, used) in &evaluation.uses {
-        uses.entry(address.clone())
-            .or_default()
-            .extend(used.iter().cloned());
-    }
-    for d in &evaluation.deferred {
-        uses.entry(d.address.clone())
-            .or_default()
-            .extend(d.waits_for.iter().cloned());
-    }
-    let mut effective = assumed.clone();
-    for (address, used) in uses.iter() {
-        effective.insert(address.clone(), used.clone());
-    }
-    effective
-}
-
-/// Whether `address` (or a nested deployment or group it is a member of) used outputs of
-/// any of `these` (other than its own).
-fn uses_any(uses: &Uses, address: &str, these: &BTreeSet<String>) -> bool {
-    let mut prefix = address;
-    loop {
-        if let Some(used) = uses.get(prefix) {
-            if used.iter().any(|u| u != address && these.contains(u)) {
-                return true;
-            }
-        }
-        match prefix.rfind('.') {
-            Some(dot) => prefix = &prefix[..dot],
-            None => return false,
-        }
+        known.extend(outputs_of(state, newly));
     }
 }
 
