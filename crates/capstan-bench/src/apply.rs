@@ -243,47 +243,34 @@ pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize, state: Option
         size,
         jobs,
     );
-    let figures = local(async {
-        let journal_bytes = std::fs::metadata(dir.path().join("state/journal"))
-            .map(|m| m.len())
-            .unwrap_or(0);
-        // Plan the same deployment over the state just written: load both, compare.
-        use capstan_engine::session::{Context, Mode, Session, Source};
-        let start = Instant::now();
-        let source = Source {
-            file: file.clone(),
-            params: serde_json::Map::new(),
-        };
-        let reading = Session::read(source, Mode::Plan).unwrap();
-        let t1 = start.elapsed();
-        // As `capstan plan` reads it: without the lock.
-        let state = state_at.look();
-        let t2 = start.elapsed();
-        let context = Context {
-            state,
-            backend: None,
-            events: Rc::new(CountEvents(Cell::new(0))),
-            secrets: bench_secrets(),
-            interrupt: tokio_util::sync::CancellationToken::new(),
-        };
-        let changes = Session::open(reading, context).await.unwrap().changes;
-        let plan_seconds = start.elapsed().as_secs_f64();
-        let split = (
-            t1.as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
-            plan_seconds - t2.as_secs_f64(),
-        );
-        assert!(changes
-            .iter()
-            .all(|c| c.action == capstan_engine::plan::Action::Noop));
-        (
-            apply_seconds,
-            plan_seconds,
-            journal_bytes,
-            peak_after_apply,
-            split,
-        )
-    });
+    let journal_bytes = std::fs::metadata(dir.path().join("state/journal"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let (plan_seconds, split) = plan_unchanged(&file, &state_at);
+    // The same plan in a process of its own, as `capstan plan` runs: its peak memory is the
+    // plan's alone (the one above runs where the apply's heap still is).
+    let fresh = match &state_at {
+        StateAt::Dir(state) => {
+            let output = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "plan-child",
+                    file.to_str().unwrap(),
+                    state.to_str().unwrap(),
+                ])
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("run plan child");
+            serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null)
+        }
+        StateAt::Postgres(_) => serde_json::Value::Null,
+    };
+    let figures = (
+        apply_seconds,
+        plan_seconds,
+        journal_bytes,
+        peak_after_apply,
+        split,
+    );
     let (apply_seconds, plan_seconds, journal_bytes, peak, split) = figures;
     println!(
         "{}",
@@ -294,9 +281,62 @@ pub(super) fn apply_child(file: PathBuf, size: usize, jobs: usize, state: Option
             "resources_per_s": size as f64 / apply_seconds,
             "plan_unchanged_seconds": plan_seconds,
             "plan_split_seconds": {"load_deployment": split.0, "load_state": split.1, "plan": split.2},
+            "plan_process": fresh,
             "state_bytes_per_resource": journal_bytes as f64 / size as f64,
             "peak_rss_mib": peak as f64 / 1024.0,
             "host_bytes_per_resource": (peak.saturating_sub(rss_before)) as f64 * 1024.0 / size as f64,
+        })
+    );
+}
+
+/// Plans the deployment in `file` over the state at `state_at`, as `capstan plan` does (the
+/// state read without the lock), checking that nothing changes. Seconds in all, and split:
+/// reading the deployment, loading the state, planning.
+fn plan_unchanged(file: &Path, state_at: &StateAt) -> (f64, (f64, f64, f64)) {
+    use capstan_engine::session::{Context, Mode, Session, Source};
+    local(async {
+        let start = Instant::now();
+        let source = Source {
+            file: file.to_path_buf(),
+            params: serde_json::Map::new(),
+        };
+        let reading = Session::read(source, Mode::Plan).unwrap();
+        let t1 = start.elapsed();
+        let state = state_at.look();
+        let t2 = start.elapsed();
+        let context = Context {
+            state,
+            backend: None,
+            events: Rc::new(CountEvents(Cell::new(0))),
+            secrets: bench_secrets(),
+            interrupt: tokio_util::sync::CancellationToken::new(),
+        };
+        let changes = Session::open(reading, context).await.unwrap().changes;
+        let seconds = start.elapsed().as_secs_f64();
+        assert!(changes
+            .iter()
+            .all(|c| c.action == capstan_engine::plan::Action::Noop));
+        (
+            seconds,
+            (
+                t1.as_secs_f64(),
+                (t2 - t1).as_secs_f64(),
+                seconds - t2.as_secs_f64(),
+            ),
+        )
+    })
+}
+
+/// `plan-child FILE STATE_DIR`: [`plan_unchanged`] in a process of its own; prints its
+/// seconds and peak memory as one JSON line.
+pub(super) fn plan_child(file: PathBuf, state_dir: PathBuf) {
+    let (seconds, split) = plan_unchanged(&file, &StateAt::Dir(state_dir));
+    println!(
+        "{}",
+        json!({
+            "seconds": seconds,
+            "split_seconds": {"load_deployment": split.0, "load_state": split.1, "plan": split.2},
+            "peak_rss_mib": rss_kib("VmHWM:") as f64 / 1024.0,
         })
     );
 }
@@ -386,6 +426,17 @@ pub(super) fn apply_bench(json_output: bool, quick: bool, million: bool) {
             "resources_per_s": c["resources_per_s"],
         })
     });
+    // The key: how plan and apply grow from the large size to ten times it, in time
+    // and memory (the plan's in a process of its own).
+    let scaling = huge.as_ref().map(|c| {
+        let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+        json!({
+            "apply_time": f(&c["apply_seconds"]) / f(&b["apply_seconds"]),
+            "apply_memory": f(&c["peak_rss_mib"]) / f(&b["peak_rss_mib"]),
+            "plan_time": f(&c["plan_process"]["seconds"]) / f(&b["plan_process"]["seconds"]),
+            "plan_memory": f(&c["plan_process"]["peak_rss_mib"]) / f(&b["plan_process"]["peak_rss_mib"]),
+        })
+    });
     let figures = json!({
         "apply_resources_per_s_100k": b["resources_per_s"],
         "plan_100k_s": b["plan_unchanged_seconds"],
@@ -402,6 +453,7 @@ pub(super) fn apply_bench(json_output: bool, quick: bool, million: bool) {
         "size_ratio": large as f64 / small as f64,
         "rounds": rounds,
         "growth_to_10x_large": growth,
+        "scaling_100k_1m": scaling,
         "huge": huge,
     });
     if json_output {
@@ -474,6 +526,21 @@ fn print_apply_table(figures: &serde_json::Value, small: usize, large: usize) {
                 g["time_ratio"].as_f64().unwrap_or(0.0),
                 g["peak_rss_ratio"].as_f64().unwrap_or(0.0),
                 g["host_bytes_per_resource"].as_f64().unwrap_or(0.0)
+            )
+        );
+    }
+    let scaling = &figures["scaling_100k_1m"];
+    if scaling.is_object() {
+        let f = |k: &str| scaling[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<40} {:>33}   ≤ 11 each",
+            "scaling_100k_1m: apply, plan (time, mem)",
+            format!(
+                "×{:.2} ×{:.2}, ×{:.2} ×{:.2}",
+                f("apply_time"),
+                f("apply_memory"),
+                f("plan_time"),
+                f("plan_memory")
             )
         );
     }

@@ -171,6 +171,9 @@ enum Bench {
         /// A postgres:// URL for the state (else a temporary directory).
         state: Option<String>,
     },
+    /// Plans a deployment over a state directory, in a process of its own.
+    #[command(name = "plan-child", hide = true)]
+    PlanChild { file: PathBuf, state_dir: PathBuf },
     /// The echo side of the raw socket baseline.
     #[command(name = "raw-echo", hide = true)]
     RawEcho { path: String },
@@ -218,6 +221,7 @@ fn main() -> ExitCode {
             jobs,
             state,
         } => apply_child(file, size, jobs, state),
+        Bench::PlanChild { file, state_dir } => apply::plan_child(file, state_dir),
         Bench::RawEcho { path } => raw_echo_child(&path),
         Bench::BareCaller { path, calls, mode } => bare_caller(&path, calls, &mode),
         Bench::RawStreamSender { path, batches } => raw_stream_sender(&path, &batches),
