@@ -8,9 +8,11 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capstan_engine::run::{ProviderLauncher, Served};
-use capstan_host::ProviderCommand;
+use capstan_engine::run::{InProcess, ProviderLauncher, Served};
+use capstan_host::{LaunchError, ProviderCommand, ProviderConnection};
 use clap::Subcommand;
+use futures::future::LocalBoxFuture;
+use futures::FutureExt;
 
 /// Writes a line to stderr, ignoring a stderr that is gone (the host may have exited).
 macro_rules! say_stderr {
@@ -47,6 +49,29 @@ impl ProviderLauncher for SelfLauncher {
         Some(&BUILTINS)
     }
 
+    fn in_process(
+        &self,
+        provider: InProcess<'_>,
+    ) -> Option<LocalBoxFuture<'static, Result<ProviderConnection, LaunchError>>> {
+        let Served::Terraform { program } = provider.served else {
+            return None;
+        };
+        if std::env::var(TERRAFORM_BRIDGE_ENV).is_ok_and(|v| v == "process") {
+            return None;
+        }
+        Some(
+            terraform_here(
+                provider.name.to_string(),
+                program.to_path_buf(),
+                provider.settings,
+                provider.dir.to_path_buf(),
+                provider.options,
+                provider.logs,
+            )
+            .boxed_local(),
+        )
+    }
+
     fn command(&self, served: Served<'_>) -> ProviderCommand {
         let mut args: Vec<OsString> = vec![SUBCOMMAND.into()];
         match served {
@@ -76,6 +101,76 @@ impl ProviderLauncher for SelfLauncher {
         }
         ProviderCommand::new(self.program.clone(), args)
     }
+}
+
+/// `CAPSTAN_TERRAFORM_BRIDGE=process` serves the Terraform bridge as a process of its own
+/// (`capstan __provider terraform`), as before it moved into capstan's process.
+pub const TERRAFORM_BRIDGE_ENV: &str = "CAPSTAN_TERRAFORM_BRIDGE";
+
+/// The Terraform bridge served in this process, on an in-memory connection: the Terraform
+/// provider is started (in the deployment's directory) and its schema read, then the bridge
+/// answers the core's handshake. Its own lines go where a provider process's stderr would;
+/// if the Terraform provider is lost, the connection closes, so that what was in flight stays
+/// pending (a bridge process exits instead).
+async fn terraform_here(
+    name: String,
+    program: PathBuf,
+    settings: Option<serde_json::Value>,
+    dir: PathBuf,
+    options: capstan_host::HostOptions,
+    logs: tokio::sync::mpsc::Sender<capstan_host::ProviderLog>,
+) -> Result<ProviderConnection, LaunchError> {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use std::sync::Arc;
+    use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+    let own = {
+        let (logs, name) = (logs.clone(), name.clone());
+        Arc::new(move |level: Option<&str>, line: String| {
+            // As a bridge process shows them by default: from `info` up.
+            if matches!(level, Some("trace" | "debug")) {
+                return;
+            }
+            // Dropped only when the core stopped reading (it is ending).
+            let _ = logs.try_send(capstan_host::ProviderLog {
+                provider: name.clone(),
+                stream: capstan_schema::LogStream::Stderr,
+                line,
+            });
+        })
+    };
+    let serving: Rc<RefCell<Option<tokio::task::AbortHandle>>> = Rc::default();
+    let lost = {
+        let (own, serving) = (own.clone(), serving.clone());
+        Rc::new(move |why: String| {
+            own(Some("error"), why);
+            if let Some(serving) = serving.borrow_mut().take() {
+                serving.abort();
+            }
+        })
+    };
+    let host = capstan_terraform::bridge::Host {
+        own,
+        lost,
+        dir: Some(dir),
+    };
+    let config = settings.unwrap_or_else(|| serde_json::json!({}));
+    let bridge = capstan_terraform::bridge::provider_in(program, config, host)
+        .await
+        .map_err(|e| LaunchError::InProcess {
+            provider: name.clone(),
+            message: e.to_string(),
+        })?;
+    let (core_end, bridge_end) = tokio::io::duplex(1 << 16);
+    let (reader, writer) = tokio::io::split(bridge_end);
+    let task = tokio::task::spawn_local(async move {
+        let _ = bridge
+            .serve_stream(reader.compat(), writer.compat_write())
+            .await;
+    });
+    *serving.borrow_mut() = Some(task.abort_handle());
+    let (reader, writer) = tokio::io::split(core_end);
+    ProviderConnection::from_stream(&name, reader.compat(), writer.compat_write(), options).await
 }
 
 fn json_arg(value: &impl serde::Serialize) -> OsString {

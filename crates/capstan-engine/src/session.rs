@@ -605,6 +605,18 @@ impl ProviderLauncher for StateDirLauncher<'_> {
     fn builtins(&self) -> Option<&[&str]> {
         self.inner.builtins()
     }
+
+    fn in_process(
+        &self,
+        provider: run::InProcess<'_>,
+    ) -> Option<
+        futures::future::LocalBoxFuture<
+            'static,
+            Result<capstan_host::ProviderConnection, capstan_host::LaunchError>,
+        >,
+    > {
+        self.inner.in_process(provider)
+    }
 }
 
 /// Every `{"builtin": NAME}` of `deployment` names a provider the launcher has.

@@ -118,6 +118,10 @@ pub enum LaunchError {
         status: ExitDescription,
         tail: OutputTail,
     },
+    /// A provider served in the core's own process could not be set up (the Terraform
+    /// bridge: the Terraform provider did not start, or its schema could not be read).
+    #[error("provider `{provider}`: {message}")]
+    InProcess { provider: String, message: String },
     #[error("provider `{provider}` did not answer the handshake within {after:?}; is it a Capstan provider?{tail}")]
     HandshakeTimeout {
         provider: String,

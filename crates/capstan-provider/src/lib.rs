@@ -62,7 +62,7 @@ use std::time::Duration;
 
 use capstan_schema::provider_capnp::provider;
 pub use capstan_schema::{
-    ErrorKind, LogStream, OperationError, OperationKind, ProviderInfo, TraceContext,
+    ErrorKind, Level, LogStream, OperationError, OperationKind, ProviderInfo, TraceContext,
 };
 use futures::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -302,15 +302,21 @@ impl Provider {
         }
     }
 
-    /// Serves one connection on an existing byte stream until it closes. For tests and for
-    /// embedding a provider in another program; must run inside a `tokio::task::LocalSet`.
-    pub async fn serve_stream<R, W>(self, reader: R, writer: W) -> Result<(), capnp::Error>
+    /// Serves one connection on an existing byte stream until it closes, then runs what
+    /// [`at_exit`](Self::at_exit) gave. For tests and for embedding a provider in another
+    /// program; must run inside a `tokio::task::LocalSet`.
+    pub async fn serve_stream<R, W>(mut self, reader: R, writer: W) -> Result<(), capnp::Error>
     where
         R: AsyncRead + Unpin + 'static,
         W: AsyncWrite + Unpin + 'static,
     {
+        let at_exit = self.at_exit.take();
         let (client, max_words) = self.into_server(CancellationToken::new());
-        serve::rpc_system(reader, writer, client, max_words).await
+        let result = serve::rpc_system(reader, writer, client, max_words).await;
+        if let Some(at_exit) = at_exit {
+            at_exit().await;
+        }
+        result
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use capstan_schema::provider_capnp::{permit, resource_handle, scheduler};
 use capstan_schema::OperationError;
-use capstan_schema::{LogStream, OperationKind, ProgressEvent, ProgressKind, TraceContext};
+use capstan_schema::{Level, LogStream, OperationKind, ProgressEvent, ProgressKind, TraceContext};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::bridge;
@@ -181,6 +181,21 @@ impl Operation {
         let line = line.into();
         self.report(|span| ProgressKind::Log { span, stream, line })
             .await
+    }
+
+    /// Reports an event of the operation at `level`, under the current span: what
+    /// `tracing::info!` and its kin inside an operation report, without going through a
+    /// `tracing` subscriber (a provider served inside another program has none of its own).
+    pub async fn event(&self, level: Level, message: impl Into<String>) {
+        let message = message.into();
+        self.report(|span| ProgressKind::Event {
+            span,
+            level,
+            message,
+            target: String::new(),
+            fields: Vec::new(),
+        })
+        .await
     }
 
     /// Reports how far along the current span is: `done` of `expected` (0 if not known yet)

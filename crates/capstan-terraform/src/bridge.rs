@@ -23,7 +23,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use capstan_provider::{
-    LogStream, Operation, OperationError, Planned, Prior, Provider, Resource, ResourceType,
+    Level, LogStream, Operation, OperationError, Planned, Prior, Provider, Resource, ResourceType,
 };
 use serde_json::Value;
 
@@ -55,6 +55,46 @@ struct Shared {
     configured: tokio::sync::OnceCell<()>,
     in_flight: InFlight,
     next_op: Cell<u64>,
+    host: Host,
+}
+
+/// Where the bridge's own lines go: each with its level (`None`: as it is).
+pub type OwnLines = Arc<dyn Fn(Option<&str>, String) + Send + Sync>;
+
+/// What the bridge runs in: where its own lines go (those of no operation: the Terraform
+/// provider's, the bridge's warnings), and what ends it when the Terraform provider is lost.
+#[derive(Clone)]
+pub struct Host {
+    /// A line of the bridge's or of the provider's own, with its level (`None`: as it is).
+    pub own: OwnLines,
+    /// The provider was lost while in use (it exited, or stopped answering), for the reason
+    /// given: the bridge must serve nothing more, so that the core keeps what was in flight
+    /// pending.
+    pub lost: Rc<dyn Fn(String)>,
+    /// Where the Terraform provider runs (the deployment's directory); `None`: here.
+    pub dir: Option<PathBuf>,
+}
+
+impl Host {
+    /// A bridge that is a process of its own (`capstan __provider terraform`): its lines go to
+    /// its stderr, which the core shows as the provider's, and losing the provider ends it.
+    pub fn process() -> Host {
+        Host {
+            own: Arc::new(|level, message| match level {
+                None => eprintln!("{message}"),
+                Some("trace") => tracing::trace!(target: "terraform", "{message}"),
+                Some("debug") => tracing::debug!(target: "terraform", "{message}"),
+                Some("info") => tracing::info!(target: "terraform", "{message}"),
+                Some("warn") => tracing::warn!(target: "terraform", "{message}"),
+                Some(_) => tracing::error!(target: "terraform", "{message}"),
+            }),
+            lost: Rc::new(|why| {
+                eprintln!("{why}");
+                std::process::exit(70);
+            }),
+            dir: None,
+        }
+    }
 }
 
 impl Shared {
@@ -68,7 +108,10 @@ impl Shared {
                     .configure(&self.schema, &config, &mut warnings)
                     .await?;
                 for w in warnings {
-                    eprintln!("{}: warning: {}", self.program.display(), self.scrub(&w));
+                    (self.host.own)(
+                        Some("warn"),
+                        format!("{}: warning: {}", self.program.display(), self.scrub(&w)),
+                    );
                 }
                 Ok::<_, TerraformError>(())
             })
@@ -85,12 +128,11 @@ impl Shared {
             let shared = self.clone();
             tokio::task::spawn_local(async move {
                 let status = shared.plugin.unexpected_exit().await;
-                eprintln!(
+                (shared.host.lost)(format!(
                     "the Terraform provider {} exited ({status}) while Capstan was using it; \
                      what it was doing stays pending",
                     shared.program.display()
-                );
-                std::process::exit(70);
+                ));
             });
         }
         Ok(plugin)
@@ -110,7 +152,7 @@ impl Shared {
         let result = self
             .traced_call(op, plugin, type_name, call(&mut warnings))
             .await;
-        self.warn(warnings);
+        self.warn(op, warnings).await;
         result
     }
 
@@ -154,13 +196,12 @@ impl Shared {
                     plugin.unexpected_exit(),
                 )
                 .await;
-                eprintln!(
+                (self.host.lost)(format!(
                     "lost the Terraform provider {} during `{}` of {} ({why}); what was in flight stays pending",
                     self.program.display(),
                     type_name,
                     op.address()
-                );
-                std::process::exit(70);
+                ));
             }
         }
         result
@@ -211,7 +252,7 @@ fn scrubbed(mut line: LogLine, hidden: &Mutex<Vec<String>>) -> LogLine {
 }
 
 /// Sends a log line to the operation it is about, or to the bridge's stderr.
-fn route(in_flight: &InFlight, line: LogLine) {
+fn route(in_flight: &InFlight, line: LogLine, own: &(dyn Fn(Option<&str>, String) + Send + Sync)) {
     let Ok(in_flight) = in_flight.lock() else {
         return;
     };
@@ -232,15 +273,7 @@ fn route(in_flight: &InFlight, line: LogLine) {
         None => line,
     };
     // The provider's own: at its level (debug lines show only as RUST_LOG asks), or as is.
-    let message = line.message;
-    match line.level {
-        None => eprintln!("{message}"),
-        Some("trace") => tracing::trace!(target: "terraform", "{message}"),
-        Some("debug") => tracing::debug!(target: "terraform", "{message}"),
-        Some("info") => tracing::info!(target: "terraform", "{message}"),
-        Some("warn") => tracing::warn!(target: "terraform", "{message}"),
-        Some(_) => tracing::error!(target: "terraform", "{message}"),
-    }
+    own(line.level, line.message);
 }
 
 /// Reports a log line as `op`'s.
@@ -252,11 +285,11 @@ async fn emit(op: &Operation, line: LogLine) {
     match (line.channel, line.level) {
         (Channel::StdioOut, _) => op.log(LogStream::Stdout, message).await,
         (_, None) => op.log(LogStream::Stderr, message).await,
-        (_, Some("trace")) => tracing::trace!(target: "terraform", "{message}"),
-        (_, Some("debug")) => tracing::debug!(target: "terraform", "{message}"),
-        (_, Some("info")) => tracing::info!(target: "terraform", "{message}"),
-        (_, Some("warn")) => tracing::warn!(target: "terraform", "{message}"),
-        (_, Some(_)) => tracing::error!(target: "terraform", "{message}"),
+        (_, Some("trace")) => op.event(Level::Trace, message).await,
+        (_, Some("debug")) => op.event(Level::Debug, message).await,
+        (_, Some("info")) => op.event(Level::Info, message).await,
+        (_, Some("warn")) => op.event(Level::Warn, message).await,
+        (_, Some(_)) => op.event(Level::Error, message).await,
     }
 }
 
@@ -326,21 +359,39 @@ pub fn provider(
         .enable_all()
         .build()
         .expect("a runtime");
+    let local = tokio::task::LocalSet::new();
+    let provider = local.block_on(&runtime, provider_in(program, config, Host::process()))?;
+    Ok((provider, runtime))
+}
+
+/// Starts the provider and reads its schema, and builds the Capstan provider, on the current
+/// runtime (inside a `LocalSet`), hosted as `host` says: [`provider`] for a process of its
+/// own, or the bridge served inside the core's process.
+pub async fn provider_in(
+    program: PathBuf,
+    config: Value,
+    host: Host,
+) -> Result<Provider, TerraformError> {
     let in_flight: InFlight = Arc::default();
     let routes = in_flight.clone();
     // Known once the schema is: the sensitive settings its log lines must not show.
     let hidden: Arc<Mutex<Vec<String>>> = Arc::default();
     let hide = hidden.clone();
-    let (plugin, schema) = runtime.block_on(async {
+    let own = host.own.clone();
+    let (plugin, schema) = async {
         let options = StartOptions {
-            logs: Some(Arc::new(move |line| route(&routes, scrubbed(line, &hide)))),
+            logs: Some(Arc::new(move |line| {
+                route(&routes, scrubbed(line, &hide), &*own)
+            })),
             timeout: handshake_timeout(),
+            dir: host.dir.clone(),
             ..StartOptions::default()
         };
         let plugin = Plugin::start_with(&program, options).await?;
         let schema = plugin.schema().await?;
         Ok::<_, TerraformError>((plugin, schema))
-    })?;
+    }
+    .await?;
     let info = crate::provider_info("terraform", &schema);
     *hidden.lock().expect("not poisoned") = config_secrets(&schema, &config);
     let shared = Rc::new(Shared {
@@ -353,6 +404,7 @@ pub fn provider(
         configured: tokio::sync::OnceCell::new(),
         in_flight,
         next_op: Cell::new(0),
+        host,
     });
     let at_exit = shared.clone();
     let settings = shared.clone();
@@ -417,7 +469,7 @@ pub fn provider(
             description,
         );
     }
-    Ok((provider, runtime))
+    Ok(provider)
 }
 
 /// `Rc` marked as the SDK needs (every operation runs on one thread).
@@ -469,9 +521,9 @@ fn join(mut state: Value, private: &[u8], version: i64) -> Value {
 
 impl Shared {
     /// Reports the provider's warnings as the current operation's `warn` events.
-    fn warn(&self, warnings: Vec<String>) {
+    async fn warn(&self, op: &Operation, warnings: Vec<String>) {
         for w in warnings {
-            tracing::warn!("{}", self.scrub(&w));
+            op.event(Level::Warn, self.scrub(&w)).await;
         }
     }
 }
@@ -720,7 +772,10 @@ impl Resource for TfResource {
             .await
             .map_err(|e| shared.failure(e))?;
         for w in warnings {
-            eprintln!("{}: warning: {}", self.name, shared.scrub(&w));
+            (shared.host.own)(
+                Some("warn"),
+                format!("{}: warning: {}", self.name, shared.scrub(&w)),
+            );
         }
         Ok(Planned {
             outputs: planned.state,

