@@ -124,21 +124,30 @@ async fn terraform_here(
     use std::rc::Rc;
     use std::sync::Arc;
     use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
-    let own = {
-        let (logs, name) = (logs.clone(), name.clone());
-        Arc::new(move |level: Option<&str>, line: String| {
-            // As a bridge process shows them by default: from `info` up.
-            if matches!(level, Some("trace" | "debug")) {
-                return;
+    // Its own lines are relayed in order to the core's channel, waiting for room as a
+    // provider process's stderr pipe would (lines come from tasks that cannot wait for it).
+    let (lines, mut relay) = tokio::sync::mpsc::unbounded_channel::<String>();
+    {
+        let name = name.clone();
+        tokio::task::spawn_local(async move {
+            while let Some(line) = relay.recv().await {
+                let log = capstan_host::ProviderLog {
+                    provider: name.clone(),
+                    stream: capstan_schema::LogStream::Stderr,
+                    line,
+                };
+                if logs.send(log).await.is_err() {
+                    break;
+                }
             }
-            // Dropped only when the core stopped reading (it is ending).
-            let _ = logs.try_send(capstan_host::ProviderLog {
-                provider: name.clone(),
-                stream: capstan_schema::LogStream::Stderr,
-                line,
-            });
-        })
-    };
+        });
+    }
+    let own = Arc::new(move |level: Option<&str>, line: String| {
+        // As a bridge process shows them by default: from `info` up.
+        if !matches!(level, Some("trace" | "debug")) {
+            let _ = lines.send(line);
+        }
+    });
     let serving: Rc<RefCell<Option<tokio::task::AbortHandle>>> = Rc::default();
     let lost = {
         let (own, serving) = (own.clone(), serving.clone());
@@ -153,14 +162,36 @@ async fn terraform_here(
         own,
         lost,
         dir: Some(dir),
+        // A session of its own, which capstan's reaper kills however capstan ends: what the
+        // Terraform provider starts (a credentials helper, ssh) goes with it.
+        spawned: Some(Arc::new(capstan_host::reaper::watch_session)),
     };
     let config = settings.unwrap_or_else(|| serde_json::json!({}));
-    let bridge = capstan_terraform::bridge::provider_in(program, config, host)
-        .await
-        .map_err(|e| LaunchError::InProcess {
-            provider: name.clone(),
-            message: e.to_string(),
-        })?;
+    let failed = |message: String| LaunchError::InProcess {
+        provider: name.clone(),
+        message,
+    };
+    // Bounded as a bridge process's whole start-up was (by the handshake's timeout), and a
+    // panic in it (a schema the bridge cannot take) is this provider's failure, not capstan's.
+    let start = std::panic::AssertUnwindSafe(capstan_terraform::bridge::provider_in(
+        program, config, host,
+    ))
+    .catch_unwind();
+    let bridge =
+        match tokio::time::timeout(options.handshake_timeout, start).await {
+            Err(_) => {
+                return Err(failed(format!(
+                    "the Terraform provider did not start and give its schema within {:?}",
+                    options.handshake_timeout
+                )))
+            }
+            Ok(Err(_panic)) => return Err(failed(
+                "the Terraform bridge failed on this provider's schema (a bug: please report it)"
+                    .into(),
+            )),
+            Ok(Ok(Err(e))) => return Err(failed(e.to_string())),
+            Ok(Ok(Ok(bridge))) => bridge.max_message_words(options.max_message_words),
+        };
     let (core_end, bridge_end) = tokio::io::duplex(1 << 16);
     let (reader, writer) = tokio::io::split(bridge_end);
     let task = tokio::task::spawn_local(async move {

@@ -52,7 +52,7 @@ where
 }
 
 /// Tells the reaper about a provider process that leads a session of its own.
-pub(crate) fn watch_session(sid: libc::pid_t) {
+pub fn watch_session(sid: libc::pid_t) {
     let Some(reaper) = REAPER.get() else { return };
     let Ok(mut pipe) = reaper.pipe.lock() else {
         return;

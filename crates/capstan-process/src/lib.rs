@@ -34,6 +34,24 @@ pub fn dies_with_parent(command: &mut tokio::process::Command) -> &mut tokio::pr
     command
 }
 
+/// As [`dies_with_parent`], but in a session of its own instead of a process group (which
+/// also leaves the terminal: it can neither read from it nor stop on it): everything the child
+/// starts stays in that session, which can then be killed as one.
+pub fn dies_with_parent_in_session(
+    command: &mut tokio::process::Command,
+) -> &mut tokio::process::Command {
+    command.kill_on_drop(true);
+    // SAFETY: the closure runs between fork and exec and makes two system calls (`setsid`,
+    // `prctl`), both async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(|| {
+            rustix::process::setsid().map_err(std::io::Error::from)?;
+            set_parent_process_death_signal(Some(Signal::KILL)).map_err(std::io::Error::from)
+        });
+    }
+    command
+}
+
 /// A process or group id (0 and negative ones mean other things to `kill`: never sent).
 fn valid(id: i32) -> Option<Pid> {
     if id > 0 {

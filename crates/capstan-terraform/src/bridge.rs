@@ -73,6 +73,10 @@ pub struct Host {
     pub lost: Rc<dyn Fn(String)>,
     /// Where the Terraform provider runs (the deployment's directory); `None`: here.
     pub dir: Option<PathBuf>,
+    /// Told the provider's pid once started; with it the provider gets a session of its own
+    /// (so whoever is told can kill everything it starts, as capstan's reaper does), without
+    /// it a process group in the bridge's session.
+    pub spawned: Option<crate::Spawned>,
 }
 
 impl Host {
@@ -93,6 +97,7 @@ impl Host {
                 std::process::exit(70);
             }),
             dir: None,
+            spawned: None,
         }
     }
 }
@@ -196,6 +201,8 @@ impl Shared {
                     plugin.unexpected_exit(),
                 )
                 .await;
+                // It may still run (it answered nothing, or wrongly): it goes, with the bridge.
+                plugin.kill();
                 (self.host.lost)(format!(
                     "lost the Terraform provider {} during `{}` of {} ({why}); what was in flight stays pending",
                     self.program.display(),
@@ -285,7 +292,8 @@ async fn emit(op: &Operation, line: LogLine) {
     match (line.channel, line.level) {
         (Channel::StdioOut, _) => op.log(LogStream::Stdout, message).await,
         (_, None) => op.log(LogStream::Stderr, message).await,
-        (_, Some("trace")) => op.event(Level::Trace, message).await,
+        // As a bridge process's progress layer did: from `debug` up.
+        (_, Some("trace")) => {}
         (_, Some("debug")) => op.event(Level::Debug, message).await,
         (_, Some("info")) => op.event(Level::Info, message).await,
         (_, Some("warn")) => op.event(Level::Warn, message).await,
@@ -385,6 +393,7 @@ pub async fn provider_in(
             })),
             timeout: handshake_timeout(),
             dir: host.dir.clone(),
+            spawned: host.spawned.clone(),
             ..StartOptions::default()
         };
         let plugin = Plugin::start_with(&program, options).await?;

@@ -44,7 +44,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 pub use info::{describe, provider_info, schema_version};
 pub use logs::{Channel, LogLine, LogSink};
-pub use startup::{Handshake, StartOptions};
+pub use startup::{Handshake, Spawned, StartOptions};
 
 /// go-plugin's magic cookie for Terraform providers: without it a provider prints a message for
 /// humans and exits.
@@ -739,6 +739,13 @@ impl Plugin {
             self.kill.notify_one();
             let _ = exit.wait_for(|s| s.is_some()).await;
         }
+    }
+
+    /// Kills the plugin now (it was lost: it stopped answering), without asking it first.
+    pub fn kill(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.kill.notify_one();
     }
 
     /// [`Plugin::shutdown`], taking it.

@@ -44,7 +44,15 @@ pub struct StartOptions {
     pub env: Vec<(String, String)>,
     /// Where it runs (the deployment's directory); `None`: here.
     pub dir: Option<std::path::PathBuf>,
+    /// Told its pid once it started; with it the plugin gets a session of its own (see
+    /// [`Spawned`]), without it a process group of its own.
+    pub spawned: Option<Spawned>,
 }
+
+/// Told a started plugin's pid, which is then also its session's id: everything the plugin
+/// starts stays in that session unless it leaves it deliberately, so killing the session
+/// kills them all (capstan's reaper does, however capstan ends).
+pub type Spawned = std::sync::Arc<dyn Fn(i32) + Send + Sync>;
 
 impl Default for StartOptions {
     fn default() -> Self {
@@ -54,6 +62,7 @@ impl Default for StartOptions {
             logs: None,
             env: Vec::new(),
             dir: None,
+            spawned: None,
         }
     }
 }
@@ -82,6 +91,7 @@ impl Plugin {
             logs,
             env,
             dir,
+            spawned,
         } = options;
         let program = program.to_path_buf();
         let client = if mtls {
@@ -111,11 +121,18 @@ impl Plugin {
             command.current_dir(dir);
         }
         // The plugin dies with the bridge, even a bridge killed with SIGKILL.
-        capstan_process::dies_with_parent(&mut command);
+        if spawned.is_some() {
+            capstan_process::dies_with_parent_in_session(&mut command);
+        } else {
+            capstan_process::dies_with_parent(&mut command);
+        }
         let mut child = command.spawn().map_err(|error| TerraformError::Spawn {
             program: program.clone(),
             error,
         })?;
+        if let (Some(spawned), Some(pid)) = (&spawned, child.id()) {
+            spawned(pid as i32);
+        }
         let (handshake, protocol, mut lines, stderr) =
             read_handshake(&mut child, timeout, program.clone()).await?;
         // Its logs go on after the line: read on, so it never blocks on a full pipe.
