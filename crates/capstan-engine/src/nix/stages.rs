@@ -75,24 +75,7 @@ async fn with_recorded_outputs(
     }
     let name = file.display().to_string();
     let settled: BTreeSet<String> = state.resources.keys().cloned().collect();
-    *stage += 1;
-    events.emit(Event::EvaluationStart {
-        file: name.clone(),
-        stage: *stage,
-    });
-    let evaluated = evaluate(&Request {
-        file,
-        params,
-        known: &known,
-        providers_only: false,
-        settled: &settled,
-    })
-    .await;
-    let parsed = evaluated.map_err(StagedError::from).and_then(|evaluation| {
-        crate::model::Deployment::parse(file, &evaluation.document, params)
-            .map(|deployment| (evaluation, deployment))
-            .map_err(StagedError::from)
-    });
+    let parsed = evaluate_stage(file, params, &known, &settled, events, stage).await;
     let (evaluation, mut deployment) = match parsed {
         Ok(both) => both,
         Err(e) => {
@@ -133,19 +116,7 @@ async fn with_recorded_outputs(
         .collect();
     let effective = with_assumed(uses, &assumed, &evaluation);
     record_uses(&mut deployment, &effective);
-    events.emit(Event::EvaluationComplete {
-        file: name.clone(),
-        stage: *stage,
-        resources: deployment.resources.len(),
-        deferred: evaluation.deferred.len(),
-        elapsed_seconds: evaluation.elapsed.as_secs_f64(),
-    });
-    for message in evaluation.messages.iter().filter(|m| !m.trim().is_empty()) {
-        events.emit(Event::EvaluationLog {
-            file: name.clone(),
-            line: message.clone(),
-        });
-    }
+    completed(file, *stage, &evaluation, &deployment, events);
     let changes = crate::plan::plan(&deployment, state)?;
     let unchanged: BTreeSet<&str> = changes
         .iter()
@@ -194,9 +165,61 @@ async fn with_recorded_outputs(
     }))
 }
 
-/// What each item uses: what was traced (this evaluation's folded into `uses`, with what each
-/// deferred item waited for), and what it is assumed to use.
-fn with_assumed(uses: &mut Uses, assumed: &Uses, evaluation: &Evaluation) -> Uses {
+/// Starts the next evaluation (`stage` counts them) with `known` outputs, announced in the
+/// stream, and reads the deployment it gives. The caller reports how it ended ([`completed`],
+/// or an `evaluation_failed`).
+async fn evaluate_stage(
+    file: &Path,
+    params: &Map<String, Value>,
+    known: &BTreeMap<String, capstan_schema::Json>,
+    settled: &BTreeSet<String>,
+    events: &dyn crate::events::EventSink,
+    stage: &mut usize,
+) -> Result<(Evaluation, crate::model::Deployment), StagedError> {
+    *stage += 1;
+    events.emit(crate::events::Event::EvaluationStart {
+        file: file.display().to_string(),
+        stage: *stage,
+    });
+    let evaluation = evaluate(&Request {
+        file,
+        params,
+        known,
+        providers_only: false,
+        settled,
+    })
+    .await?;
+    let deployment = crate::model::Deployment::parse(file, &evaluation.document, params)?;
+    Ok((evaluation, deployment))
+}
+
+/// Says in the stream that evaluation `stage` gave `deployment`, with Nix's own lines.
+fn completed(
+    file: &Path,
+    stage: usize,
+    evaluation: &Evaluation,
+    deployment: &crate::model::Deployment,
+    events: &dyn crate::events::EventSink,
+) {
+    use crate::events::Event;
+    let name = file.display().to_string();
+    events.emit(Event::EvaluationComplete {
+        file: name.clone(),
+        stage,
+        resources: deployment.resources.len(),
+        deferred: evaluation.deferred.len(),
+        elapsed_seconds: evaluation.elapsed.as_secs_f64(),
+    });
+    for message in evaluation.messages.iter().filter(|m| !m.trim().is_empty()) {
+        events.emit(Event::EvaluationLog {
+            file: name.clone(),
+            line: message.clone(),
+        });
+    }
+}
+
+/// Adds to `uses` what `evaluation` traced and what each item it deferred waited for.
+fn fold_uses(uses: &mut Uses, evaluation: &Evaluation) {
     for (address, used) in &evaluation.uses {
         uses.entry(address.clone())
             .or_default()
@@ -207,6 +230,12 @@ fn with_assumed(uses: &mut Uses, assumed: &Uses, evaluation: &Evaluation) -> Use
             .or_default()
             .extend(d.waits_for.iter().cloned());
     }
+}
+
+/// What each item uses: what was traced (this evaluation's folded into `uses`, with what each
+/// deferred item waited for), and what it is assumed to use.
+fn with_assumed(uses: &mut Uses, assumed: &Uses, evaluation: &Evaluation) -> Uses {
+    fold_uses(uses, evaluation);
     let mut effective = assumed.clone();
     for (address, used) in uses.iter() {
         effective
@@ -233,24 +262,7 @@ async fn from_no_output(
     let mut known = BTreeMap::new();
     let mut settled = BTreeSet::new();
     loop {
-        *stage += 1;
-        events.emit(Event::EvaluationStart {
-            file: name.clone(),
-            stage: *stage,
-        });
-        let evaluated = evaluate(&Request {
-            file,
-            params,
-            known: &known,
-            providers_only: false,
-            settled: &settled,
-        })
-        .await;
-        let parsed = evaluated.map_err(StagedError::from).and_then(|evaluation| {
-            crate::model::Deployment::parse(file, &evaluation.document, params)
-                .map(|deployment| (evaluation, deployment))
-                .map_err(StagedError::from)
-        });
+        let parsed = evaluate_stage(file, params, &known, &settled, events, stage).await;
         let (evaluation, mut deployment) = match parsed {
             Ok(both) => both,
             Err(e) => {
@@ -267,19 +279,7 @@ async fn from_no_output(
         };
         note_uses(&mut deployment, uses, &evaluation);
         settled = deployment.resources.keys().cloned().collect();
-        events.emit(Event::EvaluationComplete {
-            file: name.clone(),
-            stage: *stage,
-            resources: deployment.resources.len(),
-            deferred: evaluation.deferred.len(),
-            elapsed_seconds: evaluation.elapsed.as_secs_f64(),
-        });
-        for message in evaluation.messages.iter().filter(|m| !m.trim().is_empty()) {
-            events.emit(Event::EvaluationLog {
-                file: name.clone(),
-                line: message.clone(),
-            });
-        }
+        completed(file, *stage, &evaluation, &deployment, events);
         let mut changes = crate::plan::plan(&deployment, state)?;
         let deferred = evaluation.deferred;
         let kept = kept_for_deferred(state, &deferred);
@@ -486,16 +486,7 @@ pub fn note_uses(
     uses: &mut Uses,
     evaluation: &Evaluation,
 ) {
-    for (address, used) in &evaluation.uses {
-        uses.entry(address.clone())
-            .or_default()
-            .extend(used.iter().cloned());
-    }
-    for d in &evaluation.deferred {
-        uses.entry(d.address.clone())
-            .or_default()
-            .extend(d.waits_for.iter().cloned());
-    }
+    fold_uses(uses, evaluation);
     record_uses(deployment, uses);
 }
 
