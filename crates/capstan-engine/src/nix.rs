@@ -584,6 +584,8 @@ async fn instantiate_once(
     // evaluation by dropping it, which kills it), not a failure of Nix's to report; and the
     // evaluator dies with capstan, even a capstan killed with SIGKILL.
     capstan_process::dies_with_parent(&mut command);
+    // A deployment could read them with `builtins.getEnv`.
+    capstan_process::without_capstans_secrets(&mut command);
     let mut child = command.spawn().map_err(|error| {
         if error.kind() == std::io::ErrorKind::NotFound {
             EvalError::NixMissing {

@@ -135,6 +135,8 @@ impl ExecPlan {
         }
         let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
             .filter(|(k, _)| !k.as_bytes().starts_with(b"LISTEN_"))
+            // The state's location and keys are capstan's, never a provider's.
+            .filter(|(k, _)| !capstan_process::is_capstans_secret(k))
             .collect();
         for (k, v) in &command.env {
             env.retain(|(old, _)| old != k);

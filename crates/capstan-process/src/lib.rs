@@ -52,6 +52,34 @@ pub fn dies_with_parent_in_session(
     command
 }
 
+/// Whether the environment variable `name` is capstan's own and secret: where its state is
+/// (`CAPSTAN_STATE`, whose URL may hold a password) and the state's keys
+/// (`CAPSTAN_STATE_IDENTITY`, `…_PASSPHRASE`, `…_RECIPIENTS`, and the `CAPSTAN_STATE_NEW_…`
+/// of a rekey). What capstan starts — providers, the Terraform provider, Nix, their commands —
+/// never inherits them.
+pub fn is_capstans_secret(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_encoded_bytes();
+    matches!(
+        name,
+        b"CAPSTAN_STATE"
+            | b"CAPSTAN_STATE_IDENTITY"
+            | b"CAPSTAN_STATE_PASSPHRASE"
+            | b"CAPSTAN_STATE_RECIPIENTS"
+    ) || name.starts_with(b"CAPSTAN_STATE_NEW_")
+}
+
+/// Leaves out of `command`'s environment what [`is_capstans_secret`] names.
+pub fn without_capstans_secrets(
+    command: &mut tokio::process::Command,
+) -> &mut tokio::process::Command {
+    for (name, _) in std::env::vars_os() {
+        if is_capstans_secret(&name) {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// A process or group id (0 and negative ones mean other things to `kill`: never sent).
 fn valid(id: i32) -> Option<Pid> {
     if id > 0 {

@@ -120,6 +120,8 @@ impl Plugin {
         if let Some(dir) = &dir {
             command.current_dir(dir);
         }
+        // Started by capstan itself (the bridge inside it), it must not see capstan's secrets.
+        capstan_process::without_capstans_secrets(&mut command);
         // The plugin dies with the bridge, even a bridge killed with SIGKILL.
         if spawned.is_some() {
             capstan_process::dies_with_parent_in_session(&mut command);

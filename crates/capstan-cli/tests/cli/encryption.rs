@@ -290,3 +290,43 @@ fn a_type_that_marks_outputs_sensitive_is_stopped_before_it_runs_without_a_key()
     );
     assert!(token.contains("$encrypted"), "{token}");
 }
+
+#[test]
+fn the_state_key_never_reaches_what_capstan_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let passphrase = "a passphrase only capstan may hold";
+    let with_key = [("CAPSTAN_STATE_PASSPHRASE", passphrase)];
+    // A command the local provider runs: what a provider (and what it starts) inherits.
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
+            "env": {"provider": "local", "type": "exec", "inputs": {"command": "env"}}}}"#,
+    )
+    .unwrap();
+    let out = capstan(dir.path(), &with_key, &["apply"]);
+    assert!(out.status.success(), "{}", shown(&out));
+    let out = capstan(dir.path(), &with_key, &["state", "show", "env"]);
+    assert!(out.status.success(), "{}", shown(&out));
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(seen.contains("PATH="), "{seen}");
+    assert!(!seen.contains("CAPSTAN_STATE_PASSPHRASE"), "{seen}");
+    assert!(!seen.contains(passphrase), "{seen}");
+    // Nix evaluating a deployment: `builtins.getEnv` finds nothing.
+    if !crate::support::nix_tool("nix-instantiate", "the state key and Nix") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.nix"),
+        r#"{ capstan, ... }: {
+  providers.local = capstan.builtin "local";
+  resources.env = { provider = "local"; type = "memo"; inputs.value = builtins.getEnv "CAPSTAN_STATE_PASSPHRASE"; };
+}"#,
+    )
+    .unwrap();
+    let out = capstan(dir.path(), &with_key, &["apply"]);
+    assert!(out.status.success(), "{}", shown(&out));
+    let out = capstan(dir.path(), &with_key, &["state", "show", "env"]);
+    let recorded: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(recorded["outputs"]["value"], "", "{recorded}");
+}
