@@ -376,6 +376,13 @@ struct Open {
     data: SpanData,
 }
 
+impl Open {
+    /// Its span id, as the events and providers give ids.
+    fn id(&self) -> u64 {
+        u64::from_be_bytes(self.data.span_context.span_id().to_bytes())
+    }
+}
+
 /// Spans from events: those open, by what they belong to.
 struct Builder {
     trace_id: TraceId,
@@ -423,10 +430,7 @@ impl Builder {
     }
 
     fn root_id(&self) -> u64 {
-        self.run
-            .as_ref()
-            .map(|r| u64::from_be_bytes(r.data.span_context.span_id().to_bytes()))
-            .unwrap_or(0)
+        self.run.as_ref().map(Open::id).unwrap_or(0)
     }
 
     fn child(&self, id: u64, parent: u64, name: String, at: SystemTime) -> SpanData {
@@ -503,7 +507,7 @@ impl Builder {
                 let parent = address
                     .rsplit_once('/')
                     .and_then(|(parent, _)| self.operations.get(parent))
-                    .map(|open| u64::from_be_bytes(open.data.span_context.span_id().to_bytes()))
+                    .map(Open::id)
                     .unwrap_or_else(|| self.root_id());
                 let mut data = self.child(id, parent, format!("{operation} {address}"), now);
                 data.attributes.extend([
@@ -634,7 +638,7 @@ impl Builder {
     ) {
         let at = UNIX_EPOCH + Duration::from_nanos(progress.time_unix_nanos);
         let operation_id = match self.operations.get(address) {
-            Some(open) => u64::from_be_bytes(open.data.span_context.span_id().to_bytes()),
+            Some(open) => open.id(),
             None => return,
         };
         let key = |id: u64| (address.to_string(), id);
@@ -648,9 +652,7 @@ impl Builder {
                 fields,
             } => {
                 let parent_id = match self.reported.get(&key(*parent)) {
-                    Some(open) if *parent != 0 => {
-                        u64::from_be_bytes(open.data.span_context.span_id().to_bytes())
-                    }
+                    Some(open) if *parent != 0 => open.id(),
                     _ => operation_id,
                 };
                 let mut data = self.child(random_id(), parent_id, span_name(name, fields), at);

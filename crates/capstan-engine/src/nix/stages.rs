@@ -40,12 +40,27 @@ pub async fn evaluate_and_plan(
     events: &dyn crate::events::EventSink,
     stage: &mut usize,
 ) -> Result<Staged, StagedError> {
+    let planning = Planning {
+        file,
+        params,
+        state,
+        events,
+    };
     let before = uses.clone();
-    if let Some(staged) = with_recorded_outputs(file, params, state, uses, events, stage).await? {
+    if let Some(staged) = with_recorded_outputs(planning, uses, stage).await? {
         return Ok(staged);
     }
     *uses = before;
-    from_no_output(file, params, state, uses, events, stage).await
+    from_no_output(planning, uses, stage).await
+}
+
+/// What every evaluation of one plan is of, and where each reports.
+#[derive(Clone, Copy)]
+struct Planning<'a> {
+    file: &'a Path,
+    params: &'a Map<String, Value>,
+    state: &'a crate::state::State,
+    events: &'a dyn crate::events::EventSink,
 }
 
 /// One evaluation given every recorded output, and its plan if that stands: if nothing used
@@ -60,13 +75,16 @@ pub async fn evaluate_and_plan(
 /// evaluation stopped on an output that no longer holds (a branch naming a resource that is
 /// gone): then the plan starts from no output.
 async fn with_recorded_outputs(
-    file: &Path,
-    params: &Map<String, Value>,
-    state: &crate::state::State,
+    planning: Planning<'_>,
     uses: &mut Uses,
-    events: &dyn crate::events::EventSink,
     stage: &mut usize,
 ) -> Result<Option<Staged>, StagedError> {
+    let Planning {
+        file,
+        state,
+        events,
+        ..
+    } = planning;
     use crate::events::Event;
     use crate::plan::Action;
     let known = outputs_of(state, state.resources.keys());
@@ -75,7 +93,7 @@ async fn with_recorded_outputs(
     }
     let name = file.display().to_string();
     let settled: BTreeSet<String> = state.resources.keys().cloned().collect();
-    let parsed = evaluate_stage(file, params, &known, &settled, events, stage).await;
+    let parsed = evaluate_stage(planning, &known, &settled, stage).await;
     let (evaluation, mut deployment) = match parsed {
         Ok(both) => both,
         Err(e) => {
@@ -116,7 +134,7 @@ async fn with_recorded_outputs(
         .collect();
     let effective = with_assumed(uses, &assumed, &evaluation);
     record_uses(&mut deployment, &effective);
-    completed(file, *stage, &evaluation, &deployment, events);
+    completed(planning, *stage, &evaluation, &deployment);
     let changes = crate::plan::plan(&deployment, state)?;
     let unchanged: BTreeSet<&str> = changes
         .iter()
@@ -169,13 +187,17 @@ async fn with_recorded_outputs(
 /// stream, and reads the deployment it gives. The caller reports how it ended ([`completed`],
 /// or an `evaluation_failed`).
 async fn evaluate_stage(
-    file: &Path,
-    params: &Map<String, Value>,
+    planning: Planning<'_>,
     known: &BTreeMap<String, capstan_schema::Json>,
     settled: &BTreeSet<String>,
-    events: &dyn crate::events::EventSink,
     stage: &mut usize,
 ) -> Result<(Evaluation, crate::model::Deployment), StagedError> {
+    let Planning {
+        file,
+        params,
+        events,
+        ..
+    } = planning;
     *stage += 1;
     events.emit(crate::events::Event::EvaluationStart {
         file: file.display().to_string(),
@@ -195,12 +217,12 @@ async fn evaluate_stage(
 
 /// Says in the stream that evaluation `stage` gave `deployment`, with Nix's own lines.
 fn completed(
-    file: &Path,
+    planning: Planning<'_>,
     stage: usize,
     evaluation: &Evaluation,
     deployment: &crate::model::Deployment,
-    events: &dyn crate::events::EventSink,
 ) {
+    let Planning { file, events, .. } = planning;
     use crate::events::Event;
     let name = file.display().to_string();
     events.emit(Event::EvaluationComplete {
@@ -249,20 +271,23 @@ fn with_assumed(uses: &mut Uses, assumed: &Uses, evaluation: &Evaluation) -> Use
 /// Evaluates and plans from no output: again with the outputs of each resource the plan
 /// leaves unchanged that a deferred item waits for, until none is left.
 async fn from_no_output(
-    file: &Path,
-    params: &Map<String, Value>,
-    state: &crate::state::State,
+    planning: Planning<'_>,
     uses: &mut Uses,
-    events: &dyn crate::events::EventSink,
     stage: &mut usize,
 ) -> Result<Staged, StagedError> {
+    let Planning {
+        file,
+        state,
+        events,
+        ..
+    } = planning;
     use crate::events::Event;
     use crate::plan::Action;
     let name = file.display().to_string();
     let mut known = BTreeMap::new();
     let mut settled = BTreeSet::new();
     loop {
-        let parsed = evaluate_stage(file, params, &known, &settled, events, stage).await;
+        let parsed = evaluate_stage(planning, &known, &settled, stage).await;
         let (evaluation, mut deployment) = match parsed {
             Ok(both) => both,
             Err(e) => {
@@ -279,7 +304,7 @@ async fn from_no_output(
         };
         note_uses(&mut deployment, uses, &evaluation);
         settled = deployment.resources.keys().cloned().collect();
-        completed(file, *stage, &evaluation, &deployment, events);
+        completed(planning, *stage, &evaluation, &deployment);
         let mut changes = crate::plan::plan(&deployment, state)?;
         let deferred = evaluation.deferred;
         let kept = kept_for_deferred(state, &deferred);
