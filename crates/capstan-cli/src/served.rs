@@ -56,8 +56,19 @@ impl ProviderLauncher for SelfLauncher {
         let Served::Terraform { program } = provider.served else {
             return None;
         };
-        if std::env::var(TERRAFORM_BRIDGE_ENV).is_ok_and(|v| v == "process") {
-            return None;
+        match std::env::var(TERRAFORM_BRIDGE_ENV).as_deref() {
+            Ok("process") => return None,
+            Err(_) | Ok("" | "inside") => {}
+            // A typo is an error, not the default.
+            Ok(other) => {
+                let error = LaunchError::InProcess {
+                    provider: provider.name.to_string(),
+                    message: format!(
+                        "{TERRAFORM_BRIDGE_ENV}={other}: say `process` (the bridge a process of its own) or `inside` (inside capstan, the default)"
+                    ),
+                };
+                return Some(async move { Err(error) }.boxed_local());
+            }
         }
         Some(
             terraform_here(
@@ -104,7 +115,8 @@ impl ProviderLauncher for SelfLauncher {
 }
 
 /// `CAPSTAN_TERRAFORM_BRIDGE=process` serves the Terraform bridge as a process of its own
-/// (`capstan __provider terraform`), as before it moved into capstan's process.
+/// (`capstan __provider terraform`), as before it moved into capstan's process; `inside` (or
+/// unset) serves it inside capstan; anything else is an error.
 pub const TERRAFORM_BRIDGE_ENV: &str = "CAPSTAN_TERRAFORM_BRIDGE";
 
 /// The Terraform bridge served in this process, on an in-memory connection: the Terraform

@@ -1086,4 +1086,25 @@ fn the_bridge_runs_inside_capstan_so_only_the_terraform_provider_is_a_process() 
             .any(|c| c.contains(&name) && !c.contains("__provider")),
         "{children:?}"
     );
+    // A typo is an error that names the variable, not the default.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        json!({"providers": {"null": {"executable": binary, "protocol": "terraform"}},
+               "resources": {"gate": {"provider": "null", "type": "null_resource", "inputs": {}}}})
+        .to_string(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::support::capstan_bin())
+        .arg("apply")
+        .current_dir(dir.path())
+        .env("CAPSTAN_TERRAFORM_BRIDGE", "proces")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        shown(&out).contains("CAPSTAN_TERRAFORM_BRIDGE=proces"),
+        "{}",
+        shown(&out)
+    );
 }
