@@ -1,7 +1,8 @@
 @0xebde82286db3ecaa;
 # Capstan progress protocol: how a provider reports what it is doing while an operation runs.
 #
-# The core hands a `ProgressSink` to every operation (see `provider.capnp`). The provider pushes
+# Every operation has a `ProgressSink` (see `provider.capnp`): the core hands it over with the
+# request, or the provider opens it from the connection's `ProgressHub`. The provider pushes
 # batches of `ProgressItem`s into it with a flow-controlled `-> stream` call, so a slow consumer
 # slows the provider down instead of growing anyone's memory, and ends with `finish()`, a plain
 # call whose result surfaces any error the stream hit.
@@ -95,7 +96,9 @@ struct ProgressItem {
 }
 
 interface ProgressSink {
-  # Receives the progress of one operation. Created by the core per operation.
+  # Receives the progress of one operation. Created by the core per operation: handed over in
+  # the request (`OperationRequest.progress`), or opened by the provider from the connection's
+  # `ProgressHub` when the operation first has something to report.
 
   push @0 (items :List(ProgressItem)) -> stream;
   # Delivers a batch of items in order. Flow-controlled: the provider must await each call
@@ -112,4 +115,18 @@ interface ProgressSink {
   # reading the stream and waits for nothing: `finish()` is then not required, and a provider
   # may stop pushing at once. An operation the provider ends as cancelled on its own (it saw
   # its cancellation and returned) still returns a result, and so calls `finish()` first.
+}
+
+interface ProgressHub {
+  # The connection's source of progress sinks, offered by the core in `hello`
+  # (`CoreInfo.progress`). A provider that says `ProviderInfo.opensProgress` gets requests
+  # without a sink, each with an `OperationRequest.operation` number, and opens a sink here
+  # only for an operation that reports something: an operation that reports nothing then
+  # costs its call and nothing more (no capability made, sent and released per call).
+
+  open @0 (operation :UInt64) -> (sink :ProgressSink);
+  # The sink of the running operation numbered `operation`, to be used as
+  # `OperationRequest.progress` would be (push, then `finish()`). Opened at most once per
+  # operation; the provider may pipeline its first `push` on the result. Fails for a number
+  # that is not a running operation of this connection.
 }

@@ -104,6 +104,9 @@ struct CoreInfo {
   minProtocol @2 :UInt32;
   maxProtocol @3 :UInt32;
   # The range of protocol versions the core speaks.
+  progress @4 :Progress.ProgressHub;
+  # Where a provider may open operations' progress sinks on demand (see `ProgressHub`). Null
+  # from a core that hands a sink to every request (older cores, other hosts).
 }
 
 struct ProviderInfo {
@@ -123,6 +126,11 @@ struct ProviderInfo {
   # True when the provider reads a read's or a delete's inputs from `previousInputs` alone:
   # the core then leaves `inputs` empty for them, so a large resource crosses the connection
   # once less. False (the default, what older providers say): `inputs` repeats them.
+  opensProgress @8 :Bool;
+  # True when the provider opens its operations' sinks from `CoreInfo.progress`: the core
+  # then leaves `OperationRequest.progress` null and numbers each request (`operation`).
+  # Only said in answer to a `hello` that offered a hub. False (the default, what older
+  # providers say): every request carries its sink.
 }
 
 struct ResourceType {
@@ -223,7 +231,9 @@ struct OperationRequest {
   previousOutputs @4 :Text;
   # JSON objects recorded after the last successful operation; empty text on create.
   progress @5 :Progress.ProgressSink;
-  # Where this operation's progress goes. Always set by the core.
+  # Where this operation's progress goes. Set by the core on every request, except to a
+  # provider that said `opensProgress`: then null, and the provider opens the sink from the
+  # hub with `operation` when it first has something to report.
   trace @6 :TraceContext;
   capabilities @7 :List(NamedCapability);
   # Handles returned by other resources' operations that this resource's inputs refer to.
@@ -237,6 +247,11 @@ struct OperationRequest {
   # (a round trip saved per operation). False — the default, and what a core that predates
   # this field sends — means `finish()` is required from every operation, as
   # `progress.capnp` says.
+  operation @10 :UInt64;
+  # The number to open this operation's sink with (`ProgressHub.open`), unique among the
+  # connection's running operations; set (non-zero) on a create, read, update or delete
+  # exactly when `progress` is null. A `plan` to such a provider carries neither (no
+  # progress is expected from a plan).
 }
 
 struct NamedCapability {

@@ -684,3 +684,165 @@ fn finish_is_called_for_every_operation_even_one_that_reported_nothing() {
         }
     });
 }
+
+/// A host written against the schema alone that offers a `ProgressHub` in `hello`: the SDK
+/// says `opensProgress` (and only to a host that offered one), and then takes requests that
+/// carry no sink but a number. An operation that reports nothing opens no sink — its call is
+/// all it costs; one that reports opens exactly one, its progress arrives there and ends with
+/// `finish()` before the result; a request with neither a sink nor a number is refused.
+#[test]
+fn a_core_with_a_hub_gets_a_sink_opened_only_by_operations_that_report() {
+    use capstan_schema::progress_capnp::{progress_hub, progress_sink};
+    use capstan_schema::provider_capnp::provider;
+    use std::cell::RefCell;
+
+    #[derive(Default)]
+    struct Seen {
+        opened: RefCell<Vec<u64>>,
+        items: Cell<u32>,
+        finished: Cell<u32>,
+    }
+    struct Sink(Rc<Seen>);
+    impl progress_sink::Server for Sink {
+        async fn push(
+            self: capnp::capability::Rc<Self>,
+            params: progress_sink::PushParams,
+        ) -> Result<(), capnp::Error> {
+            let n = params.get()?.get_items()?.len();
+            self.0.items.set(self.0.items.get() + n);
+            Ok(())
+        }
+        async fn finish(
+            self: capnp::capability::Rc<Self>,
+            _: progress_sink::FinishParams,
+            _: progress_sink::FinishResults,
+        ) -> Result<(), capnp::Error> {
+            self.0.finished.set(self.0.finished.get() + 1);
+            Ok(())
+        }
+    }
+    struct HubServer(Rc<Seen>);
+    impl progress_hub::Server for HubServer {
+        async fn open(
+            self: capnp::capability::Rc<Self>,
+            params: progress_hub::OpenParams,
+            mut results: progress_hub::OpenResults,
+        ) -> Result<(), capnp::Error> {
+            self.0
+                .opened
+                .borrow_mut()
+                .push(params.get()?.get_operation());
+            results
+                .get()
+                .set_sink(capnp_rpc::new_client(Sink(self.0.clone())));
+            Ok(())
+        }
+    }
+
+    async fn raw_connection() -> provider::Client {
+        let (host_end, provider_end) = tokio::io::duplex(64 * 1024);
+        let (pr, pw) = tokio::io::split(provider_end);
+        let probe = Rc::default();
+        tokio::task::spawn_local(provider(&probe).serve_stream(pr.compat(), pw.compat_write()));
+        let (hr, hw) = tokio::io::split(host_end);
+        let mut rpc = capstan_transport::rpc_system(
+            hr.compat(),
+            hw.compat_write(),
+            capnp_rpc::rpc_twoparty_capnp::Side::Client,
+            None,
+            capstan_transport::TransportOptions::default(),
+        );
+        let client = rpc.bootstrap(capnp_rpc::rpc_twoparty_capnp::Side::Server);
+        tokio::task::spawn_local(rpc);
+        client
+    }
+
+    async fn hello(client: &provider::Client, hub: Option<progress_hub::Client>) -> bool {
+        let mut request = client.hello_request();
+        {
+            let mut core = request.get().init_core();
+            core.set_min_protocol(capstan_schema::MIN_PROTOCOL_VERSION);
+            core.set_max_protocol(capstan_schema::PROTOCOL_VERSION);
+            if let Some(hub) = hub {
+                core.set_progress(hub);
+            }
+        }
+        let response = request.send().promise.await.expect("hello");
+        let info = response.get().unwrap().get_provider().unwrap();
+        info.get_opens_progress()
+    }
+
+    let _tracing = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(capstan_provider::progress_layer()),
+    );
+    run_local(async {
+        // A host that offers no hub (an older core) is never told the provider opens sinks.
+        let older = raw_connection().await;
+        assert!(!hello(&older, None).await, "opensProgress without a hub");
+
+        let client = raw_connection().await;
+        let seen = Rc::new(Seen::default());
+        let hub: progress_hub::Client = capnp_rpc::new_client(HubServer(seen.clone()));
+        assert!(hello(&client, Some(hub)).await, "opensProgress with a hub");
+        let create = |resource_type: &str, inputs: &str, operation: u64| {
+            let mut request = client.create_request();
+            {
+                let mut op = request.get().init_request();
+                op.set_resource_type(resource_type);
+                op.set_address("raw");
+                op.set_inputs(inputs);
+                op.set_operation(operation);
+                op.set_silent_finish_optional(true);
+            }
+            request
+        };
+
+        let response = create("echo", r#"{"value": 1}"#, 1)
+            .send()
+            .promise
+            .await
+            .expect("a result");
+        assert!(response.get().unwrap().get_result().unwrap().has_success());
+        assert!(
+            seen.opened.borrow().is_empty(),
+            "a silent operation opened a sink"
+        );
+        assert_eq!(seen.finished.get(), 0, "finish() from a silent operation");
+
+        let response = create("flood", r#"{"count": 100}"#, 7)
+            .send()
+            .promise
+            .await
+            .expect("a result");
+        assert!(response.get().unwrap().get_result().unwrap().has_success());
+        assert_eq!(
+            *seen.opened.borrow(),
+            vec![7],
+            "one sink, opened by its number"
+        );
+        assert!(
+            seen.items.get() >= 100,
+            "the events arrived before the result: {}",
+            seen.items.get()
+        );
+        assert_eq!(seen.finished.get(), 1, "finish() before the result");
+
+        let response = create("echo", r#"{"value": 1}"#, 0)
+            .send()
+            .promise
+            .await
+            .expect("a result");
+        let result = response.get().unwrap().get_result().unwrap();
+        assert!(
+            !result.has_success(),
+            "a request with no sink and no number"
+        );
+        let capstan_schema::provider_capnp::operation_result::Which::Failure(failure) =
+            result.which().unwrap()
+        else {
+            unreachable!()
+        };
+        let message = failure.unwrap().get_message().unwrap().to_string().unwrap();
+        assert!(message.contains("no progress sink"), "{message}");
+    });
+}

@@ -284,6 +284,7 @@ pub fn wire_seeds() -> Vec<Vec<u8>> {
         protocol: 1,
         max_concurrency: 4,
         prior_inputs_once: false,
+        opens_progress: false,
         resource_types: vec![capstan_schema::ResourceTypeInfo {
             name: "file".into(),
             description: "a file".into(),

@@ -18,7 +18,7 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::error::{CallError, ExitDescription, LaunchError, OutputTail};
 use crate::process::{ProviderCommand, ProviderLog, ProviderProcess, StopReport};
-use crate::sink::{ProgressObserver, SinkServer};
+use crate::sink::{Hub, HubServer, ProgressObserver, SinkServer};
 
 /// Where a provider comes from.
 #[derive(Clone, Debug)]
@@ -131,6 +131,9 @@ pub struct ProviderConnection {
     disconnector: Option<capnp_rpc::Disconnector<capnp_rpc::rpc_twoparty_capnp::Side>>,
     limit: Option<Arc<Semaphore>>,
     options: HostOptions,
+    /// The operations running on the connection, for a provider that opens its sinks from
+    /// the hub offered in `hello` (`info.opens_progress`).
+    hub: Rc<Hub>,
 }
 
 /// How a provider was shut down.
@@ -258,6 +261,7 @@ impl ProviderConnection {
             capstan_schema::MIN_PROTOCOL_VERSION,
             capstan_schema::PROTOCOL_VERSION,
         );
+        let hub = Rc::new(Hub::default());
         let mut request = rpc.client.hello_request();
         {
             let mut core = request.get().init_core();
@@ -265,6 +269,7 @@ impl ProviderConnection {
             core.set_version(env!("CARGO_PKG_VERSION"));
             core.set_min_protocol(ours.0);
             core.set_max_protocol(ours.1);
+            core.set_progress(capnp_rpc::new_client(HubServer(hub.clone())));
         }
         let hello = async {
             let response = request.send().promise.await?;
@@ -336,6 +341,7 @@ impl ProviderConnection {
             disconnector: Some(rpc.disconnector),
             limit,
             options,
+            hub,
         })
     }
 
@@ -414,7 +420,17 @@ impl ProviderConnection {
                 limit,
             });
         }
-        let sink = capnp_rpc::new_client(SinkServer { observer });
+        // A provider that opens sinks from the hub gets a number, and a sink only if the
+        // operation reports something; others get the sink with the request.
+        let (progress, _running) = if self.info.opens_progress {
+            let running = self.hub.register(observer);
+            (Progress::Numbered(running.operation), Some(running))
+        } else {
+            (
+                Progress::Sink(capnp_rpc::new_client(SinkServer { observer })),
+                None,
+            )
+        };
         let address = call.address.clone();
         let timeout = call.timeout;
         let send = async {
@@ -424,7 +440,7 @@ impl ProviderConnection {
                     fill_request(
                         request.get().init_request(),
                         &call,
-                        sink,
+                        progress,
                         self.info.prior_inputs_once,
                     );
                     let response = request.send().promise.await?;
@@ -497,9 +513,15 @@ impl ProviderConnection {
         fill_request(
             request.get().init_request(),
             call,
-            capnp_rpc::new_client(SinkServer {
-                observer: crate::sink::ignore_progress(),
-            }),
+            // No progress is expected from a plan: a provider that opens its sinks needs
+            // none; an older one is given one that drops what comes.
+            if self.info.opens_progress {
+                Progress::Unexpected
+            } else {
+                Progress::Sink(capnp_rpc::new_client(SinkServer {
+                    observer: crate::sink::ignore_progress(),
+                }))
+            },
             self.info.prior_inputs_once,
         );
         let send = async {
@@ -661,10 +683,19 @@ fn sends_inputs(call: &OperationCall, prior_inputs_once: bool) -> bool {
         && call.previous_inputs.is_some())
 }
 
+/// How a request tells the provider where its progress goes.
+enum Progress {
+    Sink(capstan_schema::progress_capnp::progress_sink::Client),
+    /// Its number, to open a sink from the connection's hub.
+    Numbered(u64),
+    /// Neither: a plan, to a provider that opens sinks (no progress is expected).
+    Unexpected,
+}
+
 fn fill_request(
     mut builder: operation_request::Builder<'_>,
     call: &OperationCall,
-    sink: capstan_schema::progress_capnp::progress_sink::Client,
+    progress: Progress,
     prior_inputs_once: bool,
 ) {
     builder.set_resource_type(&call.resource_type[..]);
@@ -678,7 +709,11 @@ fn fill_request(
     if let Some(previous) = &call.previous_outputs {
         builder.set_previous_outputs(previous.text());
     }
-    builder.set_progress(sink);
+    match progress {
+        Progress::Sink(sink) => builder.set_progress(sink),
+        Progress::Numbered(operation) => builder.set_operation(operation),
+        Progress::Unexpected => {}
+    }
     if let Some(requests) = &call.scheduler {
         builder.set_scheduler(crate::scheduler::scheduler_client(requests.clone()));
     }

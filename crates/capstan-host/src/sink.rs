@@ -1,10 +1,13 @@
-//! The host's side of an operation's progress stream.
+//! The host's side of an operation's progress stream: a sink per operation, handed over with
+//! the request or opened from the connection's hub.
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
 use std::rc::Rc;
 
 use capnp::capability::Rc as CapRc;
-use capstan_schema::progress_capnp::progress_sink;
+use capstan_schema::progress_capnp::{progress_hub, progress_sink};
 use capstan_schema::ProgressEvent;
 use futures::future::LocalBoxFuture;
 use futures::FutureExt;
@@ -56,6 +59,62 @@ impl progress_sink::Server for SinkServer {
         _params: progress_sink::FinishParams,
         _results: progress_sink::FinishResults,
     ) -> Result<(), capnp::Error> {
+        Ok(())
+    }
+}
+
+/// The connection's `ProgressHub`: the observers of its running operations, by number, for a
+/// provider that opens sinks only when an operation reports something.
+#[derive(Default)]
+pub(crate) struct Hub {
+    running: RefCell<HashMap<u64, Rc<dyn ProgressObserver>>>,
+    next: Cell<u64>,
+}
+
+impl Hub {
+    /// Numbers an operation whose progress goes to `observer`; the number is forgotten when
+    /// the returned guard is dropped (the call ended, or was dropped).
+    pub(crate) fn register(self: &Rc<Self>, observer: Rc<dyn ProgressObserver>) -> Running {
+        let operation = self.next.get() + 1;
+        self.next.set(operation);
+        self.running.borrow_mut().insert(operation, observer);
+        Running {
+            hub: self.clone(),
+            operation,
+        }
+    }
+}
+
+/// A numbered operation, registered with the hub while it runs.
+pub(crate) struct Running {
+    hub: Rc<Hub>,
+    pub(crate) operation: u64,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.hub.running.borrow_mut().remove(&self.operation);
+    }
+}
+
+pub(crate) struct HubServer(pub(crate) Rc<Hub>);
+
+impl progress_hub::Server for HubServer {
+    async fn open(
+        self: CapRc<Self>,
+        params: progress_hub::OpenParams,
+        mut results: progress_hub::OpenResults,
+    ) -> Result<(), capnp::Error> {
+        let operation = params.get()?.get_operation();
+        let observer = self.0.running.borrow().get(&operation).cloned();
+        let Some(observer) = observer else {
+            return Err(capnp::Error::failed(format!(
+                "operation {operation} is not running on this connection"
+            )));
+        };
+        results
+            .get()
+            .set_sink(capnp_rpc::new_client(SinkServer { observer }));
         Ok(())
     }
 }

@@ -60,7 +60,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_schema::provider_capnp::provider;
 pub use capstan_schema::{
     ErrorKind, Level, LogStream, OperationError, OperationKind, ProviderInfo, TraceContext,
 };
@@ -113,6 +112,8 @@ impl Provider {
                 max_concurrency: 0,
                 // `build_call` takes a read's or delete's inputs from `previousInputs`.
                 prior_inputs_once: true,
+                // Said per connection, in `hello`, when the core offers a hub.
+                opens_progress: false,
             },
             resources: HashMap::new(),
             cancel_grace: Duration::from_secs(5),
@@ -213,7 +214,7 @@ impl Provider {
         &self.info
     }
 
-    fn into_server(self, shutdown: CancellationToken) -> (provider::Client, usize) {
+    fn into_server(self, shutdown: CancellationToken) -> (server::ProviderServer, usize) {
         let limit = (self.info.max_concurrency > 0).then(|| {
             Arc::new(tokio::sync::Semaphore::new(
                 self.info.max_concurrency as usize,
@@ -226,8 +227,9 @@ impl Provider {
             limit,
             cancel_grace: self.cancel_grace,
             shutdown,
+            hub: Rc::default(),
         };
-        (capnp_rpc::new_client(server), self.max_message_words)
+        (server, self.max_message_words)
     }
 
     /// Serves the endpoint given by the environment (see [`Endpoint::from_env`]) until the
@@ -285,9 +287,9 @@ impl Provider {
         let name = self.info.name.clone();
         let shutdown = CancellationToken::new();
         let at_exit = self.at_exit.take();
-        let (client, max_words) = self.into_server(shutdown.clone());
+        let (server, max_words) = self.into_server(shutdown.clone());
         let result = local.block_on(&runtime, async {
-            let result = serve::serve_endpoint(endpoint, client, max_words, shutdown).await;
+            let result = serve::serve_endpoint(endpoint, server, max_words, shutdown).await;
             if let Some(at_exit) = at_exit {
                 at_exit().await;
             }
@@ -311,8 +313,8 @@ impl Provider {
         W: AsyncWrite + Unpin + 'static,
     {
         let at_exit = self.at_exit.take();
-        let (client, max_words) = self.into_server(CancellationToken::new());
-        let result = serve::rpc_system(reader, writer, client, max_words).await;
+        let (server, max_words) = self.into_server(CancellationToken::new());
+        let result = serve::rpc_system(reader, writer, server.connect(), max_words).await;
         if let Some(at_exit) = at_exit {
             at_exit().await;
         }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use capstan_schema::progress_capnp::progress_sink;
+use capstan_schema::progress_capnp::{progress_hub, progress_sink};
 use capstan_schema::ProgressEvent;
 use futures::future::LocalBoxFuture;
 
@@ -123,18 +123,79 @@ impl ProgressQueue {
     }
 }
 
-/// Drains `queue` into `sink` until the queue is closed and empty, then calls `finish()` —
-/// always, as `progress.capnp` asks: also when nothing was reported, and after a failed push
-/// (a host may wait for `finish()` before it takes the result). The one exception: when the
-/// core said `finish()` is optional for a silent operation (`silent_finish_optional`) and
-/// nothing was pushed, the call is skipped — a round trip per operation, a fifth of the
-/// throughput of no-op operations. Returns the first error the stream hit; after an error it
-/// keeps draining (and discarding) so producers never wait on a dead stream.
+/// Where an operation's progress goes: the sink its request carried, or one opened from the
+/// connection's hub (`ProgressHub.open`) when the operation first has something to send, so
+/// an operation that reports nothing makes no capability at all.
+pub(crate) enum SinkSource {
+    Given(progress_sink::Client),
+    Hub {
+        hub: progress_hub::Client,
+        operation: u64,
+    },
+}
+
+type OpenCall = capnp::capability::Promise<
+    capnp::capability::Response<progress_hub::open_results::Owned>,
+    capnp::Error,
+>;
+
+/// An operation's stream, its sink opened on first use.
+struct Stream {
+    source: SinkSource,
+    /// The `open` call, kept until the stream ends (its pipeline carries the sink).
+    opening: Option<OpenCall>,
+}
+
+impl Stream {
+    fn new(source: SinkSource) -> Self {
+        Stream {
+            source,
+            opening: None,
+        }
+    }
+
+    /// The sink, opened now if it comes from the hub and was not opened yet. The first
+    /// `push` is pipelined on the `open` call: opening costs no round trip of its own.
+    fn sink(&mut self) -> progress_sink::Client {
+        let sink = match &self.source {
+            SinkSource::Given(sink) => return sink.clone(),
+            SinkSource::Hub { hub, operation } => {
+                let mut request = hub.open_request();
+                request.get().set_operation(*operation);
+                let capnp::capability::RemotePromise { promise, pipeline } = request.send();
+                self.opening = Some(promise);
+                pipeline.get_sink()
+            }
+        };
+        self.source = SinkSource::Given(sink.clone());
+        sink
+    }
+
+    /// `finish()` on the sink (opened for it if need be); an error from `open` wins, as the
+    /// one that says why.
+    async fn finish(mut self) -> Result<(), capnp::Error> {
+        let finished = self.sink().finish_request().send().promise.await;
+        if let Some(opening) = self.opening.take() {
+            opening.await?;
+        }
+        finished.map(drop)
+    }
+}
+
+/// Drains `queue` into the operation's sink until the queue is closed and empty, then calls
+/// `finish()` — always, as `progress.capnp` asks: also when nothing was reported, and after a
+/// failed push (a host may wait for `finish()` before it takes the result). The one
+/// exception: when the core said `finish()` is optional for a silent operation
+/// (`silent_finish_optional`) and nothing was pushed, the call is skipped — a round trip per
+/// operation, a fifth of the throughput of no-op operations — and a sink from the hub is
+/// never opened. Returns the first error the stream hit; after an error it keeps draining
+/// (and discarding) so producers never wait on a dead stream.
 pub(crate) async fn pump(
     queue: Arc<ProgressQueue>,
-    sink: progress_sink::Client,
+    source: SinkSource,
     silent_finish_optional: bool,
 ) -> Result<(), capnp::Error> {
+    let mut stream = Stream::new(source);
     let mut failure = None;
     let mut pushed = false;
     while let Some(batch) = futures::future::poll_fn(|cx| queue.poll_batch(cx)).await {
@@ -142,7 +203,7 @@ pub(crate) async fn pump(
             continue;
         }
         pushed = true;
-        let mut request = sink.push_request();
+        let mut request = stream.sink().push_request();
         {
             let mut items = request.get().init_items(batch.len() as u32);
             for (n, event) in batch.iter().enumerate() {
@@ -156,19 +217,19 @@ pub(crate) async fn pump(
     if !pushed && silent_finish_optional {
         return Ok(());
     }
-    let finished = sink.finish_request().send().promise.await;
+    let finished = stream.finish().await;
     match (failure, finished) {
         (Some(e), _) | (None, Err(e)) => Err(e),
-        (None, Ok(_)) => Ok(()),
+        (None, Ok(())) => Ok(()),
     }
 }
 
 /// Ends the stream of an operation refused before it ran (a type the provider does not serve,
 /// a provider shutting down): `finish()`, as for any other, unless the core made it optional
 /// for an operation that pushed nothing. Its own error is not the operation's: ignored.
-pub(crate) async fn finish_unstarted(sink: &progress_sink::Client, silent_finish_optional: bool) {
+pub(crate) async fn finish_unstarted(source: SinkSource, silent_finish_optional: bool) {
     if !silent_finish_optional {
-        let _ = sink.finish_request().send().promise.await;
+        let _ = Stream::new(source).finish().await;
     }
 }
 

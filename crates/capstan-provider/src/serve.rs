@@ -5,6 +5,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::server::ProviderServer;
 use capnp_rpc::{rpc_twoparty_capnp::Side, RpcSystem};
 use capstan_schema::provider_capnp::provider;
 use futures::{AsyncRead, AsyncWrite};
@@ -228,7 +229,7 @@ fn bind_private(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
 
 async fn accept_loop(
     listener: UnixListener,
-    bootstrap: provider::Client,
+    server: ProviderServer,
     max_message_words: usize,
     stop: CancellationToken,
 ) -> Result<(), ServeError> {
@@ -237,7 +238,7 @@ async fn accept_loop(
             accepted = listener.accept() => {
                 let (stream, _) = accepted
                     .map_err(|e| ServeError::Io("accepting a connection".into(), e))?;
-                let system = stream_system(stream, bootstrap.clone(), max_message_words);
+                let system = stream_system(stream, server.connect(), max_message_words);
                 tokio::task::spawn_local(async move {
                     if let Err(e) = system.await {
                         tracing::debug!("connection ended: {e}");
@@ -253,7 +254,7 @@ async fn accept_loop(
 /// arrives (listening socket). SIGTERM also cancels every operation in flight.
 pub(crate) async fn serve_endpoint(
     endpoint: Endpoint,
-    bootstrap: provider::Client,
+    server: ProviderServer,
     max_message_words: usize,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
@@ -276,7 +277,7 @@ pub(crate) async fn serve_endpoint(
                 .map_err(|e| ServeError::Io("inherited listening socket".into(), e))?;
             let listener = UnixListener::from_std(listener)
                 .map_err(|e| ServeError::Io("inherited listening socket".into(), e))?;
-            accept_loop(listener, bootstrap, max_message_words, stop).await
+            accept_loop(listener, server, max_message_words, stop).await
         }
         Endpoint::Inherited(fd) => {
             let stream = std::os::unix::net::UnixStream::from(fd);
@@ -285,7 +286,7 @@ pub(crate) async fn serve_endpoint(
                 .map_err(|e| ServeError::Io("inherited socket".into(), e))?;
             let stream = UnixStream::from_std(stream)
                 .map_err(|e| ServeError::Io("inherited socket".into(), e))?;
-            let system = stream_system(stream, bootstrap, max_message_words);
+            let system = stream_system(stream, server.connect(), max_message_words);
             tokio::select! {
                 ended = system => {
                     if let Err(e) = ended {
@@ -299,7 +300,7 @@ pub(crate) async fn serve_endpoint(
         Endpoint::Listen(path) => {
             let (listener, _socket_file) = bind_private(&path)?;
             tracing::info!("listening at {}", path.display());
-            accept_loop(listener, bootstrap, max_message_words, stop).await
+            accept_loop(listener, server, max_message_words, stop).await
         }
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use capnp::capability::Rc as CapRc;
 use capstan_schema::info::negotiate_protocol;
+use capstan_schema::progress_capnp::{progress_hub, progress_sink};
 use capstan_schema::provider_capnp::{
     operation_request, operation_result, provider, resource_handle,
 };
@@ -20,10 +21,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::operation::Operation;
-use crate::progress::{finish_unstarted, pump, Gated, ProgressQueue};
+use crate::progress::{finish_unstarted, pump, Gated, ProgressQueue, SinkSource};
 use crate::resource::{Call, ErasedResource};
 use capstan_schema::OperationKind;
 
+/// One connection's `Provider`: every connection gets its own (see [`ProviderServer::connect`]),
+/// sharing the resources, the concurrency limit and the shutdown token.
+#[derive(Clone)]
 pub(crate) struct ProviderServer {
     pub(crate) info: ProviderInfo,
     pub(crate) resources: HashMap<String, Rc<dyn ErasedResource>>,
@@ -33,6 +37,19 @@ pub(crate) struct ProviderServer {
     pub(crate) cancel_grace: Duration,
     /// Fires on `shutdown()` (or SIGTERM): every operation's token is a child of it.
     pub(crate) shutdown: CancellationToken,
+    /// Where this connection's operations open their progress sinks: set by a `hello` that
+    /// offered one (`CoreInfo.progress`), after which requests carry no sink.
+    pub(crate) hub: Rc<RefCell<Option<progress_hub::Client>>>,
+}
+
+impl ProviderServer {
+    /// A `Provider` capability for one more connection: the same provider, with a progress
+    /// hub of its own (a hub belongs to the connection that offered it).
+    pub(crate) fn connect(&self) -> provider::Client {
+        let mut server = self.clone();
+        server.hub = Rc::default();
+        capnp_rpc::new_client(server)
+    }
 }
 
 /// A request read off the wire into owned values.
@@ -42,7 +59,10 @@ struct Request {
     inputs: String,
     previous_inputs: String,
     previous_outputs: String,
-    progress: capstan_schema::progress_capnp::progress_sink::Client,
+    /// The sink the request carried; none when the core numbers requests for its hub.
+    progress: Option<progress_sink::Client>,
+    /// The number to open the sink with from the hub (0: the request carried its sink).
+    operation: u64,
     /// The core does not need `finish()` when nothing was pushed.
     silent_finish_optional: bool,
     trace: TraceContext,
@@ -63,7 +83,12 @@ impl Request {
             inputs: reader.get_inputs()?.to_string()?,
             previous_inputs: reader.get_previous_inputs()?.to_string()?,
             previous_outputs: reader.get_previous_outputs()?.to_string()?,
-            progress: reader.get_progress()?,
+            progress: if reader.has_progress() {
+                Some(reader.get_progress()?)
+            } else {
+                None
+            },
+            operation: reader.get_operation(),
             silent_finish_optional: reader.get_silent_finish_optional(),
             trace: TraceContext::read(reader.get_trace()?),
             capabilities,
@@ -131,7 +156,26 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 }
 
 impl ProviderServer {
-    async fn run(&self, kind: OperationKind, request: Request) -> Result<Success, OperationError> {
+    async fn run(
+        &self,
+        kind: OperationKind,
+        mut request: Request,
+    ) -> Result<Success, OperationError> {
+        let hub = self.hub.borrow().clone();
+        let source = match (request.progress.take(), hub) {
+            (Some(sink), _) => SinkSource::Given(sink),
+            (None, Some(hub)) if request.operation != 0 => SinkSource::Hub {
+                hub,
+                operation: request.operation,
+            },
+            _ => {
+                return Err(OperationError::invalid_input(format!(
+                    "malformed {} request: no progress sink, and no operation number to open \
+                     one from the core's hub",
+                    kind.as_str()
+                )))
+            }
+        };
         let found = self.resources.get(&request.resource_type).cloned();
         let Some(resource) = found else {
             let mut known: Vec<&str> = self.resources.keys().map(|k| k.as_str()).collect();
@@ -143,17 +187,16 @@ impl ProviderServer {
                 known.join(", ")
             ));
             // Refused before it ran, but its stream is ended like any other's.
-            finish_unstarted(&request.progress, request.silent_finish_optional).await;
+            finish_unstarted(source, request.silent_finish_optional).await;
             return Err(refused);
         };
-        let mut request = request;
         let call = build_call(kind, &mut request);
         let permit = match &self.limit {
             Some(limit) => Some(limit.clone().acquire_owned().await.expect("never closed")),
             None => None,
         };
         if self.shutdown.is_cancelled() {
-            finish_unstarted(&request.progress, request.silent_finish_optional).await;
+            finish_unstarted(source, request.silent_finish_optional).await;
             return Err(OperationError::cancelled(format!(
                 "provider `{}` is shutting down",
                 self.info.name
@@ -161,7 +204,6 @@ impl ProviderServer {
         }
 
         let queue = Arc::new(ProgressQueue::new());
-        let progress = request.progress;
         let silent_finish_optional = request.silent_finish_optional;
         let cancel = self.shutdown.child_token();
         let op = Operation {
@@ -219,7 +261,7 @@ impl ProviderServer {
                 queue.close();
                 outcome
             },
-            pump(queue.clone(), progress, silent_finish_optional)
+            pump(queue.clone(), source, silent_finish_optional)
         );
         on_drop.armed = false;
         if let Err(e) = pumped {
@@ -359,7 +401,11 @@ impl provider::Server for ProviderServer {
         mut results: provider::HelloResults,
     ) -> Result<(), capnp::Error> {
         let core = params.get()?.get_core()?;
+        if core.has_progress() {
+            *self.hub.borrow_mut() = Some(core.get_progress()?);
+        }
         let mut info = self.info.clone();
+        info.opens_progress = self.hub.borrow().is_some();
         info.protocol = negotiate_protocol(
             (info.min_protocol, info.max_protocol),
             (core.get_min_protocol(), core.get_max_protocol()),

@@ -21,6 +21,10 @@ pub struct ProviderInfo {
     /// left empty for them).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub prior_inputs_once: bool,
+    /// It opens its operations' progress sinks from the core's hub (said only to a core that
+    /// offered one): requests then carry an operation number instead of a sink.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub opens_progress: bool,
 }
 
 /// One resource type a provider serves.
@@ -144,6 +148,7 @@ impl ProviderInfo {
             resource_types,
             max_concurrency: reader.get_max_concurrency(),
             prior_inputs_once: reader.get_prior_inputs_once(),
+            opens_progress: reader.get_opens_progress(),
         })
     }
 
@@ -156,6 +161,7 @@ impl ProviderInfo {
         builder.set_max_protocol(self.max_protocol);
         builder.set_max_concurrency(self.max_concurrency);
         builder.set_prior_inputs_once(self.prior_inputs_once);
+        builder.set_opens_progress(self.opens_progress);
         let mut types = builder.init_resource_types(self.resource_types.len() as u32);
         for (n, t) in self.resource_types.iter().enumerate() {
             let mut tb = types.reborrow().get(n as u32);
@@ -219,6 +225,7 @@ mod tests {
             max_protocol: 1,
             max_concurrency: 4,
             prior_inputs_once: true,
+            opens_progress: true,
             resource_types: vec![ResourceTypeInfo {
                 name: "file".into(),
                 description: "a file".into(),

@@ -104,6 +104,7 @@ pub fn provider_info(name: &str, schema: &wire::GetProviderSchemaResponse) -> Pr
         protocol: 0,
         max_concurrency: 0,
         prior_inputs_once: false,
+        opens_progress: false,
         resource_types: types,
     }
 }
