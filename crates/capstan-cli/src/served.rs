@@ -154,9 +154,14 @@ async fn terraform_here(
             }
         });
     }
-    let own = Arc::new(move |level: Option<&str>, line: String| {
-        // As a bridge process shows them by default: from `info` up.
-        if !matches!(level, Some("trace" | "debug")) {
+    let own = Arc::new(move |level: Option<&str>, line: String| match level {
+        // As a bridge process shows them: from `warn` up (and lines without a level) as the
+        // provider's; below, go-plugin's and the SDK's chatter ("configuring server automatic
+        // mTLS" at every start), which Terraform shows only when asked: with
+        // `RUST_LOG=terraform=debug` here.
+        Some("trace") => tracing::trace!(target: "terraform", "{line}"),
+        Some("debug" | "info") => tracing::debug!(target: "terraform", "{line}"),
+        _ => {
             let _ = lines.send(line);
         }
     });

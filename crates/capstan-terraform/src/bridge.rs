@@ -88,7 +88,10 @@ impl Host {
                 None => eprintln!("{message}"),
                 Some("trace") => tracing::trace!(target: "terraform", "{message}"),
                 Some("debug") => tracing::debug!(target: "terraform", "{message}"),
-                Some("info") => tracing::info!(target: "terraform", "{message}"),
+                // Below `warn`, a provider's own lines are go-plugin's and the SDK's chatter
+                // ("configuring server automatic mTLS" at every start): Terraform shows none
+                // of them unless `TF_LOG` asks; here `RUST_LOG=terraform=debug` does.
+                Some("info") => tracing::debug!(target: "terraform", "{message}"),
                 Some("warn") => tracing::warn!(target: "terraform", "{message}"),
                 Some(_) => tracing::error!(target: "terraform", "{message}"),
             }),

@@ -66,6 +66,19 @@ fn a_null_resource_is_applied_refreshed_and_destroyed_beside_local_resources() {
     // Read through the provider: nothing drifted.
     let plan = capstan(dir, &["plan", "--refresh", "--detailed-exitcode"]);
     assert_eq!(plan.status.code(), Some(0), "{}", shown(&plan));
+    // The provider's own chatter below `warn` (go-plugin's "configuring server automatic
+    // mTLS" at every start) is not shown, as Terraform shows none; asked for, it is.
+    let chatter = "configuring server automatic mTLS";
+    let stderr = String::from_utf8_lossy(&plan.stderr);
+    assert!(!stderr.contains(chatter), "{stderr}");
+    let asked = std::process::Command::new(crate::support::capstan_bin())
+        .args(["plan", "--refresh"])
+        .current_dir(dir)
+        .env("RUST_LOG", "terraform=debug")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&asked.stderr);
+    assert!(stderr.contains(chatter), "{stderr}");
     // Its triggers force a new resource: a change replaces it (deleted, then created), and
     // what refers to it follows. (Its ids come from an unseeded generator, so the new one may
     // equal the old: the replace is seen in its progress.)
