@@ -688,6 +688,7 @@ pub(super) fn postgres_bench(json_output: bool, quick: bool) {
 /// OTLP/HTTP to a receiver in this process (it takes every request and answers 200) and with
 /// the export off, interleaved round by round (each side first in turn), medians.
 pub(super) fn otel_bench(json_output: bool, quick: bool) {
+    const SMALL_ROUNDS: usize = 3;
     let (small, large) = if quick {
         (1_000, 10_000)
     } else {
@@ -698,25 +699,36 @@ pub(super) fn otel_bench(json_output: bool, quick: bool) {
     let port = receiver();
     let endpoint = format!("http://127.0.0.1:{port}");
     let mut figures: BTreeMap<(usize, &str), Vec<serde_json::Value>> = BTreeMap::new();
+    let run = |file: &Path, size: usize, side: &str| {
+        let envs: Vec<(&str, &str)> = if side == "on" {
+            vec![
+                ("CAPSTAN_BENCH_OTEL", "1"),
+                ("OTEL_TRACES_EXPORTER", "otlp"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ]
+        } else {
+            Vec::new()
+        };
+        run_apply_child_at(file, size, jobs, None, &envs)
+    };
+    // A 10k apply lasts ~0.15 s, and on a shared machine one pair of runs moves its ratio by
+    // ±0.1: three times the rounds there (they are cheap) for a median that holds still.
     interleaved(
-        rounds,
-        &[small, large],
+        rounds * SMALL_ROUNDS,
+        &[small],
         ["off", "on"],
         noop_deployment,
         &mut figures,
-        |file, size, side| {
-            let envs: Vec<(&str, &str)> = if side == "on" {
-                vec![
-                    ("CAPSTAN_BENCH_OTEL", "1"),
-                    ("OTEL_TRACES_EXPORTER", "otlp"),
-                    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
-                    ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-                ]
-            } else {
-                Vec::new()
-            };
-            run_apply_child_at(file, size, jobs, None, &envs)
-        },
+        run,
+    );
+    interleaved(
+        rounds,
+        &[large],
+        ["off", "on"],
+        noop_deployment,
+        &mut figures,
+        run,
     );
     let median_of = |size: usize, side: &str| {
         median(
@@ -760,6 +772,16 @@ pub(super) fn otel_bench(json_output: bool, quick: bool) {
         ],
         "sizes": [small, large],
         "rounds": rounds,
+        "rounds_10k": rounds * SMALL_ROUNDS,
+        // Each round's pair on its own: how far one pair strays from the median.
+        "otel_on_ratio_10k_pairs": figures[&(small, "off")]
+            .iter()
+            .zip(&figures[&(small, "on")])
+            .map(|(off, on)| {
+                let seconds = |f: &serde_json::Value| f["apply_seconds"].as_f64().unwrap();
+                (seconds(off) / seconds(on) * 100.0).round() / 100.0
+            })
+            .collect::<Vec<_>>(),
         "jobs": jobs,
     });
     if json_output {
