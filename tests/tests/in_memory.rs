@@ -846,3 +846,58 @@ fn a_core_with_a_hub_gets_a_sink_opened_only_by_operations_that_report() {
         assert!(message.contains("no progress sink"), "{message}");
     });
 }
+
+/// A connection that ended lets go of everything it held: the provider's resources are
+/// dropped once the host has gone. (The progress hub a host offers is a capability that holds
+/// the connection, and the connection holds the provider: kept past the end, that cycle kept
+/// every connection a standing provider ever served.)
+#[test]
+fn a_connection_that_ended_frees_the_provider_it_served() {
+    struct Tracked(Rc<Cell<bool>>);
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.0.set(true);
+        }
+    }
+    impl Resource for Tracked {
+        type Inputs = Value;
+        type Outputs = Value;
+        fn resource_type() -> ResourceType {
+            ResourceType::new("tracked")
+        }
+        async fn create(&self, op: &Operation, inputs: Value) -> Result<Value, OperationError> {
+            // Reports something, so the operation opens a sink from the hub.
+            op.event(capstan_schema::Level::Info, "made").await;
+            Ok(inputs)
+        }
+    }
+    run_local(async {
+        let dropped = Rc::new(Cell::new(false));
+        let provider = Provider::new("mem", "0.0.1").resource(Tracked(dropped.clone()));
+        let h = connect(provider, 65536).await;
+        assert!(
+            h.connection.info().opens_progress,
+            "the SDK opens its sinks"
+        );
+        let recorder = Recorder::default();
+        h.connection
+            .call(create("tracked", json!({"a": 1})), recorder.observer())
+            .await
+            .expect("created");
+        assert!(!dropped.get());
+        h.connection.shutdown().await;
+        tokio::time::timeout(std::time::Duration::from_secs(10), h.server)
+            .await
+            .expect("the provider's side ends with the connection")
+            .unwrap()
+            .ok();
+        // Whatever the RPC system's tasks still had to do with the ended connection.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            dropped.get(),
+            "the provider's resources outlived its connection"
+        );
+    });
+}

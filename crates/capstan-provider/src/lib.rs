@@ -314,7 +314,9 @@ impl Provider {
     {
         let at_exit = self.at_exit.take();
         let (server, max_words) = self.into_server(CancellationToken::new());
-        let result = serve::rpc_system(reader, writer, server.connect(), max_words).await;
+        let (client, connected) = server.connect();
+        let result = serve::rpc_system(reader, writer, client, max_words).await;
+        drop(connected);
         if let Some(at_exit) = at_exit {
             at_exit().await;
         }

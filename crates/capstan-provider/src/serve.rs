@@ -238,11 +238,13 @@ async fn accept_loop(
             accepted = listener.accept() => {
                 let (stream, _) = accepted
                     .map_err(|e| ServeError::Io("accepting a connection".into(), e))?;
-                let system = stream_system(stream, server.connect(), max_message_words);
+                let (client, connected) = server.connect();
+                let system = stream_system(stream, client, max_message_words);
                 tokio::task::spawn_local(async move {
                     if let Err(e) = system.await {
                         tracing::debug!("connection ended: {e}");
                     }
+                    drop(connected);
                 });
             }
             () = stop.cancelled() => return Ok(()),
@@ -286,7 +288,8 @@ pub(crate) async fn serve_endpoint(
                 .map_err(|e| ServeError::Io("inherited socket".into(), e))?;
             let stream = UnixStream::from_std(stream)
                 .map_err(|e| ServeError::Io("inherited socket".into(), e))?;
-            let system = stream_system(stream, server.connect(), max_message_words);
+            let (client, _connected) = server.connect();
+            let system = stream_system(stream, client, max_message_words);
             tokio::select! {
                 ended = system => {
                     if let Err(e) = ended {

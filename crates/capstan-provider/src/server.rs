@@ -44,11 +44,25 @@ pub(crate) struct ProviderServer {
 
 impl ProviderServer {
     /// A `Provider` capability for one more connection: the same provider, with a progress
-    /// hub of its own (a hub belongs to the connection that offered it).
-    pub(crate) fn connect(&self) -> provider::Client {
+    /// hub of its own (a hub belongs to the connection that offered it). Keep the returned
+    /// [`Connected`] until the connection has ended.
+    pub(crate) fn connect(&self) -> (provider::Client, Connected) {
         let mut server = self.clone();
         server.hub = Rc::default();
-        capnp_rpc::new_client(server)
+        let connected = Connected(server.hub.clone());
+        (capnp_rpc::new_client(server), connected)
+    }
+}
+
+/// One connection's hold on its progress hub; dropped when the connection has ended, it lets
+/// the hub go. Without it the connection would never be freed: its state holds this
+/// `Provider` (the bootstrap capability, kept to the end), which held the hub, a capability
+/// that holds the connection's state.
+pub(crate) struct Connected(Rc<RefCell<Option<progress_hub::Client>>>);
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.borrow_mut().take();
     }
 }
 
