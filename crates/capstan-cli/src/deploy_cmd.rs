@@ -96,13 +96,19 @@ impl Place {
         let Ok(text) = std::fs::read_to_string(&file) else {
             return Ok(None);
         };
-        let Ok(Value::Object(top)) = serde_json::from_str::<Value>(&text) else {
+        // The top level's members as raw text: the resources are scanned, not built into a
+        // tree (a deployment of a million resources would be parsed twice more).
+        let Ok(members) = capstan_schema::json::object_members(&text) else {
             return Ok(None);
         };
-        match top.get("state") {
+        let state = members
+            .iter()
+            .find(|(key, _)| key == "state")
+            .map(|(_, raw)| serde_json::from_str::<Value>(raw.get()).unwrap_or(Value::Null));
+        match state {
             Some(Value::String(text)) if !text.trim().is_empty() => {
                 let store =
-                    Store::parse(text).map_err(|e| format!("{}: `state`: {e}", file.display()))?;
+                    Store::parse(&text).map_err(|e| format!("{}: `state`: {e}", file.display()))?;
                 Ok(Some(match store {
                     Store::Dir(dir) if dir.is_relative() => {
                         Store::Dir(capstan_engine::model::dir_of(&file).join(dir))

@@ -116,3 +116,44 @@ fn operations_of_a_running_apply_are_in_flight_not_interrupted() {
     let said = String::from_utf8_lossy(&plan.stderr);
     assert!(!said.contains("in flight"), "{said}");
 }
+
+/// A deployment that says where its state is (`"state": DIR`, relative to the deployment)
+/// has it kept there, and every command finds it there; nothing is made at the default place.
+#[test]
+fn a_state_directory_the_deployment_declares_is_used_by_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("deploy")).unwrap();
+    std::fs::write(
+        dir.path().join("deploy/capstan.json"),
+        r#"{"state": "../kept", "providers": {"local": {"builtin": "local"}}, "resources": {
+            "m": {"provider": "local", "type": "memo", "inputs": {"value": 1}}}}"#,
+    )
+    .unwrap();
+    let capstan = |args: &[&str]| {
+        Command::new(capstan_bin())
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let apply = capstan(&["apply", "-f", "deploy/capstan.json"]);
+    assert!(apply.status.success(), "{}", crate::support::shown(&apply));
+    assert!(
+        dir.path().join("kept/journal").exists(),
+        "the state is where it says"
+    );
+    assert!(!dir.path().join("deploy/.capstan").exists());
+    assert!(!dir.path().join(".capstan").exists());
+    let list = capstan(&["state", "list", "-f", "deploy/capstan.json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout).trim(),
+        "m\tlocal.memo"
+    );
+    let plan = capstan(&["plan", "-f", "deploy/capstan.json", "--detailed-exitcode"]);
+    assert_eq!(
+        plan.status.code(),
+        Some(0),
+        "{}",
+        crate::support::shown(&plan)
+    );
+}

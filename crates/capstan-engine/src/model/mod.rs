@@ -407,11 +407,12 @@ impl Deployment {
 
     fn check_static(&self) -> Result<(), (String, String)> {
         for r in self.resources.values() {
-            let place = format!("resources.{}", r.address);
+            // Made only for an error: a string per resource otherwise.
+            let place = || format!("resources.{}", r.address);
             if !self.providers.contains_key(&r.provider) {
                 let known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
                 return Err((
-                    format!("{place}.provider"),
+                    format!("{}.provider", place()),
                     format!(
                         "unknown provider `{}`; declared providers: {}",
                         r.provider,
@@ -422,7 +423,7 @@ impl Deployment {
             let v0 = self.providers[&r.provider].protocol.as_deref() == Some(NIXOPS4_V0);
             if v0 && r.outputs.is_none() {
                 return Err((
-                    format!("{place}.outputs"),
+                    format!("{}.outputs", place()),
                     format!(
                         "missing: `{}` speaks NixOps4 v0, which cannot describe itself; list this resource's output names, e.g. \"outputs\": [\"value\"]",
                         r.provider
@@ -497,7 +498,8 @@ impl Deployment {
             message,
         };
         for r in self.resources.values() {
-            let place = format!("resources.{}", r.address);
+            // Made only for an error: a string per resource otherwise.
+            let place = || format!("resources.{}", r.address);
             let Some(info) = infos.get(&r.provider) else {
                 continue;
             };
@@ -508,7 +510,7 @@ impl Deployment {
                     .map(|t| t.name.as_str())
                     .collect();
                 return Err(err(
-                    format!("{place}.type"),
+                    format!("{}.type", place()),
                     format!(
                         "provider `{}` has no resource type `{}`; it serves: {}",
                         r.provider,
@@ -522,7 +524,7 @@ impl Deployment {
                 if !rtype.inputs.iter().any(|i| &i.name == key) {
                     let known: Vec<&str> = rtype.inputs.iter().map(|i| i.name.as_str()).collect();
                     return Err(err(
-                        format!("{place}.inputs.{key}"),
+                        format!("{}.inputs.{key}", place()),
                         format!(
                             "`{}` has no input `{key}`; its inputs: {}",
                             r.resource_type,
@@ -534,7 +536,7 @@ impl Deployment {
             for input in rtype.inputs.iter().filter(|i| i.required) {
                 if !keys.contains(&input.name) {
                     return Err(err(
-                        format!("{place}.inputs"),
+                        format!("{}.inputs", place()),
                         format!(
                             "missing required input `{}` of `{}`",
                             input.name, r.resource_type
