@@ -853,7 +853,15 @@ fn read_stored_sealed(dir: &Path) -> Result<(State, LoadReport), StateError> {
         let mut report = LoadReport::default();
         if let Some(file) = journal {
             use std::os::unix::fs::MetadataExt;
-            let opened = file.metadata().map_err(io(&journal_path))?.ino();
+            let metadata = file.metadata().map_err(io(&journal_path))?;
+            let opened = metadata.ino();
+            // Room for what the journal may add, made once (growing a map of a million
+            // resources by doubling copies it into fresh memory at each step): a resource's
+            // records take a few hundred bytes; a guess too low only grows the map, and room
+            // that cannot be had is not taken.
+            let _ = state
+                .resources
+                .try_reserve((metadata.len() / JOURNAL_BYTES_PER_RESOURCE) as usize);
             for_each_line(file, &journal_path, |number, line, whole| {
                 match decode_bytes(line) {
                     Some(record) => {
@@ -877,6 +885,10 @@ fn read_stored_sealed(dir: &Path) -> Result<(State, LoadReport), StateError> {
         return Ok((state, report));
     }
 }
+
+/// About how many journal bytes one resource's records take, at the least that matters (an
+/// intent and a result of a small resource).
+const JOURNAL_BYTES_PER_RESOURCE: u64 = 256;
 
 /// Calls `each(number, text, whole)` for every non-empty line of a journal, where `whole`
 /// says whether the line ended with a line break (only the last one can lack it).

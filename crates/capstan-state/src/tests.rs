@@ -607,3 +607,45 @@ fn passwords_on_a_command_line_are_hidden() {
         "capstan apply --jobs 4"
     );
 }
+
+/// A snapshot now starts with its number of resources (the reader makes room for them at
+/// once); one an older capstan wrote has none and reads the same, and a count no snapshot of
+/// that size could hold reserves no more than the snapshot's bytes allow.
+#[test]
+fn snapshots_with_and_without_a_count_read_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = {
+        let mut backend = DirectoryBackend::open(dir.path(), Duration::ZERO).unwrap();
+        let (mut state, _) = backend.load().unwrap();
+        let records: Vec<Record> = (0..3).map(|n| done(&format!("r{n}"), n)).collect();
+        block_on(append_durably(&backend, records.clone())).unwrap();
+        for record in &records {
+            state.apply(record);
+        }
+        backend.compact(&state).unwrap();
+        backend.load().unwrap().0
+    };
+    assert_eq!(state.resources.len(), 3);
+    let snapshot = dir.path().join("snapshot.json");
+    let text = std::fs::read_to_string(&snapshot).unwrap();
+    assert!(text.starts_with("{\"count\":3,\"resources\":{"), "{text}");
+    let body = |state: &State| serde_json::to_string(state).unwrap();
+    for written in [
+        // As an older capstan wrote it: no count, no checksum.
+        body(&state),
+        // A count far beyond what the bytes could hold.
+        body(&state).replacen('{', "{\"count\":1000000000000,", 1),
+        // Fields in another order, and one this capstan does not know.
+        format!(
+            "{{\"pending\":{{}},\"future\":[1,2],\"resources\":{}}}",
+            serde_json::to_string(&state.resources).unwrap()
+        ),
+    ] {
+        std::fs::write(&snapshot, format!("{written}\n")).unwrap();
+        let read = read_snapshot(&snapshot).unwrap();
+        assert_eq!(read, state, "{written}");
+    }
+    std::fs::write(&snapshot, "{\"count\":1,\"pending\":{}}\n").unwrap();
+    let message = read_snapshot(&snapshot).err().unwrap().to_string();
+    assert!(message.contains("missing field `resources`"), "{message}");
+}

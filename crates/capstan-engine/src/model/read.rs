@@ -275,7 +275,7 @@ pub(super) fn collect_resources(
     first.truncate(total - second.len());
     let (a, b) = std::thread::scope(|scope| {
         let later = scope.spawn(|| {
-            let mut part = AddressMap::default();
+            let mut part = AddressMap::with_capacity_and_hasher(second.len(), Default::default());
             collect_members(second, prefix, params, &mut part).map(|()| part)
         });
         // Room for both halves, so the second is appended without moving the first.
