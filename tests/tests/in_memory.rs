@@ -102,6 +102,9 @@ impl Resource for Blocker {
         ResourceType::new("blocker")
     }
     async fn create(&self, op: &Operation, _inputs: Value) -> Result<Value, OperationError> {
+        // Reported before it blocks: its sink is open (from the core's hub) when the call is
+        // dropped.
+        op.event(capstan_schema::Level::Info, "blocking").await;
         self.0.started.notify_one();
         op.cancelled().await;
         self.0.saw_cancel.set(true);
@@ -477,7 +480,7 @@ fn dropping_a_call_cancels_the_operation_in_the_provider() {
         call.abort();
         probe.cancelled.notified().await;
         assert!(probe.saw_cancel.get());
-        // The connection is still good.
+        // The connection is still good, its progress too.
         let ok = connection
             .call(
                 create("echo", json!({"value": 1})),
@@ -485,6 +488,17 @@ fn dropping_a_call_cancels_the_operation_in_the_provider() {
             )
             .await;
         assert!(ok.is_ok());
+        let rec = Recorder::default();
+        connection
+            .call(create("flood", json!({"count": 10})), rec.observer())
+            .await
+            .expect("a reporting operation after the cancelled one");
+        let events = rec
+            .events()
+            .into_iter()
+            .filter(|e| matches!(e.kind, ProgressKind::Event { .. }))
+            .count();
+        assert_eq!(events, 10);
     });
 }
 
