@@ -615,6 +615,26 @@ fn a_vanished_provider_fails_pending_calls_with_a_disconnect() {
     });
 }
 
+/// The SDK's provider served in memory to a host written against the schema alone (plain
+/// capnp-rpc over Capstan's transport, no `ProviderConnection`): its `Provider` capability.
+async fn raw_connection() -> capstan_schema::provider_capnp::provider::Client {
+    let (host_end, provider_end) = tokio::io::duplex(64 * 1024);
+    let (pr, pw) = tokio::io::split(provider_end);
+    let probe = Rc::default();
+    tokio::task::spawn_local(provider(&probe).serve_stream(pr.compat(), pw.compat_write()));
+    let (hr, hw) = tokio::io::split(host_end);
+    let mut rpc = capstan_transport::rpc_system(
+        hr.compat(),
+        hw.compat_write(),
+        capnp_rpc::rpc_twoparty_capnp::Side::Client,
+        None,
+        capstan_transport::TransportOptions::default(),
+    );
+    let client = rpc.bootstrap(capnp_rpc::rpc_twoparty_capnp::Side::Server);
+    tokio::task::spawn_local(rpc);
+    client
+}
+
 /// A host written against the schema alone, whose progress sink counts `finish()` and only
 /// takes a result once `finish()` has arrived: the SDK must call it for every operation,
 /// including one that reported nothing and one refused before it ran (a type the provider
@@ -622,7 +642,6 @@ fn a_vanished_provider_fails_pending_calls_with_a_disconnect() {
 #[test]
 fn finish_is_called_for_every_operation_even_one_that_reported_nothing() {
     use capstan_schema::progress_capnp::progress_sink;
-    use capstan_schema::provider_capnp::provider;
 
     struct CountingSink(Rc<Cell<u32>>, Rc<Notify>);
     impl progress_sink::Server for CountingSink {
@@ -644,20 +663,7 @@ fn finish_is_called_for_every_operation_even_one_that_reported_nothing() {
     }
 
     run_local(async {
-        let (host_end, provider_end) = tokio::io::duplex(64 * 1024);
-        let (pr, pw) = tokio::io::split(provider_end);
-        let probe = Rc::default();
-        tokio::task::spawn_local(provider(&probe).serve_stream(pr.compat(), pw.compat_write()));
-        let (hr, hw) = tokio::io::split(host_end);
-        let mut rpc = capstan_transport::rpc_system(
-            hr.compat(),
-            hw.compat_write(),
-            capnp_rpc::rpc_twoparty_capnp::Side::Client,
-            None,
-            capstan_transport::TransportOptions::default(),
-        );
-        let client: provider::Client = rpc.bootstrap(capnp_rpc::rpc_twoparty_capnp::Side::Server);
-        tokio::task::spawn_local(rpc);
+        let client = raw_connection().await;
         for (resource_type, inputs, succeeds) in [
             ("echo", r#"{"value": 1}"#, true),
             ("nested", "{}", true),
@@ -751,24 +757,6 @@ fn a_core_with_a_hub_gets_a_sink_opened_only_by_operations_that_report() {
                 .set_sink(capnp_rpc::new_client(Sink(self.0.clone())));
             Ok(())
         }
-    }
-
-    async fn raw_connection() -> provider::Client {
-        let (host_end, provider_end) = tokio::io::duplex(64 * 1024);
-        let (pr, pw) = tokio::io::split(provider_end);
-        let probe = Rc::default();
-        tokio::task::spawn_local(provider(&probe).serve_stream(pr.compat(), pw.compat_write()));
-        let (hr, hw) = tokio::io::split(host_end);
-        let mut rpc = capstan_transport::rpc_system(
-            hr.compat(),
-            hw.compat_write(),
-            capnp_rpc::rpc_twoparty_capnp::Side::Client,
-            None,
-            capstan_transport::TransportOptions::default(),
-        );
-        let client = rpc.bootstrap(capnp_rpc::rpc_twoparty_capnp::Side::Server);
-        tokio::task::spawn_local(rpc);
-        client
     }
 
     async fn hello(client: &provider::Client, hub: Option<progress_hub::Client>) -> bool {
