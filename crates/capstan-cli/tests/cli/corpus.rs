@@ -638,9 +638,11 @@ fn cases() -> Vec<Case> {
             state_untouched: false,
             ..bad(
                 "",
+                // No resource that succeeds beside them: its line raced with theirs (a
+                // success is shown once its record is durable, a start at once), and the
+                // snapshot then failed one run in a few under load.
                 r#"{"providers": {"local": {"builtin": "local"}}, "resources": {
   "web1": {"provider": "local", "type": "exec", "inputs": {"command": "no-such-program-capstan"}},
-  "web2": {"provider": "local", "type": "memo", "inputs": {"value": "fine"}},
   "after": {"provider": "local", "type": "memo", "inputs": {"value": {"$ref": "web1#stdout"}}}
 }}"#,
                 &["apply", "-j", "1"],
