@@ -37,8 +37,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// capstan (SIGKILL included), no process started for the run outlives it. A closed output
 /// (`capstan apply | head`) does not stop a run: it finishes without output.
 ///
-/// Built-in providers: `local` (types file, exec, memo) and `nix` (build, activate);
-/// `capstan provider describe local` shows their inputs and outputs.
+/// Built-in providers: `local` (types file, exec, memo), `nix` (build, activate) and
+/// `machine` (nixos: NixOS machines over SSH); `capstan provider describe local` shows their
+/// inputs and outputs.
 ///
 /// Exit codes: 0 success, 1 some resource failed (or "delete everything?" was declined), 2
 /// invalid deployment or usage, 130 / 143 / 129 stopped by SIGINT / SIGTERM / SIGHUP, 141

@@ -48,8 +48,9 @@ pub enum ProviderCmd {
 /// Which provider to talk to: a built-in one by name, a program, or a socket.
 #[derive(Args)]
 pub struct Target {
-    /// A provider built into capstan: `local` (file, exec, memo) or `nix` (build, activate).
-    #[arg(value_name = "BUILTIN", value_parser = ["local", "nix"], conflicts_with_all = ["socket", "command"])]
+    /// A provider built into capstan: `local` (file, exec, memo), `nix` (build, activate) or
+    /// `machine` (nixos: NixOS machines over SSH).
+    #[arg(value_name = "BUILTIN", value_parser = clap::builder::PossibleValuesParser::new(capstan_cli::served::BUILTINS), conflicts_with_all = ["socket", "command"])]
     builtin: Option<String>,
     /// Connect to a provider already listening at this Unix socket instead of starting one.
     #[arg(long, value_name = "PATH", conflicts_with = "command")]

@@ -212,3 +212,27 @@ fn a_flood_of_output_is_counted_not_relayed() {
         out.stderr.len()
     );
 }
+
+/// Every provider a deployment may name as `{"builtin": NAME}` can be described by that name
+/// (`machine` was refused here while deployments took it).
+#[test]
+fn every_builtin_provider_can_be_described() {
+    for (name, types) in [
+        ("local", &["file", "exec", "memo"][..]),
+        ("nix", &["build", "activate"][..]),
+        ("machine", &["nixos"][..]),
+    ] {
+        let out = capstan(&["provider", "describe", name]);
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let described: Vec<&str> = info["resourceTypes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        for t in types {
+            assert!(described.contains(t), "{name}: {described:?} lacks {t}");
+        }
+    }
+}
