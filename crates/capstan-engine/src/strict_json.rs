@@ -88,10 +88,11 @@ pub fn check_unique<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<(), S
     // Sized once and hashed with FNV: a group of a million resources checked here grew a
     // SipHash set by doubling.
     let keys = keys.into_iter();
-    let mut seen: std::collections::HashSet<
-        &str,
-        std::hash::BuildHasherDefault<capstan_state::maps::Fnv>,
-    > = std::collections::HashSet::with_capacity_and_hasher(keys.size_hint().0, Default::default());
+    let mut seen: capstan_state::maps::FastSet<&str> =
+        capstan_state::maps::FastSet::with_capacity_and_hasher(
+            keys.size_hint().0,
+            Default::default(),
+        );
     for key in keys {
         if !seen.insert(key) {
             return Err(StrictError::DuplicateKey(key.to_string()));

@@ -35,5 +35,8 @@ impl std::hash::Hasher for Fnv {
 /// A hash map with FNV.
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
 
+/// A hash set with FNV.
+pub type FastSet<K> = std::collections::HashSet<K, BuildHasherDefault<Fnv>>;
+
 /// Resources by address, in insertion order (address order after loading).
 pub type AddressMap<V> = indexmap::IndexMap<String, V, BuildHasherDefault<Fnv>>;

@@ -31,7 +31,7 @@ pub(crate) fn read_snapshot(path: &Path) -> Result<State, StateError> {
         None => &bytes[..],
     };
     // No resource takes fewer than 16 bytes of a snapshot: a count above that is not believed.
-    let seed = Uncounted {
+    let seed = CountedReader {
         limit: body.len() / 16,
     };
     let mut reader = serde_json::Deserializer::from_slice(body);
@@ -189,11 +189,11 @@ impl Serialize for Counted<'_> {
 /// Reads a snapshot: a state, its `count` (when the snapshot has one: older ones do not)
 /// sizing the map before the resources are read. `limit` caps what a count may reserve (a
 /// resource takes more bytes than this many in any snapshot).
-struct Uncounted {
+struct CountedReader {
     limit: usize,
 }
 
-impl<'de> DeserializeSeed<'de> for Uncounted {
+impl<'de> DeserializeSeed<'de> for CountedReader {
     type Value = State;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<State, D::Error> {
@@ -201,7 +201,7 @@ impl<'de> DeserializeSeed<'de> for Uncounted {
     }
 }
 
-impl<'de> Visitor<'de> for Uncounted {
+impl<'de> Visitor<'de> for CountedReader {
     type Value = State;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

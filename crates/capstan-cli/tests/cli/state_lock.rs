@@ -129,13 +129,7 @@ fn a_state_directory_the_deployment_declares_is_used_by_every_command() {
             "m": {"provider": "local", "type": "memo", "inputs": {"value": 1}}}}"#,
     )
     .unwrap();
-    let capstan = |args: &[&str]| {
-        Command::new(capstan_bin())
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap()
-    };
+    let capstan = |args: &[&str]| crate::support::capstan_in(dir.path(), args);
     let apply = capstan(&["apply", "-f", "deploy/capstan.json"]);
     assert!(apply.status.success(), "{}", crate::support::shown(&apply));
     assert!(
