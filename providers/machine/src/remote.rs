@@ -2,21 +2,57 @@
 //! Nix's `nix-env`: what every NixOS has). Paths and names travel as arguments, never
 //! spliced into the text; secrets travel on stdin, never as arguments.
 
-/// Shell that prints what runs: `profile LINK TARGET` for the profile `$p`, and `running
-/// TARGET` (`-` for none).
-macro_rules! what_runs {
+/// Shell that sets `link` (what the profile `$1` points at), `real` (where that leads) and
+/// `run` (where `/run/current-system` leads), each empty for none, with one `readlink` per
+/// kind of question (each is a process, and a deployment asks on every host).
+macro_rules! links {
     () => {
         r#"
-if [ -L "$p" ]; then echo "profile $(readlink "$p") $(readlink -f "$p")"; else echo "profile - -"; fi
-if [ -L /run/current-system ]; then echo "running $(readlink -f /run/current-system)"; else echo "running -"; fi
+links() {
+  link= real= run=
+  if [ -L "$1" ]; then
+    link=$(readlink "$1")
+    if [ -L /run/current-system ]; then
+      both=$(readlink -f "$1" /run/current-system)
+      case $both in
+        *'
+'*) real=${both%%'
+'*} run=${both#*'
+'} ;;
+        *) real=$(readlink -f "$1") run=$(readlink -f /run/current-system) ;;
+      esac
+    else
+      real=$(readlink -f "$1")
+    fi
+  elif [ -L /run/current-system ]; then
+    run=$(readlink -f /run/current-system)
+  fi
+}
 "#
     };
 }
 
-/// Sourced by the worker, the watchdog and a rollback asked for later: how to go back to
+/// Shell that prints what runs: `profile LINK TARGET` for the profile `$p`, and `running
+/// TARGET` (`-` for none).
+macro_rules! what_runs {
+    () => {
+        concat!(
+            links!(),
+            r#"
+links "$p"
+echo "profile ${link:--} ${real:--}"
+echo "running ${run:--}"
+"#
+        )
+    };
+}
+
+/// Sourced by the worker (so by its watchdog too) and by a rollback asked for later: how to go back to
 /// what ran before. Needs `profile`, `goal` and `dir` (where the activation keeps its notes:
 /// `prevlink`, `prev`, `running`, `newlink`).
-const LIB: &str = r#"
+const LIB: &str = concat!(
+    links!(),
+    r#"
 num() { l=${1%-link}; echo "${l##*-}"; }
 say() { echo "@capstan $*"; }
 rollback() {
@@ -43,7 +79,8 @@ rollback() {
   fi
   echo "$1" > "$dir/rolledback"
 }
-"#;
+"#
+);
 
 /// Activates, detached from the SSH session (a configuration that cuts the connection cannot
 /// cut the activation short): sets the profile (for `switch` and `boot`), runs
@@ -54,9 +91,8 @@ set -u
 profile=$1 system=$2 goal=$3 dir=$4 confirm=$5 timeout=$6
 . "$dir/lib.sh"
 finish() { echo "$1" > "$dir/status.tmp"; mv "$dir/status.tmp" "$dir/status"; exit "$1"; }
-prevlink= prev= running=
-if [ -L "$profile" ]; then prevlink=$(readlink "$profile"); prev=$(readlink -f "$profile"); fi
-[ -L /run/current-system ] && running=$(readlink -f /run/current-system)
+links "$profile"
+prevlink=$link prev=$real running=$run
 printf '%s\n' "$prevlink" > "$dir/prevlink"
 printf '%s\n' "$prev" > "$dir/prev"
 printf '%s\n' "$running" > "$dir/running"
@@ -109,25 +145,19 @@ if ! "$system/bin/switch-to-configuration" "$goal"; then
   finish 3
 fi
 if [ "$confirm" = 1 ]; then
-  setsid sh "$dir/watchdog" "$@" </dev/null >>"$dir/watchdog.log" 2>&1 &
-  echo "$!" > "$dir/watchdog.pid"
+  # The watchdog: a subshell left running in this worker's session and process group
+  # (the worker leads both, and exits right after), so stopping that group stops it.
+  (
+    sleep "$timeout"
+    if mkdir "$dir/claim" 2>/dev/null; then
+      echo watchdog > "$dir/claim/by"
+      rollback "it was not confirmed over a new SSH connection within ${timeout} s"
+    fi
+  ) </dev/null >>"$dir/watchdog.log" 2>&1 &
+  echo "$$" > "$dir/watchdog.pid"
   say waiting "$timeout"
 fi
 finish 0
-"#;
-
-/// Sleeps until the deadline, then claims the activation and rolls back, unless the deployer
-/// claimed it first (`$dir/claim`, made over a new connection; the deployer then stops this
-/// watchdog, its process group, so nothing lingers).
-const WATCHDOG: &str = r#"
-set -u
-profile=$1 system=$2 goal=$3 dir=$4 confirm=$5 timeout=$6
-. "$dir/lib.sh"
-sleep "$timeout"
-if mkdir "$dir/claim" 2>/dev/null; then
-  echo watchdog > "$dir/claim/by"
-  rollback "it was not confirmed over a new SSH connection within ${timeout} s"
-fi
 "#;
 
 /// Run over the master connection: writes the scripts (with the shell's own `printf`: no
@@ -143,7 +173,6 @@ umask 077
 mkdir "$dir"
 printf '%s' {lib} > "$dir/lib.sh"
 printf '%s' {worker} > "$dir/worker"
-printf '%s' {watchdog} > "$dir/watchdog"
 : > "$dir/log"
 setsid sh "$dir/worker" "$@" </dev/null >"$dir/log" 2>&1 &
 pid=$!
@@ -155,7 +184,6 @@ exit "$status"
 "#,
         lib = quote(LIB),
         worker = quote(WORKER),
-        watchdog = quote(WATCHDOG),
     )
 }
 
@@ -252,7 +280,6 @@ mod tests {
             ("launcher", launcher()),
             ("lib", LIB.to_string()),
             ("worker", WORKER.to_string()),
-            ("watchdog", WATCHDOG.to_string()),
             ("confirm", CONFIRM.to_string()),
             ("outcome", OUTCOME.to_string()),
             ("rollback", ROLLBACK.to_string()),

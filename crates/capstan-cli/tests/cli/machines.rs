@@ -128,6 +128,16 @@ fn a_machine_is_deployed_changed_and_a_no_op_apply_never_logs_in() {
     assert_eq!(outputs["system"], one.as_str());
     assert_eq!(outputs["generation"], 1);
     assert_eq!(outputs["running"], one.as_str());
+    // Confirmed: the watchdog was stopped, and no activation is left running on the machine.
+    assert!(
+        web.capstan_processes().is_empty(),
+        "left running: {:?}",
+        web.capstan_processes()
+    );
+    assert!(
+        web.run("ls /run/capstan 2>/dev/null").trim().is_empty(),
+        "an activation's notes were left"
+    );
     // A small copy counts paths (bytes are counted from 16 MiB on).
     let counters: Vec<(String, u64, u64)> = events
         .iter()
