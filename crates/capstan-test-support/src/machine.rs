@@ -73,6 +73,12 @@ fn free_port() -> u16 {
 impl Machine {
     /// Starts machine `name` under `dir`, accepting `key`.
     pub fn start(dir: &Path, name: &str, key: &ClientKey) -> Machine {
+        Machine::start_configured(dir, name, key, "")
+    }
+
+    /// [`start`](Self::start), with `sshd_lines` first in its sshd's configuration (sshd
+    /// keeps the first value it reads of each setting, so these win).
+    pub fn start_configured(dir: &Path, name: &str, key: &ClientKey, sshd_lines: &str) -> Machine {
         let root = dir.join(name);
         for sub in ["nix", "etc", "etc-nix"] {
             std::fs::create_dir_all(root.join(sub)).unwrap();
@@ -94,7 +100,7 @@ impl Machine {
         std::fs::write(root.join("etc/authorized_keys"), key.public()).unwrap();
         let port = free_port();
         let config = format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {etc}/host_key\nAuthorizedKeysFile {etc}/authorized_keys\nPidFile {etc}/sshd.pid\nStrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nLogLevel VERBOSE\nMaxStartups 100\nMaxSessions 100\n",
+            "{sshd_lines}Port {port}\nListenAddress 127.0.0.1\nHostKey {etc}/host_key\nAuthorizedKeysFile {etc}/authorized_keys\nPidFile {etc}/sshd.pid\nStrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nLogLevel VERBOSE\nMaxStartups 100\nMaxSessions 100\n",
             etc = root.join("etc").display()
         );
         std::fs::write(root.join("etc/sshd_config"), config).unwrap();

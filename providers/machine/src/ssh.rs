@@ -1,6 +1,12 @@
 //! OpenSSH, driven as a program: a host key pinned in a known-hosts file made for the
 //! operation, one multiplexed connection per host (ControlMaster) for everything but the
 //! confirmation, which must prove that a *new* connection still works.
+//!
+//! That new connection carries nothing secret (a claim on the activation, and what runs), so
+//! unless the user's or the system's SSH configuration chooses the key exchange, it puts
+//! `curve25519-sha256` first: OpenSSH 9's default, the post-quantum `sntrup761x25519`, costs
+//! the deployer ~35 ms of CPU per connection, and a fleet makes one per host. The master
+//! connection, which carries the closure and the keys, keeps the configured order.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -104,6 +110,8 @@ pub(crate) struct Ssh {
     identity: Option<PathBuf>,
     master: Option<tokio::process::Child>,
     connect_timeout: u64,
+    /// The key exchanges a connection of its own offers (`None`: as configured), found once.
+    fresh_kex: tokio::sync::OnceCell<Option<String>>,
 }
 
 /// How long one connection attempt may take.
@@ -145,6 +153,7 @@ impl Ssh {
             identity,
             master: None,
             connect_timeout: CONNECT_TIMEOUT,
+            fresh_kex: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -294,13 +303,8 @@ impl Ssh {
         self.remote(self.multiplexed(), sudo, script, args)
     }
 
-    /// The same over a connection of its own (not the master): proof that a new login works.
-    pub(crate) fn fresh_command(
-        &self,
-        sudo: bool,
-        script: &str,
-        args: &[&str],
-    ) -> tokio::process::Command {
+    /// Options of a connection of its own (not the master).
+    fn own_connection(&self) -> Vec<String> {
         let mut options = self.base_options();
         options.extend([
             "-o".to_string(),
@@ -308,6 +312,35 @@ impl Ssh {
             "-o".into(),
             "ControlPath=none".into(),
         ]);
+        options
+    }
+
+    /// The same over a connection of its own (not the master): proof that a new login works.
+    /// Only for what carries no secret: its key exchange may be the cheaper classical one
+    /// (see the module's documentation).
+    async fn fresh_command(
+        &self,
+        sudo: bool,
+        script: &str,
+        args: &[&str],
+    ) -> tokio::process::Command {
+        let mut options = self.own_connection();
+        let kex = self
+            .fresh_kex
+            .get_or_init(|| async {
+                let configured = kex_of(self.own_connection(), self.target.destination()).await?;
+                let built_in = BUILT_IN_KEX
+                    .get_or_init(|| {
+                        kex_of(vec!["-F".into(), "/dev/null".into()], "localhost".into())
+                    })
+                    .await
+                    .as_deref()?;
+                classical_first(&configured, built_in)
+            })
+            .await;
+        if let Some(kex) = kex {
+            options.extend(["-o".to_string(), format!("KexAlgorithms={kex}")]);
+        }
         self.remote(options, sudo, script, args)
     }
 
@@ -356,8 +389,58 @@ impl Ssh {
         script: &str,
         args: &[&str],
     ) -> Result<String, OperationError> {
-        run(self.fresh_command(sudo, script, args), None, &self.target).await
+        run(
+            self.fresh_command(sudo, script, args).await,
+            None,
+            &self.target,
+        )
+        .await
     }
+}
+
+/// OpenSSH's own key exchanges, in its order (no configuration read), once per process.
+static BUILT_IN_KEX: tokio::sync::OnceCell<Option<String>> = tokio::sync::OnceCell::const_new();
+
+/// The key exchanges `ssh` would offer `destination` with `options`, as `ssh -G` says (`None`
+/// if it cannot say: an OpenSSH older than 6.8).
+async fn kex_of(options: Vec<String>, destination: String) -> Option<String> {
+    let out = tokio::process::Command::new("ssh")
+        .arg("-G")
+        .args(options)
+        .arg(destination)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .ok()
+        .filter(|out| out.status.success())?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("kexalgorithms "))
+        .map(|list| list.trim().to_string())
+}
+
+/// The key exchanges a connection that carries no secret offers: OpenSSH's own list with
+/// `curve25519-sha256` first, when the configuration left that list as it is (`configured`
+/// is `built_in`) and it has `curve25519-sha256` but not first; otherwise `None` (as
+/// configured). A server without it agrees on the next one, as ever.
+fn classical_first(configured: &str, built_in: &str) -> Option<String> {
+    const CLASSICAL: &str = "curve25519-sha256";
+    if configured != built_in {
+        return None;
+    }
+    let others: Vec<&str> = built_in.split(',').filter(|k| *k != CLASSICAL).collect();
+    let listed = others.len() < built_in.split(',').count();
+    if !listed || built_in.starts_with(&format!("{CLASSICAL},")) {
+        return None;
+    }
+    Some(
+        std::iter::once(CLASSICAL)
+            .chain(others)
+            .collect::<Vec<_>>()
+            .join(","),
+    )
 }
 
 impl Drop for Ssh {
@@ -475,6 +558,28 @@ mod tests {
         assert!(host_key("hello world").is_err());
         // Only the first two words are kept: a line break cannot reach the known-hosts file.
         assert_eq!(host_key("ssh-ed25519 AA\nevil").unwrap(), "ssh-ed25519 AA");
+    }
+
+    #[test]
+    fn a_new_connection_prefers_the_classical_key_exchange_only_when_nothing_chose_one() {
+        let openssh_9 = "sntrup761x25519-sha512@openssh.com,curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256";
+        assert_eq!(
+            classical_first(openssh_9, openssh_9).as_deref(),
+            Some("curve25519-sha256,sntrup761x25519-sha512@openssh.com,curve25519-sha256@libssh.org,ecdh-sha2-nistp256")
+        );
+        // The user's or the system's configuration chose: as chosen.
+        let post_quantum_only = "sntrup761x25519-sha512@openssh.com";
+        assert_eq!(classical_first(post_quantum_only, openssh_9), None);
+        let reordered = "curve25519-sha256,sntrup761x25519-sha512@openssh.com";
+        assert_eq!(classical_first(reordered, openssh_9), None);
+        // Already first (OpenSSH 8), or not offered at all: nothing to change.
+        let openssh_8 = "curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256";
+        assert_eq!(classical_first(openssh_8, openssh_8), None);
+        let without = "sntrup761x25519-sha512@openssh.com,ecdh-sha2-nistp256";
+        assert_eq!(classical_first(without, without), None);
+        // A name that merely starts like it is not it.
+        let lookalike = "sntrup761x25519-sha512@openssh.com,curve25519-sha256@libssh.org";
+        assert_eq!(classical_first(lookalike, lookalike), None);
     }
 
     #[test]

@@ -479,6 +479,73 @@ fn a_reboot_waits_for_the_machine_and_checks_what_it_runs() {
     assert_eq!(fleet.outputs("m")["running"], two.as_str());
 }
 
+/// The key exchange of each connection sshd accepted, in order.
+fn key_exchanges(m: &Machine) -> Vec<String> {
+    m.log()
+        .lines()
+        .filter_map(|l| {
+            l.split_once("kex: algorithm: ")
+                .map(|(_, k)| k.trim_end_matches("[preauth]").trim().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn the_confirmation_alone_prefers_the_cheaper_key_exchange_and_a_server_may_refuse_it() {
+    if !available() {
+        return;
+    }
+    let fleet = Fleet::new();
+    let dir = fleet.path().join("machines");
+    let plain = Machine::start_configured(&dir, "plain", &fleet.key, "LogLevel DEBUG1\n");
+    // A server that allows the post-quantum exchange only.
+    let strict = Machine::start_configured(
+        &dir,
+        "strict",
+        &fleet.key,
+        "LogLevel DEBUG1\nKexAlgorithms sntrup761x25519-sha512@openssh.com\n",
+    );
+    let system = fleet.system("kex-sys", "");
+    fleet.write(json!({
+        "plain": fleet.resource(&plain, &system, json!({})),
+        "strict": fleet.resource(&strict, &system, json!({})),
+    }));
+    let (out, _) = fleet.apply();
+    assert!(out.status.success(), "{}", shown(&out));
+    assert_eq!(
+        (plain.running(), strict.running()),
+        (system.clone(), system)
+    );
+    // The master (the copy, the activation) as OpenSSH's default; the confirmation over a
+    // new connection, which carries nothing secret, the classical one.
+    let default = std::process::Command::new("ssh")
+        .args(["-G", "-F", "/dev/null", "localhost"])
+        .output()
+        .unwrap();
+    let default = String::from_utf8_lossy(&default.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("kexalgorithms "))
+        .and_then(|list| list.split(',').next())
+        .unwrap()
+        .to_string();
+    let seen = key_exchanges(&plain);
+    if default.starts_with("sntrup761x25519") {
+        assert_eq!(
+            seen,
+            [default.as_str(), "curve25519-sha256"],
+            "{}",
+            plain.log()
+        );
+    }
+    // The strict server agreed on what it allows, and the confirmation got through.
+    assert_eq!(
+        key_exchanges(&strict),
+        ["sntrup761x25519-sha512@openssh.com"; 2],
+        "{}",
+        strict.log()
+    );
+}
+
 #[test]
 fn an_unreachable_machine_and_a_wrong_host_key_fail_clearly_and_the_others_go_on() {
     if !available() {
