@@ -64,6 +64,15 @@ impl Place {
     /// Where the state is, or why `--state` cannot be one (something else is at a
     /// directory's path, a URL that does not read).
     pub fn store(&self) -> Result<Store, String> {
+        let here = capstan_engine::model::dir_of(&self.file());
+        if here.to_str().is_none() {
+            // Providers get paths under it as text (a file resource records its path): a
+            // lossy one would name another file, which a refresh would call deleted.
+            return Err(format!(
+                "{}: the deployment's directory has a path that is not valid UTF-8; Capstan and its providers record paths as text: rename the directory",
+                here.display()
+            ));
+        }
         let store = match &self.state {
             Some(text) if text.is_empty() => {
                 return Err("--state is empty: give a directory or a postgres:// URL".into())
@@ -93,7 +102,9 @@ impl Place {
         if file.extension().is_some_and(|e| e == "nix") {
             return Ok(None);
         }
-        let Ok(text) = std::fs::read_to_string(&file) else {
+        let Ok(text) =
+            capstan_engine::model::read_file_capped(&file, capstan_engine::model::DEPLOYMENT_LIMIT)
+        else {
             return Ok(None);
         };
         // The top level's members as raw text: the resources are scanned, not built into a
@@ -284,7 +295,7 @@ fn load_params(path: Option<&Path>, flag: &str) -> anyhow::Result<Map<String, Va
     let Some(path) = path else {
         return Ok(Map::new());
     };
-    let text = std::fs::read_to_string(path)
+    let text = capstan_engine::model::read_file_capped(path, capstan_engine::model::VALUES_LIMIT)
         .with_context(|| format!("cannot read {flag} {}", path.display()))?;
     match capstan_engine::strict_json::parse_document(&text) {
         Ok(Value::Object(map)) => Ok(map),
@@ -554,17 +565,22 @@ pub async fn plan_cmd(
         max_message_mib: plan_args.max_message_mib,
         state_dir: args.place.state_dir(),
     };
+    let detailed = plan_args.detailed_exitcode;
+    // With --detailed-exitcode, every error is 1, so that 2 means "changes" alone.
+    let error = |e: CliError| match e {
+        CliError::Invalid(message) if detailed => CliError::Failed(message),
+        e => e,
+    };
     capstan_engine::trace::start_run(capstan_engine::trace::parent_from_env());
-    let (sink, tracing) = Tracing::start(events(&view, stdout, Mode::Plan), Mode::Plan)?;
+    let (sink, tracing) =
+        Tracing::start(events(&view, stdout, Mode::Plan), Mode::Plan).map_err(error)?;
     let json = view.json;
     let changed = plan_inner(args, view, sink.clone(), options).await;
-    let result = match (changed, plan_args.detailed_exitcode) {
+    let result = match (changed, detailed) {
         (Ok(_), false) => Ok(ExitCode::SUCCESS),
         (Ok(false), true) => Ok(ExitCode::SUCCESS),
         (Ok(true), true) => Ok(ExitCode::from(2)),
-        // Every error is 1, so that 2 means "changes" alone.
-        (Err(CliError::Invalid(message)), true) => Err(CliError::Failed(message)),
-        (Err(e), _) => Err(e),
+        (Err(e), _) => Err(error(e)),
     };
     report_on_stream(&sink, json, &result);
     tracing.finish(&result);

@@ -111,6 +111,13 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::from(stop::EXIT_FAILED);
             }
+            if !e.use_stderr() {
+                // --help and --version: on stdout, which may not take it (a full disk).
+                return match e.print() {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(_) => ExitCode::from(stop::EXIT_OUTPUT_CLOSED),
+                };
+            }
             e.exit()
         }
     };
@@ -182,6 +189,13 @@ fn main() -> ExitCode {
     // before deleting everything) that a Ctrl-C abandoned.
     runtime.shutdown_background();
     capstan_host::reaper::finish();
+    // A command whose output could not all be written (`capstan state list --json >
+    // full-disk/inventory.json`) did not do what it was asked: 141, as for a run (plan and
+    // apply say so themselves).
+    output::flush();
+    if code == ExitCode::SUCCESS && output::closed().is_cancelled() {
+        return ExitCode::from(stop::EXIT_OUTPUT_CLOSED);
+    }
     code
 }
 

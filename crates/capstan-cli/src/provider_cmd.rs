@@ -4,7 +4,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -162,15 +162,19 @@ fn parse_json(flag: &str, text: &str) -> anyhow::Result<Value> {
     let read;
     let text = match text.strip_prefix('@') {
         Some("-") => {
-            let mut all = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut all)
-                .map_err(|e| anyhow::anyhow!("{flag} @-: cannot read standard input: {e}"))?;
-            read = all;
+            read = capstan_engine::model::read_capped(
+                std::io::stdin(),
+                capstan_engine::model::VALUES_LIMIT,
+            )
+            .map_err(|e| anyhow::anyhow!("{flag} @-: cannot read standard input: {e}"))?;
             read.as_str()
         }
         Some(path) => {
-            read = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("{flag} @{path}: cannot read it: {e}"))?;
+            read = capstan_engine::model::read_file_capped(
+                Path::new(path),
+                capstan_engine::model::VALUES_LIMIT,
+            )
+            .map_err(|e| anyhow::anyhow!("{flag} @{path}: cannot read it: {e}"))?;
             read.as_str()
         }
         None => text,

@@ -83,6 +83,16 @@ pub(crate) fn check_location(dir: &Path, claim: bool) -> Result<(), StateError> 
         dev: meta.dev(),
         ino: meta.ino(),
     };
+    if here.path.to_str().is_none() {
+        // Where it lives is recorded as text; an unreadable record would let a copy pass.
+        return Err(StateError::Io {
+            path: here.path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "this path is not valid UTF-8, and Capstan records where a state lives as text: rename the directory, or give --state one whose path is",
+            ),
+        });
+    }
     let path = dir.join(LOCATION_FILE);
     let recorded: Option<Location> = match open_existing(&path) {
         Ok(Some(mut file)) => {
@@ -104,7 +114,10 @@ pub(crate) fn check_location(dir: &Path, claim: bool) -> Result<(), StateError> 
         }
         // New, made by an older capstan, moved, or restored in place.
         _ if claim => {
-            let text = serde_json::to_string(&here).unwrap_or_default();
+            let text = serde_json::to_string(&here).map_err(|e| StateError::Io {
+                path: path.clone(),
+                source: e.into(),
+            })?;
             write_whole(dir, &path, &format!("{text}\n"))
         }
         _ => Ok(()),

@@ -87,8 +87,34 @@ impl Config {
                 ))
             }
         };
+        // The exporter falls back to its default (`localhost`) on an endpoint it cannot read:
+        // traces would go wherever that is, unasked.
+        for name in [
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            if let Some(endpoint) = env(name) {
+                check_endpoint(&endpoint).map_err(|why| format!("{name}={endpoint}: {why}"))?;
+            }
+        }
         Ok(Some(Config { protocol }))
     }
+}
+
+/// An OTLP endpoint is an `http://` or `https://` URL with a host (`http://collector:4318`).
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let hint = "give the collector's URL, such as `http://localhost:4318` (http/protobuf) or `http://localhost:4317` (grpc)";
+    let url = url::Url::parse(endpoint).map_err(|e| format!("not a URL ({e}); {hint}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "the scheme must be `http` or `https`, not `{}`; {hint}",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("no host; {hint}"));
+    }
+    Ok(())
 }
 
 /// What the export did, told once at the end of a run.
@@ -949,6 +975,35 @@ mod tests {
             }))
         );
         assert!(Config::from_values(&env(&[("OTEL_TRACES_EXPORTER", "zipkin")])).is_err());
+        // An endpoint the exporter would silently replace by localhost is an error.
+        for bad in [
+            "collector.example:4999",
+            "::::",
+            "http://[::1",
+            "ftp://collector",
+            "http://",
+        ] {
+            for name in [
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            ] {
+                let vars: &'static [(&'static str, &'static str)] =
+                    Box::leak(Box::new([("OTEL_TRACES_EXPORTER", "otlp"), (name, bad)]));
+                let error = Config::from_values(&env(vars)).unwrap_err();
+                assert!(error.starts_with(&format!("{name}={bad}: ")), "{error}");
+            }
+        }
+        for good in [
+            "http://localhost:4318",
+            "https://collector.example/otlp",
+            "http://[::1]:4317",
+        ] {
+            let vars: &'static [(&'static str, &'static str)] = Box::leak(Box::new([
+                ("OTEL_TRACES_EXPORTER", "otlp"),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", good),
+            ]));
+            assert!(Config::from_values(&env(vars)).is_ok(), "{good}");
+        }
         assert!(Config::from_values(&env(&[
             ("OTEL_TRACES_EXPORTER", "otlp"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/jsonx")

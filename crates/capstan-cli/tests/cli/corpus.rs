@@ -106,6 +106,7 @@ fn cases() -> Vec<Case> {
         bad("timeout_nan", LOCAL, &["apply", "--timeout", "NaN"], 2),
         bad("timeout_huge", LOCAL, &["apply", "--timeout", "1e300"], 2),
         bad("timeout_zero", LOCAL, &["apply", "--timeout", "0"], 2),
+        bad("timeout_below_a_millisecond", LOCAL, &["apply", "--timeout", "1e-10"], 2),
         bad("timeout_words", LOCAL, &["apply", "--timeout", "ten"], 2),
         // ---- --target: a typo selects nothing; an empty pattern; tags that are not a list ----
         bad("target_typo", LOCAL, &["apply", "--target", "wbe"], 2),
@@ -389,6 +390,19 @@ fn cases() -> Vec<Case> {
             files: &[("p.json", "{\n  \"greeting\": \"hi\",\n  \"b\": \n}")],
             ..bad("", MEMO_WITH_PARAM, &["plan", "--params", "p.json"], 2)
         },
+        // A path that never ends (a device, a FIFO fed forever) is an error, not all memory.
+        bad(
+            "params_that_never_end",
+            MEMO_WITH_PARAM,
+            &["plan", "--params", "/dev/zero"],
+            2,
+        ),
+        bad(
+            "secrets_that_never_end",
+            MEMO_WITH_PARAM,
+            &["plan", "--secrets", "/dev/zero"],
+            2,
+        ),
         Case {
             name: "params_with_a_byte_order_mark",
             files: &[("p.json", "\u{FEFF}{\"greeting\": \"hi\"}")],

@@ -249,6 +249,44 @@ fn a_stop_while_a_provider_starts_up_ends_the_command_at_once() {
     assert!(processes_with(&marker).is_empty());
 }
 
+/// A command whose output cannot be written (a full disk) does not report success.
+#[test]
+fn every_command_whose_output_is_lost_exits_141() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("capstan.json"),
+        r#"{"providers": {"local": {"builtin": "local"}}, "resources": {"m": {"provider": "local", "type": "memo", "inputs": {"value": 1}}}}"#,
+    )
+    .unwrap();
+    let run = |args: &[&str], stdout: Stdio| {
+        Command::new(capstan_bin())
+            .args(args)
+            .current_dir(dir.path())
+            .stdout(stdout)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+    };
+    assert!(run(&["apply"], Stdio::null()).success());
+    for args in [
+        &["state", "list"][..],
+        &["state", "list", "--json"],
+        &["state", "show", "m"],
+        &["provider", "describe", "local"],
+        &["--help"],
+        &["--version"],
+        &["plan"],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        assert_eq!(run(args, full.into()).code(), Some(141), "{args:?}");
+        // And the same, written where it can be, succeeds.
+        assert_eq!(run(args, Stdio::null()).code(), Some(0), "{args:?}");
+    }
+}
+
 #[test]
 fn a_closed_output_lets_the_run_finish_and_exits_141() {
     let dir = tempfile::tempdir().unwrap();

@@ -151,3 +151,44 @@ fn a_state_directory_the_deployment_declares_is_used_by_every_command() {
         crate::support::shown(&plan)
     );
 }
+
+/// A path that is not UTF-8 cannot be recorded as text: refused, before anything is written,
+/// rather than recorded lossily (a file resource's path would then name another file).
+#[test]
+fn a_deployment_or_state_under_a_path_that_is_not_utf8_is_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let odd = tmp.path().join(std::ffi::OsStr::from_bytes(b"deploy-\xff"));
+    std::fs::create_dir(&odd).unwrap();
+    let deployment = r#"{"providers": {"l": {"builtin": "local"}}, "resources": {"f": {"provider": "l", "type": "file", "inputs": {"path": "out/f.txt", "content": "x"}}}}"#;
+    std::fs::write(odd.join("capstan.json"), deployment).unwrap();
+    for args in [&["apply"][..], &["plan"], &["state", "list"]] {
+        let out = Command::new(capstan_bin())
+            .args(args)
+            .current_dir(&odd)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("not valid UTF-8"), "{args:?}: {said}");
+    }
+    assert!(!odd.join(".capstan").exists() && !odd.join("out").exists());
+
+    // A state directory reached through a link whose target is such a path.
+    let fine = tmp.path().join("fine");
+    std::fs::create_dir(&fine).unwrap();
+    std::fs::write(fine.join("capstan.json"), deployment).unwrap();
+    let state = odd.join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::symlink(&state, tmp.path().join("link")).unwrap();
+    let out = Command::new(capstan_bin())
+        .args(["apply", "--state"])
+        .arg(tmp.path().join("link"))
+        .current_dir(&fine)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("not valid UTF-8"), "{said}");
+    assert!(!state.join("location").exists() && !fine.join("out").exists());
+}

@@ -291,6 +291,28 @@ fn off_by_default_and_a_typo_is_an_error() {
         "{}",
         shown(&out)
     );
+    // With --detailed-exitcode, 2 means "changes": the same typo is 1 there.
+    let out = Command::new(capstan_bin())
+        .args(["plan", "--detailed-exitcode"])
+        .current_dir(dir.path())
+        .env("OTEL_TRACES_EXPORTER", "otpl")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", shown(&out));
+    // An endpoint the exporter cannot read would be replaced by localhost, silently.
+    let out = Command::new(capstan_bin())
+        .args(["plan"])
+        .current_dir(dir.path())
+        .env("OTEL_TRACES_EXPORTER", "otlp")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "collector.example:4318")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", shown(&out));
+    assert!(
+        shown(&out).contains("OTEL_EXPORTER_OTLP_ENDPOINT=collector.example:4318: "),
+        "{}",
+        shown(&out)
+    );
 }
 
 /// A deployment in Nix whose second stage builds a derivation with the nix provider: the

@@ -71,14 +71,51 @@ pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 /// than 0 (or 0 itself where `zero_ok`), at most `MAX_SECONDS`. The error completes a sentence
 /// that starts with what was given, e.g. "`timeout` must be …".
 pub fn seconds(value: f64, zero_ok: bool) -> Result<std::time::Duration, String> {
-    let low_ok = if zero_ok { value >= 0.0 } else { value > 0.0 };
+    // A time limit shorter than a millisecond is no limit anyone means (1e-10 would round
+    // to nothing, and fail every operation at once).
+    let low_ok = if zero_ok {
+        value >= 0.0
+    } else {
+        value >= 0.001
+    };
     if !(value.is_finite() && low_ok && value <= MAX_SECONDS) {
-        let low = if zero_ok { "0 or more" } else { "above 0" };
+        let low = if zero_ok {
+            "0 or more"
+        } else {
+            "at least 0.001"
+        };
         return Err(format!(
             "must be a number of seconds, {low} and at most {MAX_SECONDS} (a year); got {value:?}"
         ));
     }
     Ok(std::time::Duration::from_secs_f64(value))
+}
+
+/// The largest deployment file read (ten million small resources fit): a path that is not one
+/// (`-f /dev/zero`) is an error, not all the memory there is.
+pub const DEPLOYMENT_LIMIT: u64 = 1 << 30;
+/// The largest file of parameters, secrets or inputs read.
+pub const VALUES_LIMIT: u64 = 64 << 20;
+
+/// Reads `reader` whole as text, up to `limit` bytes: more is an error that says so.
+pub fn read_capped(reader: impl std::io::Read, limit: u64) -> std::io::Result<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut reader.take(limit + 1), &mut text)?;
+    if text.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "it is larger than {} MiB; is it the file you meant?",
+                limit >> 20
+            ),
+        ));
+    }
+    Ok(text)
+}
+
+/// [`read_capped`] of the file at `path`.
+pub fn read_file_capped(path: &Path, limit: u64) -> std::io::Result<String> {
+    read_capped(std::fs::File::open(path)?, limit)
 }
 
 /// The one foreign provider protocol Capstan bridges to.
@@ -263,7 +300,7 @@ impl Deployment {
     /// what the state holds, even when the resources no longer read (a parameter left out, a
     /// resource half-edited).
     pub fn load_providers(file: &Path, params: &Map<String, Value>) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ModelError {
+        let text = read_file_capped(file, DEPLOYMENT_LIMIT).map_err(|e| ModelError {
             file: file.to_path_buf(),
             place: "(file)".into(),
             message: format!("cannot read it: {e}"),
@@ -293,7 +330,7 @@ impl Deployment {
 
     /// Reads and checks a deployment file. `params` fills `{"$param": NAME}`.
     pub fn load(file: &Path, params: &Map<String, Value>) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ModelError {
+        let text = read_file_capped(file, DEPLOYMENT_LIMIT).map_err(|e| ModelError {
             file: file.to_path_buf(),
             place: "(file)".into(),
             message: format!("cannot read it: {e}"),
