@@ -64,15 +64,6 @@ impl Place {
     /// Where the state is, or why `--state` cannot be one (something else is at a
     /// directory's path, a URL that does not read).
     pub fn store(&self) -> Result<Store, String> {
-        let here = capstan_engine::model::dir_of(&self.file());
-        if here.to_str().is_none() {
-            // Providers get paths under it as text (a file resource records its path): a
-            // lossy one would name another file, which a refresh would call deleted.
-            return Err(format!(
-                "{}: the deployment's directory has a path that is not valid UTF-8; Capstan and its providers record paths as text: rename the directory",
-                here.display()
-            ));
-        }
         let store = match &self.state {
             Some(text) if text.is_empty() => {
                 return Err("--state is empty: give a directory or a postgres:// URL".into())
@@ -338,6 +329,15 @@ async fn open(
 ) -> Result<(Session, Option<Rc<Locked>>), CliError> {
     let invalid = |e: &dyn std::fmt::Display| CliError::Invalid(e.to_string());
     let file = args.place.file();
+    let here = capstan_engine::model::dir_of(&file);
+    if here.to_str().is_none() {
+        // Providers get paths under it as text (a file resource records its path): a lossy
+        // one would name another file, which a refresh would call deleted.
+        return Err(invalid(&format!(
+            "{}: the deployment's directory has a path that is not valid UTF-8; Capstan and its providers record paths as text: rename the directory",
+            here.display()
+        )));
+    }
     let (params, secret_params) = args.parameters().map_err(|e| invalid(&format!("{e:#}")))?;
     // Before the state is touched: a deployment that does not read changes nothing.
     let reading = Session::read(

@@ -112,8 +112,19 @@ fn main() -> ExitCode {
                 return ExitCode::from(stop::EXIT_FAILED);
             }
             if !e.use_stderr() {
-                // --help and --version: on stdout, which may not take it (a full disk).
-                return match e.print() {
+                // --help and --version: on stdout, which may not take it (a full disk). Not on
+                // a terminal, in one write, so `capstan --help | head -1` does not depend on
+                // when head exits.
+                use std::io::{IsTerminal, Write};
+                let printed = if std::io::stdout().is_terminal() {
+                    e.print()
+                } else {
+                    let mut stdout = std::io::stdout().lock();
+                    stdout
+                        .write_all(e.render().to_string().as_bytes())
+                        .and_then(|()| stdout.flush())
+                };
+                return match printed {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(_) => ExitCode::from(stop::EXIT_OUTPUT_CLOSED),
                 };
@@ -191,9 +202,9 @@ fn main() -> ExitCode {
     capstan_host::reaper::finish();
     // A command whose output could not all be written (`capstan state list --json >
     // full-disk/inventory.json`) did not do what it was asked: 141, as for a run (plan and
-    // apply say so themselves).
+    // apply say so themselves). Only stdout counts here: it holds what was asked for.
     output::flush();
-    if code == ExitCode::SUCCESS && output::closed().is_cancelled() {
+    if code == ExitCode::SUCCESS && output::stdout_lost() {
         return ExitCode::from(stop::EXIT_OUTPUT_CLOSED);
     }
     code

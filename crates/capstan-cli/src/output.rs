@@ -26,6 +26,14 @@ pub fn closed() -> &'static CancellationToken {
 
 /// Set once stderr cannot be written (stdout may still be fine, and the other way round).
 static STDERR_CLOSED: AtomicBool = AtomicBool::new(false);
+/// Set once stdout cannot be written: what the command was asked to print was lost.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Whether some of what the command printed on stdout could not be written (ask after
+/// [`flush`]).
+pub fn stdout_lost() -> bool {
+    STDOUT_CLOSED.load(Ordering::Relaxed)
+}
 
 /// The live view, while it is up: every other write to stderr goes through it, so that its
 /// block of running resources is cleared first and drawn again below (see `to_stderr`).
@@ -120,7 +128,10 @@ fn write_until_ended(writer: &'static Writer, mut stdout: Option<File>) {
         };
         if failed {
             match target {
-                Target::Stdout => stdout = None,
+                Target::Stdout => {
+                    stdout = None;
+                    STDOUT_CLOSED.store(true, Ordering::Relaxed);
+                }
                 Target::Stderr => {
                     stderr_open = false;
                     STDERR_CLOSED.store(true, Ordering::Relaxed);

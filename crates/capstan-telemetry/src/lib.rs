@@ -104,6 +104,14 @@ impl Config {
 /// An OTLP endpoint is an `http://` or `https://` URL with a host (`http://collector:4318`).
 fn check_endpoint(endpoint: &str) -> Result<(), String> {
     let hint = "give the collector's URL, such as `http://localhost:4318` (http/protobuf) or `http://localhost:4317` (grpc)";
+    // The URL parser forgives spaces and control characters (a CRLF `.env` file's `\r`)
+    // that the exporter's does not, which then falls back to localhost.
+    if endpoint
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!("it holds a space or a control character; {hint}"));
+    }
     let url = url::Url::parse(endpoint).map_err(|e| format!("not a URL ({e}); {hint}"))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!(
@@ -982,6 +990,8 @@ mod tests {
             "http://[::1",
             "ftp://collector",
             "http://",
+            "http://collector:4318\r",
+            " http://collector:4318",
         ] {
             for name in [
                 "OTEL_EXPORTER_OTLP_ENDPOINT",

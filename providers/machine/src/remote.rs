@@ -47,7 +47,7 @@ echo "running ${run:--}"
     };
 }
 
-/// Sourced by the worker (so by its watchdog too) and by a rollback asked for later: how to go back to
+/// Sourced by the worker, the watchdog and a rollback asked for later: how to go back to
 /// what ran before. Needs `profile`, `goal` and `dir` (where the activation keeps its notes:
 /// `prevlink`, `prev`, `running`, `newlink`).
 const LIB: &str = concat!(
@@ -145,19 +145,27 @@ if ! "$system/bin/switch-to-configuration" "$goal"; then
   finish 3
 fi
 if [ "$confirm" = 1 ]; then
-  # The watchdog: a subshell left running in this worker's session and process group
-  # (the worker leads both, and exits right after), so stopping that group stops it.
-  (
-    sleep "$timeout"
-    if mkdir "$dir/claim" 2>/dev/null; then
-      echo watchdog > "$dir/claim/by"
-      rollback "it was not confirmed over a new SSH connection within ${timeout} s"
-    fi
-  ) </dev/null >>"$dir/watchdog.log" 2>&1 &
-  echo "$$" > "$dir/watchdog.pid"
+  # In a session of its own: stopping it (its process group) stops nothing else, not even
+  # what the activation left running in the worker's.
+  setsid sh "$dir/watchdog" "$@" </dev/null >>"$dir/watchdog.log" 2>&1 &
+  echo "$!" > "$dir/watchdog.pid"
   say waiting "$timeout"
 fi
 finish 0
+"#;
+
+/// Sleeps until the deadline, then claims the activation and rolls back, unless the deployer
+/// claimed it first (`$dir/claim`, made over a new connection; the deployer then stops this
+/// watchdog, its process group, so nothing lingers).
+const WATCHDOG: &str = r#"
+set -u
+profile=$1 system=$2 goal=$3 dir=$4 confirm=$5 timeout=$6
+. "$dir/lib.sh"
+sleep "$timeout"
+if mkdir "$dir/claim" 2>/dev/null; then
+  echo watchdog > "$dir/claim/by"
+  rollback "it was not confirmed over a new SSH connection within ${timeout} s"
+fi
 "#;
 
 /// Run over the master connection: writes the scripts (with the shell's own `printf`: no
@@ -173,6 +181,7 @@ umask 077
 mkdir "$dir"
 printf '%s' {lib} > "$dir/lib.sh"
 printf '%s' {worker} > "$dir/worker"
+printf '%s' {watchdog} > "$dir/watchdog"
 : > "$dir/log"
 setsid sh "$dir/worker" "$@" </dev/null >"$dir/log" 2>&1 &
 pid=$!
@@ -184,6 +193,7 @@ exit "$status"
 "#,
         lib = quote(LIB),
         worker = quote(WORKER),
+        watchdog = quote(WATCHDOG),
     )
 }
 
@@ -280,6 +290,7 @@ mod tests {
             ("launcher", launcher()),
             ("lib", LIB.to_string()),
             ("worker", WORKER.to_string()),
+            ("watchdog", WATCHDOG.to_string()),
             ("confirm", CONFIRM.to_string()),
             ("outcome", OUTCOME.to_string()),
             ("rollback", ROLLBACK.to_string()),

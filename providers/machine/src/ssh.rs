@@ -2,11 +2,15 @@
 //! operation, one multiplexed connection per host (ControlMaster) for everything but the
 //! confirmation, which must prove that a *new* connection still works.
 //!
-//! That new connection carries nothing secret (a claim on the activation, and what runs), so
-//! unless the user's or the system's SSH configuration chooses the key exchange, it puts
-//! `curve25519-sha256` first: OpenSSH 9's default, the post-quantum `sntrup761x25519`, costs
-//! the deployer ~35 ms of CPU per connection, and a fleet makes one per host. The master
-//! connection, which carries the closure and the keys, keeps the configured order.
+//! That new connection carries nothing secret (a claim on the activation, and what runs; no
+//! agent, X11, GSSAPI credentials or port forwardings either, whatever the configuration
+//! says), so when OpenSSH's own order would open it with `sntrup761x25519` (OpenSSH 8.9–9.8:
+//! ~35 ms of the deployer's CPU per connection, and a fleet makes one per host) and neither
+//! the user's nor the system's configuration chose the key exchanges, it puts
+//! `curve25519-sha256` first. A configured `KexAlgorithms` is left as it is (one that lists
+//! exactly OpenSSH's own order cannot be told from none), and so is OpenSSH 10's cheap
+//! post-quantum `mlkem768x25519`. The master connection, which carries the closure and the
+//! keys, keeps the configured order.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -303,15 +307,22 @@ impl Ssh {
         self.remote(self.multiplexed(), sudo, script, args)
     }
 
-    /// Options of a connection of its own (not the master).
+    /// Options of a connection of its own (not the master): it runs one short command and
+    /// forwards nothing (no agent, X11, GSSAPI credentials or ports a configuration may ask
+    /// for), so that nothing secret crosses it.
     fn own_connection(&self) -> Vec<String> {
         let mut options = self.base_options();
-        options.extend([
-            "-o".to_string(),
-            "ControlMaster=no".into(),
-            "-o".into(),
-            "ControlPath=none".into(),
-        ]);
+        for option in [
+            "ControlMaster=no",
+            "ControlPath=none",
+            "ForwardAgent=no",
+            "ForwardX11=no",
+            "ClearAllForwardings=yes",
+            "GSSAPIDelegateCredentials=no",
+            "PermitLocalCommand=no",
+        ] {
+            options.extend(["-o".to_string(), option.to_string()]);
+        }
         options
     }
 
@@ -402,17 +413,20 @@ impl Ssh {
 static BUILT_IN_KEX: tokio::sync::OnceCell<Option<String>> = tokio::sync::OnceCell::const_new();
 
 /// The key exchanges `ssh` would offer `destination` with `options`, as `ssh -G` says (`None`
-/// if it cannot say: an OpenSSH older than 6.8).
+/// if it cannot say: an OpenSSH older than 6.8, or a configuration whose `Match exec` or
+/// name lookups take longer than a confirmation should wait for an optional saving).
 async fn kex_of(options: Vec<String>, destination: String) -> Option<String> {
-    let out = tokio::process::Command::new("ssh")
+    let asked = tokio::process::Command::new("ssh")
         .arg("-G")
         .args(options)
         .arg(destination)
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
-        .output()
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(2), asked)
         .await
+        .ok()?
         .ok()
         .filter(|out| out.status.success())?;
     String::from_utf8_lossy(&out.stdout)
@@ -423,16 +437,19 @@ async fn kex_of(options: Vec<String>, destination: String) -> Option<String> {
 
 /// The key exchanges a connection that carries no secret offers: OpenSSH's own list with
 /// `curve25519-sha256` first, when the configuration left that list as it is (`configured`
-/// is `built_in`) and it has `curve25519-sha256` but not first; otherwise `None` (as
-/// configured). A server without it agrees on the next one, as ever.
+/// is `built_in`), it would begin with the costly `sntrup761x25519`, and it has
+/// `curve25519-sha256` and no cheap post-quantum `mlkem*`; otherwise `None` (as configured).
+/// A server without it agrees on the next one, as ever.
 fn classical_first(configured: &str, built_in: &str) -> Option<String> {
     const CLASSICAL: &str = "curve25519-sha256";
-    if configured != built_in {
+    if configured != built_in
+        || !built_in.starts_with("sntrup761x25519")
+        || built_in.split(',').any(|k| k.starts_with("mlkem"))
+    {
         return None;
     }
     let others: Vec<&str> = built_in.split(',').filter(|k| *k != CLASSICAL).collect();
-    let listed = others.len() < built_in.split(',').count();
-    if !listed || built_in.starts_with(&format!("{CLASSICAL},")) {
+    if others.len() == built_in.split(',').count() {
         return None;
     }
     Some(
@@ -575,6 +592,12 @@ mod tests {
         // Already first (OpenSSH 8), or not offered at all: nothing to change.
         let openssh_8 = "curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256";
         assert_eq!(classical_first(openssh_8, openssh_8), None);
+        // OpenSSH 10: the first is post-quantum and cheap; keep it.
+        let openssh_10 = "mlkem768x25519-sha256,sntrup761x25519-sha512,sntrup761x25519-sha512@openssh.com,curve25519-sha256";
+        assert_eq!(classical_first(openssh_10, openssh_10), None);
+        // OpenSSH 9.9: sntrup761 first, but mlkem offered too; keep the order.
+        let openssh_9_9 = "sntrup761x25519-sha512,mlkem768x25519-sha256,curve25519-sha256";
+        assert_eq!(classical_first(openssh_9_9, openssh_9_9), None);
         let without = "sntrup761x25519-sha512@openssh.com,ecdh-sha2-nistp256";
         assert_eq!(classical_first(without, without), None);
         // A name that merely starts like it is not it.

@@ -99,9 +99,9 @@ pub const VALUES_LIMIT: u64 = 64 << 20;
 
 /// Reads `reader` whole as text, up to `limit` bytes: more is an error that says so.
 pub fn read_capped(reader: impl std::io::Read, limit: u64) -> std::io::Result<String> {
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut reader.take(limit + 1), &mut text)?;
-    if text.len() as u64 > limit {
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut reader.take(limit + 1), &mut bytes)?;
+    if bytes.len() as u64 > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
@@ -110,7 +110,12 @@ pub fn read_capped(reader: impl std::io::Read, limit: u64) -> std::io::Result<St
             ),
         ));
     }
-    Ok(text)
+    String::from_utf8(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        )
+    })
 }
 
 /// [`read_capped`] of the file at `path`.
