@@ -43,7 +43,8 @@ pub struct HostOptions {
     /// The largest message accepted from a provider, in 8-byte words; a larger one closes
     /// that provider's connection.
     pub max_message_words: usize,
-    /// Bytes of progress a provider may have in flight before it must wait for the host.
+    /// Bytes of `-> stream` calls the host may have in flight on one stream it sends (a
+    /// provider's progress is limited by the provider's own window: its transport's).
     pub stream_window: usize,
     /// How many lines of a provider's output to keep for error messages.
     pub output_tail_lines: usize,
