@@ -87,8 +87,10 @@ fn killing_apply_at_random_moments_loses_nothing_recorded() {
             );
         }
         if !finished_run {
+            // Killed mid-run: what was in flight is pending, unless all of it was recorded
+            // done before the kill landed (its events not yet read when this test killed).
             assert!(
-                !pending.is_empty() || started == completed,
+                !pending.is_empty() || started.iter().all(|a| in_state.contains(a)),
                 "round {round}: in-flight work is reported as interrupted"
             );
         }
