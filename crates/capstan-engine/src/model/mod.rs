@@ -67,8 +67,8 @@ pub const MAX_MESSAGE_MIB: u32 = 1024;
 /// The longest time Capstan accepts for a timeout or a wait: a year.
 pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
-/// Checks a number of seconds a user gave (a flag or a deployment's `timeout`): finite, more
-/// than 0 (or 0 itself where `zero_ok`), at most `MAX_SECONDS`. The error completes a sentence
+/// Checks a number of seconds a user gave (a flag or a deployment's `timeout`): finite, at
+/// least a millisecond (or 0 itself and more where `zero_ok`), at most `MAX_SECONDS`. The error completes a sentence
 /// that starts with what was given, e.g. "`timeout` must be …".
 pub fn seconds(value: f64, zero_ok: bool) -> Result<std::time::Duration, String> {
     // A time limit shorter than a millisecond is no limit anyone means (1e-10 would round
